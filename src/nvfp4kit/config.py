@@ -46,9 +46,7 @@ class Gemma4TextConfig:
     layer_types: tuple[str, ...]
     sliding_window: int
     rope_sliding: RopeConfig = field(default_factory=RopeConfig)
-    rope_full: RopeConfig = field(
-        default_factory=lambda: RopeConfig("proportional", 1_000_000.0, 0.25)
-    )
+    rope_full: RopeConfig = field(default_factory=lambda: RopeConfig("proportional", 1_000_000.0, 0.25))
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: float | None = 30.0
     hidden_activation: str = "gelu_pytorch_tanh"
@@ -149,7 +147,9 @@ def _validate(cfg: Gemma4TextConfig) -> None:
                 f"layer {layer}: {cfg.num_attention_heads} attention heads are not a multiple of "
                 f"{cfg.layer_kv_heads(layer)} KV heads"
             )
-    if cfg.enable_moe_block and not (0 < cfg.top_k_experts <= cfg.num_experts and cfg.moe_intermediate_size > 0):
+    if cfg.enable_moe_block and not (
+        0 < cfg.top_k_experts <= cfg.num_experts and cfg.moe_intermediate_size > 0
+    ):
         raise ConfigError(
             "enable_moe_block needs num_experts > 0, 0 < top_k_experts <= num_experts and moe_intermediate_size > 0"
         )
@@ -174,7 +174,9 @@ def _rope(params: dict[str, Any] | None, default: RopeConfig) -> RopeConfig:
     )
 
 
-def config_from_dict(raw: dict[str, Any], *, generation_config: dict[str, Any] | None = None) -> Gemma4TextConfig:
+def config_from_dict(
+    raw: dict[str, Any], *, generation_config: dict[str, Any] | None = None
+) -> Gemma4TextConfig:
     """Build the text config from a parsed `config.json` (either form)."""
     model_type = raw.get("model_type")
     if model_type == "gemma4":
@@ -197,9 +199,7 @@ def config_from_dict(raw: dict[str, Any], *, generation_config: dict[str, Any] |
         raise ConfigError("use_bidirectional_attention='all' (encoder-style) is not supported for generation")
 
     n_layers = int(text.get("num_hidden_layers", 30))
-    layer_types = text.get("layer_types") or [
-        SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)
-    ]
+    layer_types = text.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]
     layer_types = list(layer_types)
     layer_types[-1] = FULL  # transformers forces the last layer global
 

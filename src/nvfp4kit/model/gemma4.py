@@ -1,0 +1,239 @@
+"""The Gemma 4 text decoder: one definition for the CPU reference path and the GPU engine.
+
+Tokens are processed flat, [T, hidden]: a forward step may hold one sequence's prompt chunk or many
+sequences' decode tokens. Everything about where keys/values live (contiguous cache, paged pools, K=V once)
+is behind the `AttentionContext` the caller passes in; heavy ops go through the op backend (see ops.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.model.layers import (
+    Linear,
+    RMSNorm,
+    apply_rope,
+    rope_cos_sin,
+    rope_inv_freq,
+    store_weight,
+    stored_weight,
+)
+from nvfp4kit.model.ops import OpBackend, TorchBackend, Weight, gelu_tanh
+
+
+class AttentionContext(Protocol):
+    """Where a forward step's tokens sit and how attention reads and writes their keys/values."""
+
+    positions: torch.Tensor  # [T] absolute position of each token
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        *,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Store k/v [T, Hkv, D] for `layer` (None: the layer reads another layer's KV) and attend q [T, Hq, D]."""
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Gemma4TextConfig, layer: int, backend: OpBackend):
+        super().__init__()
+        self.layer = layer
+        self.head_dim = cfg.layer_head_dim(layer)
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.layer_kv_heads(layer)
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        self.computes_kv = cfg.kv_source_layer(layer) == layer
+        self.has_v_proj = cfg.layer_has_v_proj(layer)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        splits = (q_size,)
+        if self.computes_kv:
+            splits += (kv_size, kv_size) if self.has_v_proj else (kv_size,)
+        self.qkv_proj = Linear(cfg.hidden_size, splits, backend=backend)
+        self.o_proj = Linear(q_size, (cfg.hidden_size,), backend=backend)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        if self.computes_kv:
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_weight=False)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(cfg.layer_rope(layer), self.head_dim), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        t = x.shape[0]
+        parts = self.qkv_proj.forward_split(x)
+        cos, sin = rope_cos_sin(self.inv_freq, ctx.positions, x.dtype)
+        q = apply_rope(self.q_norm(parts[0].view(t, self.num_heads, self.head_dim)), cos, sin)
+        k = v = None
+        if self.computes_kv:
+            raw_k = parts[1].view(t, self.num_kv_heads, self.head_dim)
+            raw_v = parts[2].view(t, self.num_kv_heads, self.head_dim) if self.has_v_proj else raw_k
+            k = apply_rope(self.k_norm(raw_k), cos, sin)
+            v = self.v_norm(raw_v)
+        out = ctx.attend(self.layer, q, k, v, window=self.window)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Dense GeGLU: down(gelu_tanh(gate(x)) * up(x)), gate and up fused in one launch."""
+
+    def __init__(self, hidden: int, intermediate: int, backend: OpBackend):
+        super().__init__()
+        self.gate_up_proj = Linear(hidden, (intermediate, intermediate), backend=backend)
+        self.down_proj = Linear(intermediate, (hidden,), backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.forward_split(x)
+        return self.down_proj(gelu_tanh(gate) * up)
+
+
+class Router(nn.Module):
+    """softmax over all experts of proj(rmsnorm(x) * scale / sqrt(H)), top-k, renormalise, * per_expert_scale."""
+
+    def __init__(self, cfg: Gemma4TextConfig, backend: OpBackend):
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.root_size = cfg.hidden_size**-0.5
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_weight=False)
+        self.proj = Linear(cfg.hidden_size, (cfg.num_experts,), backend=backend)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.norm(x) * self.scale * self.root_size
+        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[ids], ids
+
+
+class Experts(nn.Module):
+    """All experts' weights stacked: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
+
+    def __init__(self, cfg: Gemma4TextConfig, backend: OpBackend):
+        super().__init__()
+        self.backend = backend
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_shape, self.down_shape = (e, 2 * i, h), (e, h, i)
+
+    def set_weights(self, gate_up: Weight, down: Weight) -> None:
+        store_weight(self, "gate_up", gate_up, shape=self.gate_up_shape)
+        store_weight(self, "down", down, shape=self.down_shape)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.backend.moe(x, ids, weights, stored_weight(self, "gate_up"), stored_weight(self, "down"))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Gemma4TextConfig, layer: int, backend: OpBackend):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, layer, backend)
+        self.mlp = MLP(h, cfg.layer_intermediate_size(layer), backend)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.moe = cfg.enable_moe_block
+        if self.moe:
+            self.router = Router(cfg, backend)
+            self.experts = Experts(cfg, backend)
+            self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.ple = cfg.hidden_size_per_layer_input
+        if self.ple:
+            self.per_layer_input_gate = Linear(h, (self.ple,), backend=backend)
+            self.per_layer_projection = Linear(self.ple, (h,), backend=backend)
+            self.post_per_layer_input_norm = RMSNorm(h, eps)
+
+    def forward(
+        self, x: torch.Tensor, ctx: AttentionContext, per_layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
+        mlp_out = self.mlp(self.pre_feedforward_layernorm(h))
+        if self.moe:
+            weights, ids = self.router(h)  # the router sees the residual stream, not the normed input
+            moe_out = self.experts(self.pre_feedforward_layernorm_2(h), weights, ids)
+            mlp_out = self.post_feedforward_layernorm_1(mlp_out) + self.post_feedforward_layernorm_2(moe_out)
+        out = h + self.post_feedforward_layernorm(mlp_out)
+        if self.ple:
+            gated = gelu_tanh(self.per_layer_input_gate(out)) * per_layer_input
+            out = out + self.post_per_layer_input_norm(self.per_layer_projection(gated))
+        return out * self.layer_scalar.to(out.dtype)
+
+
+class Gemma4Model(nn.Module):
+    """Embeddings, decoder layers, final norm, tied (or separate) lm_head with logit softcapping."""
+
+    def __init__(self, cfg: Gemma4TextConfig, *, backend: OpBackend | None = None):
+        super().__init__()
+        self.config = cfg
+        self.backend = backend or TorchBackend()
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.backend) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("embed_tokens", None)
+        self.register_buffer("lm_head", None)  # stays None when tied to the embeddings
+        if cfg.hidden_size_per_layer_input:
+            n, p = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+            self.register_buffer("embed_tokens_per_layer", None)
+            self.per_layer_model_projection = Linear(cfg.hidden_size, (n * p,), backend=self.backend)
+            self.per_layer_projection_norm = RMSNorm(p, cfg.rms_norm_eps)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def set_backend(self, backend: OpBackend) -> None:
+        self.backend = backend
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens
+        return F.embedding(input_ids, w) * torch.tensor(self.config.hidden_size**0.5, dtype=w.dtype)
+
+    def per_layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Per-layer embeddings (E2B/E4B): token table plus a projection of the main embedding, [T, L, P]."""
+        cfg = self.config
+        n, p = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+        table = self.embed_tokens_per_layer
+        tokens = F.embedding(input_ids, table) * torch.tensor(p**0.5, dtype=table.dtype)
+        proj = self.per_layer_model_projection(embeds) * (cfg.hidden_size**-0.5)
+        proj = self.per_layer_projection_norm(proj.reshape(-1, n, p))
+        return (proj + tokens.reshape(-1, n, p)) * (2.0**-0.5)
+
+    def hidden_states(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Run the decoder on flat tokens [T]; returns the final-normed hidden states [T, H]."""
+        h = self.embed(input_ids)
+        ple = self.per_layer_inputs(input_ids, h) if self.config.hidden_size_per_layer_input else None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, ctx, ple[:, i] if ple is not None else None)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.lm_head if self.lm_head is not None else self.embed_tokens
+        logits = self.backend.linear(hidden, head).float()
+        cap = self.config.final_logit_softcapping
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def forward(
+        self, input_ids: torch.Tensor, ctx: AttentionContext, *, logits_at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (fp32) for the tokens at indices `logits_at` of this step (all tokens when None)."""
+        hidden = self.hidden_states(input_ids, ctx)
+        return self.logits(hidden if logits_at is None else hidden[logits_at])

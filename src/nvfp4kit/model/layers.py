@@ -1,0 +1,134 @@
+"""Building blocks of the Gemma 4 decoder: weights-agnostic linear, RMSNorm, RoPE, attention math."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nvfp4kit.config import RopeConfig
+from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+from nvfp4kit.model.ops import OpBackend, TorchBackend, Weight
+
+_PARTS = ("packed", "scale", "scale_2")
+
+
+def store_weight(module: nn.Module, name: str, weight: Weight, *, shape: tuple[int, ...]) -> None:
+    """Keep a weight as buffers of `module`: `name` when dense, `name_packed/_scale/_scale_2` when NVFP4."""
+    if tuple(weight.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(weight.shape)}, expected {tuple(shape)}")
+    quantized = isinstance(weight, NVFP4Tensor)
+    module.register_buffer(name, None if quantized else weight)
+    for part in _PARTS:
+        module.register_buffer(f"{name}_{part}", getattr(weight, part) if quantized else None)
+
+
+def stored_weight(module: nn.Module, name: str) -> Weight:
+    packed = getattr(module, f"{name}_packed", None)
+    if packed is not None:
+        return NVFP4Tensor(packed, getattr(module, f"{name}_scale"), getattr(module, f"{name}_scale_2"))
+    dense = getattr(module, name, None)
+    if dense is None:
+        raise RuntimeError(f"{type(module).__name__}.{name} has no weight loaded")
+    return dense
+
+
+class Linear(nn.Module):
+    """y = x @ W^T without bias; W dense (compute dtype) or NVFP4 (packed), see `store_weight`.
+
+    Several projections can be fused along the output dim (`splits`), e.g. q/k/v, so one launch does all.
+    """
+
+    def __init__(self, in_features: int, splits: tuple[int, ...], *, backend: OpBackend | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.splits = tuple(splits)
+        self.out_features = sum(self.splits)
+        self.backend: OpBackend = backend or TorchBackend()
+
+    def set_weight(self, weight: Weight) -> None:
+        store_weight(self, "weight", weight, shape=(self.out_features, self.in_features))
+
+    @property
+    def quantized(self) -> bool:
+        return getattr(self, "weight_packed", None) is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.linear(x, stored_weight(self, "weight"))
+
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(self.forward(x), self.splits, dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w in fp32 (Gemma 4 uses plain `x * w`, not Gemma 3's `1 + w`); no weight for v_norm/router."""
+
+    def __init__(self, dim: int, eps: float, *, with_weight: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False) if with_weight else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            h = h * self.weight.float()
+        return h.to(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies over head_dim/2 pairs.
+
+    Proportional RoPE (global layers) rotates only the first `partial * head_dim / 2` pairs, but with exponents
+    over the full head_dim, and leaves the rest as identity (frequency 0): pairs are (i, i + head_dim/2).
+    """
+    if rope.rope_type == "proportional":
+        angles = int(rope.partial_rotary_factor * head_dim // 2)
+    else:
+        angles = head_dim // 2
+    exps = torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim
+    inv = 1.0 / (rope.theta**exps)
+    return torch.cat([inv, torch.zeros(head_dim // 2 - angles)])
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos/sin [T, D]; neox pairing (i, i + D/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_positions: torch.Tensor,
+    k_positions: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
+    """Causal (optionally sliding-window) GQA attention with scale 1.0, for one sequence.
+
+    q [Tq, Hq, D], k/v [Tk, Hkv, D]; a query at position p sees keys at positions p - window < pk <= p.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    rep = hq // hkv
+    qh = q.transpose(0, 1)  # [Hq, Tq, D]
+    kh = k.transpose(0, 1).repeat_interleave(rep, dim=0)
+    vh = v.transpose(0, 1).repeat_interleave(rep, dim=0)
+    scores = torch.matmul(qh, kh.transpose(1, 2))  # scaling is 1.0: q and k are RMS-normalised
+    diff = q_positions[:, None] - k_positions[None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff < window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, vh).transpose(0, 1)  # [Tq, Hq, D]
