@@ -5,3 +5,28 @@ import torch
 # Triton kernels are checked on the CPU through the interpreter (tiny shapes); must be set before import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory: tiny_checkpoint(shape="moe", dtype=torch.float32, multimodal=False, **overrides) -> folder.
+
+    Checkpoints are written once per session and argument set; treat them as read-only.
+    """
+    from nvfp4kit.testing.tiny import write_tiny_checkpoint
+
+    made = {}
+
+    def make(shape="moe", dtype=torch.float32, multimodal=False, **overrides):
+        key = (shape, str(dtype), multimodal, tuple(sorted(overrides.items())))
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"tiny_{shape}")
+            made[key] = write_tiny_checkpoint(
+                folder, shape=shape, dtype=dtype, multimodal=multimodal, **overrides
+            )
+        return made[key]
+
+    return make

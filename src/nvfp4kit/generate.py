@@ -67,7 +67,9 @@ class LLM:
         return [int(t) for t in prompt]
 
     def generate(
-        self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]], params: SamplingParams | None = None
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | None = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt (a string or a list of token ids); returns outputs in order."""
         params = params or SamplingParams()
@@ -109,20 +111,25 @@ class LLM:
         for step in range(params.max_tokens):
             ids = torch.tensor(next_input, dtype=torch.long, device=self.device)
             ctx = cache.step(len(next_input), device=self.device)
-            logits = self.model(ids, ctx, logits_at=torch.tensor([len(next_input) - 1], device=self.device))[0]
+            logits = self.model(ids, ctx, logits_at=torch.tensor([len(next_input) - 1], device=self.device))[
+                0
+            ]
             ctx.commit()
-            sample = sample_token(logits, params, prompt_ids=prompt_ids, output_ids=output, generator=generator)
+            sample = sample_token(
+                logits, params, prompt_ids=prompt_ids, output_ids=output, generator=generator
+            )
             output.append(sample.token_id)
             next_input = [sample.token_id]
             if sample.token_id in stop_ids:
                 yield TokenEvent(sample.token_id, "", sample.logprob, sample.top_logprobs, "stop")
                 return
-            detok.push(sample.token_id)
+            last = step == params.max_tokens - 1
+            detok.push(sample.token_id, final=last)
             text, reason = detok.text, None
             hit = _first_stop(text, params.stop, len(emitted))
             if hit is not None:
                 text, reason = text[:hit], "stop"
-            elif step == params.max_tokens - 1:
+            elif last:
                 reason = "length"
             else:  # hold back a tail that could still become a stop string
                 text = text[: len(text) - _partial_stop_len(text, params.stop)]

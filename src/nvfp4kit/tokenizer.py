@@ -55,11 +55,12 @@ class IncrementalDetokenizer:
         self.text = ""
         self._context = list(prompt_ids[-4:]) if prompt_ids else []  # byte-level merges can span the boundary
 
-    def push(self, token_id: int) -> str:
+    def push(self, token_id: int, *, final: bool = False) -> str:
+        """Add a token; returns the new text. An incomplete UTF-8 tail waits for the next token unless final."""
         self.ids.append(token_id)
         prefix = self.tokenizer.decode(self._context)
         full = self.tokenizer.decode(self._context + self.ids)
-        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        if full.endswith("\ufffd") and not final:
             return ""
         new_text = full[len(prefix) :]
         delta = new_text[len(self.text) :]
