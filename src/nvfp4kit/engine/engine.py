@@ -1,0 +1,172 @@
+"""The serving engine: continuous batching over a hybrid KV cache, one `step()` at a time.
+
+`add_request` queues a prompt; each `step` schedules a batch (decodes plus prefill chunks), runs one flat
+forward pass over it, samples for every request whose prompt is fully computed, and returns the new tokens
+as `TokenEvent`s. `LLM` and the async server engine are thin loops around it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
+from nvfp4kit.engine.kv_cache import KVCache, KVLayout, pool_bytes
+from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
+from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
+from nvfp4kit.model.gemma4 import Gemma4Model
+from nvfp4kit.sampling import SamplingParams, sample_token
+from nvfp4kit.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_dtype: str = "auto"  # bf16, fp8_e4m3, fp8_e5m2, float32; auto = the model's compute dtype
+    block_size: int = 16
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    num_kv_tokens: int | None = None  # global-pool capacity in tokens; default: from kv_cache_memory
+    kv_cache_memory: int | None = (
+        None  # bytes for both pools; default: enough for max_num_seqs * 4K tokens on CPU
+    )
+    k_eq_v_once: bool = True  # store the shared K=V tensor of k_eq_v layers once
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Gemma4Model,
+        tokenizer: Tokenizer,
+        *,
+        config: EngineConfig | None = None,
+        generation_config: dict | None = None,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or EngineConfig()
+        self.generation_config = generation_config or {}
+        cfg = model.config
+        self.device = model.device
+        self.max_model_len = self.config.max_model_len or cfg.max_position_embeddings
+        kv_dtype = self.config.kv_dtype
+        if kv_dtype == "auto":
+            kv_dtype = "float32" if model.dtype == torch.float32 else "bf16"
+        chunk = self.config.max_num_batched_tokens
+        layout = KVLayout(
+            block_size=self.config.block_size,
+            num_blocks=1,
+            max_seqs=self.config.max_num_seqs,
+            ring_size=cfg.sliding_window + chunk,
+            k_eq_v_once=self.config.k_eq_v_once,
+        )
+        per_token, ring_bytes = pool_bytes(cfg, layout, kv_dtype)
+        tokens = self.config.num_kv_tokens
+        if tokens is None:
+            budget = self.config.kv_cache_memory
+            if budget is None:
+                tokens = self.config.max_num_seqs * min(self.max_model_len, 4096)
+            else:
+                tokens = (budget - ring_bytes) // max(per_token, 1)
+        num_blocks = max(1, tokens // layout.block_size)
+        if self.config.kv_cache_memory is not None and tokens < layout.block_size:
+            raise ValueError(
+                f"kv_cache_memory={self.config.kv_cache_memory} B is too small: the sliding rings alone need "
+                f"{ring_bytes} B and one global block {per_token * layout.block_size} B"
+            )
+        self.layout = KVLayout(
+            layout.block_size, num_blocks, layout.max_seqs, layout.ring_size, layout.k_eq_v_once
+        )
+        self.cache = KVCache(cfg, self.layout, kv_dtype=kv_dtype, device=self.device)
+        self.scheduler = Scheduler(SchedulerConfig(chunk, chunk), self.cache)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        log.info(
+            "KV cache: %d global-pool tokens (%.1f MiB), %d sliding rings of %d slots (%.1f MiB), dtype %s",
+            num_blocks * layout.block_size, num_blocks * layout.block_size * per_token / 2**20,
+            layout.max_seqs, layout.ring_size, ring_bytes / 2**20, kv_dtype,
+        )  # fmt: skip
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.layout.num_blocks * self.layout.block_size
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None
+    ) -> str:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        total = len(prompt_ids) + params.max_tokens
+        limit = min(self.max_model_len, self.pool_tokens)
+        if total > limit:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
+                f"context this engine can hold ({limit} tokens)"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params.with_defaults(self.generation_config)
+        req = make_request(
+            request_id, prompt_ids, params, tokenizer=self.tokenizer, eos_ids=self.model.config.eos_token_ids
+        )
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            req.status, req.finish_reason = Status.FINISHED, "abort"
+            self.scheduler.finish(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        ids, seqs, sample_rows, sampled = [], [], [], []
+        offset = 0
+        for req, n in batch:
+            ids.extend(req.all_ids[req.num_computed : req.num_computed + n])
+            seqs.append(SeqSlice(req.num_computed, n, offset, req.block_table, req.ring))
+            if req.num_computed + n == len(req.all_ids):
+                sample_rows.append(offset + n - 1)
+                sampled.append(req)
+            offset += n
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        ctx = BatchContext(self.model, self.cache, seqs, self.device)
+        hidden = self.model.hidden_states(input_ids, ctx)
+        for req, n in batch:
+            req.num_computed += n
+        if not sampled:
+            return []
+        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        events = []
+        for req, row in zip(sampled, logits):
+            s = sample_token(
+                row, req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids, generator=req.generator
+            )
+            event = req.append_token(s.token_id, s.logprob, s.top_logprobs)
+            events.append(event)
+            if event.finish_reason:
+                self.scheduler.finish(req)
+                self.requests.pop(req.request_id, None)
+        return events
+
+    def stats(self) -> dict[str, float]:
+        usage = self.cache.usage
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_global_usage": usage["global"],
+            "kv_sliding_usage": usage["sliding"],
+            "preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,99 @@
+"""Continuous batching with chunked prefill.
+
+Each step has a token budget. Running requests go first, oldest first: a decode costs one token, a
+request still in prefill takes a chunk. Waiting requests are admitted in arrival order while the budget,
+a free sliding ring and enough global blocks for their first chunk allow. When the global pool runs dry,
+the newest running request is preempted (its KV freed) and later recomputed from its prompt plus the tokens
+it already produced, so its output is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from nvfp4kit.engine.kv_cache import KVCache
+from nvfp4kit.engine.request import Request, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512  # token budget of one step
+    max_prefill_chunk: int = 512  # tokens of one request's prefill in one step (the ring holds window + this)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: KVCache):
+        self.config = config
+        self.cache = cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Request, int]]:
+        """Pick (request, number of tokens) pairs for the next step."""
+        budget = self.config.max_num_batched_tokens
+        batch: list[tuple[Request, int]] = []
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status is not Status.RUNNING:  # preempted while making room for an older request
+                continue
+            n = min(req.remaining, budget, self.config.max_prefill_chunk)
+            if not self._grow(req, req.num_computed + n):
+                continue
+            batch.append((req, n))
+            budget -= n
+        while self.waiting and budget > 0 and self.cache.free_rings:
+            req = self.waiting[0]
+            n = min(req.remaining, budget, self.config.max_prefill_chunk)
+            blocks = self.cache.blocks_for(n)
+            if not self.cache.can_allocate(blocks):
+                break
+            self.waiting.popleft()
+            req.ring = self.cache.allocate_ring()
+            req.block_table = self.cache.allocate_blocks(blocks)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            batch.append((req, n))
+            budget -= n
+        return batch
+
+    def _grow(self, req: Request, tokens: int) -> bool:
+        """Make `req`'s block table cover `tokens`, preempting newer requests if needed; False if `req` itself
+        had to be preempted."""
+        need = self.cache.blocks_for(tokens) - len(req.block_table)
+        while need > 0 and not self.cache.can_allocate(need):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is req:
+                return False
+        if need > 0:
+            req.block_table += self.cache.allocate_blocks(need)
+        return True
+
+    def preempt(self, req: Request) -> None:
+        self._release(req)
+        req.num_computed = 0
+        req.status = Status.WAITING
+        req.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """Free a finished or aborted request's KV and forget it."""
+        self._release(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+
+    def _release(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        self.cache.free(req.block_table, req.ring)
+        req.block_table, req.ring = [], None
