@@ -1,0 +1,166 @@
+"""nvfp4kit's own KV plan: what the engine allocates at start-up from the free memory it measures.
+
+Differences from the seed's SGLang pools (see sglang.py):
+- global (full-attention) layers with `attention_k_eq_v` store their shared K=V tensor once (half the bytes);
+- sliding layers get a per-request ring of `window + prefill_chunk` tokens instead of a shared pool split by a
+  hand-tuned ratio, so a request never waits on, or is evicted from, sliding KV;
+- the runtime reserve (prefill activations, logits, CUDA graphs, a margin) is computed, not guessed with a
+  memory fraction; whatever is left is the global-layer pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.plan.kv import KVBytesPerToken, kv_bytes_per_token
+from nvfp4kit.plan.units import MiB
+
+DEFAULT_PREFILL_CHUNK = 2048
+DEFAULT_MAX_BATCH = 64
+GRAPH_POOL_BASE = (
+    64 * MiB
+)  # CUDA-graph private pool and per-graph bookkeeping (the seed measured ~0.06 GB at bs=1)
+MIN_MARGIN = 256 * MiB  # allocator fragmentation, cuBLAS/Triton workspaces
+MARGIN_FRACTION = 0.015  # ... or 1.5% of free memory, whichever is larger
+ACT_BYTES = 2  # BF16 activations
+LOGIT_BYTES = 4  # FP32 logits
+
+
+@dataclass(frozen=True)
+class RuntimeReserve:
+    activations: int  # peak of one prefill chunk through a layer
+    logits: int
+    cuda_graphs: int
+    margin: int
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.logits + self.cuda_graphs + self.margin
+
+
+def activation_bytes_per_token(cfg: Gemma4TextConfig) -> int:
+    """Live activation bytes per token inside the widest layer (all buffers counted at once: an upper bound)."""
+    h = cfg.hidden_size
+    widest = 0
+    for layer in range(cfg.num_hidden_layers):
+        hd, kvh = cfg.layer_head_dim(layer), cfg.layer_kv_heads(layer)
+        q = cfg.num_attention_heads * hd
+        attn = q + 2 * kvh * hd + q  # qkv output, attention output
+        mlp = 3 * cfg.layer_intermediate_size(layer)  # gate/up output + activated product
+        moe = cfg.top_k_experts * (3 * cfg.moe_intermediate_size + h) if cfg.enable_moe_block else 0
+        ple = 2 * cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
+        widest = max(widest, 4 * h + attn + mlp + moe + ple)  # 4h: residual, normed input, two outputs
+    return widest * ACT_BYTES
+
+
+def runtime_reserve(
+    cfg: Gemma4TextConfig, *, free_bytes: int, prefill_chunk: int, max_batch: int
+) -> RuntimeReserve:
+    """Memory the engine keeps outside weights and KV: sized from the model, the chunk and the batch."""
+    per_token = activation_bytes_per_token(cfg)
+    activations = prefill_chunk * per_token
+    logits = max_batch * cfg.vocab_size * LOGIT_BYTES * 2  # logits + sampling probabilities
+    graphs = (
+        GRAPH_POOL_BASE + max_batch * per_token
+    )  # decode graphs share one pool sized by the largest batch
+    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * free_bytes))
+    return RuntimeReserve(activations, logits, graphs, margin)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    free_bytes: int
+    weights_bytes: int
+    reserve: RuntimeReserve
+    kv: KVBytesPerToken
+    prefill_chunk: int
+    max_position: int
+    context: int
+    concurrency: int
+
+    @property
+    def kv_budget_bytes(self) -> int:
+        return self.free_bytes - self.weights_bytes - self.reserve.total
+
+    @property
+    def fits(self) -> bool:
+        return self.kv_budget_bytes >= self.ring_bytes(self.max_ring_tokens) + self.kv.full
+
+    @property
+    def max_ring_tokens(self) -> int:
+        """Sliding-layer ring per request: the window plus one prefill chunk in flight."""
+        return self.kv.window + self.prefill_chunk if self.kv.sliding else 0
+
+    def ring_bytes(self, tokens: int) -> int:
+        return tokens * self.kv.sliding
+
+    def request_bytes(self, context: int) -> int:
+        """KV one request of `context` tokens holds: global layers whole, sliding layers its ring."""
+        ring = min(context, self.max_ring_tokens)
+        return context * self.kv.full + self.ring_bytes(ring)
+
+    @property
+    def max_context(self) -> int:
+        """Longest single request that fits (capped at the model's max_position_embeddings)."""
+        room = self.kv_budget_bytes - self.ring_bytes(self.max_ring_tokens)
+        if room <= 0:
+            return 0
+        if not self.kv.full:
+            return self.max_position
+        return min(self.max_position, room // self.kv.full)
+
+    @property
+    def requests_at_context(self) -> int:
+        """Requests of `context` tokens that fit at once."""
+        if self.kv_budget_bytes <= 0 or self.context <= 0:
+            return 0
+        return self.kv_budget_bytes // self.request_bytes(self.context)
+
+    @property
+    def global_tokens(self) -> int:
+        """Tokens the global-layer pool holds with `concurrency` rings allocated (the pool is shared)."""
+        room = self.kv_budget_bytes - self.concurrency * self.ring_bytes(self.max_ring_tokens)
+        if room <= 0:
+            return 0
+        if not self.kv.full:
+            return self.concurrency * self.max_position
+        return room // self.kv.full
+
+
+def plan_pools(
+    cfg: Gemma4TextConfig,
+    *,
+    free_bytes: int,
+    weights_bytes: int,
+    kv_dtype: str = "fp8_e5m2",
+    k_eq_v_once: bool = True,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    context: int | None = None,
+    concurrency: int = 1,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    reserve: RuntimeReserve | None = None,
+) -> PoolPlan:
+    """Split `free_bytes` (measured before loading) into weights, runtime reserve and KV pools."""
+    if prefill_chunk <= 0 or concurrency <= 0 or max_batch <= 0:
+        raise ValueError(
+            f"prefill_chunk, concurrency and max_batch must be positive "
+            f"(got {prefill_chunk}, {concurrency}, {max_batch})"
+        )
+    if context is not None and context <= 0:
+        raise ValueError(f"context must be a positive number of tokens, got {context}")
+    kv = kv_bytes_per_token(cfg, kv_dtype=kv_dtype, k_eq_v_once=k_eq_v_once)
+    if reserve is None:
+        reserve = runtime_reserve(
+            cfg, free_bytes=free_bytes, prefill_chunk=prefill_chunk, max_batch=max(max_batch, concurrency)
+        )
+    return PoolPlan(
+        free_bytes=free_bytes,
+        weights_bytes=weights_bytes,
+        reserve=reserve,
+        kv=kv,
+        prefill_chunk=prefill_chunk,
+        max_position=cfg.max_position_embeddings,
+        context=context if context is not None else cfg.max_position_embeddings,
+        concurrency=concurrency,
+    )

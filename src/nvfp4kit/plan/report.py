@@ -1,0 +1,225 @@
+"""One plan for a model on a GPU: weights, KV per token, the seed stack's pools, ours, and the decode roofline.
+
+`build_plan` returns plain JSON-able data; the CLI prints it as tables (`format_plan`) or as JSON, so both
+views carry the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, list_presets, load_config, load_preset
+from nvfp4kit.plan.checkpoint import weights_from_checkpoint
+from nvfp4kit.plan.gpus import GpuSpec, find_gpu
+from nvfp4kit.plan.kv import KV_DTYPE_BYTES, kv_bytes_per_token
+from nvfp4kit.plan.pools import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, plan_pools
+from nvfp4kit.plan.roofline import decode_step
+from nvfp4kit.plan.sglang import (
+    DEFAULT_PRELOAD_USED,
+    SEED_MEM_FRACTION,
+    SEED_SWA_RATIO,
+    sglang_pools_for,
+    tokens_per_fraction_step,
+)
+from nvfp4kit.plan.weights import (
+    BF16_BYTES,
+    TOWER_COMPONENTS,
+    WeightBreakdown,
+    parameter_counts,
+    weights_from_config,
+)
+
+DEFAULT_CONTEXT = 32_768
+DEFAULT_GPU = "RTX 3090"  # the seed card's target
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str
+    kind: str  # "preset" or "checkpoint"
+    cfg: Gemma4TextConfig
+    tower_params: dict[str, int]  # vision / audio parameter counts, where known
+    checkpoint: Path | None = None
+
+
+def resolve_model(model: str) -> ModelSource:
+    """A checkpoint folder (has config.json) or a preset name."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; pass a checkpoint folder or a preset name")
+        return ModelSource(path.name, "checkpoint", load_config(path), {}, path)
+    if model in list_presets():
+        raw = json.loads((PRESET_DIR / f"{model}.json").read_text())
+        towers = {k: int(v) for k, v in raw.get("tower_parameters", {}).items() if k in TOWER_COMPONENTS}
+        return ModelSource(model, "preset", load_preset(model), towers)
+    raise ValueError(
+        f"{model!r} is neither a checkpoint folder nor a preset; presets: {', '.join(list_presets())}"
+    )
+
+
+def _weights(source: ModelSource, recipe: str) -> tuple[WeightBreakdown, int]:
+    """Weights as the engine loads them and the checkpoint's full size (towers included, as SGLang loads it)."""
+    if source.checkpoint is not None:
+        stored = weights_from_checkpoint(source.checkpoint)
+        return stored, stored.total_bytes
+    text = weights_from_config(source.cfg, recipe=recipe)
+    towers = sum(source.tower_params.values()) * BF16_BYTES
+    return text, text.text_bytes + towers
+
+
+def _gpu_dict(gpu: GpuSpec | None, memory: int, bandwidth: float | None, preload_used: int) -> dict[str, Any]:
+    return {
+        "name": gpu.name if gpu else "custom",
+        "memory_bytes": memory,
+        "bandwidth_bytes_per_s": bandwidth,
+        "compute_capability": ".".join(map(str, gpu.compute_capability)) if gpu else None,
+        "native_fp4": gpu.native_fp4 if gpu else None,
+        "preload_used_bytes": preload_used,
+        "free_bytes": memory - preload_used,
+    }
+
+
+def build_plan(
+    model: str,
+    *,
+    gpu: str | None = None,
+    gpu_memory: int | None = None,
+    bandwidth: float | None = None,
+    kv_dtype: str = "fp8_e5m2",
+    context: int | None = None,
+    concurrency: int | None = None,
+    recipe: str = "all-nvfp4",
+    mem_fraction_static: float = SEED_MEM_FRACTION,
+    swa_full_tokens_ratio: float = SEED_SWA_RATIO,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    preload_used: int = DEFAULT_PRELOAD_USED,
+    sglang_weights: int | None = None,
+    k_eq_v_once: bool = True,
+) -> dict[str, Any]:
+    """Everything `nvfp4kit plan` shows, as a JSON-able dict."""
+    source = resolve_model(model)
+    cfg = source.cfg
+    spec = find_gpu(gpu) if gpu else (None if gpu_memory else find_gpu(DEFAULT_GPU))
+    memory = gpu_memory if gpu_memory is not None else spec.memory_bytes
+    bandwidth = bandwidth if bandwidth is not None else (spec.bandwidth_bytes_per_s if spec else None)
+    free = memory - preload_used
+    if free <= 0:
+        raise ValueError(f"GPU memory {memory} B is not more than the {preload_used} B in use before loading")
+    context = min(context or DEFAULT_CONTEXT, cfg.max_position_embeddings)
+
+    weights, checkpoint_bytes = _weights(source, recipe)
+    engine_weights = weights.text_bytes
+    params = parameter_counts(cfg)
+    towers = dict(source.tower_params)
+    if source.checkpoint is not None:
+        towers = {
+            c: weights.params_by_component[c] for c in TOWER_COMPONENTS if c in weights.params_by_component
+        }
+
+    kv_table = {}
+    for dtype in KV_DTYPE_BYTES:
+        both = kv_bytes_per_token(cfg, kv_dtype=dtype)
+        once = kv_bytes_per_token(cfg, kv_dtype=dtype, k_eq_v_once=True)
+        kv_table[dtype] = {
+            "sliding": both.sliding, "sliding_per_layer": both.sliding_per_layer,
+            "full": both.full, "full_per_layer": both.full_per_layer, "full_k_eq_v_once": once.full,
+            "sliding_layers": both.sliding_layers, "full_layers": both.full_layers,
+        }  # fmt: skip
+
+    sg_weights = sglang_weights if sglang_weights is not None else checkpoint_bytes
+    sg = sglang_pools_for(
+        cfg, weights_bytes=sg_weights, pre_load_free_bytes=free, kv_dtype=kv_dtype,
+        mem_fraction_static=mem_fraction_static, swa_full_tokens_ratio=swa_full_tokens_ratio,
+    )  # fmt: skip
+    ours = plan_pools(
+        cfg, free_bytes=free, weights_bytes=engine_weights, kv_dtype=kv_dtype, k_eq_v_once=k_eq_v_once,
+        prefill_chunk=prefill_chunk, context=context, concurrency=concurrency or 1,
+        max_batch=max(DEFAULT_MAX_BATCH, concurrency or 1),
+    )  # fmt: skip
+
+    plan: dict[str, Any] = {
+        "model": {
+            "name": source.name,
+            "source": source.kind,
+            "path": str(source.checkpoint) if source.checkpoint else None,
+            "text_params": params.total,
+            "active_params": params.active,
+            "vision_params": towers.get("vision"),
+            "audio_params": towers.get("audio"),
+            "sliding_layers": cfg.num_sliding_layers,
+            "full_layers": cfg.num_full_layers,
+            "kv_shared_layers": cfg.num_kv_shared_layers,
+            "sliding_window": cfg.sliding_window,
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "experts": {"total": cfg.num_experts, "top_k": cfg.top_k_experts}
+            if cfg.enable_moe_block
+            else None,
+        },  # fmt: skip
+        "gpu": _gpu_dict(spec, memory, bandwidth, preload_used),
+        "kv_dtype": kv_dtype,
+        "weights": {
+            "recipe": weights.recipe,
+            "source": weights.source,
+            "components": {
+                c: {"bytes": b, "params": weights.params_by_component[c], "format": weights.formats[c]}
+                for c, b in weights.bytes_by_component.items()
+            },
+            "engine_bytes": engine_weights,
+            "checkpoint_bytes": checkpoint_bytes,
+        },  # fmt: skip
+        "kv_bytes_per_token": kv_table,
+        "sglang": {
+            "mem_fraction_static": mem_fraction_static,
+            "swa_full_tokens_ratio": swa_full_tokens_ratio,
+            "weights_bytes": sg_weights,
+            "kv_bytes": sg.kv_bytes,
+            "runtime_reserve_bytes": sg.runtime_reserve_bytes,
+            "full_tokens": sg.full_tokens,
+            "swa_tokens": sg.swa_tokens,
+            "fits": sg.fits,
+            "max_context": min(sg.full_tokens, cfg.max_position_embeddings) if sg.fits else 0,
+            "requests_at_context": sg.requests_at(context),
+            "full_tokens_per_0.01_fraction": tokens_per_fraction_step(sg),
+        },  # fmt: skip
+        "nvfp4kit": {
+            "free_bytes": ours.free_bytes,
+            "weights_bytes": ours.weights_bytes,
+            "reserve": {
+                "activations": ours.reserve.activations,
+                "logits": ours.reserve.logits,
+                "cuda_graphs": ours.reserve.cuda_graphs,
+                "margin": ours.reserve.margin,
+                "total": ours.reserve.total,
+            },
+            "kv_budget_bytes": ours.kv_budget_bytes,
+            "k_eq_v_once": k_eq_v_once,
+            "global_bytes_per_token": ours.kv.full,
+            "sliding_bytes_per_token": ours.kv.sliding,
+            "prefill_chunk": prefill_chunk,
+            "ring_tokens": ours.max_ring_tokens,
+            "ring_bytes_per_request": ours.ring_bytes(ours.max_ring_tokens),
+            "fits": ours.fits,
+            "max_context": ours.max_context,
+            "context": context,
+            "requests_at_context": ours.requests_at_context,
+            "concurrency": ours.concurrency,
+            "global_tokens": ours.global_tokens,
+        },  # fmt: skip
+        "roofline": [],
+    }
+    if bandwidth:
+        batch_n = concurrency or min(max(ours.requests_at_context, 1), DEFAULT_MAX_BATCH)
+        for batch in sorted({1, batch_n}):
+            step = decode_step(
+                cfg, weights, ours.kv, batch=batch, context=context, bandwidth_bytes_per_s=bandwidth
+            )
+            plan["roofline"].append({
+                "batch": batch, "context": context, "bytes_per_step": step.bytes_per_step,
+                "bytes_by_part": step.bytes_by_part, "tokens_per_s": step.tokens_per_s,
+                "tokens_per_s_per_request": step.tokens_per_s_per_request,
+            })  # fmt: skip
+    return plan

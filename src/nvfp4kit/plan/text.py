@@ -1,0 +1,149 @@
+"""The plan as readable tables (the same numbers `--json` prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nvfp4kit.plan.units import GB, GiB, format_count
+
+_LABELS = {
+    "embeddings": "embeddings (= tied lm_head)",
+    "per_layer_embeddings": "per-layer embedding tables",
+    "per_layer_projections": "per-layer input projections",
+    "vision": "vision tower (not loaded)",
+    "audio": "audio tower (not loaded)",
+}
+
+
+def _g(n: float | None, digits: int = 2) -> str:
+    return "-" if n is None else f"{n / GiB:.{digits}f}"
+
+
+def _b(n: float | None) -> str:
+    return "-" if not n else f"{n / 1e9:.2f} B"
+
+
+def _model_lines(plan: dict[str, Any]) -> list[str]:
+    m = plan["model"]
+    experts = m["experts"]
+    moe = f" ({experts['total']} experts, top {experts['top_k']})" if experts else ""
+    shared = f", {m['kv_shared_layers']} of them reuse earlier layers' KV" if m["kv_shared_layers"] else ""
+    layers = m["sliding_layers"] + m["full_layers"]
+    towers = [f"{k} tower {_b(m[f'{k}_params'])} params" for k in ("vision", "audio") if m[f"{k}_params"]]
+    lines = [
+        f"{m['name']} ({m['source']}): text tower {_b(m['text_params'])} parameters, "
+        f"{_b(m['active_params'])} active per token{moe}",
+        f"  {layers} layers = {m['sliding_layers']} sliding (window {m['sliding_window']}) + "
+        f"{m['full_layers']} global{shared}; max context {m['max_position_embeddings']:,}",
+    ]
+    if towers:
+        lines.append(f"  {'; '.join(towers)} (not loaded by nvfp4kit, loaded by SGLang)")
+    g = plan["gpu"]
+    bw = f", {g['bandwidth_bytes_per_s'] / GB:,.0f} GB/s" if g["bandwidth_bytes_per_s"] else ""
+    if g["compute_capability"]:
+        fp4 = "native FP4" if g["native_fp4"] else "FP4 as W4A16 (no FP4 tensor cores)"
+        bw += f", sm {g['compute_capability']}, {fp4}"
+    lines.append(
+        f"GPU: {g['name']}, {_g(g['memory_bytes'])} GiB{bw}; {_g(g['preload_used_bytes'])} GiB in use before "
+        f"loading -> {_g(g['free_bytes'])} GiB free"
+    )
+    return lines
+
+
+def _weight_lines(plan: dict[str, Any]) -> list[str]:
+    w = plan["weights"]
+    lines = ["", f"Weights ({'recipe ' + w['recipe'] if w['source'] == 'config' else 'as stored'}, "
+             f"from {w['source']})", f"  {'component':<32}{'format':<8}{'params':>10}{'GiB':>10}"]  # fmt: skip
+    for comp, info in w["components"].items():
+        label = _LABELS.get(comp, comp.replace("_", " "))
+        lines.append(f"  {label:<32}{info['format']:<8}{_b(info['params']):>10}{_g(info['bytes'], 3):>10}")
+    lines.append(f"  {'text tower (what nvfp4kit loads)':<50}{_g(w['engine_bytes'], 3):>10}")
+    lines.append(f"  {'checkpoint incl. towers (SGLang)':<50}{_g(w['checkpoint_bytes'], 3):>10}")
+    return lines
+
+
+def _kv_lines(plan: dict[str, Any]) -> list[str]:
+    kv = plan["kv_bytes_per_token"]
+    dtypes = list(kv)
+    first = kv[dtypes[0]]
+    lines = ["", f"  {'KV bytes per token':<38}" + "".join(f"{d:>12}" for d in dtypes)]
+    rows = (
+        (f"sliding layers ({first['sliding_layers']} store KV), K and V", "sliding"),
+        (f"global layers ({first['full_layers']} store KV), K and V", "full"),
+        ("global layers, K=V stored once", "full_k_eq_v_once"),
+    )
+    for label, key in rows:
+        lines.append(f"  {label:<38}" + "".join(f"{kv[d][key]:>12,}" for d in dtypes))
+    return lines
+
+
+def _pool_lines(plan: dict[str, Any]) -> list[str]:
+    sg, us = plan["sglang"], plan["nvfp4kit"]
+    r = us["reserve"]
+    ctx = us["context"]
+    seed = f"SGLang {sg['mem_fraction_static']}/{sg['swa_full_tokens_ratio']}"
+    reserve_sg = f"{_g(sg['runtime_reserve_bytes'])} (1 - fraction)"
+    reserve_us = (
+        f"{_g(r['total'])} (act {_g(r['activations'])}, logits {_g(r['logits'])}, "
+        f"graphs {_g(r['cuda_graphs'])}, margin {_g(r['margin'])})"
+    )
+    limit = plan["model"]["max_position_embeddings"]
+    longest_sg = f"{sg['max_context']:,}" + (" (model limit)" if sg["max_context"] == limit else "")
+    longest_us = f"{us['max_context']:,}" + (" (model limit)" if us["max_context"] == limit else "")
+    rows = [
+        ("weights, GiB", _g(sg["weights_bytes"]), _g(us["weights_bytes"])),
+        ("runtime reserve, GiB", reserve_sg, reserve_us),
+        ("KV budget, GiB", _g(sg["kv_bytes"]), _g(us["kv_budget_bytes"])),
+        ("global-layer KV tokens", format_count(sg["full_tokens"]),
+         f"{format_count(us['global_tokens'])} (with {us['concurrency']} ring(s))"),
+        ("sliding-layer KV tokens", f"{format_count(sg['swa_tokens'])} shared pool",
+         f"{us['ring_tokens']:,} ring per request"),
+        ("longest single request", longest_sg, longest_us),
+        (f"requests at {ctx:,} tokens", f"{sg['requests_at_context']:,}", f"{us['requests_at_context']:,}"),
+    ]  # fmt: skip
+    kv_note = "K=V once" if us["k_eq_v_once"] else "K and V separate"
+    lines = [
+        "",
+        f"Memory plan, KV {plan['kv_dtype']} ({seed}: --mem-fraction-static / --swa-full-tokens-ratio; "
+        f"nvfp4kit: {kv_note}, prefill chunk {us['prefill_chunk']:,})",
+        f"  {'':<26}{seed:<28}nvfp4kit",
+    ]
+    lines += [f"  {label:<26}{a:<28}{b}" for label, a, b in rows]
+    if not sg["fits"]:
+        lines.append("  SGLang would refuse to start: its SWA pool cannot hold one window")
+    if not us["fits"]:
+        lines.append("  nvfp4kit: the weights and reserve leave no room for one request's KV on this GPU")
+    step = sg["full_tokens_per_0.01_fraction"]
+    lines.append(
+        f"  (+0.01 --mem-fraction-static gives SGLang {format_count(step)} more global-layer tokens)"
+    )
+    return lines
+
+
+def _roofline_lines(plan: dict[str, Any]) -> list[str]:
+    rows = plan["roofline"]
+    if not rows:
+        return ["", "Decode roofline: pass --gpu or --bandwidth to see it"]
+    bw = plan["gpu"]["bandwidth_bytes_per_s"] / GB
+    lines = [
+        "",
+        f"Decode roofline ({bw:,.0f} GB/s), every sequence at {rows[0]['context']:,} tokens",
+        f"  {'batch':>5}{'GB/step':>10}{'experts GB':>12}{'KV GB':>8}{'lm_head GB':>12}{'tok/s':>9}{'tok/s/req':>11}",
+    ]
+    for row in rows:
+        parts = row["bytes_by_part"]
+        lines.append(
+            f"  {row['batch']:>5}{row['bytes_per_step'] / GB:>10.2f}{parts.get('experts', 0) / GB:>12.2f}"
+            f"{parts['kv_cache'] / GB:>8.2f}{parts.get('lm_head', 0) / GB:>12.2f}"
+            f"{row['tokens_per_s']:>9,.0f}{row['tokens_per_s_per_request']:>11,.0f}"
+        )
+    lines.append(
+        "  (upper bounds: bytes read per step / bandwidth; compute is not the limit at these batches)"
+    )
+    return lines
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    lines = _model_lines(plan) + _weight_lines(plan) + _kv_lines(plan) + _pool_lines(plan)
+    lines += _roofline_lines(plan)
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""Byte units: parse "24GiB" / "80GB" / "512MiB", and print sizes the way the plan tables do."""
+
+from __future__ import annotations
+
+import re
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+KB, MB, GB = 10**3, 10**6, 10**9
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1 << 40,
+    "kb": KB, "mb": MB, "gb": GB, "tb": 10**12,
+    "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB' -> 25769803776. GB/MB are decimal, GiB/MiB binary; a bare 'G' means GiB (as nvidia-smi counts)."""
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 24GiB, 80GB or 512MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def gib(n_bytes: float) -> float:
+    return n_bytes / GiB
+
+
+def format_gib(n_bytes: float, digits: int = 2) -> str:
+    return f"{n_bytes / GiB:.{digits}f} GiB"
+
+
+def format_count(n: float) -> str:
+    """12_345 -> '12.3K', 232_733 -> '232.7K', 1_234_567 -> '1.23M' (token counts in tables)."""
+    if n >= 10**6:
+        return f"{n / 10**6:.2f}M"
+    if n >= 10**3:
+        return f"{n / 10**3:.1f}K"
+    return f"{n:.0f}"

@@ -1,0 +1,61 @@
+import pytest
+
+from nvfp4kit.config import load_preset
+from nvfp4kit.plan.pools import plan_pools
+from nvfp4kit.plan.units import GiB
+from nvfp4kit.plan.weights import weights_from_config
+
+CFG = load_preset("gemma-4-26b-a4b")
+WEIGHTS = weights_from_config(CFG).text_bytes
+
+
+def plan(free=int(23.23 * GiB), **kw):
+    return plan_pools(CFG, free_bytes=free, weights_bytes=WEIGHTS, **kw)
+
+
+def test_budget_is_free_minus_weights_minus_reserve():
+    p = plan()
+    assert p.kv_budget_bytes == p.free_bytes - WEIGHTS - p.reserve.total
+    r = p.reserve
+    assert r.total == r.activations + r.logits + r.cuda_graphs + r.margin
+    assert 0.5 * GiB < r.total < 1.5 * GiB  # a 24 GB card: far less than SGLang's 9% (2.09 GiB)
+
+
+def test_ring_is_window_plus_chunk_and_global_layers_store_k_once():
+    p = plan(prefill_chunk=1024)
+    assert p.max_ring_tokens == 1024 + 1024
+    assert p.ring_bytes(p.max_ring_tokens) == 2048 * 102_400
+    assert p.kv.full == 5_120
+    assert plan(k_eq_v_once=False).kv.full == 10_240
+
+
+def test_a_24gb_card_serves_the_full_256k_context_and_several_long_requests():
+    p = plan(context=262_144)
+    assert p.fits and p.max_context == 262_144  # capped at max_position_embeddings
+    assert p.requests_at_context >= 5
+    assert p.global_tokens > 1_500_000
+    # storing K and V separately halves the global pool
+    assert plan(k_eq_v_once=False).global_tokens == pytest.approx(p.global_tokens / 2, rel=0.01)
+
+
+def test_request_count_matches_request_bytes():
+    p = plan(context=32_768)
+    assert p.requests_at_context == p.kv_budget_bytes // (32_768 * 5_120 + 3_072 * 102_400)
+    short = plan(context=500)  # shorter than the ring: only its own tokens in the sliding layers
+    assert short.request_bytes(500) == 500 * (5_120 + 102_400)
+
+
+def test_more_concurrency_leaves_fewer_global_tokens():
+    assert plan(concurrency=8).global_tokens < plan(concurrency=1).global_tokens
+
+
+def test_too_small_a_gpu_does_not_fit():
+    p = plan(free=int(14.5 * GiB))
+    assert not p.fits and p.max_context == 0 and p.requests_at_context == 0 and p.global_tokens == 0
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        plan(prefill_chunk=0)
+    with pytest.raises(ValueError, match="context"):
+        plan(context=-5)
