@@ -118,22 +118,27 @@ def test_k_eq_v_once_matches_separate_storage(tiny_checkpoint):
     assert once.cache.nbytes() < both.cache.nbytes()
 
 
-def test_low_precision_kv_error_grows_with_fewer_mantissa_bits(tiny_checkpoint):
+def test_low_precision_kv_stays_close_and_fp8_costs_more_than_bf16(tiny_checkpoint):
     folder = tiny_checkpoint("moe")
     model, tok = load_model(folder), Tokenizer(folder)
-    prompt = prompts([20], seed=8)[0]
     params = SamplingParams(max_tokens=1, temperature=0, logprobs=384, ignore_eos=True)
 
-    def logprobs(kv_dtype):
+    def logprobs(kv_dtype, prompt):
         engine = Engine(model, tok, config=EngineConfig(kv_dtype=kv_dtype))
         engine.add_request(prompt, params)
         return torch.tensor([lp for _, lp in sorted(engine.step()[0].top_logprobs)])
 
-    exact = logprobs("float32")
-    kl = {kv: float((exact.exp() * (exact - logprobs(kv))).sum()) for kv in ("bf16", "fp8_e4m3", "fp8_e5m2")}
-    # this random model's next-token distribution is nearly flat, so small logit errors show up as KL
-    assert kl["bf16"] < 0.01 and kl["fp8_e4m3"] < 1.0 and kl["fp8_e5m2"] < 3.0
-    assert kl["bf16"] < kl["fp8_e4m3"] < kl["fp8_e5m2"]
+    def mean_kl(kv_dtype):
+        kls = []
+        for prompt in prompts([20, 20, 20, 20], seed=8):
+            exact = logprobs("float32", prompt)
+            kls.append(float((exact.exp() * (exact - logprobs(kv_dtype, prompt))).sum()))
+        return sum(kls) / len(kls)
+
+    kl = {kv: mean_kl(kv) for kv in ("bf16", "fp8_e4m3", "fp8_e5m2")}
+    # a random model's next-token distribution is nearly flat, so logit noise shows up strongly as KL
+    assert kl["bf16"] < 0.02 and kl["fp8_e4m3"] < 1.0 and kl["fp8_e5m2"] < 1.0, kl
+    assert 5 * kl["bf16"] < min(kl["fp8_e4m3"], kl["fp8_e5m2"]), kl
 
 
 def test_too_long_request_is_refused_before_it_runs(setup):
