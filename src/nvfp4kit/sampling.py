@@ -45,7 +45,9 @@ class SamplingParams:
         """Fill unset temperature/top_p/top_k from generation_config.json (Gemma 4: 1.0, 0.95, 64)."""
         return replace(
             self,
-            temperature=self.temperature if self.temperature is not None else generation_config.get("temperature", 1.0),
+            temperature=self.temperature
+            if self.temperature is not None
+            else generation_config.get("temperature", 1.0),
             top_p=self.top_p if self.top_p is not None else generation_config.get("top_p", 1.0),
             top_k=self.top_k if self.top_k is not None else generation_config.get("top_k", 0),
         )
@@ -65,7 +67,9 @@ def apply_penalties(
     if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
         vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+        logits[seen] = torch.where(
+            vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty
+        )
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         ids, counts = torch.tensor(output_ids, device=logits.device).unique(return_counts=True)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
