@@ -40,7 +40,7 @@ def test_a_24gb_card_serves_the_full_256k_context_and_several_long_requests():
 
 def test_request_count_matches_request_bytes():
     p = plan(context=32_768)
-    assert p.requests_at_context == p.kv_budget_bytes // (32_768 * 5_120 + 3_072 * 102_400)
+    assert p.requests_at_context == p.kv_budget_bytes // (32_768 * 5_120 + (1024 + 512) * 102_400)
     short = plan(context=500)  # shorter than the ring: only its own tokens in the sliding layers
     assert short.request_bytes(500) == 500 * (5_120 + 102_400)
 
@@ -59,3 +59,16 @@ def test_bad_arguments_are_rejected():
         plan(prefill_chunk=0)
     with pytest.raises(ValueError, match="context"):
         plan(context=-5)
+
+
+@pytest.mark.parametrize("preset", ["gemma-4-e2b", "gemma-4-12b", "gemma-4-26b-a4b", "gemma-4-31b"])
+@pytest.mark.parametrize(("kv_dtype", "once"), [("fp8_e5m2", True), ("bf16", False)])
+def test_plan_matches_the_engines_kv_layout(preset, kv_dtype, once):
+    """The engine allocates exactly what the plan counts: global bytes per token and the sliding rings."""
+    from nvfp4kit.engine.kv_cache import KVLayout, pool_bytes
+
+    cfg = load_preset(preset)
+    p = plan_pools(cfg, free_bytes=80 * GiB, weights_bytes=0, kv_dtype=kv_dtype, k_eq_v_once=once,
+                   prefill_chunk=512, concurrency=4)  # fmt: skip
+    layout = KVLayout(block_size=16, num_blocks=1, max_seqs=4, ring_size=p.max_ring_tokens, k_eq_v_once=once)
+    assert pool_bytes(cfg, layout, kv_dtype) == (p.kv.full, 4 * p.ring_bytes(p.max_ring_tokens))

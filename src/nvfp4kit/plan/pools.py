@@ -16,7 +16,7 @@ from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.plan.kv import KVBytesPerToken, kv_bytes_per_token
 from nvfp4kit.plan.units import MiB
 
-DEFAULT_PREFILL_CHUNK = 2048
+DEFAULT_PREFILL_CHUNK = 512  # the engine's default max_num_batched_tokens
 DEFAULT_MAX_BATCH = 64
 GRAPH_POOL_BASE = (
     64 * MiB
