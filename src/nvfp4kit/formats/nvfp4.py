@@ -9,6 +9,7 @@ and the element is divided by the *FP8-rounded* block scale so the bits match Mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,3 +136,40 @@ def dequantize(
     s2 = scale_2.float()
     s2 = s2.reshape(-1, 1, 1, 1) if s2.dim() else s2  # a per-expert vector [E] scales each expert
     return (blocks * s2).reshape(*lead, n, k).to(dtype)
+
+
+def cat_rows(parts: Sequence[NVFP4Tensor]) -> NVFP4Tensor:
+    """Concatenate quantized weights along N (fused q/k/v, gate/up); lossless only with one shared scale_2."""
+    if not parts:
+        raise ValueError("cat_rows needs at least one NVFP4Tensor")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        if (
+            part.packed.shape[:-2] != first.packed.shape[:-2]
+            or part.packed.shape[-1] != first.packed.shape[-1]
+        ):
+            raise ValueError(f"cannot fuse NVFP4 weights of shapes {first.shape} and {part.shape} (part {i})")
+        if not torch.equal(part.scale_2, first.scale_2):
+            raise ValueError(
+                f"cannot fuse NVFP4 weights with different weight_scale_2 ({first.scale_2.tolist()} vs "
+                f"{part.scale_2.tolist()} in part {i}); the checkpoint did not share scales in a fused group"
+            )
+    return NVFP4Tensor(
+        torch.cat([p.packed for p in parts], dim=-2),
+        torch.cat([p.scale for p in parts], dim=-2),
+        first.scale_2.clone(),
+    )
+
+
+def stack_experts(experts: Sequence[NVFP4Tensor]) -> NVFP4Tensor:
+    """Stack per-expert 2-D weights into [E, N, K/2] / [E, N, K/16] with a per-expert scale_2 [E]."""
+    if not experts:
+        raise ValueError("stack_experts needs at least one NVFP4Tensor")
+    shapes = {e.shape for e in experts}
+    if len(shapes) != 1:
+        raise ValueError(f"experts have different shapes: {sorted(shapes)}")
+    return NVFP4Tensor(
+        torch.stack([e.packed for e in experts]),
+        torch.stack([e.scale for e in experts]),
+        torch.stack([e.scale_2.float().reshape(()) for e in experts]),
+    )

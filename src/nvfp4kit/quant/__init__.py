@@ -1,0 +1,6 @@
+"""Layer-wise calibration and streaming NVFP4 quantization of Gemma 4 checkpoints (`nvfp4kit quantize`)."""
+
+from nvfp4kit.quant.pipeline import QuantizeReport, quantize
+from nvfp4kit.quant.recipe import CALIBRATIONS, RECIPES, QuantRecipe
+
+__all__ = ["CALIBRATIONS", "RECIPES", "QuantRecipe", "QuantizeReport", "quantize"]

@@ -1,0 +1,271 @@
+"""`quantize(src, out)`: BF16 Gemma 4 checkpoint -> NVFP4 checkpoint in ModelOpt's format, one layer at a time.
+
+Calibration hidden states enter layer 0 from the embeddings; for each decoder layer we read its BF16 weights
+from the shards, run the calibration tokens through our decoder layer (recording input amaxes), quantize its
+linears, write them out, free the layer and hand its outputs to the next. RAM holds one layer plus the
+calibration activations, never the model. Output lands in a temporary folder that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nvfp4kit.config import ConfigError, Gemma4TextConfig, load_config
+from nvfp4kit.formats.modelopt import (
+    hf_quant_config,
+    linear_tensors,
+    summarize_exclude_modules,
+    write_quant_configs,
+)
+from nvfp4kit.formats.nvfp4 import global_scale
+from nvfp4kit.formats.nvfp4 import quantize as quantize_weight
+from nvfp4kit.formats.safetensors_io import CheckpointReader
+from nvfp4kit.model.gemma4 import DecoderLayer, Gemma4Model
+from nvfp4kit.model.loader import NON_TEXT_PREFIXES, fill_layer, resolve_dtype
+from nvfp4kit.model.ops import TorchBackend
+from nvfp4kit.model.weight_sources import WeightSource
+from nvfp4kit.quant.calib_data import calibration_samples
+from nvfp4kit.quant.calibrate import CalibrationContext, RecordingBackend, TransformersOrderMLP, chunk_samples
+from nvfp4kit.quant.layer_quant import QuantizeError, quantize_layer, watch_layer
+from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
+from nvfp4kit.quant.recipe import LayerPlan, QuantRecipe
+from nvfp4kit.quant.shard_writer import ShardedWriter, parse_size
+from nvfp4kit.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+CHUNK_TOKENS = 8192  # calibration tokens pushed through a layer at once (bounds activation memory)
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    output: Path
+    layers: int
+    quantized_linears: int
+    samples: int
+    tokens: int
+    seconds: float
+    peak_rss_bytes: int
+    output_bytes: int
+    exclude_modules: tuple[str, ...]
+
+
+def quantize(
+    src: str | Path,
+    out: str | Path,
+    *,
+    recipe: str = "all-nvfp4",
+    exclude: Sequence[str] = (),
+    calibration: str = "max",
+    calib_data: Sequence[str | Path] = (),
+    num_samples: int = 128,
+    seq_len: int = 512,
+    shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    device: str | torch.device = "cpu",
+    calib_dtype: str | torch.dtype | None = None,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize the BF16 Gemma 4 checkpoint folder `src` to NVFP4 in `out` (ModelOpt 0.47's format).
+
+    `calib_dtype` is the dtype calibration runs in (default: float32 on CPU, bfloat16 on CUDA); weights are
+    always quantized from the checkpoint's own values.
+    """
+    started = time.perf_counter()
+    src, out = Path(src), Path(out)
+    plan_recipe = QuantRecipe(recipe, tuple(exclude), calibration)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source checkpoint {src} is not a folder")
+    cfg = load_config(src)
+    raw_config = json.loads((src / "config.json").read_text())
+    if raw_config.get("quantization_config"):
+        raise ConfigError(
+            f"{src} is already quantized ({raw_config['quantization_config'].get('quant_method')})"
+        )
+    check_output(src, out, overwrite=overwrite)
+    max_shard = parse_size(shard_size)
+    reader = CheckpointReader(src)
+    plans = [plan_recipe.layer_plan(cfg, i, prefix=cfg.weight_prefix) for i in range(cfg.num_hidden_layers)]
+    _check_source(reader, cfg, plans)
+    device = torch.device(device)
+    dtype = resolve_dtype(calib_dtype, device)
+    samples = calibration_samples(Tokenizer(src), calib_data, num_samples=num_samples, seq_len=seq_len)
+
+    stage = staging_folder(out)
+    try:
+        writer = ShardedWriter(stage, max_shard_bytes=max_shard)
+        quantized = _quantize_tensors(
+            reader, cfg, plans, plan_recipe, samples, writer, dtype, device, progress
+        )
+        writer.close()
+        excluded = _exclude_modules(reader, cfg, plans, quantized)
+        write_quant_configs(stage, raw_config, hf_quant_config(excluded))
+        copy_companions(src, stage)
+        publish(stage, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        reader.close()
+    return QuantizeReport(
+        output=out,
+        layers=cfg.num_hidden_layers,
+        quantized_linears=len(quantized),
+        samples=len(samples),
+        tokens=sum(len(s) for s in samples),
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        output_bytes=writer.total_bytes,
+        exclude_modules=tuple(excluded),
+    )
+
+
+def _check_source(reader: CheckpointReader, cfg: Gemma4TextConfig, plans: list[LayerPlan]) -> None:
+    """Fail before any work: quantized or odd-shaped weights, so a long run never dies at layer 29."""
+    prefix = cfg.weight_prefix
+    for plan in plans:
+        names = [f"{prefix}{m}.weight" for m in plan.quantized]
+        if plan.experts is not None and plan.experts_quantized:
+            names += [f"{prefix}{plan.experts}.gate_up_proj", f"{prefix}{plan.experts}.down_proj"]
+        for name in names:
+            info = reader.info(name)
+            if info.dtype not in ("BF16", "F16", "F32"):
+                raise ConfigError(f"{name} is {info.dtype}; quantize needs a BF16/FP16/FP32 checkpoint")
+            if info.shape[-1] % 16:
+                raise QuantizeError(
+                    f"{name}: input dimension {info.shape[-1]} is not a multiple of the NVFP4 block size 16; "
+                    f"keep it in BF16 with --exclude '{name.removesuffix('.weight')}'"
+                )
+
+
+def _dropped(cfg: Gemma4TextConfig) -> tuple[str, ...]:
+    # K/V weights of layers that reuse another layer's cache are dead weight (transformers never loads them)
+    return tuple(
+        f"{cfg.weight_prefix}layers.{i}.self_attn.{part}"
+        for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers)
+        for part in ("k_proj", "v_proj", "k_norm", "v_norm")
+    )
+
+
+def _quantize_tensors(
+    reader: CheckpointReader,
+    cfg: Gemma4TextConfig,
+    plans: list[LayerPlan],
+    recipe: QuantRecipe,
+    samples: list[list[int]],
+    writer: ShardedWriter,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool,
+) -> list[str]:
+    """Write every output tensor; returns the quantized module names (full checkpoint names)."""
+    prefix = cfg.weight_prefix
+    layer_root = f"{prefix}layers."
+    dropped = _dropped(cfg)
+    model_level = recipe.model_level_quantized(cfg, prefix=prefix)
+    quantized_names: list[str] = []
+    for name in reader.names():
+        if name.startswith(layer_root) or any(name == f"{prefix}{m}.weight" for m in model_level):
+            continue
+        writer.add(name, reader.get(name))
+
+    source = WeightSource(reader, cfg, dtype=dtype, device=device)
+    ids = torch.tensor([t for s in samples for t in s], dtype=torch.long, device=device)
+    lengths = [len(s) for s in samples]
+    hidden, ple = _embed(cfg, source, ids, model_level, writer, quantized_names)
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    chunks = list(chunk_samples(lengths, max_tokens=CHUNK_TOKENS))
+    kv_store: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    bar = tqdm(range(cfg.num_hidden_layers), desc="quantize", unit="layer", disable=not progress)
+    for i in bar:
+        plan = plans[i]
+        recorder = RecordingBackend(TorchBackend())
+        layer = DecoderLayer(cfg, i, recorder)
+        fill_layer(layer, source, f"layers.{i}.")
+        layer.to(device)
+        watch_layer(recorder, layer, plan, layer_prefix=f"layers.{i}.")
+        layer.mlp = TransformersOrderMLP(layer.mlp)
+        with torch.no_grad():
+            for c, (a, b) in enumerate(chunks):
+                sl = slice(offsets[a], offsets[b])
+                ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store=kv_store, device=device)
+                hidden[sl] = layer(hidden[sl], ctx, ple[sl, i] if ple is not None else None)
+        del layer
+        tensors = quantize_layer(
+            reader, plan, recorder.amax, prefix=prefix, layer=i, moe_intermediate=cfg.moe_intermediate_size
+        )
+        writer.add_all({k: v for k, v in tensors.items() if not k.startswith(dropped)})
+        del tensors
+        quantized_names += [prefix + m for m in sorted(plan.quantized)]
+        if plan.experts is not None and plan.experts_quantized:
+            quantized_names.append(prefix + plan.experts)
+    return quantized_names
+
+
+def _embed(
+    cfg: Gemma4TextConfig,
+    source: WeightSource,
+    ids: torch.Tensor,
+    model_level: list[str],
+    writer: ShardedWriter,
+    quantized_names: list[str],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer-0 inputs (and E2B/E4B per-layer inputs), quantizing the model-level PLE projection on the way."""
+    recorder = RecordingBackend(TorchBackend())
+    model = Gemma4Model(cfg, backend=recorder)
+    model.embed_tokens = source.tensor("embed_tokens.weight")
+    with torch.no_grad():
+        hidden = model.embed(ids)
+        ple = None
+        if cfg.hidden_size_per_layer_input:
+            model.embed_tokens_per_layer = source.tensor("embed_tokens_per_layer.weight")
+            model.per_layer_model_projection.set_weight(source.linear("per_layer_model_projection"))
+            model.per_layer_projection_norm.weight.data = source.tensor("per_layer_projection_norm.weight")
+            model.to(ids.device)
+            recorder.watch(model.per_layer_model_projection.weight, "per_layer_model_projection")
+            ple = model.per_layer_inputs(ids, hidden)
+    for module in model_level:
+        name = f"{cfg.weight_prefix}{module}"
+        weight = source.reader.get(f"{name}.weight")
+        amax = recorder.amax.get(module)
+        if amax is None or not float(amax) > 0:
+            raise QuantizeError(f"{name}: calibration recorded no non-zero input for it")
+        q = quantize_weight(weight, scale_2=global_scale(weight.float().abs().amax()))
+        writer.add_all(linear_tensors(name, q, input_scale=global_scale(amax)))
+        quantized_names.append(name)
+    return hidden, ple
+
+
+def _exclude_modules(
+    reader: CheckpointReader, cfg: Gemma4TextConfig, plans: list[LayerPlan], quantized: list[str]
+) -> list[str]:
+    """ModelOpt's `exclude_modules`: lm_head, routers, BF16 text linears, vision/audio modules, as wildcards."""
+    prefix = cfg.weight_prefix
+    unquantized = ["lm_head"]
+    for i, plan in enumerate(plans):
+        for group in plan.groups:
+            unquantized += [prefix + m for m in group.modules if m not in plan.quantized]
+        if plan.experts is not None:
+            unquantized.append(f"{prefix}layers.{i}.router.proj")
+            if not plan.experts_quantized:
+                unquantized.append(prefix + plan.experts)
+    if cfg.hidden_size_per_layer_input and f"{prefix}per_layer_model_projection" not in quantized:
+        unquantized.append(f"{prefix}per_layer_model_projection")
+    for name in reader.names():
+        info = reader.info(name)
+        if name.startswith(NON_TEXT_PREFIXES) and name.endswith(".weight") and len(info.shape) >= 2:
+            unquantized.append(name.removesuffix(".weight"))
+    return summarize_exclude_modules(unquantized, quantized)
