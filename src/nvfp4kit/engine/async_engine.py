@@ -1,0 +1,143 @@
+"""The engine behind the server: continuous batching on a worker thread, an async token stream per request.
+
+The worker owns the `Engine` (nothing else touches it): it takes new requests and aborts from a command
+queue between steps, runs `step()` while there is work, and hands each event to its request's asyncio
+queue. Closing a stream early (a client that went away) aborts the request and frees its KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from nvfp4kit.engine.engine import Engine
+from nvfp4kit.engine.request import TokenEvent
+from nvfp4kit.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_global_usage: float = 0.0
+    kv_sliding_usage: float = 0.0
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def push(self, item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncBatchingEngine:
+    """`stream(prompt_ids, params)` for many concurrent requests, batched together by one `Engine`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.stop_token_ids = frozenset(engine.model.config.eos_token_ids)
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stats = EngineStats(0, 0)
+        self._closed = False
+        self._worker = threading.Thread(target=self._work, name="nvfp4kit-engine", daemon=True)
+        self._worker.start()
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
+        request_id = f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._commands.put(("add", request_id, list(prompt_ids), params, stream))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if item is _DONE:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finish_reason:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def _work(self) -> None:
+        engine = self.engine
+        while True:
+            block = not engine.has_unfinished()
+            try:
+                while True:
+                    command = self._commands.get(block=block, timeout=None)
+                    block = False
+                    if command is None:
+                        return
+                    self._apply(command)
+            except queue.Empty:
+                pass
+            if not engine.has_unfinished():
+                continue
+            try:
+                events = engine.step()
+            except Exception as exc:  # fail the requests in flight, keep serving new ones
+                log.exception("engine step failed")
+                for request_id, stream in list(self._streams.items()):
+                    engine.abort(request_id)
+                    stream.push(exc)
+                self._streams.clear()
+                continue
+            for event in events:
+                stream = self._streams.get(event.request_id)
+                if stream is not None:
+                    stream.push(event)
+                    if event.finish_reason:
+                        del self._streams[event.request_id]
+            s = engine.stats()
+            self._stats = EngineStats(
+                int(s["running"]), int(s["waiting"]), s["kv_global_usage"], s["kv_sliding_usage"]
+            )
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, request_id, prompt_ids, params, stream = command
+            try:
+                self.engine.add_request(prompt_ids, params, request_id=request_id)
+            except ValueError as exc:
+                stream.push(exc)
+                return
+            self._streams[request_id] = stream
+        elif command[0] == "abort":
+            self.engine.abort(command[1])
+            self._streams.pop(command[1], None)
+
+    async def close(self) -> None:
+        """Abort what is running, stop the worker and wait for it."""
+        self._closed = True
+        for request_id, stream in list(self._streams.items()):
+            self._commands.put(("abort", request_id))
+            stream.push(RuntimeError("the server is shutting down"))
+        self._commands.put(None)
+        await asyncio.to_thread(self._worker.join, 30.0)

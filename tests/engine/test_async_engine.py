@@ -1,0 +1,78 @@
+"""The async engine: concurrent streams are batched and give what each request gives alone."""
+
+import asyncio
+
+import pytest
+import torch
+
+from nvfp4kit.engine.async_engine import AsyncBatchingEngine
+from nvfp4kit.engine.engine import Engine, EngineConfig
+from nvfp4kit.model.loader import load_model
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    folder = tiny_checkpoint("moe")
+    return load_model(folder), Tokenizer(folder)
+
+
+def collect(engine, prompt, params):
+    async def go():
+        return [e.token_id async for e in engine.stream(prompt, params)]
+
+    return go()
+
+
+def test_concurrent_streams_equal_running_alone(parts):
+    model, tok = parts
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 384, (int(n),), generator=gen).tolist() for n in (5, 19, 12, 3, 27, 8)]
+
+    async def main():
+        engine = AsyncBatchingEngine(Engine(model, tok, config=EngineConfig(max_num_batched_tokens=32)))
+        alone = [await collect(engine, p, params) for p in prompts]
+        together = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+        await engine.close()
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert together == alone and all(len(t) == 10 for t in alone)
+
+
+def test_closing_a_stream_early_aborts_and_frees_kv(parts):
+    model, tok = parts
+    inner = Engine(model, tok, config=EngineConfig(block_size=4))
+
+    async def main():
+        engine = AsyncBatchingEngine(inner)
+        stream = engine.stream(
+            list(range(5, 25)), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        )
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(100):
+            if not inner.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        await engine.close()
+
+    asyncio.run(main())
+    assert not inner.has_unfinished() and len(inner.cache.free_blocks) == inner.layout.num_blocks
+
+
+def test_a_request_that_cannot_fit_fails_alone(parts):
+    model, tok = parts
+
+    async def main():
+        engine = AsyncBatchingEngine(Engine(model, tok, config=EngineConfig(num_kv_tokens=32, block_size=4)))
+        with pytest.raises(ValueError, match="exceeds the context"):
+            await collect(engine, list(range(5, 40)), SamplingParams(max_tokens=4))
+        ok = await collect(engine, [2, 7, 9], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        await engine.close()
+        return ok
+
+    assert len(asyncio.run(main())) == 3
