@@ -1,0 +1,94 @@
+"""`nvfp4kit serve`: an OpenAI-compatible HTTP server for a Gemma 4 checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+NO_MODEL_MESSAGE = """\
+nvfp4kit serve needs a model folder: nvfp4kit serve PATH
+PATH holds config.json, the *.safetensors weights, tokenizer.json and (ideally) chat_template.jinja,
+for example a Gemma 4 checkpoint quantized with `nvfp4kit quantize`.
+To try the server without a real model, write a tiny random one first:
+  nvfp4kit make-tiny /tmp/tiny-gemma4 && nvfp4kit serve /tmp/tiny-gemma4"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a Gemma 4 checkpoint with /v1/chat/completions, /v1/completions, /v1/models, "
+        "/health and /metrics (thinking and tool calls parsed from Gemma 4's own format).",
+    )
+    p.add_argument("model", nargs="?", help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=30000, help="port to listen on (default 30000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("NVFP4KIT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $NVFP4KIT_API_KEY, or no key)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="model name(s) clients send; the first is listed first (default: the folder's name)",
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running requests get to finish after SIGTERM/SIGINT (default 30)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.model:
+        print(NO_MODEL_MESSAGE, file=sys.stderr)
+        return 2
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json there)\n{NO_MODEL_MESSAGE}")
+
+    import uvicorn
+
+    from nvfp4kit.generate import LLM
+    from nvfp4kit.serve.app import create_app
+    from nvfp4kit.serve.async_engine import ThreadedLLMEngine
+    from nvfp4kit.serve.chat_template import load_chat_template
+
+    log = logging.getLogger("nvfp4kit.serve")
+    llm = LLM(folder, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    template = load_chat_template(folder)
+    names = args.served_model_name or [folder.resolve().name]
+    app = create_app(ThreadedLLMEngine(llm), template=template, model_names=names, api_key=args.api_key)
+    log.info(
+        "serving %s as %s on http://%s:%d (chat template: %s)",
+        folder,
+        names,
+        args.host,
+        args.port,
+        template.origin,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="debug" if args.verbose else "info",
+        timeout_graceful_shutdown=args.graceful_timeout,
+    )
+    # uvicorn drains running requests on SIGTERM/SIGINT and then re-raises the signal; with this handler in
+    # place that re-raise is a no-op, so a graceful stop exits with status 0 instead of dying by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(config).run()
+    log.info("server stopped")
+    return 0

@@ -1,0 +1,227 @@
+"""`POST /v1/chat/completions`: render the prompt, generate n choices, parse reasoning and tool calls.
+
+tool_choice: `none` leaves the tools out of the prompt; `auto` declares them and parses calls;
+`required` and a named function prefill the start of a call in Gemma 4's own syntax
+(`<|tool_call>call:` or `<|tool_call>call:NAME{`), so the model writes a call in the format it was
+trained on instead of being forced into JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.serve.async_engine import AsyncEngine
+from nvfp4kit.serve.chat_output import ChatOutputParser
+from nvfp4kit.serve.chat_template import ChatTemplate, ChatTemplateError, validate_tools
+from nvfp4kit.serve.errors import APIError
+from nvfp4kit.serve.metrics import ServerMetrics
+from nvfp4kit.serve.protocol import ChatCompletionRequest
+from nvfp4kit.serve.reasoning import CHANNEL_CLOSE, prompt_opens_reasoning
+from nvfp4kit.serve.streaming import (
+    SSE_DONE,
+    chat_logprob,
+    is_stop_token,
+    new_id,
+    sse,
+    stream_choices,
+    token_budget,
+)
+from nvfp4kit.serve.tool_calls import TOOL_CALL_OPEN
+
+ENDPOINT = "chat"
+
+
+@dataclass
+class PreparedChat:
+    request: ChatCompletionRequest
+    model: str
+    prompt: str
+    prompt_ids: list[int]
+    prefill: str
+    starts_in_reasoning: bool
+    parse_tools: bool
+    params: list[SamplingParams]
+    arrival: float
+
+    def new_parser(self) -> ChatOutputParser:
+        return ChatOutputParser(
+            starts_in_reasoning=self.starts_in_reasoning,
+            parse_tools=self.parse_tools,
+            max_calls=None if self.request.parallel_tool_calls else 1,
+        )
+
+
+class ChatHandler:
+    def __init__(self, engine: AsyncEngine, template: ChatTemplate, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.template = template
+        self.metrics = metrics
+
+    def prepare(self, request: ChatCompletionRequest, *, model: str) -> PreparedChat:
+        """Validate and render; raises APIError (4xx) for anything the client must fix."""
+        arrival = time.perf_counter()
+        request.check()
+        choice = request.tool_choice
+        tools = request.tools
+        try:
+            if tools:
+                validate_tools(tools)
+            if choice not in (None, "none", "auto", "required"):
+                names = [t["function"]["name"] for t in tools or ()]
+                if choice.function.name not in names:
+                    raise APIError(
+                        f"tool_choice names {choice.function.name!r}, which is not in tools ({', '.join(names)})",
+                        param="tool_choice",
+                    )
+            messages = [{k: v for k, v in m.model_dump().items() if v is not None} for m in request.messages]
+            prompt = self.template.render(
+                messages,
+                tools=tools if tools and choice != "none" else None,
+                add_generation_prompt=request.add_generation_prompt,
+                template_kwargs=request.template_kwargs(),
+            )
+        except ChatTemplateError as exc:
+            raise APIError(str(exc), param="messages") from exc
+        prefill = ""
+        if choice == "required":
+            prefill = TOOL_CALL_OPEN + "call:"
+        elif choice not in (None, "none", "auto"):
+            prefill = TOOL_CALL_OPEN + "call:" + choice.function.name + "{"
+        if prefill and prompt_opens_reasoning(prompt):
+            prompt += CHANNEL_CLOSE  # a forced call skips the reasoning the prompt had opened
+        prompt += prefill
+        prompt_ids = self.engine.tokenizer.encode(prompt)
+        max_tokens = token_budget(len(prompt_ids), request.requested_max_tokens(), self.engine.max_model_len)
+        try:
+            params = [
+                request.sampling_params(
+                    max_tokens=max_tokens, top_logprobs=request.top_logprob_count(), choice=i
+                )
+                for i in range(request.n)
+            ]
+        except ValueError as exc:
+            raise APIError(str(exc)) from exc
+        return PreparedChat(
+            request=request,
+            model=model,
+            prompt=prompt,
+            prompt_ids=prompt_ids,
+            prefill=prefill,
+            starts_in_reasoning=prompt_opens_reasoning(prompt),
+            parse_tools=bool(tools) and choice != "none",
+            params=params,
+            arrival=arrival,
+        )
+
+    def _events(self, chat: PreparedChat) -> AsyncIterator:
+        self.metrics.add_prompt_tokens(len(chat.prompt_ids))
+        return stream_choices(self.engine, self.metrics, chat.prompt_ids, chat.params, arrival=chat.arrival)
+
+    async def complete(self, chat: PreparedChat) -> dict[str, Any]:
+        """The whole response as one `chat.completion` object."""
+        n = chat.request.n
+        parsers = [chat.new_parser() for _ in range(n)]
+        for parser in parsers:
+            parser.feed(chat.prefill)
+        logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        finish = ["length"] * n
+        generated = 0
+        async with contextlib.aclosing(self._events(chat)) as events:
+            async for index, event in events:
+                generated += 1
+                parsers[index].feed(event.text)
+                if chat.request.logprobs and not is_stop_token(self.engine, event, chat.params[index]):
+                    logprobs[index].append(chat_logprob(self.engine, event))
+                if event.finish_reason:
+                    finish[index] = event.finish_reason
+        choices = []
+        for index, parser in enumerate(parsers):
+            parser.finish()
+            choices.append(
+                {
+                    "index": index,
+                    "message": parser.message(),
+                    "logprobs": {"content": logprobs[index]} if chat.request.logprobs else None,
+                    "finish_reason": _finish_reason(finish[index], parser),
+                }
+            )
+        return {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.model,
+            "choices": choices,
+            "usage": _usage(len(chat.prompt_ids), generated),
+        }
+
+    async def stream(self, chat: PreparedChat) -> AsyncIterator[str]:
+        """Server-sent events: role chunk, delta chunks, a finish chunk per choice, usage, [DONE]."""
+        request = chat.request
+        response_id, created = new_id("chatcmpl"), int(time.time())
+        usage_field = {"usage": None} if request.include_usage else {}
+
+        def chunk(index: int, delta: dict[str, Any], *, finish: str | None = None, logprobs=None) -> str:
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return sse(
+                {
+                    "id": response_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": chat.model,
+                    "choices": [choice],
+                    **usage_field,
+                }
+            )
+
+        parsers = [chat.new_parser() for _ in range(request.n)]
+        for index, parser in enumerate(parsers):
+            yield chunk(index, {"role": "assistant", "content": ""})
+            first = parser.feed(chat.prefill)
+            if not first.is_empty():
+                yield chunk(index, first.as_openai_delta())
+        generated = 0
+        async with contextlib.aclosing(self._events(chat)) as events:
+            async for index, event in events:
+                generated += 1
+                parser = parsers[index]
+                delta = parser.feed(event.text)
+                if event.finish_reason:
+                    delta.extend(parser.finish())
+                logprobs = None
+                if request.logprobs and not is_stop_token(self.engine, event, chat.params[index]):
+                    logprobs = {"content": [chat_logprob(self.engine, event)]}
+                if not delta.is_empty() or logprobs:
+                    yield chunk(index, delta.as_openai_delta(), logprobs=logprobs)
+                if event.finish_reason:
+                    yield chunk(index, {}, finish=_finish_reason(event.finish_reason, parser))
+        if request.include_usage:
+            yield sse(
+                {
+                    "id": response_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": chat.model,
+                    "choices": [],
+                    "usage": _usage(len(chat.prompt_ids), generated),
+                }
+            )
+        yield SSE_DONE
+
+
+def _finish_reason(engine_reason: str, parser: ChatOutputParser) -> str:
+    if engine_reason == "stop" and parser.has_tool_calls:
+        return "tool_calls"
+    return engine_reason
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

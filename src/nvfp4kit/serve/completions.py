@@ -1,0 +1,202 @@
+"""`POST /v1/completions`: raw text continuation of one or more prompts (text or token ids), n choices each.
+
+Choice indices run prompt by prompt: prompt p, sample j has index p * n + j, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from nvfp4kit.generate import TokenEvent
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.serve.async_engine import AsyncEngine
+from nvfp4kit.serve.errors import APIError
+from nvfp4kit.serve.metrics import ServerMetrics
+from nvfp4kit.serve.protocol import CompletionRequest
+from nvfp4kit.serve.streaming import (
+    SSE_DONE,
+    finite,
+    is_stop_token,
+    new_id,
+    sse,
+    stream_choices,
+    token_budget,
+    token_text,
+)
+
+ENDPOINT = "completions"
+
+
+@dataclass
+class PreparedPrompt:
+    text: str
+    ids: list[int]
+    params: list[SamplingParams]
+
+
+@dataclass
+class PreparedCompletion:
+    request: CompletionRequest
+    model: str
+    prompts: list[PreparedPrompt]
+    arrival: float
+
+
+class _Logprobs:
+    """The legacy completions logprobs object, built token by token."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[dict[str, float]] = []
+        self.text_offset: list[int] = []
+
+    def add(self, engine: AsyncEngine, event: TokenEvent, offset: int) -> None:
+        self.tokens.append(token_text(engine, event.token_id))
+        self.token_logprobs.append(finite(event.logprob))
+        self.top_logprobs.append({token_text(engine, t): finite(lp) for t, lp in event.top_logprobs})
+        self.text_offset.append(offset)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+class CompletionHandler:
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    def prepare(self, request: CompletionRequest, *, model: str) -> PreparedCompletion:
+        arrival = time.perf_counter()
+        request.check()
+        prompts = []
+        vocab = self.engine.tokenizer.vocab_size
+        for p, prompt in enumerate(request.prompts()):
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise APIError(f"prompt {p} is empty", param="prompt")
+                ids, text = self.engine.tokenizer.encode(prompt), prompt
+            else:
+                if not prompt:
+                    raise APIError(f"prompt {p} is an empty token list", param="prompt")
+                bad = [t for t in prompt if not 0 <= t < vocab]
+                if bad:
+                    raise APIError(f"prompt {p} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+                ids, text = list(prompt), self.engine.tokenizer.decode(prompt)
+            max_tokens = token_budget(len(ids), request.max_tokens, self.engine.max_model_len)
+            try:
+                params = [
+                    request.sampling_params(max_tokens=max_tokens, top_logprobs=request.logprobs, choice=j)
+                    for j in range(request.n)
+                ]
+            except ValueError as exc:
+                raise APIError(str(exc)) from exc
+            prompts.append(PreparedPrompt(text, ids, params))
+        return PreparedCompletion(request, model, prompts, arrival)
+
+    async def _events(self, job: PreparedCompletion) -> AsyncIterator[tuple[int, TokenEvent, SamplingParams]]:
+        """(choice index, token, its params) over all prompts; prompts run one after another."""
+        n = job.request.n
+        for p, prompt in enumerate(job.prompts):
+            self.metrics.add_prompt_tokens(len(prompt.ids))
+            events = stream_choices(self.engine, self.metrics, prompt.ids, prompt.params, arrival=job.arrival)
+            async with contextlib.aclosing(events) as tokens:
+                async for j, event in tokens:
+                    yield p * n + j, event, prompt.params[j]
+
+    def _prompt_of(self, job: PreparedCompletion, index: int) -> PreparedPrompt:
+        return job.prompts[index // job.request.n]
+
+    async def complete(self, job: PreparedCompletion) -> dict[str, Any]:
+        count = len(job.prompts) * job.request.n
+        texts = [self._prompt_of(job, i).text if job.request.echo else "" for i in range(count)]
+        logprobs = [_Logprobs() for _ in range(count)]
+        finish = ["length"] * count
+        generated = 0
+        async with contextlib.aclosing(self._events(job)) as events:
+            async for index, event, params in events:
+                generated += 1
+                if job.request.logprobs is not None and not is_stop_token(self.engine, event, params):
+                    logprobs[index].add(self.engine, event, len(texts[index]))
+                texts[index] += event.text
+                if event.finish_reason:
+                    finish[index] = event.finish_reason
+        choices = [
+            {
+                "index": i,
+                "text": texts[i],
+                "logprobs": logprobs[i].as_dict() if job.request.logprobs is not None else None,
+                "finish_reason": finish[i],
+            }
+            for i in range(count)
+        ]
+        return {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": choices,
+            "usage": _usage(job, generated),
+        }
+
+    async def stream(self, job: PreparedCompletion) -> AsyncIterator[str]:
+        response_id, created = new_id("cmpl"), int(time.time())
+        usage_field = {"usage": None} if job.request.include_usage else {}
+
+        def chunk(index: int, text: str, *, finish: str | None = None, logprobs=None) -> str:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            return sse(
+                {
+                    "id": response_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": job.model,
+                    "choices": [choice],
+                    **usage_field,
+                }
+            )
+
+        offsets = [0] * (len(job.prompts) * job.request.n)
+        if job.request.echo:
+            for i in range(len(offsets)):
+                offsets[i] = len(self._prompt_of(job, i).text)
+                yield chunk(i, self._prompt_of(job, i).text)
+        generated = 0
+        async with contextlib.aclosing(self._events(job)) as events:
+            async for index, event, params in events:
+                generated += 1
+                logprobs = None
+                if job.request.logprobs is not None and not is_stop_token(self.engine, event, params):
+                    entry = _Logprobs()
+                    entry.add(self.engine, event, offsets[index])
+                    logprobs = entry.as_dict()
+                offsets[index] += len(event.text)
+                if event.text or logprobs:
+                    yield chunk(index, event.text, logprobs=logprobs)
+                if event.finish_reason:
+                    yield chunk(index, "", finish=event.finish_reason)
+        if job.request.include_usage:
+            yield sse(
+                {
+                    "id": response_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": job.model,
+                    "choices": [],
+                    "usage": _usage(job, generated),
+                }
+            )
+        yield SSE_DONE
+
+
+def _usage(job: PreparedCompletion, generated: int) -> dict[str, int]:
+    prompt_tokens = sum(len(p.ids) for p in job.prompts)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": generated,
+        "total_tokens": prompt_tokens + generated,
+    }

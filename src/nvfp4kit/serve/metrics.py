@@ -1,0 +1,103 @@
+"""Server metrics in Prometheus' text format (`GET /metrics`), without a client library.
+
+Counters: requests by endpoint and outcome, prompt and generated tokens. Histograms: time to first token
+and inter-token latency. Gauges: requests running and waiting, read from the engine when scraped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+
+from nvfp4kit.serve.async_engine import EngineStats
+
+PREFIX = "nvfp4kit"
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Histogram:
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.help_text = help_text
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += value
+        self.count += 1
+
+    def lines(self) -> list[str]:
+        full = f"{PREFIX}_{self.name}"
+        out = [f"# HELP {full} {self.help_text}", f"# TYPE {full} histogram"]
+        for bound, count in zip(self.buckets, self.counts):
+            out.append(f'{full}_bucket{{le="{bound}"}} {count}')
+        out += [
+            f'{full}_bucket{{le="+Inf"}} {self.count}',
+            f"{full}_sum {self.total}",
+            f"{full}_count {self.count}",
+        ]
+        return out
+
+
+class ServerMetrics:
+    """Thread-safe counters the request handlers update and `/metrics` renders."""
+
+    def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
+        self._engine_stats = engine_stats
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str], int] = defaultdict(int)
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft = Histogram(
+            "time_to_first_token_seconds", "Time from request arrival to its first token.", TTFT_BUCKETS
+        )
+        self.itl = Histogram(
+            "inter_token_latency_seconds", "Time between consecutive tokens of a request.", ITL_BUCKETS
+        )
+
+    def request_done(self, endpoint: str, outcome: str) -> None:
+        with self._lock:
+            self.requests[(endpoint, outcome)] += 1
+
+    def add_prompt_tokens(self, count: int) -> None:
+        with self._lock:
+            self.prompt_tokens += count
+
+    def token(self, *, since_previous: float | None, since_arrival: float | None) -> None:
+        """One generated token: the first of a request gives its TTFT, later ones an inter-token gap."""
+        with self._lock:
+            self.generation_tokens += 1
+            if since_arrival is not None:
+                self.ttft.observe(since_arrival)
+            if since_previous is not None:
+                self.itl.observe(since_previous)
+
+    def render(self) -> str:
+        stats = self._engine_stats()
+        with self._lock:
+            lines = [
+                f"# HELP {PREFIX}_requests_total Finished requests by endpoint and outcome.",
+                f"# TYPE {PREFIX}_requests_total counter",
+            ]
+            for (endpoint, outcome), count in sorted(self.requests.items()):
+                lines.append(f'{PREFIX}_requests_total{{endpoint="{endpoint}",outcome="{outcome}"}} {count}')
+            lines += _single("prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens)
+            lines += _single(
+                "generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens
+            )
+            lines += self.ttft.lines() + self.itl.lines()
+        lines += _single("num_requests_running", "gauge", "Requests generating now.", stats.running)
+        lines += _single("num_requests_waiting", "gauge", "Requests queued for the engine.", stats.waiting)
+        return "\n".join(lines) + "\n"
+
+
+def _single(name: str, kind: str, help_text: str, value: float) -> list[str]:
+    full = f"{PREFIX}_{name}"
+    return [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}", f"{full} {value}"]

@@ -1,0 +1,131 @@
+"""Pieces shared by the chat and text completion handlers: running the n choices of a request as one
+token stream, the token budget check, logprob entries, and server-sent-event framing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from nvfp4kit.generate import TokenEvent
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.serve.async_engine import AsyncEngine
+from nvfp4kit.serve.errors import APIError
+from nvfp4kit.serve.metrics import ServerMetrics
+
+_MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI reports impossible tokens with this value
+_END = object()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def token_budget(prompt_tokens: int, requested: int | None, max_model_len: int) -> int:
+    """max_tokens for a request: what was asked if it fits, else a 400 that says what fits."""
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise APIError(
+            f"the prompt is {prompt_tokens} tokens but the model's context is {max_model_len} tokens "
+            "(room is needed for at least one generated token); shorten the prompt or messages",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return room
+    if requested > room:
+        raise APIError(
+            f"max_tokens is {requested}, but the prompt is {prompt_tokens} tokens and the context is "
+            f"{max_model_len} tokens, so at most {room} tokens can be generated; lower max_tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else _MIN_LOGPROB
+
+
+def token_text(engine: AsyncEngine, token_id: int) -> str:
+    return engine.tokenizer.decode([token_id])
+
+
+def chat_logprob(engine: AsyncEngine, event: TokenEvent) -> dict[str, Any]:
+    """One entry of `choices[].logprobs.content` for a chat completion."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(engine, token_id)
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode())}
+
+    return {
+        **entry(event.token_id, event.logprob),
+        "top_logprobs": [entry(t, lp) for t, lp in event.top_logprobs],
+    }
+
+
+def is_stop_token(engine: AsyncEngine, event: TokenEvent, params: SamplingParams) -> bool:
+    """The token that ended generation by being a stop id: it adds no text and is not reported in logprobs."""
+    stop_ids = set(params.stop_token_ids or ()) | set(engine.stop_token_ids)
+    return event.finish_reason == "stop" and not event.text and event.token_id in stop_ids
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def stream_choices(
+    engine: AsyncEngine,
+    metrics: ServerMetrics,
+    prompt_ids: list[int],
+    params: list[SamplingParams],
+    *,
+    arrival: float,
+) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, token) for all choices of one request, interleaved as they come.
+
+    Closing this iterator (the client went away) aborts every choice still generating.
+    """
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, choice_params: SamplingParams) -> None:
+        previous: float | None = None
+        try:
+            async with contextlib.aclosing(engine.stream(prompt_ids, choice_params)) as tokens:
+                async for event in tokens:
+                    now = time.perf_counter()
+                    metrics.token(
+                        since_previous=None if previous is None else now - previous,
+                        since_arrival=now - arrival if previous is None else None,
+                    )
+                    previous = now
+                    await merged.put((index, event))
+            await merged.put((index, _END))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await merged.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(params)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await merged.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,44 @@
+"""The `nvfp4kit serve` command: its message without a model, and a graceful SIGTERM."""
+
+import signal
+import threading
+import time
+
+import httpx
+from conftest import start_server, stop_server
+
+from nvfp4kit.cli import main
+
+
+def test_serve_without_a_model_explains_what_is_needed(capsys):
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a model folder" in err and "nvfp4kit make-tiny" in err
+
+
+def test_serve_on_a_folder_without_a_model(tmp_path, capsys):
+    assert main(["serve", str(tmp_path)]) == 1
+    assert "not a model folder (no config.json there)" in capsys.readouterr().err
+
+
+def test_sigterm_lets_the_running_request_finish(tiny_checkpoint):
+    process, base_url = start_server(tiny_checkpoint, "--dtype", "float32", "--max-model-len", "1024")
+    result: dict = {}
+
+    def long_request() -> None:
+        body = {"model": "tiny-gemma4", "prompt": "Go", "max_tokens": 600, "ignore_eos": True}
+        result["response"] = httpx.post(base_url + "/v1/completions", json=body, timeout=120)
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while "nvfp4kit_num_requests_running 1" not in httpx.get(base_url + "/metrics").text:
+        assert time.monotonic() < deadline and worker.is_alive(), "the request never started"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    worker.join(timeout=120)
+    assert stop_server(process) == 0
+    response = result["response"]
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 600
+    assert "Shutting down" in process.stdout.read()
