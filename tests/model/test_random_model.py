@@ -1,0 +1,28 @@
+"""Random in-memory models (for benchmarks of the real shapes without a download)."""
+
+import pytest
+import torch
+
+from nvfp4kit.config import config_from_dict
+from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.testing.random_model import random_model, random_nvfp4
+from nvfp4kit.testing.tiny import tiny_text_config
+
+
+def test_random_nvfp4_entries_have_the_scale_of_a_trained_layer():
+    w = random_nvfp4(out_features=64, in_features=2816, device=torch.device("cpu")).dequantize()
+    assert w.std().item() == pytest.approx(2816**-0.5, rel=0.3)
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_random_model_runs_and_is_quantized_as_asked(quantized):
+    cfg = config_from_dict(tiny_text_config("moe"))
+    model = random_model(cfg, quantized=quantized, dtype=torch.float32, device="cpu")
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert qkv.quantized == quantized
+    assert not model.layers[0].router.proj.quantized  # routers stay BF16, as in the seed's recipe
+    gate_up = model.layers[0].experts.gate_up_packed if quantized else model.layers[0].experts.gate_up
+    assert gate_up.shape[0] == cfg.num_experts
+    with torch.no_grad():
+        logits = model(torch.arange(2, 12), ContiguousKVCache(cfg).step(10))
+    assert torch.isfinite(logits).all() and logits.std() > 0.01
