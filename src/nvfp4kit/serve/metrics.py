@@ -95,6 +95,12 @@ class ServerMetrics:
             lines += self.ttft.lines() + self.itl.lines()
         lines += _single("num_requests_running", "gauge", "Requests generating now.", stats.running)
         lines += _single("num_requests_waiting", "gauge", "Requests queued for the engine.", stats.waiting)
+        for pool in ("global", "sliding"):
+            usage = getattr(stats, f"kv_{pool}_usage", None)
+            if usage is not None:
+                lines += _single(
+                    f"kv_{pool}_usage", "gauge", f"Fraction of the {pool}-layer KV pool in use.", usage
+                )
         return "\n".join(lines) + "\n"
 
 
