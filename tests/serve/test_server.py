@@ -262,3 +262,19 @@ def test_client_disconnect_aborts_the_stream(server, api):
     assert settled - before < 400
     api.completions.create(model="tiny", prompt="x", max_tokens=2)
     assert metric(server, "nvfp4kit_num_requests_running") == 0
+
+
+def test_client_disconnect_aborts_a_non_streamed_request(server, api):
+    aborted = 'nvfp4kit_requests_total{endpoint="chat",outcome="aborted"}'
+    aborted_before = metric(server, aborted)
+    body = {"model": "tiny", "messages": HI, "max_tokens": 400, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/chat/completions", json=body, headers=headers, timeout=0.3)
+    deadline = time.monotonic() + 20
+    while metric(server, aborted) == aborted_before:
+        assert time.monotonic() < deadline, "the server did not notice the disconnect"
+        time.sleep(0.05)
+    settled = metric(server, "nvfp4kit_generation_tokens_total")
+    time.sleep(0.3)
+    assert metric(server, "nvfp4kit_generation_tokens_total") == settled

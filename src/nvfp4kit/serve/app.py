@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -94,19 +94,21 @@ def create_app(
     app = FastAPI(title="nvfp4kit", lifespan=lifespan)
     app.state.metrics = metrics
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next: Callable) -> Response:
-        if api_key and request.url.path.startswith("/v1"):
-            sent = request.headers.get("authorization", "")
-            if not secrets.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
-                return _error_response(
-                    APIError(
-                        "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
-                        status=401,
-                        code="invalid_api_key",
-                    )
-                )
-        return await call_next(request)
+    def refused(request: Request) -> JSONResponse | None:
+        """The 401 for a request without the right key (checked in the routes: an HTTP middleware would
+        hide client disconnects from the handlers)."""
+        if not api_key:
+            return None
+        sent = request.headers.get("authorization", "")
+        if secrets.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
+            return None
+        return _error_response(
+            APIError(
+                "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
+                status=401,
+                code="invalid_api_key",
+            )
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -143,6 +145,8 @@ def create_app(
             metrics.request_done(endpoint, outcome)
 
     async def serve(request: Request, schema: type[BaseModel], handler: Any, endpoint: str) -> Response:
+        if (refusal := refused(request)) is not None:
+            return refusal
         if state["shutting_down"]:
             return _error_response(APIError("the server is shutting down", status=503, type="server_error"))
         try:
@@ -188,7 +192,9 @@ def create_app(
         return await serve(request, CompletionRequest, completions, "completions")
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
+    async def list_models(request: Request) -> Response:
+        if (refusal := refused(request)) is not None:
+            return refusal
         cards = [
             {
                 "id": name,
@@ -200,7 +206,7 @@ def create_app(
             }
             for name in model_names
         ]
-        return {"object": "list", "data": cards}
+        return JSONResponse({"object": "list", "data": cards})
 
     @app.get("/health")
     async def health() -> Response:
