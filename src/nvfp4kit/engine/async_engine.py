@@ -115,12 +115,21 @@ class AsyncBatchingEngine:
                     stream.push(event)
                     if event.finish_reason:
                         del self._streams[event.request_id]
-            s = engine.stats()
-            self._stats = EngineStats(
-                int(s["running"]), int(s["waiting"]), s["kv_global_usage"], s["kv_sliding_usage"]
-            )
+            self._refresh_stats()
+
+    def _refresh_stats(self) -> None:
+        s = self.engine.stats()
+        self._stats = EngineStats(
+            int(s["running"]), int(s["waiting"]), s["kv_global_usage"], s["kv_sliding_usage"]
+        )
 
     def _apply(self, command: tuple) -> None:
+        try:
+            self._apply_one(command)
+        finally:
+            self._refresh_stats()  # an abort may leave the engine idle: the gauges must say so now
+
+    def _apply_one(self, command: tuple) -> None:
         if command[0] == "add":
             _, request_id, prompt_ids, params, stream = command
             try:
