@@ -1,23 +1,32 @@
-"""nvfp4kit: quantize, plan and run fully NVFP4 Gemma 4 models (W4A16 on SM80+ GPUs, or on a CPU)."""
+"""nvfp4kit: quantize, plan and run fully NVFP4 Gemma 4 models (W4A16 on SM80+ GPUs, or on a CPU).
 
-from nvfp4kit.config import Gemma4TextConfig, load_config, load_preset
-from nvfp4kit.engine.engine import Engine, EngineConfig
-from nvfp4kit.engine.request import TokenEvent
-from nvfp4kit.generate import LLM, RequestOutput
-from nvfp4kit.model.loader import load_model
-from nvfp4kit.sampling import SamplingParams
+Names are imported lazily, so `import nvfp4kit` (and commands such as `nvfp4kit plan`) do not pay for torch.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LLM",
-    "Engine",
-    "EngineConfig",
-    "Gemma4TextConfig",
-    "RequestOutput",
-    "SamplingParams",
-    "TokenEvent",
-    "load_config",
-    "load_model",
-    "load_preset",
-]
+_EXPORTS = {
+    "LLM": "nvfp4kit.generate",
+    "RequestOutput": "nvfp4kit.generate",
+    "Engine": "nvfp4kit.engine.engine",
+    "EngineConfig": "nvfp4kit.engine.engine",
+    "TokenEvent": "nvfp4kit.engine.request",
+    "SamplingParams": "nvfp4kit.sampling",
+    "Gemma4TextConfig": "nvfp4kit.config",
+    "load_config": "nvfp4kit.config",
+    "load_preset": "nvfp4kit.config",
+    "load_model": "nvfp4kit.model.loader",
+    "quantize": "nvfp4kit.quant",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nvfp4kit' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -161,7 +161,9 @@ def _validate(cfg: Gemma4TextConfig) -> None:
 
 # ---- reading config.json ---------------------------------------------------------------------------
 
-_IGNORED_MULTIMODAL_KEYS = ("vision_config", "audio_config")
+# The 12B ships as "gemma4_unified" (encoder-free vision); its text decoder is Gemma 4's dense one.
+MULTIMODAL_TYPES = frozenset({"gemma4", "gemma4_unified"})
+TEXT_TYPES = frozenset({"gemma4_text", "gemma4_unified_text"})
 
 
 def _rope(params: dict[str, Any] | None, default: RopeConfig) -> RopeConfig:
@@ -179,18 +181,18 @@ def config_from_dict(
 ) -> Gemma4TextConfig:
     """Build the text config from a parsed `config.json` (either form)."""
     model_type = raw.get("model_type")
-    if model_type == "gemma4":
+    if model_type in MULTIMODAL_TYPES:
         text = dict(raw.get("text_config") or {})
         if not text:
-            raise ConfigError("model_type 'gemma4' config has no text_config")
+            raise ConfigError(f"model_type {model_type!r} config has no text_config")
         prefix, multimodal = "model.language_model.", True
-    elif model_type == "gemma4_text":
+    elif model_type in TEXT_TYPES:
         text, prefix, multimodal = dict(raw), "model.", False
     else:
         archs = raw.get("architectures") or []
         raise ConfigError(
             f"not a Gemma 4 checkpoint: model_type={model_type!r}, architectures={archs}; "
-            "expected 'gemma4' or 'gemma4_text'"
+            f"expected one of {sorted(MULTIMODAL_TYPES | TEXT_TYPES)}"
         )
 
     if text.get("attention_bias"):
