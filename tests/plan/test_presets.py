@@ -17,7 +17,7 @@ def test_preset_loads_and_is_documented(name):
     cfg = load_preset(name)
     raw = json.loads((PRESET_DIR / f"{name}.json").read_text())
     assert raw["source"] and isinstance(raw["unconfirmed"], list)
-    assert raw["config"]["model_type"] == "gemma4" and raw["config"]["text_config"]
+    assert raw["config"]["model_type"] in ("gemma4", "gemma4_unified") and raw["config"]["text_config"]
     assert raw["generation_config"]["eos_token_id"] == [1, 106, 50]
     assert cfg.layer_types[-1] == "full_attention"
     # the text-tower count recorded from transformers' own modeling code equals ours (plus one layer_scalar
