@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nvfp4kit.config import config_from_dict
-from nvfp4kit.plan.checkpoint import component_of, weights_from_checkpoint
+from nvfp4kit.formats.components import component_of
+from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.weights import TOWER_COMPONENTS, weights_from_config
 from nvfp4kit.testing.tiny import random_weights, tiny_text_config, write_tiny_checkpoint
 

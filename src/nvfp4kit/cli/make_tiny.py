@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from nvfp4kit.testing.tiny import SHAPES
+    from nvfp4kit.testing.tiny_config import SHAPES
 
     p = sub.add_parser(
         "make-tiny",

@@ -12,59 +12,67 @@ from dataclasses import dataclass, field
 from nvfp4kit.formats.safetensors_io import DTYPE_BYTES, TensorInfo
 
 COMPONENTS = (
-    "embedding",
+    "embeddings",  # embed_tokens (the tied lm_head)
+    "lm_head",  # only when untied
     "attention",
     "dense_mlp",
     "experts",
     "router",
     "norms",
-    "per_layer",
-    "vision_audio",
+    "per_layer_embeddings",  # E2B/E4B PLE token tables
+    "per_layer_projections",  # E2B/E4B PLE linears
+    "vision",
+    "audio",
     "other",
 )
-
-_RULES = (
-    (r"^model\.(vision_tower|audio_tower|embed_vision|embed_audio|multi_modal_projector)\.", "vision_audio"),
-    (r"embed_tokens_per_layer|per_layer_model_projection|per_layer_projection_norm|per_layer_input_gate"
-     r"|per_layer_projection\.|post_per_layer_input_norm", "per_layer"),
-    (r"(^|\.)embed_tokens\.|^lm_head\.", "embedding"),
-    (r"\.self_attn\.(q|k|v|o)_proj\.", "attention"),
-    (r"\.experts\.", "experts"),
-    (r"\.router\.", "router"),
-    (r"\.mlp\.(gate|up|down)_proj\.", "dense_mlp"),
-    (r"norm(_\d)?\.weight$|layer_scalar$", "norms"),
-)  # fmt: skip
-
-_SCALE_SUFFIXES = (
-    "weight_scale",
-    "weight_scale_2",
-    "input_scale",
-    "weight_global_scale",
-    "input_global_scale",
-)
+TOWER_COMPONENTS = ("vision", "audio")
+SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale", "weight_global_scale",
+                  "input_global_scale")  # fmt: skip
+_NORM_PART = re.compile(r".*norm(_\d+)?$")
 
 
 def component_of(name: str) -> str:
-    for pattern, component in _RULES:
-        if re.search(pattern, name):
-            return component
+    """The component of a checkpoint tensor, by its name (either Gemma 4 prefix)."""
+    if "vision_tower" in name or "embed_vision" in name:
+        return "vision"
+    if "audio_tower" in name or "embed_audio" in name:
+        return "audio"
+    parts = name.split(".")
+    if "layer_scalar" in parts or any(_NORM_PART.match(p) for p in parts):
+        return "norms"
+    if "embed_tokens_per_layer" in parts:
+        return "per_layer_embeddings"
+    if "embed_tokens" in parts:
+        return "embeddings"
+    if "lm_head" in parts:
+        return "lm_head"
+    if "experts" in parts:
+        return "experts"
+    if "router" in parts:
+        return "router"
+    if {"per_layer_model_projection", "per_layer_input_gate", "per_layer_projection"} & set(parts):
+        return "per_layer_projections"
+    if "self_attn" in parts:
+        return "attention"
+    if "mlp" in parts:
+        return "dense_mlp"
     return "other"
 
 
-def is_packed_fp4(info: TensorInfo, names: set[str]) -> bool:
-    """A uint8 weight with an fp8 block scale beside it holds two FP4 values per byte."""
-    if info.dtype != "U8":
-        return False
-    base = info.name.rsplit(".", 1)[0]
-    return f"{base}.weight_scale" in names
+def logical_params(info: TensorInfo) -> int:
+    """Weights a tensor holds: a packed uint8 byte is two FP4 values; quantization scales count for none."""
+    if info.name.rsplit(".", 1)[-1] in SCALE_SUFFIXES:
+        return 0
+    numel = info.nbytes // DTYPE_BYTES.get(info.dtype, 1)
+    return 2 * numel if info.dtype == "U8" else numel
 
 
 @dataclass
 class ComponentSizes:
-    bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0))
-    params: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0))
-    dtypes: dict[str, set[str]] = field(default_factory=lambda: {c: set() for c in COMPONENTS})
-    fp4_params: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, 0))
+    bytes: dict[str, int] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    fp4_params: dict[str, int] = field(default_factory=dict)
+    dtypes: dict[str, set[str]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -76,19 +84,13 @@ class ComponentSizes:
 
 
 def component_sizes(tensors: Iterable[TensorInfo]) -> ComponentSizes:
-    """Bytes and parameter counts per component; scale tensors count as bytes, not as parameters."""
-    tensors = list(tensors)
-    names = {t.name for t in tensors}
+    """Bytes, weights (FP4 ones separately) and dtypes per component, in `COMPONENTS` order."""
     sizes = ComponentSizes()
-    for t in tensors:
+    for t in sorted(tensors, key=lambda t: COMPONENTS.index(component_of(t.name))):
         comp = component_of(t.name)
-        sizes.bytes[comp] += t.nbytes
-        sizes.dtypes[comp].add(t.dtype)
-        if t.name.endswith(_SCALE_SUFFIXES):
-            continue
-        count = t.nbytes // DTYPE_BYTES.get(t.dtype, 1)
-        if is_packed_fp4(t, names):
-            count *= 2
-            sizes.fp4_params[comp] += count
-        sizes.params[comp] += count
+        n = logical_params(t)
+        sizes.bytes[comp] = sizes.bytes.get(comp, 0) + t.nbytes
+        sizes.params[comp] = sizes.params.get(comp, 0) + n
+        sizes.fp4_params[comp] = sizes.fp4_params.get(comp, 0) + (n if t.dtype == "U8" else 0)
+        sizes.dtypes.setdefault(comp, set()).add(t.dtype)
     return sizes

@@ -11,9 +11,10 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import safe_open
+if TYPE_CHECKING:  # reading headers (plan, inspect) needs no torch
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -60,9 +61,40 @@ def read_header(path: Path) -> dict[str, dict]:
     data_size = size - 8 - length
     for name, info in header.items():
         begin, end = info["data_offsets"]
-        if end > data_size or begin > end:
+        if not 0 <= begin <= end <= data_size:
             raise CheckpointError(f"{path}: tensor {name!r} lies past the end of the file (truncated shard?)")
+        numel = 1
+        for d in info["shape"]:
+            numel *= int(d)
+        elem = DTYPE_BYTES.get(info["dtype"])
+        if elem is not None and numel * elem != end - begin:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has {end - begin} bytes but {info['dtype']}{list(info['shape'])} "
+                f"needs {numel * elem}"
+            )
     return header
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the index's shards, `model.safetensors`, or any *.safetensors."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shard(s) listed in {INDEX_FILE} are missing: {missing}")
+        return files
+    single = folder / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
 
 
 class CheckpointReader:
@@ -71,34 +103,12 @@ class CheckpointReader:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.tensors: dict[str, TensorInfo] = {}
-        for file in self._files():
+        for file in checkpoint_files(self.folder):
             for name, info in read_header(file).items():
                 shape = tuple(info["shape"])
                 nbytes = info["data_offsets"][1] - info["data_offsets"][0]
                 self.tensors[name] = TensorInfo(name, info["dtype"], shape, file, nbytes)
         self._handles: dict[Path, object] = {}
-
-    def _files(self) -> list[Path]:
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
-            files = sorted({self.folder / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{self.folder}: shard(s) listed in {INDEX_FILE} are missing: {missing}"
-                )
-            return files
-        single = self.folder / SINGLE_FILE
-        if single.is_file():
-            return [single]
-        others = sorted(self.folder.glob("*.safetensors"))
-        if others:
-            return others
-        raise CheckpointError(f"{self.folder}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -119,6 +129,8 @@ class CheckpointReader:
         info = self.info(name)
         handle = self._handles.get(info.file)
         if handle is None:
+            from safetensors import safe_open
+
             handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         tensor = handle.get_tensor(name)
         if device is not None or dtype is not None:

@@ -4,7 +4,9 @@ The engine calls `kv_bytes_per_token` and `plan_pools` at start-up with the free
 `nvfp4kit plan` command shows everything through `build_plan` / `format_plan`.
 """
 
-from nvfp4kit.plan.checkpoint import component_of, read_safetensors_header, weights_from_checkpoint
+from nvfp4kit.formats.components import component_of
+from nvfp4kit.formats.safetensors_io import read_header
+from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.gpus import GPUS, GpuSpec, find_gpu
 from nvfp4kit.plan.kv import KV_DTYPE_BYTES, KVBytesPerToken, kv_bytes_per_token
 from nvfp4kit.plan.pools import PoolPlan, RuntimeReserve, plan_pools, runtime_reserve
@@ -26,6 +28,6 @@ __all__ = [
     "GPUS", "KV_DTYPE_BYTES", "RECIPES", "DecodeStep", "GpuSpec", "KVBytesPerToken", "ParamCounts", "PoolPlan",
     "RuntimeReserve", "SGLangPools", "WeightBreakdown", "build_plan", "component_of", "decode_step",
     "expected_distinct_experts", "find_gpu", "format_plan", "kv_bytes_per_token", "nvfp4_linear_bytes",
-    "parameter_counts", "parse_bytes", "plan_pools", "read_safetensors_header", "resolve_model", "runtime_reserve",
+    "parameter_counts", "parse_bytes", "plan_pools", "read_header", "resolve_model", "runtime_reserve",
     "sglang_pools", "sglang_pools_for", "weights_from_checkpoint", "weights_from_config",
 ]  # fmt: skip

@@ -10,22 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.formats.components import COMPONENTS, TOWER_COMPONENTS
 
-COMPONENTS = (
-    "embeddings",  # embed_tokens (the tied lm_head)
-    "lm_head",  # only when untied
-    "attention",
-    "dense_mlp",
-    "experts",
-    "router",
-    "norms",
-    "per_layer_embeddings",  # E2B/E4B PLE token tables
-    "per_layer_projections",  # E2B/E4B PLE linears
-    "vision",
-    "audio",
-    "other",
-)
-TOWER_COMPONENTS = ("vision", "audio")
 BF16_BYTES = 2
 
 # Which components a recipe stores in NVFP4 (every other tensor is BF16).

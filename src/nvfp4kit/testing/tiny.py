@@ -16,54 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from nvfp4kit.config import FULL, SLIDING, config_from_dict
+from nvfp4kit.config import config_from_dict
+from nvfp4kit.testing.tiny_config import FIRST_BYTE_ID, SPECIAL_TOKENS, TINY_VOCAB, tiny_text_config
 
-# Gemma 4's control tokens at their real ids.
-SPECIAL_TOKENS = {
-    0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>",
-    46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
-    51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>",
-    105: "<|turn>", 106: "<turn|>",
-}  # fmt: skip
-FIRST_BYTE_ID = 108
-TINY_VOCAB = 384
-
-_COMMON: dict[str, Any] = {
-    "vocab_size": TINY_VOCAB, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "head_dim": 16, "global_head_dim": 32, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
-    "final_logit_softcapping": 30.0, "max_position_embeddings": 4096, "sliding_window": 8,
-    "tie_word_embeddings": True, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": [1, 106],
-    "rope_parameters": {
-        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-        FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-    },
-    "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": TINY_VOCAB, "num_kv_shared_layers": 0,
-    "use_double_wide_mlp": False, "enable_moe_block": False, "attention_k_eq_v": False,
-}  # fmt: skip
-
-SHAPES: dict[str, dict[str, Any]] = {
-    # 26B-A4B-like: 5 sliding : 1 global, K=V global layers with fewer, wider KV heads, MoE + dense MLP.
-    "moe": {"num_hidden_layers": 6, "intermediate_size": 48, "attention_k_eq_v": True,
-            "num_global_key_value_heads": 1, "enable_moe_block": True, "num_experts": 8, "top_k_experts": 2,
-            "moe_intermediate_size": 32},
-    # 31B-like: dense MLP only, separate V on global layers.
-    "dense": {"num_hidden_layers": 6, "intermediate_size": 96},
-    # E2B-like: per-layer embeddings, the last 3 layers reuse earlier KV, double-wide MLP on those.
-    "e2b": {"num_hidden_layers": 7, "intermediate_size": 48, "hidden_size_per_layer_input": 8,
-            "num_kv_shared_layers": 3, "use_double_wide_mlp": True,
-            "layer_types": [SLIDING, SLIDING, FULL, SLIDING, SLIDING, SLIDING, FULL]},
-}  # fmt: skip
-
-
-def tiny_text_config(shape: str = "moe", **overrides: Any) -> dict[str, Any]:
-    if shape not in SHAPES:
-        raise ValueError(f"unknown tiny shape {shape!r}; choose from {sorted(SHAPES)}")
-    cfg = {**_COMMON, **SHAPES[shape], **overrides}
-    n = cfg["num_hidden_layers"]
-    cfg.setdefault("layer_types", [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
-    cfg["layer_types"][-1] = FULL
-    cfg["model_type"] = "gemma4_text"
-    return cfg
+__all__ = ["SPECIAL_TOKENS", "TINY_VOCAB", "random_weights", "tiny_text_config", "write_tiny_checkpoint"]
 
 
 def random_weights(
