@@ -1,0 +1,217 @@
+"""`nvfp4kit bench kernels`: W4A16 kernels at every 26B-A4B linear shape and the MoE layer, against cuBLAS.
+
+For each op and M: microseconds per call (CUDA graph of many calls; back-to-back eager launches too),
+GB/s of the bytes the op must move, % of the device-to-device copy bandwidth measured in the same run,
+TFLOP/s, and the same shape in BF16 through torch (cuBLAS) in the same run. `--tune` first times a list of
+candidate configurations per shape and M, keeps the fastest that passes the correctness bound, and can
+write them as the card's tuned table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nvfp4kit.bench.cases import DENSE_SHAPES, LM_HEAD_SHAPE, MOE_SHAPE, DenseCase, MoECase
+from nvfp4kit.bench.report import format_table, row_for
+from nvfp4kit.bench.timing import copy_bandwidth_gbps, l2_cache_bytes, rotation_sets, time_call, time_graph
+from nvfp4kit.bench.tuning import linear_candidates, moe_candidates
+from nvfp4kit.kernels.configs import card_slug, config_to_dict, sm_count
+
+DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 4096)
+OPS = (*DENSE_SHAPES, "moe", "lm_head_bf16")
+ERROR_BOUND = 1e-2  # relative L2 error vs fp32 math on the dequantized weights (bf16 output rounding ~1e-3)
+
+
+class Budget:
+    """Wall-clock budget for the tuning sweep: once spent, remaining shapes use the default configuration."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> bool:
+        return self.deadline is None or time.monotonic() < self.deadline
+
+
+def _tune(case, candidates, *, sets: int, calls: int, budget: Budget, log) -> tuple[object, float, int]:
+    best, best_us, tried = None, float("inf"), 0
+    for cfg in candidates:
+        if not budget.left():
+            break
+        try:
+            err = case.error(cfg)
+            if err > ERROR_BOUND:
+                log(f"    reject {cfg}: error {err:.2e}")
+                continue
+            us = time_graph(case.call(cfg), sets=sets, calls=calls, repeats=7)
+        except Exception as exc:  # a candidate that fails to compile or launch is skipped, loudly
+            log(f"    fail {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            continue
+        tried += 1
+        log(f"    {us:8.1f} us  {_short(cfg)}")
+        if us < best_us:
+            best, best_us = cfg, us
+    return best, best_us, tried
+
+
+def _short(cfg) -> str:
+    return " ".join(f"{k}={v}" for k, v in config_to_dict(cfg).items())
+
+
+def _bench_dense(op, ms, args, ctx, rows, tuned, log) -> None:
+    n, k = DENSE_SHAPES[op]
+    for m in ms:
+        per_set = n * k * 9 // 16 + 2 * m * k
+        sets = rotation_sets(per_set, l2_bytes=ctx["l2"])
+        bf16_sets = rotation_sets(2 * n * k, l2_bytes=ctx["l2"])
+        case = DenseCase.build(op, n, k, m, sets=sets, bf16_sets=bf16_sets)
+        calls = 20 if m <= 512 else 6
+        cfg, tuned_us = None, None
+        if args.tune:
+            cands = linear_candidates(m, n, k, sms=ctx["sms"], decodes=tuple(args.decodes))
+            cfg, tuned_us, tried = _tune(case, cands, sets=sets, calls=calls, budget=ctx["budget"], log=log)
+            if cfg is not None:
+                tuned.setdefault("linear", {}).setdefault(f"{n}x{k}", {})[str(m)] = config_to_dict(cfg)
+            log(f"  {op} M={m}: best of {tried} {cfg} {tuned_us:.1f} us")
+        timing = time_call(case.call(cfg), sets=sets, calls=calls)
+        base = time_call(case.bf16_call(), sets=bf16_sets, calls=calls)
+        rows.append(row_for(op, f"{n}x{k}", m, timing, base, case, ctx["copy_gbps"], case.error(cfg), cfg))
+        log(f"  {format_table(rows[-1:], header=False)}")
+        del case
+        torch.cuda.empty_cache()
+
+
+def _bench_moe(ms, args, ctx, rows, tuned, log) -> None:
+    e, top_k, h, i = (MOE_SHAPE[key] for key in ("experts", "top_k", "hidden", "inter"))
+    key = f"{e}x{top_k}x{h}x{i}"
+    for m in ms:
+        case = MoECase.build(m, weight_sets=2, route_sets=8 if m <= 512 else 2)
+        calls = 16 if m <= 128 else (8 if m <= 512 else 4)
+        cfg, tuned_us = None, None
+        if args.tune:
+            cands = moe_candidates(m, e, top_k, decodes=tuple(args.decodes))
+            cfg, tuned_us, tried = _tune(case, cands, sets=16, calls=calls, budget=ctx["budget"], log=log)
+            if cfg is not None:
+                tuned.setdefault("moe", {}).setdefault(key, {})[str(m)] = config_to_dict(cfg)
+            log(f"  moe M={m}: best of {tried} {cfg} {tuned_us:.1f} us")
+        timing = time_call(case.call(cfg), sets=16, calls=calls)
+        base = time_call(case.bf16_call(), sets=16, calls=calls)
+        shape = f"E{e} top{top_k} H{h} I{i}"
+        rows.append(row_for("moe", shape, m, timing, base, case, ctx["copy_gbps"], case.error(cfg), cfg))
+        log(f"  {format_table(rows[-1:], header=False)}")
+        del case
+        torch.cuda.empty_cache()
+
+
+def _bench_lm_head(ms, ctx, rows, log) -> None:
+    n, k = LM_HEAD_SHAPE
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        calls = 10 if m <= 512 else 3
+        timing = time_call(lambda _i, x=x: torch.nn.functional.linear(x, weight), sets=1, calls=calls)
+        nbytes = 2 * (n * k + m * (n + k))
+        us = timing.graph_us
+        rows.append(
+            {
+                "op": "lm_head_bf16",
+                "shape": f"{n}x{k}",
+                "M": m,
+                "us": round(us, 2),
+                "us_eager": round(timing.eager_us, 2),
+                "gbps": round(nbytes / us / 1e3, 1),
+                "pct_copy_bw": round(100 * nbytes / us / 1e3 / ctx["copy_gbps"], 1),
+                "tflops": round(2 * m * n * k / us / 1e6, 2),
+                "bf16_us": round(us, 2),
+            }
+        )
+        log(f"  {format_table(rows[-1:], header=False)}")
+
+
+def run_kernels_benchmark(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench kernels needs a CUDA GPU (the Triton kernels are timed on the device)")
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ops = args.ops or list(OPS)
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise ValueError(f"unknown ops {unknown}; choose from {list(OPS)}")
+    ctx = {
+        "copy_gbps": copy_bandwidth_gbps(),
+        "l2": l2_cache_bytes(),
+        "sms": sm_count(torch.device("cuda")),
+        "budget": Budget(args.tune_budget_s),
+    }
+    log(
+        f"{torch.cuda.get_device_name()}: copy {ctx['copy_gbps']:.0f} GB/s, L2 {ctx['l2'] >> 20} MiB, {ctx['sms']} SMs"
+    )
+    rows: list[dict] = []
+    tuned: dict = {}
+    result = {
+        "card": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "command": _command_line(),
+        "copy_gbps": round(ctx["copy_gbps"], 1),
+        "versions": {"torch": torch.__version__, "triton": _triton_version()},
+        "rows": rows,
+    }
+    for op in ops:
+        log(f"{op}:")
+        if op in DENSE_SHAPES:
+            _bench_dense(op, args.m, args, ctx, rows, tuned, log)
+        elif op == "moe":
+            _bench_moe(args.m, args, ctx, rows, tuned, log)
+        else:
+            _bench_lm_head(args.m, ctx, rows, log)
+        _write(args, result, tuned)  # after each op, so a cut-off run keeps what it measured
+    print(format_table(rows))
+    return 0
+
+
+def _write(args: argparse.Namespace, result: dict, tuned: dict) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.tuned_out and tuned:
+        Path(args.tuned_out).write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
+
+
+def _command_line() -> str:
+    argv = sys.argv[1:]
+    tail = argv[argv.index("kernels") + 1 :] if "kernels" in argv else argv
+    return " ".join(["nvfp4kit", "bench", "kernels", *tail])
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def register_scenario(scenarios: argparse._SubParsersAction) -> None:
+    p = scenarios.add_parser("kernels", help="W4A16 linear and fused-MoE kernels vs BF16 cuBLAS (CUDA only)")
+    p.add_argument("--ops", nargs="+", metavar="OP", help=f"subset of {', '.join(OPS)}")
+    p.add_argument(
+        "--m", nargs="+", type=int, default=list(DEFAULT_MS), help="token counts (default: %(default)s)"
+    )
+    p.add_argument("--tune", action="store_true", help="time candidate configs first and use the fastest")
+    p.add_argument(
+        "--decodes", nargs="+", default=["bits", "asm"], choices=["bits", "asm"], help="decoders to tune"
+    )
+    p.add_argument("--tune-budget-s", type=float, default=None, help="stop tuning after this many seconds")
+    p.add_argument(
+        "--tuned-out", help=f"write the tuned table here (for {Path('kernels/tuned')}/<card>.json)"
+    )
+    p.add_argument("--json", help="write the result rows as JSON here")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.set_defaults(func=run_kernels_benchmark)
+
+
+def default_json_name() -> str:
+    return f"kernels-{card_slug()}.json"

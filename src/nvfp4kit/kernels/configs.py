@@ -1,0 +1,197 @@
+"""Launch configurations for the W4A16 kernels: frozen dataclasses, a heuristic, and tuned tables per card.
+
+The tuned tables (`tuned/<card>.json`, written by `nvfp4kit bench kernels --tune`) map a weight shape and a
+token count to the fastest configuration measured on that card. Lookups pick the entry for the smallest
+tuned M at or above the actual M (else the largest), so a table covers every M. Cards without a table, and
+shapes a table lacks, fall back to the heuristic, which uses only generic (SM80+) features.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+TUNED_DIR = Path(__file__).with_name("tuned")
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    kernel: str = "dot"  # "dot" (tensor cores) or "gemv" (CUDA cores, M <= block_m)
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    swap_ab: bool = False
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    decode: str = "bits"  # "bits" (portable Triton) or "asm" (PTX, SM80+)
+
+    def __post_init__(self) -> None:
+        if self.kernel not in ("dot", "gemv"):
+            raise ValueError(f"LinearConfig.kernel must be 'dot' or 'gemv', got {self.kernel!r}")
+        if self.decode not in ("bits", "asm"):
+            raise ValueError(f"LinearConfig.decode must be 'bits' or 'asm', got {self.decode!r}")
+        if self.block_k % 32 or self.block_k < 32:
+            raise ValueError(f"LinearConfig.block_k must be a multiple of 32, got {self.block_k}")
+        if self.kernel == "dot" and min(self.block_m, self.block_n) < 16:
+            raise ValueError(f"dot tiles need block_m, block_n >= 16, got {self.block_m}x{self.block_n}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    sorted: bool = True  # False: pair mode (no sorting; for a few tokens)
+    block_m: int = 16  # rows per expert block in sorted mode
+    gate_up_block_n: int = 32
+    gate_up_block_k: int = 128
+    down_block_n: int = 64
+    down_block_k: int = 64
+    gate_up_warps: int = 4
+    down_warps: int = 4
+    num_stages: int = 3
+    down_mode: str = "token"  # pair mode only: "token" (sum in registers) or "pair" (+ a sum kernel)
+    align: str = "triton"  # "triton" (one program) or "torch" (a chain of torch ops)
+    decode: str = "bits"
+
+    def __post_init__(self) -> None:
+        if self.down_mode not in ("token", "pair"):
+            raise ValueError(f"MoEConfig.down_mode must be 'token' or 'pair', got {self.down_mode!r}")
+        if self.align not in ("triton", "torch"):
+            raise ValueError(f"MoEConfig.align must be 'triton' or 'torch', got {self.align!r}")
+        if self.decode not in ("bits", "asm"):
+            raise ValueError(f"MoEConfig.decode must be 'bits' or 'asm', got {self.decode!r}")
+        if min(self.gate_up_block_k, self.down_block_k) < 32 or self.block_m < 16:
+            raise ValueError("MoEConfig needs block_k >= 32 and block_m >= 16")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def card_slug(device: torch.device | str | None = None) -> str:
+    """'nvidia-h100-80gb-hbm3' style name of the CUDA card (used for tuned tables and result files)."""
+    name = torch.cuda.get_device_name(device)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device | str | None) -> int:
+    if interpreting() or device is None or torch.device(device).type != "cuda":
+        return 4
+    index = torch.device(device).index
+    return _sm_count(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_table(slug: str) -> dict:
+    path = TUNED_DIR / f"{slug}.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _table_for(device) -> dict:
+    if interpreting() or device is None or torch.device(device).type != "cuda":
+        return {}
+    return _load_table(card_slug(device))
+
+
+def _pick_bucket(entries: dict[str, dict], m: int) -> dict | None:
+    if not entries:
+        return None
+    tuned = sorted(int(k) for k in entries)
+    at_least = [t for t in tuned if t >= m]
+    return entries[str(at_least[0] if at_least else tuned[-1])]
+
+
+def _from_dict(cls, data: dict):
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)} in tuned table")
+    return cls(**data)
+
+
+def config_to_dict(config: LinearConfig | MoEConfig) -> dict:
+    return asdict(config)
+
+
+def heuristic_linear_config(m: int, n: int, k: int, *, sms: int) -> LinearConfig:
+    """Generic tiles: small M streams W with split-K to fill the GPU; large M uses big grouped tiles."""
+    if m <= 16:
+        block_n = 64
+        tiles = -(-n // block_n)
+        split = 1
+        while tiles * split < 2 * sms and k // (128 * split * 2) >= 2:
+            split *= 2
+        return LinearConfig(
+            block_m=16, block_n=block_n, block_k=128, split_k=split, num_warps=4, num_stages=4
+        )
+    if m <= 64:
+        return LinearConfig(block_m=m if m in (32, 64) else 64, block_n=64, block_k=128, num_stages=4)
+    if m <= 256:
+        return LinearConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
+    return LinearConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, group_m=8)
+
+
+def _device_key(device) -> tuple[str, int]:
+    if device is None:
+        return ("cpu", -1)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return ("cuda", torch.cuda.current_device())
+    return (device.type, -1 if device.index is None else device.index)
+
+
+def select_linear_config(m: int, n: int, k: int, *, device=None) -> LinearConfig:
+    return _select_linear_cached(m, n, k, _device_key(device), interpreting())
+
+
+@functools.lru_cache(maxsize=4096)
+def _select_linear_cached(m: int, n: int, k: int, key: tuple[str, int], _interpret: bool) -> LinearConfig:
+    device = None if key[0] == "cpu" else torch.device(key[0], key[1])
+    entry = _pick_bucket(_table_for(device).get("linear", {}).get(f"{n}x{k}", {}), m)
+    if entry is not None:
+        cfg = _from_dict(LinearConfig, entry)
+        if cfg.kernel != "gemv" or m <= cfg.block_m:
+            return cfg
+    return heuristic_linear_config(m, n, k, sms=sm_count(device))
+
+
+def heuristic_moe_config(tokens: int, num_experts: int, top_k: int) -> MoEConfig:
+    if tokens <= 4:
+        return MoEConfig(sorted=False)
+    per_expert = tokens * top_k / num_experts
+    if per_expert <= 24:
+        return MoEConfig(block_m=16)
+    if per_expert <= 96:
+        return MoEConfig(block_m=32, gate_up_block_n=64, gate_up_block_k=64, down_block_n=64)
+    return MoEConfig(
+        block_m=64, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128, down_warps=8, gate_up_warps=8
+    )
+
+
+def select_moe_config(
+    tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, *, device=None
+) -> MoEConfig:
+    return _select_moe_cached(tokens, num_experts, top_k, hidden, inter, _device_key(device), interpreting())
+
+
+@functools.lru_cache(maxsize=4096)
+def _select_moe_cached(tokens, num_experts, top_k, hidden, inter, key, _interpret) -> MoEConfig:
+    device = None if key[0] == "cpu" else torch.device(key[0], key[1])
+    shape = f"{num_experts}x{top_k}x{hidden}x{inter}"
+    entry = _pick_bucket(_table_for(device).get("moe", {}).get(shape, {}), tokens)
+    if entry is not None:
+        return _from_dict(MoEConfig, entry)
+    return heuristic_moe_config(tokens, num_experts, top_k)

@@ -1,0 +1,138 @@
+"""Sort (token, expert) pairs by expert and pad each expert's run to a multiple of BLOCK_M.
+
+Output, for P = tokens * top_k pairs, E experts and block size B (sizes depend only on P, E and B, so the
+buffers are the same on every CUDA-graph replay):
+  * `pair_ids` int32 [max_blocks * B]: pair index p (token p // top_k, slot p % top_k) in expert order,
+    P where a slot is padding;
+  * `block_expert` int32 [max_blocks]: the expert of each block of B rows, -1 for unused blocks;
+where max_blocks = ceil(P / B) + min(E, P) bounds the blocks any routing can need.
+
+Two implementations: one Triton program (atomics into a small scratch, for any P) and a chain of torch ops
+(sort, scatter, cumsum, searchsorted), both free of host syncs. They give the same blocks; inside an expert's
+run the Triton one may order pairs differently, which changes no result (rows of a tile are independent).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
+    return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+
+
+@triton.jit
+def _moe_align_kernel(
+    ids_ptr,
+    pair_ids_ptr,
+    block_expert_ptr,
+    scratch_ptr,
+    num_pairs,
+    num_slots,
+    num_blocks,
+    E_PAD: tl.constexpr,
+    BM: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_CHUNK: tl.constexpr,
+):
+    experts = tl.arange(0, E_PAD)
+    counts_ptr = scratch_ptr  # [E_PAD] pairs per expert
+    taken_ptr = scratch_ptr + E_PAD  # [E_PAD] slots handed out so far
+    start_ptr = scratch_ptr + 2 * E_PAD  # [E_PAD] first padded slot of each expert
+    tl.store(counts_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32))
+    tl.store(taken_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32))
+    for s0 in range(0, num_slots, CHUNK):
+        slots = s0 + tl.arange(0, CHUNK)
+        tl.store(pair_ids_ptr + slots, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs, mask=slots < num_slots)
+    tl.debug_barrier()
+
+    for p0 in range(0, num_pairs, CHUNK):
+        pairs = p0 + tl.arange(0, CHUNK)
+        ok = pairs < num_pairs
+        ids = tl.load(ids_ptr + pairs, mask=ok, other=0).to(tl.int32)
+        tl.atomic_add(counts_ptr + ids, tl.full([CHUNK], 1, tl.int32), mask=ok)
+    tl.debug_barrier()
+
+    counts = tl.load(counts_ptr + experts, cache_modifier=".cg")  # atomics live in L2
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(start_ptr + experts, ends - padded)
+    total = tl.sum(padded, axis=0)
+    for b0 in range(0, num_blocks, BLOCK_CHUNK):
+        blocks = b0 + tl.arange(0, BLOCK_CHUNK)
+        first = blocks * BM
+        expert = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
+        expert = tl.where(first < total, expert, -1)
+        tl.store(block_expert_ptr + blocks, expert, mask=blocks < num_blocks)
+    tl.debug_barrier()
+
+    for p0 in range(0, num_pairs, CHUNK):
+        pairs = p0 + tl.arange(0, CHUNK)
+        ok = pairs < num_pairs
+        ids = tl.load(ids_ptr + pairs, mask=ok, other=0).to(tl.int32)
+        rank = tl.atomic_add(taken_ptr + ids, tl.full([CHUNK], 1, tl.int32), mask=ok)
+        start = tl.load(start_ptr + ids, mask=ok, other=0, cache_modifier=".cg")
+        tl.store(pair_ids_ptr + start + rank, pairs, mask=ok)
+
+
+def _align_triton(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, block_expert) -> None:
+    e_pad = triton.next_power_of_2(num_experts)
+    scratch = torch.empty(3 * e_pad, dtype=torch.int32, device=ids.device)
+    chunk = min(1024, max(64, triton.next_power_of_2(ids.numel())))
+    _moe_align_kernel[(1,)](
+        ids,
+        pair_ids,
+        block_expert,
+        scratch,
+        ids.numel(),
+        pair_ids.numel(),
+        block_expert.numel(),
+        E_PAD=e_pad,
+        BM=block_m,
+        CHUNK=chunk,
+        BLOCK_CHUNK=64,
+        num_warps=8,
+    )
+
+
+def _align_torch(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, block_expert) -> None:
+    num_pairs = ids.numel()
+    ids64 = ids.to(torch.int64)
+    sorted_ids, order = torch.sort(ids64, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, ids64, torch.ones_like(ids64))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_ends = torch.cumsum(padded, 0)
+    pad_starts = pad_ends - padded
+    raw_starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(num_pairs, device=ids.device) - raw_starts[sorted_ids] + pad_starts[sorted_ids]
+    pair_ids.fill_(num_pairs)
+    pair_ids[slots] = order.to(torch.int32)
+    firsts = torch.arange(block_expert.numel(), device=ids.device) * block_m
+    expert = torch.searchsorted(pad_ends, firsts, right=True)
+    block_expert.copy_(torch.where(firsts < pad_ends[-1], expert, -1))
+
+
+def moe_align(
+    topk_ids: torch.Tensor, *, num_experts: int, block_m: int, method: str = "triton"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair_ids, block_expert) for `topk_ids` [tokens, top_k] (any int dtype); see the module doc."""
+    ids = topk_ids.reshape(-1)
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    blocks = max_blocks(ids.numel(), num_experts, block_m)
+    pair_ids = torch.empty(blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=ids.device)
+    if ids.numel() == 0:
+        block_expert.fill_(-1)
+        pair_ids.fill_(0)
+        return pair_ids, block_expert
+    if method == "triton":
+        _align_triton(ids, num_experts, block_m, pair_ids, block_expert)
+    elif method == "torch":
+        _align_torch(ids, num_experts, block_m, pair_ids, block_expert)
+    else:
+        raise ValueError(f"unknown MoE align method {method!r}; use 'triton' or 'torch'")
+    return pair_ids, block_expert

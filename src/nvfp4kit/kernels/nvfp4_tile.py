@@ -1,0 +1,165 @@
+"""Triton building blocks shared by the W4A16 kernels: NVFP4 tile decode, weight-tile loads, the MMA step.
+
+A weight tile is expanded in registers straight from the checkpoint layout (no repacking): `packed` uint8
+[N, K/2] (even element in the low nibble), `scale` E4M3 bytes [N, K/16]. Every expanded value is
+e2m1 * scale * 2**-FOLD_EXP exactly (E2M1 x E4M3 has at most 6 significant bits, so it is exact in fp16 and
+bf16); the kernels multiply the fp32 accumulator by `scale_2 * 2**FOLD_EXP` once, in the epilogue.
+
+Two decoders compute the same values: `bits` (portable Triton integer ops; the one the CPU interpreter runs)
+and `asm` (PTX: byte permutes, one LOP3 and one packed bf16 FMA per pair of weights; SM80+, GPU only).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# power-of-two factor each decoder leaves in the expanded weight (undone in the epilogue)
+BITS_FOLD_EXP = 7
+ASM_FOLD_EXP = 62
+
+# PTX for `_decode_asm`: four packed bytes ($6) and their four bf16 scales ($4, $5) give the low nibbles'
+# weights ($0, $1) and the high nibbles' weights ($2, $3). A nibble moved to bits 12..15 of a 16-bit lane
+# becomes the bf16 e2m1 * 2**-126 (sign at bit 15, exponent and mantissa at bits 6..8); multiplying by the
+# scale, pre-multiplied by 2**64, lands on e2m1 * scale * 2**-62, a normal bf16, exactly.
+_DECODE_PTX = tl.constexpr(
+    """
+{
+.reg .b32 t0, t1, q, r, nz, sm, z;
+mov.b32 nz, 0x80008000;
+mov.b32 sm, 0x80008000;
+mov.b32 z, 0;
+prmt.b32 t0, $6, z, 0x4140;
+prmt.b32 t1, $6, z, 0x4342;
+shl.b32 q, t0, 12;
+shr.b32 r, q, 6;
+and.b32 r, r, 0x01C001C0;
+lop3.b32 q, q, sm, r, 0xEA;
+fma.rn.bf16x2 $0, q, $4, nz;
+shl.b32 q, t1, 12;
+shr.b32 r, q, 6;
+and.b32 r, r, 0x01C001C0;
+lop3.b32 q, q, sm, r, 0xEA;
+fma.rn.bf16x2 $1, q, $5, nz;
+shl.b32 q, t0, 8;
+shr.b32 r, q, 6;
+and.b32 r, r, 0x01C001C0;
+lop3.b32 q, q, sm, r, 0xEA;
+fma.rn.bf16x2 $2, q, $4, nz;
+shl.b32 q, t1, 8;
+shr.b32 r, q, 6;
+and.b32 r, r, 0x01C001C0;
+lop3.b32 q, q, sm, r, 0xEA;
+fma.rn.bf16x2 $3, q, $5, nz;
+}
+"""
+)
+
+
+@triton.jit
+def decode_scale_fp16(s):
+    """E4M3 bytes -> fp16 value * 2**7, exact (subnormal scales included)."""
+    su = s.to(tl.uint16)
+    normal = (((su & 0x7F) << 7) + (15 << 10)).to(tl.float16, bitcast=True)
+    subnormal = (su & 0x07).to(tl.float16) * 0.25
+    return tl.where((su & 0x78) == 0, subnormal, normal)
+
+
+@triton.jit
+def _decode_bits(b, s, BN: tl.constexpr, BK: tl.constexpr):
+    # fp16 bit tricks: nibble -> e2m1 * 2**-14 (0.5 becomes an fp16 subnormal), times scale * 2**7
+    bu = b.to(tl.uint16)
+    lo = (((bu & 0x08) << 12) | ((bu & 0x07) << 9)).to(tl.float16, bitcast=True)
+    hi = (((bu & 0x80) << 8) | ((bu & 0x70) << 5)).to(tl.float16, bitcast=True)
+    w = tl.reshape(tl.join(lo, hi), [BN, BK // 16, 16]) * decode_scale_fp16(s)[:, :, None]
+    return tl.reshape(w, [BN, BK])
+
+
+@triton.jit
+def _decode_asm(b, s, BN: tl.constexpr, BK: tl.constexpr):
+    s_bf16 = (decode_scale_fp16(s).to(tl.float32) * 144115188075855872.0).to(tl.bfloat16)  # * 2**57
+    s_bytes = tl.reshape(tl.broadcast_to(s_bf16[:, :, None], [BN, BK // 16, 8]), [BN, BK // 2])
+    lo, hi = tl.inline_asm_elementwise(
+        _DECODE_PTX,
+        "=r,=r,=r,=r,r,r,r",
+        [s_bytes, b],
+        dtype=(tl.bfloat16, tl.bfloat16),
+        is_pure=True,
+        pack=4,
+    )
+    return tl.reshape(tl.join(lo, hi), [BN, BK])
+
+
+@triton.jit
+def load_weight_tile(
+    w_ptr,
+    s_ptr,
+    rows,
+    k0,
+    K,
+    stride_wn,
+    stride_sn,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    NVFP4: tl.constexpr,
+    ASM: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
+    """Rows `rows` (already clamped in range) x K columns [k0, k0+BK) of W as DTYPE (scaled, see FOLD)."""
+    if NVFP4:
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        ks = k0 // 16 + tl.arange(0, BK // 16)
+        b_ptrs = w_ptr + rows[:, None] * stride_wn + kb[None, :]
+        s_ptrs = s_ptr + rows[:, None] * stride_sn + ks[None, :]
+        if EVEN_K:
+            b = tl.load(b_ptrs)
+            s = tl.load(s_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=kb[None, :] < K // 2, other=0)
+            s = tl.load(s_ptrs, mask=ks[None, :] < K // 16, other=0)
+        if ASM:
+            w = _decode_asm(b, s, BN, BK)
+        else:
+            w = _decode_bits(b, s, BN, BK)
+        return w.to(DTYPE)
+    else:
+        k = k0 + tl.arange(0, BK)
+        w_ptrs = w_ptr + rows[:, None] * stride_wn + k[None, :]
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=k[None, :] < K, other=0.0)
+        return w.to(DTYPE)
+
+
+@triton.jit
+def load_act_tile(x_ptr, rows, row_ok, k0, K, stride_xm, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activation rows (masked by `row_ok`) x columns [k0, k0+BK)."""
+    k = k0 + tl.arange(0, BK)
+    ptrs = x_ptr + rows[:, None] * stride_xm + k[None, :]
+    if EVEN_K:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    return tl.load(ptrs, mask=row_ok[:, None] & (k[None, :] < K), other=0.0)
+
+
+@triton.jit
+def mma(acc, a, b, INTERPRET: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (the CPU interpreter multiplies bf16 wrongly, so it upcasts)."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def fold_scale(s2_ptr, index, NVFP4: tl.constexpr, ASM: tl.constexpr):
+    """The epilogue factor: scale_2 times the power of two the decoder left out; 1 for dense weights."""
+    if NVFP4:
+        s2 = tl.load(s2_ptr + index).to(tl.float32)
+        if ASM:
+            return s2 * 4611686018427387904.0  # 2**62
+        return s2 * 128.0  # 2**7
+    return 1.0

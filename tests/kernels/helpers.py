@@ -1,0 +1,30 @@
+"""Shared helpers for the kernel tests (CPU interpreter in CI, native on a CUDA machine)."""
+
+from __future__ import annotations
+
+import torch
+
+from nvfp4kit.formats.nvfp4 import NVFP4Tensor, quantize, stack_experts
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+# bf16 outputs: the GPU rounds to nearest (~1e-3 relative); the CPU interpreter truncates (~3e-3)
+BF16_BOUND = 1e-2
+FP32_BOUND = 1e-5
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output"
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def random_weight(n: int, k: int, *, seed: int) -> NVFP4Tensor:
+    """Quantized random weight with block scales spread over many binades (subnormal scales included)."""
+    gen = torch.Generator().manual_seed(seed)
+    spread = torch.exp2(torch.randint(-14, 1, (n, k // 16), generator=gen).float()).repeat_interleave(16, 1)
+    w = torch.randn(n, k, generator=gen) * spread
+    return quantize(w).to(DEVICE)
+
+
+def random_experts(e: int, n: int, k: int, *, seed: int) -> NVFP4Tensor:
+    return stack_experts([random_weight(n, k, seed=seed * 100 + i) for i in range(e)])

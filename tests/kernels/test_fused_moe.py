@@ -1,0 +1,119 @@
+"""Fused GELU-tanh MoE against the torch reference backend: every launch mode, idle experts, dense weights."""
+
+import warnings
+
+import pytest
+import torch
+
+from nvfp4kit.kernels import MoEConfig, fused_moe
+from nvfp4kit.kernels.configs import heuristic_moe_config, interpreting
+from nvfp4kit.model.ops import TorchBackend
+
+from .helpers import BF16_BOUND, DEVICE, FP32_BOUND, ON_GPU, random_experts, rel_error
+
+E, H, INTER = 6, 80, 48  # H and INTER multiples of 16, not powers of two
+TILES = dict(gate_up_block_n=32, gate_up_block_k=64, down_block_n=32, down_block_k=32)
+MODES = {
+    "pair_token": MoEConfig(sorted=False, **TILES),
+    "pair_pair": MoEConfig(sorted=False, down_mode="pair", **TILES),
+    "sorted_triton": MoEConfig(block_m=16, **TILES),
+    "sorted_torch": MoEConfig(block_m=16, align="torch", **TILES),
+}
+
+
+@pytest.fixture(scope="module")
+def experts():
+    return random_experts(E, 2 * INTER, H, seed=1), random_experts(E, H, INTER, seed=2)
+
+
+def _routing(tokens: int, top_k: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, E, generator=gen)
+    logits[:, 2] = -1e4  # expert 2 never gets a token
+    weights, ids = torch.topk(logits.softmax(-1), top_k)
+    return ids.to(DEVICE), (weights * 1.5).to(DEVICE)  # not renormalised: weights must be applied as given
+
+
+def _check(x, ids, weights, gate_up, down, config, bound):
+    with warnings.catch_warnings():
+        # the interpreter's exp overflows for very negative gates
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = fused_moe(x, ids, weights, gate_up, down, config=config)
+    ref = TorchBackend().moe(x.float(), ids, weights.float(), gate_up, down)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert rel_error(out, ref) < bound
+
+
+@pytest.mark.parametrize(
+    "mode,tokens,top_k",
+    [
+        ("pair_token", 1, 2),
+        ("pair_token", 3, 3),
+        ("pair_pair", 2, 1),
+        ("sorted_triton", 7, 2),
+        ("sorted_triton", 33, 3),
+        ("sorted_torch", 16, 2),
+    ],
+)
+def test_moe_modes_match_reference(experts, mode, tokens, top_k):
+    ids, weights = _routing(tokens, top_k, seed=tokens)
+    x = torch.randn(tokens, H, device=DEVICE)
+    _check(x, ids, weights, *experts, MODES[mode], FP32_BOUND)
+    _check(x.bfloat16(), ids, weights, *experts, MODES[mode], BF16_BOUND)
+
+
+@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton"])
+def test_moe_dense_expert_weights(experts, mode):
+    gate_up = experts[0].dequantize(torch.float32)
+    down = experts[1].dequantize(torch.float32)
+    ids, weights = _routing(5, 2, seed=9)
+    x = torch.randn(5, H, device=DEVICE)
+    _check(x, ids, weights, gate_up, down, MODES[mode], FP32_BOUND)
+
+
+def test_moe_default_config_and_errors(experts):
+    ids, weights = _routing(4, 2, seed=4)
+    x = torch.randn(4, H, device=DEVICE, dtype=torch.bfloat16)
+    _check(x, ids, weights, *experts, None, BF16_BOUND)
+    assert fused_moe(x[:0], ids[:0], weights[:0], *experts).shape == (0, H)
+    with pytest.raises(ValueError, match="features"):
+        fused_moe(x[:, :64], ids, weights, *experts)
+    with pytest.raises(ValueError, match="both"):
+        fused_moe(x, ids, weights, experts[0], experts[1].dequantize(torch.bfloat16))
+    with pytest.raises(ValueError, match="down_mode"):
+        MoEConfig(down_mode="atomic")
+
+
+def test_heuristic_moe_config_by_batch():
+    assert not heuristic_moe_config(1, 128, 8).sorted
+    assert heuristic_moe_config(16, 128, 8).block_m == 16
+    assert heuristic_moe_config(4096, 128, 8).block_m == 64
+
+
+@pytest.mark.skipif(not ON_GPU or interpreting(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_moe_replays_in_cuda_graph(experts, mode):
+    ids, weights = _routing(9, 2, seed=3)
+    x = torch.randn(9, H, device=DEVICE, dtype=torch.bfloat16)
+    fused_moe(x, ids, weights, *experts, config=MODES[mode])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_moe(x, ids, weights, *experts, config=MODES[mode])
+    new_ids, new_weights = _routing(9, 2, seed=4)
+    ids.copy_(new_ids)
+    weights.copy_(new_weights)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = TorchBackend().moe(x.float(), ids, weights, *experts)
+    assert rel_error(captured, ref) < BF16_BOUND
+
+
+@pytest.mark.skipif(not ON_GPU or interpreting(), reason="PTX decode runs on a CUDA GPU only")
+@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton"])
+def test_moe_asm_decode_matches_bits(experts, mode):
+    ids, weights = _routing(12, 3, seed=5)
+    x = torch.randn(12, H, device=DEVICE, dtype=torch.bfloat16)
+    bits = fused_moe(x, ids, weights, *experts, config=MODES[mode])
+    asm = fused_moe(x, ids, weights, *experts, config=MoEConfig(**{**MODES[mode].__dict__, "decode": "asm"}))
+    assert torch.equal(bits, asm)

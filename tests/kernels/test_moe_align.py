@@ -1,0 +1,61 @@
+"""moe_align groups every (token, slot) pair under its expert in padded blocks; both methods agree."""
+
+import pytest
+import torch
+
+from nvfp4kit.kernels import moe_align
+from nvfp4kit.kernels.moe_align import max_blocks
+
+from .helpers import DEVICE
+
+
+def _check_layout(
+    ids: torch.Tensor, pair_ids: torch.Tensor, block_expert: torch.Tensor, *, experts: int, bm: int
+):
+    flat = ids.reshape(-1).cpu()
+    pairs = flat.numel()
+    pair_ids, block_expert = pair_ids.cpu(), block_expert.cpu()
+    assert block_expert.numel() == max_blocks(pairs, experts, bm)
+    counts = torch.bincount(flat, minlength=experts)
+    used = int(((counts + bm - 1) // bm).sum())
+    assert (block_expert[:used] >= 0).all() and (block_expert[used:] == -1).all()
+    assert (block_expert[:used].diff() >= 0).all()  # experts in order
+    assert (pair_ids[used * bm :] == pairs).all()
+    real = pair_ids[pair_ids < pairs]
+    assert torch.equal(real.sort().values, torch.arange(pairs, dtype=torch.int32))  # each pair exactly once
+    for b in range(used):
+        rows = pair_ids[b * bm : (b + 1) * bm]
+        rows = rows[rows < pairs].long()
+        assert rows.numel() > 0 and (flat[rows] == block_expert[b]).all()
+    per_expert: dict[int, set[int]] = {}
+    for b in range(used):
+        per_expert.setdefault(int(block_expert[b]), set()).update(pair_ids[b * bm : (b + 1) * bm].tolist())
+    return per_expert
+
+
+@pytest.mark.parametrize(
+    "tokens,top_k,experts,bm", [(1, 8, 128, 16), (7, 2, 5, 4), (37, 3, 8, 16), (150, 8, 128, 16)]
+)
+def test_align_methods_agree(tokens, top_k, experts, bm):
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(DEVICE)
+    ids[:, 0] = ids[:, 0] % max(1, experts // 2)  # skew: some experts busy, some idle
+    blocks = {}
+    for method in ("triton", "torch"):
+        pair_ids, block_expert = moe_align(ids, num_experts=experts, block_m=bm, method=method)
+        blocks[method] = (
+            _check_layout(ids, pair_ids, block_expert, experts=experts, bm=bm),
+            block_expert.cpu(),
+        )
+    assert torch.equal(blocks["triton"][1], blocks["torch"][1])
+    assert blocks["triton"][0] == blocks["torch"][0]  # same pairs per expert (order inside may differ)
+
+
+def test_align_empty_and_unknown_method():
+    ids = torch.empty(0, 8, dtype=torch.int64, device=DEVICE)
+    pair_ids, block_expert = moe_align(ids, num_experts=128, block_m=16)
+    assert pair_ids.numel() == 0 and block_expert.numel() == 0
+    with pytest.raises(ValueError, match="align method"):
+        moe_align(
+            torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), num_experts=4, block_m=16, method="cub"
+        )
