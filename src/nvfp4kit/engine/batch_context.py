@@ -1,16 +1,23 @@
 """One engine step's attention context: many sequences' tokens, flat, over the paged/ring KV cache.
 
 Implements `AttentionContext.attend` for the model: write this step's K/V of every sequence into its slots,
-then attend each sequence's queries over its history. This torch version is the reference; a kernel
-backend replaces `attend` on the GPU with the same inputs.
+then attend each sequence's queries over its history. The work goes to an attention backend (see
+`attention_backend.py`: Triton kernels on CUDA, the torch code below on the CPU). `attend_reference` is the
+torch reference every kernel is checked against.
+
+`StepMetadata` holds what the kernels need, built once per step on the host and copied to the device in two
+transfers: per sequence its first position, query length, row offset, block table (padded) and ring id; per
+token its position and its pool rows. With `pad_to` a decode batch gets a fixed number of sequences (padding
+sequences have no tokens, padding tokens a negative slot), so the launches can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from nvfp4kit.engine.attention_backend import AttentionBackend, select_attention_backend
 from nvfp4kit.engine.kv_cache import KVCache
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.model.layers import apply_rope, attention, rope_cos_sin
@@ -27,11 +34,153 @@ class SeqSlice:
     ring: int
 
 
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Per-sequence metadata of one step, as int32 device tensors (rows may be padding with seq_len 0)."""
+
+    seq_start: torch.Tensor  # [S] position of the first query token this step
+    seq_len: torch.Tensor  # [S] query tokens this step
+    seq_offset: torch.Tensor  # [S] row of the first query token in q / out
+    block_table: torch.Tensor  # [S, max_blocks] global-pool blocks (padding: any valid block id)
+    ring: torch.Tensor  # [S] sliding ring id
+
+
+@dataclass(frozen=True)
+class WorkItems:
+    """Query tiles: item i covers tokens q0[i] .. q0[i] + block_q - 1 of sequence seq[i] (int32 device tensors)."""
+
+    seq: torch.Tensor
+    q0: torch.Tensor
+    block_q: int
+
+    def __len__(self) -> int:
+        return self.seq.shape[0]
+
+
+@dataclass
+class StepMetadata:
+    """Device tensors of one step for the kernels (see the module docstring), plus host copies for launch sizes."""
+
+    batch: AttentionBatch
+    positions: torch.Tensor  # [T] int64
+    global_slots: torch.Tensor  # [T] int64 rows of the paged global pool (-1: padding)
+    ring_slots: torch.Tensor  # [T] int64 rows of the sliding rings (-1: padding)
+    starts: list[int]
+    lengths: list[int]
+    _items: dict[int, WorkItems | None] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, seqs: list[SeqSlice], cache: KVCache, device: torch.device | str, *, pad_to: int | None = None
+    ) -> StepMetadata:
+        """`pad_to`: a fixed sequence count (>= len(seqs)); padding sequences get no tokens but one row each
+        after the real tokens, so a padded decode batch has exactly `pad_to` rows."""
+        if pad_to is not None and pad_to < len(seqs):
+            raise ValueError(f"pad_to={pad_to} is smaller than the batch ({len(seqs)} sequences)")
+        layout = cache.layout
+        num_pad = (pad_to or len(seqs)) - len(seqs)
+        starts = [s.start for s in seqs] + [0] * num_pad
+        lengths = [s.length for s in seqs] + [0] * num_pad
+        tokens = sum(lengths)
+        offsets = [s.offset for s in seqs] + list(range(tokens, tokens + num_pad))
+        max_blocks = max([1] + [len(s.block_table) for s in seqs])
+        num_seqs = len(starts)
+        # one flat int32 buffer (four per-sequence rows, then the block table) and one int64 [3, T]: two copies
+        per_seq = torch.zeros(4 * num_seqs + num_seqs * max_blocks, dtype=torch.int32)
+        scalars, table = per_seq[: 4 * num_seqs].view(4, num_seqs), per_seq[4 * num_seqs :].view(num_seqs, -1)
+        scalars[0] = torch.tensor(starts)
+        scalars[1] = torch.tensor(lengths)
+        scalars[2] = torch.tensor(offsets)
+        scalars[3, : len(seqs)] = torch.tensor([s.ring if s.ring is not None else 0 for s in seqs])
+        for i, s in enumerate(seqs):
+            table[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        per_token = torch.full((3, tokens + num_pad), -1, dtype=torch.int64)
+        per_token[0] = 0
+        if tokens:
+            real = len(seqs)
+            seq_of = torch.repeat_interleave(torch.arange(real), scalars[1, :real].long())
+            pos = torch.arange(tokens) + (scalars[0, :real] - scalars[2, :real]).long()[seq_of]
+            bs, ring_size = layout.block_size, layout.ring_size
+            per_token[0, :tokens] = pos
+            per_token[1, :tokens] = table[:real].long()[seq_of, pos // bs] * bs + pos % bs
+            per_token[2, :tokens] = scalars[3, :real].long()[seq_of] * ring_size + pos % ring_size
+        per_seq, per_token = per_seq.to(device, non_blocking=True), per_token.to(device, non_blocking=True)
+        scalars, table = per_seq[: 4 * num_seqs].view(4, num_seqs), per_seq[4 * num_seqs :].view(num_seqs, -1)
+        batch = AttentionBatch(
+            seq_start=scalars[0],
+            seq_len=scalars[1],
+            seq_offset=scalars[2],
+            ring=scalars[3],
+            block_table=table,
+        )
+        return cls(batch, per_token[0], per_token[1], per_token[2], starts, lengths)
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def decode_items(self) -> WorkItems | None:
+        """One item per sequence with a single query token (padding sequences included: they write nothing)."""
+        return self._work_items(1)
+
+    def prefill_items(self, block_q: int) -> WorkItems | None:
+        """Tiles of `block_q` query tokens over the sequences with more than one token this step."""
+        return self._work_items(block_q)
+
+    def _work_items(self, block_q: int) -> WorkItems | None:
+        if block_q not in self._items:
+            seq_ids, q0s = [], []
+            for i, n in enumerate(self.lengths):
+                if block_q == 1 and n <= 1:
+                    seq_ids.append(i)
+                    q0s.append(0)
+                elif block_q > 1 and n > 1:
+                    seq_ids += [i] * -(-n // block_q)
+                    q0s += list(range(0, n, block_q))
+            items = None
+            if seq_ids:
+                packed = torch.tensor([seq_ids, q0s], dtype=torch.int32).to(self.device, non_blocking=True)
+                items = WorkItems(packed[0], packed[1], block_q)
+            self._items[block_q] = items
+        return self._items[block_q]
+
+    def max_decode_keys(self, window: int | None) -> int:
+        """Most keys any single-token sequence attends over (for sizing the key splits)."""
+        ends = [s + n for s, n in zip(self.starts, self.lengths) if n == 1]
+        if not ends:
+            return 0
+        return max(min(e, window) if window else e for e in ends)
+
+
 class BatchContext:
-    def __init__(self, model: Gemma4Model, cache: KVCache, seqs: list[SeqSlice], device: torch.device):
+    def __init__(
+        self,
+        model: Gemma4Model,
+        cache: KVCache,
+        seqs: list[SeqSlice],
+        device: torch.device,
+        *,
+        backend: str | AttentionBackend | None = None,
+    ):
+        """`backend`: an attention backend or its name; default by device (see `select_attention_backend`)."""
         self.model, self.cache, self.seqs = model, cache, seqs
         self.cfg = model.config
-        self.positions = torch.cat([torch.arange(s.start, s.start + s.length, device=device) for s in seqs])
+        self.device = torch.device(device)
+        self.backend = (
+            backend if hasattr(backend, "attend") else select_attention_backend(self.device, backend)
+        )
+        self._metadata: StepMetadata | None = None
+        if self.backend.needs_metadata:
+            self.positions = self.metadata.positions
+        else:
+            pos = [p for s in seqs for p in range(s.start, s.start + s.length)]
+            self.positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+
+    @property
+    def metadata(self) -> StepMetadata:
+        if self._metadata is None:
+            self._metadata = StepMetadata.build(self.seqs, self.cache, self.device)
+        return self._metadata
 
     def attend(
         self,
@@ -42,6 +191,18 @@ class BatchContext:
         *,
         window: int | None,
     ) -> torch.Tensor:
+        return self.backend.attend(self, layer, q, k, v, window=window)
+
+    def attend_reference(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        *,
+        window: int | None,
+    ) -> torch.Tensor:
+        """The torch reference: per sequence, write its new K/V, gather its history, attend."""
         cache, cfg = self.cache, self.cfg
         src = cfg.kv_source_layer(layer)
         sliding = cfg.is_sliding(layer)
@@ -65,13 +226,13 @@ class BatchContext:
                     cache.write(cache.keys[src], new_slots, k[rows], k_scale)
             values = cache.read(cache.values[src], hist_slots, q.dtype, v_scale)
             if v_only:
-                keys = self._derive_keys(src, values, hist)
+                keys = self.derive_keys(src, values, hist)
             else:
                 keys = cache.read(cache.keys[src], hist_slots, q.dtype, k_scale)
             out[rows] = attention(q[rows], keys, values, q_positions=pos, k_positions=hist, window=window)
         return out
 
-    def _derive_keys(self, layer: int, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def derive_keys(self, layer: int, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """K of a k_eq_v layer from its stored V (= the normalised shared projection): times k_norm's weight, RoPE."""
         attn = self.model.layers[layer].self_attn
         keys = (values.float() * attn.k_norm.weight.float()).to(values.dtype)

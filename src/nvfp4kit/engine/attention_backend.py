@@ -1,0 +1,138 @@
+"""Attention backends: who does a `BatchContext`'s KV writes and attention.
+
+- `torch`: the reference (`BatchContext.attend_reference`), per sequence, any device.
+- `triton`: one KV-write launch and one or two attention launches per layer (decode items with key splits,
+  prefill tiles), over step metadata built once per step (`StepMetadata`).
+
+`select_attention_backend(device, name)` picks `name`, else the `NVFP4KIT_ATTENTION_BACKEND` environment
+variable, else `triton` on CUDA (when Triton is installed) and `torch` elsewhere. The CPU can run the Triton
+path only under `TRITON_INTERPRET=1` (tests).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from nvfp4kit.engine.batch_context import BatchContext
+
+ENV_VAR = "NVFP4KIT_ATTENTION_BACKEND"
+
+
+class AttentionBackend(Protocol):
+    name: str
+    needs_metadata: bool  # whether the context should build `StepMetadata`
+
+    def attend(
+        self,
+        ctx: BatchContext,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
+        *,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Store k/v [T, Hkv, D] of `layer` (None: it reads another layer's KV) and attend q [T, Hq, D]."""
+
+
+class TorchAttentionBackend:
+    name = "torch"
+    needs_metadata = False
+
+    def attend(self, ctx, layer, q, k, v, *, window):
+        return ctx.attend_reference(layer, q, k, v, window=window)
+
+
+class TritonAttentionBackend:
+    name = "triton"
+    needs_metadata = True
+
+    def __init__(self):
+        try:
+            from nvfp4kit.kernels import kv_write, paged_attention
+        except ImportError as err:  # pragma: no cover - only where triton is missing
+            raise RuntimeError(f"the triton attention backend needs Triton installed ({err})") from err
+        self._write, self._kernels = kv_write, paged_attention
+        self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def attend(self, ctx, layer, q, k, v, *, window):
+        cfg, cache, meta = ctx.cfg, ctx.cache, ctx.metadata
+        kernels = self._kernels
+        src = cfg.kv_source_layer(layer)
+        sliding = cfg.is_sliding(layer)
+        k_store, v_store = cache.keys[src], cache.values[src]
+        k_scale, v_scale = cache.scale(src, 0), cache.scale(src, 1)
+        if k is not None:
+            self._write.write_kv(
+                v, k=None if k_store is None else k, slots=meta.ring_slots if sliding else meta.global_slots,
+                v_store=v_store, k_store=k_store, v_scale=v_scale, k_scale=k_scale,
+            )  # fmt: skip
+        derived = None if k_store is not None else self._derived_key(ctx.model.layers[src].self_attn)
+        where = {"ring_size": cache.layout.ring_size} if sliding else {"block_size": cache.layout.block_size}
+        common = dict(
+            v_store=v_store, k_store=k_store, batch=meta.batch, window=window, v_scale=v_scale, k_scale=k_scale,
+            derived_key=derived, **where,
+        )  # fmt: skip
+        out = torch.empty_like(q)
+        kv_heads, head_dim = v_store.shape[1], v_store.shape[2]
+        decode = meta.decode_items()
+        if decode is not None:
+            splits = kernels.choose_num_splits(
+                len(decode), kv_heads, meta.max_decode_keys(window), device=q.device
+            )
+            kernels.paged_attention(q, items=decode, num_splits=splits, out=out, **common)
+        prefill = meta.prefill_items(kernels.prefill_block_q(head_dim, q.shape[1] // kv_heads))
+        if prefill is not None:
+            kernels.paged_attention(q, items=prefill, out=out, **common)
+        return out
+
+    def _derived_key(self, attn: torch.nn.Module):
+        """k_norm weight and RoPE frequencies of a k_eq_v layer; the count of rotated pairs is read once."""
+        if attn not in self._derived:
+            inv_freq = attn.inv_freq.float()
+            pairs = int((inv_freq != 0).nonzero().max()) + 1 if bool((inv_freq != 0).any()) else 0
+            self._derived[attn] = self._kernels.DerivedKey(attn.k_norm.weight, inv_freq, pairs)
+        return self._derived[attn]
+
+
+_FACTORIES: dict[str, Callable[[], AttentionBackend]] = {
+    "torch": TorchAttentionBackend,
+    "triton": TritonAttentionBackend,
+}
+_INSTANCES: dict[str, AttentionBackend] = {}
+
+
+def register_attention_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
+    _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
+
+
+def available_attention_backends() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return False
+    return True
+
+
+def select_attention_backend(device: torch.device | str, name: str | None = None) -> AttentionBackend:
+    """`name`, else $NVFP4KIT_ATTENTION_BACKEND, else `triton` on CUDA and `torch` elsewhere."""
+    device = torch.device(device)
+    name = name or os.environ.get(ENV_VAR) or None
+    if name is None:
+        name = "triton" if device.type == "cuda" and _triton_installed() else "torch"
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown attention backend {name!r}; available: {available_attention_backends()}")
+    if name not in _INSTANCES:
+        _INSTANCES[name] = _FACTORIES[name]()
+    return _INSTANCES[name]

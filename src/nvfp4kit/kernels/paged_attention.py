@@ -1,0 +1,340 @@
+"""Attention over the engine's KV pools (paged global blocks or per-request sliding rings), in Triton.
+
+One kernel serves decode and chunked prefill. A program takes one *work item* (a sequence and its first query
+token) and one KV head, and computes a tile of BLOCK_M rows = BLOCK_Q query tokens x the GROUP query heads that
+share that KV head (GQA), so every K/V tile it loads serves all of them. Keys are visited in BLOCK_N tiles with an
+online softmax; each key position is mapped to its pool row in registers (ring: ring * ring_size + p % ring_size;
+paged: block_table[p // block_size] * block_size + p % block_size). Scale is 1.0 (Gemma 4's q and k are
+RMS-normalised). Masks: causal, plus p_q - window < p_k for sliding layers.
+
+Decode (one query token per item) can split each sequence's keys over NUM_SPLITS programs (flash-decoding):
+each writes a normalised partial output and its log-sum-exp, and a small kernel merges them.
+
+k_eq_v layers that store only V (= the normalised shared projection) derive K in registers: K = rope(V * w_k)
+with the layer's inverse frequencies. RoPE pairs are (i, i + D/2); only the first `rotary_pairs` frequencies are
+non-zero (proportional RoPE: 64 of 256), so the scores are q_pass . (V w_k) over the pass-through columns plus two
+small dots over the rotated columns, and sin/cos are computed only where they matter.
+
+Nothing here is Hopper-only (FP8 is decoded with integer ops, see kv_write.py); metadata are device tensors and
+no launch reads a value back to the host, so the launches can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4kit.kernels.kv_write import decode_kv, kernel_view, kv_format
+
+if TYPE_CHECKING:  # the metadata types live with the engine so that it imports without Triton
+    from nvfp4kit.engine.batch_context import AttentionBatch, WorkItems
+
+_TWO_PI_HI = 6.28125  # 2*pi = HI + MID + LO; HI and MID have 8 significant bits, so k * HI, k * MID are exact
+_TWO_PI_MID = 0.0019378662109375
+_TWO_PI_LO = -2.559031372584286e-06
+
+
+@dataclass(frozen=True)
+class DerivedKey:
+    """K = rope(V * k_norm_weight) for layers that store V only; inv_freq is zero past `rotary_pairs`."""
+
+    k_norm_weight: torch.Tensor  # [D]
+    inv_freq: torch.Tensor  # [D/2] fp32
+    rotary_pairs: int
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int  # query rows per program (BLOCK_Q tokens x GROUP heads, padded)
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1), where tile-size minimums do not apply."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def select_config(head_dim: int, group: int, *, decode: bool) -> AttentionConfig:
+    """Tile sizes by head size and mode (measured on H100; see docs/benchmarks.md, "Attention kernels")."""
+    min_rows = 1 if interpreting() else 16  # tensor-core dots need M >= 16
+    if decode:
+        block_m = max(min_rows, _pow2(group))
+        block_n = 64 if head_dim <= 256 else 32
+        return AttentionConfig(block_m, block_n, num_warps=4, num_stages=2)
+    block_m = max(min_rows, _pow2(group), 64 if head_dim <= 256 else 32)
+    return AttentionConfig(block_m, 32, num_warps=8 if head_dim >= 256 else 4, num_stages=2)
+
+
+def prefill_block_q(head_dim: int, group: int) -> int:
+    """Query tokens per prefill work item for this layer shape."""
+    return max(1, select_config(head_dim, group, decode=False).block_m // _pow2(group))
+
+
+def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: torch.device) -> int:
+    """Key splits per decode item: enough programs to fill the GPU, at least 256 keys each."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = max(1, num_items * kv_heads)
+    want = -(-4 * sms // programs)
+    return max(1, min(want, max_keys // 256, 64))
+
+
+@triton.jit
+def _cos_sin(angle):
+    """cos/sin of fp32 angles up to ~1e6 rad: reduce to [-pi, pi] exactly first (fast sin/cos are only accurate there)."""
+    k = tl.floor(angle * 0.15915494309189535 + 0.5)
+    r = angle - k * _TWO_PI_HI
+    r = r - k * _TWO_PI_MID
+    r = r - k * _TWO_PI_LO
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, out_ptr, part_acc_ptr, part_lse_ptr,
+    k_ptr, v_ptr, k_scale, v_scale,
+    knorm_ptr, inv_freq_ptr,
+    item_seq_ptr, item_q0_ptr,
+    seq_start_ptr, seq_len_ptr, seq_offset_ptr, block_table_ptr, ring_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
+    window, ring_size, block_size, num_q_heads,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+    RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    item = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(item_seq_ptr + item)
+    q0 = tl.load(item_q0_ptr + item)
+    start = tl.load(seq_start_ptr + seq)
+    qlen = tl.load(seq_len_ptr + seq)
+    qoff = tl.load(seq_offset_ptr + seq)
+    dot_ty = tl.float32 if DOT_F32 else q_ptr.dtype.element_ty
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = q0 + rows // GROUP_P2
+    g = rows % GROUP_P2
+    row_ok = (rows // GROUP_P2 < BLOCK_Q) & (g < GROUP) & (tok < qlen)
+    head = kv_head * GROUP + g
+    q_pos = start + tok
+    q_rows = (qoff + tok).to(tl.int64) * stride_qt + head * stride_qh
+
+    # keys this program visits: [lo, hi), the union over its rows, then this split's share
+    hi = start + tl.minimum(qlen, q0 + BLOCK_Q)
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(start + q0 - window + 1, 0)
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
+
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, D)
+    q = tl.load(q_ptr + q_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(dot_ty)
+    if DERIVE_K:
+        rcols = tl.arange(0, ROT)
+        rotated = (cols % HALF) < ROT
+        q = tl.where(rotated[None, :], 0.0, q).to(dot_ty)  # the rotated columns get their own dots
+        q_r1 = tl.load(q_ptr + q_rows[:, None] + rcols[None, :], mask=row_ok[:, None], other=0.0).to(dot_ty)
+        q_r2 = tl.load(q_ptr + q_rows[:, None] + HALF + rcols[None, :], mask=row_ok[:, None], other=0.0)
+        q_r2 = q_r2.to(dot_ty)
+        w = tl.load(knorm_ptr + cols).to(tl.float32)
+        w_r1 = tl.load(knorm_ptr + rcols).to(tl.float32)
+        w_r2 = tl.load(knorm_ptr + HALF + rcols).to(tl.float32)
+        freq = tl.load(inv_freq_ptr + rcols).to(tl.float32)
+    if RING:
+        ring_base = tl.load(ring_ptr + seq).to(tl.int64) * ring_size
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        if RING:
+            slot = ring_base + k_pos % ring_size
+        else:
+            blk = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0)
+            slot = blk.to(tl.int64) * block_size + k_pos % block_size
+        v_rows = slot * stride_vs + kv_head * stride_vh
+        v = decode_kv(
+            tl.load(v_ptr + v_rows[:, None] + cols[None, :], mask=k_ok[:, None], other=0), KV_FORMAT
+        )
+        v = v * v_scale
+        if DERIVE_K:
+            scores = tl.dot(q, tl.trans((v * w[None, :]).to(dot_ty)), input_precision=PRECISION)
+            x1 = decode_kv(
+                tl.load(v_ptr + v_rows[:, None] + rcols[None, :], mask=k_ok[:, None], other=0), KV_FORMAT
+            )
+            x2 = decode_kv(
+                tl.load(v_ptr + v_rows[:, None] + HALF + rcols[None, :], mask=k_ok[:, None], other=0),
+                KV_FORMAT,
+            )
+            x1 = x1 * v_scale * w_r1[None, :]
+            x2 = x2 * v_scale * w_r2[None, :]
+            cos, sin = _cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
+            k1 = (x1 * cos - x2 * sin).to(dot_ty)
+            k2 = (x2 * cos + x1 * sin).to(dot_ty)
+            scores += tl.dot(q_r1, tl.trans(k1), input_precision=PRECISION)
+            scores += tl.dot(q_r2, tl.trans(k2), input_precision=PRECISION)
+        else:
+            k_rows = slot * stride_ks + kv_head * stride_kh
+            kt = decode_kv(
+                tl.load(k_ptr + k_rows[:, None] + cols[None, :], mask=k_ok[:, None], other=0), KV_FORMAT
+            )
+            scores = tl.dot(q, tl.trans((kt * k_scale).to(dot_ty)), input_precision=PRECISION)
+        keep = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if SLIDING:
+            keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(keep, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty), input_precision=PRECISION)
+        m_i = m_new
+
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    acc = acc / safe_l[:, None]
+    if NUM_SPLITS == 1:
+        out_rows = (qoff + tok).to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(
+            out_ptr + out_rows[:, None] + cols[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+    else:  # decode: one token per item, so a row is one query head
+        part = (item * num_q_heads + head) * NUM_SPLITS + split
+        lse = tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+        tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, seq_len_ptr, seq_offset_ptr,
+    stride_ot, stride_oh, num_q_heads,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    item = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(item_seq_ptr + item)
+    qlen = tl.load(seq_len_ptr + seq)
+    qoff = tl.load(seq_offset_ptr + seq)
+    sp = tl.arange(0, SPLITS_P2)
+    cols = tl.arange(0, D)
+    base = (item * num_q_heads + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp(lse - top)
+    acc = tl.load(
+        part_acc_ptr + (base + sp)[:, None] * D + cols[None, :], mask=(sp < NUM_SPLITS)[:, None], other=0.0
+    )
+    out = tl.sum(acc * weight[:, None], 0) / tl.maximum(tl.sum(weight, 0), 1e-30)
+    dst = out_ptr + qoff.to(tl.int64) * stride_ot + head * stride_oh + cols
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=cols < tl.where(qlen > 0, D, 0))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    *,
+    v_store: torch.Tensor,
+    k_store: torch.Tensor | None,
+    batch: AttentionBatch,
+    items: WorkItems,
+    window: int | None,
+    ring_size: int | None = None,
+    block_size: int | None = None,
+    v_scale: float = 1.0,
+    k_scale: float = 1.0,
+    derived_key: DerivedKey | None = None,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """Attention of q [T, Hq, D] over a pool [rows, Hkv, D] for the query rows `items` covers; writes `out`.
+
+    Give `ring_size` (sliding rings) or `block_size` (paged global pool). `k_store=None` needs `derived_key`.
+    """
+    if (ring_size is None) == (block_size is None):
+        raise ValueError("give exactly one of ring_size (sliding ring) or block_size (paged pool)")
+    if (k_store is None) == (derived_key is None):
+        raise ValueError("give k_store, or derived_key for a pool that stores V only (not both)")
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = v_store.shape[1]
+    if v_store.shape[2] != head_dim or head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(
+            f"head_dim {head_dim} must be a power of two >= 16 and match the pool {tuple(v_store.shape)}"
+        )
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous in its last dim")
+    if not q.is_cuda and not interpreting():
+        raise RuntimeError(
+            "the Triton attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)"
+        )
+    out = torch.empty_like(q) if out is None else out
+    if len(items) == 0 or tokens == 0:
+        return out
+    if num_splits > 1 and items.block_q != 1:
+        raise ValueError("splitting keys is for decode items (block_q == 1)")
+    group = q_heads // kv_heads
+    decode = items.block_q == 1
+    cfg = config or select_config(head_dim, group, decode=decode)
+    if cfg.block_m < items.block_q * _pow2(group):
+        raise ValueError(f"block_m {cfg.block_m} cannot hold {items.block_q} tokens x {group} heads")
+    fmt = kv_format(v_store)
+    rot = 0
+    knorm = inv_freq = q  # unused placeholders when K is stored
+    if derived_key is not None:
+        min_rot = 1 if interpreting() else 16
+        rot = min(head_dim // 2, max(min_rot, _pow2(derived_key.rotary_pairs)))
+        knorm, inv_freq = derived_key.k_norm_weight, derived_key.inv_freq.float()
+    v_view = kernel_view(v_store)
+    k_view = v_view if k_store is None else kernel_view(k_store)
+    part_acc = part_lse = out
+    if num_splits > 1:
+        part_acc = torch.empty(
+            len(items), q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty(len(items), q_heads, num_splits, dtype=torch.float32, device=q.device)
+    table = batch.block_table
+    _paged_attention_kernel[(len(items), kv_heads, num_splits)](
+        q, out, part_acc, part_lse, k_view, v_view, float(k_scale), float(v_scale), knorm, inv_freq,
+        items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
+        window or 0, ring_size or 1, block_size or 1, q_heads,
+        GROUP=group, GROUP_P2=_pow2(group), BLOCK_Q=items.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        D=head_dim, ROT=max(rot, 1), RING=ring_size is not None, SLIDING=window is not None,
+        DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NUM_SPLITS=num_splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        DOT_F32=interpreting(),  # the CPU interpreter's bf16 dot is wrong (Triton 3.9); fp32 there
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(len(items), q_heads)](
+            part_acc, part_lse, out, items.seq, batch.seq_len, batch.seq_offset,
+            out.stride(0), out.stride(1), q_heads,
+            NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits), D=head_dim, num_warps=4,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,147 @@
+"""The attention backends: selection, and the Triton path (interpreted on the CPU) against the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nvfp4kit.engine.attention_backend import (
+    ENV_VAR,
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+    register_attention_backend,
+    select_attention_backend,
+)
+from nvfp4kit.engine.batch_context import BatchContext, SeqSlice, StepMetadata
+from nvfp4kit.engine.engine import Engine, EngineConfig
+from nvfp4kit.model.loader import load_model
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+
+def prompts(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 384, (n,), generator=gen).tolist() for n in lengths]
+
+
+def generate(engine, reqs, params=GREEDY):
+    ids = {engine.add_request(p, params): i for i, p in enumerate(reqs)}
+    out = [[] for _ in reqs]
+    while engine.has_unfinished():
+        for event in engine.step():
+            out[ids[event.request_id]].append(event.token_id)
+    return out
+
+
+@pytest.fixture(scope="module", params=["moe", "e2b"])
+def model_and_tokenizer(request, tiny_checkpoint):
+    folder = tiny_checkpoint(request.param)
+    return load_model(folder), Tokenizer(folder)
+
+
+def test_backend_chosen_by_device_unless_overridden(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert isinstance(select_attention_backend("cpu"), TorchAttentionBackend)
+    assert isinstance(select_attention_backend(torch.device("cuda", 0)), TritonAttentionBackend)
+    assert isinstance(select_attention_backend("cpu", "triton"), TritonAttentionBackend)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    assert isinstance(select_attention_backend("cpu"), TritonAttentionBackend)
+    assert isinstance(select_attention_backend("cpu", "torch"), TorchAttentionBackend)
+    with pytest.raises(
+        ValueError, match=r"unknown attention backend 'flash'; available: \['torch', 'triton'"
+    ):
+        select_attention_backend("cpu", "flash")
+
+
+class ComparingBackend:
+    """Runs the torch reference and the Triton path on the same cache state; records the largest differences."""
+
+    name = "compare"
+    needs_metadata = True
+
+    def __init__(self):
+        self.triton = TritonAttentionBackend()
+        self.max_out_error = 0.0
+        self.max_cache_error = 0.0
+        self.calls = 0
+
+    def attend(self, ctx, layer, q, k, v, *, window):
+        pools = [*ctx.cache.keys.values(), *ctx.cache.values.values()]
+        pools = [p for p in pools if p is not None]
+        before = [p.clone() for p in pools]
+        ref = ctx.attend_reference(layer, q, k, v, window=window)
+        ref_pools = [p.clone() for p in pools]
+        for pool, saved in zip(pools, before):
+            pool.copy_(saved)
+        out = self.triton.attend(ctx, layer, q, k, v, window=window)
+        self.calls += 1
+        self.max_out_error = max(self.max_out_error, float((out - ref).abs().max() / ref.abs().max()))
+        for pool, expected in zip(pools, ref_pools):
+            self.max_cache_error = max(
+                self.max_cache_error, float((pool.float() - expected.float()).abs().max())
+            )
+        return ref
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "fp8_e4m3"])
+def test_triton_attention_equals_reference_in_every_layer_and_step(
+    model_and_tokenizer, kv_dtype, monkeypatch
+):
+    model, tok = model_and_tokenizer
+    compare = ComparingBackend()
+    register_attention_backend("compare", lambda: compare)
+    monkeypatch.setenv(ENV_VAR, "compare")
+    # window 8, chunks of 6: a prompt two windows long, chunked prefill next to decodes, k_eq_v (moe),
+    # KV-shared layers (e2b), GQA 2:1 (sliding) and 4:1 (global)
+    engine = Engine(
+        model, tok, config=EngineConfig(kv_dtype=kv_dtype, max_num_batched_tokens=6, block_size=4)
+    )
+    generate(engine, prompts([17, 3], seed=1), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert compare.calls > 30
+    assert compare.max_out_error < 1e-4, compare.max_out_error
+    assert compare.max_cache_error == 0.0
+
+
+def test_engine_greedy_tokens_equal_with_triton_attention(model_and_tokenizer, monkeypatch):
+    model, tok = model_and_tokenizer
+    reqs = prompts([19, 5, 11], seed=2)
+    config = EngineConfig(max_num_batched_tokens=16, block_size=4)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    expected = generate(Engine(model, tok, config=config), reqs)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    engine = Engine(model, tok, config=config)
+    assert generate(engine, reqs) == expected
+    assert len(engine.cache.free_blocks) == engine.layout.num_blocks
+
+
+def test_padded_decode_metadata_gives_the_same_rows(tiny_checkpoint):
+    folder = tiny_checkpoint("moe")
+    model, tok = load_model(folder), Tokenizer(folder)
+    engine = Engine(model, tok, config=EngineConfig(max_num_batched_tokens=32, block_size=4))
+    for p in prompts([17, 9], seed=3):
+        engine.add_request(p, GREEDY)
+    engine.step()  # both prompts now in the cache
+    seqs = [
+        SeqSlice(r.num_computed, 1, i, r.block_table, r.ring) for i, r in enumerate(engine.scheduler.running)
+    ]
+    triton = TritonAttentionBackend()
+    cfg = model.config
+    for layer in (0, 5):  # a sliding layer (ring) and the k_eq_v global layer (derived K)
+        heads, dim = cfg.layer_kv_heads(layer), cfg.layer_head_dim(layer)
+        gen = torch.Generator().manual_seed(layer)
+        q = torch.randn(2, cfg.num_attention_heads, dim, generator=gen)
+        kv = torch.randn(2, heads, dim, generator=gen)
+        window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        plain = BatchContext(model, engine.cache, seqs, "cpu", backend=triton)
+        expected = triton.attend(plain, layer, q, kv, kv, window=window)
+        padded = BatchContext(model, engine.cache, seqs, "cpu", backend=triton)
+        padded._metadata = StepMetadata.build(seqs, engine.cache, "cpu", pad_to=5)
+        assert padded.metadata.global_slots.tolist()[2:] == [-1, -1, -1]
+        q_pad, kv_pad = (
+            torch.cat([q, torch.zeros(3, *q.shape[1:])]),
+            torch.cat([kv, torch.zeros(3, heads, dim)]),
+        )
+        out = triton.attend(padded, layer, q_pad, kv_pad, kv_pad, window=window)
+        assert torch.equal(out[:2], expected)
