@@ -201,9 +201,7 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
         "--m", nargs="+", type=int, default=list(DEFAULT_MS), help="token counts (default: %(default)s)"
     )
     p.add_argument("--tune", action="store_true", help="time candidate configs first and use the fastest")
-    p.add_argument(
-        "--decodes", nargs="+", default=["bits", "asm"], choices=["bits", "asm"], help="decoders to tune"
-    )
+    p.add_argument("--decodes", nargs="+", default=["asm"], choices=["bits", "asm"], help="decoders to tune")
     p.add_argument("--tune-budget-s", type=float, default=None, help="stop tuning after this many seconds")
     p.add_argument(
         "--tuned-out", help=f"write the tuned table here (for {Path('kernels/tuned')}/<card>.json)"

@@ -44,11 +44,11 @@ def _splits(tiles: int, k: int, block_k: int, sms: int) -> list[int]:
     return sorted({best, max(1, best // 2)})
 
 
-def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("bits", "asm")) -> list[LinearConfig]:
+def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> list[LinearConfig]:
     out: list[LinearConfig] = []
     for decode in decodes:
         if m <= 2:
-            for bn, bk, warps in ((32, 256, 4), (64, 128, 8)):
+            for bn, bk, warps in ((32, 256, 4),):
                 for split in _splits(-(-n // bn), k, bk, sms):
                     out.append(LinearConfig("gemv", m, bn, bk, split, num_warps=warps, decode=decode))
         if m <= 16:
@@ -77,17 +77,17 @@ def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("bits", "asm
     return out
 
 
-def moe_candidates(tokens: int, num_experts: int, top_k: int, *, decodes=("bits", "asm")) -> list[MoEConfig]:
+def moe_candidates(tokens: int, num_experts: int, top_k: int, *, decodes=("asm",)) -> list[MoEConfig]:
     out: list[MoEConfig] = []
     per_expert = tokens * top_k / num_experts
     for decode in decodes:
         if tokens <= 8:
             for gu_bn, gu_bk, dn_bn, dn_bk, mode in (
-                (16, 256, 16, 128, "token"),
-                (32, 256, 32, 128, "token"),
-                (32, 128, 16, 64, "token"),
-                (16, 256, 32, 128, "pair"),
                 (32, 128, 64, 64, "pair"),
+                (32, 256, 64, 128, "pair"),
+                (64, 128, 64, 128, "pair"),
+                (32, 128, 32, 128, "token"),
+                (32, 256, 16, 128, "token"),
             ):
                 out.append(
                     MoEConfig(
@@ -104,7 +104,7 @@ def moe_candidates(tokens: int, num_experts: int, top_k: int, *, decodes=("bits"
             block_ms = [16] if per_expert <= 8 else ([16, 32] if per_expert <= 32 else [64, 128])
             for bm in block_ms:
                 warps = 4 if bm <= 32 else 8
-                for gu_bn, gu_bk, dn_bn, dn_bk in ((32, 128, 64, 64), (64, 128, 128, 64), (64, 64, 64, 128)):
+                for gu_bn, gu_bk, dn_bn, dn_bk in ((32, 128, 64, 64), (64, 128, 128, 64), (128, 64, 128, 64)):
                     aligns = ("triton", "torch") if bm == block_ms[0] and gu_bn == 32 else ("triton",)
                     for align in aligns:
                         out.append(

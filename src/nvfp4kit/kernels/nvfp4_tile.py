@@ -19,38 +19,37 @@ BITS_FOLD_EXP = 7
 ASM_FOLD_EXP = 62
 
 # PTX for `_decode_asm`: four packed bytes ($6) and their four bf16 scales ($4, $5) give the low nibbles'
-# weights ($0, $1) and the high nibbles' weights ($2, $3). A nibble moved to bits 12..15 of a 16-bit lane
-# becomes the bf16 e2m1 * 2**-126 (sign at bit 15, exponent and mantissa at bits 6..8); multiplying by the
-# scale, pre-multiplied by 2**64, lands on e2m1 * scale * 2**-62, a normal bf16, exactly.
+# weights ($0, $1) and the high nibbles' weights ($2, $3). PRMT puts two bytes at bits 8..15 of the two
+# 16-bit lanes; a nibble at bits 12..15 of a lane is the bf16 e2m1 * 2**-126 once its magnitude bits move to
+# 6..8 (shift, mask, LOP3); the scale, pre-multiplied by 2**64, lands it on e2m1 * scale * 2**-62 exactly
+# (a normal bf16). 2 integer ops and half a packed FMA per weight.
 _DECODE_PTX = tl.constexpr(
     """
 {
-.reg .b32 t0, t1, q, r, nz, sm, z;
+.reg .b32 t, u, r, nz, sm, z;
 mov.b32 nz, 0x80008000;
 mov.b32 sm, 0x80008000;
 mov.b32 z, 0;
-prmt.b32 t0, $6, z, 0x4140;
-prmt.b32 t1, $6, z, 0x4342;
-shl.b32 q, t0, 12;
-shr.b32 r, q, 6;
+prmt.b32 t, $6, z, 0x1404;
+shr.b32 r, t, 6;
 and.b32 r, r, 0x01C001C0;
-lop3.b32 q, q, sm, r, 0xEA;
-fma.rn.bf16x2 $0, q, $4, nz;
-shl.b32 q, t1, 12;
-shr.b32 r, q, 6;
+lop3.b32 u, t, sm, r, 0xEA;
+fma.rn.bf16x2 $2, u, $4, nz;
+shl.b32 t, t, 4;
+shr.b32 r, t, 6;
 and.b32 r, r, 0x01C001C0;
-lop3.b32 q, q, sm, r, 0xEA;
-fma.rn.bf16x2 $1, q, $5, nz;
-shl.b32 q, t0, 8;
-shr.b32 r, q, 6;
+lop3.b32 u, t, sm, r, 0xEA;
+fma.rn.bf16x2 $0, u, $4, nz;
+prmt.b32 t, $6, z, 0x3424;
+shr.b32 r, t, 6;
 and.b32 r, r, 0x01C001C0;
-lop3.b32 q, q, sm, r, 0xEA;
-fma.rn.bf16x2 $2, q, $4, nz;
-shl.b32 q, t1, 8;
-shr.b32 r, q, 6;
+lop3.b32 u, t, sm, r, 0xEA;
+fma.rn.bf16x2 $3, u, $5, nz;
+shl.b32 t, t, 4;
+shr.b32 r, t, 6;
 and.b32 r, r, 0x01C001C0;
-lop3.b32 q, q, sm, r, 0xEA;
-fma.rn.bf16x2 $3, q, $5, nz;
+lop3.b32 u, t, sm, r, 0xEA;
+fma.rn.bf16x2 $1, u, $5, nz;
 }
 """
 )
@@ -91,6 +90,57 @@ def _decode_asm(b, s, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def load_weight_raw(
+    w_ptr,
+    s_ptr,
+    rows,
+    k0,
+    K,
+    stride_wn,
+    stride_sn,
+    BK: tl.constexpr,
+    NVFP4: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """The stored bytes of rows `rows` (clamped in range) x columns [k0, k0+BK): (codes, scales) for NVFP4,
+    (values, values) for a dense weight. Issued one K step ahead of use, so loads overlap the math."""
+    if NVFP4:
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        ks = k0 // 16 + tl.arange(0, BK // 16)
+        b_ptrs = w_ptr + rows[:, None] * stride_wn + kb[None, :]
+        s_ptrs = s_ptr + rows[:, None] * stride_sn + ks[None, :]
+        if EVEN_K:
+            b = tl.load(b_ptrs)
+            s = tl.load(s_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=kb[None, :] < K // 2, other=0)
+            s = tl.load(s_ptrs, mask=ks[None, :] < K // 16, other=0)
+        return b, s
+    else:
+        k = k0 + tl.arange(0, BK)
+        w_ptrs = w_ptr + rows[:, None] * stride_wn + k[None, :]
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=k[None, :] < K, other=0.0)
+        return w, w
+
+
+@triton.jit
+def expand_weight(
+    b, s, BN: tl.constexpr, BK: tl.constexpr, NVFP4: tl.constexpr, ASM: tl.constexpr, DTYPE: tl.constexpr
+):
+    """Raw tile from `load_weight_raw` -> [BN, BK] in DTYPE (NVFP4: e2m1 * scale * 2**-FOLD, exactly)."""
+    if NVFP4:
+        if ASM:
+            w = _decode_asm(b, s, BN, BK)
+        else:
+            w = _decode_bits(b, s, BN, BK)
+        return w.to(DTYPE)
+    return b.to(DTYPE)
+
+
+@triton.jit
 def load_weight_tile(
     w_ptr,
     s_ptr,
@@ -106,31 +156,16 @@ def load_weight_tile(
     EVEN_K: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """Rows `rows` (already clamped in range) x K columns [k0, k0+BK) of W as DTYPE (scaled, see FOLD)."""
-    if NVFP4:
-        kb = k0 // 2 + tl.arange(0, BK // 2)
-        ks = k0 // 16 + tl.arange(0, BK // 16)
-        b_ptrs = w_ptr + rows[:, None] * stride_wn + kb[None, :]
-        s_ptrs = s_ptr + rows[:, None] * stride_sn + ks[None, :]
-        if EVEN_K:
-            b = tl.load(b_ptrs)
-            s = tl.load(s_ptrs)
-        else:
-            b = tl.load(b_ptrs, mask=kb[None, :] < K // 2, other=0)
-            s = tl.load(s_ptrs, mask=ks[None, :] < K // 16, other=0)
-        if ASM:
-            w = _decode_asm(b, s, BN, BK)
-        else:
-            w = _decode_bits(b, s, BN, BK)
-        return w.to(DTYPE)
-    else:
-        k = k0 + tl.arange(0, BK)
-        w_ptrs = w_ptr + rows[:, None] * stride_wn + k[None, :]
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=k[None, :] < K, other=0.0)
-        return w.to(DTYPE)
+    """Load and expand in one step (no prefetch)."""
+    b, s = load_weight_raw(w_ptr, s_ptr, rows, k0, K, stride_wn, stride_sn, BK, NVFP4, EVEN_K)
+    return expand_weight(b, s, BN, BK, NVFP4, ASM, DTYPE)
+
+
+@triton.jit
+def prefetch_k(k0, step, k_end):
+    """The K offset to prefetch while working on `k0`: the next step, or `k0` again past the end."""
+    nxt = k0 + step
+    return tl.where(nxt < k_end, nxt, k0)
 
 
 @triton.jit

@@ -19,7 +19,14 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, interpreting, select_linear_config
-from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
+from nvfp4kit.kernels.nvfp4_tile import (
+    expand_weight,
+    fold_scale,
+    load_act_tile,
+    load_weight_raw,
+    mma,
+    prefetch_k,
+)
 
 
 @triton.jit
@@ -68,11 +75,15 @@ def _w4a16_dot_kernel(
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K)
-        w = load_weight_tile(
-            w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, dtype
+    step = BK * SPLIT_K
+    b, s = load_weight_raw(w_ptr, s_ptr, rn_load, pid_k * BK, K, stride_wn, stride_sn, BK, True, EVEN_K)
+    for k0 in range(pid_k * BK, K, step):
+        b_next, s_next = load_weight_raw(
+            w_ptr, s_ptr, rn_load, prefetch_k(k0, step, K), K, stride_wn, stride_sn, BK, True, EVEN_K
         )
+        x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K)
+        w = expand_weight(b, s, BN, BK, True, ASM, dtype)
+        b, s = b_next, s_next
         if SWAP_AB:
             acc = mma(acc, w, tl.trans(x), INTERPRET)
         else:
@@ -127,11 +138,15 @@ def _w4a16_gemv_kernel(
     m_ok = rm < M
     rn_load = rn % N
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K).to(tl.float32)
-        w = load_weight_tile(
-            w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, tl.float32
+    step = BK * SPLIT_K
+    b, s = load_weight_raw(w_ptr, s_ptr, rn_load, pid_k * BK, K, stride_wn, stride_sn, BK, True, EVEN_K)
+    for k0 in range(pid_k * BK, K, step):
+        b_next, s_next = load_weight_raw(
+            w_ptr, s_ptr, rn_load, prefetch_k(k0, step, K), K, stride_wn, stride_sn, BK, True, EVEN_K
         )
+        x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K).to(tl.float32)
+        w = expand_weight(b, s, BN, BK, True, ASM, tl.float32)
+        b, s = b_next, s_next
         acc += w[None, :, :] * x[:, None, :]
     y = tl.sum(acc, axis=2)
     _write_output(
