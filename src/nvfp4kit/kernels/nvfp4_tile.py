@@ -136,8 +136,9 @@ def expand_weight(
             w = _decode_asm(b, s, BN, BK)
         else:
             w = _decode_bits(b, s, BN, BK)
-        return w.to(DTYPE)
-    return b.to(DTYPE)
+    else:
+        w = b
+    return w.to(DTYPE)
 
 
 @triton.jit
