@@ -42,7 +42,7 @@ class Engine:
     def __init__(
         self,
         model: Gemma4Model,
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None,
         *,
         config: EngineConfig | None = None,
         generation_config: dict | None = None,

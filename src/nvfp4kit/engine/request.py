@@ -35,7 +35,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams  # with the checkpoint's defaults already applied
     stop_ids: frozenset[int]
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: token ids only (benchmarks), no text or stop strings
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the cache
@@ -61,6 +61,9 @@ class Request:
         if token_id in self.stop_ids:
             return self._finish(TokenEvent(self.request_id, token_id, "", logprob, top), "stop")
         last = len(self.output_ids) >= self.params.max_tokens
+        if self.detok is None:
+            event = TokenEvent(self.request_id, token_id, "", logprob, top)
+            return self._finish(event, "length") if last else event
         self.detok.push(token_id, final=last)
         text = self.detok.text
         stops = self.params.stop
@@ -87,7 +90,7 @@ def make_request(
     prompt_ids: list[int],
     params: SamplingParams,
     *,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     eos_ids: tuple[int, ...],
 ) -> Request:
     stop_ids = frozenset() if params.ignore_eos else frozenset(params.stop_token_ids or eos_ids)
@@ -97,7 +100,7 @@ def make_request(
         list(prompt_ids),
         params,
         stop_ids,
-        IncrementalDetokenizer(tokenizer, prompt_ids),
+        IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer else None,
         generator,
     )
 
