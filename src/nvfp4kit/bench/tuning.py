@@ -10,12 +10,12 @@ from nvfp4kit.kernels.configs import LinearConfig, MoEConfig
 
 # (block_n, block_k, num_warps, num_stages) for the small-M tensor-core path (block_m = 16)
 SMALL_M_TILES = (
-    (16, 256, 4, 3),
     (32, 256, 4, 3),
     (64, 256, 4, 3),
     (64, 128, 4, 4),
     (64, 256, 8, 3),
-    (128, 128, 8, 3),
+    (32, 128, 2, 4),
+    (16, 256, 2, 3),
 )
 # (block_n, block_k, num_warps, swap_ab) for 16 < M <= 128 (block_m 32 or 64)
 MID_M_TILES = (
@@ -30,9 +30,8 @@ LARGE_M_TILES = (
     (128, 128, 64, 8, 3, False),
     (128, 256, 64, 8, 3, False),
     (256, 128, 64, 8, 3, False),
-    (128, 128, 128, 8, 3, False),
+    (64, 128, 64, 4, 4, False),
     (128, 128, 64, 8, 3, True),
-    (128, 256, 64, 8, 3, True),
 )
 
 
@@ -59,8 +58,6 @@ def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> 
                             "dot", 16, bn, bk, split, num_warps=warps, num_stages=stages, decode=decode
                         )
                     )
-            for split in _splits(-(-n // 64), k, 128, sms):
-                out.append(LinearConfig("dot", 16, 64, 128, split, swap_ab=True, num_stages=4, decode=decode))
         elif m <= 128:
             bm = 32 if m <= 32 else 64
             for bn, bk, warps, swap in MID_M_TILES:
@@ -85,9 +82,8 @@ def moe_candidates(tokens: int, num_experts: int, top_k: int, *, decodes=("asm",
             for gu_bn, gu_bk, dn_bn, dn_bk, mode in (
                 (32, 128, 64, 64, "pair"),
                 (32, 256, 64, 128, "pair"),
-                (64, 128, 64, 128, "pair"),
-                (32, 128, 32, 128, "token"),
-                (32, 256, 16, 128, "token"),
+                (32, 128, 128, 64, "pair"),
+                (32, 256, 32, 128, "token"),
             ):
                 out.append(
                     MoEConfig(

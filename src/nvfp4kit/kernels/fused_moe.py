@@ -21,14 +21,7 @@ import triton.language as tl
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import MoEConfig, interpreting, select_moe_config
 from nvfp4kit.kernels.moe_align import moe_align
-from nvfp4kit.kernels.nvfp4_tile import (
-    expand_weight,
-    fold_scale,
-    load_act_tile,
-    load_weight_raw,
-    mma,
-    prefetch_k,
-)
+from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 
 
 @triton.jit
@@ -94,21 +87,28 @@ def _moe_gate_up_kernel(
     acc_gate = tl.zeros([BM, BN], dtype=tl.float32)
     acc_up = tl.zeros([BM, BN], dtype=tl.float32)
     k_end = tl.where(expert >= 0, hidden, 0)  # unused blocks skip the loop
-    gate_rows, up_rows = rn_load, rn_load + inter
-    bg, sg = load_weight_raw(w_base, s_base, gate_rows, 0, hidden, stride_wn, stride_sn, BK, NVFP4, EVEN_K)
-    bu, su = load_weight_raw(w_base, s_base, up_rows, 0, hidden, stride_wn, stride_sn, BK, NVFP4, EVEN_K)
     for k0 in range(0, k_end, BK):
-        kn = prefetch_k(k0, BK, k_end)
-        bg_next, sg_next = load_weight_raw(
-            w_base, s_base, gate_rows, kn, hidden, stride_wn, stride_sn, BK, NVFP4, EVEN_K
-        )
-        bu_next, su_next = load_weight_raw(
-            w_base, s_base, up_rows, kn, hidden, stride_wn, stride_sn, BK, NVFP4, EVEN_K
-        )
         x = load_act_tile(x_ptr, tokens, ok, k0, hidden, stride_xm, BK, EVEN_K)
-        acc_gate = mma(acc_gate, x, tl.trans(expand_weight(bg, sg, BN, BK, NVFP4, ASM, dtype)), INTERPRET)
-        acc_up = mma(acc_up, x, tl.trans(expand_weight(bu, su, BN, BK, NVFP4, ASM, dtype)), INTERPRET)
-        bg, sg, bu, su = bg_next, sg_next, bu_next, su_next
+        wg = load_weight_tile(
+            w_base, s_base, rn_load, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+        )
+        wu = load_weight_tile(
+            w_base,
+            s_base,
+            rn_load + inter,
+            k0,
+            hidden,
+            stride_wn,
+            stride_sn,
+            BN,
+            BK,
+            NVFP4,
+            ASM,
+            EVEN_K,
+            dtype,
+        )
+        acc_gate = mma(acc_gate, x, tl.trans(wg), INTERPRET)
+        acc_up = mma(acc_up, x, tl.trans(wu), INTERPRET)
     scale = fold_scale(s2_ptr, e, NVFP4, ASM)
     gate = acc_gate * scale
     up = acc_up * scale
@@ -161,14 +161,12 @@ def _moe_down_kernel(
     dtype = act_ptr.dtype.element_ty
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_end = tl.where(expert >= 0, inter, 0)
-    b, s = load_weight_raw(w_base, s_base, rn_load, 0, inter, stride_wn, stride_sn, BK, NVFP4, EVEN_K)
     for k0 in range(0, k_end, BK):
-        b_next, s_next = load_weight_raw(
-            w_base, s_base, rn_load, prefetch_k(k0, BK, k_end), inter, stride_wn, stride_sn, BK, NVFP4, EVEN_K
-        )
         a = load_act_tile(act_ptr, act_rows, ok, k0, inter, stride_am, BK, EVEN_K)
-        acc = mma(acc, a, tl.trans(expand_weight(b, s, BN, BK, NVFP4, ASM, dtype)), INTERPRET)
-        b, s = b_next, s_next
+        w = load_weight_tile(
+            w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+        )
+        acc = mma(acc, a, tl.trans(w), INTERPRET)
     route = tl.load(topk_w_ptr + pairs, mask=ok, other=0.0).to(tl.float32)
     y = acc * fold_scale(s2_ptr, e, NVFP4, ASM) * route[:, None]
     mask = ok[:, None] & (rn[None, :] < hidden)
@@ -210,49 +208,20 @@ def _moe_down_token_kernel(
     rn_load = rn % hidden
     dtype = act_ptr.dtype.element_ty
     total = tl.zeros([BM, BN], dtype=tl.float32)
-    # one flat loop over (slot, K step) so the next tile is prefetched across expert boundaries too
-    k_steps = tl.cdiv(inter, BK)
-    steps = TOP_K * k_steps
-    first = tl.load(topk_ids_ptr + token * TOP_K).to(tl.int64)
-    b, s = load_weight_raw(
-        w_ptr + first * stride_we,
-        s_ptr + first * stride_se,
-        rn_load,
-        0,
-        inter,
-        stride_wn,
-        stride_sn,
-        BK,
-        NVFP4,
-        EVEN_K,
-    )
-    for it in range(0, steps):
-        nxt = tl.minimum(it + 1, steps - 1)
-        e_next = tl.load(topk_ids_ptr + token * TOP_K + nxt // k_steps).to(tl.int64)
-        b_next, s_next = load_weight_raw(
-            w_ptr + e_next * stride_we,
-            s_ptr + e_next * stride_se,
-            rn_load,
-            (nxt % k_steps) * BK,
-            inter,
-            stride_wn,
-            stride_sn,
-            BK,
-            NVFP4,
-            EVEN_K,
-        )
-        pair = token * TOP_K + it // k_steps
+    for slot in range(TOP_K):
+        pair = token * TOP_K + slot
         e = tl.load(topk_ids_ptr + pair).to(tl.int64)
-        a = load_act_tile(act_ptr, pair + lanes * 0, ok, (it % k_steps) * BK, inter, stride_am, BK, EVEN_K)
-        part = mma(
-            tl.zeros([BM, BN], dtype=tl.float32),
-            a,
-            tl.trans(expand_weight(b, s, BN, BK, NVFP4, ASM, dtype)),
-            INTERPRET,
-        )
+        w_base = w_ptr + e * stride_we
+        s_base = s_ptr + e * stride_se
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, inter, BK):
+            a = load_act_tile(act_ptr, pair + lanes * 0, ok, k0, inter, stride_am, BK, EVEN_K)
+            w = load_weight_tile(
+                w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+            )
+            acc = mma(acc, a, tl.trans(w), INTERPRET)
         route = tl.load(topk_w_ptr + pair).to(tl.float32)
-        total += part * (fold_scale(s2_ptr, e, NVFP4, ASM) * route)
-        b, s = b_next, s_next
+        total += acc * (fold_scale(s2_ptr, e, NVFP4, ASM) * route)
     y = tl.sum(total, axis=0)  # rows other than 0 are zero
     tl.store(out_ptr + token * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=rn < hidden)
 
@@ -325,7 +294,9 @@ def fused_moe(
     gu = _weight_args(gate_up, "gate_up")
     dn = _weight_args(down, "down")
     nvfp4 = gu[-1]
-    asm = cfg.decode == "asm" and nvfp4 and not interpret
+    asm = (
+        cfg.decode == "asm" and nvfp4 and not interpret and x.dtype != torch.float16
+    )  # PTX output is bf16-scaled
     pairs = ids.numel()
     gu_bn, gu_bk = cfg.gate_up_block_n, cfg.gate_up_block_k
     dn_bn, dn_bk = cfg.down_block_n, cfg.down_block_k

@@ -103,7 +103,7 @@ def load_weight_raw(
     EVEN_K: tl.constexpr,
 ):
     """The stored bytes of rows `rows` (clamped in range) x columns [k0, k0+BK): (codes, scales) for NVFP4,
-    (values, values) for a dense weight. Issued one K step ahead of use, so loads overlap the math."""
+    (values, values) for a dense weight. (Triton's software pipeliner overlaps these loads with the math.)"""
     if NVFP4:
         kb = k0 // 2 + tl.arange(0, BK // 2)
         ks = k0 // 16 + tl.arange(0, BK // 16)
@@ -157,16 +157,9 @@ def load_weight_tile(
     EVEN_K: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """Load and expand in one step (no prefetch)."""
+    """Load a weight tile and expand it (see `load_weight_raw`, `expand_weight`)."""
     b, s = load_weight_raw(w_ptr, s_ptr, rows, k0, K, stride_wn, stride_sn, BK, NVFP4, EVEN_K)
     return expand_weight(b, s, BN, BK, NVFP4, ASM, DTYPE)
-
-
-@triton.jit
-def prefetch_k(k0, step, k_end):
-    """The K offset to prefetch while working on `k0`: the next step, or `k0` again past the end."""
-    nxt = k0 + step
-    return tl.where(nxt < k_end, nxt, k0)
 
 
 @triton.jit

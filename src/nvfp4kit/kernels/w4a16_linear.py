@@ -19,14 +19,7 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, interpreting, select_linear_config
-from nvfp4kit.kernels.nvfp4_tile import (
-    expand_weight,
-    fold_scale,
-    load_act_tile,
-    load_weight_raw,
-    mma,
-    prefetch_k,
-)
+from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 
 
 @triton.jit
@@ -75,15 +68,11 @@ def _w4a16_dot_kernel(
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    step = BK * SPLIT_K
-    b, s = load_weight_raw(w_ptr, s_ptr, rn_load, pid_k * BK, K, stride_wn, stride_sn, BK, True, EVEN_K)
-    for k0 in range(pid_k * BK, K, step):
-        b_next, s_next = load_weight_raw(
-            w_ptr, s_ptr, rn_load, prefetch_k(k0, step, K), K, stride_wn, stride_sn, BK, True, EVEN_K
-        )
+    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
         x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K)
-        w = expand_weight(b, s, BN, BK, True, ASM, dtype)
-        b, s = b_next, s_next
+        w = load_weight_tile(
+            w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, dtype
+        )
         if SWAP_AB:
             acc = mma(acc, w, tl.trans(x), INTERPRET)
         else:
@@ -138,15 +127,11 @@ def _w4a16_gemv_kernel(
     m_ok = rm < M
     rn_load = rn % N
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
-    step = BK * SPLIT_K
-    b, s = load_weight_raw(w_ptr, s_ptr, rn_load, pid_k * BK, K, stride_wn, stride_sn, BK, True, EVEN_K)
-    for k0 in range(pid_k * BK, K, step):
-        b_next, s_next = load_weight_raw(
-            w_ptr, s_ptr, rn_load, prefetch_k(k0, step, K), K, stride_wn, stride_sn, BK, True, EVEN_K
-        )
+    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
         x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K).to(tl.float32)
-        w = expand_weight(b, s, BN, BK, True, ASM, tl.float32)
-        b, s = b_next, s_next
+        w = load_weight_tile(
+            w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, tl.float32
+        )
         acc += w[None, :, :] * x[:, None, :]
     y = tl.sum(acc, axis=2)
     _write_output(
@@ -233,7 +218,7 @@ def w4a16_linear(x: torch.Tensor, weight: NVFP4Tensor, *, config: LinearConfig |
         return out.reshape(*lead, n)
     cfg = config or select_linear_config(m, n, k, device=x.device)
     interpret = interpreting()
-    asm = cfg.decode == "asm" and not interpret
+    asm = cfg.decode == "asm" and not interpret and x.dtype != torch.float16  # PTX output is bf16-scaled
     packed, scale = weight.packed, weight.scale.view(torch.uint8)
     s2 = weight.scale_2.reshape(1).to(torch.float32)
     even_k = k % cfg.block_k == 0
