@@ -72,15 +72,19 @@ def quantize_layer(
     prefix: str,
     layer: int,
     moe_intermediate: int,
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """All output tensors of layer `layer` (quantized linears, experts, and every other tensor copied as-is)."""
+    """All output tensors of layer `layer` (quantized linears, experts, and every other tensor copied as-is).
+
+    The arithmetic runs on `device` (same IEEE operations, same bits on CPU and GPU); results come back to CPU.
+    """
     out: dict[str, torch.Tensor] = {}
     done: set[str] = set()
     for group in plan.groups:
         if group.modules[0] not in plan.quantized:
             continue
         names = [f"{prefix}{m}.weight" for m in group.modules]
-        weights = [reader.get(n) for n in names]
+        weights = [reader.get(n, device=device) for n in names]
         for name, w in zip(names, weights):
             _check_shape(name, w)
         scale_2 = global_scale(torch.stack([w.float().abs().amax() for w in weights]).amax())
@@ -93,7 +97,7 @@ def quantize_layer(
     if plan.experts is not None and plan.experts_quantized:
         experts = prefix + plan.experts
         gate_up_name, down_name = f"{experts}.gate_up_proj", f"{experts}.down_proj"
-        gate_up, down = reader.get(gate_up_name), reader.get(down_name)
+        gate_up, down = reader.get(gate_up_name, device=device), reader.get(down_name, device=device)
         _check_shape(gate_up_name, gate_up)
         _check_shape(down_name, down)
         in_gate_up = _input_scale(amax, f"{plan.experts}:{GATE_UP}", f"{experts} (gate/up)")
@@ -110,6 +114,7 @@ def quantize_layer(
         done.update((gate_up_name, down_name))
         del gate_up, down
 
+    out = {name: t.cpu() for name, t in out.items()}
     layer_prefix = f"{prefix}layers.{layer}."
     for name in reader.names():
         if name.startswith(layer_prefix) and name not in done:

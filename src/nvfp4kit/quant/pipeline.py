@@ -42,7 +42,7 @@ from nvfp4kit.quant.shard_writer import ShardedWriter, parse_size
 from nvfp4kit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-CHUNK_TOKENS = 8192  # calibration tokens pushed through a layer at once (bounds activation memory)
+CHUNK_TOKENS = 4096  # calibration tokens pushed through a layer at once (bounds activation memory)
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,17 @@ def quantize(
     )
 
 
+class _CheckpointDtypeSource(WeightSource):
+    """Linears and experts stay in the checkpoint's dtype (BF16): the op backend casts each one per call
+    (exact), so a layer costs its BF16 size in RAM rather than twice that in fp32."""
+
+    def linear(self, name: str) -> torch.Tensor:
+        return self.raw(f"{name}.weight")
+
+    def experts(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.raw(f"{name}.gate_up_proj"), self.raw(f"{name}.down_proj")
+
+
 def _check_source(reader: CheckpointReader, cfg: Gemma4TextConfig, plans: list[LayerPlan]) -> None:
     """Fail before any work: quantized or odd-shaped weights, so a long run never dies at layer 29."""
     prefix = cfg.weight_prefix
@@ -179,10 +190,12 @@ def _quantize_tensors(
             continue
         writer.add(name, reader.get(name))
 
-    source = WeightSource(reader, cfg, dtype=dtype, device=device)
+    reader.close()
+    source = _CheckpointDtypeSource(reader, cfg, dtype=dtype, device=device)
     ids = torch.tensor([t for s in samples for t in s], dtype=torch.long, device=device)
     lengths = [len(s) for s in samples]
     hidden, ple = _embed(cfg, source, ids, model_level, writer, quantized_names)
+    reader.close()
     offsets = [0]
     for n in lengths:
         offsets.append(offsets[-1] + n)
@@ -205,10 +218,17 @@ def _quantize_tensors(
                 hidden[sl] = layer(hidden[sl], ctx, ple[sl, i] if ple is not None else None)
         del layer
         tensors = quantize_layer(
-            reader, plan, recorder.amax, prefix=prefix, layer=i, moe_intermediate=cfg.moe_intermediate_size
+            reader,
+            plan,
+            recorder.amax,
+            prefix=prefix,
+            layer=i,
+            moe_intermediate=cfg.moe_intermediate_size,
+            device=device,
         )
         writer.add_all({k: v for k, v in tensors.items() if not k.startswith(dropped)})
         del tensors
+        reader.close()  # unmap the shards: pages of finished layers must not pile up in RSS
         quantized_names += [prefix + m for m in sorted(plan.quantized)]
         if plan.experts is not None and plan.experts_quantized:
             quantized_names.append(prefix + plan.experts)
@@ -226,17 +246,21 @@ def _embed(
     """Layer-0 inputs (and E2B/E4B per-layer inputs), quantizing the model-level PLE projection on the way."""
     recorder = RecordingBackend(TorchBackend())
     model = Gemma4Model(cfg, backend=recorder)
-    model.embed_tokens = source.tensor("embed_tokens.weight")
+    # Only the rows the calibration tokens use are converted to the compute dtype (a lookup is a copy, so
+    # this is exact), not the whole 262k-row table; the big tables stay in their checkpoint dtype.
+    used, local_ids = torch.unique(ids, return_inverse=True)
+    rows = used.cpu()
+    model.embed_tokens = _rows(source, "embed_tokens.weight", rows)
     with torch.no_grad():
-        hidden = model.embed(ids)
+        hidden = model.embed(local_ids)
         ple = None
         if cfg.hidden_size_per_layer_input:
-            model.embed_tokens_per_layer = source.tensor("embed_tokens_per_layer.weight")
+            model.embed_tokens_per_layer = _rows(source, "embed_tokens_per_layer.weight", rows)
             model.per_layer_model_projection.set_weight(source.linear("per_layer_model_projection"))
             model.per_layer_projection_norm.weight.data = source.tensor("per_layer_projection_norm.weight")
             model.to(ids.device)
             recorder.watch(model.per_layer_model_projection.weight, "per_layer_model_projection")
-            ple = model.per_layer_inputs(ids, hidden)
+            ple = model.per_layer_inputs(local_ids, hidden)
     for module in model_level:
         name = f"{cfg.weight_prefix}{module}"
         weight = source.reader.get(f"{name}.weight")
@@ -247,6 +271,11 @@ def _embed(
         writer.add_all(linear_tensors(name, q, input_scale=global_scale(amax)))
         quantized_names.append(name)
     return hidden, ple
+
+
+def _rows(source: WeightSource, name: str, rows: torch.Tensor) -> torch.Tensor:
+    table = source.reader.get(source.key(name))
+    return table[rows].to(device=source.device, dtype=source.dtype)
 
 
 def _exclude_modules(
