@@ -8,6 +8,7 @@ files must be identical.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -20,9 +21,28 @@ from nvfp4kit.model.loader import load_model
 from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.tokenizer import Tokenizer
 
+# (our quantize() options, the ModelOpt quantizer patterns disabled to express the same recipe)
+RECIPES = {
+    "all-nvfp4": ({}, []),
+    "attention-bf16+exclude": (
+        {"recipe": "attention-bf16", "exclude": ("*layers.2.mlp*",)},
+        ["*self_attn*", "*layers.2.mlp*"],
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(RECIPES))
+def recipe(request):
+    return request.param
+
 
 @pytest.fixture(scope="module")
-def modelopt_export(bf16_checkpoint, calib_file, calib_shape, tmp_path_factory):
+def ours(recipe, quantized):
+    return quantized("moe", **RECIPES[recipe][0])
+
+
+@pytest.fixture(scope="module")
+def modelopt_export(recipe, bf16_checkpoint, calib_file, calib_shape, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     mtq = pytest.importorskip("modelopt.torch.quantization")
     from modelopt.torch.export import export_hf_checkpoint
@@ -37,7 +57,9 @@ def modelopt_export(bf16_checkpoint, calib_file, calib_shape, tmp_path_factory):
             src, dtype=torch.float32, attn_implementation="eager"
         )
         with torch.no_grad():
-            mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, lambda m: m(torch.tensor(samples)))
+            config = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
+            config["quant_cfg"] += [{"quantizer_name": p, "enable": False} for p in RECIPES[recipe][1]]
+            mtq.quantize(model, config, lambda m: m(torch.tensor(samples)))
             out = tmp_path_factory.mktemp("modelopt") / "export"
             export_hf_checkpoint(model, export_dir=out)
     return out
@@ -47,8 +69,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.element_size() == 1 else t.reshape(-1).view(torch.int32)
 
 
-def test_every_quantized_tensor_is_bit_exact(modelopt_export, quantized):
-    ours = CheckpointReader(quantized("moe"))
+def test_every_quantized_tensor_is_bit_exact(recipe, modelopt_export, ours):
+    ours = CheckpointReader(ours)
     theirs = CheckpointReader(modelopt_export)
     assert sorted(ours.names()) == sorted(theirs.names())
     checked = {"weight": 0, "weight_scale": 0, "weight_scale_2": 0, "input_scale": 0}
@@ -61,12 +83,13 @@ def test_every_quantized_tensor_is_bit_exact(modelopt_export, quantized):
             checked[suffix] += 1
         else:  # BF16 tensors (ModelOpt writes its fp32 model's copies of the same BF16 values)
             assert torch.equal(a.float(), b.float()), name
-    # 5 sliding layers x 7 linears + the K=V global layer x 6 = 41; 8 experts x 3 projections x 6 layers = 144
-    assert checked == {"weight": 185, "weight_scale": 185, "weight_scale_2": 185, "input_scale": 185}
+    # 5 sliding layers x 7 linears + the K=V global layer x 6 = 41; 8 experts x 3 projections x 6 layers = 144;
+    # attention-bf16 drops 23 attention linears, the exclusion layer 2's dense MLP (3)
+    n = 185 if recipe == "all-nvfp4" else 185 - 23 - 3
+    assert checked == {"weight": n, "weight_scale": n, "weight_scale_2": n, "input_scale": n}
 
 
-def test_config_files_equal(modelopt_export, quantized):
-    ours = quantized("moe")
+def test_config_files_equal(modelopt_export, ours):
     assert json.loads((ours / "hf_quant_config.json").read_text()) == json.loads(
         (modelopt_export / "hf_quant_config.json").read_text()
     )
@@ -78,7 +101,7 @@ def test_config_files_equal(modelopt_export, quantized):
     ).read_text()
 
 
-def test_loader_reads_modelopt_export_like_ours(modelopt_export, quantized):
+def test_loader_reads_modelopt_export_like_ours(modelopt_export, ours):
     ids = torch.arange(110, 150)
 
     def logits(path):
@@ -86,4 +109,4 @@ def test_loader_reads_modelopt_export_like_ours(modelopt_export, quantized):
         with torch.no_grad():
             return model(ids, ContiguousKVCache(model.config).step(len(ids)))
 
-    assert torch.equal(logits(modelopt_export), logits(quantized("moe")))
+    assert torch.equal(logits(modelopt_export), logits(ours))
