@@ -16,7 +16,7 @@ from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.formats.nvfp4 import BLOCK, NVFP4Tensor
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.model.layers import Linear
-from nvfp4kit.model.ops import OpBackend, Weight
+from nvfp4kit.model.ops import OpBackend, Weight, select_backend
 
 _MEAN_ABS_E2M1 = 2.5625  # mean |value| of the 16 E2M1 codes, uniform
 
@@ -57,7 +57,7 @@ def random_model(
     """Every text linear NVFP4 (the seed's recipe) when `quantized`, else BF16; embeddings and routers BF16."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    model = Gemma4Model(cfg, backend=backend)
+    model = Gemma4Model(cfg, backend=backend or select_backend(device))  # triton kernels on CUDA
 
     def weight(linear: Linear, keep_dense: bool = False) -> None:
         n, k = linear.out_features, linear.in_features
