@@ -95,3 +95,19 @@ def test_linear_replays_in_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(captured, w4a16_linear(x, weight, config=config))
     assert not torch.equal(captured, eager)
+
+
+def test_tuned_tables_parse_and_cover_every_m():
+    from nvfp4kit.kernels import configs
+
+    tables = sorted(configs.TUNED_DIR.glob("*.json"))
+    assert tables, "no tuned table shipped"
+    for path in tables:
+        table = configs._load_table(path.stem)
+        for entries in table["linear"].values():
+            for m in (1, 3, 9, 100, 700, 20000):
+                cfg = configs._from_dict(LinearConfig, configs._pick_bucket(entries, m))
+                assert cfg.kernel == "dot" or m <= cfg.block_m or m > max(map(int, entries))
+        for entries in table["moe"].values():
+            for m in (1, 5, 4096):
+                configs._from_dict(configs.MoEConfig, configs._pick_bucket(entries, m))
