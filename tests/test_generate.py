@@ -99,3 +99,10 @@ def test_cli_make_tiny_inspect_and_generate(tmp_path, capsys):
 def test_cli_reports_a_bad_checkpoint_as_an_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 1
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_cli_generate_defaults_to_the_demo_and_parses_a_thinking_chat(capsys):
+    args = ["generate", "--prompt", "What is 12 + 7?", "--chat", "--think", "--temperature", "0", "--max-tokens", "80"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[thinking] ") and "<|channel>" not in out and "<channel|>" not in out

@@ -10,10 +10,13 @@ from conftest import start_server, stop_server
 from nvfp4kit.cli import main
 
 
-def test_serve_without_a_model_explains_what_is_needed(capsys):
-    assert main(["serve"]) == 2
-    err = capsys.readouterr().err
-    assert "needs a model folder" in err and "nvfp4kit make-tiny" in err
+def test_serve_without_a_model_serves_the_nvfp4_demo():
+    from nvfp4kit.cli.serve import resolve_model
+    from nvfp4kit.demo import demo_model_path
+
+    folder, name = resolve_model(None)
+    assert folder == demo_model_path("nvfp4") and name == "nvfp4kit-demo"
+    assert (folder / "hf_quant_config.json").is_file()
 
 
 def test_serve_on_a_folder_without_a_model(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`nvfp4kit generate`: complete a prompt with a checkpoint (dense or NVFP4), on CPU or GPU."""
+"""`nvfp4kit generate`: complete a prompt, or answer a chat message, with a checkpoint (BF16 or NVFP4)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,19 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
-        help="generate text from a prompt",
-        description="Complete a prompt with a Gemma 4 checkpoint (BF16 or NVFP4) and print the text.",
+        help="generate text from a prompt or a chat message",
+        description="Complete a prompt (or, with --chat, answer it as a user message through the checkpoint's "
+        "chat template) with a Gemma 4 checkpoint, BF16 or NVFP4, on CPU or GPU.",
     )
-    p.add_argument("checkpoint", help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
-    p.add_argument("--prompt", required=True, help="prompt text (a <bos> is prepended)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder (default: the built-in NVFP4 demo model)")
+    p.add_argument("--prompt", required=True, help="prompt text (a <bos> is prepended), or the user message")
+    p.add_argument(
+        "--chat", action="store_true", help="render --prompt as a user turn with the chat template"
+    )
+    p.add_argument(
+        "--think", action="store_true", help="with --chat: enable thinking (<|think|> in the system turn)"
+    )
+    p.add_argument("--system", help="with --chat: a system message")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument(
         "--temperature",
@@ -30,11 +38,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def chat_prompt(folder, message: str, *, think: bool, system: str | None) -> str:
+    from nvfp4kit.serve.chat_template import load_chat_template
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": message}
+    ]
+    return load_chat_template(folder).render(messages, template_kwargs={"enable_thinking": think})
+
+
 def run(args: argparse.Namespace) -> int:
+    from nvfp4kit.demo import demo_model_path
     from nvfp4kit.generate import LLM
     from nvfp4kit.sampling import SamplingParams
 
-    llm = LLM(args.checkpoint, dtype=args.dtype, device=args.device)
+    folder = args.checkpoint or demo_model_path("nvfp4")
+    llm = LLM(folder, dtype=args.dtype, device=args.device)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -42,14 +61,24 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    ids = llm.encode(args.prompt)
-    finish = "length"
-    token_ids = []
-    for event in llm.stream(ids, params):
-        sys.stdout.write(event.text)
-        sys.stdout.flush()
+    prompt = (
+        chat_prompt(folder, args.prompt, think=args.think, system=args.system) if args.chat else args.prompt
+    )
+    finish, token_ids, text = "length", [], ""
+    for event in llm.stream(llm.encode(prompt), params):
+        if not args.chat:  # raw completions stream as they come; chats are shown parsed at the end
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        text += event.text
         token_ids.append(event.token_id)
         finish = event.finish_reason or finish
+    if args.chat:
+        from nvfp4kit.serve.reasoning import prompt_opens_reasoning, split_reasoning
+
+        reasoning, content = split_reasoning(text, starts_in_reasoning=prompt_opens_reasoning(prompt))
+        if reasoning:
+            print(f"[thinking] {reasoning.strip()}")
+        sys.stdout.write(content.strip())
     sys.stdout.write("\n")
     print(f"[{len(token_ids)} tokens, finish_reason={finish}]", file=sys.stderr)
     if args.show_ids:

@@ -6,15 +6,24 @@ import argparse
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
-NO_MODEL_MESSAGE = """\
-nvfp4kit serve needs a model folder: nvfp4kit serve PATH
+MODEL_HELP = """\
+nvfp4kit serve takes a model folder: nvfp4kit serve PATH
 PATH holds config.json, the *.safetensors weights, tokenizer.json and (ideally) chat_template.jinja,
-for example a Gemma 4 checkpoint quantized with `nvfp4kit quantize`.
-To try the server without a real model, write a tiny random one first:
-  nvfp4kit make-tiny /tmp/tiny-gemma4 && nvfp4kit serve /tmp/tiny-gemma4"""
+for example a Gemma 4 checkpoint quantized with `nvfp4kit quantize`. Without PATH it serves the built-in
+NVFP4 demo model."""
+DEMO_NAME = "nvfp4kit-demo"
+
+
+def resolve_model(model: str | None) -> tuple[Path, str]:
+    """The folder to serve and its default served name; no MODEL means the built-in NVFP4 demo model."""
+    if model:
+        folder = Path(model)
+        return folder, folder.resolve().name
+    from nvfp4kit.demo import demo_model_path
+
+    return demo_model_path("nvfp4"), DEMO_NAME
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Serve a Gemma 4 checkpoint with /v1/chat/completions, /v1/completions, /v1/models, "
         "/health and /metrics (thinking and tool calls parsed from Gemma 4's own format).",
     )
-    p.add_argument("model", nargs="?", help="checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: the built-in NVFP4 demo model",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=30000, help="port to listen on (default 30000)")
     p.add_argument(
@@ -67,12 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.model:
-        print(NO_MODEL_MESSAGE, file=sys.stderr)
-        return 2
-    folder = Path(args.model)
+    folder, default_name = resolve_model(args.model)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder (no config.json there)\n{NO_MODEL_MESSAGE}")
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json there)\n{MODEL_HELP}")
 
     import uvicorn
 
@@ -91,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     )
     llm = LLM(folder, dtype=args.dtype, device=args.device, engine_config=engine_config)
     template = load_chat_template(folder)
-    names = args.served_model_name or [folder.resolve().name]
+    names = args.served_model_name or [default_name]
     app = create_app(engine_for(llm), template=template, model_names=names, api_key=args.api_key)
     log.info(
         "serving %s as %s on http://%s:%d (chat template: %s)",
