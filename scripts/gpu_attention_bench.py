@@ -86,40 +86,52 @@ def sdpa_case(shape, batch, context) -> dict | None:
     return {"layer": shape.name, "batch": batch, "context": context, "us": us, "gbps": nbytes / us / 1e3}
 
 
-def prefill_case(shape, kv_name, total=8192, chunk=2048) -> dict:
+def prefill_case(shape, kv_name, total=8192, chunk=2048, config=None) -> dict:
     pool = Pool(shape, KV_DTYPES[kv_name], [total], chunk=chunk, seed=5)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     q = random_queries(shape, chunk, gen)
     start = total - chunk
-    meta, items = pool.metadata([start], [chunk])
+    block_q = config.block_m // (shape.q_heads // shape.kv_heads) if config else None
+    meta, items = pool.metadata([start], [chunk], block_q=block_q)
     out = torch.empty_like(q)
-    us = graph_time_us(lambda: pool.attend(q, meta, items, out=out))
+    us = graph_time_us(lambda: pool.attend(q, meta, items, out=out, config=config))
     # multiply-adds of QK^T and PV over the keys each query may see (causal, windowed)
     visible = sum(min(p + 1, shape.window) if shape.window else p + 1 for p in range(start, total))
     flops = 4 * visible * shape.q_heads * shape.head_dim
     positions = torch.arange(start, total, device=DEVICE)
     k = torch.randn(chunk, shape.kv_heads, shape.head_dim, device=DEVICE, generator=gen).bfloat16()
     write_us = graph_time_us(lambda: pool.write(0, positions, k, k))
+    cfg = config or select_config(shape.head_dim, shape.q_heads // shape.kv_heads, decode=False)
     return {"layer": shape.name, "kv": kv_name, "context": total, "chunk": chunk, "us": us,
-            "tflops": flops / us / 1e6, "write_us": write_us}  # fmt: skip
+            "tflops": flops / us / 1e6, "write_us": write_us, "config": cfg.__dict__}  # fmt: skip
 
 
 def sweep(copy_bw) -> list[dict]:
-    """Tile sizes and split counts around the defaults, at batch 16 x 32K and batch 1 x 128K."""
+    """Tile sizes and split counts around the defaults (decode), and prefill tiles."""
     rows = []
-    for shape, configs in (
-        (SLIDING, [(16, 32, 4), (16, 64, 4), (16, 64, 8), (16, 128, 8)]),
-        (GLOBAL, [(16, 16, 4), (16, 32, 4), (16, 32, 8), (16, 64, 8)]),
-    ):
+    decode_tiles = {
+        SLIDING: [(16, 32, 8, 2), (16, 32, 8, 3), (16, 32, 4, 2), (16, 64, 8, 2)],
+        GLOBAL: [(16, 32, 8, 2), (16, 32, 8, 3), (16, 16, 8, 2), (16, 16, 4, 2)],
+    }
+    for shape, tiles in decode_tiles.items():
+        batch = 64 if shape.window else 16
         for kv in ("bf16", "fp8"):
-            for m, n, w in configs:
-                cfg = AttentionConfig(m, n, num_warps=w, num_stages=2)
-                rows.append(decode_case(shape, kv, 16, 32768, copy_bw, config=cfg))
-            for batch, context in ((1, 131072), (16, 32768)):
-                keys = min(context, shape.window or context)
-                auto = choose_num_splits(batch, shape.kv_heads, keys, device=DEVICE)
-                for splits in sorted({max(1, auto // 2), auto, auto * 2}):
-                    rows.append(decode_case(shape, kv, batch, context, copy_bw, num_splits=splits))
+            for m, n, w, st in tiles:
+                cfg = AttentionConfig(m, n, num_warps=w, num_stages=st)
+                rows.append(decode_case(shape, kv, batch, 32768, copy_bw, config=cfg))
+    for kv in ("bf16", "fp8"):
+        for batch, context in ((1, 131072), (16, 32768)):
+            auto = choose_num_splits(batch, GLOBAL.kv_heads, context, device=DEVICE)
+            for splits in sorted({max(1, auto // 2), auto, auto * 2}):
+                rows.append(decode_case(GLOBAL, kv, batch, context, copy_bw, num_splits=splits))
+    prefill_tiles = {
+        SLIDING: [(64, 32, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2)],
+        GLOBAL: [(32, 32, 8, 2), (32, 32, 8, 3), (16, 32, 8, 2)],
+    }
+    for shape, tiles in prefill_tiles.items():
+        for m, n, w, st in tiles:
+            row = prefill_case(shape, "fp8", config=AttentionConfig(m, n, num_warps=w, num_stages=st))
+            rows.append({**row, "batch": 1, "splits": 1, "gbps": 0.0})
     return rows
 
 
@@ -138,8 +150,8 @@ def main() -> int:
     if args.sweep:
         result["sweep"] = sweep(copy_bw)
         for r in result["sweep"]:
-            print(f"sweep {r['layer']:7s} {r['kv']:4s} b{r['batch']:<3d} {r['context']:6d} splits {r['splits']:2d} "
-                  f"{r['config']} {r['us']:8.1f} us {r['gbps']:6.0f} GB/s")  # fmt: skip
+            print(f"sweep {r['layer']:7s} {r['kv']:4s} b{r['batch']:<3d} {r['context']:6d} splits {r['splits']:3d} "
+                  f"{tuple(r['config'].values())} {r['us']:9.1f} us {r['gbps']:6.0f} GB/s {r.get('tflops', 0):5.1f} TF")  # fmt: skip
     for shape in (SLIDING, GLOBAL):
         for kv in ("fp8", "bf16"):
             for batch in (1, 16, 64):

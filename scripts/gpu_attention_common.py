@@ -101,14 +101,19 @@ class Pool:
         cos, sin = rope_cos_sin(self.derived.inv_freq, positions, dtype)
         return apply_rope(keys, cos, sin), values
 
-    def metadata(self, starts: list[int], lengths: list[int]) -> tuple[AttentionBatch, WorkItems]:
+    def metadata(
+        self, starts: list[int], lengths: list[int], *, block_q: int | None = None
+    ) -> tuple[AttentionBatch, WorkItems]:
         offsets = [sum(lengths[:i]) for i in range(len(lengths))]
         ints = torch.tensor(
             [starts, lengths, offsets, list(range(len(starts)))], dtype=torch.int32, device=DEVICE
         )
         batch = AttentionBatch(ints[0], ints[1], ints[2], self.table[: len(starts)], ints[3])
         shape = self.shape
-        block_q = 1 if max(lengths) == 1 else prefill_block_q(shape.head_dim, shape.q_heads // shape.kv_heads)
+        if block_q is None:
+            block_q = (
+                1 if max(lengths) == 1 else prefill_block_q(shape.head_dim, shape.q_heads // shape.kv_heads)
+            )
         seq, q0 = [], []
         for i, n in enumerate(lengths):
             for first in range(0, n, block_q):

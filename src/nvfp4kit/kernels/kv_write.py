@@ -1,8 +1,8 @@
-"""Writing a step's K/V rows into the KV pools, and the storage codec the attention kernels read with.
+"""Writing a step's K/V rows into the KV pools (the attention kernels read them back, see paged_attention.py).
 
 Pools hold BF16/FP32 or FP8 (E4M3FN / E5M2) with a per-tensor scale: stored = x / scale, read = stored * scale.
-FP8 is encoded and decoded with integer bit operations rather than Triton's fp8 types, so the same kernels run on
-SM80 (where Triton refuses `float8e4nv`) as on Hopper, and under the CPU interpreter. Encoding rounds to nearest
+FP8 is encoded with integer bit operations rather than Triton's fp8 types, so the same kernel runs on SM80 (where
+Triton refuses `float8e4nv`) as on Hopper, and under the CPU interpreter. Encoding rounds to nearest
 even like torch's `.to(float8_*)`; values beyond the format's range saturate to its largest finite value
 (torch would give NaN for E4M3FN).
 
@@ -62,23 +62,6 @@ def kernel_view(store: torch.Tensor) -> torch.Tensor:
     if code == 3:
         return store.view(torch.int16)
     return store.view(torch.uint8) if code else store
-
-
-@triton.jit
-def decode_kv(raw, FORMAT: tl.constexpr):
-    """Stored values -> fp32 (before the per-tensor scale). FP8 goes through fp16 bit patterns."""
-    if FORMAT == 3:
-        x = raw.to(tl.bfloat16, bitcast=True).to(tl.float32)
-    elif FORMAT == 1:  # e4m3fn: exponent bias 7 vs fp16's 15, so place the bits and multiply by 2^8
-        r = raw.to(tl.uint16)
-        bits = ((r & 0x80) << 8) | ((r & 0x7F) << 7)
-        x = bits.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
-    elif FORMAT == 2:  # e5m2 is the top byte of an fp16
-        bits = raw.to(tl.uint16) << 8
-        x = bits.to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        x = raw.to(tl.float32)
-    return x
 
 
 @triton.jit

@@ -12,15 +12,18 @@ each writes a normalised partial output and its log-sum-exp, and a small kernel 
 
 k_eq_v layers that store only V (= the normalised shared projection) derive K in registers: K = rope(V * w_k)
 with the layer's inverse frequencies. RoPE pairs are (i, i + D/2); only the first `rotary_pairs` frequencies are
-non-zero (proportional RoPE: 64 of 256), so the scores are q_pass . (V w_k) over the pass-through columns plus two
-small dots over the rotated columns, and sin/cos are computed only where they matter.
+non-zero (proportional RoPE: 64 of 256), so the scores are (q w_k) . V over the pass-through columns (k_norm's
+weight folded into q once) plus two small dots over the rotated columns, with sin/cos only where they matter.
 
-Nothing here is Hopper-only (FP8 is decoded with integer ops, see kv_write.py); metadata are device tensors and
-no launch reads a value back to the host, so the launches can be captured in a CUDA graph.
+K/V tiles go into the dots in their storage units: BF16 pools as bf16, FP8 pools as fp16 (exact; hardware
+conversion on SM89+, integer bit operations on SM80 and in the interpreter); the per-tensor scales multiply the
+scores and the output, never each element. Nothing here is Hopper-only. Metadata are device tensors and no launch
+reads a value back to the host, so the launches can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -30,14 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4kit.kernels.kv_write import decode_kv, kernel_view, kv_format
+from nvfp4kit.kernels.kv_write import kernel_view, kv_format
 
 if TYPE_CHECKING:  # the metadata types live with the engine so that it imports without Triton
     from nvfp4kit.engine.batch_context import AttentionBatch, WorkItems
 
-_TWO_PI_HI = 6.28125  # 2*pi = HI + MID + LO; HI and MID have 8 significant bits, so k * HI, k * MID are exact
-_TWO_PI_MID = 0.0019378662109375
-_TWO_PI_LO = -2.559031372584286e-06
+# 2*pi = HI + MID + LO; HI and MID have 8 significant bits, so k * HI and k * MID are exact for k < 2^16
+_TWO_PI_HI = tl.constexpr(6.28125)
+_TWO_PI_MID = tl.constexpr(0.0019378662109375)
+_TWO_PI_LO = tl.constexpr(-2.559031372584286e-06)
 
 
 @dataclass(frozen=True)
@@ -66,15 +70,17 @@ def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def select_config(head_dim: int, group: int, *, decode: bool) -> AttentionConfig:
-    """Tile sizes by head size and mode (measured on H100; see docs/benchmarks.md, "Attention kernels")."""
+def select_config(head_dim: int, group: int, *, decode: bool, fp8: bool = False) -> AttentionConfig:
+    """Tile sizes by head size, mode and KV dtype: tiles that compile without register spills for sm_90 (ptxas -v)
+    at head_dim 256 and 512, the fastest of those timed on H100 (docs/benchmarks.md, "Attention kernels")."""
     min_rows = 1 if interpreting() else 16  # tensor-core dots need M >= 16
+    rows = max(min_rows, _pow2(group))
     if decode:
-        block_m = max(min_rows, _pow2(group))
-        block_n = 64 if head_dim <= 256 else 32
-        return AttentionConfig(block_m, block_n, num_warps=4, num_stages=2)
-    block_m = max(min_rows, _pow2(group), 64 if head_dim <= 256 else 32)
-    return AttentionConfig(block_m, 32, num_warps=8 if head_dim >= 256 else 4, num_stages=2)
+        if head_dim >= 512:
+            return AttentionConfig(rows, 16, num_warps=4, num_stages=2)
+        return AttentionConfig(rows, 32, num_warps=4 if fp8 or head_dim < 256 else 8, num_stages=2)
+    warps = 8 if head_dim >= 256 else 4
+    return AttentionConfig(max(rows, 64 if head_dim <= 256 else 32), 32, num_warps=warps, num_stages=2)
 
 
 def prefill_block_q(head_dim: int, group: int) -> int:
@@ -82,19 +88,39 @@ def prefill_block_q(head_dim: int, group: int) -> int:
     return max(1, select_config(head_dim, group, decode=False).block_m // _pow2(group))
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def native_fp8_supported(device: torch.device) -> bool:
+    """Hardware FP8 conversions (SM89+) that Triton accepts; elsewhere FP8 is decoded with integer ops."""
+    return device.type == "cuda" and not interpreting() and _capability(device) >= (8, 9)
+
+
+def _compute_code(q_dtype: torch.dtype, kv_format_code: int) -> int:
+    """Dot dtype: 0 fp32, 1 bf16, 2 fp16. FP8 pools are read as fp16 (exact), BF16 pools as bf16; fp32 models and
+    the CPU interpreter (whose bf16 dot is wrong in Triton 3.9) use fp32."""
+    if interpreting() or q_dtype == torch.float32:
+        return 0
+    if kv_format_code in (1, 2):
+        return 2
+    return 1 if kv_format_code == 3 else (2 if q_dtype == torch.float16 else 1)
+
+
 def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: torch.device) -> int:
-    """Key splits per decode item: enough programs to fill the GPU, at least 256 keys each."""
+    """Key splits per decode item: up to four programs per SM without starting a partial extra wave, each split at
+    least 128 keys, at most 128 splits (256 and 512 were slower at 128K on H100)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = max(1, num_items * kv_heads)
-    want = -(-4 * sms // programs)
-    return max(1, min(want, max_keys // 256, 64))
+    per_split = max(1, num_items * kv_heads)
+    return max(1, min(4 * sms // per_split, max_keys // 128, 128))
 
 
 @triton.jit
 def _cos_sin(angle):
-    """cos/sin of fp32 angles up to ~1e6 rad: reduce to [-pi, pi] exactly first (fast sin/cos are only accurate there)."""
+    """cos/sin of fp32 angles up to ~1e6 rad: reduced to [-pi, pi] exactly first, where any sin/cos is accurate."""
     k = tl.floor(angle * 0.15915494309189535 + 0.5)
     r = angle - k * _TWO_PI_HI
     r = r - k * _TWO_PI_MID
@@ -103,9 +129,35 @@ def _cos_sin(angle):
 
 
 @triton.jit
+def _load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
+    """A K/V tile in the dot dtype CT, in storage units: FP8 E4M3 through its fp16 bit pattern is value / 256
+    (the factor is applied to the scores and the output, never per element)."""
+    if NATIVE_FP8:  # an fp8 load cannot take an integer fill value: zero masked rows after converting
+        raw = tl.load(ptrs, mask=mask)
+    else:
+        raw = tl.load(ptrs, mask=mask, other=0)
+    if FORMAT == 3:
+        x = raw.to(tl.bfloat16, bitcast=True)
+    elif FORMAT == 1:
+        if NATIVE_FP8:
+            x = tl.where(mask, raw.to(tl.float16), 0.0)
+        else:
+            r = raw.to(tl.uint16)
+            x = (((r & 0x80) << 8) | ((r & 0x7F) << 7)).to(tl.float16, bitcast=True)
+    elif FORMAT == 2:
+        if NATIVE_FP8:
+            x = tl.where(mask, raw.to(tl.float16), 0.0)
+        else:
+            x = (raw.to(tl.uint16) << 8).to(tl.float16, bitcast=True)
+    else:
+        x = raw
+    return x.to(CT)
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, out_ptr, part_acc_ptr, part_lse_ptr,
-    k_ptr, v_ptr, k_scale, v_scale,
+    k_ptr, v_ptr, k_factor, v_factor,
     knorm_ptr, inv_freq_ptr,
     item_seq_ptr, item_q0_ptr,
     seq_start_ptr, seq_len_ptr, seq_offset_ptr, block_table_ptr, ring_ptr,
@@ -115,7 +167,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     item = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -125,7 +177,12 @@ def _paged_attention_kernel(
     start = tl.load(seq_start_ptr + seq)
     qlen = tl.load(seq_len_ptr + seq)
     qoff = tl.load(seq_offset_ptr + seq)
-    dot_ty = tl.float32 if DOT_F32 else q_ptr.dtype.element_ty
+    if COMPUTE == 1:
+        ct = tl.bfloat16
+    elif COMPUTE == 2:
+        ct = tl.float16
+    else:
+        ct = tl.float32
 
     rows = tl.arange(0, BLOCK_M)
     tok = q0 + rows // GROUP_P2
@@ -145,20 +202,25 @@ def _paged_attention_kernel(
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
 
-    HALF: tl.constexpr = D // 2
+    HALF = D // 2
     cols = tl.arange(0, D)
-    q = tl.load(q_ptr + q_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(dot_ty)
+    q = tl.load(q_ptr + q_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     if DERIVE_K:
+        # scores = q.(V w) on the pass-through columns = (q w).V: k_norm's weight is folded into q once
         rcols = tl.arange(0, ROT)
         rotated = (cols % HALF) < ROT
-        q = tl.where(rotated[None, :], 0.0, q).to(dot_ty)  # the rotated columns get their own dots
-        q_r1 = tl.load(q_ptr + q_rows[:, None] + rcols[None, :], mask=row_ok[:, None], other=0.0).to(dot_ty)
-        q_r2 = tl.load(q_ptr + q_rows[:, None] + HALF + rcols[None, :], mask=row_ok[:, None], other=0.0)
-        q_r2 = q_r2.to(dot_ty)
         w = tl.load(knorm_ptr + cols).to(tl.float32)
+        q = tl.where(rotated[None, :], 0.0, q * w[None, :]).to(ct)
+        q_r1 = tl.load(q_ptr + q_rows[:, None] + rcols[None, :], mask=row_ok[:, None], other=0.0).to(ct)
+        q_r2 = tl.load(q_ptr + q_rows[:, None] + HALF + rcols[None, :], mask=row_ok[:, None], other=0.0)
+        q_r2 = q_r2.to(ct)
         w_r1 = tl.load(knorm_ptr + rcols).to(tl.float32)
         w_r2 = tl.load(knorm_ptr + HALF + rcols).to(tl.float32)
         freq = tl.load(inv_freq_ptr + rcols).to(tl.float32)
+        score_factor = v_factor
+    else:
+        q = q.to(ct)
+        score_factor = k_factor
     if RING:
         ring_base = tl.load(ring_ptr + seq).to(tl.int64) * ring_size
 
@@ -173,33 +235,26 @@ def _paged_attention_kernel(
         else:
             blk = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0)
             slot = blk.to(tl.int64) * block_size + k_pos % block_size
-        v_rows = slot * stride_vs + kv_head * stride_vh
-        v = decode_kv(
-            tl.load(v_ptr + v_rows[:, None] + cols[None, :], mask=k_ok[:, None], other=0), KV_FORMAT
-        )
-        v = v * v_scale
+        v_rows = v_ptr + slot * stride_vs + kv_head * stride_vh
+        v = _load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
         if DERIVE_K:
-            scores = tl.dot(q, tl.trans((v * w[None, :]).to(dot_ty)), input_precision=PRECISION)
-            x1 = decode_kv(
-                tl.load(v_ptr + v_rows[:, None] + rcols[None, :], mask=k_ok[:, None], other=0), KV_FORMAT
+            scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
+            x1 = _load_kv_tile(
+                v_rows[:, None] + rcols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, tl.float32
             )
-            x2 = decode_kv(
-                tl.load(v_ptr + v_rows[:, None] + HALF + rcols[None, :], mask=k_ok[:, None], other=0),
-                KV_FORMAT,
+            x2 = _load_kv_tile(
+                v_rows[:, None] + HALF + rcols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, tl.float32
             )
-            x1 = x1 * v_scale * w_r1[None, :]
-            x2 = x2 * v_scale * w_r2[None, :]
+            x1 = x1 * w_r1[None, :]
+            x2 = x2 * w_r2[None, :]
             cos, sin = _cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
-            k1 = (x1 * cos - x2 * sin).to(dot_ty)
-            k2 = (x2 * cos + x1 * sin).to(dot_ty)
-            scores += tl.dot(q_r1, tl.trans(k1), input_precision=PRECISION)
-            scores += tl.dot(q_r2, tl.trans(k2), input_precision=PRECISION)
+            scores += tl.dot(q_r1, tl.trans((x1 * cos - x2 * sin).to(ct)), input_precision=PRECISION)
+            scores += tl.dot(q_r2, tl.trans((x2 * cos + x1 * sin).to(ct)), input_precision=PRECISION)
         else:
-            k_rows = slot * stride_ks + kv_head * stride_kh
-            kt = decode_kv(
-                tl.load(k_ptr + k_rows[:, None] + cols[None, :], mask=k_ok[:, None], other=0), KV_FORMAT
-            )
-            scores = tl.dot(q, tl.trans((kt * k_scale).to(dot_ty)), input_precision=PRECISION)
+            k_rows = k_ptr + slot * stride_ks + kv_head * stride_kh
+            kt = _load_kv_tile(k_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+            scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+        scores = scores * score_factor
         keep = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if SLIDING:
             keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
@@ -208,11 +263,11 @@ def _paged_attention_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty), input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(ct), v, input_precision=PRECISION)
         m_i = m_new
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
-    acc = acc / safe_l[:, None]
+    acc = acc * (v_factor / safe_l)[:, None]
     if NUM_SPLITS == 1:
         out_rows = (qoff + tok).to(tl.int64) * stride_ot + head * stride_oh
         tl.store(
@@ -231,24 +286,32 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, seq_len_ptr, seq_offset_ptr,
     stride_ot, stride_oh, num_q_heads,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     item = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(item_seq_ptr + item)
     qlen = tl.load(seq_len_ptr + seq)
     qoff = tl.load(seq_offset_ptr + seq)
-    sp = tl.arange(0, SPLITS_P2)
-    cols = tl.arange(0, D)
     base = (item * num_q_heads + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
-    top = tl.max(lse, 0)
+    sp = tl.arange(0, SPLITS_P2)
+    top = tl.max(tl.load(part_lse_ptr + base + sp, mask=sp < NUM_SPLITS, other=float("-inf")), 0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.exp(lse - top)
-    acc = tl.load(
-        part_acc_ptr + (base + sp)[:, None] * D + cols[None, :], mask=(sp < NUM_SPLITS)[:, None], other=0.0
-    )
-    out = tl.sum(acc * weight[:, None], 0) / tl.maximum(tl.sum(weight, 0), 1e-30)
+    cols = tl.arange(0, D)
+    out = tl.zeros([D], tl.float32)
+    total = tl.zeros([CHUNK], tl.float32)
+    for first in range(0, NUM_SPLITS, CHUNK):  # a few splits at a time keeps the tile small
+        idx = first + tl.arange(0, CHUNK)
+        lse = tl.load(part_lse_ptr + base + idx, mask=idx < NUM_SPLITS, other=float("-inf"))
+        weight = tl.exp(lse - top)
+        acc = tl.load(
+            part_acc_ptr + (base + idx)[:, None] * D + cols[None, :],
+            mask=(idx < NUM_SPLITS)[:, None],
+            other=0.0,
+        )
+        out += tl.sum(acc * weight[:, None], 0)
+        total += weight
+    out = out / tl.maximum(tl.sum(total, 0), 1e-30)
     dst = out_ptr + qoff.to(tl.int64) * stride_ot + head * stride_oh + cols
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=cols < tl.where(qlen > 0, D, 0))
 
@@ -299,18 +362,21 @@ def paged_attention(
         raise ValueError("splitting keys is for decode items (block_q == 1)")
     group = q_heads // kv_heads
     decode = items.block_q == 1
-    cfg = config or select_config(head_dim, group, decode=decode)
+    fmt = kv_format(v_store)
+    cfg = config or select_config(head_dim, group, decode=decode, fp8=fmt.code in (1, 2))
     if cfg.block_m < items.block_q * _pow2(group):
         raise ValueError(f"block_m {cfg.block_m} cannot hold {items.block_q} tokens x {group} heads")
-    fmt = kv_format(v_store)
     rot = 0
     knorm = inv_freq = q  # unused placeholders when K is stored
     if derived_key is not None:
         min_rot = 1 if interpreting() else 16
         rot = min(head_dim // 2, max(min_rot, _pow2(derived_key.rotary_pairs)))
         knorm, inv_freq = derived_key.k_norm_weight, derived_key.inv_freq.float()
-    v_view = kernel_view(v_store)
-    k_view = v_view if k_store is None else kernel_view(k_store)
+    native_fp8 = fmt.code in (1, 2) and native_fp8_supported(q.device)
+    v_view = v_store if native_fp8 else kernel_view(v_store)
+    k_view = v_view if k_store is None else (k_store if native_fp8 else kernel_view(k_store))
+    # storage units -> values: the per-tensor scale, and 2^8 for E4M3 read through fp16 bit patterns
+    unit = 256.0 if fmt.code == 1 and not native_fp8 else 1.0
     part_acc = part_lse = out
     if num_splits > 1:
         part_acc = torch.empty(
@@ -319,22 +385,23 @@ def paged_attention(
         part_lse = torch.empty(len(items), q_heads, num_splits, dtype=torch.float32, device=q.device)
     table = batch.block_table
     _paged_attention_kernel[(len(items), kv_heads, num_splits)](
-        q, out, part_acc, part_lse, k_view, v_view, float(k_scale), float(v_scale), knorm, inv_freq,
+        q, out, part_acc, part_lse, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, knorm, inv_freq,
         items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
         window or 0, ring_size or 1, block_size or 1, q_heads,
         GROUP=group, GROUP_P2=_pow2(group), BLOCK_Q=items.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=head_dim, ROT=max(rot, 1), RING=ring_size is not None, SLIDING=window is not None,
-        DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NUM_SPLITS=num_splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else None,
-        DOT_F32=interpreting(),  # the CPU interpreter's bf16 dot is wrong (Triton 3.9); fp32 there
+        DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
+        COMPUTE=_compute_code(q.dtype, fmt.code), NUM_SPLITS=num_splits,
+        PRECISION="ieee" if _compute_code(q.dtype, fmt.code) == 0 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(len(items), q_heads)](
             part_acc, part_lse, out, items.seq, batch.seq_len, batch.seq_offset,
             out.stride(0), out.stride(1), q_heads,
-            NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits), D=head_dim, num_warps=4,
+            NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits), CHUNK=min(8, _pow2(num_splits)), D=head_dim,
+            num_warps=4,
         )  # fmt: skip
     return out
