@@ -107,11 +107,12 @@ def test_triton_attention_equals_reference_in_every_layer_and_step(
 def test_engine_greedy_tokens_equal_with_triton_attention(model_and_tokenizer, monkeypatch):
     model, tok = model_and_tokenizer
     reqs = prompts([13, 4], seed=2)  # longer than the window (8), prefilled in two chunks beside a decode
-    config = EngineConfig(max_num_batched_tokens=8, block_size=4)
-    monkeypatch.setenv(ENV_VAR, "torch")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    config = EngineConfig(max_num_batched_tokens=8, block_size=4, attention_backend="torch")
     expected = generate(Engine(model, tok, config=config), reqs)
-    monkeypatch.setenv(ENV_VAR, "triton")
-    engine = Engine(model, tok, config=config)
+    engine = Engine(
+        model, tok, config=EngineConfig(max_num_batched_tokens=8, block_size=4, attention_backend="triton")
+    )
     assert generate(engine, reqs) == expected
     assert len(engine.cache.free_blocks) == engine.layout.num_blocks
 

@@ -36,6 +36,7 @@ class EngineConfig:
         None  # bytes for both pools; default: enough for max_num_seqs * 4K tokens on CPU
     )
     k_eq_v_once: bool = True  # store the shared K=V tensor of k_eq_v layers once
+    attention_backend: str | None = None  # "triton" or "torch"; default: triton on CUDA, torch on CPU
 
 
 class Engine:
@@ -142,7 +143,7 @@ class Engine:
                 sampled.append(req)
             offset += n
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        ctx = BatchContext(self.model, self.cache, seqs, self.device)
+        ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=self.config.attention_backend)
         hidden = self.model.hidden_states(input_ids, ctx)
         for req, n in batch:
             req.num_computed += n
