@@ -88,8 +88,13 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def global_scale(amax: torch.Tensor | float) -> torch.Tensor:
-    """weight_scale_2 (or input_scale) from an absolute max: amax / (6 * 448), as fp32 0-d."""
-    return torch.as_tensor(amax, dtype=torch.float32).reshape(()) / (E2M1_MAX * E4M3_MAX)
+    """weight_scale_2 (or input_scale) from an absolute max: amax / (6 * 448), as fp32 0-d.
+
+    The division runs on the CPU: CUDA turns division by a Python number into multiplication by its
+    reciprocal, which can differ in the last bit, and the stored scale must not depend on the device.
+    """
+    amax = torch.as_tensor(amax, dtype=torch.float32).reshape(())
+    return (amax.cpu() / (E2M1_MAX * E4M3_MAX)).to(amax.device)
 
 
 def block_scales(weight: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:

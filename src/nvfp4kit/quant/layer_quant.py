@@ -14,6 +14,7 @@ from nvfp4kit.formats.nvfp4 import BLOCK, global_scale, quantize
 from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.model.gemma4 import DecoderLayer
 from nvfp4kit.quant.calibrate import DOWN, GATE_UP, RecordingBackend
+from nvfp4kit.quant.heap import trim_heap
 from nvfp4kit.quant.recipe import LayerPlan
 
 
@@ -93,6 +94,7 @@ def quantize_layer(
             out.update(linear_tensors(prefix + module, quantize(w, scale_2=scale_2), input_scale=input_scale))
         done.update(names)
         del weights
+        trim_heap()
 
     if plan.experts is not None and plan.experts_quantized:
         experts = prefix + plan.experts
@@ -111,6 +113,7 @@ def quantize_layer(
                 out.update(linear_tensors(expert_module(experts, e, proj), q, input_scale=in_gate_up))
             q = quantize(down[e])
             out.update(linear_tensors(expert_module(experts, e, "down_proj"), q, input_scale=in_down))
+            trim_heap()
         done.update((gate_up_name, down_name))
         del gate_up, down
 

@@ -35,6 +35,7 @@ from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.model.weight_sources import WeightSource
 from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.quant.calibrate import CalibrationContext, RecordingBackend, TransformersOrderMLP, chunk_samples
+from nvfp4kit.quant.heap import trim_heap
 from nvfp4kit.quant.layer_quant import QuantizeError, quantize_layer, watch_layer
 from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
 from nvfp4kit.quant.recipe import LayerPlan, QuantRecipe
@@ -216,6 +217,7 @@ def _quantize_tensors(
                 sl = slice(offsets[a], offsets[b])
                 ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store=kv_store, device=device)
                 hidden[sl] = layer(hidden[sl], ctx, ple[sl, i] if ple is not None else None)
+                trim_heap()
         del layer
         tensors = quantize_layer(
             reader,
