@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
-        f"wrote {report.output}: {report.quantized_linears} NVFP4 linear groups over {report.layers} layers, "
+        f"wrote {report.output}: {report.quantized_linears} NVFP4 modules (linears, expert sets) in {report.layers} layers, "
         f"{report.output_bytes / 1e9:.2f} GB, calibrated on {report.samples} samples / {report.tokens} tokens, "
         f"{report.seconds:.1f} s, peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,8 +113,6 @@ def quantize(
         copy_companions(src, stage)
         publish(stage, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(stage, ignore_errors=True)
         raise
     finally:
