@@ -92,7 +92,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.forward_split(x)
-        return self.down_proj(gelu_tanh(gate) * up)
+        return self.down_proj(
+            gelu_tanh(gate.contiguous()) * up
+        )  # contiguous: the same rounding as transformers
 
 
 class Router(nn.Module):

@@ -13,11 +13,9 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.model.gemma4 import MLP
 from nvfp4kit.model.layers import attention
 from nvfp4kit.model.ops import OpBackend, Weight, gelu_tanh
 
@@ -79,22 +77,6 @@ class RecordingBackend:
             y = F.linear(act, down[e].to(x.dtype))
             out.index_add_(0, tokens, y.float() * topk_weights[tokens, slot].float().unsqueeze(-1))
         return out.to(x.dtype)
-
-
-class TransformersOrderMLP(nn.Module):
-    """Our dense MLP, with GELU applied to a contiguous gate as transformers' separate gate_proj produces it.
-
-    torch's CPU GELU rounds differently on strided views (our fused gate_up split) than on contiguous tensors;
-    matching transformers here makes fp32 calibration reproduce ModelOpt's input_scale bit for bit.
-    """
-
-    def __init__(self, mlp: MLP):
-        super().__init__()
-        self.inner = mlp
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.inner.gate_up_proj.forward_split(x)
-        return self.inner.down_proj(gelu_tanh(gate.contiguous()) * up)
 
 
 class CalibrationContext:

@@ -35,7 +35,7 @@ from nvfp4kit.model.loader import NON_TEXT_PREFIXES, fill_layer, resolve_dtype
 from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.model.weight_sources import WeightSource
 from nvfp4kit.quant.calib_data import calibration_samples
-from nvfp4kit.quant.calibrate import CalibrationContext, RecordingBackend, TransformersOrderMLP, chunk_samples
+from nvfp4kit.quant.calibrate import CalibrationContext, RecordingBackend, chunk_samples
 from nvfp4kit.quant.heap import trim_heap
 from nvfp4kit.quant.layer_quant import QuantizeError, quantize_layer, watch_layer
 from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
@@ -210,7 +210,6 @@ def _quantize_tensors(
         fill_layer(layer, source, f"layers.{i}.")
         layer.to(device)
         watch_layer(recorder, layer, plan, layer_prefix=f"layers.{i}.")
-        layer.mlp = TransformersOrderMLP(layer.mlp)
         with torch.no_grad():
             for c, (a, b) in enumerate(chunks):
                 sl = slice(offsets[a], offsets[b])
