@@ -102,7 +102,17 @@ def test_cli_reports_a_bad_checkpoint_as_an_error(tmp_path, capsys):
 
 
 def test_cli_generate_defaults_to_the_demo_and_parses_a_thinking_chat(capsys):
-    args = ["generate", "--prompt", "What is 12 + 7?", "--chat", "--think", "--temperature", "0", "--max-tokens", "80"]
+    args = [
+        "generate",
+        "--prompt",
+        "What is 12 + 7?",
+        "--chat",
+        "--think",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "80",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.startswith("[thinking] ") and "<|channel>" not in out and "<channel|>" not in out
