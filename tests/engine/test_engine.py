@@ -12,9 +12,15 @@ from nvfp4kit.tokenizer import Tokenizer
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["moe", "e2b"])
-def setup(request, tiny_checkpoint):
-    folder = tiny_checkpoint(request.param)
+@pytest.fixture(scope="module", params=["moe", "e2b", "moe-nvfp4"])
+def setup(request, tiny_checkpoint, tmp_path_factory):
+    folder = tiny_checkpoint(request.param.removesuffix("-nvfp4"))
+    if request.param.endswith("-nvfp4"):  # the same model quantized (all linears NVFP4, packed in memory)
+        from nvfp4kit.quant import quantize
+
+        out = tmp_path_factory.mktemp("nvfp4") / "ckpt"
+        quantize(folder, out, num_samples=4, seq_len=32, progress=False)
+        folder = out
     return load_model(folder), Tokenizer(folder)
 
 
@@ -139,6 +145,22 @@ def test_low_precision_kv_stays_close_and_fp8_costs_more_than_bf16(tiny_checkpoi
     # a random model's next-token distribution is nearly flat, so logit noise shows up strongly as KL
     assert kl["bf16"] < 0.02 and kl["fp8_e4m3"] < 1.0 and kl["fp8_e5m2"] < 1.0, kl
     assert 5 * kl["bf16"] < min(kl["fp8_e4m3"], kl["fp8_e5m2"]), kl
+
+
+def test_penalties_steer_greedy_decoding_away_from_repeats(setup):
+    model, tok = setup
+    prompt = prompts([10], seed=9)[0]
+    engine = Engine(model, tok)
+
+    def tokens(**penalty):
+        return run(
+            engine, [prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, **penalty)
+        )[0]
+
+    assert len(set(tokens(presence_penalty=100.0))) == 24  # any token seen once is out of reach
+    assert len(set(tokens(frequency_penalty=100.0))) == 24
+    repeated = tokens(repetition_penalty=1e6)  # prompt tokens count too
+    assert len(set(repeated)) == 24 and not set(repeated) & set(prompt)
 
 
 def test_too_long_request_is_refused_before_it_runs(setup):
