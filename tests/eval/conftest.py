@@ -22,6 +22,12 @@ def eval_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def eval_calib(eval_pair):
+    """The calibration text `eval_pair`'s export was made with."""
+    return eval_pair[0].parent / "calib.txt"
+
+
+@pytest.fixture(scope="session")
 def eval_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval_data") / "text.jsonl"
     lines = [f'{{"text": "record {i}: {"abc def ghi " * (3 + i)}"}}' for i in range(6)]

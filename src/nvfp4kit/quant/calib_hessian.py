@@ -1,0 +1,107 @@
+"""Input second moments (X^T X) of a layer's linears during a calibration forward, optionally norm-aware.
+
+GPTQ and output-error scale search minimise sum_t c_t ||dW x_t||^2 and need H = sum_t c_t x_t x_t^T. Plain
+calibration uses c_t = 1. Gemma 4 normalises almost every branch right after its last linear (q/k/v norms per
+head, post-attention and post-feedforward norms), so what reaches the residual stream is dW x_t / rms(y_t):
+an error on a token whose branch output is small is amplified. `norm_aware=True` weights each token by
+1 / mean(y_t^2) of the normalised output (q/k/v: averaged over heads; dense MLP: the down projection's output,
+for gate/up too; experts: the MoE block's output, times the token's routing weight squared), clipped at 100x
+the median so a near-zero output cannot dominate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nvfp4kit.model.ops import TorchBackend, gelu_tanh
+
+CLIP = 100.0
+
+
+def _token_weights(outputs: torch.Tensor, group: int) -> torch.Tensor:
+    """c_t = mean over groups of 1 / mean(y^2) of the group, for outputs [T, N] normalised in groups of `group`."""
+    ms = outputs.float().reshape(outputs.shape[0], -1, group).pow(2).mean(-1)
+    c = (1.0 / (ms + 1e-12)).mean(-1)
+    return c.clamp(max=CLIP * c.median().clamp_min(1e-12))
+
+
+class HessianBackend(TorchBackend):
+    """Torch ops that also sum c_t x_t x_t^T of the inputs of watched weights (per expert for MoE), in fp32."""
+
+    name = "hessian"
+
+    def __init__(self, *, norm_aware: bool = False) -> None:
+        self.norm_aware = norm_aware
+        self.recording = True
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.normed: dict[int, tuple[str, int]] = {}  # weight -> (name, norm group size)
+        self.pair_first: dict[int, tuple[str, int]] = {}  # first weight -> (name, second weight)
+        self.pair_second: dict[int, str] = {}
+        self.experts: dict[int, str] = {}
+        self._pending: dict[int, tuple[str, torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        self.hessians = {}
+        for table in (self.normed, self.pair_first, self.pair_second, self.experts, self._pending):
+            table.clear()
+
+    def watch_normed(self, weight: torch.Tensor, name: str, *, group: int) -> None:
+        """A linear whose output goes through an RMSNorm over groups of `group` channels."""
+        self.normed[weight.data_ptr()] = (name, group)
+
+    def watch_pair(
+        self, first: torch.Tensor, first_name: str, second: torch.Tensor, second_name: str
+    ) -> None:
+        """Two linears in sequence (gate/up then down) whose final output is normalised as a whole."""
+        self.pair_first[first.data_ptr()] = (first_name, second.data_ptr())
+        self.pair_second[second.data_ptr()] = second_name
+
+    def watch_experts(self, gate_up: torch.Tensor, name: str) -> None:
+        self.experts[gate_up.data_ptr()] = name
+
+    def _add(self, name: str, x: torch.Tensor, c: torch.Tensor | None) -> None:
+        x = x.float()
+        xc = x if c is None or not self.norm_aware else x * c[:, None].to(x.device)
+        product = xc.T @ x
+        old = self.hessians.get(name)
+        self.hessians[name] = product if old is None else old + product
+
+    def linear(self, x, weight):
+        y = super().linear(x, weight)
+        key = weight.data_ptr() if isinstance(weight, torch.Tensor) else None
+        if not self.recording or key is None:
+            return y
+        if key in self.normed:
+            name, group = self.normed[key]
+            self._add(name, x, _token_weights(y, group) if self.norm_aware else None)
+        elif key in self.pair_first:
+            name, second = self.pair_first[key]
+            self._pending[second] = (name, x)
+        elif key in self.pair_second:
+            c = _token_weights(y, y.shape[-1]) if self.norm_aware else None
+            first_name, first_x = self._pending.pop(key)
+            self._add(first_name, first_x, c)
+            self._add(self.pair_second[key], x, c)
+        return y
+
+    def moe(self, x, topk_ids, topk_weights, gate_up, down):
+        name = self.experts.get(gate_up.data_ptr()) if isinstance(gate_up, torch.Tensor) else None
+        if name is None or not self.recording:
+            return super().moe(x, topk_ids, topk_weights, gate_up, down)
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        routed = []
+        for e in torch.unique(topk_ids).tolist():
+            tokens, slot = torch.where(topk_ids == e)
+            gate, up = F.linear(x[tokens], gate_up[e].to(x.dtype)).chunk(2, dim=-1)
+            act = gelu_tanh(gate) * up
+            y = F.linear(act, down[e].to(x.dtype))
+            route = topk_weights[tokens, slot].float()
+            out.index_add_(0, tokens, y.float() * route.unsqueeze(-1))
+            routed.append((e, tokens, route, act))
+        c_all = _token_weights(out, out.shape[-1]) if self.norm_aware else None
+        for e, tokens, route, act in routed:
+            c = c_all[tokens] * route.pow(2) if c_all is not None else None
+            self._add(f"{name}.{e}.gate_up", x[tokens], c)
+            self._add(f"{name}.{e}.down", act, c)
+        return out.to(x.dtype)
