@@ -116,5 +116,25 @@ def sample_token(
     return SampleResult(token, float(raw_logprobs[token]), top)
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with nothing per-row to apply: such rows of a batch are sampled together by `greedy_batch`."""
+    return (
+        not params.temperature
+        and not params.logprobs
+        and params.repetition_penalty == 1.0
+        and not params.presence_penalty
+        and not params.frequency_penalty
+    )
+
+
+def greedy_batch(logits: torch.Tensor) -> list[SampleResult]:
+    """Argmax and its log-probability for every row of fp32 logits [B, V], with one transfer to the host."""
+    logits = logits.float()
+    tokens = torch.argmax(logits, dim=-1)
+    logprobs = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    pairs = torch.stack([tokens.double(), logprobs.double()], dim=1).tolist()
+    return [SampleResult(int(t), lp, []) for t, lp in pairs]
+
+
 def make_generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None

@@ -75,6 +75,17 @@ class StepMetadata:
     ) -> StepMetadata:
         """`pad_to`: a fixed sequence count (>= len(seqs)); padding sequences get no tokens but one row each
         after the real tokens, so a padded decode batch has exactly `pad_to` rows."""
+        per_seq, per_token, starts, lengths = cls.host_tensors(seqs, cache, pad_to=pad_to)
+        per_seq, per_token = per_seq.to(device, non_blocking=True), per_token.to(device, non_blocking=True)
+        return cls.from_tensors(per_seq, per_token, starts, lengths)
+
+    @staticmethod
+    def host_tensors(
+        seqs: list[SeqSlice], cache: KVCache, *, pad_to: int | None = None, max_blocks: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """The two host buffers of a step: int32 per sequence (four rows, then the block table padded to
+        `max_blocks` columns, default the longest table) and int64 [3, T] per token (position, global and ring
+        slot); plus the host lists of first positions and query lengths."""
         if pad_to is not None and pad_to < len(seqs):
             raise ValueError(f"pad_to={pad_to} is smaller than the batch ({len(seqs)} sequences)")
         layout = cache.layout
@@ -83,7 +94,10 @@ class StepMetadata:
         lengths = [s.length for s in seqs] + [0] * num_pad
         tokens = sum(lengths)
         offsets = [s.offset for s in seqs] + list(range(tokens, tokens + num_pad))
-        max_blocks = max([1] + [len(s.block_table) for s in seqs])
+        longest = max([1] + [len(s.block_table) for s in seqs])
+        if max_blocks is not None and longest > max_blocks:
+            raise ValueError(f"a block table of {longest} blocks exceeds max_blocks={max_blocks}")
+        max_blocks = max_blocks or longest
         num_seqs = len(starts)
         # one flat int32 buffer (four per-sequence rows, then the block table) and one int64 [3, T]: two copies
         per_seq = torch.zeros(4 * num_seqs + num_seqs * max_blocks, dtype=torch.int32)
@@ -104,7 +118,14 @@ class StepMetadata:
             per_token[0, :tokens] = pos
             per_token[1, :tokens] = table[:real].long()[seq_of, pos // bs] * bs + pos % bs
             per_token[2, :tokens] = scalars[3, :real].long()[seq_of] * ring_size + pos % ring_size
-        per_seq, per_token = per_seq.to(device, non_blocking=True), per_token.to(device, non_blocking=True)
+        return per_seq, per_token, starts, lengths
+
+    @classmethod
+    def from_tensors(
+        cls, per_seq: torch.Tensor, per_token: torch.Tensor, starts: list[int], lengths: list[int]
+    ) -> StepMetadata:
+        """Metadata viewing the two (device) buffers of `host_tensors`; refilling them in place updates it."""
+        num_seqs = len(starts)
         scalars, table = per_seq[: 4 * num_seqs].view(4, num_seqs), per_seq[4 * num_seqs :].view(num_seqs, -1)
         batch = AttentionBatch(
             seq_start=scalars[0],
@@ -161,15 +182,17 @@ class BatchContext:
         device: torch.device,
         *,
         backend: str | AttentionBackend | None = None,
+        metadata: StepMetadata | None = None,
     ):
-        """`backend`: an attention backend or its name; default by device (see `select_attention_backend`)."""
+        """`backend`: an attention backend or its name; default by device (see `select_attention_backend`).
+        `metadata`: prebuilt step metadata (CUDA graphs keep theirs in fixed buffers); default: built from `seqs`."""
         self.model, self.cache, self.seqs = model, cache, seqs
         self.cfg = model.config
         self.device = torch.device(device)
         self.backend = (
             backend if hasattr(backend, "attend") else select_attention_backend(self.device, backend)
         )
-        self._metadata: StepMetadata | None = None
+        self._metadata = metadata
         if self.backend.needs_metadata:
             self.positions = self.metadata.positions
         else:

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
+from nvfp4kit.engine.cuda_graphs import DecodeGraphs, default_batch_sizes
 from nvfp4kit.engine.kv_cache import KVCache, KVLayout, pool_bytes
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.model.gemma4 import Gemma4Model
-from nvfp4kit.sampling import SamplingParams, sample_token
+from nvfp4kit.sampling import SamplingParams, greedy_batch, is_plain_greedy, sample_token
 from nvfp4kit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,9 @@ class EngineConfig:
     )
     k_eq_v_once: bool = True  # store the shared K=V tensor of k_eq_v layers once
     attention_backend: str | None = None  # "triton" or "torch"; default: triton on CUDA, torch on CPU
-    cuda_graphs: bool = True  # replay captured decode steps on CUDA (False: eager, like vLLM's --enforce-eager)
+    cuda_graphs: bool = (
+        True  # replay captured decode steps on CUDA (False: eager, like vLLM's --enforce-eager)
+    )
     graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; default 1,2,4,8,16,...
 
 
@@ -88,6 +91,14 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(chunk, chunk), self.cache)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.graphs: DecodeGraphs | None = None
+        if self.config.cuda_graphs and self.device.type == "cuda":
+            sizes = self.config.graph_batch_sizes or default_batch_sizes(self.config.max_num_seqs)
+            self.graphs = DecodeGraphs(
+                model, self.cache, batch_sizes=sizes, max_model_len=self.max_model_len,
+                attention_backend=self.config.attention_backend,
+            )  # fmt: skip
+            self.graphs.capture()
         log.info(
             "KV cache: %d global-pool tokens (%.1f MiB), %d sliding rings of %d slots (%.1f MiB), dtype %s",
             num_blocks * layout.block_size, num_blocks * layout.block_size * per_token / 2**20,
@@ -144,19 +155,40 @@ class Engine:
                 sample_rows.append(offset + n - 1)
                 sampled.append(req)
             offset += n
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=self.config.attention_backend)
-        hidden = self.model.hidden_states(input_ids, ctx)
         for req, n in batch:
             req.num_computed += n
-        if not sampled:
-            return []
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        events = []
-        for req, row in zip(sampled, logits):
-            s = sample_token(
-                row, req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids, generator=req.generator
+        decode_only = len(sampled) == len(batch) == len(ids)
+        if decode_only and self.graphs is not None and len(batch) <= self.graphs.max_batch:
+            logits = self.graphs.run(ids, seqs)
+        else:
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            ctx = BatchContext(
+                self.model, self.cache, seqs, self.device, backend=self.config.attention_backend
             )
+            hidden = self.model.hidden_states(input_ids, ctx)
+            if not sampled:
+                return []
+            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return self._sample(sampled, logits)
+
+    def _sample(self, sampled: list[Request], logits: torch.Tensor) -> list[TokenEvent]:
+        """Plain greedy rows together (one host transfer), the others one by one with their full parameters."""
+        results: list = [None] * len(sampled)
+        greedy = [i for i, req in enumerate(sampled) if is_plain_greedy(req.params)]
+        if greedy:
+            rows = (
+                logits if len(greedy) == len(sampled) else logits[torch.tensor(greedy, device=logits.device)]
+            )
+            for i, result in zip(greedy, greedy_batch(rows)):
+                results[i] = result
+        for i, req in enumerate(sampled):
+            if results[i] is None:
+                results[i] = sample_token(
+                    logits[i], req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids,
+                    generator=req.generator,
+                )  # fmt: skip
+        events = []
+        for req, s in zip(sampled, results):
             event = req.append_token(s.token_id, s.logprob, s.top_logprobs)
             events.append(event)
             if event.finish_reason:

@@ -1,0 +1,75 @@
+"""The decode-graph path: fixed buffers, padding to a captured batch size, fixed key splits.
+
+CUDA graphs cannot be captured on the CPU, so these tests run `DecodeGraphs(eager=True)`: the same fixed
+buffers, padding and launch shapes as a replay, executed eagerly through the Triton kernels (interpreted).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nvfp4kit.engine.batch_context import SeqSlice, StepMetadata
+from nvfp4kit.engine.cuda_graphs import DecodeGraphs, default_batch_sizes
+from nvfp4kit.engine.engine import Engine, EngineConfig
+from nvfp4kit.model.loader import load_model
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.tokenizer import Tokenizer
+
+
+def test_default_batch_sizes_cover_every_batch_up_to_the_limit():
+    assert default_batch_sizes(1) == (1,)
+    assert default_batch_sizes(16) == (1, 2, 4, 8, 16)
+    assert default_batch_sizes(20) == (1, 2, 4, 8, 16, 20)
+    assert default_batch_sizes(64)[-3:] == (48, 56, 64)
+    assert default_batch_sizes(100)[-3:] == (80, 96, 100)
+
+
+def test_host_tensors_pad_sequences_and_block_tables(tiny_checkpoint):
+    folder = tiny_checkpoint("moe")
+    engine = Engine(load_model(folder), None, config=EngineConfig(block_size=4, num_kv_tokens=64))
+    seqs = [SeqSlice(9, 1, 0, [3, 1, 7], 2), SeqSlice(2, 1, 1, [5], 0)]
+    per_seq, per_token, starts, lengths = StepMetadata.host_tensors(seqs, engine.cache, pad_to=4, max_blocks=6)
+    meta = StepMetadata.from_tensors(per_seq, per_token, starts, lengths)
+    assert meta.batch.seq_len.tolist() == [1, 1, 0, 0]
+    assert meta.batch.seq_offset.tolist() == [0, 1, 2, 3]  # padding rows follow the real tokens
+    assert meta.batch.block_table.shape == (4, 6)
+    assert meta.batch.block_table[0].tolist() == [3, 1, 7, 0, 0, 0]
+    assert meta.positions.tolist() == [9, 2, 0, 0]
+    assert meta.global_slots.tolist() == [7 * 4 + 1, 5 * 4 + 2, -1, -1]  # padding writes nowhere
+    ring = engine.layout.ring_size
+    assert meta.ring_slots.tolist() == [2 * ring + 9 % ring, 2, -1, -1]
+    with pytest.raises(ValueError, match="exceeds max_blocks=2"):
+        StepMetadata.host_tensors(seqs, engine.cache, max_blocks=2)
+
+
+def _generate(engine, prompts, params):
+    ids = {engine.add_request(p, params): i for i, p in enumerate(prompts)}
+    out = [[] for _ in prompts]
+    while engine.has_unfinished():
+        for event in engine.step():
+            out[ids[event.request_id]].append(event.token_id)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["moe", "e2b"])
+def test_padded_decode_graph_path_gives_the_same_tokens(tiny_checkpoint, kind):
+    folder = tiny_checkpoint(kind)
+    model, tok = load_model(folder), Tokenizer(folder)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(5, 384, (n,), generator=gen).tolist() for n in (13, 3, 6)]
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    config = EngineConfig(block_size=4, max_num_batched_tokens=32, max_model_len=64, attention_backend="triton")
+    expected = _generate(Engine(model, tok, config=config), prompts, greedy)
+
+    engine = Engine(model, tok, config=config)
+    engine.graphs = DecodeGraphs(
+        model, engine.cache, batch_sizes=(1, 4), max_model_len=64, attention_backend="triton", eager=True
+    )
+    engine.graphs.capture()
+    calls = []
+    run = engine.graphs.run
+    engine.graphs.run = lambda ids, seqs: calls.append(len(seqs)) or run(ids, seqs)
+    assert _generate(engine, prompts, greedy) == expected
+    assert calls and set(calls) == {3}  # three decodes a step, padded to the graph of 4
+    assert len(engine.cache.free_blocks) == engine.layout.num_blocks
