@@ -2,7 +2,9 @@
 
 Tokens are processed flat, [T, hidden]: a forward step may hold one sequence's prompt chunk or many
 sequences' decode tokens. Everything about where keys/values live (contiguous cache, paged pools, K=V once)
-is behind the `AttentionContext` the caller passes in; heavy ops go through the op backend (see ops.py).
+is behind the `AttentionContext` the caller passes in; heavy ops and the element-wise regions between them
+(norms, RoPE, GeGLU, routing) go through the op backend (see ops.py), so a layer is a short list of launches.
+The norm modules hold their weights (and name them for loading); the regions read those weights.
 """
 
 from __future__ import annotations
@@ -14,16 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nvfp4kit.config import Gemma4TextConfig
-from nvfp4kit.model.layers import (
-    Linear,
-    RMSNorm,
-    apply_rope,
-    rope_cos_sin,
-    rope_inv_freq,
-    store_weight,
-    stored_weight,
-)
-from nvfp4kit.model.ops import OpBackend, TorchBackend, Weight, gelu_tanh
+from nvfp4kit.model.layers import Linear, RMSNorm, rope_inv_freq, store_weight, stored_weight
+from nvfp4kit.model.ops import OpBackend, TorchBackend, Weight, gelu_tanh, regions
 
 
 class AttentionContext(Protocol):
@@ -46,7 +40,9 @@ class AttentionContext(Protocol):
 class Attention(nn.Module):
     def __init__(self, cfg: Gemma4TextConfig, layer: int, backend: OpBackend):
         super().__init__()
+        self.backend = backend
         self.layer = layer
+        self.eps = cfg.rms_norm_eps
         self.head_dim = cfg.layer_head_dim(layer)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.layer_kv_heads(layer)
@@ -69,15 +65,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         t = x.shape[0]
-        parts = self.qkv_proj.forward_split(x)
-        cos, sin = rope_cos_sin(self.inv_freq, ctx.positions, x.dtype)
-        q = apply_rope(self.q_norm(parts[0].view(t, self.num_heads, self.head_dim)), cos, sin)
-        k = v = None
-        if self.computes_kv:
-            raw_k = parts[1].view(t, self.num_kv_heads, self.head_dim)
-            raw_v = parts[2].view(t, self.num_kv_heads, self.head_dim) if self.has_v_proj else raw_k
-            k = apply_rope(self.k_norm(raw_k), cos, sin)
-            v = self.v_norm(raw_v)
+        q, k, v = regions(self.backend).qkv_norm_rope(
+            self.qkv_proj(x),
+            positions=ctx.positions,
+            inv_freq=self.inv_freq,
+            q_norm=self.q_norm.weight,
+            k_norm=self.k_norm.weight if self.computes_kv else None,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            v_proj=self.has_v_proj,
+            eps=self.eps,
+        )
         out = ctx.attend(self.layer, q, k, v, window=self.window)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -87,34 +86,30 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, backend: OpBackend):
         super().__init__()
+        self.backend = backend
         self.gate_up_proj = Linear(hidden, (intermediate, intermediate), backend=backend)
         self.down_proj = Linear(intermediate, (hidden,), backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.forward_split(x)
-        return self.down_proj(
-            gelu_tanh(gate.contiguous()) * up
-        )  # contiguous: the same rounding as transformers
+        return self.down_proj(regions(self.backend).geglu(self.gate_up_proj(x)))
 
 
 class Router(nn.Module):
-    """softmax over all experts of proj(rmsnorm(x) * scale / sqrt(H)), top-k, renormalise, * per_expert_scale."""
+    """softmax over all experts of proj(z), top-k, renormalise, * per_expert_scale.
+
+    z = rmsnorm(h) * scale / sqrt(H) of the residual h comes from the layer's `moe_inputs` region.
+    """
 
     def __init__(self, cfg: Gemma4TextConfig, backend: OpBackend):
         super().__init__()
+        self.backend = backend
         self.top_k = cfg.top_k_experts
-        self.root_size = cfg.hidden_size**-0.5
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_weight=False)
         self.proj = Linear(cfg.hidden_size, (cfg.num_experts,), backend=backend)
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.norm(x) * self.scale * self.root_size
-        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, k=self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.per_expert_scale[ids], ids
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return regions(self.backend).route(self.proj(z), self.per_expert_scale, top_k=self.top_k)
 
 
 class Experts(nn.Module):
@@ -138,6 +133,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: Gemma4TextConfig, layer: int, backend: OpBackend):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.backend = backend
+        self.eps = eps
         self.self_attn = Attention(cfg, layer, backend)
         self.mlp = MLP(h, cfg.layer_intermediate_size(layer), backend)
         self.input_layernorm = RMSNorm(h, eps)
@@ -161,17 +158,40 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, ctx: AttentionContext, per_layer_input: torch.Tensor | None = None
     ) -> torch.Tensor:
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
-        mlp_out = self.mlp(self.pre_feedforward_layernorm(h))
-        if self.moe:
-            weights, ids = self.router(h)  # the router sees the residual stream, not the normed input
-            moe_out = self.experts(self.pre_feedforward_layernorm_2(h), weights, ids)
-            mlp_out = self.post_feedforward_layernorm_1(mlp_out) + self.post_feedforward_layernorm_2(moe_out)
-        out = h + self.post_feedforward_layernorm(mlp_out)
+        ops, eps = regions(self.backend), self.eps
+        attn = self.self_attn(ops.rms_norm(x, self.input_layernorm.weight, eps=eps), ctx)
+        h = ops.add_rms_norm(x, attn, self.post_attention_layernorm.weight, eps=eps)
+        experts_out = None
+        if self.moe:  # the router sees the residual stream, not the normed input
+            mlp_in, experts_in, router_in = ops.moe_inputs(
+                h,
+                mlp_norm=self.pre_feedforward_layernorm.weight,
+                experts_norm=self.pre_feedforward_layernorm_2.weight,
+                router_scale=self.router.scale,
+                eps=eps,
+            )
+            mlp_out = self.mlp(mlp_in)
+            weights, ids = self.router(router_in)
+            experts_out = self.experts(experts_in, weights, ids)
+        else:
+            mlp_out = self.mlp(ops.rms_norm(h, self.pre_feedforward_layernorm.weight, eps=eps))
+        out = ops.ffn_tail(
+            h,
+            mlp_out,
+            experts_out,
+            post_norm=self.post_feedforward_layernorm.weight,
+            post_mlp_norm=self.post_feedforward_layernorm_1.weight if self.moe else None,
+            post_experts_norm=self.post_feedforward_layernorm_2.weight if self.moe else None,
+            layer_scalar=None if self.ple else self.layer_scalar,  # PLE layers scale after their own add
+            eps=eps,
+        )
         if self.ple:
             gated = gelu_tanh(self.per_layer_input_gate(out)) * per_layer_input
-            out = out + self.post_per_layer_input_norm(self.per_layer_projection(gated))
-        return out * self.layer_scalar.to(out.dtype)
+            out = ops.add_rms_norm(
+                out, self.per_layer_projection(gated), self.post_per_layer_input_norm.weight, eps=eps
+            )
+            out = out * self.layer_scalar.to(out.dtype)
+        return out
 
 
 class Gemma4Model(nn.Module):
@@ -225,7 +245,7 @@ class Gemma4Model(nn.Module):
         ple = self.per_layer_inputs(input_ids, h) if self.config.hidden_size_per_layer_input else None
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, ple[:, i] if ple is not None else None)
-        return self.norm(h)
+        return regions(self.backend).rms_norm(h, self.norm.weight, eps=self.norm.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.lm_head if self.lm_head is not None else self.embed_tokens

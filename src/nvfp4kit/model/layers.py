@@ -8,7 +8,9 @@ from torch import nn
 
 from nvfp4kit.config import RopeConfig
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.model.ops import OpBackend, TorchBackend, Weight
+from nvfp4kit.model.ops import OpBackend, TorchBackend, Weight, rms_norm
+from nvfp4kit.model.ops import apply_rope as apply_rope  # re-exported: the engine and tests import them here
+from nvfp4kit.model.ops import rope_cos_sin as rope_cos_sin
 
 _PARTS = ("packed", "scale", "scale_2")
 
@@ -69,11 +71,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False) if with_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            h = h * self.weight.float()
-        return h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -89,21 +87,6 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     exps = torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim
     inv = 1.0 / (rope.theta**exps)
     return torch.cat([inv, torch.zeros(head_dim // 2 - angles)])
-
-
-def rope_cos_sin(
-    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, D]; neox pairing (i, i + D/2)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 def attention(

@@ -1,14 +1,21 @@
-"""The operator seam: the model's heavy ops (linear, MoE experts) go through a named backend.
+"""The operator seam: the model's heavy ops and fused element-wise regions go through a named backend.
 
 The `torch` backend runs everywhere (CPU reference, CI); `nvfp4kit.kernels` registers a `triton`
 backend for CUDA. A backend is a small object with the methods below; `select_backend` picks one for a
 device, and the model keeps the one it was built with.
+
+Two groups of methods:
+  * `OpBackend`: the heavy ops (linear, MoE experts). Every backend has them.
+  * `FusedRegions`: the element-wise regions between them (norms, RoPE, GeGLU, routing), one launch each
+    on the GPU. `TorchBackend` computes them with exactly the op order and roundings the model has always
+    used (it is the reference the HF-parity tests pin); a backend without them (a calibration recorder that
+    only wraps `linear`/`moe`) gets the torch versions through `regions`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +42,72 @@ class OpBackend(Protocol):
         """sum_k w_k * down_e(gelu_tanh(gate_e(x)) * up_e(x)); gate_up [E, 2I, H] (gate first), down [E, H, I]."""
 
 
+@runtime_checkable
+class FusedRegions(Protocol):
+    """The element-wise regions of a decoder layer; inputs [T, ...] in the compute dtype, outputs the same."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, *, eps: float) -> torch.Tensor:
+        """x / rms(x) * weight over the last dim (no weight: plain normalisation)."""
+
+    def add_rms_norm(
+        self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, eps: float
+    ) -> torch.Tensor:
+        """residual + rms_norm(x) * weight (the post-attention sandwich)."""
+
+    def moe_inputs(
+        self,
+        h: torch.Tensor,
+        *,
+        mlp_norm: torch.Tensor,
+        experts_norm: torch.Tensor,
+        router_scale: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three inputs a MoE layer takes from its residual h: the dense MLP's and the experts' normed
+        inputs, and the router's rms_norm(h) * router_scale * H**-0.5."""
+
+    def ffn_tail(
+        self,
+        h: torch.Tensor,
+        mlp_out: torch.Tensor,
+        experts_out: torch.Tensor | None,
+        *,
+        post_norm: torch.Tensor,
+        post_mlp_norm: torch.Tensor | None,
+        post_experts_norm: torch.Tensor | None,
+        layer_scalar: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """(h + post_norm(mix)) * layer_scalar, mix = post_mlp_norm(mlp_out) + post_experts_norm(experts_out)
+        with experts, else mlp_out; no layer_scalar: not scaled."""
+
+    def qkv_norm_rope(
+        self,
+        qkv: torch.Tensor,
+        *,
+        positions: torch.Tensor,
+        inv_freq: torch.Tensor,
+        q_norm: torch.Tensor,
+        k_norm: torch.Tensor | None,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        v_proj: bool,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """From the fused projection [T, q (+ k (+ v))]: q = rope(q_norm(q)), k = rope(k_norm(k)),
+        v = rms_norm(v or, without v_proj, the raw k), each [T, heads, D]; no k_norm: the layer computes no
+        K/V and k, v are None. RoPE pairs (i, i + D/2), angle = position * inv_freq[i]."""
+
+    def geglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gelu_tanh(gate) * up for gate_up = [gate | up] along the last dim."""
+
+    def route(
+        self, logits: torch.Tensor, per_expert_scale: torch.Tensor, *, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """softmax over experts, top-k, renormalise, times per_expert_scale: (weights fp32, ids int64) [T, k]."""
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -44,6 +117,30 @@ def dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(weight, NVFP4Tensor):
         return weight.dequantize(dtype)
     return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x / rms(x) * w in fp32, rounded once to x.dtype (Gemma 4 uses plain `x * w`, not Gemma 3's `1 + w`)."""
+    h = x.float()
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        h = h * weight.float()
+    return h.to(x.dtype)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos/sin [T, D]; neox pairing (i, i + D/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class TorchBackend:
@@ -75,11 +172,68 @@ class TorchBackend:
             out.index_add_(0, tokens, y.float() * w[:, None])
         return out.to(x.dtype)
 
+    # ---- fused regions: the model's own op order, roundings included -------------------------------
+
+    def rms_norm(self, x, weight, *, eps):
+        return rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, residual, x, weight, *, eps):
+        return residual + rms_norm(x, weight, eps)
+
+    def moe_inputs(self, h, *, mlp_norm, experts_norm, router_scale, eps):
+        router_in = rms_norm(h, None, eps) * router_scale * h.shape[-1] ** -0.5
+        return rms_norm(h, mlp_norm, eps), rms_norm(h, experts_norm, eps), router_in
+
+    def ffn_tail(
+        self, h, mlp_out, experts_out, *, post_norm, post_mlp_norm, post_experts_norm, layer_scalar, eps
+    ):
+        mix = mlp_out
+        if experts_out is not None:
+            mix = rms_norm(mlp_out, post_mlp_norm, eps) + rms_norm(experts_out, post_experts_norm, eps)
+        out = h + rms_norm(mix, post_norm, eps)
+        return out if layer_scalar is None else out * layer_scalar.to(out.dtype)
+
+    def qkv_norm_rope(
+        self, qkv, *, positions, inv_freq, q_norm, k_norm, num_heads, num_kv_heads, head_dim, v_proj, eps
+    ):
+        t = qkv.shape[0]
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        cos, sin = rope_cos_sin(inv_freq, positions, qkv.dtype)
+        q = apply_rope(rms_norm(qkv[:, :q_size].view(t, num_heads, head_dim), q_norm, eps), cos, sin)
+        if k_norm is None:
+            return q, None, None
+        raw_k = qkv[:, q_size : q_size + kv_size].view(t, num_kv_heads, head_dim)
+        raw_v = qkv[:, q_size + kv_size :].view(t, num_kv_heads, head_dim) if v_proj else raw_k
+        return q, apply_rope(rms_norm(raw_k, k_norm, eps), cos, sin), rms_norm(raw_v, None, eps)
+
+    def geglu(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return gelu_tanh(gate.contiguous()) * up  # contiguous: the same rounding as transformers
+
+    def route(self, logits, per_expert_scale, *, top_k):
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, k=top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * per_expert_scale[ids], ids
+
 
 def _expert(weight: Weight, e: int, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(weight, NVFP4Tensor):
         return weight.expert(e).dequantize(dtype)
     return weight[e].to(dtype)
+
+
+_TORCH_REGIONS = TorchBackend()
+_HAS_REGIONS: dict[type, bool] = {}
+
+
+def regions(backend: OpBackend) -> FusedRegions:
+    """`backend` itself when it implements the fused regions, else the torch reference ones."""
+    kind = type(backend)
+    has = _HAS_REGIONS.get(kind)
+    if has is None:
+        has = _HAS_REGIONS[kind] = isinstance(backend, FusedRegions)
+    return backend if has else _TORCH_REGIONS  # type: ignore[return-value]
 
 
 _BACKENDS: dict[str, Callable[[], OpBackend]] = {"torch": TorchBackend}
