@@ -1,0 +1,222 @@
+"""`nvfp4kit bench engine`: the serving engine end to end on a CUDA GPU, against the roofline and HF transformers.
+
+Default: a random all-NVFP4 model of the Gemma 4 26B-A4B shape built on the GPU (no download), FP8 KV, CUDA
+graphs. Measures decode tokens/s at several batch sizes (with achieved GB/s per step and % of the card's
+bandwidth roofline from the planner), prefill tokens/s and time to first token at several prompt lengths, peak
+memory; then the baseline in the same run: HF transformers' Gemma4ForCausalLM in BF16 at the same shape.
+Writes JSON rows `{scenario, batch, prompt_len, tokens_per_s, pct_roofline, baseline, baseline_tokens_per_s}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from nvfp4kit.bench import engine_runs as runs
+from nvfp4kit.config import PRESET_DIR, load_config, load_preset
+from nvfp4kit.engine.engine import Engine, EngineConfig
+from nvfp4kit.plan.checkpoint import weights_from_checkpoint
+from nvfp4kit.plan.weights import weights_from_config
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build_model(args: argparse.Namespace):
+    """(model, config, weight breakdown for the roofline, label) from --model or the random --preset."""
+    if args.model:
+        from nvfp4kit.model.loader import load_model
+
+        model = load_model(args.model, dtype=torch.bfloat16, device="cuda")
+        return model, load_config(args.model), weights_from_checkpoint(args.model), Path(args.model).name
+    from nvfp4kit.testing.random_model import random_model
+
+    cfg = load_preset(args.preset)
+    quantized = args.weights == "nvfp4"
+    model = random_model(cfg, quantized=quantized, device="cuda")
+    recipe = "all-nvfp4" if quantized else "bf16"
+    return model, cfg, weights_from_config(cfg, recipe=recipe), f"{args.preset} (random {args.weights})"
+
+
+def engine_config(args: argparse.Namespace, cfg) -> EngineConfig:
+    longest = max([*args.prefill, args.context + args.steps + 8])
+    tokens = max(max(args.decode_batches) * (args.context + args.steps + 8), longest) + 1024
+    return EngineConfig(
+        kv_dtype=args.kv_dtype,
+        max_num_seqs=max(args.decode_batches),
+        max_num_batched_tokens=args.chunk,
+        max_model_len=args.max_model_len,
+        num_kv_tokens=tokens,
+        cuda_graphs=not args.eager,
+    )
+
+
+def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    model, cfg, weights, label = build_model(args)
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+    _log(f"{label}: {weights_gib:.3f} GiB on the GPU (planner: {weights.text_bytes / 2**30:.3f} GiB)")
+    engine = Engine(model, None, config=engine_config(args, cfg))
+    spec = runs.card_spec()
+    bandwidth = spec.bandwidth_bytes_per_s if spec else args.bandwidth_gbps * 1e9
+    runs.decode_speed(engine, batch=1, context=64, steps=4)  # compile the eager kernels once
+    for batch in args.decode_batches:
+        result = runs.decode_speed(engine, batch=batch, context=args.context, steps=args.steps)
+        step_bytes, roof = runs.decode_roofline(
+            cfg,
+            weights,
+            batch=batch,
+            context=args.context,
+            kv_dtype=args.kv_dtype,
+            bandwidth_bytes_per_s=bandwidth,
+        )
+        rows.append({
+            "scenario": "decode", "batch": batch, "prompt_len": args.context,
+            "tokens_per_s": round(result.tokens_per_s, 1), "ms_per_step": round(result.ms_per_step, 3),
+            "gbps": round(step_bytes / (result.ms_per_step * 1e-3) / 1e9, 1),
+            "roofline_tokens_per_s": round(roof, 1), "pct_roofline": round(100 * result.tokens_per_s / roof, 1),
+        })  # fmt: skip
+        _log(f"  decode batch {batch}: {result.tokens_per_s:.1f} tok/s ({result.ms_per_step:.2f} ms/step)")
+    for length in args.prefill:
+        result = runs.prefill_speed(engine, prompt_len=length)
+        rows.append({"scenario": "prefill", "batch": 1, "prompt_len": length,
+                     "tokens_per_s": round(result.tokens_per_s, 1)})  # fmt: skip
+        rows.append({"scenario": "ttft", "batch": 1, "prompt_len": length, "ms": round(result.ttft_ms, 1)})
+        _log(f"  prefill {length}: {result.tokens_per_s:.0f} tok/s, TTFT {result.ttft_ms:.0f} ms")
+    if args.profile:
+        _log(profile_decode_step(engine))
+    info = {
+        "model": label,
+        "weights_gib": round(weights_gib, 3),
+        "planner_weights_gib": round(weights.text_bytes / 2**30, 3),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "kv_pool_tokens": engine.pool_tokens,
+        "bandwidth_gbps": round(bandwidth / 1e9),
+    }
+    del engine, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return info
+
+
+def profile_decode_step(engine: Engine, top: int = 25) -> str:
+    """The kernels of one eager batch-1 decode step, by total GPU time (graphs hide the launches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, engine.graphs = engine.graphs, None
+    try:
+        cfg = engine.model.config
+        engine.add_request(
+            runs.random_prompt(cfg, 256, seed=7), runs.SamplingParams(max_tokens=6, temperature=0)
+        )
+        for _ in range(3):
+            engine.step()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.step()
+            torch.cuda.synchronize()
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        engine.graphs = graphs
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    launches = sum(e.count for e in events)
+    lines = [f"one eager batch-1 decode step: {launches} kernels, {total / 1e3:.2f} ms of GPU time"]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        lines.append(f"{e.self_device_time_total / 1e3:8.3f} ms {e.count:5}x  {e.key[:90]}")
+    return "\n".join(lines)
+
+
+def measure_hf(args: argparse.Namespace, rows: list[dict]) -> None:
+    from nvfp4kit.bench import hf_baseline as hf
+
+    raw = None if args.model else hf.preset_raw_config(PRESET_DIR / f"{args.preset}.json")
+    model = hf.load_hf_model(preset_config=raw, path=args.model)
+    cfg = load_config(args.model) if args.model else load_preset(args.preset)
+    for row in rows:
+        if row["scenario"] == "decode" and row["batch"] in args.hf_batches:
+            prompts = [runs.random_prompt(cfg, args.context, seed=b) for b in range(row["batch"])]
+            tps = hf.hf_decode_speed(model, prompts, new_tokens=args.hf_tokens)
+        elif row["scenario"] == "prefill" and row["prompt_len"] <= args.hf_max_prefill:
+            tps = hf.hf_prefill_speed(model, runs.random_prompt(cfg, row["prompt_len"], seed=123))
+        else:
+            continue
+        row.update(baseline="hf-transformers-bf16", baseline_tokens_per_s=round(tps, 1))
+        _log(f"  HF {row['scenario']} batch {row['batch']} len {row['prompt_len']}: {tps:.1f} tok/s")
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_engine_benchmark(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench engine needs a CUDA GPU")
+    rows: list[dict] = []
+    result = {
+        "card": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "command": "nvfp4kit bench engine " + " ".join(sys.argv[sys.argv.index("engine") + 1 :])
+        if "engine" in sys.argv
+        else "nvfp4kit bench engine",
+        "rows": rows,
+    }
+    result["engine"] = measure_engine(args, rows)
+    if args.baseline == "hf":
+        measure_hf(args, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(format_rows(result))
+    return 0
+
+
+def format_rows(result: dict) -> str:
+    info = result["engine"]
+    lines = [
+        f"{result['card']}: {info['model']}, weights {info['weights_gib']} GiB (planner {info['planner_weights_gib']}),"
+        f" peak {info['peak_gib']} GiB",
+        f"{'scenario':9} {'batch':>5} {'prompt':>7} {'tok/s':>9} {'%roof':>6} {'ms':>8} {'baseline tok/s':>15}",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['scenario']:9} {r['batch']:5} {r['prompt_len']:7} {r.get('tokens_per_s', 0):9.1f} "
+            f"{r.get('pct_roofline', 0):6.1f} {r.get('ms_per_step', r.get('ms', 0)):8.2f} "
+            f"{r.get('baseline_tokens_per_s', 0):15.1f}"
+        )
+    return "\n".join(lines)
+
+
+def register_scenario(scenarios: argparse._SubParsersAction) -> None:
+    p = scenarios.add_parser(
+        "engine", help="engine decode/prefill/TTFT on the GPU vs roofline and HF transformers (CUDA only)"
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a checkpoint folder (default: random weights of --preset, no download)")
+    src.add_argument(
+        "--preset", default="gemma-4-26b-a4b", help="model shape for random weights (%(default)s)"
+    )
+    p.add_argument("--weights", choices=("nvfp4", "bf16"), default="nvfp4", help="random weights' format")
+    p.add_argument("--kv-dtype", default="fp8_e5m2", help="KV cache dtype (default: %(default)s)")
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4, 16, 64], help="decode batch sizes")
+    p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed decode steps")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
+    p.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192, 32768], help="prompt lengths")
+    p.add_argument("--chunk", type=int, default=8192, help="max tokens per step (chunked prefill)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--profile", action="store_true", help="print the kernels of one eager decode step")
+    p.add_argument("--baseline", choices=("hf", "none"), default="hf", help="HF transformers BF16 baseline")
+    p.add_argument(
+        "--hf-batches", type=int, nargs="+", default=[1, 16], help="decode batches for the baseline"
+    )
+    p.add_argument("--hf-tokens", type=int, default=12, help="tokens the baseline generates per measurement")
+    p.add_argument("--hf-max-prefill", type=int, default=8192, help="longest prompt the baseline prefills")
+    p.add_argument("--bandwidth-gbps", type=float, default=3350, help="roofline bandwidth for unlisted cards")
+    p.add_argument("--json", help="write the result rows as JSON here (e.g. docs/results/bench-<card>.json)")
+    p.set_defaults(func=run_engine_benchmark)

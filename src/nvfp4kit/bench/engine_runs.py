@@ -1,0 +1,97 @@
+"""Timed runs of the engine for `nvfp4kit bench engine`: decode steps, prefill/TTFT, the decode roofline."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.engine.engine import Engine
+from nvfp4kit.plan.gpus import GPUS, GpuSpec
+from nvfp4kit.plan.kv import kv_bytes_per_token
+from nvfp4kit.plan.roofline import decode_step
+from nvfp4kit.plan.weights import WeightBreakdown
+from nvfp4kit.sampling import SamplingParams
+
+
+def random_prompt(cfg: Gemma4TextConfig, length: int, *, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(10, cfg.vocab_size, (length,), generator=gen).tolist()
+
+
+def _sync(engine: Engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    batch: int
+    context: int
+    tokens_per_s: float
+    ms_per_step: float
+
+
+def decode_speed(engine: Engine, *, batch: int, context: int, steps: int) -> DecodeResult:
+    """Aggregate tokens/s of `steps` decode steps of `batch` sequences whose prompts are `context` long."""
+    cfg = engine.model.config
+    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    for b in range(batch):
+        engine.add_request(random_prompt(cfg, context, seed=b), params)
+    while any(r.num_computed < len(r.prompt_ids) for r in engine.requests.values()):
+        engine.step()  # prefill, and the first token of each
+    engine.step()  # one decode step untimed: every request is now decoding
+    _sync(engine)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    _sync(engine)
+    seconds = time.perf_counter() - t0
+    while engine.has_unfinished():
+        engine.step()
+    return DecodeResult(batch, context, batch * steps / seconds, 1e3 * seconds / steps)
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    prompt_len: int
+    tokens_per_s: float
+    ttft_ms: float  # from submission to the first generated token, an idle engine
+
+
+def prefill_speed(engine: Engine, *, prompt_len: int, seed: int = 123) -> PrefillResult:
+    prompt = random_prompt(engine.model.config, prompt_len, seed=seed)
+    _sync(engine)
+    t0 = time.perf_counter()
+    engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    _sync(engine)
+    seconds = time.perf_counter() - t0
+    return PrefillResult(prompt_len, prompt_len / seconds, 1e3 * seconds)
+
+
+def card_spec(device: torch.device | str = "cuda") -> GpuSpec | None:
+    """The planner's entry for this CUDA card (by name), or None when it is not listed."""
+    name = torch.cuda.get_device_name(device).lower().replace(" ", "")
+    matches = [gpu for gpu in GPUS if gpu.name.lower().replace(" ", "") in name]
+    return max(matches, key=lambda g: len(g.name)) if matches else None
+
+
+def decode_roofline(
+    cfg: Gemma4TextConfig,
+    weights: WeightBreakdown,
+    *,
+    batch: int,
+    context: int,
+    kv_dtype: str,
+    bandwidth_bytes_per_s: float,
+) -> tuple[float, float]:
+    """(bytes one decode step must read, roofline tokens/s) for `batch` sequences at `context` tokens."""
+    kv = kv_bytes_per_token(cfg, kv_dtype=kv_dtype, k_eq_v_once=True)
+    step = decode_step(
+        cfg, weights, kv, batch=batch, context=context, bandwidth_bytes_per_s=bandwidth_bytes_per_s
+    )
+    return step.bytes_per_step, step.tokens_per_s
