@@ -1,6 +1,7 @@
-"""The `triton` op backend: NVFP4 linears and the fused MoE through the Triton kernels.
+"""The `triton` op backend: NVFP4 linears, the fused MoE and the fused element-wise regions as Triton kernels.
 
 Dense (BF16) linear weights, such as the tied lm_head, go to cuBLAS through `torch.nn.functional.linear`.
+Each region of `nvfp4kit.model.ops.FusedRegions` is one launch (norms.py, qkv_rope.py, geglu.py, router.py).
 Everything here is free of host syncs, so a model built on this backend can be captured in a CUDA graph.
 """
 
@@ -10,7 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+from nvfp4kit.kernels import norms
 from nvfp4kit.kernels.fused_moe import fused_moe
+from nvfp4kit.kernels.geglu import geglu
+from nvfp4kit.kernels.qkv_rope import qkv_norm_rope
+from nvfp4kit.kernels.router import route
 from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 from nvfp4kit.model.ops import Weight
 
@@ -34,3 +39,17 @@ class TritonBackend:
         if not isinstance(gate_up, NVFP4Tensor) and gate_up.dtype != x.dtype:
             gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
         return fused_moe(x, topk_ids, topk_weights, gate_up, down)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, *, eps: float) -> torch.Tensor:
+        return norms.rms_norm(x, weight, eps=eps)
+
+    def add_rms_norm(
+        self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, eps: float
+    ) -> torch.Tensor:
+        return norms.rms_norm(x, weight, eps=eps, residual=residual)
+
+    moe_inputs = staticmethod(norms.moe_inputs)
+    ffn_tail = staticmethod(norms.ffn_tail)
+    qkv_norm_rope = staticmethod(qkv_norm_rope)
+    geglu = staticmethod(geglu)
+    route = staticmethod(route)

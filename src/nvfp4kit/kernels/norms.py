@@ -1,0 +1,251 @@
+"""RMSNorm regions of a decoder layer, one launch each: plain, after a residual add, the three inputs of a MoE
+layer, and the FFN tail (two post-norms, their sum normed again, the residual add and the layer scalar).
+
+One program normalises one row held whole in registers (BLOCK = next power of two >= the row), fp32 math
+inside and one rounding on the way out. The references are the torch backend's methods (`nvfp4kit.model.ops`)
+on fp32 inputs. No host syncs and only shape-sized outputs, so every op replays inside CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROW = 65536  # a row lives in registers; Gemma 4 rows are at most 5376
+
+
+@triton.jit
+def _normalised(x, n, eps):
+    """x / rms(x) over the n valid entries of a zero-padded fp32 row."""
+    return x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    n,
+    stride_x,
+    stride_res,
+    stride_out,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    y = _normalised(x, n, eps)
+    if HAS_WEIGHT:
+        y *= tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _moe_inputs_kernel(
+    h_ptr,
+    w_mlp_ptr,
+    w_experts_ptr,
+    router_scale_ptr,
+    mlp_ptr,
+    experts_ptr,
+    router_ptr,
+    n,
+    stride_h,
+    eps,
+    router_factor,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    y = _normalised(tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32), n, eps)
+    dtype = mlp_ptr.dtype.element_ty
+    out = row * n + cols
+    w_mlp = tl.load(w_mlp_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(mlp_ptr + out, (y * w_mlp).to(dtype), mask=ok)
+    w_experts = tl.load(w_experts_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(experts_ptr + out, (y * w_experts).to(dtype), mask=ok)
+    scale = tl.load(router_scale_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(router_ptr + out, (y * scale * router_factor).to(dtype), mask=ok)
+
+
+@triton.jit
+def _ffn_tail_kernel(
+    h_ptr,
+    mlp_ptr,
+    experts_ptr,
+    w_post_ptr,
+    w_mlp_ptr,
+    w_experts_ptr,
+    scalar_ptr,
+    out_ptr,
+    n,
+    stride_h,
+    stride_mlp,
+    stride_experts,
+    eps,
+    HAS_EXPERTS: tl.constexpr,
+    HAS_SCALAR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    mix = tl.load(mlp_ptr + row * stride_mlp + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_EXPERTS:
+        experts = tl.load(experts_ptr + row * stride_experts + cols, mask=ok, other=0.0).to(tl.float32)
+        w_mlp = tl.load(w_mlp_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        w_experts = tl.load(w_experts_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        mix = _normalised(mix, n, eps) * w_mlp + _normalised(experts, n, eps) * w_experts
+    w_post = tl.load(w_post_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
+    out = h + _normalised(mix, n, eps) * w_post
+    if HAS_SCALAR:
+        out *= tl.load(scalar_ptr).to(tl.float32)
+    tl.store(out_ptr + row * n + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _row_launch(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of n entries: about 8 to 16 entries per thread."""
+    if n > MAX_ROW:
+        raise ValueError(f"row of {n} entries is longer than the {MAX_ROW} a norm kernel holds")
+    block = triton.next_power_of_2(n)
+    return block, max(1, min(16, block // 512))
+
+
+def _rows(x: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    """x as [rows, n] with unit column stride (a view when it can be)."""
+    if x.shape[-1] != n:
+        raise ValueError(f"{name} has {x.shape[-1]} features, expected {n}")
+    rows = x.reshape(-1, n)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _vector(w: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    if w.numel() != n:
+        raise ValueError(f"{name} has {w.numel()} entries, expected {n}")
+    return w.reshape(n) if w.is_contiguous() else w.contiguous().reshape(n)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, *, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(residual +) x / rms(x) (* weight) over the last dim, in x.dtype."""
+    n = x.shape[-1]
+    rows = _rows(x, n, "x")
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    res = rows if residual is None else _rows(residual, n, "residual")
+    if residual is not None and res.shape != rows.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+    w = rows if weight is None else _vector(weight, n, "weight")
+    if rows.shape[0]:
+        block, warps = _row_launch(n)
+        _rms_norm_kernel[(rows.shape[0],)](
+            rows,
+            res,
+            w,
+            out,
+            n,
+            rows.stride(0),
+            res.stride(0),
+            out.stride(0),
+            float(eps),
+            HAS_WEIGHT=weight is not None,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    return out.reshape(x.shape)
+
+
+def moe_inputs(
+    h: torch.Tensor,
+    *,
+    mlp_norm: torch.Tensor,
+    experts_norm: torch.Tensor,
+    router_scale: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rms_norm(h) times mlp_norm, experts_norm, and router_scale * H**-0.5: three [T, H] outputs, one launch."""
+    if h.dim() != 2:
+        raise ValueError(f"moe_inputs takes h [T, H], got shape {tuple(h.shape)}")
+    t, n = h.shape
+    rows = _rows(h, n, "h")
+    outs = [torch.empty((t, n), dtype=h.dtype, device=h.device) for _ in range(3)]
+    if t:
+        block, warps = _row_launch(n)
+        _moe_inputs_kernel[(t,)](
+            rows,
+            _vector(mlp_norm, n, "mlp_norm"),
+            _vector(experts_norm, n, "experts_norm"),
+            _vector(router_scale, n, "router_scale"),
+            *outs,
+            n,
+            rows.stride(0),
+            float(eps),
+            n**-0.5,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    return outs[0], outs[1], outs[2]
+
+
+def ffn_tail(
+    h: torch.Tensor,
+    mlp_out: torch.Tensor,
+    experts_out: torch.Tensor | None,
+    *,
+    post_norm: torch.Tensor,
+    post_mlp_norm: torch.Tensor | None,
+    post_experts_norm: torch.Tensor | None,
+    layer_scalar: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """(h + post_norm(mix)) * layer_scalar with mix = post_mlp_norm(mlp_out) + post_experts_norm(experts_out)."""
+    if h.dim() != 2:
+        raise ValueError(f"ffn_tail takes h [T, H], got shape {tuple(h.shape)}")
+    t, n = h.shape
+    rows, mlp = _rows(h, n, "h"), _rows(mlp_out, n, "mlp_out")
+    has_experts = experts_out is not None
+    if has_experts and (post_mlp_norm is None or post_experts_norm is None):
+        raise ValueError("ffn_tail with experts_out needs post_mlp_norm and post_experts_norm")
+    experts = _rows(experts_out, n, "experts_out") if has_experts else mlp
+    for name, other in (("mlp_out", mlp), ("experts_out", experts)):
+        if other.shape[0] != t:
+            raise ValueError(f"{name} has {other.shape[0]} rows, h has {t}")
+    w_post = _vector(post_norm, n, "post_norm")
+    w_mlp = _vector(post_mlp_norm, n, "post_mlp_norm") if has_experts else w_post
+    w_experts = _vector(post_experts_norm, n, "post_experts_norm") if has_experts else w_post
+    if layer_scalar is not None and layer_scalar.numel() != 1:
+        raise ValueError(f"layer_scalar must hold one value, got shape {tuple(layer_scalar.shape)}")
+    out = torch.empty((t, n), dtype=h.dtype, device=h.device)
+    if t:
+        block, warps = _row_launch(n)
+        _ffn_tail_kernel[(t,)](
+            rows,
+            mlp,
+            experts,
+            w_post,
+            w_mlp,
+            w_experts,
+            w_post if layer_scalar is None else layer_scalar,
+            out,
+            n,
+            rows.stride(0),
+            mlp.stride(0),
+            experts.stride(0),
+            float(eps),
+            HAS_EXPERTS=has_experts,
+            HAS_SCALAR=layer_scalar is not None,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    return out
