@@ -73,3 +73,36 @@ def test_padded_decode_graph_path_gives_the_same_tokens(tiny_checkpoint, kind):
     assert _generate(engine, prompts, greedy) == expected
     assert calls and set(calls) == {3}  # three decodes a step, padded to the graph of 4
     assert len(engine.cache.free_blocks) == engine.layout.num_blocks
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_padding_rows_of_a_decode_batch_get_zeros_not_stale_memory(tiny_checkpoint, num_splits):
+    # a graph replays into memory that held anything; NaN in a padding row would reach the router
+    from nvfp4kit.engine.attention_backend import TritonAttentionBackend
+    from nvfp4kit.kernels import paged_attention as kernels
+
+    folder = tiny_checkpoint("moe")
+    model = load_model(folder)
+    engine = Engine(model, None, config=EngineConfig(block_size=4, num_kv_tokens=64))
+    engine.add_request(list(range(5, 14)), SamplingParams(max_tokens=2, temperature=0))
+    engine.step()
+    req = engine.scheduler.running[0]
+    seqs = [SeqSlice(req.num_computed - 1, 1, 0, req.block_table, req.ring)]
+    meta = StepMetadata.build(seqs, engine.cache, "cpu", pad_to=3)
+    cfg = model.config
+    for layer in (0, 5):  # sliding ring, global k_eq_v pool
+        dim, src = cfg.layer_head_dim(layer), cfg.kv_source_layer(layer)
+        q = torch.randn(3, cfg.num_attention_heads, dim)
+        out = torch.full_like(q, float("nan"))
+        sliding = cfg.is_sliding(layer)
+        derived = None
+        if engine.cache.keys[src] is None:
+            derived = TritonAttentionBackend()._derived_key(model.layers[src].self_attn)
+        where = {"ring_size": engine.layout.ring_size} if sliding else {"block_size": engine.layout.block_size}
+        kernels.paged_attention(
+            q, v_store=engine.cache.values[src], k_store=engine.cache.keys[src], batch=meta.batch,
+            items=meta.decode_items(), window=cfg.sliding_window if sliding else None, derived_key=derived,
+            num_splits=num_splits, out=out, **where,
+        )  # fmt: skip
+        assert torch.isfinite(out[0]).all()
+        assert torch.equal(out[1:], torch.zeros_like(out[1:]))

@@ -207,7 +207,12 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed decode steps")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
     p.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192, 32768], help="prompt lengths")
-    p.add_argument("--chunk", type=int, default=8192, help="max tokens per step (chunked prefill)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=2048,
+        help="max tokens per step (chunked prefill; each sequence's sliding ring holds window + chunk)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--profile", action="store_true", help="print the kernels of one eager decode step")

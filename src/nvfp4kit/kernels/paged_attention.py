@@ -268,18 +268,23 @@ def _paged_attention_kernel(
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     acc = acc * (v_factor / safe_l)[:, None]
+    # a padding sequence (no tokens) of a fixed-size decode batch stores zeros (and empty partials), so its row
+    # never holds stale memory that would flow on into the router
+    store_ok = row_ok
+    if BLOCK_Q == 1:
+        store_ok = (rows // GROUP_P2 < BLOCK_Q) & (g < GROUP) & (tok < tl.maximum(qlen, 1))
     if NUM_SPLITS == 1:
         out_rows = (qoff + tok).to(tl.int64) * stride_ot + head * stride_oh
         tl.store(
             out_ptr + out_rows[:, None] + cols[None, :],
             acc.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None],
+            mask=store_ok[:, None],
         )
     else:  # decode: one token per item, so a row is one query head
         part = (item * num_q_heads + head) * NUM_SPLITS + split
         lse = tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf"))
-        tl.store(part_lse_ptr + part, lse, mask=row_ok)
-        tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + part, lse, mask=store_ok)
+        tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
 
 
 @triton.jit
@@ -291,7 +296,6 @@ def _merge_splits_kernel(
     item = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(item_seq_ptr + item)
-    qlen = tl.load(seq_len_ptr + seq)
     qoff = tl.load(seq_offset_ptr + seq)
     base = (item * num_q_heads + head) * NUM_SPLITS
     sp = tl.arange(0, SPLITS_P2)
@@ -313,7 +317,7 @@ def _merge_splits_kernel(
         total += weight
     out = out / tl.maximum(tl.sum(total, 0), 1e-30)
     dst = out_ptr + qoff.to(tl.int64) * stride_ot + head * stride_oh + cols
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=cols < tl.where(qlen > 0, D, 0))
+    tl.store(dst, out.to(out_ptr.dtype.element_ty))  # a padding sequence (no keys) stores zeros
 
 
 def paged_attention(
