@@ -1,23 +1,28 @@
 """`LLM`: load a checkpoint and generate with the batching engine (`nvfp4kit.engine`).
 
 `generate` runs a list of prompts together (continuous batching, chunked prefill); `stream` yields one
-event per generated token of one request.
+event per generated token of one request. On a GPU the KV cache is sized before loading, from the
+checkpoint's headers, the measured memory and the memory options (`nvfp4kit.engine.sizing`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.engine.request import TokenEvent
-from nvfp4kit.model.loader import load_model
+from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
+from nvfp4kit.model.loader import load_model, resolve_dtype
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,7 +43,13 @@ class RequestOutput:
 
 
 class LLM:
-    """`LLM(path, dtype=..., device=...)`; `llm.generate(prompts, SamplingParams(...))`."""
+    """`LLM(path, dtype=..., device=...)`; `llm.generate(prompts, SamplingParams(...))`.
+
+    Memory (as vLLM's options): `gpu_memory_utilization` (fraction of the GPU's total memory the engine may
+    use, default 0.90), `gpu_memory_budget` (act as if the GPU had this much, e.g. "24GiB"; replaces the
+    utilization) or `kv_cache_memory` (the KV bytes themselves). On a GPU the KV cache is planned from these
+    before any weight is loaded, and a model that cannot fit raises `InsufficientMemoryError` at once.
+    """
 
     def __init__(
         self,
@@ -49,17 +60,34 @@ class LLM:
         backend: str | None = None,
         max_model_len: int | None = None,
         engine_config: EngineConfig | None = None,
+        gpu_memory_utilization: float | None = None,
+        gpu_memory_budget: int | str | None = None,
+        kv_cache_memory: int | str | None = None,
     ):
         self.path = Path(model)
-        self.model = load_model(self.path, dtype=dtype, device=device, backend=backend)
-        self.config = self.model.config
         self.device = torch.device(device)
+        engine_config = engine_config or EngineConfig()
+        if max_model_len is not None:
+            engine_config = replace(engine_config, max_model_len=max_model_len)
+        if kv_cache_memory is not None:  # a KV size given here wins over a token count in engine_config
+            engine_config = replace(engine_config, num_kv_tokens=None)
+        options = MemoryOptions.parse(
+            gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_budget=gpu_memory_budget,
+            kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else engine_config.kv_cache_memory,
+        )
+        model_dtype = resolve_dtype(dtype, self.device)
+        self.startup_plan = plan_checkpoint_memory(
+            self.path, device=self.device, model_dtype=model_dtype, config=engine_config, options=options
+        )
+        if self.startup_plan is not None:
+            log.info("%s", self.startup_plan.format())
+            engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
+        self.model = load_model(self.path, dtype=model_dtype, device=self.device, backend=backend)
+        self.config = self.model.config
         self.tokenizer = Tokenizer(self.path)
         gen_file = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
-        engine_config = engine_config or EngineConfig()
-        if max_model_len is not None:
-            engine_config = EngineConfig(**{**engine_config.__dict__, "max_model_len": max_model_len})
         self.engine = Engine(
             self.model, self.tokenizer, config=engine_config, generation_config=self.generation_config
         )

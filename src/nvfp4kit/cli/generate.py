@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nvfp4kit.cli.engine_options import add_engine_arguments, llm_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
     p.add_argument("--show-ids", action="store_true", help="also print the generated token ids")
+    add_engine_arguments(p, max_num_seqs=1)
     p.set_defaults(func=run)
 
 
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from nvfp4kit.sampling import SamplingParams
 
     folder = args.checkpoint or demo_model_path("nvfp4")
-    llm = LLM(folder, dtype=args.dtype, device=args.device)
+    llm = LLM(folder, dtype=args.dtype, device=args.device, **llm_arguments(args))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

@@ -8,6 +8,8 @@ import os
 import signal
 from pathlib import Path
 
+from nvfp4kit.cli.engine_options import add_engine_arguments, llm_arguments
+
 MODEL_HELP = """\
 nvfp4kit serve takes a model folder: nvfp4kit serve PATH
 PATH holds config.json, the *.safetensors weights, tokenizer.json and (ideally) chat_template.jinja,
@@ -52,30 +54,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="model name(s) clients send; the first is listed first (default: the folder's name)",
     )
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
-    p.add_argument(
-        "--max-num-seqs", type=int, default=16, help="requests batched together at most (default 16)"
-    )
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=512,
-        help="tokens per engine step, prefill chunks included (default 512)",
-    )
-    p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto", "bf16", "fp8_e4m3", "fp8_e5m2", "float32"],
-        help="KV cache element type (default auto: the model's compute dtype)",
-    )
     p.add_argument(
         "--graceful-timeout",
         type=float,
         default=30.0,
         help="seconds running requests get to finish after SIGTERM/SIGINT (default 30)",
     )
+    add_engine_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -86,20 +73,13 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from nvfp4kit.engine.engine import EngineConfig
     from nvfp4kit.generate import LLM
     from nvfp4kit.serve.app import create_app
     from nvfp4kit.serve.async_engine import engine_for
     from nvfp4kit.serve.chat_template import load_chat_template
 
     log = logging.getLogger("nvfp4kit.serve")
-    engine_config = EngineConfig(
-        kv_dtype=args.kv_cache_dtype,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-    )
-    llm = LLM(folder, dtype=args.dtype, device=args.device, engine_config=engine_config)
+    llm = LLM(folder, dtype=args.dtype, device=args.device, **llm_arguments(args))
     template = load_chat_template(folder)
     names = args.served_model_name or [default_name]
     app = create_app(engine_for(llm), template=template, model_names=names, api_key=args.api_key)

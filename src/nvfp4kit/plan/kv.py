@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from nvfp4kit.config import Gemma4TextConfig
 
 KV_DTYPE_BYTES = {"fp8_e5m2": 1, "fp8_e4m3": 1, "bf16": 2}
+# Other names the engine accepts for its cache (float32 is for CPU runs); not shown as plan columns.
+ENGINE_KV_DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "fp32": 4}
 
 
 def kv_dtype_bytes(kv_dtype: str) -> int:
     try:
-        return KV_DTYPE_BYTES[kv_dtype]
+        return KV_DTYPE_BYTES.get(kv_dtype) or ENGINE_KV_DTYPE_BYTES[kv_dtype]
     except KeyError:
         raise ValueError(f"unknown KV dtype {kv_dtype!r}; known: {', '.join(KV_DTYPE_BYTES)}") from None
 

@@ -15,7 +15,7 @@ from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, list_presets, load_con
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.gpus import GpuSpec, find_gpu
 from nvfp4kit.plan.kv import KV_DTYPE_BYTES, kv_bytes_per_token
-from nvfp4kit.plan.pools import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, plan_pools
+from nvfp4kit.plan.pools import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, PoolPlan, plan_pools
 from nvfp4kit.plan.roofline import decode_step
 from nvfp4kit.plan.sglang import (
     DEFAULT_PRELOAD_USED,
@@ -80,6 +80,34 @@ def _gpu_dict(gpu: GpuSpec | None, memory: int, bandwidth: float | None, preload
         "native_fp4": gpu.native_fp4 if gpu else None,
         "preload_used_bytes": preload_used,
         "free_bytes": memory - preload_used,
+    }
+
+
+def pool_summary(pool: PoolPlan) -> dict[str, Any]:
+    """nvfp4kit's pools as JSON-able numbers: the plan's "nvfp4kit" section and the engine's start-up log."""
+    return {
+        "free_bytes": pool.free_bytes,
+        "weights_bytes": pool.weights_bytes,
+        "reserve": {
+            "activations": pool.reserve.activations,
+            "logits": pool.reserve.logits,
+            "cuda_graphs": pool.reserve.cuda_graphs,
+            "margin": pool.reserve.margin,
+            "total": pool.reserve.total,
+        },
+        "kv_budget_bytes": pool.kv_budget_bytes,
+        "k_eq_v_once": pool.kv.k_eq_v_once,
+        "global_bytes_per_token": pool.kv.full,
+        "sliding_bytes_per_token": pool.kv.sliding,
+        "prefill_chunk": pool.prefill_chunk,
+        "ring_tokens": pool.max_ring_tokens,
+        "ring_bytes_per_request": pool.ring_bytes(pool.max_ring_tokens),
+        "fits": pool.fits,
+        "max_context": pool.max_context,
+        "context": pool.context,
+        "requests_at_context": pool.requests_at_context,
+        "concurrency": pool.concurrency,
+        "global_tokens": pool.global_tokens,
     }
 
 
@@ -185,30 +213,7 @@ def build_plan(
             "requests_at_context": sg.requests_at(context),
             "full_tokens_per_0.01_fraction": tokens_per_fraction_step(sg),
         },  # fmt: skip
-        "nvfp4kit": {
-            "free_bytes": ours.free_bytes,
-            "weights_bytes": ours.weights_bytes,
-            "reserve": {
-                "activations": ours.reserve.activations,
-                "logits": ours.reserve.logits,
-                "cuda_graphs": ours.reserve.cuda_graphs,
-                "margin": ours.reserve.margin,
-                "total": ours.reserve.total,
-            },
-            "kv_budget_bytes": ours.kv_budget_bytes,
-            "k_eq_v_once": k_eq_v_once,
-            "global_bytes_per_token": ours.kv.full,
-            "sliding_bytes_per_token": ours.kv.sliding,
-            "prefill_chunk": prefill_chunk,
-            "ring_tokens": ours.max_ring_tokens,
-            "ring_bytes_per_request": ours.ring_bytes(ours.max_ring_tokens),
-            "fits": ours.fits,
-            "max_context": ours.max_context,
-            "context": context,
-            "requests_at_context": ours.requests_at_context,
-            "concurrency": ours.concurrency,
-            "global_tokens": ours.global_tokens,
-        },  # fmt: skip
+        "nvfp4kit": pool_summary(ours),
         "roofline": [],
     }
     if bandwidth:

@@ -77,30 +77,42 @@ def _kv_lines(plan: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _pool_lines(plan: dict[str, Any]) -> list[str]:
-    sg, us = plan["sglang"], plan["nvfp4kit"]
+def _our_rows(us: dict[str, Any], *, limit: int, limit_note: str = "model limit") -> list[tuple[str, str]]:
+    """nvfp4kit's pool column, row by row (label, value): shared by `plan` and the engine's start-up log."""
     r = us["reserve"]
-    ctx = us["context"]
-    seed = f"SGLang {sg['mem_fraction_static']}/{sg['swa_full_tokens_ratio']}"
-    reserve_sg = f"{_g(sg['runtime_reserve_bytes'])} (1 - fraction)"
-    reserve_us = (
+    reserve = (
         f"{_g(r['total'])} (act {_g(r['activations'])}, logits {_g(r['logits'])}, "
         f"graphs {_g(r['cuda_graphs'])}, margin {_g(r['margin'])})"
     )
+    longest = f"{us['max_context']:,}" + (f" ({limit_note})" if us["max_context"] == limit else "")
+    return [
+        ("weights, GiB", _g(us["weights_bytes"])),
+        ("runtime reserve, GiB", reserve),
+        ("KV budget, GiB", _g(us["kv_budget_bytes"])),
+        ("global-layer KV tokens", f"{format_count(us['global_tokens'])} (with {us['concurrency']} ring(s))"),
+        ("sliding-layer KV tokens", f"{us['ring_tokens']:,} ring per request"),
+        ("longest single request", longest),
+        (f"requests at {us['context']:,} tokens", f"{us['requests_at_context']:,}"),
+    ]
+
+
+def format_pool_rows(us: dict[str, Any], *, limit: int, limit_note: str = "model limit") -> list[str]:
+    """nvfp4kit's pools alone (the `nvfp4kit` section of a plan, or `report.pool_summary`), one row a line."""
+    rows = _our_rows(us, limit=limit, limit_note=limit_note)
+    return [f"  {label:<28}{value}" for label, value in rows]
+
+
+def _pool_lines(plan: dict[str, Any]) -> list[str]:
+    sg, us = plan["sglang"], plan["nvfp4kit"]
+    seed = f"SGLang {sg['mem_fraction_static']}/{sg['swa_full_tokens_ratio']}"
     limit = plan["model"]["max_position_embeddings"]
     longest_sg = f"{sg['max_context']:,}" + (" (model limit)" if sg["max_context"] == limit else "")
-    longest_us = f"{us['max_context']:,}" + (" (model limit)" if us["max_context"] == limit else "")
-    rows = [
-        ("weights, GiB", _g(sg["weights_bytes"]), _g(us["weights_bytes"])),
-        ("runtime reserve, GiB", reserve_sg, reserve_us),
-        ("KV budget, GiB", _g(sg["kv_bytes"]), _g(us["kv_budget_bytes"])),
-        ("global-layer KV tokens", format_count(sg["full_tokens"]),
-         f"{format_count(us['global_tokens'])} (with {us['concurrency']} ring(s))"),
-        ("sliding-layer KV tokens", f"{format_count(sg['swa_tokens'])} shared pool",
-         f"{us['ring_tokens']:,} ring per request"),
-        ("longest single request", longest_sg, longest_us),
-        (f"requests at {ctx:,} tokens", f"{sg['requests_at_context']:,}", f"{us['requests_at_context']:,}"),
+    theirs = [
+        _g(sg["weights_bytes"]), f"{_g(sg['runtime_reserve_bytes'])} (1 - fraction)", _g(sg["kv_bytes"]),
+        format_count(sg["full_tokens"]), f"{format_count(sg['swa_tokens'])} shared pool", longest_sg,
+        f"{sg['requests_at_context']:,}",
     ]  # fmt: skip
+    rows = [(label, a, b) for a, (label, b) in zip(theirs, _our_rows(us, limit=limit))]
     kv_note = "K=V once" if us["k_eq_v_once"] else "K and V separate"
     lines = [
         "",

@@ -13,11 +13,13 @@ _UNITS = {
     "kb": KB, "mb": MB, "gb": GB, "tb": 10**12,
     "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40,
 }  # fmt: skip
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")  # 24GiB, 22.5GB, 1.5e9
 
 
 def parse_bytes(text: str) -> int:
-    """'24GiB' -> 25769803776. GB/MB are decimal, GiB/MiB binary; a bare 'G' means GiB (as nvidia-smi counts)."""
+    """'24GiB' -> 25769803776. GB/MB are decimal, GiB/MiB binary; a bare 'G' means GiB (as nvidia-smi counts).
+
+    A bare number is bytes and may use an exponent ('1.5e9')."""
     match = _SIZE.match(text)
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:

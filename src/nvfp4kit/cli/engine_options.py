@@ -1,0 +1,101 @@
+"""Engine flags shared by `nvfp4kit serve` and `nvfp4kit generate` (named as vLLM's), and the LLM arguments
+they turn into."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from nvfp4kit.engine.sizing import DEFAULT_GPU_MEMORY_UTILIZATION, parse_size
+
+KV_CACHE_DTYPES = ("auto", "bf16", "fp8_e4m3", "fp8_e5m2", "float32")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def _size(option: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return parse_size(text, option=option)
+        except ValueError as exc:  # argparse already names the flag
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{option}: ")) from None
+
+    return parse
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int = 16) -> None:
+    """Context, batching, KV-cache and memory flags of the engine."""
+    g = parser.add_argument_group("engine and memory")
+    g.add_argument(
+        "--max-model-len", type=_positive_int, default=None, metavar="N",
+        help="longest prompt + output in tokens (default: the model's max_position_embeddings)",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-num-seqs", type=_positive_int, default=max_num_seqs, metavar="N",
+        help=f"requests batched together at most; each holds a sliding-window ring (default {max_num_seqs})",
+    )  # fmt: skip
+    g.add_argument(
+        "--max-num-batched-tokens", type=_positive_int, default=512, metavar="N",
+        help="tokens per engine step, prefill chunks included (default 512)",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+        help="KV cache element type (default auto: the model's compute dtype; fp8_e5m2/fp8_e4m3 halve it)",
+    )  # fmt: skip
+    limit = g.add_mutually_exclusive_group()
+    limit.add_argument(
+        "--gpu-memory-utilization", type=_fraction, default=None, metavar="F",
+        help=f"fraction of the GPU's total memory the engine may use, weights, reserve and KV cache "
+        f"included (default {DEFAULT_GPU_MEMORY_UTILIZATION})",
+    )  # fmt: skip
+    limit.add_argument(
+        "--gpu-memory-budget", type=_size("--gpu-memory-budget"), default=None, metavar="SIZE",
+        help="behave as if the GPU had SIZE of memory, e.g. 24GiB, 22.5GB, 24G or 1.5e9 (a shared card, or "
+        "a 24 GB card emulated on a larger one); replaces --gpu-memory-utilization",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-cache-memory", type=_size("--kv-cache-memory"), default=None, metavar="SIZE",
+        help="bytes for the KV cache itself (e.g. 8GiB), instead of what the memory limit leaves",
+    )  # fmt: skip
+    g.add_argument(
+        "--enforce-eager", action="store_true",
+        help="run decode steps eagerly instead of replaying CUDA graphs (less memory, slower)",
+    )  # fmt: skip
+
+
+def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for `LLM(...)` from the flags `add_engine_arguments` added."""
+    from nvfp4kit.engine.engine import EngineConfig
+
+    config = EngineConfig(
+        kv_dtype=args.kv_cache_dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        cuda_graphs=not args.enforce_eager,
+    )
+    return {
+        "engine_config": config,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "gpu_memory_budget": args.gpu_memory_budget,
+        "kv_cache_memory": args.kv_cache_memory,
+    }

@@ -1,0 +1,204 @@
+"""Start-up sizing: the KV budget from the planner, the memory options, and the fits-check before loading."""
+
+import logging
+
+import pytest
+import torch
+
+from nvfp4kit.config import load_preset
+from nvfp4kit.engine.engine import EngineConfig
+from nvfp4kit.engine.sizing import (
+    CONTEXT_ALLOWANCE,
+    DeviceMemory,
+    InsufficientMemoryError,
+    MemoryOptions,
+    engine_kv_dtype,
+    parse_size,
+    plan_engine_memory,
+    weights_as_loaded,
+)
+from nvfp4kit.plan.checkpoint import weights_from_checkpoint
+from nvfp4kit.plan.pools import plan_pools
+from nvfp4kit.plan.report import build_plan, pool_summary
+from nvfp4kit.plan.units import GiB, MiB
+from nvfp4kit.plan.weights import weights_from_config
+
+CFG = load_preset("gemma-4-26b-a4b")
+WEIGHTS = weights_from_config(CFG, recipe="all-nvfp4").text_bytes  # 14.22 GiB
+H100 = DeviceMemory(total_bytes=int(79.19 * GiB), free_bytes=int(78.6 * GiB), name="H100")
+FP8 = EngineConfig(kv_dtype="fp8_e5m2")
+
+
+def size(options=None, *, memory=H100, config=FP8, weights=WEIGHTS, cfg=CFG):
+    return plan_engine_memory(
+        cfg, weights_bytes=weights, memory=memory, options=options or MemoryOptions(), config=config,
+        kv_dtype="fp8_e5m2",
+    )  # fmt: skip
+
+
+def test_a_24gib_budget_holds_over_400k_global_fp8_tokens_as_the_planner_says():
+    plan = size(MemoryOptions.parse(gpu_memory_budget="24GiB"))
+    own = H100.in_use_bytes  # 0.59 GiB in use at start: our CUDA context, counted inside the budget
+    direct = plan_pools(CFG, free_bytes=24 * GiB - own, weights_bytes=WEIGHTS, kv_dtype="fp8_e5m2",
+                        k_eq_v_once=True, prefill_chunk=512, context=CFG.max_position_embeddings,
+                        concurrency=16, max_batch=16)  # fmt: skip
+    assert plan.kv_cache_memory == direct.kv_budget_bytes
+    assert plan.pool.global_tokens == direct.global_tokens >= 400_000
+    assert plan.pool.max_context == CFG.max_position_embeddings
+    assert WEIGHTS + plan.pool.reserve.total + plan.kv_cache_memory == 24 * GiB - own
+
+
+def test_the_engine_plan_is_the_plan_commands_at_the_same_settings():
+    """`nvfp4kit plan --gpu-memory 32GiB --concurrency 64` and an engine of 64 sequences on that card agree
+    (the plan reserves logits and graph memory for a batch of 64 at least, so they agree from 64 up)."""
+    shown = build_plan("gemma-4-26b-a4b", gpu_memory=32 * GiB, kv_dtype="fp8_e5m2", concurrency=64,
+                       context=CFG.max_position_embeddings)["nvfp4kit"]  # fmt: skip
+    card = DeviceMemory(total_bytes=32 * GiB, free_bytes=32 * GiB - CONTEXT_ALLOWANCE)  # as the plan assumes
+    plan = size(MemoryOptions(gpu_memory_utilization=1.0), memory=card,
+                config=EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=64))  # fmt: skip
+    assert pool_summary(plan.pool) == shown
+
+
+def test_the_start_up_log_prints_the_plan_rows():
+    text = size(MemoryOptions.parse(gpu_memory_budget="24GiB")).format()
+    for row in ("weights, GiB", "14.22", "runtime reserve, GiB", "graphs", "KV budget, GiB", "global-layer KV tokens",
+                "1,536 ring per request", "262,144 (model limit)", "--gpu-memory-budget 24.00 GiB", "16 sequences"):  # fmt: skip
+        assert row in text
+
+
+def test_too_small_a_budget_raises_with_the_numbers_before_loading():
+    with pytest.raises(InsufficientMemoryError) as err:
+        size(MemoryOptions.parse(gpu_memory_budget="15.5GiB"))
+    message = str(err.value)
+    for part in ("weights 14.22 GiB", "runtime reserve", "minimum KV", "262,144-token request",
+                 "--gpu-memory-budget 15.50 GiB", "--max-model-len", "--max-num-seqs"):  # fmt: skip
+        assert part in message
+    # what the message suggests works: one sequence at 8K fits the same budget
+    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=8192)
+    assert size(MemoryOptions.parse(gpu_memory_budget="15.5GiB"), config=small).pool.max_context == 8192
+
+
+def test_utilization_is_a_fraction_of_the_total_and_the_budget_replaces_it():
+    own = H100.in_use_bytes
+    default = size()
+    assert default.limit_bytes == int(0.90 * H100.total_bytes)
+    assert default.usable_bytes == int(0.90 * H100.total_bytes) - own
+    half = size(MemoryOptions(gpu_memory_utilization=0.5))
+    assert half.usable_bytes == int(0.5 * H100.total_bytes) - own
+    assert half.kv_cache_memory < default.kv_cache_memory
+    assert size(MemoryOptions.parse(gpu_memory_budget="30GiB")).usable_bytes == 30 * GiB - own
+    with pytest.raises(ValueError, match="not both"):
+        MemoryOptions.parse(gpu_memory_utilization=0.5, gpu_memory_budget="30GiB")
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        MemoryOptions(gpu_memory_utilization=1.5)
+
+
+def test_kv_cache_memory_overrides_both_for_the_kv_and_is_checked_against_what_is_free():
+    for options in (MemoryOptions.parse(kv_cache_memory="8GiB"),
+                    MemoryOptions.parse(kv_cache_memory="8GiB", gpu_memory_budget="24GiB"),
+                    MemoryOptions(gpu_memory_utilization=0.3, kv_cache_memory=8 * GiB)):  # fmt: skip
+        assert size(options).kv_cache_memory == 8 * GiB
+    # without a budget only the free memory bounds it (utilization no longer sizes anything) ...
+    assert (
+        size(MemoryOptions(gpu_memory_utilization=0.3, kv_cache_memory=40 * GiB)).kv_cache_memory == 40 * GiB
+    )
+    with pytest.raises(InsufficientMemoryError, match="78.60 GiB free"):
+        size(MemoryOptions.parse(kv_cache_memory="70GiB"))
+    # ... with a budget, the budget does
+    with pytest.raises(InsufficientMemoryError, match="--gpu-memory-budget 24.00 GiB"):
+        size(MemoryOptions.parse(kv_cache_memory="12GiB", gpu_memory_budget="24GiB"))
+    with pytest.raises(InsufficientMemoryError, match="sliding rings"):
+        size(MemoryOptions.parse(kv_cache_memory="1GiB"))  # 16 rings alone take 2.3 GiB
+
+
+def test_memory_other_processes_hold_is_never_planned():
+    shared = DeviceMemory(total_bytes=80 * GiB, free_bytes=30 * GiB)  # 50 GiB held by others
+    plan = size(memory=shared)  # 0.90 x 80 GiB would be 72 GiB
+    assert plan.usable_bytes == 30 * GiB
+    assert WEIGHTS + plan.pool.reserve.total + plan.kv_cache_memory == 30 * GiB
+    assert "other processes" in plan.format()
+    # a budget on a shared card is the budget (beyond our own CUDA context), not the budget minus the others
+    budget = size(MemoryOptions.parse(gpu_memory_budget="24GiB"), memory=shared)
+    assert budget.usable_bytes == 24 * GiB - CONTEXT_ALLOWANCE
+
+
+def test_enforce_eager_drops_the_graph_reserve_and_gives_it_to_kv():
+    graphs = size(MemoryOptions.parse(gpu_memory_budget="24GiB"))
+    eager = size(
+        MemoryOptions.parse(gpu_memory_budget="24GiB"),
+        config=EngineConfig(kv_dtype="fp8_e5m2", cuda_graphs=False),
+    )
+    assert graphs.pool.reserve.cuda_graphs > 0 and eager.pool.reserve.cuda_graphs == 0
+    assert eager.kv_cache_memory - graphs.kv_cache_memory == graphs.pool.reserve.cuda_graphs
+
+
+def test_on_the_cpu_only_an_explicit_kv_size_is_planned():
+    assert size(memory=None) is None
+    plan = size(MemoryOptions.parse(kv_cache_memory="4GiB"), memory=None)
+    assert plan.kv_cache_memory == 4 * GiB and plan.limit_bytes is None and not plan.cuda_graphs
+    tokens = size(memory=None, config=EngineConfig(kv_dtype="fp8_e5m2", num_kv_tokens=300_000))
+    assert tokens.pool.global_tokens == 300_000
+
+
+@pytest.mark.parametrize(("text", "value"), [("24GiB", 24 * GiB), ("24GB", 24 * 10**9), ("24G", 24 * GiB),
+                                             ("22.5GB", 22_500_000_000), ("1.5e9", 1_500_000_000), (4096, 4096)])  # fmt: skip
+def test_sizes_read_as_users_write_them(text, value):
+    assert parse_size(text, option="--gpu-memory-budget") == value
+
+
+@pytest.mark.parametrize("junk", ["lots", "24 parsecs", "1e", "", "-3GB", "0", True])
+def test_junk_sizes_are_refused_naming_the_option(junk):
+    with pytest.raises(ValueError, match="--kv-cache-memory"):
+        parse_size(junk, option="--kv-cache-memory")
+
+
+def test_kv_dtype_auto_follows_the_engine():
+    assert engine_kv_dtype("auto", model_dtype=torch.float32) == "float32"
+    assert engine_kv_dtype("auto", model_dtype=torch.bfloat16) == "bf16"
+    assert engine_kv_dtype("fp8_e4m3", model_dtype=torch.float32) == "fp8_e4m3"
+
+
+def test_weights_as_loaded_from_headers(tiny_checkpoint):
+    folder = tiny_checkpoint("moe", dtype=torch.bfloat16, multimodal=True)
+    stored = weights_from_checkpoint(folder)
+    assert weights_as_loaded(folder, float_bytes=2) == stored.text_bytes  # what `nvfp4kit plan` shows
+    assert weights_as_loaded(folder, float_bytes=4) == 2 * stored.text_bytes  # loaded as float32
+
+
+# ---- LLM on the tiny fixture -----------------------------------------------------------------------------
+
+
+def test_llm_honours_kv_cache_memory(tiny_checkpoint, caplog):
+    from nvfp4kit import LLM, SamplingParams
+
+    with caplog.at_level(logging.INFO, logger="nvfp4kit.generate"):
+        llm = LLM(tiny_checkpoint("moe"), kv_cache_memory="12MiB", max_model_len=256)
+    plan = llm.startup_plan
+    assert plan.kv_cache_memory == 12 * MiB
+    block = llm.engine.layout.block_size
+    assert llm.engine.pool_tokens == plan.pool.global_tokens // block * block > 256
+    assert llm.engine.cache.nbytes() <= 12 * MiB
+    assert "Engine memory plan" in caplog.text and "--kv-cache-memory 12.0 MiB" in caplog.text
+    out = llm.generate("Hi", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4
+
+
+def test_llm_sizes_from_device_memory_and_refuses_before_loading(tiny_checkpoint, monkeypatch):
+    """The GPU path on the CPU: fake memory facts in, the planned pool out; too little memory fails fast."""
+    from nvfp4kit import LLM, generate
+
+    folder = tiny_checkpoint("moe")
+    card = DeviceMemory(total_bytes=4 * GiB, free_bytes=4 * GiB - 100 * MiB, name="fake")
+    monkeypatch.setattr("nvfp4kit.engine.sizing.measure_device_memory", lambda device: card)
+    llm = LLM(folder, gpu_memory_budget="500MiB", max_model_len=512)
+    plan = llm.startup_plan
+    assert plan.usable_bytes == 400 * MiB  # the 100 MiB in use at start count as our CUDA context
+    assert plan.kv_cache_memory == 400 * MiB - plan.pool.weights_bytes - plan.pool.reserve.total > 0
+    assert llm.engine.pool_tokens == plan.pool.global_tokens // 16 * 16
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights were loaded before the fits-check")
+
+    monkeypatch.setattr(generate, "load_model", must_not_load)
+    with pytest.raises(InsufficientMemoryError, match="does not fit"):
+        LLM(folder, gpu_memory_budget="300MiB")  # the reserve (a 256 MiB margin, 64 MiB of graphs) is more
