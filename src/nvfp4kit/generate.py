@@ -49,6 +49,8 @@ class LLM:
     use, default 0.90), `gpu_memory_budget` (act as if the GPU had this much, e.g. "24GiB"; replaces the
     utilization) or `kv_cache_memory` (the KV bytes themselves). On a GPU the KV cache is planned from these
     before any weight is loaded, and a model that cannot fit raises `InsufficientMemoryError` at once.
+    `fp8_lm_head`: compute logits from an FP8 copy of the output projection (faster decode, slightly
+    different logits; see docs/benchmarks.md).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class LLM:
         gpu_memory_utilization: float | None = None,
         gpu_memory_budget: int | str | None = None,
         kv_cache_memory: int | str | None = None,
+        fp8_lm_head: bool = False,
     ):
         self.path = Path(model)
         self.device = torch.device(device)
@@ -78,12 +81,15 @@ class LLM:
         )
         model_dtype = resolve_dtype(dtype, self.device)
         self.startup_plan = plan_checkpoint_memory(
-            self.path, device=self.device, model_dtype=model_dtype, config=engine_config, options=options
-        )
+            self.path, device=self.device, model_dtype=model_dtype, config=engine_config, options=options,
+            fp8_lm_head=fp8_lm_head,
+        )  # fmt: skip
         if self.startup_plan is not None:
             log.info("%s", self.startup_plan.format())
             engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
         self.model = load_model(self.path, dtype=model_dtype, device=self.device, backend=backend)
+        if fp8_lm_head:
+            self.model.use_fp8_lm_head()
         self.config = self.model.config
         self.tokenizer = Tokenizer(self.path)
         gen_file = self.path / "generation_config.json"

@@ -92,6 +92,17 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
         _log(f"  prefill {length}: {result.tokens_per_s:.0f} tok/s, TTFT {result.ttft_ms:.0f} ms")
     if args.profile:
         _log(profile_decode_step(engine))
+    if args.fp8_lm_head:  # the same decode steps with logits from an FP8 copy of the output projection
+        model.use_fp8_lm_head()
+        if engine.graphs is not None:
+            engine.graphs.capture()  # the graphs hold the kernels of the BF16 head: capture again
+        for batch in args.decode_batches:
+            result = runs.decode_speed(engine, batch=batch, context=args.context, steps=args.steps)
+            rows.append({
+                "scenario": "decode_fp8_lm_head", "batch": batch, "prompt_len": args.context,
+                "tokens_per_s": round(result.tokens_per_s, 1), "ms_per_step": round(result.ms_per_step, 3),
+            })  # fmt: skip
+            _log(f"  decode batch {batch}, FP8 lm_head: {result.tokens_per_s:.1f} tok/s")
     info = {
         "model": label,
         "weights_gib": round(weights_gib, 3),
@@ -215,6 +226,7 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--fp8-lm-head", action="store_true", help="also time decode with the FP8 lm_head copy")
     p.add_argument("--profile", action="store_true", help="print the kernels of one eager decode step")
     p.add_argument("--baseline", choices=("hf", "none"), default="hf", help="HF transformers BF16 baseline")
     p.add_argument(

@@ -39,6 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--low-memory", action="store_true",
         help="hold one model at a time; the reference logits wait in a temporary file on disk",
     )  # fmt: skip
+    p.add_argument(
+        "--fp8-lm-head", action="store_true",
+        help="QUANT computes logits from an FP8 copy of its output projection (what `serve --fp8-lm-head` runs)",
+    )  # fmt: skip
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(data, Tokenizer(ref), num_samples=args.num_samples, seq_len=args.seq_len)
     report = compare_checkpoints(
         ref, quant, samples, device=args.device, dtype=args.dtype, low_memory=args.low_memory,
-        progress=not args.no_progress and sys.stderr.isatty(), data=data,
+        progress=not args.no_progress and sys.stderr.isatty(), data=data, fp8_lm_head=args.fp8_lm_head,
     )  # fmt: skip
     print(_format(report))
     if args.json:

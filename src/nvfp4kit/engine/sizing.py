@@ -330,13 +330,16 @@ def plan_checkpoint_memory(
     model_dtype: torch.dtype,
     config: EngineConfig,
     options: MemoryOptions,
+    fp8_lm_head: bool = False,
 ) -> StartupPlan | None:
-    """`plan_engine_memory` for a checkpoint folder on a device: headers and memory read, nothing loaded."""
+    """`plan_engine_memory` for a checkpoint folder on a device: headers and memory read, nothing loaded.
+    `fp8_lm_head`: count the FP8 copy of the output projection (see `Gemma4Model.use_fp8_lm_head`)."""
     cfg = load_config(folder)
     float_bytes = torch.empty((), dtype=model_dtype).element_size()
+    extra = cfg.vocab_size * (cfg.hidden_size + 4) if fp8_lm_head else 0
     return plan_engine_memory(
         cfg,
-        weights_bytes=weights_as_loaded(folder, float_bytes=float_bytes),
+        weights_bytes=weights_as_loaded(folder, float_bytes=float_bytes) + extra,
         memory=measure_device_memory(device),
         options=options,
         config=config,

@@ -142,10 +142,18 @@ def compare_checkpoints(
     low_memory: bool = False,
     progress: bool = False,
     data: list[str] | None = None,
+    fp8_lm_head: bool = False,
 ) -> EvalReport:
-    """Load both checkpoints with `load_model` and compare them on `samples`."""
+    """Load both checkpoints with `load_model` and compare them on `samples`; `fp8_lm_head`: the quantized
+    model computes its logits from an FP8 copy of the output projection (`Gemma4Model.use_fp8_lm_head`)."""
     start = time.time()
     device = torch.device(device)
+
+    def load_quant() -> Gemma4Model:
+        model = load_model(quant, dtype=dtype, device=device)
+        model.use_fp8_lm_head(fp8_lm_head)
+        return model
+
     if low_memory:
         with tempfile.TemporaryDirectory(prefix="nvfp4kit-eval-") as tmp:
             ref_model = load_model(ref, dtype=dtype, device=device)
@@ -153,11 +161,11 @@ def compare_checkpoints(
             del ref_model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            agreement = reference.score(load_model(quant, dtype=dtype, device=device), progress=progress)
+            agreement = reference.score(load_quant(), progress=progress)
             del reference
     else:
         ref_model = load_model(ref, dtype=dtype, device=device)
-        quant_model = load_model(quant, dtype=dtype, device=device)
+        quant_model = load_quant()
         agreement = compare_models(ref_model, quant_model, samples, progress=progress)
     return EvalReport(
         ref=str(ref), quant=str(quant), agreement=agreement, ref_bytes=checkpoint_bytes(ref),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels import norms
 from nvfp4kit.kernels.fused_moe import fused_moe
@@ -17,6 +18,7 @@ from nvfp4kit.kernels.geglu import geglu
 from nvfp4kit.kernels.qkv_rope import qkv_norm_rope
 from nvfp4kit.kernels.router import route
 from nvfp4kit.kernels.w4a16_linear import w4a16_linear
+from nvfp4kit.kernels.w8a16_linear import w8a16_linear
 from nvfp4kit.model.ops import Weight
 
 
@@ -26,6 +28,8 @@ class TritonBackend:
     def linear(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
         if isinstance(weight, NVFP4Tensor):
             return w4a16_linear(x, weight)
+        if isinstance(weight, FP8RowTensor):
+            return w8a16_linear(x, weight)
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
     def moe(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.formats.fp8_rows import FP8RowTensor, quantize_fp8_rows
 from nvfp4kit.model.layers import Linear, RMSNorm, rope_inv_freq, store_weight, stored_weight
 from nvfp4kit.model.ops import OpBackend, TorchBackend, Weight, gelu_tanh, regions
 
@@ -205,6 +206,9 @@ class Gemma4Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("embed_tokens", None)
         self.register_buffer("lm_head", None)  # stays None when tied to the embeddings
+        # optional FP8 copy of the output projection (see `use_fp8_lm_head`); not part of the checkpoint
+        self.register_buffer("lm_head_fp8", None, persistent=False)
+        self.register_buffer("lm_head_fp8_scale", None, persistent=False)
         if cfg.hidden_size_per_layer_input:
             n, p = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
             self.register_buffer("embed_tokens_per_layer", None)
@@ -247,8 +251,19 @@ class Gemma4Model(nn.Module):
             h = layer(h, ctx, ple[:, i] if ple is not None else None)
         return regions(self.backend).rms_norm(h, self.norm.weight, eps=self.norm.eps)
 
+    def use_fp8_lm_head(self, enabled: bool = True) -> None:
+        """Compute logits from an FP8 E4M3 copy (per-row scales) of the output projection: half the bytes of
+        the BF16 table that dominates a batch-1 decode step; the BF16 table stays for the embedding lookup."""
+        if not enabled:
+            self.lm_head_fp8 = self.lm_head_fp8_scale = None
+            return
+        fp8 = quantize_fp8_rows(self.lm_head if self.lm_head is not None else self.embed_tokens)
+        self.lm_head_fp8, self.lm_head_fp8_scale = fp8.data, fp8.scale
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.lm_head if self.lm_head is not None else self.embed_tokens
+        if self.lm_head_fp8 is not None:
+            head = FP8RowTensor(self.lm_head_fp8, self.lm_head_fp8_scale)
         logits = self.backend.linear(hidden, head).float()
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits

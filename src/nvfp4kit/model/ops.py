@@ -20,9 +20,10 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 
-Weight = torch.Tensor | NVFP4Tensor
+Weight = torch.Tensor | NVFP4Tensor | FP8RowTensor
 
 
 class OpBackend(Protocol):
@@ -113,8 +114,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
-    """A dense view of a weight in `dtype` (NVFP4 is expanded on the fly, never stored)."""
-    if isinstance(weight, NVFP4Tensor):
+    """A dense view of a weight in `dtype` (NVFP4 and FP8 are expanded on the fly, never stored)."""
+    if isinstance(weight, (NVFP4Tensor, FP8RowTensor)):
         return weight.dequantize(dtype)
     return weight if weight.dtype == dtype else weight.to(dtype)
 

@@ -1,0 +1,73 @@
+"""W8A16 linear for the optional FP8 lm_head: y = x @ (W_fp8 * row_scale)^T, BF16/FP16 x, fp32 accumulation.
+
+Tensor-core tiles over the vocabulary (N = 262,144 gives thousands of programs, so no split-K). The E4M3 bytes
+become fp16 through their bit pattern (value / 256, exact, no FP8 hardware needed: runs on SM80), then the dot
+dtype; the 256 and the row scale are applied once per output. Reference: `FP8RowTensor.dequantize` + matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4kit.formats.fp8_rows import FP8RowTensor
+from nvfp4kit.kernels.configs import interpreting
+
+
+@triton.jit
+def _w8a16_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok, n_ok = rm < M, rn < N
+    ct = tl.float32 if FP32 else x_ptr.dtype.element_ty
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = k0 + rk < K
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        raw = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :],
+                      mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.uint16)  # fmt: skip
+        w = (((raw & 0x80) << 8) | ((raw & 0x7F) << 7)).to(tl.float16, bitcast=True)
+        if FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(x.to(ct), tl.trans(w.to(ct)))
+    scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0) * 256.0
+    y = acc * scale[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+
+
+def w8a16_linear(x: torch.Tensor, weight: FP8RowTensor) -> torch.Tensor:
+    """x [..., K] (bf16/fp16/fp32) times an FP8 row-scaled weight [N, K] -> [..., N] in x.dtype."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
+    if not x.is_cuda and not interpreting():
+        raise RuntimeError("the W8A16 kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
+    flat = x.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    m = flat.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*x.shape[:-1], n)
+    bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    bn, bk = (128, 128) if not interpreting() else (16, 32)
+    data = weight.data.view(torch.uint8)
+    fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 dot is wrong (Triton 3.9)
+    _w8a16_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        flat, data, weight.scale, out, m, n, k, flat.stride(0), data.stride(0), out.stride(0),
+        BM=bm, BN=bn, BK=bk, FP32=fp32, num_warps=4, num_stages=4,
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
