@@ -47,9 +47,14 @@ def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> 
     out: list[LinearConfig] = []
     for decode in decodes:
         if m <= 2:
-            for bn, bk, warps in ((32, 256, 4),):
+            # narrow rows x wide K: few, long loads in flight per program (won at M=1 on the H100 for o/down)
+            for bn, bk, warps, stages in ((32, 256, 4, 3), (8, 1024, 4, 2), (8, 1024, 4, 3), (8, 1024, 8, 3)):
                 for split in _splits(-(-n // bn), k, bk, sms):
-                    out.append(LinearConfig("gemv", m, bn, bk, split, num_warps=warps, decode=decode))
+                    out.append(
+                        LinearConfig(
+                            "gemv", m, bn, bk, split, num_warps=warps, num_stages=stages, decode=decode
+                        )
+                    )
         if m <= 16:
             for bn, bk, warps, stages in SMALL_M_TILES:
                 for split in _splits(-(-n // bn), k, bk, sms):
