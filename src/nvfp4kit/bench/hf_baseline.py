@@ -69,7 +69,7 @@ def hf_decode_speed(model, prompt: list[list[int]], *, new_tokens: int) -> float
 def hf_prefill_speed(model, prompt: list[int]) -> float:
     """Prompt tokens/s of one forward pass that returns the last position's logits."""
     ids = torch.tensor([prompt], device="cuda")
-    model(ids[:, :64], logits_to_keep=1)  # warm-up
+    model(ids, logits_to_keep=1)  # warm-up at the same length (kernel selection, allocator)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     model(ids, logits_to_keep=1)
