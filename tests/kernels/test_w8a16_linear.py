@@ -20,7 +20,7 @@ def test_fp8_rows_keep_each_row_within_e4m3_rounding():
     assert torch.allclose(back.abs().amax(dim=1), w.abs().amax(dim=1), rtol=1e-6)  # row maxima map to 448
 
 
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 17])  # GEMV for one row, tensor-core tiles above
 @pytest.mark.parametrize("n,k", [(37, 48), (130, 80)])
 def test_w8a16_kernel_equals_dequantized_matmul(m, n, k):
     gen = torch.Generator().manual_seed(m * n + k)

@@ -1,8 +1,9 @@
 """W8A16 linear for the optional FP8 lm_head: y = x @ (W_fp8 * row_scale)^T, BF16/FP16 x, fp32 accumulation.
 
-Tensor-core tiles over the vocabulary (N = 262,144 gives thousands of programs, so no split-K). The E4M3 bytes
-become fp16 through their bit pattern (value / 256, exact, no FP8 hardware needed: runs on SM80), then the dot
-dtype; the 256 and the row scale are applied once per output. Reference: `FP8RowTensor.dequantize` + matmul.
+Tensor-core tiles over the vocabulary for M > 1 (N = 262,144 gives thousands of programs, so no split-K), and a
+CUDA-core GEMV for batch-1 decode (M = 1), where a 16-row MMA tile would waste most of its work. The E4M3 bytes become
+fp16 through their bit pattern (value / 256, exact, no FP8 hardware needed: runs on SM80); the 256 and the row
+scale are applied once per output. Reference: `FP8RowTensor.dequantize` + matmul.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import triton.language as tl
 
 from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.kernels.configs import interpreting
+
+GEMV_MAX_M = (
+    1  # batch-1 decode takes the CUDA-core GEMV (H100: 340 us vs 490-835 us at M=2-4; tiles win from M=2)
+)
 
 
 @triton.jit
@@ -48,6 +53,31 @@ def _w8a16_kernel(
              mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
 
 
+@triton.jit
+def _w8a16_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = k0 + rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)  # fmt: skip
+        raw = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :],
+                      mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.uint16)  # fmt: skip
+        w = (((raw & 0x80) << 8) | ((raw & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
+        acc += w[None, :, :] * x[:, None, :]
+    scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0) * 256.0
+    y = tl.sum(acc, axis=2) * scale[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
+
+
 def w8a16_linear(x: torch.Tensor, weight: FP8RowTensor) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32) times an FP8 row-scaled weight [N, K] -> [..., N] in x.dtype."""
     n, k = weight.shape
@@ -62,9 +92,17 @@ def w8a16_linear(x: torch.Tensor, weight: FP8RowTensor) -> torch.Tensor:
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
+    data = weight.data.view(torch.uint8)
+    if m <= GEMV_MAX_M:
+        bm = triton.next_power_of_2(m)
+        bn, bk = (32, 256 // bm) if not interpreting() else (16, 32)
+        _w8a16_gemv_kernel[(triton.cdiv(n, bn),)](
+            flat, data, weight.scale, out, m, n, k, flat.stride(0), data.stride(0), out.stride(0),
+            BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=3,
+        )  # fmt: skip
+        return out.reshape(*x.shape[:-1], n)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     bn, bk = (128, 128) if not interpreting() else (16, 32)
-    data = weight.data.view(torch.uint8)
     fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 dot is wrong (Triton 3.9)
     _w8a16_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         flat, data, weight.scale, out, m, n, k, flat.stride(0), data.stride(0), out.stride(0),
