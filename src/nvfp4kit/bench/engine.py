@@ -188,6 +188,9 @@ def run_engine_benchmark(args: argparse.Namespace) -> int:
     result["engine"] = measure_engine(args, rows)
     if args.baseline == "hf":
         measure_hf(args, rows)
+    for row in rows:  # every row carries the columns; None where this run did not measure one
+        for key in ("tokens_per_s", "pct_roofline", "baseline", "baseline_tokens_per_s"):
+            row.setdefault(key, None)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(format_rows(result))
@@ -203,9 +206,9 @@ def format_rows(result: dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['scenario']:9} {r['batch']:5} {r['prompt_len']:7} {r.get('tokens_per_s', 0):9.1f} "
-            f"{r.get('pct_roofline', 0):6.1f} {r.get('ms_per_step', r.get('ms', 0)):8.2f} "
-            f"{r.get('baseline_tokens_per_s', 0):15.1f}"
+            f"{r['scenario']:9} {r['batch']:5} {r['prompt_len']:7} {r.get('tokens_per_s') or 0:9.1f} "
+            f"{r.get('pct_roofline') or 0:6.1f} {r.get('ms_per_step', r.get('ms')) or 0:8.2f} "
+            f"{r.get('baseline_tokens_per_s') or 0:15.1f}"
         )
     return "\n".join(lines)
 
