@@ -7,13 +7,24 @@ import sys
 
 import torch
 
-from nvfp4kit.quant import CALIBRATIONS, RECIPES, quantize
+from nvfp4kit.quant import CALIBRATION_METHODS, RECIPES, quantize
 
 DESCRIPTION = """\
 Quantize a BF16 Gemma 4 checkpoint to NVFP4 in ModelOpt 0.47's checkpoint format (loads in nvfp4kit, vLLM,
 SGLang and TensorRT-LLM). Streams one decoder layer at a time from the shards: RAM holds one layer plus the
 calibration activations. Default recipe: every text linear NVFP4 (attention, dense MLP, experts); embeddings,
-lm_head, routers and vision/audio towers stay BF16. The output folder appears only when complete."""
+lm_head, routers and vision/audio towers stay BF16. The output folder appears only when complete.
+
+Every --calibration method writes the same standard ModelOpt NVFP4 tensors; methods other than max write the
+max export to a hidden folder next to OUT first, then re-quantize it layer by layer into OUT with the same
+calibration text (on the demo model gptq with in-domain text cuts the mean KL to BF16 to 0.69x of max's)."""
+
+
+def calibration_help() -> str:
+    """The epilog: one line per calibration method, from the registry."""
+    width = max(len(name) for name in CALIBRATION_METHODS)
+    lines = [f"  {m.name:<{width}}  {m.help}" for m in CALIBRATION_METHODS.values()]
+    return "calibration methods (--calibration):\n" + "\n".join(lines)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "quantize",
         help="quantize a BF16 Gemma 4 checkpoint to NVFP4 (ModelOpt format)",
         description=DESCRIPTION,
+        epilog=calibration_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="BF16 checkpoint folder (config.json, safetensors shards, tokenizer)")
@@ -35,7 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATTERN",
         help="keep modules matching this fnmatch pattern in BF16, e.g. '*layers.0.*' (repeatable)",
     )
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="max", help="calibration method")
+    p.add_argument(
+        "--calibration",
+        choices=tuple(CALIBRATION_METHODS),
+        default="max",
+        help="how weight scales and codes are chosen (default: %(default)s; the methods are listed below)",
+    )
     p.add_argument(
         "--calib-data",
         nargs="+",
@@ -88,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(
         f"wrote {report.output}: {report.quantized_linears} NVFP4 modules (linears, expert sets) in {report.layers} layers, "
-        f"{report.output_bytes / 1e9:.2f} GB, calibrated on {report.samples} samples / {report.tokens} tokens, "
-        f"{report.seconds:.1f} s, peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB"
+        f"{report.output_bytes / 1e9:.2f} GB, {report.calibration} calibration on {report.samples} samples / "
+        f"{report.tokens} tokens, {report.seconds:.1f} s, peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB"
     )
     print(f"kept in BF16 (exclude_modules): {', '.join(report.exclude_modules)}")
     return 0

@@ -16,14 +16,19 @@ import torch
 from nvfp4kit.formats.nvfp4 import (
     BLOCK,
     E2M1_MAX,
-    E4M3_MAX,
-    SCALE_MIN,
     NVFP4Tensor,
     e2m1_decode,
     e2m1_encode,
     pack_nibbles,
 )
-from nvfp4kit.quant.calib_search import BLOCK_GRID, e2m1_round, hessian_blocks, search_group
+from nvfp4kit.quant.calib_search import (
+    BLOCK_GRID,
+    candidate_codes,
+    code_scale,
+    e2m1_round,
+    hessian_blocks,
+    search_group,
+)
 
 DAMPING = (
     0.05  # fraction of mean(diag(H)) added to the diagonal (GPTQ uses 0.01; more generalises better here)
@@ -56,12 +61,15 @@ def _feedback_scales(
     block_w: torch.Tensor, u_block: torch.Tensor, s2: torch.Tensor, grid: tuple[float, ...]
 ) -> torch.Tensor:
     """Per row, the E4M3 scale of the next 16 columns with the least GPTQ loss: each candidate is tried by
-    rounding the 16 columns with feedback, summing ((w - q) / u_jj)^2, the loss GPTQ's sweep accrues."""
+    rounding the 16 columns with feedback, summing ((w - q) / u_jj)^2, the loss GPTQ's sweep accrues.
+    Candidates are the distinct E4M3 roundings of amax/6 times `grid`, smallest first (ties go to it)."""
     base = block_w.abs().amax(-1) / (E2M1_MAX * s2)
-    base = torch.where(base == 0, torch.ones_like(base), base)
-    candidates = torch.stack([(base * m).clamp(SCALE_MIN, E4M3_MAX).to(torch.float8_e4m3fn) for m in grid])
-    denom = candidates.float() * s2  # [C, N]
-    w = block_w.unsqueeze(0).repeat(len(grid), 1, 1)  # [C, N, 16]
+    base = torch.where(base.isfinite() & (base > 0), base, torch.ones_like(base))
+    first, last, steps = candidate_codes(base, grid)
+    candidates = torch.stack([code_scale(first, last, step) for step in range(steps)])  # [C, N]
+    denom = candidates.float() * s2
+    denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+    w = block_w.unsqueeze(0).repeat(steps, 1, 1)  # [C, N, 16]
     loss = torch.zeros_like(denom)
     for j in range(BLOCK):
         err = (w[..., j] - e2m1_round(w[..., j] / denom) * denom) / u_block[j, j]

@@ -12,6 +12,8 @@ of ||X W^T - X Q^T||^2). The result is ordinary NVFP4: codes, E4M3 block scales,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from nvfp4kit.formats.nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN, NVFP4Tensor
@@ -37,16 +39,24 @@ def hessian_blocks(hessian: torch.Tensor) -> torch.Tensor:
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     """x rounded to the E2M1 grid (round half to even, saturating at 6): the value `e2m1_encode` stores, computed
-    arithmetically (steps of 0.5 below 2, 1 below 4, 2 up to 6) because the search runs it many times."""
-    a = x.abs().clamp(max=E2M1_MAX)
-    q = torch.where(a < 2, torch.round(a * 2) / 2, torch.where(a < 4, torch.round(a), torch.round(a / 2) * 2))
-    return torch.copysign(q, x)
+    arithmetically because the search runs it many times (see `_round_magnitude`)."""
+    return torch.copysign(_round_magnitude(x.abs().clamp(max=E2M1_MAX)), x)
 
 
-def _fake_quant(blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """blocks [N, B, 16] fp32 through E2M1 with per-block fp32 scales [N, B] (already times scale_2)."""
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return e2m1_round(blocks / safe[..., None]) * safe[..., None]
+def _round_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """e2m1_round of values already in [0, 6], in place. Adding 2^22, 2^23 or 2^24 to a value below 2, 4 or 6
+    leaves fp32 a last-place unit of 0.5, 1 or 2, the E2M1 steps there, so the addition's own
+    round-to-nearest-even is the rounding wanted; subtracting the shift again is exact."""
+    fine, mid, coarse = _shifts(a.device)
+    shift = torch.where(a < 2, fine, mid)
+    shift = torch.where(a < 4, shift, coarse)
+    return a.add_(shift).sub_(shift)
+
+
+@functools.cache
+def _shifts(device: torch.device) -> tuple[torch.Tensor, ...]:
+    # 0-d tensors: torch.where with Python numbers is about twice as slow on CPU
+    return tuple(torch.tensor(2.0**e, device=device) for e in (22, 23, 24))
 
 
 def _block_error(diff: torch.Tensor, hblocks: torch.Tensor | None) -> torch.Tensor:
@@ -59,6 +69,24 @@ def _to_e4m3(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(SCALE_MIN, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
+def candidate_codes(base: torch.Tensor, grid: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The E4M3 scales that `base * mult` rounds to for mult in the ascending `grid`, as a code range per block.
+
+    Positive E4M3 codes are ordered like their values, and the grid (steps of at most 3.6%) is finer than the
+    E4M3 grid (steps of at least 6.25%), so the candidates are exactly the codes from the first to the last:
+    each distinct scale is tried once, in ascending order, instead of every grid point with repeats.
+    Returns (first code, last code), int32 like `base`, and the most codes any block has.
+    """
+    first = _to_e4m3(base * grid[0]).view(torch.uint8).int()
+    last = _to_e4m3(base * grid[-1]).view(torch.uint8).int()
+    return first, last, int((last - first).max()) + 1 if first.numel() else 1
+
+
+def code_scale(first: torch.Tensor, last: torch.Tensor, step: int) -> torch.Tensor:
+    """Each block's `step`-th candidate scale (E4M3); a block with fewer candidates repeats its last one."""
+    return torch.minimum(first + step, last).to(torch.uint8).view(torch.float8_e4m3fn)
+
+
 def search_block_scales(
     weight: torch.Tensor,
     scale_2: torch.Tensor,
@@ -66,16 +94,25 @@ def search_block_scales(
     hblocks: torch.Tensor | None = None,
     grid: tuple[float, ...] = BLOCK_GRID,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best E4M3 scale per block [N, K/16] of `weight` [N, K] for a fixed tensor scale; also its error [N, K/16]."""
+    """Best E4M3 scale per block [N, K/16] of `weight` [N, K] for a fixed tensor scale, and its error [N, K/16]
+    (the smallest scale among equally good ones)."""
     n, k = weight.shape
     blocks = weight.float().reshape(n, k // BLOCK, BLOCK)
+    magnitude = blocks.abs()
     s2 = scale_2.float().reshape(())
-    base = blocks.abs().amax(-1) / (E2M1_MAX * s2)
-    base = torch.where(base == 0, torch.ones_like(base), base)
+    base = magnitude.amax(-1) / (E2M1_MAX * s2)
+    base = torch.where(base.isfinite() & (base > 0), base, torch.ones_like(base))  # zero blocks or tensor
+    first, last, steps = candidate_codes(base, grid)
     best_scale = best_err = None
-    for mult in grid:
-        scale = _to_e4m3(base * mult)
-        err = _block_error(_fake_quant(blocks, scale.float() * s2) - blocks, hblocks)
+    for step in range(steps):
+        scale = code_scale(first, last, step)
+        denom = scale.float() * s2
+        denom = torch.where(denom == 0, torch.ones_like(denom), denom)[..., None]  # an all-zero tensor
+        fake = _round_magnitude((magnitude / denom).clamp_(max=E2M1_MAX)).mul_(denom)
+        if hblocks is None:  # a squared error does not depend on the sign
+            err = fake.sub_(magnitude).pow_(2).sum(-1)
+        else:
+            err = _block_error(torch.copysign(fake, blocks).sub_(blocks), hblocks)
         if best_err is None:
             best_scale, best_err = scale, err
         else:

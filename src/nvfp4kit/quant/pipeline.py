@@ -4,17 +4,22 @@ Calibration hidden states enter layer 0 from the embeddings; for each decoder la
 from the shards, run the calibration tokens through our decoder layer (recording input amaxes), quantize its
 linears, write them out, free the layer and hand its outputs to the next. RAM holds one layer plus the
 calibration activations, never the model. Output lands in a temporary folder that is renamed at the end.
+
+That pass is ModelOpt's `max` calibration. Any other calibration method (calib_methods) writes that export
+to a hidden folder next to the output first and then re-quantizes its weights layer by layer into the output
+(calib_refine), with the same calibration text, sample count and length.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +40,8 @@ from nvfp4kit.model.loader import NON_TEXT_PREFIXES, fill_layer, resolve_dtype
 from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.model.weight_sources import WeightSource
 from nvfp4kit.quant.calib_data import calibration_samples
+from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS
+from nvfp4kit.quant.calib_refine import refine_checkpoint
 from nvfp4kit.quant.calibrate import CalibrationContext, RecordingBackend, chunk_samples
 from nvfp4kit.quant.heap import trim_heap
 from nvfp4kit.quant.layer_quant import QuantizeError, quantize_layer, watch_layer
@@ -58,6 +65,7 @@ class QuantizeReport:
     peak_rss_bytes: int
     output_bytes: int
     exclude_modules: tuple[str, ...]
+    calibration: str
 
 
 def quantize(
@@ -78,12 +86,57 @@ def quantize(
 ) -> QuantizeReport:
     """Quantize the BF16 Gemma 4 checkpoint folder `src` to NVFP4 in `out` (ModelOpt 0.47's format).
 
-    `calib_dtype` is the dtype calibration runs in (default: float32 on CPU, bfloat16 on CUDA); weights are
-    always quantized from the checkpoint's own values.
+    `calibration`: a name of `CALIBRATION_METHODS` (max, mse, mse-output, gptq). `calib_dtype` is the dtype
+    the max pass calibrates in (default: float32 on CPU, bfloat16 on CUDA); the refine pass of the other
+    methods runs in float32. Weights are always quantized from the checkpoint's own values.
     """
     started = time.perf_counter()
     src, out = Path(src), Path(out)
     plan_recipe = QuantRecipe(recipe, tuple(exclude), calibration)
+    max_pass = dict(
+        recipe=plan_recipe, calib_data=calib_data, num_samples=num_samples, seq_len=seq_len,
+        shard_size=shard_size, device=device, calib_dtype=calib_dtype, progress=progress,
+    )  # fmt: skip
+    if not CALIBRATION_METHODS[calibration].refines:
+        return _quantize_max(src, out, overwrite=overwrite, started=started, **max_pass)
+    check_output(src, out, overwrite=overwrite)  # before the long first pass, not after it
+    base = out.parent / f".{out.name}.max-{os.getpid()}"
+    try:
+        report = _quantize_max(src, base, overwrite=True, started=started, **max_pass)
+        refine_checkpoint(src, base, out, method=calibration, calib_data=calib_data, num_samples=num_samples,
+                          seq_len=seq_len, device=device, shard_size=shard_size, overwrite=overwrite,
+                          progress=progress)  # fmt: skip
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return replace(
+        report,
+        output=out,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=_peak_rss(),
+        calibration=calibration,
+    )
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _quantize_max(
+    src: Path,
+    out: Path,
+    *,
+    recipe: QuantRecipe,
+    calib_data: Sequence[str | Path],
+    num_samples: int,
+    seq_len: int,
+    shard_size: str | int,
+    overwrite: bool,
+    device: str | torch.device,
+    calib_dtype: str | torch.dtype | None,
+    progress: bool,
+    started: float,
+) -> QuantizeReport:
+    """The streaming max-calibrated export (ModelOpt's `max`)."""
     if not src.is_dir():
         raise FileNotFoundError(f"source checkpoint {src} is not a folder")
     cfg = load_config(src)
@@ -95,7 +148,7 @@ def quantize(
     check_output(src, out, overwrite=overwrite)
     max_shard = parse_size(shard_size)
     reader = CheckpointReader(src)
-    plans = [plan_recipe.layer_plan(cfg, i, prefix=cfg.weight_prefix) for i in range(cfg.num_hidden_layers)]
+    plans = [recipe.layer_plan(cfg, i, prefix=cfg.weight_prefix) for i in range(cfg.num_hidden_layers)]
     _check_source(reader, cfg, plans)
     device = torch.device(device)
     dtype = resolve_dtype(calib_dtype, device)
@@ -104,9 +157,7 @@ def quantize(
     stage = staging_folder(out)
     try:
         writer = ShardedWriter(stage, max_shard_bytes=max_shard)
-        quantized = _quantize_tensors(
-            reader, cfg, plans, plan_recipe, samples, writer, dtype, device, progress
-        )
+        quantized = _quantize_tensors(reader, cfg, plans, recipe, samples, writer, dtype, device, progress)
         writer.close()
         excluded = _exclude_modules(reader, cfg, plans, quantized)
         write_quant_configs(stage, raw_config, hf_quant_config(excluded))
@@ -124,9 +175,10 @@ def quantize(
         samples=len(samples),
         tokens=sum(len(s) for s in samples),
         seconds=time.perf_counter() - started,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=_peak_rss(),
         output_bytes=writer.total_bytes,
         exclude_modules=tuple(excluded),
+        calibration="max",
     )
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS
 
 RECIPES = ("all-nvfp4", "attention-bf16")
-CALIBRATIONS = ("max",)
+CALIBRATIONS = tuple(CALIBRATION_METHODS)  # max, mse, mse-output, gptq (see calib_methods)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

@@ -1,0 +1,151 @@
+"""Re-quantize the NVFP4 linears of one decoder layer with a calibration method, in dependency stages.
+
+A layer's linears go in stages whose inputs depend on the stages before: q/k/v; o_proj (reads the attention
+of the re-quantized q/k/v); the dense MLP and the experts (read the re-quantized attention block's output);
+and on E2B/E4B the per-layer-input gate and projection (read the whole block's output). Each stage is
+calibrated on inputs that come through the stages before it already re-quantized, and each re-quantized
+weight is set back into the layer (dequantized) for what follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from nvfp4kit.formats.modelopt import expert_module, linear_tensors
+from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+from nvfp4kit.formats.safetensors_io import CheckpointReader
+from nvfp4kit.model.gemma4 import DecoderLayer
+from nvfp4kit.model.layers import Linear
+from nvfp4kit.quant.calib_hessian import HessianBackend
+from nvfp4kit.quant.calib_methods import GroupQuantizer
+
+STAGES = ("qkv", "o", "ffn", "ple")  # a layer's linears in the order their inputs depend on each other
+
+
+def _linear_groups(layer: DecoderLayer, index: int) -> list[tuple[str, list[str], Linear]]:
+    """(stage, HF module names, our fused Linear) of every dense linear of the layer."""
+    p = f"layers.{index}."
+    attn = layer.self_attn
+    qkv = [p + "self_attn.q_proj"]
+    if attn.computes_kv:
+        qkv += [p + "self_attn.k_proj"] + ([p + "self_attn.v_proj"] if attn.has_v_proj else [])
+    groups = [
+        ("qkv", qkv, attn.qkv_proj), ("o", [p + "self_attn.o_proj"], attn.o_proj),
+        ("ffn", [p + "mlp.gate_proj", p + "mlp.up_proj"], layer.mlp.gate_up_proj),
+        ("ffn", [p + "mlp.down_proj"], layer.mlp.down_proj),
+    ]  # fmt: skip
+    if layer.ple:
+        groups += [
+            ("ple", [p + "per_layer_input_gate"], layer.per_layer_input_gate),
+            ("ple", [p + "per_layer_projection"], layer.per_layer_projection),
+        ]
+    return groups
+
+
+class LayerRefiner:
+    """Re-quantizes NVFP4 linears (those the export `quant_reader` holds quantized); returns their new
+    checkpoint tensors by name, input_scale copied from the export."""
+
+    def __init__(self, quantizer: GroupQuantizer, quant_reader: CheckpointReader, prefix: str):
+        self.quantizer = quantizer
+        self.quant = quant_reader
+        self.prefix = prefix
+
+    def is_quantized(self, module: str) -> bool:
+        return f"{self.prefix}{module}.weight_scale" in self.quant
+
+    def tensors(self, module: str, q: NVFP4Tensor) -> dict[str, torch.Tensor]:
+        key = f"{self.prefix}{module}.input_scale"
+        input_scale = self.quant.get(key) if key in self.quant else None
+        return linear_tensors(self.prefix + module, q, input_scale=input_scale)
+
+    def active_stages(self, layer: DecoderLayer, index: int) -> list[str]:
+        """The stages that have anything to re-quantize (attention-BF16 recipes skip q/k/v and o)."""
+        found = {stage for stage, modules, _ in _linear_groups(layer, index) if self.is_quantized(modules[0])}
+        if layer.moe and self._experts_quantized(index):
+            found.add("ffn")
+        return [s for s in STAGES if s in found]
+
+    def _experts_quantized(self, index: int) -> bool:
+        return self.is_quantized(expert_module(f"layers.{index}.experts", 0, "gate_proj"))
+
+    def refine_linear(
+        self, linear: Linear, modules: list[str], hessian: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Re-quantize one fused group (rows of `linear` split as `modules`) and set it back dequantized."""
+        weight = linear.weight
+        parts = list(torch.split(weight, list(linear.splits), dim=0)) if len(modules) > 1 else [weight]
+        quantized = self.quantizer(parts, hessian)
+        out: dict[str, torch.Tensor] = {}
+        for module, q in zip(modules, quantized):
+            out.update(self.tensors(module, q))
+        linear.set_weight(torch.cat([q.dequantize(weight.dtype) for q in quantized]))
+        return out
+
+    def refine(
+        self,
+        layer: DecoderLayer,
+        index: int,
+        hessians: dict[str, torch.Tensor],
+        *,
+        stages: Sequence[str] = STAGES,
+    ) -> dict[str, torch.Tensor]:
+        """Re-quantize the linears of `stages` with the given input statistics (none: data-free methods)."""
+        out: dict[str, torch.Tensor] = {}
+        for stage, modules, linear in _linear_groups(layer, index):
+            if stage in stages and self.is_quantized(modules[0]):
+                out.update(self.refine_linear(linear, modules, hessians.get(modules[0])))
+        if "ffn" in stages and layer.moe and self._experts_quantized(index):
+            out.update(self._refine_experts(layer, f"layers.{index}.", hessians))
+        return out
+
+    def _refine_experts(
+        self, layer: DecoderLayer, p: str, hessians: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        experts = layer.experts
+        gate_up, down = experts.gate_up, experts.down
+        inter = gate_up.shape[1] // 2
+        out: dict[str, torch.Tensor] = {}
+        new_gate_up, new_down = [], []
+        for e in range(gate_up.shape[0]):
+            gu = self.quantizer(
+                [gate_up[e][:inter], gate_up[e][inter:]], hessians.get(f"{p}experts.{e}.gate_up")
+            )
+            (dn,) = self.quantizer([down[e]], hessians.get(f"{p}experts.{e}.down"))
+            for proj, q in (("gate_proj", gu[0]), ("up_proj", gu[1]), ("down_proj", dn)):
+                out.update(self.tensors(expert_module(p + "experts", e, proj), q))
+            new_gate_up.append(torch.cat([q.dequantize(gate_up.dtype) for q in gu]))
+            new_down.append(dn.dequantize(down.dtype))
+        experts.set_weights(torch.stack(new_gate_up), torch.stack(new_down))
+        return out
+
+
+def watch_stage(backend: HessianBackend, layer: DecoderLayer, index: int, stage: str) -> None:
+    """Record only the inputs of `stage`'s linears (the earlier stages are already re-quantized), each token
+    weighted by how the norm after the branch scales its error (see calib_hessian)."""
+    p = f"layers.{index}."
+    backend.clear()
+    backend.recording = True
+    attn = layer.self_attn
+    if stage == "qkv":  # q_norm, k_norm and v_norm normalise each head
+        backend.watch_normed(attn.qkv_proj.weight, p + "self_attn.q_proj", group=attn.head_dim)
+    elif stage == "o":  # post_attention_layernorm
+        backend.watch_normed(attn.o_proj.weight, p + "self_attn.o_proj", group=attn.o_proj.out_features)
+    elif stage == "ffn":  # post_feedforward_layernorm(_1) after down_proj; _2 after the experts
+        mlp = layer.mlp
+        backend.watch_pair(
+            mlp.gate_up_proj.weight, p + "mlp.gate_proj", mlp.down_proj.weight, p + "mlp.down_proj"
+        )
+        if layer.moe:
+            backend.watch_experts(layer.experts.gate_up, p + "experts")
+    elif stage == "ple":  # post_per_layer_input_norm after the projection
+        backend.watch_pair(
+            layer.per_layer_input_gate.weight,
+            p + "per_layer_input_gate",
+            layer.per_layer_projection.weight,
+            p + "per_layer_projection",
+        )
+    else:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
