@@ -72,6 +72,7 @@ class DecodeGraphs:
         self.attention_backend = attention_backend
         self._graphs: dict[int, _DecodeGraph] = {}
         self._pool = None
+        self._logits: torch.Tensor | None = None  # one [max batch, vocab] output shared by every graph
 
     @property
     def max_batch(self) -> int:
@@ -86,6 +87,8 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.model.device)[0]
         self._pool = torch.cuda.graph_pool_handle()
+        vocab = self.model.config.vocab_size
+        self._logits = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=self.model.device)
         for batch in reversed(self.batch_sizes):
             self._graphs[batch] = self._capture_one(batch)
         torch.cuda.synchronize(self.model.device)
@@ -125,8 +128,9 @@ class DecodeGraphs:
                 forward()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        logits = self._logits[:batch]
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = forward()
+            logits.copy_(forward())  # the forward's own output is a temporary the next capture reuses
         return _DecodeGraph(batch, graph, forward, input_ids, per_seq, per_token, logits)
 
     def batch_size_for(self, num_seqs: int) -> int | None:

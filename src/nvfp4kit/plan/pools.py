@@ -18,9 +18,10 @@ from nvfp4kit.plan.units import MiB
 
 DEFAULT_PREFILL_CHUNK = 512  # the engine's default max_num_batched_tokens
 DEFAULT_MAX_BATCH = 64
-GRAPH_POOL_BASE = (
-    64 * MiB
-)  # CUDA-graph private pool and per-graph bookkeeping (the seed measured ~0.06 GB at bs=1)
+GRAPH_POOL_BASE = 128 * MiB  # CUDA-graph private pool: per-layer temporaries, split-K workspaces, bookkeeping
+GRAPH_LOGIT_BYTES = (
+    14  # per vocab entry and captured row: the shared fp32 output + bf16/fp32 temporaries of the head
+)
 MIN_MARGIN = 256 * MiB  # allocator fragmentation, cuBLAS/Triton workspaces
 MARGIN_FRACTION = 0.015  # ... or 1.5% of free memory, whichever is larger
 ACT_BYTES = 2  # BF16 activations
@@ -61,9 +62,9 @@ def runtime_reserve(
     per_token = activation_bytes_per_token(cfg)
     activations = prefill_chunk * per_token
     logits = max_batch * cfg.vocab_size * LOGIT_BYTES * 2  # logits + sampling probabilities
-    graphs = (
-        GRAPH_POOL_BASE + max_batch * per_token
-    )  # decode graphs share one pool sized by the largest batch
+    # decode graphs share one pool and one logits buffer, sized by the largest batch (measured on the H100:
+    # 174 MiB for batch sizes 1-8 of 26B-A4B, of which the lm_head's [B, vocab] tensors are most)
+    graphs = GRAPH_POOL_BASE + max_batch * (per_token + GRAPH_LOGIT_BYTES * cfg.vocab_size)
     margin = max(MIN_MARGIN, int(MARGIN_FRACTION * free_bytes))
     return RuntimeReserve(activations, logits, graphs, margin)
 
