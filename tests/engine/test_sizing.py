@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from nvfp4kit.config import load_preset
-from nvfp4kit.engine.engine import EngineConfig
+from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
 from nvfp4kit.engine.sizing import (
     CONTEXT_ALLOWANCE,
     DeviceMemory,
     InsufficientMemoryError,
     MemoryOptions,
-    engine_kv_dtype,
     parse_size,
     plan_engine_memory,
     weights_as_loaded,
@@ -153,9 +152,9 @@ def test_junk_sizes_are_refused_naming_the_option(junk):
 
 
 def test_kv_dtype_auto_follows_the_engine():
-    assert engine_kv_dtype("auto", model_dtype=torch.float32) == "float32"
-    assert engine_kv_dtype("auto", model_dtype=torch.bfloat16) == "bf16"
-    assert engine_kv_dtype("fp8_e4m3", model_dtype=torch.float32) == "fp8_e4m3"
+    assert resolve_kv_dtype("auto", model_dtype=torch.float32) == "float32"
+    assert resolve_kv_dtype("auto", model_dtype=torch.bfloat16) == "bf16"
+    assert resolve_kv_dtype("fp8_e4m3", model_dtype=torch.float32) == "fp8_e4m3"
 
 
 def test_weights_as_loaded_from_headers(tiny_checkpoint):

@@ -44,6 +44,13 @@ class EngineConfig:
     graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; default 1,2,4,8,16,...
 
 
+def resolve_kv_dtype(kv_dtype: str, *, model_dtype: torch.dtype) -> str:
+    """The cache dtype for `EngineConfig.kv_dtype` ("auto": float32 for float32 models, else bf16)."""
+    if kv_dtype != "auto":
+        return kv_dtype
+    return "float32" if model_dtype == torch.float32 else "bf16"
+
+
 class Engine:
     def __init__(
         self,
@@ -59,9 +66,7 @@ class Engine:
         cfg = model.config
         self.device = model.device
         self.max_model_len = self.config.max_model_len or cfg.max_position_embeddings
-        kv_dtype = self.config.kv_dtype
-        if kv_dtype == "auto":
-            kv_dtype = "float32" if model.dtype == torch.float32 else "bf16"
+        kv_dtype = resolve_kv_dtype(self.config.kv_dtype, model_dtype=model.dtype)
         chunk = self.config.max_num_batched_tokens
         layout = KVLayout(
             block_size=self.config.block_size,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from nvfp4kit.config import Gemma4TextConfig, load_config
-from nvfp4kit.engine.engine import EngineConfig
+from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
 from nvfp4kit.formats.components import SCALE_SUFFIXES, TOWER_COMPONENTS, component_of
 from nvfp4kit.formats.safetensors_io import DTYPE_BYTES, CheckpointReader
 from nvfp4kit.model.loader import NON_TEXT_PREFIXES
@@ -142,13 +142,6 @@ def weights_as_loaded(folder: str | Path, *, float_bytes: int) -> int:
     return total
 
 
-def engine_kv_dtype(kv_dtype: str, *, model_dtype: torch.dtype) -> str:
-    """The cache dtype the engine picks for `kv_dtype` ("auto": float32 for float32 models, else bf16)."""
-    if kv_dtype != "auto":
-        return kv_dtype
-    return "float32" if model_dtype == torch.float32 else "bf16"
-
-
 @dataclass(frozen=True)
 class StartupPlan:
     """The engine's memory at start-up: the planner's pools plus where the limit came from."""
@@ -233,7 +226,7 @@ def plan_engine_memory(
 ) -> StartupPlan | None:
     """The engine's KV budget from the model, its weight bytes, the card and the options.
 
-    `kv_dtype` is the engine's resolved cache dtype (see `engine_kv_dtype`). Returns None when there is
+    `kv_dtype` is the engine's resolved cache dtype (see `engine.resolve_kv_dtype`). Returns None when there is
     nothing to plan: on the CPU without an explicit KV size (`kv_cache_memory` or `config.num_kv_tokens`),
     the engine keeps its own default. Raises `InsufficientMemoryError`, with the numbers, when weights +
     reserve + the smallest useful KV (every sliding ring and one max_model_len request) do not fit.
@@ -343,5 +336,5 @@ def plan_checkpoint_memory(
         memory=measure_device_memory(device),
         options=options,
         config=config,
-        kv_dtype=engine_kv_dtype(config.kv_dtype, model_dtype=model_dtype),
+        kv_dtype=resolve_kv_dtype(config.kv_dtype, model_dtype=model_dtype),
     )
