@@ -18,21 +18,7 @@ from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 
-GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-
-
-def prompts(lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(5, 384, (n,), generator=gen).tolist() for n in lengths]
-
-
-def generate(engine, reqs, params=GREEDY):
-    ids = {engine.add_request(p, params): i for i, p in enumerate(reqs)}
-    out = [[] for _ in reqs]
-    while engine.has_unfinished():
-        for event in engine.step():
-            out[ids[event.request_id]].append(event.token_id)
-    return out
+from .helpers import GREEDY, generate_tokens, random_prompts
 
 
 @pytest.fixture(scope="module", params=["moe", "e2b"])
@@ -98,7 +84,9 @@ def test_triton_attention_equals_reference_in_every_layer_and_step(
     engine = Engine(
         model, tok, config=EngineConfig(kv_dtype=kv_dtype, max_num_batched_tokens=6, block_size=4)
     )
-    generate(engine, prompts([17, 3], seed=1), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    generate_tokens(
+        engine, random_prompts([17, 3], seed=1), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    )
     assert compare.calls > 30
     assert compare.max_out_error < 1e-4, compare.max_out_error
     assert compare.max_cache_error == 0.0
@@ -106,14 +94,16 @@ def test_triton_attention_equals_reference_in_every_layer_and_step(
 
 def test_engine_greedy_tokens_equal_with_triton_attention(model_and_tokenizer, monkeypatch):
     model, tok = model_and_tokenizer
-    reqs = prompts([13, 4], seed=2)  # longer than the window (8), prefilled in two chunks beside a decode
+    reqs = random_prompts(
+        [13, 4], seed=2
+    )  # longer than the window (8), prefilled in two chunks beside a decode
     monkeypatch.delenv(ENV_VAR, raising=False)
     config = EngineConfig(max_num_batched_tokens=8, block_size=4, attention_backend="torch")
-    expected = generate(Engine(model, tok, config=config), reqs)
+    expected = generate_tokens(Engine(model, tok, config=config), reqs)
     engine = Engine(
         model, tok, config=EngineConfig(max_num_batched_tokens=8, block_size=4, attention_backend="triton")
     )
-    assert generate(engine, reqs) == expected
+    assert generate_tokens(engine, reqs) == expected
     assert len(engine.cache.free_blocks) == engine.layout.num_blocks
 
 
@@ -121,7 +111,7 @@ def test_padded_decode_metadata_gives_the_same_rows(tiny_checkpoint):
     folder = tiny_checkpoint("moe")
     model, tok = load_model(folder), Tokenizer(folder)
     engine = Engine(model, tok, config=EngineConfig(max_num_batched_tokens=32, block_size=4))
-    for p in prompts([17, 9], seed=3):
+    for p in random_prompts([17, 9], seed=3):
         engine.add_request(p, GREEDY)
     engine.step()  # both prompts now in the cache
     seqs = [

@@ -16,6 +16,8 @@ from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 
+from .helpers import generate_tokens
+
 
 def test_default_batch_sizes_cover_every_batch_up_to_the_limit():
     assert default_batch_sizes(1) == (1,)
@@ -29,7 +31,9 @@ def test_host_tensors_pad_sequences_and_block_tables(tiny_checkpoint):
     folder = tiny_checkpoint("moe")
     engine = Engine(load_model(folder), None, config=EngineConfig(block_size=4, num_kv_tokens=64))
     seqs = [SeqSlice(9, 1, 0, [3, 1, 7], 2), SeqSlice(2, 1, 1, [5], 0)]
-    per_seq, per_token, starts, lengths = StepMetadata.host_tensors(seqs, engine.cache, pad_to=4, max_blocks=6)
+    per_seq, per_token, starts, lengths = StepMetadata.host_tensors(
+        seqs, engine.cache, pad_to=4, max_blocks=6
+    )
     meta = StepMetadata.from_tensors(per_seq, per_token, starts, lengths)
     assert meta.batch.seq_len.tolist() == [1, 1, 0, 0]
     assert meta.batch.seq_offset.tolist() == [0, 1, 2, 3]  # padding rows follow the real tokens
@@ -43,15 +47,6 @@ def test_host_tensors_pad_sequences_and_block_tables(tiny_checkpoint):
         StepMetadata.host_tensors(seqs, engine.cache, max_blocks=2)
 
 
-def _generate(engine, prompts, params):
-    ids = {engine.add_request(p, params): i for i, p in enumerate(prompts)}
-    out = [[] for _ in prompts]
-    while engine.has_unfinished():
-        for event in engine.step():
-            out[ids[event.request_id]].append(event.token_id)
-    return out
-
-
 @pytest.mark.parametrize("kind", ["moe", "e2b"])
 def test_padded_decode_graph_path_gives_the_same_tokens(tiny_checkpoint, kind):
     folder = tiny_checkpoint(kind)
@@ -59,8 +54,10 @@ def test_padded_decode_graph_path_gives_the_same_tokens(tiny_checkpoint, kind):
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(5, 384, (n,), generator=gen).tolist() for n in (13, 3, 6)]
     greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    config = EngineConfig(block_size=4, max_num_batched_tokens=32, max_model_len=64, attention_backend="triton")
-    expected = _generate(Engine(model, tok, config=config), prompts, greedy)
+    config = EngineConfig(
+        block_size=4, max_num_batched_tokens=32, max_model_len=64, attention_backend="triton"
+    )
+    expected = generate_tokens(Engine(model, tok, config=config), prompts, greedy)
 
     engine = Engine(model, tok, config=config)
     engine.graphs = DecodeGraphs(
@@ -70,7 +67,7 @@ def test_padded_decode_graph_path_gives_the_same_tokens(tiny_checkpoint, kind):
     calls = []
     run = engine.graphs.run
     engine.graphs.run = lambda ids, seqs: calls.append(len(seqs)) or run(ids, seqs)
-    assert _generate(engine, prompts, greedy) == expected
+    assert generate_tokens(engine, prompts, greedy) == expected
     assert calls and set(calls) == {3}  # three decodes a step, padded to the graph of 4
     assert len(engine.cache.free_blocks) == engine.layout.num_blocks
 
@@ -98,7 +95,9 @@ def test_padding_rows_of_a_decode_batch_get_zeros_not_stale_memory(tiny_checkpoi
         derived = None
         if engine.cache.keys[src] is None:
             derived = TritonAttentionBackend()._derived_key(model.layers[src].self_attn)
-        where = {"ring_size": engine.layout.ring_size} if sliding else {"block_size": engine.layout.block_size}
+        where = (
+            {"ring_size": engine.layout.ring_size} if sliding else {"block_size": engine.layout.block_size}
+        )
         kernels.paged_attention(
             q, v_store=engine.cache.values[src], k_store=engine.cache.keys[src], batch=meta.batch,
             items=meta.decode_items(), window=cfg.sliding_window if sliding else None, derived_key=derived,

@@ -9,6 +9,8 @@ from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 
+from .helpers import generate_tokens, random_prompts
+
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
@@ -36,37 +38,23 @@ def reference_greedy(model, ids, n):
     return out
 
 
-def prompts(lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(5, 384, (n,), generator=gen).tolist() for n in lengths]
-
-
-def run(engine, reqs, params=GREEDY):
-    ids = {engine.add_request(p, params): i for i, p in enumerate(reqs)}
-    out = [[] for _ in reqs]
-    while engine.has_unfinished():
-        for event in engine.step():
-            out[ids[event.request_id]].append(event.token_id)
-    return out
-
-
 def test_mixed_lengths_batched_equal_each_alone(setup):
     model, tok = setup
-    reqs = prompts([3, 17, 40, 9])  # window is 8: two are several windows long
+    reqs = random_prompts([3, 17, 40, 9])  # window is 8: two are several windows long
     engine = Engine(model, tok, config=EngineConfig(max_num_batched_tokens=64))
-    assert run(engine, reqs) == [reference_greedy(model, p, 12) for p in reqs]
+    assert generate_tokens(engine, reqs, GREEDY) == [reference_greedy(model, p, 12) for p in reqs]
 
 
 def test_small_prefill_chunks_give_the_same_tokens(setup):
     model, tok = setup
-    reqs = prompts([30, 23], seed=1)
+    reqs = random_prompts([30, 23], seed=1)
     engine = Engine(model, tok, config=EngineConfig(max_num_batched_tokens=5))
-    assert run(engine, reqs) == [reference_greedy(model, p, 12) for p in reqs]
+    assert generate_tokens(engine, reqs, GREEDY) == [reference_greedy(model, p, 12) for p in reqs]
 
 
 def test_requests_added_while_others_decode(setup):
     model, tok = setup
-    a, b = prompts([20, 11], seed=2)
+    a, b = random_prompts([20, 11], seed=2)
     engine = Engine(model, tok, config=EngineConfig(max_num_batched_tokens=16))
     outs = {engine.add_request(a, GREEDY): []}
     for step in range(40):
@@ -79,12 +67,12 @@ def test_requests_added_while_others_decode(setup):
 
 def test_preemption_and_resumption_keep_outputs(setup):
     model, tok = setup
-    reqs = prompts([14, 12, 10, 9], seed=3)
+    reqs = random_prompts([14, 12, 10, 9], seed=3)
     # 4 requests x 26 tokens need 104 slots; the pool holds 64, so some are preempted and recomputed
     engine = Engine(
         model, tok, config=EngineConfig(max_num_batched_tokens=64, num_kv_tokens=64, block_size=4)
     )
-    assert run(engine, reqs) == [reference_greedy(model, p, 12) for p in reqs]
+    assert generate_tokens(engine, reqs, GREEDY) == [reference_greedy(model, p, 12) for p in reqs]
     assert engine.stats()["preemptions"] > 0
     assert len(engine.cache.free_blocks) == engine.layout.num_blocks
 
@@ -92,11 +80,11 @@ def test_preemption_and_resumption_keep_outputs(setup):
 def test_abort_frees_all_kv_at_any_point(setup):
     model, tok = setup
     engine = Engine(model, tok, config=EngineConfig(max_num_batched_tokens=6, block_size=4))
-    a = engine.add_request(prompts([30])[0], GREEDY)
+    a = engine.add_request(random_prompts([30])[0], GREEDY)
     engine.step()  # mid-prefill
     engine.abort(a)
     assert len(engine.cache.free_blocks) == engine.layout.num_blocks and not engine.has_unfinished()
-    b = engine.add_request(prompts([5])[0], GREEDY)
+    b = engine.add_request(random_prompts([5])[0], GREEDY)
     for _ in range(3):
         engine.step()  # decoding
     engine.abort(b)
@@ -105,22 +93,22 @@ def test_abort_frees_all_kv_at_any_point(setup):
 
 def test_recycled_blocks_do_not_leak_between_requests(setup):
     model, tok = setup
-    first, second = prompts([25, 25], seed=5), prompts([18, 7, 25], seed=6)
+    first, second = random_prompts([25, 25], seed=5), random_prompts([18, 7, 25], seed=6)
     engine = Engine(
         model, tok, config=EngineConfig(max_num_batched_tokens=32, num_kv_tokens=96, block_size=4)
     )
-    run(engine, first)  # leaves stale KV in the blocks the next requests get
-    assert run(engine, second) == [reference_greedy(model, p, 12) for p in second]
+    generate_tokens(engine, first, GREEDY)  # leaves stale KV in the blocks the next requests get
+    assert generate_tokens(engine, second, GREEDY) == [reference_greedy(model, p, 12) for p in second]
 
 
 def test_k_eq_v_once_matches_separate_storage(tiny_checkpoint):
     folder = tiny_checkpoint("moe")
     model, tok = load_model(folder), Tokenizer(folder)
-    reqs = prompts([21, 6], seed=7)
+    reqs = random_prompts([21, 6], seed=7)
     once = Engine(model, tok, config=EngineConfig(k_eq_v_once=True))
     both = Engine(model, tok, config=EngineConfig(k_eq_v_once=False))
     assert once.cache.keys[5] is None and both.cache.keys[5] is not None  # layer 5 is the k_eq_v global layer
-    assert run(once, reqs) == run(both, reqs)
+    assert generate_tokens(once, reqs, GREEDY) == generate_tokens(both, reqs, GREEDY)
     assert once.cache.nbytes() < both.cache.nbytes()
 
 
@@ -136,7 +124,7 @@ def test_low_precision_kv_stays_close_and_fp8_costs_more_than_bf16(tiny_checkpoi
 
     def mean_kl(kv_dtype):
         kls = []
-        for prompt in prompts([20, 20, 20, 20], seed=8):
+        for prompt in random_prompts([20, 20, 20, 20], seed=8):
             exact = logprobs("float32", prompt)
             kls.append(float((exact.exp() * (exact - logprobs(kv_dtype, prompt))).sum()))
         return sum(kls) / len(kls)
@@ -149,11 +137,11 @@ def test_low_precision_kv_stays_close_and_fp8_costs_more_than_bf16(tiny_checkpoi
 
 def test_penalties_steer_greedy_decoding_away_from_repeats(setup):
     model, tok = setup
-    prompt = prompts([10], seed=9)[0]
+    prompt = random_prompts([10], seed=9)[0]
     engine = Engine(model, tok)
 
     def tokens(**penalty):
-        return run(
+        return generate_tokens(
             engine, [prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, **penalty)
         )[0]
 
