@@ -153,6 +153,14 @@ def test_route(dtype, t, experts, top_k):
         assert rel_error(weights, ref_weights) < FP32_BOUND
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's inf - inf
+def test_route_of_garbage_rows_still_picks_valid_distinct_experts():
+    logits = torch.tensor([[float("nan")] * 6, [float("inf")] * 3 + [0.0] * 3], device=DEVICE)
+    _, ids = TRITON.route(logits, torch.ones(6, device=DEVICE), top_k=4)
+    assert ((ids >= 0) & (ids < 6)).all()
+    assert all(len(set(row)) == 4 for row in ids.tolist())
+
+
 def test_bad_shapes_are_named():
     x = _randn(2, 64, seed=0)
     with pytest.raises(ValueError, match="weight has 32 entries"):

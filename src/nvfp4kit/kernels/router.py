@@ -2,7 +2,7 @@
 
 One program per token holds its E logits in registers; top-k is k rounds of "take the largest left" (ties go
 to the lower expert id), and the chosen weights are written in rank order, largest first, as torch.topk
-sorts them. The projection producing the logits stays a linear of the op backend. The reference is the torch
+sorts them. The ids are always distinct and in range, even for a row of NaN or inf logits. The projection producing the logits stays a linear of the op backend. The reference is the torch
 backend's `route` (fp32 softmax); no host syncs, so the op replays inside CUDA graphs.
 """
 
@@ -32,7 +32,9 @@ def _route_kernel(
     p = tl.where(ok, p, 0.0)
     p = p / tl.sum(p, axis=0)
     rank = tl.full([BLOCK_E], -1, tl.int32)
-    left = tl.where(ok, p, -1.0)  # probabilities not taken yet; padding never wins
+    # probabilities not taken yet: padding never wins; NaN (a garbage padding row of a batch) still yields
+    # distinct valid ids, so the MoE never indexes past the experts
+    left = tl.where(ok, tl.where(p == p, p, -0.5), -1.0)
     for i in tl.static_range(TOP_K):
         best = tl.max(left, axis=0)
         pick = tl.min(tl.where(left == best, experts, BLOCK_E), axis=0)
