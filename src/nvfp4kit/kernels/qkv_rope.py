@@ -22,7 +22,8 @@ _TWO_PI_LO = tl.constexpr(1.0253376606378076e-11)
 
 @triton.jit
 def _cos_sin(angle):
-    """cos/sin of fp32 angles, reduced to [-pi, pi] first (GPU sin/cos are accurate only near zero)."""
+    """cos/sin of fp32 angles, reduced to [-pi, pi] first so that even fast sin/cos approximations are exact
+    enough at 128K positions (the angle itself is the same fp32 product torch computes)."""
     turns = tl.floor(angle * 0.15915494309189535 + 0.5)
     r = angle - turns * _TWO_PI_HI
     r = r - turns * _TWO_PI_MID
