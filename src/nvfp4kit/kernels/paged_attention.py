@@ -163,7 +163,7 @@ def _paged_attention_kernel(
     seq_start_ptr, seq_len_ptr, seq_offset_ptr, block_table_ptr, ring_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
-    window, ring_size, block_size, num_q_heads,
+    window, ring_size, block_size, num_q_heads, num_rows,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
@@ -268,11 +268,12 @@ def _paged_attention_kernel(
 
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     acc = acc * (v_factor / safe_l)[:, None]
-    # a padding sequence (no tokens) of a fixed-size decode batch stores zeros (and empty partials), so its row
-    # never holds stale memory that would flow on into the router
+    # a padding sequence (no tokens) of a fixed-size decode batch stores zeros (and empty partials) in its row, if
+    # it has one, so the row never holds stale memory that would flow on into the router
     store_ok = row_ok
     if BLOCK_Q == 1:
-        store_ok = (rows // GROUP_P2 < BLOCK_Q) & (g < GROUP) & (tok < tl.maximum(qlen, 1))
+        limit = tl.where(qoff < num_rows, tl.maximum(qlen, 1), 0)
+        store_ok = (rows // GROUP_P2 < BLOCK_Q) & (g < GROUP) & (tok < limit)
     if NUM_SPLITS == 1:
         out_rows = (qoff + tok).to(tl.int64) * stride_ot + head * stride_oh
         tl.store(
@@ -290,7 +291,7 @@ def _paged_attention_kernel(
 @triton.jit
 def _merge_splits_kernel(
     part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, seq_len_ptr, seq_offset_ptr,
-    stride_ot, stride_oh, num_q_heads,
+    stride_ot, stride_oh, num_q_heads, num_rows,
     NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     item = tl.program_id(0)
@@ -317,7 +318,7 @@ def _merge_splits_kernel(
         total += weight
     out = out / tl.maximum(tl.sum(total, 0), 1e-30)
     dst = out_ptr + qoff.to(tl.int64) * stride_ot + head * stride_oh + cols
-    tl.store(dst, out.to(out_ptr.dtype.element_ty))  # a padding sequence (no keys) stores zeros
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=cols < tl.where(qoff < num_rows, D, 0))  # padding: 0
 
 
 def paged_attention(
@@ -393,7 +394,7 @@ def paged_attention(
         items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
-        window or 0, ring_size or 1, block_size or 1, q_heads,
+        window or 0, ring_size or 1, block_size or 1, q_heads, tokens,
         GROUP=group, GROUP_P2=_pow2(group), BLOCK_Q=items.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=head_dim, ROT=max(rot, 1), RING=ring_size is not None, SLIDING=window is not None,
         DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
@@ -404,7 +405,7 @@ def paged_attention(
     if num_splits > 1:
         _merge_splits_kernel[(len(items), q_heads)](
             part_acc, part_lse, out, items.seq, batch.seq_len, batch.seq_offset,
-            out.stride(0), out.stride(1), q_heads,
+            out.stride(0), out.stride(1), q_heads, tokens,
             NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits), CHUNK=min(8, _pow2(num_splits)), D=head_dim,
             num_warps=4,
         )  # fmt: skip
