@@ -26,6 +26,11 @@ def experts():
     return random_experts(E, 2 * INTER, H, seed=1), random_experts(E, H, INTER, seed=2)
 
 
+# bf16 rounds twice inside the MoE (the activation between the GEMMs, then the output): over 12 random inputs the
+# 16-token case reached 9.6e-3 against the fp32 reference, too close to the 1e-2 used for one rounding
+MOE_BF16_BOUND = 2 * BF16_BOUND
+
+
 def _routing(tokens: int, top_k: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(tokens, E, generator=gen)
@@ -57,9 +62,9 @@ def _check(x, ids, weights, gate_up, down, config, bound):
 )
 def test_moe_modes_match_reference(experts, mode, tokens, top_k):
     ids, weights = _routing(tokens, top_k, seed=tokens)
-    x = torch.randn(tokens, H, device=DEVICE)
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(tokens)).to(DEVICE)
     _check(x, ids, weights, *experts, MODES[mode], FP32_BOUND)
-    _check(x.bfloat16(), ids, weights, *experts, MODES[mode], BF16_BOUND)
+    _check(x.bfloat16(), ids, weights, *experts, MODES[mode], MOE_BF16_BOUND)
 
 
 @pytest.mark.parametrize("mode", ["pair_token", "sorted_triton"])

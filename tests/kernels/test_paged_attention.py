@@ -16,7 +16,8 @@ import triton.language as tl
 from nvfp4kit.config import RopeConfig
 from nvfp4kit.engine.batch_context import AttentionBatch, WorkItems
 from nvfp4kit.kernels.kv_write import write_kv
-from nvfp4kit.kernels.paged_attention import DerivedKey, _cos_sin, paged_attention, prefill_block_q
+from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention, prefill_block_q
+from nvfp4kit.kernels.rope_angles import cos_sin
 from nvfp4kit.model.layers import apply_rope, attention, rope_cos_sin, rope_inv_freq
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +183,7 @@ def test_derived_keys_from_stored_values(rope, seqs):
 @triton.jit
 def _cos_sin_probe(angle_ptr, out_ptr, N: tl.constexpr):
     cols = tl.arange(0, N)
-    cos, sin = _cos_sin(tl.load(angle_ptr + cols))
+    cos, sin = cos_sin(tl.load(angle_ptr + cols))
     tl.store(out_ptr + cols, cos)
     tl.store(out_ptr + N + cols, sin)
 

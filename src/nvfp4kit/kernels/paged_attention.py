@@ -34,14 +34,10 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.kernels.kv_write import kernel_view, kv_format
+from nvfp4kit.kernels.rope_angles import cos_sin
 
 if TYPE_CHECKING:  # the metadata types live with the engine so that it imports without Triton
     from nvfp4kit.engine.batch_context import AttentionBatch, WorkItems
-
-# 2*pi = HI + MID + LO; HI and MID have 8 significant bits, so k * HI and k * MID are exact for k < 2^16
-_TWO_PI_HI = tl.constexpr(6.28125)
-_TWO_PI_MID = tl.constexpr(0.0019378662109375)
-_TWO_PI_LO = tl.constexpr(-2.559031372584286e-06)
 
 
 @dataclass(frozen=True)
@@ -116,16 +112,6 @@ def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: t
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     per_split = max(1, num_items * kv_heads)
     return max(1, min(4 * sms // per_split, max_keys // 128, 128))
-
-
-@triton.jit
-def _cos_sin(angle):
-    """cos/sin of fp32 angles up to ~1e6 rad: reduced to [-pi, pi] exactly first, where any sin/cos is accurate."""
-    k = tl.floor(angle * 0.15915494309189535 + 0.5)
-    r = angle - k * _TWO_PI_HI
-    r = r - k * _TWO_PI_MID
-    r = r - k * _TWO_PI_LO
-    return tl.cos(r), tl.sin(r)
 
 
 @triton.jit
@@ -247,7 +233,7 @@ def _paged_attention_kernel(
             )
             x1 = x1 * w_r1[None, :]
             x2 = x2 * w_r2[None, :]
-            cos, sin = _cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
+            cos, sin = cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
             scores += tl.dot(q_r1, tl.trans((x1 * cos - x2 * sin).to(ct)), input_precision=PRECISION)
             scores += tl.dot(q_r2, tl.trans((x2 * cos + x1 * sin).to(ct)), input_precision=PRECISION)
         else:

@@ -13,22 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-# 2*pi = HI + MID + LO: HI has 8 significant bits, so turns * HI is exact for up to 2**16 turns (~4e5 rad);
-# MID is the fp32 nearest the rest and LO what MID misses.
-_TWO_PI_HI = tl.constexpr(6.28125)
-_TWO_PI_MID = tl.constexpr(0.0019353071693331003)
-_TWO_PI_LO = tl.constexpr(1.0253376606378076e-11)
-
-
-@triton.jit
-def _cos_sin(angle):
-    """cos/sin of fp32 angles, reduced to [-pi, pi] first so that even fast sin/cos approximations are exact
-    enough at 128K positions (the angle itself is the same fp32 product torch computes)."""
-    turns = tl.floor(angle * 0.15915494309189535 + 0.5)
-    r = angle - turns * _TWO_PI_HI
-    r = r - turns * _TWO_PI_MID
-    r = r - turns * _TWO_PI_LO
-    return tl.cos(r), tl.sin(r)
+from nvfp4kit.kernels.rope_angles import cos_sin
 
 
 @triton.jit
@@ -56,7 +41,7 @@ def _norm_rope_head(
         x2 *= tl.load(w_ptr + HALF + cols, mask=ok, other=0.0).to(tl.float32)
     if ROPE:
         freq = tl.load(freq_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        cos, sin = _cos_sin(pos * freq)
+        cos, sin = cos_sin(pos * freq)
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     dtype = dst_ptr.dtype.element_ty
     tl.store(dst_ptr + cols, x1.to(dtype), mask=ok)

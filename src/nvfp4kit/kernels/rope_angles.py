@@ -1,0 +1,26 @@
+"""cos/sin of RoPE angles inside Triton kernels, accurate at long contexts.
+
+At position p a pair rotates by p * inv_freq rad: up to ~2.6e5 rad at 256K tokens. Reducing the fp32 angle to
+[-pi, pi] with 2*pi split in three (Cody-Waite) before the sin/cos keeps the result as accurate as torch's
+(which rounds the same fp32 angle) whatever sin/cos approximation the backend uses.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# 2*pi = HI + MID + LO; HI and MID have 8 significant bits, so k * HI and k * MID are exact for k < 2^16
+_TWO_PI_HI = tl.constexpr(6.28125)
+_TWO_PI_MID = tl.constexpr(0.0019378662109375)
+_TWO_PI_LO = tl.constexpr(-2.559031372584286e-06)
+
+
+@triton.jit
+def cos_sin(angle):
+    """(cos, sin) of fp32 angles up to ~1e6 rad."""
+    k = tl.floor(angle * 0.15915494309189535 + 0.5)
+    r = angle - k * _TWO_PI_HI
+    r = r - k * _TWO_PI_MID
+    r = r - k * _TWO_PI_LO
+    return tl.cos(r), tl.sin(r)
