@@ -30,3 +30,9 @@ def tiny_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from the same global RNG state: unseeded random inputs do not depend on test order."""
+    torch.manual_seed(0)
