@@ -108,7 +108,7 @@ class LayerRefiner:
         gate_up, down = experts.gate_up, experts.down
         inter = gate_up.shape[1] // 2
         out: dict[str, torch.Tensor] = {}
-        new_gate_up, new_down = [], []
+        new_gate_up, new_down = torch.empty_like(gate_up), torch.empty_like(down)  # one copy, filled in place
         for e in range(gate_up.shape[0]):
             gu = self.quantizer(
                 [gate_up[e][:inter], gate_up[e][inter:]], hessians.get(f"{p}experts.{e}.gate_up")
@@ -116,9 +116,9 @@ class LayerRefiner:
             (dn,) = self.quantizer([down[e]], hessians.get(f"{p}experts.{e}.down"))
             for proj, q in (("gate_proj", gu[0]), ("up_proj", gu[1]), ("down_proj", dn)):
                 out.update(self.tensors(expert_module(p + "experts", e, proj), q))
-            new_gate_up.append(torch.cat([q.dequantize(gate_up.dtype) for q in gu]))
-            new_down.append(dn.dequantize(down.dtype))
-        experts.set_weights(torch.stack(new_gate_up), torch.stack(new_down))
+            new_gate_up[e] = torch.cat([q.dequantize(gate_up.dtype) for q in gu])
+            new_down[e] = dn.dequantize(down.dtype)
+        experts.set_weights(new_gate_up, new_down)
         return out
 
 
