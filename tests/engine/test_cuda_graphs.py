@@ -105,3 +105,36 @@ def test_padding_rows_of_a_decode_batch_get_zeros_not_stale_memory(tiny_checkpoi
         )  # fmt: skip
         assert torch.isfinite(out[0]).all()
         assert torch.equal(out[1:], torch.zeros_like(out[1:]))
+
+
+def test_rows_reused_by_shorter_sequences_read_only_their_own_blocks(tiny_checkpoint):
+    # the long prompt finishes first, so the graph's row 0 then holds a sequence with a shorter block table
+    # than the stale one left in the fixed buffer
+    folder = tiny_checkpoint("moe")
+    model = load_model(folder)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(5, 384, (n,), generator=gen).tolist() for n in (41, 3, 9)]
+    lengths = (2, 7, 5)
+    config = EngineConfig(
+        block_size=4, max_num_batched_tokens=64, max_model_len=64, attention_backend="triton"
+    )
+
+    def run(engine):
+        ids = {
+            engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)): i
+            for i, (p, n) in enumerate(zip(prompts, lengths))
+        }
+        out = [[] for _ in prompts]
+        while engine.has_unfinished():
+            for event in engine.step():
+                out[ids[event.request_id]].append(event.token_id)
+        return out
+
+    expected = run(Engine(model, None, config=config))
+    engine = Engine(model, None, config=config)
+    engine.graphs = DecodeGraphs(
+        model, engine.cache, batch_sizes=(1, 2, 4), max_model_len=64, attention_backend="triton", eager=True
+    )
+    engine.graphs.capture()
+    assert run(engine) == expected
+    assert [len(t) for t in expected] == list(lengths)

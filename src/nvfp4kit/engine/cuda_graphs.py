@@ -146,13 +146,18 @@ class DecodeGraphs:
         if size is None:
             raise ValueError(f"{len(seqs)} sequences exceed the largest captured batch ({self.max_batch})")
         g = self._graphs[size]
-        per_seq, per_token, _, _ = StepMetadata.host_tensors(
-            seqs, self.cache, pad_to=size, max_blocks=self.max_blocks
-        )
+        # block tables only as wide as the longest one this step: the graph's table has max_blocks columns, but
+        # a sequence never reads a column past its own table, so the stale columns beyond stay unread
+        per_seq, per_token, _, _ = StepMetadata.host_tensors(seqs, self.cache, pad_to=size)
+        width = (per_seq.numel() - 4 * size) // size
+        if width > self.max_blocks:
+            raise ValueError(f"a block table of {width} blocks exceeds the graphs' {self.max_blocks}")
         ids = torch.zeros(size, dtype=torch.long)
         ids[: len(input_ids)] = torch.tensor(input_ids, dtype=torch.long)
         g.input_ids.copy_(ids, non_blocking=True)
-        g.per_seq.copy_(per_seq, non_blocking=True)
+        g.per_seq[: 4 * size].copy_(per_seq[: 4 * size], non_blocking=True)
+        table = g.per_seq[4 * size :].view(size, self.max_blocks)
+        table[:, :width].copy_(per_seq[4 * size :].view(size, width), non_blocking=True)
         g.per_token.copy_(per_token, non_blocking=True)
         if g.graph is None:
             return g.forward()[: len(seqs)]
