@@ -1,5 +1,6 @@
 """Decode CUDA graphs on the GPU (26B-A4B shape, random NVFP4): a replay computes what the same step does eagerly.
 
+Run on the lent GPU:  PYTHONPATH=src python scripts/gpu_graph_check.py [--tiny]
 Three sequences of different lengths, padded to the graph of 4. The replay is compared with the same padded step
 run eagerly (same metadata, same launches: must agree to bf16 noise) and, for information, with a plain eager step
 (different key splits and M: random weights route near-ties differently, so logits may differ a lot while the
@@ -7,6 +8,8 @@ argmax usually agrees). Also checks that padding rows stay finite.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -22,7 +25,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
-cfg = load_preset("gemma-4-26b-a4b")
+if (
+    "--tiny" in sys.argv
+):  # a quick check of the same paths on the tiny MoE shape (seconds instead of a minute)
+    from nvfp4kit.config import config_from_dict
+    from nvfp4kit.testing.tiny_config import tiny_text_config
+
+    cfg = config_from_dict(tiny_text_config("moe"))
+else:
+    cfg = load_preset("gemma-4-26b-a4b")
 model = random_model(cfg, quantized=True, device="cuda")
 config = EngineConfig(
     kv_dtype="fp8_e5m2",
@@ -39,7 +50,7 @@ eager_graphs.capture()
 gen = torch.Generator().manual_seed(0)
 for n in (700, 1500, 40):
     engine.add_request(
-        torch.randint(10, 200000, (n,), generator=gen).tolist(),
+        torch.randint(10, cfg.vocab_size, (n,), generator=gen).tolist(),
         SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
     )
 for _ in range(4):
