@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor, quantize, stack_experts
@@ -28,3 +33,14 @@ def random_weight(n: int, k: int, *, seed: int) -> NVFP4Tensor:
 
 def random_experts(e: int, n: int, k: int, *, seed: int) -> NVFP4Tensor:
     return stack_experts([random_weight(n, k, seed=seed * 100 + i) for i in range(e)])
+
+
+def compile_in_subprocess(script: str, arch: int) -> str:
+    """Run a compile-check script for sm_`arch` in a fresh process and return its stdout; skips the test when
+    this Triton build has no ptxas. A fresh process because TRITON_INTERPRET=1 (the CPU tests) interprets."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, script, str(arch)], env=env, capture_output=True, text=True)
+    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("no ptxas bundled with this triton build")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

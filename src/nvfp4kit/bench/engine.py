@@ -23,6 +23,7 @@ from nvfp4kit.config import PRESET_DIR, load_config, load_preset
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.weights import weights_from_config
+from nvfp4kit.sampling import SamplingParams
 
 
 def _log(msg: str) -> None:
@@ -127,7 +128,7 @@ def profile_decode_step(engine: Engine, top: int = 25) -> str:
         engine.graphs = graphs if graphs_on else None
         try:
             cfg = engine.model.config
-            params = runs.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+            params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
             engine.add_request(runs.random_prompt(cfg, 256, seed=7), params)
             for _ in range(3):
                 engine.step()

@@ -38,9 +38,7 @@ class EngineConfig:
     )
     k_eq_v_once: bool = True  # store the shared K=V tensor of k_eq_v layers once
     attention_backend: str | None = None  # "triton" or "torch"; default: triton on CUDA, torch on CPU
-    cuda_graphs: bool = (
-        True  # replay captured decode steps on CUDA (False: eager, like vLLM's --enforce-eager)
-    )
+    cuda_graphs: bool = True  # replay captured decode steps on CUDA (False: eager, as --enforce-eager)
     graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; default 1,2,4,8,16,...
 
 

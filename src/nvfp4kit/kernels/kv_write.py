@@ -94,6 +94,13 @@ def encode_fp8(
 
 
 @triton.jit
+def decode_e4m3(raw):
+    """E4M3 bytes (as uint16) -> fp16 of value / 256, exact: the bits move into fp16's fields (bias 15 vs 7), so
+    subnormals stay exact too and no FP8 hardware is needed (SM80). The caller applies the 256."""
+    return (((raw & 0x80) << 8) | ((raw & 0x7F) << 7)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _kv_write_kernel(
     k_ptr,
     v_ptr,

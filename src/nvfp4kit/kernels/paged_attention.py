@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4kit.kernels.kv_write import kernel_view, kv_format
+from nvfp4kit.kernels.kv_write import decode_e4m3, kernel_view, kv_format
 from nvfp4kit.kernels.rope_angles import cos_sin
 
 if TYPE_CHECKING:  # the metadata types live with the engine so that it imports without Triton
@@ -128,8 +128,7 @@ def _load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT
         if NATIVE_FP8:
             x = tl.where(mask, raw.to(tl.float16), 0.0)
         else:
-            r = raw.to(tl.uint16)
-            x = (((r & 0x80) << 8) | ((r & 0x7F) << 7)).to(tl.float16, bitcast=True)
+            x = decode_e4m3(raw.to(tl.uint16))
     elif FORMAT == 2:
         if NATIVE_FP8:
             x = tl.where(mask, raw.to(tl.float16), 0.0)

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.kv_write import decode_e4m3
 
 GEMV_MAX_M = (
     1  # batch-1 decode takes the CUDA-core GEMV (H100: 340 us vs 490-835 us at M=2-4; tiles win from M=2)
@@ -42,7 +43,7 @@ def _w8a16_kernel(
         )
         raw = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :],
                       mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.uint16)  # fmt: skip
-        w = (((raw & 0x80) << 8) | ((raw & 0x7F) << 7)).to(tl.float16, bitcast=True)
+        w = decode_e4m3(raw)
         if FP32:
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
@@ -70,7 +71,7 @@ def _w8a16_gemv_kernel(
                     other=0.0).to(tl.float32)  # fmt: skip
         raw = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :],
                       mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.uint16)  # fmt: skip
-        w = (((raw & 0x80) << 8) | ((raw & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)
+        w = decode_e4m3(raw).to(tl.float32)
         acc += w[None, :, :] * x[:, None, :]
     scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0) * 256.0
     y = tl.sum(acc, axis=2) * scale[None, :]
