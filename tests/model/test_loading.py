@@ -41,9 +41,11 @@ def test_sharded_save_pretrained_checkpoint_loads(tiny_checkpoint, tmp_path):
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
-    torch.testing.assert_close(
-        logits(load_model(tmp_path / "sharded")), logits(load_model(src)), atol=0, rtol=0
-    )
+    sharded, single = load_model(tmp_path / "sharded"), load_model(src)
+    for (name, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    # Same weights; the CPU matmul may pick another kernel for another buffer alignment (last-ulp changes).
+    torch.testing.assert_close(logits(sharded), logits(single), atol=1e-5, rtol=1e-5)
 
 
 def test_weights_land_on_the_requested_dtype(tiny_checkpoint):
