@@ -5,9 +5,10 @@ import threading
 import time
 
 import httpx
-from conftest import start_server, stop_server
 
 from nvfp4kit.cli import main
+
+from .conftest import start_server, stop_server
 
 
 def test_serve_without_a_model_serves_the_nvfp4_demo():

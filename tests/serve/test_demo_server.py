@@ -4,8 +4,9 @@ import os
 import subprocess
 import sys
 
-from conftest import free_port, stop_server, wait_healthy
 from openai import OpenAI
+
+from .conftest import free_port, stop_server, wait_healthy
 
 
 def test_serve_with_no_model_answers_a_thinking_chat_with_the_demo():

@@ -7,11 +7,12 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import API_KEY
 from openai import AsyncOpenAI, OpenAI
 
 from nvfp4kit.serve.chat_template import load_chat_template
 from nvfp4kit.tokenizer import Tokenizer
+
+from .conftest import API_KEY
 
 HI = [{"role": "user", "content": "Hi"}]
 GREEDY = {"temperature": 0.0}

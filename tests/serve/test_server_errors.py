@@ -3,7 +3,8 @@ and the server answers the next good request normally."""
 
 import httpx
 import pytest
-from conftest import API_KEY, MAX_MODEL_LEN
+
+from .conftest import API_KEY, MAX_MODEL_LEN
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 HI = [{"role": "user", "content": "Hi"}]
