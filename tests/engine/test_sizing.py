@@ -12,14 +12,14 @@ from nvfp4kit.engine.sizing import (
     DeviceMemory,
     InsufficientMemoryError,
     MemoryOptions,
-    parse_size,
+
     plan_engine_memory,
     weights_as_loaded,
 )
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.pools import plan_pools
 from nvfp4kit.plan.report import build_plan, pool_summary
-from nvfp4kit.plan.units import GiB, MiB
+from nvfp4kit.plan.units import GiB, MiB, parse_size
 from nvfp4kit.plan.weights import weights_from_config
 
 CFG = load_preset("gemma-4-26b-a4b")

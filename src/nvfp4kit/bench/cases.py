@@ -14,8 +14,6 @@ import torch.nn.functional as F
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, MoEConfig
-from nvfp4kit.kernels.fused_moe import fused_moe
-from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 from nvfp4kit.model.ops import TorchBackend, gelu_tanh
 
 HIDDEN = 2816
@@ -72,6 +70,8 @@ class DenseCase:
         return cls(op, n, k, m, weights, bf16, xs)
 
     def call(self, config: LinearConfig | None):
+        from nvfp4kit.kernels.w4a16_linear import w4a16_linear  # triton: imported when a GPU case runs
+
         return lambda i: w4a16_linear(
             self.xs[i % len(self.xs)], self.weights[i % len(self.weights)], config=config
         )
@@ -131,6 +131,8 @@ class MoECase:
         return case
 
     def call(self, config: MoEConfig | None):
+        from nvfp4kit.kernels.fused_moe import fused_moe  # triton: imported when a GPU case runs
+
         def run(i: int):
             ids, weights = self.routes[i % len(self.routes)]
             w = i % len(self.gate_up)

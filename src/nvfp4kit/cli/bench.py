@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(parser: argparse.ArgumentParser) -> None:
     from nvfp4kit.bench import register_all
 
-    parser = subparsers.add_parser("bench", help="run a benchmark scenario (see `nvfp4kit bench -h`)")
     scenarios = parser.add_subparsers(dest="scenario", metavar="SCENARIO")
     register_all(scenarios)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)

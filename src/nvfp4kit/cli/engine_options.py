@@ -7,7 +7,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from nvfp4kit.engine.sizing import DEFAULT_GPU_MEMORY_UTILIZATION, parse_size
+from nvfp4kit.plan.pools import DEFAULT_GPU_MEMORY_UTILIZATION
+from nvfp4kit.plan.units import parse_size
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8_e4m3", "fp8_e5m2", "float32")
 

@@ -13,13 +13,9 @@ Without REF and QUANT it compares the built-in demo model with its NVFP4 export.
 slice shipped with nvfp4kit (Python standard-library code and docs the demo model never saw, and chats)."""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "eval",
-        help="compare a quantized checkpoint with its reference (KL divergence, top-1, perplexity)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("ref", nargs="?", help="reference checkpoint folder (default: the BF16 demo model)")
     p.add_argument("quant", nargs="?", help="quantized checkpoint folder (default: the NVFP4 demo model)")
     p.add_argument(

@@ -8,12 +8,10 @@ import sys
 from nvfp4kit.cli.engine_options import add_engine_arguments, llm_arguments
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="generate text from a prompt or a chat message",
-        description="Complete a prompt (or, with --chat, answer it as a user message through the checkpoint's "
-        "chat template) with a Gemma 4 checkpoint, BF16 or NVFP4, on CPU or GPU.",
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Complete a prompt (or, with --chat, answer it as a user message through the checkpoint's "
+        "chat template) with a Gemma 4 checkpoint, BF16 or NVFP4, on CPU or GPU."
     )
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder (default: the built-in NVFP4 demo model)")
     p.add_argument("--prompt", required=True, help="prompt text (a <bos> is prepended), or the user message")

@@ -7,12 +7,10 @@ import json
 from pathlib import Path
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="describe a checkpoint without loading it",
-        description="Print architecture, parameters by component, dtypes, quantization and file sizes of a "
-        "checkpoint, reading only config files and safetensors headers.",
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Print architecture, parameters by component, dtypes, quantization and file sizes of a "
+        "checkpoint, reading only config files and safetensors headers."
     )
     p.add_argument("checkpoint", help="checkpoint folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -5,14 +5,10 @@ from __future__ import annotations
 import argparse
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(p: argparse.ArgumentParser) -> None:
     from nvfp4kit.testing.tiny_config import SHAPES
 
-    p = sub.add_parser(
-        "make-tiny",
-        help="write a tiny random Gemma 4 checkpoint",
-        description="Write a tiny random Gemma 4 checkpoint with a Gemma 4 tokenizer and chat template.",
-    )
+    p.description = "Write a tiny random Gemma 4 checkpoint with a Gemma 4 tokenizer and chat template."
     p.add_argument("out", help="output folder")
     p.add_argument(
         "--shape", choices=sorted(SHAPES), default="moe", help="moe (26B-A4B-like), dense (31B-like), e2b"

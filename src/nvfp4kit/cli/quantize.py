@@ -27,14 +27,10 @@ def calibration_help() -> str:
     return "calibration methods (--calibration):\n" + "\n".join(lines)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "quantize",
-        help="quantize a BF16 Gemma 4 checkpoint to NVFP4 (ModelOpt format)",
-        description=DESCRIPTION,
-        epilog=calibration_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.epilog = calibration_help()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("src", help="BF16 checkpoint folder (config.json, safetensors shards, tokenizer)")
     p.add_argument("out", help="output folder (must not exist unless --overwrite)")
     p.add_argument(

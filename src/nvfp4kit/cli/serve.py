@@ -28,12 +28,10 @@ def resolve_model(model: str | None) -> tuple[Path, str]:
     return demo_model_path("nvfp4"), DEMO_NAME
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serve a Gemma 4 checkpoint with /v1/chat/completions, /v1/completions, /v1/models, "
-        "/health and /metrics (thinking and tool calls parsed from Gemma 4's own format).",
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Serve a Gemma 4 checkpoint with /v1/chat/completions, /v1/completions, /v1/models, "
+        "/health and /metrics (thinking and tool calls parsed from Gemma 4's own format)."
     )
     p.add_argument(
         "model",

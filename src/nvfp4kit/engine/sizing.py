@@ -29,13 +29,12 @@ from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
 from nvfp4kit.formats.components import SCALE_SUFFIXES, TOWER_COMPONENTS, component_of
 from nvfp4kit.formats.safetensors_io import DTYPE_BYTES, CheckpointReader
 from nvfp4kit.model.loader import NON_TEXT_PREFIXES
-from nvfp4kit.plan.pools import PoolPlan, plan_pools, runtime_reserve
+from nvfp4kit.plan.pools import DEFAULT_GPU_MEMORY_UTILIZATION, PoolPlan, plan_pools, runtime_reserve
 from nvfp4kit.plan.report import pool_summary
 from nvfp4kit.plan.sglang import DEFAULT_PRELOAD_USED
 from nvfp4kit.plan.text import format_pool_rows
-from nvfp4kit.plan.units import GiB, MiB, parse_bytes
+from nvfp4kit.plan.units import GiB, MiB, parse_size
 
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 # What a 24 GB card has in use before loading (the seed card's numbers); our own CUDA context stays below it.
 CONTEXT_ALLOWANCE = DEFAULT_PRELOAD_USED
 FLOAT_DTYPES = ("BF16", "F16", "F32")
@@ -48,24 +47,6 @@ def format_size(n_bytes: float) -> str:
 
 class InsufficientMemoryError(ValueError):
     """The model, its runtime reserve and the smallest useful KV cache do not fit the memory it may use."""
-
-
-def parse_size(value: int | float | str, *, option: str) -> int:
-    """Bytes from 24GiB, 22.5GB, 24G, 1.5e9 or a number; the error names the option that held the junk."""
-    if isinstance(value, bool):
-        raise ValueError(f"{option}: expected a size such as 24GiB, got {value!r}")
-    if isinstance(value, int | float):
-        size = int(value)
-    else:
-        try:
-            size = parse_bytes(str(value))
-        except ValueError:
-            raise ValueError(
-                f"{option}: cannot read {value!r} as a size; write e.g. 24GiB, 22.5GB, 24G or 1.5e9"
-            ) from None
-    if size <= 0:
-        raise ValueError(f"{option}: must be a positive size, got {value!r}")
-    return size
 
 
 @dataclass(frozen=True)

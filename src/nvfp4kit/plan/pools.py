@@ -16,6 +16,9 @@ from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.plan.kv import KVBytesPerToken, kv_bytes_per_token
 from nvfp4kit.plan.units import MiB
 
+# vLLM's default share of the card the engine may use (weights, graphs, activations and KV together).
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
+
 DEFAULT_PREFILL_CHUNK = 512  # the engine's default max_num_batched_tokens
 DEFAULT_MAX_BATCH = 64
 GRAPH_POOL_BASE = 128 * MiB  # CUDA-graph private pool: per-layer temporaries, split-K workspaces, bookkeeping

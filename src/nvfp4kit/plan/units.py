@@ -42,3 +42,21 @@ def format_count(n: float) -> str:
     if n >= 10**3:
         return f"{n / 10**3:.1f}K"
     return f"{n:.0f}"
+
+
+def parse_size(value: int | float | str, *, option: str) -> int:
+    """Bytes from 24GiB, 22.5GB, 24G, 1.5e9 or a number; the error names the option that held the junk."""
+    if isinstance(value, bool):
+        raise ValueError(f"{option}: expected a size such as 24GiB, got {value!r}")
+    if isinstance(value, int | float):
+        size = int(value)
+    else:
+        try:
+            size = parse_bytes(str(value))
+        except ValueError:
+            raise ValueError(
+                f"{option}: cannot read {value!r} as a size; write e.g. 24GiB, 22.5GB, 24G or 1.5e9"
+            ) from None
+    if size <= 0:
+        raise ValueError(f"{option}: must be a positive size, got {value!r}")
+    return size
