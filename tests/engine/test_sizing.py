@@ -12,7 +12,6 @@ from nvfp4kit.engine.sizing import (
     DeviceMemory,
     InsufficientMemoryError,
     MemoryOptions,
-
     plan_engine_memory,
     weights_as_loaded,
 )

@@ -14,7 +14,6 @@ import logging
 import sys
 from collections.abc import Iterable, Sequence
 
-
 COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("quantize", "quantize a BF16 Gemma 4 checkpoint to NVFP4 (ModelOpt format)"),
     "plan": ("plan", "what fits on a GPU: weights, KV pools, context, concurrency, decode roofline"),
