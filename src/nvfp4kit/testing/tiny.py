@@ -17,7 +17,16 @@ import torch
 from safetensors.torch import save_file
 
 from nvfp4kit.config import config_from_dict
-from nvfp4kit.testing.tiny_config import FIRST_BYTE_ID, SPECIAL_TOKENS, TINY_VOCAB, tiny_text_config
+from nvfp4kit.testing.tiny_config import (
+    FIRST_BYTE_ID,
+    MULTIMODAL_SPECIAL_TOKENS,
+    MULTIMODAL_TOKEN_IDS,
+    SPECIAL_TOKENS,
+    TINY_IMAGE_PROCESSOR,
+    TINY_VISION,
+    TINY_VOCAB,
+    tiny_text_config,
+)
 
 __all__ = ["SPECIAL_TOKENS", "TINY_VOCAB", "random_weights", "tiny_text_config", "write_tiny_checkpoint"]
 
@@ -91,22 +100,76 @@ def random_weights(
     return w
 
 
-def write_tokenizer(folder: Path, vocab_size: int = TINY_VOCAB) -> None:
-    """A byte-level tokenizer (no merges) with Gemma 4's control tokens at their ids, plus the chat template."""
+def random_vision_weights(
+    vision: dict[str, Any], text_hidden: int, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random fp32 vision tower + projector weights with HF names under `model.` (activations stay O(1))."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    h, inter, hd = vision["hidden_size"], vision["intermediate_size"], vision["head_dim"]
+    heads, kv = vision["num_attention_heads"], vision["num_key_value_heads"]
+    patch_dim = 3 * vision["patch_size"] ** 2
+    t = "model.vision_tower."
+    w = {
+        t + "patch_embedder.input_proj.weight": randn(h, patch_dim, std=patch_dim**-0.5),
+        t + "patch_embedder.position_embedding_table": randn(
+            2, vision["position_embedding_size"], h, std=0.5
+        ),
+        "model.embed_vision.embedding_projection.weight": randn(text_hidden, h, std=h**-0.5),
+    }
+    if vision.get("standardize"):
+        w[t + "std_bias"] = randn(h, std=0.5)
+        w[t + "std_scale"] = 0.5 + torch.rand(h, generator=gen)
+    shapes = {"self_attn.q_proj": (heads * hd, h), "self_attn.k_proj": (kv * hd, h),
+              "self_attn.v_proj": (kv * hd, h), "self_attn.o_proj": (h, heads * hd),
+              "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h), "mlp.down_proj": (h, inter)}  # fmt: skip
+    for i in range(vision["num_hidden_layers"]):
+        p = f"{t}encoder.layers.{i}."
+        for name, (out, inp) in shapes.items():
+            w[p + name + ".linear.weight"] = randn(out, inp, std=inp**-0.5)
+            if vision.get("use_clipped_linears"):  # bounds that clip a few activations, as trained ones do
+                for bound, sign in (
+                    ("input_min", -1),
+                    ("input_max", 1),
+                    ("output_min", -1),
+                    ("output_max", 1),
+                ):
+                    w[p + name + "." + bound] = torch.tensor(
+                        sign * (1.5 + torch.rand(1, generator=gen).item())
+                    )
+        w[p + "self_attn.q_norm.weight"] = 1.0 + randn(hd, std=0.1)
+        w[p + "self_attn.k_norm.weight"] = 1.0 + randn(hd, std=0.1)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):  # fmt: skip
+            w[p + name + ".weight"] = 1.0 + randn(h, std=0.1)
+    return w
+
+
+def write_tokenizer(
+    folder: Path, vocab_size: int = TINY_VOCAB, *, extra_special: dict[int, str] | None = None
+) -> None:
+    """A byte-level tokenizer (no merges) with Gemma 4's control tokens at their ids, plus the chat template.
+
+    `extra_special`: more special tokens by id (ids in the unused range above the bytes)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     byte_chars = _bytes_to_unicode()
+    extra = extra_special or {}
     vocab: dict[str, int] = {}
     for i in range(FIRST_BYTE_ID):
         vocab[SPECIAL_TOKENS.get(i, f"<unused{i}>")] = i
     for j, ch in enumerate(byte_chars):
         vocab[ch] = FIRST_BYTE_ID + j
     for i in range(len(vocab), vocab_size):
-        vocab[f"<unused{i}>"] = i
+        vocab[extra.get(i, f"<unused{i}>")] = i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS.values()])
+    specials = [*SPECIAL_TOKENS.values(), *extra.values()]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(
         json.dumps(
@@ -140,10 +203,16 @@ def write_tiny_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.bfloat16,
     multimodal: bool = False,
+    vision: bool = False,
     outliers: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Write a tiny random Gemma 4 checkpoint (text-only `gemma4_text`, or the multimodal `gemma4` form)."""
+    """Write a tiny random Gemma 4 checkpoint (text-only `gemma4_text`, or the multimodal `gemma4` form).
+
+    `vision` (with `multimodal`): also a random vision tower and projector, the image token ids, the image
+    processor's settings (processor_config.json) and image tokens in the tokenizer."""
+    if vision and not multimodal:
+        raise ValueError("vision=True needs multimodal=True")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = tiny_text_config(shape, **overrides)
@@ -152,6 +221,12 @@ def write_tiny_checkpoint(
         config = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
                   "text_config": text, "vision_config": None, "audio_config": None, "tie_word_embeddings": True}  # fmt: skip
         prefix = "model.language_model."
+        if vision:
+            text["use_bidirectional_attention"] = "vision"
+            config.update(vision_config=dict(TINY_VISION), **MULTIMODAL_TOKEN_IDS)
+            processor = {"processor_class": "Gemma4Processor", "image_seq_length": TINY_IMAGE_PROCESSOR[
+                "max_soft_tokens"], "image_processor": TINY_IMAGE_PROCESSOR}  # fmt: skip
+            (folder / "processor_config.json").write_text(json.dumps(processor, indent=2))
     else:
         config = {"architectures": ["Gemma4ForCausalLM"], **text}
         prefix = "model."
@@ -171,8 +246,9 @@ def write_tiny_checkpoint(
             indent=2,
         )  # fmt: skip
     )
-    save_file(
-        {prefix + k: v.to(dtype).contiguous() for k, v in weights.items()}, str(folder / "model.safetensors")
-    )
-    write_tokenizer(folder, text["vocab_size"])
+    tensors = {prefix + k: v for k, v in weights.items()}
+    if vision:
+        tensors.update(random_vision_weights(TINY_VISION, text["hidden_size"], seed=seed))
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    write_tokenizer(folder, text["vocab_size"], extra_special=MULTIMODAL_SPECIAL_TOKENS if vision else None)
     return folder

@@ -52,3 +52,30 @@ def tiny_text_config(shape: str = "moe", **overrides: Any) -> dict[str, Any]:
     cfg["layer_types"][-1] = FULL
     cfg["model_type"] = "gemma4_text"
     return cfg
+
+
+# Multimodal tiny checkpoints (`write_tiny_checkpoint(..., multimodal=True, vision=True)`): the image and audio
+# control tokens sit in the unused ids above the byte tokens (real Gemma 4 uses 255999, 258880, ...).
+MULTIMODAL_TOKEN_IDS = {
+    "boi_token_id": 364, "eoi_token_id": 365, "image_token_id": 366, "video_token_id": 367,
+    "boa_token_id": 368, "eoa_token_index": 369, "audio_token_id": 370,
+}  # fmt: skip
+MULTIMODAL_SPECIAL_TOKENS = {
+    364: "<|image>", 365: "<image|>", 366: "<|image|>", 367: "<|video|>", 368: "<|audio>", 369: "<audio|>",
+    370: "<|audio|>",
+}  # fmt: skip
+
+# A 2-layer vision tower; 70 soft tokens per image (the smallest budget Gemma 4's processor allows) of 3x3
+# pooled 4x4-pixel patches, so an image is at most 630 patches.
+TINY_VISION: dict[str, Any] = {
+    "model_type": "gemma4_vision", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "axial", "rope_theta": 100.0},
+    "pooling_kernel_size": 3, "patch_size": 4, "position_embedding_size": 256, "use_clipped_linears": True,
+    "standardize": True,
+}  # fmt: skip
+TINY_IMAGE_PROCESSOR: dict[str, Any] = {
+    "image_processor_type": "Gemma4ImageProcessor", "patch_size": 4, "max_soft_tokens": 70,
+    "pooling_kernel_size": 3, "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": False, "do_convert_rgb": True,
+}  # fmt: skip

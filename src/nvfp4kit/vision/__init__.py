@@ -1,0 +1,1 @@
+"""Image input for multimodal Gemma 4 checkpoints: preprocessing, the vision tower, prompt assembly."""

@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from nvfp4kit.formats.safetensors_io import CheckpointError
+from nvfp4kit.vision.config import load_multimodal_config
+from nvfp4kit.vision.loader import load_vision_tower
+from nvfp4kit.vision.preprocess import preprocess_image
+from tests.vision.conftest import random_image
+
+
+def test_image_features_equal_transformers(vision_checkpoint, hf_vision_model, hf_image_processor):
+    images = [random_image(50, 90, seed=1), random_image(40, 40, seed=2), random_image(200, 30, seed=3)]
+    ref_in = hf_image_processor(images, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf_vision_model.model.get_image_features(
+            ref_in["pixel_values"], ref_in["image_position_ids"]
+        ).pooler_output
+    cfg = load_multimodal_config(vision_checkpoint)
+    tower = load_vision_tower(vision_checkpoint, dtype=torch.float32)
+    processed = [preprocess_image(im, cfg.processor) for im in images]
+    with torch.no_grad():  # all three batched together (padded to the longest)
+        ours = tower([p.patches for p in processed], [p.positions for p in processed])
+    for r, o, p in zip(ref, ours, processed):
+        assert o.shape == r.shape == (p.num_soft_tokens, cfg.text_hidden_size)
+        rel = ((o - r).abs().max() / r.abs().max()).item()
+        assert rel < 1e-4, rel
+    with torch.no_grad():  # batching does not change an image's features
+        alone = tower([processed[1].patches], [processed[1].positions])[0]
+    torch.testing.assert_close(alone, ours[1], rtol=1e-5, atol=1e-5)
+
+
+def test_text_only_checkpoint_has_no_tower(tiny_checkpoint):
+    assert load_vision_tower(tiny_checkpoint("moe", multimodal=True), dtype=torch.float32) is None
+
+
+def test_missing_vision_tensor_is_named(vision_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    shutil.copytree(vision_checkpoint, folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.vision_tower.encoder.layers.1.mlp.up_proj.linear.weight"
+    del tensors[name]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="up_proj"):
+        load_vision_tower(folder, dtype=torch.float32)
