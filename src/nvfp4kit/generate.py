@@ -99,6 +99,33 @@ class LLM:
         )
         self.max_model_len = self.engine.max_model_len
 
+    def close(self) -> None:
+        """Release the engine, its KV cache and CUDA graphs, and the weights; on a GPU the memory goes back to
+        the driver, so another `LLM` can start in this process. Also run by `with LLM(...)` and on deletion."""
+        engine, self.engine, self.model = getattr(self, "engine", None), None, None
+        if engine is None:
+            return
+        engine.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("this LLM is closed; create a new one")
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: torch may already be gone
+            pass
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
@@ -110,6 +137,7 @@ class LLM:
         params: SamplingParams | None = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt (a string or a list of token ids), batched; returns outputs in order."""
+        self._check_open()
         params = params or SamplingParams()
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -124,6 +152,7 @@ class LLM:
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
         """Generate one request token by token (stop ids end it; a stop string ends it and is cut from the text)."""
+        self._check_open()
         request_id = self.engine.add_request(list(prompt_ids), params)
         try:
             while True:

@@ -74,6 +74,14 @@ class DecodeGraphs:
         self._pool = None
         self._logits: torch.Tensor | None = None  # one [max batch, vocab] output shared by every graph
 
+    def close(self) -> None:
+        """Free the graphs and their private memory pool (the pool stays reserved while a graph lives)."""
+        for entry in self._graphs.values():
+            if entry.graph is not None:
+                entry.graph.reset()
+        self._graphs, self._pool, self._logits = {}, None, None
+        self.model = self.cache = None
+
     @property
     def max_batch(self) -> int:
         return self.batch_sizes[-1]
