@@ -108,6 +108,15 @@ class Engine:
             layout.max_seqs, layout.ring_size, ring_bytes / 2**20, kv_dtype,
         )  # fmt: skip
 
+    def close(self) -> None:
+        """Drop the CUDA graphs, the KV cache and the model: their device memory is free once nothing else
+        holds them (`LLM.close` then returns it to the driver)."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self.graphs = None
+        self.requests.clear()
+        self.scheduler = self.cache = self.model = None
+
     @property
     def pool_tokens(self) -> int:
         return self.layout.num_blocks * self.layout.block_size
