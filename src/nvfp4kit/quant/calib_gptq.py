@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from nvfp4kit.formats.nvfp4 import (
-    BLOCK,
-    E2M1_MAX,
-    NVFP4Tensor,
-    e2m1_decode,
-    e2m1_encode,
-    pack_nibbles,
-)
+from nvfp4kit.formats.nvfp4 import BLOCK, E2M1_MAX, NVFP4Tensor, e2m1_encode, pack_nibbles
 from nvfp4kit.quant.calib_search import (
     BLOCK_GRID,
     candidate_codes,
@@ -37,46 +30,58 @@ SWEEP = 128  # columns updated lazily together (a multiple of the block size)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 (after damping), the form GPTQ's column sweep uses."""
-    h = hessian.clone()
-    h += damping * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    """Upper Cholesky factors U of H^-1 = U^T U (after damping) [E, K, K], the form GPTQ's column sweep uses.
+
+    With J the index reversal, J H J = L L^T gives H = R R^T for the upper R = J L J, so U = R^-1 = J L^-1 J:
+    one Cholesky and one triangular solve, instead of inverting H and factorising the inverse."""
+    h = hessian.flip(-2, -1)  # a copy
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    h += (damping * h.diagonal(dim1=-2, dim2=-1).mean(-1))[:, None, None] * eye
     for attempt in range(6):
-        try:
-            lower = torch.linalg.cholesky(h)
+        lower, info = torch.linalg.cholesky_ex(h)
+        bad = info != 0
+        if not bool(bad.any()):
             break
-        except torch.linalg.LinAlgError:  # rank-deficient calibration: damp harder
-            h += (
-                (10.0**attempt)
-                * damping
-                * torch.mean(torch.diag(h))
-                * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-            )
+        # rank-deficient calibration: damp those harder
+        extra = (10.0**attempt) * damping * h.diagonal(dim1=-2, dim2=-1).mean(-1)
+        h += torch.where(bad, extra, torch.zeros_like(extra))[:, None, None] * eye
     else:
         raise ValueError("the calibration Hessian is not positive definite even after damping")
-    inverse = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(inverse, upper=True)
+    del h
+    return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False).flip(-2, -1)
 
 
-def _feedback_scales(
+def _feedback_block(
     block_w: torch.Tensor, u_block: torch.Tensor, s2: torch.Tensor, grid: tuple[float, ...]
-) -> torch.Tensor:
-    """Per row, the E4M3 scale of the next 16 columns with the least GPTQ loss: each candidate is tried by
-    rounding the 16 columns with feedback, summing ((w - q) / u_jj)^2, the loss GPTQ's sweep accrues.
-    Candidates are the distinct E4M3 roundings of amax/6 times `grid`, smallest first (ties go to it)."""
-    base = block_w.abs().amax(-1) / (E2M1_MAX * s2)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The next 16 columns [E, N, 16] rounded with feedback inside the block, per row with the E4M3 scale of
+    least GPTQ loss: every candidate is swept, summing ((w - q) / u_jj)^2 as GPTQ's sweep accrues it, and
+    the winner's sweep is kept. Candidates are the distinct E4M3 roundings of amax/6 times `grid`, smallest
+    first (ties go to it). Returns the scales [E, N], the codes [E, N, 16] and the scaled errors [E, N, 16]."""
+    base = block_w.abs().amax(-1) / (E2M1_MAX * s2[:, None])
     base = torch.where(base.isfinite() & (base > 0), base, torch.ones_like(base))
     first, last, steps = candidate_codes(base, grid)
-    candidates = torch.stack([code_scale(first, last, step) for step in range(steps)])  # [C, N]
-    denom = candidates.float() * s2
+    candidates = torch.stack([code_scale(first, last, step) for step in range(steps)])  # [C, E, N]
+    denom = candidates.float() * s2[:, None]
     denom = torch.where(denom == 0, torch.ones_like(denom), denom)
-    w = block_w.unsqueeze(0).repeat(steps, 1, 1)  # [C, N, 16]
+    w = block_w.unsqueeze(0).repeat(steps, 1, 1, 1)  # [C, E, N, 16]
+    q, err = torch.empty_like(w), torch.empty_like(w)
+    negative = torch.empty(w.shape, dtype=torch.bool, device=w.device)
     loss = torch.zeros_like(denom)
+    diag = u_block.diagonal(dim1=-2, dim2=-1)[:, None, :]  # [E, 1, 16]
     for j in range(BLOCK):
-        err = (w[..., j] - e2m1_round(w[..., j] / denom) * denom) / u_block[j, j]
-        loss += err.pow(2)
-        w[..., j:] -= err[..., None] * u_block[j, j:]
-    best = candidates.view(torch.uint8).gather(0, loss.argmin(0, keepdim=True))[0]
-    return best.view(torch.float8_e4m3fn)
+        scaled = w[..., j] / denom
+        q[..., j] = e2m1_round(scaled)
+        negative[..., j] = scaled < 0  # e2m1_encode's sign: -0 for small negatives, +0 for -0.0
+        err[..., j] = e = (w[..., j] - q[..., j] * denom) / diag[..., j]
+        loss += e.pow(2)
+        w[..., j:] -= e[..., None] * u_block[:, None, j, j:]
+    pick = loss.argmin(0, keepdim=True)  # [1, E, N]
+    best = candidates.view(torch.uint8).gather(0, pick)[0].view(torch.float8_e4m3fn)
+    rows = pick[..., None].expand(1, *w.shape[1:])
+    q, err, negative = (t.gather(0, rows)[0] for t in (q, err, negative))
+    codes = e2m1_encode(q.abs()) | (negative.to(torch.uint8) << 3)
+    return best, codes, err
 
 
 def gptq_quantize(
@@ -91,56 +96,57 @@ def gptq_quantize(
 
     Columns go left to right; when the sweep reaches a 16-column block, each row's block scale is chosen
     among `grid` (multiples of amax/6, rounded to E4M3) by the loss the block's rounding with feedback costs.
+    Batched: `weight` [E, N, K], `hessian` [E, K, K] and `scale_2` [E] quantize E independent weights (a
+    layer's experts) in one sweep, each exactly as alone.
     """
-    n, k = weight.shape
-    if k % BLOCK or hessian.shape != (k, k):
+    batched = weight.dim() == 3
+    w = (weight if batched else weight.unsqueeze(0)).float().clone()
+    h = (hessian if batched else hessian.unsqueeze(0)).float().clone()
+    e, n, k = w.shape
+    if k % BLOCK or h.shape != (e, k, k):
         raise ValueError(
             f"weight {tuple(weight.shape)} and Hessian {tuple(hessian.shape)} do not fit NVFP4 GPTQ"
         )
-    w = weight.float().clone()
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0  # inputs calibration never saw: quantize them plainly, no feedback
-    h[dead, dead] = 1.0
-    s2 = scale_2.float().reshape(())
+    diag = h.diagonal(dim1=-2, dim2=-1)
+    diag[diag == 0] = 1.0  # inputs calibration never saw: quantize them plainly, no feedback
+    s2 = scale_2.float().reshape(e)
     u = _inverse_cholesky(h, damping)
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    scales = torch.empty(n, k // BLOCK, dtype=torch.float8_e4m3fn, device=w.device)
+    del h
+    codes = torch.empty(e, n, k, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(e, n, k // BLOCK, dtype=torch.float8_e4m3fn, device=w.device)
     for start in range(0, k, SWEEP):
         end = min(start + SWEEP, k)
-        block_w = w[:, start:end].clone()
-        errors = torch.zeros_like(block_w)
-        u_block = u[start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            if col % BLOCK == 0:
-                b = col // BLOCK
-                sub = slice(i, i + BLOCK)
-                scales[:, b] = _feedback_scales(block_w[:, sub], u_block[sub, sub], s2, grid)
-                denom = scales[:, b].float() * s2
-            column = block_w[:, i]
-            code = e2m1_encode(column / denom)
-            codes[:, col] = code
-            err = (column - e2m1_decode(code) * denom) / u_block[i, i]
-            block_w[:, i:] -= err[:, None] * u_block[i, i:][None, :]
-            errors[:, i] = err
-        w[:, end:] -= errors @ u[start:end, end:]
-    return NVFP4Tensor(pack_nibbles(codes), scales, s2.clone())
+        window = w[..., start:end].clone()
+        errors = torch.empty_like(window)
+        u_win = u[:, start:end, start:end]
+        for b in range(0, end - start, BLOCK):
+            sub, rest = slice(b, b + BLOCK), slice(b + BLOCK, end - start)
+            scale, block_codes, err = _feedback_block(window[..., sub], u_win[:, sub, sub], s2, grid)
+            scales[..., (start + b) // BLOCK] = scale
+            codes[..., start + b : start + b + BLOCK] = block_codes
+            errors[..., sub] = err
+            if b + BLOCK < end - start:  # the block's error onto the window's later columns
+                window[..., rest] -= err @ u_win[:, sub, rest]
+        if end < k:
+            w[..., end:] -= errors @ u[:, start:end, end:]
+    packed, s2 = pack_nibbles(codes), s2.clone()
+    if not batched:
+        return NVFP4Tensor(packed[0], scales[0], s2.reshape(()))
+    return NVFP4Tensor(packed, scales, s2)
 
 
 def gptq_quantize_group(
     weights: list[torch.Tensor], hessian: torch.Tensor, *, damping: float = DAMPING
 ) -> list[NVFP4Tensor]:
-    """A fused group (same input, one shared tensor scale): searched tensor scale, then GPTQ on all rows."""
+    """A fused group (same input, one shared tensor scale): searched tensor scale, then GPTQ on all rows.
+    Members [N_i, K] with `hessian` [K, K], or E groups at once: [E, N_i, K] with [E, K, K]."""
     scale_2, _ = search_group(weights, hblocks=hessian_blocks(hessian.float()))
     fused = gptq_quantize(
-        torch.cat([w.float() for w in weights]),
-        hessian,
-        scale_2=scale_2,
-        damping=damping,
+        torch.cat([w.float() for w in weights], dim=-2), hessian, scale_2=scale_2, damping=damping
     )
     out, row = [], 0
     for w in weights:
-        rows = slice(row, row + w.shape[0])
-        out.append(NVFP4Tensor(fused.packed[rows], fused.scale[rows], fused.scale_2.clone()))
-        row += w.shape[0]
+        rows = slice(row, row + w.shape[-2])
+        out.append(NVFP4Tensor(fused.packed[..., rows, :], fused.scale[..., rows, :], fused.scale_2.clone()))
+        row += w.shape[-2]
     return out

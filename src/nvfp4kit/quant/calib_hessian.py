@@ -7,6 +7,10 @@ an error on a token whose branch output is small is amplified. `norm_aware=True`
 1 / mean(y_t^2) of the normalised output (q/k/v: averaged over heads; dense MLP: the down projection's output,
 for gate/up too; experts: the MoE block's output, times the token's routing weight squared), clipped at 100x
 the median so a near-zero output cannot dominate.
+
+Experts: `hessians["<name>.gate_up"]` [E, H, H] and `["<name>.down"]` [E, I, I] sum each expert's routed
+tokens, `["<name>.tokens"]` [E] counts them (calib_experts batches the solve over experts). A stage that
+needs only the inputs of its first linears can stop the forward there (`stop_after`, StageDone).
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ def _token_weights(outputs: torch.Tensor, group: int) -> torch.Tensor:
     return c.clamp(max=CLIP * c.median().clamp_min(1e-12))
 
 
+class StageDone(Exception):
+    """Raised once the statistics `HessianBackend.stop_after` names are recorded: the rest of the forward
+    would not change them."""
+
+
 class HessianBackend(TorchBackend):
     """Torch ops that also sum c_t x_t x_t^T of the inputs of watched weights (per expert for MoE), in fp32."""
 
@@ -40,9 +49,11 @@ class HessianBackend(TorchBackend):
         self.pair_second: dict[int, str] = {}
         self.experts: dict[int, str] = {}
         self._pending: dict[int, tuple[str, torch.Tensor]] = {}
+        self.stop_after: str | None = None
 
     def clear(self) -> None:
         self.hessians = {}
+        self.stop_after = None
         for table in (self.normed, self.pair_first, self.pair_second, self.experts, self._pending):
             table.clear()
 
@@ -61,9 +72,7 @@ class HessianBackend(TorchBackend):
         self.experts[gate_up.data_ptr()] = name
 
     def _add(self, name: str, x: torch.Tensor, c: torch.Tensor | None) -> None:
-        x = x.float()
-        xc = x if c is None or not self.norm_aware else x * c[:, None].to(x.device)
-        product = xc.T @ x
+        product = _product(x, c if self.norm_aware else None)
         old = self.hessians.get(name)
         self.hessians[name] = product if old is None else old + product
 
@@ -75,6 +84,8 @@ class HessianBackend(TorchBackend):
         if key in self.normed:
             name, group = self.normed[key]
             self._add(name, x, _token_weights(y, group) if self.norm_aware else None)
+            if name == self.stop_after:
+                raise StageDone(name)
         elif key in self.pair_first:
             name, second = self.pair_first[key]
             self._pending[second] = (name, x)
@@ -89,10 +100,20 @@ class HessianBackend(TorchBackend):
         name = self.experts.get(gate_up.data_ptr()) if isinstance(gate_up, torch.Tensor) else None
         if name is None or not self.recording:
             return super().moe(x, topk_ids, topk_weights, gate_up, down)
+        num_experts, top_k = gate_up.shape[0], topk_ids.shape[1]
+        # tokens sorted by expert once (stable: each expert's tokens in order), one host sync for the counts
+        flat = topk_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts)
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         routed = []
-        for e in torch.unique(topk_ids).tolist():
-            tokens, slot = torch.where(topk_ids == e)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if not n:
+                continue
+            pairs = order[start : start + n]
+            start += n
+            tokens, slot = pairs // top_k, pairs % top_k
             gate, up = F.linear(x[tokens], gate_up[e].to(x.dtype)).chunk(2, dim=-1)
             act = gelu_tanh(gate) * up
             y = F.linear(act, down[e].to(x.dtype))
@@ -100,8 +121,22 @@ class HessianBackend(TorchBackend):
             out.index_add_(0, tokens, y.float() * route.unsqueeze(-1))
             routed.append((e, tokens, route, act))
         c_all = _token_weights(out, out.shape[-1]) if self.norm_aware else None
+        h_gate_up = self._expert_stats(f"{name}.gate_up", num_experts, x.shape[1], x.device)
+        h_down = self._expert_stats(f"{name}.down", num_experts, down.shape[-1], x.device)
         for e, tokens, route, act in routed:
             c = c_all[tokens] * route.pow(2) if c_all is not None else None
-            self._add(f"{name}.{e}.gate_up", x[tokens], c)
-            self._add(f"{name}.{e}.down", act, c)
+            h_gate_up[e] += _product(x[tokens], c)
+            h_down[e] += _product(act, c)
+        tokens_seen = self.hessians.setdefault(f"{name}.tokens", torch.zeros_like(counts))
+        tokens_seen += counts
         return out.to(x.dtype)
+
+    def _expert_stats(self, key: str, experts: int, k: int, device: torch.device) -> torch.Tensor:
+        if key not in self.hessians:
+            self.hessians[key] = torch.zeros(experts, k, k, dtype=torch.float32, device=device)
+        return self.hessians[key]
+
+
+def _product(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    x = x.float()
+    return (x if c is None else x * c[:, None].to(x.device)).T @ x

@@ -18,6 +18,7 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.model.gemma4 import DecoderLayer
 from nvfp4kit.model.layers import Linear
+from nvfp4kit.quant.calib_experts import refine_experts
 from nvfp4kit.quant.calib_hessian import HessianBackend
 from nvfp4kit.quant.calib_methods import GroupQuantizer
 
@@ -104,21 +105,25 @@ class LayerRefiner:
     def _refine_experts(
         self, layer: DecoderLayer, p: str, hessians: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        """Every expert at once (calib_experts), written per expert as ModelOpt names them."""
         experts = layer.experts
         gate_up, down = experts.gate_up, experts.down
-        inter = gate_up.shape[1] // 2
+        quantized = refine_experts(
+            self.quantizer,
+            gate_up,
+            down,
+            hessian_gate_up=hessians.get(f"{p}experts.gate_up"),
+            hessian_down=hessians.get(f"{p}experts.down"),
+            tokens=hessians.get(f"{p}experts.tokens"),
+        )
+        # set back dequantized first (on the device), then the checkpoint tensors from one CPU copy each
+        new_gate_up = torch.cat([q.dequantize(gate_up.dtype) for q in quantized[:2]], dim=1)
+        experts.set_weights(new_gate_up, quantized[2].dequantize(down.dtype))
         out: dict[str, torch.Tensor] = {}
-        new_gate_up, new_down = torch.empty_like(gate_up), torch.empty_like(down)  # one copy, filled in place
+        cpu = [q.to("cpu") for q in quantized]
         for e in range(gate_up.shape[0]):
-            gu = self.quantizer(
-                [gate_up[e][:inter], gate_up[e][inter:]], hessians.get(f"{p}experts.{e}.gate_up")
-            )
-            (dn,) = self.quantizer([down[e]], hessians.get(f"{p}experts.{e}.down"))
-            for proj, q in (("gate_proj", gu[0]), ("up_proj", gu[1]), ("down_proj", dn)):
-                out.update(self.tensors(expert_module(p + "experts", e, proj), q))
-            new_gate_up[e] = torch.cat([q.dequantize(gate_up.dtype) for q in gu])
-            new_down[e] = dn.dequantize(down.dtype)
-        experts.set_weights(new_gate_up, new_down)
+            for proj, q in zip(("gate_proj", "up_proj", "down_proj"), cpu):
+                out.update(self.tensors(expert_module(p + "experts", e, proj), q.expert(e)))
         return out
 
 
@@ -131,8 +136,10 @@ def watch_stage(backend: HessianBackend, layer: DecoderLayer, index: int, stage:
     attn = layer.self_attn
     if stage == "qkv":  # q_norm, k_norm and v_norm normalise each head
         backend.watch_normed(attn.qkv_proj.weight, p + "self_attn.q_proj", group=attn.head_dim)
+        backend.stop_after = p + "self_attn.q_proj"  # the rest of the layer cannot change X^T X
     elif stage == "o":  # post_attention_layernorm
         backend.watch_normed(attn.o_proj.weight, p + "self_attn.o_proj", group=attn.o_proj.out_features)
+        backend.stop_after = p + "self_attn.o_proj"
     elif stage == "ffn":  # post_feedforward_layernorm(_1) after down_proj; _2 after the experts
         mlp = layer.mlp
         backend.watch_pair(

@@ -31,7 +31,7 @@ from nvfp4kit.model.gemma4 import DecoderLayer, Gemma4Model
 from nvfp4kit.model.loader import fill_layer
 from nvfp4kit.model.weight_sources import WeightSource
 from nvfp4kit.quant.calib_data import calibration_samples
-from nvfp4kit.quant.calib_hessian import HessianBackend
+from nvfp4kit.quant.calib_hessian import HessianBackend, StageDone
 from nvfp4kit.quant.calib_layer import LayerRefiner, watch_stage
 from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS, calibration_method
 from nvfp4kit.quant.calibrate import CalibrationContext, chunk_samples
@@ -115,11 +115,12 @@ def refine_checkpoint(
                 refined = {}
                 for step in refiner.active_stages(layer, i):
                     watch_stage(backend, layer, i, step)
-                    _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
+                    _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device, record=True)
                     refined.update(refiner.refine(layer, i, backend.hessians, stages=(step,)))
                     backend.clear()
                 backend.recording = False
                 hidden = _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
+                assert hidden is not None
             prefix = f"{layer_root}{i}."
             for name in quant.names():
                 if name.startswith(prefix):
@@ -211,15 +212,23 @@ def _run_layer(
     cfg: Gemma4TextConfig,
     kv_store: KVStore,
     device: torch.device,
-) -> torch.Tensor:
+    *,
+    record: bool = False,
+) -> torch.Tensor | None:
     """The layer's outputs for all calibration tokens, a chunk of whole samples at a time. Keys/values that
-    later layers reuse land in `kv_store`; a layer's last run is the one they keep."""
-    result = torch.empty_like(hidden)
+    later layers reuse land in `kv_store`; a layer's last run is the one they keep. `record`: only for the
+    statistics the backend collects; it may stop each chunk early (StageDone), and nothing is returned."""
+    result = None if record else torch.empty_like(hidden)
     offsets = [0]
     for n in lengths:
         offsets.append(offsets[-1] + n)
     for c, (a, b) in enumerate(chunk_samples(lengths, max_tokens=CHUNK_TOKENS)):
         sl = slice(offsets[a], offsets[b])
         ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store=kv_store, device=device)
-        result[sl] = layer(hidden[sl], ctx, per_layer_input[sl] if per_layer_input is not None else None)
+        try:
+            y = layer(hidden[sl], ctx, per_layer_input[sl] if per_layer_input is not None else None)
+        except StageDone:
+            continue
+        if result is not None:
+            result[sl] = y
     return result

@@ -16,8 +16,15 @@ import functools
 
 import torch
 
-from nvfp4kit.formats.nvfp4 import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN, NVFP4Tensor
-from nvfp4kit.formats.nvfp4 import global_scale as max_global_scale
+from nvfp4kit.formats.nvfp4 import (
+    BLOCK,
+    E2M1_MAX,
+    E4M3_MAX,
+    SCALE_MIN,
+    NVFP4Tensor,
+    e2m1_encode,
+    pack_nibbles,
+)
 from nvfp4kit.formats.nvfp4 import quantize as quantize_with_scales
 
 # Block-scale candidates, as multiples of the max scale amax/6; after E4M3 rounding a few coincide.
@@ -27,14 +34,15 @@ GLOBAL_GRID = tuple(2.0 ** (j / 8) for j in range(-2, 8))
 
 
 def hessian_blocks(hessian: torch.Tensor) -> torch.Tensor:
-    """The 16x16 diagonal blocks [K/16, 16, 16] of an input second-moment matrix [K, K]."""
-    k = hessian.shape[0]
-    if hessian.shape != (k, k) or k % BLOCK:
+    """The 16x16 diagonal blocks [..., K/16, 16, 16] of input second-moment matrices [..., K, K]."""
+    *lead, k, k2 = hessian.shape
+    if k != k2 or k % BLOCK:
         raise ValueError(
-            f"expected a square [K, K] matrix with K a multiple of {BLOCK}, got {tuple(hessian.shape)}"
+            f"expected square [K, K] matrices with K a multiple of {BLOCK}, got {tuple(hessian.shape)}"
         )
-    idx = torch.arange(k // BLOCK, device=hessian.device)
-    return hessian.view(k // BLOCK, BLOCK, k // BLOCK, BLOCK)[idx, :, idx, :]
+    b = k // BLOCK
+    blocks = hessian.reshape(*lead, b, BLOCK, b, BLOCK).transpose(-3, -2)  # [..., b, b, 16, 16]
+    return blocks.diagonal(dim1=-4, dim2=-3).movedim(-1, -3).contiguous()
 
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
@@ -60,9 +68,10 @@ def _shifts(device: torch.device) -> tuple[torch.Tensor, ...]:
 
 
 def _block_error(diff: torch.Tensor, hblocks: torch.Tensor | None) -> torch.Tensor:
+    """d^T H_b d per block: diff [..., N, B, 16], hblocks [..., B, 16, 16] -> [..., N, B]."""
     if hblocks is None:
         return diff.pow(2).sum(-1)
-    return torch.einsum("nbi,bij,nbj->nb", diff, hblocks, diff)
+    return torch.einsum("...nbi,...bij,...nbj->...nb", diff, hblocks, diff)
 
 
 def _to_e4m3(scale: torch.Tensor) -> torch.Tensor:
@@ -94,12 +103,13 @@ def search_block_scales(
     hblocks: torch.Tensor | None = None,
     grid: tuple[float, ...] = BLOCK_GRID,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best E4M3 scale per block [N, K/16] of `weight` [N, K] for a fixed tensor scale, and its error [N, K/16]
-    (the smallest scale among equally good ones)."""
-    n, k = weight.shape
-    blocks = weight.float().reshape(n, k // BLOCK, BLOCK)
+    """Best E4M3 scale per block [..., N, K/16] of `weight` [..., N, K] for a fixed tensor scale (0-d, or one
+    per leading index), and its error [..., N, K/16] (the smallest scale among equally good ones). Leading
+    dims batch independent weights (a layer's experts); `hblocks` is then [..., K/16, 16, 16]."""
+    *lead, n, k = weight.shape
+    blocks = weight.float().reshape(*lead, n, k // BLOCK, BLOCK)
     magnitude = blocks.abs()
-    s2 = scale_2.float().reshape(())
+    s2 = scale_2.float().reshape(*lead, 1, 1)
     base = magnitude.amax(-1) / (E2M1_MAX * s2)
     base = torch.where(base.isfinite() & (base > 0), base, torch.ones_like(base))  # zero blocks or tensor
     first, last, steps = candidate_codes(base, grid)
@@ -131,18 +141,29 @@ def search_group(
     global_grid: tuple[float, ...] = GLOBAL_GRID,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One shared tensor scale for a fused group (q/k/v, gate/up; they read the same input, so share `hblocks`)
-    and each member's block scales: the tensor-scale candidate with the least total error wins."""
-    amax = torch.stack([w.float().abs().amax() for w in weights]).amax()
-    base = max_global_scale(amax)
-    best: tuple[float, torch.Tensor, list[torch.Tensor]] | None = None
+    and each member's block scales: the tensor-scale candidate with the least total error wins.
+
+    Members are [N_i, K], or [E, N_i, K] for E independent groups (experts) searched together: then the
+    tensor scale [E] is chosen per group."""
+    lead = weights[0].shape[:-2]
+    amax = torch.stack([w.float().abs().amax(dim=(-2, -1)) for w in weights]).amax(0)
+    base = (amax.cpu() / (E2M1_MAX * E4M3_MAX)).to(amax.device)  # as formats.nvfp4.global_scale, per group
+    best_total = best_scale_2 = None
+    best_scales: list[torch.Tensor] = []
     for mult in global_grid:
         scale_2 = base * mult
         found = [search_block_scales(w, scale_2, hblocks=hblocks, grid=block_grid) for w in weights]
-        total = float(sum(err.double().sum() for _, err in found))
-        if best is None or total < best[0]:
-            best = (total, scale_2, [scale for scale, _ in found])
-    assert best is not None
-    return best[1], best[2]
+        total = torch.stack([err.double().sum(dim=(-2, -1)) for _, err in found]).sum(0)
+        if best_total is None:
+            best_total, best_scale_2, best_scales = total, scale_2, [s for s, _ in found]
+            continue
+        better = total < best_total
+        best_total = torch.where(better, total, best_total)
+        best_scale_2 = torch.where(better, scale_2, best_scale_2)
+        pick = better.reshape(*lead, 1, 1)
+        best_scales = [torch.where(pick, s, b) for (s, _), b in zip(found, best_scales)]
+    assert best_scale_2 is not None
+    return best_scale_2, best_scales
 
 
 def quantize_group_searched(
@@ -151,12 +172,24 @@ def quantize_group_searched(
     hessian: torch.Tensor | None = None,
     search_global: bool = True,
 ) -> list[NVFP4Tensor]:
-    """NVFP4 of each member of a fused group with searched scales (weight MSE, or output error given X^T X)."""
+    """NVFP4 of each member of a fused group with searched scales (weight MSE, or output error given X^T X).
+    Members [N_i, K] (`hessian` [K, K]), or E groups at once: [E, N_i, K] (`hessian` [E, K, K])."""
     hblocks = hessian_blocks(hessian.float()) if hessian is not None else None
     scale_2, scales = search_group(
         weights, hblocks=hblocks, global_grid=GLOBAL_GRID if search_global else (1.0,)
     )
-    return [quantize_with_scales(w, scale_2=scale_2, block_scale=s) for w, s in zip(weights, scales)]
+    if weights[0].dim() == 2:
+        return [quantize_with_scales(w, scale_2=scale_2, block_scale=s) for w, s in zip(weights, scales)]
+    return [_quantize_batched(w, scale_2, s) for w, s in zip(weights, scales)]
+
+
+def _quantize_batched(weight: torch.Tensor, scale_2: torch.Tensor, block_scale: torch.Tensor) -> NVFP4Tensor:
+    """formats.nvfp4.quantize with given scales for E weights [E, N, K] with scale_2 [E] (same operations)."""
+    e, n, k = weight.shape
+    denom = block_scale.float() * scale_2.float().reshape(e, 1, 1)  # product first, in fp32, as ModelOpt does
+    scaled = weight.float().reshape(e, n, k // BLOCK, BLOCK) / denom[..., None]
+    codes = e2m1_encode(scaled.reshape(e, n, k))
+    return NVFP4Tensor(pack_nibbles(codes), block_scale, scale_2.float().clone())
 
 
 def weight_error(weight: torch.Tensor, q: NVFP4Tensor, *, hessian: torch.Tensor | None = None) -> float:
