@@ -7,6 +7,7 @@ checkpoint's headers, the measured memory and the memory options (`nvfp4kit.engi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
 from nvfp4kit.model.loader import load_model, resolve_dtype
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
+from nvfp4kit.vision.prompts import ImagePrompts, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class LLM:
         """Release the engine, its KV cache and CUDA graphs, and the weights; on a GPU the memory goes back to
         the driver, so another `LLM` can start in this process. Also run by `with LLM(...)` and on deletion."""
         engine, self.engine, self.model = getattr(self, "engine", None), None, None
+        self.__dict__.pop("image_prompts", None)  # the vision tower, if an image loaded it
         if engine is None:
             return
         engine.close()
@@ -131,20 +134,30 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
+    @functools.cached_property
+    def image_prompts(self) -> ImagePrompts | None:
+        """Image preprocessing and the vision tower (loaded at the first image); None for text-only checkpoints."""
+        self._check_open()
+        return ImagePrompts.from_checkpoint(
+            self.path, dtype=self.model.dtype, device=self.device, backend=self.model.backend
+        )
+
     def generate(
         self,
-        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        prompts: str | Sequence[int] | dict | Sequence[str | Sequence[int] | dict],
         params: SamplingParams | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (a string or a list of token ids), batched; returns outputs in order."""
+        """Generate for each prompt, batched; returns outputs in order. A prompt is a string, a list of token
+        ids, or (for images, as vLLM) `{"prompt": "...<|image|>...", "multi_modal_data": {"image": image}}`
+        with one `<|image|>` per image (PIL images, encoded bytes or paths; a list for several)."""
         self._check_open()
         params = params or SamplingParams()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         outputs: dict[str, RequestOutput] = {}
         for prompt in prompts:
-            ids = self.encode(prompt)
-            outputs[self.engine.add_request(ids, params)] = RequestOutput(ids)
+            ids, images = encode_prompt(prompt, self.tokenizer, lambda: self.image_prompts)
+            outputs[self.engine.add_request(ids, params, images=images)] = RequestOutput(ids)
         while self.engine.has_unfinished():
             for event in self.engine.step():
                 outputs[event.request_id].add(event)

@@ -32,6 +32,8 @@ class SeqSlice:
     offset: int  # row of its first token in the flat batch
     block_table: list[int]
     ring: int
+    # [start, end) positions of image soft tokens attending both ways (sliding layers; torch backend only)
+    image_spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,10 @@ class BatchContext:
                 keys = self.derive_keys(src, values, hist)
             else:
                 keys = cache.read(cache.keys[src], hist_slots, q.dtype, k_scale)
-            out[rows] = attention(q[rows], keys, values, q_positions=pos, k_positions=hist, window=window)
+            spans = s.image_spans if sliding else ()  # global layers stay causal for image tokens too
+            out[rows] = attention(
+                q[rows], keys, values, q_positions=pos, k_positions=hist, window=window, bidirectional=spans
+            )
         return out
 
     def derive_keys(self, layer: int, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

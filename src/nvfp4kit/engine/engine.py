@@ -16,12 +16,12 @@ import torch
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs, default_batch_sizes
 from nvfp4kit.engine.kv_cache import KVCache, KVLayout, pool_bytes
-from nvfp4kit.engine.logits_processors import LogitsRow, process_logits
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.sampling import SamplingParams, greedy_batch, is_plain_greedy, sample_token
 from nvfp4kit.tokenizer import Tokenizer
+from nvfp4kit.vision.inputs import ImageInputs, image_step
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,14 @@ class Engine:
         return self.layout.num_blocks * self.layout.block_size
 
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, *, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        images: ImageInputs | None = None,
     ) -> str:
+        """Queue a prompt; `images`: its image soft tokens (placeholders expanded, see `nvfp4kit.vision`)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         total = len(prompt_ids) + params.max_tokens
@@ -137,10 +143,13 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if images is not None:
+            images.check_fits(self.scheduler.config.max_prefill_chunk)
         params = params.with_defaults(self.generation_config)
         req = make_request(
             request_id, prompt_ids, params, tokenizer=self.tokenizer, eos_ids=self.model.config.eos_token_ids
         )
+        req.images = images
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -161,36 +170,35 @@ class Engine:
             return []
         ids, seqs, sample_rows, sampled = [], [], [], []
         offset = 0
-        for req, n in batch:
+        images = image_step(batch)  # image soft tokens in this step's chunks (None: text only)
+        for i, (req, n) in enumerate(batch):
             ids.extend(req.all_ids[req.num_computed : req.num_computed + n])
-            seqs.append(SeqSlice(req.num_computed, n, offset, req.block_table, req.ring))
+            spans = images.spans[i] if images is not None else ()
+            seqs.append(SeqSlice(req.num_computed, n, offset, req.block_table, req.ring, spans))
             if req.num_computed + n == len(req.all_ids):
                 sample_rows.append(offset + n - 1)
                 sampled.append(req)
             offset += n
         for req, n in batch:
             req.num_computed += n
-        decode_only = len(sampled) == len(batch) == len(ids)
+        decode_only = len(sampled) == len(batch) == len(ids) and images is None
         if decode_only and self.graphs is not None and len(batch) <= self.graphs.max_batch:
             logits = self.graphs.run(ids, seqs)
         else:
             input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-            ctx = BatchContext(
-                self.model, self.cache, seqs, self.device, backend=self.config.attention_backend
-            )
-            hidden = self.model.hidden_states(input_ids, ctx)
+            backend = self.config.attention_backend
+            if images is not None and images.bidirectional:
+                backend = "torch"  # the Triton prefill kernel is causal only; image tokens attend both ways
+            ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=backend)
+            override = images.override if images is not None else None
+            hidden = self.model.hidden_states(input_ids, ctx, embed_override=override)
             if not sampled:
                 return []
             logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
         return self._sample(sampled, logits)
 
     def _sample(self, sampled: list[Request], logits: torch.Tensor) -> list[TokenEvent]:
-        """Plain greedy rows together (one host transfer), the others one by one with their full parameters.
-
-        A row whose sampling fails ends its own request with finish_reason "error"; the others go on.
-        """
-        rows = [LogitsRow(req.params, len(req.output_ids), req.stop_ids) for req in sampled]
-        logits = process_logits(logits, rows)
+        """Plain greedy rows together (one host transfer), the others one by one with their full parameters."""
         results: list = [None] * len(sampled)
         greedy = [i for i, req in enumerate(sampled) if is_plain_greedy(req.params)]
         if greedy:
@@ -201,21 +209,13 @@ class Engine:
                 results[i] = result
         for i, req in enumerate(sampled):
             if results[i] is None:
-                try:
-                    results[i] = sample_token(
-                        logits[i], req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids,
-                        generator=req.generator,
-                    )  # fmt: skip
-                except Exception as exc:  # this request's parameters broke its row: end it alone
-                    log.exception("sampling failed for request %s", req.request_id)
-                    failed[i] = f"sampling failed: {exc}"
+                results[i] = sample_token(
+                    logits[i], req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids,
+                    generator=req.generator,
+                )  # fmt: skip
         events = []
-        failed: dict[int, str] = {}
-        for i, (req, s) in enumerate(zip(sampled, results)):
-            if i in failed:
-                event = req.fail(failed[i])
-            else:
-                event = req.append_token(s.token_id, s.logprob, s.top_logprobs)
+        for req, s in zip(sampled, results):
+            event = req.append_token(s.token_id, s.logprob, s.top_logprobs)
             events.append(event)
             if event.finish_reason:
                 self.scheduler.finish(req)

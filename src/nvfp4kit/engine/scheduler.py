@@ -45,14 +45,18 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:  # preempted while making room for an older request
                 continue
-            n = min(req.remaining, budget, self.config.max_prefill_chunk)
+            n = self._fit(req, min(req.remaining, budget, self.config.max_prefill_chunk))
+            if n == 0:  # its next image needs more of this step's budget
+                continue
             if not self._grow(req, req.num_computed + n):
                 continue
             batch.append((req, n))
             budget -= n
         while self.waiting and budget > 0 and self.cache.free_rings:
             req = self.waiting[0]
-            n = min(req.remaining, budget, self.config.max_prefill_chunk)
+            n = self._fit(req, min(req.remaining, budget, self.config.max_prefill_chunk))
+            if n == 0:
+                break
             blocks = self.cache.blocks_for(n)
             if not self.cache.can_allocate(blocks):
                 break
@@ -64,6 +68,11 @@ class Scheduler:
             batch.append((req, n))
             budget -= n
         return batch
+
+    @staticmethod
+    def _fit(req: Request, n: int) -> int:
+        """Shorten a prefill chunk so that it splits no image (an image's tokens attend to each other)."""
+        return n if req.images is None else req.images.fit_chunk(req.num_computed, n)
 
     def _grow(self, req: Request, tokens: int) -> bool:
         """Make `req`'s block table cover `tokens`, preempting newer requests if needed; False if `req` itself

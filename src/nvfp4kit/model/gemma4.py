@@ -243,9 +243,24 @@ class Gemma4Model(nn.Module):
         proj = self.per_layer_projection_norm(proj.reshape(-1, n, p))
         return (proj + tokens.reshape(-1, n, p)) * (2.0**-0.5)
 
-    def hidden_states(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Run the decoder on flat tokens [T]; returns the final-normed hidden states [T, H]."""
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        ctx: AttentionContext,
+        *,
+        embed_override: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder on flat tokens [T]; returns the final-normed hidden states [T, H].
+
+        `embed_override`: (rows [R], embeddings [R, H]) written over the token embeddings at those rows (image
+        soft tokens); as in transformers, those rows count as padding for the per-layer embeddings' token table.
+        """
+        if embed_override is not None:
+            rows, values = embed_override
+            input_ids = input_ids.index_fill(0, rows, self.config.pad_token_id)
         h = self.embed(input_ids)
+        if embed_override is not None:
+            h = h.index_copy(0, rows, values.to(h.dtype))
         ple = self.per_layer_inputs(input_ids, h) if self.config.hidden_size_per_layer_input else None
         for i, layer in enumerate(self.layers):
             h = layer(h, ctx, ple[:, i] if ple is not None else None)
@@ -269,8 +284,13 @@ class Gemma4Model(nn.Module):
         return torch.tanh(logits / cap) * cap if cap else logits
 
     def forward(
-        self, input_ids: torch.Tensor, ctx: AttentionContext, *, logits_at: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        ctx: AttentionContext,
+        *,
+        logits_at: torch.Tensor | None = None,
+        embed_override: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits (fp32) for the tokens at indices `logits_at` of this step (all tokens when None)."""
-        hidden = self.hidden_states(input_ids, ctx)
+        hidden = self.hidden_states(input_ids, ctx, embed_override=embed_override)
         return self.logits(hidden if logits_at is None else hidden[logits_at])

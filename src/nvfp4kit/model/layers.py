@@ -97,10 +97,13 @@ def attention(
     q_positions: torch.Tensor,
     k_positions: torch.Tensor,
     window: int | None,
+    bidirectional: tuple[tuple[int, int], ...] = (),
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) GQA attention with scale 1.0, for one sequence.
 
     q [Tq, Hq, D], k/v [Tk, Hkv, D]; a query at position p sees keys at positions p - window < pk <= p.
+    `bidirectional`: [start, end) position spans (one image's soft tokens) inside which a query also sees the
+    later keys of its span (still within the window), as Gemma 4 does for images on sliding layers.
     """
     hq, hkv = q.shape[1], k.shape[1]
     rep = hq // hkv
@@ -110,6 +113,10 @@ def attention(
     scores = torch.matmul(qh, kh.transpose(1, 2))  # scaling is 1.0: q and k are RMS-normalised
     diff = q_positions[:, None] - k_positions[None, :]
     allowed = diff >= 0
+    for a, b in bidirectional:
+        allowed |= ((q_positions >= a) & (q_positions < b))[:, None] & (
+            (k_positions >= a) & (k_positions < b)
+        )
     if window is not None:
         allowed &= diff < window
     scores = scores.masked_fill(~allowed, float("-inf"))
