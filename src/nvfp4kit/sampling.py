@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy (as vLLM's _SAMPLING_EPS)
 
 
 @dataclass(frozen=True)
@@ -22,12 +25,32 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] | None = None  # None = the model's eos ids
+    stop_token_ids: tuple[int, ...] | None = None  # more stop ids, added to the model's eos ids (as vLLM)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return per token (0 = only the chosen)
+    min_tokens: int = 0  # stop ids (eos and stop_token_ids) are masked until this many tokens are out
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) pairs
+    include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
+    skip_special_tokens: bool = False  # leave control tokens' text out (vLLM defaults to True)
+    prompt_logprobs: int | None = None  # logprob of each prompt token (+ this many alternatives)
+    n: int = 1  # samples per prompt (LLM.generate; the server makes n requests)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        floats = (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        )
+        for name in floats:
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if self.temperature is not None and 0 < self.temperature < GREEDY_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)  # dividing by it would overflow the logits to inf
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature is not None and self.temperature < 0:
@@ -38,6 +61,20 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(
+                self, "logit_bias", tuple((int(k), float(v)) for k, v in self.logit_bias.items())
+            )
+        if any(not math.isfinite(bias) for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be finite numbers")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
 
@@ -103,12 +140,15 @@ def sample_token(
 ) -> SampleResult:
     """Pick the next token from one row of fp32 logits. Logprobs are of the model's raw distribution."""
     raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
-    adjusted = apply_penalties(logits.float().clone(), params, prompt_ids, output_ids)
-    if not params.temperature:
-        token = int(torch.argmax(adjusted))
-    else:
+    adjusted = finite_logits(apply_penalties(logits.float().clone(), params, prompt_ids, output_ids))
+    token = None
+    if params.temperature:
         probs = torch.softmax(filter_logits(adjusted, params), dim=-1)
-        token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        total = float(probs.sum())
+        if math.isfinite(total) and total > 0:  # else (nothing left, overflow): fall back to greedy
+            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    if token is None:
+        token = int(torch.argmax(adjusted))
     top: list[tuple[int, float]] = []
     if params.logprobs:
         values, ids = torch.topk(raw_logprobs, min(params.logprobs, raw_logprobs.numel()))
@@ -116,10 +156,19 @@ def sample_token(
     return SampleResult(token, float(raw_logprobs[token]), top)
 
 
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """NaN to -inf and +inf to the largest float, so softmax and argmax never see NaN (a penalty or bias can
+    push a logit out of range; one request's extreme parameters must not poison the batch)."""
+    big = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
+
+
 def is_plain_greedy(params: SamplingParams) -> bool:
     """Greedy with nothing per-row to apply: such rows of a batch are sampled together by `greedy_batch`."""
     return (
         not params.temperature
+        and not params.logit_bias
+        and not params.min_tokens
         and not params.logprobs
         and params.repetition_penalty == 1.0
         and not params.presence_penalty
@@ -138,3 +187,57 @@ def greedy_batch(logits: torch.Tensor) -> list[SampleResult]:
 
 def make_generator(seed: int | None) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed) if seed is not None else None
+
+
+class StopStringMatcher:
+    """Finds stop strings in a text that only grows at its end, looking at each new character once.
+
+    One Knuth-Morris-Pratt automaton per stop string: the state is how much of the string the text ends with,
+    so a long stop list over a long output costs O(new characters x stop strings) per token, not a rescan.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = [s for s in stops if s]
+        self._fallback = [_kmp_table(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
+        self._seen = 0
+        self.matched = ""  # the stop string `feed` found
+
+    def feed(self, text: str) -> int | None:
+        """Read `text[seen:]` (text = all text so far); the index where the earliest stop string starts, or None."""
+        first = None
+        for k, stop in enumerate(self.stops):
+            state, fallback = self._state[k], self._fallback[k]
+            for i in range(self._seen, len(text)):
+                char = text[i]
+                while state and stop[state] != char:
+                    state = fallback[state - 1]
+                if stop[state] == char:
+                    state += 1
+                if state == len(stop):
+                    start = i + 1 - len(stop)
+                    if first is None or start < first:
+                        first, self.matched = start, stop
+                    state = fallback[state - 1]
+                    break
+            self._state[k] = state
+        self._seen = len(text)
+        return first
+
+    @property
+    def partial(self) -> int:
+        """Length of the longest tail of the text read so far that may still grow into a stop string."""
+        return max(self._state, default=0)
+
+
+def _kmp_table(pattern: str) -> list[int]:
+    """table[i]: length of the longest proper prefix of pattern[: i + 1] that is also its suffix."""
+    table = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = table[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        table[i] = k
+    return table

@@ -6,7 +6,9 @@ without them would make the parsers blind, so `decode` keeps them always.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -36,8 +38,48 @@ class Tokenizer:
             ids = [self.bos_id, *ids]
         return ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of every added token (control tokens such as `<|turn>`, `<|"|>`, `<bos>`)."""
+        return {token.content: token_id for token_id, token in self._tok.get_added_tokens_decoder().items()}
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Ids of `text` with control-token texts in it tokenized as ordinary characters, never as control ids
+        (`encode` turns `<|turn>` in any text into the control token; user text must not)."""
+        ids: list[int] = []
+        start = 0
+        for match in self.special_token_pattern.finditer(text):
+            ids += self._tok.encode(text[start : match.start()], add_special_tokens=False).ids
+            ids += self._control_text_ids(match.group())
+            start = match.end()
+        return ids + self._tok.encode(text[start:], add_special_tokens=False).ids
+
+    @functools.cached_property
+    def special_token_pattern(self) -> re.Pattern[str]:
+        # longest first, so `<|tool_call>` wins over `<|tool>`
+        texts = sorted(self.special_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts)) if texts else r"(?!)")
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one tokenizer lives as long as the process)
+    def _control_text_ids(self, token_text: str) -> tuple[int, ...]:
+        """A control token's text spelled with ordinary tokens: split where the tokenizer would match it whole."""
+        if len(token_text) == 1:
+            return tuple(self._tok.encode(token_text, add_special_tokens=False).ids)
+        half = len(token_text) // 2
+        pieces = []
+        for part in (token_text[:half], token_text[half:]):
+            part_ids = self._tok.encode(part, add_special_tokens=False).ids
+            if any(t in self._special_ids for t in part_ids):
+                part_ids = list(self._control_text_ids(part))
+            pieces += part_ids
+        return tuple(pieces)
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(self.special_tokens.values())
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -47,24 +89,35 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of ids into text deltas without re-emitting or splitting UTF-8 characters."""
+    """Turns a growing list of ids into text deltas without re-emitting or splitting UTF-8 characters.
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
+    Each push decodes only a short window (the tokens since the last emitted text plus a few before them,
+    for byte-level merges), so a long output costs O(1) per token instead of decoding everything again.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, *, skip_special_tokens: bool = False
+    ):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""
-        self._context = list(prompt_ids[-4:]) if prompt_ids else []  # byte-level merges can span the boundary
+        self._window = list(prompt_ids[-4:]) if prompt_ids else []  # byte-level merges can span the boundary
+        self._read = len(self._window)  # window[:read] is context whose text is already accounted for
 
     def push(self, token_id: int, *, final: bool = False) -> str:
         """Add a token; returns the new text. An incomplete UTF-8 tail waits for the next token unless final."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self._context)
-        full = self.tokenizer.decode(self._context + self.ids)
+        self._window.append(token_id)
+        skip = self.skip_special_tokens
+        prefix = self.tokenizer.decode(self._window[: self._read], skip_special_tokens=skip)
+        full = self.tokenizer.decode(self._window, skip_special_tokens=skip)
         if full.endswith("\ufffd") and not final:
             return ""
-        new_text = full[len(prefix) :]
-        delta = new_text[len(self.text) :]
-        self.text = new_text
+        delta = full[len(prefix) :]
+        self.text += delta
+        self._window = self._window[-4:]  # the last tokens stay as context for the next window
+        self._read = len(self._window)
         return delta
 
 

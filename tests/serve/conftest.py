@@ -117,7 +117,10 @@ class ScriptedEngine:
         self.stop_token_ids = frozenset({1, TURN_END, TOOL_RESPONSE})
         self.reply = reply
         self.prompts: list[str] = []
+        self.prompt_ids: list[list[int]] = []
+        self.token_delay = 0.0  # seconds between tokens (to keep streams open in shutdown tests)
         self._running = 0
+        self._aborted = False
 
     def stats(self) -> EngineStats:
         return EngineStats(self._running, 0)
@@ -125,9 +128,13 @@ class ScriptedEngine:
     async def close(self) -> None:
         return None
 
+    def abort_all(self) -> None:
+        self._aborted = True
+
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[ScriptedToken]:
         prompt = self.tokenizer.decode(prompt_ids)
         self.prompts.append(prompt)
+        self.prompt_ids.append(list(prompt_ids))
         text = self.reply(prompt)
         ids = self.tokenizer.encode(text, add_bos=False)
         ids.append(TOOL_RESPONSE if "<|tool_call>" in text else TURN_END)
@@ -135,7 +142,10 @@ class ScriptedEngine:
         self._running += 1
         try:
             for step, token in enumerate(ids[: params.max_tokens]):
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.token_delay)
+                if self._aborted:
+                    yield ScriptedToken(-1, "", float("nan"), [], "abort")
+                    return
                 if token in self.stop_token_ids:
                     yield ScriptedToken(token, "", -0.5, [], "stop")
                     return
@@ -158,9 +168,12 @@ def scripted_server(tiny_checkpoint):
 
     running: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(reply: Callable[[str], str]) -> tuple[str, ScriptedEngine]:
+    def start(reply: Callable[[str], str], **app_options) -> tuple[str, ScriptedEngine]:
         engine = ScriptedEngine(tiny_checkpoint, reply)
-        app = create_app(engine, template=load_chat_template(tiny_checkpoint), model_names=["scripted"])
+        app = create_app(
+            engine, template=load_chat_template(tiny_checkpoint), model_names=["scripted"], **app_options
+        )
+        engine.app = app
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)

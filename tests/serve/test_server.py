@@ -24,7 +24,7 @@ def api(server) -> OpenAI:
 
 
 def metric(base_url: str, name: str) -> float:
-    text = httpx.get(base_url + "/metrics").text
+    text = httpx.get(base_url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -35,7 +35,7 @@ def metric(base_url: str, name: str) -> float:
 def test_models_health_and_metrics(server, api):
     assert [m.id for m in api.models.list().data] == ["tiny", "tiny-alias"]
     assert httpx.get(server + "/health").json() == {"status": "ok"}
-    text = httpx.get(server + "/metrics").text
+    text = httpx.get(server + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     for name in (
         "requests_total",
         "prompt_tokens_total",

@@ -125,5 +125,5 @@ def test_unknown_route_and_method_use_the_error_shape(server):
 
 def test_rejected_requests_are_counted(server):
     httpx.post(server + "/v1/chat/completions", json=chat(n=0), headers=HEADERS)
-    text = httpx.get(server + "/metrics").text
+    text = httpx.get(server + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     assert 'nvfp4kit_requests_total{endpoint="chat",outcome="rejected"}' in text

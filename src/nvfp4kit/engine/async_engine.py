@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 _DONE = object()
 
 
+class RequestFailed(RuntimeError):
+    """This request (alone) failed inside the engine; the message says why."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
     running: int
@@ -112,7 +116,7 @@ class AsyncBatchingEngine:
             for event in events:
                 stream = self._streams.get(event.request_id)
                 if stream is not None:
-                    stream.push(event)
+                    stream.push(RequestFailed(event.error) if event.error else event)
                     if event.finish_reason:
                         del self._streams[event.request_id]
             self._refresh_stats()
@@ -141,12 +145,24 @@ class AsyncBatchingEngine:
         elif command[0] == "abort":
             self.engine.abort(command[1])
             self._streams.pop(command[1], None)
+        elif command[0] == "abort_all":
+            for request_id, stream in list(self._streams.items()):
+                self.engine.abort(request_id)
+                stream.push(_abort_event(request_id))
+            self._streams.clear()
+
+    def abort_all(self) -> None:
+        """End every running request now: each stream gets a last event with finish_reason "abort"."""
+        self._commands.put(("abort_all",))
 
     async def close(self) -> None:
-        """Abort what is running, stop the worker and wait for it."""
+        """Abort what is running (streams end with finish_reason "abort"), stop the worker and wait for it."""
         self._closed = True
-        for request_id, stream in list(self._streams.items()):
-            self._commands.put(("abort", request_id))
-            stream.push(RuntimeError("the server is shutting down"))
+        self.abort_all()
         self._commands.put(None)
         await asyncio.to_thread(self._worker.join, 30.0)
+
+
+def _abort_event(request_id: str) -> TokenEvent:
+    """The last event of an aborted stream: no token (id -1), no text."""
+    return TokenEvent(request_id, -1, "", float("nan"), [], finish_reason="abort")

@@ -16,6 +16,7 @@ import torch
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs, default_batch_sizes
 from nvfp4kit.engine.kv_cache import KVCache, KVLayout, pool_bytes
+from nvfp4kit.engine.logits_processors import LogitsRow, process_logits
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.model.gemma4 import Gemma4Model
@@ -198,7 +199,12 @@ class Engine:
         return self._sample(sampled, logits)
 
     def _sample(self, sampled: list[Request], logits: torch.Tensor) -> list[TokenEvent]:
-        """Plain greedy rows together (one host transfer), the others one by one with their full parameters."""
+        """Plain greedy rows together (one host transfer), the others one by one with their full parameters.
+
+        A row whose sampling fails ends its own request with finish_reason "error"; the others go on.
+        """
+        rows = [LogitsRow(req.params, len(req.output_ids), req.stop_ids) for req in sampled]
+        logits = process_logits(logits, rows)
         results: list = [None] * len(sampled)
         greedy = [i for i, req in enumerate(sampled) if is_plain_greedy(req.params)]
         if greedy:
@@ -209,13 +215,21 @@ class Engine:
                 results[i] = result
         for i, req in enumerate(sampled):
             if results[i] is None:
-                results[i] = sample_token(
-                    logits[i], req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids,
-                    generator=req.generator,
-                )  # fmt: skip
+                try:
+                    results[i] = sample_token(
+                        logits[i], req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids,
+                        generator=req.generator,
+                    )  # fmt: skip
+                except Exception as exc:  # this request's parameters broke its row: end it alone
+                    log.exception("sampling failed for request %s", req.request_id)
+                    failed[i] = f"sampling failed: {exc}"
         events = []
-        for req, s in zip(sampled, results):
-            event = req.append_token(s.token_id, s.logprob, s.top_logprobs)
+        failed: dict[int, str] = {}
+        for i, (req, s) in enumerate(zip(sampled, results)):
+            if i in failed:
+                event = req.fail(failed[i])
+            else:
+                event = req.append_token(s.token_id, s.logprob, s.top_logprobs)
             events.append(event)
             if event.finish_reason:
                 self.scheduler.finish(req)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.sampling import SamplingParams, StopStringMatcher
 from nvfp4kit.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -30,7 +30,8 @@ class TokenEvent:
     text: str
     logprob: float
     top_logprobs: list[tuple[int, float]]
-    finish_reason: str | None = None  # "stop" (stop id or string), "length", "abort", or None while running
+    finish_reason: str | None = None  # "stop" (stop id or string), "length", "abort", "error", or None
+    error: str | None = None  # with finish_reason "error": what went wrong for this request alone
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    stop_matcher: StopStringMatcher | None = None
     @property
     def remaining(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
@@ -71,15 +73,17 @@ class Request:
             return self._finish(event, "length") if last else event
         self.detok.push(token_id, final=last)
         text = self.detok.text
-        stops = self.params.stop
-        hit = _first_stop(text, stops, len(self.emitted))
+        if self.stop_matcher is None:
+            self.stop_matcher = StopStringMatcher(self.params.stop)
+        hit = self.stop_matcher.feed(text)  # reads only the text added since the last token
         reason = None
         if hit is not None:
-            text, reason = text[:hit], "stop"
+            end = hit + len(self.stop_matcher.matched) if self.params.include_stop_str_in_output else hit
+            text, reason = text[:end], "stop"
         elif last:
             reason = "length"
         else:  # hold back a tail that may still turn into a stop string
-            text = text[: len(text) - _partial_stop_len(text, stops)]
+            text = text[: len(text) - self.stop_matcher.partial]
         delta = text[len(self.emitted) :]
         self.emitted = max(self.emitted, text, key=len)
         event = TokenEvent(self.request_id, token_id, delta, logprob, top)
@@ -90,6 +94,11 @@ class Request:
         return event
 
 
+    def fail(self, message: str) -> TokenEvent:
+        """End this request with an error (no token); the engine frees it like any finished request."""
+        event = TokenEvent(self.request_id, -1, "", float("nan"), [], error=message)
+        return self._finish(event, "error")
+
 def make_request(
     request_id: str,
     prompt_ids: list[int],
@@ -98,29 +107,18 @@ def make_request(
     tokenizer: Tokenizer | None,
     eos_ids: tuple[int, ...],
 ) -> Request:
-    stop_ids = frozenset() if params.ignore_eos else frozenset(params.stop_token_ids or eos_ids)
+    # stop_token_ids add to the model's EOS ids (as vLLM); ignore_eos drops only the EOS ids
+    stop_ids = frozenset(params.stop_token_ids or ()) | (
+        frozenset() if params.ignore_eos else frozenset(eos_ids)
+    )
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     return Request(
         request_id,
         list(prompt_ids),
         params,
         stop_ids,
-        IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer else None,
+        IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
+        if tokenizer
+        else None,
         generator,
     )
-
-
-def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    hits = [i for s in stops if s and (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
-    return min(hits) if hits else None
-
-
-def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

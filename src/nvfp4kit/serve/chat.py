@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nvfp4kit.sampling import SamplingParams
@@ -20,12 +20,14 @@ from nvfp4kit.serve.chat_output import ChatOutputParser
 from nvfp4kit.serve.chat_template import ChatTemplate, ChatTemplateError, validate_tools
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
-from nvfp4kit.serve.protocol import ChatCompletionRequest
+from nvfp4kit.serve.prompt_tokens import render_chat_prompt
+from nvfp4kit.serve.protocol import ChatCompletionRequest, sampling_error
 from nvfp4kit.serve.reasoning import CHANNEL_CLOSE, prompt_opens_reasoning
 from nvfp4kit.serve.streaming import (
     SSE_DONE,
     chat_logprob,
     is_stop_token,
+    is_token,
     new_id,
     sse,
     stream_choices,
@@ -66,6 +68,7 @@ class ChatHandler:
         """Validate and render; raises APIError (4xx) for anything the client must fix."""
         arrival = time.perf_counter()
         request.check()
+        request.check_token_ids(self.engine.tokenizer.vocab_size)
         choice = request.tool_choice
         tools = request.tools
         try:
@@ -79,23 +82,28 @@ class ChatHandler:
                         param="tool_choice",
                     )
             messages = [{k: v for k, v in m.model_dump().items() if v is not None} for m in request.messages]
-            prompt = self.template.render(
+            rendered = render_chat_prompt(
+                self.template,
+                self.engine.tokenizer,
                 messages,
                 tools=tools if tools and choice != "none" else None,
                 add_generation_prompt=request.add_generation_prompt,
                 template_kwargs=request.template_kwargs(),
             )
         except ChatTemplateError as exc:
-            raise APIError(str(exc), param="messages") from exc
+            raise APIError(str(exc), param="tools" if str(exc).startswith("tools") else "messages") from exc
+        prompt, prompt_ids = rendered.text, rendered.ids
         prefill = ""
         if choice == "required":
             prefill = TOOL_CALL_OPEN + "call:"
         elif choice not in (None, "none", "auto"):
             prefill = TOOL_CALL_OPEN + "call:" + choice.function.name + "{"
+        suffix = prefill
         if prefill and prompt_opens_reasoning(prompt):
-            prompt += CHANNEL_CLOSE  # a forced call skips the reasoning the prompt had opened
-        prompt += prefill
-        prompt_ids = self.engine.tokenizer.encode(prompt)
+            suffix = CHANNEL_CLOSE + prefill  # a forced call skips the reasoning the prompt had opened
+        if suffix:  # server markup (starts with a control token), so it tokenizes apart from the prompt
+            prompt += suffix
+            prompt_ids = prompt_ids + self.engine.tokenizer.encode(suffix, add_bos=False)
         max_tokens = token_budget(len(prompt_ids), request.requested_max_tokens(), self.engine.max_model_len)
         try:
             params = [
@@ -105,7 +113,9 @@ class ChatHandler:
                 for i in range(request.n)
             ]
         except ValueError as exc:
-            raise APIError(str(exc)) from exc
+            raise sampling_error(exc) from exc
+        # the reasoning and tool-call parsers read the control tokens, so chat always detokenizes with them
+        params = [replace(p, skip_special_tokens=False) for p in params]
         return PreparedChat(
             request=request,
             model=model,
@@ -133,9 +143,13 @@ class ChatHandler:
         generated = 0
         async with contextlib.aclosing(self._events(chat)) as events:
             async for index, event in events:
-                generated += 1
+                generated += is_token(event)
                 parsers[index].feed(event.text)
-                if chat.request.logprobs and not is_stop_token(self.engine, event, chat.params[index]):
+                if (
+                    chat.request.logprobs
+                    and is_token(event)
+                    and not is_stop_token(self.engine, event, chat.params[index])
+                ):
                     logprobs[index].append(chat_logprob(self.engine, event))
                 if event.finish_reason:
                     finish[index] = event.finish_reason
@@ -187,13 +201,17 @@ class ChatHandler:
         generated = 0
         async with contextlib.aclosing(self._events(chat)) as events:
             async for index, event in events:
-                generated += 1
+                generated += is_token(event)
                 parser = parsers[index]
                 delta = parser.feed(event.text)
                 if event.finish_reason:
                     delta.extend(parser.finish())
                 logprobs = None
-                if request.logprobs and not is_stop_token(self.engine, event, chat.params[index]):
+                if (
+                    request.logprobs
+                    and is_token(event)
+                    and not is_stop_token(self.engine, event, chat.params[index])
+                ):
                     logprobs = {"content": [chat_logprob(self.engine, event)]}
                 if not delta.is_empty() or logprobs:
                     yield chunk(index, delta.as_openai_delta(), logprobs=logprobs)

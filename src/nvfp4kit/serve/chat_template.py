@@ -82,7 +82,28 @@ class ChatTemplate:
         template_kwargs: dict[str, Any] | None = None,
     ) -> str:
         """The prompt text for OpenAI-style `messages` (not modified) and `tools`."""
-        prepared = prepare_messages(messages)
+        return self.render_prepared(
+            prepare_messages(messages),
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            template_kwargs=template_kwargs,
+        )
+
+    def render_prepared(
+        self,
+        prepared: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """Like `render`, for messages already through `prepare_messages` (and owned by the caller)."""
+        if "message.name" in self.source:
+            # The template can read a tool result's name, which prepare_messages resolved: without the id it
+            # skips its search of all earlier messages for the call (quadratic in a long tool loop).
+            for message in prepared:
+                if message.get("role") == "tool" and message.get("name"):
+                    message.pop("tool_call_id", None)
         variables: dict[str, Any] = {**self.special_tokens, **(template_kwargs or {})}
         variables.update(messages=prepared, tools=tools or None, add_generation_prompt=add_generation_prompt)
         try:
@@ -147,12 +168,20 @@ def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise ChatTemplateError(f"messages[{i}] must be an object with a string 'role'")
         role = message["role"]
-        if role == "assistant" and message.get("tool_calls"):
-            for j, call in enumerate(message["tool_calls"]):
+        for key in ("name", "tool_call_id"):
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise ChatTemplateError(f"messages[{i}].{key} must be a string")
+        calls = message.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise ChatTemplateError(f"messages[{i}].tool_calls must be a list of tool calls")
+        if role == "assistant" and calls:
+            for j, call in enumerate(calls):
                 where = f"messages[{i}].tool_calls[{j}]"
                 function = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                     raise ChatTemplateError(f"{where} needs a 'function' with a string 'name'")
+                if call.get("id") is not None and not isinstance(call["id"], str):
+                    raise ChatTemplateError(f"{where}.id must be a string")
                 function["arguments"] = _decode_arguments(function.get("arguments", {}), where)
                 if call.get("id"):
                     call_names[call["id"]] = function["name"]

@@ -16,11 +16,12 @@ from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.serve.async_engine import AsyncEngine
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
-from nvfp4kit.serve.protocol import CompletionRequest
+from nvfp4kit.serve.protocol import CompletionRequest, sampling_error
 from nvfp4kit.serve.streaming import (
     SSE_DONE,
     finite,
     is_stop_token,
+    is_token,
     new_id,
     sse,
     stream_choices,
@@ -73,6 +74,7 @@ class CompletionHandler:
     def prepare(self, request: CompletionRequest, *, model: str) -> PreparedCompletion:
         arrival = time.perf_counter()
         request.check()
+        request.check_token_ids(self.engine.tokenizer.vocab_size)
         prompts = []
         vocab = self.engine.tokenizer.vocab_size
         for p, prompt in enumerate(request.prompts()):
@@ -85,16 +87,21 @@ class CompletionHandler:
                     raise APIError(f"prompt {p} is an empty token list", param="prompt")
                 bad = [t for t in prompt if not 0 <= t < vocab]
                 if bad:
-                    raise APIError(f"prompt {p} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+                    raise APIError(
+                        f"prompt {p} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}",
+                        param="prompt",
+                    )
                 ids, text = list(prompt), self.engine.tokenizer.decode(prompt)
-            max_tokens = token_budget(len(ids), request.max_tokens, self.engine.max_model_len)
+            max_tokens = token_budget(
+                len(ids), request.max_tokens, self.engine.max_model_len, prompt_param="prompt"
+            )
             try:
                 params = [
                     request.sampling_params(max_tokens=max_tokens, top_logprobs=request.logprobs, choice=j)
                     for j in range(request.n)
                 ]
             except ValueError as exc:
-                raise APIError(str(exc)) from exc
+                raise sampling_error(exc) from exc
             prompts.append(PreparedPrompt(text, ids, params))
         return PreparedCompletion(request, model, prompts, arrival)
 
@@ -108,6 +115,13 @@ class CompletionHandler:
                 async for j, event in tokens:
                     yield p * n + j, event, prompt.params[j]
 
+    def _reports_logprob(self, job: PreparedCompletion, event: TokenEvent, params: SamplingParams) -> bool:
+        return (
+            job.request.logprobs is not None
+            and is_token(event)
+            and not is_stop_token(self.engine, event, params)
+        )
+
     def _prompt_of(self, job: PreparedCompletion, index: int) -> PreparedPrompt:
         return job.prompts[index // job.request.n]
 
@@ -119,8 +133,8 @@ class CompletionHandler:
         generated = 0
         async with contextlib.aclosing(self._events(job)) as events:
             async for index, event, params in events:
-                generated += 1
-                if job.request.logprobs is not None and not is_stop_token(self.engine, event, params):
+                generated += is_token(event)
+                if self._reports_logprob(job, event, params):
                     logprobs[index].add(self.engine, event, len(texts[index]))
                 texts[index] += event.text
                 if event.finish_reason:
@@ -168,9 +182,9 @@ class CompletionHandler:
         generated = 0
         async with contextlib.aclosing(self._events(job)) as events:
             async for index, event, params in events:
-                generated += 1
+                generated += is_token(event)
                 logprobs = None
-                if job.request.logprobs is not None and not is_stop_token(self.engine, event, params):
+                if self._reports_logprob(job, event, params):
                     entry = _Logprobs()
                     entry.add(self.engine, event, offsets[index])
                     logprobs = entry.as_dict()

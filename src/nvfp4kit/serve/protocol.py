@@ -15,6 +15,18 @@ from nvfp4kit.serve.errors import APIError
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 32
+MAX_STOP_LENGTH = 2048  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_MESSAGES = 10_000
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+def sampling_error(exc: ValueError) -> APIError:
+    """A 400 for SamplingParams' own check; its messages start with the field's name."""
+    first = str(exc).split(" ", 1)[0]
+    return APIError(str(exc), param=first if first.isidentifier() else None)
 
 
 class StreamOptions(BaseModel):
@@ -32,17 +44,21 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # below 1e-5: greedy
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -54,7 +70,38 @@ class _SamplingFields(BaseModel):
         stops = [value] if isinstance(value, str) else (value or [])
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_LENGTH} characters")
         return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids_not_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value and min(value) < 0:
+            raise ValueError("token ids must be >= 0")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_by_token_id(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (digits), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases must be in [-100, 100] (as OpenAI's), got {bias} for token {key}")
+        return value
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Token ids in stop_token_ids and logit_bias must exist; raises APIError naming the field."""
+        for name, ids in (
+            ("stop_token_ids", self.stop_token_ids or []),
+            ("logit_bias", self.logit_bias or {}),
+        ):
+            bad = [int(t) for t in ids if int(t) >= vocab_size]
+            if bad:
+                raise APIError(
+                    f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", param=name
+                )
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -71,11 +118,15 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
-            seed=None if self.seed is None else self.seed + choice,
+            seed=None if self.seed is None else (self.seed + choice) % 2**64,
             stop=stops,
             stop_token_ids=tuple(self.stop_token_ids) if self.stop_token_ids else None,
             ignore_eos=self.ignore_eos,
             logprobs=top_logprobs,
+            min_tokens=self.min_tokens,
+            logit_bias=tuple((int(t), b) for t, b in (self.logit_bias or {}).items()),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=bool(self.skip_special_tokens),
         )
 
     @property
@@ -108,7 +159,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -26,14 +26,16 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def token_budget(prompt_tokens: int, requested: int | None, max_model_len: int) -> int:
+def token_budget(
+    prompt_tokens: int, requested: int | None, max_model_len: int, *, prompt_param: str = "messages"
+) -> int:
     """max_tokens for a request: what was asked if it fits, else a 400 that says what fits."""
     room = max_model_len - prompt_tokens
     if room < 1:
         raise APIError(
             f"the prompt is {prompt_tokens} tokens but the model's context is {max_model_len} tokens "
-            "(room is needed for at least one generated token); shorten the prompt or messages",
-            param="messages",
+            f"(room is needed for at least one generated token); shorten the prompt or {prompt_param}",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     if requested is None:
@@ -67,6 +69,11 @@ def chat_logprob(engine: AsyncEngine, event: TokenEvent) -> dict[str, Any]:
         **entry(event.token_id, event.logprob),
         "top_logprobs": [entry(t, lp) for t, lp in event.top_logprobs],
     }
+
+
+def is_token(event: TokenEvent) -> bool:
+    """False for the closing event of an aborted request, which carries no token (id -1)."""
+    return event.token_id >= 0
 
 
 def is_stop_token(engine: AsyncEngine, event: TokenEvent, params: SamplingParams) -> bool:
