@@ -75,10 +75,9 @@ class VisionAttention(nn.Module):
         q, k, v = (t.view(b, n, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # [B, heads, N, D]
         rep = self.heads // self.kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3))  # scale 1.0: q and k are RMS-normalised
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b * n, -1)
+        # fused attention (no [heads, N, N] scores in memory on a GPU); scale 1.0: q and k are RMS-normalised
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], scale=1.0)
+        out = out.transpose(1, 2).reshape(b * n, -1)
         return self.o_proj(out).view(b, n, -1)
 
 
