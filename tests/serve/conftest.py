@@ -102,6 +102,7 @@ class ScriptedToken:
     logprob: float
     top_logprobs: list[tuple[int, float]]
     finish_reason: str | None = None
+    prompt_logprobs: list | None = None
 
 
 class ScriptedEngine:

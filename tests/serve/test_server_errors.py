@@ -103,7 +103,7 @@ def completion(**fields):
         (completion(prompt=""), "prompt 0 is empty"),
         (completion(prompt=[2, 10**9]), "outside the vocabulary"),
         (completion(suffix="end"), "suffix"),
-        (completion(echo=True, logprobs=1), "echo with logprobs"),
+        (completion(prompt_logprobs=1, stream=True), "prompt_logprobs cannot be streamed"),
         (completion(best_of=3), "best_of must equal n"),
         (completion(logprobs=50), "logprobs"),
     ],

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
+from nvfp4kit.engine.batch_sampler import SampleRow, sample_batch
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs, default_batch_sizes
 from nvfp4kit.engine.kv_cache import KVCache, KVLayout, pool_bytes
 from nvfp4kit.engine.logits_processors import LogitsRow, process_logits
+from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.model.gemma4 import Gemma4Model
@@ -170,6 +172,7 @@ class Engine:
         if not batch:
             return []
         ids, seqs, sample_rows, sampled = [], [], [], []
+        prefill_logprobs: list[PrefillSlice] = []  # requests that asked for prompt logprobs
         offset = 0
         images = image_step(batch)  # image soft tokens in this step's chunks (None: text only)
         for i, (req, n) in enumerate(batch):
@@ -179,6 +182,8 @@ class Engine:
             if req.num_computed + n == len(req.all_ids):
                 sample_rows.append(offset + n - 1)
                 sampled.append(req)
+            if req.prompt_logprobs is not None and req.num_computed < len(req.prompt_ids):
+                prefill_logprobs.append(PrefillSlice(req, req.num_computed, n, offset))
             offset += n
         for req, n in batch:
             req.num_computed += n
@@ -193,19 +198,23 @@ class Engine:
             ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=backend)
             override = images.override if images is not None else None
             hidden = self.model.hidden_states(input_ids, ctx, embed_override=override)
+            if prefill_logprobs:
+                record_prompt_logprobs(self.model, hidden, prefill_logprobs)
             if not sampled:
                 return []
             logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
         return self._sample(sampled, logits)
 
     def _sample(self, sampled: list[Request], logits: torch.Tensor) -> list[TokenEvent]:
-        """Plain greedy rows together (one host transfer), the others one by one with their full parameters.
+        """Plain greedy rows together (one host transfer), the others together through the batched sampler.
 
-        A row whose sampling fails ends its own request with finish_reason "error"; the others go on.
+        If the batch fails, its rows are sampled one by one: a row whose sampling fails ends its own request
+        with finish_reason "error"; the others go on.
         """
         rows = [LogitsRow(req.params, len(req.output_ids), req.stop_ids) for req in sampled]
         logits = process_logits(logits, rows)
         results: list = [None] * len(sampled)
+        failed: dict[int, str] = {}
         greedy = [i for i, req in enumerate(sampled) if is_plain_greedy(req.params)]
         if greedy:
             rows = (
@@ -213,6 +222,16 @@ class Engine:
             )
             for i, result in zip(greedy, greedy_batch(rows)):
                 results[i] = result
+        others = [i for i, result in enumerate(results) if result is None]
+        if others:
+            index = torch.tensor(others, device=logits.device)
+            batch = [SampleRow(sampled[i].params, sampled[i].prompt_ids, sampled[i].output_ids, sampled[i].generator)
+                     for i in others]  # fmt: skip
+            try:
+                for i, result in zip(others, sample_batch(logits[index], batch)):
+                    results[i] = result
+            except Exception:  # find the row that broke it below, one by one
+                log.exception("batched sampling failed; sampling its %d rows one by one", len(others))
         for i, req in enumerate(sampled):
             if results[i] is None:
                 try:
@@ -224,7 +243,6 @@ class Engine:
                     log.exception("sampling failed for request %s", req.request_id)
                     failed[i] = f"sampling failed: {exc}"
         events = []
-        failed: dict[int, str] = {}
         for i, (req, s) in enumerate(zip(sampled, results)):
             if i in failed:
                 event = req.fail(failed[i])

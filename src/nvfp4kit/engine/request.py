@@ -32,6 +32,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]]
     finish_reason: str | None = None  # "stop" (stop id or string), "length", "abort", "error", or None
     error: str | None = None  # with finish_reason "error": what went wrong for this request alone
+    prompt_logprobs: list | None = None  # on the first event, if asked: [None, PromptLogprob, ...]
 
 
 @dataclass
@@ -51,12 +52,13 @@ class Request:
     finish_reason: str | None = None
     emitted: str = ""  # text already handed out
     preemptions: int = 0
+    stop_matcher: StopStringMatcher | None = None
+    prompt_logprobs: list | None = None  # [None, PromptLogprob, ...] when params.prompt_logprobs is set
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    stop_matcher: StopStringMatcher | None = None
     @property
     def remaining(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""
@@ -65,6 +67,14 @@ class Request:
     def append_token(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenEvent:
         """Record a sampled token and decide whether the request is done; returns the text it adds."""
         self.output_ids.append(token_id)
+        event = self._text_event(token_id, logprob, top)
+        if len(self.output_ids) == 1 and self.prompt_logprobs is not None:
+            if not self.prompt_logprobs:  # a one-token prompt: nothing was predicted
+                self.prompt_logprobs.append(None)
+            event.prompt_logprobs = self.prompt_logprobs
+        return event
+
+    def _text_event(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenEvent:
         if token_id in self.stop_ids:
             return self._finish(TokenEvent(self.request_id, token_id, "", logprob, top), "stop")
         last = len(self.output_ids) >= self.params.max_tokens
@@ -89,15 +99,15 @@ class Request:
         event = TokenEvent(self.request_id, token_id, delta, logprob, top)
         return self._finish(event, reason) if reason else event
 
-    def _finish(self, event: TokenEvent, reason: str) -> TokenEvent:
-        self.status, self.finish_reason, event.finish_reason = Status.FINISHED, reason, reason
-        return event
-
-
     def fail(self, message: str) -> TokenEvent:
         """End this request with an error (no token); the engine frees it like any finished request."""
         event = TokenEvent(self.request_id, -1, "", float("nan"), [], error=message)
         return self._finish(event, "error")
+
+    def _finish(self, event: TokenEvent, reason: str) -> TokenEvent:
+        self.status, self.finish_reason, event.finish_reason = Status.FINISHED, reason, reason
+        return event
+
 
 def make_request(
     request_id: str,
@@ -121,4 +131,5 @@ def make_request(
         if tokenizer
         else None,
         generator,
+        prompt_logprobs=[] if params.prompt_logprobs is not None else None,
     )

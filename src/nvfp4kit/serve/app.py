@@ -34,6 +34,7 @@ from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.protocol import ChatCompletionRequest, CompletionRequest
 from nvfp4kit.serve.shutdown import Drainer
 from nvfp4kit.serve.streaming import SSE_DONE, sse
+from nvfp4kit.serve.tokenizer_routes import add_tokenizer_routes, model_card
 
 log = logging.getLogger(__name__)
 _DISCONNECT_POLL_S = 0.25
@@ -281,17 +282,21 @@ def create_app(
         if (refusal := refused(request)) is not None:
             return refusal
         cards = [
-            {
-                "id": name,
-                "object": "model",
-                "created": started,
-                "owned_by": "nvfp4kit",
-                "root": model_names[0],
-                "max_model_len": engine.max_model_len,
-            }
+            model_card(name, root=model_names[0], created=started, max_model_len=engine.max_model_len)
             for name in model_names
         ]
         return JSONResponse({"object": "list", "data": cards})
+
+    add_tokenizer_routes(
+        app,
+        engine=engine,
+        template=template,
+        model_names=model_names,
+        created=started,
+        refused=refused,
+        read_body=lambda request: _json_body(request, limit=max_body_bytes),
+        executor=preparers,
+    )
 
     @app.get("/health")
     async def health() -> Response:

@@ -18,6 +18,7 @@ from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.serve.async_engine import AsyncEngine
 from nvfp4kit.serve.chat_output import ChatOutputParser
 from nvfp4kit.serve.chat_template import ChatTemplate, ChatTemplateError, validate_tools
+from nvfp4kit.serve.completions import vllm_prompt_logprobs
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.prompt_tokens import render_chat_prompt
@@ -34,8 +35,11 @@ from nvfp4kit.serve.streaming import (
     token_budget,
 )
 from nvfp4kit.serve.tool_calls import TOOL_CALL_OPEN
+from nvfp4kit.vision.inputs import ImageInputs
+from nvfp4kit.vision.openai_parts import ImagePartError, attach_images, extract_images
 
 ENDPOINT = "chat"
+TURN_END = "<turn|>"
 
 
 @dataclass
@@ -49,6 +53,7 @@ class PreparedChat:
     parse_tools: bool
     params: list[SamplingParams]
     arrival: float
+    images: ImageInputs | None = None  # image soft tokens of the prompt (image_url content parts)
 
     def new_parser(self) -> ChatOutputParser:
         return ChatOutputParser(
@@ -82,6 +87,7 @@ class ChatHandler:
                         param="tool_choice",
                     )
             messages = [{k: v for k, v in m.model_dump().items() if v is not None} for m in request.messages]
+            messages, images = extract_images(messages)  # image parts -> {"type": "image"} + their bytes
             rendered = render_chat_prompt(
                 self.template,
                 self.engine.tokenizer,
@@ -90,9 +96,19 @@ class ChatHandler:
                 add_generation_prompt=request.add_generation_prompt,
                 template_kwargs=request.template_kwargs(),
             )
+        except ImagePartError as exc:
+            raise APIError(str(exc), param=exc.param) from exc
         except ChatTemplateError as exc:
             raise APIError(str(exc), param="tools" if str(exc).startswith("tools") else "messages") from exc
         prompt, prompt_ids = rendered.text, rendered.ids
+        image_inputs = None
+        if images:
+            try:
+                prompt_ids, image_inputs = attach_images(self.engine, prompt_ids, images)
+            except ImagePartError as exc:
+                raise APIError(str(exc), param=exc.param) from exc
+        if request.continue_final_message:
+            prompt, prompt_ids = self._reopen_last_turn(prompt, prompt_ids)
         prefill = ""
         if choice == "required":
             prefill = TOOL_CALL_OPEN + "call:"
@@ -108,7 +124,10 @@ class ChatHandler:
         try:
             params = [
                 request.sampling_params(
-                    max_tokens=max_tokens, top_logprobs=request.top_logprob_count(), choice=i
+                    max_tokens=max_tokens,
+                    top_logprobs=request.top_logprob_count(),
+                    choice=i,
+                    prompt_logprobs=request.prompt_logprobs,
                 )
                 for i in range(request.n)
             ]
@@ -126,11 +145,26 @@ class ChatHandler:
             parse_tools=bool(tools) and choice != "none",
             params=params,
             arrival=arrival,
+            images=image_inputs,
+        )
+
+    def _reopen_last_turn(self, prompt: str, prompt_ids: list[int]) -> tuple[str, list[int]]:
+        """The prompt without the end of its last (assistant) turn, so the model continues that message."""
+        for ending in (TURN_END + "\n", TURN_END):
+            ending_ids = self.engine.tokenizer.encode(ending, add_bos=False)
+            if prompt.endswith(ending) and prompt_ids[-len(ending_ids) :] == ending_ids:
+                return prompt[: -len(ending)], prompt_ids[: -len(ending_ids)]
+        raise APIError(
+            "continue_final_message: the chat template does not end the last assistant message with "
+            f"{TURN_END!r} (a message with tool calls cannot be continued)",
+            param="continue_final_message",
         )
 
     def _events(self, chat: PreparedChat) -> AsyncIterator:
         self.metrics.add_prompt_tokens(len(chat.prompt_ids))
-        return stream_choices(self.engine, self.metrics, chat.prompt_ids, chat.params, arrival=chat.arrival)
+        return stream_choices(
+            self.engine, self.metrics, chat.prompt_ids, chat.params, arrival=chat.arrival, images=chat.images
+        )
 
     async def complete(self, chat: PreparedChat) -> dict[str, Any]:
         """The whole response as one `chat.completion` object."""
@@ -141,9 +175,11 @@ class ChatHandler:
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         finish = ["length"] * n
         generated = 0
+        prompt_entries: list = []
         async with contextlib.aclosing(self._events(chat)) as events:
             async for index, event in events:
                 generated += is_token(event)
+                prompt_entries = getattr(event, "prompt_logprobs", None) or prompt_entries
                 parsers[index].feed(event.text)
                 if (
                     chat.request.logprobs
@@ -164,7 +200,7 @@ class ChatHandler:
                     "finish_reason": _finish_reason(finish[index], parser),
                 }
             )
-        return {
+        response = {
             "id": new_id("chatcmpl"),
             "object": "chat.completion",
             "created": int(time.time()),
@@ -172,6 +208,9 @@ class ChatHandler:
             "choices": choices,
             "usage": _usage(len(chat.prompt_ids), generated),
         }
+        if chat.request.prompt_logprobs is not None:
+            response["prompt_logprobs"] = vllm_prompt_logprobs(self.engine, prompt_entries)
+        return response
 
     async def stream(self, chat: PreparedChat) -> AsyncIterator[str]:
         """Server-sent events: role chunk, delta chunks, a finish chunk per choice, usage, [DONE]."""

@@ -62,8 +62,48 @@ class _Logprobs:
         self.top_logprobs.append({token_text(engine, t): finite(lp) for t, lp in event.top_logprobs})
         self.text_offset.append(offset)
 
+    def add_prompt(
+        self, engine: AsyncEngine, prompt: PreparedPrompt, entries: list, echo_length: int
+    ) -> None:
+        """The prompt's tokens first (echo): the first has no logprob; offsets end where the echo text does."""
+        texts = [token_text(engine, t) for t in prompt.ids]
+        shift = sum(map(len, texts)) - echo_length  # e.g. a "<bos>" the echoed text does not show
+        offset = 0
+        for text, entry in zip(texts, entries):
+            self.tokens.append(text)
+            self.token_logprobs.append(None if entry is None else finite(entry.logprob))
+            self.top_logprobs.append(
+                None if entry is None else {token_text(engine, t): finite(lp) for t, lp in entry.top}
+            )
+            self.text_offset.append(max(0, offset - shift))
+            offset += len(text)
+
+    def extend(self, other: _Logprobs) -> None:
+        for name, values in vars(other).items():
+            getattr(self, name).extend(values)
+
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
+
+
+def vllm_prompt_logprobs(engine: AsyncEngine, entries: list) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, None or {id: {logprob, rank, decoded_token}} for the token
+    itself and the top alternatives."""
+    out: list[dict[str, Any] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = {entry.token_id: (entry.logprob, entry.rank)}
+        for rank, (token, logprob) in enumerate(entry.top, start=1):
+            ranked.setdefault(token, (logprob, rank))
+        out.append(
+            {
+                str(token): {"logprob": finite(lp), "rank": rank, "decoded_token": token_text(engine, token)}
+                for token, (lp, rank) in ranked.items()
+            }
+        )
+    return out
 
 
 class CompletionHandler:
@@ -97,7 +137,12 @@ class CompletionHandler:
             )
             try:
                 params = [
-                    request.sampling_params(max_tokens=max_tokens, top_logprobs=request.logprobs, choice=j)
+                    request.sampling_params(
+                        max_tokens=max_tokens,
+                        top_logprobs=request.logprobs,
+                        choice=j,
+                        prompt_logprobs=request.prompt_logprob_count(),
+                    )
                     for j in range(request.n)
                 ]
             except ValueError as exc:
@@ -115,6 +160,18 @@ class CompletionHandler:
                 async for j, event in tokens:
                     yield p * n + j, event, prompt.params[j]
 
+    def _echoed(
+        self, job: PreparedCompletion, index: int, entries: list | None, generated: _Logprobs
+    ) -> _Logprobs:
+        """The logprobs object of a choice: with echo, the prompt's tokens come first."""
+        if not (job.request.echo and entries):
+            return generated
+        prompt = self._prompt_of(job, index)
+        combined = _Logprobs()
+        combined.add_prompt(self.engine, prompt, entries, len(prompt.text))
+        combined.extend(generated)
+        return combined
+
     def _reports_logprob(self, job: PreparedCompletion, event: TokenEvent, params: SamplingParams) -> bool:
         return (
             job.request.logprobs is not None
@@ -129,25 +186,32 @@ class CompletionHandler:
         count = len(job.prompts) * job.request.n
         texts = [self._prompt_of(job, i).text if job.request.echo else "" for i in range(count)]
         logprobs = [_Logprobs() for _ in range(count)]
+        prompt_entries: list[list | None] = [None] * count
         finish = ["length"] * count
         generated = 0
         async with contextlib.aclosing(self._events(job)) as events:
             async for index, event, params in events:
                 generated += is_token(event)
+                if event.prompt_logprobs is not None:
+                    prompt_entries[index] = event.prompt_logprobs
                 if self._reports_logprob(job, event, params):
                     logprobs[index].add(self.engine, event, len(texts[index]))
                 texts[index] += event.text
                 if event.finish_reason:
                     finish[index] = event.finish_reason
-        choices = [
-            {
+        choices = []
+        for i in range(count):
+            choice: dict[str, Any] = {
                 "index": i,
                 "text": texts[i],
-                "logprobs": logprobs[i].as_dict() if job.request.logprobs is not None else None,
+                "logprobs": None,
                 "finish_reason": finish[i],
             }
-            for i in range(count)
-        ]
+            if job.request.logprobs is not None:
+                choice["logprobs"] = self._echoed(job, i, prompt_entries[i], logprobs[i]).as_dict()
+            if job.request.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(self.engine, prompt_entries[i] or [])
+            choices.append(choice)
         return {
             "id": new_id("cmpl"),
             "object": "text_completion",
@@ -175,14 +239,19 @@ class CompletionHandler:
             )
 
         offsets = [0] * (len(job.prompts) * job.request.n)
+        echo_waits = job.request.echo and job.request.logprobs is not None  # for the prompt's logprobs
         if job.request.echo:
             for i in range(len(offsets)):
                 offsets[i] = len(self._prompt_of(job, i).text)
-                yield chunk(i, self._prompt_of(job, i).text)
+                if not echo_waits:
+                    yield chunk(i, self._prompt_of(job, i).text)
         generated = 0
         async with contextlib.aclosing(self._events(job)) as events:
             async for index, event, params in events:
                 generated += is_token(event)
+                if echo_waits and event.prompt_logprobs is not None:
+                    echoed = self._echoed(job, index, event.prompt_logprobs, _Logprobs())
+                    yield chunk(index, self._prompt_of(job, index).text, logprobs=echoed.as_dict())
                 logprobs = None
                 if self._reports_logprob(job, event, params):
                     entry = _Logprobs()

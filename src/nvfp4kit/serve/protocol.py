@@ -59,6 +59,7 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -106,7 +107,15 @@ class _SamplingFields(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def sampling_params(self, *, max_tokens: int, top_logprobs: int | None, choice: int) -> SamplingParams:
+    def check_common(self) -> None:
+        if self.stream and self.prompt_logprobs is not None:
+            raise APIError(
+                "prompt_logprobs cannot be streamed (as in vLLM); send stream: false", param="prompt_logprobs"
+            )
+
+    def sampling_params(
+        self, *, max_tokens: int, top_logprobs: int | None, choice: int, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """Engine parameters for choice number `choice` (choices get seed, seed+1, ... so they differ)."""
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
@@ -127,6 +136,7 @@ class _SamplingFields(BaseModel):
             logit_bias=tuple((int(t), b) for t, b in (self.logit_bias or {}).items()),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=bool(self.skip_special_tokens),
+            prompt_logprobs=prompt_logprobs,
         )
 
     @property
@@ -170,12 +180,14 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: str | None = None
     response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
     def check(self) -> None:
         """Rules that span fields; raises APIError."""
+        self.check_common()
         if not self.messages:
             raise APIError("messages is empty; send at least one message", param="messages")
         if self.top_logprobs and not self.logprobs:
@@ -185,6 +197,12 @@ class ChatCompletionRequest(_SamplingFields):
                 f"response_format type {self.response_format.type!r} is not supported (no constrained decoding); "
                 "use 'text'",
                 param="response_format",
+            )
+        if self.continue_final_message and (self.messages[-1].role != "assistant" or self.add_generation_prompt):
+            raise APIError(
+                "continue_final_message needs the last message to be the assistant's and "
+                "add_generation_prompt: false",
+                param="continue_final_message",
             )
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise APIError("tool_choice needs tools; send the tools the model may call", param="tool_choice")
@@ -227,12 +245,11 @@ class CompletionRequest(_SamplingFields):
         )
 
     def check(self) -> None:
+        self.check_common()
         if self.suffix:
             raise APIError("suffix (insertion) is not supported by this model", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise APIError("best_of must equal n (ranking extra samples is not supported)", param="best_of")
-        if self.echo and self.logprobs is not None:
-            raise APIError("echo with logprobs is not supported (no prompt logprobs)", param="echo")
         if isinstance(self.prompt, list) and not self.prompt:
             raise APIError("prompt is empty", param="prompt")
 
@@ -246,3 +263,8 @@ class CompletionRequest(_SamplingFields):
 
     def top_logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprob_count(self) -> int | None:
+        """Alternatives per prompt token to compute: for `prompt_logprobs`, and for `echo` with `logprobs`."""
+        asked = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(asked) if asked else None
