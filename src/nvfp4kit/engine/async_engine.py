@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from nvfp4kit.engine.engine import Engine
 from nvfp4kit.engine.request import TokenEvent
 from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.vision.inputs import ImageInputs
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -65,12 +66,14 @@ class AsyncBatchingEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, images: ImageInputs | None = None
+    ) -> AsyncIterator[TokenEvent]:
         if self._closed:
             raise RuntimeError("the engine is shut down")
         request_id = f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._commands.put(("add", request_id, list(prompt_ids), params, stream))
+        self._commands.put(("add", request_id, list(prompt_ids), params, stream, images))
         finished = False
         try:
             while True:
@@ -135,9 +138,9 @@ class AsyncBatchingEngine:
 
     def _apply_one(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt_ids, params, stream = command
+            _, request_id, prompt_ids, params, stream, images = command
             try:
-                self.engine.add_request(prompt_ids, params, request_id=request_id)
+                self.engine.add_request(prompt_ids, params, request_id=request_id, images=images)
             except ValueError as exc:
                 stream.push(exc)
                 return

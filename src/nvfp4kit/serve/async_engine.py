@@ -35,4 +35,6 @@ class AsyncEngine(Protocol):
 
 def engine_for(llm: LLM) -> AsyncEngine:
     """The serving engine around a loaded model: continuous batching over the model's `Engine`."""
-    return AsyncBatchingEngine(llm.engine)
+    engine = AsyncBatchingEngine(llm.engine)
+    engine.image_prompts = lambda: llm.image_prompts  # the vision tower (loaded at the first image) or None
+    return engine

@@ -17,6 +17,7 @@ from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.serve.async_engine import AsyncEngine
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
+from nvfp4kit.vision.inputs import ImageInputs
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI reports impossible tokens with this value
 _END = object()
@@ -96,6 +97,7 @@ async def stream_choices(
     params: list[SamplingParams],
     *,
     arrival: float,
+    images: ImageInputs | None = None,
 ) -> AsyncIterator[tuple[int, TokenEvent]]:
     """(choice index, token) for all choices of one request, interleaved as they come.
 
@@ -106,7 +108,8 @@ async def stream_choices(
     async def pump(index: int, choice_params: SamplingParams) -> None:
         previous: float | None = None
         try:
-            async with contextlib.aclosing(engine.stream(prompt_ids, choice_params)) as tokens:
+            extra = {"images": images} if images is not None else {}  # engines without images work too
+            async with contextlib.aclosing(engine.stream(prompt_ids, choice_params, **extra)) as tokens:
                 async for event in tokens:
                     now = time.perf_counter()
                     metrics.token(

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 
+MAX_PIXELS = 64 * 2**20  # refuse larger images (decompression bombs) before decoding them
+
+
 class ImageError(ValueError):
     """An image that cannot be read or used (undecodable, empty, too large)."""
 
@@ -56,6 +59,10 @@ def open_image(source: Any) -> Image:
             image = pil.open(Path(source))
         else:
             raise ImageError(f"unsupported image input of type {type(source).__name__}")
+        if image.width * image.height > MAX_PIXELS:  # checked from the header, before decoding
+            raise ImageError(
+                f"the image is too large: {image.width}x{image.height} pixels (at most {MAX_PIXELS})"
+            )
         image.load()  # decode now, so a truncated file fails here and not later
     except ImageError:
         raise
