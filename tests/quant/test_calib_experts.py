@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nvfp4kit.formats.nvfp4 import E4M3_MAX, SCALE_MIN
+from nvfp4kit.quant import calib_experts
 from nvfp4kit.quant.calib_experts import refine_experts, shrink_few_tokens
 from nvfp4kit.quant.calib_hessian import HessianBackend
 from nvfp4kit.quant.calib_methods import calibration_method
@@ -61,6 +62,17 @@ def test_batched_experts_equal_one_by_one(method):
         alone = refine_experts(quantizer, gate_up[e : e + 1], down[e : e + 1], **stats(slice(e, e + 1)))
         for together, single in zip(batched, alone):
             assert same(together.expert(e), single.expert(0)), (method, e)
+
+
+def test_experts_in_several_batches_equal_one_batch(monkeypatch):
+    quantizer = calibration_method("gptq").quantize_group
+    gate_up, down = expert_weights(seed=2)
+    h_gu, h_dn, tokens = statistics([200, 100, 300, 80, 150])
+    stats = dict(hessian_gate_up=h_gu, hessian_down=h_dn, tokens=tokens)
+    one = refine_experts(quantizer, gate_up, down, **{k: v.clone() for k, v in stats.items()})
+    monkeypatch.setattr(calib_experts, "EXPERT_BATCH", 2 * H * H)  # batches of 2, 2 and 1 experts
+    several = refine_experts(quantizer, gate_up, down, **stats)
+    assert all(same(a, b) for a, b in zip(one, several))
 
 
 def test_expert_without_tokens_gets_weight_error_scales():

@@ -3,7 +3,8 @@
 The calibration forward (calib_hessian) sums each expert's X^T X over the tokens routed to it into one
 [E, K, K] tensor per projection and counts those tokens. Here the experts go through the method's group
 quantizer as [E, N, K] weights with [E, K, K] statistics (scale search, Cholesky factors and GPTQ's sweep
-are all batched over experts), a few at a time only if one batch would exceed `EXPERT_BATCH` elements.
+are all batched over experts), as many at a time as fit: `EXPERT_BATCH` elements of [E, K, K] on a CPU, on a
+GPU what its free memory holds (all 128 experts of 26B-A4B on an H200, fewer on a 24 GB card).
 Each expert's result is exactly what it gets alone (tests/quant/test_calib_experts.py).
 
 Experts that saw few calibration tokens: with t routed tokens and K inputs, X^T X has rank at most t, and
@@ -21,6 +22,17 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.quant.calib_methods import GroupQuantizer
 
 EXPERT_BATCH = 2**30  # most elements of a [E, K, K] batch solved at once (4 GiB fp32: 128 experts of 2816)
+GPU_SHARE = 0.7  # of the free GPU memory a batch may take
+
+
+def experts_per_batch(experts: int, rows: int, k: int, device: torch.device) -> int:
+    """How many experts to solve at once. The solve holds about six [K, K] and ten [rows, K] fp32 temporaries
+    per expert (Hessian copies, Cholesky factor, scale-search candidates)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        per_expert = 4 * (6 * k * k + 10 * rows * k)
+        return max(1, min(experts, int(free * GPU_SHARE) // per_expert))
+    return max(1, min(experts, EXPERT_BATCH // (k * k)))
 
 
 def shrink_few_tokens(hessians: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -55,7 +67,7 @@ def refine_experts(
             if h is not None:
                 shrink_few_tokens(h, tokens)
     parts: list[list[NVFP4Tensor]] = [[], [], []]
-    step = max(1, EXPERT_BATCH // (gate_up.shape[-1] ** 2))
+    step = experts_per_batch(experts, gate_up.shape[1], gate_up.shape[-1], gate_up.device)
     for a in range(0, experts, step):
         sl = slice(a, min(a + step, experts))
         h_gu = hessian_gate_up[sl] if hessian_gate_up is not None else None
