@@ -5,7 +5,7 @@ from nvfp4kit.formats.safetensors_io import CheckpointError
 from nvfp4kit.vision.config import load_multimodal_config
 from nvfp4kit.vision.loader import load_vision_tower
 from nvfp4kit.vision.preprocess import preprocess_image
-from tests.vision.conftest import random_image
+from tests.vision.conftest import random_image, transformers
 
 
 def test_image_features_equal_transformers(vision_checkpoint, hf_vision_model, hf_image_processor):
@@ -46,3 +46,27 @@ def test_missing_vision_tensor_is_named(vision_checkpoint, tmp_path):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match="up_proj"):
         load_vision_tower(folder, dtype=torch.float32)
+
+
+def test_bfloat16_tower_is_as_accurate_as_transformers_bfloat16(vision_checkpoint, hf_image_processor):
+    image = random_image(50, 90, seed=1)
+    ref_in = hf_image_processor([image], return_tensors="pt")
+    cfg = load_multimodal_config(vision_checkpoint)
+    processed = preprocess_image(image, cfg.processor)
+    features = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+            vision_checkpoint, dtype=dtype
+        ).eval()
+        tower = load_vision_tower(vision_checkpoint, dtype=dtype)
+        with torch.no_grad():
+            features["hf", dtype] = (
+                hf.model.get_image_features(ref_in["pixel_values"], ref_in["image_position_ids"])
+                .pooler_output[0]
+                .float()
+            )
+            features["ours", dtype] = tower([processed.patches], [processed.positions])[0].float()
+    ref = features["hf", torch.float32]
+    ours_err = (features["ours", torch.bfloat16] - ref).abs().mean()
+    hf_err = (features["hf", torch.bfloat16] - ref).abs().mean()
+    assert ours_err <= 1.5 * hf_err, f"mean error {ours_err:.4f} vs transformers' bf16 {hf_err:.4f}"

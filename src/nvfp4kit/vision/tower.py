@@ -151,14 +151,14 @@ class VisionTower(nn.Module):
         dtype, dev = self.dtype, self.device
         n = max(p.shape[0] for p in patches)
         b = len(patches)
-        pix = torch.zeros(b, n, patches[0].shape[1], dtype=dtype, device=dev)
+        pix = torch.zeros(b, n, patches[0].shape[1], dtype=torch.float32, device=dev)
         pos = torch.zeros(b, n, 2, dtype=torch.long, device=dev)
         key_mask = torch.zeros(b, n, dtype=torch.bool, device=dev)
         for i, (p, xy) in enumerate(zip(patches, positions)):
-            pix[i, : p.shape[0]] = p.to(dev, dtype)
+            pix[i, : p.shape[0]] = p.to(dev, torch.float32)
             pos[i, : p.shape[0]] = xy.to(dev)
             key_mask[i, : p.shape[0]] = True
-        x = self.input_proj((2 * (pix - 0.5)).reshape(b * n, -1)).view(b, n, -1)  # pixels to [-1, 1] here
+        x = self.input_proj((2 * (pix - 0.5)).to(dtype).reshape(b * n, -1)).view(b, n, -1)  # to [-1, 1] here
         table = self.position_embedding_table
         x = x + F.embedding(pos[..., 0], table[0]) + F.embedding(pos[..., 1], table[1])
         flat = pos.reshape(b * n, 2)
