@@ -13,8 +13,10 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm.auto import tqdm
 
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.engine.request import TokenEvent
@@ -24,24 +26,61 @@ from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 from nvfp4kit.vision.prompts import ImagePrompts, encode_prompt
 
+if TYPE_CHECKING:
+    from nvfp4kit.serve.chat_template import ChatTemplate
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class CompletionOutput:
+    """One sample of a prompt, as vLLM's: `index`, `text`, `token_ids`, `finish_reason`, and `logprobs`
+    (per token, {token id: logprob} of the chosen token and its top alternatives) when asked."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
 class RequestOutput:
+    """A prompt's result. vLLM's shape (`prompt`, `prompt_token_ids`, `outputs[i]`, `prompt_logprobs`), and
+    the first sample's fields directly (`text`, `token_ids`, `finish_reason`, `logprobs`, `top_logprobs`)."""
+
     prompt_token_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt: str | None = None
+    outputs: list[CompletionOutput] = field(default_factory=lambda: [CompletionOutput(0)])
+    prompt_logprobs: list | None = None  # [None, PromptLogprob, ...] with SamplingParams(prompt_logprobs=k)
 
-    def add(self, event: TokenEvent) -> None:
-        self.token_ids.append(event.token_id)
-        self.text += event.text
-        self.logprobs.append(event.logprob)
-        self.top_logprobs.append(event.top_logprobs)
-        self.finish_reason = event.finish_reason or self.finish_reason
+    def add(self, event: TokenEvent, index: int = 0, *, want_logprobs: bool = False) -> None:
+        while len(self.outputs) <= index:
+            self.outputs.append(CompletionOutput(len(self.outputs)))
+        out = self.outputs[index]
+        if event.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = event.prompt_logprobs
+        if event.token_id >= 0:  # an error or abort event carries no token
+            out.token_ids.append(event.token_id)
+            out.text += event.text
+            out.cumulative_logprob += event.logprob
+            if want_logprobs:
+                out.logprobs = out.logprobs or []
+                out.logprobs.append({**dict(event.top_logprobs), event.token_id: event.logprob})
+        out.finish_reason = event.finish_reason or out.finish_reason
+        if index == 0:
+            if event.token_id >= 0:
+                self.token_ids.append(event.token_id)
+                self.text += event.text
+                self.logprobs.append(event.logprob)
+                self.top_logprobs.append(event.top_logprobs)
+            self.finish_reason = event.finish_reason or self.finish_reason
 
 
 class LLM:
@@ -57,7 +96,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str | Path,
+        model: str | Path | None = None,
         *,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device = "cpu",
@@ -68,10 +107,27 @@ class LLM:
         gpu_memory_budget: int | str | None = None,
         kv_cache_memory: int | str | None = None,
         fp8_lm_head: bool = False,
+        enforce_eager: bool | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        kv_cache_dtype: str | None = None,
+        seed: int | None = None,
     ):
+        if model is None:  # as the CLI: the built-in NVFP4 demo model
+            from nvfp4kit.demo import demo_model_path
+
+            model = demo_model_path("nvfp4")
         self.path = Path(model)
         self.device = torch.device(device)
-        engine_config = engine_config or EngineConfig()
+        self.seed = seed  # requests without their own seed get seed, seed + 1, ... (reproducible runs)
+        self._request_counter = 0
+        engine_config = _engine_options(
+            engine_config or EngineConfig(),
+            enforce_eager=enforce_eager,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_dtype=kv_cache_dtype,
+        )
         if max_model_len is not None:
             engine_config = replace(engine_config, max_model_len=max_model_len)
         if kv_cache_memory is not None:  # a KV size given here wins over a token count in engine_config
@@ -145,23 +201,96 @@ class LLM:
     def generate(
         self,
         prompts: str | Sequence[int] | dict | Sequence[str | Sequence[int] | dict],
-        params: SamplingParams | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        *,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for each prompt, batched; returns outputs in order. A prompt is a string, a list of token
-        ids, or (for images, as vLLM) `{"prompt": "...<|image|>...", "multi_modal_data": {"image": image}}`
-        with one `<|image|>` per image (PIL images, encoded bytes or paths; a list for several)."""
+        ids, `{"prompt": ...}` / `{"prompt_token_ids": [...]}`, or (for images, as vLLM)
+        `{"prompt": "...<|image|>...", "multi_modal_data": {"image": image}}` with one `<|image|>` per image
+        (PIL images, encoded bytes or paths; a list for several). `sampling_params` (or `params`): one for
+        all prompts or one per prompt; `n` samples per prompt land in `outputs[0..n-1]`."""
         self._check_open()
-        params = params or SamplingParams()
+        params = sampling_params if sampling_params is not None else params
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        outputs: dict[str, RequestOutput] = {}
-        for prompt in prompts:
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(
+                f"{len(per_prompt)} sampling params for {len(prompts)} prompts; give one or one each"
+            )
+        outputs: list[RequestOutput] = []
+        owners: dict[str, tuple[RequestOutput, int, bool]] = {}
+        for prompt, prompt_params in zip(prompts, per_prompt):
+            prompt_params = prompt_params or SamplingParams()
             ids, images = encode_prompt(prompt, self.tokenizer, lambda: self.image_prompts)
-            outputs[self.engine.add_request(ids, params, images=images)] = RequestOutput(ids)
-        while self.engine.has_unfinished():
-            for event in self.engine.step():
-                outputs[event.request_id].add(event)
-        return list(outputs.values())
+            output = RequestOutput(ids, prompt=_prompt_text(prompt))
+            outputs.append(output)
+            for index in range(prompt_params.n):
+                request_id = self.engine.add_request(
+                    ids, self._sample_params(prompt_params, index), images=images
+                )
+                owners[request_id] = (output, index, prompt_params.logprobs is not None)
+        with tqdm(total=len(owners), desc="generating", disable=not use_tqdm or len(owners) < 2) as bar:
+            while self.engine.has_unfinished():
+                for event in self.engine.step():
+                    output, index, want_logprobs = owners[event.request_id]
+                    output.add(event, index, want_logprobs=want_logprobs)
+                    bar.update(1 if event.finish_reason else 0)
+        return outputs
+
+    def _sample_params(self, params: SamplingParams, index: int) -> SamplingParams:
+        """Sample `index` of a prompt: its own seed (seed + index), or the LLM's running seed."""
+        if params.seed is not None:
+            return replace(params, seed=(params.seed + index) % 2**64)
+        if self.seed is not None:
+            self._request_counter += 1
+            return replace(params, seed=(self.seed + self._request_counter) % 2**64)
+        return params
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The checkpoint's tokenizer (`encode`, `decode`, `special_tokens`), as vLLM's `LLM.get_tokenizer()`."""
+        return self.tokenizer
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        *,
+        chat_template_kwargs: dict | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+    ) -> list[RequestOutput]:
+        """Chat as vLLM's `LLM.chat`: one conversation (a list of OpenAI-style messages) or a list of them,
+        rendered with the checkpoint's chat template (client text tokenized as text); the replies are raw
+        model text (parse thinking and tool calls with `nvfp4kit.serve.chat_output`)."""
+        from nvfp4kit.serve.prompt_tokens import render_chat_prompt, reopen_last_turn
+
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        rendered = []
+        for conversation in conversations:
+            prompt = render_chat_prompt(
+                self.chat_template,
+                self.tokenizer,
+                list(conversation),
+                tools=tools,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                template_kwargs=chat_template_kwargs or {},
+            )
+            rendered.append(reopen_last_turn(self.tokenizer, prompt) if continue_final_message else prompt)
+        outputs = self.generate([{"prompt_token_ids": r.ids} for r in rendered], sampling_params, use_tqdm)
+        for output, prompt in zip(outputs, rendered):
+            output.prompt = prompt.text
+        return outputs
+
+    @functools.cached_property
+    def chat_template(self) -> ChatTemplate:
+        from nvfp4kit.serve.chat_template import load_chat_template
+
+        return load_chat_template(self.path)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
         """Generate one request token by token (stop ids end it; a stop string ends it and is cut from the text)."""
@@ -176,3 +305,23 @@ class LLM:
                             return
         finally:
             self.engine.abort(request_id)
+
+
+def _prompt_text(prompt: Any) -> str | None:
+    """A prompt's text for `RequestOutput.prompt` (None for token ids)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    return None
+
+
+def _engine_options(config: EngineConfig, **options: Any) -> EngineConfig:
+    """`LLM(...)`'s vLLM-named engine keywords over `engine_config` (the ones given win)."""
+    names = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens"}
+    changes = {field: options[name] for name, field in names.items() if options[name] is not None}
+    if options["kv_cache_dtype"] is not None:
+        changes["kv_dtype"] = options["kv_cache_dtype"]
+    if options["enforce_eager"] is not None:
+        changes["cuda_graphs"] = not options["enforce_eager"]
+    return replace(config, **changes)

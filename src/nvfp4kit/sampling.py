@@ -15,7 +15,7 @@ GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy (as vLLM's _SAMP
 class SamplingParams:
     """What to generate. `None` fields take the checkpoint's generation_config defaults (see `with_defaults`)."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the end of the context
     temperature: float | None = None  # 0 = greedy
     top_p: float | None = None
     top_k: int | None = None  # 0 or -1 = off
@@ -51,7 +51,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {value}")
         if self.temperature is not None and 0 < self.temperature < GREEDY_TEMPERATURE:
             object.__setattr__(self, "temperature", 0.0)  # dividing by it would overflow the logits to inf
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
@@ -61,7 +61,7 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if not 0 <= self.min_tokens <= (self.max_tokens if self.max_tokens is not None else self.min_tokens):
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
             )

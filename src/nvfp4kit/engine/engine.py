@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -136,8 +136,10 @@ class Engine:
         """Queue a prompt; `images`: its image soft tokens (placeholders expanded, see `nvfp4kit.vision`)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        total = len(prompt_ids) + params.max_tokens
         limit = min(self.max_model_len, self.pool_tokens)
+        if params.max_tokens is None:  # up to the end of the context (as vLLM)
+            params = replace(params, max_tokens=max(1, limit - len(prompt_ids)))
+        total = len(prompt_ids) + params.max_tokens
         if total > limit:
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
@@ -240,7 +242,7 @@ class Engine:
                         generator=req.generator,
                     )  # fmt: skip
                 except Exception as exc:  # this request's parameters broke its row: end it alone
-                    log.exception("sampling failed for request %s", req.request_id)
+                    log.exception("sampling failed for request %s", sampled[i].request_id)
                     failed[i] = f"sampling failed: {exc}"
         events = []
         for i, (req, s) in enumerate(zip(sampled, results)):

@@ -21,7 +21,7 @@ from nvfp4kit.serve.chat_template import ChatTemplate, ChatTemplateError, valida
 from nvfp4kit.serve.completions import vllm_prompt_logprobs
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
-from nvfp4kit.serve.prompt_tokens import render_chat_prompt
+from nvfp4kit.serve.prompt_tokens import RenderedPrompt, render_chat_prompt, reopen_last_turn
 from nvfp4kit.serve.protocol import ChatCompletionRequest, sampling_error
 from nvfp4kit.serve.reasoning import CHANNEL_CLOSE, prompt_opens_reasoning
 from nvfp4kit.serve.streaming import (
@@ -39,7 +39,6 @@ from nvfp4kit.vision.inputs import ImageInputs
 from nvfp4kit.vision.openai_parts import ImagePartError, attach_images, extract_images
 
 ENDPOINT = "chat"
-TURN_END = "<turn|>"
 
 
 @dataclass
@@ -150,15 +149,11 @@ class ChatHandler:
 
     def _reopen_last_turn(self, prompt: str, prompt_ids: list[int]) -> tuple[str, list[int]]:
         """The prompt without the end of its last (assistant) turn, so the model continues that message."""
-        for ending in (TURN_END + "\n", TURN_END):
-            ending_ids = self.engine.tokenizer.encode(ending, add_bos=False)
-            if prompt.endswith(ending) and prompt_ids[-len(ending_ids) :] == ending_ids:
-                return prompt[: -len(ending)], prompt_ids[: -len(ending_ids)]
-        raise APIError(
-            "continue_final_message: the chat template does not end the last assistant message with "
-            f"{TURN_END!r} (a message with tool calls cannot be continued)",
-            param="continue_final_message",
-        )
+        try:
+            reopened = reopen_last_turn(self.engine.tokenizer, RenderedPrompt(prompt, prompt_ids))
+        except ChatTemplateError as exc:
+            raise APIError(str(exc), param="continue_final_message") from exc
+        return reopened.text, reopened.ids
 
     def _events(self, chat: PreparedChat) -> AsyncIterator:
         self.metrics.add_prompt_tokens(len(chat.prompt_ids))

@@ -21,6 +21,7 @@ from nvfp4kit.serve.chat_template import ChatTemplate, ChatTemplateError, prepar
 from nvfp4kit.tokenizer import Tokenizer
 
 _PRIVATE_USE = range(0xE000, 0xF8FF, 2)
+TURN_END = "<turn|>"
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,16 @@ def _free_markers(text: str) -> tuple[str, str]:
         if chr(code) not in used and chr(code + 1) not in used:
             return chr(code), chr(code + 1)
     raise ChatTemplateError("the messages use every private-use character; no text marker is left")
+
+
+def reopen_last_turn(tokenizer: Tokenizer, rendered: RenderedPrompt) -> RenderedPrompt:
+    """The prompt without the end of its last (assistant) turn, so the model continues that message
+    (`continue_final_message`). Raises ChatTemplateError if the prompt does not end with a closed turn."""
+    for ending in (TURN_END + "\n", TURN_END):
+        ending_ids = tokenizer.encode(ending, add_bos=False)
+        if rendered.text.endswith(ending) and rendered.ids[-len(ending_ids) :] == ending_ids:
+            return RenderedPrompt(rendered.text[: -len(ending)], rendered.ids[: -len(ending_ids)])
+    raise ChatTemplateError(
+        f"continue_final_message: the chat template does not end the last assistant message with {TURN_END!r} "
+        "(a message with tool calls cannot be continued)"
+    )

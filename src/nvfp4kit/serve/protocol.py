@@ -198,7 +198,9 @@ class ChatCompletionRequest(_SamplingFields):
                 "use 'text'",
                 param="response_format",
             )
-        if self.continue_final_message and (self.messages[-1].role != "assistant" or self.add_generation_prompt):
+        if self.continue_final_message and (
+            self.messages[-1].role != "assistant" or self.add_generation_prompt
+        ):
             raise APIError(
                 "continue_final_message needs the last message to be the assistant's and "
                 "add_generation_prompt: false",
