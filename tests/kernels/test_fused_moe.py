@@ -18,6 +18,10 @@ MODES = {
     "pair_pair": MoEConfig(sorted=False, down_mode="pair", **TILES),
     "sorted_triton": MoEConfig(block_m=16, **TILES),
     "sorted_torch": MoEConfig(block_m=16, align="torch", **TILES),
+    # K splits that leave a ragged last tile (H = 80 = 2.5 x 32), CUDA-core and tensor-core products
+    "split_gemv": MoEConfig(split=True, gate_up_split_k=2, **{**TILES, "gate_up_block_k": 32}),
+    "split_mma": MoEConfig(split=True, gemv=False, gate_up_split_k=3, **{**TILES, "gate_up_block_k": 32}),
+    "split_whole_k": MoEConfig(split=True, **TILES),
 }
 
 
@@ -58,6 +62,11 @@ def _check(x, ids, weights, gate_up, down, config, bound):
         ("sorted_triton", 7, 2),
         ("sorted_triton", 33, 3),
         ("sorted_torch", 16, 2),
+        ("split_gemv", 1, 3),
+        ("split_gemv", 5, 2),
+        ("split_mma", 2, 3),
+        ("split_mma", 3, 1),
+        ("split_whole_k", 4, 2),
     ],
 )
 def test_moe_modes_match_reference(experts, mode, tokens, top_k):
@@ -67,7 +76,7 @@ def test_moe_modes_match_reference(experts, mode, tokens, top_k):
     _check(x.bfloat16(), ids, weights, *experts, MODES[mode], MOE_BF16_BOUND)
 
 
-@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton"])
+@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "split_gemv"])
 def test_moe_dense_expert_weights(experts, mode):
     gate_up = experts[0].dequantize(torch.float32)
     down = experts[1].dequantize(torch.float32)
@@ -90,7 +99,8 @@ def test_moe_default_config_and_errors(experts):
 
 
 def test_heuristic_moe_config_by_batch():
-    assert not heuristic_moe_config(1, 128, 8).sorted
+    one = heuristic_moe_config(1, 128, 8, hidden=2816, inter=704, sms=132)
+    assert one.split and 1 * 8 * 22 * one.gate_up_split_k >= 2 * 132  # about two waves for one token
     assert heuristic_moe_config(16, 128, 8).block_m == 16
     assert heuristic_moe_config(4096, 128, 8).block_m == 64
 
@@ -115,7 +125,7 @@ def test_moe_replays_in_cuda_graph(experts, mode):
 
 
 @pytest.mark.skipif(not ON_GPU or interpreting(), reason="PTX decode runs on a CUDA GPU only")
-@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton"])
+@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "split_mma"])
 def test_moe_asm_decode_matches_bits(experts, mode):
     ids, weights = _routing(12, 3, seed=5)
     x = torch.randn(12, H, device=DEVICE, dtype=torch.bfloat16)

@@ -103,7 +103,7 @@ def test_tuned_tables_parse_and_cover_every_m():
     tables = sorted(configs.TUNED_DIR.glob("*.json"))
     assert tables, "no tuned table shipped"
     for path in tables:
-        table = configs._load_table(path.stem)
+        table = configs._read_table(path)
         for entries in table["linear"].values():
             for m in (1, 3, 9, 100, 700, 20000):
                 cfg = configs._from_dict(LinearConfig, configs._pick_bucket(entries, m))
@@ -111,3 +111,25 @@ def test_tuned_tables_parse_and_cover_every_m():
         for entries in table["moe"].values():
             for m in (1, 5, 4096):
                 configs._from_dict(configs.MoEConfig, configs._pick_bucket(entries, m))
+
+
+def test_the_users_tuning_cache_wins_per_shape(tmp_path, monkeypatch):
+    """`nvfp4kit tune` results (per card and Triton version) replace the shipped table shape by shape."""
+    import json
+
+    from nvfp4kit.kernels import configs
+
+    monkeypatch.setenv("NVFP4KIT_CACHE_DIR", str(tmp_path))
+    configs.forget_tables()
+    shipped = configs.tables_for("nvidia-h100-80gb-hbm3", "9.9")
+    shape, entries = next(iter(shipped["linear"].items()))
+    mine = {"linear": {shape: {"1": {"kernel": "gemv", "block_m": 1, "block_n": 4, "block_k": 512}}}}
+    path = configs.cache_path("nvidia-h100-80gb-hbm3", "9.9")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(mine))
+    configs.forget_tables()
+    merged = configs.tables_for("nvidia-h100-80gb-hbm3", "9.9")
+    assert merged["linear"][shape] == mine["linear"][shape]
+    assert merged["moe"] == shipped["moe"]  # shapes the cache lacks still come from the shipped table
+    assert configs.tables_for("nvidia-h100-80gb-hbm3", "3.6")["linear"][shape] == entries  # another Triton
+    configs.forget_tables()

@@ -7,7 +7,7 @@ inputs (`sets`) so timed loops stream weights from device memory instead of the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +105,7 @@ def random_routing(tokens: int, experts: int, top_k: int, *, device="cuda", seed
 
 @dataclass
 class MoECase:
-    """One MoE layer (128 experts, top-8) for M tokens, with rotated routings and weight copies."""
+    """One MoE layer (default: 26B-A4B's 128 experts, top-8) for M tokens, with rotated routings and weight copies."""
 
     m: int
     gate_up: list[NVFP4Tensor]
@@ -114,17 +114,26 @@ class MoECase:
     routes: list[tuple[torch.Tensor, torch.Tensor]]
     bf16_gate_up: torch.Tensor | None = None
     bf16_down: torch.Tensor | None = None
+    shape: dict[str, int] = field(default_factory=lambda: dict(MOE_SHAPE))
 
     @classmethod
     def build(
-        cls, m: int, *, weight_sets: int, route_sets: int, device="cuda", with_bf16: bool = True
+        cls,
+        m: int,
+        *,
+        weight_sets: int,
+        route_sets: int,
+        device="cuda",
+        with_bf16: bool = True,
+        shape: dict[str, int] | None = None,
     ) -> MoECase:
-        e, top_k, h, i = (MOE_SHAPE[key] for key in ("experts", "top_k", "hidden", "inter"))
+        shape = dict(shape or MOE_SHAPE)
+        e, top_k, h, i = (shape[key] for key in ("experts", "top_k", "hidden", "inter"))
         gate_up = [random_nvfp4(2 * i, h, experts=e, device=device, seed=10 + s) for s in range(weight_sets)]
         down = [random_nvfp4(h, i, experts=e, device=device, seed=20 + s) for s in range(weight_sets)]
         xs = [torch.randn(m, h, device=device, dtype=torch.bfloat16) for _ in range(route_sets)]
         routes = [random_routing(m, e, top_k, device=device, seed=s) for s in range(route_sets)]
-        case = cls(m, gate_up, down, xs, routes)
+        case = cls(m, gate_up, down, xs, routes, shape=shape)
         if with_bf16:
             case.bf16_gate_up = gate_up[0].dequantize(torch.bfloat16)
             case.bf16_down = down[0].dequantize(torch.bfloat16)
@@ -148,7 +157,7 @@ class MoECase:
         for ids, weights in self.routes:
             flat = ids.reshape(-1)
             order = torch.argsort(flat, stable=True)
-            counts = torch.bincount(flat, minlength=MOE_SHAPE["experts"]).tolist()
+            counts = torch.bincount(flat, minlength=self.shape["experts"]).tolist()
             plan, start = [], 0
             for e, c in enumerate(counts):
                 if c:
@@ -156,7 +165,7 @@ class MoECase:
                     plan.append((e, slots // ids.shape[1], weights.reshape(-1)[slots][:, None]))
                 start += c
             plans.append(plan)
-        inter = MOE_SHAPE["inter"]
+        inter = self.shape["inter"]
 
         def run(i: int):
             x = self.xs[i % len(self.xs)]
@@ -179,14 +188,14 @@ class MoECase:
 
     @property
     def flops(self) -> float:
-        return 2.0 * self.m * MOE_SHAPE["top_k"] * 3 * MOE_SHAPE["inter"] * MOE_SHAPE["hidden"]
+        return 2.0 * self.m * self.shape["top_k"] * 3 * self.shape["inter"] * self.shape["hidden"]
 
     @property
     def bytes(self) -> float:
-        per_expert = (nvfp4_bytes(self.gate_up[0]) + nvfp4_bytes(self.down[0])) / MOE_SHAPE["experts"]
-        return self.distinct_experts() * per_expert + 4 * self.m * MOE_SHAPE["hidden"]
+        per_expert = (nvfp4_bytes(self.gate_up[0]) + nvfp4_bytes(self.down[0])) / self.shape["experts"]
+        return self.distinct_experts() * per_expert + 4 * self.m * self.shape["hidden"]
 
     @property
     def bf16_bytes(self) -> float:
-        per_expert = 2 * 3 * MOE_SHAPE["inter"] * MOE_SHAPE["hidden"]
-        return self.distinct_experts() * per_expert + 4 * self.m * MOE_SHAPE["hidden"]
+        per_expert = 2 * 3 * self.shape["inter"] * self.shape["hidden"]
+        return self.distinct_experts() * per_expert + 4 * self.m * self.shape["hidden"]

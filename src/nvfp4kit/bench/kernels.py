@@ -13,7 +13,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,47 +20,11 @@ import torch
 from nvfp4kit.bench.cases import DENSE_SHAPES, LM_HEAD_SHAPE, MOE_SHAPE, DenseCase, MoECase
 from nvfp4kit.bench.report import format_table, row_for
 from nvfp4kit.bench.timing import copy_bandwidth_gbps, l2_cache_bytes, rotation_sets, time_call, time_graph
-from nvfp4kit.bench.tuning import linear_candidates, moe_candidates
-from nvfp4kit.kernels.configs import card_slug, config_to_dict, sm_count
+from nvfp4kit.bench.tuning import Budget, linear_candidates, moe_candidates, tune_case
+from nvfp4kit.kernels.configs import card_slug, config_to_dict, heuristic_linear, heuristic_moe, sm_count
 
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 4096)
 OPS = (*DENSE_SHAPES, "moe", "lm_head_bf16")
-ERROR_BOUND = 1e-2  # relative L2 error vs fp32 math on the dequantized weights (bf16 output rounding ~1e-3)
-
-
-class Budget:
-    """Wall-clock budget for the tuning sweep: once spent, remaining shapes use the default configuration."""
-
-    def __init__(self, seconds: float | None):
-        self.deadline = None if seconds is None else time.monotonic() + seconds
-
-    def left(self) -> bool:
-        return self.deadline is None or time.monotonic() < self.deadline
-
-
-def _tune(case, candidates, *, sets: int, calls: int, budget: Budget, log) -> tuple[object, float, int]:
-    best, best_us, tried = None, float("inf"), 0
-    for cfg in candidates:
-        if not budget.left():
-            break
-        try:
-            err = case.error(cfg)
-            if err > ERROR_BOUND:
-                log(f"    reject {cfg}: error {err:.2e}")
-                continue
-            us = time_graph(case.call(cfg), sets=sets, calls=calls, repeats=7)
-        except Exception as exc:  # a candidate that fails to compile or launch is skipped, loudly
-            log(f"    fail {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-            continue
-        tried += 1
-        log(f"    {us:8.1f} us  {_short(cfg)}")
-        if us < best_us:
-            best, best_us = cfg, us
-    return best, best_us, tried
-
-
-def _short(cfg) -> str:
-    return " ".join(f"{k}={v}" for k, v in config_to_dict(cfg).items())
 
 
 def _bench_dense(op, ms, args, ctx, rows, tuned, log) -> None:
@@ -75,13 +38,17 @@ def _bench_dense(op, ms, args, ctx, rows, tuned, log) -> None:
         cfg, tuned_us = None, None
         if args.tune:
             cands = linear_candidates(m, n, k, sms=ctx["sms"], decodes=tuple(args.decodes))
-            cfg, tuned_us, tried = _tune(case, cands, sets=sets, calls=calls, budget=ctx["budget"], log=log)
+            cfg, tuned_us, tried = tune_case(
+                case, cands, sets=sets, calls=calls, budget=ctx["budget"], log=log
+            )
             if cfg is not None:
                 tuned.setdefault("linear", {}).setdefault(f"{n}x{k}", {})[str(m)] = config_to_dict(cfg)
             log(f"  {op} M={m}: best of {tried} {cfg} {tuned_us:.1f} us")
         timing = time_call(case.call(cfg), sets=sets, calls=calls)
         base = time_call(case.bf16_call(), sets=bf16_sets, calls=calls)
         rows.append(row_for(op, f"{n}x{k}", m, timing, base, case, ctx["copy_gbps"], case.error(cfg), cfg))
+        heuristic = heuristic_linear(m, n, k, device=torch.device("cuda"))
+        rows[-1]["heuristic_us"] = round(time_graph(case.call(heuristic), sets=sets, calls=calls), 2)
         log(f"  {format_table(rows[-1:], header=False)}")
         del case
         torch.cuda.empty_cache()
@@ -96,7 +63,7 @@ def _bench_moe(ms, args, ctx, rows, tuned, log) -> None:
         cfg, tuned_us = None, None
         if args.tune:
             cands = moe_candidates(m, e, top_k, decodes=tuple(args.decodes))
-            cfg, tuned_us, tried = _tune(case, cands, sets=16, calls=calls, budget=ctx["budget"], log=log)
+            cfg, tuned_us, tried = tune_case(case, cands, sets=16, calls=calls, budget=ctx["budget"], log=log)
             if cfg is not None:
                 tuned.setdefault("moe", {}).setdefault(key, {})[str(m)] = config_to_dict(cfg)
             log(f"  moe M={m}: best of {tried} {cfg} {tuned_us:.1f} us")
@@ -104,6 +71,8 @@ def _bench_moe(ms, args, ctx, rows, tuned, log) -> None:
         base = time_call(case.bf16_call(), sets=16, calls=calls)
         shape = f"E{e} top{top_k} H{h} I{i}"
         rows.append(row_for("moe", shape, m, timing, base, case, ctx["copy_gbps"], case.error(cfg), cfg))
+        heuristic = heuristic_moe(m, e, top_k, h, i, device=torch.device("cuda"))
+        rows[-1]["heuristic_us"] = round(time_graph(case.call(heuristic), sets=16, calls=calls), 2)
         log(f"  {format_table(rows[-1:], header=False)}")
         del case
         torch.cuda.empty_cache()

@@ -15,6 +15,7 @@ COLUMNS = (
     ("tflops", "{:>7.1f}"),
     ("bf16_us", "{:>9.1f}"),
     ("speedup", "{:>7.2f}"),
+    ("heuristic_us", "{:>9.1f}"),
 )
 
 

@@ -6,7 +6,12 @@ uses only generic (SM80+) features; `decode="asm"` is PTX that also runs on SM80
 
 from __future__ import annotations
 
-from nvfp4kit.kernels.configs import LinearConfig, MoEConfig
+import time
+
+from nvfp4kit.bench.timing import time_graph
+from nvfp4kit.kernels.configs import LinearConfig, MoEConfig, config_to_dict
+
+ERROR_BOUND = 1e-2  # relative L2 error vs fp32 math on the dequantized weights (bf16 output rounding ~1e-3)
 
 # (block_n, block_k, num_warps, num_stages) for the small-M tensor-core path (block_m = 16)
 SMALL_M_TILES = (
@@ -79,10 +84,50 @@ def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> 
     return out
 
 
-def moe_candidates(tokens: int, num_experts: int, top_k: int, *, decodes=("asm",)) -> list[MoEConfig]:
+# split mode (few tokens): (block_n, block_k, warps) of gate_up and of down
+SPLIT_GATE_UP_TILES = ((16, 256, 4), (32, 256, 4), (32, 512, 8))
+SPLIT_DOWN_TILES = ((32, 128, 4), (64, 128, 4))
+
+
+def _split_mode(tokens, top_k, hidden, inter, sms, decode) -> list[MoEConfig]:
+    out = []
+    for gemv in (True, False):
+        for gu_bn, gu_bk, gu_warps in SPLIT_GATE_UP_TILES:
+            tiles = tokens * top_k * -(-inter // gu_bn)
+            for split in _splits(tiles, hidden, gu_bk, 2 * sms):
+                for dn_bn, dn_bk, dn_warps in SPLIT_DOWN_TILES:
+                    out.append(
+                        MoEConfig(
+                            split=True,
+                            gemv=gemv,
+                            gate_up_split_k=split,
+                            decode=decode,
+                            gate_up_block_n=gu_bn,
+                            gate_up_block_k=gu_bk,
+                            gate_up_warps=gu_warps,
+                            down_block_n=dn_bn,
+                            down_block_k=dn_bk,
+                            down_warps=dn_warps,
+                        )  # fmt: skip
+                    )
+    return out
+
+
+def moe_candidates(
+    tokens: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    decodes=("asm",),
+    hidden: int = 2816,
+    inter: int = 704,
+    sms: int = 132,
+) -> list[MoEConfig]:
     out: list[MoEConfig] = []
     per_expert = tokens * top_k / num_experts
     for decode in decodes:
+        if tokens <= 16:
+            out.extend(_split_mode(tokens, top_k, hidden, inter, sms, decode))
         if tokens <= 8:
             for gu_bn, gu_bk, dn_bn, dn_bk, mode in (
                 (32, 128, 64, 64, "pair"),
@@ -122,3 +167,39 @@ def moe_candidates(tokens: int, num_experts: int, top_k: int, *, decodes=("asm",
                             )
                         )
     return out
+
+
+class Budget:
+    """Wall-clock budget for the tuning sweep: once spent, remaining shapes use the default configuration."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> bool:
+        return self.deadline is None or time.monotonic() < self.deadline
+
+
+def tune_case(case, candidates, *, sets: int, calls: int, budget: Budget, log) -> tuple[object, float, int]:
+    """(fastest config, its us, candidates timed): each candidate checked against the reference first."""
+    best, best_us, tried = None, float("inf"), 0
+    for cfg in candidates:
+        if not budget.left():
+            break
+        try:
+            err = case.error(cfg)
+            if err > ERROR_BOUND:
+                log(f"    reject {cfg}: error {err:.2e}")
+                continue
+            us = time_graph(case.call(cfg), sets=sets, calls=calls, repeats=7)
+        except Exception as exc:  # a candidate that fails to compile or launch is skipped, loudly
+            log(f"    fail {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            continue
+        tried += 1
+        log(f"    {us:8.1f} us  {short(cfg)}")
+        if us < best_us:
+            best, best_us = cfg, us
+    return best, best_us, tried
+
+
+def short(cfg) -> str:
+    return " ".join(f"{k}={v}" for k, v in config_to_dict(cfg).items())

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("plan", "what fits on a GPU: weights, KV pools, context, concurrency, decode roofline"),
     "serve": ("serve", "serve a model over an OpenAI-compatible HTTP API"),
     "generate": ("generate", "generate text from a prompt or a chat message"),
+    "tune": ("tune", "tune the W4A16 kernels for a model's shapes on this GPU (kept in the tuning cache)"),
     "bench": ("bench", "run a benchmark scenario (see `nvfp4kit bench -h`)"),
     "eval": ("eval", "compare a quantized checkpoint with its reference (KL divergence, top-1, perplexity)"),
     "inspect": ("inspect", "describe a checkpoint without loading it"),

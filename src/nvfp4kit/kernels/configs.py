@@ -1,9 +1,11 @@
 """Launch configurations for the W4A16 kernels: frozen dataclasses, a heuristic, and tuned tables per card.
 
-The tuned tables (`tuned/<card>.json`, written by `nvfp4kit bench kernels --tune`) map a weight shape and a
-token count to the fastest configuration measured on that card. Lookups pick the entry for the smallest
-tuned M at or above the actual M (else the largest), so a table covers every M. Cards without a table, and
-shapes a table lacks, fall back to the heuristic, which uses only generic (SM80+) features.
+A tuned table maps a weight shape and a token count to the fastest configuration measured on one card. Two
+sources, the first that has the shape wins: the user's tuning cache (`nvfp4kit tune` writes it, under
+`~/.cache/nvfp4kit/kernels/<card>/triton-<version>.json`, or `$NVFP4KIT_CACHE_DIR`), then the tables shipped in
+`tuned/<card>.json`. Lookups pick the entry for the smallest tuned M at or above the actual M (else the largest),
+so a table covers every M. Shapes no table has fall back to the heuristic, which sizes launches from the card's
+SM count and uses only generic (SM80+) features.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class LinearConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
+    split: bool = False  # True: the few-token kernels of moe_split.py (the fields below that say so)
     sorted: bool = True  # False: pair mode (no sorting; for a few tokens)
     block_m: int = 16  # rows per expert block in sorted mode
     gate_up_block_n: int = 32
@@ -58,8 +61,12 @@ class MoEConfig:
     down_mode: str = "token"  # pair mode only: "token" (sum in registers) or "pair" (+ a sum kernel)
     align: str = "triton"  # "triton" (one program) or "torch" (a chain of torch ops)
     decode: str = "bits"
+    gate_up_split_k: int = 1  # split mode: programs sharing one gate_up tile's K
+    gemv: bool = True  # split mode: CUDA-core products (True) or a 16-row tensor-core MMA (False)
 
     def __post_init__(self) -> None:
+        if self.gate_up_split_k < 1:
+            raise ValueError(f"MoEConfig.gate_up_split_k must be >= 1, got {self.gate_up_split_k}")
         if self.down_mode not in ("token", "pair"):
             raise ValueError(f"MoEConfig.down_mode must be 'token' or 'pair', got {self.down_mode!r}")
         if self.align not in ("triton", "torch"):
@@ -92,18 +99,47 @@ def sm_count(device: torch.device | str | None) -> int:
     return _sm_count(torch.cuda.current_device() if index is None else index)
 
 
+def cache_dir() -> Path:
+    """Where `nvfp4kit tune` keeps its tables: $NVFP4KIT_CACHE_DIR, else ~/.cache/nvfp4kit/kernels."""
+    override = os.environ.get("NVFP4KIT_CACHE_DIR")
+    return Path(override) if override else Path.home() / ".cache" / "nvfp4kit" / "kernels"
+
+
+def cache_path(slug: str, triton_version: str) -> Path:
+    """The user's tuning table for one card and Triton version (a new Triton compiles other code)."""
+    return cache_dir() / slug / f"triton-{triton_version}.json"
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def _read_table(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 @functools.lru_cache(maxsize=8)
-def _load_table(slug: str) -> dict:
-    path = TUNED_DIR / f"{slug}.json"
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text())
+def tables_for(slug: str, triton_version: str) -> dict:
+    """The merged table of a card: per shape, the user's cache if it has the shape, else the shipped table."""
+    merged = _read_table(TUNED_DIR / f"{slug}.json")
+    for kind, shapes in _read_table(cache_path(slug, triton_version)).items():
+        merged.setdefault(kind, {}).update(shapes)
+    return merged
+
+
+def forget_tables() -> None:
+    """Drop every cached lookup (after the tuning cache changed in this process)."""
+    tables_for.cache_clear()
+    _select_linear_cached.cache_clear()
+    _select_moe_cached.cache_clear()
 
 
 def _table_for(device) -> dict:
     if interpreting() or device is None or torch.device(device).type != "cuda":
         return {}
-    return _load_table(card_slug(device))
+    return tables_for(card_slug(device), triton_version())
 
 
 def _pick_bucket(entries: dict[str, dict], m: int) -> dict | None:
@@ -165,12 +201,24 @@ def _select_linear_cached(m: int, n: int, k: int, key: tuple[str, int], _interpr
         cfg = _from_dict(LinearConfig, entry)
         if cfg.kernel != "gemv" or m <= cfg.block_m:
             return cfg
-    return replace(heuristic_linear_config(m, n, k, sms=sm_count(device)), decode=_best_decode(device))
+    return heuristic_linear(m, n, k, device=device)
 
 
-def heuristic_moe_config(tokens: int, num_experts: int, top_k: int) -> MoEConfig:
-    if tokens <= 4:
-        return MoEConfig(sorted=False)
+def heuristic_moe_config(
+    tokens: int, num_experts: int, top_k: int, *, hidden: int = 2816, inter: int = 704, sms: int = 132
+) -> MoEConfig:
+    """Decode sizes: split mode with enough (pair, column block, K split) programs for ~2 waves of the card's
+    SMs; larger batches: sorted grouped GEMMs with expert blocks sized to the rows each expert gets."""
+    if tokens <= 8:
+        gu_bn, gu_bk = 32, 256
+        tiles = tokens * top_k * -(-inter // gu_bn)
+        split = 1
+        while tiles * split < 2 * sms and hidden // (gu_bk * split * 2) >= 2:
+            split *= 2
+        return MoEConfig(
+            split=True, gemv=False, gate_up_split_k=split, gate_up_block_n=gu_bn, gate_up_block_k=gu_bk,
+            down_block_n=32, down_block_k=128,
+        )  # fmt: skip
     per_expert = tokens * top_k / num_experts
     if per_expert <= 24:
         return MoEConfig(block_m=16)
@@ -179,6 +227,19 @@ def heuristic_moe_config(tokens: int, num_experts: int, top_k: int) -> MoEConfig
     return MoEConfig(
         block_m=64, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128, down_warps=8, gate_up_warps=8
     )
+
+
+def heuristic_linear(m: int, n: int, k: int, *, device=None) -> LinearConfig:
+    """The configuration a card without a tuned entry gets (what `select_linear_config` falls back to)."""
+    return replace(heuristic_linear_config(m, n, k, sms=sm_count(device)), decode=_best_decode(device))
+
+
+def heuristic_moe(
+    tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, *, device=None
+) -> MoEConfig:
+    """The MoE configuration a card without a tuned entry gets."""
+    cfg = heuristic_moe_config(tokens, num_experts, top_k, hidden=hidden, inter=inter, sms=sm_count(device))
+    return replace(cfg, decode=_best_decode(device))
 
 
 def select_moe_config(
@@ -194,7 +255,7 @@ def _select_moe_cached(tokens, num_experts, top_k, hidden, inter, key, _interpre
     entry = _pick_bucket(_table_for(device).get("moe", {}).get(shape, {}), tokens)
     if entry is not None:
         return _from_dict(MoEConfig, entry)
-    return replace(heuristic_moe_config(tokens, num_experts, top_k), decode=_best_decode(device))
+    return heuristic_moe(tokens, num_experts, top_k, hidden, inter, device=device)
 
 
 def _best_decode(device) -> str:

@@ -2,7 +2,8 @@
 
 out[t] = sum_k w[t, k] * down_e(gelu_tanh(gate_e(x[t])) * up_e(x[t])),  e = topk_ids[t, k].
 
-Two shapes of launch (chosen by `configs.select_moe_config`):
+Three shapes of launch (chosen by `configs.select_moe_config`); the third, "split" mode for decode, lives in
+`moe_split.py`:
   * small batches ("pair" mode): no sorting at all. gate_up runs one program row per (token, slot) pair and
     writes GeGLU activations [P, I]; the down projection runs one program per token that loops over its
     top-k experts, applies the routing weights and writes the summed row (two launches in all).
@@ -21,6 +22,7 @@ import triton.language as tl
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import MoEConfig, interpreting, select_moe_config
 from nvfp4kit.kernels.moe_align import moe_align
+from nvfp4kit.kernels.moe_split import fused_moe_split
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 
 
@@ -297,10 +299,13 @@ def fused_moe(
     asm = (
         cfg.decode == "asm" and nvfp4 and not interpret and x.dtype != torch.float16
     )  # PTX output is bf16-scaled
+    flags = dict(NVFP4=nvfp4, ASM=asm, INTERPRET=interpret)
+    if cfg.split:
+        out = fused_moe_split(x2, ids, route, gu, dn, top_k=top_k, inter=inter, config=cfg, flags=flags)
+        return out.reshape(*lead, hidden)
     pairs = ids.numel()
     gu_bn, gu_bk = cfg.gate_up_block_n, cfg.gate_up_block_k
     dn_bn, dn_bk = cfg.down_block_n, cfg.down_block_k
-    flags = dict(NVFP4=nvfp4, ASM=asm, INTERPRET=interpret)
     if cfg.sorted:
         pair_ids, block_expert = moe_align(
             ids, num_experts=num_experts, block_m=cfg.block_m, method=cfg.align

@@ -20,6 +20,7 @@ import triton.language as tl
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, interpreting, select_linear_config
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
+from nvfp4kit.kernels.split_k import arrival_counters
 
 
 @triton.jit
@@ -179,19 +180,6 @@ def _write_output(
             tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call (and graph replay)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed per-tile counters, kept per device; the kernels leave them at zero again."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < tiles:
-        have = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _COUNTERS[device] = have  # one made during a capture belongs to that graph's memory pool
-    return have
-
-
 def _check_linear_args(x: torch.Tensor, weight: NVFP4Tensor) -> tuple[int, int]:
     if weight.packed.dim() != 2:
         raise ValueError(f"w4a16_linear takes a 2-D NVFP4 weight, got shape {weight.shape}")
@@ -226,7 +214,7 @@ def w4a16_linear(x: torch.Tensor, weight: NVFP4Tensor, *, config: LinearConfig |
     if split > 1:
         workspace = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        counters = _arrival_counters(x.device, tiles)
+        counters = arrival_counters(x.device, tiles)
     else:
         workspace = counters = out  # unused
     common = (

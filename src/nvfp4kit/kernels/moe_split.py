@@ -1,0 +1,195 @@
+"""Fused GELU-tanh MoE for a few tokens (decode): two launches that keep every SM busy even for one token.
+
+At decode sizes the work is reading the routed experts' weights once; the sorted grouped GEMM of
+`fused_moe.py` gives one token too few programs (one per 64 output columns). Here:
+  * gate_up: one program per (token-expert pair, BLOCK_N gate/up columns, K split), so one token of
+    26B-A4B already makes 8 x 22 x split programs; the K-split partials meet in an fp32 workspace and the last
+    program to arrive at a tile sums them (in split order), applies GeGLU and writes the activation row;
+  * down: one program per (token, BLOCK_N output columns, top-k slot); each slot's weighted row goes to the
+    workspace and the last slot to arrive sums the top-k rows (in slot order) into the output.
+Sums run in a fixed order whichever program arrives last, so results are deterministic (graph replay ==
+eager, bitwise). Counters are left at zero after every call: nothing syncs with the host.
+
+Each program multiplies either on the CUDA cores (`gemv`: fp32 products summed per K tile) or on the tensor
+cores (a 16-row MMA of which row 0 is the token); which is faster depends on the card (`configs.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4kit.kernels.configs import MoEConfig
+from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
+from nvfp4kit.kernels.split_k import arrival_counters
+
+
+@triton.jit
+def _row_times_tile(acc, x_ptr, row, w, k0, K, BK: tl.constexpr, EVEN_K: tl.constexpr, GEMV: tl.constexpr,
+                    INTERPRET: tl.constexpr):  # fmt: skip
+    """acc + x[row, k0:k0+BK] . w[BN, BK]^T: acc is [BN] (GEMV) or [16, BN] with the row in lane 0 (MMA)."""
+    lanes = tl.arange(0, 16)
+    if GEMV:
+        k = k0 + tl.arange(0, BK)
+        if EVEN_K:
+            x = tl.load(x_ptr + row + k)
+        else:
+            x = tl.load(x_ptr + row + k, mask=k < K, other=0.0)
+        return acc + tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    x = load_act_tile(x_ptr + row, lanes * 0, lanes == 0, k0, K, 0, BK, EVEN_K)
+    return mma(acc, x, tl.trans(w), INTERPRET)
+
+
+@triton.jit
+def _collapse(acc, GEMV: tl.constexpr):
+    """[BN] from an accumulator of `_row_times_tile` (MMA rows other than 0 are zero)."""
+    if GEMV:
+        return acc
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _moe_gate_up_split_kernel(
+    x_ptr, w_ptr, s_ptr, s2_ptr, act_ptr, ws_ptr, counter_ptr, topk_ids_ptr,
+    num_pairs, inter, hidden, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_am,
+    TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GEMV: tl.constexpr,
+    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    w_base = w_ptr + e * stride_we
+    s_base = s_ptr + e * stride_se
+    row = (pair // TOP_K).to(tl.int64) * stride_xm
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_load = rn % inter
+    dtype = tl.float32 if GEMV else x_ptr.dtype.element_ty
+    if GEMV:
+        acc_gate = tl.zeros([BN], dtype=tl.float32)
+        acc_up = tl.zeros([BN], dtype=tl.float32)
+    else:
+        acc_gate = tl.zeros([16, BN], dtype=tl.float32)
+        acc_up = tl.zeros([16, BN], dtype=tl.float32)
+    for k0 in range(pid_k * BK, hidden, BK * SPLIT_K):
+        wg = load_weight_tile(
+            w_base, s_base, rn_load, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+        )
+        acc_gate = _row_times_tile(acc_gate, x_ptr, row, wg, k0, hidden, BK, EVEN_K, GEMV, INTERPRET)
+        wu = load_weight_tile(
+            w_base, s_base, rn_load + inter, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+        )  # fmt: skip
+        acc_up = _row_times_tile(acc_up, x_ptr, row, wu, k0, hidden, BK, EVEN_K, GEMV, INTERPRET)
+    scale = fold_scale(s2_ptr, e, NVFP4, ASM)
+    gate = _collapse(acc_gate, GEMV) * scale
+    up = _collapse(acc_up, GEMV) * scale
+    ok = rn < inter
+    out_ptrs = act_ptr + pair * stride_am + rn
+    if SPLIT_K == 1:
+        h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+        tl.store(out_ptrs, h.to(act_ptr.dtype.element_ty), mask=ok)
+    else:
+        # workspace [SPLIT_K, pairs, 2, inter]: this split's gate and up partials
+        part = ws_ptr + (pid_k * num_pairs + pair) * 2 * inter + rn
+        tl.store(part, gate, mask=ok)
+        tl.store(part + inter, up, mask=ok)
+        tl.debug_barrier()  # every thread's partial is issued before the arrival is counted
+        tile = pair * tl.num_programs(1) + pid_n
+        if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            gate = tl.zeros([BN], dtype=tl.float32)
+            up = tl.zeros([BN], dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):  # split order, whoever arrived last
+                other = ws_ptr + (split * num_pairs + pair) * 2 * inter + rn
+                gate += tl.load(other, mask=ok, other=0.0, cache_modifier=".cg")
+                up += tl.load(other + inter, mask=ok, other=0.0, cache_modifier=".cg")
+            h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+            tl.store(out_ptrs, h.to(act_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call (and graph replay)
+
+
+@triton.jit
+def _moe_down_split_kernel(
+    act_ptr, w_ptr, s_ptr, s2_ptr, out_ptr, ws_ptr, counter_ptr, topk_ids_ptr, topk_w_ptr,
+    hidden, inter, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+    TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GEMV: tl.constexpr,
+    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.program_id(2)
+    pair = token * TOP_K + slot
+    e = tl.load(topk_ids_ptr + pair).to(tl.int64)
+    w_base = w_ptr + e * stride_we
+    s_base = s_ptr + e * stride_se
+    row = pair.to(tl.int64) * stride_am
+    rn = pid_n * BN + tl.arange(0, BN)
+    rn_load = rn % hidden
+    dtype = tl.float32 if GEMV else act_ptr.dtype.element_ty
+    if GEMV:
+        acc = tl.zeros([BN], dtype=tl.float32)
+    else:
+        acc = tl.zeros([16, BN], dtype=tl.float32)
+    for k0 in range(0, inter, BK):
+        w = load_weight_tile(
+            w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+        )
+        acc = _row_times_tile(acc, act_ptr, row, w, k0, inter, BK, EVEN_K, GEMV, INTERPRET)
+    route = tl.load(topk_w_ptr + pair).to(tl.float32)
+    y = _collapse(acc, GEMV) * (fold_scale(s2_ptr, e, NVFP4, ASM) * route)
+    ok = rn < hidden
+    out_ptrs = out_ptr + token * stride_om + rn
+    if TOP_K == 1:
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(ws_ptr + pair * hidden + rn, y, mask=ok)  # workspace [pairs, hidden]
+        tl.debug_barrier()
+        tile = token * tl.num_programs(1) + pid_n
+        if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == TOP_K - 1:
+            total = tl.zeros([BN], dtype=tl.float32)
+            for other in tl.static_range(TOP_K):  # slot order, whoever arrived last
+                total += tl.load(
+                    ws_ptr + (token * TOP_K + other) * hidden + rn, mask=ok, other=0.0, cache_modifier=".cg"
+                )
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(counter_ptr + tile, 0)
+
+
+def fused_moe_split(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    route: torch.Tensor,
+    gate_up: tuple,
+    down: tuple,
+    *,
+    top_k: int,
+    inter: int,
+    config: MoEConfig,
+    flags: dict,
+) -> torch.Tensor:
+    """x [T, H] (row stride free, unit column stride); ids/route flat [T*k]; gate_up/down as
+    `fused_moe._weight_args` gives them. Returns [T, H] in x.dtype."""
+    tokens, hidden = x.shape
+    pairs = ids.numel()
+    out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
+    act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
+    gu_bn, gu_bk, split = config.gate_up_block_n, config.gate_up_block_k, config.gate_up_split_k
+    split = max(1, min(split, triton.cdiv(hidden, gu_bk)))
+    dn_bn, dn_bk = config.down_block_n, config.down_block_k
+    gu_tiles = pairs * triton.cdiv(inter, gu_bn)
+    dn_tiles = tokens * triton.cdiv(hidden, dn_bn)
+    counters = arrival_counters(x.device, max(gu_tiles, dn_tiles))
+    ws = torch.empty(max(split * pairs * 2 * inter, pairs * hidden), dtype=torch.float32, device=x.device)
+    _moe_gate_up_split_kernel[(pairs, triton.cdiv(inter, gu_bn), split)](
+        x, gate_up[0], gate_up[1], gate_up[2], act, ws, counters, ids, pairs, inter, hidden, x.stride(0),
+        gate_up[3], gate_up[4], gate_up[5], gate_up[6], act.stride(0),
+        TOP_K=top_k, BN=gu_bn, BK=gu_bk, SPLIT_K=split, GEMV=config.gemv, EVEN_K=hidden % gu_bk == 0, **flags,
+        num_warps=config.gate_up_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    _moe_down_split_kernel[(tokens, triton.cdiv(hidden, dn_bn), top_k)](
+        act, down[0], down[1], down[2], out, ws, counters, ids, route, hidden, inter, act.stride(0),
+        down[3], down[4], down[5], down[6], out.stride(0),
+        TOP_K=top_k, BN=dn_bn, BK=dn_bk, GEMV=config.gemv, EVEN_K=inter % dn_bk == 0, **flags,
+        num_warps=config.down_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
