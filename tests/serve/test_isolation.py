@@ -32,14 +32,14 @@ async def _collect(engine, prompt, params):
 
 def test_a_poisoned_request_fails_alone_and_the_batch_is_unchanged(parts, monkeypatch):
     model, tok = parts
-    real_sample = engine_module.sample_token
+    real_sample = engine_module.sample_batch
 
-    def sample_or_break(logits, params, **kwargs):
-        if params.seed == POISON_SEED:
+    def sample_or_break(logits, rows):
+        if any(row.params.seed == POISON_SEED for row in rows):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real_sample(logits, params, **kwargs)
+        return real_sample(logits, rows)
 
-    monkeypatch.setattr(engine_module, "sample_token", sample_or_break)
+    monkeypatch.setattr(engine_module, "sample_batch", sample_or_break)
     poison = SamplingParams(max_tokens=12, temperature=0.8, seed=POISON_SEED, ignore_eos=True)
 
     async def run(with_poison: bool):

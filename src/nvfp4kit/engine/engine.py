@@ -22,7 +22,7 @@ from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.model.gemma4 import Gemma4Model
-from nvfp4kit.sampling import SamplingParams, greedy_batch, is_plain_greedy, sample_token
+from nvfp4kit.sampling import SamplingParams, greedy_batch, is_plain_greedy
 from nvfp4kit.tokenizer import Tokenizer
 from nvfp4kit.vision.inputs import ImageInputs, image_step
 
@@ -225,22 +225,19 @@ class Engine:
             for i, result in zip(greedy, greedy_batch(rows)):
                 results[i] = result
         others = [i for i, result in enumerate(results) if result is None]
+        batch = [SampleRow(sampled[i].params, sampled[i].prompt_ids, sampled[i].output_ids, sampled[i].generator)
+                 for i in others]  # fmt: skip
         if others:
             index = torch.tensor(others, device=logits.device)
-            batch = [SampleRow(sampled[i].params, sampled[i].prompt_ids, sampled[i].output_ids, sampled[i].generator)
-                     for i in others]  # fmt: skip
             try:
                 for i, result in zip(others, sample_batch(logits[index], batch)):
                     results[i] = result
             except Exception:  # find the row that broke it below, one by one
                 log.exception("batched sampling failed; sampling its %d rows one by one", len(others))
-        for i, req in enumerate(sampled):
+        for i, sample_row in zip(others, batch):
             if results[i] is None:
-                try:
-                    results[i] = sample_token(
-                        logits[i], req.params, prompt_ids=req.prompt_ids, output_ids=req.output_ids,
-                        generator=req.generator,
-                    )  # fmt: skip
+                try:  # the same rules row by row: a seeded row draws the same token as in the batch
+                    results[i] = sample_batch(logits[i : i + 1], [sample_row])[0]
                 except Exception as exc:  # this request's parameters broke its row: end it alone
                     log.exception("sampling failed for request %s", sampled[i].request_id)
                     failed[i] = f"sampling failed: {exc}"

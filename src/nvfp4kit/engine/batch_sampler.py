@@ -1,0 +1,133 @@
+"""The batched sampler: every sampled (non-greedy) row of a step in a few tensor ops on the logits' device.
+
+Penalties, temperature, top-k, top-p and min-p are applied to all rows at once; when every row has a top-k
+(Gemma 4's generation_config sets 64) only the largest `max(top_k)` logits of each row are sorted and sampled,
+so nothing of vocabulary size leaves the device and nothing is sorted in full. Each row draws with the
+exponential race (argmax of p / q, q ~ Exp(1)): a request with a seed draws its q from its own generator, so
+its tokens do not depend on the other rows of the batch; one transfer to the host ends the step.
+
+Same rules as the per-row `sampling.sample_token`: logprobs are of the model's raw distribution; a row with
+nothing left to sample (every candidate masked, or non-finite) falls back to its greedy token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nvfp4kit.sampling import SampleResult, SamplingParams, finite_logits
+
+FULL_SORT_ABOVE = 4096  # a top-k larger than this (or none) sorts the whole row instead
+
+
+@dataclass
+class SampleRow:
+    """One row's parameters and the token history its penalties need."""
+
+    params: SamplingParams
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    generator: torch.Generator | None = None
+
+
+def apply_penalties_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """Repetition penalty over prompt + output, presence/frequency over output, for every row at once."""
+    device = logits.device
+    rep_rows, rep_ids, rep_vals = [], [], []
+    out_rows, out_ids, out_vals = [], [], []
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0:
+            seen = set(row.prompt_ids) | set(row.output_ids)
+            rep_rows += [i] * len(seen)
+            rep_ids += seen
+            rep_vals += [p.repetition_penalty] * len(seen)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
+            counts: dict[int, int] = {}
+            for t in row.output_ids:
+                counts[t] = counts.get(t, 0) + 1
+            out_rows += [i] * len(counts)
+            out_ids += counts
+            out_vals += [p.presence_penalty + p.frequency_penalty * c for c in counts.values()]
+    if rep_rows:
+        index = (torch.tensor(rep_rows, device=device), torch.tensor(rep_ids, device=device))
+        penalty = torch.tensor(rep_vals, device=device, dtype=logits.dtype)
+        vals = logits[index]
+        logits[index] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    if out_rows:
+        index = (torch.tensor(out_rows, device=device), torch.tensor(out_ids, device=device))
+        logits.index_put_(index, -torch.tensor(out_vals, device=device, dtype=logits.dtype), accumulate=True)
+    return logits
+
+
+def _column(rows: Sequence[SampleRow], name: str, default: float, device) -> torch.Tensor:
+    values = [getattr(r.params, name) for r in rows]
+    return torch.tensor([default if v is None else float(v) for v in values], device=device)[:, None]
+
+
+def _candidates(adjusted: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, token ids) of each row's candidates, largest first: its top max(top_k) or the whole row."""
+    vocab = adjusted.shape[1]
+    ks = [r.params.top_k if r.params.top_k and 0 < r.params.top_k < vocab else 0 for r in rows]
+    width = max(ks) if all(ks) and max(ks) <= FULL_SORT_ABOVE else vocab
+    if width < vocab:
+        return torch.topk(adjusted, width, dim=1)
+    return torch.sort(adjusted, dim=1, descending=True)
+
+
+def _race_noise(rows: Sequence[SampleRow], shape: tuple[int, int], device) -> torch.Tensor:
+    """Exp(1) draws per candidate. A seeded row draws from its own (CPU) generator exactly as many as it has
+    candidates (its top-k, else the vocabulary), whatever the other rows ask for: its tokens depend on its seed
+    alone. Columns past its top-k get +inf (those candidates are masked already)."""
+    noise = torch.empty(shape, device=device).exponential_()
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            k = row.params.top_k if row.params.top_k and 0 < row.params.top_k < shape[1] else shape[1]
+            own = torch.full((shape[1],), float("inf"))
+            own[:k] = torch.empty(k).exponential_(generator=row.generator)
+            noise[i] = own.to(device)
+    return noise
+
+
+def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[SampleResult]:
+    """Next token of each row of fp32 logits [B, V] (B == len(rows)); greedy rows (temperature 0) allowed."""
+    logits = logits.float()
+    device = logits.device
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    adjusted = finite_logits(apply_penalties_batch(logits.clone(), rows))
+    greedy = adjusted.argmax(dim=1)
+    temperature = _column(rows, "temperature", 0.0, device)
+    sampled_rows = temperature[:, 0] > 0
+    tokens = greedy
+    if bool(sampled_rows.any()):
+        values, ids = _candidates(adjusted, rows)
+        scaled = values / torch.where(temperature > 0, temperature, 1.0)
+        rank = torch.arange(values.shape[1], device=device)[None, :]
+        top_k = torch.tensor([r.params.top_k or 0 for r in rows], device=device)[:, None]
+        keep = (top_k <= 0) | (rank < top_k)
+        probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=1)
+        top_p = _column(rows, "top_p", 1.0, device)
+        keep &= (probs.cumsum(dim=1) - probs < top_p) | (top_p >= 1.0)  # the token crossing top_p stays
+        min_p = _column(rows, "min_p", 0.0, device)
+        keep &= probs >= min_p * probs[:, :1]  # candidates are sorted: column 0 holds the row's max
+        probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=1)
+        usable = torch.isfinite(probs).all(dim=1) & (probs.sum(dim=1) > 0)
+        race = probs / _race_noise(rows, tuple(probs.shape), device)
+        choice = ids.gather(1, race.nan_to_num(nan=-1.0).argmax(dim=1, keepdim=True))[:, 0]
+        tokens = torch.where(sampled_rows & usable, choice, greedy)
+    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    want = max((r.params.logprobs or 0) for r in rows)
+    top_vals = top_ids = None
+    if want:
+        top_vals, top_ids = torch.topk(raw_logprobs, min(want, raw_logprobs.shape[1]), dim=1)
+    host = torch.stack([tokens.double(), chosen.double()], dim=1).tolist()  # one transfer for the step
+    top_vals = top_vals.tolist() if top_vals is not None else None
+    top_ids = top_ids.tolist() if top_ids is not None else None
+    results = []
+    for i, (row, (token, logprob)) in enumerate(zip(rows, host)):
+        n = row.params.logprobs or 0
+        top = list(zip(top_ids[i][:n], top_vals[i][:n])) if n else []
+        results.append(SampleResult(int(token), logprob, top))
+    return results
