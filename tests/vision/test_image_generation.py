@@ -118,3 +118,14 @@ def test_image_errors_are_clear(llm, tiny_checkpoint):
     with pytest.raises(ValueError, match="no vision tower"):
         text_only.generate({"prompt": "<|image|>", "multi_modal_data": {"image": IMAGES_2[0]}}, params)
     assert not llm.engine.has_unfinished()
+
+
+def test_triton_attention_backend_gives_the_same_tokens(llm, vision_checkpoint):
+    """Prefill steps with image tokens run the torch attention (bidirectional); the rest of the request's
+    steps run the Triton kernels (interpreted on a CPU) over the same KV cache."""
+    pytest.importorskip("triton")
+    prompt = {"prompt": PROMPT_2, "multi_modal_data": {"image": IMAGES_2}}
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    config = EngineConfig(max_num_batched_tokens=100, attention_backend="triton")
+    triton = LLM(vision_checkpoint, engine_config=config).generate(prompt, params)[0]
+    assert triton.token_ids == llm.generate(prompt, params)[0].token_ids
