@@ -24,6 +24,7 @@ from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
 from nvfp4kit.model.loader import load_model, resolve_dtype
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
+from nvfp4kit.vision.openai_parts import extract_images
 from nvfp4kit.vision.prompts import ImagePrompts, encode_prompt
 
 if TYPE_CHECKING:
@@ -270,8 +271,11 @@ class LLM:
         from nvfp4kit.serve.prompt_tokens import render_chat_prompt, reopen_last_turn
 
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        rendered = []
+        rendered, images = [], []
         for conversation in conversations:
+            # image parts (image_url data URLs, image_pil / image objects) -> the template's placeholder
+            conversation, conversation_images = extract_images(list(conversation), allow_objects=True)
+            images.append(conversation_images)
             prompt = render_chat_prompt(
                 self.chat_template,
                 self.tokenizer,
@@ -281,7 +285,11 @@ class LLM:
                 template_kwargs=chat_template_kwargs or {},
             )
             rendered.append(reopen_last_turn(self.tokenizer, prompt) if continue_final_message else prompt)
-        outputs = self.generate([{"prompt_token_ids": r.ids} for r in rendered], sampling_params, use_tqdm)
+        prompts = [
+            {"prompt_token_ids": r.ids, "multi_modal_data": {"image": i} if i else {}}
+            for r, i in zip(rendered, images)
+        ]
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
         for output, prompt in zip(outputs, rendered):
             output.prompt = prompt.text
         return outputs

@@ -106,6 +106,11 @@ def test_openai_client_chat_with_a_data_url_equals_llm_generate(image_server, vi
     assert [t.token for t in reply.choices[0].logprobs.content] == [
         llm.tokenizer.decode([t]) for t in out.token_ids
     ]
+    # LLM.chat takes the same content parts, and PIL images in vLLM's image_pil parts
+    for part in (content[1], {"type": "image_pil", "image_pil": image}):
+        messages = [{"role": "user", "content": [content[0], part]}]
+        chat = llm.chat(messages, SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+        assert chat[0].token_ids == out.token_ids
     with pytest.raises(BadRequestError, match="cannot decode the image"):
         bad = "data:image/png;base64," + base64.b64encode(b"not a png").decode()
         client.chat.completions.create(

@@ -65,9 +65,13 @@ def extract_images(
     *,
     max_images: int = DEFAULT_MAX_IMAGES,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """Messages with image parts turned into `{"type": "image"}`, and the images' bytes in order."""
-    images: list[bytes] = []
+    allow_objects: bool = False,
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Messages with image parts turned into `{"type": "image"}`, and the images' bytes in order.
+
+    `allow_objects` (Python callers, never the server): also vLLM's `{"type": "image_pil", "image_pil": img}`
+    and `{"type": "image", "image": img}` parts holding a PIL image, encoded bytes or a path."""
+    images: list[Any] = []
     out = []
     for i, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
@@ -82,6 +86,13 @@ def extract_images(
                 raise ImagePartError(
                     f"{_UNSUPPORTED[kind]} input is not supported; send text and images", where
                 )
+            held = part.get("image_pil", part.get("image")) if kind in ("image_pil", "image") else None
+            if allow_objects and held is not None:
+                if len(images) == max_images:
+                    raise ImagePartError(f"too many images: at most {max_images} per request", where)
+                images.append(held)
+                parts.append({"type": "image"})
+                continue
             if kind != "image_url":
                 parts.append(part)
                 continue
