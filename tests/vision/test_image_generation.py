@@ -114,6 +114,10 @@ def test_image_errors_are_clear(llm, tiny_checkpoint):
         llm.generate({"prompt": PROMPT_2, "multi_modal_data": {"image": IMAGES_2[0]}}, params)
     with pytest.raises(ValueError, match="only images"):
         llm.generate({"prompt": "hi", "multi_modal_data": {"audio": b"..."}}, params)
+    small_chunks = LLM(llm.path, engine_config=EngineConfig(max_num_batched_tokens=48))
+    with pytest.raises(ValueError, match="does not fit one prefill chunk of 48 tokens"):
+        small_chunks.generate({"prompt": "<|image|>", "multi_modal_data": {"image": IMAGES_2[0]}}, params)
+    assert not small_chunks.engine.has_unfinished()
     text_only = LLM(tiny_checkpoint("moe", multimodal=True))
     with pytest.raises(ValueError, match="no vision tower"):
         text_only.generate({"prompt": "<|image|>", "multi_modal_data": {"image": IMAGES_2[0]}}, params)
