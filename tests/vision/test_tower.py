@@ -70,3 +70,16 @@ def test_bfloat16_tower_is_as_accurate_as_transformers_bfloat16(vision_checkpoin
     ours_err = (features["ours", torch.bfloat16] - ref).abs().mean()
     hf_err = (features["hf", torch.bfloat16] - ref).abs().mean()
     assert ours_err <= 1.5 * hf_err, f"mean error {ours_err:.4f} vs transformers' bf16 {hf_err:.4f}"
+
+
+def test_clip_bounds_are_ignored_when_the_config_does_not_clip(vision_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "unclipped"
+    shutil.copytree(vision_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["use_clipped_linears"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    tower = load_vision_tower(folder, dtype=torch.float32)
+    assert not tower.layers[0].mlp.up_proj.clipped

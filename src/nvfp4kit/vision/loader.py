@@ -77,7 +77,13 @@ def load_vision_tower(
                 getattr(module, attr).data = tensor
             else:
                 setattr(module, attr, tensor)
-        unexpected = [n for n in reader.names() if n.startswith((TOWER, PROJECTOR)) and n not in targets]
+        # clip bounds of a config without use_clipped_linears are ignored, as transformers ignores them
+        bounds = ("input_min", "input_max", "output_min", "output_max")
+        unexpected = [
+            n
+            for n in reader.names()
+            if n.startswith((TOWER, PROJECTOR)) and n not in targets and not n.endswith(bounds)
+        ]
         if unexpected:
             raise CheckpointError(f"{folder}: unexpected vision tensors {sorted(unexpected)[:10]}")
     finally:
