@@ -2,7 +2,7 @@
 
 Tensors are read one at a time (memory-mapped) straight to the target device and dtype, so no second
 full copy exists in RAM. Anything missing, unexpected or mis-shaped is an error that names the tensor.
-Vision and audio towers are skipped: we serve text.
+Vision and audio towers are skipped here (`nvfp4kit.vision` loads the vision tower at the first image).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def check_all_consumed(source: WeightSource) -> None:
     cfg = source.cfg
     skipped = [n for n in source.reader.names() if n.startswith(NON_TEXT_PREFIXES)]
     if skipped:
-        log.info("skipping %d vision/audio tensors (text serving)", len(skipped))
+        log.info("%d vision/audio tensors left for nvfp4kit.vision (loaded at the first image)", len(skipped))
     shared_kv = tuple(
         f"{cfg.weight_prefix}layers.{i}.self_attn.{part}"
         for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers)
