@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from nvfp4kit.engine.structured_output import Constraint
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this are greedy (as vLLM's _SAMPLING_EPS)
 
@@ -34,6 +37,7 @@ class SamplingParams:
     skip_special_tokens: bool = False  # leave control tokens' text out (vLLM defaults to True)
     prompt_logprobs: int | None = None  # logprob of each prompt token (+ this many alternatives)
     n: int = 1  # samples per prompt (LLM.generate; the server makes n requests)
+    constraint: Constraint | None = field(default=None, compare=False)  # structured output (compiled grammar)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

@@ -81,6 +81,10 @@ class Tokenizer:
     def _special_ids(self) -> frozenset[int]:
         return frozenset(self.special_tokens.values())
 
+    def to_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (for libraries that build their own view of it)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -213,7 +213,7 @@ class Engine:
         If the batch fails, its rows are sampled one by one: a row whose sampling fails ends its own request
         with finish_reason "error"; the others go on.
         """
-        rows = [LogitsRow(req.params, len(req.output_ids), req.stop_ids) for req in sampled]
+        rows = [LogitsRow(req.params, len(req.output_ids), req.stop_ids, req.constraint) for req in sampled]
         logits = process_logits(logits, rows)
         results: list = [None] * len(sampled)
         failed: dict[int, str] = {}

@@ -1,4 +1,5 @@
-"""Per-row changes to a batch of logits before sampling: logit_bias, min_tokens, and NaN/inf safety.
+"""Per-row changes to a batch of logits before sampling: logit_bias, min_tokens, structured-output masks,
+and NaN/inf safety.
 
 `process_logits(logits [B, V], rows)` is meant to sit just before the sampler, on the same device as the
 logits, so the batched GPU sampler can call it unchanged: the work is a few indexed updates per row that
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nvfp4kit.engine.structured_output import ConstraintState
 from nvfp4kit.sampling import SamplingParams
 
 
@@ -22,10 +24,12 @@ class LogitsRow:
     params: SamplingParams
     num_output_tokens: int
     stop_ids: frozenset[int]
+    constraint: ConstraintState | None = None  # structured output: the grammar's token mask
 
     @property
     def needs_processing(self) -> bool:
-        return bool(self.params.logit_bias) or self.num_output_tokens < self.params.min_tokens
+        constrained = self.constraint is not None and not self.constraint.waiting
+        return bool(self.params.logit_bias) or self.num_output_tokens < self.params.min_tokens or constrained
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[LogitsRow]) -> torch.Tensor:
@@ -46,6 +50,8 @@ def process_logits(logits: torch.Tensor, rows: Sequence[LogitsRow]) -> torch.Ten
             if ids:
                 index = torch.tensor(ids, device=logits.device)
                 logits[i, index] += torch.tensor(bias, device=logits.device, dtype=logits.dtype)
+        if row.constraint is not None:
+            row.constraint.mask(logits[i])
         if row.num_output_tokens < row.params.min_tokens and row.stop_ids:
             stop = [t for t in row.stop_ids if 0 <= t < vocab]
             logits[i, torch.tensor(stop, device=logits.device)] = float("-inf")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nvfp4kit.engine.structured_output import ConstraintState
 from nvfp4kit.sampling import SamplingParams, StopStringMatcher
 from nvfp4kit.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -54,6 +55,7 @@ class Request:
     preemptions: int = 0
     stop_matcher: StopStringMatcher | None = None
     prompt_logprobs: list | None = None  # [None, PromptLogprob, ...] when params.prompt_logprobs is set
+    constraint: ConstraintState | None = None  # structured output: where the request is in its grammar
 
     @property
     def all_ids(self) -> list[int]:
@@ -67,6 +69,8 @@ class Request:
     def append_token(self, token_id: int, logprob: float, top: list[tuple[int, float]]) -> TokenEvent:
         """Record a sampled token and decide whether the request is done; returns the text it adds."""
         self.output_ids.append(token_id)
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
         event = self._text_event(token_id, logprob, top)
         if len(self.output_ids) == 1 and self.prompt_logprobs is not None:
             if not self.prompt_logprobs:  # a one-token prompt: nothing was predicted
@@ -132,4 +136,7 @@ def make_request(
         else None,
         generator,
         prompt_logprobs=[] if params.prompt_logprobs is not None else None,
+        constraint=params.constraint.start(tokenizer.vocab_size if tokenizer else 0)
+        if params.constraint
+        else None,
     )

@@ -34,6 +34,7 @@ from nvfp4kit.serve.streaming import (
     stream_choices,
     token_budget,
 )
+from nvfp4kit.serve.structured import request_constraint
 from nvfp4kit.serve.tool_calls import TOOL_CALL_OPEN
 from nvfp4kit.vision.inputs import ImageInputs
 from nvfp4kit.vision.openai_parts import ImagePartError, attach_images, extract_images
@@ -120,6 +121,15 @@ class ChatHandler:
             prompt += suffix
             prompt_ids = prompt_ids + self.engine.tokenizer.encode(suffix, add_bos=False)
         max_tokens = token_budget(len(prompt_ids), request.requested_max_tokens(), self.engine.max_model_len)
+        thought_end = (
+            self.engine.tokenizer.token_to_id(CHANNEL_CLOSE) if prompt_opens_reasoning(prompt) else None
+        )
+        # structured output constrains the answer, not the thought before it
+        constraint = request_constraint(self.engine, request, start_after=thought_end)
+        if constraint is not None and prefill:
+            raise APIError(
+                "a forced tool call and a structured output cannot be combined", param="tool_choice"
+            )
         try:
             params = [
                 request.sampling_params(
@@ -127,6 +137,7 @@ class ChatHandler:
                     top_logprobs=request.top_logprob_count(),
                     choice=i,
                     prompt_logprobs=request.prompt_logprobs,
+                    constraint=constraint,
                 )
                 for i in range(request.n)
             ]

@@ -28,6 +28,7 @@ from nvfp4kit.serve.streaming import (
     token_budget,
     token_text,
 )
+from nvfp4kit.serve.structured import request_constraint
 
 ENDPOINT = "completions"
 
@@ -115,6 +116,7 @@ class CompletionHandler:
         arrival = time.perf_counter()
         request.check()
         request.check_token_ids(self.engine.tokenizer.vocab_size)
+        constraint = request_constraint(self.engine, request)
         prompts = []
         vocab = self.engine.tokenizer.vocab_size
         for p, prompt in enumerate(request.prompts()):
@@ -142,6 +144,7 @@ class CompletionHandler:
                         top_logprobs=request.logprobs,
                         choice=j,
                         prompt_logprobs=request.prompt_logprob_count(),
+                        constraint=constraint,
                     )
                     for j in range(request.n)
                 ]

@@ -6,12 +6,16 @@ change nothing for a local server (`user`, `metadata`, `store`, `service_tier`) 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.serve.errors import APIError
+
+if TYPE_CHECKING:
+    from nvfp4kit.engine.structured_output import Constraint
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
@@ -32,6 +36,11 @@ def sampling_error(exc: ValueError) -> APIError:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
 
 
 class _SamplingFields(BaseModel):
@@ -60,6 +69,12 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM: {"json" | "regex" | "choice" | "grammar": ...}
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
     store: bool | None = None
@@ -107,6 +122,49 @@ class _SamplingFields(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def constraint_spec(self) -> tuple[str, Any, str] | None:
+        """(kind, spec, the field it came from) of the one structured-output request, or None; a 400 for two."""
+        found: list[tuple[str, Any, str]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("json_object", None, "response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            body = (rf.model_extra or {}).get("json_schema")
+            if not isinstance(body, dict) or not isinstance(body.get("schema", {}), (dict, bool)):
+                raise APIError("response_format.json_schema must be {name, schema}", param="response_format")
+            found.append(("json_schema", body.get("schema", {}), "response_format"))
+        elif rf is not None and rf.type != "text":
+            raise APIError(
+                f"response_format type {rf.type!r} is not supported; use text, json_object or json_schema",
+                param="response_format",
+            )
+        vllm_fields = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+        for key, value in (self.structured_outputs or {}).items():
+            if key == "json_object" and value:
+                found.append(("json_object", None, "structured_outputs"))
+            elif key in vllm_fields and value is not None:
+                spec = json.loads(value) if key == "json" and isinstance(value, str) else value
+                found.append((vllm_fields[key], spec, "structured_outputs"))
+            elif key not in ("json_object", "disable_any_whitespace", "whitespace_pattern"):
+                raise APIError(f"structured_outputs.{key} is not supported", param="structured_outputs")
+        for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                found.append(
+                    (
+                        kind,
+                        json.loads(value) if isinstance(value, str) and kind == "json_schema" else value,
+                        name,
+                    )
+                )
+        if len(found) > 1:
+            raise APIError(
+                f"ask for one structured output, not {len(found)} ({', '.join(f[2] for f in found)})",
+                param=found[1][2],
+            )
+        return found[0] if found else None
+
     def check_common(self) -> None:
         if self.stream and self.prompt_logprobs is not None:
             raise APIError(
@@ -114,7 +172,13 @@ class _SamplingFields(BaseModel):
             )
 
     def sampling_params(
-        self, *, max_tokens: int, top_logprobs: int | None, choice: int, prompt_logprobs: int | None = None
+        self,
+        *,
+        max_tokens: int,
+        top_logprobs: int | None,
+        choice: int,
+        prompt_logprobs: int | None = None,
+        constraint: Constraint | None = None,
     ) -> SamplingParams:
         """Engine parameters for choice number `choice` (choices get seed, seed+1, ... so they differ)."""
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -137,6 +201,7 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=bool(self.skip_special_tokens),
             prompt_logprobs=prompt_logprobs,
+            constraint=constraint,
         )
 
     @property
@@ -153,11 +218,6 @@ class NamedToolChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"] = "function"
     function: FunctionName
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
 
 
 class ChatMessage(BaseModel):
@@ -178,7 +238,6 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
 
@@ -192,12 +251,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise APIError("messages is empty; send at least one message", param="messages")
         if self.top_logprobs and not self.logprobs:
             raise APIError("top_logprobs needs logprobs: true", param="top_logprobs")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise APIError(
-                f"response_format type {self.response_format.type!r} is not supported (no constrained decoding); "
-                "use 'text'",
-                param="response_format",
-            )
         if self.continue_final_message and (
             self.messages[-1].role != "assistant" or self.add_generation_prompt
         ):
