@@ -8,6 +8,7 @@ from .conftest import API_KEY, MAX_MODEL_LEN
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 HI = [{"role": "user", "content": "Hi"}]
+PNG_URL = "data:image/png;base64,iVBORw0KGgo="  # a PNG signature: well-formed, never decoded here
 TOOL = {
     "type": "function",
     "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}},
@@ -65,9 +66,14 @@ CHAT_CASES = [
         "arguments is not valid JSON",
     ),
     (
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG_URL}}]}]),
+        400,
+        "no vision tower",  # the text-only tiny checkpoint
+    ),
+    (
         chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
         400,
-        "Only text content parts are supported",
+        "must be a data: URL",
     ),
     (chat(response_format={"type": "json_schema"}), 400, "use 'text'"),
     (chat(top_logprobs=3), 400, "top_logprobs needs logprobs: true"),

@@ -157,7 +157,7 @@ def check_all_consumed(source: WeightSource) -> None:
     cfg = source.cfg
     skipped = [n for n in source.reader.names() if n.startswith(NON_TEXT_PREFIXES)]
     if skipped:
-        log.info("%d vision/audio tensors left for nvfp4kit.vision (loaded at the first image)", len(skipped))
+        log.info("skipping %d vision/audio tensors (text serving)", len(skipped))
     shared_kv = tuple(
         f"{cfg.weight_prefix}layers.{i}.self_attn.{part}"
         for i in range(cfg.first_kv_shared_layer, cfg.num_hidden_layers)
