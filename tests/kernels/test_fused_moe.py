@@ -19,8 +19,8 @@ MODES = {
     "sorted_triton": MoEConfig(block_m=16, **TILES),
     "sorted_torch": MoEConfig(block_m=16, align="torch", **TILES),
     # K splits that leave a ragged last tile (H = 80 = 2.5 x 32), CUDA-core and tensor-core products
-    "split_gemv": MoEConfig(split=True, gate_up_split_k=2, **{**TILES, "gate_up_block_k": 32}),
-    "split_mma": MoEConfig(split=True, gemv=False, gate_up_split_k=3, **{**TILES, "gate_up_block_k": 32}),
+    "split_k2": MoEConfig(split=True, gate_up_split_k=2, **{**TILES, "gate_up_block_k": 32}),
+    "split_k3": MoEConfig(split=True, gate_up_split_k=3, **{**TILES, "gate_up_block_k": 32}),
     "split_whole_k": MoEConfig(split=True, **TILES),
 }
 
@@ -62,10 +62,10 @@ def _check(x, ids, weights, gate_up, down, config, bound):
         ("sorted_triton", 7, 2),
         ("sorted_triton", 33, 3),
         ("sorted_torch", 16, 2),
-        ("split_gemv", 1, 3),
-        ("split_gemv", 5, 2),
-        ("split_mma", 2, 3),
-        ("split_mma", 3, 1),
+        ("split_k2", 1, 3),
+        ("split_k2", 5, 2),
+        ("split_k3", 2, 3),
+        ("split_k3", 3, 1),
         ("split_whole_k", 4, 2),
     ],
 )
@@ -76,7 +76,7 @@ def test_moe_modes_match_reference(experts, mode, tokens, top_k):
     _check(x.bfloat16(), ids, weights, *experts, MODES[mode], MOE_BF16_BOUND)
 
 
-@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "split_gemv"])
+@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "split_k2"])
 def test_moe_dense_expert_weights(experts, mode):
     gate_up = experts[0].dequantize(torch.float32)
     down = experts[1].dequantize(torch.float32)
@@ -125,7 +125,7 @@ def test_moe_replays_in_cuda_graph(experts, mode):
 
 
 @pytest.mark.skipif(not ON_GPU or interpreting(), reason="PTX decode runs on a CUDA GPU only")
-@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "split_mma"])
+@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "split_k3"])
 def test_moe_asm_decode_matches_bits(experts, mode):
     ids, weights = _routing(12, 3, seed=5)
     x = torch.randn(12, H, device=DEVICE, dtype=torch.bfloat16)

@@ -85,6 +85,17 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
             "roofline_tokens_per_s": round(roof, 1), "pct_roofline": round(100 * result.tokens_per_s / roof, 1),
         })  # fmt: skip
         _log(f"  decode batch {batch}: {result.tokens_per_s:.1f} tok/s ({result.ms_per_step:.2f} ms/step)")
+    for batch in args.sampled_batches:  # Gemma 4's default sampling through the batched sampler
+        result = runs.decode_speed(
+            engine, batch=batch, context=args.context, steps=args.steps, sampling=runs.GEMMA_SAMPLING
+        )
+        greedy = next((r for r in rows if r["scenario"] == "decode" and r["batch"] == batch), None)
+        rows.append({
+            "scenario": "decode_sampled", "batch": batch, "prompt_len": args.context,
+            "tokens_per_s": round(result.tokens_per_s, 1), "ms_per_step": round(result.ms_per_step, 3),
+            "vs_greedy": round(result.tokens_per_s / greedy["tokens_per_s"], 3) if greedy else None,
+        })  # fmt: skip
+        _log(f"  decode batch {batch}, sampled (t=1, top-p 0.95, top-k 64): {result.tokens_per_s:.1f} tok/s")
     for length in args.prefill:
         result = runs.prefill_speed(engine, prompt_len=length)
         rows.append({"scenario": "prefill", "batch": 1, "prompt_len": length,
@@ -99,9 +110,14 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
             engine.graphs.capture()  # the graphs hold the kernels of the BF16 head: capture again
         for batch in args.decode_batches:
             result = runs.decode_speed(engine, batch=batch, context=args.context, steps=args.steps)
+            _, roof = runs.decode_roofline(
+                cfg, weights, batch=batch, context=args.context, kv_dtype=args.kv_dtype,
+                bandwidth_bytes_per_s=bandwidth, fp8_lm_head=True,
+            )  # fmt: skip
             rows.append({
                 "scenario": "decode_fp8_lm_head", "batch": batch, "prompt_len": args.context,
                 "tokens_per_s": round(result.tokens_per_s, 1), "ms_per_step": round(result.ms_per_step, 3),
+                "roofline_tokens_per_s": round(roof, 1), "pct_roofline": round(100 * result.tokens_per_s / roof, 1),
             })  # fmt: skip
             _log(f"  decode batch {batch}, FP8 lm_head: {result.tokens_per_s:.1f} tok/s")
     info = {
@@ -226,6 +242,10 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", choices=("nvfp4", "bf16"), default="nvfp4", help="random weights' format")
     p.add_argument("--kv-dtype", default="fp8_e5m2", help="KV cache dtype (default: %(default)s)")
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4, 16, 64], help="decode batch sizes")
+    p.add_argument(
+        "--sampled-batches", type=int, nargs="*", default=[16],
+        help="decode batch sizes also timed with Gemma 4's default sampling (temperature 1, top-p 0.95, top-k 64)",
+    )  # fmt: skip
     p.add_argument("--context", type=int, default=512, help="prompt tokens before the timed decode steps")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
     p.add_argument("--prefill", type=int, nargs="+", default=[1024, 8192, 32768], help="prompt lengths")

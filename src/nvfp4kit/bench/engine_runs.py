@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,10 +34,19 @@ class DecodeResult:
     ms_per_step: float
 
 
-def decode_speed(engine: Engine, *, batch: int, context: int, steps: int) -> DecodeResult:
-    """Aggregate tokens/s of `steps` decode steps of `batch` sequences whose prompts are `context` long."""
+# Gemma 4's generation_config: what a request that sets nothing samples with
+GEMMA_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95, top_k=64)
+
+
+def decode_speed(
+    engine: Engine, *, batch: int, context: int, steps: int, sampling: SamplingParams | None = None
+) -> DecodeResult:
+    """Aggregate tokens/s of `steps` decode steps of `batch` sequences whose prompts are `context` long
+    (greedy, or with `sampling`'s temperature / top-p / top-k)."""
     cfg = engine.model.config
     params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
+    if sampling is not None:
+        params = replace(sampling, max_tokens=steps + 2, ignore_eos=True)
     for b in range(batch):
         engine.add_request(random_prompt(cfg, context, seed=b), params)
     while any(r.num_computed < len(r.prompt_ids) for r in engine.requests.values()):
@@ -88,10 +97,13 @@ def decode_roofline(
     context: int,
     kv_dtype: str,
     bandwidth_bytes_per_s: float,
+    fp8_lm_head: bool = False,
 ) -> tuple[float, float]:
-    """(bytes one decode step must read, roofline tokens/s) for `batch` sequences at `context` tokens."""
+    """(bytes one decode step must read, roofline tokens/s) for `batch` sequences at `context` tokens, with
+    the head format in use."""
     kv = kv_bytes_per_token(cfg, kv_dtype=kv_dtype, k_eq_v_once=True)
     step = decode_step(
-        cfg, weights, kv, batch=batch, context=context, bandwidth_bytes_per_s=bandwidth_bytes_per_s
-    )
+        cfg, weights, kv, batch=batch, context=context, bandwidth_bytes_per_s=bandwidth_bytes_per_s,
+        fp8_lm_head=fp8_lm_head,
+    )  # fmt: skip
     return step.bytes_per_step, step.tokens_per_s

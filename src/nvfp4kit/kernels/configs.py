@@ -3,8 +3,8 @@
 A tuned table maps a weight shape and a token count to the fastest configuration measured on one card. Two
 sources, the first that has the shape wins: the user's tuning cache (`nvfp4kit tune` writes it, under
 `~/.cache/nvfp4kit/kernels/<card>/triton-<version>.json`, or `$NVFP4KIT_CACHE_DIR`), then the tables shipped in
-`tuned/<card>.json`. Lookups pick the entry for the smallest tuned M at or above the actual M (else the largest),
-so a table covers every M. Shapes no table has fall back to the heuristic, which sizes launches from the card's
+`tuned/<card>.json`. Lookups pick the entry for the smallest tuned M at or above the actual M (else the largest,
+up to twice the largest tuned M). Shapes no table has fall back to the heuristic, which sizes launches from the card's
 SM count and uses only generic (SM80+) features.
 """
 
@@ -62,7 +62,6 @@ class MoEConfig:
     align: str = "triton"  # "triton" (one program) or "torch" (a chain of torch ops)
     decode: str = "bits"
     gate_up_split_k: int = 1  # split mode: programs sharing one gate_up tile's K
-    gemv: bool = True  # split mode: CUDA-core products (True) or a 16-row tensor-core MMA (False)
 
     def __post_init__(self) -> None:
         if self.gate_up_split_k < 1:
@@ -122,10 +121,11 @@ def _read_table(path: Path) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def tables_for(slug: str, triton_version: str) -> dict:
-    """The merged table of a card: per shape, the user's cache if it has the shape, else the shipped table."""
+    """The merged table of a card: per shape and M, the user's cache where it has the entry, else the shipped table."""
     merged = _read_table(TUNED_DIR / f"{slug}.json")
     for kind, shapes in _read_table(cache_path(slug, triton_version)).items():
-        merged.setdefault(kind, {}).update(shapes)
+        for shape, entries in shapes.items():
+            merged.setdefault(kind, {}).setdefault(shape, {}).update(entries)
     return merged
 
 
@@ -143,9 +143,13 @@ def _table_for(device) -> dict:
 
 
 def _pick_bucket(entries: dict[str, dict], m: int) -> dict | None:
+    """The entry of the smallest tuned M >= m, else of the largest; None (the heuristic) past twice the
+    largest, where a decode-sized tile would run a prefill."""
     if not entries:
         return None
     tuned = sorted(int(k) for k in entries)
+    if m > 2 * tuned[-1]:
+        return None
     at_least = [t for t in tuned if t >= m]
     return entries[str(at_least[0] if at_least else tuned[-1])]
 
@@ -162,19 +166,36 @@ def config_to_dict(config: LinearConfig | MoEConfig) -> dict:
     return asdict(config)
 
 
+def _fill_split(tiles: int, k: int, block_k: int, target: int) -> int:
+    """Split-K that brings `tiles` programs up to `target`, keeping at least two K tiles per split."""
+    split = 1
+    while tiles * split < target and k // (block_k * split * 2) >= 2:
+        split *= 2
+    return split
+
+
 def heuristic_linear_config(m: int, n: int, k: int, *, sms: int) -> LinearConfig:
-    """Generic tiles: small M streams W with split-K to fill the GPU; large M uses big grouped tiles."""
+    """Launches sized from the card's SM count (rules read off tuning on the H100 and H200, 26B-A4B shapes).
+
+    Decode reads each weight once, so the grid must give every SM several programs: one or two tokens stream
+    W on the CUDA cores (8 rows x 1024 columns per program) while that makes <= 4 programs per SM, else on
+    the tensor cores in 16-row tiles; up to 16 tokens use the narrowest column block that still makes ~1.5
+    waves, split-K when even 64-wide blocks are too few; larger M uses big grouped tiles."""
+    if m <= 2:
+        if -(-n // 8) <= 4 * sms:
+            return LinearConfig("gemv", m, 8, 1024, 1, num_warps=8 if k >= 4096 else 4, num_stages=3)
+        return LinearConfig(block_m=16, block_n=16, block_k=256, num_warps=2, num_stages=3)
     if m <= 16:
-        block_n = 64
-        tiles = -(-n // block_n)
-        split = 1
-        while tiles * split < 2 * sms and k // (128 * split * 2) >= 2:
-            split *= 2
+        block_n = next((bn for bn in (64, 32, 16) if -(-n // bn) >= 3 * sms // 2), 64)
+        split = _fill_split(-(-n // block_n), k, 256, sms) if block_n == 64 else 1
+        warps = 2 if block_n == 16 else 4
         return LinearConfig(
-            block_m=16, block_n=block_n, block_k=128, split_k=split, num_warps=4, num_stages=4
+            block_m=16, block_n=block_n, block_k=256, split_k=split, num_warps=warps, num_stages=3
         )
     if m <= 64:
-        return LinearConfig(block_m=m if m in (32, 64) else 64, block_n=64, block_k=128, num_stages=4)
+        block_m = 32 if m <= 32 else 64
+        split = _fill_split(-(-m // block_m) * -(-n // 64), k, 128, sms)
+        return LinearConfig(block_m=block_m, block_n=64, block_k=128, split_k=split, num_stages=4)
     if m <= 256:
         return LinearConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
     return LinearConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, group_m=8)
@@ -211,13 +232,10 @@ def heuristic_moe_config(
     SMs; larger batches: sorted grouped GEMMs with expert blocks sized to the rows each expert gets."""
     if tokens <= 8:
         gu_bn, gu_bk = 32, 256
-        tiles = tokens * top_k * -(-inter // gu_bn)
-        split = 1
-        while tiles * split < 2 * sms and hidden // (gu_bk * split * 2) >= 2:
-            split *= 2
+        split = _fill_split(tokens * top_k * -(-inter // gu_bn), hidden, gu_bk, 2 * sms)
         return MoEConfig(
-            split=True, gemv=False, gate_up_split_k=split, gate_up_block_n=gu_bn, gate_up_block_k=gu_bk,
-            down_block_n=32, down_block_k=128,
+            split=True, gate_up_split_k=split, gate_up_block_n=gu_bn, gate_up_block_k=gu_bk,
+            down_block_n=64, down_block_k=128,
         )  # fmt: skip
     per_expert = tokens * top_k / num_experts
     if per_expert <= 24:

@@ -10,8 +10,8 @@ At decode sizes the work is reading the routed experts' weights once; the sorted
 Sums run in a fixed order whichever program arrives last, so results are deterministic (graph replay ==
 eager, bitwise). Counters are left at zero after every call: nothing syncs with the host.
 
-Each program multiplies either on the CUDA cores (`gemv`: fp32 products summed per K tile) or on the tensor
-cores (a 16-row MMA of which row 0 is the token); which is faster depends on the card (`configs.py`).
+Each program multiplies on the tensor cores with the token in row 0 of a 16-row MMA: the spare rows cost
+nothing at these sizes, while CUDA-core products would add to the decode's integer work.
 """
 
 from __future__ import annotations
@@ -26,34 +26,20 @@ from nvfp4kit.kernels.split_k import arrival_counters
 
 
 @triton.jit
-def _row_times_tile(acc, x_ptr, row, w, k0, K, BK: tl.constexpr, EVEN_K: tl.constexpr, GEMV: tl.constexpr,
-                    INTERPRET: tl.constexpr):  # fmt: skip
-    """acc + x[row, k0:k0+BK] . w[BN, BK]^T: acc is [BN] (GEMV) or [16, BN] with the row in lane 0 (MMA)."""
+def _row_times_tile(
+    acc, x_ptr, row, w, k0, K, BK: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr
+):
+    """acc [16, BN] + x[row, k0:k0+BK] . w[BN, BK]^T on the tensor cores, the row in lane 0 of 16."""
     lanes = tl.arange(0, 16)
-    if GEMV:
-        k = k0 + tl.arange(0, BK)
-        if EVEN_K:
-            x = tl.load(x_ptr + row + k)
-        else:
-            x = tl.load(x_ptr + row + k, mask=k < K, other=0.0)
-        return acc + tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
     x = load_act_tile(x_ptr + row, lanes * 0, lanes == 0, k0, K, 0, BK, EVEN_K)
     return mma(acc, x, tl.trans(w), INTERPRET)
-
-
-@triton.jit
-def _collapse(acc, GEMV: tl.constexpr):
-    """[BN] from an accumulator of `_row_times_tile` (MMA rows other than 0 are zero)."""
-    if GEMV:
-        return acc
-    return tl.sum(acc, axis=0)
 
 
 @triton.jit
 def _moe_gate_up_split_kernel(
     x_ptr, w_ptr, s_ptr, s2_ptr, act_ptr, ws_ptr, counter_ptr, topk_ids_ptr,
     num_pairs, inter, hidden, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_am,
-    TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GEMV: tl.constexpr,
+    TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
     NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     pair = tl.program_id(0)
@@ -65,25 +51,21 @@ def _moe_gate_up_split_kernel(
     row = (pair // TOP_K).to(tl.int64) * stride_xm
     rn = pid_n * BN + tl.arange(0, BN)
     rn_load = rn % inter
-    dtype = tl.float32 if GEMV else x_ptr.dtype.element_ty
-    if GEMV:
-        acc_gate = tl.zeros([BN], dtype=tl.float32)
-        acc_up = tl.zeros([BN], dtype=tl.float32)
-    else:
-        acc_gate = tl.zeros([16, BN], dtype=tl.float32)
-        acc_up = tl.zeros([16, BN], dtype=tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    acc_gate = tl.zeros([16, BN], dtype=tl.float32)
+    acc_up = tl.zeros([16, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, hidden, BK * SPLIT_K):
         wg = load_weight_tile(
             w_base, s_base, rn_load, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
         )
-        acc_gate = _row_times_tile(acc_gate, x_ptr, row, wg, k0, hidden, BK, EVEN_K, GEMV, INTERPRET)
+        acc_gate = _row_times_tile(acc_gate, x_ptr, row, wg, k0, hidden, BK, EVEN_K, INTERPRET)
         wu = load_weight_tile(
             w_base, s_base, rn_load + inter, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
         )  # fmt: skip
-        acc_up = _row_times_tile(acc_up, x_ptr, row, wu, k0, hidden, BK, EVEN_K, GEMV, INTERPRET)
+        acc_up = _row_times_tile(acc_up, x_ptr, row, wu, k0, hidden, BK, EVEN_K, INTERPRET)
     scale = fold_scale(s2_ptr, e, NVFP4, ASM)
-    gate = _collapse(acc_gate, GEMV) * scale
-    up = _collapse(acc_up, GEMV) * scale
+    gate = tl.sum(acc_gate, axis=0) * scale  # rows other than 0 are zero
+    up = tl.sum(acc_up, axis=0) * scale
     ok = rn < inter
     out_ptrs = act_ptr + pair * stride_am + rn
     if SPLIT_K == 1:
@@ -112,7 +94,7 @@ def _moe_gate_up_split_kernel(
 def _moe_down_split_kernel(
     act_ptr, w_ptr, s_ptr, s2_ptr, out_ptr, ws_ptr, counter_ptr, topk_ids_ptr, topk_w_ptr,
     hidden, inter, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-    TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GEMV: tl.constexpr,
+    TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0)
@@ -125,18 +107,15 @@ def _moe_down_split_kernel(
     row = pair.to(tl.int64) * stride_am
     rn = pid_n * BN + tl.arange(0, BN)
     rn_load = rn % hidden
-    dtype = tl.float32 if GEMV else act_ptr.dtype.element_ty
-    if GEMV:
-        acc = tl.zeros([BN], dtype=tl.float32)
-    else:
-        acc = tl.zeros([16, BN], dtype=tl.float32)
+    dtype = act_ptr.dtype.element_ty
+    acc = tl.zeros([16, BN], dtype=tl.float32)
     for k0 in range(0, inter, BK):
         w = load_weight_tile(
             w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
         )
-        acc = _row_times_tile(acc, act_ptr, row, w, k0, inter, BK, EVEN_K, GEMV, INTERPRET)
+        acc = _row_times_tile(acc, act_ptr, row, w, k0, inter, BK, EVEN_K, INTERPRET)
     route = tl.load(topk_w_ptr + pair).to(tl.float32)
-    y = _collapse(acc, GEMV) * (fold_scale(s2_ptr, e, NVFP4, ASM) * route)
+    y = tl.sum(acc, axis=0) * (fold_scale(s2_ptr, e, NVFP4, ASM) * route)
     ok = rn < hidden
     out_ptrs = out_ptr + token * stride_om + rn
     if TOP_K == 1:
@@ -183,13 +162,13 @@ def fused_moe_split(
     _moe_gate_up_split_kernel[(pairs, triton.cdiv(inter, gu_bn), split)](
         x, gate_up[0], gate_up[1], gate_up[2], act, ws, counters, ids, pairs, inter, hidden, x.stride(0),
         gate_up[3], gate_up[4], gate_up[5], gate_up[6], act.stride(0),
-        TOP_K=top_k, BN=gu_bn, BK=gu_bk, SPLIT_K=split, GEMV=config.gemv, EVEN_K=hidden % gu_bk == 0, **flags,
+        TOP_K=top_k, BN=gu_bn, BK=gu_bk, SPLIT_K=split, EVEN_K=hidden % gu_bk == 0, **flags,
         num_warps=config.gate_up_warps, num_stages=config.num_stages,
     )  # fmt: skip
     _moe_down_split_kernel[(tokens, triton.cdiv(hidden, dn_bn), top_k)](
         act, down[0], down[1], down[2], out, ws, counters, ids, route, hidden, inter, act.stride(0),
         down[3], down[4], down[5], down[6], out.stride(0),
-        TOP_K=top_k, BN=dn_bn, BK=dn_bk, GEMV=config.gemv, EVEN_K=inter % dn_bk == 0, **flags,
+        TOP_K=top_k, BN=dn_bn, BK=dn_bk, EVEN_K=inter % dn_bk == 0, **flags,
         num_warps=config.down_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

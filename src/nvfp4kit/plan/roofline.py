@@ -56,13 +56,17 @@ def decode_step(
     batch: int,
     context: int,
     bandwidth_bytes_per_s: float,
+    fp8_lm_head: bool = False,
 ) -> DecodeStep:
-    """Bytes read by one decode step of `batch` sequences at `context` tokens each."""
+    """Bytes read by one decode step of `batch` sequences at `context` tokens each (`fp8_lm_head`: logits from
+    the engine's FP8 copy of the output projection, one byte a weight and an fp32 scale a row)."""
     if batch <= 0 or context < 0:
         raise ValueError(f"batch must be positive and context non-negative (got {batch}, {context})")
     parts: dict[str, float] = {c: float(weights.get(c)) for c in ALWAYS_READ if weights.get(c)}
     if cfg.tie_word_embeddings:
         parts["lm_head"] = float(weights.get("embeddings"))  # the tied table is the output projection
+    if fp8_lm_head:
+        parts["lm_head"] = float(cfg.vocab_size * (cfg.hidden_size + 4))
     if cfg.enable_moe_block:
         distinct = expected_distinct_experts(cfg.num_experts, cfg.top_k_experts, batch)
         parts["experts"] = distinct * cfg.num_hidden_layers * expert_bytes(cfg, weights)
