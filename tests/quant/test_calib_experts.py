@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from nvfp4kit.formats.nvfp4 import E4M3_MAX, SCALE_MIN
-from nvfp4kit.quant import calib_experts
+from nvfp4kit.formats.safetensors_io import CheckpointReader
+from nvfp4kit.quant import calib_experts, quantize
 from nvfp4kit.quant.calib_experts import refine_experts, shrink_few_tokens
 from nvfp4kit.quant.calib_hessian import HessianBackend
 from nvfp4kit.quant.calib_methods import calibration_method
+from nvfp4kit.quant.calib_refine import refine_checkpoint
 from nvfp4kit.quant.calib_search import quantize_group_searched
 
 E, H, INTER = 5, 64, 32
@@ -120,3 +122,52 @@ def test_moe_statistics_sum_each_experts_routed_tokens():
         rows = (ids == e).any(-1)
         assert torch.allclose(stats["experts.gate_up"][e], x[rows].T @ x[rows], atol=1e-4)
     assert not stats["experts.gate_up"][E - 1].any() and not stats["experts.down"][E - 1].any()
+
+
+def test_tiny_checkpoint_batched_equals_expert_by_expert(
+    bf16_checkpoint, quantized, calib_file, calib_shape, tmp_path, monkeypatch
+):
+    """The whole refine pass on the tiny MoE checkpoint: all experts in one batch or one expert at a time
+    write the same bytes."""
+    num_samples, seq_len = calib_shape
+    src, base = bf16_checkpoint("moe"), quantized("moe")
+    args = dict(
+        method="gptq", calib_data=[calib_file], num_samples=num_samples, seq_len=seq_len, progress=False
+    )
+    batched = refine_checkpoint(src, base, tmp_path / "batched", **args)
+    monkeypatch.setattr(calib_experts, "experts_per_batch", lambda *a, **k: 1)
+    alone = refine_checkpoint(src, base, tmp_path / "alone", **args)
+    ours, theirs = CheckpointReader(batched), CheckpointReader(alone)
+    assert ours.names() == theirs.names()
+    for name in ours.names():
+        a, b = ours.get(name), theirs.get(name)
+        assert (
+            torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            if a.dtype == torch.float8_e4m3fn
+            else (torch.equal(a, b))
+        ), name
+
+
+def test_tiny_checkpoint_experts_without_tokens(bf16_checkpoint, calib_file, tmp_path, monkeypatch):
+    """Three 6-token samples: 36 routed pairs over 8 experts x 6 layers leave experts without tokens; they
+    still get valid scales."""
+    src = bf16_checkpoint("moe")
+    kwargs = dict(calib_data=[calib_file], num_samples=3, seq_len=6, progress=False)
+    base = quantize(src, tmp_path / "max", calib_dtype=torch.float32, **kwargs).output
+    routed = []
+    original = HessianBackend.moe
+
+    def moe(self, x, topk_ids, *rest):
+        routed.append(torch.bincount(topk_ids.flatten(), minlength=8))
+        return original(self, x, topk_ids, *rest)
+
+    monkeypatch.setattr(HessianBackend, "moe", moe)
+    out = refine_checkpoint(src, base, tmp_path / "gptq", method="gptq", **kwargs)
+    assert any((t == 0).any() for t in routed), "some expert must see no token"
+    reader = CheckpointReader(out)
+    for name in reader.names():
+        if ".experts." in name and name.endswith("weight_scale"):
+            scale = reader.get(name).float()
+            assert torch.isfinite(scale).all() and (scale >= SCALE_MIN).all(), name
+        elif ".experts." in name and name.endswith("weight_scale_2"):
+            assert torch.isfinite(reader.get(name)) and reader.get(name) > 0, name
