@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nvfp4kit.engine.structured_output import ConstraintState
+from nvfp4kit.engine.structured_output import ConstraintState, apply_constraint_masks
 from nvfp4kit.sampling import SamplingParams
 
 
@@ -28,12 +28,13 @@ class LogitsRow:
 
     @property
     def needs_processing(self) -> bool:
-        constrained = self.constraint is not None and not self.constraint.waiting
+        constrained = self.constraint is not None and self.constraint.active
         return bool(self.params.logit_bias) or self.num_output_tokens < self.params.min_tokens or constrained
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[LogitsRow]) -> torch.Tensor:
-    """Logits with each row's bias added and its stop ids masked while below min_tokens; values made finite.
+    """Logits with each row's bias added, its stop ids masked while below min_tokens and its grammar's forbidden
+    tokens masked (structured output); values made finite.
 
     Returns `logits` itself when no row needs anything (the common case), else a modified copy.
     """
@@ -50,11 +51,12 @@ def process_logits(logits: torch.Tensor, rows: Sequence[LogitsRow]) -> torch.Ten
             if ids:
                 index = torch.tensor(ids, device=logits.device)
                 logits[i, index] += torch.tensor(bias, device=logits.device, dtype=logits.dtype)
-        if row.constraint is not None:
-            row.constraint.mask(logits[i])
         if row.num_output_tokens < row.params.min_tokens and row.stop_ids:
             stop = [t for t in row.stop_ids if 0 <= t < vocab]
             logits[i, torch.tensor(stop, device=logits.device)] = float("-inf")
+    constrained = [(i, rows[i].constraint) for i in todo if rows[i].constraint is not None]
+    if constrained:
+        apply_constraint_masks(logits, constrained)
     # a bias of +-1e30 must not turn into inf - inf = NaN later on
     return torch.nan_to_num(
         logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf")
