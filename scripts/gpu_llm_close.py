@@ -13,6 +13,16 @@ from nvfp4kit import LLM, SamplingParams
 from nvfp4kit.testing.tiny import write_tiny_checkpoint
 
 
+def report_live_tensors(top: int = 8) -> None:
+    """What still holds device memory: the largest live CUDA tensors and the types that refer to them."""
+    gc.collect()
+    live = [o for o in gc.get_objects() if torch.is_tensor(o) and o.is_cuda]
+    live.sort(key=lambda t: -t.untyped_storage().nbytes())
+    for t in live[:top]:
+        owners = [type(r).__name__ for r in gc.get_referrers(t) if r is not live][:4]
+        print(f"  live {tuple(t.shape)} {t.dtype} {t.untyped_storage().nbytes() >> 10} KiB <- {owners}")
+
+
 def main() -> int:
     folder = write_tiny_checkpoint(tempfile.mkdtemp(), shape="moe", dtype=torch.bfloat16)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -22,6 +32,8 @@ def main() -> int:
     held = torch.cuda.memory_allocated()
     llm.close()
     after_close = torch.cuda.memory_allocated()
+    if after_close > before:
+        report_live_tensors()
     with LLM(folder, device="cuda", gpu_memory_utilization=0.5) as again:
         second = again.generate("Hello", params)[0].token_ids
     del again
