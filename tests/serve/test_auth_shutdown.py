@@ -94,9 +94,12 @@ def test_drain_answers_503_at_once_and_ends_streams_with_abort(scripted_server):
     assert finishes == ["abort"]
 
 
-def test_sigterm_drains_then_aborts_and_exits_cleanly(tiny_checkpoint):
+@pytest.mark.parametrize(("drain", "signals"), [("0.5", 1), ("60", 2)])
+def test_sigterm_drains_then_aborts_and_exits_cleanly(tiny_checkpoint, drain, signals):
+    """One SIGTERM: 503 at once, then the drain (0.5 s) ends the stream with abort; a second SIGTERM during a
+    60 s drain aborts and exits at once. Either way: [DONE], exit status 0, no traceback."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVFP4KIT_DRAIN_TIMEOUT": "0.5"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVFP4KIT_DRAIN_TIMEOUT": drain}
     command = [sys.executable, "-m", "nvfp4kit", "serve", str(tiny_checkpoint), "--port", str(port)]
     command += ["--dtype", "float32", "--max-model-len", "4096"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -116,13 +119,17 @@ def test_sigterm_drains_then_aborts_and_exits_cleanly(tiny_checkpoint):
             process.send_signal(signal.SIGTERM)
             time.sleep(0.1)
             assert httpx.get(base_url + "/health").status_code == 503
+            if signals == 2:
+                process.send_signal(signal.SIGTERM)
             events += [line[6:] for line in lines if line.startswith("data: ")]
+        stopped = time.monotonic()
         assert events[-1] == "[DONE]"
         finishes = [
             c["finish_reason"] for e in events[1:-1] for c in json.loads(e)["choices"] if c["finish_reason"]
         ]
         assert finishes == ["abort"]
         assert process.wait(timeout=30) == 0
+        assert time.monotonic() - stopped < 10
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,5 +1,6 @@
 """Graceful shutdown: on SIGTERM/SIGINT stop admitting, drain running requests for a bounded time, end the
-rest with finish_reason "abort", then let uvicorn stop. A second signal stops at once.
+rest with finish_reason "abort", then let uvicorn stop. A second signal aborts everything and stops at once;
+a third does not even wait for connections to close.
 
 uvicorn's own shutdown closes the listening socket first (so `/health` cannot answer 503) and then cuts
 streams that outlive its timeout mid-body. Here uvicorn's signal handler is wrapped while the app runs: the
@@ -85,10 +86,13 @@ class Drainer:
             log.info("signal %d: draining (no new requests; /health answers 503)", signum)
             self.begin(then=lambda: previous(signum, frame))
             return
-        log.warning("second signal: stopping now")
         server = getattr(previous, "__self__", None)
-        if server is not None and hasattr(server, "force_exit"):
-            server.force_exit = True
-        with contextlib.suppress(Exception):
-            self.abort_all()
+        if self._signals == 2:
+            # End every stream now (abort + [DONE]) and let uvicorn close at once: its shutdown still runs,
+            # so the engine stops cleanly and nothing is cut mid-body.
+            log.warning("second signal: aborting every request and stopping now")
+            with contextlib.suppress(Exception):
+                self.abort_all()
+        elif server is not None and hasattr(server, "force_exit"):
+            server.force_exit = True  # a third: do not even wait for connections to close
         previous(signum, frame)
