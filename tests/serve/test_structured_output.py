@@ -164,3 +164,60 @@ def test_json_mode_regex_choice_and_errors(demo_server):
     assert two.status_code == 400 and "one structured output" in two.json()["error"]["message"]
     other = post("chat/completions", **chat, response_format={"type": "yaml"})
     assert other.status_code == 400 and other.json()["error"]["param"] == "response_format"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": STR,
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                "unit": {"enum": ["c", "f"]},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": STR}, "required": ["zone"]},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_forced_tool_calls_follow_the_tool_schemas(demo_server, tool_choice):
+    async def ask_all():
+        client = AsyncOpenAI(base_url=demo_server + "/v1", api_key="none", max_retries=0, timeout=300)
+        jobs = [
+            client.chat.completions.create(
+                model="demo",
+                messages=[{"role": "user", "content": f"What is the weather in city number {i}?"}],
+                tools=[WEATHER, CLOCK],
+                tool_choice=tool_choice,
+                parallel_tool_calls=False,
+                max_tokens=120,
+                temperature=0.8,
+                seed=i,
+            )
+            for i in range(6)
+        ]
+        replies = await asyncio.gather(*jobs)
+        await client.close()
+        return replies
+
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, CLOCK)}
+    for reply in asyncio.run(ask_all()):
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        [call] = choice.message.tool_calls
+        if isinstance(tool_choice, dict):
+            assert call.function.name == "get_weather"
+        assert valid(json.loads(call.function.arguments), schemas[call.function.name]), call

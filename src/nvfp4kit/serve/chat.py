@@ -34,7 +34,7 @@ from nvfp4kit.serve.streaming import (
     stream_choices,
     token_budget,
 )
-from nvfp4kit.serve.structured import request_constraint
+from nvfp4kit.serve.structured import request_constraint, tool_call_constraint
 from nvfp4kit.serve.tool_calls import TOOL_CALL_OPEN
 from nvfp4kit.vision.inputs import ImageInputs
 from nvfp4kit.vision.openai_parts import ImagePartError, attach_images, extract_images
@@ -130,6 +130,10 @@ class ChatHandler:
             raise APIError(
                 "a forced tool call and a structured output cannot be combined", param="tool_choice"
             )
+        if prefill:  # the forced call's name and arguments follow the tools' schemas
+            named = None if choice == "required" else choice.function.name
+            parallel = request.parallel_tool_calls and named is None
+            constraint = tool_call_constraint(self.engine, tools, name=named, parallel=parallel)
         try:
             params = [
                 request.sampling_params(

@@ -8,6 +8,7 @@ from typing import Any
 
 from nvfp4kit.engine.structured_output import Constraint, ConstraintError, compile_constraint
 from nvfp4kit.serve.errors import APIError
+from nvfp4kit.serve.tool_grammar import tool_call_grammar
 
 
 def request_constraint(engine: Any, request: Any, *, start_after: int | None = None) -> Constraint | None:
@@ -27,3 +28,24 @@ def request_constraint(engine: Any, request: Any, *, start_after: int | None = N
     except ConstraintError as exc:
         raise APIError(str(exc), param=field) from exc
     return constraint.after(start_after) if start_after is not None else constraint
+
+
+def tool_call_constraint(
+    engine: Any, tools: list[dict[str, Any]], *, name: str | None, parallel: bool
+) -> Constraint | None:
+    """The grammar of a forced tool call (`tool_choice` "required" or a named function): declared names and
+    arguments that follow each tool's schema. None when llguidance is not installed (the call is then only
+    prefilled, as before)."""
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        return None
+    lark = tool_call_grammar(tools, engine.tokenizer, name=name, parallel=parallel)
+    try:
+        return compile_constraint(
+            engine.tokenizer, "grammar", lark, eos_ids=tuple(sorted(engine.stop_token_ids))
+        )
+    except ConstraintError as exc:
+        raise APIError(
+            f"the tools' parameter schemas cannot be compiled to a grammar: {exc}", param="tools"
+        ) from exc
