@@ -1,6 +1,7 @@
 """Prompt logprobs from the prefill pass: the numbers a teacher-forced forward gives, chunked or not, and
 `echo` + `logprobs` on /v1/completions shaped as lm-eval's loglikelihood requests read them."""
 
+import json
 import math
 
 import httpx
@@ -114,3 +115,36 @@ def test_vllm_prompt_logprobs_field(server):
         assert 2 <= len(entry) <= 3 and all(
             {"logprob", "rank", "decoded_token"} <= set(v) for v in entry.values()
         )
+
+
+def test_streamed_echo_carries_the_prompt_logprobs_first(server):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "temperature": 0, "logprobs": 1, "echo": True}
+    whole = httpx.post(server + "/v1/completions", json=body, headers=HEADERS, timeout=60).json()["choices"][
+        0
+    ]
+    chunks = []
+    with httpx.stream(
+        "POST", server + "/v1/completions", json={**body, "stream": True}, headers=HEADERS
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks += json.loads(line[6:])["choices"]
+    streamed = [lp for c in chunks if c["logprobs"] for lp in c["logprobs"]["token_logprobs"]]
+    assert chunks[0]["logprobs"]["token_logprobs"][0] is None and len(chunks[0]["logprobs"]["tokens"]) == len(
+        PROMPT
+    )
+    assert streamed[1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1:], abs=1e-5)
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+
+
+def test_chat_prompt_logprobs(server):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 1,
+        "prompt_logprobs": 0,
+    }
+    reply = httpx.post(server + "/v1/chat/completions", json=body, headers=HEADERS, timeout=60).json()
+    entries = reply["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == reply["usage"]["prompt_tokens"]
+    assert all(len(entry) == 1 for entry in entries[1:])  # the prompt token itself, no alternatives
