@@ -168,6 +168,9 @@ class LLM:
         engine.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:  # cuBLAS keeps a workspace per stream it ran on (graph captures)
+                clear_workspaces()
             torch.cuda.empty_cache()
 
     def _check_open(self) -> None:

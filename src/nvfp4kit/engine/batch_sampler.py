@@ -62,11 +62,6 @@ def apply_penalties_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> to
     return logits
 
 
-def _column(rows: Sequence[SampleRow], name: str, default: float, device) -> torch.Tensor:
-    values = [getattr(r.params, name) for r in rows]
-    return torch.tensor([default if v is None else float(v) for v in values], device=device)[:, None]
-
-
 def _candidates(adjusted: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, token ids) of each row's candidates, largest first: its top max(top_k) or the whole row."""
     vocab = adjusted.shape[1]
@@ -91,43 +86,52 @@ def _race_noise(rows: Sequence[SampleRow], shape: tuple[int, int], device) -> to
     return noise
 
 
+def _needs_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+
+
 def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[SampleResult]:
-    """Next token of each row of fp32 logits [B, V] (B == len(rows)); greedy rows (temperature 0) allowed."""
+    """Next token of each row of fp32 logits [B, V] (B == len(rows)); greedy rows (temperature 0) allowed.
+
+    Per-row parameters travel in one host-to-device copy and the results in one device-to-host copy; every
+    other step is a batched tensor op (a decode step pays a few tens of launches, not a few per row)."""
     logits = logits.float()
     device = logits.device
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    adjusted = finite_logits(apply_penalties_batch(logits.clone(), rows))
-    greedy = adjusted.argmax(dim=1)
-    temperature = _column(rows, "temperature", 0.0, device)
-    sampled_rows = temperature[:, 0] > 0
-    tokens = greedy
-    if bool(sampled_rows.any()):
+    adjusted = finite_logits(logits)  # a new tensor: the penalties below may write into it
+    if any(_needs_penalties(r.params) for r in rows):
+        adjusted = finite_logits(apply_penalties_batch(adjusted, rows))
+    tokens = adjusted.argmax(dim=1)  # greedy rows, and the fallback of rows with nothing left to sample
+    if any(r.params.temperature for r in rows):
+        table = [
+            [r.params.temperature or 0.0, r.params.top_k or 0, r.params.top_p or 1.0, r.params.min_p]
+            for r in rows
+        ]
+        temperature, top_k, top_p, min_p = torch.tensor(table, device=device).unbind(dim=1)
         values, ids = _candidates(adjusted, rows)
-        scaled = values / torch.where(temperature > 0, temperature, 1.0)
+        scaled = values / torch.where(temperature > 0, temperature, 1.0)[:, None]
         rank = torch.arange(values.shape[1], device=device)[None, :]
-        top_k = torch.tensor([r.params.top_k or 0 for r in rows], device=device)[:, None]
-        keep = (top_k <= 0) | (rank < top_k)
+        keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
         probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=1)
-        top_p = _column(rows, "top_p", 1.0, device)
-        keep &= (probs.cumsum(dim=1) - probs < top_p) | (top_p >= 1.0)  # the token crossing top_p stays
-        min_p = _column(rows, "min_p", 0.0, device)
-        keep &= probs >= min_p * probs[:, :1]  # candidates are sorted: column 0 holds the row's max
+        keep &= (probs.cumsum(dim=1) - probs < top_p[:, None]) | (
+            top_p[:, None] >= 1.0
+        )  # the crossing token stays
+        keep &= probs >= min_p[:, None] * probs[:, :1]  # candidates are sorted: column 0 holds the row's max
         probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=1)
-        usable = torch.isfinite(probs).all(dim=1) & (probs.sum(dim=1) > 0)
-        race = probs / _race_noise(rows, tuple(probs.shape), device)
-        choice = ids.gather(1, race.nan_to_num(nan=-1.0).argmax(dim=1, keepdim=True))[:, 0]
-        tokens = torch.where(sampled_rows & usable, choice, greedy)
-    chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+        usable = (temperature > 0) & torch.isfinite(probs).all(dim=1) & (probs.sum(dim=1) > 0)
+        race = (probs / _race_noise(rows, tuple(probs.shape), device)).nan_to_num(nan=-1.0)
+        tokens = torch.where(usable, ids.gather(1, race.argmax(dim=1, keepdim=True))[:, 0], tokens)
+    # logprobs of the model's raw distribution: logit - logsumexp, without a [B, V] log_softmax
+    lse = torch.logsumexp(logits, dim=1)
+    chosen = logits.gather(1, tokens[:, None])[:, 0] - lse
     want = max((r.params.logprobs or 0) for r in rows)
-    top_vals = top_ids = None
+    columns = [tokens.double(), chosen.double()]
     if want:
-        top_vals, top_ids = torch.topk(raw_logprobs, min(want, raw_logprobs.shape[1]), dim=1)
-    host = torch.stack([tokens.double(), chosen.double()], dim=1).tolist()  # one transfer for the step
-    top_vals = top_vals.tolist() if top_vals is not None else None
-    top_ids = top_ids.tolist() if top_ids is not None else None
+        top_vals, top_ids = torch.topk(logits, min(want, logits.shape[1]), dim=1)
+        columns += [*(top_vals - lse[:, None]).double().unbind(1), *top_ids.double().unbind(1)]
+    host = torch.stack(columns, dim=1).tolist()  # the one transfer of the step
     results = []
-    for i, (row, (token, logprob)) in enumerate(zip(rows, host)):
+    for row, values in zip(rows, host):
         n = row.params.logprobs or 0
-        top = list(zip(top_ids[i][:n], top_vals[i][:n])) if n else []
-        results.append(SampleResult(int(token), logprob, top))
+        top = [(int(values[2 + want + j]), values[2 + j]) for j in range(n)]
+        results.append(SampleResult(int(values[0]), values[1], top))
     return results

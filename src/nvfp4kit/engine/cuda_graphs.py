@@ -97,8 +97,10 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         vocab = self.model.config.vocab_size
         self._logits = torch.empty(self.max_batch, vocab, dtype=torch.float32, device=self.model.device)
+        # one side stream for every capture: cuBLAS keeps a workspace per stream it has run on
+        stream = torch.cuda.Stream(self.model.device)
         for batch in reversed(self.batch_sizes):
-            self._graphs[batch] = self._capture_one(batch)
+            self._graphs[batch] = self._capture_one(batch, stream)
         torch.cuda.synchronize(self.model.device)
         used = free_before - torch.cuda.mem_get_info(self.model.device)[0]
         log.info(
@@ -106,7 +108,7 @@ class DecodeGraphs:
             ",".join(map(str, self.batch_sizes)), time.perf_counter() - t0, used / 2**20,
         )  # fmt: skip
 
-    def _capture_one(self, batch: int) -> _DecodeGraph:
+    def _capture_one(self, batch: int, stream: torch.cuda.Stream | None = None) -> _DecodeGraph:
         device = self.model.device
         # host lists that fix the launch shapes: one token per sequence at the longest context (key splits)
         starts, lengths = [self.max_model_len - 1] * batch, [1] * batch
@@ -129,7 +131,7 @@ class DecodeGraphs:
 
         if self.eager:
             return _DecodeGraph(batch, None, forward, input_ids, per_seq, per_token, None)
-        stream = torch.cuda.Stream(device)
+        stream = stream or torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile every kernel and fill lazy caches outside the capture
