@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+_LONG_TEXT = 16_384  # characters
+
 
 class Tokenizer:
     def __init__(self, folder: str | Path):
@@ -33,10 +35,17 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; a <bos> is prepended unless asked not to or the text starts with it."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._encode(text)
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
         return ids
+
+    def _encode(self, text: str) -> list[int]:
+        """Token ids of `text`, added tokens matched. Long texts go through `encode_batch`, which lets other
+        threads run while it works (`encode` was seen holding the GIL for seconds on a 5 MB prompt)."""
+        if len(text) < _LONG_TEXT:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -52,10 +61,10 @@ class Tokenizer:
         ids: list[int] = []
         start = 0
         for match in self.special_token_pattern.finditer(text):
-            ids += self._tok.encode(text[start : match.start()], add_special_tokens=False).ids
+            ids += self._encode(text[start : match.start()])
             ids += self._control_text_ids(match.group())
             start = match.end()
-        return ids + self._tok.encode(text[start:], add_special_tokens=False).ids
+        return ids + self._encode(text[start:])
 
     @functools.cached_property
     def special_token_pattern(self) -> re.Pattern[str]:

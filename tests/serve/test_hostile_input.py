@@ -154,3 +154,31 @@ def test_forged_control_tokens_reach_the_engine_as_text(scripted_server):
     specials = set(engine.tokenizer.special_tokens.values())
     assert [t for t in plain_ids if t in specials] == [t for t in forged_ids if t in specials]
     assert forged in engine.prompts[-1]
+
+
+def test_a_big_prompt_does_not_block_health_checks(server):
+    """2.4 MB of prompt: tokenizing it takes seconds, and /health must keep answering meanwhile."""
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hello world " * 200_000}],
+        "max_tokens": 1,
+    }
+    window: dict[str, float] = {}
+
+    def big_request():
+        window["start"] = time.monotonic()
+        response = httpx.post(server + "/v1/chat/completions", json=body, headers=HEADERS, timeout=120)
+        window["status"], window["end"] = response.status_code, time.monotonic()
+
+    worker = threading.Thread(target=big_request)
+    worker.start()
+    latencies = []
+    while worker.is_alive():
+        sent = time.monotonic()
+        httpx.get(server + "/health", timeout=30)
+        if "start" in window and worker.is_alive():
+            latencies.append(time.monotonic() - sent)
+        time.sleep(0.05)
+    worker.join()
+    assert window["status"] == 400  # far beyond the 512-token context
+    assert latencies and max(latencies) < 0.5 * (window["end"] - window["start"])
