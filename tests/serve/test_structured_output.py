@@ -158,6 +158,9 @@ def test_json_mode_regex_choice_and_errors(demo_server):
     assert re.fullmatch(r"\+1-[0-9]{3}-[0-9]{4}", text)
     choice = post("completions", prompt="Pick:", structured_outputs={"choice": ["alpha", "beta"]}).json()
     assert choice["choices"][0]["text"] in ("alpha", "beta")
+    for grammar in ('start: "yes" | "no"', 'root ::= "yes" | "no"'):  # Lark and GBNF
+        answer = post("completions", prompt="Ok?", structured_outputs={"grammar": grammar}).json()
+        assert answer["choices"][0]["text"] in ("yes", "no")
     bad = post("completions", prompt="x", guided_regex="(unclosed")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex"
     two = post("completions", prompt="x", guided_regex="a", guided_choice=["b"])

@@ -59,8 +59,10 @@ def grammar_for(kind: str, spec: Any) -> str:
         return matcher.grammar_from_json_schema(json.dumps(spec), defaults=compact)
     if kind == "regex":
         return matcher.grammar_from_regex(str(spec))
-    if kind == "grammar":
-        return matcher.grammar_from_lark(str(spec))
+    if kind == "grammar":  # Lark, or GBNF/EBNF (`root ::= ...`, as llama.cpp and xgrammar write it)
+        from llguidance.gbnf_to_lark import any_to_lark
+
+        return matcher.grammar_from_lark(any_to_lark(str(spec)))
     if kind == "choice":
         if not isinstance(spec, list) or not spec or not all(isinstance(c, str) for c in spec):
             raise ConstraintError("choice must be a non-empty list of strings")
