@@ -113,6 +113,7 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         kv_cache_dtype: str | None = None,
         seed: int | None = None,
+        tune: bool = False,
     ):
         if model is None:  # as the CLI: the built-in NVFP4 demo model
             from nvfp4kit.demo import demo_model_path
@@ -146,6 +147,12 @@ class LLM:
         if self.startup_plan is not None:
             log.info("%s", self.startup_plan.format())
             engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
+        if tune and self.device.type == "cuda":  # before the weights load: the tuner needs room for copies
+            from nvfp4kit.bench.autotune import tune_model
+            from nvfp4kit.config import load_config
+
+            _, cache = tune_model(load_config(self.path), missing_only=True, log=log.debug)
+            log.info("kernel tuning cache: %s", cache)
         self.model = load_model(self.path, dtype=model_dtype, device=self.device, backend=backend)
         if fp8_lm_head:
             self.model.use_fp8_lm_head()

@@ -25,6 +25,7 @@ from nvfp4kit.kernels.configs import (
     config_to_dict,
     forget_tables,
     sm_count,
+    tables_for,
     triton_version,
 )
 
@@ -68,8 +69,10 @@ def tune_model(
     budget_s: float | None = None,
     log: Callable[[str], None] = lambda msg: None,
     progress: bool = True,
+    missing_only: bool = False,
 ) -> tuple[dict, str]:
     """Tune every shape of `cfg` on the current CUDA device; merge the winners into the tuning cache.
+    `missing_only`: skip (shape, M) entries the card's tables (cache or shipped) already have.
 
     Returns (the table of winners, the cache file written)."""
     if not torch.cuda.is_available():
@@ -80,6 +83,9 @@ def tune_model(
     budget = Budget(budget_s)
     jobs = [("linear", shape, m) for shape in shapes.linear for m in tokens]
     jobs += [("moe", None, m) for m in tokens] if shapes.moe else []
+    if missing_only:
+        have = tables_for(card_slug(device), triton_version())
+        jobs = [job for job in jobs if str(job[2]) not in have.get(job[0], {}).get(_key(job, shapes), {})]
     table: dict = {}
     bar = tqdm(jobs, desc="tuning", unit="shape", disable=not progress)
     for kind, shape, m in bar:
@@ -89,7 +95,6 @@ def tune_model(
             sets = rotation_sets(n * k * 9 // 16 + 2 * m * k, l2_bytes=l2)
             case = DenseCase.build(f"{n}x{k}", n, k, m, sets=sets, bf16_sets=0)
             cands = linear_candidates(m, n, k, sms=sms)
-            key = f"{n}x{k}"
         else:
             moe = shapes.moe
             sets = 16
@@ -97,7 +102,7 @@ def tune_model(
             cands = moe_candidates(
                 m, moe["experts"], moe["top_k"], hidden=moe["hidden"], inter=moe["inter"], sms=sms
             )
-            key = f"{moe['experts']}x{moe['top_k']}x{moe['hidden']}x{moe['inter']}"
+        key = _key((kind, shape, m), shapes)
         best, us, tried = tune_case(
             case, cands, sets=sets, calls=16 if m <= 128 else 4, budget=budget, log=log
         )
@@ -110,6 +115,15 @@ def tune_model(
     write_cache(path, table)
     forget_tables()
     return table, str(path)
+
+
+def _key(job: tuple, shapes: ModelShapes) -> str:
+    """A job's shape key in the tables: 'NxK' for a linear, 'ExTOPKxHxI' for the MoE."""
+    kind, shape, _ = job
+    if kind == "linear":
+        return f"{shape[0]}x{shape[1]}"
+    moe = shapes.moe
+    return f"{moe['experts']}x{moe['top_k']}x{moe['hidden']}x{moe['inter']}"
 
 
 def write_cache(path, table: dict) -> None:

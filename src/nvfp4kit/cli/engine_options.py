@@ -86,6 +86,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         help="logits from an FP8 copy of the output projection: half its bytes per decode step (a faster "
         "batch-1 decode) for a small change in the logits; off by default",
     )  # fmt: skip
+    g.add_argument(
+        "--tune", action="store_true",
+        help="before loading, tune the W4A16 kernels for this model's shapes on this GPU where the tuning "
+        "cache has no entry yet (a few minutes once per card; see `nvfp4kit tune`)",
+    )  # fmt: skip
 
 
 def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,4 +110,5 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "gpu_memory_budget": args.gpu_memory_budget,
         "kv_cache_memory": args.kv_cache_memory,
         "fp8_lm_head": args.fp8_lm_head,
+        "tune": args.tune,
     }
