@@ -129,7 +129,7 @@ def build(root: Path, small: bool, device: str) -> tuple[Path, Path]:
 CHILD = r"""
 import json, sys, time, resource, torch
 from nvfp4kit.quant import quantize, calib_refine, calib_layer, shard_writer
-src, out, method, device, samples, seq = sys.argv[1:7]
+src, out, method, device, samples, seq, asym = sys.argv[1:8]
 cuda = device.startswith("cuda")
 stages = {}
 def timed(key_of, fn):
@@ -152,7 +152,7 @@ import nvfp4kit.quant.pipeline as pipeline
 pipeline.refine_checkpoint = timed(lambda a, k: "refine pass", refine)
 t = time.perf_counter()
 report = quantize(src, out, calibration=method, device=device, num_samples=int(samples), seq_len=int(seq),
-                  progress=False, overwrite=True)
+                  progress=False, overwrite=True, asymmetric={"on": True, "off": False}.get(asym))
 wall = time.perf_counter() - t
 gpu = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
 print("RESULT " + json.dumps({"seconds": round(wall, 2), "peak_rss_gib": round(report.peak_rss_bytes / 2**30, 2),
@@ -163,7 +163,7 @@ print("RESULT " + json.dumps({"seconds": round(wall, 2), "peak_rss_gib": round(r
 def run_one(src: Path, layers: int, method: str, args) -> dict:
     out = Path(args.work) / f"out-{layers}-{method}"
     cmd = [sys.executable, "-c", CHILD, str(src), str(out), method, args.device, str(args.num_samples),
-           str(args.seq_len)]  # fmt: skip
+           str(args.seq_len), args.asymmetric]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     row = {"layers": layers, "method": method}
     started = time.perf_counter()
@@ -193,6 +193,12 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument(
+        "--asymmetric",
+        choices=["default", "on", "off"],
+        default="default",
+        help="gptq's full-precision twin stream (calib_asym); off: as measured on the H200",
+    )
     ap.add_argument("--out")
     args = ap.parse_args()
     ckpt = dict(zip((1, 6), build(Path(args.work), args.small, args.device)))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from nvfp4kit.model.ops import TorchBackend, gelu_tanh
 
 CLIP = 100.0
+CROSS = ":cross"  # suffix of sum c_t x_full_t x_t^T, the asymmetric statistics (calib_asym)
 
 
 def _token_weights(outputs: torch.Tensor, group: int) -> torch.Tensor:
@@ -50,10 +51,12 @@ class HessianBackend(TorchBackend):
         self.experts: dict[int, str] = {}
         self._pending: dict[int, tuple[str, torch.Tensor]] = {}
         self.stop_after: str | None = None
+        self.targets: dict[str, torch.Tensor] = {}  # this chunk's full-precision inputs, by name (asymmetric)
 
     def clear(self) -> None:
         self.hessians = {}
         self.stop_after = None
+        self.targets = {}
         for table in (self.normed, self.pair_first, self.pair_second, self.experts, self._pending):
             table.clear()
 
@@ -72,9 +75,15 @@ class HessianBackend(TorchBackend):
         self.experts[gate_up.data_ptr()] = name
 
     def _add(self, name: str, x: torch.Tensor, c: torch.Tensor | None) -> None:
-        product = _product(x, c if self.norm_aware else None)
-        old = self.hessians.get(name)
-        self.hessians[name] = product if old is None else old + product
+        c = c if self.norm_aware else None
+        self._accumulate(name, _product(x, c))
+        target = self.targets.get(name)
+        if target is not None:
+            self._accumulate(name + CROSS, _product(target, c, x))
+
+    def _accumulate(self, key: str, product: torch.Tensor) -> None:
+        old = self.hessians.get(key)
+        self.hessians[key] = product if old is None else old + product
 
     def linear(self, x, weight):
         y = super().linear(x, weight)
@@ -123,10 +132,19 @@ class HessianBackend(TorchBackend):
         c_all = _token_weights(out, out.shape[-1]) if self.norm_aware else None
         h_gate_up = self._expert_stats(f"{name}.gate_up", num_experts, x.shape[1], x.device)
         h_down = self._expert_stats(f"{name}.down", num_experts, down.shape[-1], x.device)
+        full = self.targets.get(name)  # the full-precision stream's expert inputs (asymmetric)
+        if full is not None:
+            cross_gate_up = self._expert_stats(f"{name}.gate_up{CROSS}", num_experts, x.shape[1], x.device)
+            cross_down = self._expert_stats(f"{name}.down{CROSS}", num_experts, down.shape[-1], x.device)
         for e, tokens, route, act in routed:
             c = c_all[tokens] * route.pow(2) if c_all is not None else None
             h_gate_up[e] += _product(x[tokens], c)
             h_down[e] += _product(act, c)
+            if full is not None:
+                x_full = full[tokens]
+                gate, up = F.linear(x_full, gate_up[e].to(x.dtype)).chunk(2, dim=-1)
+                cross_gate_up[e] += _product(x_full, c, x[tokens])
+                cross_down[e] += _product(gelu_tanh(gate) * up, c, act)
         tokens_seen = self.hessians.setdefault(f"{name}.tokens", torch.zeros_like(counts))
         tokens_seen += counts
         return out.to(x.dtype)
@@ -137,6 +155,28 @@ class HessianBackend(TorchBackend):
         return self.hessians[key]
 
 
-def _product(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+def _product(x: torch.Tensor, c: torch.Tensor | None, other: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t c_t x_t other_t^T (other defaults to x)."""
     x = x.float()
-    return (x if c is None else x * c[:, None].to(x.device)).T @ x
+    other = x if other is None else other.float()
+    return (x if c is None else x * c[:, None].to(x.device)).T @ other
+
+
+class CaptureBackend(HessianBackend):
+    """Runs the full-precision twin of a layer and keeps, per chunk, the inputs of the watched linears and
+    experts by name (no statistics): the targets of the asymmetric statistics."""
+
+    name = "capture"
+
+    def __init__(self) -> None:
+        super().__init__(norm_aware=False)
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def _add(self, name: str, x: torch.Tensor, c: torch.Tensor | None) -> None:
+        self.captured[name] = x
+
+    def moe(self, x, topk_ids, topk_weights, gate_up, down):
+        name = self.experts.get(gate_up.data_ptr()) if isinstance(gate_up, torch.Tensor) else None
+        if name is not None and self.recording:
+            self.captured[name] = x
+        return TorchBackend.moe(self, x, topk_ids, topk_weights, gate_up, down)

@@ -18,8 +18,9 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.model.gemma4 import DecoderLayer
 from nvfp4kit.model.layers import Linear
+from nvfp4kit.quant.calib_asym import corrected_weight
 from nvfp4kit.quant.calib_experts import refine_experts
-from nvfp4kit.quant.calib_hessian import HessianBackend
+from nvfp4kit.quant.calib_hessian import CROSS, HessianBackend
 from nvfp4kit.quant.calib_methods import GroupQuantizer
 
 STAGES = ("qkv", "o", "ffn", "ple")  # a layer's linears in the order their inputs depend on each other
@@ -73,11 +74,17 @@ class LayerRefiner:
         return self.is_quantized(expert_module(f"layers.{index}.experts", 0, "gate_proj"))
 
     def refine_linear(
-        self, linear: Linear, modules: list[str], hessian: torch.Tensor | None
+        self,
+        linear: Linear,
+        modules: list[str],
+        hessian: torch.Tensor | None,
+        cross: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Re-quantize one fused group (rows of `linear` split as `modules`) and set it back dequantized."""
+        """Re-quantize one fused group (rows of `linear` split as `modules`) and set it back dequantized;
+        given the asymmetric statistics `cross`, towards the full-precision stream's outputs (calib_asym)."""
         weight = linear.weight
-        parts = list(torch.split(weight, list(linear.splits), dim=0)) if len(modules) > 1 else [weight]
+        target = weight if cross is None or hessian is None else corrected_weight(weight, hessian, cross)
+        parts = list(torch.split(target, list(linear.splits), dim=0)) if len(modules) > 1 else [target]
         quantized = self.quantizer(parts, hessian)
         out: dict[str, torch.Tensor] = {}
         for module, q in zip(modules, quantized):
@@ -97,7 +104,8 @@ class LayerRefiner:
         out: dict[str, torch.Tensor] = {}
         for stage, modules, linear in _linear_groups(layer, index):
             if stage in stages and self.is_quantized(modules[0]):
-                out.update(self.refine_linear(linear, modules, hessians.get(modules[0])))
+                hessian, cross = hessians.get(modules[0]), hessians.get(modules[0] + CROSS)
+                out.update(self.refine_linear(linear, modules, hessian, cross))
         if "ffn" in stages and layer.moe and self._experts_quantized(index):
             out.update(self._refine_experts(layer, f"layers.{index}.", hessians))
         return out
@@ -108,14 +116,24 @@ class LayerRefiner:
         """Every expert at once (calib_experts), written per expert as ModelOpt names them."""
         experts = layer.experts
         gate_up, down = experts.gate_up, experts.down
+        stats = {k: hessians.get(f"{p}experts.{k}") for k in ("gate_up", "down", "tokens")}
+        targets = []
+        for name, w in (("gate_up", gate_up), ("down", down)):
+            cross = hessians.get(f"{p}experts.{name}{CROSS}")
+            h, tokens = stats[name], stats["tokens"]
+            if cross is None or h is None or tokens is None:
+                targets.append(w)
+            else:  # experts with fewer tokens than inputs keep their weights (calib_experts shrinks them)
+                targets.append(corrected_weight(w, h, cross, keep=tokens < w.shape[-1]))
         quantized = refine_experts(
             self.quantizer,
-            gate_up,
-            down,
-            hessian_gate_up=hessians.get(f"{p}experts.gate_up"),
-            hessian_down=hessians.get(f"{p}experts.down"),
-            tokens=hessians.get(f"{p}experts.tokens"),
+            targets[0],
+            targets[1],
+            hessian_gate_up=stats["gate_up"],
+            hessian_down=stats["down"],
+            tokens=stats["tokens"],
         )
+        del targets
         # set back dequantized first (on the device), then the checkpoint tensors from one CPU copy each
         new_gate_up = torch.cat([q.dequantize(gate_up.dtype) for q in quantized[:2]], dim=1)
         experts.set_weights(new_gate_up, quantized[2].dequantize(down.dtype))

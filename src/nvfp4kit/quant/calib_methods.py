@@ -28,6 +28,7 @@ class CalibrationMethod:
     help: str  # one line, shown by `nvfp4kit quantize --help`
     quantize_group: GroupQuantizer | None  # None: max calibration, no refine pass
     needs_data: bool  # whether the refine pass runs calibration tokens through the model
+    asymmetric: bool = False  # fit each linear to the full-precision model's outputs (calib_asym)
 
     @property
     def refines(self) -> bool:
@@ -74,6 +75,7 @@ CALIBRATION_METHODS: dict[str, CalibrationMethod] = {
             "searched scales + GPTQ error-feedback rounding on the calibration activations (most accurate)",
             _gptq,
             needs_data=True,
+            asymmetric=True,
         ),
     )
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from nvfp4kit.model.gemma4 import DecoderLayer, Gemma4Model
 from nvfp4kit.model.loader import fill_layer
 from nvfp4kit.model.weight_sources import WeightSource
 from nvfp4kit.quant.calib_data import calibration_samples
-from nvfp4kit.quant.calib_hessian import HessianBackend, StageDone
+from nvfp4kit.quant.calib_hessian import CaptureBackend, HessianBackend, StageDone
 from nvfp4kit.quant.calib_layer import LayerRefiner, watch_stage
 from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS, calibration_method
 from nvfp4kit.quant.calibrate import CalibrationContext, chunk_samples
@@ -57,6 +58,7 @@ def refine_checkpoint(
     device: str | torch.device = "cpu",
     shard_size: str | int = "5GB",
     norm_aware: bool = True,
+    asymmetric: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -64,13 +66,16 @@ def refine_checkpoint(
 
     `calib_data`, `num_samples`, `seq_len`: calibration text as `quantize` takes it (default: the built-in
     corpus); text like the model's real use works best. `norm_aware`: weight tokens by how much the RMSNorm
-    after each linear amplifies their error (calib_hessian). Runs on `device` in fp32, one layer at a time.
+    after each linear amplifies their error (calib_hessian). `asymmetric`: also run the full-precision model
+    beside the re-quantized one and fit each linear to its outputs (calib_asym; default: the method's
+    choice, on for gptq). Runs on `device` in fp32, one layer at a time.
     """
     calib = calibration_method(method)
     if calib.quantize_group is None:
         refining = [name for name, m in CALIBRATION_METHODS.items() if m.refines]
         raise ValueError(f"{method!r} is what quantize writes; refine takes one of {', '.join(refining)}")
     src, quantized, out, device = Path(src), Path(quantized), Path(out), torch.device(device)
+    asymmetric = calib.asymmetric if asymmetric is None else asymmetric
     if not (quantized / HF_QUANT_CONFIG).is_file():
         raise ValueError(
             f"{quantized} has no {HF_QUANT_CONFIG}: refine needs an NVFP4 export made by quantize"
@@ -84,14 +89,16 @@ def refine_checkpoint(
     try:
         writer = ShardedWriter(stage, max_shard_bytes=parse_size(shard_size))
         lengths: list[int] = []
-        hidden = ple = None
+        hidden = ple = full_ple = None
         if calib.needs_data:
             samples = calibration_samples(
                 Tokenizer(src), calib_data, num_samples=num_samples, seq_len=seq_len
             )
             lengths = [len(s) for s in samples]
             ids = torch.tensor([t for s in samples for t in s], device=device)
-            hidden, ple, refined = _model_inputs(cfg, source, refiner, ids, norm_aware=norm_aware)
+            hidden, ple, full_ple, refined = _model_inputs(
+                cfg, source, refiner, ids, norm_aware=norm_aware, full=asymmetric
+            )
         else:
             refined = _refine_ple_projection(cfg, source, refiner)
         layer_root = f"{cfg.weight_prefix}layers."
@@ -100,6 +107,8 @@ def refine_checkpoint(
                 writer.add(name, refined[name] if name in refined else quant.get(name))
         _check_known(refined, quant, cfg.weight_prefix, quantized)
         kv_store: KVStore = {}
+        full = hidden.clone() if asymmetric and hidden is not None else None  # the full-precision stream
+        kv_full: KVStore = {}
         bar = tqdm(
             range(cfg.num_hidden_layers), desc=f"refine ({method})", unit="layer", disable=not progress
         )
@@ -109,18 +118,34 @@ def refine_checkpoint(
             fill_layer(layer, source, f"layers.{i}.")
             layer.to(device)
             layer_ple = ple[:, i] if ple is not None else None
+            twin = None
+            if full is not None:  # the same layer unquantized, fed the full-precision stream
+                capture = CaptureBackend()
+                twin_layer = DecoderLayer(cfg, i, capture)
+                fill_layer(twin_layer, source, f"layers.{i}.")
+                twin_layer.to(device)
+                twin_ple = full_ple[:, i] if full_ple is not None else None
+                twin = _Twin(twin_layer, capture, backend, full, twin_ple, kv_full)
             if hidden is None:
                 refined = refiner.refine(layer, i, {})
             else:  # stage by stage, each on inputs through the re-quantized stages before it
                 refined = {}
                 for step in refiner.active_stages(layer, i):
                     watch_stage(backend, layer, i, step)
-                    _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device, record=True)
+                    if twin is not None:
+                        watch_stage(twin.capture, twin.layer, i, step)
+                    _run_layer(
+                        layer, hidden, layer_ple, lengths, cfg, kv_store, device, record=True, twin=twin
+                    )
                     refined.update(refiner.refine(layer, i, backend.hessians, stages=(step,)))
                     backend.clear()
                 backend.recording = False
                 hidden = _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
                 assert hidden is not None
+                if twin is not None:
+                    twin.capture.recording = False
+                    full = _run_layer(twin.layer, full, twin.ple, lengths, cfg, kv_full, device)
+                    del twin
             prefix = f"{layer_root}{i}."
             for name in quant.names():
                 if name.startswith(prefix):
@@ -170,10 +195,16 @@ def _refine_ple_projection(
 
 @torch.no_grad()
 def _model_inputs(
-    cfg: Gemma4TextConfig, source: WeightSource, refiner: LayerRefiner, ids: torch.Tensor, *, norm_aware: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    cfg: Gemma4TextConfig,
+    source: WeightSource,
+    refiner: LayerRefiner,
+    ids: torch.Tensor,
+    *,
+    norm_aware: bool,
+    full: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Layer-0 inputs of the calibration tokens, the per-layer inputs (E2B/E4B) through the re-quantized
-    projection, and that projection's new tensors."""
+    projection and (`full`) through the unquantized one, and that projection's new tensors."""
     backend = HessianBackend(norm_aware=norm_aware)
     model = Gemma4Model(cfg, backend=backend)
     # only the table rows the calibration tokens use (a lookup is a copy, so this is exact)
@@ -181,26 +212,42 @@ def _model_inputs(
     model.embed_tokens = _rows(source, "embed_tokens.weight", used)
     hidden = model.embed(local)
     if not cfg.hidden_size_per_layer_input:
-        return hidden, None, {}
+        return hidden, None, None, {}
     model.embed_tokens_per_layer = _rows(source, "embed_tokens_per_layer.weight", used)
     model.per_layer_model_projection.set_weight(source.linear(PLE_PROJECTION))
     model.per_layer_projection_norm.weight.data = source.tensor("per_layer_projection_norm.weight")
     model.to(ids.device)
     refined: dict[str, torch.Tensor] = {}
+    full_ple = None
     if refiner.is_quantized(PLE_PROJECTION):  # per_layer_projection_norm normalises groups of P
         backend.watch_normed(
             model.per_layer_model_projection.weight, PLE_PROJECTION, group=cfg.hidden_size_per_layer_input
         )
-        model.per_layer_inputs(local, hidden)
+        unquantized = model.per_layer_inputs(local, hidden)
+        full_ple = unquantized if full else None
+        del unquantized
         refined = _refine_ple_projection(cfg, source, refiner, model, backend.hessians[PLE_PROJECTION])
         backend.clear()
     backend.recording = False
-    return hidden, model.per_layer_inputs(local, hidden), refined
+    ple = model.per_layer_inputs(local, hidden)
+    return hidden, ple, full_ple if full_ple is not None or not full else ple, refined
 
 
 def _rows(source: WeightSource, name: str, rows: torch.Tensor) -> torch.Tensor:
     table = source.reader.get(source.key(name))
     return table[rows.cpu()].to(device=source.device, dtype=source.dtype)
+
+
+@dataclass
+class _Twin:
+    """The full-precision twin of the layer being refined (asymmetric statistics)."""
+
+    layer: DecoderLayer
+    capture: CaptureBackend
+    backend: HessianBackend  # the refined layer's, which takes the twin's inputs as targets
+    hidden: torch.Tensor
+    ple: torch.Tensor | None  # E2B/E4B: per-layer inputs through the unquantized projection
+    kv_store: KVStore
 
 
 @torch.no_grad()
@@ -214,10 +261,12 @@ def _run_layer(
     device: torch.device,
     *,
     record: bool = False,
+    twin: _Twin | None = None,
 ) -> torch.Tensor | None:
     """The layer's outputs for all calibration tokens, a chunk of whole samples at a time. Keys/values that
     later layers reuse land in `kv_store`; a layer's last run is the one they keep. `record`: only for the
-    statistics the backend collects; it may stop each chunk early (StageDone), and nothing is returned."""
+    statistics the backend collects; it may stop each chunk early (StageDone), and nothing is returned.
+    `twin`: first run each chunk through the full-precision twin and hand its inputs to the statistics."""
     result = None if record else torch.empty_like(hidden)
     offsets = [0]
     for n in lengths:
@@ -225,6 +274,16 @@ def _run_layer(
     for c, (a, b) in enumerate(chunk_samples(lengths, max_tokens=CHUNK_TOKENS)):
         sl = slice(offsets[a], offsets[b])
         ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store=kv_store, device=device)
+        if twin is not None:
+            twin.capture.captured = {}
+            twin_ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store=twin.kv_store, device=device)
+            try:
+                twin.layer(
+                    twin.hidden[sl], twin_ctx, per_layer_input[sl] if per_layer_input is not None else None
+                )
+            except StageDone:
+                pass
+            twin.backend.targets = twin.capture.captured
         try:
             y = layer(hidden[sl], ctx, per_layer_input[sl] if per_layer_input is not None else None)
         except StageDone:

@@ -82,13 +82,16 @@ def quantize(
     overwrite: bool = False,
     device: str | torch.device = "cpu",
     calib_dtype: str | torch.dtype | None = None,
+    asymmetric: bool | None = None,
     progress: bool = True,
 ) -> QuantizeReport:
     """Quantize the BF16 Gemma 4 checkpoint folder `src` to NVFP4 in `out` (ModelOpt 0.47's format).
 
     `calibration`: a name of `CALIBRATION_METHODS` (max, mse, mse-output, gptq). `calib_dtype` is the dtype
     the max pass calibrates in (default: float32 on CPU, bfloat16 on CUDA); the refine pass of the other
-    methods runs in float32. Weights are always quantized from the checkpoint's own values.
+    methods runs in float32. Weights are always quantized from the checkpoint's own values. `asymmetric`:
+    whether the refine pass fits each linear to the full-precision model's outputs (default: the method's
+    choice; gptq does).
     """
     started = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -105,7 +108,7 @@ def quantize(
         report = _quantize_max(src, base, overwrite=True, started=started, **max_pass)
         refine_checkpoint(src, base, out, method=calibration, calib_data=calib_data, num_samples=num_samples,
                           seq_len=seq_len, device=device, shard_size=shard_size, overwrite=overwrite,
-                          progress=progress)  # fmt: skip
+                          asymmetric=asymmetric, progress=progress)  # fmt: skip
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return replace(
