@@ -75,7 +75,8 @@ CHAT_CASES = [
         400,
         "must be a data: URL",
     ),
-    (chat(response_format={"type": "json_schema"}), 400, "use 'text'"),
+    (chat(response_format={"type": "json_schema"}), 400, "json_schema must be {name, schema}"),
+    (chat(response_format={"type": "yaml"}), 400, "use text, json_object or json_schema"),
     (chat(top_logprobs=3), 400, "top_logprobs needs logprobs: true"),
     (chat(stop=[""]), 400, "stop strings must not be empty"),
 ]
