@@ -38,6 +38,12 @@ def register(p: argparse.ArgumentParser) -> None:
         nargs="?",
         help="checkpoint folder (config.json, *.safetensors, tokenizer.json); default: the built-in NVFP4 demo model",
     )
+    p.add_argument(
+        "--random-weights",
+        metavar="SHAPE",
+        help="serve random NVFP4 weights of a preset's shape instead of a checkpoint (gemma-4-26b-a4b or "
+        "26b-a4b, any `nvfp4kit plan` preset, tiny-moe): real speeds, nonsense text, no download",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=30000, help="port to listen on (default 30000)")
     p.add_argument(
@@ -65,8 +71,11 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    random_weights = getattr(args, "random_weights", None)
+    if random_weights and args.model:
+        raise ValueError("give a model folder or --random-weights SHAPE, not both")
     folder, default_name = resolve_model(args.model)
-    if not (folder / "config.json").is_file():
+    if not random_weights and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json there)\n{MODEL_HELP}")
 
     import uvicorn
@@ -77,7 +86,13 @@ def run(args: argparse.Namespace) -> int:
     from nvfp4kit.serve.chat_template import load_chat_template
 
     log = logging.getLogger("nvfp4kit.serve")
-    llm = LLM(folder, dtype=args.dtype, device=args.device, **llm_arguments(args))
+    if random_weights:  # the shape's speed without a download (nvfp4kit.testing.random_llm)
+        from nvfp4kit.testing.random_llm import RandomLLM
+
+        llm = RandomLLM(random_weights, dtype=args.dtype, device=args.device, **llm_arguments(args))
+        folder, default_name = llm.path, f"{llm.shape}-random"
+    else:
+        llm = LLM(folder, dtype=args.dtype, device=args.device, **llm_arguments(args))
     template = load_chat_template(folder)
     names = args.served_model_name or [default_name]
     app = create_app(engine_for(llm), template=template, model_names=names, api_key=args.api_key)

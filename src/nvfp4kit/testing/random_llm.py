@@ -1,0 +1,145 @@
+"""`RandomLLM`: an `LLM` whose model has random NVFP4 weights of a preset's shape, built on the device.
+
+`nvfp4kit serve --random-weights gemma-4-26b-a4b` serves one, so the server can be measured at the real
+26B-A4B shape with no download (`nvfp4kit bench serve` against it): the weights come from
+`testing.random_model` (as `nvfp4kit bench engine` builds them), every route works, the speeds are the shape's
+and the text is nonsense. The folder the server reads (config, generation config, chat template, tokenizer) is
+written to a temporary directory: the tokenizer is the byte-level test tokenizer (Gemma 4's control tokens at
+their ids) padded with `<unusedN>` tokens to the model's vocabulary, so every sampled id decodes to text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import weakref
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, config_from_dict, list_presets
+from nvfp4kit.engine.engine import Engine, EngineConfig, resolve_kv_dtype
+from nvfp4kit.engine.sizing import MemoryOptions, measure_device_memory, plan_engine_memory
+from nvfp4kit.generate import LLM
+from nvfp4kit.model.loader import resolve_dtype
+from nvfp4kit.plan.weights import weights_from_config
+from nvfp4kit.testing.random_model import random_model
+from nvfp4kit.testing.tiny import write_tokenizer
+from nvfp4kit.testing.tiny_config import SHAPES, tiny_text_config
+from nvfp4kit.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+GENERATION_CONFIG = {"bos_token_id": 2, "pad_token_id": 0, "eos_token_id": [1, 106, 50], "do_sample": True,
+                     "temperature": 1.0, "top_p": 0.95, "top_k": 64}  # fmt: skip
+
+
+def random_shapes() -> list[str]:
+    """Names `--random-weights` takes: the presets (`gemma-4-26b-a4b`, also `26b-a4b`) and `tiny-moe` etc."""
+    return [*list_presets(), *(f"tiny-{s}" for s in sorted(SHAPES))]
+
+
+def random_shape_config(name: str) -> tuple[str, dict, dict]:
+    """(canonical name, text config dict, generation config) of a preset or a tiny test shape."""
+    if name.startswith("tiny-") and name[5:] in SHAPES:
+        return name, tiny_text_config(name[5:]), dict(GENERATION_CONFIG)
+    for candidate in (name, f"gemma-4-{name}"):
+        file = PRESET_DIR / f"{candidate}.json"
+        if file.is_file():
+            raw = json.loads(file.read_text())
+            text = raw["config"].get("text_config") or raw["config"]
+            return candidate, dict(text), raw.get("generation_config") or dict(GENERATION_CONFIG)
+    raise ValueError(f"unknown shape {name!r} for random weights; known: {', '.join(random_shapes())}")
+
+
+def write_random_folder(name: str, folder: str | Path) -> Gemma4TextConfig:
+    """Write what a server reads besides the weights (config, generation config, tokenizer, chat template)."""
+    _, text, generation = random_shape_config(name)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = {**text, "model_type": "gemma4_text"}
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["Gemma4ForCausalLM"], **text}, indent=1)
+    )
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=1))
+    write_tokenizer(folder, text["vocab_size"])
+    return config_from_dict(text, generation_config=generation)
+
+
+class RandomLLM(LLM):
+    """`LLM` with random all-NVFP4 weights of `shape` (a preset name or `tiny-moe`, `tiny-dense`, `tiny-e2b`).
+
+    Takes `LLM`'s engine and memory keywords; on a GPU the KV cache is planned as for a checkpoint, from the
+    planner's weight bytes for the shape."""
+
+    def __init__(
+        self,
+        shape: str = "gemma-4-26b-a4b",
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        engine_config: EngineConfig | None = None,
+        gpu_memory_utilization: float | None = None,
+        gpu_memory_budget: int | str | None = None,
+        kv_cache_memory: int | str | None = None,
+        fp8_lm_head: bool = False,
+        tune: bool = False,
+        seed: int | None = None,
+        weights_seed: int = 0,
+    ):
+        self.shape, _, _ = random_shape_config(shape)
+        self.path = Path(tempfile.mkdtemp(prefix=f"nvfp4kit-random-{self.shape}-"))
+        self._remove_folder = weakref.finalize(self, shutil.rmtree, str(self.path), True)  # also at exit
+        self.engine = self.model = None  # close() works from here on
+        cfg = write_random_folder(self.shape, self.path)
+        self.device = torch.device(device)
+        self.seed = seed
+        self._request_counter = 0
+        engine_config = engine_config or EngineConfig()
+        if kv_cache_memory is not None:
+            engine_config = replace(engine_config, num_kv_tokens=None)
+        options = MemoryOptions.parse(
+            gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_budget=gpu_memory_budget,
+            kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else engine_config.kv_cache_memory,
+        )
+        model_dtype = resolve_dtype(dtype, self.device)
+        extra = cfg.vocab_size * (cfg.hidden_size + 4) if fp8_lm_head else 0
+        self.startup_plan = plan_engine_memory(
+            cfg,
+            weights_bytes=weights_from_config(cfg, recipe="all-nvfp4").text_bytes + extra,
+            memory=measure_device_memory(self.device),
+            options=options,
+            config=engine_config,
+            kv_dtype=resolve_kv_dtype(engine_config.kv_dtype, model_dtype=model_dtype),
+        )
+        if self.startup_plan is not None:
+            log.info("%s", self.startup_plan.format())
+            engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
+        if tune and self.device.type == "cuda":
+            from nvfp4kit.bench.autotune import tune_model
+
+            _, cache = tune_model(cfg, missing_only=True, log=log.debug)
+            log.info("kernel tuning cache: %s", cache)
+        log.info("building random NVFP4 weights of %s on %s", self.shape, self.device)
+        self.model = random_model(
+            cfg, quantized=True, dtype=model_dtype, device=self.device, seed=weights_seed
+        )
+        if fp8_lm_head:
+            self.model.use_fp8_lm_head()
+        self.config = self.model.config
+        self.tokenizer = Tokenizer(self.path)
+        self.generation_config = json.loads((self.path / "generation_config.json").read_text())
+        self.engine = Engine(
+            self.model, self.tokenizer, config=engine_config, generation_config=self.generation_config
+        )
+        self.max_model_len = self.engine.max_model_len
+
+    def close(self) -> None:
+        """Release the engine and weights (as `LLM.close`) and delete the temporary folder."""
+        super().close()
+        if "_remove_folder" in self.__dict__:
+            self._remove_folder()

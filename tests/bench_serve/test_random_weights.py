@@ -1,0 +1,45 @@
+"""`nvfp4kit serve --random-weights SHAPE`: an LLM with random NVFP4 weights of a preset's shape."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from nvfp4kit.cli import serve as serve_cli
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.testing.random_llm import RandomLLM, random_shape_config, random_shapes
+
+
+def test_shape_names():
+    assert random_shape_config("26b-a4b")[0] == random_shape_config("gemma-4-26b-a4b")[0] == "gemma-4-26b-a4b"
+    name, text, generation = random_shape_config("gemma-4-26b-a4b")
+    assert text["hidden_size"] == 2816 and text["num_experts"] == 128 and text["vocab_size"] == 262144
+    assert generation["eos_token_id"] == [1, 106, 50]
+    assert {"gemma-4-26b-a4b", "tiny-moe"} <= set(random_shapes())
+    with pytest.raises(ValueError, match="known: .*gemma-4-26b-a4b"):
+        random_shape_config("gemma-5")
+
+
+def test_random_llm_generates_and_cleans_up():
+    llm = RandomLLM("tiny-moe", seed=0)
+    folder = llm.path
+    assert (folder / "tokenizer.json").is_file() and (folder / "chat_template.jinja").is_file()
+    assert llm.tokenizer.vocab_size == llm.config.vocab_size  # every sampled id decodes
+    assert llm.model.layers[0].self_attn.qkv_proj.quantized
+    out = llm.generate(
+        ["hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False
+    )
+    assert len(out[0].token_ids) == 5
+    again = llm.generate(
+        ["hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False
+    )
+    assert again[0].token_ids == out[0].token_ids
+    llm.close()
+    assert not folder.exists()
+
+
+def test_serve_refuses_a_folder_and_random_weights_together():
+    args = argparse.Namespace(model="/some/folder", random_weights="26b-a4b")
+    with pytest.raises(ValueError, match="not both"):
+        serve_cli.run(args)

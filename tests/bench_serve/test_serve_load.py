@@ -1,0 +1,142 @@
+"""`nvfp4kit bench serve` on the CPU: its statistics, its workload, and runs against the built-in demo model
+(one server for the module, tiny numbers) and against a server it starts on random weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+from nvfp4kit.bench.serve_load import (
+    RequestResult,
+    check_loopback,
+    corpus_text,
+    load_levels,
+    percentile,
+    sample_lengths,
+    summarize,
+)
+from nvfp4kit.bench.serve_load_server import ServerOptions, serve_command, started_server
+from nvfp4kit.cli import main
+
+
+def test_percentiles_match_numpy():
+    values = [random.Random(1).uniform(0, 5) for _ in range(37)]
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([], 50) is None
+
+
+def test_lengths_stay_in_the_range_and_repeat_with_the_seed():
+    lengths = sample_lengths(random.Random(3), 100, 0.5, 500)
+    assert min(lengths) >= 50 and max(lengths) <= 150 and 90 < sum(lengths) / 500 < 110
+    assert lengths == sample_lengths(random.Random(3), 100, 0.5, 500)
+    assert sample_lengths(random.Random(0), 7, 0.0, 3) == [7, 7, 7]
+    assert min(sample_lengths(random.Random(0), 1, 1.0, 50)) == 1
+
+
+def test_only_loopback_urls():
+    assert check_loopback("http://127.0.0.1:30000/") == "http://127.0.0.1:30000"
+    assert check_loopback("http://localhost:8000") == "http://localhost:8000"
+    assert check_loopback("http://[::1]:8000") == "http://[::1]:8000"
+    for url in ("http://10.0.0.1:30000", "http://example.com", "ftp://127.0.0.1", "127.0.0.1:30000"):
+        with pytest.raises(ValueError, match="loopback"):
+            check_loopback(url)
+
+
+def test_levels_and_corpus():
+    args = lambda c, r: type("A", (), {"concurrency": c, "request_rate": r})  # noqa: E731
+    assert load_levels(args(None, None)) == [(1, math.inf)]
+    assert load_levels(args([1, 8], None)) == [(1, math.inf), (8, math.inf)]
+    assert load_levels(args(None, [2.0])) == [(None, 2.0)]
+    assert load_levels(args([4], [1.0, 2.0])) == [(4, 1.0), (4, 2.0)]
+    text = corpus_text()
+    assert len(text) > 100_000 and "<|turn>" not in text and "<turn|>" not in text
+
+
+def test_summary_of_known_requests():
+    results = [
+        RequestResult(
+            turn=0, ok=True, prompt_tokens=10, output_tokens=5, ttft=0.1, latency=0.5, itl=[0.1] * 4
+        ),
+        RequestResult(
+            turn=1, ok=True, prompt_tokens=30, output_tokens=3, ttft=0.3, latency=0.5, itl=[0.1] * 2
+        ),
+        RequestResult(turn=1, error="HTTP 500: boom"),
+    ]
+    row = summarize(results, duration=2.0)
+    assert (row["requests"], row["completed"], row["failed"]) == (3, 2, 1)
+    assert row["request_throughput"] == 1.0 and row["output_tokens_per_s"] == 4.0
+    assert row["input_tokens_per_s"] == 20.0
+    assert row["ttft_ms_mean"] == 200.0 and row["tpot_ms_mean"] == 100.0 and row["itl_ms_p50"] == 100.0
+    assert row["ttft_ms_mean_by_turn"] == [100.0, 300.0] and row["input_tokens_mean_by_turn"] == [10, 30]
+    assert row["cached_tokens_mean_by_turn"] is None and row["errors"] == ["HTTP 500: boom"]
+
+
+def test_the_started_server_command():
+    command = serve_command(
+        ServerOptions(random_weights="26b-a4b", device="cuda", extra="--kv-cache-dtype fp8_e5m2"), 123
+    )
+    assert command[1:] == ["-m", "nvfp4kit", "serve", "--random-weights", "26b-a4b", "--host", "127.0.0.1",
+                           "--port", "123", "--device", "cuda", "--kv-cache-dtype", "fp8_e5m2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    with started_server(ServerOptions(timeout_s=120), log=lambda msg: None) as server:
+        yield server.base_url
+
+
+def bench(tmp_path, *options: str) -> dict:
+    out = tmp_path / "rows.json"
+    code = main(["bench", "serve", *options, "--warmup", "1", "--no-progress", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0, result
+    return result
+
+
+def test_concurrency_sweep_on_the_demo(demo_server, tmp_path):
+    result = bench(tmp_path, "--base-url", demo_server, "--concurrency", "1", "2", "--num-prompts", "3",
+                   "--input-len", "16", "--input-range", "0.5", "--output-len", "4")  # fmt: skip
+    assert result["model"] == "nvfp4kit-demo" and result["server"] == "external"
+    assert [r["concurrency"] for r in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert row["scenario"] == "serve" and row["endpoint"] == "completions"
+        assert (row["completed"], row["failed"]) == (3, 0)
+        assert row["mean_output_tokens"] == 4  # ignore_eos: exactly max_tokens
+        assert 8 <= row["mean_input_tokens"] <= 24  # token-id prompts of the sampled lengths
+        assert row["ttft_ms_p50"] > 0 and row["tpot_ms_mean"] > 0 and row["itl_ms_p99"] >= row["itl_ms_p50"]
+        assert row["output_tokens_per_s"] > 0 and row["request_throughput"] > 0
+
+
+def test_multi_turn_chat_history_grows(demo_server, tmp_path):
+    result = bench(tmp_path, "--base-url", demo_server, "--turns", "3", "--concurrency", "2", "--num-prompts",
+                   "2", "--input-len", "12", "--output-len", "3")  # fmt: skip
+    (row,) = result["rows"]
+    assert row["scenario"] == "serve_multiturn" and row["endpoint"] == "chat"
+    assert (row["requests"], row["completed"]) == (6, 6)
+    by_turn = row["input_tokens_mean_by_turn"]
+    assert by_turn[0] >= 12 and by_turn[0] < by_turn[1] < by_turn[2]  # each turn re-sends the history
+    assert len(row["ttft_ms_mean_by_turn"]) == 3
+
+
+def test_poisson_request_rate(demo_server, tmp_path):
+    result = bench(tmp_path, "--base-url", demo_server, "--request-rate", "50", "--num-prompts", "3",
+                   "--input-len", "8", "--output-len", "2", "--endpoint", "chat")  # fmt: skip
+    (row,) = result["rows"]
+    assert row["concurrency"] is None and row["request_rate"] == 50 and row["completed"] == 3
+
+
+def test_a_server_it_starts_on_random_weights(tmp_path):
+    result = bench(tmp_path, "--random-weights", "tiny-moe", "--num-prompts", "2", "--input-len", "16",
+                   "--output-len", "3", "--server-timeout", "120")  # fmt: skip
+    assert result["model"] == "tiny-moe-random" and "--random-weights tiny-moe" in result["server"]
+    assert result["rows"][0]["completed"] == 2 and result["rows"][0]["mean_output_tokens"] == 3
+
+
+def test_remote_urls_are_refused(capsys):
+    assert main(["bench", "serve", "--base-url", "http://192.0.2.1:30000", "--no-progress"]) != 0
+    assert "loopback" in capsys.readouterr().err
