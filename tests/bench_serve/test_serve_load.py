@@ -10,16 +10,9 @@ import random
 import numpy as np
 import pytest
 
-from nvfp4kit.bench.serve_load import (
-    RequestResult,
-    check_loopback,
-    corpus_text,
-    load_levels,
-    percentile,
-    sample_lengths,
-    summarize,
-)
+from nvfp4kit.bench.serve_load import check_loopback, corpus_text, load_levels, sample_lengths
 from nvfp4kit.bench.serve_load_server import ServerOptions, serve_command, started_server
+from nvfp4kit.bench.serve_load_stats import RequestResult, percentile, summarize
 from nvfp4kit.cli import main
 
 
@@ -123,11 +116,12 @@ def test_multi_turn_chat_history_grows(demo_server, tmp_path):
     assert len(row["ttft_ms_mean_by_turn"]) == 3
 
 
-def test_poisson_request_rate(demo_server, tmp_path):
+def test_poisson_request_rate_with_two_choices(demo_server, tmp_path):
     result = bench(tmp_path, "--base-url", demo_server, "--request-rate", "50", "--num-prompts", "3",
-                   "--input-len", "8", "--output-len", "2", "--endpoint", "chat")  # fmt: skip
+                   "--input-len", "8", "--output-len", "2", "--endpoint", "chat", "--n", "2")  # fmt: skip
     (row,) = result["rows"]
     assert row["concurrency"] is None and row["request_rate"] == 50 and row["completed"] == 3
+    assert row["mean_output_tokens"] == 4  # both choices' tokens
 
 
 def test_a_server_it_starts_on_random_weights(tmp_path):

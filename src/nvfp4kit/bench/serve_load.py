@@ -23,13 +23,12 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from nvfp4kit.bench.serve_load_server import ServerOptions, started_server
-
-LATENCIES = ("ttft", "tpot", "itl", "e2e")
+from nvfp4kit.bench.serve_load_stats import RequestResult, format_row, summarize
 
 
 def _log(msg: str) -> None:
@@ -49,91 +48,6 @@ def check_loopback(base_url: str) -> str:
             f"--base-url must be http(s) on a loopback address (127.0.0.1, ::1, localhost): {base_url}"
         )
     return base_url.rstrip("/")
-
-
-# ---------------------------------------------------------------- statistics
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100) with linear interpolation between ranks (numpy's default); None if empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-@dataclass
-class RequestResult:
-    """One request as the client saw it; times in seconds from sending it."""
-
-    turn: int = 0
-    ok: bool = False
-    error: str = ""
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int | None = None
-    ttft: float | None = None
-    latency: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    text: str = ""
-
-    @property
-    def tpot(self) -> float | None:
-        if self.ttft is None or self.output_tokens < 2:
-            return None
-        return (self.latency - self.ttft) / (self.output_tokens - 1)
-
-
-def summarize(results: list[RequestResult], duration: float) -> dict:
-    """Aggregate metrics of one load level (latencies in ms)."""
-    done = [r for r in results if r.ok]
-    out_tokens = sum(r.output_tokens for r in done)
-    in_tokens = sum(r.prompt_tokens for r in done)
-    row: dict = {
-        "requests": len(results),
-        "completed": len(done),
-        "failed": len(results) - len(done),
-        "duration_s": round(duration, 3),
-        "request_throughput": round(len(done) / duration, 3) if duration > 0 else None,
-        "input_tokens_per_s": round(in_tokens / duration, 1) if duration > 0 else None,
-        "output_tokens_per_s": round(out_tokens / duration, 1) if duration > 0 else None,
-        "total_tokens_per_s": round((in_tokens + out_tokens) / duration, 1) if duration > 0 else None,
-        "mean_input_tokens": round(in_tokens / len(done), 1) if done else None,
-        "mean_output_tokens": round(out_tokens / len(done), 1) if done else None,
-    }
-    samples = {
-        "ttft": [r.ttft for r in done if r.ttft is not None],
-        "tpot": [r.tpot for r in done if r.tpot is not None],
-        "itl": [gap for r in done for gap in r.itl],
-        "e2e": [r.latency for r in done],
-    }
-    for name in LATENCIES:
-        values = samples[name]
-        mean = sum(values) / len(values) if values else None
-        for stat, value in (("mean", mean), ("p50", percentile(values, 50)), ("p99", percentile(values, 99))):
-            row[f"{name}_ms_{stat}"] = None if value is None else round(1e3 * value, 2)
-    turns = sorted({r.turn for r in results})
-    if len(turns) > 1:
-        by_turn = [[r for r in done if r.turn == t] for t in turns]
-        row["ttft_ms_mean_by_turn"] = [_mean_ms([r.ttft for r in rs if r.ttft is not None]) for rs in by_turn]
-        row["input_tokens_mean_by_turn"] = [_mean([r.prompt_tokens for r in rs]) for rs in by_turn]
-        cached = [[r.cached_tokens for r in rs if r.cached_tokens is not None] for rs in by_turn]
-        row["cached_tokens_mean_by_turn"] = [_mean(c) for c in cached] if any(cached) else None
-    errors = sorted({r.error for r in results if not r.ok})
-    if errors:
-        row["errors"] = errors[:5]
-    return row
-
-
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 1) if values else None
-
-
-def _mean_ms(values: list[float]) -> float | None:
-    return round(1e3 * sum(values) / len(values), 2) if values else None
 
 
 # ---------------------------------------------------------------- workload
@@ -231,6 +145,8 @@ class Client:
                 "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
         if args.ignore_eos:
             body["ignore_eos"] = True
+        if args.n > 1:
+            body["n"] = args.n
         body["messages" if args.endpoint == "chat" else "prompt"] = prompt
         return {**body, **self.extra_body}
 
@@ -257,8 +173,9 @@ class Client:
                         result.error = str(event["error"].get("message", event["error"]))[:300]
                         return result
                     now = time.perf_counter()
-                    if text := _chunk_text(event):
-                        result.text += text
+                    streamed, text = _chunk_text(event)
+                    result.text += text
+                    if streamed:
                         if result.ttft is None:
                             result.ttft = now - start
                         else:
@@ -281,16 +198,19 @@ class Client:
         return result
 
 
-def _chunk_text(event: dict) -> str:
-    text = ""
+def _chunk_text(event: dict) -> tuple[bool, str]:
+    """(whether the chunk streams any output, the text of choice 0: what a conversation keeps)."""
+    streamed, first = False, ""
     for choice in event.get("choices") or []:
-        if "text" in choice:
-            text += choice.get("text") or ""
         delta = choice.get("delta") or {}
-        text += (delta.get("content") or "") + (delta.get("reasoning_content") or "")
-        for call in delta.get("tool_calls") or []:
-            text += (call.get("function") or {}).get("arguments") or "."
-    return text
+        text = (choice.get("text") or "") + (delta.get("content") or "")
+        calls = "".join(
+            (c.get("function") or {}).get("arguments") or "." for c in delta.get("tool_calls") or []
+        )
+        streamed = streamed or bool(text or calls or delta.get("reasoning_content"))
+        if choice.get("index", 0) == 0:
+            first += text
+    return streamed, first
 
 
 # ---------------------------------------------------------------- load levels
@@ -401,26 +321,8 @@ async def benchmark(base_url: str, args: argparse.Namespace) -> dict:
         await client.close()
 
 
-# ---------------------------------------------------------------- report
-
-
-def format_row(r: dict) -> str:
-    def ms(name: str) -> str:
-        values = [r.get(f"{name}_ms_{s}") for s in ("mean", "p50", "p99")]
-        return "/".join("-" if v is None else f"{v:.1f}" for v in values)
-
-    rate = "inf" if r["request_rate"] is None else f"{r['request_rate']:g}"
-    line = (
-        f"conc {r['concurrency'] or 'inf':>4} rate {rate:>5}: {r['completed']}/{r['requests']} ok, "
-        f"{r['request_throughput'] or 0:.2f} req/s, {r['output_tokens_per_s'] or 0:.1f} out tok/s, "
-        f"in {r['mean_input_tokens'] or 0:.0f} out {r['mean_output_tokens'] or 0:.0f} tok/req | ms mean/p50/p99 "
-        f"TTFT {ms('ttft')} TPOT {ms('tpot')} ITL {ms('itl')}"
-    )
-    if r.get("ttft_ms_mean_by_turn"):
-        line += f"\n    TTFT ms by turn {r['ttft_ms_mean_by_turn']}"
-        if r.get("cached_tokens_mean_by_turn"):
-            line += f", cached tokens by turn {r['cached_tokens_mean_by_turn']}"
-    return line
+WORKLOAD_FIELDS = ("input_len", "input_range", "output_len", "output_range", "turns", "n", "temperature",
+                   "ignore_eos", "seed", "warmup", "endpoint")  # fmt: skip
 
 
 def run_serve_benchmark(args: argparse.Namespace) -> int:
@@ -435,20 +337,7 @@ def run_serve_benchmark(args: argparse.Namespace) -> int:
         "command": "nvfp4kit bench serve " + " ".join(sys.argv[sys.argv.index("serve") + 1 :])
         if "serve" in sys.argv
         else "nvfp4kit bench serve",
-        "workload": {
-            k: getattr(args, k)
-            for k in (
-                "input_len",
-                "input_range",
-                "output_len",
-                "output_range",
-                "turns",
-                "temperature",
-                "ignore_eos",
-                "seed",
-                "warmup",
-            )
-        },  # fmt: skip
+        "workload": {k: getattr(args, k) for k in WORKLOAD_FIELDS},
     }
     if args.base_url:
         base_url = check_loopback(args.base_url)
@@ -505,6 +394,7 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
                    help="Poisson arrivals per second (inf: all at once); with --concurrency as a cap")  # fmt: skip
     w.add_argument("--warmup", type=int, default=2, help="requests (conversations) sent before measuring")
     w.add_argument("--temperature", type=float, default=0.0)
+    w.add_argument("--n", type=int, default=1, help="choices per request (output tokens count them all)")
     w.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let outputs stop at EOS (default: exactly max_tokens each)")  # fmt: skip
     w.add_argument("--extra-body", default=None, help="JSON merged into every request body")
