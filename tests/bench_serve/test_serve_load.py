@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from nvfp4kit.bench.serve_load import check_loopback, corpus_text, load_levels, sample_lengths
+from nvfp4kit.bench.serve_load import check_loopback, corpus_text, load_levels, parse_counters, sample_lengths
 from nvfp4kit.bench.serve_load_server import ServerOptions, serve_command, started_server
 from nvfp4kit.bench.serve_load_stats import RequestResult, percentile, summarize
 from nvfp4kit.cli import main
@@ -69,6 +69,14 @@ def test_summary_of_known_requests():
     assert row["cached_tokens_mean_by_turn"] is None and row["errors"] == ["HTTP 500: boom"]
 
 
+def test_token_counters_from_metrics():
+    page = (
+        "# TYPE nvfp4kit_prompt_tokens_total counter\nnvfp4kit_prompt_tokens_total 42\n"
+        'x_prefill_tokens_total{kind="a"} 3\nx_prefill_tokens_total{kind="b"} 4.5\nnvfp4kit_num_requests_running 2\n'
+    )
+    assert parse_counters(page) == {"nvfp4kit_prompt_tokens_total": 42.0, "x_prefill_tokens_total": 7.5}
+
+
 def test_the_started_server_command():
     command = serve_command(
         ServerOptions(random_weights="26b-a4b", device="cuda", extra="--kv-cache-dtype fp8_e5m2"), 123
@@ -103,6 +111,9 @@ def test_concurrency_sweep_on_the_demo(demo_server, tmp_path):
         assert 8 <= row["mean_input_tokens"] <= 24  # token-id prompts of the sampled lengths
         assert row["ttft_ms_p50"] > 0 and row["tpot_ms_mean"] > 0 and row["itl_ms_p99"] >= row["itl_ms_p50"]
         assert row["output_tokens_per_s"] > 0 and row["request_throughput"] > 0
+        counted = row["server_counters"]  # the server's own counts over the level, from /metrics
+        assert counted["nvfp4kit_generation_tokens_total"] == 3 * 4
+        assert counted["nvfp4kit_prompt_tokens_total"] == round(3 * row["mean_input_tokens"])
 
 
 def test_multi_turn_chat_history_grows(demo_server, tmp_path):

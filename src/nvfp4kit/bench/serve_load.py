@@ -134,6 +134,14 @@ class Client:
             return TokenPool(ids=[0], text=text, approximate=True)
         return TokenPool(ids=reply.json()["tokens"])
 
+    async def counters(self) -> dict[str, float]:
+        """The server's token counters from `/metrics` (Prometheus text; {} when there is none)."""
+        try:
+            reply = await self.http.get("/metrics")
+        except Exception:
+            return {}
+        return parse_counters(reply.text) if reply.status_code == 200 else {}
+
     async def detokenize(self, ids: list[int]) -> str:
         reply = await self.http.post("/detokenize", json={"tokens": ids})
         reply.raise_for_status()
@@ -196,6 +204,22 @@ class Client:
         result.ok = result.ttft is not None
         result.error = "" if result.ok else "no token streamed"
         return result
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """`*_tokens_total` counters of a Prometheus text page (prompt, generation, prefill, cached tokens)."""
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        if "{" in line and "}" in line:  # labels: summed over
+            name, value = line[: line.index("{")], line[line.rindex("}") + 1 :]
+        else:
+            name, _, value = line.partition(" ")
+        if name.endswith("tokens_total") and not name.startswith("#"):
+            try:
+                counters[name] = counters.get(name, 0.0) + float(value.split()[0])
+            except (ValueError, IndexError):
+                continue
+    return counters
 
 
 def _chunk_text(event: dict) -> tuple[bool, str]:
@@ -309,11 +333,15 @@ async def benchmark(base_url: str, args: argparse.Namespace) -> dict:
             count = args.num_prompts or max(10, 10 * (concurrency or 1))
             sessions = await make_sessions(client, pool, args, count, seed=args.seed + 1000 * (index + 1))
             desc = f"concurrency {concurrency or 'inf'}, rate {rate:g}/s"
+            before = await client.counters()
             results, duration = await run_level(client, sessions, concurrency=concurrency, rate=rate,
                                                 seed=args.seed + index, desc=desc, progress=args.progress)  # fmt: skip
             row = {"scenario": "serve_multiturn" if args.turns > 1 else "serve", "endpoint": args.endpoint,
                    "concurrency": concurrency, "request_rate": rate if math.isfinite(rate) else None,
                    "sessions": count, "turns": args.turns, **summarize(results, duration)}  # fmt: skip
+            after = await client.counters()
+            if after:  # what the server counted during the level (e.g. prefill tokens with a prefix cache)
+                row["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in sorted(after)}
             rows.append(row)
             _log(format_row(row))
         return {"model": model, "rows": rows}
