@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4kit.config import RopeConfig
-from nvfp4kit.engine.batch_context import AttentionBatch, WorkItems
+from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.kv_write import write_kv
 from nvfp4kit.kernels.paged_attention import (
     DerivedKey,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nvfp4kit.config import FULL, SLIDING, load_preset
-from nvfp4kit.kernels import TritonBackend
+from nvfp4kit.kernels.backend import TritonBackend
 from nvfp4kit.model.layers import rope_inv_freq
 from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.testing.random_model import random_model

@@ -25,7 +25,8 @@ VARIANTS = {
 CHILD = """
 import torch
 from nvfp4kit.bench.cases import random_nvfp4
-from nvfp4kit.kernels import LinearConfig, w4a16_linear
+from nvfp4kit.kernels.configs import LinearConfig
+from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 w = random_nvfp4(8192, 2816)
 x = torch.randn({m}, 2816, device="cuda", dtype=torch.bfloat16)
 w4a16_linear(x, w, config={cfg})

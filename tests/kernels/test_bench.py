@@ -10,7 +10,7 @@ from nvfp4kit.bench import cases, register_all
 from nvfp4kit.bench.report import format_table, row_for
 from nvfp4kit.bench.timing import Timing, rotation_sets
 from nvfp4kit.bench.tuning import linear_candidates, moe_candidates
-from nvfp4kit.kernels import LinearConfig, MoEConfig
+from nvfp4kit.kernels.configs import LinearConfig, MoEConfig
 
 from .helpers import DEVICE
 

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from nvfp4kit.kernels import MoEConfig, fused_moe
-from nvfp4kit.kernels.configs import heuristic_moe_config, interpreting
+from nvfp4kit.kernels.configs import MoEConfig, heuristic_moe_config, interpreting
+from nvfp4kit.kernels.fused_moe import fused_moe
 from nvfp4kit.model.ops import TorchBackend
 
 from .helpers import BF16_BOUND, DEVICE, FP32_BOUND, ON_GPU, random_experts, rel_error

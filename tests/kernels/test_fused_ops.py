@@ -7,7 +7,7 @@ positions past 1e5 (RoPE angle reduction), experts not a power of two.
 import pytest
 import torch
 
-from nvfp4kit.kernels import TritonBackend
+from nvfp4kit.kernels.backend import TritonBackend
 from nvfp4kit.model.ops import TorchBackend
 
 from .helpers import BF16_BOUND, DEVICE, FP32_BOUND, rel_error

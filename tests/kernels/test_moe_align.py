@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from nvfp4kit.kernels import moe_align
-from nvfp4kit.kernels.moe_align import max_blocks
+from nvfp4kit.kernels.moe_align import max_blocks, moe_align
 
 from .helpers import DEVICE
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.config import RopeConfig
-from nvfp4kit.engine.batch_context import AttentionBatch, WorkItems
+from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.kv_write import write_kv
 from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention, prefill_block_q
 from nvfp4kit.kernels.rope_angles import cos_sin

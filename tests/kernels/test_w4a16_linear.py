@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from nvfp4kit.kernels import LinearConfig, w4a16_linear
-from nvfp4kit.kernels.configs import heuristic_linear_config, interpreting
+from nvfp4kit.kernels.configs import LinearConfig, heuristic_linear_config, interpreting
+from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 
 from .helpers import BF16_BOUND, DEVICE, FP32_BOUND, ON_GPU, random_weight, rel_error
 

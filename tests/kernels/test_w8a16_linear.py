@@ -34,7 +34,7 @@ def test_w8a16_kernel_equals_dequantized_matmul(m, n, k):
 
 
 def test_fp8_lm_head_changes_logits_a_little_and_the_kernel_matches_the_torch_path(tiny_checkpoint):
-    from nvfp4kit.kernels import TritonBackend
+    from nvfp4kit.kernels.backend import TritonBackend
     from nvfp4kit.model.loader import load_model
     from nvfp4kit.model.ops import TorchBackend
 

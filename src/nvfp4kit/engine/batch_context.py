@@ -19,6 +19,7 @@ import torch
 
 from nvfp4kit.engine.attention_backend import AttentionBackend, select_attention_backend
 from nvfp4kit.engine.kv_cache import KVCache
+from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.model.layers import apply_rope, attention, rope_cos_sin
 
@@ -34,29 +35,6 @@ class SeqSlice:
     ring: int
     # [start, end) positions of image soft tokens attending both ways (sliding layers; torch backend only)
     image_spans: tuple[tuple[int, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class AttentionBatch:
-    """Per-sequence metadata of one step, as int32 device tensors (rows may be padding with seq_len 0)."""
-
-    seq_start: torch.Tensor  # [S] position of the first query token this step
-    seq_len: torch.Tensor  # [S] query tokens this step
-    seq_offset: torch.Tensor  # [S] row of the first query token in q / out
-    block_table: torch.Tensor  # [S, max_blocks] global-pool blocks (padding: any valid block id)
-    ring: torch.Tensor  # [S] sliding ring id
-
-
-@dataclass(frozen=True)
-class WorkItems:
-    """Query tiles: item i covers tokens q0[i] .. q0[i] + block_q - 1 of sequence seq[i] (int32 device tensors)."""
-
-    seq: torch.Tensor
-    q0: torch.Tensor
-    block_q: int
-
-    def __len__(self) -> int:
-        return self.seq.shape[0]
 
 
 @dataclass

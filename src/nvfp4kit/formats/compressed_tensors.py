@@ -15,8 +15,7 @@ import torch
 
 from nvfp4kit.formats.modelopt import ModelOptSource
 from nvfp4kit.formats.safetensors_io import CheckpointError
-from nvfp4kit.model.ops import Weight
-from nvfp4kit.model.weight_sources import register_format
+from nvfp4kit.formats.weight_source import Weight
 
 CT_FORMAT = "nvfp4-pack-quantized"
 
@@ -38,24 +37,24 @@ def _formats(qc: dict[str, Any]) -> set[str]:
     return found
 
 
-def _is_ct_nvfp4(folder: Path, raw_config: dict[str, Any]) -> bool:
-    qc = ct_quantization_config(raw_config)
-    if qc is None:
-        return False
-    formats = _formats(qc)
-    unsupported = sorted(formats - {CT_FORMAT, "dense"})
-    if unsupported or not formats:
-        raise CheckpointError(
-            f"{folder}: compressed-tensors format {unsupported or 'unknown'} is not supported; only {CT_FORMAT!r}"
-        )
-    return True
-
-
 class CompressedTensorsSource(ModelOptSource):
     """`weight_packed` + `weight_scale` + inverted `weight_global_scale` -> the same `NVFP4Tensor`."""
 
     format_name = "compressed-tensors-nvfp4"
     packed_suffix = "weight_packed"
+
+    @staticmethod
+    def detect(folder: Path, raw_config: dict[str, Any]) -> bool:
+        qc = ct_quantization_config(raw_config)
+        if qc is None:
+            return False
+        formats = _formats(qc)
+        unsupported = sorted(formats - {CT_FORMAT, "dense"})
+        if unsupported or not formats:
+            raise CheckpointError(
+                f"{folder}: compressed-tensors format {unsupported or 'unknown'} is not supported; only {CT_FORMAT!r}"
+            )
+        return True
 
     def linear(self, name: str) -> Weight:
         if not self.has(f"{name}.weight_packed"):
@@ -73,6 +72,3 @@ class CompressedTensorsSource(ModelOptSource):
         if not bool(torch.isfinite(encode).all()) or float(encode) <= 0:
             raise CheckpointError(f"{self.key(name)}.weight_global_scale is {float(encode)}; expected > 0")
         return (1.0 / encode).reshape(())
-
-
-register_format("compressed-tensors-nvfp4", _is_ct_nvfp4, CompressedTensorsSource)

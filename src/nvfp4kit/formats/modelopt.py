@@ -21,8 +21,7 @@ import torch
 
 from nvfp4kit.formats.nvfp4 import BLOCK, NVFP4Tensor, stack_experts
 from nvfp4kit.formats.safetensors_io import CheckpointError
-from nvfp4kit.model.ops import Weight
-from nvfp4kit.model.weight_sources import WeightSource, concat_out, register_format
+from nvfp4kit.formats.weight_source import Weight, WeightSource, concat_out
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +172,15 @@ def _algo_of(algo: Any, layers: Any, folder: Path) -> str:
     )
 
 
-def _is_modelopt(folder: Path, raw_config: dict[str, Any]) -> bool:
-    return read_modelopt_algo(folder, raw_config) is not None
-
-
 class ModelOptSource(WeightSource):
     """NVFP4 linears as packed `NVFP4Tensor`s (no dense copy); BF16 modules listed in exclude_modules stay dense."""
 
     format_name = "modelopt-nvfp4"
     packed_suffix = "weight"
+
+    @staticmethod
+    def detect(folder: Path, raw_config: dict[str, Any]) -> bool:
+        return read_modelopt_algo(folder, raw_config) is not None
 
     def linear(self, name: str) -> Weight:
         if self.has(f"{name}.weight_scale"):
@@ -245,6 +244,3 @@ def _stack(weights: list[Weight], name: str) -> Weight:
     if all(isinstance(w, torch.Tensor) for w in weights):
         return torch.stack(weights)
     raise CheckpointError(f"{name}: some experts are NVFP4 and some are not; they cannot be stacked")
-
-
-register_format("modelopt-nvfp4", _is_modelopt, ModelOptSource)

@@ -1,26 +1,7 @@
-"""Triton kernels for W4A16 NVFP4 (dense linear, fused GELU MoE) behind the `triton` op backend.
+"""Triton kernels: NVFP4 W4A16 and FP8 W8A16 linears, the fused GELU MoE, paged attention, KV writes and
+the fused element-wise regions, each with a torch reference in its tests.
 
-Importing this package registers the backend when Triton is installed; without Triton the package still
-imports and the model keeps the `torch` backend.
+`backend.py` puts them behind the `triton` op backend, which `nvfp4kit.model.ops.BACKENDS` names and imports on
+first use. Import the modules themselves (`nvfp4kit.kernels.w4a16_linear`, ...): this package imports nothing,
+so `attention_metadata` (the types the engine builds for `paged_attention`) imports without Triton.
 """
-
-from __future__ import annotations
-
-try:
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    TRITON_AVAILABLE = False
-else:
-    TRITON_AVAILABLE = True
-
-if TRITON_AVAILABLE:
-    from nvfp4kit.kernels.backend import TritonBackend
-    from nvfp4kit.kernels.configs import LinearConfig, MoEConfig
-    from nvfp4kit.kernels.fused_moe import fused_moe
-    from nvfp4kit.kernels.moe_align import moe_align
-    from nvfp4kit.kernels.w4a16_linear import w4a16_linear
-    from nvfp4kit.model.ops import register_backend
-
-    register_backend("triton", TritonBackend)
-
-    __all__ = ["LinearConfig", "MoEConfig", "TritonBackend", "fused_moe", "moe_align", "w4a16_linear"]

@@ -27,17 +27,14 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
+from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.kv_write import decode_e4m3, kernel_view, kv_format
 from nvfp4kit.kernels.rope_angles import cos_sin
-
-if TYPE_CHECKING:  # the metadata types live with the engine so that it imports without Triton
-    from nvfp4kit.engine.batch_context import AttentionBatch, WorkItems
 
 
 @dataclass(frozen=True)

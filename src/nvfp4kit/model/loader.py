@@ -15,10 +15,10 @@ import torch
 
 from nvfp4kit.config import Gemma4TextConfig, load_config
 from nvfp4kit.formats.safetensors_io import CheckpointError, CheckpointReader
+from nvfp4kit.formats.weight_source import WeightSource, concat_out, select_source_class
 from nvfp4kit.model.gemma4 import DecoderLayer, Gemma4Model
 from nvfp4kit.model.layers import Linear
 from nvfp4kit.model.ops import OpBackend, select_backend
-from nvfp4kit.model.weight_sources import WeightSource, concat_out, select_source_class
 
 log = logging.getLogger(__name__)
 

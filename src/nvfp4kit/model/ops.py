@@ -1,8 +1,9 @@
 """The operator seam: the model's heavy ops and fused element-wise regions go through a named backend.
 
-The `torch` backend runs everywhere (CPU reference, CI); `nvfp4kit.kernels` registers a `triton`
-backend for CUDA. A backend is a small object with the methods below; `select_backend` picks one for a
-device, and the model keeps the one it was built with.
+The `torch` backend runs everywhere (CPU reference, CI); the `triton` backend (`nvfp4kit.kernels.backend`,
+a layer above the model, named in the `BACKENDS` table and imported on first use) runs on CUDA. A backend is
+a small object with the methods below; `select_backend` picks one for a device, and the model keeps the one it
+was built with.
 
 Two groups of methods:
   * `OpBackend`: the heavy ops (linear, MoE experts). Every backend has them.
@@ -15,6 +16,7 @@ Two groups of methods:
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import import_module
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -22,8 +24,7 @@ import torch.nn.functional as F
 
 from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-
-Weight = torch.Tensor | NVFP4Tensor | FP8RowTensor
+from nvfp4kit.formats.weight_source import Weight as Weight  # re-exported: the ops' argument type
 
 
 class OpBackend(Protocol):
@@ -237,31 +238,35 @@ def regions(backend: OpBackend) -> FusedRegions:
     return backend if has else _TORCH_REGIONS  # type: ignore[return-value]
 
 
-_BACKENDS: dict[str, Callable[[], OpBackend]] = {"torch": TorchBackend}
+# name -> the backend's factory: a class defined here, or "module:attr" imported on first use.
+BACKENDS: dict[str, Callable[[], OpBackend] | str] = {
+    "torch": TorchBackend,
+    "triton": "nvfp4kit.kernels.backend:TritonBackend",  # needs the optional `triton` package
+}
 
 
-def register_backend(name: str, factory: Callable[[], OpBackend]) -> None:
-    _BACKENDS[name] = factory
+def _factory(name: str) -> Callable[[], OpBackend] | None:
+    """The factory of backend `name`, or None when it cannot be imported here."""
+    factory = BACKENDS[name]
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        try:
+            factory = getattr(import_module(module), attr)
+        except ImportError:
+            return None
+    return factory
 
 
 def available_backends() -> list[str]:
-    _load_plugins()
-    return sorted(_BACKENDS)
-
-
-def _load_plugins() -> None:
-    try:  # the Triton kernels register themselves on import when triton is installed
-        import nvfp4kit.kernels  # noqa: F401
-    except ImportError:
-        pass
+    return sorted(name for name in BACKENDS if _factory(name) is not None)
 
 
 def select_backend(device: torch.device | str, name: str | None = None) -> OpBackend:
     """`name` if given; else `triton` on CUDA when available, `torch` otherwise."""
-    _load_plugins()
     device = torch.device(device)
     if name is None:
-        name = "triton" if device.type == "cuda" and "triton" in _BACKENDS else "torch"
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown op backend {name!r}; available: {sorted(_BACKENDS)}")
-    return _BACKENDS[name]()
+        name = "triton" if device.type == "cuda" and _factory("triton") is not None else "torch"
+    factory = _factory(name) if name in BACKENDS else None
+    if factory is None:
+        raise ValueError(f"unknown op backend {name!r}; available: {available_backends()}")
+    return factory()
