@@ -74,7 +74,7 @@ def stop_server(process: subprocess.Popen) -> int:
         return process.wait()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one process for every module: each start costs ~8 s on 2 cores
 def server(tiny_checkpoint) -> str:
     """Base URL of `nvfp4kit serve` on the tiny checkpoint, with an API key and a 512-token context."""
     process, base_url = start_server(

@@ -210,7 +210,7 @@ def test_forced_tool_calls_follow_the_tool_schemas(demo_server, tool_choice):
                 temperature=0.8,
                 seed=i,
             )
-            for i in range(6)
+            for i in range(3)
         ]
         replies = await asyncio.gather(*jobs)
         await client.close()
