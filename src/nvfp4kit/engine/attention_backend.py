@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from nvfp4kit.model.ops import missing_package
+
 if TYPE_CHECKING:
     from nvfp4kit.engine.batch_context import BatchContext
 
@@ -56,7 +58,9 @@ class TritonAttentionBackend:
     def __init__(self):
         try:
             from nvfp4kit.kernels import kv_write, paged_attention
-        except ImportError as err:  # pragma: no cover - only where triton is missing
+        except ModuleNotFoundError as err:  # pragma: no cover - only where triton is missing
+            if not missing_package(err, "triton"):
+                raise
             raise RuntimeError(f"the triton attention backend needs Triton installed ({err})") from err
         self._write, self._kernels = kv_write, paged_attention
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -120,7 +124,9 @@ def available_attention_backends() -> list[str]:
 def _triton_installed() -> bool:
     try:
         import triton  # noqa: F401
-    except ImportError:  # pragma: no cover
+    except ModuleNotFoundError as err:  # pragma: no cover
+        if not missing_package(err, "triton"):
+            raise
         return False
     return True
 

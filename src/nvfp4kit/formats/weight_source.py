@@ -77,25 +77,19 @@ FORMATS = {
 }
 
 
-def _source_class(name: str) -> type[WeightSource] | None:
+def _source_class(name: str) -> type[WeightSource]:
     module, _, attr = FORMATS[name].partition(":")
-    try:
-        return getattr(import_module(module), attr)
-    except ImportError:
-        return None
+    return getattr(import_module(module), attr)  # no optional package: an import error is a bug, and raises
 
 
 def select_source_class(folder: Path, raw_config: dict[str, Any]) -> type[WeightSource]:
-    known = []
     for name in FORMATS:
         source = _source_class(name)
-        if source is None:
-            continue
-        known.append(name)
         if source.detect(folder, raw_config):
             return source
     quant = raw_config.get("quantization_config") or {}
     if quant:
+        known = list(FORMATS)
         raise CheckpointError(
             f"{folder}: unsupported quantization {quant.get('quant_method', quant)!r}; supported formats: {known}"
         )

@@ -238,21 +238,30 @@ def regions(backend: OpBackend) -> FusedRegions:
     return backend if has else _TORCH_REGIONS  # type: ignore[return-value]
 
 
-# name -> the backend's factory: a class defined here, or "module:attr" imported on first use.
-BACKENDS: dict[str, Callable[[], OpBackend] | str] = {
-    "torch": TorchBackend,
-    "triton": "nvfp4kit.kernels.backend:TritonBackend",  # needs the optional `triton` package
+# name -> (the backend's factory, the optional package it needs): the factory is a class defined here, or
+# "module:attr" imported on first use.
+BACKENDS: dict[str, tuple[Callable[[], OpBackend] | str, str | None]] = {
+    "torch": (TorchBackend, None),
+    "triton": ("nvfp4kit.kernels.backend:TritonBackend", "triton"),
 }
 
 
+def missing_package(err: ModuleNotFoundError, package: str | None) -> bool:
+    """Whether `err` says that `package` (an optional dependency) is not installed, as opposed to a bug."""
+    return package is not None and err.name is not None and err.name.split(".")[0] == package
+
+
 def _factory(name: str) -> Callable[[], OpBackend] | None:
-    """The factory of backend `name`, or None when it cannot be imported here."""
-    factory = BACKENDS[name]
+    """The factory of backend `name`, or None when its optional package is not installed (any other import
+    error is a bug and raises)."""
+    factory, package = BACKENDS[name]
     if isinstance(factory, str):
         module, _, attr = factory.partition(":")
         try:
             factory = getattr(import_module(module), attr)
-        except ImportError:
+        except ModuleNotFoundError as err:
+            if not missing_package(err, package):
+                raise
             return None
     return factory
 
