@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -142,9 +142,12 @@ def refine_checkpoint(
                 backend.recording = False
                 hidden = _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
                 assert hidden is not None
-                if twin is not None:
+                if twin is not None:  # the twin never changes: a complete stage run gave its outputs
                     twin.capture.recording = False
-                    full = _run_layer(twin.layer, full, twin.ple, lengths, cfg, kv_full, device)
+                    if twin.out is not None and len(twin.finished) == _chunk_count(lengths):
+                        full = twin.out
+                    else:
+                        full = _run_layer(twin.layer, full, twin.ple, lengths, cfg, kv_full, device)
                     del twin
             prefix = f"{layer_root}{i}."
             for name in quant.names():
@@ -238,6 +241,10 @@ def _rows(source: WeightSource, name: str, rows: torch.Tensor) -> torch.Tensor:
     return table[rows.cpu()].to(device=source.device, dtype=source.dtype)
 
 
+def _chunk_count(lengths: list[int]) -> int:
+    return sum(1 for _ in chunk_samples(lengths, max_tokens=CHUNK_TOKENS))
+
+
 @dataclass
 class _Twin:
     """The full-precision twin of the layer being refined (asymmetric statistics)."""
@@ -248,6 +255,8 @@ class _Twin:
     hidden: torch.Tensor
     ple: torch.Tensor | None  # E2B/E4B: per-layer inputs through the unquantized projection
     kv_store: KVStore
+    out: torch.Tensor | None = None  # its outputs, from a stage that ran the whole layer
+    finished: set[int] = field(default_factory=set)  # the chunks `out` holds
 
 
 @torch.no_grad()
@@ -278,9 +287,11 @@ def _run_layer(
             twin.capture.captured = {}
             twin_ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store=twin.kv_store, device=device)
             try:
-                twin.layer(
-                    twin.hidden[sl], twin_ctx, per_layer_input[sl] if per_layer_input is not None else None
-                )
+                y_full = twin.layer(twin.hidden[sl], twin_ctx, twin.ple[sl] if twin.ple is not None else None)
+                if twin.out is None:  # a stage that runs the whole layer: the twin's output, kept
+                    twin.out = torch.empty_like(twin.hidden)
+                twin.out[sl] = y_full
+                twin.finished.add(c)
             except StageDone:
                 pass
             twin.backend.targets = twin.capture.captured
