@@ -93,7 +93,7 @@ class Constraint:
 
 def compile_constraint(tokenizer: Tokenizer, kind: str, spec: Any, *, eos_ids: tuple[int, ...]) -> Constraint:
     """Compile (or take from the cache) the constraint; raises ConstraintError with llguidance's message."""
-    key = json.dumps(spec, sort_keys=True) if not isinstance(spec, str) else spec
+    key = json.dumps(spec) if not isinstance(spec, str) else spec  # keeps the order of the properties
     return _compiled(tokenizer, kind, key, tuple(eos_ids))
 
 
