@@ -9,7 +9,7 @@ import torch
 
 from nvfp4kit.formats.nvfp4 import E4M3_MAX, SCALE_MIN
 from nvfp4kit.formats.safetensors_io import CheckpointReader
-from nvfp4kit.quant import calib_experts, quantize
+from nvfp4kit.quant import calib_experts, calib_layer, quantize
 from nvfp4kit.quant.calib_experts import refine_experts, shrink_few_tokens
 from nvfp4kit.quant.calib_hessian import HessianBackend
 from nvfp4kit.quant.calib_methods import calibration_method
@@ -127,8 +127,8 @@ def test_moe_statistics_sum_each_experts_routed_tokens():
 def test_tiny_checkpoint_batched_equals_expert_by_expert(
     bf16_checkpoint, quantized, calib_file, calib_shape, tmp_path, monkeypatch
 ):
-    """The whole refine pass on the tiny MoE checkpoint: all experts in one batch or one expert at a time
-    write the same bytes."""
+    """The whole refine pass on the tiny MoE checkpoint (gptq, asymmetric): all experts in one batch or one
+    expert at a time write the same bytes."""
     num_samples, seq_len = calib_shape
     src, base = bf16_checkpoint("moe"), quantized("moe")
     args = dict(
@@ -136,6 +136,7 @@ def test_tiny_checkpoint_batched_equals_expert_by_expert(
     )
     batched = refine_checkpoint(src, base, tmp_path / "batched", **args)
     monkeypatch.setattr(calib_experts, "experts_per_batch", lambda *a, **k: 1)
+    monkeypatch.setattr(calib_layer, "experts_per_batch", lambda *a, **k: 1)  # the asymmetric correction
     alone = refine_checkpoint(src, base, tmp_path / "alone", **args)
     ours, theirs = CheckpointReader(batched), CheckpointReader(alone)
     assert ours.names() == theirs.names()

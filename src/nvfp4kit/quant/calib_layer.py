@@ -19,7 +19,7 @@ from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.model.gemma4 import DecoderLayer
 from nvfp4kit.model.layers import Linear
 from nvfp4kit.quant.calib_asym import corrected_weight
-from nvfp4kit.quant.calib_experts import refine_experts
+from nvfp4kit.quant.calib_experts import experts_per_batch, refine_experts
 from nvfp4kit.quant.calib_hessian import CROSS, HessianBackend
 from nvfp4kit.quant.calib_methods import GroupQuantizer
 
@@ -123,8 +123,8 @@ class LayerRefiner:
             h, tokens = stats[name], stats["tokens"]
             if cross is None or h is None or tokens is None:
                 targets.append(w)
-            else:  # experts with fewer tokens than inputs keep their weights (calib_experts shrinks them)
-                targets.append(corrected_weight(w, h, cross, keep=tokens < w.shape[-1]))
+            else:
+                targets.append(_corrected_experts(w, h, cross, tokens))
         quantized = refine_experts(
             self.quantizer,
             targets[0],
@@ -143,6 +143,20 @@ class LayerRefiner:
             for proj, q in zip(("gate_proj", "up_proj", "down_proj"), cpu):
                 out.update(self.tensors(expert_module(p + "experts", e, proj), q.expert(e)))
         return out
+
+
+def _corrected_experts(
+    weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """calib_asym's W' of every expert, as many at a time as calib_experts solves (bounded temporaries);
+    experts with fewer tokens than inputs keep their weights (calib_experts shrinks them)."""
+    out = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    experts, rows, k = weight.shape
+    step = experts_per_batch(experts, rows, k, weight.device)
+    for a in range(0, experts, step):
+        sl = slice(a, min(a + step, experts))
+        out[sl] = corrected_weight(weight[sl], hessian[sl], cross[sl], keep=tokens[sl] < k)
+    return out
 
 
 def watch_stage(backend: HessianBackend, layer: DecoderLayer, index: int, stage: str) -> None:
