@@ -27,8 +27,9 @@ from gpu_attention_common import (  # noqa: E402
     SLIDING,
     Pool,
     random_queries,
-    rel_error,
 )
+
+from nvfp4kit.bench.cases import rel_error  # noqa: E402
 
 BOUND = 1e-2  # relative L2 error against fp32 math; bf16 rounding of the output alone is ~2e-3
 

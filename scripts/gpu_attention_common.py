@@ -162,12 +162,6 @@ def random_queries(shape: LayerShape, tokens: int, gen: torch.Generator) -> torc
     return (q * 3.0 / shape.head_dim**0.5).bfloat16()
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
 def copy_bandwidth() -> float:
     """Device-to-device copy of 1 GiB, bytes read + written per second (median)."""
     import triton.testing

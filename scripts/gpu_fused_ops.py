@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nvfp4kit.bench.cases import rel_error
 from nvfp4kit.config import FULL, SLIDING, load_preset
 from nvfp4kit.kernels.backend import TritonBackend
 from nvfp4kit.model.layers import rope_inv_freq
@@ -96,12 +97,6 @@ def call(backend, case: OpCase, kwargs: dict, *, fp32: bool = False):
     args = [kwargs[k] for k in case.positional]
     rest = {k: v for k, v in kwargs.items() if k not in case.positional}
     return getattr(backend, case.method)(*args, **rest)
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
 def check(case: OpCase, m: int) -> float:

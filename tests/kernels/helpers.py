@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from nvfp4kit.bench.cases import rel_error as rel_error  # the one definition (inf for non-finite output)
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor, quantize, stack_experts
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -16,11 +17,6 @@ ON_GPU = DEVICE.type == "cuda"
 # bf16 outputs: the GPU rounds to nearest (~1e-3 relative); the CPU interpreter truncates (~3e-3)
 BF16_BOUND = 1e-2
 FP32_BOUND = 1e-5
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "non-finite output"
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 def random_weight(n: int, k: int, *, seed: int) -> NVFP4Tensor:

@@ -72,3 +72,16 @@ def test_plan_matches_the_engines_kv_layout(preset, kv_dtype, once):
                    prefill_chunk=512, concurrency=4)  # fmt: skip
     layout = KVLayout(block_size=16, num_blocks=1, max_seqs=4, ring_size=p.max_ring_tokens, k_eq_v_once=once)
     assert pool_bytes(cfg, layout, kv_dtype) == (p.kv.full, 4 * p.ring_bytes(p.max_ring_tokens))
+
+
+@pytest.mark.parametrize("preset", ["gemma-4-e2b", "gemma-4-12b", "gemma-4-26b-a4b", "gemma-4-31b"])
+@pytest.mark.parametrize(("kv_dtype", "once"), [("fp8_e5m2", True), ("bf16", False), ("float32", True)])
+def test_the_engines_kv_tensors_hold_what_the_plan_counts(preset, kv_dtype, once):
+    """`pool_bytes` comes from the plan's per-token bytes; the tensors `KVCache` allocates add up to it."""
+    from nvfp4kit.engine.kv_cache import KVCache, KVLayout, pool_bytes
+
+    cfg = load_preset(preset)
+    layout = KVLayout(block_size=16, num_blocks=3, max_seqs=2, ring_size=40, k_eq_v_once=once)
+    per_token, rings = pool_bytes(cfg, layout, kv_dtype)
+    cache = KVCache(cfg, layout, kv_dtype=kv_dtype, device="meta")
+    assert cache.nbytes() == per_token * 3 * 16 + rings

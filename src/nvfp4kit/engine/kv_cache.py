@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.plan.kv import kv_bytes_per_token
 
 KV_DTYPES = {
     "bf16": torch.bfloat16,
@@ -51,16 +52,10 @@ class KVLayout:
 
 
 def pool_bytes(cfg: Gemma4TextConfig, layout: KVLayout, kv_dtype: str) -> tuple[int, int]:
-    """(bytes per global-pool token, bytes of all sliding rings) for this layout; mirrors `KVCache`'s tensors."""
-    elem = torch.empty((), dtype=KV_DTYPES[kv_dtype]).element_size()
-    per_token = sum(
-        cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * elem * (1 if layout.stores_v_only(cfg, i) else 2)
-        for i in layout.global_layers(cfg)
-    )
-    ring_token = sum(
-        2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * elem for i in layout.sliding_layers(cfg)
-    )
-    return per_token, ring_token * layout.ring_size * layout.max_seqs
+    """(bytes per global-pool token, bytes of all sliding rings) for this layout: the planner's per-token KV
+    bytes (`plan/kv.py`, the one source), which `KVCache`'s tensors match (tests/plan/test_pools.py)."""
+    kv = kv_bytes_per_token(cfg, kv_dtype=kv_dtype, k_eq_v_once=layout.k_eq_v_once)
+    return kv.full, kv.sliding * layout.ring_size * layout.max_seqs
 
 
 class KVCache:

@@ -77,7 +77,8 @@ class MoEConfig:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels on the CPU: TRITON_INTERPRET read as Triton reads it (1/true/on/y/yes)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "y", "yes")
 
 
 def card_slug(device: torch.device | str | None = None) -> str:

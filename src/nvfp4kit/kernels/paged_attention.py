@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
+from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.kv_write import decode_e4m3, kernel_view, kv_format
 from nvfp4kit.kernels.rope_angles import cos_sin
 
@@ -52,11 +52,6 @@ class AttentionConfig:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1), where tile-size minimums do not apply."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _pow2(n: int) -> int:
