@@ -1,5 +1,7 @@
 """vLLM's extra request fields and helper routes, honoured as vLLM users expect."""
 
+import json
+
 import httpx
 import pytest
 from openai import OpenAI
@@ -117,3 +119,19 @@ def test_continue_final_message(server):
     ).json()["tokens"]
     assert tokens[-2] == 106  # the full render closes the turn; the continued prompt must not
     assert good.json()["usage"]["prompt_tokens"] == len(tokens) - 2
+
+
+def test_skip_special_tokens_in_chat_content(scripted_server):
+    base_url, _ = scripted_server(lambda prompt: "Hi <mask>there")
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "Hi"}]}
+    kept = httpx.post(base_url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    body["skip_special_tokens"] = True
+    skipped = httpx.post(base_url + "/v1/chat/completions", json=body).json()["choices"][0]["message"][
+        "content"
+    ]
+    streamed = ""
+    with httpx.stream("POST", base_url + "/v1/chat/completions", json={**body, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                streamed += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
+    assert kept == "Hi <mask>there" and skipped == streamed == "Hi there"

@@ -170,6 +170,17 @@ class ChatHandler:
             raise APIError(str(exc), param="continue_final_message") from exc
         return reopened.text, reopened.ids
 
+    def _visible(self, chat: PreparedChat, fields: dict[str, Any]) -> dict[str, Any]:
+        """With skip_special_tokens, control-token text left in the content or reasoning is dropped (the
+        parsers have already consumed Gemma's thinking and tool-call markers)."""
+        if not chat.request.skip_special_tokens:
+            return fields
+        pattern = self.engine.tokenizer.special_token_pattern
+        for key in ("content", "reasoning_content", "reasoning"):
+            if isinstance(fields.get(key), str):
+                fields[key] = pattern.sub("", fields[key])
+        return fields
+
     def _events(self, chat: PreparedChat) -> AsyncIterator:
         self.metrics.add_prompt_tokens(len(chat.prompt_ids))
         return stream_choices(
@@ -205,7 +216,7 @@ class ChatHandler:
             choices.append(
                 {
                     "index": index,
-                    "message": parser.message(),
+                    "message": self._visible(chat, parser.message()),
                     "logprobs": {"content": logprobs[index]} if chat.request.logprobs else None,
                     "finish_reason": _finish_reason(finish[index], parser),
                 }
@@ -246,7 +257,7 @@ class ChatHandler:
             yield chunk(index, {"role": "assistant", "content": ""})
             first = parser.feed(chat.prefill)
             if not first.is_empty():
-                yield chunk(index, first.as_openai_delta())
+                yield chunk(index, self._visible(chat, first.as_openai_delta()))
         generated = 0
         async with contextlib.aclosing(self._events(chat)) as events:
             async for index, event in events:
@@ -263,7 +274,7 @@ class ChatHandler:
                 ):
                     logprobs = {"content": [chat_logprob(self.engine, event)]}
                 if not delta.is_empty() or logprobs:
-                    yield chunk(index, delta.as_openai_delta(), logprobs=logprobs)
+                    yield chunk(index, self._visible(chat, delta.as_openai_delta()), logprobs=logprobs)
                 if event.finish_reason:
                     yield chunk(index, {}, finish=_finish_reason(event.finish_reason, parser))
         if request.include_usage:
