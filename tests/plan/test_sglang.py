@@ -3,8 +3,8 @@
 import pytest
 
 from nvfp4kit.config import load_preset
-from nvfp4kit.plan.gpus import find_gpu
-from nvfp4kit.plan.sglang import DEFAULT_PRELOAD_USED, sglang_pools_for, tokens_per_fraction_step
+from nvfp4kit.plan.gpus import DEFAULT_PRELOAD_USED, find_gpu
+from nvfp4kit.plan.sglang import sglang_pools_for, tokens_per_fraction_step
 from nvfp4kit.plan.units import GiB
 
 CARD_ALL_NVFP4 = int(17.81 * GiB)  # SGLang reports GiB ("GB") in its logs

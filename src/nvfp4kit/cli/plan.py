@@ -6,11 +6,11 @@ import argparse
 import json
 
 from nvfp4kit.config import list_presets
-from nvfp4kit.plan.gpus import GPUS
+from nvfp4kit.plan.gpus import DEFAULT_PRELOAD_USED, GPUS
 from nvfp4kit.plan.kv import KV_DTYPE_BYTES
 from nvfp4kit.plan.pools import DEFAULT_PREFILL_CHUNK
 from nvfp4kit.plan.report import DEFAULT_CONTEXT, DEFAULT_GPU, build_plan
-from nvfp4kit.plan.sglang import DEFAULT_PRELOAD_USED, SEED_MEM_FRACTION, SEED_SWA_RATIO
+from nvfp4kit.plan.sglang import SEED_MEM_FRACTION, SEED_SWA_RATIO
 from nvfp4kit.plan.text import format_plan
 from nvfp4kit.plan.units import GiB, parse_bytes
 from nvfp4kit.plan.weights import RECIPES

@@ -138,6 +138,11 @@ class StepMetadata:
         """Tiles of `block_q` query tokens over the sequences with more than one token this step."""
         return self._work_items(block_q)
 
+    def set_decode_items(self, items: WorkItems) -> None:
+        """Use `items` as this step's decode items instead of building them (CUDA graphs keep theirs in fixed
+        device buffers, one per sequence slot)."""
+        self._items[1] = items
+
     def _work_items(self, block_q: int) -> WorkItems | None:
         if block_q not in self._items:
             seq_ids, q0s = [], []

@@ -121,7 +121,7 @@ class DecodeGraphs:
         items = torch.stack([torch.arange(batch), torch.zeros(batch, dtype=torch.long)]).to(
             device, torch.int32
         )
-        metadata._items[1] = WorkItems(items[0], items[1], 1)
+        metadata.set_decode_items(WorkItems(items[0], items[1], 1))
         input_ids = torch.zeros(batch, dtype=torch.long, device=device)
 
         def forward() -> torch.Tensor:

@@ -29,9 +29,9 @@ from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
 from nvfp4kit.formats.components import SCALE_SUFFIXES, TOWER_COMPONENTS, component_of
 from nvfp4kit.formats.safetensors_io import DTYPE_BYTES, CheckpointReader
 from nvfp4kit.model.loader import NON_TEXT_PREFIXES
+from nvfp4kit.plan.gpus import DEFAULT_PRELOAD_USED
 from nvfp4kit.plan.pools import DEFAULT_GPU_MEMORY_UTILIZATION, PoolPlan, plan_pools, runtime_reserve
 from nvfp4kit.plan.report import pool_summary
-from nvfp4kit.plan.sglang import DEFAULT_PRELOAD_USED
 from nvfp4kit.plan.text import format_pool_rows
 from nvfp4kit.plan.units import GiB, MiB, parse_size
 

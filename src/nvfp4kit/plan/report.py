@@ -13,12 +13,11 @@ from typing import Any
 
 from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, list_presets, load_config, load_preset
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
-from nvfp4kit.plan.gpus import GpuSpec, find_gpu
+from nvfp4kit.plan.gpus import DEFAULT_PRELOAD_USED, GpuSpec, find_gpu
 from nvfp4kit.plan.kv import KV_DTYPE_BYTES, kv_bytes_per_token
 from nvfp4kit.plan.pools import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, PoolPlan, plan_pools
 from nvfp4kit.plan.roofline import decode_step
 from nvfp4kit.plan.sglang import (
-    DEFAULT_PRELOAD_USED,
     SEED_MEM_FRACTION,
     SEED_SWA_RATIO,
     sglang_pools_for,

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.plan.kv import kv_bytes_per_token
-from nvfp4kit.plan.units import GiB
 
 SEED_MEM_FRACTION = 0.91
 SEED_SWA_RATIO = 0.05
@@ -25,9 +24,6 @@ SGLANG_DEFAULT_SWA_RATIO = 0.8
 SWA_EVICTION_INTERVAL = (
     128  # SGLANG_SWA_EVICTION_INTERVAL: out-of-window KV is freed in steps of this many tokens
 )
-# Memory in use before weights load (CUDA context, allocator, display). 0.77 GiB is what the seed card's own
-# numbers imply on its RTX 3090: (17.81 GiB weights + 3.33 GiB KV) / 0.91 = 23.23 GiB free of 24 GiB.
-DEFAULT_PRELOAD_USED = int(0.77 * GiB)
 
 
 @dataclass(frozen=True)
