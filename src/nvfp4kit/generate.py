@@ -93,6 +93,10 @@ class LLM:
     before any weight is loaded, and a model that cannot fit raises `InsufficientMemoryError` at once.
     `fp8_lm_head`: compute logits from an FP8 copy of the output projection (faster decode, slightly
     different logits; see docs/benchmarks.md).
+
+    vLLM-shaped too: `LLM()` loads the built-in demo; `enforce_eager`, `max_num_seqs`, `max_num_batched_tokens`,
+    `kv_cache_dtype` set the engine, `seed` makes requests without their own seed reproducible;
+    `generate(prompts, sampling_params=..., use_tqdm=...)`, `chat(messages, ...)`, `get_tokenizer()`.
     """
 
     def __init__(
