@@ -10,7 +10,7 @@ say so with `global_head_dim` / `num_global_key_value_heads`, transformers >= 5.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +299,3 @@ def load_preset(name: str) -> Gemma4TextConfig:
         raise ConfigError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
     raw = json.loads(file.read_text())
     return config_from_dict(raw["config"], generation_config=raw.get("generation_config"))
-
-
-def config_field_names() -> list[str]:
-    return [f.name for f in fields(Gemma4TextConfig)]

@@ -21,7 +21,7 @@ from nvfp4kit.bench.cases import DENSE_SHAPES, LM_HEAD_SHAPE, MOE_SHAPE, DenseCa
 from nvfp4kit.bench.report import format_table, row_for
 from nvfp4kit.bench.timing import copy_bandwidth_gbps, l2_cache_bytes, rotation_sets, time_call, time_graph
 from nvfp4kit.bench.tuning import Budget, linear_candidates, moe_candidates, tune_case
-from nvfp4kit.kernels.configs import card_slug, config_to_dict, heuristic_linear, heuristic_moe, sm_count
+from nvfp4kit.kernels.configs import config_to_dict, heuristic_linear, heuristic_moe, sm_count
 
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 4096)
 OPS = (*DENSE_SHAPES, "moe", "lm_head_bf16")
@@ -178,7 +178,3 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="write the result rows as JSON here")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     p.set_defaults(func=run_kernels_benchmark)
-
-
-def default_json_name() -> str:
-    return f"kernels-{card_slug()}.json"

@@ -52,16 +52,3 @@ def format_table(rows: list[dict], *, header: bool = True) -> str:
         values = dict(row, speedup=row["bf16_us"] / row["us"] if row.get("us") else 0.0)
         lines.append(" ".join(fmt.format(values.get(name, 0)) for name, fmt in COLUMNS))
     return "\n".join(lines)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (for docs/benchmarks.md)."""
-    head = "| op | shape | M | us (graph) | us (eager) | GB/s | % copy BW | TFLOP/s | BF16 cuBLAS us | speed-up |"
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        speedup = r["bf16_us"] / r["us"] if r["us"] else 0.0
-        lines.append(
-            f"| {r['op']} | {r['shape']} | {r['M']} | {r['us']:.1f} | {r.get('us_eager', 0):.1f} | {r['gbps']:.0f} "
-            f"| {r['pct_copy_bw']:.1f} | {r['tflops']:.1f} | {r['bf16_us']:.1f} | {speedup:.2f} |"
-        )
-    return "\n".join(lines)

@@ -58,9 +58,6 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backend.linear(x, stored_weight(self, "weight"))
 
-    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.split(self.forward(x), self.splits, dim=-1)
-
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w in fp32 (Gemma 4 uses plain `x * w`, not Gemma 3's `1 + w`); no weight for v_norm/router."""

@@ -31,10 +31,6 @@ def gib(n_bytes: float) -> float:
     return n_bytes / GiB
 
 
-def format_gib(n_bytes: float, digits: int = 2) -> str:
-    return f"{n_bytes / GiB:.{digits}f} GiB"
-
-
 def format_count(n: float) -> str:
     """12_345 -> '12.3K', 232_733 -> '232.7K', 1_234_567 -> '1.23M' (token counts in tables)."""
     if n >= 10**6:

@@ -127,10 +127,6 @@ class WeightBreakdown:
     def total_bytes(self) -> int:
         return sum(self.bytes_by_component.values())
 
-    @property
-    def tower_bytes(self) -> int:
-        return sum(self.bytes_by_component.get(c, 0) for c in TOWER_COMPONENTS)
-
     def get(self, component: str) -> int:
         return self.bytes_by_component.get(component, 0)
 
