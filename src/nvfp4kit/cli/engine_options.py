@@ -11,6 +11,7 @@ from nvfp4kit.plan.pools import DEFAULT_GPU_MEMORY_UTILIZATION
 from nvfp4kit.plan.units import parse_size
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8_e4m3", "fp8_e5m2", "float32")
+ATTENTION_BACKENDS = ("triton", "torch")  # engine/attention_backend.py
 
 
 def _positive_int(text: str) -> int:
@@ -87,6 +88,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "batch-1 decode) for a small change in the logits; off by default",
     )  # fmt: skip
     g.add_argument(
+        "--attention-backend", choices=ATTENTION_BACKENDS, default=None,
+        help="who runs KV writes and attention: the Triton kernels or the torch reference (default: "
+        "$NVFP4KIT_ATTENTION_BACKEND, else triton on CUDA and torch on the CPU)",
+    )  # fmt: skip
+    g.add_argument(
         "--tune", action="store_true",
         help="before loading, tune the W4A16 kernels for this model's shapes on this GPU where the tuning "
         "cache has no entry yet (a few minutes once per card; see `nvfp4kit tune`)",
@@ -103,6 +109,7 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         cuda_graphs=not args.enforce_eager,
+        attention_backend=args.attention_backend,
     )
     return {
         "engine_config": config,

@@ -4,8 +4,9 @@
 - `triton`: one KV-write launch and one or two attention launches per layer (decode items with key splits,
   prefill tiles), over step metadata built once per step (`StepMetadata`).
 
-`select_attention_backend(device, name)` picks `name`, else the `NVFP4KIT_ATTENTION_BACKEND` environment
-variable, else `triton` on CUDA (when Triton is installed) and `torch` elsewhere. The CPU can run the Triton
+`select_attention_backend(device, name)` picks `name` (`EngineConfig.attention_backend`, the
+`--attention-backend` flag), else the `NVFP4KIT_ATTENTION_BACKEND` environment variable (all of them:
+docs/architecture.md), else `triton` on CUDA (when Triton is installed) and `torch` elsewhere. The CPU can run the Triton
 path only under `TRITON_INTERPRET=1` (tests).
 """
 
