@@ -2,8 +2,11 @@
 
 The server only uses `AsyncEngine`: a tokenizer, the context length, the stop ids, `stream(prompt_ids,
 params)` yielding token events (closing the stream early aborts the request), `stats()` with the
-running and waiting request counts, and `close()`. `nvfp4kit.engine.async_engine.AsyncBatchingEngine`
-(continuous batching on a worker thread) provides it; tests plug in scripted engines the same way.
+running and waiting request counts, and `close()`; optionally `abort_all()` (end every stream with a last
+event of finish_reason "abort", no token: id -1), which the shutdown drain calls when its time is up.
+`nvfp4kit.engine.async_engine.AsyncBatchingEngine` (continuous batching on a worker thread) provides it;
+tests plug in scripted engines the same way. A request that fails alone in the engine raises
+`RequestFailed` from its own stream only.
 """
 
 from __future__ import annotations
