@@ -46,3 +46,17 @@ def test_sigterm_lets_the_running_request_finish(tiny_checkpoint):
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 600
     assert "Shutting down" in process.stdout.read()
+
+
+def test_an_empty_api_key_is_refused_before_loading(capsys):
+    assert main(["serve", "--api-key", " "]) == 1
+    assert "--api-key" in capsys.readouterr().err
+
+
+def test_serve_help_lists_the_limits(capsys):
+    try:
+        main(["serve", "--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    assert "--max-body-size" in out and "--public-metrics" in out and "--tune" in out

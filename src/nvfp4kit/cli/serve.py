@@ -66,12 +66,30 @@ def register(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds running requests get to finish after SIGTERM/SIGINT (default 30)",
     )
+    p.add_argument(
+        "--max-body-size", type=_size_arg, default=None, metavar="SIZE",
+        help="largest request body accepted, e.g. 32MiB (default); larger bodies get 413",
+    )  # fmt: skip
+    p.add_argument(
+        "--public-metrics", action="store_true", help="serve /metrics without the API key (for a scraper)"
+    )
     add_engine_arguments(p)
     p.set_defaults(func=run)
 
 
+def _size_arg(text: str) -> int:
+    from nvfp4kit.plan.units import parse_size
+
+    try:
+        return parse_size(text, option="--max-body-size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--max-body-size: ")) from None
+
+
 def run(args: argparse.Namespace) -> int:
     random_weights = getattr(args, "random_weights", None)
+    if args.api_key is not None and not args.api_key.strip():  # refused before minutes of loading, not after
+        raise ValueError("--api-key (or $NVFP4KIT_API_KEY) is empty; give a key or leave it unset")
     if random_weights and args.model:
         raise ValueError("give a model folder or --random-weights SHAPE, not both")
     folder, default_name = resolve_model(args.model)
@@ -95,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM(folder, dtype=args.dtype, device=args.device, **llm_arguments(args))
     template = load_chat_template(folder)
     names = args.served_model_name or [default_name]
-    app = create_app(engine_for(llm), template=template, model_names=names, api_key=args.api_key)
+    limits = {"max_body_bytes": args.max_body_size} if args.max_body_size else {}
+    app = create_app(
+        engine_for(llm), template=template, model_names=names, api_key=args.api_key,
+        drain_timeout=args.graceful_timeout, public_metrics=args.public_metrics, **limits,
+    )  # fmt: skip
     log.info(
         "serving %s as %s on http://%s:%d (chat template: %s)",
         folder,
