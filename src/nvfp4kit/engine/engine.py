@@ -44,6 +44,7 @@ class EngineConfig:
     attention_backend: str | None = None  # "triton" or "torch"; default: triton on CUDA, torch on CPU
     cuda_graphs: bool = True  # replay captured decode steps on CUDA (False: eager, as --enforce-eager)
     graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; default 1,2,4,8,16,...
+    prefix_caching: bool = True  # reuse the KV of prompt beginnings computed before (engine/prefix_cache.py)
 
 
 def resolve_kv_dtype(kv_dtype: str, *, model_dtype: torch.dtype) -> str:
@@ -95,7 +96,9 @@ class Engine:
             layout.block_size, num_blocks, layout.max_seqs, layout.ring_size, layout.k_eq_v_once
         )
         self.cache = KVCache(cfg, self.layout, kv_dtype=kv_dtype, device=self.device)
-        self.scheduler = Scheduler(SchedulerConfig(chunk, chunk), self.cache)
+        self.scheduler = Scheduler(
+            SchedulerConfig(chunk, chunk), self.cache, prefix_caching=self.config.prefix_caching
+        )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.graphs: DecodeGraphs | None = None

@@ -34,6 +34,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" (stop id or string), "length", "abort", "error", or None
     error: str | None = None  # with finish_reason "error": what went wrong for this request alone
     prompt_logprobs: list | None = None  # on the first event, if asked: [None, PromptLogprob, ...]
+    cached_tokens: int | None = None  # on the first event: prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -56,6 +57,8 @@ class Request:
     stop_matcher: StopStringMatcher | None = None
     prompt_logprobs: list | None = None  # [None, PromptLogprob, ...] when params.prompt_logprobs is set
     constraint: ConstraintState | None = None  # structured output: where the request is in its grammar
+    num_cached: int = 0  # prompt tokens reused from the prefix cache at the last admission
+    block_digests: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks
 
     @property
     def all_ids(self) -> list[int]:
@@ -72,6 +75,8 @@ class Request:
         if self.constraint is not None:
             self.constraint.accept(token_id)
         event = self._text_event(token_id, logprob, top)
+        if len(self.output_ids) == 1:
+            event.cached_tokens = self.num_cached
         if len(self.output_ids) == 1 and self.prompt_logprobs is not None:
             if not self.prompt_logprobs:  # a one-token prompt: nothing was predicted
                 self.prompt_logprobs.append(None)

@@ -4,7 +4,8 @@ Each step has a token budget. Running requests go first, oldest first: a decode 
 request still in prefill takes a chunk. Waiting requests are admitted in arrival order while the budget,
 a free sliding ring and enough global blocks for their first chunk allow. When the global pool runs dry,
 the newest running request is preempted (its KV freed) and later recomputed from its prompt plus the tokens
-it already produced, so its output is unchanged.
+it already produced, so its output is unchanged. With prefix caching (`prefix_cache.py`), an admitted request
+starts after the longest cached beginning of its tokens (global blocks and a parked sliding ring reused).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nvfp4kit.engine.kv_cache import KVCache
+from nvfp4kit.engine.prefix_cache import PrefixCache
 from nvfp4kit.engine.request import Request, Status
 
 
@@ -23,9 +25,10 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache: KVCache):
+    def __init__(self, config: SchedulerConfig, cache: KVCache, *, prefix_caching: bool = False):
         self.config = config
         self.cache = cache
+        self.prefix = PrefixCache(cache) if prefix_caching else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -54,15 +57,22 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and self.cache.free_rings:
             req = self.waiting[0]
+            hit = self.prefix.match(req) if self.prefix is not None else None
+            req.num_computed = hit.tokens if hit else 0  # the KV of a cached beginning is there already
             n = self._fit(req, min(req.remaining, budget, self.config.max_prefill_chunk))
-            if n == 0:
-                break
-            blocks = self.cache.blocks_for(n)
-            if not self.cache.can_allocate(blocks):
+            blocks = self.cache.blocks_for(req.num_computed + n) - (len(hit.blocks) if hit else 0)
+            if n == 0 or not self.cache.can_allocate(blocks + (hit.reclaimed if hit else 0)):
+                req.num_computed = 0
                 break
             self.waiting.popleft()
-            req.ring = self.cache.allocate_ring()
-            req.block_table = self.cache.allocate_blocks(blocks)
+            if hit:
+                self.prefix.acquire(hit)
+            req.ring = hit.ring if hit and hit.ring is not None else self.cache.allocate_ring()
+            new_blocks = self.cache.allocate_blocks(blocks)
+            if self.prefix is not None:
+                self.prefix.hold(new_blocks)
+            req.block_table = (hit.blocks if hit else []) + new_blocks
+            req.num_cached = req.num_computed
             req.status = Status.RUNNING
             self.running.append(req)
             batch.append((req, n))
@@ -84,7 +94,10 @@ class Scheduler:
             if victim is req:
                 return False
         if need > 0:
-            req.block_table += self.cache.allocate_blocks(need)
+            new_blocks = self.cache.allocate_blocks(need)
+            if self.prefix is not None:
+                self.prefix.hold(new_blocks)
+            req.block_table += new_blocks
         return True
 
     def preempt(self, req: Request) -> None:
@@ -104,5 +117,8 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
-        self.cache.free(req.block_table, req.ring)
+        if self.prefix is not None:  # its full blocks cached, its ring parked
+            self.prefix.release(req)
+        else:
+            self.cache.free(req.block_table, req.ring)
         req.block_table, req.ring = [], None
