@@ -43,3 +43,12 @@ def test_serve_refuses_a_folder_and_random_weights_together():
     args = argparse.Namespace(model="/some/folder", random_weights="26b-a4b")
     with pytest.raises(ValueError, match="not both"):
         serve_cli.run(args)
+
+
+def test_serve_flags_for_random_weights_and_prefix_caching():
+    from nvfp4kit.cli import build_parser
+
+    parser = build_parser(["serve"])
+    args = parser.parse_args(["serve", "--random-weights", "26b-a4b", "--no-prefix-caching"])
+    assert args.random_weights == "26b-a4b" and args.prefix_caching is False
+    assert parser.parse_args(["serve"]).prefix_caching is True

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 from nvfp4kit.cli.engine_options import add_engine_arguments, llm_arguments
@@ -74,6 +75,12 @@ def register(p: argparse.ArgumentParser) -> None:
         "--public-metrics", action="store_true", help="serve /metrics without the API key (for a scraper)"
     )
     add_engine_arguments(p)
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="prefill every prompt whole (by default a request reuses the KV of a beginning computed before)",
+    )
     p.set_defaults(func=run)
 
 
@@ -104,13 +111,16 @@ def run(args: argparse.Namespace) -> int:
     from nvfp4kit.serve.chat_template import load_chat_template
 
     log = logging.getLogger("nvfp4kit.serve")
+    engine_args = llm_arguments(args)
+    if not getattr(args, "prefix_caching", True):
+        engine_args["engine_config"] = replace(engine_args["engine_config"], prefix_caching=False)
     if random_weights:  # the shape's speed without a download (nvfp4kit.testing.random_llm)
         from nvfp4kit.testing.random_llm import RandomLLM
 
-        llm = RandomLLM(random_weights, dtype=args.dtype, device=args.device, **llm_arguments(args))
+        llm = RandomLLM(random_weights, dtype=args.dtype, device=args.device, **engine_args)
         folder, default_name = llm.path, f"{llm.shape}-random"
     else:
-        llm = LLM(folder, dtype=args.dtype, device=args.device, **llm_arguments(args))
+        llm = LLM(folder, dtype=args.dtype, device=args.device, **engine_args)
     template = load_chat_template(folder)
     names = args.served_model_name or [default_name]
     limits = {"max_body_bytes": args.max_body_size} if args.max_body_size else {}
