@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from nvfp4kit.cli import serve as serve_cli
@@ -40,7 +38,9 @@ def test_random_llm_generates_and_cleans_up():
 
 
 def test_serve_refuses_a_folder_and_random_weights_together():
-    args = argparse.Namespace(model="/some/folder", random_weights="26b-a4b")
+    from nvfp4kit.cli import build_parser
+
+    args = build_parser(["serve"]).parse_args(["serve", "/some/folder", "--random-weights", "26b-a4b"])
     with pytest.raises(ValueError, match="not both"):
         serve_cli.run(args)
 
