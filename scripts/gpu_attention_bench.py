@@ -30,10 +30,10 @@ from gpu_attention_common import (  # noqa: E402
     KV_DTYPES,
     SLIDING,
     Pool,
-    copy_bandwidth,
     random_queries,
 )
 
+from nvfp4kit.bench.timing import copy_bandwidth_gbps  # noqa: E402
 from nvfp4kit.kernels.paged_attention import AttentionConfig, choose_num_splits, select_config  # noqa: E402
 
 
@@ -141,7 +141,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(DEVICE)
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth_gbps() * 1e9  # bytes/s
     print(
         f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}"
     )

@@ -160,13 +160,3 @@ def random_store(dims: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator
 def random_queries(shape: LayerShape, tokens: int, gen: torch.Generator) -> torch.Tensor:
     q = torch.randn(tokens, shape.q_heads, shape.head_dim, device=DEVICE, generator=gen)
     return (q * 3.0 / shape.head_dim**0.5).bfloat16()
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB, bytes read + written per second (median)."""
-    import triton.testing
-
-    src = torch.randn(1 << 28, device=DEVICE)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() * 4 / (ms * 1e-3)
