@@ -125,6 +125,13 @@ class LLM:
             model = demo_model_path("nvfp4")
         self.path = Path(model)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {self.device} asked for, but this torch ({torch.__version__}) sees no CUDA GPU: install "
+                "the CUDA build of torch on a GPU machine, or use --device cpu"
+            )
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: no such model folder")
         self.seed = seed  # requests without their own seed get seed, seed + 1, ... (reproducible runs)
         self._request_counter = 0
         engine_config = _engine_options(

@@ -51,6 +51,8 @@ def resolve_model(model: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json; pass a checkpoint folder or a preset name")
         return ModelSource(path.name, "checkpoint", load_config(path), {}, path)
+    if model not in list_presets() and f"gemma-4-{model}" in list_presets():  # short names: e2b, 26b-a4b, ...
+        model = f"gemma-4-{model}"
     if model in list_presets():
         raw = json.loads((PRESET_DIR / f"{model}.json").read_text())
         towers = {k: int(v) for k, v in raw.get("tower_parameters", {}).items() if k in TOWER_COMPONENTS}

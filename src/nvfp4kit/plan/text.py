@@ -140,14 +140,14 @@ def _roofline_lines(plan: dict[str, Any]) -> list[str]:
     lines = [
         "",
         f"Decode roofline ({bw:,.0f} GB/s), every sequence at {rows[0]['context']:,} tokens",
-        f"  {'batch':>5}{'GB/step':>10}{'experts GB':>12}{'KV GB':>8}{'lm_head GB':>12}{'tok/s':>9}{'tok/s/req':>11}",
+        f"  {'batch':>5} {'GB/step':>9} {'experts GB':>11} {'KV GB':>7} {'lm_head GB':>11} {'tok/s':>9} {'tok/s/req':>10}",
     ]
-    for row in rows:
+    for row in rows:  # one space between columns always: a tiny model's rates have many digits
         parts = row["bytes_by_part"]
         lines.append(
-            f"  {row['batch']:>5}{row['bytes_per_step'] / GB:>10.2f}{parts.get('experts', 0) / GB:>12.2f}"
-            f"{parts['kv_cache'] / GB:>8.2f}{parts.get('lm_head', 0) / GB:>12.2f}"
-            f"{row['tokens_per_s']:>9,.0f}{row['tokens_per_s_per_request']:>11,.0f}"
+            f"  {row['batch']:>5} {row['bytes_per_step'] / GB:>9.2f} {parts.get('experts', 0) / GB:>11.2f}"
+            f" {parts['kv_cache'] / GB:>7.2f} {parts.get('lm_head', 0) / GB:>11.2f}"
+            f" {row['tokens_per_s']:>9,.0f} {row['tokens_per_s_per_request']:>10,.0f}"
         )
     lines.append(
         "  (upper bounds: bytes read per step / bandwidth; compute is not the limit at these batches)"
