@@ -137,3 +137,30 @@ def test_greedy_chat_is_the_same_with_and_without_the_cache():
         llm.close()
     assert replies[True] == replies[False]
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("length,chunk", [(37, 16), (12, 64), (40, 5)])
+def test_identical_prompts_together_are_prefilled_once(setup, length, chunk):
+    """n > 1 (the server adds one request per choice): the first prefills, the others wait for it and take
+    its full blocks and a copy of its ring, computing only the last partial block."""
+    model, tok = setup
+    prompt = random_prompts([length], seed=51)[0]
+    outputs = {}
+    for caching in (True, False):
+        config = EngineConfig(max_num_batched_tokens=chunk, block_size=4, prefix_caching=caching)
+        engine = Engine(model, tok, config=config)
+        params = [SamplingParams(max_tokens=8, temperature=1.0, seed=s, ignore_eos=True) for s in range(3)]
+        params.append(SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        ids = {engine.add_request(prompt, p): i for i, p in enumerate(params)}
+        out = [[] for _ in params]
+        while engine.has_unfinished():
+            for event in engine.step():
+                out[ids[event.request_id]].append(event.token_id)
+            if caching:
+                check_references(engine)
+        outputs[caching] = out
+        if caching:
+            assert engine.scheduler.prefix.hit_tokens == 3 * ((length - 1) // 4 * 4)
+            assert len(engine.cache.free_blocks) == engine.layout.num_blocks
+    assert outputs[True] == outputs[False]
+    assert outputs[True][3] == reference_greedy(model, prompt, 8)

@@ -93,15 +93,19 @@ class FreeRings:
 class Hit:
     blocks: list[int]  # cached global blocks for the first `tokens` positions
     tokens: int
-    ring: (
-        int | None
-    )  # the parked ring holding the window before `tokens` (None: the model has no sliding layer)
+    ring: int | None  # the parked ring holding the window before `tokens` (None: no sliding layers)
     reclaimed: int  # how many of `blocks` are unreferenced (taken out of the free blocks on acquire)
+    copy_ring_from: int | None = None  # a running twin's ring, copied into the request's new ring
+
+
+WAIT = "wait"  # `twin`: a running request with the same prompt is still prefilling it
 
 
 class PrefixCache:
     def __init__(self, cache: KVCache):
         layout, cfg = cache.layout, cache.cfg
+        self.cache = cache  # (the cache refers to nothing here: no reference cycle)
+        self.sliding_layers = layout.sliding_layers(cfg)
         self.block_size, self.ring_size, self.window = layout.block_size, layout.ring_size, cfg.sliding_window
         self.uses_rings = bool(layout.sliding_layers(cfg))
         self.refs = [0] * layout.num_blocks
@@ -154,6 +158,32 @@ class PrefixCache:
             return None
         reclaimed = sum(1 for b in blocks if self.refs[b] == 0)
         return Hit(blocks, len(blocks) * self.block_size, ring, reclaimed)
+
+    def twin(self, req: Request, running: list[Request]) -> Hit | str | None:
+        """Identical prompts (`n > 1`, or the same prompt sent twice at once) are prefilled once: `WAIT` while a
+        running twin is still prefilling the prompt, then a hit sharing the twin's full blocks and a copy of its
+        ring (the request recomputes the last, partial block); None without a twin."""
+        if req.images is not None or req.prompt_logprobs is not None or req.output_ids:
+            return None
+        n, bs = len(req.prompt_ids), self.block_size
+        for other in running:
+            if len(other.prompt_ids) != n or other.images is not None or other.prompt_ids != req.prompt_ids:
+                continue
+            if other.num_computed < n:
+                return WAIT
+            m = (n - 1) // bs * bs
+            window_kept = max(0, m - self.window + 1) >= other.num_computed - self.ring_size
+            if m and other.ring is not None and (window_kept or not self.uses_rings):
+                ring = other.ring if self.uses_rings else None
+                return Hit(other.block_table[: m // bs], m, None, 0, copy_ring_from=ring)
+        return None
+
+    def copy_ring(self, source: int, target: int) -> None:
+        """The sliding layers' KV of ring `source` into ring `target` (a fork of a twin's window)."""
+        size = self.ring_size
+        for layer in self.sliding_layers:
+            for store in (self.cache.keys[layer], self.cache.values[layer]):
+                store[target * size : (target + 1) * size] = store[source * size : (source + 1) * size]
 
     def acquire(self, hit: Hit) -> None:
         """Take the hit's blocks (reference + 1) and its parked ring for a request."""

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nvfp4kit.engine.kv_cache import KVCache
-from nvfp4kit.engine.prefix_cache import PrefixCache
+from nvfp4kit.engine.prefix_cache import WAIT, PrefixCache
 from nvfp4kit.engine.request import Request, Status
 
 
@@ -57,7 +57,12 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and self.cache.free_rings:
             req = self.waiting[0]
-            hit = self.prefix.match(req) if self.prefix is not None else None
+            hit = None
+            if self.prefix is not None:
+                hit = self.prefix.twin(req, self.running)
+                if hit == WAIT:  # its twin's prefill is under way: share it instead of repeating it
+                    break
+                hit = hit or self.prefix.match(req)
             req.num_computed = hit.tokens if hit else 0  # the KV of a cached beginning is there already
             n = self._fit(req, min(req.remaining, budget, self.config.max_prefill_chunk))
             blocks = self.cache.blocks_for(req.num_computed + n) - (len(hit.blocks) if hit else 0)
@@ -68,6 +73,8 @@ class Scheduler:
             if hit:
                 self.prefix.acquire(hit)
             req.ring = hit.ring if hit and hit.ring is not None else self.cache.allocate_ring()
+            if hit and hit.copy_ring_from is not None:
+                self.prefix.copy_ring(hit.copy_ring_from, req.ring)
             new_blocks = self.cache.allocate_blocks(blocks)
             if self.prefix is not None:
                 self.prefix.hold(new_blocks)
