@@ -14,6 +14,9 @@ are kept:
   adopts the ring (slot = position mod ring_size, so positions line up; the stale slots at or after m are
   written by its prefill before any query reads them). Parked rings count as free and are evicted LRU.
 
+Identical prompts in flight together (`n > 1`) are prefilled once (`twin`): the others wait for the first,
+then share its full blocks and take a copy of its ring.
+
 Only full blocks are shared and a request writes only positions at or after its `num_computed`, so shared
 blocks are never written. Requests with images neither match nor register (equal placeholder ids, different
 images); `prompt_logprobs` requests do not match (they need every prompt position's logits). The match is
