@@ -1,6 +1,7 @@
 """`nvfp4kit serve` on a tiny random checkpoint, driven by the official openai client."""
 
 import asyncio
+import random
 import re
 import time
 
@@ -39,6 +40,7 @@ def test_models_health_and_metrics(server, api):
     for name in (
         "requests_total",
         "prompt_tokens_total",
+        "prompt_tokens_cached_total",
         "generation_tokens_total",
         "time_to_first_token_seconds",
         "inter_token_latency_seconds",
@@ -279,3 +281,23 @@ def test_client_disconnect_aborts_a_non_streamed_request(server, api):
     settled = metric(server, "nvfp4kit_generation_tokens_total")
     time.sleep(0.3)
     assert metric(server, "nvfp4kit_generation_tokens_total") == settled
+
+
+def test_usage_reports_prompt_tokens_served_by_the_prefix_cache(api):
+    prompt = [2] + random.Random(2024).choices(range(10, 300), k=120)  # unseen by the other tests
+    first = api.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens == len(prompt)
+    assert not (first.usage.prompt_tokens_details and first.usage.prompt_tokens_details.cached_tokens)
+    again = api.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < len(prompt)
+    stream = api.completions.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=2,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage][-1]
+    assert usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens_details.cached_tokens
+    assert again.choices[0].text == first.choices[0].text  # the cache changes no token

@@ -33,6 +33,7 @@ from nvfp4kit.serve.streaming import (
     sse,
     stream_choices,
     token_budget,
+    usage,
 )
 from nvfp4kit.serve.structured import request_constraint, tool_call_constraint
 from nvfp4kit.serve.tool_calls import TOOL_CALL_OPEN
@@ -196,10 +197,13 @@ class ChatHandler:
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         finish = ["length"] * n
         generated = 0
+        cached = None
         prompt_entries: list = []
         async with contextlib.aclosing(self._events(chat)) as events:
             async for index, event in events:
                 generated += is_token(event)
+                if index == 0 and getattr(event, "cached_tokens", None) is not None:
+                    cached = event.cached_tokens
                 prompt_entries = getattr(event, "prompt_logprobs", None) or prompt_entries
                 parsers[index].feed(event.text)
                 if (
@@ -227,8 +231,9 @@ class ChatHandler:
             "created": int(time.time()),
             "model": chat.model,
             "choices": choices,
-            "usage": _usage(len(chat.prompt_ids), generated),
+            "usage": usage(len(chat.prompt_ids), generated, cached),
         }
+        self.metrics.add_cached_tokens(cached or 0)
         if chat.request.prompt_logprobs is not None:
             response["prompt_logprobs"] = vllm_prompt_logprobs(self.engine, prompt_entries)
         return response
@@ -259,9 +264,12 @@ class ChatHandler:
             if not first.is_empty():
                 yield chunk(index, self._visible(chat, first.as_openai_delta()))
         generated = 0
+        cached = None
         async with contextlib.aclosing(self._events(chat)) as events:
             async for index, event in events:
                 generated += is_token(event)
+                if index == 0 and getattr(event, "cached_tokens", None) is not None:
+                    cached = event.cached_tokens
                 parser = parsers[index]
                 delta = parser.feed(event.text)
                 if event.finish_reason:
@@ -277,6 +285,7 @@ class ChatHandler:
                     yield chunk(index, self._visible(chat, delta.as_openai_delta()), logprobs=logprobs)
                 if event.finish_reason:
                     yield chunk(index, {}, finish=_finish_reason(event.finish_reason, parser))
+        self.metrics.add_cached_tokens(cached or 0)
         if request.include_usage:
             yield sse(
                 {
@@ -285,7 +294,7 @@ class ChatHandler:
                     "created": created,
                     "model": chat.model,
                     "choices": [],
-                    "usage": _usage(len(chat.prompt_ids), generated),
+                    "usage": usage(len(chat.prompt_ids), generated, cached),
                 }
             )
         yield SSE_DONE
@@ -295,11 +304,3 @@ def _finish_reason(engine_reason: str, parser: ChatOutputParser) -> str:
     if engine_reason == "stop" and parser.has_tool_calls:
         return "tool_calls"
     return engine_reason
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }

@@ -27,6 +27,7 @@ from nvfp4kit.serve.streaming import (
     stream_choices,
     token_budget,
     token_text,
+    usage,
 )
 from nvfp4kit.serve.structured import request_constraint
 
@@ -192,9 +193,11 @@ class CompletionHandler:
         prompt_entries: list[list | None] = [None] * count
         finish = ["length"] * count
         generated = 0
+        cached: dict[int, int] = {}
         async with contextlib.aclosing(self._events(job)) as events:
             async for index, event, params in events:
                 generated += is_token(event)
+                _note_cached(cached, job, index, event)
                 if event.prompt_logprobs is not None:
                     prompt_entries[index] = event.prompt_logprobs
                 if self._reports_logprob(job, event, params):
@@ -221,8 +224,9 @@ class CompletionHandler:
             "created": int(time.time()),
             "model": job.model,
             "choices": choices,
-            "usage": _usage(job, generated),
+            "usage": _usage(job, generated, cached),
         }
+        self.metrics.add_cached_tokens(sum(cached.values()))
 
     async def stream(self, job: PreparedCompletion) -> AsyncIterator[str]:
         response_id, created = new_id("cmpl"), int(time.time())
@@ -249,9 +253,11 @@ class CompletionHandler:
                 if not echo_waits:
                     yield chunk(i, self._prompt_of(job, i).text)
         generated = 0
+        cached: dict[int, int] = {}
         async with contextlib.aclosing(self._events(job)) as events:
             async for index, event, params in events:
                 generated += is_token(event)
+                _note_cached(cached, job, index, event)
                 if echo_waits and event.prompt_logprobs is not None:
                     echoed = self._echoed(job, index, event.prompt_logprobs, _Logprobs())
                     yield chunk(index, self._prompt_of(job, index).text, logprobs=echoed.as_dict())
@@ -265,6 +271,7 @@ class CompletionHandler:
                     yield chunk(index, event.text, logprobs=logprobs)
                 if event.finish_reason:
                     yield chunk(index, "", finish=event.finish_reason)
+        self.metrics.add_cached_tokens(sum(cached.values()))
         if job.request.include_usage:
             yield sse(
                 {
@@ -273,16 +280,19 @@ class CompletionHandler:
                     "created": created,
                     "model": job.model,
                     "choices": [],
-                    "usage": _usage(job, generated),
+                    "usage": _usage(job, generated, cached),
                 }
             )
         yield SSE_DONE
 
 
-def _usage(job: PreparedCompletion, generated: int) -> dict[str, int]:
+def _note_cached(cached: dict[int, int], job: PreparedCompletion, index: int, event) -> None:
+    """Cached prompt tokens, once per prompt (its first choice), from the event that carries them."""
+    if index % job.request.n == 0 and getattr(event, "cached_tokens", None) is not None:
+        cached[index] = event.cached_tokens
+
+
+def _usage(job: PreparedCompletion, generated: int, cached: dict[int, int]) -> dict:
+    """The usage object (prompt tokens counted once per prompt, not per choice)."""
     prompt_tokens = sum(len(p.ids) for p in job.prompts)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": generated,
-        "total_tokens": prompt_tokens + generated,
-    }
+    return usage(prompt_tokens, generated, sum(cached.values()) if cached else None)

@@ -54,6 +54,7 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, str], int] = defaultdict(int)
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft = Histogram(
             "time_to_first_token_seconds", "Time from request arrival to its first token.", TTFT_BUCKETS
@@ -69,6 +70,10 @@ class ServerMetrics:
     def add_prompt_tokens(self, count: int) -> None:
         with self._lock:
             self.prompt_tokens += count
+
+    def add_cached_tokens(self, count: int) -> None:
+        with self._lock:
+            self.cached_prompt_tokens += count
 
     def token(self, *, since_previous: float | None, since_arrival: float | None) -> None:
         """One generated token: the first of a request gives its TTFT, later ones an inter-token gap."""
@@ -89,6 +94,10 @@ class ServerMetrics:
             for (endpoint, outcome), count in sorted(self.requests.items()):
                 lines.append(f'{PREFIX}_requests_total{{endpoint="{endpoint}",outcome="{outcome}"}} {count}')
             lines += _single("prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens)
+            lines += _single(
+                "prompt_tokens_cached_total", "counter", "Prompt tokens served by the prefix cache.",
+                self.cached_prompt_tokens,
+            )  # fmt: skip
             lines += _single(
                 "generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens
             )
