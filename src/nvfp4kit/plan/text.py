@@ -37,7 +37,7 @@ def _model_lines(plan: dict[str, Any]) -> list[str]:
         f"{m['full_layers']} global{shared}; max context {m['max_position_embeddings']:,}",
     ]
     if towers:
-        lines.append(f"  {'; '.join(towers)} (not loaded by nvfp4kit, loaded by SGLang)")
+        lines.append(f"  {'; '.join(towers)} (nvfp4kit loads vision at the first image, outside this plan)")
     g = plan["gpu"]
     bw = f", {g['bandwidth_bytes_per_s'] / GB:,.0f} GB/s" if g["bandwidth_bytes_per_s"] else ""
     if g["compute_capability"]:
