@@ -84,6 +84,33 @@ class RequestOutput:
             self.finish_reason = event.finish_reason or self.finish_reason
 
 
+def check_device(device: torch.device) -> None:
+    """One clear line instead of torch's assertion when CUDA is asked for on a machine without it."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {device} asked for, but this torch ({torch.__version__}) sees no CUDA GPU: install "
+            "the CUDA build of torch on a GPU machine, or use --device cpu"
+        )
+
+
+def memory_options(
+    engine_config: EngineConfig,
+    *,
+    gpu_memory_utilization: float | None,
+    gpu_memory_budget: int | str | None,
+    kv_cache_memory: int | str | None,
+) -> tuple[EngineConfig, MemoryOptions]:
+    """The memory flags parsed; a KV size given here wins over a token count in `engine_config`."""
+    if kv_cache_memory is not None:
+        engine_config = replace(engine_config, num_kv_tokens=None)
+    options = MemoryOptions.parse(
+        gpu_memory_utilization=gpu_memory_utilization,
+        gpu_memory_budget=gpu_memory_budget,
+        kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else engine_config.kv_cache_memory,
+    )
+    return engine_config, options
+
+
 class LLM:
     """`LLM(path, dtype=..., device=...)`; `llm.generate(prompts, SamplingParams(...))`.
 
@@ -125,11 +152,7 @@ class LLM:
             model = demo_model_path("nvfp4")
         self.path = Path(model)
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                f"device {self.device} asked for, but this torch ({torch.__version__}) sees no CUDA GPU: install "
-                "the CUDA build of torch on a GPU machine, or use --device cpu"
-            )
+        check_device(self.device)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: no such model folder")
         self.seed = seed  # requests without their own seed get seed, seed + 1, ... (reproducible runs)
@@ -143,13 +166,10 @@ class LLM:
         )
         if max_model_len is not None:
             engine_config = replace(engine_config, max_model_len=max_model_len)
-        if kv_cache_memory is not None:  # a KV size given here wins over a token count in engine_config
-            engine_config = replace(engine_config, num_kv_tokens=None)
-        options = MemoryOptions.parse(
-            gpu_memory_utilization=gpu_memory_utilization,
-            gpu_memory_budget=gpu_memory_budget,
-            kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else engine_config.kv_cache_memory,
-        )
+        engine_config, options = memory_options(
+            engine_config, gpu_memory_utilization=gpu_memory_utilization, gpu_memory_budget=gpu_memory_budget,
+            kv_cache_memory=kv_cache_memory,
+        )  # fmt: skip
         model_dtype = resolve_dtype(dtype, self.device)
         self.startup_plan = plan_checkpoint_memory(
             self.path, device=self.device, model_dtype=model_dtype, config=engine_config, options=options,

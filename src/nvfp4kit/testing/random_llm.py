@@ -22,8 +22,8 @@ import torch
 
 from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, config_from_dict, list_presets
 from nvfp4kit.engine.engine import Engine, EngineConfig, resolve_kv_dtype
-from nvfp4kit.engine.sizing import MemoryOptions, measure_device_memory, plan_engine_memory
-from nvfp4kit.generate import LLM
+from nvfp4kit.engine.sizing import measure_device_memory, plan_engine_memory
+from nvfp4kit.generate import LLM, check_device, memory_options
 from nvfp4kit.model.loader import resolve_dtype
 from nvfp4kit.plan.weights import weights_from_config
 from nvfp4kit.testing.random_model import random_model
@@ -96,16 +96,13 @@ class RandomLLM(LLM):
         self.engine = self.model = None  # close() works from here on
         cfg = write_random_folder(self.shape, self.path)
         self.device = torch.device(device)
+        check_device(self.device)
         self.seed = seed
         self._request_counter = 0
-        engine_config = engine_config or EngineConfig()
-        if kv_cache_memory is not None:
-            engine_config = replace(engine_config, num_kv_tokens=None)
-        options = MemoryOptions.parse(
-            gpu_memory_utilization=gpu_memory_utilization,
-            gpu_memory_budget=gpu_memory_budget,
-            kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else engine_config.kv_cache_memory,
-        )
+        engine_config, options = memory_options(
+            engine_config or EngineConfig(), gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_budget=gpu_memory_budget, kv_cache_memory=kv_cache_memory,
+        )  # fmt: skip
         model_dtype = resolve_dtype(dtype, self.device)
         extra = cfg.vocab_size * (cfg.hidden_size + 4) if fp8_lm_head else 0
         self.startup_plan = plan_engine_memory(
