@@ -31,7 +31,7 @@ from demo_chats import ChatFactory  # noqa: E402
 from nvfp4kit import SamplingParams  # noqa: E402
 from nvfp4kit.demo import demo_model_path  # noqa: E402
 from nvfp4kit.eval import ReferenceLogits, checkpoint_bytes, load_samples  # noqa: E402
-from nvfp4kit.generate import LLM  # noqa: E402
+from nvfp4kit.llm import LLM  # noqa: E402
 from nvfp4kit.model.loader import load_model  # noqa: E402
 from nvfp4kit.quant import quantize  # noqa: E402
 from nvfp4kit.quant.calib_refine import refine_checkpoint  # noqa: E402

@@ -46,7 +46,7 @@ LAYERS = {
     "quant": 4,
     "vision": 4,
     "engine": 5,
-    "generate": 6,
+    "llm": 6,
     "eval": 6,
     "serve": 6,
     "bench": 6,

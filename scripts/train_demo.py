@@ -185,7 +185,7 @@ def selfcheck(args: argparse.Namespace) -> None:
 
     from demo_model import DemoGemma4
 
-    from nvfp4kit.model.kv_cache import ContiguousKVCache
+    from nvfp4kit.model.contiguous_cache import ContiguousKVCache
     from nvfp4kit.model.loader import load_model
 
     cfg = config_from_dict(DEMO_CONFIG)

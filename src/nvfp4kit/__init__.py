@@ -8,8 +8,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LLM": "nvfp4kit.generate",
-    "RequestOutput": "nvfp4kit.generate",
+    "LLM": "nvfp4kit.llm",
+    "RequestOutput": "nvfp4kit.llm",
     "Engine": "nvfp4kit.engine.engine",
     "EngineConfig": "nvfp4kit.engine.engine",
     "TokenEvent": "nvfp4kit.engine.request",

@@ -3,7 +3,7 @@ dict prompts, n samples in `outputs`, `max_tokens=None`, `LLM.chat`, `get_tokeni
 
 import pytest
 
-from nvfp4kit.generate import LLM
+from nvfp4kit.llm import LLM
 from nvfp4kit.sampling import SamplingParams
 
 

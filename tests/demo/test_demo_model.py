@@ -63,7 +63,7 @@ def test_matches_transformers(llm):
     transformers = pytest.importorskip("transformers")
     hf = transformers.Gemma4ForCausalLM.from_pretrained(demo_model_path(), dtype=torch.float32).eval()
     ids = torch.tensor(Tokenizer(demo_model_path()).encode("def greet(name):\n    return f'Hello {name}'\n"))
-    from nvfp4kit.model.kv_cache import ContiguousKVCache
+    from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 
     ours = load_model(demo_model_path(), dtype=torch.float32)
     with torch.no_grad():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nvfp4kit.engine.engine import Engine, EngineConfig
-from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer

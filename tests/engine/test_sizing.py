@@ -169,7 +169,7 @@ def test_weights_as_loaded_from_headers(tiny_checkpoint):
 def test_llm_honours_kv_cache_memory(tiny_checkpoint, caplog):
     from nvfp4kit import LLM, SamplingParams
 
-    with caplog.at_level(logging.INFO, logger="nvfp4kit.generate"):
+    with caplog.at_level(logging.INFO, logger="nvfp4kit.llm"):
         llm = LLM(tiny_checkpoint("moe"), kv_cache_memory="12MiB", max_model_len=256)
     plan = llm.startup_plan
     assert plan.kv_cache_memory == 12 * MiB
@@ -183,7 +183,8 @@ def test_llm_honours_kv_cache_memory(tiny_checkpoint, caplog):
 
 def test_llm_sizes_from_device_memory_and_refuses_before_loading(tiny_checkpoint, monkeypatch):
     """The GPU path on the CPU: fake memory facts in, the planned pool out; too little memory fails fast."""
-    from nvfp4kit import LLM, generate
+    from nvfp4kit import LLM
+    from nvfp4kit import llm as llm_module
 
     folder = tiny_checkpoint("moe")
     card = DeviceMemory(total_bytes=4 * GiB, free_bytes=4 * GiB - 100 * MiB, name="fake")
@@ -197,6 +198,6 @@ def test_llm_sizes_from_device_memory_and_refuses_before_loading(tiny_checkpoint
     def must_not_load(*args, **kwargs):
         raise AssertionError("weights were loaded before the fits-check")
 
-    monkeypatch.setattr(generate, "load_model", must_not_load)
+    monkeypatch.setattr(llm_module, "load_model", must_not_load)
     with pytest.raises(InsufficientMemoryError, match="does not fit"):
         LLM(folder, gpu_memory_budget="300MiB")  # the reserve (a 256 MiB margin, 64 MiB of graphs) is more

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nvfp4kit.formats.safetensors_io import CheckpointError
-from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
 
 CT_CONFIG = {

@@ -11,7 +11,7 @@ import torch
 
 from nvfp4kit.config import config_from_dict
 from nvfp4kit.kernels.backend import TritonBackend
-from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.testing.random_model import random_model
 from nvfp4kit.testing.tiny import tiny_text_config

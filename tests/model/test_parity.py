@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
 
 transformers = pytest.importorskip("transformers")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nvfp4kit.config import config_from_dict
-from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.testing.random_model import random_model, random_nvfp4
 from nvfp4kit.testing.tiny import tiny_text_config
 

@@ -65,7 +65,7 @@ def test_bad_arguments_are_rejected():
 @pytest.mark.parametrize(("kv_dtype", "once"), [("fp8_e5m2", True), ("bf16", False)])
 def test_plan_matches_the_engines_kv_layout(preset, kv_dtype, once):
     """The engine allocates exactly what the plan counts: global bytes per token and the sliding rings."""
-    from nvfp4kit.engine.kv_cache import KVLayout, pool_bytes
+    from nvfp4kit.engine.kv_pools import KVLayout, pool_bytes
 
     cfg = load_preset(preset)
     p = plan_pools(cfg, free_bytes=80 * GiB, weights_bytes=0, kv_dtype=kv_dtype, k_eq_v_once=once,
@@ -78,7 +78,7 @@ def test_plan_matches_the_engines_kv_layout(preset, kv_dtype, once):
 @pytest.mark.parametrize(("kv_dtype", "once"), [("fp8_e5m2", True), ("bf16", False), ("float32", True)])
 def test_the_engines_kv_tensors_hold_what_the_plan_counts(preset, kv_dtype, once):
     """`pool_bytes` comes from the plan's per-token bytes; the tensors `KVCache` allocates add up to it."""
-    from nvfp4kit.engine.kv_cache import KVCache, KVLayout, pool_bytes
+    from nvfp4kit.engine.kv_pools import KVCache, KVLayout, pool_bytes
 
     cfg = load_preset(preset)
     layout = KVLayout(block_size=16, num_blocks=3, max_seqs=2, ring_size=40, k_eq_v_once=once)

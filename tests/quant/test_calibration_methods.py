@@ -13,7 +13,7 @@ from nvfp4kit.demo import demo_model_path
 from nvfp4kit.eval import compare_checkpoints, load_samples
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.formats.safetensors_io import CheckpointReader
-from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.quant import CALIBRATION_METHODS, quantize
 from nvfp4kit.quant import pipeline as pipeline_module

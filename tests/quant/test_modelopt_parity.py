@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nvfp4kit.formats.safetensors_io import CheckpointReader
-from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.tokenizer import Tokenizer

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from nvfp4kit.cli import main
 from nvfp4kit.config import ConfigError
 from nvfp4kit.formats.safetensors_io import CheckpointError, CheckpointReader
-from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.quant import pipeline as pipeline_module
 from nvfp4kit.quant import quantize

@@ -9,7 +9,7 @@ import torch
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.formats.safetensors_io import CheckpointReader
-from nvfp4kit.model.kv_cache import ContiguousKVCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.layers import store_weight
 from nvfp4kit.model.loader import load_model
 

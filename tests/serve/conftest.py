@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from nvfp4kit.sampling import SamplingParams
-from nvfp4kit.serve.async_engine import EngineStats
+from nvfp4kit.serve.engine_protocol import EngineStats
 from nvfp4kit.testing.tiny import write_tiny_checkpoint
 from nvfp4kit.tokenizer import IncrementalDetokenizer, Tokenizer
 

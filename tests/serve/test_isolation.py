@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nvfp4kit.engine import engine as engine_module
-from nvfp4kit.engine.async_engine import AsyncBatchingEngine, RequestFailed
+from nvfp4kit.engine.async_batching import AsyncBatchingEngine, RequestFailed
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.engine.logits_processors import LogitsRow, process_logits
 from nvfp4kit.model.loader import load_model

@@ -50,7 +50,7 @@ def chat_prompt(folder, message: str, *, think: bool, system: str | None) -> str
 
 def run(args: argparse.Namespace) -> int:
     from nvfp4kit.demo import demo_model_path
-    from nvfp4kit.generate import LLM
+    from nvfp4kit.llm import LLM
     from nvfp4kit.sampling import SamplingParams
 
     folder = args.checkpoint or demo_model_path("nvfp4")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nvfp4kit.engine.attention_backend import AttentionBackend, select_attention_backend
-from nvfp4kit.engine.kv_cache import KVCache
+from nvfp4kit.engine.kv_pools import KVCache
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.model.layers import apply_rope, attention, rope_cos_sin

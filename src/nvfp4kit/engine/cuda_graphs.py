@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice, StepMetadata
-from nvfp4kit.engine.kv_cache import KVCache
+from nvfp4kit.engine.kv_pools import KVCache
 from nvfp4kit.kernels.attention_metadata import WorkItems
 from nvfp4kit.model.gemma4 import Gemma4Model
 

@@ -16,7 +16,7 @@ import torch
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.batch_sampler import SampleRow, sample_batch
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs, default_batch_sizes
-from nvfp4kit.engine.kv_cache import KVCache, KVLayout, pool_bytes
+from nvfp4kit.engine.kv_pools import KVCache, KVLayout, pool_bytes
 from nvfp4kit.engine.logits_processors import LogitsRow, process_logits
 from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request

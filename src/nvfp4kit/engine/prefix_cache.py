@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nvfp4kit.engine.kv_cache import KVCache
+from nvfp4kit.engine.kv_pools import KVCache
 from nvfp4kit.engine.request import Request
 
 

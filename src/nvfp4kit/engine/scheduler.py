@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from nvfp4kit.engine.kv_cache import KVCache
+from nvfp4kit.engine.kv_pools import KVCache
 from nvfp4kit.engine.prefix_cache import WAIT, PrefixCache
 from nvfp4kit.engine.request import Request, Status
 

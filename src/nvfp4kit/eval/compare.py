@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from nvfp4kit.eval.metrics import Agreement, AgreementAccumulator, token_stats
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.gemma4 import Gemma4Model
-from nvfp4kit.model.kv_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
 
 

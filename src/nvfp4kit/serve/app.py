@@ -24,11 +24,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nvfp4kit.engine.async_engine import RequestFailed
-from nvfp4kit.serve.async_engine import AsyncEngine
+from nvfp4kit.engine.async_batching import RequestFailed
 from nvfp4kit.serve.chat import ChatHandler
 from nvfp4kit.serve.chat_template import ChatTemplate
 from nvfp4kit.serve.completions import CompletionHandler
+from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError, from_validation_error
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.protocol import ChatCompletionRequest, CompletionRequest

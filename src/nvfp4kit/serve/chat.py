@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from nvfp4kit.sampling import SamplingParams
-from nvfp4kit.serve.async_engine import AsyncEngine
 from nvfp4kit.serve.chat_output import ChatOutputParser
 from nvfp4kit.serve.chat_template import ChatTemplate, ChatTemplateError, validate_tools
 from nvfp4kit.serve.completions import vllm_prompt_logprobs
+from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.prompt_tokens import RenderedPrompt, render_chat_prompt, reopen_last_turn

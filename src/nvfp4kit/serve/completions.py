@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from nvfp4kit.generate import TokenEvent
+from nvfp4kit.llm import TokenEvent
 from nvfp4kit.sampling import SamplingParams
-from nvfp4kit.serve.async_engine import AsyncEngine
+from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.protocol import CompletionRequest, sampling_error

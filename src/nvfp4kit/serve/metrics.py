@@ -10,7 +10,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 
-from nvfp4kit.serve.async_engine import EngineStats
+from nvfp4kit.serve.engine_protocol import EngineStats
 
 PREFIX = "nvfp4kit"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -12,9 +12,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from nvfp4kit.generate import TokenEvent
+from nvfp4kit.llm import TokenEvent
 from nvfp4kit.sampling import SamplingParams
-from nvfp4kit.serve.async_engine import AsyncEngine
+from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.vision.inputs import ImageInputs

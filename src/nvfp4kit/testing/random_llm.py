@@ -23,7 +23,7 @@ import torch
 from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, config_from_dict, list_presets
 from nvfp4kit.engine.engine import Engine, EngineConfig, resolve_kv_dtype
 from nvfp4kit.engine.sizing import measure_device_memory, plan_engine_memory
-from nvfp4kit.generate import LLM, check_device, memory_options
+from nvfp4kit.llm import LLM, check_device, memory_options
 from nvfp4kit.model.loader import resolve_dtype
 from nvfp4kit.plan.weights import weights_from_config
 from nvfp4kit.testing.random_model import random_model

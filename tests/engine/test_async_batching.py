@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import torch
 
-from nvfp4kit.engine.async_engine import AsyncBatchingEngine
+from nvfp4kit.engine.async_batching import AsyncBatchingEngine
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams

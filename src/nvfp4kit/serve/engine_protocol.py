@@ -4,7 +4,7 @@ The server only uses `AsyncEngine`: a tokenizer, the context length, the stop id
 params)` yielding token events (closing the stream early aborts the request), `stats()` with the
 running and waiting request counts, and `close()`; optionally `abort_all()` (end every stream with a last
 event of finish_reason "abort", no token: id -1), which the shutdown drain calls when its time is up.
-`nvfp4kit.engine.async_engine.AsyncBatchingEngine` (continuous batching on a worker thread) provides it;
+`nvfp4kit.engine.async_batching.AsyncBatchingEngine` (continuous batching on a worker thread) provides it;
 tests plug in scripted engines the same way. A request that fails alone in the engine raises
 `RequestFailed` from its own stream only.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from nvfp4kit.engine.async_engine import AsyncBatchingEngine, EngineStats
-from nvfp4kit.generate import LLM, TokenEvent
+from nvfp4kit.engine.async_batching import AsyncBatchingEngine, EngineStats
+from nvfp4kit.llm import LLM, TokenEvent
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 
