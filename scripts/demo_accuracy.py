@@ -33,9 +33,9 @@ from nvfp4kit.demo import demo_model_path  # noqa: E402
 from nvfp4kit.eval import ReferenceLogits, checkpoint_bytes, load_samples  # noqa: E402
 from nvfp4kit.llm import LLM  # noqa: E402
 from nvfp4kit.model.loader import load_model  # noqa: E402
+from nvfp4kit.prompting.chat_template import load_chat_template  # noqa: E402
 from nvfp4kit.quant import quantize  # noqa: E402
 from nvfp4kit.quant.calib_refine import refine_checkpoint  # noqa: E402
-from nvfp4kit.serve.chat_template import load_chat_template  # noqa: E402
 from nvfp4kit.tokenizer import Tokenizer  # noqa: E402
 
 CALIB_SEED = 20_260_601  # far from the training stream's chunk seeds and from the held-out chats' seed

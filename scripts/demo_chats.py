@@ -15,7 +15,7 @@ from typing import Any
 import demo_tasks as tasks
 from demo_corpus import DocFact
 
-from nvfp4kit.serve.chat_template import ChatTemplate
+from nvfp4kit.prompting.chat_template import ChatTemplate
 
 TEMPLATE_FILE = Path(__file__).resolve().parent.parent / "src" / "nvfp4kit" / "assets" / "chat_template.jinja"
 

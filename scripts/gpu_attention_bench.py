@@ -33,8 +33,8 @@ from gpu_attention_common import (  # noqa: E402
     random_queries,
 )
 
-from nvfp4kit.bench.timing import copy_bandwidth_gbps  # noqa: E402
 from nvfp4kit.kernels.paged_attention import AttentionConfig, choose_num_splits, select_config  # noqa: E402
+from nvfp4kit.tuning.timing import copy_bandwidth_gbps  # noqa: E402
 
 
 def graph_time_us(fn) -> float:

@@ -29,7 +29,7 @@ from gpu_attention_common import (  # noqa: E402
     random_queries,
 )
 
-from nvfp4kit.bench.cases import rel_error  # noqa: E402
+from nvfp4kit.tuning.cases import rel_error  # noqa: E402
 
 BOUND = 1e-2  # relative L2 error against fp32 math; bf16 rounding of the output alone is ~2e-3
 

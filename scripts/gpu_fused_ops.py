@@ -3,7 +3,7 @@
 Run on the lent GPU:  PYTHONPATH=src python scripts/gpu_fused_ops.py [--out $OUT/fused_ops.json]
   1. every fused op (triton backend, bf16 inputs) against the torch backend on fp32 copies of the same inputs
      (bound 1e-2 relative; routing: the chosen experts must carry the reference's top-k probabilities);
-  2. each op timed in CUDA graphs (20 launches a graph, median of 15 replays, `bench/timing.py`) against the same
+  2. each op timed in CUDA graphs (20 launches a graph, median of 15 replays, `tuning/timing.py`) against the same
      math in plain torch ops (the torch backend on the same bf16 inputs: what the model ran before), M = 1, 16, 512;
   3. one sliding and one global decoder layer of the real shape (random NVFP4 weights), fused regions against
      torch regions (the same NVFP4 linears and fused MoE in both): kernels per layer (torch.profiler) and layer
@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nvfp4kit.bench.cases import rel_error
 from nvfp4kit.config import FULL, SLIDING, load_preset
 from nvfp4kit.kernels.backend import TritonBackend
 from nvfp4kit.model.layers import rope_inv_freq
 from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.testing.random_model import random_model
+from nvfp4kit.tuning.cases import rel_error
 
 CFG = load_preset("gemma-4-26b-a4b")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,7 +116,7 @@ def check(case: OpCase, m: int) -> float:
 
 
 def time_op(backend, case: OpCase, m: int) -> float:
-    from nvfp4kit.bench.timing import time_graph
+    from nvfp4kit.tuning.timing import time_graph
 
     sets = [case.make(m, 10 * i) for i in range(2)]
     return time_graph(lambda i: call(backend, case, sets[i]), sets=len(sets))
@@ -168,7 +168,7 @@ def kernels_per_call(fn: Callable[[], object]) -> int:
 
 def measure_layer(layer, x: torch.Tensor, ctx: FixedHistory, *, timing: bool) -> dict:
     """The layer's output, and with `timing` its kernels per call and its time in CUDA graphs."""
-    from nvfp4kit.bench.timing import time_graph
+    from nvfp4kit.tuning.timing import time_graph
 
     with torch.no_grad():
         result = {"out": layer(x, ctx)}

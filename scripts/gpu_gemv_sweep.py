@@ -13,9 +13,9 @@ import json
 
 import torch
 
-from nvfp4kit.bench.cases import DENSE_SHAPES, DenseCase
-from nvfp4kit.bench.timing import copy_bandwidth_gbps, l2_cache_bytes, rotation_sets, time_graph
 from nvfp4kit.kernels.configs import LinearConfig, select_linear_config
+from nvfp4kit.tuning.cases import DENSE_SHAPES, DenseCase
+from nvfp4kit.tuning.timing import copy_bandwidth_gbps, l2_cache_bytes, rotation_sets, time_graph
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--m", type=int, nargs="+", default=[1, 4])

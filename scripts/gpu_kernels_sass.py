@@ -24,7 +24,7 @@ VARIANTS = {
 }
 CHILD = """
 import torch
-from nvfp4kit.bench.cases import random_nvfp4
+from nvfp4kit.tuning.cases import random_nvfp4
 from nvfp4kit.kernels.configs import LinearConfig
 from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 w = random_nvfp4(8192, 2816)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nvfp4kit.bench.timing import copy_bandwidth_gbps, time_graph
 from nvfp4kit.formats.fp8_rows import quantize_fp8_rows
 from nvfp4kit.kernels.w8a16_linear import w8a16_linear
+from nvfp4kit.tuning.timing import copy_bandwidth_gbps, time_graph
 
 n, k = 262144, 2816
 head = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)

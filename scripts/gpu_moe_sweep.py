@@ -14,9 +14,9 @@ import json
 
 import torch
 
-from nvfp4kit.bench.cases import MOE_SHAPE, MoECase
-from nvfp4kit.bench.timing import time_graph
 from nvfp4kit.kernels.configs import select_moe_config
+from nvfp4kit.tuning.cases import MOE_SHAPE, MoECase
+from nvfp4kit.tuning.timing import time_graph
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4])

@@ -11,16 +11,18 @@ layer names a plugin that lives above it.
 Layers, lowest first (a module may import its own layer and the ones below it, never one above):
 
     0 base      config, tokenizer, sampling, demo (the demo model's location), __init__
+      prompting chat templates and chat prompt tokens
     1 formats   safetensors, NVFP4 numerics, checkpoint formats
     2 model     the Gemma 4 decoder, its op interface (OpBackend) and weight loading
     3 kernels   Triton kernels and the Triton OpBackend
     4 plan      byte arithmetic (what fits on a card)
       quant     layer-wise calibration and export
       vision    the image tower and image inputs
+      tuning    kernel benchmark cases, GPU timing, launch-configuration search (`nvfp4kit tune`)
     5 engine    KV pools, scheduler, batched steps, CUDA graphs
-    6 generate  the LLM API
-      eval, serve, bench, testing
-    7 cli, __main__
+    6 llm       the LLM API
+    7 eval, serve, bench, testing (users of the LLM API)
+    8 cli, __main__
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ LAYERS = {
     "tokenizer": 0,
     "sampling": 0,
     "demo": 0,
+    "prompting": 0,
     "__init__": 0,
     "formats": 1,
     "model": 2,
@@ -45,14 +48,15 @@ LAYERS = {
     "plan": 4,
     "quant": 4,
     "vision": 4,
+    "tuning": 4,
     "engine": 5,
     "llm": 6,
-    "eval": 6,
-    "serve": 6,
-    "bench": 6,
-    "testing": 6,
-    "cli": 7,
-    "__main__": 7,
+    "eval": 7,
+    "serve": 7,
+    "bench": 7,
+    "testing": 7,
+    "cli": 8,
+    "__main__": 8,
 }
 
 

@@ -17,9 +17,19 @@ def test_no_import_circle_and_no_upward_import():
     graph = _checker()
     edges = graph.graph()
     assert not sorted({graph.part_of(m) for m in edges} - set(graph.LAYERS)), "a new package needs a layer"
-    module_circles, _, upward = graph.findings(edges)
+    module_circles, package_circles, upward = graph.findings(edges)
     assert module_circles == []
+    assert package_circles == []  # e.g. serve -> llm -> serve, even when each import stays in one layer
     assert upward == []
+
+
+def test_the_api_sits_below_its_users():
+    """llm.py renders chats and tunes kernels through packages below it, not through serve/ or bench/."""
+    graph = _checker()
+    edges = graph.graph()
+    assert graph.LAYERS["prompting"] < graph.LAYERS["llm"] < graph.LAYERS["serve"]
+    assert graph.LAYERS["tuning"] < graph.LAYERS["llm"] < graph.LAYERS["bench"]
+    assert {graph.part_of(m) for m in edges["nvfp4kit.llm"]}.isdisjoint({"serve", "bench", "testing", "eval"})
 
 
 def test_the_checker_sees_a_circle_and_an_upward_import():

@@ -28,7 +28,7 @@ from nvfp4kit.vision.openai_parts import extract_images
 from nvfp4kit.vision.prompts import ImagePrompts, encode_prompt
 
 if TYPE_CHECKING:
-    from nvfp4kit.serve.chat_template import ChatTemplate
+    from nvfp4kit.prompting.chat_template import ChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ class LLM:
             log.info("%s", self.startup_plan.format())
             engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
         if tune and self.device.type == "cuda":  # before the weights load: the tuner needs room for copies
-            from nvfp4kit.bench.autotune import tune_model
             from nvfp4kit.config import load_config
+            from nvfp4kit.tuning.autotune import tune_model
 
             _, cache = tune_model(load_config(self.path), missing_only=True, log=log.debug)
             log.info("kernel tuning cache: %s", cache)
@@ -309,7 +309,7 @@ class LLM:
         """Chat as vLLM's `LLM.chat`: one conversation (a list of OpenAI-style messages) or a list of them,
         rendered with the checkpoint's chat template (client text tokenized as text); the replies are raw
         model text (parse thinking and tool calls with `nvfp4kit.serve.chat_output`)."""
-        from nvfp4kit.serve.prompt_tokens import render_chat_prompt, reopen_last_turn
+        from nvfp4kit.prompting.prompt_tokens import render_chat_prompt, reopen_last_turn
 
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         rendered, images = [], []
@@ -337,7 +337,7 @@ class LLM:
 
     @functools.cached_property
     def chat_template(self) -> ChatTemplate:
-        from nvfp4kit.serve.chat_template import load_chat_template
+        from nvfp4kit.prompting.chat_template import load_chat_template
 
         return load_chat_template(self.path)
 

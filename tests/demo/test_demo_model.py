@@ -7,7 +7,7 @@ import torch
 
 from nvfp4kit import LLM, SamplingParams, load_model
 from nvfp4kit.demo import demo_model_path
-from nvfp4kit.serve.chat_template import load_chat_template
+from nvfp4kit.prompting.chat_template import load_chat_template
 from nvfp4kit.testing.tiny import SPECIAL_TOKENS
 from nvfp4kit.tokenizer import Tokenizer
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from nvfp4kit.bench.cases import rel_error as rel_error  # the one definition (inf for non-finite output)
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor, quantize, stack_experts
+from nvfp4kit.tuning.cases import rel_error as rel_error  # the one definition (inf for non-finite output)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from nvfp4kit.bench.autotune import model_shapes, tune_model, write_cache
-from nvfp4kit.bench.cases import DENSE_SHAPES, MOE_SHAPE
 from nvfp4kit.cli import main
 from nvfp4kit.config import load_preset
+from nvfp4kit.tuning.autotune import model_shapes, tune_model, write_cache
+from nvfp4kit.tuning.cases import DENSE_SHAPES, MOE_SHAPE
 
 
 def test_26b_shapes_are_the_benchmarked_ones():

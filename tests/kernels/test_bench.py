@@ -6,11 +6,12 @@ import warnings
 import pytest
 import torch
 
-from nvfp4kit.bench import cases, register_all
+from nvfp4kit.bench import register_all
 from nvfp4kit.bench.report import format_table, row_for
-from nvfp4kit.bench.timing import Timing, rotation_sets
-from nvfp4kit.bench.tuning import linear_candidates, moe_candidates
 from nvfp4kit.kernels.configs import LinearConfig, MoEConfig
+from nvfp4kit.tuning import cases
+from nvfp4kit.tuning.search import linear_candidates, moe_candidates
+from nvfp4kit.tuning.timing import Timing, rotation_sets
 
 from .helpers import DEVICE
 

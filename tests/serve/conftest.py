@@ -164,8 +164,8 @@ def scripted_server(tiny_checkpoint):
     """Start an in-process server around a ScriptedEngine: `scripted_server(reply)` -> (base_url, engine)."""
     import uvicorn
 
+    from nvfp4kit.prompting.chat_template import load_chat_template
     from nvfp4kit.serve.app import create_app
-    from nvfp4kit.serve.chat_template import load_chat_template
 
     running: list[tuple[uvicorn.Server, threading.Thread]] = []
 

@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 
+from nvfp4kit.prompting.chat_template import load_chat_template
 from nvfp4kit.serve.app import create_app
-from nvfp4kit.serve.chat_template import load_chat_template
 
 from .conftest import ScriptedEngine, free_port, wait_healthy
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nvfp4kit.serve.chat_template import (
+from nvfp4kit.prompting.chat_template import (
     ChatTemplate,
     ChatTemplateError,
     load_chat_template,

@@ -3,8 +3,8 @@ the model as ordinary characters; only the template's own markup becomes control
 
 import pytest
 
-from nvfp4kit.serve.chat_template import load_chat_template
-from nvfp4kit.serve.prompt_tokens import render_chat_prompt
+from nvfp4kit.prompting.chat_template import load_chat_template
+from nvfp4kit.prompting.prompt_tokens import render_chat_prompt
 from nvfp4kit.tokenizer import Tokenizer
 
 TURN_OPEN, TURN_CLOSE, QUOTE, BOS, THINK = "<|turn>", "<turn|>", '<|"|>', "<bos>", "<|think|>"

@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from nvfp4kit.serve.chat_template import load_chat_template
+from nvfp4kit.prompting.chat_template import load_chat_template
 from nvfp4kit.tokenizer import Tokenizer
 
 from .conftest import API_KEY

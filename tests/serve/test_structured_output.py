@@ -96,8 +96,8 @@ def demo_server():
 
     from nvfp4kit.demo import demo_model_path
     from nvfp4kit.llm import LLM
+    from nvfp4kit.prompting.chat_template import load_chat_template
     from nvfp4kit.serve.app import create_app
-    from nvfp4kit.serve.chat_template import load_chat_template
     from nvfp4kit.serve.engine_protocol import engine_for
 
     folder = demo_model_path("nvfp4")

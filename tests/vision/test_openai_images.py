@@ -84,7 +84,7 @@ def test_openai_client_chat_with_a_data_url_equals_llm_generate(image_server, vi
     from openai import BadRequestError, OpenAI
 
     from nvfp4kit import LLM, SamplingParams
-    from nvfp4kit.serve.chat_template import load_chat_template
+    from nvfp4kit.prompting.chat_template import load_chat_template
 
     image = random_image(50, 90, seed=1)
     content = [

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from nvfp4kit.bench.cases import DENSE_SHAPES, LM_HEAD_SHAPE, MOE_SHAPE, DenseCase, MoECase
 from nvfp4kit.bench.report import format_table, row_for
-from nvfp4kit.bench.timing import copy_bandwidth_gbps, l2_cache_bytes, rotation_sets, time_call, time_graph
-from nvfp4kit.bench.tuning import Budget, linear_candidates, moe_candidates, tune_case
 from nvfp4kit.kernels.configs import config_to_dict, heuristic_linear, heuristic_moe, sm_count
+from nvfp4kit.tuning.cases import DENSE_SHAPES, LM_HEAD_SHAPE, MOE_SHAPE, DenseCase, MoECase
+from nvfp4kit.tuning.search import Budget, linear_candidates, moe_candidates, tune_case
+from nvfp4kit.tuning.timing import copy_bandwidth_gbps, l2_cache_bytes, rotation_sets, time_call, time_graph
 
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 4096)
 OPS = (*DENSE_SHAPES, "moe", "lm_head_bf16")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from nvfp4kit.bench.timing import Timing
 from nvfp4kit.kernels.configs import config_to_dict
+from nvfp4kit.tuning.timing import Timing
 
 COLUMNS = (
     ("op", "{:<18}"),

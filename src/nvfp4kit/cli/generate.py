@@ -40,7 +40,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def chat_prompt(folder, message: str, *, think: bool, system: str | None) -> str:
-    from nvfp4kit.serve.chat_template import load_chat_template
+    from nvfp4kit.prompting.chat_template import load_chat_template
 
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": message}

@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from nvfp4kit.llm import LLM
+    from nvfp4kit.prompting.chat_template import load_chat_template
     from nvfp4kit.serve.app import create_app
-    from nvfp4kit.serve.chat_template import load_chat_template
     from nvfp4kit.serve.engine_protocol import engine_for
 
     log = logging.getLogger("nvfp4kit.serve")

@@ -30,8 +30,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from nvfp4kit.bench.autotune import DEFAULT_TOKENS, tune_model
     from nvfp4kit.plan.report import resolve_model
+    from nvfp4kit.tuning.autotune import DEFAULT_TOKENS, tune_model
 
     cfg = resolve_model(args.model).cfg
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.log else (lambda msg: None)

@@ -25,8 +25,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nvfp4kit.engine.async_batching import RequestFailed
+from nvfp4kit.prompting.chat_template import ChatTemplate
 from nvfp4kit.serve.chat import ChatHandler
-from nvfp4kit.serve.chat_template import ChatTemplate
 from nvfp4kit.serve.completions import CompletionHandler
 from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError, from_validation_error

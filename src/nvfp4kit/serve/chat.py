@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from nvfp4kit.prompting.chat_template import ChatTemplate, ChatTemplateError, validate_tools
+from nvfp4kit.prompting.prompt_tokens import RenderedPrompt, render_chat_prompt, reopen_last_turn
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.serve.chat_output import ChatOutputParser
-from nvfp4kit.serve.chat_template import ChatTemplate, ChatTemplateError, validate_tools
 from nvfp4kit.serve.completions import vllm_prompt_logprobs
 from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
-from nvfp4kit.serve.prompt_tokens import RenderedPrompt, render_chat_prompt, reopen_last_turn
 from nvfp4kit.serve.protocol import ChatCompletionRequest, sampling_error
 from nvfp4kit.serve.reasoning import CHANNEL_CLOSE, prompt_opens_reasoning
 from nvfp4kit.serve.streaming import (

@@ -16,10 +16,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import nvfp4kit
-from nvfp4kit.serve.chat_template import ChatTemplate, ChatTemplateError
+from nvfp4kit.prompting.chat_template import ChatTemplate, ChatTemplateError
+from nvfp4kit.prompting.prompt_tokens import render_chat_prompt
 from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError, from_validation_error
-from nvfp4kit.serve.prompt_tokens import render_chat_prompt
 from nvfp4kit.serve.protocol import MAX_MESSAGES, ChatMessage
 
 

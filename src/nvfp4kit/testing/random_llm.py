@@ -117,7 +117,7 @@ class RandomLLM(LLM):
             log.info("%s", self.startup_plan.format())
             engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
         if tune and self.device.type == "cuda":
-            from nvfp4kit.bench.autotune import tune_model
+            from nvfp4kit.tuning.autotune import tune_model
 
             _, cache = tune_model(cfg, missing_only=True, log=log.debug)
             log.info("kernel tuning cache: %s", cache)

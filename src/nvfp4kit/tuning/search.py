@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from nvfp4kit.bench.timing import time_graph
 from nvfp4kit.kernels.configs import LinearConfig, MoEConfig, config_to_dict
+from nvfp4kit.tuning.timing import time_graph
 
 ERROR_BOUND = 1e-2  # relative L2 error vs fp32 math on the dequantized weights (bf16 output rounding ~1e-3)
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from nvfp4kit.serve.chat_template import ChatTemplate, ChatTemplateError, prepare_messages
+from nvfp4kit.prompting.chat_template import ChatTemplate, ChatTemplateError, prepare_messages
 from nvfp4kit.tokenizer import Tokenizer
 
 _PRIVATE_USE = range(0xE000, 0xF8FF, 2)

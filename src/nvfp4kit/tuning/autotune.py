@@ -15,9 +15,6 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from nvfp4kit.bench.cases import DenseCase, MoECase
-from nvfp4kit.bench.timing import l2_cache_bytes, rotation_sets
-from nvfp4kit.bench.tuning import Budget, linear_candidates, moe_candidates, tune_case
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.kernels.configs import (
     cache_path,
@@ -28,6 +25,9 @@ from nvfp4kit.kernels.configs import (
     tables_for,
     triton_version,
 )
+from nvfp4kit.tuning.cases import DenseCase, MoECase
+from nvfp4kit.tuning.search import Budget, linear_candidates, moe_candidates, tune_case
+from nvfp4kit.tuning.timing import l2_cache_bytes, rotation_sets
 
 # decode batches, then prefill chunks: the token counts the engine runs most
 DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048)
