@@ -17,6 +17,7 @@ from nvfp4kit.config import RopeConfig
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.kv_write import write_kv
 from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention, prefill_block_q
+from nvfp4kit.kernels.prefill_attention import prefill_attention
 from nvfp4kit.kernels.rope_angles import cos_sin
 from nvfp4kit.model.layers import apply_rope, attention, rope_cos_sin, rope_inv_freq
 
@@ -50,8 +51,9 @@ def _slots(case, table, i, pos):
     return table[i][pos // case.block_size] * case.block_size + pos % case.block_size
 
 
-def run_case(case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False):
-    """Returns (kernel output, float64 reference, rows the kernel must have written)."""
+def run_case(case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False, prefill_config=None):
+    """Returns (kernel output, float64 reference). `prefill_config`: run the prefill kernel with these tiles
+    (every sequence must have more than one query token) instead of the paged kernel."""
     gen = torch.Generator().manual_seed(case.seed)
     seqs = list(case.seqs) + ([(0, 0)] if extra_padding_seq else [])
     num = len(seqs)
@@ -111,6 +113,8 @@ def run_case(case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False
     )  # fmt: skip
     decode = all(n <= 1 for _, n in seqs)
     block_q = 1 if decode else prefill_block_q(case.head_dim, case.q_heads // case.kv_heads)
+    if prefill_config is not None:
+        block_q = prefill_config.block_q
     item_seq, item_q0 = [], []
     for i, (_, n) in enumerate(seqs):
         for q0 in range(0, max(n, 1), block_q):
@@ -127,10 +131,11 @@ def run_case(case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False
         if case.window is not None
         else {"block_size": case.block_size}
     )
-    paged_attention(
+    kernel = dict(num_splits=num_splits) if prefill_config is None else dict(config=prefill_config)
+    (paged_attention if prefill_config is None else prefill_attention)(
         q.to(DEVICE), v_store=v_store.to(DEVICE), k_store=None if k_store is None else k_store.to(DEVICE),
         batch=batch, items=items, window=case.window, v_scale=case.scale, k_scale=case.scale,
-        derived_key=derived, num_splits=num_splits, out=out, **where,
+        derived_key=derived, out=out, **where, **kernel,
     )  # fmt: skip
     return out.cpu(), ref
 

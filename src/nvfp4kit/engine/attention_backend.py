@@ -1,8 +1,8 @@
 """Attention backends: who does a `BatchContext`'s KV writes and attention.
 
 - `torch`: the reference (`BatchContext.attend_reference`), per sequence, any device.
-- `triton`: one KV-write launch and one or two attention launches per layer (decode items with key splits,
-  prefill tiles), over step metadata built once per step (`StepMetadata`).
+- `triton`: one KV-write launch and one or two attention launches per layer (decode items with key splits in
+  `paged_attention`, prefill tiles in `prefill_attention`), over step metadata built once per step (`StepMetadata`).
 
 `select_attention_backend(device, name)` picks `name` (`EngineConfig.attention_backend`, the
 `--attention-backend` flag), else the `NVFP4KIT_ATTENTION_BACKEND` environment variable (all of them:
@@ -58,12 +58,12 @@ class TritonAttentionBackend:
 
     def __init__(self):
         try:
-            from nvfp4kit.kernels import kv_write, paged_attention
+            from nvfp4kit.kernels import kv_write, paged_attention, prefill_attention
         except ModuleNotFoundError as err:  # pragma: no cover - only where triton is missing
             if not missing_package(err, "triton"):
                 raise
             raise RuntimeError(f"the triton attention backend needs Triton installed ({err})") from err
-        self._write, self._kernels = kv_write, paged_attention
+        self._write, self._kernels, self._prefill = kv_write, paged_attention, prefill_attention
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def attend(self, ctx, layer, q, k, v, *, window):
@@ -92,9 +92,10 @@ class TritonAttentionBackend:
                 len(decode), kv_heads, meta.max_decode_keys(window), device=q.device
             )
             kernels.paged_attention(q, items=decode, num_splits=splits, out=out, **common)
-        prefill = meta.prefill_items(kernels.prefill_block_q(head_dim, q.shape[1] // kv_heads))
+        tiles = self._prefill.prefill_config(head_dim, q.shape[1] // kv_heads)
+        prefill = meta.prefill_items(tiles.block_q)
         if prefill is not None:
-            kernels.paged_attention(q, items=prefill, out=out, **common)
+            self._prefill.prefill_attention(q, items=prefill, out=out, config=tiles, **common)
         return out
 
     def _derived_key(self, attn: torch.nn.Module):

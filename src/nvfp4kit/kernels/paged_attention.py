@@ -54,7 +54,7 @@ class AttentionConfig:
     num_stages: int
 
 
-def _pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
@@ -62,7 +62,7 @@ def select_config(head_dim: int, group: int, *, decode: bool, fp8: bool = False)
     """Tile sizes by head size, mode and KV dtype: tiles that compile without register spills for sm_90 (ptxas -v)
     at head_dim 256 and 512, the fastest of those timed on H100 (docs/benchmarks.md, "Attention kernels")."""
     min_rows = 1 if interpreting() else 16  # tensor-core dots need M >= 16
-    rows = max(min_rows, _pow2(group))
+    rows = max(min_rows, next_pow2(group))
     if decode:
         if head_dim >= 512:
             return AttentionConfig(rows, 16, num_warps=4, num_stages=2)
@@ -73,7 +73,7 @@ def select_config(head_dim: int, group: int, *, decode: bool, fp8: bool = False)
 
 def prefill_block_q(head_dim: int, group: int) -> int:
     """Query tokens per prefill work item for this layer shape."""
-    return max(1, select_config(head_dim, group, decode=False).block_m // _pow2(group))
+    return max(1, select_config(head_dim, group, decode=False).block_m // next_pow2(group))
 
 
 @functools.cache
@@ -86,7 +86,7 @@ def native_fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and _capability(device) >= (8, 9)
 
 
-def _compute_code(q_dtype: torch.dtype, kv_format_code: int) -> int:
+def dot_dtype_code(q_dtype: torch.dtype, kv_format_code: int) -> int:
     """Dot dtype: 0 fp32, 1 bf16, 2 fp16. FP8 pools are read as fp16 (exact), BF16 pools as bf16; fp32 models and
     the CPU interpreter (whose bf16 dot is wrong in Triton 3.9) use fp32."""
     if interpreting() or q_dtype == torch.float32:
@@ -107,7 +107,7 @@ def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: t
 
 
 @triton.jit
-def _load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
+def load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
     """A K/V tile in the dot dtype CT, in storage units: FP8 E4M3 through its fp16 bit pattern is value / 256
     (the factor is applied to the scores and the output, never per element)."""
     if NATIVE_FP8:  # an fp8 load cannot take an integer fill value: zero masked rows after converting
@@ -213,13 +213,13 @@ def _paged_attention_kernel(
             blk = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0)
             slot = blk.to(tl.int64) * block_size + k_pos % block_size
         v_rows = v_ptr + slot * stride_vs + kv_head * stride_vh
-        v = _load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+        v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
         if DERIVE_K:
             scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
-            x1 = _load_kv_tile(
+            x1 = load_kv_tile(
                 v_rows[:, None] + rcols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, tl.float32
             )
-            x2 = _load_kv_tile(
+            x2 = load_kv_tile(
                 v_rows[:, None] + HALF + rcols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, tl.float32
             )
             x1 = x1 * w_r1[None, :]
@@ -229,7 +229,7 @@ def _paged_attention_kernel(
             scores += tl.dot(q_r2, tl.trans((x2 * cos + x1 * sin).to(ct)), input_precision=PRECISION)
         else:
             k_rows = k_ptr + slot * stride_ks + kv_head * stride_kh
-            kt = _load_kv_tile(k_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+            kt = load_kv_tile(k_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
             scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
         scores = scores * score_factor
         keep = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
@@ -346,13 +346,13 @@ def paged_attention(
     decode = items.block_q == 1
     fmt = kv_format(v_store)
     cfg = config or select_config(head_dim, group, decode=decode, fp8=fmt.code in (1, 2))
-    if cfg.block_m < items.block_q * _pow2(group):
+    if cfg.block_m < items.block_q * next_pow2(group):
         raise ValueError(f"block_m {cfg.block_m} cannot hold {items.block_q} tokens x {group} heads")
     rot = 0
     knorm = inv_freq = q  # unused placeholders when K is stored
     if derived_key is not None:
         min_rot = 1 if interpreting() else 16
-        rot = min(head_dim // 2, max(min_rot, _pow2(derived_key.rotary_pairs)))
+        rot = min(head_dim // 2, max(min_rot, next_pow2(derived_key.rotary_pairs)))
         knorm, inv_freq = derived_key.k_norm_weight, derived_key.inv_freq.float()
     native_fp8 = fmt.code in (1, 2) and native_fp8_supported(q.device)
     v_view = v_store if native_fp8 else kernel_view(v_store)
@@ -372,18 +372,18 @@ def paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
         window or 0, ring_size or 1, block_size or 1, q_heads, tokens,
-        GROUP=group, GROUP_P2=_pow2(group), BLOCK_Q=items.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        GROUP=group, GROUP_P2=next_pow2(group), BLOCK_Q=items.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=head_dim, ROT=max(rot, 1), RING=ring_size is not None, SLIDING=window is not None,
         DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
-        COMPUTE=_compute_code(q.dtype, fmt.code), NUM_SPLITS=num_splits,
-        PRECISION="ieee" if _compute_code(q.dtype, fmt.code) == 0 else None,
+        COMPUTE=dot_dtype_code(q.dtype, fmt.code), NUM_SPLITS=num_splits,
+        PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(len(items), q_heads)](
             part_acc, part_lse, out, items.seq, batch.seq_len, batch.seq_offset,
             out.stride(0), out.stride(1), q_heads, tokens,
-            NUM_SPLITS=num_splits, SPLITS_P2=_pow2(num_splits), CHUNK=min(8, _pow2(num_splits)), D=head_dim,
+            NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), CHUNK=min(8, next_pow2(num_splits)), D=head_dim,
             num_warps=4,
         )  # fmt: skip
     return out

@@ -1,0 +1,275 @@
+"""Flash attention for prefill chunks over the engine's KV pools (paged global blocks or sliding rings), in Triton.
+
+The queries of a chunk attend to every cached key of their sequence (earlier chunks included), read from the pool
+in its storage dtype. A program takes one query tile (BLOCK_Q tokens of one sequence x the GROUP query heads that
+share a KV head, so each K/V tile serves all of them) and, for head dims too wide to keep one fp32 accumulator in
+registers (512), one slice of DV output columns: the scores are computed in full by each slice's program, the
+P @ V product only for its columns.
+
+What makes it faster than the decode-shaped kernel in `paged_attention.py` on long prompts:
+- tiles sized per head dim (64-128 query rows, 32-64 keys), the softmax in base 2 (exp2) with the scale folded in;
+- masks only where a tile can hold a masked key: the causal diagonal and, on sliding layers, the window's lower
+  edge; every other tile runs without a `where`;
+- causal tiles skipped (keys stop at the tile's last query) and, on sliding layers, keys before the window never
+  visited: a sliding layer costs the same per token at any prompt length;
+- the tiles with the most keys (the chunk's last query tiles) start first, so the last wave is short.
+
+Scores and K derivation for k_eq_v layers follow `paged_attention.py` (K = rope(V * w_k), with k_norm's weight folded
+into q and two small dots over the rotated columns); FP8 pools are read as fp16 with the scales applied to scores
+and output. Nothing here is Hopper-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
+from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.kv_write import kernel_view, kv_format
+from nvfp4kit.kernels.paged_attention import (
+    DerivedKey,
+    dot_dtype_code,
+    load_kv_tile,
+    native_fp8_supported,
+    next_pow2,
+)
+from nvfp4kit.kernels.rope_angles import cos_sin
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_q: int  # query tokens per program (rows = block_q x the GQA group, padded to a power of two)
+    block_n: int  # keys per tile
+    dv_splits: int  # programs that share a query tile, each computing head_dim / dv_splits output columns
+    num_warps: int
+    num_stages: int
+
+
+# (head_dim, group) -> config, from the sweep on the H200 (docs/benchmarks.md, "Prefill attention")
+_TUNED: dict[tuple[int, int], PrefillConfig] = {}
+
+
+def prefill_config(head_dim: int, group: int) -> PrefillConfig:
+    """Tiles for a layer shape: the measured table, else rows that keep the fp32 accumulator at 64-128 registers
+    a thread (8 warps), and two column slices for 512-wide heads."""
+    group_p2 = next_pow2(group)
+    if interpreting():
+        return PrefillConfig(
+            block_q=max(1, 16 // group_p2), block_n=16, dv_splits=1, num_warps=4, num_stages=1
+        )
+    if (head_dim, group) in _TUNED:
+        return _TUNED[(head_dim, group)]
+    rows = 128 if head_dim <= 256 else 64
+    return PrefillConfig(
+        block_q=max(1, rows // group_p2),
+        block_n=64 if head_dim <= 256 else 32,
+        dv_splits=2 if head_dim >= 512 else 1,
+        num_warps=8 if head_dim >= 256 else 4,
+        num_stages=2,
+    )
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr, out_ptr, k_ptr, v_ptr, k_factor, v_factor, knorm_ptr, inv_freq_ptr,
+    item_seq_ptr, item_q0_ptr, seq_start_ptr, seq_len_ptr, seq_offset_ptr, block_table_ptr, ring_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
+    window, ring_size, block_size, num_items, kv_heads,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, DV_SPLITS: tl.constexpr, ROT: tl.constexpr,
+    RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+    pid = tl.program_id(0)
+    per_item = kv_heads * DV_SPLITS
+    item = num_items - 1 - pid // per_item  # items run latest-first: the tiles with the most keys lead
+    kv_head = (pid % per_item) // DV_SPLITS
+    dv = pid % DV_SPLITS
+    seq = tl.load(item_seq_ptr + item)
+    q0 = tl.load(item_q0_ptr + item)
+    start = tl.load(seq_start_ptr + seq)
+    qlen = tl.load(seq_len_ptr + seq)
+    qoff = tl.load(seq_offset_ptr + seq)
+    if COMPUTE == 1:
+        ct = tl.bfloat16
+    elif COMPUTE == 2:
+        ct = tl.float16
+    else:
+        ct = tl.float32
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = q0 + rows // GROUP_P2
+    g = rows % GROUP_P2
+    row_ok = (g < GROUP) & (tok < qlen)
+    head = kv_head * GROUP + g
+    q_pos = start + tok
+    q_rows = (qoff + tok).to(tl.int64) * stride_qt + head * stride_qh
+
+    q_first = start + q0
+    hi = start + tl.minimum(qlen, q0 + BLOCK_Q)  # keys [lo, hi): causal end of the tile's last query
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(q_first - window + 1, 0)
+
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, D)
+    ocols = dv * DV + tl.arange(0, DV)
+    q = tl.load(q_ptr + q_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if DERIVE_K:
+        rcols = tl.arange(0, ROT)
+        rotated = (cols % HALF) < ROT
+        w = tl.load(knorm_ptr + cols).to(tl.float32)
+        q = tl.where(rotated[None, :], 0.0, q * w[None, :]).to(ct)
+        q_r1 = tl.load(q_ptr + q_rows[:, None] + rcols[None, :], mask=row_ok[:, None], other=0.0).to(ct)
+        q_r2 = tl.load(q_ptr + q_rows[:, None] + HALF + rcols[None, :], mask=row_ok[:, None], other=0.0)
+        q_r2 = q_r2.to(ct)
+        w_r1 = tl.load(knorm_ptr + rcols).to(tl.float32)
+        w_r2 = tl.load(knorm_ptr + HALF + rcols).to(tl.float32)
+        freq = tl.load(inv_freq_ptr + rcols).to(tl.float32)
+        qk_scale = v_factor * 1.4426950408889634
+    else:
+        q = q.to(ct)
+        qk_scale = k_factor * 1.4426950408889634
+    if RING:
+        ring_base = tl.load(ring_ptr + seq).to(tl.int64) * ring_size
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        if RING:
+            slot = ring_base + k_pos % ring_size
+        else:
+            blk = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0)
+            slot = blk.to(tl.int64) * block_size + k_pos % block_size
+        v_rows = v_ptr + slot * stride_vs + kv_head * stride_vh
+        if DERIVE_K:
+            v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+            scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
+            x1 = load_kv_tile(
+                v_rows[:, None] + rcols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, tl.float32
+            )
+            x2 = load_kv_tile(
+                v_rows[:, None] + HALF + rcols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, tl.float32
+            )
+            x1 = x1 * w_r1[None, :]
+            x2 = x2 * w_r2[None, :]
+            cos, sin = cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
+            scores += tl.dot(q_r1, tl.trans((x1 * cos - x2 * sin).to(ct)), input_precision=PRECISION)
+            scores += tl.dot(q_r2, tl.trans((x2 * cos + x1 * sin).to(ct)), input_precision=PRECISION)
+            if DV_SPLITS > 1:
+                v = load_kv_tile(v_rows[:, None] + ocols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+        else:
+            k_rows = k_ptr + slot * stride_ks + kv_head * stride_kh
+            kt = load_kv_tile(k_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+            scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
+            v = load_kv_tile(v_rows[:, None] + ocols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+        qk = scores * qk_scale
+        # only tiles on the causal diagonal (or past the end) and at the window's lower edge hold masked keys
+        edge = n0 + BLOCK_N - 1 > q_first
+        if SLIDING:
+            edge = edge | (n0 <= hi - 1 - window)
+        if edge:
+            keep = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            if SLIDING:
+                keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(ct), v, input_precision=PRECISION)
+        m_i = m_new
+
+    acc = acc * (v_factor / tl.where(l_i > 0, l_i, 1.0))[:, None]
+    out_rows = (qoff + tok).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(
+        out_ptr + out_rows[:, None] + ocols[None, :], acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None]
+    )
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    *,
+    v_store: torch.Tensor,
+    k_store: torch.Tensor | None,
+    batch: AttentionBatch,
+    items: WorkItems,
+    window: int | None,
+    ring_size: int | None = None,
+    block_size: int | None = None,
+    v_scale: float = 1.0,
+    k_scale: float = 1.0,
+    derived_key: DerivedKey | None = None,
+    out: torch.Tensor | None = None,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Causal (and, with `window`, sliding) attention of the prefill query tiles `items` over a KV pool.
+
+    q [T, Hq, D]; the pool [rows, Hkv, D] is a sliding ring (`ring_size`) or paged (`block_size`); `k_store=None`
+    needs `derived_key`. `items.block_q` must equal `config.block_q` (default `prefill_config(D, Hq // Hkv)`).
+    Writes the rows of the items' tokens into `out` and returns it.
+    """
+    if (ring_size is None) == (block_size is None):
+        raise ValueError("give exactly one of ring_size (sliding ring) or block_size (paged pool)")
+    if (k_store is None) == (derived_key is None):
+        raise ValueError("give k_store, or derived_key for a pool that stores V only (not both)")
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = v_store.shape[1]
+    if v_store.shape[2] != head_dim or head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(
+            f"head_dim {head_dim} must be a power of two >= 16 and match the pool {tuple(v_store.shape)}"
+        )
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous in its last dim")
+    if not q.is_cuda and not interpreting():
+        raise RuntimeError(
+            "the Triton attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)"
+        )
+    group = q_heads // kv_heads
+    cfg = config or prefill_config(head_dim, group)
+    if items.block_q != cfg.block_q:
+        raise ValueError(f"work items of {items.block_q} tokens, but the config tiles {cfg.block_q}")
+    if head_dim % cfg.dv_splits:
+        raise ValueError(f"head_dim {head_dim} does not split into {cfg.dv_splits} column slices")
+    out = torch.empty_like(q) if out is None else out
+    if len(items) == 0 or tokens == 0:
+        return out
+    fmt = kv_format(v_store)
+    rot = 0
+    knorm = inv_freq = q  # unused placeholders when K is stored
+    if derived_key is not None:
+        min_rot = 1 if interpreting() else 16
+        rot = min(head_dim // 2, max(min_rot, next_pow2(derived_key.rotary_pairs)))
+        knorm, inv_freq = derived_key.k_norm_weight, derived_key.inv_freq.float()
+    native_fp8 = fmt.code in (1, 2) and native_fp8_supported(q.device)
+    v_view = v_store if native_fp8 else kernel_view(v_store)
+    k_view = v_view if k_store is None else (k_store if native_fp8 else kernel_view(k_store))
+    unit = 256.0 if fmt.code == 1 and not native_fp8 else 1.0  # E4M3 read through fp16 bit patterns
+    compute = dot_dtype_code(q.dtype, fmt.code)
+    table = batch.block_table
+    grid = (len(items) * kv_heads * cfg.dv_splits,)
+    _prefill_attention_kernel[grid](
+        q, out, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, knorm, inv_freq,
+        items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
+        window or 0, ring_size or 1, block_size or 1, len(items), kv_heads,
+        GROUP=group, GROUP_P2=next_pow2(group), BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
+        D=head_dim, DV=head_dim // cfg.dv_splits, DV_SPLITS=cfg.dv_splits, ROT=max(rot, 1),
+        RING=ring_size is not None, SLIDING=window is not None, DERIVE_K=derived_key is not None,
+        KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8, COMPUTE=compute, PRECISION="ieee" if compute == 0 else None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out

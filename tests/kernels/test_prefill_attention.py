@@ -1,0 +1,72 @@
+"""The prefill flash-attention kernel against float64 torch math, on awkward shapes (tiny, interpreted on the CPU).
+
+Tiles are chosen explicitly so that query tiles, key tiles, pool blocks and windows all fall out of step: chunk
+boundaries inside a tile, windows starting mid-block, prompts of 2 and of window +- 1 tokens, 512-style column
+slices (dv_splits), GQA groups that are not a power of two.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
+from nvfp4kit.kernels.prefill_attention import PrefillConfig, prefill_attention, prefill_config
+
+from .helpers import rel_error
+from .test_paged_attention import DEFAULT_ROPE, FP8, GLOBAL, PROPORTIONAL, Case, bound, run_case
+
+
+def tiles(block_q: int = 4, block_n: int = 8, dv_splits: int = 1) -> PrefillConfig:
+    return PrefillConfig(block_q=block_q, block_n=block_n, dv_splits=dv_splits, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, *FP8], ids=str)
+def test_first_chunks_and_later_chunks_over_a_paged_pool(kv_dtype):
+    # a whole prompt, a later chunk on top of history, and the shortest prefill (2 tokens)
+    case = Case([(0, 19), (13, 9), (40, 2)], kv_dtype=kv_dtype, scale=0.5, **GLOBAL)
+    out, ref = run_case(case, prefill_config=tiles())
+    assert rel_error(out, ref) < bound(case)
+
+
+@pytest.mark.parametrize("start,length", [(0, 7), (0, 9), (0, 8), (3, 17), (21, 12), (50, 5)])
+def test_sliding_window_edges_over_a_ring(start, length):
+    # window 8: prompts of window - 1, window + 1 and window tokens, and chunks whose window starts mid-tile
+    case = Case([(start, length)], window=8, chunk=24, kv_dtype=torch.float8_e4m3fn, scale=0.25)
+    out, ref = run_case(case, prefill_config=tiles(block_q=4, block_n=4))
+    assert rel_error(out, ref) < bound(case)
+
+
+@pytest.mark.parametrize("rope", [PROPORTIONAL, DEFAULT_ROPE], ids=["proportional", "default"])
+@pytest.mark.parametrize("dv_splits", [1, 2])
+def test_derived_keys_and_column_slices(rope, dv_splits):
+    # the k_eq_v global layer: K derived from stored V; each column slice recomputes the full scores
+    case = Case([(0, 12), (30, 7), (5, 3)], rope=rope, kv_dtype=torch.float8_e5m2, scale=0.5, **GLOBAL)
+    out, ref = run_case(case, prefill_config=tiles(block_q=2, block_n=8, dv_splits=dv_splits))
+    assert rel_error(out, ref) < bound(case)
+
+
+def test_group_not_a_power_of_two_and_bf16_queries():
+    case = Case([(0, 11), (6, 6)], q_heads=6, kv_heads=2, q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16)
+    out, ref = run_case(case, prefill_config=tiles(block_q=2, block_n=4))
+    assert rel_error(out, ref) < bound(case)
+
+
+def test_the_default_tiles_on_this_machine():
+    case = Case([(0, 40), (9, 31)], window=16, chunk=32, kv_dtype=torch.bfloat16)
+    out, ref = run_case(case, prefill_config=prefill_config(case.head_dim, case.q_heads // case.kv_heads))
+    assert rel_error(out, ref) < bound(case)
+
+
+def test_bad_arguments_name_the_problem():
+    q = torch.zeros(4, 4, 16)
+    pool = torch.zeros(8, 2, 16)
+    one = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="work items of"):  # items built for 4-token tiles, the kernel told 2
+        batch = AttentionBatch(one, one + 4, one, one.view(1, 1), one)
+        prefill_attention(
+            q, v_store=pool, k_store=pool, batch=batch, items=WorkItems(one, one, 4), window=None,
+            block_size=4, config=tiles(block_q=2),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="column slices"):
+        run_case(Case([(0, 4)], head_dim=16), prefill_config=tiles(dv_splits=3))
