@@ -145,6 +145,7 @@ class LLM:
         kv_cache_dtype: str | None = None,
         seed: int | None = None,
         tune: bool = False,
+        language_model_only: bool = False,
     ):
         if model is None:  # as the CLI: the built-in NVFP4 demo model
             from nvfp4kit.demo import demo_model_path
@@ -155,6 +156,7 @@ class LLM:
         check_device(self.device)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: no such model folder")
+        self.language_model_only = language_model_only  # text only: the vision tower neither planned nor loaded
         self.seed = seed  # requests without their own seed get seed, seed + 1, ... (reproducible runs)
         self._request_counter = 0
         engine_config = _engine_options(
@@ -173,7 +175,7 @@ class LLM:
         model_dtype = resolve_dtype(dtype, self.device)
         self.startup_plan = plan_checkpoint_memory(
             self.path, device=self.device, model_dtype=model_dtype, config=engine_config, options=options,
-            fp8_lm_head=fp8_lm_head,
+            fp8_lm_head=fp8_lm_head, vision=not language_model_only,
         )  # fmt: skip
         if self.startup_plan is not None:
             log.info("%s", self.startup_plan.format())
@@ -236,6 +238,8 @@ class LLM:
     def image_prompts(self) -> ImagePrompts | None:
         """Image preprocessing and the vision tower (loaded at the first image); None for text-only checkpoints."""
         self._check_open()
+        if self.language_model_only:
+            return None
         return ImagePrompts.from_checkpoint(
             self.path, dtype=self.model.dtype, device=self.device, backend=self.model.backend
         )

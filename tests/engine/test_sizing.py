@@ -1,11 +1,12 @@
 """Start-up sizing: the KV budget from the planner, the memory options, and the fits-check before loading."""
 
+import json
 import logging
 
 import pytest
 import torch
 
-from nvfp4kit.config import load_preset
+from nvfp4kit.config import PRESET_DIR, load_preset
 from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
 from nvfp4kit.engine.sizing import (
     CONTEXT_ALLOWANCE,
@@ -19,6 +20,7 @@ from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.pools import plan_pools
 from nvfp4kit.plan.report import build_plan, pool_summary
 from nvfp4kit.plan.units import GiB, MiB, parse_size
+from nvfp4kit.plan.vision import vision_memory
 from nvfp4kit.plan.weights import weights_from_config
 
 CFG = load_preset("gemma-4-26b-a4b")
@@ -27,10 +29,10 @@ H100 = DeviceMemory(total_bytes=int(79.19 * GiB), free_bytes=int(78.6 * GiB), na
 FP8 = EngineConfig(kv_dtype="fp8_e5m2")
 
 
-def size(options=None, *, memory=H100, config=FP8, weights=WEIGHTS, cfg=CFG):
+def size(options=None, *, memory=H100, config=FP8, weights=WEIGHTS, cfg=CFG, vision=None):
     return plan_engine_memory(
         cfg, weights_bytes=weights, memory=memory, options=options or MemoryOptions(), config=config,
-        kv_dtype="fp8_e5m2",
+        kv_dtype="fp8_e5m2", vision=vision,
     )  # fmt: skip
 
 
@@ -49,12 +51,16 @@ def test_a_24gib_budget_holds_over_400k_global_fp8_tokens_as_the_planner_says():
 def test_the_engine_plan_is_the_plan_commands_at_the_same_settings():
     """`nvfp4kit plan --gpu-memory 32GiB --concurrency 64` and an engine of 64 sequences on that card agree
     (the plan reserves logits and graph memory for a batch of 64 at least, so they agree from 64 up)."""
-    shown = build_plan("gemma-4-26b-a4b", gpu_memory=32 * GiB, kv_dtype="fp8_e5m2", concurrency=64,
-                       context=CFG.max_position_embeddings)["nvfp4kit"]  # fmt: skip
     card = DeviceMemory(total_bytes=32 * GiB, free_bytes=32 * GiB - CONTEXT_ALLOWANCE)  # as the plan assumes
-    plan = size(MemoryOptions(gpu_memory_utilization=1.0), memory=card,
-                config=EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=64))  # fmt: skip
-    assert pool_summary(plan.pool) == shown
+    engine = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=64)
+    for vision in (False, True):  # text only (--no-vision / --language-model-only), and images on
+        shown = build_plan("gemma-4-26b-a4b", gpu_memory=32 * GiB, kv_dtype="fp8_e5m2", concurrency=64,
+                           context=CFG.max_position_embeddings, vision=vision)["nvfp4kit"]  # fmt: skip
+        raw = json.loads((PRESET_DIR / "gemma-4-26b-a4b.json").read_text())["config"]
+        tower = vision_memory(raw) if vision else None
+        plan = size(MemoryOptions(gpu_memory_utilization=1.0), memory=card, config=engine, vision=tower)
+        assert pool_summary(plan.pool) == shown
+        assert (shown["vision"] is not None) == vision
 
 
 def test_the_start_up_log_prints_the_plan_rows():
@@ -201,3 +207,28 @@ def test_llm_sizes_from_device_memory_and_refuses_before_loading(tiny_checkpoint
     monkeypatch.setattr(llm_module, "load_model", must_not_load)
     with pytest.raises(InsufficientMemoryError, match="does not fit"):
         LLM(folder, gpu_memory_budget="300MiB")  # the reserve (a 256 MiB margin, 64 MiB of graphs) is more
+
+
+def test_the_vision_tower_is_planned_unless_language_model_only(tiny_checkpoint, monkeypatch):
+    """A multimodal checkpoint's tower (as loaded, clip bounds fp32) and one image's encoder peak are held back
+    from the KV cache; `language_model_only` gives them to the KV cache and refuses images."""
+    pytest.importorskip("PIL")
+    from nvfp4kit import LLM, SamplingParams
+    from nvfp4kit.engine.sizing import vision_as_loaded
+
+    folder = tiny_checkpoint("moe", multimodal=True, vision=True)
+    card = DeviceMemory(total_bytes=4 * GiB, free_bytes=4 * GiB - 100 * MiB, name="fake")
+    monkeypatch.setattr("nvfp4kit.engine.sizing.measure_device_memory", lambda device: card)
+    with_images = LLM(folder, gpu_memory_budget="500MiB", max_model_len=512)
+    text_only = LLM(folder, gpu_memory_budget="500MiB", max_model_len=512, language_model_only=True)
+    tower = with_images.startup_plan.pool.vision
+    assert tower == vision_as_loaded(folder, float_bytes=4) and tower.activation_bytes > 0  # fp32 on the CPU
+    assert text_only.startup_plan.pool.vision is None
+    assert text_only.startup_plan.kv_cache_memory == with_images.startup_plan.kv_cache_memory + tower.total
+    assert "vision tower, GiB" in with_images.startup_plan.format()
+    assert "vision tower" not in text_only.startup_plan.format()
+    image = __import__("PIL.Image").Image.new("RGB", (40, 40), (200, 10, 10))
+    prompt = {"prompt": "<|image|> what?", "multi_modal_data": {"image": image}}
+    with pytest.raises(ValueError, match="text only"):
+        text_only.generate(prompt, SamplingParams(max_tokens=1))
+    assert "image_prompts" not in with_images.__dict__  # planned, but the tower loads at the first image

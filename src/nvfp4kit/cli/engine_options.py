@@ -97,6 +97,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         help="before loading, tune the W4A16 kernels for this model's shapes on this GPU where the tuning "
         "cache has no entry yet (a few minutes once per card; see `nvfp4kit tune`)",
     )  # fmt: skip
+    g.add_argument(
+        "--language-model-only", "--no-vision", dest="language_model_only", action="store_true",
+        help="text only: a multimodal checkpoint's vision tower is neither loaded nor counted in the memory "
+        "plan (about 1.2 GiB more KV cache for 26B-A4B); image requests are refused",
+    )  # fmt: skip
 
 
 def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,7 +116,9 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         cuda_graphs=not args.enforce_eager,
         attention_backend=args.attention_backend,
     )
+    extra = {"language_model_only": True} if getattr(args, "language_model_only", False) else {}
     return {
+        **extra,
         "engine_config": config,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "gpu_memory_budget": args.gpu_memory_budget,

@@ -30,6 +30,7 @@ examples:
   nvfp4kit plan gemma-4-26b-a4b --gpu "RTX 3090"
   nvfp4kit plan ./my-checkpoint --gpu h100 --context 131072 --concurrency 4 --json
   nvfp4kit plan gemma-4-26b-a4b --gpu-memory 24GiB --bandwidth 936GB --sglang-weights 17.81GiB
+  nvfp4kit plan gemma-4-26b-a4b --gpu "RTX 3090" --no-vision   # text-only serving
 """
 
 
@@ -119,6 +120,12 @@ def register(p: argparse.ArgumentParser) -> None:
         "--k-and-v", action="store_true",
         help="plan nvfp4kit with K and V stored separately on K=V global layers (as SGLang/vLLM do)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-vision", "--language-model-only", dest="no_vision", action="store_true",
+        help="plan text-only serving: the vision tower of a multimodal model neither loaded nor planned "
+        "(as serve/generate --language-model-only); by default its weights and one image's encoder "
+        "activations are planned",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the same numbers as JSON")
     p.set_defaults(func=run)
 
@@ -139,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         preload_used=args.preload_used,
         sglang_weights=args.sglang_weights,
         k_eq_v_once=not args.k_and_v,
+        vision=not args.no_vision,
     )
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0

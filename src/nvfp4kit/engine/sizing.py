@@ -19,6 +19,7 @@ exceeds the free memory.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from nvfp4kit.plan.pools import DEFAULT_GPU_MEMORY_UTILIZATION, PoolPlan, plan_p
 from nvfp4kit.plan.report import pool_summary
 from nvfp4kit.plan.text import format_pool_rows
 from nvfp4kit.plan.units import GiB, MiB, parse_size
+from nvfp4kit.plan.vision import VisionMemory, processor_soft_tokens, vision_memory
 
 # What a 24 GB card has in use before loading (the seed card's numbers); our own CUDA context stays below it.
 CONTEXT_ALLOWANCE = DEFAULT_PRELOAD_USED
@@ -123,6 +125,23 @@ def weights_as_loaded(folder: str | Path, *, float_bytes: int) -> int:
     return total
 
 
+def vision_as_loaded(folder: str | Path, *, float_bytes: int) -> VisionMemory | None:
+    """The vision tower's memory once images are used: its tensors at the load dtype (clip bounds stay fp32,
+    as `vision.loader` keeps them) and one image's encoder peak; None without vision tensors."""
+    weight_bytes = 0
+    for info in CheckpointReader(folder).tensors.values():
+        if component_of(info.name) != "vision":
+            continue
+        numel = info.nbytes // DTYPE_BYTES[info.dtype]
+        weight_bytes += numel * (4 if info.name.endswith(("_min", "_max")) else float_bytes)
+    if not weight_bytes:
+        return None
+    raw = json.loads((Path(folder) / "config.json").read_text())
+    return vision_memory(
+        raw, soft_tokens=processor_soft_tokens(folder), float_bytes=float_bytes, weight_bytes=weight_bytes
+    )
+
+
 @dataclass(frozen=True)
 class StartupPlan:
     """The engine's memory at start-up: the planner's pools plus where the limit came from."""
@@ -204,8 +223,10 @@ def plan_engine_memory(
     options: MemoryOptions,
     config: EngineConfig,
     kv_dtype: str,
+    vision: VisionMemory | None = None,
 ) -> StartupPlan | None:
-    """The engine's KV budget from the model, its weight bytes, the card and the options.
+    """The engine's KV budget from the model, its weight bytes, the card and the options; `vision`: the
+    vision tower's weights and encoder peak, held back from the KV cache when images are on.
 
     `kv_dtype` is the engine's resolved cache dtype (see `engine.resolve_kv_dtype`). Returns None when there is
     nothing to plan: on the CPU without an explicit KV size (`kv_cache_memory` or `config.num_kv_tokens`),
@@ -239,11 +260,12 @@ def plan_engine_memory(
     )  # fmt: skip
     if not graphs:
         reserve = dataclasses.replace(reserve, cuda_graphs=0)
-    pools_free = usable if explicit_kv is None else weights_bytes + reserve.total + explicit_kv
+    vision_bytes = vision.total if vision is not None else 0
+    pools_free = usable if explicit_kv is None else weights_bytes + reserve.total + vision_bytes + explicit_kv
     pool = plan_pools(
         cfg, free_bytes=pools_free, weights_bytes=weights_bytes, kv_dtype=kv_dtype,
         k_eq_v_once=config.k_eq_v_once, prefill_chunk=chunk, context=max_model_len, concurrency=seqs,
-        max_batch=seqs, reserve=reserve,
+        max_batch=seqs, reserve=reserve, vision=vision,
     )  # fmt: skip
     plan = StartupPlan(
         pool=dataclasses.replace(pool, max_position=max_model_len),  # the engine serves up to max_model_len
@@ -271,7 +293,7 @@ def _check_fits(plan: StartupPlan, *, explicit_kv: int | None) -> None:
     if plan.usable_bytes is None:
         return
     kv = plan.min_kv_bytes if explicit_kv is None else explicit_kv
-    needed = p.weights_bytes + p.reserve.total + kv
+    needed = p.weights_bytes + p.reserve.total + p.vision_bytes + kv
     if needed <= plan.usable_bytes:
         return
     m = plan.memory
@@ -290,9 +312,12 @@ def _check_fits(plan: StartupPlan, *, explicit_kv: int | None) -> None:
         advice = "Try a smaller --kv-cache-memory or a larger --gpu-memory-budget"
     else:
         where, advice = f"only {card}", "Try a smaller --kv-cache-memory"
+    vision = f"vision tower {format_size(p.vision_bytes)} + " if p.vision_bytes else ""
+    if p.vision_bytes:
+        advice += "; --language-model-only leaves the vision tower out (text only)"
     raise InsufficientMemoryError(
         f"the model does not fit: weights {format_size(p.weights_bytes)} + runtime reserve "
-        f"{format_size(p.reserve.total)} (CUDA graphs {format_size(p.reserve.cuda_graphs)}) + {kv_text} = "
+        f"{format_size(p.reserve.total)} (CUDA graphs {format_size(p.reserve.cuda_graphs)}) + {vision}{kv_text} = "
         f"{format_size(needed)}, but {where}. {advice}"
     )
 
@@ -305,9 +330,11 @@ def plan_checkpoint_memory(
     config: EngineConfig,
     options: MemoryOptions,
     fp8_lm_head: bool = False,
+    vision: bool = True,
 ) -> StartupPlan | None:
     """`plan_engine_memory` for a checkpoint folder on a device: headers and memory read, nothing loaded.
-    `fp8_lm_head`: count the FP8 copy of the output projection (see `Gemma4Model.use_fp8_lm_head`)."""
+    `fp8_lm_head`: count the FP8 copy of the output projection (see `Gemma4Model.use_fp8_lm_head`);
+    `vision`: images on (the checkpoint's vision tower, if it has one, is planned)."""
     cfg = load_config(folder)
     float_bytes = torch.empty((), dtype=model_dtype).element_size()
     extra = cfg.vocab_size * (cfg.hidden_size + 4) if fp8_lm_head else 0
@@ -318,4 +345,5 @@ def plan_checkpoint_memory(
         options=options,
         config=config,
         kv_dtype=resolve_kv_dtype(config.kv_dtype, model_dtype=model_dtype),
+        vision=vision_as_loaded(folder, float_bytes=float_bytes) if vision else None,
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.plan.kv import KVBytesPerToken, kv_bytes_per_token
 from nvfp4kit.plan.units import MiB
+from nvfp4kit.plan.vision import VisionMemory
 
 # vLLM's default share of the card the engine may use (weights, graphs, activations and KV together).
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
@@ -82,10 +83,15 @@ class PoolPlan:
     max_position: int
     context: int
     concurrency: int
+    vision: VisionMemory | None = None  # the vision tower and one image's encoder peak, when images are on
+
+    @property
+    def vision_bytes(self) -> int:
+        return self.vision.total if self.vision is not None else 0
 
     @property
     def kv_budget_bytes(self) -> int:
-        return self.free_bytes - self.weights_bytes - self.reserve.total
+        return self.free_bytes - self.weights_bytes - self.reserve.total - self.vision_bytes
 
     @property
     def fits(self) -> bool:
@@ -144,8 +150,10 @@ def plan_pools(
     concurrency: int = 1,
     max_batch: int = DEFAULT_MAX_BATCH,
     reserve: RuntimeReserve | None = None,
+    vision: VisionMemory | None = None,
 ) -> PoolPlan:
-    """Split `free_bytes` (measured before loading) into weights, runtime reserve and KV pools."""
+    """Split `free_bytes` (measured before loading) into weights, runtime reserve, the vision tower (weights
+    and one image's encoder activations, when `vision` is given) and KV pools."""
     if prefill_chunk <= 0 or concurrency <= 0 or max_batch <= 0:
         raise ValueError(
             f"prefill_chunk, concurrency and max_batch must be positive "
@@ -167,4 +175,5 @@ def plan_pools(
         max_position=cfg.max_position_embeddings,
         context=context if context is not None else cfg.max_position_embeddings,
         concurrency=concurrency,
+        vision=vision,
     )

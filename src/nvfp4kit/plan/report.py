@@ -23,6 +23,7 @@ from nvfp4kit.plan.sglang import (
     sglang_pools_for,
     tokens_per_fraction_step,
 )
+from nvfp4kit.plan.vision import DEFAULT_SOFT_TOKENS, VisionMemory, processor_soft_tokens, vision_memory
 from nvfp4kit.plan.weights import (
     BF16_BYTES,
     TOWER_COMPONENTS,
@@ -42,6 +43,7 @@ class ModelSource:
     cfg: Gemma4TextConfig
     tower_params: dict[str, int]  # vision / audio parameter counts, where known
     checkpoint: Path | None = None
+    raw_config: dict[str, Any] | None = None  # config.json as written (a preset's "config")
 
 
 def resolve_model(model: str) -> ModelSource:
@@ -50,13 +52,14 @@ def resolve_model(model: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json; pass a checkpoint folder or a preset name")
-        return ModelSource(path.name, "checkpoint", load_config(path), {}, path)
+        raw = json.loads((path / "config.json").read_text())
+        return ModelSource(path.name, "checkpoint", load_config(path), {}, path, raw)
     if model not in list_presets() and f"gemma-4-{model}" in list_presets():  # short names: e2b, 26b-a4b, ...
         model = f"gemma-4-{model}"
     if model in list_presets():
         raw = json.loads((PRESET_DIR / f"{model}.json").read_text())
         towers = {k: int(v) for k, v in raw.get("tower_parameters", {}).items() if k in TOWER_COMPONENTS}
-        return ModelSource(model, "preset", load_preset(model), towers)
+        return ModelSource(model, "preset", load_preset(model), towers, None, raw.get("config"))
     raise ValueError(
         f"{model!r} is neither a checkpoint folder nor a preset; presets: {', '.join(list_presets())}"
     )
@@ -70,6 +73,18 @@ def _weights(source: ModelSource, recipe: str) -> tuple[WeightBreakdown, int]:
     text = weights_from_config(source.cfg, recipe=recipe)
     towers = sum(source.tower_params.values()) * BF16_BYTES
     return text, text.text_bytes + towers
+
+
+def plan_vision(source: ModelSource, weights: WeightBreakdown) -> VisionMemory | None:
+    """The vision tower's memory when images are on: a checkpoint's vision tensors as stored (none: None),
+    a preset's from its config in BF16; activations for one image at the processor's soft-token budget."""
+    raw = source.raw_config or {}
+    if source.checkpoint is not None:
+        stored = weights.get("vision")
+        if not stored:
+            return None
+        return vision_memory(raw, soft_tokens=processor_soft_tokens(source.checkpoint), weight_bytes=stored)
+    return vision_memory(raw, soft_tokens=int(raw.get("vision_soft_tokens_per_image", DEFAULT_SOFT_TOKENS)))
 
 
 def _gpu_dict(gpu: GpuSpec | None, memory: int, bandwidth: float | None, preload_used: int) -> dict[str, Any]:
@@ -109,6 +124,7 @@ def pool_summary(pool: PoolPlan) -> dict[str, Any]:
         "requests_at_context": pool.requests_at_context,
         "concurrency": pool.concurrency,
         "global_tokens": pool.global_tokens,
+        "vision": pool.vision.summary() if pool.vision is not None else None,
     }
 
 
@@ -128,8 +144,10 @@ def build_plan(
     preload_used: int = DEFAULT_PRELOAD_USED,
     sglang_weights: int | None = None,
     k_eq_v_once: bool = True,
+    vision: bool = True,
 ) -> dict[str, Any]:
-    """Everything `nvfp4kit plan` shows, as a JSON-able dict."""
+    """Everything `nvfp4kit plan` shows, as a JSON-able dict. `vision=False`: plan text-only serving (the
+    vision tower neither loaded nor planned, as `--language-model-only`)."""
     source = resolve_model(model)
     cfg = source.cfg
     spec = find_gpu(gpu) if gpu else (None if gpu_memory else find_gpu(DEFAULT_GPU))
@@ -164,10 +182,11 @@ def build_plan(
         cfg, weights_bytes=sg_weights, pre_load_free_bytes=free, kv_dtype=kv_dtype,
         mem_fraction_static=mem_fraction_static, swa_full_tokens_ratio=swa_full_tokens_ratio,
     )  # fmt: skip
+    vision_plan = plan_vision(source, weights) if vision else None
     ours = plan_pools(
         cfg, free_bytes=free, weights_bytes=engine_weights, kv_dtype=kv_dtype, k_eq_v_once=k_eq_v_once,
         prefill_chunk=prefill_chunk, context=context, concurrency=concurrency or 1,
-        max_batch=max(DEFAULT_MAX_BATCH, concurrency or 1),
+        max_batch=max(DEFAULT_MAX_BATCH, concurrency or 1), vision=vision_plan,
     )  # fmt: skip
 
     plan: dict[str, Any] = {
@@ -198,6 +217,7 @@ def build_plan(
                 for c, b in weights.bytes_by_component.items()
             },
             "engine_bytes": engine_weights,
+            "vision_planned": vision_plan is not None,
             "checkpoint_bytes": checkpoint_bytes,
         },  # fmt: skip
         "kv_bytes_per_token": kv_table,

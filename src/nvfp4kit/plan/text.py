@@ -10,7 +10,7 @@ _LABELS = {
     "embeddings": "embeddings (= tied lm_head)",
     "per_layer_embeddings": "per-layer embedding tables",
     "per_layer_projections": "per-layer input projections",
-    "vision": "vision tower (not loaded)",
+    "vision": "vision tower",
     "audio": "audio tower (not loaded)",
 }
 
@@ -37,7 +37,9 @@ def _model_lines(plan: dict[str, Any]) -> list[str]:
         f"{m['full_layers']} global{shared}; max context {m['max_position_embeddings']:,}",
     ]
     if towers:
-        lines.append(f"  {'; '.join(towers)} (nvfp4kit loads vision at the first image, outside this plan)")
+        planned = plan["weights"].get("vision_planned")
+        note = "vision planned below; --no-vision leaves it out" if planned else "vision not planned"
+        lines.append(f"  {'; '.join(towers)} ({note})")
     g = plan["gpu"]
     bw = f", {g['bandwidth_bytes_per_s'] / GB:,.0f} GB/s" if g["bandwidth_bytes_per_s"] else ""
     if g["compute_capability"]:
@@ -57,7 +59,7 @@ def _weight_lines(plan: dict[str, Any]) -> list[str]:
     for comp, info in w["components"].items():
         label = _LABELS.get(comp, comp.replace("_", " "))
         lines.append(f"  {label:<32}{info['format']:<8}{_b(info['params']):>10}{_g(info['bytes'], 3):>10}")
-    lines.append(f"  {'text tower (what nvfp4kit loads)':<50}{_g(w['engine_bytes'], 3):>10}")
+    lines.append(f"  {'text tower (what the engine loads first)':<50}{_g(w['engine_bytes'], 3):>10}")
     lines.append(f"  {'checkpoint incl. towers (SGLang)':<50}{_g(w['checkpoint_bytes'], 3):>10}")
     return lines
 
@@ -85,8 +87,17 @@ def _our_rows(us: dict[str, Any], *, limit: int, limit_note: str = "model limit"
         f"graphs {_g(r['cuda_graphs'])}, margin {_g(r['margin'])})"
     )
     longest = f"{us['max_context']:,}" + (f" ({limit_note})" if us["max_context"] == limit else "")
+    vision = us.get("vision")
+    vision_rows = []
+    if vision:  # text-only plans keep exactly the rows they had
+        vision_rows = [(
+            "vision tower, GiB",
+            f"{_g(vision['total_bytes'])} (weights {_g(vision['weight_bytes'])}, encoder "
+            f"{_g(vision['activation_bytes'])} for one {vision['soft_tokens']:,}-token image)",
+        )]  # fmt: skip
     return [
         ("weights, GiB", _g(us["weights_bytes"])),
+        *vision_rows,
         ("runtime reserve, GiB", reserve),
         ("KV budget, GiB", _g(us["kv_budget_bytes"])),
         ("global-layer KV tokens", f"{format_count(us['global_tokens'])} (with {us['concurrency']} ring(s))"),
@@ -112,6 +123,8 @@ def _pool_lines(plan: dict[str, Any]) -> list[str]:
         format_count(sg["full_tokens"]), f"{format_count(sg['swa_tokens'])} shared pool", longest_sg,
         f"{sg['requests_at_context']:,}",
     ]  # fmt: skip
+    if us.get("vision"):
+        theirs.insert(1, "(in weights)")  # SGLang loads the whole checkpoint, vision tower included
     rows = [(label, a, b) for a, (label, b) in zip(theirs, _our_rows(us, limit=limit))]
     kv_note = "K=V once" if us["k_eq_v_once"] else "K and V separate"
     lines = [

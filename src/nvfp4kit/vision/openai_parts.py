@@ -116,7 +116,10 @@ def attach_images(engine: Any, prompt_ids: list[int], images: list[bytes]) -> tu
     loader = getattr(engine, "image_prompts", None)
     prompts = loader() if loader is not None else None
     if prompts is None:
-        raise ImagePartError("this model has no vision tower: it takes text only", "messages")
+        raise ImagePartError(
+            "this model takes text only (no vision tower, or images off with --language-model-only)",
+            "messages",
+        )
     try:
         return prompts.build(prompt_ids, images)
     except ImageError as exc:

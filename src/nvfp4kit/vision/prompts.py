@@ -48,6 +48,21 @@ def expand_placeholders(
     return out, tuple(spans)
 
 
+def group_by_patches(patches: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive image indices in groups whose padded size (count x longest) stays within `budget`
+    patches; an image larger than the budget is a group alone."""
+    groups: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(patches):
+        if groups and max(longest, n) * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(i)
+            longest = max(longest, n)
+        else:
+            groups.append([i])
+            longest = n
+    return groups
+
+
 class ImagePrompts:
     """Image preprocessing, the vision tower and prompt expansion for one loaded model."""
 
@@ -69,9 +84,17 @@ class ImagePrompts:
 
     @torch.inference_mode()
     def encode(self, images: Sequence[Any]) -> list[torch.Tensor]:
-        """Soft-token embeddings [n_i, text hidden] of each image (PIL image, encoded bytes or path), batched."""
+        """Soft-token embeddings [n_i, text hidden] of each image (PIL image, encoded bytes or path), batched
+        in groups whose padded patches fit one full-budget image: the encoder's peak memory is then the one
+        image the start-up plan counts (`nvfp4kit.plan.vision`), and small images still share a batch."""
         processed = [preprocess_image(image, self.config.processor) for image in images]
-        return self.tower([p.patches for p in processed], [p.positions for p in processed])
+        out: list[torch.Tensor] = []
+        for group in group_by_patches(
+            [p.patches.shape[0] for p in processed], self.config.processor.max_patches
+        ):
+            chosen = [processed[i] for i in group]
+            out += self.tower([p.patches for p in chosen], [p.positions for p in chosen])
+        return out
 
     def build(self, ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], ImageInputs]:
         """Expanded prompt ids and the `ImageInputs` the engine carries with the request."""
@@ -113,5 +136,7 @@ def encode_prompt(
         return ids, None
     image_prompts = image_prompts()
     if image_prompts is None:
-        raise ValueError("this checkpoint has no vision tower: it cannot take images")
+        raise ValueError(
+            "this model takes text only (no vision tower, or images off with --language-model-only): it cannot take images"
+        )
     return image_prompts.build(ids, images)
