@@ -155,10 +155,12 @@ def candidates(head_dim: int, group: int):
     from nvfp4kit.kernels.prefill_attention import PrefillConfig
 
     g = next_pow2(group)
-    if head_dim >= 512:
-        grid = itertools.product((32, 64, 128), (16, 32, 64), (1, 2, 4), (4, 8), (1, 2))
+    if head_dim >= 512:  # (rows, keys, column slices, warps, stages)
+        grid = [*itertools.product((64, 128), (32, 64), (1, 2, 4), (8,), (2,))]
+        grid += [(32, 32, 1, 4, 2), (64, 32, 2, 4, 2), (64, 32, 2, 8, 1), (128, 32, 2, 8, 3)]
     else:
-        grid = itertools.product((64, 128), (32, 64, 128), (1,), (4, 8), (2, 3))
+        grid = [*itertools.product((64, 128), (32, 64, 128), (1,), (4, 8), (2,))]
+        grid += [(128, 64, 1, 8, 3), (128, 32, 1, 8, 3)]
     for rows, bn, dv, warps, stages in grid:
         if rows >= g:
             yield PrefillConfig(rows // g, bn, dv, warps, stages)
@@ -183,7 +185,7 @@ def run_attention(args: argparse.Namespace) -> int:
         pool = LayerPool(cfg, layer, longest, args.chunk, KV_DTYPES[args.kv_dtype], device=device)
         best = None
         if args.sweep:
-            sweep_len = min(longest, 32768)
+            sweep_len = min(longest, 16384)
             for c in candidates(pool.head_dim, pool.q_heads // pool.kv_heads):
                 try:
                     ms, err = prompt_time(pool, "prefill", sweep_len, args.chunk, c)
