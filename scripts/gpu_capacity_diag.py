@@ -71,7 +71,6 @@ def main() -> None:
         "small_graphs": dict(pool_tokens=small, graphs=True, cap=None),
         "huge_graphs": dict(pool_tokens=huge, graphs=True, cap=None),
         "huge_graphs_again": dict(pool_tokens=huge, graphs=True, cap=None),
-        "small_eager": dict(pool_tokens=small, graphs=False, cap=None),
         "huge_eager": dict(pool_tokens=huge, graphs=False, cap=None),
         "small_capped_24g": dict(pool_tokens=small, graphs=True, cap=24 * 2**30 / total),
     }
