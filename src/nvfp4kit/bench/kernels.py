@@ -24,6 +24,9 @@ from nvfp4kit.tuning.search import Budget, linear_candidates, moe_candidates, tu
 from nvfp4kit.tuning.timing import copy_bandwidth_gbps, l2_cache_bytes, rotation_sets, time_call, time_graph
 
 DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 4096)
+# `--prefill`: prompt-chunk sizes; there the default path is dequantize-then-cuBLAS (the dense linears) and
+# grouped GEMMs (the MoE), and a row's heuristic_us is the Triton tensor-core kernel at its heuristic config
+PREFILL_MS = (512, 2048, 4096, 8192)
 OPS = (*DENSE_SHAPES, "moe", "lm_head_bf16")
 
 
@@ -108,7 +111,9 @@ def run_kernels_benchmark(args: argparse.Namespace) -> int:
         raise RuntimeError("bench kernels needs a CUDA GPU (the Triton kernels are timed on the device)")
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.quiet else (lambda msg: None)
     torch.backends.cuda.matmul.allow_tf32 = False
-    ops = args.ops or list(OPS)
+    if args.prefill:
+        args.m = list(PREFILL_MS)
+    ops = args.ops or [op for op in OPS if not (args.prefill and op == "lm_head_bf16")]
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         raise ValueError(f"unknown ops {unknown}; choose from {list(OPS)}")
@@ -168,6 +173,9 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"subset of {', '.join(OPS)}")
     p.add_argument(
         "--m", nargs="+", type=int, default=list(DEFAULT_MS), help="token counts (default: %(default)s)"
+    )
+    p.add_argument(
+        "--prefill", action="store_true", help=f"prefill rows: M = {' '.join(map(str, PREFILL_MS))}, no lm_head"
     )
     p.add_argument("--tune", action="store_true", help="time candidate configs first and use the fastest")
     p.add_argument("--decodes", nargs="+", default=["asm"], choices=["bits", "asm"], help="decoders to tune")

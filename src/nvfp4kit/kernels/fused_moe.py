@@ -10,6 +10,8 @@ Three shapes of launch (chosen by `configs.select_moe_config`); the third, "spli
   * larger batches ("sorted" mode): `moe_align` groups pairs by expert in blocks of BLOCK_M rows; a grouped
     GEMM does gate_up with GeGLU in the epilogue; a second grouped GEMM does down with the routing weight
     applied and writes each pair's row; a last small kernel sums the top-k rows of each token.
+Many tokens (>= `MOE_PREFILL_MIN_TOKENS`, NVFP4 experts, no explicit config, where grouped GEMMs exist) go to
+`moe_prefill.py` instead: experts expanded into a BF16 scratch and cuBLAS-class grouped GEMMs.
 Gate rows are [0, I) and up rows [I, 2I) of gate_up[e]; each expert has its own scale_2.
 """
 
@@ -22,6 +24,7 @@ import triton.language as tl
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import MoEConfig, interpreting, select_moe_config
 from nvfp4kit.kernels.moe_align import moe_align
+from nvfp4kit.kernels.moe_prefill import MOE_PREFILL_MIN_TOKENS, grouped_mm_available, moe_prefill
 from nvfp4kit.kernels.moe_split import fused_moe_split
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 
@@ -264,8 +267,11 @@ def fused_moe(
     down: torch.Tensor | NVFP4Tensor,
     *,
     config: MoEConfig | None = None,
+    prefill_min_tokens: int = MOE_PREFILL_MIN_TOKENS,
 ) -> torch.Tensor:
-    """x [T, H], topk_ids/topk_weights [T, k], gate_up [E, 2I, H], down [E, H, I] -> [T, H] in x.dtype."""
+    """x [T, H], topk_ids/topk_weights [T, k], gate_up [E, 2I, H], down [E, H, I] -> [T, H] in x.dtype.
+
+    Without a `config`, T >= `prefill_min_tokens` takes the grouped-GEMM path of `moe_prefill` where it runs."""
     num_experts, two_inter, hidden = gate_up.shape
     inter = two_inter // 2
     if tuple(down.shape) != (num_experts, hidden, inter) or two_inter % 2:
@@ -288,6 +294,10 @@ def fused_moe(
         raise ValueError(
             f"topk_ids {tuple(topk_ids.shape)} / weights {tuple(topk_weights.shape)} vs {tokens} tokens"
         )
+    prefill = config is None and tokens >= max(1, prefill_min_tokens) and isinstance(gate_up, NVFP4Tensor)
+    if prefill and grouped_mm_available(x2):
+        out = moe_prefill(x2, ids, route, gate_up, down, top_k=top_k)
+        return out.reshape(*lead, hidden)
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
     if tokens == 0:
         return out.reshape(*lead, hidden)

@@ -6,6 +6,8 @@ Two kernels, chosen by M (see `configs.py`):
     matrices over the whole GPU.
   * `dot` (everything else): tensor-core tiles (`tl.dot`), grouped program order for L2 reuse, optional
     split-K, optional swapped operands (W as the left operand so a 64-row weight tile feeds the MMA).
+At prefill sizes (M >= `DEQUANT_MIN_M`, no explicit config) neither kernel runs: the weight is expanded into a
+BF16 scratch copy and cuBLAS does the product (`dequant.py`; measured faster than the Triton mainloop).
 Split-K partials go to an fp32 workspace sized by (M, N, split); the last program to finish a tile (a
 per-tile arrival counter) sums them and writes the output, so split-K costs no second launch. Counters are
 left at zero after every call, and nothing syncs with the host, so the op replays inside CUDA graphs.
@@ -19,8 +21,12 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, interpreting, select_linear_config
+from nvfp4kit.kernels.dequant import dequant_linear
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 from nvfp4kit.kernels.split_k import arrival_counters
+
+# tokens from which the default path expands the weight and calls cuBLAS (see the module doc)
+DEQUANT_MIN_M = 1024
 
 
 @triton.jit
@@ -193,14 +199,24 @@ def _check_linear_args(x: torch.Tensor, weight: NVFP4Tensor) -> tuple[int, int]:
     return n, k
 
 
-def w4a16_linear(x: torch.Tensor, weight: NVFP4Tensor, *, config: LinearConfig | None = None) -> torch.Tensor:
-    """x [..., K] @ dequant(weight [N, K])^T -> [..., N] in x.dtype."""
+def w4a16_linear(
+    x: torch.Tensor,
+    weight: NVFP4Tensor,
+    *,
+    config: LinearConfig | None = None,
+    dequant_min_m: int = DEQUANT_MIN_M,
+) -> torch.Tensor:
+    """x [..., K] @ dequant(weight [N, K])^T -> [..., N] in x.dtype.
+
+    Without a `config`, M >= `dequant_min_m` takes the dequantize-then-cuBLAS path; a config forces Triton."""
     n, k = _check_linear_args(x, weight)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if config is None and m >= max(1, dequant_min_m):
+        return dequant_linear(x2, weight).reshape(*lead, n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
