@@ -60,7 +60,8 @@ def test_tokenizer_has_gemma4_control_tokens_at_their_ids():
 
 
 def test_matches_transformers(llm):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     hf = transformers.Gemma4ForCausalLM.from_pretrained(demo_model_path(), dtype=torch.float32).eval()
     ids = torch.tensor(Tokenizer(demo_model_path()).encode("def greet(name):\n    return f'Hello {name}'\n"))
     from nvfp4kit.model.contiguous_cache import ContiguousKVCache

@@ -45,13 +45,15 @@ NAME_SETS = [
 
 @pytest.mark.parametrize("unquantized,quantized", NAME_SETS)
 def test_exclude_summary_equals_modelopt(unquantized, quantized):
-    quant_utils = pytest.importorskip("modelopt.torch.export.quant_utils")
+    from modelopt.torch.export import quant_utils
+
     expected = sorted(quant_utils._prefix_wildcard_summarize_exclude_modules(unquantized, quantized))
     assert summarize_exclude_modules(unquantized, quantized) == expected
 
 
 def test_quant_configs_equal_modelopt():
-    convert = pytest.importorskip("modelopt.torch.export.convert_hf_config")
+    from modelopt.torch.export import convert_hf_config as convert
+
     for weight_only in (False, True):
         doc = hf_quant_config(["lm_head", "model.layers.0.router*"], weight_only=weight_only)
         assert config_json_quantization(doc) == convert.convert_hf_quant_config_format(doc)

@@ -60,7 +60,8 @@ def _outlier_weight(n: int, k: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def modelopt_nvfp4():
-    qtensor = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    from modelopt.torch.quantization.qtensor import nvfp4_tensor as qtensor
+
     return qtensor.NVFP4QTensor
 
 

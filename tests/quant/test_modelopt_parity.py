@@ -43,8 +43,8 @@ def ours(recipe, quantized):
 
 @pytest.fixture(scope="module")
 def modelopt_export(recipe, bf16_checkpoint, calib_file, calib_shape, tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    mtq = pytest.importorskip("modelopt.torch.quantization")
+    import modelopt.torch.quantization as mtq
+    import transformers
     from modelopt.torch.export import export_hf_checkpoint
 
     src = bf16_checkpoint("moe", outliers=True)
