@@ -2,11 +2,10 @@
 
 import ast
 
+import PIL  # noqa: F401  (pillow is a test extra: CI fails, not skips, without it)
 import pytest
 
 from nvfp4kit.cli import main
-
-pytest.importorskip("PIL")
 
 
 @pytest.fixture(scope="module")
