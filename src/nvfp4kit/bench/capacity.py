@@ -104,7 +104,12 @@ def run_capacity(args: argparse.Namespace) -> int:
         f"{seconds:.1f} s; tokens {'match' if same else 'DIFFER from'} the uncapped engine "
         f"(capped {capped_tokens}, uncapped {free_tokens}, max logprob diff {worst:.2e})"
     )
-    return 0 if same and pool_tokens >= args.min_pool_tokens else 1
+    if not worst <= args.max_logprob_diff:  # nan (tokens differ) fails too
+        print(
+            f"FAIL: logprobs differ by {worst:.3g} > {args.max_logprob_diff} between pool sizes",
+            file=sys.stderr,
+        )
+    return 0 if same and worst <= args.max_logprob_diff and pool_tokens >= args.min_pool_tokens else 1
 
 
 def _write(args: argparse.Namespace, row: dict) -> None:
@@ -137,5 +142,11 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=8, help="sequences the engine is sized for")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (max tokens per step)")
     p.add_argument("--min-pool-tokens", type=int, default=400_000, help="exit 1 below this global pool size")
+    p.add_argument(
+        "--max-logprob-diff",
+        type=float,
+        default=1e-2,
+        help="exit 1 if a greedy token's logprob differs more than this between the capped and uncapped engine",
+    )
     p.add_argument("--json", help="bench JSON to update (its capacity_24gb row)")
     p.set_defaults(func=run_capacity)
