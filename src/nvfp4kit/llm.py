@@ -124,6 +124,8 @@ class LLM:
     vLLM-shaped too: `LLM()` loads the built-in demo; `enforce_eager`, `max_num_seqs`, `max_num_batched_tokens`,
     `kv_cache_dtype` set the engine, `seed` makes requests without their own seed reproducible;
     `generate(prompts, sampling_params=..., use_tqdm=...)`, `chat(messages, ...)`, `get_tokenizer()`.
+    `tune` times the kernels' missing table entries on the card before loading; `kernel_cache_dir` is where
+    the tuning tables are kept and read, for the whole process (else $NVFP4KIT_CACHE_DIR, else ~/.cache).
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class LLM:
         seed: int | None = None,
         tune: bool = False,
         language_model_only: bool = False,
+        kernel_cache_dir: str | Path | None = None,
     ):
         if model is None:  # as the CLI: the built-in NVFP4 demo model
             from nvfp4kit.demo import demo_model_path
@@ -180,6 +183,10 @@ class LLM:
         if self.startup_plan is not None:
             log.info("%s", self.startup_plan.format())
             engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
+        if kernel_cache_dir is not None:  # for the whole process, as $NVFP4KIT_CACHE_DIR
+            from nvfp4kit.kernels.configs import set_cache_dir
+
+            set_cache_dir(kernel_cache_dir)
         if tune and self.device.type == "cuda":  # before the weights load: the tuner needs room for copies
             from nvfp4kit.config import load_config
             from nvfp4kit.tuning.autotune import tune_model

@@ -99,9 +99,9 @@ def test_sigterm_drains_then_aborts_and_exits_cleanly(tiny_checkpoint, drain, si
     """A real SIGTERM: 503 at once; a second one during a 60 s drain aborts the stream and exits at once
     (a single one with a 0.5 s drain ends the same way). Either way: [DONE], exit status 0, no traceback."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NVFP4KIT_DRAIN_TIMEOUT": drain}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "nvfp4kit", "serve", str(tiny_checkpoint), "--port", str(port)]
-    command += ["--dtype", "float32", "--max-model-len", "4096"]
+    command += ["--dtype", "float32", "--max-model-len", "4096", "--graceful-timeout", drain]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base_url = f"http://127.0.0.1:{port}"
     try:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 Time the candidate launch configurations of the W4A16 linear and fused-MoE kernels at every shape of a model
 on this GPU and keep the fastest in the tuning cache (~/.cache/nvfp4kit/kernels/<card>/triton-<version>.json,
-or $NVFP4KIT_CACHE_DIR). serve, generate, eval and bench use it from then on; without it the kernels use
+or --cache-dir / $NVFP4KIT_CACHE_DIR). serve, generate, eval and bench use it from then on; without it the kernels use
 shape/card heuristics. Random NVFP4 weights of the model's shapes are built on the GPU: nothing is loaded,
 so a preset name is enough. Takes a few minutes; --budget-s caps it."""
 
@@ -26,12 +27,21 @@ def register(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--budget-s", type=float, default=None, help="stop tuning after this many seconds")
     p.add_argument("--log", action="store_true", help="print every candidate's time")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, metavar="DIR",
+        help="keep the tables under DIR (default: $NVFP4KIT_CACHE_DIR, else ~/.cache/nvfp4kit/kernels); "
+        "pass the same folder to LLM(kernel_cache_dir=) or set the variable for serve and generate",
+    )  # fmt: skip
     p.set_defaults(func=run_tune)
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    from nvfp4kit.kernels.configs import set_cache_dir
     from nvfp4kit.plan.report import resolve_model
     from nvfp4kit.tuning.autotune import DEFAULT_TOKENS, tune_model
+
+    if args.cache_dir is not None:
+        set_cache_dir(args.cache_dir)
 
     cfg = resolve_model(args.model).cfg
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.log else (lambda msg: None)

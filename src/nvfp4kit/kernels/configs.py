@@ -99,8 +99,22 @@ def sm_count(device: torch.device | str | None) -> int:
     return _sm_count(torch.cuda.current_device() if index is None else index)
 
 
+_cache_dir_override: Path | None = None
+
+
+def set_cache_dir(folder: str | Path | None) -> None:
+    """Keep and read tuning tables under `folder` in this process (`tune --cache-dir`, `LLM(kernel_cache_dir=)`);
+    None goes back to $NVFP4KIT_CACHE_DIR or the default. Tables already merged are read again."""
+    global _cache_dir_override
+    _cache_dir_override = None if folder is None else Path(folder).expanduser()
+    forget_tables()
+
+
 def cache_dir() -> Path:
-    """Where `nvfp4kit tune` keeps its tables: $NVFP4KIT_CACHE_DIR, else ~/.cache/nvfp4kit/kernels."""
+    """Where `nvfp4kit tune` keeps its tables: the folder given to `set_cache_dir`, else $NVFP4KIT_CACHE_DIR,
+    else ~/.cache/nvfp4kit/kernels."""
+    if _cache_dir_override is not None:
+        return _cache_dir_override
     override = os.environ.get("NVFP4KIT_CACHE_DIR")
     return Path(override) if override else Path.home() / ".cache" / "nvfp4kit" / "kernels"
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -111,14 +110,13 @@ def create_app(
     model_names: Sequence[str],
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    drain_timeout: float | None = None,
+    drain_timeout: float = 30.0,
     public_metrics: bool = False,
 ) -> FastAPI:
     """The server application around `engine`; `model_names[0]` is the main name, the rest aliases.
 
     `api_key` (if given) guards every route but `/health` (and `/metrics` with `public_metrics`);
-    `drain_timeout` is how long running requests may go on after SIGTERM (default $NVFP4KIT_DRAIN_TIMEOUT
-    or 30 s).
+    `drain_timeout` is how long running requests may go on after SIGTERM (`serve --graceful-timeout`).
     """
     if not model_names:
         raise ValueError("model_names must name the served model at least once")
@@ -126,8 +124,6 @@ def create_app(
         raise ValueError(
             "the API key is empty; pass a non-empty --api-key (or $NVFP4KIT_API_KEY), or none at all"
         )
-    if drain_timeout is None:
-        drain_timeout = float(os.environ.get("NVFP4KIT_DRAIN_TIMEOUT", "30"))
     log.info("API key authentication is %s", "on" if api_key else "off (anyone who can connect may use it)")
     metrics = ServerMetrics(engine.stats)
     chat = ChatHandler(engine, template, metrics)
