@@ -18,7 +18,7 @@ from nvfp4kit.vision.tower import ClippedLinear, VisionTower
 TOWER, PROJECTOR = "model.vision_tower.", "model.embed_vision."
 
 
-def _targets(tower: VisionTower) -> dict[str, tuple[object, str, tuple[int, ...]]]:
+def tower_targets(tower: VisionTower) -> dict[str, tuple[object, str, tuple[int, ...]]]:
     """Checkpoint name -> (module, attribute, shape) for every tensor the tower takes."""
     cfg = tower.config
     out: dict[str, tuple[object, str, tuple[int, ...]]] = {
@@ -44,6 +44,16 @@ def _targets(tower: VisionTower) -> dict[str, tuple[object, str, tuple[int, ...]
     return out
 
 
+def set_tower_tensor(module: object, attr: str, tensor: torch.Tensor) -> None:
+    """Put one checkpoint tensor where `tower_targets` says it goes."""
+    if attr == "weight" and hasattr(module, "set_weight"):
+        module.set_weight(tensor)
+    elif isinstance(getattr(module, attr), torch.nn.Parameter):
+        getattr(module, attr).data = tensor
+    else:
+        setattr(module, attr, tensor)
+
+
 def _shape(linear) -> tuple[int, int]:
     return (linear.out_features, linear.in_features)
 
@@ -64,19 +74,14 @@ def load_vision_tower(
     tower = VisionTower(config.vision, config.text_hidden_size, backend=backend)
     reader = CheckpointReader(folder)
     try:
-        targets = _targets(tower)
+        targets = tower_targets(tower)
         for name, (module, attr, shape) in targets.items():
             # clip bounds stay fp32: a bf16 bound would move the clamp point
             want = torch.float32 if attr.endswith(("_min", "_max")) else dtype
             tensor = reader.get(name, dtype=want, device=device)
             if tuple(tensor.shape) != shape:
                 raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
-            if attr == "weight" and hasattr(module, "set_weight"):
-                module.set_weight(tensor)
-            elif isinstance(getattr(module, attr), torch.nn.Parameter):
-                getattr(module, attr).data = tensor
-            else:
-                setattr(module, attr, tensor)
+            set_tower_tensor(module, attr, tensor)
         # clip bounds of a config without use_clipped_linears are ignored, as transformers ignores them
         bounds = ("input_min", "input_max", "output_min", "output_max")
         unexpected = [
