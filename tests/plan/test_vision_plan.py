@@ -74,6 +74,12 @@ def test_vision_off_keeps_the_seed_table_and_on_moves_its_bytes_out_of_kv():
     assert on["nvfp4kit"]["kv_budget_bytes"] == off["nvfp4kit"]["kv_budget_bytes"] - tower["total_bytes"]
     assert on["nvfp4kit"]["weights_bytes"] == off["nvfp4kit"]["weights_bytes"]  # the text tower, as before
     assert on["sglang"] == off["sglang"]  # SGLang's weights already hold the tower
+    # docs/plan.md's vision row: 1.21 GiB held back, 6.90 GiB KV budget, 22 requests at 32K
+    assert (
+        round(tower["total_bytes"] / GiB, 2) == 1.21
+        and round(on["nvfp4kit"]["kv_budget_bytes"] / GiB, 2) == 6.90
+    )
+    assert on["nvfp4kit"]["requests_at_context"] == 22
 
 
 def test_checkpoint_plan_counts_its_stored_vision_tensors(vision_folder, tiny_checkpoint):
