@@ -233,3 +233,14 @@ def test_the_vision_tower_is_planned_unless_language_model_only(tiny_checkpoint,
     with pytest.raises(ValueError, match="text only"):
         text_only.generate(prompt, SamplingParams(max_tokens=1))
     assert "image_prompts" not in with_images.__dict__  # planned, but the tower loads at the first image
+
+
+def test_a_plan_that_does_not_fit_names_the_vision_tower_and_the_way_out():
+    raw = json.loads((PRESET_DIR / "gemma-4-26b-a4b.json").read_text())["config"]
+    tower = vision_memory(raw)
+    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=8192)
+    budget = MemoryOptions.parse(gpu_memory_budget="15.5GiB")
+    assert size(budget, config=small).pool.max_context == 8192  # text only it fits (as above) ...
+    with pytest.raises(InsufficientMemoryError) as err:  # ... the 1.21 GiB tower and encoder do not
+        size(budget, config=small, vision=tower)
+    assert "vision tower 1.21 GiB" in str(err.value) and "--language-model-only" in str(err.value)
