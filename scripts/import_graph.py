@@ -20,6 +20,7 @@ Layers, lowest first (a module may import its own layer and the ones below it, n
       vision    the image tower and image inputs
       tuning    kernel benchmark cases, GPU timing, launch-configuration search (`nvfp4kit tune`)
     5 engine    KV pools, scheduler, batched steps, CUDA graphs
+      distributed  tensor/expert parallel ranks (rank 0 runs the engine)
     6 llm       the LLM API
     7 eval, serve, bench, testing (users of the LLM API)
     8 cli, __main__
@@ -50,6 +51,7 @@ LAYERS = {
     "vision": 4,
     "tuning": 4,
     "engine": 5,
+    "distributed": 5,
     "llm": 6,
     "eval": 7,
     "serve": 7,

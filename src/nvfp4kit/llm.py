@@ -149,6 +149,7 @@ class LLM:
         tune: bool = False,
         language_model_only: bool = False,
         kernel_cache_dir: str | Path | None = None,
+        tensor_parallel_size: int = 1,
     ):
         if model is None:  # as the CLI: the built-in NVFP4 demo model
             from nvfp4kit.demo import demo_model_path
@@ -176,10 +177,19 @@ class LLM:
             kv_cache_memory=kv_cache_memory,
         )  # fmt: skip
         model_dtype = resolve_dtype(dtype, self.device)
-        self.startup_plan = plan_checkpoint_memory(
-            self.path, device=self.device, model_dtype=model_dtype, config=engine_config, options=options,
-            fp8_lm_head=fp8_lm_head, vision=not language_model_only,
-        )  # fmt: skip
+        if tensor_parallel_size > 1:  # rank 0 here, ranks 1.. in spawned processes (docs/parallel.md)
+            from nvfp4kit.distributed.memory import plan_parallel_memory
+
+            engine_config = replace(engine_config, cuda_graphs=False)  # CUDA graphs across ranks: not yet
+            self.startup_plan = plan_parallel_memory(
+                self.path, tensor_parallel_size, device=self.device, model_dtype=model_dtype,
+                config=engine_config, options=options, fp8_lm_head=fp8_lm_head,
+            )  # fmt: skip
+        else:
+            self.startup_plan = plan_checkpoint_memory(
+                self.path, device=self.device, model_dtype=model_dtype, config=engine_config, options=options,
+                fp8_lm_head=fp8_lm_head, vision=not language_model_only,
+            )  # fmt: skip
         if self.startup_plan is not None:
             log.info("%s", self.startup_plan.format())
             engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
@@ -193,16 +203,27 @@ class LLM:
 
             _, cache = tune_model(load_config(self.path), missing_only=True, log=log.debug)
             log.info("kernel tuning cache: %s", cache)
-        self.model = load_model(self.path, dtype=model_dtype, device=self.device, backend=backend)
+        self.parallel = None  # the tensor-parallel group (nvfp4kit.distributed.group), when there is one
+        if tensor_parallel_size > 1:
+            from nvfp4kit.distributed.group import TensorParallelGroup
+
+            self.parallel = TensorParallelGroup.start(
+                self.path, tensor_parallel_size, dtype=model_dtype, device=self.device, backend=backend
+            )
+            self.model = self.parallel.model  # rank 0's shard; its forwards run on every rank
+        else:
+            self.model = load_model(self.path, dtype=model_dtype, device=self.device, backend=backend)
         if fp8_lm_head:
             self.model.use_fp8_lm_head()
-        self.config = self.model.config
+        self.config = self.parallel.layout.cfg if self.parallel else self.model.config
         self.tokenizer = Tokenizer(self.path)
         gen_file = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
         self.engine = Engine(
             self.model, self.tokenizer, config=engine_config, generation_config=self.generation_config
         )
+        if self.parallel is not None:
+            self.parallel.attach(self.engine)  # the workers' KV caches, laid out as this engine's
         self.max_model_len = self.engine.max_model_len
 
     def close(self) -> None:
@@ -210,6 +231,9 @@ class LLM:
         the driver, so another `LLM` can start in this process. Also run by `with LLM(...)` and on deletion."""
         engine, self.engine, self.model = getattr(self, "engine", None), None, None
         self.__dict__.pop("image_prompts", None)  # the vision tower, if an image loaded it
+        parallel, self.parallel = getattr(self, "parallel", None), None
+        if parallel is not None:  # stops and joins the worker ranks
+            parallel.close()
         if engine is None:
             return
         engine.close()

@@ -18,7 +18,16 @@ from torch import nn
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.formats.fp8_rows import FP8RowTensor, quantize_fp8_rows
 from nvfp4kit.model.layers import Linear, RMSNorm, rope_inv_freq, store_weight, stored_weight
-from nvfp4kit.model.ops import OpBackend, TorchBackend, Weight, gelu_tanh, regions
+from nvfp4kit.model.ops import (
+    Collectives,
+    OpBackend,
+    TorchBackend,
+    Weight,
+    all_reduce,
+    all_reduce_parts,
+    gelu_tanh,
+    regions,
+)
 
 
 class AttentionContext(Protocol):
@@ -42,6 +51,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: Gemma4TextConfig, layer: int, backend: OpBackend):
         super().__init__()
         self.backend = backend
+        self.parallel: Collectives | None = None  # tensor parallel: this rank's heads; o_proj sums over ranks
         self.layer = layer
         self.eps = cfg.rms_norm_eps
         self.head_dim = cfg.layer_head_dim(layer)
@@ -79,7 +89,7 @@ class Attention(nn.Module):
             eps=self.eps,
         )
         out = ctx.attend(self.layer, q, k, v, window=self.window)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return all_reduce(self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), self.parallel)
 
 
 class MLP(nn.Module):
@@ -114,19 +124,34 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All experts' weights stacked: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
+    """All experts' weights stacked: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
+
+    Expert parallel (`keep_only`): the module holds experts [first, first + count) of all E; a route to another
+    rank's expert gets weight 0 on a local id, so it adds nothing here (its own rank adds it).
+    """
 
     def __init__(self, cfg: Gemma4TextConfig, backend: OpBackend):
         super().__init__()
         self.backend = backend
         e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         self.gate_up_shape, self.down_shape = (e, 2 * i, h), (e, h, i)
+        self.first, self.count, self.total = 0, e, e
+
+    def keep_only(self, first: int, count: int) -> None:
+        """Hold experts [first, first + count) only (set before the weights)."""
+        self.first, self.count = first, count
+        self.gate_up_shape = (count, *self.gate_up_shape[1:])
+        self.down_shape = (count, *self.down_shape[1:])
 
     def set_weights(self, gate_up: Weight, down: Weight) -> None:
         store_weight(self, "gate_up", gate_up, shape=self.gate_up_shape)
         store_weight(self, "down", down, shape=self.down_shape)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.count != self.total:
+            local = ids - self.first
+            mine = (local >= 0) & (local < self.count)
+            ids, weights = torch.where(mine, local, 0), torch.where(mine, weights, 0.0)
         return self.backend.moe(x, ids, weights, stored_weight(self, "gate_up"), stored_weight(self, "down"))
 
 
@@ -135,6 +160,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.backend = backend
+        self.parallel: Collectives | None = None  # tensor parallel: the MLP's and experts' partial sums
         self.eps = eps
         self.self_attn = Attention(cfg, layer, backend)
         self.mlp = MLP(h, cfg.layer_intermediate_size(layer), backend)
@@ -176,6 +202,8 @@ class DecoderLayer(nn.Module):
             experts_out = self.experts(experts_in, weights, ids)
         else:
             mlp_out = self.mlp(ops.rms_norm(h, self.pre_feedforward_layernorm.weight, eps=eps))
+        # each has its own post-norm: both are summed over the ranks first, in one collective
+        mlp_out, experts_out = all_reduce_parts((mlp_out, experts_out), self.parallel)
         out = ops.ffn_tail(
             h,
             mlp_out,
@@ -202,6 +230,7 @@ class Gemma4Model(nn.Module):
         super().__init__()
         self.config = cfg
         self.backend = backend or TorchBackend()
+        self.parallel: Collectives | None = None  # tensor parallel: vocab-parallel embedding and lm_head
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.backend) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("embed_tokens", None)
@@ -229,9 +258,22 @@ class Gemma4Model(nn.Module):
             if hasattr(module, "backend"):
                 module.backend = backend
 
+    def set_parallel(self, group: Collectives | None) -> None:
+        """Make this model one rank's shard of a tensor-parallel group (its modules hold that rank's part)."""
+        for module in self.modules():
+            if hasattr(module, "parallel"):
+                module.parallel = group
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens
-        return F.embedding(input_ids, w) * torch.tensor(self.config.hidden_size**0.5, dtype=w.dtype)
+        scale = torch.tensor(self.config.hidden_size**0.5, dtype=w.dtype)
+        if self.parallel is None:
+            return F.embedding(input_ids, w) * scale
+        # vocab-parallel: this rank's rows give the ids it holds, zeros elsewhere; the sum is the lookup
+        local = input_ids - self.parallel.vocab_start
+        mine = (local >= 0) & (local < w.shape[0])
+        rows = F.embedding(torch.where(mine, local, 0), w).masked_fill(~mine[:, None], 0)
+        return self.parallel.all_reduce(rows * scale)
 
     def per_layer_inputs(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """Per-layer embeddings (E2B/E4B): token table plus a projection of the main embedding, [T, L, P]."""
@@ -281,7 +323,8 @@ class Gemma4Model(nn.Module):
             head = FP8RowTensor(self.lm_head_fp8, self.lm_head_fp8_scale)
         logits = self.backend.linear(hidden, head).float()
         cap = self.config.final_logit_softcapping
-        return torch.tanh(logits / cap) * cap if cap else logits
+        logits = torch.tanh(logits / cap) * cap if cap else logits
+        return logits if self.parallel is None else self.parallel.gather_vocab(logits, self.config.vocab_size)
 
     def forward(
         self,

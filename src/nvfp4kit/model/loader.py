@@ -62,13 +62,13 @@ def load_model(
     return model.to(device)
 
 
-def fill_model(model: Gemma4Model, source: WeightSource) -> None:
+def fill_model(model: Gemma4Model, source: WeightSource, *, vocab_rows: int | None = None) -> None:
+    """`vocab_rows`: the embedding / lm_head rows the source gives (a tensor-parallel rank's; default all)."""
     cfg = model.config
-    model.embed_tokens = _checked(
-        source.tensor("embed_tokens.weight"), (cfg.vocab_size, cfg.hidden_size), "embed"
-    )
+    rows = cfg.vocab_size if vocab_rows is None else vocab_rows
+    model.embed_tokens = _checked(source.tensor("embed_tokens.weight"), (rows, cfg.hidden_size), "embed")
     if not cfg.tie_word_embeddings:
-        model.lm_head = _lm_head(source, cfg)
+        model.lm_head = _lm_head(source, cfg, rows)
     _set_param(model.norm.weight, source, "norm.weight")
     if cfg.hidden_size_per_layer_input:
         n, p = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
@@ -124,12 +124,12 @@ def fill_layer(layer: DecoderLayer, source: WeightSource, p: str) -> None:
     layer.layer_scalar = _checked(source.tensor(f"{p}layer_scalar"), (1,), source.key(f"{p}layer_scalar"))
 
 
-def _lm_head(source: WeightSource, cfg: Gemma4TextConfig) -> torch.Tensor:
+def _lm_head(source: WeightSource, cfg: Gemma4TextConfig, rows: int) -> torch.Tensor:
     # An untied head is stored outside the text tower's prefix ("lm_head.weight").
     key = "lm_head.weight"
     tensor = source.reader.get(key, device=source.device, dtype=source.dtype)
     source.consumed.add(key)
-    return _checked(tensor, (cfg.vocab_size, cfg.hidden_size), key)
+    return _checked(tensor, (rows, cfg.hidden_size), key)
 
 
 def _set_linear(linear: Linear, source: WeightSource, names: list[str]) -> None:

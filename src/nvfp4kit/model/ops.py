@@ -110,6 +110,37 @@ class FusedRegions(Protocol):
         """softmax over experts, top-k, renormalise, times per_expert_scale: (weights fp32, ids int64) [T, k]."""
 
 
+class Collectives(Protocol):
+    """A tensor-parallel group as the model sees it (`nvfp4kit.distributed` runs it on torch.distributed); a
+    model without one (None) is the whole model in one process, and every collective below is the identity."""
+
+    rank: int
+    world_size: int
+    vocab_start: int  # the first vocab row this rank's embedding / lm_head shard holds
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum of every rank's `x`, on every rank."""
+
+    def gather_vocab(self, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Every rank's logits [T, its vocab rows] side by side, in rank order: [T, vocab_size]."""
+
+
+def all_reduce(x: torch.Tensor, group: Collectives | None) -> torch.Tensor:
+    return x if group is None else group.all_reduce(x)
+
+
+def all_reduce_parts(
+    parts: tuple[torch.Tensor | None, ...], group: Collectives | None
+) -> tuple[torch.Tensor | None, ...]:
+    """Several partial sums [T, *] reduced in one collective (side by side, summed, split back)."""
+    if group is None:
+        return parts
+    present = [p for p in parts if p is not None]
+    summed = group.all_reduce(torch.cat(present, dim=-1) if len(present) > 1 else present[0])
+    pieces = iter(summed.split([p.shape[-1] for p in present], dim=-1))
+    return tuple(None if p is None else next(pieces) for p in parts)
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 

@@ -1,0 +1,285 @@
+"""Rank 0's side of a tensor-parallel group: the worker processes, their watchdog, and the model facade.
+
+`TensorParallelGroup.start(path, N, ...)` checks that the model splits over N ranks (before any process
+starts), spawns ranks 1..N-1 (torch.multiprocessing, spawn), joins the process group as rank 0 through a
+TCP store on a free port, and loads rank 0's shard while the workers load theirs. `group.model` is what the
+`Engine` runs: a `TensorParallelModel`, whose `hidden_states` and `logits` first announce the call to every
+worker (see worker.py), then run rank 0's shard; the collectives inside the forward join the ranks' parts.
+Only rank 0 samples: the vocab-parallel logits are gathered to every rank, and rank 0's are the ones used.
+
+Failure: a worker that raises reports its rank and exception and exits; rank 0's pending collective then
+fails at once, and the group ends every rank and raises `TensorParallelError` naming the rank and the
+exception. A watchdog thread notices a worker that died without a word (killed) between steps, and every
+process-group collective has a timeout, so nothing waits for ever. `close()` stops and joins the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nvfp4kit.config import load_config
+from nvfp4kit.distributed.collectives import DEFAULT_TIMEOUT_S, join_group, master_store, rank_device
+from nvfp4kit.distributed.loading import is_quantized, load_shard
+from nvfp4kit.distributed.worker import WorkerSpec, kv_dtype_name, make_collectives, seq_tuples, worker_main
+from nvfp4kit.model.gemma4 import Gemma4Model
+from nvfp4kit.plan.parallel import ParallelLayout
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 0.2
+ERROR_WAIT_S = 5.0  # how long a failed collective waits for the failing worker's own report
+
+
+class TensorParallelError(RuntimeError):
+    """A rank of the tensor-parallel group failed; the whole group has ended."""
+
+
+@dataclass
+class _Worker:
+    rank: int
+    process: Any  # a spawned multiprocessing.Process
+    conn: Connection
+
+
+class TensorParallelModel:
+    """Rank 0's model, as the `Engine` sees it: the local shard's attributes (config, device, layers, ...),
+    and forwards that run on every rank."""
+
+    def __init__(self, model: Gemma4Model, group: TensorParallelGroup):
+        self._model, self._group = model, group
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        ctx: Any,
+        *,
+        embed_override: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if embed_override is not None or any(s.image_spans for s in ctx.seqs):
+            raise NotImplementedError("images are not served with tensor_parallel_size > 1 yet")
+        message = ("step", seq_tuples(ctx.seqs), ctx.backend.name)
+        return self._group.call(message, [input_ids], lambda: self._model.hidden_states(input_ids, ctx))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.contiguous()
+        return self._group.call(("logits", hidden.shape[0]), [hidden], lambda: self._model.logits(hidden))
+
+    def use_fp8_lm_head(self, enabled: bool = True) -> None:
+        self._group.call(("fp8_lm_head", enabled), [], lambda: self._model.use_fp8_lm_head(enabled))
+
+
+class TensorParallelGroup:
+    def __init__(self, layout: ParallelLayout, device: torch.device, timeout_s: float):
+        self.layout, self.device, self.timeout_s = layout, device, timeout_s
+        self.workers: list[_Worker] = []
+        self.model: TensorParallelModel | None = None
+        self.failure: TensorParallelError | None = None
+        self._closing = threading.Event()
+        self._watchdog: threading.Thread | None = None
+
+    @classmethod
+    def start(
+        cls,
+        path: str | Path,
+        world_size: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        backend: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        loader: Callable[..., Gemma4Model] = load_shard,
+    ) -> TensorParallelGroup:
+        """Start ranks 1..N-1, join them as rank 0 and load every shard; raises `ShardingError` at once when
+        the model does not split over `world_size` ranks. `loader` loads one rank's shard (tests wrap it)."""
+        path = Path(path)
+        layout = ParallelLayout(load_config(path), world_size).check(nvfp4=is_quantized(path))
+        if dist.is_initialized():
+            raise RuntimeError("a torch.distributed process group is already initialised in this process")
+        if device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + world_size:
+            raise RuntimeError(
+                f"tensor_parallel_size={world_size} needs {world_size} GPUs from {device}; "
+                f"{torch.cuda.device_count()} visible"
+            )
+        group = cls(layout, device, timeout_s)
+        store = master_store(world_size=world_size, timeout_s=timeout_s)
+        spec = WorkerSpec(path, layout, store.port, str(device), dtype, backend, timeout_s, loader)
+        context = mp.get_context("spawn")
+        try:
+            for rank in range(1, world_size):
+                ours, theirs = context.Pipe()
+                process = context.Process(
+                    target=worker_main, args=(rank, spec, theirs), name=f"nvfp4kit-tp{rank}", daemon=True
+                )
+                process.start()
+                theirs.close()
+                group.workers.append(_Worker(rank, process, ours))
+            local_device = rank_device(device, 0)
+            group._store = join_group(
+                rank=0, world_size=world_size, port=store.port, device=local_device, timeout_s=timeout_s
+            )
+            model = loader(path, layout, 0, dtype=dtype, device=local_device, backend=backend)
+            model.set_parallel(make_collectives(layout, 0))
+            group._wait_ready()
+        except TensorParallelError:
+            group.close()
+            raise
+        except BaseException as exc:
+            failure = group._worker_failure(wait_s=0.5)
+            group.close()
+            if failure is not None:
+                raise failure from exc
+            raise
+        group.model = TensorParallelModel(model, group)
+        group._watchdog = threading.Thread(target=group._watch, name="nvfp4kit-tp-watchdog", daemon=True)
+        group._watchdog.start()
+        log.info("tensor parallel: %d ranks on %s", world_size, device)
+        return group
+
+    # ---- rank 0's calls ------------------------------------------------------------------------------
+    def call(self, message: tuple, tensors: list[torch.Tensor], local: Callable[[], Any]) -> Any:
+        """Announce `message` to every worker, broadcast `tensors` from rank 0, then run `local` (rank 0's
+        part of the same call). A failure on any rank ends the group and raises `TensorParallelError`."""
+        if self.failure is not None:
+            raise TensorParallelError(f"the tensor-parallel group has ended: {self.failure}")
+        try:
+            for worker in self.workers:
+                worker.conn.send(message)
+            for tensor in tensors:
+                dist.broadcast(tensor.contiguous(), src=0)
+            return local()
+        except Exception as exc:
+            failure = self._worker_failure(wait_s=ERROR_WAIT_S) or TensorParallelError(
+                f"rank 0 failed: {type(exc).__name__}: {exc}"
+            )
+            self._end(failure)
+            raise failure from exc
+
+    def attach(self, engine: Any) -> None:
+        """Give every worker a KV cache laid out as rank 0's engine's, and mirror the prefix cache's ring
+        copies (the only KV data rank 0 moves outside a forward)."""
+        cache = engine.cache
+        self.call(("cache", cache.layout, kv_dtype_name(cache.kv_dtype)), [], lambda: None)
+        prefix = getattr(engine.scheduler, "prefix", None)
+        if prefix is not None:
+            copy_local = prefix.copy_ring
+
+            def copy_ring(source: int, target: int) -> None:
+                self.call(("copy_ring", source, target), [], lambda: copy_local(source, target))
+
+            prefix.copy_ring = copy_ring
+
+    # ---- failures and shutdown -----------------------------------------------------------------------
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        waiting = {w.rank: w for w in self.workers}
+        while waiting:
+            for rank, worker in list(waiting.items()):
+                if worker.conn.poll(0.05):
+                    message = worker.conn.recv()
+                    if message[0] != "ready":
+                        raise _error_from(message)
+                    del waiting[rank]
+                elif not worker.process.is_alive():
+                    raise self._worker_failure(wait_s=0.5) or _died(worker)
+            if time.monotonic() > deadline:
+                raise TensorParallelError(
+                    f"ranks {sorted(waiting)} did not load within {self.timeout_s:.0f} s"
+                )
+
+    def _worker_failure(self, *, wait_s: float) -> TensorParallelError | None:
+        """The first worker's own error report (waiting up to `wait_s` for it), else one that has died."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for worker in self.workers:
+                try:
+                    if worker.conn.poll(0):
+                        message = worker.conn.recv()
+                        if message[0] == "error":
+                            return _error_from(message)
+                except (EOFError, OSError):
+                    pass
+            dead = [
+                w for w in self.workers if not w.process.is_alive() and w.process.exitcode not in (0, None)
+            ]
+            if time.monotonic() > deadline:
+                return _died(dead[0]) if dead else None
+            time.sleep(0.02)
+
+    def _watch(self) -> None:
+        while not self._closing.wait(WATCH_INTERVAL_S):
+            for worker in self.workers:
+                if not worker.process.is_alive() and self.failure is None:
+                    failure = self._worker_failure(wait_s=0.5) or _died(worker)
+                    log.error("tensor parallel: %s", failure)
+                    self.failure = failure
+                    if self.device.type == "cuda":  # NCCL would wait out its timeout: abort the pending call
+                        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+                        try:
+                            if abort is not None:
+                                abort()
+                        except Exception:  # noqa: BLE001 - best effort; the timeout still ends the call
+                            log.debug("tensor parallel: abort failed", exc_info=True)
+                    return
+
+    def _end(self, failure: TensorParallelError) -> None:
+        self.failure = self.failure or failure
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers (politely, then by force) and leave the process group; safe to call twice."""
+        if self._closing.is_set() and not self.workers:
+            return
+        self._closing.set()
+        for worker in self.workers:
+            try:
+                worker.conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+        for worker in self.workers:
+            worker.process.join(timeout=10 if self.failure is None else 1)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(timeout=5)
+            worker.conn.close()
+        self.workers = []
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a broken group may not tear down cleanly; it is gone either way
+                log.debug("tensor parallel: process group teardown failed", exc_info=True)
+        self._store = None
+        self.model = None
+
+
+def _error_from(message: tuple) -> TensorParallelError:
+    _, rank, text, trace = message
+    log.error("tensor parallel rank %d failed:\n%s", rank, trace)
+    return TensorParallelError(f"rank {rank} failed: {text}")
+
+
+def _died(worker: _Worker) -> TensorParallelError:
+    code = worker.process.exitcode
+    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+    return TensorParallelError(f"rank {worker.rank} {how} without reporting an error")
+
+
+def start_tensor_parallel(
+    path: str | Path, world_size: int, **options: Any
+) -> tuple[TensorParallelGroup, TensorParallelModel]:
+    """`TensorParallelGroup.start` and its model, for `LLM`."""
+    group = TensorParallelGroup.start(path, world_size, **options)
+    return group, group.model

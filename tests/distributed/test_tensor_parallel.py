@@ -1,0 +1,81 @@
+"""Tensor/expert parallel on the CPU (gloo, spawned ranks) against the single-process engine."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from nvfp4kit import LLM, SamplingParams
+from nvfp4kit.distributed.group import TensorParallelError, TensorParallelGroup
+from nvfp4kit.engine.engine import Engine, EngineConfig
+from nvfp4kit.plan.parallel import ShardingError
+from tests.distributed.helpers import failing_loader, prefill_then_decode_logits
+from tests.engine.helpers import generate_tokens, random_prompts
+
+OPTIONS = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128)
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+CONFIG = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128, prefix_caching=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "nvfp4", "ranks"),
+    [("moe", True, 2), ("dense", False, 2), ("dense", True, 2), ("moe3", False, 3)],  # moe3: experts 3/3/2
+)
+def test_logits_and_greedy_tokens_equal_one_process(split_checkpoint, name, nvfp4, ranks):
+    folder = split_checkpoint(name, nvfp4)
+    prompts = random_prompts([5, 19, 11], seed=ranks)
+    ref = LLM(folder, **OPTIONS)
+    tp = LLM(folder, tensor_parallel_size=ranks, **OPTIONS)
+    workers = [w.process for w in tp.parallel.workers]
+    assert len(workers) == ranks - 1 and all(p.is_alive() for p in workers)
+    want = prefill_then_decode_logits(ref.engine, prompts)
+    got = prefill_then_decode_logits(tp.engine, prompts)
+    assert got.shape == want.shape
+    scale = want.abs().max().item()  # fp32: only the order of the sums differs
+    assert (got - want).abs().max().item() < 1e-5 * scale, (
+        f"max error {(got - want).abs().max()} at scale {scale}"
+    )
+    # n=2 on one prompt: the second sample takes a copy of the first's sliding ring (mirrored on every rank)
+    params = [GREEDY, GREEDY, SamplingParams(n=2, max_tokens=8, temperature=0, ignore_eos=True)]
+    outs = [[o.token_ids for o in r.outputs] for r in tp.generate(prompts, params, use_tqdm=False)]
+    assert outs == [[o.token_ids for o in r.outputs] for r in ref.generate(prompts, params, use_tqdm=False)]
+    tp.close()
+    assert not any(p.is_alive() for p in workers)  # close() ends the workers
+    ref.close()
+
+
+def test_a_split_that_does_not_fit_is_refused_before_any_process_starts(split_checkpoint):
+    with pytest.raises(ShardingError, match="4 attention heads do not split evenly over 3 ranks"):
+        LLM(split_checkpoint("moe"), tensor_parallel_size=3, **OPTIONS)
+
+
+def start(folder, ranks=2, **options):
+    group = TensorParallelGroup.start(
+        folder, ranks, dtype=torch.float32, device=torch.device("cpu"), timeout_s=20, **options
+    )  # a collective that waited on a lost rank would end after 20 s
+    engine = Engine(group.model, None, config=CONFIG)
+    group.attach(engine)
+    return group, engine
+
+
+def test_a_rank_that_raises_ends_the_group_with_its_error(split_checkpoint):
+    group, engine = start(split_checkpoint("moe"), loader=failing_loader)
+    workers = [w.process for w in group.workers]
+    with pytest.raises(TensorParallelError, match="rank 1 failed: ValueError: injected failure"):
+        generate_tokens(engine, random_prompts([6, 6]), GREEDY)
+    assert not any(p.is_alive() for p in workers)
+    with pytest.raises(TensorParallelError, match="group has ended: rank 1 failed"):
+        generate_tokens(engine, random_prompts([6]), GREEDY)
+
+
+def test_a_killed_rank_is_reported_by_the_watchdog(split_checkpoint):
+    group, engine = start(split_checkpoint("moe"))
+    generate_tokens(engine, random_prompts([6]), GREEDY)
+    os.kill(group.workers[0].process.pid, signal.SIGKILL)
+    while group.failure is None:  # the watchdog looks every 0.2 s
+        time.sleep(0.05)
+    with pytest.raises(TensorParallelError, match="rank 1 was killed by signal 9"):
+        generate_tokens(engine, random_prompts([6]), GREEDY)
+    group.close()
