@@ -93,6 +93,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "$NVFP4KIT_ATTENTION_BACKEND, else triton on CUDA and torch on the CPU)",
     )  # fmt: skip
     g.add_argument(
+        "--tensor-parallel-size", "-tp", type=_positive_int, default=1, metavar="N",
+        help="split the model over N devices, one process each (heads, MLP columns, experts, vocab rows; "
+        "see docs/parallel.md); default 1",
+    )  # fmt: skip
+    g.add_argument(
         "--tune", action="store_true",
         help="before loading, tune the W4A16 kernels for this model's shapes on this GPU where the tuning "
         "cache has no entry yet (a few minutes once per card; see `nvfp4kit tune`)",
@@ -117,6 +122,8 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         attention_backend=args.attention_backend,
     )
     extra = {"language_model_only": True} if getattr(args, "language_model_only", False) else {}
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        extra["tensor_parallel_size"] = args.tensor_parallel_size
     return {
         **extra,
         "engine_config": config,
