@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from nvfp4kit.engine import engine as engine_module
+from nvfp4kit.engine import batch_sampler as sampler_module
 from nvfp4kit.engine.async_batching import AsyncBatchingEngine, RequestFailed
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.engine.logits_processors import LogitsRow, process_logits
@@ -32,14 +32,14 @@ async def _collect(engine, prompt, params):
 
 def test_a_poisoned_request_fails_alone_and_the_batch_is_unchanged(parts, monkeypatch):
     model, tok = parts
-    real_sample = engine_module.sample_batch
+    real_sample = sampler_module.sample_table
 
     def sample_or_break(logits, rows):
         if any(row.params.seed == POISON_SEED for row in rows):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return real_sample(logits, rows)
 
-    monkeypatch.setattr(engine_module, "sample_batch", sample_or_break)
+    monkeypatch.setattr(sampler_module, "sample_table", sample_or_break)
     poison = SamplingParams(max_tokens=12, temperature=0.8, seed=POISON_SEED, ignore_eos=True)
 
     async def run(with_poison: bool):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.engine.cuda_graphs import StepTimer
 from nvfp4kit.engine.engine import Engine
 from nvfp4kit.plan.gpus import GPUS, GpuSpec
 from nvfp4kit.plan.kv import kv_bytes_per_token
@@ -32,6 +33,12 @@ class DecodeResult:
     context: int
     tokens_per_s: float
     ms_per_step: float
+    gpu_ms_per_step: float | None = None  # device time of a step (forward + sampling), from CUDA events
+
+    @property
+    def host_ms_per_step(self) -> float | None:
+        """Wall time per step the GPU spends waiting for the host (the overlap scheduler hides most of it)."""
+        return None if self.gpu_ms_per_step is None else max(0.0, self.ms_per_step - self.gpu_ms_per_step)
 
 
 # Gemma 4's generation_config: what a request that sets nothing samples with
@@ -39,10 +46,19 @@ GEMMA_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95, top_k=64)
 
 
 def decode_speed(
-    engine: Engine, *, batch: int, context: int, steps: int, sampling: SamplingParams | None = None
+    engine: Engine,
+    *,
+    batch: int,
+    context: int,
+    steps: int,
+    sampling: SamplingParams | None = None,
+    overlap: bool | None = None,
 ) -> DecodeResult:
     """Aggregate tokens/s of `steps` decode steps of `batch` sequences whose prompts are `context` long
-    (greedy, or with `sampling`'s temperature / top-p / top-k)."""
+    (greedy, or with `sampling`'s temperature / top-p / top-k); `overlap`: the overlap scheduler on or off
+    (None: the engine's setting)."""
+    if overlap is not None:
+        engine.overlap = overlap
     cfg = engine.model.config
     params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
     if sampling is not None:
@@ -53,14 +69,17 @@ def decode_speed(
         engine.step()  # prefill, and the first token of each
     engine.step()  # one decode step untimed: every request is now decoding
     _sync(engine)
+    engine.step_timer = timer = StepTimer(engine.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     _sync(engine)
     seconds = time.perf_counter() - t0
+    engine.step_timer = None
     while engine.has_unfinished():
         engine.step()
-    return DecodeResult(batch, context, batch * steps / seconds, 1e3 * seconds / steps)
+    result = DecodeResult(batch, context, batch * steps / seconds, 1e3 * seconds / steps)
+    return replace(result, gpu_ms_per_step=timer.ms_per_step())
 
 
 @dataclass(frozen=True)

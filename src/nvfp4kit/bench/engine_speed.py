@@ -69,8 +69,14 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
     spec = runs.card_spec()
     bandwidth = spec.bandwidth_bytes_per_s if spec else args.bandwidth_gbps * 1e9
     runs.decode_speed(engine, batch=1, context=64, steps=4)  # compile the eager kernels once
-    for batch in args.decode_batches:
-        result = runs.decode_speed(engine, batch=batch, context=args.context, steps=args.steps)
+    # --overlap both: "decode" rows with the overlap scheduler, "decode_sync" rows without it
+    modes = {"on": [("decode", True)], "off": [("decode", False)]}.get(
+        args.overlap, [("decode", True), ("decode_sync", False)]
+    )
+    for (scenario, overlap), batch in ((m, b) for m in modes for b in args.decode_batches):
+        result = runs.decode_speed(
+            engine, batch=batch, context=args.context, steps=args.steps, overlap=overlap
+        )
         step_bytes, roof = runs.decode_roofline(
             cfg,
             weights,
@@ -80,12 +86,18 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
             bandwidth_bytes_per_s=bandwidth,
         )
         rows.append({
-            "scenario": "decode", "batch": batch, "prompt_len": args.context,
+            "scenario": scenario, "batch": batch, "prompt_len": args.context,
             "tokens_per_s": round(result.tokens_per_s, 1), "ms_per_step": round(result.ms_per_step, 3),
             "gbps": round(step_bytes / (result.ms_per_step * 1e-3) / 1e9, 1),
             "roofline_tokens_per_s": round(roof, 1), "pct_roofline": round(100 * result.tokens_per_s / roof, 1),
+            "overlap": overlap, "gpu_ms_per_step": _ms(result.gpu_ms_per_step),
+            "host_ms_per_step": _ms(result.host_ms_per_step),
         })  # fmt: skip
-        _log(f"  decode batch {batch}: {result.tokens_per_s:.1f} tok/s ({result.ms_per_step:.2f} ms/step)")
+        _log(
+            f"  {scenario} batch {batch}: {result.tokens_per_s:.1f} tok/s ({result.ms_per_step:.2f} ms/step, "
+            f"GPU {result.gpu_ms_per_step or 0:.2f} ms, host adds {result.host_ms_per_step or 0:.2f} ms)"
+        )
+    engine.overlap = modes[0][1]
     for batch in args.sampled_batches:  # Gemma 4's default sampling through the batched sampler
         result = runs.decode_speed(
             engine, batch=batch, context=args.context, steps=args.steps, sampling=runs.GEMMA_SAMPLING
@@ -133,6 +145,10 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return info
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def profile_decode_step(engine: Engine, top: int = 25) -> str:
@@ -220,13 +236,15 @@ def format_rows(result: dict) -> str:
     lines = [
         f"{result['card']}: {info['model']}, weights {info['weights_gib']} GiB (planner {info['planner_weights_gib']}),"
         f" peak {info['peak_gib']} GiB",
-        f"{'scenario':9} {'batch':>5} {'prompt':>7} {'tok/s':>9} {'%roof':>6} {'ms':>8} {'baseline tok/s':>15}",
+        f"{'scenario':11} {'batch':>5} {'prompt':>7} {'tok/s':>9} {'%roof':>6} {'ms':>8} {'baseline tok/s':>15}"
+        f" {'GPU ms':>7} {'host ms':>7}",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['scenario']:9} {r['batch']:5} {r['prompt_len']:7} {r.get('tokens_per_s') or 0:9.1f} "
+            f"{r['scenario']:11} {r['batch']:5} {r['prompt_len']:7} {r.get('tokens_per_s') or 0:9.1f} "
             f"{r.get('pct_roofline') or 0:6.1f} {r.get('ms_per_step', r.get('ms')) or 0:8.2f} "
-            f"{r.get('baseline_tokens_per_s') or 0:15.1f}"
+            f"{r.get('baseline_tokens_per_s') or 0:15.1f} {r.get('gpu_ms_per_step') or 0:7.3f} "
+            f"{r.get('host_ms_per_step') or 0:7.3f}"
         )
     return "\n".join(lines)
 
@@ -258,6 +276,11 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument(
+        "--overlap", choices=("on", "off", "both"), default="on",
+        help="decode with the overlap scheduler (on), without it (off), or both (decode_sync rows for off); "
+        "decode rows report GPU ms per step (CUDA events) and the host ms the GPU waits for (default %(default)s)",
+    )  # fmt: skip
     p.add_argument("--fp8-lm-head", action="store_true", help="also time decode with the FP8 lm_head copy")
     p.add_argument("--profile", action="store_true", help="print the kernels of one eager decode step")
     p.add_argument("--baseline", choices=("hf", "none"), default="hf", help="HF transformers BF16 baseline")

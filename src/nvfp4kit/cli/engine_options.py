@@ -83,6 +83,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         help="run decode steps eagerly instead of replaying CUDA graphs (less memory, slower)",
     )  # fmt: skip
     g.add_argument(
+        "--no-overlap-schedule", dest="overlap_schedule", action="store_false",
+        help="wait for each decode step's tokens before scheduling the next (default on CUDA: the next decode "
+        "step is launched from the tokens still on the GPU while the host emits the last ones)",
+    )  # fmt: skip
+    g.add_argument(
         "--fp8-lm-head", action="store_true",
         help="logits from an FP8 copy of the output projection: half its bytes per decode step (a faster "
         "batch-1 decode) for a small change in the logits; off by default",
@@ -120,6 +125,7 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=args.max_model_len,
         cuda_graphs=not args.enforce_eager,
         attention_backend=args.attention_backend,
+        overlap_schedule=None if getattr(args, "overlap_schedule", True) else False,
     )
     extra = {"language_model_only": True} if getattr(args, "language_model_only", False) else {}
     if getattr(args, "tensor_parallel_size", 1) > 1:

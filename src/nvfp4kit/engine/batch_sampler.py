@@ -8,18 +8,34 @@ its tokens do not depend on the other rows of the batch; one transfer to the hos
 
 Same rules as the per-row `sampling.sample_token`: logprobs are of the model's raw distribution; a row with
 nothing left to sample (every candidate masked, or non-finite) falls back to its greedy token.
+
+`sample_step` samples one engine step's rows (greedy rows apart, a failing batch redone row by row) into a
+table that stays on the device until `StepSamples.results()`: the overlap scheduler feeds its token column to
+the next step before the host has seen it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from nvfp4kit.sampling import SampleResult, SamplingParams, finite_logits
+from nvfp4kit.engine.logits_processors import LogitsRow, process_logits
+from nvfp4kit.sampling import SampleResult, SamplingParams, finite_logits, is_plain_greedy
+
+log = logging.getLogger(__name__)
 
 FULL_SORT_ABOVE = 4096  # a top-k larger than this (or none) sorts the whole row instead
+
+
+def host_to_device(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the work queued there: a plain copy blocks until the
+    stream is idle, which would stall the host behind an in-flight decode step. On CUDA: pinned, non-blocking."""
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -82,7 +98,7 @@ def _race_noise(rows: Sequence[SampleRow], shape: tuple[int, int], device) -> to
             k = row.params.top_k if row.params.top_k and 0 < row.params.top_k < shape[1] else shape[1]
             own = torch.full((shape[1],), float("inf"))
             own[:k] = torch.empty(k).exponential_(generator=row.generator)
-            noise[i] = own.to(device)
+            noise[i] = host_to_device(own, device)
     return noise
 
 
@@ -95,6 +111,12 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sample
 
     Per-row parameters travel in one host-to-device copy and the results in one device-to-host copy; every
     other step is a batched tensor op (a decode step pays a few tens of launches, not a few per row)."""
+    return results_from_table(sample_table(logits, rows).tolist(), rows)
+
+
+def sample_table(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """`sample_batch` without the transfer: float64 [B, 2 + 2 * want] on the logits' device, per row the token,
+    its logprob, then `want` top logprobs and their ids (want = the largest `logprobs` asked)."""
     logits = logits.float()
     device = logits.device
     adjusted = finite_logits(logits)  # a new tensor: the penalties below may write into it
@@ -106,7 +128,7 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sample
             [r.params.temperature or 0.0, r.params.top_k or 0, r.params.top_p or 1.0, r.params.min_p]
             for r in rows
         ]
-        temperature, top_k, top_p, min_p = torch.tensor(table, device=device).unbind(dim=1)
+        temperature, top_k, top_p, min_p = host_to_device(torch.tensor(table), device).unbind(dim=1)
         values, ids = _candidates(adjusted, rows)
         scaled = values / torch.where(temperature > 0, temperature, 1.0)[:, None]
         rank = torch.arange(values.shape[1], device=device)[None, :]
@@ -128,10 +150,97 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[Sample
     if want:
         top_vals, top_ids = torch.topk(logits, min(want, logits.shape[1]), dim=1)
         columns += [*(top_vals - lse[:, None]).double().unbind(1), *top_ids.double().unbind(1)]
-    host = torch.stack(columns, dim=1).tolist()  # the one transfer of the step
+    return torch.stack(columns, dim=1)
+
+
+def greedy_table(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax and its logprob per row of logits [B, V], as `sample_table` lays them out (float64 [B, 2])."""
+    logits = logits.float()
+    tokens = torch.argmax(logits, dim=-1)
+    logprobs = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return torch.stack([tokens.double(), logprobs.double()], dim=1)
+
+
+def results_from_table(
+    host: list[list[float]], rows: Sequence[SampleRow | SamplingParams]
+) -> list[SampleResult]:
+    """`SampleResult`s from the host copy of a table of `sample_table` (each row keeps the logprobs it asked)."""
     results = []
     for row, values in zip(rows, host):
-        n = row.params.logprobs or 0
+        want = (len(values) - 2) // 2
+        n = (row.params if isinstance(row, SampleRow) else row).logprobs or 0
         top = [(int(values[2 + want + j]), values[2 + j]) for j in range(n)]
         results.append(SampleResult(int(values[0]), values[1], top))
     return results
+
+
+@dataclass
+class StepSamples:
+    """One step's sampled rows: a table on the device first (`tokens` can feed the next step at once), copied
+    to the host behind the step's own work; `results()` waits for that copy only, not for later steps."""
+
+    table: torch.Tensor  # [B, C] float64 on the device, laid out as `sample_table`'s
+    params: list[SamplingParams]
+    failed: dict[int, str] = field(default_factory=dict)  # row -> why its sampling failed (its row is zeros)
+    tokens: torch.Tensor = field(init=False)  # [B] int64 on the device
+    _host: torch.Tensor = field(init=False)
+    _copied: torch.cuda.Event | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.table[:, 0].long()
+        if self.table.device.type == "cuda":
+            self._host = torch.empty(self.table.shape, dtype=self.table.dtype, pin_memory=True)
+            self._host.copy_(self.table, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host = self.table
+
+    def results(self) -> list[SampleResult | None]:
+        """Per row its result, None for a failed row."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        results: list[SampleResult | None] = list(results_from_table(self._host.tolist(), self.params))
+        for i in self.failed:
+            results[i] = None
+        return results
+
+
+def sample_step(
+    logits: torch.Tensor, logits_rows: Sequence[LogitsRow], rows: Sequence[SampleRow]
+) -> StepSamples:
+    """Sample every row of one step without waiting for the device: plain greedy rows together, the others
+    through the batched sampler. If that batch fails, its rows are sampled one by one: a row whose sampling
+    fails is reported in `failed` (its request ends alone); the others go on."""
+    logits = process_logits(logits, logits_rows)
+    device = logits.device
+    greedy = [i for i, row in enumerate(rows) if is_plain_greedy(row.params)]
+    others = [i for i, row in enumerate(rows) if not is_plain_greedy(row.params)]
+    params = [row.params for row in rows]
+    if not others:
+        return StepSamples(greedy_table(logits), params)
+    parts: list[tuple[list[int], torch.Tensor]] = []
+    if greedy:
+        parts.append((greedy, greedy_table(logits[host_to_device(torch.tensor(greedy), device)])))
+    failed: dict[int, str] = {}
+    subset = logits if len(others) == len(rows) else logits[host_to_device(torch.tensor(others), device)]
+    try:
+        parts.append((others, sample_table(subset, [rows[i] for i in others])))
+    except Exception:  # find the row that broke it below, one by one
+        log.exception("batched sampling failed; sampling its %d rows one by one", len(others))
+        for i in others:
+            try:  # the same rules row by row: a seeded row draws the same token as in the batch
+                parts.append(([i], sample_table(logits[i : i + 1], [rows[i]])))
+            except Exception as exc:  # this row's parameters broke it: its request ends alone
+                log.exception("sampling failed for row %d", i)
+                failed[i] = f"sampling failed: {exc}"
+    if len(parts) == 1 and parts[0][0] == list(range(len(rows))):
+        return StepSamples(parts[0][1], params, failed)
+    want = max((part.shape[1] - 2) // 2 for _, part in parts)
+    table = torch.zeros(len(rows), 2 + 2 * want, dtype=torch.float64, device=device)
+    for index, part in parts:  # a part with fewer top logprobs keeps its ids at the table's id columns
+        have = (part.shape[1] - 2) // 2
+        gap = torch.zeros(len(index), want - have, dtype=torch.float64, device=device)
+        spread = torch.cat([part[:, : 2 + have], gap, part[:, 2 + have :], gap], dim=1)
+        table.index_copy_(0, host_to_device(torch.tensor(index), device), spread)
+    return StepSamples(table, params, failed)

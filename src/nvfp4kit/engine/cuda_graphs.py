@@ -151,8 +151,11 @@ class DecodeGraphs:
                 return size
         return None
 
-    def run(self, input_ids: list[int], seqs: list[SeqSlice]) -> torch.Tensor:
-        """Logits [len(seqs), vocab] of one decode step (one token per sequence, in the order given)."""
+    def run(self, input_ids: list[int] | torch.Tensor, seqs: list[SeqSlice]) -> torch.Tensor:
+        """Logits [len(seqs), vocab] of one decode step (one token per sequence, in the order given).
+
+        `input_ids`: host ids, or a device tensor (the overlap scheduler's sampled tokens of the step before,
+        copied device to device: the host never waits for them)."""
         size = self.batch_size_for(len(seqs))
         if size is None:
             raise ValueError(f"{len(seqs)} sequences exceed the largest captured batch ({self.max_batch})")
@@ -163,9 +166,14 @@ class DecodeGraphs:
         width = (per_seq.numel() - 4 * size) // size
         if width > self.max_blocks:
             raise ValueError(f"a block table of {width} blocks exceeds the graphs' {self.max_blocks}")
-        ids = torch.zeros(size, dtype=torch.long)
-        ids[: len(input_ids)] = torch.tensor(input_ids, dtype=torch.long)
-        g.input_ids.copy_(ids, non_blocking=True)
+        if isinstance(input_ids, torch.Tensor):
+            g.input_ids[: len(seqs)].copy_(input_ids)
+            g.input_ids[len(seqs) :].zero_()
+        else:
+            ids = torch.zeros(size, dtype=torch.long)
+            ids[: len(input_ids)] = torch.tensor(input_ids, dtype=torch.long)
+            g.input_ids.copy_(_pinned(ids), non_blocking=True)
+        per_seq, per_token = _pinned(per_seq), _pinned(per_token)
         g.per_seq[: 4 * size].copy_(per_seq[: 4 * size], non_blocking=True)
         table = g.per_seq[4 * size :].view(size, self.max_blocks)
         table[:, :width].copy_(per_seq[4 * size :].view(size, width), non_blocking=True)
@@ -174,3 +182,38 @@ class DecodeGraphs:
             return g.forward()[: len(seqs)]
         g.graph.replay()
         return g.logits[: len(seqs)]
+
+
+def _pinned(host: torch.Tensor) -> torch.Tensor:
+    """`host` in page-locked memory when CUDA is up: a non-blocking copy from pageable memory may wait for the
+    stream, which would hold the host behind the decode step in flight (the overlap scheduler's case)."""
+    return host.pin_memory() if torch.cuda.is_available() else host
+
+
+class StepTimer:
+    """CUDA events around each decode step's device work (forward and sampling), for `bench engine`: the wall
+    time per step minus this is the time the GPU waits for the host. Records nothing off CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self._pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._start: torch.cuda.Event | None = None
+
+    def start(self) -> None:
+        if self.enabled:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+
+    def stop(self) -> None:
+        if self.enabled and self._start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pairs.append((self._start, end))
+            self._start = None
+
+    def ms_per_step(self) -> float | None:
+        """Mean device milliseconds of the steps timed (None: nothing timed); waits for the device."""
+        if not self._pairs:
+            return None
+        self._pairs[-1][1].synchronize()
+        return sum(a.elapsed_time(b) for a, b in self._pairs) / len(self._pairs)

@@ -3,6 +3,14 @@
 `add_request` queues a prompt; each `step` schedules a batch (decodes plus prefill chunks), runs one flat
 forward pass over it, samples for every request whose prompt is fully computed, and returns the new tokens
 as `TokenEvent`s. `LLM` and the async server engine are thin loops around it.
+
+Overlap scheduling (`EngineConfig.overlap_schedule`, on by default on CUDA): a decode step's sampled tokens
+stay on the device, and the next decode step is launched from them (its positions, slots and block tables do
+not depend on the token values) before the host waits for them. The host then appends the tokens, checks
+stops and emits the events while the GPU runs the next step, so `step()` returns the events of the step
+before the one it launched. A request that finished (or was aborted) meanwhile has one extra token computed:
+it is dropped, and its KV freed with the request. Steps whose inputs need the host (prefill chunks,
+admissions, preemption, penalties and grammars, which read the latest token) run synchronously.
 """
 
 from __future__ import annotations
@@ -14,15 +22,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
-from nvfp4kit.engine.batch_sampler import SampleRow, sample_batch
-from nvfp4kit.engine.cuda_graphs import DecodeGraphs, default_batch_sizes
+from nvfp4kit.engine.batch_sampler import SampleRow, StepSamples, host_to_device, sample_step
+from nvfp4kit.engine.cuda_graphs import DecodeGraphs, StepTimer, default_batch_sizes
 from nvfp4kit.engine.kv_pools import KVCache, KVLayout, pool_bytes
-from nvfp4kit.engine.logits_processors import LogitsRow, process_logits
+from nvfp4kit.engine.logits_processors import LogitsRow
 from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.model.gemma4 import Gemma4Model
-from nvfp4kit.sampling import SamplingParams, greedy_batch, is_plain_greedy
+from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 from nvfp4kit.vision.inputs import ImageInputs, image_step
 
@@ -45,6 +53,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay captured decode steps on CUDA (False: eager, as --enforce-eager)
     graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; default 1,2,4,8,16,...
     prefix_caching: bool = True  # reuse the KV of prompt beginnings computed before (engine/prefix_cache.py)
+    # launch decode step N+1 from step N's tokens on the device before the host reads them; None: on CUDA only
+    overlap_schedule: bool | None = None
 
 
 def resolve_kv_dtype(kv_dtype: str, *, model_dtype: torch.dtype) -> str:
@@ -101,6 +111,11 @@ class Engine:
         )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        overlap = self.config.overlap_schedule
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: _Launched | None = None  # a decode step launched whose tokens the host has not read
+        self.step_timer: StepTimer | None = None  # set by `bench engine`: device time of each decode step
+        self.overlapped_steps = 0  # decode steps launched before the host read the tokens they take
         self.graphs: DecodeGraphs | None = None
         if self.config.cuda_graphs and self.device.type == "cuda":
             sizes = self.config.graph_batch_sizes or default_batch_sizes(self.config.max_num_seqs)
@@ -121,6 +136,7 @@ class Engine:
         if self.graphs is not None:
             self.graphs.close()
         self.graphs = None
+        self._in_flight = None
         self.requests.clear()
         self.scheduler = self.cache = self.model = None
 
@@ -164,15 +180,19 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
-        if req is not None:
+        if req is not None:  # a decode step in flight may still hold it: its token is dropped there
             req.status, req.finish_reason = Status.FINISHED, "abort"
-            self.scheduler.finish(req)
+            self._release(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
+        if self._in_flight is not None:
+            if any(r.status is Status.RUNNING for r in self._in_flight.requests):
+                return self._overlap_step()
+            self._in_flight = None  # every request of it was aborted: nothing to read
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -192,69 +212,115 @@ class Engine:
             offset += n
         for req, n in batch:
             req.num_computed += n
-        decode_only = len(sampled) == len(batch) == len(ids) and images is None
-        if decode_only and self.graphs is not None and len(batch) <= self.graphs.max_batch:
-            logits = self.graphs.run(ids, seqs)
+        if len(sampled) == len(batch) == len(ids) and images is None:  # decode only
+            launched = self._launch_decode(sampled, ids, seqs)
+            if self.overlap and all(_overlappable(req) for req in sampled):
+                self._in_flight = launched
+                return self._overlap_step()
+            return self._emit(launched)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        backend = self.config.attention_backend
+        if images is not None and images.bidirectional:
+            backend = "torch"  # the Triton prefill kernel is causal only; image tokens attend both ways
+        ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=backend)
+        override = images.override if images is not None else None
+        hidden = self.model.hidden_states(input_ids, ctx, embed_override=override)
+        if prefill_logprobs:
+            record_prompt_logprobs(self.model, hidden, prefill_logprobs)
+        if not sampled:
+            return []
+        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return self._emit(_Launched(sampled, self._sample_on_device(sampled, logits)))
+
+    def _launch_decode(
+        self, reqs: list[Request], input_ids: list[int] | torch.Tensor, seqs: list[SeqSlice]
+    ) -> _Launched:
+        """Queue one decode step and its sampling on the device; nothing here waits for the device.
+        `input_ids`: host ids, or the device tokens of the step before (overlap)."""
+        if self.step_timer is not None:
+            self.step_timer.start()
+        if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
+            logits = self.graphs.run(input_ids, seqs)
         else:
-            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-            backend = self.config.attention_backend
-            if images is not None and images.bidirectional:
-                backend = "torch"  # the Triton prefill kernel is causal only; image tokens attend both ways
-            ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=backend)
-            override = images.override if images is not None else None
-            hidden = self.model.hidden_states(input_ids, ctx, embed_override=override)
-            if prefill_logprobs:
-                record_prompt_logprobs(self.model, hidden, prefill_logprobs)
-            if not sampled:
-                return []
-            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return self._sample(sampled, logits)
-
-    def _sample(self, sampled: list[Request], logits: torch.Tensor) -> list[TokenEvent]:
-        """Plain greedy rows together (one host transfer), the others together through the batched sampler.
-
-        If the batch fails, its rows are sampled one by one: a row whose sampling fails ends its own request
-        with finish_reason "error"; the others go on.
-        """
-        rows = [LogitsRow(req.params, len(req.output_ids), req.stop_ids, req.constraint) for req in sampled]
-        logits = process_logits(logits, rows)
-        results: list = [None] * len(sampled)
-        failed: dict[int, str] = {}
-        greedy = [i for i, req in enumerate(sampled) if is_plain_greedy(req.params)]
-        if greedy:
-            rows = (
-                logits if len(greedy) == len(sampled) else logits[torch.tensor(greedy, device=logits.device)]
+            if not isinstance(input_ids, torch.Tensor):
+                input_ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+            ctx = BatchContext(
+                self.model, self.cache, seqs, self.device, backend=self.config.attention_backend
             )
-            for i, result in zip(greedy, greedy_batch(rows)):
-                results[i] = result
-        others = [i for i, result in enumerate(results) if result is None]
-        batch = [SampleRow(sampled[i].params, sampled[i].prompt_ids, sampled[i].output_ids, sampled[i].generator)
-                 for i in others]  # fmt: skip
-        if others:
-            index = torch.tensor(others, device=logits.device)
-            try:
-                for i, result in zip(others, sample_batch(logits[index], batch)):
-                    results[i] = result
-            except Exception:  # find the row that broke it below, one by one
-                log.exception("batched sampling failed; sampling its %d rows one by one", len(others))
-        for i, sample_row in zip(others, batch):
-            if results[i] is None:
-                try:  # the same rules row by row: a seeded row draws the same token as in the batch
-                    results[i] = sample_batch(logits[i : i + 1], [sample_row])[0]
-                except Exception as exc:  # this request's parameters broke its row: end it alone
-                    log.exception("sampling failed for request %s", sampled[i].request_id)
-                    failed[i] = f"sampling failed: {exc}"
+            logits = self.model.logits(self.model.hidden_states(input_ids, ctx))
+        launched = _Launched(reqs, self._sample_on_device(reqs, logits))
+        if self.step_timer is not None:
+            self.step_timer.stop()
+        return launched
+
+    def _overlap_step(self) -> list[TokenEvent]:
+        """Launch the decode step after the one in flight (when its inputs need nothing from the host), then
+        read the in-flight step's tokens and emit them while the device runs the next one."""
+        current = self._in_flight
+        following = self._launch_following(current)
+        events = self._emit(current)
+        if following is not None and not any(r.status is Status.RUNNING for r in following.requests):
+            following = None  # every request of it ended: nothing to read (its KV went with them)
+        self._in_flight = following
+        return events
+
+    def _launch_following(self, current: _Launched) -> _Launched | None:
+        """The next decode step of `current`'s requests, fed from its device tokens; None when this step must
+        be scheduled on the host (admissions, preemption, a penalty or grammar row, a longer batch)."""
+        if not self.overlap:
+            return None
+        live = [i for i, r in enumerate(current.requests) if r.status is Status.RUNNING]
+        reqs = [current.requests[i] for i in live]
+        running = self.scheduler.running
+        if not reqs or len(reqs) != len(running) or any(a is not b for a, b in zip(reqs, running)):
+            return None
+        if self.scheduler.waiting and self.cache.free_rings:  # someone may be admitted: the host schedules
+            return None
+        if len(reqs) > self.scheduler.config.max_num_batched_tokens or not all(map(_overlappable, reqs)):
+            return None
+        if not self.scheduler.grow_decodes(reqs):  # the pool is short: preemption is the host's
+            return None
+        seqs = [SeqSlice(r.num_computed, 1, i, r.block_table, r.ring) for i, r in enumerate(reqs)]
+        for req in reqs:
+            req.num_computed += 1  # the token sampled in flight: its KV is written by this step
+        tokens = current.samples.tokens
+        if len(live) < len(current.requests):  # an aborted request left: its row is not fed
+            tokens = tokens[host_to_device(torch.tensor(live), tokens.device)]
+        self.overlapped_steps += 1
+        return self._launch_decode(reqs, tokens, seqs)
+
+    def _sample_on_device(self, reqs: list[Request], logits: torch.Tensor) -> StepSamples:
+        # a request launched from a token still on the device has generated one more than its output_ids hold
+        lag = [req.num_computed - len(req.all_ids) for req in reqs]
+        rows = [
+            LogitsRow(req.params, len(req.output_ids) + extra, req.stop_ids, req.constraint)
+            for req, extra in zip(reqs, lag)
+        ]
+        batch = [SampleRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in reqs]
+        return sample_step(logits, rows, batch)
+
+    def _emit(self, launched: _Launched) -> list[TokenEvent]:
+        """Wait for one step's tokens, append them and check stops: a request that ended since the step was
+        launched drops its token; a row whose sampling failed ends its own request with finish_reason "error"."""
         events = []
-        for i, (req, s) in enumerate(zip(sampled, results)):
-            if i in failed:
-                event = req.fail(failed[i])
-            else:
-                event = req.append_token(s.token_id, s.logprob, s.top_logprobs)
+        failed = launched.samples.failed
+        for i, (req, s) in enumerate(zip(launched.requests, launched.samples.results())):
+            if req.status is Status.FINISHED:
+                continue
+            event = (
+                req.fail(failed[i]) if s is None else req.append_token(s.token_id, s.logprob, s.top_logprobs)
+            )
             events.append(event)
             if event.finish_reason:
-                self.scheduler.finish(req)
+                self._release(req)
                 self.requests.pop(req.request_id, None)
         return events
+
+    def _release(self, req: Request) -> None:
+        # a failed row appended no token, though the step in flight computed one more position: keep only the
+        # positions whose token is known (the prefix cache keys blocks by their tokens)
+        req.num_computed = min(req.num_computed, len(req.all_ids))
+        self.scheduler.finish(req)
 
     def stats(self) -> dict[str, float]:
         usage = self.cache.usage
@@ -265,3 +331,19 @@ class Engine:
             "kv_sliding_usage": usage["sliding"],
             "preemptions": self.scheduler.num_preemptions,
         }
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device: its sampled requests, in row order, and their samples."""
+
+    requests: list[Request]
+    samples: StepSamples
+
+
+def _overlappable(req: Request) -> bool:
+    """Whether the request's next token can be sampled before the host has its last one: not with penalties
+    (they count the output) nor a grammar (it must accept the last token first)."""
+    p = req.params
+    penalties = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+    return not penalties and req.constraint is None

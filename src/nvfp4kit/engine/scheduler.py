@@ -107,6 +107,21 @@ class Scheduler:
             req.block_table += new_blocks
         return True
 
+    def grow_decodes(self, reqs: list[Request]) -> bool:
+        """Blocks for one more token of each request (the overlap scheduler's next decode step), without
+        preempting anyone: False, and nothing taken, when the pool is short (the engine then schedules on the
+        host, where preemption happens)."""
+        needs = [max(0, self.cache.blocks_for(r.num_computed + 1) - len(r.block_table)) for r in reqs]
+        if not self.cache.can_allocate(sum(needs)):
+            return False
+        for req, need in zip(reqs, needs):
+            if need:
+                new_blocks = self.cache.allocate_blocks(need)
+                if self.prefix is not None:
+                    self.prefix.hold(new_blocks)
+                req.block_table += new_blocks
+        return True
+
     def preempt(self, req: Request) -> None:
         self._release(req)
         req.num_computed = 0
