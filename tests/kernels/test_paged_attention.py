@@ -43,6 +43,7 @@ class Case:
     block_size: int = 4
     chunk: int = 16  # ring = window + chunk
     seed: int = 0
+    spans: dict[int, tuple[tuple[int, int], ...]] | None = None  # per sequence: image spans seen both ways
 
 
 def _slots(case, table, i, pos):
@@ -99,9 +100,14 @@ def run_case(case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False
         else:
             keys = k_store[_slots(case, table, i, hist)].double() * case.scale
         rows_i = slice(offsets[i], offsets[i] + n)
+        spans = (case.spans or {}).get(i, ())
+        if spans:  # a query of an image also sees the later keys of its image
+            hist = torch.arange(lo, max([start + n] + [b for _, b in spans]))
+            values = v_store[_slots(case, table, i, hist)].double() * case.scale
+            keys = k_store[_slots(case, table, i, hist)].double() * case.scale
         ref[rows_i] = attention(
             q[rows_i].double(), keys, values, q_positions=torch.arange(start, start + n), k_positions=hist,
-            window=case.window,
+            window=case.window, bidirectional=spans,
         )  # fmt: skip
 
     def dev(x):
@@ -132,6 +138,13 @@ def run_case(case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False
         else {"block_size": case.block_size}
     )
     kernel = dict(num_splits=num_splits) if prefill_config is None else dict(config=prefill_config)
+    if case.spans:
+        limit = [s + t for s, n in seqs for t in range(n)]
+        for i, spans in case.spans.items():
+            for a, b in spans:
+                for pos in range(max(a, seqs[i][0]), min(b, seqs[i][0] + seqs[i][1])):
+                    limit[offsets[i] + pos - seqs[i][0]] = b - 1
+        kernel["key_limit"] = dev(limit)
     (paged_attention if prefill_config is None else prefill_attention)(
         q.to(DEVICE), v_store=v_store.to(DEVICE), k_store=None if k_store is None else k_store.to(DEVICE),
         batch=batch, items=items, window=case.window, v_scale=case.scale, k_scale=case.scale,

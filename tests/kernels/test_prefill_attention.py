@@ -70,3 +70,13 @@ def test_bad_arguments_name_the_problem():
         )  # fmt: skip
     with pytest.raises(ValueError, match="column slices"):
         run_case(Case([(0, 4)], head_dim=16), prefill_config=tiles(dv_splits=3))
+
+
+@pytest.mark.parametrize(
+    "spans", [((3, 9),), ((0, 4), (10, 17)), ((25, 30),)], ids=["one", "two", "in-history"]
+)
+def test_image_tokens_see_their_whole_image(spans):
+    # sliding layers: a query inside an image span also sees the image's later keys (within the window)
+    case = Case([(0, 20), (20, 14)], window=8, chunk=24, kv_dtype=torch.bfloat16, spans={0: spans, 1: spans})
+    out, ref = run_case(case, prefill_config=tiles(block_q=4, block_n=4))
+    assert rel_error(out, ref) < bound(case)

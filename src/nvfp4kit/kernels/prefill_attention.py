@@ -77,14 +77,14 @@ def prefill_config(head_dim: int, group: int) -> PrefillConfig:
 
 @triton.jit
 def _prefill_attention_kernel(
-    q_ptr, out_ptr, k_ptr, v_ptr, k_factor, v_factor, knorm_ptr, inv_freq_ptr,
+    q_ptr, out_ptr, k_ptr, v_ptr, k_factor, v_factor, knorm_ptr, inv_freq_ptr, limit_ptr,
     item_seq_ptr, item_q0_ptr, seq_start_ptr, seq_len_ptr, seq_offset_ptr, block_table_ptr, ring_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
     window, ring_size, block_size, num_items, kv_heads,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, DV_SPLITS: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BIDIR: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
     pid = tl.program_id(0)
@@ -114,6 +114,10 @@ def _prefill_attention_kernel(
 
     q_first = start + q0
     hi = start + tl.minimum(qlen, q0 + BLOCK_Q)  # keys [lo, hi): causal end of the tile's last query
+    q_lim = q_pos  # the last key position each query row sees
+    if BIDIR:  # image tokens also see the later tokens of their image
+        q_lim = tl.load(limit_ptr + qoff + tok, mask=row_ok, other=0)
+        hi = tl.maximum(hi, tl.max(tl.where(row_ok, q_lim + 1, 0), 0))
     lo = 0
     if SLIDING:
         lo = tl.maximum(q_first - window + 1, 0)
@@ -179,7 +183,7 @@ def _prefill_attention_kernel(
         if SLIDING:
             edge = edge | (n0 <= hi - 1 - window)
         if edge:
-            keep = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            keep = k_ok[None, :] & (k_pos[None, :] <= q_lim[:, None])
             if SLIDING:
                 keep = keep & (k_pos[None, :] > q_pos[:, None] - window)
             qk = tl.where(keep, qk, float("-inf"))
@@ -210,14 +214,16 @@ def prefill_attention(
     v_scale: float = 1.0,
     k_scale: float = 1.0,
     derived_key: DerivedKey | None = None,
+    key_limit: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Causal (and, with `window`, sliding) attention of the prefill query tiles `items` over a KV pool.
 
     q [T, Hq, D]; the pool [rows, Hkv, D] is a sliding ring (`ring_size`) or paged (`block_size`); `k_store=None`
-    needs `derived_key`. `items.block_q` must equal `config.block_q` (default `prefill_config(D, Hq // Hkv)`).
-    Writes the rows of the items' tokens into `out` and returns it.
+    needs `derived_key`. `key_limit` [T] int32: the last key position each query token sees (>= its own position;
+    image tokens see their whole image), default causal. `items.block_q` must equal `config.block_q` (default
+    `prefill_config(D, Hq // Hkv)`). Writes the rows of the items' tokens into `out` and returns it.
     """
     if (ring_size is None) == (block_size is None):
         raise ValueError("give exactly one of ring_size (sliding ring) or block_size (paged pool)")
@@ -241,6 +247,10 @@ def prefill_attention(
     cfg = config or prefill_config(head_dim, group)
     if items.block_q != cfg.block_q:
         raise ValueError(f"work items of {items.block_q} tokens, but the config tiles {cfg.block_q}")
+    if key_limit is not None and (key_limit.shape != (tokens,) or key_limit.dtype != torch.int32):
+        raise ValueError(
+            f"key_limit must be int32 of shape ({tokens},), got {key_limit.dtype} {tuple(key_limit.shape)}"
+        )
     if head_dim % cfg.dv_splits:
         raise ValueError(f"head_dim {head_dim} does not split into {cfg.dv_splits} column slices")
     out = torch.empty_like(q) if out is None else out
@@ -262,7 +272,7 @@ def prefill_attention(
     grid = (len(items) * kv_heads * cfg.dv_splits,)
     _prefill_attention_kernel[grid](
         q, out, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, knorm, inv_freq,
-        items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
+        items.seq if key_limit is None else key_limit, items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
         window or 0, ring_size or 1, block_size or 1, len(items), kv_heads,
@@ -270,6 +280,7 @@ def prefill_attention(
         D=head_dim, DV=head_dim // cfg.dv_splits, DV_SPLITS=cfg.dv_splits, ROT=max(rot, 1),
         RING=ring_size is not None, SLIDING=window is not None, DERIVE_K=derived_key is not None,
         KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8, COMPUTE=compute, PRECISION="ieee" if compute == 0 else None,
+        BIDIR=key_limit is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
