@@ -104,3 +104,22 @@ def test_plan_shows_per_gpu_bytes():
     # everything but the replicated norms and routers halves
     assert 0.5 < two["weights_per_rank"][0] / one["weights_per_rank"][0] < 0.52
     assert two["global_tokens"] > 2 * one["global_tokens"]  # half the KV a token, and more room for it
+
+
+@pytest.mark.parametrize(("name", "nvfp4", "ranks"), [("moe", True, 2), ("moe3", False, 3)])
+def test_cutting_a_loaded_model_gives_the_shard_loading_gives(split_checkpoint, name, nvfp4, ranks):
+    from nvfp4kit.distributed.slicing import shard_model
+
+    folder = split_checkpoint(name, nvfp4)
+    layout = ParallelLayout(load_config(folder), ranks).check(nvfp4=nvfp4)
+    full = load_model(folder)
+    for rank in range(ranks):
+        cut, loaded = (
+            shard_model(full, layout, rank).state_dict(),
+            load_shard(folder, layout, rank).state_dict(),
+        )
+        assert cut.keys() == loaded.keys()
+        for key, tensor in loaded.items():
+            same = cut[key].view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else cut[key]
+            want = tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor
+            assert torch.equal(same, want), key

@@ -79,3 +79,22 @@ def test_a_killed_rank_is_reported_by_the_watchdog(split_checkpoint):
     with pytest.raises(TensorParallelError, match="rank 1 was killed by signal 9"):
         generate_tokens(engine, random_prompts([6]), GREEDY)
     group.close()
+
+
+def test_random_weights_cut_per_rank_equal_the_whole_random_model(tmp_path):
+    """bench engine --tensor-parallel-size without a checkpoint: every rank cuts its part of the same random
+    model (the path the GPU benchmark takes)."""
+    import functools
+
+    from nvfp4kit.bench.engine_speed import random_shard
+    from nvfp4kit.testing.random_llm import write_random_folder
+    from nvfp4kit.testing.random_model import random_model
+
+    cfg = write_random_folder("tiny-dense", tmp_path)
+    loader = functools.partial(random_shard, quantized=True)
+    group, engine = start(tmp_path, loader=loader, quantized=True)
+    prompts = random_prompts([7, 12])
+    got = generate_tokens(engine, prompts, GREEDY)
+    group.close()
+    whole = random_model(cfg, quantized=True, dtype=torch.float32, device="cpu")
+    assert got == generate_tokens(Engine(whole, None, config=CONFIG), prompts, GREEDY)

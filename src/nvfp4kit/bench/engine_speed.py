@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +34,8 @@ def _log(msg: str) -> None:
 
 def build_model(args: argparse.Namespace):
     """(model, config, weight breakdown for the roofline, label) from --model or the random --preset."""
+    if getattr(args, "tensor_parallel_size", 1) > 1:
+        return parallel_model(args)
     if args.model:
         from nvfp4kit.model.loader import load_model
 
@@ -46,6 +50,45 @@ def build_model(args: argparse.Namespace):
     return model, cfg, weights_from_config(cfg, recipe=recipe), f"{args.preset} (random {args.weights})"
 
 
+def parallel_model(args: argparse.Namespace):
+    """`build_model` over --tensor-parallel-size GPUs: rank 0's model; the group is kept in args.parallel_group
+    (closed by `measure_engine`). Random weights: every rank builds the whole random model and keeps its cut."""
+    from nvfp4kit.distributed.group import TensorParallelGroup
+
+    n, device = args.tensor_parallel_size, torch.device("cuda")
+    if args.model:
+        group = TensorParallelGroup.start(args.model, n, dtype=torch.bfloat16, device=device)
+        cfg, weights = load_config(args.model), weights_from_checkpoint(args.model)
+        label = Path(args.model).name
+    else:
+        from nvfp4kit.testing.random_llm import write_random_folder
+
+        quantized = args.weights == "nvfp4"
+        folder = Path(tempfile.mkdtemp(prefix="nvfp4kit-bench-tp-"))
+        cfg = write_random_folder(args.preset, folder)
+        loader = functools.partial(random_shard, quantized=quantized)
+        group = TensorParallelGroup.start(
+            folder, n, dtype=torch.bfloat16, device=device, loader=loader, quantized=quantized
+        )
+        weights = weights_from_config(cfg, recipe="all-nvfp4" if quantized else "bf16")
+        label = f"{args.preset} (random {args.weights})"
+    args.parallel_group = group
+    return group.model, cfg, weights, f"{label}, tensor parallel {n}"
+
+
+def random_shard(path, layout, rank: int, *, dtype, device, backend=None, quantized: bool = True):
+    """One rank's cut of the random model `random_model` builds (the same weights as at TP 1, seed 0)."""
+    from nvfp4kit.distributed.slicing import shard_model
+    from nvfp4kit.testing.random_model import random_model
+
+    full = random_model(layout.cfg, quantized=quantized, dtype=dtype, device=device)
+    shard = shard_model(full, layout, rank)
+    del full
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return shard
+
+
 def engine_config(args: argparse.Namespace, cfg) -> EngineConfig:
     longest = max([*args.prefill, args.context + args.steps + 8])
     tokens = max(max(args.decode_batches) * (args.context + args.steps + 8), longest) + 1024
@@ -55,7 +98,7 @@ def engine_config(args: argparse.Namespace, cfg) -> EngineConfig:
         max_num_batched_tokens=args.chunk,
         max_model_len=args.max_model_len,
         num_kv_tokens=tokens,
-        cuda_graphs=not args.eager,
+        cuda_graphs=not args.eager and getattr(args, "tensor_parallel_size", 1) == 1,  # none across ranks yet
         prefix_caching=False,  # the prefill rows reuse one seed: measure whole prefills, not cache hits
     )
 
@@ -66,6 +109,8 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
     weights_gib = torch.cuda.memory_allocated() / 2**30
     _log(f"{label}: {weights_gib:.3f} GiB on the GPU (planner: {weights.text_bytes / 2**30:.3f} GiB)")
     engine = Engine(model, None, config=engine_config(args, cfg))
+    if getattr(args, "parallel_group", None) is not None:
+        args.parallel_group.attach(engine)  # the other ranks' KV caches
     spec = runs.card_spec()
     bandwidth = spec.bandwidth_bytes_per_s if spec else args.bandwidth_gbps * 1e9
     runs.decode_speed(engine, batch=1, context=64, steps=4)  # compile the eager kernels once
@@ -142,6 +187,8 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
         "bandwidth_gbps": round(bandwidth / 1e9),
     }
     del engine, model
+    if getattr(args, "parallel_group", None) is not None:
+        args.parallel_group.close()
     gc.collect()
     torch.cuda.empty_cache()
     return info
@@ -276,6 +323,10 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+        help="split the model over N GPUs (one process each; no CUDA graphs across ranks yet)",
+    )  # fmt: skip
     p.add_argument(
         "--overlap", choices=("on", "off", "both"), default="on",
         help="decode with the overlap scheduler (on), without it (off), or both (decode_sync rows for off); "
