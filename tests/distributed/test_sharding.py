@@ -123,3 +123,17 @@ def test_cutting_a_loaded_model_gives_the_shard_loading_gives(split_checkpoint, 
             same = cut[key].view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else cut[key]
             want = tensor.view(torch.uint8) if tensor.dtype == torch.float8_e4m3fn else tensor
             assert torch.equal(same, want), key
+
+
+def test_plan_command_prints_the_per_gpu_block(capsys, split_checkpoint):
+    import json
+
+    from nvfp4kit.cli import main
+
+    assert main(["plan", "26b-a4b", "--gpu", "RTX 3090", "--tensor-parallel-size", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "Per GPU with --tensor-parallel-size 2" in text and "experts per GPU: 64, 64" in text
+    assert main(["plan", str(split_checkpoint("moe3", True)), "-tp", "3", "--json"]) == 0
+    per_gpu = json.loads(capsys.readouterr().out)["tensor_parallel"]
+    assert per_gpu["experts_per_rank"] == [3, 3, 2] and per_gpu["kv_replicated"] == ["global"]
+    assert per_gpu["weights_per_rank"][2] < per_gpu["weights_per_rank"][0]  # one expert fewer a layer

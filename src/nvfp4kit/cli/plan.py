@@ -126,6 +126,11 @@ def register(p: argparse.ArgumentParser) -> None:
         "(as serve/generate --language-model-only); by default its weights and one image's encoder "
         "activations are planned",
     )  # fmt: skip
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", metavar="N", type=_positive_int, default=1,
+        help="also plan each of N GPUs of this kind serving the model together: weights, KV bytes per token "
+        "and pools per GPU (plan/parallel.py; docs/parallel.md)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the same numbers as JSON")
     p.set_defaults(func=run)
 
@@ -148,5 +153,14 @@ def run(args: argparse.Namespace) -> int:
         k_eq_v_once=not args.k_and_v,
         vision=not args.no_vision,
     )
+    if args.tensor_parallel_size > 1:
+        from nvfp4kit.plan.parallel import format_parallel, parallel_plan
+
+        plan["tensor_parallel"] = parallel_plan(
+            args.model, args.tensor_parallel_size, free_bytes=plan["gpu"]["free_bytes"], kv_dtype=args.kv_dtype,
+            recipe=args.recipe, prefill_chunk=args.prefill_chunk, context=args.context,
+        )  # fmt: skip
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    if args.tensor_parallel_size > 1 and not args.json:
+        print(format_parallel(plan["tensor_parallel"]))
     return 0
