@@ -98,3 +98,22 @@ def test_random_weights_cut_per_rank_equal_the_whole_random_model(tmp_path):
     group.close()
     whole = random_model(cfg, quantized=True, dtype=torch.float32, device="cpu")
     assert got == generate_tokens(Engine(whole, None, config=CONFIG), prompts, GREEDY)
+
+
+def test_eval_over_two_ranks_scores_as_one_process(split_checkpoint):
+    """eval --tensor-parallel-size: each model in its own group, one after the other (whole windows from an
+    empty contiguous cache on every rank)."""
+    from nvfp4kit.distributed.group import sequential_loader
+    from nvfp4kit.eval.compare import compare_checkpoints
+
+    ref, quant = split_checkpoint("moe"), split_checkpoint("moe", True)
+    samples = random_prompts([24, 24, 24], seed=5)
+    load = sequential_loader(2)
+    try:
+        tp = compare_checkpoints(ref, quant, samples, load=load, low_memory=True)
+    finally:
+        load.close()
+    one = compare_checkpoints(ref, quant, samples)
+    assert tp.agreement.top1_agreement == one.agreement.top1_agreement
+    assert tp.agreement.kl_mean == pytest.approx(one.agreement.kl_mean, rel=1e-4)
+    assert tp.agreement.ppl_quant == pytest.approx(one.agreement.ppl_quant, rel=1e-5)

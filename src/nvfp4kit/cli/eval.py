@@ -39,6 +39,10 @@ def register(p: argparse.ArgumentParser) -> None:
         "--fp8-lm-head", action="store_true",
         help="QUANT computes logits from an FP8 copy of its output projection (what `serve --fp8-lm-head` runs)",
     )  # fmt: skip
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+        help="run each model over N devices, one process each (implies --low-memory: one model at a time)",
+    )  # fmt: skip
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -76,10 +80,20 @@ def run(args: argparse.Namespace) -> int:
         return 1
     data = args.data or [str(DEFAULT_DATA)]
     samples = load_samples(data, Tokenizer(ref), num_samples=args.num_samples, seq_len=args.seq_len)
-    report = compare_checkpoints(
-        ref, quant, samples, device=args.device, dtype=args.dtype, low_memory=args.low_memory,
-        progress=not args.no_progress and sys.stderr.isatty(), data=data, fp8_lm_head=args.fp8_lm_head,
-    )  # fmt: skip
+    parallel = {}
+    if args.tensor_parallel_size > 1:  # one process group at a time: the reference first, then QUANT
+        from nvfp4kit.distributed.group import sequential_loader
+
+        parallel = {"load": sequential_loader(args.tensor_parallel_size)}
+    try:
+        report = compare_checkpoints(
+            ref, quant, samples, device=args.device, dtype=args.dtype,
+            low_memory=args.low_memory or bool(parallel), progress=not args.no_progress and sys.stderr.isatty(),
+            data=data, fp8_lm_head=args.fp8_lm_head, **parallel,
+        )  # fmt: skip
+    finally:
+        if parallel:
+            parallel["load"].close()
     print(_format(report))
     if args.json:
         Path(args.json).write_text(report.to_json())

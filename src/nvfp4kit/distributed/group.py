@@ -74,6 +74,27 @@ class TensorParallelModel:
         message = ("step", seq_tuples(ctx.seqs), ctx.backend.name)
         return self._group.call(message, [input_ids], lambda: self._model.hidden_states(input_ids, ctx))
 
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        ctx: Any,
+        *,
+        logits_at: torch.Tensor | None = None,
+        embed_override: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`Gemma4Model.forward` over an engine step (a `BatchContext`) or over one whole sequence from an
+        empty `ContiguousKVCache` (eval scores windows that way; every rank makes its own empty cache)."""
+        if hasattr(ctx, "seqs"):
+            hidden = self.hidden_states(input_ids, ctx, embed_override=embed_override)
+        elif embed_override is None and getattr(getattr(ctx, "cache", None), "length", None) == 0:
+            local = lambda: self._model.hidden_states(input_ids, ctx)  # noqa: E731
+            hidden = self._group.call(("sequence", input_ids.shape[0]), [input_ids], local)
+        else:
+            raise NotImplementedError(
+                "tensor parallel runs engine steps, or one sequence from an empty ContiguousKVCache"
+            )
+        return self.logits(hidden if logits_at is None else hidden[logits_at])
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.contiguous()
         return self._group.call(("logits", hidden.shape[0]), [hidden], lambda: self._model.logits(hidden))
@@ -281,9 +302,29 @@ def _died(worker: _Worker) -> TensorParallelError:
     return TensorParallelError(f"rank {worker.rank} {how} without reporting an error")
 
 
-def start_tensor_parallel(
-    path: str | Path, world_size: int, **options: Any
-) -> tuple[TensorParallelGroup, TensorParallelModel]:
-    """`TensorParallelGroup.start` and its model, for `LLM`."""
-    group = TensorParallelGroup.start(path, world_size, **options)
-    return group, group.model
+def sequential_loader(world_size: int, **options: Any) -> Callable[..., TensorParallelModel]:
+    """`load(path, dtype=, device=)` for code that loads models one after another (eval's low-memory path):
+    each load first ends the group of the model loaded before it (one process group at a time);
+    `load.close()` ends the last one."""
+    groups: list[TensorParallelGroup] = []
+
+    def close() -> None:
+        while groups:
+            groups.pop().close()
+
+    def load(
+        path: str | Path, *, dtype: Any = None, device: str | torch.device = "cpu"
+    ) -> TensorParallelModel:
+        from nvfp4kit.model.loader import resolve_dtype
+
+        close()
+        device = torch.device(device)
+        groups.append(
+            TensorParallelGroup.start(
+                path, world_size, dtype=resolve_dtype(dtype, device), device=device, **options
+            )
+        )
+        return groups[-1].model
+
+    load.close = close
+    return load

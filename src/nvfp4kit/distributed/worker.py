@@ -6,7 +6,8 @@ model's own collectives run inside the forward. The worker keeps a KV cache of i
 layout: rank 0's scheduler hands out blocks and rings, and the same ids index every rank's pools.
 
 Messages (tuples, first item the kind): ("cache", KVLayout, kv dtype name); ("step", seqs, attention backend
-name) then a broadcast of the ids [T]; ("logits", rows) then a broadcast of hidden [rows, H]; ("copy_ring",
+name) then a broadcast of the ids [T]; ("logits", rows) then a broadcast of hidden [rows, H];
+("sequence", T) then a broadcast of the ids [T] (one whole sequence from an empty contiguous cache: eval); ("copy_ring",
 source, target); ("fp8_lm_head", enabled); ("stop",). A worker that raises sends ("error", rank, message,
 traceback) and exits, which ends rank 0's pending collective at once (its sockets close).
 """
@@ -29,6 +30,7 @@ from nvfp4kit.distributed.loading import load_shard
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.kv_pools import KV_DTYPES, KVCache
 from nvfp4kit.engine.prefix_cache import PrefixCache
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.plan.parallel import ParallelLayout
 
@@ -109,6 +111,9 @@ def _serve(model: Gemma4Model, conn: Connection, device: torch.device) -> None:
             ids = group.broadcast(torch.empty(sum(s.length for s in slices), dtype=torch.long, device=device))
             ctx = BatchContext(model, cache, slices, device, backend=attention_backend)
             model.hidden_states(ids, ctx)
+        elif kind == "sequence":  # one whole sequence from an empty contiguous cache of this rank's heads
+            ids = group.broadcast(torch.empty(message[1], dtype=torch.long, device=device))
+            model.hidden_states(ids, ContiguousKVCache(model.config).step(message[1], device=device))
         elif kind == "logits":
             hidden = torch.empty(message[1], hidden_size, dtype=model.dtype, device=device)
             model.logits(group.broadcast(hidden))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,20 +143,22 @@ def compare_checkpoints(
     progress: bool = False,
     data: list[str] | None = None,
     fp8_lm_head: bool = False,
+    load: Callable[..., Gemma4Model] = load_model,
 ) -> EvalReport:
     """Load both checkpoints with `load_model` and compare them on `samples`; `fp8_lm_head`: the quantized
-    model computes its logits from an FP8 copy of the output projection (`Gemma4Model.use_fp8_lm_head`)."""
+    model computes its logits from an FP8 copy of the output projection (`Gemma4Model.use_fp8_lm_head`).
+    `load(path, dtype=, device=)`: another loader (tensor parallel: `distributed.group.sequential_loader`)."""
     start = time.time()
     device = torch.device(device)
 
     def load_quant() -> Gemma4Model:
-        model = load_model(quant, dtype=dtype, device=device)
+        model = load(quant, dtype=dtype, device=device)
         model.use_fp8_lm_head(fp8_lm_head)
         return model
 
     if low_memory:
         with tempfile.TemporaryDirectory(prefix="nvfp4kit-eval-") as tmp:
-            ref_model = load_model(ref, dtype=dtype, device=device)
+            ref_model = load(ref, dtype=dtype, device=device)
             reference = ReferenceLogits(ref_model, samples, folder=tmp, progress=progress)
             del ref_model
             if device.type == "cuda":
@@ -164,7 +166,7 @@ def compare_checkpoints(
             agreement = reference.score(load_quant(), progress=progress)
             del reference
     else:
-        ref_model = load_model(ref, dtype=dtype, device=device)
+        ref_model = load(ref, dtype=dtype, device=device)
         quant_model = load_quant()
         agreement = compare_models(ref_model, quant_model, samples, progress=progress)
     return EvalReport(
