@@ -106,12 +106,21 @@ def test_plan_shows_per_gpu_bytes():
     assert two["global_tokens"] > 2 * one["global_tokens"]  # half the KV a token, and more room for it
 
 
-@pytest.mark.parametrize(("name", "nvfp4", "ranks"), [("moe", True, 2), ("moe3", False, 3)])
-def test_cutting_a_loaded_model_gives_the_shard_loading_gives(split_checkpoint, name, nvfp4, ranks):
+@pytest.mark.parametrize(
+    ("name", "nvfp4", "ranks", "moe"),
+    [
+        ("moe", True, 2, "experts"),
+        ("moe3", False, 3, "experts"),
+        ("moe", True, 2, "tensor"),
+        ("moe", False, 2, "tensor"),
+    ],
+)
+def test_cutting_a_loaded_model_gives_the_shard_loading_gives(split_checkpoint, name, nvfp4, ranks, moe):
+    """Both ways to a shard agree: per-expert (NVFP4) and fused (fp32) expert layouts, either MoE split."""
     from nvfp4kit.distributed.slicing import shard_model
 
     folder = split_checkpoint(name, nvfp4)
-    layout = ParallelLayout(load_config(folder), ranks).check(nvfp4=nvfp4)
+    layout = ParallelLayout(load_config(folder), ranks, moe).check(nvfp4=nvfp4)
     full = load_model(folder)
     for rank in range(ranks):
         cut, loaded = (

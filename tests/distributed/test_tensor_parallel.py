@@ -117,3 +117,18 @@ def test_eval_over_two_ranks_scores_as_one_process(split_checkpoint):
     assert tp.agreement.top1_agreement == one.agreement.top1_agreement
     assert tp.agreement.kl_mean == pytest.approx(one.agreement.kl_mean, rel=1e-4)
     assert tp.agreement.ppl_quant == pytest.approx(one.agreement.ppl_quant, rel=1e-5)
+
+
+def test_moe_split_by_width_gives_the_logits_of_one_process(split_checkpoint):
+    """moe="tensor": every rank runs every routed expert on its slice of the MoE width (the alternative to
+    expert parallel that the GPU benchmark compares)."""
+    from nvfp4kit.model.loader import load_model
+
+    folder = split_checkpoint("moe", True)
+    group, engine = start(folder, moe="tensor")
+    assert group.layout.local_config().moe_intermediate_size == 16
+    prompts = random_prompts([9, 4], seed=7)
+    got = prefill_then_decode_logits(engine, prompts)
+    group.close()
+    want = prefill_then_decode_logits(Engine(load_model(folder), None, config=CONFIG), prompts)
+    assert (got - want).abs().max().item() < 1e-5 * want.abs().max().item()

@@ -57,7 +57,9 @@ def parallel_model(args: argparse.Namespace):
 
     n, device = args.tensor_parallel_size, torch.device("cuda")
     if args.model:
-        group = TensorParallelGroup.start(args.model, n, dtype=torch.bfloat16, device=device)
+        group = TensorParallelGroup.start(
+            args.model, n, dtype=torch.bfloat16, device=device, moe=args.moe_parallel
+        )
         cfg, weights = load_config(args.model), weights_from_checkpoint(args.model)
         label = Path(args.model).name
     else:
@@ -68,12 +70,13 @@ def parallel_model(args: argparse.Namespace):
         cfg = write_random_folder(args.preset, folder)
         loader = functools.partial(random_shard, quantized=quantized)
         group = TensorParallelGroup.start(
-            folder, n, dtype=torch.bfloat16, device=device, loader=loader, quantized=quantized
-        )
+            folder, n, dtype=torch.bfloat16, device=device, loader=loader, quantized=quantized,
+            moe=args.moe_parallel,
+        )  # fmt: skip
         weights = weights_from_config(cfg, recipe="all-nvfp4" if quantized else "bf16")
         label = f"{args.preset} (random {args.weights})"
     args.parallel_group = group
-    return group.model, cfg, weights, f"{label}, tensor parallel {n}"
+    return group.model, cfg, weights, f"{label}, tensor parallel {n} (MoE split by {args.moe_parallel})"
 
 
 def random_shard(path, layout, rank: int, *, dtype, device, backend=None, quantized: bool = True):
@@ -326,6 +329,11 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
         help="split the model over N GPUs (one process each; no CUDA graphs across ranks yet)",
+    )  # fmt: skip
+    p.add_argument(
+        "--moe-parallel", choices=("experts", "tensor"), default="experts",
+        help="with --tensor-parallel-size: MoE experts split across GPUs (experts) or every expert split by "
+        "width (tensor); default %(default)s",
     )  # fmt: skip
     p.add_argument(
         "--overlap", choices=("on", "off", "both"), default="on",

@@ -124,14 +124,16 @@ class TensorParallelGroup:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         loader: Callable[..., Gemma4Model] = load_shard,
         quantized: bool | None = None,
+        moe: str = "experts",
     ) -> TensorParallelGroup:
         """Start ranks 1..N-1, join them as rank 0 and load every shard; raises `ShardingError` at once when
         the model does not split over `world_size` ranks. `loader(path, layout, rank, dtype=, device=,
         backend=)` makes one rank's shard (default: read from the checkpoint; random weights for benchmarks;
-        tests wrap it); `quantized`: whether its linears are NVFP4 (default: the checkpoint's format)."""
+        tests wrap it); `quantized`: whether its linears are NVFP4 (default: the checkpoint's format); `moe`:
+        "experts" (expert parallel) or "tensor" (every expert split by width), see plan/parallel.py."""
         path = Path(path)
         nvfp4 = is_quantized(path) if quantized is None else quantized
-        layout = ParallelLayout(load_config(path), world_size).check(nvfp4=nvfp4)
+        layout = ParallelLayout(load_config(path), world_size, moe).check(nvfp4=nvfp4)
         if dist.is_initialized():
             raise RuntimeError("a torch.distributed process group is already initialised in this process")
         if device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + world_size:

@@ -47,8 +47,10 @@ class ShardedReader(CheckpointReader):
         if part is None:
             tensor = handle.get_tensor(name)
         else:
-            index = (slice(None),) * part.dim + (slice(part.start, part.stop),)
-            tensor = handle.get_slice(name)[index]
+            lead, whole = (slice(None),) * part.dim, handle.get_slice(name)
+            tensor = whole[lead + (slice(part.start, part.stop),)]
+            if part.also is not None:  # the up half of a fused gate_up, after the gate half
+                tensor = torch.cat([tensor, whole[lead + (slice(*part.also),)]], dim=part.dim)
         self.bytes_read += tensor.numel() * tensor.element_size()
         if device is not None or dtype is not None:
             tensor = tensor.to(device=device, dtype=dtype)

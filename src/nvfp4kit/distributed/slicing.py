@@ -72,8 +72,13 @@ def shard_model(full: Gemma4Model, layout: ParallelLayout, rank: int) -> Gemma4M
                 weight = _columns(weight, *even_part(module.in_features, n, rank, what=name))
             mine.set_weight(weight)
         elif isinstance(module, Experts):
-            mine.keep_only(experts.start, len(experts))
             gate_up, down = stored_weight(module, "gate_up"), stored_weight(module, "down")
+            if layout.moe == "tensor":  # every expert, a slice of its width (as the dense MLP)
+                half = module.gate_up_shape[1] // 2
+                a, b = even_part(half, n, rank, what=name)
+                mine.set_weights(_rows(gate_up, [(a, b), (half + a, half + b)]), _columns(down, a, b))
+                continue
+            mine.keep_only(experts.start, len(experts))
             pick = slice(experts.start, experts.stop)
             mine.set_weights(*(_expert_range(w, pick) for w in (gate_up, down)))
         elif isinstance(module, DecoderLayer):

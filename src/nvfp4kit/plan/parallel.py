@@ -6,7 +6,9 @@ The rules (docs/parallel.md says why):
   rank holds the one KV head its q heads read, and N / kv_heads ranks hold each KV head (replicated). Any other
   count is refused.
 - dense MLP: gate/up split by output rows, down by input columns, evenly.
-- MoE: experts split across ranks (expert parallel), the first `E % N` ranks one more: uneven is fine.
+- MoE: experts split across ranks (expert parallel, `moe="experts"`, the default), the first `E % N` ranks one
+  more: uneven is fine. Or `moe="tensor"`: every rank holds every expert's slice of the MoE width (gate/up
+  rows, down columns; NVFP4: width/N a multiple of 16), as the dense MLP.
 - embeddings and lm_head: vocab-parallel, ceil(V / N) rows a rank (the last may hold fewer).
 - everything else (norms, router, per-layer-embedding tables and projections) is replicated.
 NVFP4 shards keep their block scales aligned: a split along a linear's input dim (o_proj, down_proj) must cut
@@ -27,6 +29,7 @@ from nvfp4kit.plan.kv import kv_bytes_per_token
 from nvfp4kit.plan.weights import WeightBreakdown
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)$")
+_PER_EXPERT = re.compile(r"experts\.\d+\.(gate|up|down)_proj$")
 _QUANT_SUFFIXES = ("weight_scale_2", "input_scale", "weight_global_scale", "input_global_scale", "k_scale",
                    "v_scale")  # fmt: skip
 
@@ -38,13 +41,22 @@ class ShardingError(ValueError):
     """The model cannot be split over this many ranks by the rules above."""
 
 
+MOE_MODES = ("experts", "tensor")
+
+
 @dataclass(frozen=True)
 class TensorSlice:
-    """The part of a checkpoint tensor one rank reads: [start, stop) along `dim`."""
+    """The part of a checkpoint tensor one rank reads: [start, stop) along `dim`, then `also` ([start, stop)
+    along the same dim) after it: the up half of a fused gate_up."""
 
     dim: int
     start: int
     stop: int
+    also: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start + (self.also[1] - self.also[0] if self.also else 0)
 
 
 def even_part(size: int, world: int, rank: int, *, what: str) -> tuple[int, int]:
@@ -60,6 +72,7 @@ class ParallelLayout:
 
     cfg: Gemma4TextConfig
     world: int
+    moe: str = "experts"  # or "tensor" (see the module docstring)
 
     def check(self, *, nvfp4: bool) -> ParallelLayout:
         """Raise `ShardingError` naming every size that does not split; `nvfp4`: linears are quantized."""
@@ -92,8 +105,17 @@ class ParallelLayout:
                         f"NVFP4 block ({BLOCK})"
                     )
                     break
-        if cfg.enable_moe_block and cfg.num_experts < n:
+        if self.moe not in MOE_MODES:
+            problems.append(f"unknown MoE split {self.moe!r}; choose from {MOE_MODES}")
+        elif cfg.enable_moe_block and self.moe == "experts" and cfg.num_experts < n:
             problems.append(f"{cfg.num_experts} experts cannot give each of {n} ranks one")
+        elif cfg.enable_moe_block and self.moe == "tensor":
+            width = cfg.moe_intermediate_size
+            if width % n or (nvfp4 and (width // n) % BLOCK):
+                problems.append(
+                    f"MoE intermediate size {width} does not split over {n} ranks"
+                    + (f" into multiples of the NVFP4 block ({BLOCK})" if nvfp4 else "")
+                )
         if problems:
             raise ShardingError(f"cannot split this model over {n} ranks: " + "; ".join(problems))
         return self
@@ -117,6 +139,9 @@ class ParallelLayout:
         return self.cfg.layer_kv_heads(layer) % self.world != 0
 
     def expert_range(self, rank: int) -> range:
+        """The experts rank `rank` holds (all of them, each in part, when the MoE splits by width)."""
+        if self.moe == "tensor":
+            return range(self.cfg.num_experts)
         base, extra = divmod(self.cfg.num_experts, self.world)
         first = rank * base + min(rank, extra)
         return range(first, first + base + (1 if rank < extra else 0))
@@ -131,11 +156,13 @@ class ParallelLayout:
         cfg, n = self.cfg, self.world
         sliding = cfg.num_key_value_heads // n if cfg.num_key_value_heads % n == 0 else 1
         full = cfg.num_global_key_value_heads // n if cfg.num_global_key_value_heads % n == 0 else 1
+        moe_width = cfg.moe_intermediate_size // (n if self.moe == "tensor" else 1)
         return cfg.with_(
             num_attention_heads=cfg.num_attention_heads // n,
             num_key_value_heads=sliding,
             num_global_key_value_heads=full,
             intermediate_size=cfg.intermediate_size // n,
+            moe_intermediate_size=moe_width,
         )
 
     def tensor_slice(self, name: str, shape: tuple[int, ...], rank: int) -> TensorSlice | None:
@@ -150,10 +177,18 @@ class ParallelLayout:
         layer, rest = int(match.group(1)), match.group(2)
         module, _, part = rest.rpartition(".")
         if rest in ("experts.gate_up_proj", "experts.down_proj"):  # transformers' fused [E, ., .] layout
+            if self.moe == "tensor" and rest == "experts.gate_up_proj":  # [E, gate I | up I, H]
+                a, b = even_part(shape[1] // 2, self.world, rank, what=name)
+                return TensorSlice(1, a, b, also=(shape[1] // 2 + a, shape[1] // 2 + b))
+            if self.moe == "tensor":  # down [E, H, I]
+                return TensorSlice(2, *even_part(shape[2], self.world, rank, what=name))
             experts = self.expert_range(rank)
             return TensorSlice(0, experts.start, experts.stop)
         if part not in ("weight", "weight_packed", "weight_scale"):
             return None
+        split_experts = self.moe == "tensor" and _PER_EXPERT.match(module)
+        if split_experts:  # one expert's own gate_proj / up_proj / down_proj (ModelOpt): as the dense MLP
+            module = "mlp." + module.rsplit(".", 1)[-1]
         if module == "self_attn.q_proj" or module in ("mlp.gate_proj", "mlp.up_proj"):
             return TensorSlice(0, *even_part(shape[0], self.world, rank, what=name))
         if module in ("self_attn.k_proj", "self_attn.v_proj"):
@@ -172,12 +207,12 @@ class ParallelLayout:
         if name.rsplit(".", 1)[-1] in _UNREAD_SUFFIXES:
             return 0
         per_expert = re.match(r"layers\.\d+\.experts\.(\d+)\.", name)
-        if per_expert is not None:  # ModelOpt writes experts one by one
+        if per_expert is not None and self.moe == "experts":  # ModelOpt writes experts one by one
             return info.nbytes if int(per_expert.group(1)) in self.expert_range(rank) else 0
         part = self.tensor_slice(name, info.shape, rank)
         if part is None or not info.shape:
             return info.nbytes
-        return info.nbytes * (part.stop - part.start) // info.shape[part.dim]
+        return info.nbytes * part.size // info.shape[part.dim]
 
     def busiest_rank_weights(self, full: WeightBreakdown, local: WeightBreakdown) -> int:
         """Bytes the fullest rank holds, from config-based breakdowns of the whole model (`full`) and of
@@ -185,7 +220,7 @@ class ParallelLayout:
         cfg = self.cfg
         out = 0
         for component, nbytes in full.bytes_by_component.items():
-            if component in ("attention", "dense_mlp"):
+            if component in ("attention", "dense_mlp") or (component == "experts" and self.moe == "tensor"):
                 out += local.get(component)
             elif component == "experts":
                 out += nbytes * len(self.expert_range(0)) // max(cfg.num_experts, 1)
@@ -213,6 +248,7 @@ def parallel_summary(
                          for i in range(layout.cfg.num_hidden_layers) if layout.replicates_kv(i)})  # fmt: skip
     return {
         "tensor_parallel_size": layout.world,
+        "moe": layout.moe,
         "q_heads_per_rank": local.num_attention_heads,
         "kv_heads_per_rank": {
             "sliding": local.num_key_value_heads,
