@@ -35,6 +35,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) pairs
     include_stop_str_in_output: bool = False  # keep the matched stop string at the end of the text
     skip_special_tokens: bool = False  # leave control tokens' text out (vLLM defaults to True)
+    detokenize: bool = True  # False: events carry token ids only, no text or stop strings (as vLLM)
     prompt_logprobs: int | None = None  # logprob of each prompt token (+ this many alternatives)
     n: int = 1  # samples per prompt (LLM.generate; the server makes n requests)
     constraint: Constraint | None = field(default=None, compare=False)  # structured output (compiled grammar)

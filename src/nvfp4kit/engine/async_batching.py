@@ -1,8 +1,11 @@
 """The engine behind the server: continuous batching on a worker thread, an async token stream per request.
 
 The worker owns the `Engine` (nothing else touches it): it takes new requests and aborts from a command
-queue between steps, runs `step()` while there is work, and hands each event to its request's asyncio
-queue. Closing a stream early (a client that went away) aborts the request and frees its KV.
+queue between steps, runs `step()` while there is work, and hands a step's events to the event loop in one
+call. The worker only steps the model and hands out token ids: each request's stream turns them into text
+and checks stop strings on the event loop (`TextOutput`, a short-window decode per token), and a stop string
+found there aborts the request in the engine. Closing a stream early (a client that went away) aborts the
+request and frees its KV.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nvfp4kit.engine.engine import Engine
 from nvfp4kit.engine.request import TokenEvent
+from nvfp4kit.engine.text_output import TextOutput
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.vision.inputs import ImageInputs
 
@@ -43,8 +47,18 @@ class _Stream:
     queue: asyncio.Queue
 
     def push(self, item: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        _deliver(self.loop, [(self.queue, item)])
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+    """Hand items to their queues on `loop`: one wake-up of the loop for a whole step's events."""
+    with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for target, item in items:
+        target.put_nowait(item)
 
 
 class AsyncBatchingEngine:
@@ -73,8 +87,9 @@ class AsyncBatchingEngine:
             raise RuntimeError("the engine is shut down")
         request_id = f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        text = TextOutput(self.tokenizer, prompt_ids, params) if self.tokenizer is not None else None
         self._commands.put(("add", request_id, list(prompt_ids), params, stream, images))
-        finished = False
+        finished = False  # by the engine: else the engine still holds the request, and closing aborts it
         try:
             while True:
                 item = await stream.queue.get()
@@ -84,9 +99,13 @@ class AsyncBatchingEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                finished = item.finish_reason is not None
+                if text is not None and _adds_text(item):
+                    item.text, stopped = text.push(item.token_id, final=item.finish_reason == "length")
+                    if stopped:  # a stop string: this request ends here, the engine's copy is aborted
+                        item.finish_reason = "stop"
                 yield item
                 if item.finish_reason:
-                    finished = True
                     return
         finally:
             if not finished:
@@ -116,13 +135,22 @@ class AsyncBatchingEngine:
                     stream.push(exc)
                 self._streams.clear()
                 continue
-            for event in events:
-                stream = self._streams.get(event.request_id)
-                if stream is not None:
-                    stream.push(RequestFailed(event.error) if event.error else event)
-                    if event.finish_reason:
-                        del self._streams[event.request_id]
+            self._hand_out(events)
             self._refresh_stats()
+
+    def _hand_out(self, events: list[TokenEvent]) -> None:
+        """A step's events to their streams, one call per event loop (not one per token)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for event in events:
+            stream = self._streams.get(event.request_id)
+            if stream is None:
+                continue
+            item = RequestFailed(event.error) if event.error else event
+            by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+            if event.finish_reason:
+                del self._streams[event.request_id]
+        for loop, items in by_loop.items():
+            _deliver(loop, items)
 
     def _refresh_stats(self) -> None:
         s = self.engine.stats()
@@ -140,7 +168,9 @@ class AsyncBatchingEngine:
         if command[0] == "add":
             _, request_id, prompt_ids, params, stream, images = command
             try:
-                self.engine.add_request(prompt_ids, params, request_id=request_id, images=images)
+                # ids only: the stream detokenizes and checks stop strings on the event loop
+                ids_only = replace(params, detokenize=False)
+                self.engine.add_request(prompt_ids, ids_only, request_id=request_id, images=images)
             except ValueError as exc:
                 stream.push(exc)
                 return
@@ -164,6 +194,11 @@ class AsyncBatchingEngine:
         self.abort_all()
         self._commands.put(None)
         await asyncio.to_thread(self._worker.join, 30.0)
+
+
+def _adds_text(event: TokenEvent) -> bool:
+    """A sampled token that is not the stop id that ended the request (the engine gives that one no text)."""
+    return event.token_id >= 0 and event.finish_reason not in ("stop", "abort", "error")
 
 
 def _abort_event(request_id: str) -> TokenEvent:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from nvfp4kit.engine.structured_output import ConstraintState
-from nvfp4kit.sampling import SamplingParams, StopStringMatcher
-from nvfp4kit.tokenizer import IncrementalDetokenizer, Tokenizer
+from nvfp4kit.engine.text_output import TextOutput
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from nvfp4kit.vision.inputs import ImageInputs
@@ -43,7 +44,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams  # with the checkpoint's defaults already applied
     stop_ids: frozenset[int]
-    detok: IncrementalDetokenizer | None  # None: token ids only (benchmarks), no text or stop strings
+    text: TextOutput | None  # None: token ids only (the server detokenizes off the engine thread; benchmarks)
     generator: torch.Generator | None = None
     images: ImageInputs | None = None  # the prompt's image soft tokens (multimodal checkpoints)
     output_ids: list[int] = field(default_factory=list)
@@ -52,9 +53,7 @@ class Request:
     ring: int | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None
-    emitted: str = ""  # text already handed out
     preemptions: int = 0
-    stop_matcher: StopStringMatcher | None = None
     prompt_logprobs: list | None = None  # [None, PromptLogprob, ...] when params.prompt_logprobs is set
     constraint: ConstraintState | None = None  # structured output: where the request is in its grammar
     num_cached: int = 0  # prompt tokens reused from the prefix cache at the last admission
@@ -87,24 +86,11 @@ class Request:
         if token_id in self.stop_ids:
             return self._finish(TokenEvent(self.request_id, token_id, "", logprob, top), "stop")
         last = len(self.output_ids) >= self.params.max_tokens
-        if self.detok is None:
+        if self.text is None:
             event = TokenEvent(self.request_id, token_id, "", logprob, top)
             return self._finish(event, "length") if last else event
-        self.detok.push(token_id, final=last)
-        text = self.detok.text
-        if self.stop_matcher is None:
-            self.stop_matcher = StopStringMatcher(self.params.stop)
-        hit = self.stop_matcher.feed(text)  # reads only the text added since the last token
-        reason = None
-        if hit is not None:
-            end = hit + len(self.stop_matcher.matched) if self.params.include_stop_str_in_output else hit
-            text, reason = text[:end], "stop"
-        elif last:
-            reason = "length"
-        else:  # hold back a tail that may still turn into a stop string
-            text = text[: len(text) - self.stop_matcher.partial]
-        delta = text[len(self.emitted) :]
-        self.emitted = max(self.emitted, text, key=len)
+        delta, stopped = self.text.push(token_id, final=last)
+        reason = "stop" if stopped else "length" if last else None
         event = TokenEvent(self.request_id, token_id, delta, logprob, top)
         return self._finish(event, reason) if reason else event
 
@@ -126,6 +112,7 @@ def make_request(
     tokenizer: Tokenizer | None,
     eos_ids: tuple[int, ...],
 ) -> Request:
+    """`params.detokenize=False` (or no tokenizer): events carry ids only; stop strings are then the caller's."""
     # stop_token_ids add to the model's EOS ids (as vLLM); ignore_eos drops only the EOS ids
     stop_ids = frozenset(params.stop_token_ids or ()) | (
         frozenset() if params.ignore_eos else frozenset(eos_ids)
@@ -136,9 +123,7 @@ def make_request(
         list(prompt_ids),
         params,
         stop_ids,
-        IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
-        if tokenizer
-        else None,
+        TextOutput(tokenizer, prompt_ids, params) if tokenizer and params.detokenize else None,
         generator,
         prompt_logprobs=[] if params.prompt_logprobs is not None else None,
         constraint=params.constraint.start(tokenizer.vocab_size if tokenizer else 0)

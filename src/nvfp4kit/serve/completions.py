@@ -24,7 +24,7 @@ from nvfp4kit.serve.streaming import (
     is_token,
     new_id,
     sse,
-    stream_choices,
+    stream_jobs,
     token_budget,
     token_text,
     usage,
@@ -155,14 +155,14 @@ class CompletionHandler:
         return PreparedCompletion(request, model, prompts, arrival)
 
     async def _events(self, job: PreparedCompletion) -> AsyncIterator[tuple[int, TokenEvent, SamplingParams]]:
-        """(choice index, token, its params) over all prompts; prompts run one after another."""
-        n = job.request.n
-        for p, prompt in enumerate(job.prompts):
-            self.metrics.add_prompt_tokens(len(prompt.ids))
-            events = stream_choices(self.engine, self.metrics, prompt.ids, prompt.params, arrival=job.arrival)
-            async with contextlib.aclosing(events) as tokens:
-                async for j, event in tokens:
-                    yield p * n + j, event, prompt.params[j]
+        """(choice index, token, its params) over all prompts; every prompt's choices go to the engine at once
+        (choice p * n + j is prompt p's sample j), so a list of prompts is batched like separate requests."""
+        jobs = [(prompt.ids, params) for prompt in job.prompts for params in prompt.params]
+        self.metrics.add_prompt_tokens(sum(len(prompt.ids) for prompt in job.prompts))
+        events = stream_jobs(self.engine, self.metrics, jobs, arrival=job.arrival)
+        async with contextlib.aclosing(events) as tokens:
+            async for index, event in tokens:
+                yield index, event, jobs[index][1]
 
     def _echoed(
         self, job: PreparedCompletion, index: int, entries: list | None, generated: _Logprobs
@@ -205,6 +205,7 @@ class CompletionHandler:
                 texts[index] += event.text
                 if event.finish_reason:
                     finish[index] = event.finish_reason
+        self.metrics.add_cached_tokens(sum(cached.values()))
         choices = []
         for i in range(count):
             choice: dict[str, Any] = {
@@ -226,7 +227,6 @@ class CompletionHandler:
             "choices": choices,
             "usage": _usage(job, generated, cached),
         }
-        self.metrics.add_cached_tokens(sum(cached.values()))
 
     async def stream(self, job: PreparedCompletion) -> AsyncIterator[str]:
         response_id, created = new_id("cmpl"), int(time.time())

@@ -99,17 +99,36 @@ async def stream_choices(
     arrival: float,
     images: ImageInputs | None = None,
 ) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """(choice index, token) for all choices of one request, interleaved as they come.
+    """(choice index, token) for all choices of one prompt, interleaved as they come."""
+    jobs = [(prompt_ids, choice_params) for choice_params in params]
+    async with contextlib.aclosing(
+        stream_jobs(engine, metrics, jobs, arrival=arrival, images=images)
+    ) as events:
+        async for index, event in events:
+            yield index, event
 
-    Closing this iterator (the client went away) aborts every choice still generating.
+
+async def stream_jobs(
+    engine: AsyncEngine,
+    metrics: ServerMetrics,
+    jobs: list[tuple[list[int], SamplingParams]],
+    *,
+    arrival: float,
+    images: ImageInputs | None = None,
+) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(job index, token) for engine requests submitted all at once (choices and prompts of one HTTP request),
+    interleaved as they come, so the engine batches them together.
+
+    A job that fails raises here, which ends the whole HTTP request; closing this iterator (the client went
+    away, or a sibling failed) aborts every job still generating.
     """
     merged: asyncio.Queue = asyncio.Queue()
 
-    async def pump(index: int, choice_params: SamplingParams) -> None:
+    async def pump(index: int, prompt_ids: list[int], job_params: SamplingParams) -> None:
         previous: float | None = None
         try:
             extra = {"images": images} if images is not None else {}  # engines without images work too
-            async with contextlib.aclosing(engine.stream(prompt_ids, choice_params, **extra)) as tokens:
+            async with contextlib.aclosing(engine.stream(prompt_ids, job_params, **extra)) as tokens:
                 async for event in tokens:
                     now = time.perf_counter()
                     metrics.token(
@@ -117,14 +136,14 @@ async def stream_choices(
                         since_arrival=now - arrival if previous is None else None,
                     )
                     previous = now
-                    await merged.put((index, event))
-            await merged.put((index, _END))
+                    merged.put_nowait((index, event))
+            merged.put_nowait((index, _END))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await merged.put((index, exc))
+            merged.put_nowait((index, exc))
 
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(params)]
+    tasks = [asyncio.create_task(pump(i, ids, p)) for i, (ids, p) in enumerate(jobs)]
     try:
         remaining = len(tasks)
         while remaining:
