@@ -9,6 +9,7 @@ Run on the lent GPU:  PYTHONPATH=src python scripts/gpu_fused_ops.py [--out $OUT
      torch regions (the same NVFP4 linears and fused MoE in both): kernels per layer (torch.profiler) and layer
      time in CUDA graphs. Attention is a stand-in in both (one SDPA over a fixed 256-token history).
 Prints the tables last. On a CPU (TRITON_INTERPRET=1) `--check-only` runs the correctness part at M = 1, 3 (small layers).
+The correctness part is also a test: tests/gpu/test_fused_ops_26b_shapes.py (`pytest -m cuda`) uses these cases.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """GPU check for `LLM.close()`: after it, memory_allocated() is back where it was and a second LLM starts.
 
 Usage on a GPU machine: PYTHONPATH=src python scripts/gpu_llm_close.py
+The same check is a `cuda` test (tests/gpu/test_llm_on_cuda.py); this script stays for scripts/gpu_decode_*.sh.
 """
 
 import gc

@@ -10,6 +10,20 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests need a GPU: without one they are skipped, with the reason, unless marked `also_cpu`
+    (kernel tests the Triton interpreter runs on the CPU; `-m cuda` runs them natively on the card)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU: there, python3 -m pytest -m cuda tests/gpu tests/kernels"
+    )
+    for item in items:
+        marker = item.get_closest_marker("cuda")
+        if marker is not None and not marker.kwargs.get("also_cpu", False):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Factory: tiny_checkpoint(shape="moe", dtype=torch.float32, multimodal=False, **overrides) -> folder.

@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +14,8 @@ from nvfp4kit.testing.random_model import random_model
 from nvfp4kit.testing.tiny import tiny_text_config
 
 from .helpers import DEVICE, random_weight, rel_error
+
+pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
 
 
 def test_backend_is_registered_and_selectable():

@@ -15,6 +15,8 @@ from nvfp4kit.tuning.timing import Timing, rotation_sets
 
 from .helpers import DEVICE
 
+pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
+
 
 def test_random_nvfp4_is_a_valid_weight():
     w = cases.random_nvfp4(32, 64, experts=3, device="cpu")

@@ -17,6 +17,8 @@ GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 from nvfp4kit.kernels.moe_align import _moe_align_kernel  # noqa: E402
 from nvfp4kit.kernels.w4a16_linear import _w4a16_dot_kernel, _w4a16_gemv_kernel  # noqa: E402
 
+pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
+
 moe = importlib.import_module("nvfp4kit.kernels.fused_moe")
 
 LINEAR_PTRS = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "s2_ptr": "*fp32", "out_ptr": "*bf16",

@@ -11,6 +11,8 @@ from nvfp4kit.model.ops import TorchBackend
 
 from .helpers import BF16_BOUND, DEVICE, FP32_BOUND, ON_GPU, random_experts, rel_error
 
+pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
+
 E, H, INTER = 6, 80, 48  # H and INTER multiples of 16, not powers of two
 TILES = dict(gate_up_block_n=32, gate_up_block_k=64, down_block_n=32, down_block_k=32)
 MODES = {

@@ -7,6 +7,8 @@ from nvfp4kit.kernels.moe_align import max_blocks, moe_align
 
 from .helpers import DEVICE
 
+pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
+
 
 def _check_layout(
     ids: torch.Tensor, pair_ids: torch.Tensor, block_expert: torch.Tensor, *, experts: int, bm: int

@@ -11,6 +11,8 @@ from nvfp4kit.kernels.nvfp4_tile import ASM_FOLD_EXP, BITS_FOLD_EXP, load_weight
 
 from .helpers import DEVICE, ON_GPU
 
+pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
+
 
 @triton.jit
 def _expand_kernel(w_ptr, s_ptr, out_ptr, K, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):

@@ -8,6 +8,8 @@ from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 
 from .helpers import BF16_BOUND, DEVICE, FP32_BOUND, ON_GPU, random_weight, rel_error
 
+pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
+
 SHAPES = [(40, 80), (24, 208)]  # (N, K): N not a power of two, K a multiple of 16 only
 CONFIGS = {
     "gemv": LinearConfig("gemv", block_m=4, block_n=16, block_k=64),

@@ -1,0 +1,36 @@
+"""The fused element-wise kernels at 26B-A4B's shapes on the card, against the torch backend in fp32, and one
+sliding and one global decoder layer of the real shape with fused against torch regions.
+
+The cases and bounds are `scripts/gpu_fused_ops.py`'s (which also times them); this is its correctness part.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cuda
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_fused_ops.py"
+_spec = importlib.util.spec_from_file_location("gpu_fused_ops", SCRIPT)
+fused = sys.modules["gpu_fused_ops"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(fused)  # builds nothing on a device: the cases make their inputs when called
+
+
+@pytest.mark.parametrize("m", [1, 16, 512])
+@pytest.mark.parametrize("case", fused.CASES, ids=lambda case: case.name)
+def test_fused_op_matches_fp32_torch(case, m):
+    assert fused.check(case, m) < fused.BOUND
+
+
+def test_decoder_layers_with_fused_regions_match_torch_regions():
+    rows = fused.layer_rows([1, 16], timing=False)
+    assert [(r["layer"], r["M"]) for r in rows] == [
+        ("sliding", 1),
+        ("sliding", 16),
+        ("global", 1),
+        ("global", 16),
+    ]
+    for row in rows:
+        assert row["rel_err"] < fused.LAYER_BOUND, row
