@@ -6,6 +6,10 @@ global layers with proportional RoPE and K=V, a dense GeGLU MLP in parallel with
 embeddings scaled by sqrt(hidden), tied head with a tanh softcap. `state_dict()` keys are the checkpoint's
 names without the `model.` prefix. Experts run densely (every expert on every token, weighted by a sparse
 routing matrix): for 8 small experts that is faster than gathering tokens, and the gradient is identical.
+
+A second definition on purpose: the package model is built for inference (weights are buffers, dense or
+NVFP4, one flat token batch over a KV context, no gradients), while training needs parameters and [B, T]
+batches with masks. tests/demo/test_trainer_model.py runs `train_demo.py selfcheck`, which keeps the two equal.
 """
 
 from __future__ import annotations
