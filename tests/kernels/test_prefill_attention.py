@@ -80,3 +80,40 @@ def test_image_tokens_see_their_whole_image(spans):
     case = Case([(0, 20), (20, 14)], window=8, chunk=24, kv_dtype=torch.bfloat16, spans={0: spans, 1: spans})
     out, ref = run_case(case, prefill_config=tiles(block_q=4, block_n=4))
     assert rel_error(out, ref) < bound(case)
+
+
+def test_tiles_too_big_for_the_card_fall_back_to_the_next(monkeypatch):
+    import triton
+
+    from nvfp4kit.kernels import prefill_attention as pa
+
+    big, small = tiles(block_q=4, block_n=8), tiles(block_q=4, block_n=4)
+    launches = []
+    real = pa._prefill_attention_kernel
+
+    class TooBigForBlock8:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(kw["BLOCK_N"])
+                if kw["BLOCK_N"] == 8:
+                    raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(pa, "_prefill_attention_kernel", TooBigForBlock8())
+    monkeypatch.setattr(pa, "prefill_configs", lambda head_dim, group: [big, small])
+    monkeypatch.setattr(pa, "_TOO_BIG", set())
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(6, 4, 16, generator=gen)
+    pool = torch.randn(8, 2, 16, generator=gen)
+    one = torch.zeros(1, dtype=torch.int32)
+    batch = AttentionBatch(one, one + 6, one, torch.tensor([[0, 1]], dtype=torch.int32), one)
+    items = WorkItems(torch.zeros(2, dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32), 4)
+    kwargs = dict(v_store=pool, k_store=pool, batch=batch, items=items, window=None, block_size=4)
+    first = pa.prefill_attention(q, **kwargs)
+    again = pa.prefill_attention(q, **kwargs)
+    assert launches == [8, 4, 4]  # the big tile failed once, then was skipped
+    monkeypatch.setattr(pa, "_prefill_attention_kernel", real)
+    expected = pa.prefill_attention(q, config=small, **kwargs)
+    assert torch.equal(first, expected) and torch.equal(again, expected)

@@ -92,10 +92,9 @@ class TritonAttentionBackend:
                 len(decode), kv_heads, meta.max_decode_keys(window), device=q.device
             )
             kernels.paged_attention(q, items=decode, num_splits=splits, out=out, **common)
-        tiles = self._prefill.prefill_config(head_dim, q.shape[1] // kv_heads)
-        prefill = meta.prefill_items(tiles.block_q)
+        prefill = meta.prefill_items(self._prefill.prefill_block_q(head_dim, q.shape[1] // kv_heads))
         if prefill is not None:
-            self._prefill.prefill_attention(q, items=prefill, out=out, config=tiles, **common)
+            self._prefill.prefill_attention(q, items=prefill, out=out, **common)
         return out
 
     def _derived_key(self, attn: torch.nn.Module):

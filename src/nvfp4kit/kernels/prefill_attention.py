@@ -51,28 +51,30 @@ class PrefillConfig:
     num_stages: int
 
 
-# (head_dim, group) -> config, from the sweep on the H200 (docs/benchmarks.md, "Prefill attention")
-_TUNED: dict[tuple[int, int], PrefillConfig] = {}
+def prefill_block_q(head_dim: int, group: int) -> int:
+    """Query tokens per program: 128 rows (tokens x padded GQA group) up to head dim 256, 64 rows beyond, so the
+    fp32 accumulator stays at <= 128 registers a thread with 8 warps (16 rows in the CPU interpreter)."""
+    rows = 16 if interpreting() else (128 if head_dim <= 256 else 64)
+    return max(1, rows // next_pow2(group))
+
+
+def prefill_configs(head_dim: int, group: int) -> list[PrefillConfig]:
+    """Tiles to try in order, all of `prefill_block_q` tokens: the fastest of the H200 sweep first
+    (docs/benchmarks.md, "Prefill attention"; `nvfp4kit bench attention --sweep`), then smaller ones for cards
+    with less shared memory (a tile that does not fit is skipped from its first launch on)."""
+    block_q = prefill_block_q(head_dim, group)
+    if interpreting():
+        return [PrefillConfig(block_q, 16, 1, num_warps=4, num_stages=1)]
+    if head_dim >= 512:  # H200 at 16K: 64 keys, one slice 71 TFLOP/s; 32 keys 58; two slices 43
+        tiles = [(64, 1, 8, 2), (32, 1, 8, 2), (32, 2, 8, 2), (16, 2, 4, 1), (16, 4, 4, 1)]
+    else:  # H200, head dim 256: 64 keys 153 TFLOP/s, 128 keys 149, 32 keys 129
+        tiles = [(64, 1, 8, 2), (32, 1, 8, 2), (32, 1, 4, 1), (16, 1, 4, 1)]
+    return [PrefillConfig(block_q, bn, dv, num_warps=w, num_stages=st) for bn, dv, w, st in tiles]
 
 
 def prefill_config(head_dim: int, group: int) -> PrefillConfig:
-    """Tiles for a layer shape: the measured table, else rows that keep the fp32 accumulator at 64-128 registers
-    a thread (8 warps), and two column slices for 512-wide heads."""
-    group_p2 = next_pow2(group)
-    if interpreting():
-        return PrefillConfig(
-            block_q=max(1, 16 // group_p2), block_n=16, dv_splits=1, num_warps=4, num_stages=1
-        )
-    if (head_dim, group) in _TUNED:
-        return _TUNED[(head_dim, group)]
-    rows = 128 if head_dim <= 256 else 64
-    return PrefillConfig(
-        block_q=max(1, rows // group_p2),
-        block_n=64 if head_dim <= 256 else 32,
-        dv_splits=2 if head_dim >= 512 else 1,
-        num_warps=8 if head_dim >= 256 else 4,
-        num_stages=2,
-    )
+    """The first-choice tiles for a layer shape (see `prefill_configs`)."""
+    return prefill_configs(head_dim, group)[0]
 
 
 @triton.jit
@@ -244,15 +246,16 @@ def prefill_attention(
             "the Triton attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)"
         )
     group = q_heads // kv_heads
-    cfg = config or prefill_config(head_dim, group)
-    if items.block_q != cfg.block_q:
-        raise ValueError(f"work items of {items.block_q} tokens, but the config tiles {cfg.block_q}")
+    configs = [config] if config is not None else prefill_configs(head_dim, group)
+    for cfg in configs:
+        if items.block_q != cfg.block_q:
+            raise ValueError(f"work items of {items.block_q} tokens, but the config tiles {cfg.block_q}")
+        if head_dim % cfg.dv_splits:
+            raise ValueError(f"head_dim {head_dim} does not split into {cfg.dv_splits} column slices")
     if key_limit is not None and (key_limit.shape != (tokens,) or key_limit.dtype != torch.int32):
         raise ValueError(
             f"key_limit must be int32 of shape ({tokens},), got {key_limit.dtype} {tuple(key_limit.shape)}"
         )
-    if head_dim % cfg.dv_splits:
-        raise ValueError(f"head_dim {head_dim} does not split into {cfg.dv_splits} column slices")
     out = torch.empty_like(q) if out is None else out
     if len(items) == 0 or tokens == 0:
         return out
@@ -269,18 +272,33 @@ def prefill_attention(
     unit = 256.0 if fmt.code == 1 and not native_fp8 else 1.0  # E4M3 read through fp16 bit patterns
     compute = dot_dtype_code(q.dtype, fmt.code)
     table = batch.block_table
-    grid = (len(items) * kv_heads * cfg.dv_splits,)
-    _prefill_attention_kernel[grid](
+    args = (
         q, out, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, knorm, inv_freq,
-        items.seq if key_limit is None else key_limit, items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        items.seq if key_limit is None else key_limit, items.seq, items.q0, batch.seq_start, batch.seq_len,
+        batch.seq_offset, table, batch.ring, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
         window or 0, ring_size or 1, block_size or 1, len(items), kv_heads,
-        GROUP=group, GROUP_P2=next_pow2(group), BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n,
-        D=head_dim, DV=head_dim // cfg.dv_splits, DV_SPLITS=cfg.dv_splits, ROT=max(rot, 1),
-        RING=ring_size is not None, SLIDING=window is not None, DERIVE_K=derived_key is not None,
-        KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8, COMPUTE=compute, PRECISION="ieee" if compute == 0 else None,
-        BIDIR=key_limit is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    constants = dict(
+        GROUP=group, GROUP_P2=next_pow2(group), D=head_dim, ROT=max(rot, 1), RING=ring_size is not None,
+        SLIDING=window is not None, DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
+        COMPUTE=compute, PRECISION="ieee" if compute == 0 else None, BIDIR=key_limit is not None,
+    )  # fmt: skip
+    shape_key = (str(q.device), head_dim, group, derived_key is not None, fmt.code)
+    fitting = [c for c in configs if (shape_key, c) not in _TOO_BIG] or configs[-1:]
+    for cfg in fitting:
+        try:
+            _prefill_attention_kernel[(len(items) * kv_heads * cfg.dv_splits,)](
+                *args, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, DV=head_dim // cfg.dv_splits,
+                DV_SPLITS=cfg.dv_splits, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constants,
+            )  # fmt: skip
+            return out
+        except triton.runtime.errors.OutOfResources:  # too big for this card's shared memory: the next tile
+            if cfg is fitting[-1]:
+                raise
+            _TOO_BIG.add((shape_key, cfg))
     return out
+
+
+# (device, layer shape, tiles) that did not fit their card; skipped from then on
+_TOO_BIG: set[tuple] = set()
