@@ -164,3 +164,25 @@ def test_the_engine_thread_never_detokenizes_and_stop_strings_still_cut(parts, m
     assert events[-1].finish_reason == "stop"
     assert not unfinished  # the stop string found on the event loop ended the request in the engine
     assert decoders and "nvfp4kit-engine" not in decoders
+
+
+def test_prefill_tokens_count_one_prefill_for_n_copies(parts):
+    model, tok = parts
+    prompt = tok.encode(" ".join(PROMPTS * 8))
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+    async def prefilled(prefix_caching: bool) -> int:
+        config = EngineConfig(max_num_batched_tokens=256, prefix_caching=prefix_caching)
+        engine = AsyncBatchingEngine(Engine(model, tok, config=config))
+
+        async def one() -> None:
+            async for _ in engine.stream(prompt, params):
+                pass
+
+        await asyncio.gather(*(one() for _ in range(4)))
+        await engine.close()
+        return engine.stats().prefill_tokens
+
+    assert asyncio.run(prefilled(False)) == 4 * len(prompt)
+    shared = asyncio.run(prefilled(True))  # the copies share the first one's full blocks
+    assert len(prompt) <= shared < len(prompt) + 4 * 16, (shared, len(prompt))

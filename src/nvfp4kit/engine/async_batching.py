@@ -39,6 +39,7 @@ class EngineStats:
     waiting: int
     kv_global_usage: float = 0.0
     kv_sliding_usage: float = 0.0
+    prefill_tokens: int = 0  # prompt tokens run through the model so far (prompt minus prefix-cache hits)
 
 
 @dataclass
@@ -73,12 +74,13 @@ class AsyncBatchingEngine:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stats = EngineStats(0, 0)
+        self._prefill_tokens = 0  # counted on the event loop from each request's first event
         self._closed = False
         self._worker = threading.Thread(target=self._work, name="nvfp4kit-engine", daemon=True)
         self._worker.start()
 
     def stats(self) -> EngineStats:
-        return self._stats
+        return replace(self._stats, prefill_tokens=self._prefill_tokens)
 
     async def stream(
         self, prompt_ids: list[int], params: SamplingParams, images: ImageInputs | None = None
@@ -100,6 +102,8 @@ class AsyncBatchingEngine:
                     finished = True
                     raise item
                 finished = item.finish_reason is not None
+                if item.cached_tokens is not None:  # the first token: its prompt was computed but the hits
+                    self._prefill_tokens += len(prompt_ids) - item.cached_tokens
                 if text is not None and _adds_text(item):
                     item.text, stopped = text.push(item.token_id, final=item.finish_reason == "length")
                     if stopped:  # a stop string: this request ends here, the engine's copy is aborted

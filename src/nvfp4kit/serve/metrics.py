@@ -102,6 +102,9 @@ class ServerMetrics:
                 "generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens
             )
             lines += self.ttft.lines() + self.itl.lines()
+        if (prefilled := getattr(stats, "prefill_tokens", None)) is not None:
+            text = "Prompt tokens run through the model (prompt tokens minus prefix-cache hits)."
+            lines += _single("prefill_tokens_total", "counter", text, prefilled)
         lines += _single("num_requests_running", "gauge", "Requests generating now.", stats.running)
         lines += _single("num_requests_waiting", "gauge", "Requests queued for the engine.", stats.waiting)
         for pool in ("global", "sliding"):

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The serving measurement of issue 17 on one GPU: `nvfp4kit serve --random-weights 26b-a4b` (FP8 KV, CUDA graphs)
+# started here, then `nvfp4kit bench serve` against it: (a) SGLang's random workload (~610 in / ~422 out) at
+# concurrency 1 and 100, (c) n=4 on a 4K prompt (prefill tokens from /metrics), (b) 8-turn chats of ~1K-token
+# user messages; then a second server with --no-prefix-caching for (b) again. Writes $OUT/serve-<card>.json
+# (one row per level, partial if a step fails) and prints a compact table last. Under 9 minutes on an H200.
+# Usage from the repository root (wheels for what the device lacks in .whl/, installed when present):
+#   bash scripts/gpu_serve_bench.sh OUT_DIR          # the GPU run
+#   bash scripts/gpu_serve_bench.sh OUT_DIR --smoke  # the same steps on the CPU demo model, tiny counts
+set -u -o pipefail
+out=${1:?out dir}
+mode=${2:-gpu}
+mkdir -p "$out"
+if ! python3 -c "import fastapi, uvicorn" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 NVFP4KIT_CACHE_DIR=$out/cache
+began=$(date +%s)
+step() { echo "== $1 ($(date +%T), +$(( $(date +%s) - began )) s)"; }
+
+if [ "$mode" = --smoke ]; then  # CPU: the demo model, counts that only prove every step runs
+  card=cpu-smoke
+  serve=(--device cpu --max-model-len 2048 --max-num-seqs 8)
+  c1=(--input-len 24 --output-len 4 --num-prompts 2); c100=(--concurrency 4 --input-len 24 --output-len 4 --num-prompts 8)
+  nfour=(--input-len 200 --output-len 2 --num-prompts 2); turns=(--turns 3 --input-len 24 --output-len 3 --num-prompts 2 --warmup 1)
+  health=300; level_timeout=300
+else
+  card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-')
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  serve=(--random-weights 26b-a4b --device cuda --kv-cache-dtype fp8_e4m3 --max-model-len 16384 --max-num-seqs 128
+         --max-num-batched-tokens 2048)
+  c1=(--input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts 16)
+  c100=(--concurrency 100 --input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts 400
+        --warmup 16)
+  nfour=(--input-len 4096 --output-len 32 --num-prompts 4)
+  turns=(--turns 8 --input-len 1024 --output-len 48 --num-prompts 3 --warmup 1)
+  health=240; level_timeout=150
+fi
+result=$out/serve-$card.json
+rows=$out/rows
+mkdir -p "$rows"
+log=$out/server.log
+server_pid=""
+
+start_server() {  # $1: a name for the log; the rest: more serve options
+  local name=$1; shift
+  port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  url=http://127.0.0.1:$port
+  step "start server ($name): serve ${serve[*]} $*"
+  python3 -m nvfp4kit serve "${serve[@]}" "$@" --host 127.0.0.1 --port "$port" >"$log.$name" 2>&1 &
+  server_pid=$!
+  for _ in $(seq $((health * 2))); do
+    if python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$url/health" \
+      2>/dev/null; then step "server ready"; return 0; fi
+    if ! kill -0 "$server_pid" 2>/dev/null; then break; fi
+    sleep 0.5
+  done
+  echo "server did not come up:"; tail -30 "$log.$name"; return 1
+}
+
+stop_server() {
+  [ -n "$server_pid" ] || return 0
+  kill -TERM "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; server_pid=""
+}
+trap stop_server EXIT
+
+level() {  # $1: row name; the rest: bench serve options
+  local name=$1; shift
+  step "bench $name: $*"
+  timeout "$level_timeout" python3 -m nvfp4kit bench serve --base-url "$url" --no-progress --json "$rows/$name.json" "$@" \
+    2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -4
+  python3 scripts/gpu_serve_report.py "$result" "$rows" --card "$card" --server "serve ${serve[*]}" --quiet
+}
+
+if start_server cached; then
+  level c1 "${c1[@]}"
+  level c100 "${c100[@]}"
+  level n4 --n 4 "${nfour[@]}"
+  level turns_cached --endpoint chat "${turns[@]}"
+  stop_server
+fi
+if start_server uncached --no-prefix-caching; then
+  level turns_uncached --endpoint chat "${turns[@]}"
+  stop_server
+fi
+tail -3 "$log.cached" 2>/dev/null
+step "done"
+python3 scripts/gpu_serve_report.py "$result" "$rows" --card "$card" --server "serve ${serve[*]}"

@@ -1,0 +1,104 @@
+"""Collect the `bench serve` JSON files of `scripts/gpu_serve_bench.sh` into one result file and print its table.
+
+    python3 scripts/gpu_serve_report.py OUT.json ROWS_DIR --card nvidia-h200 --server "serve ..." [--quiet]
+
+Each ROWS_DIR/<name>.json is one `nvfp4kit bench serve --json` file (c1, c100, n4, turns_cached,
+turns_uncached); missing ones (a step that failed or did not run) are left out. The table gives per level
+output tok/s and latencies, per turn the TTFT with and without the prefix cache (and their ratio), and for
+n=4 the prompt tokens the model computed (`nvfp4kit_prefill_tokens_total` from /metrics) per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+ORDER = ("c1", "c100", "n4", "turns_cached", "turns_uncached")
+
+
+def collect(rows_dir: Path) -> dict[str, dict]:
+    found = {}
+    for name in ORDER:
+        file = rows_dir / f"{name}.json"
+        if file.is_file():
+            found[name] = json.loads(file.read_text())
+    return found
+
+
+def _ms(row: dict, name: str) -> str:
+    values = [row.get(f"{name}_ms_{s}") for s in ("mean", "p50", "p99")]
+    return "/".join("-" if v is None else f"{v:.1f}" for v in values)
+
+
+def table(runs: dict[str, dict]) -> list[str]:
+    lines = [
+        "| level | ok | out tok/s | in/out tok per req | TTFT ms mean/p50/p99 | TPOT ms mean/p50/p99 | ITL ms p50 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        for row in run["rows"]:
+            label = f"{name} (n={run['workload']['n']})" if run["workload"]["n"] > 1 else name
+            lines.append(
+                f"| {label} conc {row['concurrency'] or 'inf'} | {row['completed']}/{row['requests']} | "
+                f"{row['output_tokens_per_s'] or 0:,.1f} | {row['mean_input_tokens'] or 0:.0f}/"
+                f"{row['mean_output_tokens'] or 0:.0f} | {_ms(row, 'ttft')} | {_ms(row, 'tpot')} | "
+                f"{row.get('itl_ms_p50') or 0:.1f} |"
+            )
+    n4 = runs.get("n4")
+    if n4 and n4["rows"][0].get("server_counters"):
+        row = n4["rows"][0]
+        counters = row["server_counters"]
+        prefill = counters.get("nvfp4kit_prefill_tokens_total")
+        prompt = counters.get("nvfp4kit_prompt_tokens_total")
+        if prefill is not None and prompt:
+            lines.append(
+                f"n=4: {prompt:.0f} prompt tokens in {row['completed']} requests, {prefill:.0f} computed by the "
+                f"model ({prefill / prompt:.2f} prefills per prompt; 4.00 = no sharing)"
+            )
+    cached, uncached = runs.get("turns_cached"), runs.get("turns_uncached")
+    if cached:
+        on = cached["rows"][0].get("ttft_ms_mean_by_turn") or []
+        off = (uncached["rows"][0].get("ttft_ms_mean_by_turn") or []) if uncached else []
+        hits = cached["rows"][0].get("cached_tokens_mean_by_turn") or []
+        sent = cached["rows"][0].get("input_tokens_mean_by_turn") or []
+        lines.append("| turn | prompt tokens | cached tokens | TTFT ms cache | TTFT ms no cache | ratio |")
+        lines.append("|---|---|---|---|---|---|")
+        for t, ttft in enumerate(on):
+            base = off[t] if t < len(off) else None
+            ratio = f"{ttft / base:.2f}" if ttft and base else "-"
+            lines.append(
+                f"| {t + 1} | {_at(sent, t)} | {_at(hits, t)} | {ttft} | {'-' if base is None else base} | {ratio} |"
+            )
+    return lines
+
+
+def _at(values: list, index: int) -> str:
+    return "-" if index >= len(values) or values[index] is None else f"{values[index]:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("rows_dir")
+    parser.add_argument("--card", required=True)
+    parser.add_argument("--server", default="")
+    parser.add_argument("--quiet", action="store_true", help="write the file, print nothing")
+    args = parser.parse_args()
+    runs = collect(Path(args.rows_dir))
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "card": args.card,
+        "server": args.server,
+        "command": "bash scripts/gpu_serve_bench.sh OUT",
+        "runs": runs,
+        "table": table(runs),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if not args.quiet:
+        print("\n".join(result["table"]))
+
+
+if __name__ == "__main__":
+    main()
