@@ -104,7 +104,8 @@ def test_heuristic_moe_config_by_batch():
     one = heuristic_moe_config(1, 128, 8, hidden=2816, inter=704, sms=132)
     assert one.split and 1 * 8 * 22 * one.gate_up_split_k >= 2 * 132  # about two waves for one token
     assert heuristic_moe_config(16, 128, 8).block_m == 16
-    assert heuristic_moe_config(4096, 128, 8).block_m == 64
+    assert heuristic_moe_config(1800, 128, 8).block_m == 64
+    assert heuristic_moe_config(4096, 128, 8).block_m == 128  # prefill-sized expert blocks
 
 
 @pytest.mark.skipif(not ON_GPU or interpreting(), reason="CUDA graphs need a GPU")

@@ -15,6 +15,8 @@ from nvfp4kit.model.ops import TorchBackend
 
 from .helpers import BF16_BOUND, DEVICE, FP32_BOUND, random_experts, rel_error
 
+pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
+
 E, H, INTER = 5, 144, 48  # 26B-A4B's H = 2816 and I = 704 keep K off the 128 tile too (144 = 9 x 16)
 
 

@@ -15,6 +15,8 @@ from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 
 from .helpers import BF16_BOUND, DEVICE, FP32_BOUND, random_weight, rel_error
 
+pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
+
 # (N, K): down-like (N > K, K = 9 x 16), qkv-like (N >> K), o-like (K = 2 x 128)
 SHAPES = [(176, 144), (264, 48), (40, 256)]
 

@@ -257,6 +257,11 @@ def heuristic_moe_config(
         return MoEConfig(block_m=16)
     if per_expert <= 96:
         return MoEConfig(block_m=32, gate_up_block_n=64, gate_up_block_k=64, down_block_n=64)
+    if per_expert >= 128:  # prefill: 128-row expert blocks, 8-15% faster than 64 at 2048-8192 tokens (H200)
+        return MoEConfig(
+            block_m=128, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128, down_block_k=64,
+            down_warps=8, gate_up_warps=8,
+        )  # fmt: skip
     return MoEConfig(
         block_m=64, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128, down_warps=8, gate_up_warps=8
     )

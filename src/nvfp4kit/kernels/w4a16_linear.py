@@ -25,8 +25,9 @@ from nvfp4kit.kernels.dequant import dequant_linear
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 from nvfp4kit.kernels.split_k import arrival_counters
 
-# tokens from which the default path expands the weight and calls cuBLAS (see the module doc)
-DEQUANT_MIN_M = 1024
+# tokens from which the default path expands the weight and calls cuBLAS (see the module doc): on the H200 at
+# M = 512 it beat the best Triton tile for all six 26B-A4B linears by 1.2-2.2x (docs/benchmarks.md)
+DEQUANT_MIN_M = 512
 
 
 @triton.jit
@@ -215,7 +216,8 @@ def w4a16_linear(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if config is None and m >= max(1, dequant_min_m):
+    # fp16 keeps the Triton path: a weight expanded with scale_2 folded in could flush to fp16 subnormals
+    if config is None and m >= max(1, dequant_min_m) and x.dtype != torch.float16:
         return dequant_linear(x2, weight).reshape(*lead, n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
