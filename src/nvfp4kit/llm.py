@@ -126,6 +126,8 @@ class LLM:
     `generate(prompts, sampling_params=..., use_tqdm=...)`, `chat(messages, ...)`, `get_tokenizer()`.
     `tune` times the kernels' missing table entries on the card before loading; `kernel_cache_dir` is where
     the tuning tables are kept and read, for the whole process (else $NVFP4KIT_CACHE_DIR, else ~/.cache).
+    `tensor_parallel_size=N` splits the model over N devices, one process each, this one running the engine
+    (heads, MLP columns, experts and vocab rows; no CUDA graphs or images yet; docs/parallel.md).
     """
 
     def __init__(
