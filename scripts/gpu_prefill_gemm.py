@@ -2,7 +2,7 @@
 
 Dense 26B-A4B linears and the MoE at M = 512, 2048, 4096, 8192: max rel error against fp32 math on the
 dequantized weights, median microseconds (triton.testing.do_bench), a compact table last and JSON under --out.
-Usage: PYTHONPATH=src python3 scripts/gpu_prefill_gemm.py --out DIR [--ms 512 4096] [--skip-moe]
+Usage: PYTHONPATH=src python3 scripts/gpu_prefill_gemm.py --out DIR [--ms 512 4096] [--skip-moe] [--expand-sweep]
 """
 
 # ruff: noqa: B023  (every lambda here is timed and dropped inside its loop iteration)
@@ -131,6 +131,39 @@ def moe(ms, rows, save) -> None:
         torch.cuda.empty_cache()
 
 
+EXPAND_TILES = [(32, 128, 4), (64, 128, 4), (64, 128, 8), (32, 256, 4), (64, 256, 8), (16, 256, 4), (128, 64, 4),
+                (8, 512, 4), (16, 512, 8)]  # fmt: skip
+
+
+def expand_sweep(rows, save) -> None:
+    """Expansion tiles: microseconds and GB/s (packed + scales read, BF16 written) on the largest weights."""
+    e, h, i = (MOE_SHAPE[key] for key in ("experts", "hidden", "inter"))
+    cases = {
+        "dense_qk_global": (random_nvfp4(*DENSE_SHAPES["dense_qk_global"], seed=1), None),
+        "dense_down": (random_nvfp4(*DENSE_SHAPES["dense_down"], seed=2), None),
+        "moe_gate": (random_nvfp4(2 * i, h, experts=e, seed=3), (0, i)),
+        "moe_down": (random_nvfp4(h, i, experts=e, seed=4), None),
+    }
+    for name, (weight, part) in cases.items():
+        ref = dequantize_nvfp4(weight, rows=part)
+        moved = ref.numel() * (2 + 0.5 + 1 / 16)
+        row = {"op": "expand_" + name, "M": 0, "shape": list(ref.shape)}
+        for tile in EXPAND_TILES:
+            key = "x".join(map(str, tile))
+            out = torch.empty_like(ref)
+            try:
+                us = bench_us(lambda tile=tile: dequantize_nvfp4(weight, rows=part, out=out, tile=tile))
+            except Exception as exc:
+                log(f"{name} {key}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            row[key + "_us"] = us
+            row[key + "_gbps"] = round(moved / us / 1e3, 1)
+            row[key + "_exact"] = bool(torch.equal(out, ref))
+        rows.append(row)
+        log(json.dumps(row))
+        save()
+
+
 def graph_check(fn) -> bool:
     """The prefill path captures into a CUDA graph and replays to the eager result."""
     eager = fn()
@@ -148,6 +181,13 @@ def graph_check(fn) -> bool:
 def table(rows) -> str:
     lines = []
     for r in rows:
+        if r["op"].startswith("expand_"):
+            rates = {k[:-5]: v for k, v in r.items() if k.endswith("_gbps")}
+            best = max(rates, key=rates.get) if rates else "-"
+            parts = " ".join(f"{k}={v:.0f}GB/s" for k, v in rates.items())
+            exact = all(v for k, v in r.items() if k.endswith("_exact"))
+            lines.append(f"{r['op']:<22} best={best} exact={exact} | {parts}")
+            continue
         us = {key[:-3]: val for key, val in r.items() if key.endswith("_us") and val is not None}
         base = us.pop("cublas", None)
         best = min(us.items(), key=lambda kv: kv[1] if kv[0] not in ("dequant", "dequant_all") else 1e30)
@@ -163,6 +203,7 @@ def main() -> int:
     parser.add_argument("--ms", nargs="+", type=int, default=[512, 2048, 4096, 8192])
     parser.add_argument("--skip-moe", action="store_true")
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--expand-sweep", action="store_true", help="only time expansion tiles")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     out = Path(args.out)
@@ -174,6 +215,9 @@ def main() -> int:
         (out / "prefill_gemm.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
 
     start = time.time()
+    if args.expand_sweep:
+        expand_sweep(rows, save)
+        args.skip_dense = args.skip_moe = True
     if not args.skip_dense:
         dense(args.ms, rows, save)
     if not args.skip_moe:

@@ -76,3 +76,10 @@ def test_threshold_picks_the_path_and_scratch_is_reused(monkeypatch):
     assert scratch_bytes() == after_large  # the smaller weight reuses it
     release_scratch()
     assert scratch_bytes() == 0
+
+
+@pytest.mark.parametrize("tile", [(16, 64, 2), (64, 256, 4)])
+def test_expansion_tiles_give_the_same_values(tile):
+    weight = random_weight(264, 48, seed=5)  # K = 48: one partial column tile whatever its width
+    ref = weight.dequantize(torch.bfloat16)
+    assert torch.equal(dequantize_nvfp4(weight, tile=tile), ref)

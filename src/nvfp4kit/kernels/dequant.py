@@ -18,7 +18,8 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.nvfp4_tile import expand_weight, fold_scale, load_weight_raw
 
-# rows x columns expanded per program (a 128-column tile reads 64 contiguous bytes per row)
+# rows x columns expanded per program (a 128-column tile reads 64 contiguous bytes per row); on the H200 this
+# moves ~1.8 TB/s, 45% of the copy rate: `scripts/gpu_prefill_gemm.py --expand-sweep` times other tiles
 _BLOCK_ROWS = 32
 _BLOCK_K = 128
 
@@ -76,11 +77,13 @@ def dequantize_nvfp4(
     dtype: torch.dtype = torch.bfloat16,
     rows: tuple[int, int] | None = None,
     out: torch.Tensor | None = None,
+    tile: tuple[int, int, int] = (_BLOCK_ROWS, _BLOCK_K, 4),
 ) -> torch.Tensor:
     """Expand a [N, K] or stacked [E, N, K] NVFP4 weight to `dtype` (each value rounded once from fp32).
 
     `rows=(start, count)` expands only rows [start, start+count) of each matrix (e.g. the gate half of a fused
-    gate_up); `out`, if given, must be contiguous of the result's shape and dtype and is written in place."""
+    gate_up); `out`, if given, must be contiguous of the result's shape and dtype and is written in place;
+    `tile` = (rows, columns, warps) per program (powers of two, columns >= 32; the default is the measured one)."""
     packed, scale = weight.packed, weight.scale.view(torch.uint8)
     stacked = packed.dim() == 3
     if not stacked:
@@ -102,12 +105,13 @@ def dequantize_nvfp4(
         return out
     interpret = interpreting()
     asm = not interpret and packed.is_cuda and dtype != torch.float16 and _sm80(packed.device)
-    grid = (experts, triton.cdiv(count, _BLOCK_ROWS), triton.cdiv(k, _BLOCK_K))
+    block_rows, block_k, warps = tile
+    grid = (experts, triton.cdiv(count, block_rows), triton.cdiv(k, block_k))
     _dequant_kernel[grid](
         packed, scale, s2, out, start, count, k,
         packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), count * k, k,
-        BR=_BLOCK_ROWS, BK=_BLOCK_K, ASM=asm, EVEN_K=k % _BLOCK_K == 0,
-        ROUND_BF16=interpret and dtype == torch.bfloat16, num_warps=4,
+        BR=block_rows, BK=block_k, ASM=asm, EVEN_K=k % block_k == 0,
+        ROUND_BF16=interpret and dtype == torch.bfloat16, num_warps=warps,
     )  # fmt: skip
     return out
 
