@@ -1,5 +1,5 @@
-"""The overlap scheduler on a CUDA GPU (skipped without one): real graph replays fed from device tokens, pinned
-copies and events. Run on the GPU with `python -m pytest -q -p no:cacheprovider tests/engine/test_overlap_cuda.py`.
+"""The overlap scheduler on a CUDA GPU (`cuda` marker: skipped without one): real graph replays fed from device
+tokens, pinned copies and events. On the card: `PYTHONPATH=src python3 -m pytest -m cuda -q tests/engine/test_overlap_cuda.py`.
 
 Every decode step pads to one captured batch size (8), so each row meets the same kernel shapes whatever the
 other rows do, and the tokens can be compared exactly between overlap on and off.
@@ -19,7 +19,7 @@ from nvfp4kit.tokenizer import Tokenizer
 from .helpers import random_prompts
 from .test_overlap import _all_free, _greedy, _run
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.cuda
 
 
 @pytest.fixture(scope="module")
