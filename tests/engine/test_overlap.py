@@ -260,6 +260,7 @@ def test_bench_decode_with_overlap_on_and_off_and_the_flags(parts):
     for overlap in (True, False):
         result = decode_speed(engine, batch=3, context=20, steps=4, overlap=overlap)
         assert result.tokens_per_s > 0 and result.gpu_ms_per_step is None  # no CUDA events on the CPU
+        assert result.overlapped_steps == (4 if overlap else 0)  # every timed step launched ahead
         assert not engine.has_unfinished() and _all_free(engine)
     assert engine.overlapped_steps > 0
     parser = argparse.ArgumentParser()

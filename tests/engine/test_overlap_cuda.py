@@ -1,5 +1,6 @@
 """The overlap scheduler on a CUDA GPU (`cuda` marker: skipped without one): real graph replays fed from device
-tokens, pinned copies and events. On the card: `PYTHONPATH=src python3 -m pytest -m cuda -q tests/engine/test_overlap_cuda.py`.
+tokens, pinned copies and events. On the card:
+`PYTHONPATH=src python3 -m pytest -m cuda -q tests/engine/test_overlap_cuda.py`.
 
 Every decode step pads to one captured batch size (8), so each row meets the same kernel shapes whatever the
 other rows do, and the tokens can be compared exactly between overlap on and off.

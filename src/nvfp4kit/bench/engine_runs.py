@@ -34,6 +34,7 @@ class DecodeResult:
     tokens_per_s: float
     ms_per_step: float
     gpu_ms_per_step: float | None = None  # device time of a step (forward + sampling), from CUDA events
+    overlapped_steps: int = 0  # timed steps the overlap scheduler launched ahead of the host
 
     @property
     def host_ms_per_step(self) -> float | None:
@@ -70,16 +71,18 @@ def decode_speed(
     engine.step()  # one decode step untimed: every request is now decoding
     _sync(engine)
     engine.step_timer = timer = StepTimer(engine.device)
+    ahead = engine.overlapped_steps
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     _sync(engine)
     seconds = time.perf_counter() - t0
     engine.step_timer = None
+    ahead = engine.overlapped_steps - ahead
     while engine.has_unfinished():
         engine.step()
     result = DecodeResult(batch, context, batch * steps / seconds, 1e3 * seconds / steps)
-    return replace(result, gpu_ms_per_step=timer.ms_per_step())
+    return replace(result, gpu_ms_per_step=timer.ms_per_step(), overlapped_steps=ahead)
 
 
 @dataclass(frozen=True)

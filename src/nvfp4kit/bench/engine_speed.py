@@ -139,7 +139,7 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
             "gbps": round(step_bytes / (result.ms_per_step * 1e-3) / 1e9, 1),
             "roofline_tokens_per_s": round(roof, 1), "pct_roofline": round(100 * result.tokens_per_s / roof, 1),
             "overlap": overlap, "gpu_ms_per_step": _ms(result.gpu_ms_per_step),
-            "host_ms_per_step": _ms(result.host_ms_per_step),
+            "host_ms_per_step": _ms(result.host_ms_per_step), "overlapped_steps": result.overlapped_steps,
         })  # fmt: skip
         _log(
             f"  {scenario} batch {batch}: {result.tokens_per_s:.1f} tok/s ({result.ms_per_step:.2f} ms/step, "
