@@ -292,3 +292,47 @@ def test_aborting_every_request_in_flight_frees_all_and_the_engine_goes_on(parts
     assert not engine.has_unfinished() and _all_free(engine)
     alone = _run(_engine(parts, False), [(prompts[2], _greedy(6))])
     assert _run(engine, [(prompts[2], _greedy(6))]) == alone and _all_free(engine)
+
+
+def test_async_engine_streams_the_same_tokens_with_overlap_and_frees_closed_streams(parts):
+    import asyncio
+
+    from nvfp4kit.engine.async_batching import AsyncBatchingEngine
+
+    prompts = random_prompts([8, 11, 6, 9], seed=9)
+    params = [
+        _greedy(9),
+        SamplingParams(max_tokens=7, temperature=0.8, seed=4, ignore_eos=True),
+        _greedy(5, logprobs=2),
+    ]
+
+    async def run(overlap: bool):
+        engine = AsyncBatchingEngine(_engine(parts, overlap))
+
+        async def collect(prompt, sampling):
+            return [(e.token_id, e.text, e.finish_reason) async for e in engine.stream(prompt, sampling)]
+
+        async def leave_early():  # a client that goes away after three tokens: its request is aborted
+            tokens = []
+            stream = engine.stream(prompts[3], _greedy(20))
+            async for event in stream:
+                tokens.append(event.token_id)
+                if len(tokens) == 3:
+                    break
+            await stream.aclose()
+            return tokens
+
+        jobs = [collect(p, sp) for p, sp in zip(prompts, params)] + [leave_early()]
+        out = await asyncio.gather(*jobs)
+        for _ in range(200):  # the worker applies the abort between steps
+            if not engine.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        inner = engine.engine
+        await engine.close()
+        return out, inner
+
+    expected, sync = asyncio.run(run(False))
+    out, engine = asyncio.run(run(True))
+    assert out == expected and [len(tokens) for tokens in out] == [9, 7, 5, 3]
+    assert engine.overlapped_steps > 0 and _all_free(engine) and _all_free(sync)
