@@ -14,7 +14,6 @@ takes the head dim. Every candidate's output is compared with the `paged` kernel
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -150,20 +149,19 @@ def sdpa_ms(pool: LayerPool, length: int) -> float | None:
         return None
 
 
-def candidates(head_dim: int, group: int):
-    from nvfp4kit.kernels.paged_attention import next_pow2
-    from nvfp4kit.kernels.prefill_attention import PrefillConfig
+def candidates(head_dim: int, group: int, *, derived: bool):
+    """Tiles to sweep: around the defaults (`prefill_configs`), and stepped RoPE angles where K is derived."""
+    from nvfp4kit.kernels.prefill_attention import PrefillConfig, prefill_block_q
 
-    g = next_pow2(group)
-    if head_dim >= 512:  # (rows, keys, column slices, warps, stages)
-        grid = [*itertools.product((64, 128), (32, 64), (1, 2, 4), (8,), (2,))]
-        grid += [(32, 32, 1, 4, 2), (64, 32, 2, 4, 2), (64, 32, 2, 8, 1), (128, 32, 2, 8, 3)]
+    block_q = prefill_block_q(head_dim, group)
+    if head_dim >= 512:  # (keys, column slices, warps, stages)
+        grid = [(64, 1, 8, 2), (64, 1, 8, 3), (32, 1, 8, 2), (64, 2, 8, 2), (128, 1, 8, 1), (128, 2, 8, 2)]
     else:
-        grid = [*itertools.product((64, 128), (32, 64, 128), (1,), (4, 8), (2,))]
-        grid += [(128, 64, 1, 8, 3), (128, 32, 1, 8, 3)]
-    for rows, bn, dv, warps, stages in grid:
-        if rows >= g:
-            yield PrefillConfig(rows // g, bn, dv, warps, stages)
+        grid = [(64, 1, 8, 2), (64, 1, 8, 3), (128, 1, 8, 2), (32, 1, 4, 2)]
+    for bn, dv, warps, stages in grid:
+        yield PrefillConfig(block_q, bn, dv, warps, stages)
+        if derived:
+            yield PrefillConfig(block_q, bn, dv, warps, stages, rope_step=True)
 
 
 def _config(preset: str) -> Gemma4TextConfig:
@@ -186,7 +184,9 @@ def run_attention(args: argparse.Namespace) -> int:
         best = None
         if args.sweep:
             sweep_len = min(longest, 16384)
-            for c in candidates(pool.head_dim, pool.q_heads // pool.kv_heads):
+            for c in candidates(
+                pool.head_dim, pool.q_heads // pool.kv_heads, derived=pool.derived is not None
+            ):
                 try:
                     ms, err = prompt_time(pool, "prefill", sweep_len, args.chunk, c)
                 except Exception as exc:  # a tile that does not compile or fit: skip it, say so
