@@ -1,7 +1,7 @@
 """Rank 0's side of a tensor-parallel group: the worker processes, their watchdog, and the model facade.
 
 `TensorParallelGroup.start(path, N, ...)` checks that the model splits over N ranks (before any process
-starts), spawns ranks 1..N-1 (torch.multiprocessing, spawn), joins the process group as rank 0 through a
+starts), starts ranks 1..N-1 (torch.multiprocessing: spawn on CUDA, forkserver on the CPU), joins the process group as rank 0 through a
 TCP store on a free port, and loads rank 0's shard while the workers load theirs. `group.model` is what the
 `Engine` runs: a `TensorParallelModel`, whose `hidden_states` and `logits` first announce the call to every
 worker (see worker.py), then run rank 0's shard; the collectives inside the forward join the ranks' parts.
@@ -144,7 +144,11 @@ class TensorParallelGroup:
         group = cls(layout, device, timeout_s)
         store = master_store(world_size=world_size, timeout_s=timeout_s)
         spec = WorkerSpec(path, layout, store.port, str(device), dtype, backend, timeout_s, loader)
-        context = mp.get_context("spawn")
+        if device.type == "cuda":  # a fresh interpreter: no CUDA state inherited
+            context = mp.get_context("spawn")
+        else:  # forked from a server that imported the worker once: no torch import per rank
+            context = mp.get_context("forkserver")
+            context.set_forkserver_preload(["nvfp4kit.distributed.worker"])
         try:
             for rank in range(1, world_size):
                 ours, theirs = context.Pipe()
