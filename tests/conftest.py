@@ -16,7 +16,7 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(
-        reason="needs a CUDA GPU: there, python3 -m pytest -m cuda tests/gpu tests/kernels"
+        reason="needs a CUDA GPU: there, python3 -m pytest -m cuda tests/gpu tests/kernels tests/engine"
     )
     for item in items:
         marker = item.get_closest_marker("cuda")
