@@ -252,19 +252,15 @@ class TensorParallelGroup:
 
     def _watch(self) -> None:
         while not self._closing.wait(WATCH_INTERVAL_S):
-            for worker in self.workers:
-                if not worker.process.is_alive() and self.failure is None:
-                    failure = self._worker_failure(wait_s=0.5) or _died(worker)
-                    log.error("tensor parallel: %s", failure)
-                    self.failure = failure
-                    if self.device.type == "cuda":  # NCCL would wait out its timeout: abort the pending call
-                        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-                        try:
-                            if abort is not None:
-                                abort()
-                        except Exception:  # noqa: BLE001 - best effort; the timeout still ends the call
-                            log.debug("tensor parallel: abort failed", exc_info=True)
-                    return
+            for worker in list(self.workers):
+                if worker.process.is_alive() or self.failure is not None or self._closing.is_set():
+                    continue  # (a worker that ends while the group closes has been told to)
+                failure = self._worker_failure(wait_s=0.5) or _died(worker)
+                log.error("tensor parallel: %s", failure)
+                self.failure = failure
+                if self.device.type == "cuda":  # NCCL would wait out its timeout: abort the pending call
+                    _abort_nccl()
+                return
 
     def _end(self, failure: TensorParallelError) -> None:
         self.failure = self.failure or failure
@@ -288,12 +284,24 @@ class TensorParallelGroup:
             worker.conn.close()
         self.workers = []
         if dist.is_initialized():
+            if self.failure is not None and self.device.type == "cuda":
+                _abort_nccl()  # a collective may still wait on the lost rank: destroying would wait with it
             try:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a broken group may not tear down cleanly; it is gone either way
                 log.debug("tensor parallel: process group teardown failed", exc_info=True)
         self._store = None
         self.model = None
+
+
+def _abort_nccl() -> None:
+    """Abort the NCCL communicators (pending collectives fail at once); best effort: the timeout is the net."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if abort is not None and dist.is_initialized():
+            abort()
+    except Exception:  # noqa: BLE001
+        log.debug("tensor parallel: NCCL abort failed", exc_info=True)
 
 
 def _error_from(message: tuple) -> TensorParallelError:
