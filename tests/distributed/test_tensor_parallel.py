@@ -25,7 +25,7 @@ CONFIG = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=1
 )
 def test_logits_and_greedy_tokens_equal_one_process(split_checkpoint, name, nvfp4, ranks):
     folder = split_checkpoint(name, nvfp4)
-    prompts = random_prompts([5, 19, 11], seed=ranks)
+    prompts = random_prompts([5, 19, 40], seed=ranks)
     ref = LLM(folder, **OPTIONS)
     tp = LLM(folder, tensor_parallel_size=ranks, **OPTIONS)
     workers = [w.process for w in tp.parallel.workers]
@@ -37,10 +37,15 @@ def test_logits_and_greedy_tokens_equal_one_process(split_checkpoint, name, nvfp
     assert (got - want).abs().max().item() < 1e-5 * scale, (
         f"max error {(got - want).abs().max()} at scale {scale}"
     )
-    # n=2 on one prompt: the second sample takes a copy of the first's sliding ring (mirrored on every rank)
+    # n=2 on a 40-token prompt: the second sample takes the first's full blocks and a copy of its sliding ring,
+    # the one KV copy rank 0 makes outside a forward (mirrored on every rank)
+    prefix, copies = tp.engine.scheduler.prefix, []
+    mirrored = prefix.copy_ring
+    prefix.copy_ring = lambda source, target: (copies.append(target), mirrored(source, target))
     params = [GREEDY, GREEDY, SamplingParams(n=2, max_tokens=8, temperature=0, ignore_eos=True)]
     outs = [[o.token_ids for o in r.outputs] for r in tp.generate(prompts, params, use_tqdm=False)]
     assert outs == [[o.token_ids for o in r.outputs] for r in ref.generate(prompts, params, use_tqdm=False)]
+    assert len(copies) == 1
     tp.close()
     assert not any(p.is_alive() for p in workers)  # close() ends the workers
     ref.close()
