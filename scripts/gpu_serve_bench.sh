@@ -31,7 +31,7 @@ else
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   serve=(--random-weights 26b-a4b --device cuda --kv-cache-dtype fp8_e4m3 --max-model-len 16384 --max-num-seqs 128
          --max-num-batched-tokens 2048)
-  c1=(--input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts 16)
+  c1=(--input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts 16 --warmup 8)
   c100=(--concurrency 100 --input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts 400
         --warmup 16)
   nfour=(--input-len 4096 --output-len 32 --num-prompts 4)

@@ -89,7 +89,8 @@ class AsyncBatchingEngine:
             raise RuntimeError("the engine is shut down")
         request_id = f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        text = TextOutput(self.tokenizer, prompt_ids, params) if self.tokenizer is not None else None
+        detokenize = self.tokenizer is not None and params.detokenize
+        text = TextOutput(self.tokenizer, prompt_ids, params) if detokenize else None
         self._commands.put(("add", request_id, list(prompt_ids), params, stream, images))
         finished = False  # by the engine: else the engine still holds the request, and closing aborts it
         try:
