@@ -102,3 +102,27 @@ def test_tiny_checkpoint_folded(bf16_checkpoint, quantized, calib_file, calib_sh
         want = reference(ids, ContiguousKVCache(reference.config).step(len(ids)))
         got = refolded(ids, ContiguousKVCache(refolded.config).step(len(ids)))
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)  # the fold alone changes nothing but rounding
+
+
+def test_block_act_order_keeps_blocks_and_maps_back(monkeypatch):
+    """calib_gptq.ACT_ORDER: blocks swept by falling activation energy; round to nearest (order-blind) comes
+    back bit for bit, and GPTQ with it is still a valid NVFP4 of the same weight."""
+    from nvfp4kit.formats.nvfp4 import quantize as quantize_nvfp4
+    from nvfp4kit.quant import calib_gptq
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2048, 64, generator=gen) * torch.linspace(0.2, 3.0, 64)  # later columns louder
+    h = x.T @ x
+    perm = calib_gptq.block_order(h)
+    assert sorted(perm.tolist()) == list(range(64)) and perm[0] // 16 == 3  # the loudest block first
+    assert all(len({int(c) // 16 for c in perm[i : i + 16]}) == 1 for i in range(0, 64, 16))
+    w = torch.randn(32, 64, generator=gen)
+    plain = quantize_nvfp4(w)
+    back = calib_gptq._unpermute(quantize_nvfp4(w[:, perm], scale_2=plain.scale_2), perm)
+    assert torch.equal(back.packed, plain.packed) and torch.equal(back.scale.float(), plain.scale.float())
+    monkeypatch.setattr(calib_gptq, "ACT_ORDER", True)
+    (ordered,) = calib_gptq.gptq_quantize_group([w], h)
+    monkeypatch.setattr(calib_gptq, "ACT_ORDER", False)
+    (natural,) = calib_gptq.gptq_quantize_group([w], h)
+    ones = torch.ones(64)
+    assert output_error([w], h, [ordered], ones) < 1.5 * output_error([w], h, [natural], ones)

@@ -14,7 +14,6 @@ from nvfp4kit.quant import calib_tune
 from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.tokenizer import Tokenizer
 
-
 TUNED = ("router.scale", "router.per_expert_scale", "router.proj.weight", "layer_scalar")
 
 

@@ -27,7 +27,7 @@ from nvfp4kit.quant.calib_methods import GroupQuantizer
 STAGES = ("qkv", "o", "ffn", "ple")  # a layer's linears in the order their inputs depend on each other
 
 
-def _feeding_norm(layer: DecoderLayer, index: int, stage: str, first: str) -> tuple[str, RMSNorm] | None:
+def _feeding_norm(layer: DecoderLayer, index: int, first: str) -> tuple[str, RMSNorm] | None:
     """(HF name, module) of the RMSNorm whose output only the group starting with `first` reads, if any
     (the scales calib_awq folds into it)."""
     p = f"layers.{index}."
@@ -146,7 +146,7 @@ class LayerRefiner:
         for stage, modules, linear in _linear_groups(layer, index):
             if stage in stages and self.is_quantized(modules[0]):
                 hessian, cross = hessians.get(modules[0]), hessians.get(modules[0] + CROSS)
-                norm = _feeding_norm(layer, index, stage, modules[0])
+                norm = _feeding_norm(layer, index, modules[0])
                 out.update(self.refine_linear(linear, modules, hessian, cross, norm))
         if "ffn" in stages and layer.moe and self._experts_quantized(index):
             out.update(self._refine_experts(layer, f"layers.{index}.", hessians))
