@@ -214,6 +214,8 @@ def layer_rows(ms: list[int], *, timing: bool) -> list[dict]:
                 outs[name] = result.pop("out")
                 row.update({f"{name}_{key}": value for key, value in result.items()})
             row["rel_err"] = rel_error(outs["fused"], outs["torch"])
+            per_token = [rel_error(f, t) for f, t in zip(outs["fused"], outs["torch"])]
+            row["token_rel_err_median"] = float(torch.tensor(per_token).median())
             if timing:
                 q = randn(m, cfg.num_attention_heads, cfg.layer_head_dim(index), seed=0)
                 row["attention_kernels"] = attention_kernels(ctx, index, q)
