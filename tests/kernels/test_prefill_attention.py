@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.prefill_attention import PrefillConfig, prefill_attention, prefill_config
-from nvfp4kit.kernels.rope_angles import cos_sin
 
 from .helpers import rel_error
 from .test_paged_attention import DEFAULT_ROPE, FP8, GLOBAL, PROPORTIONAL, Case, bound, run_case
@@ -47,36 +44,6 @@ def test_derived_keys_and_column_slices(rope, dv_splits):
     case = Case([(0, 12), (30, 7), (5, 3)], rope=rope, kv_dtype=torch.float8_e5m2, scale=0.5, **GLOBAL)
     out, ref = run_case(case, prefill_config=tiles(block_q=2, block_n=8, dv_splits=dv_splits))
     assert rel_error(out, ref) < bound(case)
-
-
-def test_derived_keys_with_stepped_rope_angles():
-    # each key tile's angles from its first position by the addition formulas; tiles cross pool blocks
-    case = Case([(0, 12), (37, 7)], rope=PROPORTIONAL, kv_dtype=torch.bfloat16, **GLOBAL)
-    config = PrefillConfig(block_q=2, block_n=8, dv_splits=1, num_warps=4, num_stages=1, rope_step=True)
-    out, ref = run_case(case, prefill_config=config)
-    assert rel_error(out, ref) < bound(case)
-
-
-@triton.jit
-def _stepped_angles_probe(freq_ptr, out_ptr, first, N: tl.constexpr, R: tl.constexpr):
-    freq = tl.load(freq_ptr + tl.arange(0, R))
-    step_cos, step_sin = cos_sin(tl.arange(0, N).to(tl.float32)[:, None] * freq[None, :])
-    c0, s0 = cos_sin(freq * first)
-    idx = tl.arange(0, N)[:, None] * R + tl.arange(0, R)[None, :]
-    tl.store(out_ptr + idx, step_cos * c0[None, :] - step_sin * s0[None, :])
-    tl.store(out_ptr + N * R + idx, step_sin * c0[None, :] + step_cos * s0[None, :])
-
-
-def test_stepped_angles_stay_as_accurate_as_fp32_angles_past_100k_tokens():
-    freq = torch.tensor([1.0, 0.37, 0.05, 1e-3], dtype=torch.float32)
-    first, n = 131_008, 16
-    out = torch.empty(2, n, 4)
-    _stepped_angles_probe[(1,)](freq, out, first, N=n, R=4)
-    exact = torch.arange(first, first + n, dtype=torch.float64)[:, None] * freq.double()[None, :]
-    fp32 = (torch.arange(first, first + n, dtype=torch.float32)[:, None] * freq[None, :]).double()
-    stepped_err = max((out[0] - exact.cos()).abs().max(), (out[1] - exact.sin()).abs().max())
-    fp32_err = max((fp32.cos() - exact.cos()).abs().max(), (fp32.sin() - exact.sin()).abs().max())
-    assert stepped_err <= fp32_err + 1e-6  # no worse than rounding each position's angle to fp32
 
 
 def test_group_not_a_power_of_two_and_bf16_queries():

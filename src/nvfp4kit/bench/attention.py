@@ -149,8 +149,8 @@ def sdpa_ms(pool: LayerPool, length: int) -> float | None:
         return None
 
 
-def candidates(head_dim: int, group: int, *, derived: bool):
-    """Tiles to sweep: around the defaults (`prefill_configs`), and stepped RoPE angles where K is derived."""
+def candidates(head_dim: int, group: int):
+    """Tiles to sweep, around the defaults (`prefill_configs`)."""
     from nvfp4kit.kernels.prefill_attention import PrefillConfig, prefill_block_q
 
     block_q = prefill_block_q(head_dim, group)
@@ -160,8 +160,6 @@ def candidates(head_dim: int, group: int, *, derived: bool):
         grid = [(64, 1, 8, 2), (64, 1, 8, 3), (128, 1, 8, 2), (32, 1, 4, 2)]
     for bn, dv, warps, stages in grid:
         yield PrefillConfig(block_q, bn, dv, warps, stages)
-        if derived:
-            yield PrefillConfig(block_q, bn, dv, warps, stages, rope_step=True)
 
 
 def _config(preset: str) -> Gemma4TextConfig:
@@ -184,9 +182,7 @@ def run_attention(args: argparse.Namespace) -> int:
         best = None
         if args.sweep:
             sweep_len = min(longest, 16384)
-            for c in candidates(
-                pool.head_dim, pool.q_heads // pool.kv_heads, derived=pool.derived is not None
-            ):
+            for c in candidates(pool.head_dim, pool.q_heads // pool.kv_heads):
                 try:
                     ms, err = prompt_time(pool, "prefill", sweep_len, args.chunk, c)
                 except Exception as exc:  # a tile that does not compile or fit: skip it, say so

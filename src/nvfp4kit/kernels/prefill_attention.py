@@ -49,9 +49,6 @@ class PrefillConfig:
     dv_splits: int  # programs that share a query tile, each computing head_dim / dv_splits output columns
     num_warps: int
     num_stages: int
-    # derived K: each key tile's RoPE angles from the tile's first position by the angle-addition formulas (64
-    # sin/cos a tile instead of 64 x block_n); differs from fp32 angles of each position by <= 1 ulp of the angle
-    rope_step: bool = False
 
 
 def prefill_block_q(head_dim: int, group: int) -> int:
@@ -90,7 +87,6 @@ def _prefill_attention_kernel(
     D: tl.constexpr, DV: tl.constexpr, DV_SPLITS: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
     NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BIDIR: tl.constexpr,
-    ROPE_STEP: tl.constexpr,
 ):  # fmt: skip
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
     pid = tl.program_id(0)
@@ -143,8 +139,6 @@ def _prefill_attention_kernel(
         w_r1 = tl.load(knorm_ptr + rcols).to(tl.float32)
         w_r2 = tl.load(knorm_ptr + HALF + rcols).to(tl.float32)
         freq = tl.load(inv_freq_ptr + rcols).to(tl.float32)
-        if ROPE_STEP:  # angles of offsets 0 .. BLOCK_N - 1 within a tile, once
-            step_cos, step_sin = cos_sin(tl.arange(0, BLOCK_N).to(tl.float32)[:, None] * freq[None, :])
         qk_scale = v_factor * 1.4426950408889634
     else:
         q = q.to(ct)
@@ -175,12 +169,7 @@ def _prefill_attention_kernel(
             )
             x1 = x1 * w_r1[None, :]
             x2 = x2 * w_r2[None, :]
-            if ROPE_STEP:
-                c0, s0 = cos_sin(freq * n0)
-                cos = step_cos * c0[None, :] - step_sin * s0[None, :]
-                sin = step_sin * c0[None, :] + step_cos * s0[None, :]
-            else:
-                cos, sin = cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
+            cos, sin = cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
             scores += tl.dot(q_r1, tl.trans((x1 * cos - x2 * sin).to(ct)), input_precision=PRECISION)
             scores += tl.dot(q_r2, tl.trans((x2 * cos + x1 * sin).to(ct)), input_precision=PRECISION)
             if DV_SPLITS > 1:
@@ -301,7 +290,7 @@ def prefill_attention(
         try:
             _prefill_attention_kernel[(len(items) * kv_heads * cfg.dv_splits,)](
                 *args, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, DV=head_dim // cfg.dv_splits,
-                DV_SPLITS=cfg.dv_splits, ROPE_STEP=cfg.rope_step, num_warps=cfg.num_warps,
+                DV_SPLITS=cfg.dv_splits, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, **constants,
             )  # fmt: skip
             return out
