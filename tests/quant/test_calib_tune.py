@@ -60,11 +60,9 @@ def test_tuning_changes_only_the_small_vectors_and_lowers_kl(
         )
         if not torch.equal(base.get(name), tuned.get(name)):
             changed.append(name)
-    if report.written:
-        assert changed and [n for n in changed if not _tunable(n)] == []
-        assert _kl(src, out, samples) < before  # on all windows, measured without calib_tune's code
-    else:
-        assert not changed
+    assert report.written  # the tiny model's kept-aside window: 0.565 -> 0.526 when written
+    assert changed and [n for n in changed if not _tunable(n)] == []
+    assert _kl(src, out, samples) < before  # on all windows, measured without calib_tune's code
 
 
 def test_tuning_that_cannot_help_writes_nothing(
