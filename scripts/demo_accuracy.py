@@ -134,16 +134,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument(
-        "--only", help="measure only this export (a name of EXPORTS) and its max base; print, do not write"
-    )
-    parser.add_argument("--refine-kwargs", default="{}",
-                        help='extra refine_checkpoint arguments as JSON, e.g. \'{"awq": true}\' (with --only)')  # fmt: skip
     args = parser.parse_args()
-    exports = [e for e in EXPORTS if args.only in (None, e[0])]
-    if not exports:
-        parser.error(f"--only: no export named {args.only!r}")
-    refine_kwargs = json.loads(args.refine_kwargs)
     started = time.time()
     bf16 = demo_model_path("bf16")
     samples = load_samples(None, Tokenizer(bf16), num_samples=args.num_samples, seq_len=args.seq_len)
@@ -154,7 +145,7 @@ def main() -> None:
         reference = ReferenceLogits(
             load_model(bf16, dtype=torch.float32, device=args.device), samples, folder=tmp
         )
-        for name, recipe, calibration, source in exports:
+        for name, recipe, calibration, source in EXPORTS:
             t0 = time.time()
             base = tmp / f"{recipe}-max"
             if not base.exists():
@@ -170,18 +161,13 @@ def main() -> None:
             if calibration != "max":
                 folder = tmp / name
                 refine_checkpoint(bf16, base, folder, method=calibration, calib_data=data[source or "builtin"],
-                                  num_samples=args.calib_samples, device=args.device, progress=False,
-                                  **refine_kwargs)  # fmt: skip
+                                  num_samples=args.calib_samples, device=args.device, progress=False)  # fmt: skip
             result = reference.score(load_model(folder, dtype=torch.float32, device=args.device))
-            seconds = round(time.time() - t0, 1)
             row = {"recipe": recipe, "calibration": calibration, "calibration_data": source or "none",
                    "kl_mean": result.kl_mean, "kl_p99": result.kl_p99, "top1_agreement": result.top1_agreement,
-                   "ppl": result.ppl_quant, "ppl_bf16": result.ppl_ref, "model_bytes": checkpoint_bytes(folder),
-                   "seconds": seconds, **({"refine_kwargs": refine_kwargs} if refine_kwargs else {})}  # fmt: skip
+                   "ppl": result.ppl_quant, "ppl_bf16": result.ppl_ref, "model_bytes": checkpoint_bytes(folder)}  # fmt: skip
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.only is not None:
-        return
+            print(json.dumps(row), f"({time.time() - t0:.0f}s)", flush=True)
     bf16_row = {"recipe": "bf16", "calibration": "none", "calibration_data": "none", "kl_mean": 0.0, "kl_p99": 0.0,
                 "top1_agreement": 1.0, "ppl": rows[0]["ppl_bf16"], "ppl_bf16": rows[0]["ppl_bf16"],
                 "model_bytes": checkpoint_bytes(bf16)}  # fmt: skip

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from nvfp4kit.formats.nvfp4 import BLOCK, E2M1_MAX, NVFP4Tensor, e2m1_encode, pack_nibbles, unpack_nibbles
+from nvfp4kit.formats.nvfp4 import BLOCK, E2M1_MAX, NVFP4Tensor, e2m1_encode, pack_nibbles
 from nvfp4kit.quant.calib_search import (
     BLOCK_GRID,
     candidate_codes,
@@ -27,7 +27,6 @@ DAMPING = (
     0.05  # fraction of mean(diag(H)) added to the diagonal (GPTQ uses 0.01; more generalises better here)
 )
 SWEEP = 128  # columns updated lazily together (a multiple of the block size)
-ACT_ORDER = False  # sweep the 16-column blocks (and the columns inside each) by falling diag(H)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -136,41 +135,15 @@ def gptq_quantize(
     return NVFP4Tensor(packed, scales, s2)
 
 
-def block_order(hessian: torch.Tensor) -> torch.Tensor:
-    """Act-order that keeps NVFP4's blocks whole: a column permutation [K] (one for a batch of [E, K, K]:
-    the sum over E) taking the 16-column blocks by falling sum of diag(H), and the columns inside each block by
-    falling diag(H). A block keeps its 16 columns, so its scale and codes map straight back."""
-    diag = hessian.diagonal(dim1=-2, dim2=-1).float()
-    if diag.dim() == 2:
-        diag = diag.sum(0)
-    k = diag.shape[0]
-    blocks = diag.reshape(k // BLOCK, BLOCK)
-    first = blocks.sum(-1).argsort(descending=True, stable=True)
-    inner = blocks.argsort(dim=-1, descending=True, stable=True)
-    return (first[:, None] * BLOCK + inner[first]).reshape(k)
-
-
-def _unpermute(q: NVFP4Tensor, perm: torch.Tensor) -> NVFP4Tensor:
-    """NVFP4 of a column-permuted weight (block_order's permutation) back in the original column order."""
-    unpacked = unpack_nibbles(q.packed)
-    inverse = perm.argsort()
-    block_inverse = perm.reshape(-1, BLOCK)[:, 0].div(BLOCK, rounding_mode="floor").argsort()
-    return NVFP4Tensor(pack_nibbles(unpacked[..., inverse]), q.scale[..., block_inverse], q.scale_2)
-
-
 def gptq_quantize_group(
     weights: list[torch.Tensor], hessian: torch.Tensor, *, damping: float = DAMPING
 ) -> list[NVFP4Tensor]:
     """A fused group (same input, one shared tensor scale): searched tensor scale, then GPTQ on all rows.
     Members [N_i, K] with `hessian` [K, K], or E groups at once: [E, N_i, K] with [E, K, K]."""
     scale_2, _ = search_group(weights, hblocks=hessian_blocks(hessian.float()))
-    fused_weight = torch.cat([w.float() for w in weights], dim=-2)
-    if ACT_ORDER:
-        perm = block_order(hessian)
-        h = hessian[..., perm, :][..., :, perm]
-        fused = _unpermute(gptq_quantize(fused_weight[..., perm], h, scale_2=scale_2, damping=damping), perm)
-    else:
-        fused = gptq_quantize(fused_weight, hessian, scale_2=scale_2, damping=damping)
+    fused = gptq_quantize(
+        torch.cat([w.float() for w in weights], dim=-2), hessian, scale_2=scale_2, damping=damping
+    )
     out, row = [], 0
     for w in weights:
         rows = slice(row, row + w.shape[-2])

@@ -17,25 +17,13 @@ from nvfp4kit.formats.modelopt import expert_module, linear_tensors
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.model.gemma4 import DecoderLayer
-from nvfp4kit.model.layers import Linear, RMSNorm
+from nvfp4kit.model.layers import Linear
 from nvfp4kit.quant.calib_asym import corrected_weight
-from nvfp4kit.quant.calib_awq import scaled_hessian, search_scales
-from nvfp4kit.quant.calib_experts import experts_per_batch, refine_experts, shrink_few_tokens
+from nvfp4kit.quant.calib_experts import experts_per_batch, refine_experts
 from nvfp4kit.quant.calib_hessian import CROSS, HessianBackend
 from nvfp4kit.quant.calib_methods import GroupQuantizer
 
 STAGES = ("qkv", "o", "ffn", "ple")  # a layer's linears in the order their inputs depend on each other
-
-
-def _feeding_norm(layer: DecoderLayer, index: int, first: str) -> tuple[str, RMSNorm] | None:
-    """(HF name, module) of the RMSNorm whose output only the group starting with `first` reads, if any
-    (the scales calib_awq folds into it)."""
-    p = f"layers.{index}."
-    if first == p + "self_attn.q_proj":
-        return p + "input_layernorm.weight", layer.input_layernorm
-    if first == p + "mlp.gate_proj":
-        return p + "pre_feedforward_layernorm.weight", layer.pre_feedforward_layernorm
-    return None
 
 
 def _linear_groups(layer: DecoderLayer, index: int) -> list[tuple[str, list[str], Linear]]:
@@ -62,14 +50,10 @@ class LayerRefiner:
     """Re-quantizes NVFP4 linears (those the export `quant_reader` holds quantized); returns their new
     checkpoint tensors by name, input_scale copied from the export."""
 
-    def __init__(
-        self, quantizer: GroupQuantizer, quant_reader: CheckpointReader, prefix: str, *, awq: bool = False
-    ):
+    def __init__(self, quantizer: GroupQuantizer, quant_reader: CheckpointReader, prefix: str):
         self.quantizer = quantizer
         self.quant = quant_reader
         self.prefix = prefix
-        self.awq = awq  # fold searched input-channel scales into the norms before q/k/v, gate/up, experts
-        self.awq_alphas: dict[str, float] = {}  # the alpha chosen per norm (calib_awq), for reports
 
     def is_quantized(self, module: str) -> bool:
         return f"{self.prefix}{module}.weight_scale" in self.quant
@@ -95,43 +79,18 @@ class LayerRefiner:
         modules: list[str],
         hessian: torch.Tensor | None,
         cross: torch.Tensor | None = None,
-        norm: tuple[str, RMSNorm] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Re-quantize one fused group (rows of `linear` split as `modules`) and set it back dequantized;
-        given the asymmetric statistics `cross`, towards the full-precision stream's outputs (calib_asym);
-        given the `norm` that feeds only this group (and awq on), with searched scales folded into it."""
+        given the asymmetric statistics `cross`, towards the full-precision stream's outputs (calib_asym)."""
         weight = linear.weight
         target = weight if cross is None or hessian is None else corrected_weight(weight, hessian, cross)
         parts = list(torch.split(target, list(linear.splits), dim=0)) if len(modules) > 1 else [target]
+        quantized = self.quantizer(parts, hessian)
         out: dict[str, torch.Tensor] = {}
-        if self.awq and norm is not None and hessian is not None:
-            quantized = self._fold(norm, parts, hessian, out)
-        else:
-            quantized = self.quantizer(parts, hessian)
         for module, q in zip(modules, quantized):
             out.update(self.tensors(module, q))
         linear.set_weight(torch.cat([q.dequantize(weight.dtype) for q in quantized]))
         return out
-
-    def _fold(
-        self,
-        norm: tuple[str, RMSNorm],
-        parts: list[torch.Tensor],
-        hessian: torch.Tensor,
-        out: dict[str, torch.Tensor],
-    ) -> list[NVFP4Tensor]:
-        """calib_awq's search for the group `parts`; the folded norm weight goes into the layer and `out`
-        (in the export's dtype); returns the members quantized in the scaled basis."""
-        name, module = norm
-        key = self.prefix + name
-        dtype = self.quant.get(key).dtype
-        alpha, folded, _, quantized = search_scales(
-            parts, hessian, module.weight, self.quantizer, dtype=dtype
-        )
-        self.awq_alphas[name] = alpha
-        module.weight.data = folded.to(module.weight.device, module.weight.dtype)
-        out[key] = folded.to(dtype).cpu()
-        return quantized
 
     def refine(
         self,
@@ -146,8 +105,7 @@ class LayerRefiner:
         for stage, modules, linear in _linear_groups(layer, index):
             if stage in stages and self.is_quantized(modules[0]):
                 hessian, cross = hessians.get(modules[0]), hessians.get(modules[0] + CROSS)
-                norm = _feeding_norm(layer, index, modules[0])
-                out.update(self.refine_linear(linear, modules, hessian, cross, norm))
+                out.update(self.refine_linear(linear, modules, hessian, cross))
         if "ffn" in stages and layer.moe and self._experts_quantized(index):
             out.update(self._refine_experts(layer, f"layers.{index}.", hessians))
         return out
@@ -167,28 +125,6 @@ class LayerRefiner:
                 targets.append(w)
             else:
                 targets.append(_corrected_experts(w, h, cross, tokens))
-        folded = {}
-        if self.awq and stats["gate_up"] is not None:  # one scale for all experts: they share the norm
-            tokens = stats["tokens"]
-            if tokens is not None:  # shrunk once here, so refine_experts must not shrink again
-                for h in (stats["gate_up"], stats["down"]):
-                    if h is not None:
-                        shrink_few_tokens(h, tokens)
-                stats["tokens"] = None
-            inter = targets[0].shape[1] // 2
-            norm = (p + "pre_feedforward_layernorm_2.weight", layer.pre_feedforward_layernorm_2)
-            gu = [targets[0][:, :inter], targets[0][:, inter:]]
-            alpha, folded_norm, scale, _ = search_scales(
-                gu,
-                stats["gate_up"],
-                norm[1].weight,
-                self.quantizer,
-                dtype=self.quant.get(self.prefix + norm[0]).dtype,
-            )
-            self.awq_alphas[norm[0]] = alpha
-            folded[norm[0]] = (norm[1], folded_norm)
-            targets[0] = targets[0] * scale
-            stats["gate_up"] = scaled_hessian(stats["gate_up"], scale)
         quantized = refine_experts(
             self.quantizer,
             targets[0],
@@ -202,10 +138,6 @@ class LayerRefiner:
         new_gate_up = torch.cat([q.dequantize(gate_up.dtype) for q in quantized[:2]], dim=1)
         experts.set_weights(new_gate_up, quantized[2].dequantize(down.dtype))
         out: dict[str, torch.Tensor] = {}
-        for name, (module, weight) in folded.items():
-            key = self.prefix + name
-            module.weight.data = weight.to(module.weight.device, module.weight.dtype)
-            out[key] = weight.to(self.quant.get(key).dtype).cpu()
         cpu = [q.to("cpu") for q in quantized]
         for e in range(gate_up.shape[0]):
             for proj, q in zip(("gate_proj", "up_proj", "down_proj"), cpu):

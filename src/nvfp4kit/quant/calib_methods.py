@@ -29,8 +29,6 @@ class CalibrationMethod:
     quantize_group: GroupQuantizer | None  # None: max calibration, no refine pass
     needs_data: bool  # whether the refine pass runs calibration tokens through the model
     asymmetric: bool = False  # fit each linear to the full-precision model's outputs (calib_asym)
-    awq: bool = False  # fold searched input-channel scales into the norms before the linears (calib_awq)
-    tune: bool = False  # then fit the norm weights to the BF16 model on the calibration text (calib_tune)
 
     @property
     def refines(self) -> bool:

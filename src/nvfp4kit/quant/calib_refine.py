@@ -35,7 +35,6 @@ from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.quant.calib_hessian import CaptureBackend, HessianBackend, StageDone
 from nvfp4kit.quant.calib_layer import LayerRefiner, watch_stage
 from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS, calibration_method
-from nvfp4kit.quant.calib_tune import tune_norms
 from nvfp4kit.quant.calibrate import CalibrationContext, chunk_samples
 from nvfp4kit.quant.heap import trim_heap
 from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
@@ -60,8 +59,6 @@ def refine_checkpoint(
     shard_size: str | int = "5GB",
     norm_aware: bool = True,
     asymmetric: bool | None = None,
-    awq: bool | None = None,
-    tune: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -71,10 +68,7 @@ def refine_checkpoint(
     corpus); text like the model's real use works best. `norm_aware`: weight tokens by how much the RMSNorm
     after each linear amplifies their error (calib_hessian). `asymmetric`: also run the full-precision model
     beside the re-quantized one and fit each linear to its outputs (calib_asym; default: the method's
-    choice, on for gptq). `awq`: fold searched input-channel scales into the norms before q/k/v, gate/up and
-    the experts (calib_awq; default: the method's choice). `tune`: then fit the norm weights and router
-    scales to the BF16 model on the calibration windows (calib_tune; default: the method's choice). Runs on
-    `device` in fp32, one layer at a time.
+    choice, on for gptq). Runs on `device` in fp32, one layer at a time.
     """
     calib = calibration_method(method)
     if calib.quantize_group is None:
@@ -82,8 +76,6 @@ def refine_checkpoint(
         raise ValueError(f"{method!r} is what quantize writes; refine takes one of {', '.join(refining)}")
     src, quantized, out, device = Path(src), Path(quantized), Path(out), torch.device(device)
     asymmetric = calib.asymmetric if asymmetric is None else asymmetric
-    awq = calib.awq if awq is None else awq
-    tune = calib.tune if tune is None else tune
     if not (quantized / HF_QUANT_CONFIG).is_file():
         raise ValueError(
             f"{quantized} has no {HF_QUANT_CONFIG}: refine needs an NVFP4 export made by quantize"
@@ -92,12 +84,11 @@ def refine_checkpoint(
     check_output(quantized, out, overwrite=overwrite)
     bf16, quant = CheckpointReader(src), CheckpointReader(quantized)
     source = WeightSource(bf16, cfg, dtype=torch.float32, device=device)
-    refiner = LayerRefiner(calib.quantize_group, quant, cfg.weight_prefix, awq=awq and calib.needs_data)
+    refiner = LayerRefiner(calib.quantize_group, quant, cfg.weight_prefix)
     stage = staging_folder(out)
     try:
         writer = ShardedWriter(stage, max_shard_bytes=parse_size(shard_size))
         lengths: list[int] = []
-        samples: list[list[int]] = []
         hidden = ple = full_ple = None
         if calib.needs_data:
             samples = calibration_samples(
@@ -171,11 +162,6 @@ def refine_checkpoint(
         for name in ("config.json", HF_QUANT_CONFIG):
             shutil.copy2(quantized / name, stage / name)
         copy_companions(quantized, stage)
-        if tune and calib.needs_data:
-            report = tune_norms(src, stage, samples, device=device, progress=progress)
-            if progress:
-                print(f"norm tuning: KL on kept-aside calibration windows {report.kl_before:.5f} -> "
-                      f"{report.kl_after:.5f} ({'written' if report.written else 'not better, kept'})")  # fmt: skip
         publish(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
