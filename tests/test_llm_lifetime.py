@@ -47,3 +47,15 @@ def test_del_and_with_free_everything(tiny_checkpoint, no_gc):
     assert [ref() for ref in refs] == [None, None, None]
     with LLM(tiny_checkpoint("moe")) as again:  # a second engine in the same process gives the same tokens
         assert again.generate("Hello", GREEDY)[0].token_ids == first
+
+
+def test_close_drops_the_expanded_weight_scratch(tiny_checkpoint):
+    import torch
+
+    from nvfp4kit.kernels import dequant
+
+    llm = LLM(tiny_checkpoint("moe"))
+    dequant.scratch(torch.device("cpu"), torch.float32, (64, 64))  # as a prefill-sized GEMM leaves it
+    assert dequant.scratch_bytes() > 0
+    llm.close()
+    assert dequant.scratch_bytes() == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -162,7 +163,9 @@ class LLM:
         check_device(self.device)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: no such model folder")
-        self.language_model_only = language_model_only  # text only: the vision tower neither planned nor loaded
+        self.language_model_only = (
+            language_model_only  # text only: the vision tower neither planned nor loaded
+        )
         self.seed = seed  # requests without their own seed get seed, seed + 1, ... (reproducible runs)
         self._request_counter = 0
         engine_config = _engine_options(
@@ -239,6 +242,9 @@ class LLM:
         if engine is None:
             return
         engine.close()
+        dequant = sys.modules.get("nvfp4kit.kernels.dequant")  # loaded only if a prefill-sized GEMM ran
+        if dequant is not None:
+            dequant.release_scratch()  # the expanded-weight scratch (up to ~0.5 GB for the 26B-A4B experts)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)

@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if random_weights:  # the shape's speed without a download (nvfp4kit.testing.random_llm)
         from nvfp4kit.testing.random_llm import RandomLLM
 
+        engine_args.pop("language_model_only", None)  # random weights are text only anyway
         llm = RandomLLM(random_weights, dtype=args.dtype, device=args.device, **engine_args)
         folder, default_name = llm.path, f"{llm.shape}-random"
     else:
