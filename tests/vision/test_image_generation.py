@@ -125,8 +125,8 @@ def test_image_errors_are_clear(llm, tiny_checkpoint):
 
 
 def test_triton_attention_backend_gives_the_same_tokens(llm, vision_checkpoint):
-    """Prefill steps with image tokens run the torch attention (bidirectional); the rest of the request's
-    steps run the Triton kernels (interpreted on a CPU) over the same KV cache."""
+    """The whole request on the Triton kernels (interpreted on a CPU): the prefill kernel's key limits give the
+    image tokens their bidirectional attention on sliding layers, as the torch reference does."""
 
     prompt = {"prompt": PROMPT_2, "multi_modal_data": {"image": IMAGES_2}}
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)

@@ -94,7 +94,8 @@ class TritonAttentionBackend:
             kernels.paged_attention(q, items=decode, num_splits=splits, out=out, **common)
         prefill = meta.prefill_items(self._prefill.prefill_block_q(head_dim, q.shape[1] // kv_heads))
         if prefill is not None:
-            self._prefill.prefill_attention(q, items=prefill, out=out, **common)
+            limit = meta.key_limit if sliding else None  # global layers stay causal for image tokens too
+            self._prefill.prefill_attention(q, items=prefill, out=out, key_limit=limit, **common)
         return out
 
     def _derived_key(self, attn: torch.nn.Module):

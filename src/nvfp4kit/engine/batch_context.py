@@ -33,7 +33,7 @@ class SeqSlice:
     offset: int  # row of its first token in the flat batch
     block_table: list[int]
     ring: int
-    # [start, end) positions of image soft tokens attending both ways (sliding layers; torch backend only)
+    # [start, end) positions of image soft tokens attending both ways (sliding layers)
     image_spans: tuple[tuple[int, int], ...] = ()
 
 
@@ -48,6 +48,9 @@ class StepMetadata:
     starts: list[int]
     lengths: list[int]
     _items: dict[int, WorkItems | None] = field(default_factory=dict)
+    # [T] int32: the last key position each token sees on sliding layers (its own, or its image's last
+    # token); None when no token of the step belongs to an image attending both ways
+    key_limit: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -57,7 +60,15 @@ class StepMetadata:
         after the real tokens, so a padded decode batch has exactly `pad_to` rows."""
         per_seq, per_token, starts, lengths = cls.host_tensors(seqs, cache, pad_to=pad_to)
         per_seq, per_token = per_seq.to(device, non_blocking=True), per_token.to(device, non_blocking=True)
-        return cls.from_tensors(per_seq, per_token, starts, lengths)
+        meta = cls.from_tensors(per_seq, per_token, starts, lengths)
+        if any(s.image_spans for s in seqs):
+            limit = [s.start + t for s in seqs for t in range(s.length)]
+            for s in seqs:
+                for a, b in s.image_spans:
+                    for pos in range(max(a, s.start), min(b, s.start + s.length)):
+                        limit[s.offset + pos - s.start] = b - 1
+            meta.key_limit = torch.tensor(limit, dtype=torch.int32).to(device, non_blocking=True)
+        return meta
 
     @staticmethod
     def host_tensors(

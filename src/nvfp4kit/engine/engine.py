@@ -219,10 +219,7 @@ class Engine:
                 return self._overlap_step()
             return self._emit(launched)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        backend = self.config.attention_backend
-        if images is not None and images.bidirectional:
-            backend = "torch"  # the Triton prefill kernel is causal only; image tokens attend both ways
-        ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=backend)
+        ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=self.config.attention_backend)
         override = images.override if images is not None else None
         hidden = self.model.hidden_states(input_ids, ctx, embed_override=override)
         if prefill_logprobs:
