@@ -175,7 +175,9 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
         "--m", nargs="+", type=int, default=list(DEFAULT_MS), help="token counts (default: %(default)s)"
     )
     p.add_argument(
-        "--prefill", action="store_true", help=f"prefill rows: M = {' '.join(map(str, PREFILL_MS))}, no lm_head"
+        "--prefill",
+        action="store_true",
+        help=f"prefill rows: M = {' '.join(map(str, PREFILL_MS))}, no lm_head",
     )
     p.add_argument("--tune", action="store_true", help="time candidate configs first and use the fastest")
     p.add_argument("--decodes", nargs="+", default=["asm"], choices=["bits", "asm"], help="decoders to tune")
