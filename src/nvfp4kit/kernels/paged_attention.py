@@ -23,8 +23,6 @@ reads a value back to the host, so the launches can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,18 +30,17 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
+from nvfp4kit.kernels.attention_pools import (
+    DerivedKey,
+    check_attention_args,
+    dot_dtype_code,
+    load_kv_tile,
+    next_pow2,
+    pool_operands,
+)
 from nvfp4kit.kernels.configs import interpreting
-from nvfp4kit.kernels.kv_write import decode_e4m3, kernel_view, kv_format
+from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.rope_angles import cos_sin
-
-
-@dataclass(frozen=True)
-class DerivedKey:
-    """K = rope(V * k_norm_weight) for layers that store V only; inv_freq is zero past `rotary_pairs`."""
-
-    k_norm_weight: torch.Tensor  # [D]
-    inv_freq: torch.Tensor  # [D/2] fp32
-    rotary_pairs: int
 
 
 @dataclass(frozen=True)
@@ -52,10 +49,6 @@ class AttentionConfig:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
 def select_config(head_dim: int, group: int, *, decode: bool, fp8: bool = False) -> AttentionConfig:
@@ -76,26 +69,6 @@ def prefill_block_q(head_dim: int, group: int) -> int:
     return max(1, select_config(head_dim, group, decode=False).block_m // next_pow2(group))
 
 
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def native_fp8_supported(device: torch.device) -> bool:
-    """Hardware FP8 conversions (SM89+) that Triton accepts; elsewhere FP8 is decoded with integer ops."""
-    return device.type == "cuda" and not interpreting() and _capability(device) >= (8, 9)
-
-
-def dot_dtype_code(q_dtype: torch.dtype, kv_format_code: int) -> int:
-    """Dot dtype: 0 fp32, 1 bf16, 2 fp16. FP8 pools are read as fp16 (exact), BF16 pools as bf16; fp32 models and
-    the CPU interpreter (whose bf16 dot is wrong in Triton 3.9) use fp32."""
-    if interpreting() or q_dtype == torch.float32:
-        return 0
-    if kv_format_code in (1, 2):
-        return 2
-    return 1 if kv_format_code == 3 else (2 if q_dtype == torch.float16 else 1)
-
-
 def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: torch.device) -> int:
     """Key splits per decode item: up to four programs per SM without starting a partial extra wave, each split at
     least 128 keys, at most 128 splits (256 and 512 were slower at 128K on H100)."""
@@ -104,31 +77,6 @@ def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: t
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     per_split = max(1, num_items * kv_heads)
     return max(1, min(4 * sms // per_split, max_keys // 128, 128))
-
-
-@triton.jit
-def load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
-    """A K/V tile in the dot dtype CT, in storage units: FP8 E4M3 through its fp16 bit pattern is value / 256
-    (the factor is applied to the scores and the output, never per element)."""
-    if NATIVE_FP8:  # an fp8 load cannot take an integer fill value: zero masked rows after converting
-        raw = tl.load(ptrs, mask=mask)
-    else:
-        raw = tl.load(ptrs, mask=mask, other=0)
-    if FORMAT == 3:
-        x = raw.to(tl.bfloat16, bitcast=True)
-    elif FORMAT == 1:
-        if NATIVE_FP8:
-            x = tl.where(mask, raw.to(tl.float16), 0.0)
-        else:
-            x = decode_e4m3(raw.to(tl.uint16))
-    elif FORMAT == 2:
-        if NATIVE_FP8:
-            x = tl.where(mask, raw.to(tl.float16), 0.0)
-        else:
-            x = (raw.to(tl.uint16) << 8).to(tl.float16, bitcast=True)
-    else:
-        x = raw
-    return x.to(CT)
 
 
 @triton.jit
@@ -319,24 +267,9 @@ def paged_attention(
 
     Give `ring_size` (sliding rings) or `block_size` (paged global pool). `k_store=None` needs `derived_key`.
     """
-    if (ring_size is None) == (block_size is None):
-        raise ValueError("give exactly one of ring_size (sliding ring) or block_size (paged pool)")
-    if (k_store is None) == (derived_key is None):
-        raise ValueError("give k_store, or derived_key for a pool that stores V only (not both)")
-    tokens, q_heads, head_dim = q.shape
-    kv_heads = v_store.shape[1]
-    if v_store.shape[2] != head_dim or head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(
-            f"head_dim {head_dim} must be a power of two >= 16 and match the pool {tuple(v_store.shape)}"
-        )
-    if q_heads % kv_heads:
-        raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
-    if q.stride(-1) != 1:
-        raise ValueError("q must be contiguous in its last dim")
-    if not q.is_cuda and not interpreting():
-        raise RuntimeError(
-            "the Triton attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)"
-        )
+    tokens, q_heads, kv_heads, head_dim = check_attention_args(
+        q, v_store, k_store, derived_key, ring_size, block_size
+    )
     out = torch.empty_like(q) if out is None else out
     if len(items) == 0 or tokens == 0:
         return out
@@ -348,17 +281,8 @@ def paged_attention(
     cfg = config or select_config(head_dim, group, decode=decode, fp8=fmt.code in (1, 2))
     if cfg.block_m < items.block_q * next_pow2(group):
         raise ValueError(f"block_m {cfg.block_m} cannot hold {items.block_q} tokens x {group} heads")
-    rot = 0
-    knorm = inv_freq = q  # unused placeholders when K is stored
-    if derived_key is not None:
-        min_rot = 1 if interpreting() else 16
-        rot = min(head_dim // 2, max(min_rot, next_pow2(derived_key.rotary_pairs)))
-        knorm, inv_freq = derived_key.k_norm_weight, derived_key.inv_freq.float()
-    native_fp8 = fmt.code in (1, 2) and native_fp8_supported(q.device)
-    v_view = v_store if native_fp8 else kernel_view(v_store)
-    k_view = v_view if k_store is None else (k_store if native_fp8 else kernel_view(k_store))
-    # storage units -> values: the per-tensor scale, and 2^8 for E4M3 read through fp16 bit patterns
-    unit = 256.0 if fmt.code == 1 and not native_fp8 else 1.0
+    ops = pool_operands(q, v_store, k_store, derived_key)
+    v_view, k_view, unit, native_fp8 = ops.v_view, ops.k_view, ops.unit, ops.native_fp8
     part_acc = part_lse = out
     if num_splits > 1:
         part_acc = torch.empty(
@@ -367,13 +291,13 @@ def paged_attention(
         part_lse = torch.empty(len(items), q_heads, num_splits, dtype=torch.float32, device=q.device)
     table = batch.block_table
     _paged_attention_kernel[(len(items), kv_heads, num_splits)](
-        q, out, part_acc, part_lse, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, knorm, inv_freq,
+        q, out, part_acc, part_lse, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, ops.knorm, ops.inv_freq,
         items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
         window or 0, ring_size or 1, block_size or 1, q_heads, tokens,
         GROUP=group, GROUP_P2=next_pow2(group), BLOCK_Q=items.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        D=head_dim, ROT=max(rot, 1), RING=ring_size is not None, SLIDING=window is not None,
+        D=head_dim, ROT=ops.rot, RING=ring_size is not None, SLIDING=window is not None,
         DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
         COMPUTE=dot_dtype_code(q.dtype, fmt.code), NUM_SPLITS=num_splits,
         PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,

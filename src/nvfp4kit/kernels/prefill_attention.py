@@ -28,15 +28,16 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
-from nvfp4kit.kernels.configs import interpreting
-from nvfp4kit.kernels.kv_write import kernel_view, kv_format
-from nvfp4kit.kernels.paged_attention import (
+from nvfp4kit.kernels.attention_pools import (
     DerivedKey,
+    check_attention_args,
     dot_dtype_code,
     load_kv_tile,
-    native_fp8_supported,
     next_pow2,
+    pool_operands,
 )
+from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.rope_angles import cos_sin
 
 _LOG2E = 1.4426950408889634
@@ -227,24 +228,9 @@ def prefill_attention(
     image tokens see their whole image), default causal. `items.block_q` must equal `config.block_q` (default
     `prefill_config(D, Hq // Hkv)`). Writes the rows of the items' tokens into `out` and returns it.
     """
-    if (ring_size is None) == (block_size is None):
-        raise ValueError("give exactly one of ring_size (sliding ring) or block_size (paged pool)")
-    if (k_store is None) == (derived_key is None):
-        raise ValueError("give k_store, or derived_key for a pool that stores V only (not both)")
-    tokens, q_heads, head_dim = q.shape
-    kv_heads = v_store.shape[1]
-    if v_store.shape[2] != head_dim or head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(
-            f"head_dim {head_dim} must be a power of two >= 16 and match the pool {tuple(v_store.shape)}"
-        )
-    if q_heads % kv_heads:
-        raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
-    if q.stride(-1) != 1:
-        raise ValueError("q must be contiguous in its last dim")
-    if not q.is_cuda and not interpreting():
-        raise RuntimeError(
-            "the Triton attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)"
-        )
+    tokens, q_heads, kv_heads, head_dim = check_attention_args(
+        q, v_store, k_store, derived_key, ring_size, block_size
+    )
     group = q_heads // kv_heads
     configs = [config] if config is not None else prefill_configs(head_dim, group)
     for cfg in configs:
@@ -260,28 +246,20 @@ def prefill_attention(
     if len(items) == 0 or tokens == 0:
         return out
     fmt = kv_format(v_store)
-    rot = 0
-    knorm = inv_freq = q  # unused placeholders when K is stored
-    if derived_key is not None:
-        min_rot = 1 if interpreting() else 16
-        rot = min(head_dim // 2, max(min_rot, next_pow2(derived_key.rotary_pairs)))
-        knorm, inv_freq = derived_key.k_norm_weight, derived_key.inv_freq.float()
-    native_fp8 = fmt.code in (1, 2) and native_fp8_supported(q.device)
-    v_view = v_store if native_fp8 else kernel_view(v_store)
-    k_view = v_view if k_store is None else (k_store if native_fp8 else kernel_view(k_store))
-    unit = 256.0 if fmt.code == 1 and not native_fp8 else 1.0  # E4M3 read through fp16 bit patterns
+    ops = pool_operands(q, v_store, k_store, derived_key)
+    v_view, k_view, unit = ops.v_view, ops.k_view, ops.unit
     compute = dot_dtype_code(q.dtype, fmt.code)
     table = batch.block_table
     args = (
-        q, out, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, knorm, inv_freq,
+        q, out, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, ops.knorm, ops.inv_freq,
         items.seq if key_limit is None else key_limit, items.seq, items.q0, batch.seq_start, batch.seq_len,
         batch.seq_offset, table, batch.ring, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
         window or 0, ring_size or 1, block_size or 1, len(items), kv_heads,
     )  # fmt: skip
     constants = dict(
-        GROUP=group, GROUP_P2=next_pow2(group), D=head_dim, ROT=max(rot, 1), RING=ring_size is not None,
-        SLIDING=window is not None, DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
+        GROUP=group, GROUP_P2=next_pow2(group), D=head_dim, ROT=ops.rot, RING=ring_size is not None,
+        SLIDING=window is not None, DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=ops.native_fp8,
         COMPUTE=compute, PRECISION="ieee" if compute == 0 else None, BIDIR=key_limit is not None,
     )  # fmt: skip
     shape_key = (str(q.device), head_dim, group, derived_key is not None, fmt.code)

@@ -1,0 +1,135 @@
+"""How the attention kernels see a KV pool: argument checks, storage views, the dot dtype and K derivation.
+
+Shared by `paged_attention.py` (decode) and `prefill_attention.py` (prefill chunks). K/V tiles go into the dots
+in their storage units: BF16 pools as bf16, FP8 pools as fp16 (exact; hardware conversion on SM89+, integer bit
+operations on SM80 and in the interpreter); the per-tensor scales multiply the scores and the output.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.kv_write import decode_e4m3, kernel_view, kv_format
+
+
+@dataclass(frozen=True)
+class DerivedKey:
+    """K = rope(V * k_norm_weight) for layers that store V only; inv_freq is zero past `rotary_pairs`."""
+
+    k_norm_weight: torch.Tensor  # [D]
+    inv_freq: torch.Tensor  # [D/2] fp32
+    rotary_pairs: int
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def native_fp8_supported(device: torch.device) -> bool:
+    """Hardware FP8 conversions (SM89+) that Triton accepts; elsewhere FP8 is decoded with integer ops."""
+    return device.type == "cuda" and not interpreting() and _capability(device) >= (8, 9)
+
+
+def dot_dtype_code(q_dtype: torch.dtype, kv_format_code: int) -> int:
+    """Dot dtype: 0 fp32, 1 bf16, 2 fp16. FP8 pools are read as fp16 (exact), BF16 pools as bf16; fp32 models and
+    the CPU interpreter (whose bf16 dot is wrong in Triton 3.9) use fp32."""
+    if interpreting() or q_dtype == torch.float32:
+        return 0
+    if kv_format_code in (1, 2):
+        return 2
+    return 1 if kv_format_code == 3 else (2 if q_dtype == torch.float16 else 1)
+
+
+def check_attention_args(
+    q: torch.Tensor, v_store: torch.Tensor, k_store: torch.Tensor | None, derived_key: DerivedKey | None,
+    ring_size: int | None, block_size: int | None,
+) -> tuple[int, int, int, int]:  # fmt: skip
+    """The argument checks both attention kernels share; returns (tokens, q_heads, kv_heads, head_dim)."""
+    if (ring_size is None) == (block_size is None):
+        raise ValueError("give exactly one of ring_size (sliding ring) or block_size (paged pool)")
+    if (k_store is None) == (derived_key is None):
+        raise ValueError("give k_store, or derived_key for a pool that stores V only (not both)")
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = v_store.shape[1]
+    if v_store.shape[2] != head_dim or head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(
+            f"head_dim {head_dim} must be a power of two >= 16 and match the pool {tuple(v_store.shape)}"
+        )
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
+    if q.stride(-1) != 1:
+        raise ValueError("q must be contiguous in its last dim")
+    if not q.is_cuda and not interpreting():
+        raise RuntimeError(
+            "the Triton attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)"
+        )
+    return tokens, q_heads, kv_heads, head_dim
+
+
+@dataclass(frozen=True)
+class PoolOperands:
+    """A pool as the kernels read it: storage views, the unit factor and the derived-K tensors."""
+
+    v_view: torch.Tensor
+    k_view: torch.Tensor
+    unit: float  # storage units -> values (with the per-tensor scale)
+    native_fp8: bool
+    rot: int  # rotated columns of derived K (1 when K is stored)
+    knorm: torch.Tensor
+    inv_freq: torch.Tensor
+
+
+def pool_operands(
+    q: torch.Tensor, v_store: torch.Tensor, k_store: torch.Tensor | None, derived_key: DerivedKey | None
+) -> PoolOperands:
+    head_dim = q.shape[-1]
+    fmt = kv_format(v_store)
+    rot = 0
+    knorm = inv_freq = q  # unused placeholders when K is stored
+    if derived_key is not None:
+        min_rot = 1 if interpreting() else 16
+        rot = min(head_dim // 2, max(min_rot, next_pow2(derived_key.rotary_pairs)))
+        knorm, inv_freq = derived_key.k_norm_weight, derived_key.inv_freq.float()
+    native_fp8 = fmt.code in (1, 2) and native_fp8_supported(q.device)
+    v_view = v_store if native_fp8 else kernel_view(v_store)
+    k_view = v_view if k_store is None else (k_store if native_fp8 else kernel_view(k_store))
+    # storage units -> values: the per-tensor scale, and 2^8 for E4M3 read through fp16 bit patterns
+    unit = 256.0 if fmt.code == 1 and not native_fp8 else 1.0
+    return PoolOperands(v_view, k_view, unit, native_fp8, max(rot, 1), knorm, inv_freq)
+
+
+@triton.jit
+def load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
+    """A K/V tile in the dot dtype CT, in storage units: FP8 E4M3 through its fp16 bit pattern is value / 256
+    (the factor is applied to the scores and the output, never per element)."""
+    if NATIVE_FP8:  # an fp8 load cannot take an integer fill value: zero masked rows after converting
+        raw = tl.load(ptrs, mask=mask)
+    else:
+        raw = tl.load(ptrs, mask=mask, other=0)
+    if FORMAT == 3:
+        x = raw.to(tl.bfloat16, bitcast=True)
+    elif FORMAT == 1:
+        if NATIVE_FP8:
+            x = tl.where(mask, raw.to(tl.float16), 0.0)
+        else:
+            x = decode_e4m3(raw.to(tl.uint16))
+    elif FORMAT == 2:
+        if NATIVE_FP8:
+            x = tl.where(mask, raw.to(tl.float16), 0.0)
+        else:
+            x = (raw.to(tl.uint16) << 8).to(tl.float16, bitcast=True)
+    else:
+        x = raw
+    return x.to(CT)
