@@ -110,6 +110,8 @@ class TensorParallelGroup:
         self.model: TensorParallelModel | None = None
         self.failure: TensorParallelError | None = None
         self._closing = threading.Event()
+        self._reports = threading.Lock()  # the caller and the watchdog both read the workers' pipes
+        self._reported: TensorParallelError | None = None  # the first error a worker reported itself
         self._watchdog: threading.Thread | None = None
 
     @classmethod
@@ -235,14 +237,19 @@ class TensorParallelGroup:
         """The first worker's own error report (waiting up to `wait_s` for it), else one that has died."""
         deadline = time.monotonic() + wait_s
         while True:
-            for worker in self.workers:
-                try:
-                    if worker.conn.poll(0):
-                        message = worker.conn.recv()
-                        if message[0] == "error":
-                            return _error_from(message)
-                except (EOFError, OSError):
-                    pass
+            with self._reports:  # whichever thread reads the report keeps it for the other
+                for worker in self.workers:
+                    if self._reported is not None:
+                        break
+                    try:
+                        if worker.conn.poll(0):
+                            message = worker.conn.recv()
+                            if message[0] == "error":
+                                self._reported = _error_from(message)
+                    except (EOFError, OSError):
+                        pass
+                if self._reported is not None:
+                    return self._reported
             dead = [
                 w for w in self.workers if not w.process.is_alive() and w.process.exitcode not in (0, None)
             ]
