@@ -13,7 +13,7 @@ import triton
 compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 
-from nvfp4kit.kernels import geglu, norms, prefill_attention, qkv_rope, router  # noqa: E402
+from nvfp4kit.kernels import geglu, norms, paged_attention, prefill_attention, qkv_rope, router  # noqa: E402
 
 ROWS = dict(n="i32", stride_x="i32", stride_res="i32", stride_out="i32", stride_h="i32", stride_mlp="i32",
             stride_experts="i32", eps="fp32", router_factor="fp32")  # fmt: skip
@@ -21,7 +21,7 @@ ATTN_PTRS = {"k_ptr": "*u8", "v_ptr": "*u8", "inv_freq_ptr": "*fp32", **{
     f"{n}_ptr": "*i32" for n in ("limit", "item_seq", "item_q0", "seq_start", "seq_len", "seq_offset",
                                  "block_table", "ring")}}  # fmt: skip
 ATTN_SCALARS = {"k_factor": "fp32", "v_factor": "fp32"}  # the strides and sizes: i32 (below)
-ATTN_COMMON = dict(BLOCK_N=64, DV_SPLITS=1, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=2, PRECISION="ieee")
+ATTN_COMMON = dict(BLOCK_N=64, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=2, PRECISION="ieee")
 KERNELS = {  # name: (kernel, warps, pointer types (default *bf16), other types, constexprs)
     "rms_norm": (norms._rms_norm_kernel, 8, {}, ROWS, dict(HAS_WEIGHT=True, HAS_RESIDUAL=True, BLOCK=4096)),
     "rms_norm_plain": (norms._rms_norm_kernel, 1, {}, ROWS, dict(HAS_WEIGHT=False, HAS_RESIDUAL=False, BLOCK=64)),
@@ -36,12 +36,17 @@ KERNELS = {  # name: (kernel, warps, pointer types (default *bf16), other types,
     "geglu": (geglu._geglu_kernel, 4, {}, dict(inter="i32", stride_in="i32"), dict(BLOCK=1024)),
     # prefill attention at 26B-A4B's layer shapes and default tiles, FP8 KV read through integer bits (any SM)
     "prefill_attention_global": (prefill_attention._prefill_attention_kernel, 8, ATTN_PTRS, ATTN_SCALARS,
-                                 dict(ATTN_COMMON, GROUP=8, GROUP_P2=8, BLOCK_Q=8, D=512, DV=512, ROT=64,
+                                 dict(ATTN_COMMON, GROUP=8, GROUP_P2=8, BLOCK_Q=8, D=512, DV=512, DV_SPLITS=1, ROT=64,
                                       RING=False, SLIDING=False, DERIVE_K=True, BIDIR=False)),
     "prefill_attention_sliding_images": (prefill_attention._prefill_attention_kernel, 8, ATTN_PTRS, ATTN_SCALARS,
-                                         dict(ATTN_COMMON, GROUP=2, GROUP_P2=2, BLOCK_Q=64, D=256, DV=256, ROT=1,
+                                         dict(ATTN_COMMON, GROUP=2, GROUP_P2=2, BLOCK_Q=64, D=256, DV=256, DV_SPLITS=1, ROT=1,
                                               RING=True, SLIDING=True, DERIVE_K=False, BIDIR=True)),
+    "paged_attention_global_decode": (paged_attention._paged_attention_kernel, 4,
+                                      {**ATTN_PTRS, "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32"}, ATTN_SCALARS,
+                                      dict(ATTN_COMMON, BLOCK_N=16, GROUP=8, GROUP_P2=8, BLOCK_Q=1, BLOCK_M=16, D=512,
+                                           ROT=64, RING=False, SLIDING=False, DERIVE_K=True, NUM_SPLITS=4)),
 }  # fmt: skip
+ATTENTION_KERNELS = (prefill_attention._prefill_attention_kernel, paged_attention._paged_attention_kernel)
 
 
 def _compile(name: str, arch: int):
@@ -52,7 +57,7 @@ def _compile(name: str, arch: int):
         if arg in constants:
             return "constexpr"
         found = pointers.get(arg) or scalars.get(arg) or ("*bf16" if arg.endswith("_ptr") else None)
-        return found or ("i32" if fn is prefill_attention._prefill_attention_kernel else "?")
+        return found or ("i32" if fn in ATTENTION_KERNELS else "?")
 
     signature = {arg: kind(arg) for arg in names}
     assert "?" not in signature.values(), f"{name}: untyped arguments in {signature}"

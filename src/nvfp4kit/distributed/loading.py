@@ -38,11 +38,7 @@ class ShardedReader(CheckpointReader):
         self, name: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:
         info = self.info(name)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        handle = self.handle(info.file)
         part = self.layout.tensor_slice(name.removeprefix(self.prefix), info.shape, self.rank)
         if part is None:
             tensor = handle.get_tensor(name)

@@ -122,16 +122,20 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"{self.folder}: missing tensor {name!r}") from None
 
+    def handle(self, file: Path):
+        """The open (memory-mapped) safetensors file, opened on first use and kept until `close`."""
+        if file not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
     def get(
         self, name: str, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """Read one tensor (memory-mapped), then move/cast it; no other tensor is touched."""
         info = self.info(name)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        handle = self.handle(info.file)
         tensor = handle.get_tensor(name)
         if device is not None or dtype is not None:
             tensor = tensor.to(device=device, dtype=dtype)

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.kv_write import decode_e4m3, kernel_view, kv_format
+from nvfp4kit.kernels.rope_angles import cos_sin
 
 
 @dataclass(frozen=True)
@@ -133,3 +134,38 @@ def load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT:
     else:
         x = raw
     return x.to(CT)
+
+
+@triton.jit
+def derived_key_queries(q, q_ptr, q_rows, row_ok, knorm_ptr, inv_freq_ptr, D: tl.constexpr, ROT: tl.constexpr,
+                        CT: tl.constexpr):  # fmt: skip
+    """For K = rope(V * w_k) (k_eq_v layers): scores = (q w).V over the pass-through columns, so k_norm's weight is
+    folded into q once; returns that q, the rotated halves of q, their weights and the RoPE frequencies."""
+    HALF: tl.constexpr = D // 2
+    cols = tl.arange(0, D)
+    rcols = tl.arange(0, ROT)
+    w = tl.load(knorm_ptr + cols).to(tl.float32)
+    q = tl.where(((cols % HALF) < ROT)[None, :], 0.0, q * w[None, :]).to(CT)
+    q_r1 = tl.load(q_ptr + q_rows[:, None] + rcols[None, :], mask=row_ok[:, None], other=0.0).to(CT)
+    q_r2 = tl.load(q_ptr + q_rows[:, None] + HALF + rcols[None, :], mask=row_ok[:, None], other=0.0).to(CT)
+    w_r1 = tl.load(knorm_ptr + rcols).to(tl.float32)
+    w_r2 = tl.load(knorm_ptr + HALF + rcols).to(tl.float32)
+    freq = tl.load(inv_freq_ptr + rcols).to(tl.float32)
+    return q, q_r1, q_r2, w_r1, w_r2, freq
+
+
+@triton.jit
+def rotated_key_scores(q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D: tl.constexpr, ROT: tl.constexpr,
+                       FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr,
+                       PRECISION: tl.constexpr):  # fmt: skip
+    """The rotated columns' share of the scores for a key tile whose K is derived from the stored V: two small
+    dots over rope(x * w) with the angles of the keys' positions."""
+    HALF: tl.constexpr = D // 2
+    rcols = tl.arange(0, ROT)
+    x1 = load_kv_tile(v_rows[:, None] + rcols[None, :], k_ok[:, None], FORMAT, NATIVE_FP8, tl.float32)
+    x2 = load_kv_tile(v_rows[:, None] + HALF + rcols[None, :], k_ok[:, None], FORMAT, NATIVE_FP8, tl.float32)
+    x1 = x1 * w_r1[None, :]
+    x2 = x2 * w_r2[None, :]
+    cos, sin = cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
+    scores = tl.dot(q_r1, tl.trans((x1 * cos - x2 * sin).to(CT)), input_precision=PRECISION)
+    return scores + tl.dot(q_r2, tl.trans((x2 * cos + x1 * sin).to(CT)), input_precision=PRECISION)

@@ -33,14 +33,15 @@ from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.attention_pools import (
     DerivedKey,
     check_attention_args,
+    derived_key_queries,
     dot_dtype_code,
     load_kv_tile,
     next_pow2,
     pool_operands,
+    rotated_key_scores,
 )
 from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.kv_write import kv_format
-from nvfp4kit.kernels.rope_angles import cos_sin
 
 
 @dataclass(frozen=True)
@@ -127,21 +128,12 @@ def _paged_attention_kernel(
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
 
-    HALF = D // 2
     cols = tl.arange(0, D)
     q = tl.load(q_ptr + q_rows[:, None] + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     if DERIVE_K:
-        # scores = q.(V w) on the pass-through columns = (q w).V: k_norm's weight is folded into q once
-        rcols = tl.arange(0, ROT)
-        rotated = (cols % HALF) < ROT
-        w = tl.load(knorm_ptr + cols).to(tl.float32)
-        q = tl.where(rotated[None, :], 0.0, q * w[None, :]).to(ct)
-        q_r1 = tl.load(q_ptr + q_rows[:, None] + rcols[None, :], mask=row_ok[:, None], other=0.0).to(ct)
-        q_r2 = tl.load(q_ptr + q_rows[:, None] + HALF + rcols[None, :], mask=row_ok[:, None], other=0.0)
-        q_r2 = q_r2.to(ct)
-        w_r1 = tl.load(knorm_ptr + rcols).to(tl.float32)
-        w_r2 = tl.load(knorm_ptr + HALF + rcols).to(tl.float32)
-        freq = tl.load(inv_freq_ptr + rcols).to(tl.float32)
+        q, q_r1, q_r2, w_r1, w_r2, freq = derived_key_queries(
+            q, q_ptr, q_rows, row_ok, knorm_ptr, inv_freq_ptr, D, ROT, ct
+        )
         score_factor = v_factor
     else:
         q = q.to(ct)
@@ -164,17 +156,22 @@ def _paged_attention_kernel(
         v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
         if DERIVE_K:
             scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
-            x1 = load_kv_tile(
-                v_rows[:, None] + rcols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, tl.float32
+            scores += rotated_key_scores(
+                q_r1,
+                q_r2,
+                w_r1,
+                w_r2,
+                freq,
+                v_rows,
+                k_ok,
+                k_pos,
+                D,
+                ROT,
+                KV_FORMAT,
+                NATIVE_FP8,
+                ct,
+                PRECISION,
             )
-            x2 = load_kv_tile(
-                v_rows[:, None] + HALF + rcols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, tl.float32
-            )
-            x1 = x1 * w_r1[None, :]
-            x2 = x2 * w_r2[None, :]
-            cos, sin = cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
-            scores += tl.dot(q_r1, tl.trans((x1 * cos - x2 * sin).to(ct)), input_precision=PRECISION)
-            scores += tl.dot(q_r2, tl.trans((x2 * cos + x1 * sin).to(ct)), input_precision=PRECISION)
         else:
             k_rows = k_ptr + slot * stride_ks + kv_head * stride_kh
             kt = load_kv_tile(k_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
