@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from nvfp4kit.formats.modelopt import EXPERT_PROJECTIONS, expert_module
-from nvfp4kit.formats.nvfp4 import NVFP4Tensor, stack_experts
-from nvfp4kit.formats.safetensors_io import CheckpointError, CheckpointReader
+from nvfp4kit.formats.modelopt import EXPERT_PROJECTIONS, expert_module, stack_expert_weights
+from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.formats.weight_source import Weight, WeightSource, concat_out, select_source_class
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.model.loader import check_all_consumed, fill_model, resolve_dtype
@@ -67,15 +66,7 @@ class ExpertShard:
             names = [self.key(expert_module(name, e, p)) for p in EXPERT_PROJECTIONS[:2]]
             gate_up.append(concat_out([gate, up], names=names))
             down.append(dn)
-        return _stack(gate_up, self.key(name)), _stack(down, self.key(name))
-
-
-def _stack(weights: list[Weight], name: str) -> Weight:
-    if all(isinstance(w, NVFP4Tensor) for w in weights):
-        return stack_experts(weights)
-    if all(isinstance(w, torch.Tensor) for w in weights):
-        return torch.stack(weights)
-    raise CheckpointError(f"{name}: some experts are NVFP4 and some are not; they cannot be stacked")
+        return stack_expert_weights(gate_up, self.key(name)), stack_expert_weights(down, self.key(name))
 
 
 def source_class(folder: str | Path) -> type[WeightSource]:

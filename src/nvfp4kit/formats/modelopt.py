@@ -232,13 +232,14 @@ class ModelOptSource(WeightSource):
             names = [self.key(expert_module(name, e, p)) for p in EXPERT_PROJECTIONS[:2]]
             gate_up.append(concat_out([gate, up], names=names))
             down.append(dn)
-        return _stack(gate_up, self.key(name)), _stack(down, self.key(name))
+        return stack_expert_weights(gate_up, self.key(name)), stack_expert_weights(down, self.key(name))
 
     def describe(self) -> dict[str, Any]:
         return {"format": self.format_name}
 
 
-def _stack(weights: list[Weight], name: str) -> Weight:
+def stack_expert_weights(weights: list[Weight], name: str) -> Weight:
+    """Per-expert weights as one [E, ...] weight (NVFP4 or dense; a mix is a checkpoint error)."""
     if all(isinstance(w, NVFP4Tensor) for w in weights):
         return stack_experts(weights)
     if all(isinstance(w, torch.Tensor) for w in weights):

@@ -157,21 +157,8 @@ def _paged_attention_kernel(
         if DERIVE_K:
             scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
             scores += rotated_key_scores(
-                q_r1,
-                q_r2,
-                w_r1,
-                w_r2,
-                freq,
-                v_rows,
-                k_ok,
-                k_pos,
-                D,
-                ROT,
-                KV_FORMAT,
-                NATIVE_FP8,
-                ct,
-                PRECISION,
-            )
+                q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D, ROT, KV_FORMAT, NATIVE_FP8, ct, PRECISION,
+            )  # fmt: skip
         else:
             k_rows = k_ptr + slot * stride_ks + kv_head * stride_kh
             kt = load_kv_tile(k_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)

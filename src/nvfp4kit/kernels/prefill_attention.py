@@ -156,21 +156,8 @@ def _prefill_attention_kernel(
             v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
             scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
             scores += rotated_key_scores(
-                q_r1,
-                q_r2,
-                w_r1,
-                w_r2,
-                freq,
-                v_rows,
-                k_ok,
-                k_pos,
-                D,
-                ROT,
-                KV_FORMAT,
-                NATIVE_FP8,
-                ct,
-                PRECISION,
-            )
+                q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D, ROT, KV_FORMAT, NATIVE_FP8, ct, PRECISION,
+            )  # fmt: skip
             if DV_SPLITS > 1:
                 v = load_kv_tile(v_rows[:, None] + ocols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
         else:
