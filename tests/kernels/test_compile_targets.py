@@ -56,10 +56,12 @@ def _compile(fn, constants: dict, arch: int, warps: int):
 
 def _check_all(arch: int) -> list[str]:
     lines = []
+    pdl = 2 if arch >= 90 else 0  # programmatic dependent launch (kernels/launch.py) exists from SM90
     for name, (fn, warps, constants) in sorted(KERNELS.items()):
-        ptx = _compile(fn, constants, arch, warps).asm["ptx"]
-        hopper_only = [op for op in ("wgmma", "setmaxnreg", "cp.async.bulk") if op in ptx]
+        ptx = _compile(fn, {**constants, "PDL": pdl}, arch, warps).asm["ptx"]
+        hopper_only = [op for op in ("wgmma", "setmaxnreg", "cp.async.bulk", "griddepcontrol") if op in ptx]
         ok = f".target sm_{arch}" in ptx and (arch >= 90 or not hopper_only)
+        ok = ok and (arch < 90 or "griddepcontrol.wait" in ptx)
         lines.append(f"{'ok' if ok else 'BAD'} {name} sm_{arch} {hopper_only}")
     return lines
 

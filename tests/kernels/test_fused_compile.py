@@ -51,6 +51,7 @@ ATTENTION_KERNELS = (prefill_attention._prefill_attention_kernel, paged_attentio
 
 def _compile(name: str, arch: int):
     fn, warps, pointers, scalars, constants = KERNELS[name]
+    constants = {**constants, "PDL": 2 if arch >= 90 else 0}  # griddepcontrol (kernels/launch.py) from SM90
     names = fn.arg_names
 
     def kind(arg: str) -> str:
@@ -76,4 +77,5 @@ def test_fused_kernels_compile_for_target(arch):
 if __name__ == "__main__":
     for kernel_name in KERNELS:
         ptx = _compile(kernel_name, int(sys.argv[1])).asm["ptx"]
-        print(f"ok:{kernel_name}" if f".target sm_{sys.argv[1]}" in ptx else f"bad:{kernel_name}")
+        pdl_ok = ("griddepcontrol.wait" in ptx) == (int(sys.argv[1]) >= 90)
+        print(f"ok:{kernel_name}" if f".target sm_{sys.argv[1]}" in ptx and pdl_ok else f"bad:{kernel_name}")

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import expand_weight, fold_scale, load_weight_raw
 
 # rows x columns expanded per program (a 128-column tile reads 64 contiguous bytes per row); on the H200 this
@@ -54,7 +55,9 @@ def _dequant_kernel(
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     e = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     k0 = tl.program_id(2) * BK
@@ -110,7 +113,7 @@ def dequantize_nvfp4(
     _dequant_kernel[grid](
         packed, scale, s2, out, start, count, k,
         packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), count * k, k,
-        BR=block_rows, BK=block_k, ASM=asm, EVEN_K=k % block_k == 0,
+        BR=block_rows, BK=block_k, ASM=asm, EVEN_K=k % block_k == 0, **pdl_args(packed.device),
         ROUND_BF16=interpret and dtype == torch.bfloat16, num_warps=warps,
     )  # fmt: skip
     return out

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import MoEConfig, interpreting, select_moe_config
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
 from nvfp4kit.kernels.moe_prefill import MOE_PREFILL_MIN_TOKENS, grouped_mm_available, moe_prefill
 from nvfp4kit.kernels.moe_split import fused_moe_split
@@ -76,7 +77,9 @@ def _moe_gate_up_kernel(
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert, pairs, ok, act_rows = _block_rows(
@@ -151,8 +154,10 @@ def _moe_down_kernel(
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Each pair's weighted down-projection row -> out[pair] (summed over top-k by `_moe_sum_kernel`)."""
+    wait_for_inputs(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert, pairs, ok, act_rows = _block_rows(
@@ -203,8 +208,10 @@ def _moe_down_token_kernel(
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One token per program: loop over its top-k experts, weight and sum in registers, write the row."""
+    wait_for_inputs(PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
     lanes = tl.arange(0, BM)
@@ -233,8 +240,16 @@ def _moe_down_token_kernel(
 
 @triton.jit
 def _moe_sum_kernel(
-    part_ptr, out_ptr, hidden, stride_pm, stride_om, TOP_K: tl.constexpr, BLOCK: tl.constexpr
+    part_ptr,
+    out_ptr,
+    hidden,
+    stride_pm,
+    stride_om,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < hidden
@@ -331,14 +346,14 @@ def fused_moe(
         x2, gu[0], gu[1], gu[2], act, pair_ids, block_expert, ids, pairs, inter, hidden, x2.stride(0),
         gu[3], gu[4], gu[5], gu[6], act.stride(0),
         TOP_K=top_k, BM=bm, BN=gu_bn, BK=gu_bk, SORTED=cfg.sorted, EVEN_K=hidden % gu_bk == 0, **flags,
-        num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     if not cfg.sorted and cfg.down_mode == "token":
         _moe_down_token_kernel[(tokens, triton.cdiv(hidden, dn_bn))](
             act, dn[0], dn[1], dn[2], out, ids, route, hidden, inter, act.stride(0),
             dn[3], dn[4], dn[5], dn[6], out.stride(0),
             TOP_K=top_k, BM=16, BN=dn_bn, BK=dn_bk, EVEN_K=inter % dn_bk == 0, **flags,
-            num_warps=cfg.down_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.down_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
         )  # fmt: skip
         return out.reshape(*lead, hidden)
     per_pair = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
@@ -346,10 +361,17 @@ def fused_moe(
         act, dn[0], dn[1], dn[2], per_pair, pair_ids, block_expert, ids, route, pairs, hidden, inter,
         act.stride(0), dn[3], dn[4], dn[5], dn[6], per_pair.stride(0),
         BM=bm, BN=dn_bn, BK=dn_bk, SORTED=cfg.sorted, EVEN_K=inter % dn_bk == 0, **flags,
-        num_warps=cfg.down_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.down_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     block = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(tokens, triton.cdiv(hidden, block))](
-        per_pair, out, hidden, per_pair.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block
+        per_pair,
+        out,
+        hidden,
+        per_pair.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        BLOCK=block,
+        **pdl_args(x.device),
     )
     return out.reshape(*lead, hidden)

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+
 
 @triton.jit
 def gelu_tanh(g):
@@ -20,7 +22,8 @@ def gelu_tanh(g):
 
 
 @triton.jit
-def _geglu_kernel(gate_up_ptr, out_ptr, inter, stride_in, BLOCK: tl.constexpr):
+def _geglu_kernel(gate_up_ptr, out_ptr, inter, stride_in, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < inter
@@ -41,6 +44,12 @@ def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     if t and inter:
         block = min(1024, triton.next_power_of_2(inter))
         _geglu_kernel[(t, triton.cdiv(inter, block))](
-            gate_up, out, inter, gate_up.stride(0), BLOCK=block, num_warps=max(1, min(4, block // 256))
+            gate_up,
+            out,
+            inter,
+            gate_up.stride(0),
+            BLOCK=block,
+            num_warps=max(1, min(4, block // 256)),
+            **pdl_args(out.device),
         )
     return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+
 
 @dataclass(frozen=True)
 class KVFormat:
@@ -125,7 +127,9 @@ def _kv_write_kernel(
     MAX_VALUE: tl.constexpr,
     MIN_NORMAL: tl.constexpr,
     SUB_SCALE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -186,5 +190,5 @@ def write_kv(
         k_arg.stride(0), k_arg.stride(1), v.stride(0), v.stride(1),
         ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1),
         HAS_K=k is not None, D=head_dim, FORMAT=fmt.code, MAN=fmt.mantissa_bits, BIAS=fmt.exponent_bias,
-        MAX_VALUE=fmt.max_value, MIN_NORMAL=fmt.min_normal, SUB_SCALE=fmt.subnormal_scale, num_warps=1 if head_dim <= 256 else 2,
+        MAX_VALUE=fmt.max_value, MIN_NORMAL=fmt.min_normal, SUB_SCALE=fmt.subnormal_scale, num_warps=1 if head_dim <= 256 else 2, **pdl_args(v.device),
     )  # fmt: skip

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
@@ -36,7 +38,9 @@ def _moe_align_kernel(
     BM: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     experts = tl.arange(0, E_PAD)
     counts_ptr = scratch_ptr  # [E_PAD] pairs per expert
     taken_ptr = scratch_ptr + E_PAD  # [E_PAD] slots handed out so far
@@ -94,6 +98,7 @@ def _align_triton(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, b
         CHUNK=chunk,
         BLOCK_CHUNK=64,
         num_warps=8,
+        **pdl_args(ids.device),
     )
 
 

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.dequant import dequantize_nvfp4, scratch
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
 # tokens from which `fused_moe` takes this path by default (where `grouped_mm_available`). H200, 26B-A4B MoE:
 # 1.93 ms vs 1.97 (the best Triton tiles) at 4096 tokens, 2.75 vs 3.51 at 8192, but 1.70 vs 1.11 at 2048: the
@@ -39,9 +40,19 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
 
 @triton.jit
 def _unsort_sum_kernel(
-    y_ptr, pos_ptr, route_ptr, out_ptr, hidden, stride_y, stride_o, TOP_K: tl.constexpr, BLOCK: tl.constexpr
+    y_ptr,
+    pos_ptr,
+    route_ptr,
+    out_ptr,
+    hidden,
+    stride_y,
+    stride_o,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[t] = sum_k route[t*K+k] * y[pos[t*K+k]] in fp32: y rows are in expert order, pos maps pair -> row."""
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < hidden
@@ -93,6 +104,15 @@ def moe_prefill(
     pos.scatter_(0, order, torch.arange(order.numel(), device=x2.device))
     block = min(1024, triton.next_power_of_2(hidden))
     _unsort_sum_kernel[(tokens, triton.cdiv(hidden, block))](
-        y, pos, route, out, hidden, y.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block
+        y,
+        pos,
+        route,
+        out,
+        hidden,
+        y.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        BLOCK=block,
+        **pdl_args(out.device),
     )
     return out

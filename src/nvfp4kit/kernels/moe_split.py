@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.kernels.configs import MoEConfig
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 from nvfp4kit.kernels.split_k import arrival_counters
 
@@ -40,8 +41,9 @@ def _moe_gate_up_split_kernel(
     x_ptr, w_ptr, s_ptr, s2_ptr, act_ptr, ws_ptr, counter_ptr, topk_ids_ptr,
     num_pairs, inter, hidden, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_am,
     TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_inputs(PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -95,8 +97,9 @@ def _moe_down_split_kernel(
     act_ptr, w_ptr, s_ptr, s2_ptr, out_ptr, ws_ptr, counter_ptr, topk_ids_ptr, topk_w_ptr,
     hidden, inter, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr,
+    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_inputs(PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
     slot = tl.program_id(2)
@@ -163,12 +166,12 @@ def fused_moe_split(
         x, gate_up[0], gate_up[1], gate_up[2], act, ws, counters, ids, pairs, inter, hidden, x.stride(0),
         gate_up[3], gate_up[4], gate_up[5], gate_up[6], act.stride(0),
         TOP_K=top_k, BN=gu_bn, BK=gu_bk, SPLIT_K=split, EVEN_K=hidden % gu_bk == 0, **flags,
-        num_warps=config.gate_up_warps, num_stages=config.num_stages,
+        num_warps=config.gate_up_warps, num_stages=config.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     _moe_down_split_kernel[(tokens, triton.cdiv(hidden, dn_bn), top_k)](
         act, down[0], down[1], down[2], out, ws, counters, ids, route, hidden, inter, act.stride(0),
         down[3], down[4], down[5], down[6], out.stride(0),
         TOP_K=top_k, BN=dn_bn, BK=dn_bk, EVEN_K=inter % dn_bk == 0, **flags,
-        num_warps=config.down_warps, num_stages=config.num_stages,
+        num_warps=config.down_warps, num_stages=config.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     return out

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+
 MAX_ROW = 65536  # a row lives in registers; Gemma 4 rows are at most 5376
 
 
@@ -35,7 +37,9 @@ def _rms_norm_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -62,7 +66,9 @@ def _moe_inputs_kernel(
     eps,
     router_factor,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -95,7 +101,9 @@ def _ffn_tail_kernel(
     HAS_EXPERTS: tl.constexpr,
     HAS_SCALAR: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -162,6 +170,7 @@ def rms_norm(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=warps,
+            **pdl_args(out.device),
         )
     return out.reshape(x.shape)
 
@@ -194,6 +203,7 @@ def moe_inputs(
             n**-0.5,
             BLOCK=block,
             num_warps=warps,
+            **pdl_args(h.device),
         )
     return outs[0], outs[1], outs[2]
 
@@ -247,5 +257,6 @@ def ffn_tail(
             HAS_SCALAR=layer_scalar is not None,
             BLOCK=block,
             num_warps=warps,
+            **pdl_args(out.device),
         )
     return out

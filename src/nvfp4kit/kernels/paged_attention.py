@@ -42,6 +42,7 @@ from nvfp4kit.kernels.attention_pools import (
 )
 from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.kv_write import kv_format
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,9 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_inputs(PDL)
     item = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -201,8 +203,9 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, seq_len_ptr, seq_offset_ptr,
     stride_ot, stride_oh, num_q_heads, num_rows,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_inputs(PDL)
     item = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(item_seq_ptr + item)
@@ -285,13 +288,13 @@ def paged_attention(
         DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
         COMPUTE=dot_dtype_code(q.dtype, fmt.code), NUM_SPLITS=num_splits,
         PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(len(items), q_heads)](
             part_acc, part_lse, out, items.seq, batch.seq_len, batch.seq_offset,
             out.stride(0), out.stride(1), q_heads, tokens,
             NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), CHUNK=min(8, next_pow2(num_splits)), D=head_dim,
-            num_warps=4,
+            num_warps=4, **pdl_args(q.device),
         )  # fmt: skip
     return out

@@ -40,6 +40,7 @@ from nvfp4kit.kernels.attention_pools import (
 )
 from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.kv_write import kv_format
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
 _LOG2E = 1.4426950408889634
 
@@ -88,8 +89,9 @@ def _prefill_attention_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, DV_SPLITS: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BIDIR: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BIDIR: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_inputs(PDL)
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
     pid = tl.program_id(0)
     per_item = kv_heads * DV_SPLITS
@@ -254,7 +256,7 @@ def prefill_attention(
             _prefill_attention_kernel[(len(items) * kv_heads * cfg.dv_splits,)](
                 *args, BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, DV=head_dim // cfg.dv_splits,
                 DV_SPLITS=cfg.dv_splits, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **constants,
+                num_stages=cfg.num_stages, **constants, **pdl_args(q.device),
             )  # fmt: skip
             return out
         except triton.runtime.errors.OutOfResources:  # too big for this card's shared memory: the next tile

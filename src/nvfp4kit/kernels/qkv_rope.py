@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.rope_angles import cos_sin
 
 
@@ -65,7 +66,9 @@ def _qkv_norm_rope_kernel(
     eps,
     HALF,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     d = 2 * HALF
@@ -146,5 +149,6 @@ def qkv_norm_rope(
             half,
             BLOCK_HALF=block_half,
             num_warps=max(1, min(4, block_half // 64)),
+            **pdl_args(qkv.device),
         )
     return q, k, v

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+
 
 @triton.jit
 def _route_kernel(
@@ -23,7 +25,9 @@ def _route_kernel(
     stride_logits,
     TOP_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     ok = experts < num_experts
@@ -75,5 +79,6 @@ def route(
             TOP_K=top_k,
             BLOCK_E=block,
             num_warps=max(1, min(8, block // 128)),
+            **pdl_args(logits.device),
         )
     return weights, ids

@@ -22,6 +22,7 @@ import triton.language as tl
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, interpreting, select_linear_config
 from nvfp4kit.kernels.dequant import dequant_linear
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 from nvfp4kit.kernels.split_k import arrival_counters
 
@@ -55,7 +56,9 @@ def _w4a16_dot_kernel(
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BM)
@@ -127,7 +130,9 @@ def _w4a16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BM)
@@ -265,6 +270,7 @@ def w4a16_linear(
             EVEN_K=even_k,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+            **pdl_args(x.device),
         )
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
@@ -281,5 +287,6 @@ def w4a16_linear(
             INTERPRET=interpret,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+            **pdl_args(x.device),
         )
     return out.reshape(*lead, n)

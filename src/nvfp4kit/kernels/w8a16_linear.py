@@ -15,6 +15,7 @@ import triton.language as tl
 from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.kv_write import decode_e4m3
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
 GEMV_MAX_M = (
     1  # batch-1 decode takes the CUDA-core GEMV (H100: 340 us vs 490-835 us at M=2-4; tiles win from M=2)
@@ -24,8 +25,9 @@ GEMV_MAX_M = (
 @triton.jit
 def _w8a16_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -57,8 +59,9 @@ def _w8a16_kernel(
 @triton.jit
 def _w8a16_gemv_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -99,7 +102,7 @@ def w8a16_linear(x: torch.Tensor, weight: FP8RowTensor) -> torch.Tensor:
         bn, bk = (32, 256 // bm) if not interpreting() else (16, 32)
         _w8a16_gemv_kernel[(triton.cdiv(n, bn),)](
             flat, data, weight.scale, out, m, n, k, flat.stride(0), data.stride(0), out.stride(0),
-            BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=3,
+            BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=3, **pdl_args(x.device),
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], n)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
@@ -107,6 +110,6 @@ def w8a16_linear(x: torch.Tensor, weight: FP8RowTensor) -> torch.Tensor:
     fp32 = x.dtype == torch.float32 or interpreting()  # the interpreter's bf16 dot is wrong (Triton 3.9)
     _w8a16_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
         flat, data, weight.scale, out, m, n, k, flat.stride(0), data.stride(0), out.stride(0),
-        BM=bm, BN=bn, BK=bk, FP32=fp32, num_warps=4, num_stages=4,
+        BM=bm, BN=bn, BK=bk, FP32=fp32, num_warps=4, num_stages=4, **pdl_args(x.device),
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)
