@@ -1,6 +1,6 @@
 """Fused element-wise regions (norms, qkv norm + RoPE, GeGLU, routing) against the torch backend on fp32 inputs.
 
-Shapes are awkward on purpose: rows that are not powers of two, T = 0, 1, 3, 7, tiny and real head sizes,
+Shapes are awkward on purpose: rows that are not powers of two, T = 0, 1, 3, 7, 17, tiny and real head sizes,
 positions past 1e5 (RoPE angle reduction), experts not a power of two.
 """
 
@@ -56,22 +56,36 @@ def test_rms_norm_of_strided_rows_and_leading_dims():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t,n", [(0, 64), (1, 80), (5, 2816)])
-def test_moe_inputs(dtype, t, n):
-    h = _randn(t, n, seed=n, dtype=dtype, scale=10.0)
-    norms = {
-        k: _weight(n, seed=i).to(dtype) for i, k in enumerate(("mlp_norm", "experts_norm", "router_scale"))
-    }
-    outs = TRITON.moe_inputs(h, **norms, eps=EPS)
-    refs = TORCH.moe_inputs(h.float(), **{k: v.float() for k, v in norms.items()}, eps=EPS)
-    for out, ref in zip(outs, refs):
-        _check(out, ref, dtype)
+@pytest.mark.parametrize("t,n,moe", [(0, 64, True), (1, 80, True), (3, 176, False), (17, 200, True),
+                                     (5, 2816, True), (2, 1536, False)])  # fmt: skip
+def test_ffn_inputs(dtype, t, n, moe):
+    residual = _randn(t, n, seed=n, dtype=dtype, scale=10.0)
+    attn_out = _randn(t, n, seed=n + 1, dtype=dtype, scale=0.5)
+    norms = dict(
+        post_attn_norm=_weight(n, seed=1).to(dtype),
+        mlp_norm=_weight(n, seed=2).to(dtype),
+        experts_norm=_weight(n, seed=3).to(dtype) if moe else None,
+        router_scale=_weight(n, seed=4).to(dtype) if moe else None,
+    )
+    h, *normed = TRITON.ffn_inputs(residual, attn_out, **norms, eps=EPS)
+    f32_norms = {k: _f32(v)[0] for k, v in norms.items()}
+    ref_h, *_ = TORCH.ffn_inputs(*_f32(residual, attn_out), **f32_norms, eps=EPS)
+    _check(h, ref_h, dtype)
+    # the normed copies are of the residual as stored (rounded to dtype), as a separate launch would read it
+    _, *refs = TORCH.ffn_inputs(h.float(), torch.zeros_like(ref_h), **f32_norms, eps=EPS)
+    assert len(normed) == len(refs) == 3
+    for out, ref in zip(normed, refs):
+        if ref is None:
+            assert out is None and not moe
+        else:
+            _check(out, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t,n,experts,scalar", [(0, 80, True, True), (1, 80, True, True), (3, 176, False, True),
-                                                (4, 2816, True, False)])  # fmt: skip
-def test_ffn_tail(dtype, t, n, experts, scalar):
+@pytest.mark.parametrize("t,n,experts,scalar,next_norm", [(0, 80, True, True, True), (1, 80, True, True, False),
+                                                          (3, 176, False, True, True), (17, 200, True, True, True),
+                                                          (4, 2816, True, False, False), (1, 1536, False, True, True)])  # fmt: skip
+def test_ffn_tail(dtype, t, n, experts, scalar, next_norm):
     h, mlp_out = _randn(t, n, seed=1, dtype=dtype, scale=4.0), _randn(t, n, seed=2, dtype=dtype)
     experts_out = _randn(t, n, seed=3, dtype=dtype, scale=0.1) if experts else None
     norms = dict(
@@ -79,10 +93,16 @@ def test_ffn_tail(dtype, t, n, experts, scalar):
         post_mlp_norm=_weight(n, 5).to(dtype) if experts else None,
         post_experts_norm=_weight(n, 6).to(dtype) if experts else None,
         layer_scalar=torch.tensor([0.7], device=DEVICE).to(dtype) if scalar else None,
+        next_norm=_weight(n, 7).to(dtype) if next_norm else None,
     )
-    out = TRITON.ffn_tail(h, mlp_out, experts_out, **norms, eps=EPS)
-    ref = TORCH.ffn_tail(*_f32(h, mlp_out, experts_out), **{k: _f32(v)[0] for k, v in norms.items()}, eps=EPS)
+    out, normed = TRITON.ffn_tail(h, mlp_out, experts_out, **norms, eps=EPS)
+    f32_norms = {k: _f32(v)[0] for k, v in norms.items()}
+    ref, _ = TORCH.ffn_tail(*_f32(h, mlp_out, experts_out), **f32_norms, eps=EPS)
     _check(out, ref, dtype)
+    if not next_norm:
+        assert normed is None
+    else:  # the next layer's input norm of the residual as stored
+        _check(normed, TORCH.rms_norm(out.float(), f32_norms["next_norm"], eps=EPS), dtype)
 
 
 def _inv_freq(half, proportional):

@@ -52,7 +52,7 @@ class TritonBackend:
     ) -> torch.Tensor:
         return norms.rms_norm(x, weight, eps=eps, residual=residual)
 
-    moe_inputs = staticmethod(norms.moe_inputs)
+    ffn_inputs = staticmethod(norms.ffn_inputs)
     ffn_tail = staticmethod(norms.ffn_tail)
     qkv_norm_rope = staticmethod(qkv_norm_rope)
     geglu = staticmethod(geglu)

@@ -1,8 +1,11 @@
-"""RMSNorm regions of a decoder layer, one launch each: plain, after a residual add, the three inputs of a MoE
-layer, and the FFN tail (two post-norms, their sum normed again, the residual add and the layer scalar).
+"""RMSNorm regions of a decoder layer, one launch each: plain, after a residual add, the FFN's inputs (the
+post-attention residual add and the normed copies the dense MLP, the experts and the router read), and the FFN
+tail (two post-norms, their sum normed again, the residual add, the layer scalar and the next layer's input
+norm, so a decode step has no separate input-norm launch between layers).
 
 One program normalises one row held whole in registers (BLOCK = next power of two >= the row), fp32 math
-inside and one rounding on the way out. The references are the torch backend's methods (`nvfp4kit.model.ops`)
+inside and one rounding per output (a residual that is also normalised again is rounded first, as if it had
+been stored and read back). The references are the torch backend's methods (`nvfp4kit.model.ops`)
 on fp32 inputs. No host syncs and only shape-sized outputs, so every op replays inside CUDA graphs.
 """
 
@@ -53,18 +56,23 @@ def _rms_norm_kernel(
 
 
 @triton.jit
-def _moe_inputs_kernel(
-    h_ptr,
+def _ffn_inputs_kernel(
+    res_ptr,
+    x_ptr,
+    w_attn_ptr,
     w_mlp_ptr,
     w_experts_ptr,
     router_scale_ptr,
+    h_ptr,
     mlp_ptr,
     experts_ptr,
     router_ptr,
     n,
-    stride_h,
+    stride_res,
+    stride_x,
     eps,
     router_factor,
+    HAS_EXPERTS: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -72,15 +80,22 @@ def _moe_inputs_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
-    y = _normalised(tl.load(h_ptr + row * stride_h + cols, mask=ok, other=0.0).to(tl.float32), n, eps)
-    dtype = mlp_ptr.dtype.element_ty
+    dtype = h_ptr.dtype.element_ty
     out = row * n + cols
+    attn = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    w_attn = tl.load(w_attn_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    h = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
+    h = (h + _normalised(attn, n, eps) * w_attn).to(dtype)
+    tl.store(h_ptr + out, h, mask=ok)
+    # the FFN reads the stored (rounded) residual, as it would after a separate launch
+    y = _normalised(h.to(tl.float32), n, eps)
     w_mlp = tl.load(w_mlp_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(mlp_ptr + out, (y * w_mlp).to(dtype), mask=ok)
-    w_experts = tl.load(w_experts_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(experts_ptr + out, (y * w_experts).to(dtype), mask=ok)
-    scale = tl.load(router_scale_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(router_ptr + out, (y * scale * router_factor).to(dtype), mask=ok)
+    if HAS_EXPERTS:
+        w_experts = tl.load(w_experts_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(experts_ptr + out, (y * w_experts).to(dtype), mask=ok)
+        scale = tl.load(router_scale_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(router_ptr + out, (y * scale * router_factor).to(dtype), mask=ok)
 
 
 @triton.jit
@@ -92,7 +107,9 @@ def _ffn_tail_kernel(
     w_mlp_ptr,
     w_experts_ptr,
     scalar_ptr,
+    w_next_ptr,
     out_ptr,
+    next_ptr,
     n,
     stride_h,
     stride_mlp,
@@ -100,6 +117,7 @@ def _ffn_tail_kernel(
     eps,
     HAS_EXPERTS: tl.constexpr,
     HAS_SCALAR: tl.constexpr,
+    HAS_NEXT: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -118,7 +136,12 @@ def _ffn_tail_kernel(
     out = h + _normalised(mix, n, eps) * w_post
     if HAS_SCALAR:
         out *= tl.load(scalar_ptr).to(tl.float32)
-    tl.store(out_ptr + row * n + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+    out = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * n + cols, out, mask=ok)
+    if HAS_NEXT:  # the next layer's input norm of the stored (rounded) residual
+        w_next = tl.load(w_next_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        normed = _normalised(out.to(tl.float32), n, eps) * w_next
+        tl.store(next_ptr + row * n + cols, normed.to(next_ptr.dtype.element_ty), mask=ok)
 
 
 def _row_launch(n: int) -> tuple[int, int]:
@@ -175,37 +198,60 @@ def rms_norm(
     return out.reshape(x.shape)
 
 
-def moe_inputs(
-    h: torch.Tensor,
+def ffn_inputs(
+    residual: torch.Tensor,
+    attn_out: torch.Tensor,
     *,
+    post_attn_norm: torch.Tensor,
     mlp_norm: torch.Tensor,
-    experts_norm: torch.Tensor,
-    router_scale: torch.Tensor,
+    experts_norm: torch.Tensor | None,
+    router_scale: torch.Tensor | None,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rms_norm(h) times mlp_norm, experts_norm, and router_scale * H**-0.5: three [T, H] outputs, one launch."""
-    if h.dim() != 2:
-        raise ValueError(f"moe_inputs takes h [T, H], got shape {tuple(h.shape)}")
-    t, n = h.shape
-    rows = _rows(h, n, "h")
-    outs = [torch.empty((t, n), dtype=h.dtype, device=h.device) for _ in range(3)]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """h = residual + post_attn_norm(attn_out) and rms_norm(h) times mlp_norm (and, for a MoE layer,
+    experts_norm and router_scale * H**-0.5): two or four [T, H] outputs, one launch."""
+    if residual.dim() != 2:
+        raise ValueError(f"ffn_inputs takes residual [T, H], got shape {tuple(residual.shape)}")
+    if (experts_norm is None) != (router_scale is None):
+        raise ValueError("ffn_inputs needs both experts_norm and router_scale (MoE layer) or neither")
+    t, n = residual.shape
+    res, attn = _rows(residual, n, "residual"), _rows(attn_out, n, "attn_out")
+    if attn.shape[0] != t:
+        raise ValueError(f"attn_out has {attn.shape[0]} rows, residual has {t}")
+    has_experts = experts_norm is not None
+    outs = [
+        torch.empty((t, n), dtype=residual.dtype, device=residual.device)
+        for _ in range(4 if has_experts else 2)
+    ]
+    w_mlp = _vector(mlp_norm, n, "mlp_norm")
+    w_experts = _vector(experts_norm, n, "experts_norm") if has_experts else w_mlp
+    w_router = _vector(router_scale, n, "router_scale") if has_experts else w_mlp
     if t:
         block, warps = _row_launch(n)
-        _moe_inputs_kernel[(t,)](
-            rows,
-            _vector(mlp_norm, n, "mlp_norm"),
-            _vector(experts_norm, n, "experts_norm"),
-            _vector(router_scale, n, "router_scale"),
-            *outs,
+        _ffn_inputs_kernel[(t,)](
+            res,
+            attn,
+            _vector(post_attn_norm, n, "post_attn_norm"),
+            w_mlp,
+            w_experts,
+            w_router,
+            outs[0],
+            outs[1],
+            outs[-2],  # a dense layer stores neither: any tensor will do
+            outs[-1],
             n,
-            rows.stride(0),
+            res.stride(0),
+            attn.stride(0),
             float(eps),
             n**-0.5,
+            HAS_EXPERTS=has_experts,
             BLOCK=block,
             num_warps=warps,
-            **pdl_args(h.device),
+            **pdl_args(residual.device),
         )
-    return outs[0], outs[1], outs[2]
+    if not has_experts:
+        return outs[0], outs[1], None, None
+    return outs[0], outs[1], outs[2], outs[3]
 
 
 def ffn_tail(
@@ -217,9 +263,11 @@ def ffn_tail(
     post_mlp_norm: torch.Tensor | None,
     post_experts_norm: torch.Tensor | None,
     layer_scalar: torch.Tensor | None,
+    next_norm: torch.Tensor | None = None,
     eps: float,
-) -> torch.Tensor:
-    """(h + post_norm(mix)) * layer_scalar with mix = post_mlp_norm(mlp_out) + post_experts_norm(experts_out)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, next_norm(out)) with out = (h + post_norm(mix)) * layer_scalar and mix = post_mlp_norm(mlp_out) +
+    post_experts_norm(experts_out); one launch."""
     if h.dim() != 2:
         raise ValueError(f"ffn_tail takes h [T, H], got shape {tuple(h.shape)}")
     t, n = h.shape
@@ -234,9 +282,11 @@ def ffn_tail(
     w_post = _vector(post_norm, n, "post_norm")
     w_mlp = _vector(post_mlp_norm, n, "post_mlp_norm") if has_experts else w_post
     w_experts = _vector(post_experts_norm, n, "post_experts_norm") if has_experts else w_post
+    w_next = _vector(next_norm, n, "next_norm") if next_norm is not None else w_post
     if layer_scalar is not None and layer_scalar.numel() != 1:
         raise ValueError(f"layer_scalar must hold one value, got shape {tuple(layer_scalar.shape)}")
     out = torch.empty((t, n), dtype=h.dtype, device=h.device)
+    normed = torch.empty_like(out) if next_norm is not None else None
     if t:
         block, warps = _row_launch(n)
         _ffn_tail_kernel[(t,)](
@@ -247,7 +297,9 @@ def ffn_tail(
             w_mlp,
             w_experts,
             w_post if layer_scalar is None else layer_scalar,
+            w_next,
             out,
+            out if normed is None else normed,
             n,
             rows.stride(0),
             mlp.stride(0),
@@ -255,8 +307,9 @@ def ffn_tail(
             float(eps),
             HAS_EXPERTS=has_experts,
             HAS_SCALAR=layer_scalar is not None,
+            HAS_NEXT=next_norm is not None,
             BLOCK=block,
             num_warps=warps,
             **pdl_args(out.device),
         )
-    return out
+    return out, normed

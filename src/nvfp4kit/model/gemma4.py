@@ -185,26 +185,41 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, ctx: AttentionContext, per_layer_input: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """The layer on its own: residual stream in, residual stream out."""
+        return self.step(x, None, ctx, per_layer_input)[0]
+
+    def step(
+        self,
+        x: torch.Tensor,
+        normed: torch.Tensor | None,
+        ctx: AttentionContext,
+        per_layer_input: torch.Tensor | None = None,
+        *,
+        next_norm: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(residual out, next_norm(residual out)) from the residual x and its input-normed copy `normed` (None:
+        normed here). The model chains layers through it so that each layer's last launch also makes the next
+        layer's normed input (or, with the final norm as `next_norm`, the model's normed output)."""
         ops, eps = regions(self.backend), self.eps
-        attn = self.self_attn(ops.rms_norm(x, self.input_layernorm.weight, eps=eps), ctx)
-        h = ops.add_rms_norm(x, attn, self.post_attention_layernorm.weight, eps=eps)
-        experts_out = None
-        if self.moe:  # the router sees the residual stream, not the normed input
-            mlp_in, experts_in, router_in = ops.moe_inputs(
-                h,
-                mlp_norm=self.pre_feedforward_layernorm.weight,
-                experts_norm=self.pre_feedforward_layernorm_2.weight,
-                router_scale=self.router.scale,
-                eps=eps,
-            )
-            mlp_out = self.mlp(mlp_in)
+        if normed is None:
+            normed = ops.rms_norm(x, self.input_layernorm.weight, eps=eps)
+        attn = self.self_attn(normed, ctx)
+        h, mlp_in, experts_in, router_in = ops.ffn_inputs(
+            x,
+            attn,
+            post_attn_norm=self.post_attention_layernorm.weight,
+            mlp_norm=self.pre_feedforward_layernorm.weight,
+            experts_norm=self.pre_feedforward_layernorm_2.weight if self.moe else None,
+            router_scale=self.router.scale if self.moe else None,  # the router sees the residual, not mlp_in
+            eps=eps,
+        )
+        mlp_out, experts_out = self.mlp(mlp_in), None
+        if self.moe:
             weights, ids = self.router(router_in)
             experts_out = self.experts(experts_in, weights, ids)
-        else:
-            mlp_out = self.mlp(ops.rms_norm(h, self.pre_feedforward_layernorm.weight, eps=eps))
         # each has its own post-norm: both are summed over the ranks first, in one collective
         mlp_out, experts_out = all_reduce_parts((mlp_out, experts_out), self.parallel)
-        out = ops.ffn_tail(
+        out, out_normed = ops.ffn_tail(
             h,
             mlp_out,
             experts_out,
@@ -212,15 +227,23 @@ class DecoderLayer(nn.Module):
             post_mlp_norm=self.post_feedforward_layernorm_1.weight if self.moe else None,
             post_experts_norm=self.post_feedforward_layernorm_2.weight if self.moe else None,
             layer_scalar=None if self.ple else self.layer_scalar,  # PLE layers scale after their own add
+            next_norm=None if self.ple else next_norm,
             eps=eps,
         )
-        if self.ple:
+        if self.ple:  # (out + post_per_layer_input_norm(projection)) * layer_scalar: the tail's form again
             gated = gelu_tanh(self.per_layer_input_gate(out)) * per_layer_input
-            out = ops.add_rms_norm(
-                out, self.per_layer_projection(gated), self.post_per_layer_input_norm.weight, eps=eps
+            out, out_normed = ops.ffn_tail(
+                out,
+                self.per_layer_projection(gated),
+                None,
+                post_norm=self.post_per_layer_input_norm.weight,
+                post_mlp_norm=None,
+                post_experts_norm=None,
+                layer_scalar=self.layer_scalar,
+                next_norm=next_norm,
+                eps=eps,
             )
-            out = out * self.layer_scalar.to(out.dtype)
-        return out
+        return out, out_normed
 
 
 class Gemma4Model(nn.Module):
@@ -304,9 +327,13 @@ class Gemma4Model(nn.Module):
         if embed_override is not None:
             h = h.index_copy(0, rows, values.to(h.dtype))
         ple = self.per_layer_inputs(input_ids, h) if self.config.hidden_size_per_layer_input else None
-        for i, layer in enumerate(self.layers):
-            h = layer(h, ctx, ple[:, i] if ple is not None else None)
-        return regions(self.backend).rms_norm(h, self.norm.weight, eps=self.norm.eps)
+        # each layer's last launch also norms the next layer's input (the last layer's: the final norm)
+        next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.norm.weight]
+        normed = None  # the first layer norms its own input
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+            h, normed = layer.step(h, normed, ctx, None if ple is None else ple[:, i], next_norm=next_norm)
+        assert normed is not None, "a model has at least one layer"
+        return normed
 
     def use_fp8_lm_head(self, enabled: bool = True) -> None:
         """Compute logits from an FP8 E4M3 copy (per-row scales) of the output projection: half the bytes of

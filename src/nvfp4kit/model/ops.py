@@ -56,17 +56,20 @@ class FusedRegions(Protocol):
     ) -> torch.Tensor:
         """residual + rms_norm(x) * weight (the post-attention sandwich)."""
 
-    def moe_inputs(
+    def ffn_inputs(
         self,
-        h: torch.Tensor,
+        residual: torch.Tensor,
+        attn_out: torch.Tensor,
         *,
+        post_attn_norm: torch.Tensor,
         mlp_norm: torch.Tensor,
-        experts_norm: torch.Tensor,
-        router_scale: torch.Tensor,
+        experts_norm: torch.Tensor | None,
+        router_scale: torch.Tensor | None,
         eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The three inputs a MoE layer takes from its residual h: the dense MLP's and the experts' normed
-        inputs, and the router's rms_norm(h) * router_scale * H**-0.5."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The residual h = residual + post_attn_norm(attn_out) and what the FFN takes from it: the dense MLP's
+        normed input and, in a MoE layer (experts_norm and router_scale given), the experts' normed input and
+        the router's rms_norm(h) * router_scale * H**-0.5; a dense layer gets None for the last two."""
 
     def ffn_tail(
         self,
@@ -78,10 +81,12 @@ class FusedRegions(Protocol):
         post_mlp_norm: torch.Tensor | None,
         post_experts_norm: torch.Tensor | None,
         layer_scalar: torch.Tensor | None,
+        next_norm: torch.Tensor | None = None,
         eps: float,
-    ) -> torch.Tensor:
-        """(h + post_norm(mix)) * layer_scalar, mix = post_mlp_norm(mlp_out) + post_experts_norm(experts_out)
-        with experts, else mlp_out; no layer_scalar: not scaled."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out, next_norm(out)): out = (h + post_norm(mix)) * layer_scalar, mix = post_mlp_norm(mlp_out) +
+        post_experts_norm(experts_out) with experts, else mlp_out; no layer_scalar: not scaled. next_norm is
+        the next layer's input norm (or the final norm), so its input comes out of this launch; None: not made."""
 
     def qkv_norm_rope(
         self,
@@ -213,18 +218,32 @@ class TorchBackend:
     def add_rms_norm(self, residual, x, weight, *, eps):
         return residual + rms_norm(x, weight, eps)
 
-    def moe_inputs(self, h, *, mlp_norm, experts_norm, router_scale, eps):
+    def ffn_inputs(self, residual, attn_out, *, post_attn_norm, mlp_norm, experts_norm, router_scale, eps):
+        h = residual + rms_norm(attn_out, post_attn_norm, eps)
+        if experts_norm is None:
+            return h, rms_norm(h, mlp_norm, eps), None, None
         router_in = rms_norm(h, None, eps) * router_scale * h.shape[-1] ** -0.5
-        return rms_norm(h, mlp_norm, eps), rms_norm(h, experts_norm, eps), router_in
+        return h, rms_norm(h, mlp_norm, eps), rms_norm(h, experts_norm, eps), router_in
 
     def ffn_tail(
-        self, h, mlp_out, experts_out, *, post_norm, post_mlp_norm, post_experts_norm, layer_scalar, eps
+        self,
+        h,
+        mlp_out,
+        experts_out,
+        *,
+        post_norm,
+        post_mlp_norm,
+        post_experts_norm,
+        layer_scalar,
+        next_norm=None,
+        eps,
     ):
         mix = mlp_out
         if experts_out is not None:
             mix = rms_norm(mlp_out, post_mlp_norm, eps) + rms_norm(experts_out, post_experts_norm, eps)
         out = h + rms_norm(mix, post_norm, eps)
-        return out if layer_scalar is None else out * layer_scalar.to(out.dtype)
+        out = out if layer_scalar is None else out * layer_scalar.to(out.dtype)
+        return out, None if next_norm is None else rms_norm(out, next_norm, eps)
 
     def qkv_norm_rope(
         self, qkv, *, positions, inv_freq, q_norm, k_norm, num_heads, num_kv_heads, head_dim, v_proj, eps
