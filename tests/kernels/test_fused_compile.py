@@ -19,7 +19,7 @@ ROWS = dict(n="i32", stride_x="i32", stride_res="i32", stride_out="i32", stride_
             stride_experts="i32", eps="fp32", router_factor="fp32")  # fmt: skip
 ATTN_PTRS = {"k_ptr": "*u8", "v_ptr": "*u8", "inv_freq_ptr": "*fp32", **{
     f"{n}_ptr": "*i32" for n in ("limit", "item_seq", "item_q0", "seq_start", "seq_len", "seq_offset",
-                                 "block_table", "ring")}}  # fmt: skip
+                                 "block_table", "ring", "counter")}}  # fmt: skip
 ATTN_SCALARS = {"k_factor": "fp32", "v_factor": "fp32"}  # the strides and sizes: i32 (below)
 ATTN_COMMON = dict(BLOCK_N=64, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=2, PRECISION="ieee")
 KERNELS = {  # name: (kernel, warps, pointer types (default *bf16), other types, constexprs)
@@ -36,6 +36,11 @@ KERNELS = {  # name: (kernel, warps, pointer types (default *bf16), other types,
                            HALF="i32"), dict(BLOCK_HALF=128)),
     "route": (router._route_kernel, 1, {"weights_ptr": "*fp32", "ids_ptr": "*i64"},
               dict(num_experts="i32", stride_logits="i32"), dict(TOP_K=8, BLOCK_E=128)),
+    "route_fused": (router._fused_route_kernel, 4, {"scale_ptr": "*fp32", "logits_ptr": "*fp32", "counter_ptr": "*i32",
+                                                    "weights_ptr": "*fp32", "ids_ptr": "*i64"},
+                    dict(num_tokens="i32", num_experts="i32", hidden="i32", stride_z="i32", stride_w="i32"),
+                    dict(TOP_K=8, BLOCK_T=1, EXPERTS_PER_PROGRAM=2, BLOCK_K=512, BLOCK_E=128, ROUND_BF16=True,
+                         CAST_WEIGHT=False)),
     "geglu": (geglu._geglu_kernel, 4, {}, dict(inter="i32", stride_in="i32"), dict(BLOCK=1024)),
     # prefill attention at 26B-A4B's layer shapes and default tiles, FP8 KV read through integer bits (any SM)
     "prefill_attention_global": (prefill_attention._prefill_attention_kernel, 8, ATTN_PTRS, ATTN_SCALARS,

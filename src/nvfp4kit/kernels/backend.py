@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels import norms
+from nvfp4kit.kernels import norms, router
 from nvfp4kit.kernels.fused_moe import fused_moe
 from nvfp4kit.kernels.geglu import geglu
 from nvfp4kit.kernels.qkv_rope import qkv_norm_rope
@@ -57,3 +57,10 @@ class TritonBackend:
     qkv_norm_rope = staticmethod(qkv_norm_rope)
     geglu = staticmethod(geglu)
     route = staticmethod(route)
+
+    def route_tokens(
+        self, z: torch.Tensor, weight: Weight, per_expert_scale: torch.Tensor, *, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if router.fuses(z, weight):  # decode sizes, dense weight: projection and top-k in one launch
+            return router.fused_route(z, weight, per_expert_scale, top_k=top_k)
+        return route(self.linear(z, weight), per_expert_scale, top_k=top_k)

@@ -114,6 +114,11 @@ class FusedRegions(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """softmax over experts, top-k, renormalise, times per_expert_scale: (weights fp32, ids int64) [T, k]."""
 
+    def route_tokens(
+        self, z: torch.Tensor, weight: Weight, per_expert_scale: torch.Tensor, *, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router whole: `route` of the logits z @ weight^T [T, E] (in z.dtype, as `linear` returns them)."""
+
 
 class Collectives(Protocol):
     """A tensor-parallel group as the model sees it (`nvfp4kit.distributed` runs it on torch.distributed); a
@@ -267,6 +272,9 @@ class TorchBackend:
         weights, ids = torch.topk(probs, k=top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * per_expert_scale[ids], ids
+
+    def route_tokens(self, z, weight, per_expert_scale, *, top_k):
+        return self.route(self.linear(z, weight), per_expert_scale, top_k=top_k)
 
 
 def _expert(weight: Weight, e: int, dtype: torch.dtype) -> torch.Tensor:
