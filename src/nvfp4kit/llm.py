@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.engine.request import TokenEvent
 from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
+from nvfp4kit.engine.warmup import warmup_wanted
 from nvfp4kit.model.loader import load_model, resolve_dtype
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
@@ -224,11 +225,16 @@ class LLM:
         self.tokenizer = Tokenizer(self.path)
         gen_file = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        warm_up = warmup_wanted(engine_config.warmup, self.device)
+        if self.parallel is not None:  # the warm-up's forwards run on every rank: after the workers' caches
+            engine_config = replace(engine_config, warmup=False)
         self.engine = Engine(
             self.model, self.tokenizer, config=engine_config, generation_config=self.generation_config
         )
         if self.parallel is not None:
             self.parallel.attach(self.engine)  # the workers' KV caches, laid out as this engine's
+            if warm_up:
+                self.engine.warm_up()
         self.max_model_len = self.engine.max_model_len
 
     def close(self) -> None:

@@ -88,6 +88,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "step is launched from the tokens still on the GPU while the host emits the last ones)",
     )  # fmt: skip
     g.add_argument(
+        "--no-warmup", dest="warmup", action="store_false",
+        help="skip the start-up warm-up (default on CUDA): before serving, the engine runs every kernel "
+        "variant a step can reach on dummy tokens, so no request waits for a Triton compile (0.3-2 s that "
+        "stall every running stream). It costs one compile per variant on a cold Triton cache (minutes for "
+        "the 26B-A4B shape), seconds once ~/.triton/cache holds them; the log line says what it took",
+    )  # fmt: skip
+    g.add_argument(
         "--fp8-lm-head", action="store_true",
         help="logits from an FP8 copy of the output projection: half its bytes per decode step (a faster "
         "batch-1 decode) for a small change in the logits; off by default",
@@ -126,6 +133,7 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         cuda_graphs=not args.enforce_eager,
         attention_backend=args.attention_backend,
         overlap_schedule=None if getattr(args, "overlap_schedule", True) else False,
+        warmup=None if getattr(args, "warmup", True) else False,
     )
     extra = {"language_model_only": True} if getattr(args, "language_model_only", False) else {}
     if getattr(args, "tensor_parallel_size", 1) > 1:

@@ -24,11 +24,13 @@ import torch
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.batch_sampler import SampleRow, StepSamples, host_to_device, sample_step
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs, StepTimer, default_batch_sizes
+from nvfp4kit.engine.kernel_compiles import COMPILES
 from nvfp4kit.engine.kv_pools import KVCache, KVLayout, pool_bytes
 from nvfp4kit.engine.logits_processors import LogitsRow
 from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
+from nvfp4kit.engine.warmup import WarmupReport, warm_up, warmup_wanted
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
@@ -55,6 +57,8 @@ class EngineConfig:
     prefix_caching: bool = True  # reuse the KV of prompt beginnings computed before (engine/prefix_cache.py)
     # launch decode step N+1 from step N's tokens on the device before the host reads them; None: on CUDA only
     overlap_schedule: bool | None = None
+    # before serving, run every kernel variant a step can reach (engine/warmup.py); None: on CUDA only
+    warmup: bool | None = None
 
 
 def resolve_kv_dtype(kv_dtype: str, *, model_dtype: torch.dtype) -> str:
@@ -129,6 +133,18 @@ class Engine:
             num_blocks * layout.block_size, num_blocks * layout.block_size * per_token / 2**20,
             layout.max_seqs, layout.ring_size, ring_bytes / 2**20, kv_dtype,
         )  # fmt: skip
+        self.warmup: WarmupReport | None = None
+        if warmup_wanted(self.config.warmup, self.device):
+            self.warm_up()
+        if self.device.type == "cuda":
+            COMPILES.install()
+        COMPILES.mark_ready()  # a compilation from here on stalls a serving step: counted and logged
+
+    def warm_up(self) -> WarmupReport:
+        """Compile every kernel variant a serving step can reach, on dummy tokens (`engine/warmup.py`); the KV
+        pools and the prefix cache end as they were. The engine must be idle."""
+        self.warmup = warm_up(self)
+        return self.warmup
 
     def close(self) -> None:
         """Drop the CUDA graphs, the KV cache and the model: their device memory is free once nothing else

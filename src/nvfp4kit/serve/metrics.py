@@ -1,7 +1,8 @@
 """Server metrics in Prometheus' text format (`GET /metrics`), without a client library.
 
-Counters: requests by endpoint and outcome, prompt and generated tokens. Histograms: time to first token
-and inter-token latency. Gauges: requests running and waiting, read from the engine when scraped.
+Counters: requests by endpoint and outcome, prompt and generated tokens, Triton kernel compilations (all, and
+those after the start-up warm-up: each one stalled a serving step). Histograms: time to first token and
+inter-token latency. Gauges: requests running and waiting, read from the engine when scraped.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 
+from nvfp4kit.engine.kernel_compiles import kernel_compile_counts
 from nvfp4kit.serve.engine_protocol import EngineStats
 
 PREFIX = "nvfp4kit"
@@ -105,6 +107,11 @@ class ServerMetrics:
         if (prefilled := getattr(stats, "prefill_tokens", None)) is not None:
             text = "Prompt tokens run through the model (prompt tokens minus prefix-cache hits)."
             lines += _single("prefill_tokens_total", "counter", text, prefilled)
+        compiles, after_warmup = kernel_compile_counts()
+        text = "Triton kernel variants compiled (or loaded from Triton's disk cache) in this process."
+        lines += _single("kernel_compiles_total", "counter", text, compiles)
+        text = "Of those, the ones after the start-up warm-up: each stalled a serving step."
+        lines += _single("kernel_compiles_after_warmup_total", "counter", text, after_warmup)
         lines += _single("num_requests_running", "gauge", "Requests generating now.", stats.running)
         lines += _single("num_requests_waiting", "gauge", "Requests queued for the engine.", stats.waiting)
         for pool in ("global", "sliding"):

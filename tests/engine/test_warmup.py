@@ -1,0 +1,215 @@
+"""The start-up warm-up (engine/warmup.py) and the compile counter (engine/kernel_compiles.py), CPU-visible parts:
+the plan's steps stay within the engine's limits and reach every class they are meant to, the warm-up leaves the
+KV pools, free lists and prefix cache as they were, and the config and CLI switches work. The GPU side (zero
+compilations after the warm-up) is tests/gpu/test_warmup_cuda.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nvfp4kit.cli.engine_options import add_engine_arguments, llm_arguments
+from nvfp4kit.engine.engine import Engine, EngineConfig
+from nvfp4kit.engine.kernel_compiles import CompileWatch
+from nvfp4kit.engine.warmup import (
+    StepLimits,
+    WarmupStep,
+    engine_plan,
+    plan_steps,
+    representatives,
+    spec_class,
+    warm_up,
+    warmup_wanted,
+)
+from nvfp4kit.model.loader import load_model
+from nvfp4kit.sampling import SamplingParams
+
+from .helpers import generate_tokens, random_prompts
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def test_spec_class_separates_what_triton_specialises_on():
+    assert spec_class(1) == "one"
+    assert [spec_class(x) for x in (3, 2, 4, 8, 16, 48, 96)] == [0, 1, 2, 3, 4, 4, 4]
+    assert representatives(range(1, 40), spec_class) == [1, 24, 32, 36, 38, 39]
+
+
+def _limits(**changes) -> StepLimits:
+    base = dict(max_tokens=96, max_chunk=96, max_seqs=12, max_len=600, block_size=16, eager_decode=False)
+    return StepLimits(**{**base, **changes})
+
+
+def _check_limits(steps: list[WarmupStep], lim: StepLimits) -> None:
+    assert len(set(steps)) == len(steps)
+    for s in steps:
+        assert 0 < s.tokens <= lim.max_tokens
+        assert len(s.decodes) + len(s.prefills) <= lim.max_seqs
+        assert all(0 < n <= lim.max_chunk and start + n <= lim.max_len for start, n in s.prefills)
+        assert all(0 < k <= lim.max_len for k in s.decodes)
+        if not lim.eager_decode:
+            assert s.prefills, "decode-only steps replay CUDA graphs: nothing to warm"
+
+
+def test_plan_reaches_every_bucket_class_row_count_and_split():
+    lim = _limits()
+    bucket_of = lambda t: (t > 8, t >= 64)  # noqa: E731 - three buckets, as a config table would make
+    # two layer kinds: a sliding one (window 100) and a global one; their splits grow with keys, shrink with rows
+    splits_of = lambda d, k: (min(k, 100) // 50 + 1, max(1, min(12 // d, k // 64)))  # noqa: E731
+    tiles_of = lambda n: spec_class(math.ceil(n / 16))  # noqa: E731
+    steps = plan_steps(lim, bucket_of=bucket_of, splits_of=splits_of, tiles_of=tiles_of)
+    _check_limits(steps, lim)
+    tokens = {s.tokens for s in steps}
+    wanted = {(bucket_of(t), spec_class(t)) for t in range(2, 97)}
+    assert wanted <= {(bucket_of(t), spec_class(t)) for t in tokens}
+    mixed = [s for s in steps if s.decodes and s.prefills]
+    rows = {len(s.decodes) + len(s.prefills) for s in steps}
+    assert {(min(1 << (r - 1).bit_length(), 64), spec_class(r)) for r in range(1, 13)} <= {
+        (min(1 << (r - 1).bit_length(), 64), spec_class(r)) for r in rows
+    }
+    reached = {splits_of(len(s.decodes), max(s.decodes)) for s in mixed}
+    for kind in (0, 1):
+        every = {splits_of(d, k)[kind] for d in range(1, 12) for k in range(1, 601)}
+        assert every == {r[kind] for r in reached}, f"layer kind {kind}: some key-split count is never run"
+    # busy steps: each split count met with every token-count and table-width class and row alignment
+    busy = {(splits_of(d, k), d % 4) for d in range(2, 9) for k in range(1, 601) if d % 4 != 2}
+    for value, residue in busy:
+        met = {(s.tokens % 16 == 0, _width(s) % 16 == 0) for s in mixed
+               if splits_of(len(s.decodes), max(s.decodes)) == value and len(s.decodes) % 4 == residue}  # fmt: skip
+        assert met == {(True, True), (True, False), (False, True), (False, False)}, (value, residue)
+    widths = {spec_class(-(-(start + n) // 16)) for s in steps for start, n in s.prefills if start}
+    assert {0, 1, 2, 3, 4} <= widths, "a block-table width class of prefill chunks is never run"
+    assert any(len(s.prefills) == 2 for s in steps), "no step with two prefill chunks"
+
+
+def _width(step: WarmupStep, block_size: int = 16) -> int:
+    """The step's block-table width: its longest table, in blocks."""
+    return max(-(-end // block_size) for end in [*step.decodes, *(s + n for s, n in step.prefills)])
+
+
+def test_plan_splits_chunks_and_warms_eager_decodes_when_there_are_no_graphs():
+    lim = _limits(max_chunk=32, eager_decode=True)
+    steps = plan_steps(lim)
+    _check_limits(steps, lim)
+    assert any(len(s.prefills) >= 3 for s in steps), "a 96-token step is three 32-token chunks"
+    assert any(s.decodes and not s.prefills for s in steps)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_model(tiny_checkpoint("moe"))
+
+
+def _state(engine: Engine) -> dict:
+    """Everything the warm-up must leave as it was: pool tensors, free lists, prefix-cache tables."""
+    cache, prefix = engine.cache, engine.scheduler.prefix
+    tensors = {f"{kind}{layer}": t.clone() for kind, pool in (("k", cache.keys), ("v", cache.values))
+               for layer, t in pool.items() if t is not None}  # fmt: skip
+    return {
+        "tensors": tensors,
+        "blocks": list(cache.free_blocks.plain), "cached": list(cache.free_blocks.cached),
+        "rings": list(cache.free_rings.plain), "parked": list(cache.free_rings.parked),
+        "tables": (dict(prefix.digest_of), dict(prefix.block_of), dict(prefix.ring_at), dict(prefix.points_of)),
+        "refs": list(prefix.refs), "hits": prefix.hit_tokens,
+    }  # fmt: skip
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for name, t in a["tensors"].items():
+        assert torch.equal(t, b["tensors"][name]), f"pool {name} changed"
+    for key in ("blocks", "cached", "rings", "parked", "tables", "refs", "hits"):
+        assert a[key] == b[key], key
+
+
+def test_warm_up_leaves_pools_free_lists_and_prefix_cache_as_they_were(model):
+    config = EngineConfig(block_size=4, num_kv_tokens=256, max_num_seqs=4, max_num_batched_tokens=24)
+    engine = Engine(model, None, config=config)
+    assert engine.warmup is None, "the warm-up is off on the CPU by default"
+    prompts = random_prompts([30, 13], seed=3)
+    first = generate_tokens(engine, prompts, GREEDY)  # cached blocks and parked rings now exist
+    assert engine.scheduler.prefix.digest_of and engine.cache.free_rings.parked
+    before = _state(engine)
+    steps = plan_steps(
+        StepLimits(24, 24, 4, 64, 4, eager_decode=True), tiles_of=lambda n: n // 8
+    )  # decodes, mixes, chunks after a cached beginning: the torch attention writes real K/V into the scratch
+    report = warm_up(engine, steps)
+    assert report.steps == len(steps) > 10 and report.max_tokens == 24
+    _assert_same(before, _state(engine))
+    again = generate_tokens(engine, prompts, GREEDY)  # served from the same cache, same tokens
+    assert again == first and engine.scheduler.prefix.hit_tokens > before["hits"]
+
+
+def test_warm_up_refuses_a_busy_engine(model):
+    engine = Engine(model, None, config=EngineConfig(max_num_seqs=2, max_num_batched_tokens=16))
+    engine.add_request([5, 6, 7], GREEDY)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.warm_up()
+
+
+def test_triton_attention_warm_up_touches_only_its_scratch(model, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    config = EngineConfig(block_size=4, num_kv_tokens=128, max_num_seqs=2, max_num_batched_tokens=16,
+                          attention_backend="triton")  # fmt: skip
+    engine = Engine(model, None, config=config)
+    plan = engine_plan(engine)
+    assert plan and all(s.tokens <= 16 for s in plan)
+    generate_tokens(engine, random_prompts([9], seed=5), GREEDY)
+    before = _state(engine)
+    steps = [WarmupStep((9,), ((0, 5),)), WarmupStep((), ((8, 7),)), WarmupStep((3, 21), ((0, 2),))]
+    warm_up(engine, steps)  # paged decode, prefill tiles and KV writes through the (interpreted) kernels
+    _assert_same(before, _state(engine))
+
+
+def test_config_switch_runs_it_on_the_cpu(model):
+    assert warmup_wanted(None, torch.device("cuda")) and not warmup_wanted(None, torch.device("cpu"))
+    assert warmup_wanted(True, torch.device("cpu")) and not warmup_wanted(False, torch.device("cuda"))
+    config = EngineConfig(
+        block_size=4, num_kv_tokens=64, max_num_seqs=2, max_num_batched_tokens=8, warmup=True
+    )
+    engine = Engine(model, None, config=config)
+    assert engine.warmup is not None and engine.warmup.steps > 5 and engine.warmup.max_tokens == 8
+    assert engine.cache.usage == {"global": 0.0, "sliding": 0.0}
+
+
+def test_no_warmup_flag_reaches_the_engine_config():
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert llm_arguments(parser.parse_args([]))["engine_config"].warmup is None
+    assert llm_arguments(parser.parse_args(["--no-warmup"]))["engine_config"].warmup is False
+    assert "warm-up" in parser.format_help()
+
+
+def test_compile_watch_counts_after_ready_warns_and_chains(monkeypatch, caplog):
+    triton = pytest.importorskip("triton")
+    calls = []
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", lambda **kw: calls.append(kw["repr"]))
+    watch = CompileWatch()
+    assert watch.install() and watch.install()
+    hook = triton.knobs.runtime.jit_post_compile_hook
+    fn = SimpleNamespace(module="nvfp4kit.kernels.norms", name="_rms_norm_kernel")
+    hook(key="k", repr="_rms_norm_kernel[num_warps=4](i32)", fn=fn, compile={}, is_manual_warmup=False,
+         already_compiled=False)  # fmt: skip
+    assert watch.counts() == (1, 0) and not caplog.records
+    watch.mark_ready()
+    with caplog.at_level(logging.WARNING, logger="nvfp4kit.engine.kernel_compiles"):
+        hook(key="k2", repr="_rms_norm_kernel[num_warps=4](i32:16)", fn=fn, compile={}, is_manual_warmup=False,
+             already_compiled=False)  # fmt: skip
+    assert watch.counts() == (2, 1)
+    assert watch.serving_kernels == ["nvfp4kit.kernels.norms._rms_norm_kernel"]
+    assert "_rms_norm_kernel" in caplog.text and "i32:16" in caplog.text
+    assert len(calls) == 2, "the hook set before ours still runs"
+
+
+def test_metrics_export_the_compile_counters():
+    from nvfp4kit.serve.engine_protocol import EngineStats
+    from nvfp4kit.serve.metrics import ServerMetrics
+
+    text = ServerMetrics(lambda: EngineStats(0, 0)).render()
+    assert "\nnvfp4kit_kernel_compiles_total " in text
+    assert "\nnvfp4kit_kernel_compiles_after_warmup_total " in text
