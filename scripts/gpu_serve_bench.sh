@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# The serving measurement of issue 17 on one GPU: `nvfp4kit serve --random-weights 26b-a4b` (FP8 KV, CUDA graphs)
-# started here, then `nvfp4kit bench serve` against it: (a) SGLang's random workload (~610 in / ~422 out) at
-# concurrency 1 and 100, (c) n=4 on a 4K prompt (prefill tokens from /metrics), (b) 8-turn chats of ~1K-token
-# user messages; then a second server with --no-prefix-caching for (b) again. Writes $OUT/serve-<card>.json
-# (one row per level, partial if a step fails) and prints a compact table last. Under 9 minutes on an H200.
+# The serving measurement of issue 17 on one GPU: `nvfp4kit serve --random-weights 26b-a4b` (FP8 KV, CUDA graphs,
+# the start-up warm-up) started here, then `nvfp4kit bench serve` against it. First a server with
+# --no-prefix-caching: (b') 8-turn chats of ~1K-token user messages, the baseline of the multi-turn comparison
+# (its start pays Triton's cold compiles; the second start reads them from the disk cache). Then the server with
+# the prefix cache: (b) the same chats, (c) n=4 on a 4K prompt (prefill tokens from /metrics), (a) SGLang's
+# random workload (~610 in / ~422 out) at concurrency 100 and 1; a level starts only before budget_s (540 s).
+# After each level the Triton compile counters are read from /metrics (a compile after the warm-up stalled
+# every stream). Writes $OUT/serve-<card>.json (one row per level, partial if a step fails) and prints a compact
+# table last. About 6 minutes on an H200.
 # Usage from the repository root (wheels for what the device lacks in .whl/, installed when present):
 #   bash scripts/gpu_serve_bench.sh OUT_DIR          # the GPU run
 #   bash scripts/gpu_serve_bench.sh OUT_DIR --smoke  # the same steps on the CPU demo model, tiny counts
+# Environment: C1_PROMPTS / C100_PROMPTS (default 32 / 600), SERVE_EXTRA (more serve options, e.g. --no-warmup).
 set -u -o pipefail
 out=${1:?out dir}
 mode=${2:-gpu}
@@ -31,14 +36,17 @@ else
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   serve=(--random-weights 26b-a4b --device cuda --kv-cache-dtype fp8_e4m3 --max-model-len 16384 --max-num-seqs 128
          --max-num-batched-tokens 2048)
-  c1=(--input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts 16 --warmup 8)
-  c100=(--concurrency 100 --input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts 400
-        --warmup 16)
+  c1=(--input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts "${C1_PROMPTS:-32}"
+      --warmup 4)
+  c100=(--concurrency 100 --input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2
+        --num-prompts "${C100_PROMPTS:-600}" --warmup 16)
   nfour=(--input-len 4096 --output-len 32 --num-prompts 4)
   # logprobs: a chunk per token even when a random model's reply is markup the chat parsers hold back
   turns=(--turns 8 --input-len 1024 --output-len 48 --num-prompts 3 --warmup 1 --extra-body '{"logprobs": true}')
-  health=240; level_timeout=150
+  health=420; level_timeout=240  # the first start compiles every kernel variant (cold Triton cache)
 fi
+read -r -a extra <<<"${SERVE_EXTRA:-}"
+serve+=("${extra[@]}")
 result=$out/serve-$card.json
 rows=$out/rows
 mkdir -p "$rows"
@@ -54,7 +62,11 @@ start_server() {  # $1: a name for the log; the rest: more serve options
   server_pid=$!
   for _ in $(seq $((health * 2))); do
     if python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$url/health" \
-      2>/dev/null; then step "server ready"; return 0; fi
+      2>/dev/null; then
+      step "server ready"
+      grep -h -E "warm-up:|captured decode CUDA graphs" "$log.$name" | sed 's/^/   /' | tee "$rows/server_$name.txt"
+      return 0
+    fi
     if ! kill -0 "$server_pid" 2>/dev/null; then break; fi
     sleep 0.5
   done
@@ -67,27 +79,50 @@ stop_server() {
 }
 trap stop_server EXIT
 
+compiles() {  # the Triton compile counters of /metrics as JSON ({} when the server has none)
+  python3 - "$url/metrics" <<'PY'
+import json, sys, urllib.request
+try:
+    text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
+except OSError:
+    text = ""
+found = {}
+for line in text.splitlines():
+    name, _, value = line.partition(" ")
+    if name.startswith("nvfp4kit_kernel_compiles"):
+        found[name.removeprefix("nvfp4kit_")] = float(value)
+print(json.dumps(found))
+PY
+}
+
 level() {  # $1: row name; the rest: bench serve options
   local name=$1; shift
+  if [ $(( $(date +%s) - began )) -gt "${budget_s:-540}" ]; then  # the device lends 10 minutes a command
+    echo "skipping $name: $(( $(date +%s) - began )) s spent"; return 0
+  fi
   step "bench $name: $*"
+  compiles >"$rows/$name.compiles_before.json"
   timeout "$level_timeout" python3 -m nvfp4kit bench serve --base-url "$url" --no-progress --json "$rows/$name.json" "$@" \
     2>&1 | grep -v -E "^(INFO|DEBUG)" | tail -4
+  compiles | tee "$rows/$name.compiles.json"
   python3 scripts/gpu_serve_report.py "$result" "$rows" --card "$card" --server "serve ${serve[*]}" --quiet
 }
 
-if start_server cached; then
-  level c1 "${c1[@]}"
-  level c100 "${c100[@]}"
-  level n4 --n 4 "${nfour[@]}"
-  level turns_cached --endpoint chat "${turns[@]}"
-  stop_server
-fi
-if [ $(( $(date +%s) - began )) -gt "${skip_after:-400}" ]; then  # keep the whole run under 9 minutes
-  echo "skipping the run without prefix caching: $(( $(date +%s) - began )) s spent"
-elif start_server uncached --no-prefix-caching; then
+# without the prefix cache first: the multi-turn baseline; its start compiles the kernels for the second one
+if start_server uncached --no-prefix-caching; then
   level turns_uncached --endpoint chat "${turns[@]}"
   stop_server
 fi
+if start_server cached; then
+  level turns_cached --endpoint chat "${turns[@]}"
+  level n4 --n 4 "${nfour[@]}"
+  level c100 "${c100[@]}"
+  level c1 "${c1[@]}"
+  stop_server
+fi
+grep -h -c "compiled a kernel variant while serving" "$log.uncached" "$log.cached" 2>/dev/null \
+  | paste -sd' ' | sed 's/^/compile warnings in the server logs (uncached cached): /'
+grep -h "compiled a kernel variant while serving" "$log.cached" 2>/dev/null | head -5 | cut -c1-300
 tail -3 "$log.cached" 2>/dev/null
 step "done"
 python3 scripts/gpu_serve_report.py "$result" "$rows" --card "$card" --server "serve ${serve[*]}"

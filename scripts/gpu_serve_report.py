@@ -3,9 +3,12 @@
     python3 scripts/gpu_serve_report.py OUT.json ROWS_DIR --card nvidia-h200 --server "serve ..." [--quiet]
 
 Each ROWS_DIR/<name>.json is one `nvfp4kit bench serve --json` file (c1, c100, n4, turns_cached,
-turns_uncached); missing ones (a step that failed or did not run) are left out. The table gives per level
-output tok/s and latencies, per turn the TTFT with and without the prefix cache (and their ratio), and for
-n=4 the prompt tokens the model computed (`nvfp4kit_prefill_tokens_total` from /metrics) per request.
+turns_uncached); missing ones (a step that failed or did not run) are left out. Beside it, <name>.compiles.json
+and <name>.compiles_before.json hold the server's Triton compile counters (/metrics) after and before the level,
+and server_<name>.txt the server's start-up lines (warm-up, CUDA graphs). The table gives per level output tok/s,
+latencies and the kernels compiled during the level after the warm-up (each stalled every stream), per turn the
+TTFT with and without the prefix cache (and their ratio, with the mean from the second turn on against the
+issue's 0.25), and for n=4 the prompt tokens the model computed (`nvfp4kit_prefill_tokens_total`) per request.
 """
 
 from __future__ import annotations
@@ -18,13 +21,54 @@ from pathlib import Path
 ORDER = ("c1", "c100", "n4", "turns_cached", "turns_uncached")
 
 
+AFTER_WARMUP = "kernel_compiles_after_warmup_total"
+
+
 def collect(rows_dir: Path) -> dict[str, dict]:
     found = {}
     for name in ORDER:
         file = rows_dir / f"{name}.json"
         if file.is_file():
             found[name] = json.loads(file.read_text())
+            found[name]["kernel_compiles"] = {
+                "before": _read_json(rows_dir / f"{name}.compiles_before.json"),
+                "after": _read_json(rows_dir / f"{name}.compiles.json"),
+            }
     return found
+
+
+def servers(rows_dir: Path) -> dict[str, list[str]]:
+    """Each server's start-up lines (`server_<name>.txt`: the warm-up's steps, compiles and seconds)."""
+    return {
+        file.stem.removeprefix("server_"): [
+            line.strip() for line in file.read_text().splitlines() if line.strip()
+        ]
+        for file in sorted(rows_dir.glob("server_*.txt"))
+    }
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text()) if file.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def level_compiles(run: dict) -> str:
+    """Kernel variants compiled during the level after the warm-up ('-': the counters were not read)."""
+    counts = run.get("kernel_compiles") or {}
+    after, before = counts.get("after", {}).get(AFTER_WARMUP), counts.get("before", {}).get(AFTER_WARMUP)
+    if after is None:
+        return "-"
+    return f"{after - (before or 0):.0f}"
+
+
+def turn_ratio(on: list, off: list) -> tuple[float, float] | None:
+    """Mean TTFT (ms) from the second turn on with the cache and without it, over the turns both measured."""
+    pairs = [(a, b) for a, b in zip(on[1:], off[1:]) if a is not None and b is not None]
+    if not pairs:
+        return None
+    return sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs)
 
 
 def _ms(row: dict, name: str) -> str:
@@ -34,8 +78,9 @@ def _ms(row: dict, name: str) -> str:
 
 def table(runs: dict[str, dict]) -> list[str]:
     lines = [
-        "| level | ok | out tok/s | in/out tok per req | TTFT ms mean/p50/p99 | TPOT ms mean/p50/p99 | ITL ms p50 |",
-        "|---|---|---|---|---|---|---|",
+        "| level | ok | out tok/s | in/out tok per req | TTFT ms mean/p50/p99 | TPOT ms mean/p50/p99 | ITL ms p50/p99 "
+        "| compiles after warm-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
         for row in run["rows"]:
@@ -44,7 +89,7 @@ def table(runs: dict[str, dict]) -> list[str]:
                 f"| {label} conc {row['concurrency'] or 'inf'} | {row['completed']}/{row['requests']} | "
                 f"{row['output_tokens_per_s'] or 0:,.1f} | {row['mean_input_tokens'] or 0:.0f}/"
                 f"{row['mean_output_tokens'] or 0:.0f} | {_ms(row, 'ttft')} | {_ms(row, 'tpot')} | "
-                f"{row.get('itl_ms_p50') or 0:.1f} |"
+                f"{row.get('itl_ms_p50') or 0:.1f}/{row.get('itl_ms_p99') or 0:.1f} | {level_compiles(run)} |"
             )
     n4 = runs.get("n4")
     if n4 and n4["rows"][0].get("server_counters"):
@@ -69,13 +114,22 @@ def table(runs: dict[str, dict]) -> list[str]:
             base = off[t] if t < len(off) else None
             ratio = f"{ttft / base:.2f}" if ttft and base else "-"
             lines.append(
-                f"| {t + 1} | {_at(sent, t)} | {_at(hits, t)} | {ttft} | {'-' if base is None else base} | {ratio} |"
+                f"| {t + 1} | {_at(sent, t)} | {_at(hits, t)} | {_at(on, t, '.1f')} | {_at(off, t, '.1f')} | {ratio} |"
             )
+        means = turn_ratio(on, off)
+        if means is not None:
+            worst = max(a / b for a, b in zip(on[1:], off[1:]) if a and b)
+            lines.append(
+                f"turns 2-{len(on)}: mean TTFT {means[0]:.1f} ms with the prefix cache, {means[1]:.1f} ms without "
+                f"({means[0] / means[1]:.2f}x, worst turn {worst:.2f}x; target <= 0.25)"
+            )
+        elif not uncached:
+            lines.append("no run without the prefix cache: the multi-turn comparison is missing")
     return lines
 
 
-def _at(values: list, index: int) -> str:
-    return "-" if index >= len(values) or values[index] is None else f"{values[index]:.0f}"
+def _at(values: list, index: int, spec: str = ".0f") -> str:
+    return "-" if index >= len(values) or values[index] is None else f"{values[index]:{spec}}"
 
 
 def main() -> None:
@@ -87,13 +141,16 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true", help="write the file, print nothing")
     args = parser.parse_args()
     runs = collect(Path(args.rows_dir))
+    started = servers(Path(args.rows_dir))
     result = {
         "date": datetime.date.today().isoformat(),
         "card": args.card,
         "server": args.server,
         "command": "bash scripts/gpu_serve_bench.sh OUT",
         "runs": runs,
-        "table": table(runs),
+        "servers": started,
+        "table": table(runs)
+        + [f"server {name}: {line}" for name, lines in started.items() for line in lines],
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if not args.quiet:

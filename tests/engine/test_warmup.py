@@ -79,9 +79,11 @@ def test_plan_reaches_every_bucket_class_row_count_and_split():
     # busy steps: each split count met with every token-count and table-width class and row alignment
     busy = {(splits_of(d, k), d % 4) for d in range(2, 9) for k in range(1, 601) if d % 4 != 2}
     for value, residue in busy:
-        met = {(s.tokens % 16 == 0, _width(s) % 16 == 0) for s in mixed
+        met = {(s.tokens % 16 == 0, spec_class(_width(s)) == 4) for s in mixed
                if splits_of(len(s.decodes), max(s.decodes)) == value and len(s.decodes) % 4 == residue}  # fmt: skip
         assert met == {(True, True), (True, False), (False, True), (False, False)}, (value, residue)
+    short = {(len(s.decodes) % 4, s.tokens % 16 == 0) for s in mixed if _width(s) == 1}
+    assert short >= {(r, a) for r in (0, 1, 3) for a in (True, False)}, "one-block tables: short contexts"
     widths = {spec_class(-(-(start + n) // 16)) for s in steps for start, n in s.prefills if start}
     assert {0, 1, 2, 3, 4} <= widths, "a block-table width class of prefill chunks is never run"
     assert any(len(s.prefills) == 2 for s in steps), "no step with two prefill chunks"

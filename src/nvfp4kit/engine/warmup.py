@@ -156,9 +156,11 @@ def plan_steps(
         for d, keys in _busy_rows(splits_of, d0, keys0, most_rows=most, max_len=lim.max_len):
             for target in (4, 0):
                 n = with_class(d, target)
-                # the block-table width (the longest table: the chunk's, after a cached beginning) 0 mod 16 or not
+                # the block-table width (the longest table: the chunk's, after a cached beginning): 1, a
+                # multiple of 16, any other
                 least = max(-(-keys // lim.block_size), -(-n // lim.block_size))
-                for width in (least + (-least) % 16, least + (least % 16 == 0)):
+                other = max(least, 2) + (max(least, 2) % 16 == 0)
+                for width in {least + (-least) % 16, other} | ({1} if least == 1 else set()):
                     add([keys] * d, n, start=width * lim.block_size - n)
     # prefill tilings: tile-count classes x block-table-width classes, one chunk after a cached beginning,
     # alone and with three decode rows (four sequences: their metadata rows aligned)
