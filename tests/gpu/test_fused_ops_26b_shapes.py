@@ -1,5 +1,6 @@
-"""The fused element-wise kernels at 26B-A4B's shapes on the card, against the torch backend in fp32, and one
-sliding and one global decoder layer of the real shape with fused against torch regions.
+"""The fused element-wise kernels at 26B-A4B's shapes on the card, against the torch backend in fp32, one
+sliding and one global decoder layer of the real shape with fused against torch regions, and both chained as the
+model runs them.
 
 The cases and bounds are `scripts/gpu_fused_ops.py`'s (which also times them); this is its correctness part.
 """
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.cuda
 
@@ -38,3 +40,19 @@ def test_decoder_layers_with_fused_regions_match_torch_regions():
         else:  # random weights: near-tied router scores let bf16-level differences flip an expert for a few
             # tokens (5-11% whole-layer difference on the H100 and H200); the typical token must still agree
             assert row["token_rel_err_median"] < 2e-2, row
+
+
+def test_chained_layers_match_torch_regions():
+    """The model's own chain (each layer's tail norms the next layer's input, the last one's makes the final
+    norm) over a sliding and a global layer of the real shape, fused against torch regions, one decode token."""
+    cfg = fused.layer_config(small=fused.DEVICE.type != "cuda")
+    model = fused.random_model(
+        cfg, quantized=True, dtype=fused.BF16, device=fused.DEVICE, backend=fused.TRITON, seed=1
+    )
+    ids, outs = torch.tensor([5], device=fused.DEVICE), []
+    for backend in (fused.TRITON, fused.KernelsWithoutRegions()):
+        model.set_backend(backend)
+        with torch.no_grad():
+            outs.append(model.hidden_states(ids, fused.FixedHistory(cfg, 1)))
+    model.set_backend(fused.TRITON)
+    assert fused.rel_error(*outs) < fused.LAYER_BOUND

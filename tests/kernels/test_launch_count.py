@@ -46,6 +46,8 @@ def _kind(kernel: object) -> str:
     name = kernel.__name__.strip("_").removesuffix("_kernel")
     if name.startswith(("w4a16_", "w8a16_")):
         return "linear"  # which GEMV/GEMM variant a shape picks is the configs' business
+    if name.endswith("route"):
+        return "route"  # top-k routing, with or without the router's projection folded in: one launch
     return "moe" if name.startswith("moe_") else name
 
 
