@@ -120,7 +120,9 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts), requires_grad=False)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return regions(self.backend).route(self.proj(z), self.per_expert_scale, top_k=self.top_k)
+        return regions(self.backend).route_tokens(
+            z, stored_weight(self.proj, "weight"), self.per_expert_scale, top_k=self.top_k
+        )
 
 
 class Experts(nn.Module):
