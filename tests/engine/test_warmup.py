@@ -37,7 +37,8 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 def test_spec_class_separates_what_triton_specialises_on():
     assert spec_class(1) == "one"
     assert [spec_class(x) for x in (3, 2, 4, 8, 16, 48, 96)] == [0, 1, 2, 3, 4, 4, 4]
-    assert representatives(range(1, 40), spec_class) == [1, 24, 32, 36, 38, 39]
+    assert representatives(range(1, 40), spec_class) == [1, 2, 3, 4, 8, 16]
+    assert representatives(range(1, 40), spec_class, largest=True) == [1, 24, 32, 36, 38, 39]
 
 
 def _limits(**changes) -> StepLimits:

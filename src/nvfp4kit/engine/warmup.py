@@ -72,12 +72,15 @@ def spec_class(x: int) -> Hashable:
     return min((x & -x).bit_length() - 1, 4)
 
 
-def representatives(values: Iterable[int], key: Callable[[int], Hashable]) -> list[int]:
-    """The largest value of each `key` class, ascending (the largest: the biggest grid and scratch of it)."""
+def representatives(
+    values: Iterable[int], key: Callable[[int], Hashable], *, largest: bool = False
+) -> list[int]:
+    """The smallest (or largest) value of each `key` class, ascending: a variant costs the same compile either
+    way, and the smallest step runs fastest."""
     best: dict[Hashable, int] = {}
     for v in values:
         k = key(v)
-        if k not in best or v > best[k]:
+        if k not in best or (v > best[k] if largest else v < best[k]):
             best[k] = v
     return sorted(best.values())
 
@@ -123,6 +126,9 @@ def plan_steps(
         return 2
 
     token_counts = representatives(range(1, lim.max_tokens + 1), lambda t: (bucket_of(t), spec_class(t)))
+    add(
+        (), lim.max_tokens
+    )  # the largest step: its activations and scratch are allocated now, not mid-serving
     rows = representatives(range(1, lim.max_seqs + 1), lambda r: (min(_pow2(r), 64), spec_class(r)))
     split_examples = _split_examples(lim, splits_of)
     context = [keys for _, keys in split_examples] or [min(lim.max_len, 1024)]
@@ -164,14 +170,12 @@ def plan_steps(
                     add([keys] * d, n, start=width * lim.block_size - n)
     # prefill tilings: tile-count classes x block-table-width classes, one chunk after a cached beginning,
     # alone and with three decode rows (four sequences: their metadata rows aligned)
-    lengths = representatives(range(2, lim.max_chunk + 1), tiles_of)  # the chunk length alone: family 1
-    widths = representatives(range(1, lim.max_len // lim.block_size + 1), spec_class)
-    for n in lengths:
+    for n in representatives(range(2, lim.max_chunk + 1), tiles_of):  # the chunk length alone: family 1
+        least = -(-n // lim.block_size)
+        widths = representatives(range(least, min(least + 33, lim.max_len // lim.block_size + 1)), spec_class)
         for w in widths:
-            start = w * lim.block_size - n
-            if start >= 0:
-                add((), n, start)
-                add((1, 1, 1), n, start)
+            add((), n, w * lim.block_size - n)
+            add((1, 1, 1), n, w * lim.block_size - n)
     # two prefill chunks in one step (a request admitted while another one's prefill goes on)
     for t in token_counts[:: max(1, len(token_counts) // 4)]:
         if t >= 4:
