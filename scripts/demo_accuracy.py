@@ -72,6 +72,7 @@ EXPORTS = (  # (name, recipe, calibration, calibration data: None = none needed,
     ("all-nvfp4-mse-output", "all-nvfp4", "mse-output", "domain"),
     ("all-nvfp4-gptq-builtin", "all-nvfp4", "gptq", "builtin"),
     ("all-nvfp4-gptq", "all-nvfp4", "gptq", "domain"),
+    ("all-nvfp4-gptq-round", "all-nvfp4", "gptq-round", "domain"),
 )
 
 PROMPTS = (  # (label, messages, thinking, tools)
@@ -129,12 +130,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default=str(REPO / "docs" / "results" / "accuracy.json"))
+    parser.add_argument("--out", help="default: docs/results/accuracy.json; with --only: print the rows only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--only", nargs="+", help="export names to measure (default: all of EXPORTS)")
+    parser.add_argument("--refine-kwargs", default="{}", help="JSON of extra refine_checkpoint arguments")
     args = parser.parse_args()
+    exports = [e for e in EXPORTS if not args.only or e[0] in args.only]
+    if args.only and not exports:
+        parser.error(f"--only takes names of {', '.join(e[0] for e in EXPORTS)}")
+    if args.out is None and not args.only:
+        args.out = str(REPO / "docs" / "results" / "accuracy.json")
+    extra = json.loads(args.refine_kwargs)
     started = time.time()
     bf16 = demo_model_path("bf16")
     samples = load_samples(None, Tokenizer(bf16), num_samples=args.num_samples, seq_len=args.seq_len)
@@ -145,7 +154,7 @@ def main() -> None:
         reference = ReferenceLogits(
             load_model(bf16, dtype=torch.float32, device=args.device), samples, folder=tmp
         )
-        for name, recipe, calibration, source in EXPORTS:
+        for name, recipe, calibration, source in exports:
             t0 = time.time()
             base = tmp / f"{recipe}-max"
             if not base.exists():
@@ -161,13 +170,16 @@ def main() -> None:
             if calibration != "max":
                 folder = tmp / name
                 refine_checkpoint(bf16, base, folder, method=calibration, calib_data=data[source or "builtin"],
-                                  num_samples=args.calib_samples, device=args.device, progress=False)  # fmt: skip
+                                  num_samples=args.calib_samples, device=args.device, progress=False,
+                                  **extra)  # fmt: skip
             result = reference.score(load_model(folder, dtype=torch.float32, device=args.device))
             row = {"recipe": recipe, "calibration": calibration, "calibration_data": source or "none",
                    "kl_mean": result.kl_mean, "kl_p99": result.kl_p99, "top1_agreement": result.top1_agreement,
                    "ppl": result.ppl_quant, "ppl_bf16": result.ppl_ref, "model_bytes": checkpoint_bytes(folder)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), f"({time.time() - t0:.0f}s)", flush=True)
+    if args.out is None:  # --only: a partial table is not the results file
+        return
     bf16_row = {"recipe": "bf16", "calibration": "none", "calibration_data": "none", "kl_mean": 0.0, "kl_p99": 0.0,
                 "top1_agreement": 1.0, "ppl": rows[0]["ppl_bf16"], "ppl_bf16": rows[0]["ppl_bf16"],
                 "model_bytes": checkpoint_bytes(bf16)}  # fmt: skip

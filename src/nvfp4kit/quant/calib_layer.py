@@ -26,7 +26,7 @@ from nvfp4kit.quant.calib_methods import GroupQuantizer
 STAGES = ("qkv", "o", "ffn", "ple")  # a layer's linears in the order their inputs depend on each other
 
 
-def _linear_groups(layer: DecoderLayer, index: int) -> list[tuple[str, list[str], Linear]]:
+def linear_groups(layer: DecoderLayer, index: int) -> list[tuple[str, list[str], Linear]]:
     """(stage, HF module names, our fused Linear) of every dense linear of the layer."""
     p = f"layers.{index}."
     attn = layer.self_attn
@@ -65,7 +65,7 @@ class LayerRefiner:
 
     def active_stages(self, layer: DecoderLayer, index: int) -> list[str]:
         """The stages that have anything to re-quantize (attention-BF16 recipes skip q/k/v and o)."""
-        found = {stage for stage, modules, _ in _linear_groups(layer, index) if self.is_quantized(modules[0])}
+        found = {stage for stage, modules, _ in linear_groups(layer, index) if self.is_quantized(modules[0])}
         if layer.moe and self._experts_quantized(index):
             found.add("ffn")
         return [s for s in STAGES if s in found]
@@ -102,7 +102,7 @@ class LayerRefiner:
     ) -> dict[str, torch.Tensor]:
         """Re-quantize the linears of `stages` with the given input statistics (none: data-free methods)."""
         out: dict[str, torch.Tensor] = {}
-        for stage, modules, linear in _linear_groups(layer, index):
+        for stage, modules, linear in linear_groups(layer, index):
             if stage in stages and self.is_quantized(modules[0]):
                 hessian, cross = hessians.get(modules[0]), hessians.get(modules[0] + CROSS)
                 out.update(self.refine_linear(linear, modules, hessian, cross))

@@ -30,11 +30,19 @@ from nvfp4kit.formats.modelopt import HF_QUANT_CONFIG
 from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.model.gemma4 import DecoderLayer, Gemma4Model
 from nvfp4kit.model.loader import fill_layer
+from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.model.weight_sources import WeightSource
 from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.quant.calib_hessian import CaptureBackend, HessianBackend, StageDone
 from nvfp4kit.quant.calib_layer import LayerRefiner, watch_stage
 from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS, calibration_method
+from nvfp4kit.quant.calib_round import (
+    apply_rounding,
+    layer_slots,
+    learn_rounding,
+    original_weights,
+    slot_tensors,
+)
 from nvfp4kit.quant.calibrate import CalibrationContext, chunk_samples
 from nvfp4kit.quant.heap import trim_heap
 from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
@@ -59,6 +67,7 @@ def refine_checkpoint(
     shard_size: str | int = "5GB",
     norm_aware: bool = True,
     asymmetric: bool | None = None,
+    learned_rounding: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -68,7 +77,8 @@ def refine_checkpoint(
     corpus); text like the model's real use works best. `norm_aware`: weight tokens by how much the RMSNorm
     after each linear amplifies their error (calib_hessian). `asymmetric`: also run the full-precision model
     beside the re-quantized one and fit each linear to its outputs (calib_asym; default: the method's
-    choice, on for gptq). Runs on `device` in fp32, one layer at a time.
+    choice, on for gptq). `learned_rounding`: then tune each layer's codes against the full-precision
+    layer's outputs (calib_round; default: the method's choice). Runs on `device` in fp32, one layer at a time.
     """
     calib = calibration_method(method)
     if calib.quantize_group is None:
@@ -76,6 +86,9 @@ def refine_checkpoint(
         raise ValueError(f"{method!r} is what quantize writes; refine takes one of {', '.join(refining)}")
     src, quantized, out, device = Path(src), Path(quantized), Path(out), torch.device(device)
     asymmetric = calib.asymmetric if asymmetric is None else asymmetric
+    rounding = calib.learned_rounding if learned_rounding is None else learned_rounding
+    if rounding and not calib.needs_data:
+        raise ValueError(f"learned rounding needs calibration data; {method!r} uses none")
     if not (quantized / HF_QUANT_CONFIG).is_file():
         raise ValueError(
             f"{quantized} has no {HF_QUANT_CONFIG}: refine needs an NVFP4 export made by quantize"
@@ -130,6 +143,7 @@ def refine_checkpoint(
                 refined = refiner.refine(layer, i, {})
             else:  # stage by stage, each on inputs through the re-quantized stages before it
                 refined = {}
+                originals = original_weights(layer, i) if rounding else {}
                 for step in refiner.active_stages(layer, i):
                     watch_stage(backend, layer, i, step)
                     if twin is not None:
@@ -140,8 +154,6 @@ def refine_checkpoint(
                     refined.update(refiner.refine(layer, i, backend.hessians, stages=(step,)))
                     backend.clear()
                 backend.recording = False
-                hidden = _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
-                assert hidden is not None
                 if twin is not None:  # the twin never changes: a complete stage run gave its outputs
                     twin.capture.recording = False
                     if twin.out is not None and len(twin.finished) == _chunk_count(lengths):
@@ -149,6 +161,15 @@ def refine_checkpoint(
                     else:
                         full = _run_layer(twin.layer, full, twin.ple, lengths, cfg, kv_full, device)
                     del twin
+                if rounding:
+                    target = full if full is not None else _full_precision_outputs(
+                        cfg, source, i, hidden, layer_ple, lengths, device
+                    )  # fmt: skip
+                    refined.update(_round_layer(layer, i, refined, originals, hidden, target, layer_ple,
+                                                lengths, cfg, prefix=cfg.weight_prefix, bar=bar))  # fmt: skip
+                    del originals, target
+                hidden = _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
+                assert hidden is not None
             prefix = f"{layer_root}{i}."
             for name in quant.names():
                 if name.startswith(prefix):
@@ -169,6 +190,55 @@ def refine_checkpoint(
     finally:
         bf16.close()
         quant.close()
+    return out
+
+
+def _round_layer(
+    layer: DecoderLayer,
+    index: int,
+    refined: dict[str, torch.Tensor],
+    originals: dict[str, torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    per_layer_input: torch.Tensor | None,
+    lengths: list[int],
+    cfg: Gemma4TextConfig,
+    *,
+    prefix: str,
+    bar: tqdm,
+) -> dict[str, torch.Tensor]:
+    """Learned rounding of the layer's GPTQ codes (calib_round); returns the new packed weights."""
+    slots = layer_slots(layer, index, refined, originals, prefix)
+    if not slots:
+        return {}
+    report = learn_rounding(layer, slots, inputs, targets, lengths, cfg, per_layer_input=per_layer_input)
+    bar.set_postfix_str(
+        f"layer {index}: output error {report.loss_start:.3g} -> {report.loss_end:.3g}, "
+        f"{report.flipped / max(report.total, 1):.1%} codes moved"
+    )
+    out: dict[str, torch.Tensor] = {}
+    for slot in slots.values():
+        out.update(slot_tensors(slot, prefix))
+    apply_rounding(layer, index, slots)
+    return out
+
+
+@torch.no_grad()
+def _full_precision_outputs(
+    cfg: Gemma4TextConfig,
+    source: WeightSource,
+    index: int,
+    inputs: torch.Tensor,
+    per_layer_input: torch.Tensor | None,
+    lengths: list[int],
+    device: torch.device,
+) -> torch.Tensor:
+    """The unquantized layer's outputs on the re-quantized stream (learned rounding without the twin)."""
+    layer = DecoderLayer(cfg, index, TorchBackend())
+    fill_layer(layer, source, f"layers.{index}.")
+    layer.to(device)
+    out = _run_layer(layer, inputs, per_layer_input, lengths, cfg, {}, device)
+    assert out is not None
     return out
 
 
