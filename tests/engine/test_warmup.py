@@ -6,8 +6,10 @@ compilations after the warm-up) is tests/gpu/test_warmup_cuda.py."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -16,16 +18,8 @@ import torch
 from nvfp4kit.cli.engine_options import add_engine_arguments, llm_arguments
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.engine.kernel_compiles import CompileWatch
-from nvfp4kit.engine.warmup import (
-    StepLimits,
-    WarmupStep,
-    engine_plan,
-    plan_steps,
-    representatives,
-    spec_class,
-    warm_up,
-    warmup_wanted,
-)
+from nvfp4kit.engine.warmup import engine_plan, warm_up, warmup_wanted
+from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, plan_steps, representatives, spec_class
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams
 
@@ -216,3 +210,82 @@ def test_metrics_export_the_compile_counters():
     text = ServerMetrics(lambda: EngineStats(0, 0)).render()
     assert "\nnvfp4kit_kernel_compiles_total " in text
     assert "\nnvfp4kit_kernel_compiles_after_warmup_total " in text
+
+
+def _arg_class(value: object) -> tuple:
+    """What Triton specialises a launch argument on: integers 1 / divisible by 16 / other (and 64-bit), a
+    tensor's dtype and 16-byte alignment."""
+    if isinstance(value, bool) or value is None:
+        return ("value", value)
+    if isinstance(value, int):
+        return ("int", "1" if value == 1 else "16" if value % 16 == 0 else "other", abs(value) >= 2**31)
+    if isinstance(value, float):
+        return ("float",)
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), value.data_ptr() % 16 == 0)
+    return ("other", repr(value)[:60])
+
+
+def _record_variants(monkeypatch) -> set[tuple]:
+    """Emulate Triton's variant key of every kernel launch (constexpr values, argument classes, launch options)
+    and skip running it: the CPU then walks the engine's real launch sequence in milliseconds a step."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    keys: set[tuple] = set()
+
+    def record(self, *args, grid, warmup, **kwargs):
+        key = [self.fn.__qualname__]
+        for param, value in zip(inspect.signature(self.fn).parameters.values(), args):
+            const = param.annotation in (tl.constexpr, "tl.constexpr")
+            key.append((param.name, repr(value) if const else _arg_class(value)))
+        keys.add((*key, tuple(sorted((k, repr(v)) for k, v in kwargs.items()))))
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    return keys
+
+
+def test_random_traffic_meets_no_variant_the_warm_up_missed(monkeypatch):
+    """The whole Triton path of a tiny NVFP4 MoE with FP8 KV (no CUDA graphs: decode-only steps are eager too),
+    key splits chosen as on a 132-SM card; after the warm-up, 100 random requests (1 to 900 tokens, shared
+    beginnings, arrivals between steps) launch no kernel variant the warm-up did not."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from nvfp4kit.config import config_from_dict
+    from nvfp4kit.kernels import paged_attention
+    from nvfp4kit.kernels.backend import TritonBackend
+    from nvfp4kit.testing.random_model import random_model
+    from nvfp4kit.testing.tiny_config import tiny_text_config
+
+    if not isinstance(paged_attention._paged_attention_kernel, InterpretedFunction):
+        pytest.skip(
+            "the kernels are compiled here (no TRITON_INTERPRET): tests/gpu/test_warmup_cuda.py counts"
+        )
+    keys = _record_variants(monkeypatch)
+    h200 = lambda items, kv_heads, max_keys, *, device: max(
+        1, min(528 // (items * kv_heads), max_keys // 128, 128)
+    )  # noqa: E731
+    monkeypatch.setattr(paged_attention, "choose_num_splits", h200)
+    cfg = config_from_dict(tiny_text_config("moe"))
+    model = random_model(cfg, quantized=True, dtype=torch.bfloat16, device="cpu", backend=TritonBackend())
+    config = EngineConfig(kv_dtype="fp8_e4m3", max_num_seqs=10, max_num_batched_tokens=64, max_model_len=1024,
+                          num_kv_tokens=16 * 1024, attention_backend="triton", warmup=True)  # fmt: skip
+    engine = Engine(model, None, config=config)
+    warm = set(keys)
+    assert engine.warmup.steps > 100 and len(warm) > 50
+    rng = random.Random(0)
+    shared = [rng.randrange(5, 380) for _ in range(500)]
+    pending = []
+    for _ in range(100):
+        own = [rng.randrange(5, 380) for _ in range(rng.choice([rng.randint(1, 30), rng.randint(30, 900)]))]
+        prompt = (shared[: rng.randint(1, 500)] + own if rng.random() < 0.3 else own)[:900]
+        pending.append(
+            (prompt, SamplingParams(max_tokens=rng.randint(1, 100), temperature=0, ignore_eos=True))
+        )
+    while pending or engine.has_unfinished():
+        for _ in range(rng.choice([0, 0, 0, 1, 1, 2, 5])):
+            if pending:
+                engine.add_request(*pending.pop())
+        engine.step()
+    missed = keys - warm
+    assert not missed, f"{len(missed)} variants after the warm-up, e.g. {sorted(missed, key=str)[:2]}"
