@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from nvfp4kit.cli import main
 from nvfp4kit.eval import compare_checkpoints, load_samples
 from nvfp4kit.formats.nvfp4 import e2m1_decode, quantize, unpack_nibbles
 from nvfp4kit.formats.safetensors_io import CheckpointReader
@@ -12,7 +13,8 @@ from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.quant import calib_round
 from nvfp4kit.quant.calib_refine import refine_checkpoint
-from nvfp4kit.quant.calib_round import Member, make_slot
+from nvfp4kit.quant.calib_round import Member, layer_norms, learn_rounding, make_slot
+from nvfp4kit.quant.calibrate import CalibrationContext
 from nvfp4kit.tokenizer import Tokenizer
 
 
@@ -55,7 +57,10 @@ def test_tiny_checkpoint_gptq_round_layout_and_error(
     src, base = bf16_checkpoint("moe"), quantized("moe")
     args = dict(calib_data=[calib_file], num_samples=num_samples, seq_len=seq_len, progress=False)
     gptq = refine_checkpoint(src, base, tmp_path / "gptq", method="gptq", **args)
-    rounded = refine_checkpoint(src, base, tmp_path / "round", method="gptq-round", **args)
+    rounded = tmp_path / "round"  # through the command line, as users reach it
+    cli = ["quantize", str(src), str(rounded), "--calibration", "gptq-round", "--calib-data", str(calib_file)]
+    cli += ["--num-samples", str(num_samples), "--seq-len", str(seq_len), "--calib-dtype", "float32"]
+    assert main([*cli, "--no-progress"]) == 0
     assert layout(rounded) == layout(base)  # ModelOpt's names, dtypes and shapes, nothing added
     ours, theirs = CheckpointReader(rounded), CheckpointReader(gptq)
     packed = [n for n in ours.names() if n.endswith(".weight") and ours.get(n).dtype == torch.uint8]
@@ -74,3 +79,49 @@ def test_tiny_checkpoint_gptq_round_layout_and_error(
     kl = {name: compare_checkpoints(src, folder, samples).agreement.kl_mean
           for name, folder in (("max", base), ("round", rounded))}  # fmt: skip
     assert kl["round"] < 0.9 * kl["max"], kl
+
+
+def _quantized_layer(bf16_checkpoint):
+    """Layer 0 of the tiny model with its dense linears NVFP4-rounded (max), a slot each, and 16 windows."""
+    model = load_model(bf16_checkpoint("moe"), dtype=torch.float32)
+    layer, cfg = model.layers[0], model.config
+    original = load_model(bf16_checkpoint("moe"), dtype=torch.float32).layers[0]
+    slots = {}
+    for linear in (
+        layer.self_attn.qkv_proj,
+        layer.self_attn.o_proj,
+        layer.mlp.gate_up_proj,
+        layer.mlp.down_proj,
+    ):
+        w = linear.weight
+        q = quantize(w)
+        linear.set_weight(q.dequantize())
+        slots[linear.weight.data_ptr()] = make_slot(unpack_nibbles(q.packed), q.scale, q.scale_2, w, [])
+    lengths = [8] * 16
+    x = torch.randn(sum(lengths), cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    return layer, original, cfg, slots, lengths, x
+
+
+def _outputs(layer, cfg, lengths, x):
+    with torch.no_grad():
+        return layer(x, CalibrationContext(cfg, lengths, chunk=0, kv_store={}, device=x.device))
+
+
+def test_kept_aside_windows_keep_the_start_when_nothing_helps(bf16_checkpoint):
+    layer, _, cfg, slots, lengths, x = _quantized_layer(bf16_checkpoint)
+    norms = layer_norms(layer)
+    before = {name: w.clone() for name, w in norms.items()}
+    target = _outputs(layer, cfg, lengths, x)  # the quantized layer itself: every move makes it worse
+    report = learn_rounding(layer, slots, x, target, lengths, cfg, norms=norms, steps=8)
+    assert report.flipped == 0 and report.loss_end == report.loss_start
+    assert all(torch.equal(norms[n], before[n]) for n in norms)
+
+
+def test_learned_rounding_lowers_the_kept_aside_error(bf16_checkpoint):
+    layer, original, cfg, slots, lengths, x = _quantized_layer(bf16_checkpoint)
+    target = _outputs(original, cfg, lengths, x)  # the unquantized layer
+    norms = layer_norms(layer)
+    report = learn_rounding(layer, slots, x, target, lengths, cfg, norms=norms, steps=40)
+    assert report.loss_end < 0.95 * report.loss_start and report.flipped > 0, report
+    for w in norms.values():  # written as the checkpoint stores norms
+        assert torch.equal(w, w.to(torch.bfloat16).float())

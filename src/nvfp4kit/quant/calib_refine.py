@@ -32,12 +32,14 @@ from nvfp4kit.model.gemma4 import DecoderLayer, Gemma4Model
 from nvfp4kit.model.loader import fill_layer
 from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.model.weight_sources import WeightSource
+from nvfp4kit.quant import calib_round
 from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.quant.calib_hessian import CaptureBackend, HessianBackend, StageDone
 from nvfp4kit.quant.calib_layer import LayerRefiner, watch_stage
 from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS, calibration_method
 from nvfp4kit.quant.calib_round import (
     apply_rounding,
+    layer_norms,
     layer_slots,
     learn_rounding,
     original_weights,
@@ -211,12 +213,15 @@ def _round_layer(
     slots = layer_slots(layer, index, refined, originals, prefix)
     if not slots:
         return {}
-    report = learn_rounding(layer, slots, inputs, targets, lengths, cfg, per_layer_input=per_layer_input)
+    norms = layer_norms(layer) if calib_round.TUNE_NORMS else {}
+    report = learn_rounding(
+        layer, slots, inputs, targets, lengths, cfg, per_layer_input=per_layer_input, norms=norms
+    )
     bar.set_postfix_str(
         f"layer {index}: output error {report.loss_start:.3g} -> {report.loss_end:.3g}, "
         f"{report.flipped / max(report.total, 1):.1%} codes moved"
     )
-    out: dict[str, torch.Tensor] = {}
+    out = {f"{prefix}layers.{index}.{n}": w.detach().to(torch.bfloat16).cpu() for n, w in norms.items()}
     for slot in slots.values():
         out.update(slot_tensors(slot, prefix))
     apply_rounding(layer, index, slots)

@@ -50,6 +50,8 @@ TRAVEL = 0.2
 LEARN_SCALES = False  # also tune each block scale by a factor (1 + a), a in +-SCALE_RANGE
 SCALE_RANGE = 0.2
 SCALE_TRAVEL = 0.1
+TUNE_NORMS = False  # also tune the layer's RMSNorm weights (stored BF16), relative steps
+NORM_TRAVEL = 0.05  # of each norm weight's magnitude
 
 _GRID = sorted({abs(v) for v in E2M1_VALUES} | {-abs(v) for v in E2M1_VALUES})  # 15 signed values
 
@@ -176,12 +178,15 @@ def learn_rounding(
     cfg: Gemma4TextConfig,
     *,
     per_layer_input: torch.Tensor | None = None,
+    norms: dict[str, torch.Tensor] | None = None,
     steps: int | None = None,
     batch_windows: int | None = None,
     seed: int = 0,
 ) -> RoundingReport:
     """Tune the slots' offsets on `inputs` [T, H] (whole windows of `lengths`) towards `targets` [T, H]; leaves
-    in each slot the offsets of the best checkpoint on the kept-aside windows."""
+    in each slot the offsets of the best checkpoint on the kept-aside windows. `norms`: the layer's norm
+    weights (parameters, by name) tuned alongside, left at the best checkpoint rounded to BF16."""
+    norms = norms or {}
     steps = STEPS if steps is None else steps
     batch_windows = BATCH_WINDOWS if batch_windows is None else batch_windows
     device = inputs.device
@@ -195,8 +200,16 @@ def learn_rounding(
     for module in saved:
         module.backend = backend
     params = [p for s in slots.values() for p in s.params()]
-    travel = [TRAVEL if i == 0 else SCALE_TRAVEL for s in slots.values() for i in range(len(s.params()))]
-    limit = [0.5 if i == 0 else SCALE_RANGE for s in slots.values() for i in range(len(s.params()))]
+    travel: list[float | torch.Tensor] = [
+        TRAVEL if i == 0 else SCALE_TRAVEL for s in slots.values() for i in range(len(s.params()))
+    ]
+    limit: list[float | None] = [
+        0.5 if i == 0 else SCALE_RANGE for s in slots.values() for i in range(len(s.params()))
+    ]
+    for weight in norms.values():  # a step moves each norm weight by a share of its own size
+        params.append(weight.requires_grad_(True))
+        travel.append(NORM_TRAVEL * weight.detach().abs().clamp_min(1e-3))
+        limit.append(None)
 
     def loss_on(windows: list[int]) -> torch.Tensor:
         rows = torch.cat([torch.arange(offsets[w], offsets[w + 1], device=device) for w in windows])
@@ -225,7 +238,9 @@ def learn_rounding(
             with torch.no_grad():
                 for p, g, far, bound in zip(params, grads, travel, limit):
                     if g is not None:
-                        p.sub_(far * decay * g.sign()).clamp_(-bound, bound)
+                        p.sub_(far * decay * g.sign())
+                        if bound is not None:
+                            p.clamp_(-bound, bound)
             if (step + 1) % check_every == 0 or step + 1 == steps:
                 now = kept_loss() if kept else float(loss.detach())
                 if not kept or now < best:
@@ -233,10 +248,14 @@ def learn_rounding(
         with torch.no_grad():
             for p, b in zip(params, best_offsets):
                 p.copy_(b)
+            for weight in norms.values():  # as the checkpoint stores them
+                weight.copy_(weight.to(torch.bfloat16).float())
         flipped = sum(int((s.final_codes() != s.codes).sum()) for s in slots.values())
         total = sum(s.codes.numel() for s in slots.values())
         return RoundingReport(start, best, flipped, total)
     finally:
+        for weight in norms.values():
+            weight.requires_grad_(False)
         for module, old in saved.items():
             module.backend = old
 
@@ -316,6 +335,15 @@ def layer_slots(
                 codes, scale, scale_2, originals[f"{p}.{key}"], members, learn_scales=LEARN_SCALES
             )
     return slots
+
+
+def layer_norms(layer: DecoderLayer) -> dict[str, torch.Tensor]:
+    """The layer's RMSNorm weights by their name inside the layer (`self_attn.q_norm.weight`, ...)."""
+    return {
+        f"{name}.weight": module.weight
+        for name, module in layer.named_modules()
+        if type(module).__name__ == "RMSNorm" and module.weight is not None
+    }
 
 
 def original_weights(layer: DecoderLayer, index: int) -> dict[str, torch.Tensor]:
