@@ -67,10 +67,12 @@ def test_tiny_checkpoint_gptq_round_layout_and_error(
     assert len(packed) > 100
     layer0 = [n for n in packed if n.startswith("model.layers.0.")]
     assert sum(not torch.equal(ours.get(n), theirs.get(n)) for n in layer0) > len(layer0) // 2
-    for name in ours.names():  # only codes move: layer 0's block and tensor scales stay GPTQ's (the later
-        # layers' GPTQ already sees the rounded layers before them)
+    for name in ours.names():  # codes and norms move: layer 0's block and tensor scales stay GPTQ's (the
+        # later layers' GPTQ already sees the rounded layers before them)
         if name.startswith("model.layers.0.") and name.endswith(("weight_scale", "weight_scale_2")):
             assert torch.equal(ours.get(name).float(), theirs.get(name).float()), name
+    norms = [n for n in ours.names() if n.startswith("model.layers.0.") and n.endswith("norm.weight")]
+    assert norms and sum(not torch.equal(ours.get(n), theirs.get(n)) for n in norms) > len(norms) // 2
     model = load_model(rounded, dtype=torch.float32)
     ids = torch.arange(40, 90)
     with torch.no_grad():

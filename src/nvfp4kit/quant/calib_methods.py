@@ -29,7 +29,7 @@ class CalibrationMethod:
     quantize_group: GroupQuantizer | None  # None: max calibration, no refine pass
     needs_data: bool  # whether the refine pass runs calibration tokens through the model
     asymmetric: bool = False  # fit each linear to the full-precision model's outputs (calib_asym)
-    learned_rounding: bool = False  # then tune each decoder layer's codes against its outputs (calib_round)
+    learned_rounding: bool = False  # then tune each layer's codes and norms against its outputs (calib_round)
 
     @property
     def refines(self) -> bool:
@@ -80,7 +80,7 @@ CALIBRATION_METHODS: dict[str, CalibrationMethod] = {
         ),
         CalibrationMethod(
             "gptq-round",
-            "gptq, then learned rounding of each decoder layer's codes against the full-precision layer (slower)",
+            "gptq, then each decoder layer's codes and norms tuned against the full-precision layer (slower)",
             _gptq,
             needs_data=True,
             asymmetric=True,

@@ -209,7 +209,7 @@ def _round_layer(
     prefix: str,
     bar: tqdm,
 ) -> dict[str, torch.Tensor]:
-    """Learned rounding of the layer's GPTQ codes (calib_round); returns the new packed weights."""
+    """Learned rounding of the layer's GPTQ codes and norms (calib_round); returns their new checkpoint tensors."""
     slots = layer_slots(layer, index, refined, originals, prefix)
     if not slots:
         return {}

@@ -8,7 +8,8 @@ are GPTQ's) and v in [-0.5, 0.5] learned; the code moves one grid step once |t| 
 follows signed gradient descent (the step size decays linearly) on the mean squared difference between
 the layer's output on the re-quantized stream and the full-precision layer's output on the
 full-precision stream, with the rounding passed straight through. Block scales and tensor scales stay
-GPTQ's, so the result is plain NVFP4 with the same tensors.
+GPTQ's, so the result is plain NVFP4 with the same tensors. The layer's RMSNorm weights (BF16 vectors the
+checkpoint stores anyway) are tuned alongside by relative signed steps and written rounded to BF16.
 
 A slice of the calibration windows (every `HOLDOUT`-th) never trains: the codes are kept from whichever
 checkpoint of the run (GPTQ's own codes included) has the least output error on it.
@@ -50,7 +51,9 @@ TRAVEL = 0.2
 LEARN_SCALES = False  # also tune each block scale by a factor (1 + a), a in +-SCALE_RANGE
 SCALE_RANGE = 0.2
 SCALE_TRAVEL = 0.1
-TUNE_NORMS = False  # also tune the layer's RMSNorm weights (stored BF16), relative steps
+# also tune the layer's RMSNorm weights (stored BF16) by relative steps; demo model held-out KL 0.0507 with,
+# 0.0513 without (layer 0 kept-aside output error 0.00383 with travel 0.05, 0.00389 with 0.2)
+TUNE_NORMS = True
 NORM_TRAVEL = 0.05  # of each norm weight's magnitude
 
 _GRID = sorted({abs(v) for v in E2M1_VALUES} | {-abs(v) for v in E2M1_VALUES})  # 15 signed values
