@@ -33,7 +33,7 @@ import torch
 from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.kernel_compiles import COMPILES
-from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, plan_steps, spec_class
+from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, int_kind, plan_steps, spec_class
 
 if TYPE_CHECKING:
     from nvfp4kit.engine.engine import Engine
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 def engine_plan(engine: Engine) -> list[WarmupStep]:
     """`plan_steps` for this engine's model, limits, card and attention backend."""
     from nvfp4kit.kernels import configs
+    from nvfp4kit.kernels.moe_align import max_blocks
 
     model, cfg, device = engine.model, engine.model.config, engine.device
     sched = engine.scheduler.config
@@ -61,7 +62,12 @@ def engine_plan(engine: Engine) -> list[WarmupStep]:
         moe = tuple(
             configs.select_moe_config(t, e, cfg.top_k_experts, h, i, device=device) for e, h, i in experts
         )
-        return lin, moe, tuple(t >= m for m in thresholds)
+        # the sorted MoE's block count is an integer argument too (1 / divisible by 16 / other)
+        blocks = tuple(
+            int_kind(max_blocks(t * cfg.top_k_experts, e, c.block_m))
+            for (e, _, _), c in zip(experts, moe) if c.sorted and not c.split
+        )  # fmt: skip
+        return lin, moe, blocks, tuple(t >= m for m in thresholds)
 
     backend = select_attention_backend(device, engine.config.attention_backend)
     if backend.name != "triton":  # the torch attention compiles nothing

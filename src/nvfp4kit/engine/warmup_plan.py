@@ -130,7 +130,7 @@ def plan_steps(
         same = splits_of(d, keys)
         for wanted in ("one", "16", "other"):
             fit = [k for k in _around(keys, lim.max_len, step=1)
-                   if _width_kind(-(-k // lim.block_size)) == wanted and splits_of(d, k) == same]  # fmt: skip
+                   if int_kind(-(-k // lim.block_size)) == wanted and splits_of(d, k) == same]  # fmt: skip
             if fit:
                 add([fit[0]] * d, 0)
 
@@ -247,9 +247,9 @@ def _around(keys: int, max_len: int, step: int = 64) -> list[int]:
     return out
 
 
-def _width_kind(width: int) -> str:
-    """Triton's classes of an integer argument (a block-table width): 1, a multiple of 16, any other."""
-    return "one" if width == 1 else "16" if width % 16 == 0 else "other"
+def int_kind(value: int) -> str:
+    """Triton's classes of an integer argument (a block-table width, a block count): 1, a multiple of 16, other."""
+    return "one" if value == 1 else "16" if value % 16 == 0 else "other"
 
 
 def _pow2(x: int) -> int:
