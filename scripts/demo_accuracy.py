@@ -1,6 +1,7 @@
 """NVFP4 recipes and calibrations on the demo model against its BF16 original, measured in one run.
 
     python scripts/demo_accuracy.py --out docs/results/accuracy.json [--device cpu]
+    python scripts/demo_accuracy.py --only all-nvfp4-gptq-round     # one export's row, printed only
 
 Makes each export with `nvfp4kit.quant.quantize` (max calibration: the seed's all-NVFP4 recipe and NVIDIA's
 attention-in-BF16 one) and `nvfp4kit.quant.calib_refine.refine_checkpoint` (better scales and rounding,
