@@ -19,11 +19,9 @@ from nvfp4kit.kernels.kv_write import write_kv
 from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention, prefill_block_q
 from nvfp4kit.kernels.prefill_attention import prefill_attention
 from nvfp4kit.kernels.rope_angles import cos_sin
-from nvfp4kit.kernels.split_k import arrival_counters
 from nvfp4kit.model.layers import apply_rope, attention, rope_cos_sin, rope_inv_freq
 
 from .helpers import rel_error  # inf when a row is left unwritten (the output starts as NaN)
-from .test_router import launches as launches  # fixture: the Triton kernels a test launched
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -223,33 +221,6 @@ def test_bf16_queries(rope):
     case = Case([(0, 5), (17, 1)], q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, rope=rope, **GLOBAL)
     out, ref = run_case(case)
     assert rel_error(out, ref) < bound(case)
-
-
-AWKWARD_DECODE = {  # lengths off the block and split grids; GQA 3:1 (not a power of two) and 4:1
-    "sliding": dict(seqs=[(2, 1), (13, 1), (70, 1), (0, 1)], q_heads=6, kv_heads=2, window=8),
-    "global": dict(seqs=[(0, 1), (5, 1), (37, 1), (70, 1)], q_heads=8, kv_heads=2, head_dim=32),
-}
-
-
-@pytest.mark.parametrize("num_splits", [3, 8])
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e5m2], ids=str)
-@pytest.mark.parametrize("layout", AWKWARD_DECODE)
-def test_split_keys_merged_in_the_attention_launch_match_one_split(layout, kv_dtype, num_splits):
-    # 8 splits leave some splits without keys (empty partials must weigh nothing)
-    case = Case(**AWKWARD_DECODE[layout], kv_dtype=kv_dtype, scale=0.5)
-    whole, ref = run_case(case, num_splits=1)
-    out, _ = run_case(case, num_splits=num_splits)
-    assert rel_error(out, ref) < bound(case)
-    assert rel_error(out, whole) < 1e-5  # the same attention up to fp32 rounding
-
-
-def test_split_keys_take_one_launch_and_leave_the_counters_at_zero(launches):
-    case = Case(**AWKWARD_DECODE["global"], kv_dtype=torch.float8_e4m3fn)
-    first, _ = run_case(case, num_splits=3)
-    assert launches == ["_paged_attention_kernel"]  # no merge kernel
-    again, _ = run_case(case, num_splits=3)
-    assert torch.equal(first, again)  # the counters were reset: the replay merges the same way
-    assert not arrival_counters(DEVICE, 8)[:8].any()
 
 
 def test_padding_sequence_writes_nothing():

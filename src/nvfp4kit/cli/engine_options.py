@@ -88,8 +88,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "step is launched from the tokens still on the GPU while the host emits the last ones)",
     )  # fmt: skip
     g.add_argument(
-        "--no-warmup", dest="warmup", action="store_false",
-        help="skip the start-up warm-up (default on CUDA): before serving, the engine runs every kernel "
+        "--warmup", dest="warmup", action="store_true",
+        help="run the start-up warm-up (opt-in until its cost is measured on a GPU): before serving, the engine runs every kernel "
         "variant a step can reach on dummy tokens, so no request waits for a Triton compile (0.3-2 s that "
         "stall every running stream). It costs one eager forward per planned step (787 for the 26B-A4B "
         "shape at 2,048 tokens, 128 sequences, 16K context) plus, on a cold Triton cache, one compile per "
@@ -134,7 +134,7 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         cuda_graphs=not args.enforce_eager,
         attention_backend=args.attention_backend,
         overlap_schedule=None if getattr(args, "overlap_schedule", True) else False,
-        warmup=None if getattr(args, "warmup", True) else False,
+        warmup=bool(getattr(args, "warmup", False)),
     )
     extra = {"language_model_only": True} if getattr(args, "language_model_only", False) else {}
     if getattr(args, "tensor_parallel_size", 1) > 1:

@@ -8,10 +8,7 @@ paged: block_table[p // block_size] * block_size + p % block_size). Scale is 1.0
 RMS-normalised). Masks: causal, plus p_q - window < p_k for sliding layers.
 
 Decode (one query token per item) can split each sequence's keys over NUM_SPLITS programs (flash-decoding):
-each writes a normalised partial output and its log-sum-exp, then counts itself in on its (item, KV head)'s
-arrival counter (kernels/split_k.py); the last split to arrive merges every split's partial in split order, read
-back from the workspace (so the result does not depend on the arrival order), and resets the counter: no merge
-launch.
+each writes a normalised partial output and its log-sum-exp, and a small kernel merges them.
 
 k_eq_v layers that store only V (= the normalised shared projection) derive K in registers: K = rope(V * w_k)
 with the layer's inverse frequencies. RoPE pairs are (i, i + D/2); only the first `rotary_pairs` frequencies are
@@ -46,7 +43,6 @@ from nvfp4kit.kernels.attention_pools import (
 from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
-from nvfp4kit.kernels.split_k import arrival_counters
 
 
 @dataclass(frozen=True)
@@ -87,7 +83,7 @@ def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: t
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, out_ptr, part_acc_ptr, part_lse_ptr, counter_ptr,
+    q_ptr, out_ptr, part_acc_ptr, part_lse_ptr,
     k_ptr, v_ptr, k_factor, v_factor,
     knorm_ptr, inv_freq_ptr,
     item_seq_ptr, item_q0_ptr,
@@ -197,50 +193,44 @@ def _paged_attention_kernel(
             mask=store_ok[:, None],
         )
     else:  # decode: one token per item, so a row is one query head
-        first = (item * num_q_heads + head) * NUM_SPLITS
+        part = (item * num_q_heads + head) * NUM_SPLITS + split
         lse = tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf"))
-        tl.store(part_lse_ptr + first + split, lse, mask=store_ok)
-        tl.store(part_acc_ptr + (first + split)[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
-        tl.debug_barrier()  # every thread's partial is issued before the arrival is counted
-        counter = counter_ptr + item * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            out_rows = qoff.to(tl.int64) * stride_ot + head * stride_oh
-            _merge_splits(
-                part_acc_ptr, part_lse_ptr, out_ptr, first, out_rows, store_ok, NUM_SPLITS, BLOCK_M, D
-            )
-            tl.atomic_xchg(counter, 0)  # ready for the next call (and graph replay)
+        tl.store(part_lse_ptr + part, lse, mask=store_ok)
+        tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
 
 
 @triton.jit
-def _merge_splits(
-    part_acc_ptr, part_lse_ptr, out_ptr, first, out_rows, rows_ok,
-    NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+def _merge_splits_kernel(
+    part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, seq_len_ptr, seq_offset_ptr,
+    stride_ot, stride_oh, num_q_heads, num_rows,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """out[row] = sum_s exp(lse_s - max lse) * acc_s / sum_s exp(lse_s - max lse), splits summed in order 0, 1, ..;
-    a row whose splits all saw no key (a padding sequence) gets zeros."""
-    top = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(part_lse_ptr + first + s, mask=rows_ok, other=float("-inf"), cache_modifier=".cg")
-        top = tl.maximum(top, lse)
+    wait_for_inputs(PDL)
+    item = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(item_seq_ptr + item)
+    qoff = tl.load(seq_offset_ptr + seq)
+    base = (item * num_q_heads + head) * NUM_SPLITS
+    sp = tl.arange(0, SPLITS_P2)
+    top = tl.max(tl.load(part_lse_ptr + base + sp, mask=sp < NUM_SPLITS, other=float("-inf")), 0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(part_lse_ptr + first + s, mask=rows_ok, other=float("-inf"), cache_modifier=".cg")
-        total += tl.exp(lse - top)
-    total = tl.maximum(total, 1e-30)
-    # a slice of columns at a time keeps the merge's registers low (sm_90 stack at the compile-test tiles: D=256
-    # 0 B, D=512 680 B; before the merge moved in: 40 B, 656 B)
-    COLS: tl.constexpr = min(D, 32)
-    for c0 in tl.static_range(0, D, COLS):
-        cols = c0 + tl.arange(0, COLS)
-        out = tl.zeros([BLOCK_M, COLS], tl.float32)
-        for s in range(NUM_SPLITS):
-            lse = tl.load(part_lse_ptr + first + s, mask=rows_ok, other=float("-inf"), cache_modifier=".cg")
-            part = part_acc_ptr + (first + s)[:, None] * D + cols[None, :]
-            acc = tl.load(part, mask=rows_ok[:, None], other=0.0, cache_modifier=".cg")
-            out += acc * tl.exp(lse - top)[:, None]
-        dst = out_ptr + out_rows[:, None] + cols[None, :]
-        tl.store(dst, (out / total[:, None]).to(out_ptr.dtype.element_ty), mask=rows_ok[:, None])
+    cols = tl.arange(0, D)
+    out = tl.zeros([D], tl.float32)
+    total = tl.zeros([CHUNK], tl.float32)
+    for first in range(0, NUM_SPLITS, CHUNK):  # a few splits at a time keeps the tile small
+        idx = first + tl.arange(0, CHUNK)
+        lse = tl.load(part_lse_ptr + base + idx, mask=idx < NUM_SPLITS, other=float("-inf"))
+        weight = tl.exp(lse - top)
+        acc = tl.load(
+            part_acc_ptr + (base + idx)[:, None] * D + cols[None, :],
+            mask=(idx < NUM_SPLITS)[:, None],
+            other=0.0,
+        )
+        out += tl.sum(acc * weight[:, None], 0)
+        total += weight
+    out = out / tl.maximum(tl.sum(total, 0), 1e-30)
+    dst = out_ptr + qoff.to(tl.int64) * stride_ot + head * stride_oh + cols
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=cols < tl.where(qoff < num_rows, D, 0))  # padding: 0
 
 
 def paged_attention(
@@ -280,16 +270,15 @@ def paged_attention(
         raise ValueError(f"block_m {cfg.block_m} cannot hold {items.block_q} tokens x {group} heads")
     ops = pool_operands(q, v_store, k_store, derived_key)
     v_view, k_view, unit, native_fp8 = ops.v_view, ops.k_view, ops.unit, ops.native_fp8
-    part_acc = part_lse = counters = out
+    part_acc = part_lse = out
     if num_splits > 1:
-        counters = arrival_counters(q.device, len(items) * kv_heads)
         part_acc = torch.empty(
             len(items), q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         part_lse = torch.empty(len(items), q_heads, num_splits, dtype=torch.float32, device=q.device)
     table = batch.block_table
     _paged_attention_kernel[(len(items), kv_heads, num_splits)](
-        q, out, part_acc, part_lse, counters, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, ops.knorm, ops.inv_freq,
+        q, out, part_acc, part_lse, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, ops.knorm, ops.inv_freq,
         items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
@@ -301,4 +290,11 @@ def paged_attention(
         PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
     )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(len(items), q_heads)](
+            part_acc, part_lse, out, items.seq, batch.seq_len, batch.seq_offset,
+            out.stride(0), out.stride(1), q_heads, tokens,
+            NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), CHUNK=min(8, next_pow2(num_splits)), D=head_dim,
+            num_warps=4, **pdl_args(q.device),
+        )  # fmt: skip
     return out
