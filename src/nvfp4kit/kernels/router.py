@@ -27,9 +27,9 @@ from nvfp4kit.kernels.split_k import arrival_counters
 from nvfp4kit.model.ops import Weight
 
 # Up to this many tokens the fused kernel replaces the GEMV + route pair; above, the two-step path (cuBLAS does
-# the projection) is kept. Not yet timed on a GPU: a decode-size guess (docs/benchmarks.md has the router GEMV at
-# ~6 us a layer for T=1).
-FUSED_ROUTE_MAX_TOKENS = 64
+# the projection) is kept. H200, 26B-A4B decode with the fused router up to 64 tokens: batch 1 3.47 ms/step (was
+# 3.54 with the norm fusions landing too), batch 16 9.14 ms (was 8.65): only batch 1 is taken until it is timed alone
+FUSED_ROUTE_MAX_TOKENS = 1
 _TOKENS_PER_TILE = 16
 _PRODUCT_ELEMENTS = 4096  # the [tokens, experts, k] product one K step of a program holds
 
