@@ -73,8 +73,6 @@ H, E = CFG.hidden_size, CFG.num_experts
 CASES = [
     OpCase("rms_norm", lambda m, s: dict(x=randn(m, H, seed=s, scale=4), weight=norm_weight(H, s + 1), eps=EPS),
            "rms_norm", ("x", "weight")),
-    OpCase("add_rms_norm", lambda m, s: dict(residual=randn(m, H, seed=s), x=randn(m, H, seed=s + 1, scale=4),
-           weight=norm_weight(H, s + 2), eps=EPS), "add_rms_norm", ("residual", "x", "weight")),
     OpCase("ffn_inputs", lambda m, s: dict(residual=randn(m, H, seed=s), attn_out=randn(m, H, seed=s + 1, scale=4),
            post_attn_norm=norm_weight(H, s + 2), mlp_norm=norm_weight(H, s + 3), experts_norm=norm_weight(H, s + 4),
            router_scale=norm_weight(H, s + 5), eps=EPS), "ffn_inputs", ("residual", "attn_out")),

@@ -57,9 +57,9 @@ def _serve_random_traffic(engine: Engine, seed: int, requests: int = 120) -> int
 def test_no_kernel_compiles_after_the_warm_up(model, cuda_graphs):
     config = EngineConfig(
         kv_dtype="fp8_e4m3", max_num_seqs=12, max_num_batched_tokens=96, max_model_len=2048,
-        num_kv_tokens=24 * 1024, cuda_graphs=cuda_graphs,
+        num_kv_tokens=24 * 1024, cuda_graphs=cuda_graphs, warmup=True,
     )  # fmt: skip
-    engine = Engine(model, None, config=config)  # the warm-up is on by default on CUDA
+    engine = Engine(model, None, config=config)  # the warm-up is opt-in (--warmup)
     report = engine.warmup
     assert report is not None and report.steps > 50
     if report.compiles is None:

@@ -23,8 +23,8 @@ ATTN_PTRS = {"k_ptr": "*u8", "v_ptr": "*u8", "inv_freq_ptr": "*fp32", **{
 ATTN_SCALARS = {"k_factor": "fp32", "v_factor": "fp32"}  # the strides and sizes: i32 (below)
 ATTN_COMMON = dict(BLOCK_N=64, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=2, PRECISION="ieee")
 KERNELS = {  # name: (kernel, warps, pointer types (default *bf16), other types, constexprs)
-    "rms_norm": (norms._rms_norm_kernel, 8, {}, ROWS, dict(HAS_WEIGHT=True, HAS_RESIDUAL=True, BLOCK=4096)),
-    "rms_norm_plain": (norms._rms_norm_kernel, 1, {}, ROWS, dict(HAS_WEIGHT=False, HAS_RESIDUAL=False, BLOCK=64)),
+    "rms_norm": (norms._rms_norm_kernel, 8, {}, ROWS, dict(HAS_WEIGHT=True, BLOCK=4096)),
+    "rms_norm_plain": (norms._rms_norm_kernel, 1, {}, ROWS, dict(HAS_WEIGHT=False, BLOCK=64)),
     "ffn_inputs": (norms._ffn_inputs_kernel, 8, {}, ROWS, dict(HAS_EXPERTS=True, BLOCK=4096)),
     "ffn_inputs_dense": (norms._ffn_inputs_kernel, 16, {}, ROWS, dict(HAS_EXPERTS=False, BLOCK=8192)),
     "ffn_tail": (norms._ffn_tail_kernel, 8, {}, ROWS, dict(HAS_EXPERTS=True, HAS_SCALAR=True, HAS_NEXT=True,

@@ -47,11 +47,6 @@ class TritonBackend:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, *, eps: float) -> torch.Tensor:
         return norms.rms_norm(x, weight, eps=eps)
 
-    def add_rms_norm(
-        self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, eps: float
-    ) -> torch.Tensor:
-        return norms.rms_norm(x, weight, eps=eps, residual=residual)
-
     ffn_inputs = staticmethod(norms.ffn_inputs)
     ffn_tail = staticmethod(norms.ffn_tail)
     qkv_norm_rope = staticmethod(qkv_norm_rope)

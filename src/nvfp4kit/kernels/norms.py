@@ -1,4 +1,4 @@
-"""RMSNorm regions of a decoder layer, one launch each: plain, after a residual add, the FFN's inputs (the
+"""RMSNorm regions of a decoder layer, one launch each: plain, the FFN's inputs (the
 post-attention residual add and the normed copies the dense MLP, the experts and the router read), and the FFN
 tail (two post-norms, their sum normed again, the residual add, the layer scalar and the next layer's input
 norm, so a decode step has no separate input-norm launch between layers).
@@ -29,16 +29,13 @@ def _normalised(x, n, eps):
 @triton.jit
 def _rms_norm_kernel(
     x_ptr,
-    res_ptr,
     w_ptr,
     out_ptr,
     n,
     stride_x,
-    stride_res,
     stride_out,
     eps,
     HAS_WEIGHT: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -50,8 +47,6 @@ def _rms_norm_kernel(
     y = _normalised(x, n, eps)
     if HAS_WEIGHT:
         y *= tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        y += tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -166,31 +161,23 @@ def _vector(w: torch.Tensor, n: int, name: str) -> torch.Tensor:
     return w.reshape(n) if w.is_contiguous() else w.contiguous().reshape(n)
 
 
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor | None, *, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    """(residual +) x / rms(x) (* weight) over the last dim, in x.dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, *, eps: float) -> torch.Tensor:
+    """x / rms(x) (* weight) over the last dim, in x.dtype."""
     n = x.shape[-1]
     rows = _rows(x, n, "x")
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    res = rows if residual is None else _rows(residual, n, "residual")
-    if residual is not None and res.shape != rows.shape:
-        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
     w = rows if weight is None else _vector(weight, n, "weight")
     if rows.shape[0]:
         block, warps = _row_launch(n)
         _rms_norm_kernel[(rows.shape[0],)](
             rows,
-            res,
             w,
             out,
             n,
             rows.stride(0),
-            res.stride(0),
             out.stride(0),
             float(eps),
             HAS_WEIGHT=weight is not None,
-            HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=warps,
             **pdl_args(out.device),

@@ -51,11 +51,6 @@ class FusedRegions(Protocol):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, *, eps: float) -> torch.Tensor:
         """x / rms(x) * weight over the last dim (no weight: plain normalisation)."""
 
-    def add_rms_norm(
-        self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, eps: float
-    ) -> torch.Tensor:
-        """residual + rms_norm(x) * weight (the post-attention sandwich)."""
-
     def ffn_inputs(
         self,
         residual: torch.Tensor,
@@ -219,9 +214,6 @@ class TorchBackend:
 
     def rms_norm(self, x, weight, *, eps):
         return rms_norm(x, weight, eps)
-
-    def add_rms_norm(self, residual, x, weight, *, eps):
-        return residual + rms_norm(x, weight, eps)
 
     def ffn_inputs(self, residual, attn_out, *, post_attn_norm, mlp_norm, experts_norm, router_scale, eps):
         h = residual + rms_norm(attn_out, post_attn_norm, eps)
