@@ -180,12 +180,9 @@ def _write_output(
         tl.debug_barrier()  # every thread's partial is issued before the arrival is counted
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            total = acc
-            for other in tl.static_range(SPLIT_K):
-                if other != pid_k:
-                    total += tl.load(
-                        ws_ptr + other * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg"
-                    )
+            total = tl.zeros_like(acc)
+            for split in tl.static_range(SPLIT_K):  # split order, whoever arrived last: deterministic sums
+                total += tl.load(ws_ptr + split * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(
                 out_ptrs, (total * fold_scale(s2_ptr, 0, True, ASM)).to(out_ptr.dtype.element_ty), mask=mask
             )

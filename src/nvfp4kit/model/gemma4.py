@@ -17,6 +17,7 @@ from torch import nn
 
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.formats.fp8_rows import FP8RowTensor, quantize_fp8_rows
+from nvfp4kit.model.branches import side_by_side
 from nvfp4kit.model.layers import Linear, RMSNorm, rope_inv_freq, store_weight, stored_weight
 from nvfp4kit.model.ops import (
     Collectives,
@@ -215,10 +216,12 @@ class DecoderLayer(nn.Module):
             router_scale=self.router.scale if self.moe else None,  # the router sees the residual, not mlp_in
             eps=eps,
         )
-        mlp_out, experts_out = self.mlp(mlp_in), None
-        if self.moe:
-            weights, ids = self.router(router_in)
-            experts_out = self.experts(experts_in, weights, ids)
+        if self.moe:  # the dense MLP and the experts meet only in the tail: they may run side by side
+            mlp_out, experts_out = side_by_side(
+                mlp_in, lambda: self.mlp(mlp_in), lambda: self.experts(experts_in, *self.router(router_in))
+            )
+        else:
+            mlp_out, experts_out = self.mlp(mlp_in), None
         # each has its own post-norm: both are summed over the ranks first, in one collective
         mlp_out, experts_out = all_reduce_parts((mlp_out, experts_out), self.parallel)
         out, out_normed = ops.ffn_tail(

@@ -1,0 +1,101 @@
+"""Decode launch variants on the card: speed and greedy tokens with PDL modes and the two-stream layer halves.
+
+One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B` (PDL mode P of
+kernels/launch.py, B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py) a fresh
+engine (its decode graphs captured under that variant), greedy tokens of two prompts (must be identical across
+variants: both change when a kernel starts, never what it computes) and decode tokens/s with GPU ms per step.
+Usage (GPU machine, repository root):
+  PYTHONPATH=src python3 scripts/gpu_decode_variants.py --out OUT [--variants 0:0 0:1 2:1] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from nvfp4kit.bench import engine_runs as runs
+from nvfp4kit.bench.engine_speed import profile_decode_step
+from nvfp4kit.config import load_preset
+from nvfp4kit.engine.engine import Engine, EngineConfig
+from nvfp4kit.kernels.launch import set_pdl_mode
+from nvfp4kit.model.branches import set_branch_streams
+from nvfp4kit.plan.weights import weights_from_config
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.testing.random_model import random_model
+
+
+def greedy_tokens(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
+    ids = [
+        engine.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p in prompts
+    ]
+    reqs = [engine.requests[i] for i in ids]
+    while engine.has_unfinished():
+        engine.step()
+    return [list(r.output_ids) for r in reqs]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", nargs="+", default=["0:0", "0:1"], help="PDL mode:branch streams, e.g. 0:1")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--profile", action="store_true", help="kernel table of one batch-1 step per variant")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = load_preset("gemma-4-26b-a4b")
+    model = random_model(cfg, quantized=True, device="cuda")
+    weights = weights_from_config(cfg, recipe="all-nvfp4")
+    spec = runs.card_spec()
+    prompts = [runs.random_prompt(cfg, n, seed=s) for s, n in ((1, 37), (2, 700))]
+    rows, tokens = [], {}
+    for variant in args.variants:
+        mode, branches = (int(v) for v in variant.split(":"))
+        set_pdl_mode(mode)
+        set_branch_streams(bool(branches))
+        config = EngineConfig(
+            kv_dtype="fp8_e5m2", max_num_seqs=max(args.batches), max_num_batched_tokens=2048,
+            num_kv_tokens=max(args.batches) * 700 + 4096, prefix_caching=False,
+        )  # fmt: skip
+        engine = Engine(model, None, config=config)
+        tokens[variant] = greedy_tokens(engine, prompts, 24)
+        for batch in args.batches:
+            r = runs.decode_speed(engine, batch=batch, context=512, steps=args.steps)
+            _, roof = runs.decode_roofline(
+                cfg, weights, batch=batch, context=512, kv_dtype="fp8_e5m2",
+                bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s,
+            )  # fmt: skip
+            row = dict(variant=variant, batch=batch, tokens_per_s=round(r.tokens_per_s, 1), ms_per_step=round(r.ms_per_step, 3),
+                       gpu_ms_per_step=round(r.gpu_ms_per_step or 0, 3), pct_roofline=round(100 * r.tokens_per_s / roof, 1))  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if args.profile:
+            print(
+                f"--- variant {variant}\n{profile_decode_step(engine, top=40)}", file=sys.stderr, flush=True
+            )
+        engine.close()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    same = all(tokens[v] == tokens[args.variants[0]] for v in args.variants)
+    card = torch.cuda.get_device_name()
+    (args.out / "decode_variants.json").write_text(
+        json.dumps({"card": card, "rows": rows, "greedy_equal": same}, indent=1)
+    )
+    print(f"\n{card}: greedy tokens equal across variants: {same}")
+    print("variant batch  tok/s   ms/step  gpu ms  %roof")
+    for r in rows:
+        print(
+            f"{r['variant']:>7} {r['batch']:>5} {r['tokens_per_s']:>8} {r['ms_per_step']:>8} {r['gpu_ms_per_step']:>7} {r['pct_roofline']:>6}"
+        )
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
