@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import torch
 
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+from nvfp4kit.model.branches import on_side_stream
+
+_COUNTERS: dict[tuple[torch.device, bool], torch.Tensor] = {}
 
 
 def arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters for `tiles` tiles, kept per device and stream (kernels on two streams at once,
-    model/branches.py, must not count into the same tiles); the kernels leave them at zero again."""
+    """Zeroed int32 counters for `tiles` tiles, kept per device, one set for the side stream of
+    model/branches.py (its kernels run beside the main stream's and must not count into the same tiles); the
+    kernels leave them at zero again."""
     cuda = device.type == "cuda"
-    key = (device, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
+    key = (device, cuda and on_side_stream(device))
     have = _COUNTERS.get(key)
     if have is None or have.numel() < tiles:
         have = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)

@@ -8,8 +8,8 @@ branches of the CUDA graph, so replays overlap too.
 
 The side stream forks from the current one (waits for everything before) and the current one waits for it
 before the tail: the memory of every tensor crossing the fork stays valid because its last use is ordered
-before the next fork. Kernels that keep per-device state must therefore key it by stream
-(`kernels/split_k.py` does). Prefill-sized steps stay on one stream: their linears share one scratch buffer
+before the next fork. Kernels that keep per-device state must keep a second copy for the side stream
+(`kernels/split_k.py` asks `on_side_stream`). Prefill-sized steps stay on one stream: their linears share one scratch buffer
 per device (`kernels/dequant.py`) and are compute-bound, where overlap gains little.
 
 `NVFP4KIT_BRANCH_STREAMS=0` (or `set_branch_streams(False)`) keeps everything on one stream.
@@ -45,13 +45,23 @@ def branch_streams_enabled() -> bool:
     return os.environ.get("NVFP4KIT_BRANCH_STREAMS", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
+def _indexed(device: torch.device) -> torch.device:
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _indexed(device)
     stream = _side_streams.get(device)
     if stream is None:
         stream = _side_streams[device] = torch.cuda.Stream(device)
     return stream
+
+
+def on_side_stream(device: torch.device) -> bool:
+    """Whether kernels launched now on `device` go to the side stream (state they share must not be the main
+    stream's). Keyed by role, not by stream: graph capture runs the main half on a capture stream of its own."""
+    side = _side_streams.get(_indexed(device))
+    return side is not None and torch.cuda.current_stream(device).cuda_stream == side.cuda_stream
 
 
 def side_by_side(x: torch.Tensor, side: Callable[[], A], main: Callable[[], B]) -> tuple[A, B]:
