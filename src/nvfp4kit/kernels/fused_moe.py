@@ -49,7 +49,7 @@ def _block_rows(
     return expert, pairs, ok, act_rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # a per-step count: no variant per batch size
 def _moe_gate_up_kernel(
     x_ptr,
     w_ptr,
@@ -126,7 +126,7 @@ def _moe_gate_up_kernel(
     tl.store(act_ptr + act_rows[:, None] * stride_am + rn[None, :], h.to(dtype), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_down_kernel(
     act_ptr,
     w_ptr,

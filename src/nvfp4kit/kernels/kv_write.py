@@ -102,7 +102,7 @@ def decode_e4m3(raw):
     return (((raw & 0x80) << 8) | ((raw & 0x7F) << 7)).to(tl.float16, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot_ptr"])  # a metadata row at 8 x T bytes: its alignment varies by step
 def _kv_write_kernel(
     k_ptr,
     v_ptr,

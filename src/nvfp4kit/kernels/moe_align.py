@@ -25,7 +25,8 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
 
 
-@triton.jit
+# the pair and block counts change with the step's tokens (num_slots, blocks x BM, is always a multiple of 16)
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _moe_align_kernel(
     ids_ptr,
     pair_ids_ptr,

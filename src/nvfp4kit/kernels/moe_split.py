@@ -36,7 +36,7 @@ def _row_times_tile(
     return mma(acc, x, tl.trans(w), INTERPRET)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # a per-step count: no variant per batch size
 def _moe_gate_up_split_kernel(
     x_ptr, w_ptr, s_ptr, s2_ptr, act_ptr, ws_ptr, counter_ptr, topk_ids_ptr,
     num_pairs, inter, hidden, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_am,

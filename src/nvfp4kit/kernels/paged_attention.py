@@ -7,8 +7,9 @@ online softmax; each key position is mapped to its pool row in registers (ring: 
 paged: block_table[p // block_size] * block_size + p % block_size). Scale is 1.0 (Gemma 4's q and k are
 RMS-normalised). Masks: causal, plus p_q - window < p_k for sliding layers.
 
-Decode (one query token per item) can split each sequence's keys over NUM_SPLITS programs (flash-decoding):
-each writes a normalised partial output and its log-sum-exp, and a small kernel merges them.
+Decode (one query token per item) can split each sequence's keys over `num_splits` programs (flash-decoding):
+each writes a normalised partial output and its log-sum-exp, and a small kernel merges them. The split count is
+a runtime argument (only split / not split is compile-time), so a new count costs no compile.
 
 k_eq_v layers that store only V (= the normalised shared projection) derive K in registers: K = rope(V * w_k)
 with the layer's inverse frequencies. RoPE pairs are (i, i + D/2); only the first `rotary_pairs` frequencies are
@@ -43,6 +44,11 @@ from nvfp4kit.kernels.attention_pools import (
 from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+
+# the per-step metadata rows of both attention kernels: slices of one buffer at 4 x count bytes, so their 16-byte
+# alignment changes with the step's sequence and item counts (only scalars are loaded from them: nothing to lose)
+_STEP_POINTERS = ("item_seq_ptr", "item_q0_ptr", "seq_start_ptr", "seq_len_ptr", "seq_offset_ptr",
+                  "block_table_ptr", "ring_ptr")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,19 @@ def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: t
     return max(1, min(4 * sms // per_split, max_keys // 128, 128))
 
 
-@triton.jit
+def merge_chunk(num_splits: int) -> int:
+    """Splits the merge kernel sums at a time (its one compile-time size: 2, 4 or 8, so three variants)."""
+    return min(8, next_pow2(num_splits))
+
+
+def split_variant(num_splits: int) -> int:
+    """What of a split count the decode kernels are compiled for: 0 (no split) or the merge's chunk."""
+    return 0 if num_splits <= 1 else merge_chunk(num_splits)
+
+
+# per-step values (metadata rows sliced at 4 x count bytes, the block-table width, the token and split counts)
+# are plain runtime arguments: specialising them on == 1 / % 16 / alignment would compile a variant per step shape
+@triton.jit(do_not_specialize=[*_STEP_POINTERS, "stride_bt", "num_rows", "num_splits"])
 def _paged_attention_kernel(
     q_ptr, out_ptr, part_acc_ptr, part_lse_ptr,
     k_ptr, v_ptr, k_factor, v_factor,
@@ -90,11 +108,11 @@ def _paged_attention_kernel(
     seq_start_ptr, seq_len_ptr, seq_offset_ptr, block_table_ptr, ring_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
-    window, ring_size, block_size, num_q_heads, num_rows,
+    window, ring_size, block_size, num_q_heads, num_rows, num_splits,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     item = tl.program_id(0)
@@ -125,8 +143,8 @@ def _paged_attention_kernel(
     lo = 0
     if SLIDING:
         lo = tl.maximum(start + q0 - window + 1, 0)
-    if NUM_SPLITS > 1:
-        chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
 
@@ -185,7 +203,7 @@ def _paged_attention_kernel(
     if BLOCK_Q == 1:
         limit = tl.where(qoff < num_rows, tl.maximum(qlen, 1), 0)
         store_ok = (rows // GROUP_P2 < BLOCK_Q) & (g < GROUP) & (tok < limit)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out_rows = (qoff + tok).to(tl.int64) * stride_ot + head * stride_oh
         tl.store(
             out_ptr + out_rows[:, None] + cols[None, :],
@@ -193,37 +211,40 @@ def _paged_attention_kernel(
             mask=store_ok[:, None],
         )
     else:  # decode: one token per item, so a row is one query head
-        part = (item * num_q_heads + head) * NUM_SPLITS + split
+        part = (item * num_q_heads + head) * num_splits + split
         lse = tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=store_ok)
         tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["item_seq_ptr", "seq_len_ptr", "seq_offset_ptr", "num_rows", "num_splits"])
 def _merge_splits_kernel(
     part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, seq_len_ptr, seq_offset_ptr,
-    stride_ot, stride_oh, num_q_heads, num_rows,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
+    stride_ot, stride_oh, num_q_heads, num_rows, num_splits,
+    CHUNK: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     item = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(item_seq_ptr + item)
     qoff = tl.load(seq_offset_ptr + seq)
-    base = (item * num_q_heads + head) * NUM_SPLITS
-    sp = tl.arange(0, SPLITS_P2)
-    top = tl.max(tl.load(part_lse_ptr + base + sp, mask=sp < NUM_SPLITS, other=float("-inf")), 0)
+    base = (item * num_q_heads + head) * num_splits
+    top = tl.full([CHUNK], float("-inf"), tl.float32)
+    for first in range(0, num_splits, CHUNK):  # the largest log-sum-exp (a maximum: exact in any order)
+        idx = first + tl.arange(0, CHUNK)
+        top = tl.maximum(top, tl.load(part_lse_ptr + base + idx, mask=idx < num_splits, other=float("-inf")))
+    top = tl.max(top, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
     cols = tl.arange(0, D)
     out = tl.zeros([D], tl.float32)
     total = tl.zeros([CHUNK], tl.float32)
-    for first in range(0, NUM_SPLITS, CHUNK):  # a few splits at a time keeps the tile small
+    for first in range(0, num_splits, CHUNK):  # a few splits at a time keeps the tile small
         idx = first + tl.arange(0, CHUNK)
-        lse = tl.load(part_lse_ptr + base + idx, mask=idx < NUM_SPLITS, other=float("-inf"))
+        lse = tl.load(part_lse_ptr + base + idx, mask=idx < num_splits, other=float("-inf"))
         weight = tl.exp(lse - top)
         acc = tl.load(
             part_acc_ptr + (base + idx)[:, None] * D + cols[None, :],
-            mask=(idx < NUM_SPLITS)[:, None],
+            mask=(idx < num_splits)[:, None],
             other=0.0,
         )
         out += tl.sum(acc * weight[:, None], 0)
@@ -282,19 +303,19 @@ def paged_attention(
         items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
-        window or 0, ring_size or 1, block_size or 1, q_heads, tokens,
+        window or 0, ring_size or 1, block_size or 1, q_heads, tokens, num_splits,
         GROUP=group, GROUP_P2=next_pow2(group), BLOCK_Q=items.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=head_dim, ROT=ops.rot, RING=ring_size is not None, SLIDING=window is not None,
         DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
-        COMPUTE=dot_dtype_code(q.dtype, fmt.code), NUM_SPLITS=num_splits,
+        COMPUTE=dot_dtype_code(q.dtype, fmt.code), SPLIT=num_splits > 1,
         PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(len(items), q_heads)](
             part_acc, part_lse, out, items.seq, batch.seq_len, batch.seq_offset,
-            out.stride(0), out.stride(1), q_heads, tokens,
-            NUM_SPLITS=num_splits, SPLITS_P2=next_pow2(num_splits), CHUNK=min(8, next_pow2(num_splits)), D=head_dim,
+            out.stride(0), out.stride(1), q_heads, tokens, num_splits,
+            CHUNK=merge_chunk(num_splits), D=head_dim,
             num_warps=4, **pdl_args(q.device),
         )  # fmt: skip
     return out

@@ -80,7 +80,12 @@ def prefill_config(head_dim: int, group: int) -> PrefillConfig:
     return prefill_configs(head_dim, group)[0]
 
 
-@triton.jit
+# per-step values are plain runtime arguments (no variant per step shape): the metadata rows (slices at 4 x count
+# bytes; only scalars and a gather come from them), the block-table width and the number of query tiles
+@triton.jit(
+    do_not_specialize=["limit_ptr", "item_seq_ptr", "item_q0_ptr", "seq_start_ptr", "seq_len_ptr", "seq_offset_ptr",
+                       "block_table_ptr", "ring_ptr", "stride_bt", "num_items"]
+)  # fmt: skip
 def _prefill_attention_kernel(
     q_ptr, out_ptr, k_ptr, v_ptr, k_factor, v_factor, knorm_ptr, inv_freq_ptr, limit_ptr,
     item_seq_ptr, item_q0_ptr, seq_start_ptr, seq_len_ptr, seq_offset_ptr, block_table_ptr, ring_ptr,

@@ -49,7 +49,7 @@ def _norm_rope_head(
     tl.store(dst_ptr + HALF + cols, x2.to(dtype), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos_ptr"])  # a step's metadata row (one scalar load per program)
 def _qkv_norm_rope_kernel(
     qkv_ptr,
     pos_ptr,

@@ -98,7 +98,7 @@ def _round_to_activation(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
         return x.to(dtype).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # a per-step count: no variant per batch size
 def _fused_route_kernel(
     z_ptr, w_ptr, scale_ptr, logits_ptr, counter_ptr, weights_ptr, ids_ptr,
     num_tokens, num_experts, hidden, stride_z, stride_w,
