@@ -61,7 +61,7 @@ def test_no_kernel_compiles_after_the_warm_up(model, cuda_graphs):
     )  # fmt: skip
     engine = Engine(model, None, config=config)  # the warm-up is opt-in (--warmup)
     report = engine.warmup
-    assert report is not None and report.steps > 50
+    assert report is not None and report.steps > 10  # 19-27 for these limits (engine/warmup_plan.py)
     if report.compiles is None:
         pytest.skip("this Triton has no jit_post_compile_hook: compilations cannot be counted")
     assert COMPILES.installed and COMPILES.ready

@@ -2,15 +2,17 @@
 
 Triton compiles a kernel lazily, once per combination of its constexpr arguments and of the specialisation of
 its other arguments: an integer equal to 1 or divisible by 16, and a pointer aligned to 16 bytes, each get a
-variant of their own. So a step whose token count, sequence count, decode context or prefill tiling meets a
-combination no step before it had waits for a compile (0.3-2 s on an H200), and every stream of the batch sees
-that gap. CUDA-graph capture covers the decode-only batches; `warm_up` covers the other steps.
+variant of their own. A step that meets a combination no step before it had waits for a compile (0.3-2 s on an
+H200), and every stream of the batch sees that gap. The kernels a step launches take what changes with every
+step (token, row, sequence and tile counts, block-table widths, split counts, metadata rows) unspecialised, so
+what is left to vary is few: CUDA-graph capture covers the decode-only batches; `warm_up` covers the rest.
 
 The plan (`engine/warmup_plan.py`) comes from the engine's limits and this model, card and attention backend:
 one token count per launch-configuration bucket (`select_linear_config` / `select_moe_config` of the model's
-NVFP4 shapes, the dequantize-then-cuBLAS and grouped-MoE thresholds) and specialisation class, every sampled-row
-class, every key-split count the decode attention can choose (those of busy steps in every layout), and the
-prefill-attention tilings across block-table widths. `warm_up` runs its steps through the engine's real forward
+NVFP4 shapes, the dequantize-then-cuBLAS and grouped-MoE thresholds, the tiles wrappers size by a count, and
+the token count's integer class while a linear kernel specialises on it), every sampled-row class, and every
+split variant of the decode attention (no split, or the merge kernel's chunk of 2, 4 or 8 splits) per layer
+kind. `warm_up` runs its steps through the engine's real forward
 (`BatchContext`, `hidden_states`, `logits`) on dummy tokens, so a kernel the plan does not name is still met.
 All sequences write into one scratch global block (every block-table entry names it) and one scratch sliding
 ring; their rows are saved first and written back after, and nothing goes through the scheduler or the prefix
@@ -21,8 +23,8 @@ Compilations after it are counted and logged by `engine/kernel_compiles.py`.
 
 from __future__ import annotations
 
+import inspect
 import logging
-import math
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -33,9 +35,10 @@ import torch
 from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.kernel_compiles import COMPILES
-from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, int_kind, plan_steps, spec_class
+from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, plan_steps, spec_class
 
 if TYPE_CHECKING:
+    from nvfp4kit.config import Gemma4TextConfig
     from nvfp4kit.engine.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -44,51 +47,89 @@ log = logging.getLogger(__name__)
 # ---- the plan for one engine ----------------------------------------------------------------------------
 def engine_plan(engine: Engine) -> list[WarmupStep]:
     """`plan_steps` for this engine's model, limits, card and attention backend."""
-    from nvfp4kit.kernels import configs
-    from nvfp4kit.kernels.moe_align import max_blocks
-
-    model, cfg, device = engine.model, engine.model.config, engine.device
     sched = engine.scheduler.config
     limits = StepLimits(
         max_tokens=sched.max_num_batched_tokens, max_chunk=sched.max_prefill_chunk,
         max_seqs=engine.config.max_num_seqs, max_len=min(engine.max_model_len, engine.pool_tokens),
         block_size=engine.layout.block_size, eager_decode=engine.graphs is None,
     )  # fmt: skip
-    linears, experts = _quantized_shapes(model)
+    backend = select_attention_backend(engine.device, engine.config.attention_backend)
+    linears, experts = _quantized_shapes(engine.model)
+    return model_plan(
+        engine.model.config, limits, linears=linears, experts=experts, device=engine.device,
+        triton_attention=backend.name == "triton",
+    )  # fmt: skip
+
+
+def model_plan(
+    cfg: Gemma4TextConfig,
+    limits: StepLimits,
+    *,
+    linears: list[tuple[int, int]],
+    experts: list[tuple[int, int, int]],
+    device: torch.device,
+    triton_attention: bool,
+) -> list[WarmupStep]:
+    """`plan_steps` for a model of this config with these NVFP4 shapes ((N, K) of the linears, (experts,
+    hidden, intermediate) of the expert stacks) on `device`: no weights needed, so a plan can be sized anywhere."""
+    from nvfp4kit.kernels import configs
+
     thresholds = _path_thresholds()
+    token_class = _token_count_specialised()
 
     def bucket_of(t: int) -> Hashable:
         lin = tuple(configs.select_linear_config(t, n, k, device=device) for n, k in linears)
         moe = tuple(
             configs.select_moe_config(t, e, cfg.top_k_experts, h, i, device=device) for e, h, i in experts
         )
-        # the sorted MoE's block count is an integer argument too (1 / divisible by 16 / other)
-        blocks = tuple(
-            int_kind(max_blocks(t * cfg.top_k_experts, e, c.block_m))
-            for (e, _, _), c in zip(experts, moe) if c.sorted and not c.split
-        )  # fmt: skip
-        return lin, moe, blocks, tuple(t >= m for m in thresholds)
+        # tiles some wrappers size by a count: w8a16's BM and the fused router's BLOCK_T (tokens, up to 64),
+        # moe_align's CHUNK (token-expert pairs, 64 to 1024)
+        tiles = (min(_pow2(t), 64), min(max(_pow2(t * cfg.top_k_experts), 64), 1024) if experts else 0)
+        paths = tuple(t >= m for m in thresholds)
+        return lin, moe, tiles, paths, spec_class(t) if token_class else None
 
-    backend = select_attention_backend(device, engine.config.attention_backend)
-    if backend.name != "triton":  # the torch attention compiles nothing
+    if not triton_attention:  # the torch attention compiles nothing
         return plan_steps(limits, bucket_of=bucket_of)
-    from nvfp4kit.kernels.paged_attention import choose_num_splits
-    from nvfp4kit.kernels.prefill_attention import prefill_block_q
+    from nvfp4kit.kernels.paged_attention import choose_num_splits, split_variant
 
     kinds = sorted({
-        (cfg.sliding_window if cfg.is_sliding(layer) else None, cfg.layer_kv_heads(layer),
-         cfg.layer_head_dim(layer))
+        (cfg.sliding_window if cfg.is_sliding(layer) else None, cfg.layer_kv_heads(layer))
         for layer in range(cfg.num_hidden_layers)
     }, key=str)  # fmt: skip
 
     def splits_of(d: int, keys: int) -> Hashable:
-        return tuple(choose_num_splits(d, kvh, min(keys, w or keys), device=device) for w, kvh, _ in kinds)
+        return tuple(
+            split_variant(choose_num_splits(d, kvh, min(keys, w or keys), device=device)) for w, kvh in kinds
+        )
 
-    def tiles_of(n: int) -> Hashable:
-        tiles = (math.ceil(n / prefill_block_q(hd, cfg.num_attention_heads // kvh)) for _, kvh, hd in kinds)
-        return tuple(spec_class(t) for t in tiles)
+    return plan_steps(limits, bucket_of=bucket_of, splits_of=splits_of)
 
-    return plan_steps(limits, bucket_of=bucket_of, splits_of=splits_of, tiles_of=tiles_of)
+
+def _token_count_specialised() -> bool:
+    """Whether a linear kernel still takes the step's token count M as a specialised integer (1 / divisible by
+    16 / other are then variants too); False once every one lists M in `do_not_specialize`."""
+    try:
+        from nvfp4kit.kernels import w4a16_linear, w8a16_linear
+    except ModuleNotFoundError:  # no Triton: nothing is compiled
+        return False
+    kernels = [
+        value for module in (w4a16_linear, w8a16_linear) for name, value in vars(module).items()
+        if name.endswith("_kernel") and hasattr(value, "fn")
+    ]  # fmt: skip
+    return any(specialises(kernel, "M") for kernel in kernels)
+
+
+def specialises(kernel: Any, arg: str) -> bool:
+    """Whether the Triton kernel `kernel` (compiled or interpreted) specialises its argument `arg` (False when
+    it has none of that name)."""
+    params = list(inspect.signature(kernel.fn).parameters)
+    if arg not in params:
+        return False
+    skipped = getattr(kernel, "do_not_specialize", None)
+    if skipped is None:  # the interpreter keeps the decorator's arguments as given
+        skipped = getattr(kernel, "kwargs", {}).get("do_not_specialize")
+    skipped = skipped or ()
+    return arg not in skipped and params.index(arg) not in skipped
 
 
 def _quantized_shapes(model: torch.nn.Module) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:
@@ -112,6 +153,10 @@ def _path_thresholds() -> tuple[int, ...]:
     except ModuleNotFoundError:  # no Triton: the torch backend has no such paths
         return ()
     return DEQUANT_MIN_M, MOE_PREFILL_MIN_TOKENS
+
+
+def _pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
 
 
 # ---- running it -----------------------------------------------------------------------------------------
