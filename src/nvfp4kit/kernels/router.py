@@ -27,9 +27,9 @@ from nvfp4kit.kernels.split_k import arrival_counters
 from nvfp4kit.model.ops import Weight
 
 # Up to this many tokens the fused kernel replaces the GEMV + route pair; above, the two-step path (cuBLAS does
-# the projection) is kept. H200, 26B-A4B decode with the fused router up to 64 tokens: batch 1 3.47 ms/step (was
-# 3.54 with the norm fusions landing too), batch 16 9.14 ms (was 8.65): only batch 1 is taken until it is timed alone
-FUSED_ROUTE_MAX_TOKENS = 1
+# the projection) is kept. H200, 26B-A4B router alone (scripts/gpu_router_bench.py, CUDA graphs): one expert a
+# program 7.9 / 7.8 / 15.7 us at 1 / 4 / 16 tokens, cuBLAS GEMV + route 8.5 / 8.9 / 8.8 us
+FUSED_ROUTE_MAX_TOKENS = 4
 _TOKENS_PER_TILE = 16
 _PRODUCT_ELEMENTS = 4096  # the [tokens, experts, k] product one K step of a program holds
 
@@ -206,7 +206,7 @@ def fused_route(
     if t == 0:
         return weights, ids
     block_t = min(triton.next_power_of_2(t), _TOKENS_PER_TILE)
-    per_program = experts_per_program or max(1, e // 64)  # 128 experts: 64 programs a token tile
+    per_program = experts_per_program or 1  # one expert a program: 2 and 4 were 5-80% slower on the H200
     per_program = triton.next_power_of_2(per_program)
     block_k = max(16, min(512, _PRODUCT_ELEMENTS // (block_t * per_program), triton.next_power_of_2(hidden)))
     tiles = triton.cdiv(t, block_t)
