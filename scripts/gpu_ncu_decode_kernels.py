@@ -19,7 +19,7 @@ run_moe = moe.call(None)
 linears = {op: random_nvfp4(*DENSE_SHAPES[op]) for op in ("dense_qkv_sliding", "dense_o_sliding")}
 for _ in range(4):
     run_moe(0)
-for op, w in linears.items():
+for w in linears.values():
     x = torch.randn(1, w.shape[1], device="cuda", dtype=torch.bfloat16)
     for _ in range(4):
         w4a16_linear(x, w)
