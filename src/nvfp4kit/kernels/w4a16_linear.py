@@ -31,7 +31,7 @@ from nvfp4kit.kernels.split_k import arrival_counters
 DEQUANT_MIN_M = 512
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the token count varies by step: no variant per class of it
 def _w4a16_dot_kernel(
     x_ptr,
     w_ptr,
@@ -108,7 +108,7 @@ def _w4a16_dot_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _w4a16_gemv_kernel(
     x_ptr,
     w_ptr,
