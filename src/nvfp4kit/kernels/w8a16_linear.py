@@ -68,7 +68,7 @@ def _w8a16_kernel(
              mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _w8a16_gemv_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NATIVE_FP8: tl.constexpr, PDL: tl.constexpr,
