@@ -11,7 +11,7 @@
 # Usage from the repository root (wheels for what the device lacks in .whl/, installed when present):
 #   bash scripts/gpu_serve_bench.sh OUT_DIR          # the GPU run
 #   bash scripts/gpu_serve_bench.sh OUT_DIR --smoke  # the same steps on the CPU demo model, tiny counts
-# Environment: C1_PROMPTS / C100_PROMPTS (default 32 / 600), SERVE_EXTRA (more serve options, e.g. --warmup).
+# Environment: C1_PROMPTS / C100_PROMPTS (default 32 / 600), SERVE_EXTRA (more serve options, e.g. --no-warmup).
 set -u -o pipefail
 out=${1:?out dir}
 mode=${2:-gpu}

@@ -144,7 +144,7 @@ def test_triton_attention_warm_up_touches_only_its_scratch(model, monkeypatch):
 
 
 def test_config_switch_runs_it_on_the_cpu(model):
-    assert not warmup_wanted(None, torch.device("cuda")) and not warmup_wanted(None, torch.device("cpu"))
+    assert warmup_wanted(None, torch.device("cuda")) and not warmup_wanted(None, torch.device("cpu"))
     assert warmup_wanted(True, torch.device("cpu")) and not warmup_wanted(False, torch.device("cuda"))
     config = EngineConfig(
         block_size=4, num_kv_tokens=64, max_num_seqs=2, max_num_batched_tokens=8, warmup=True
@@ -157,7 +157,8 @@ def test_config_switch_runs_it_on_the_cpu(model):
 def test_warmup_flag_reaches_the_engine_config():
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
-    assert llm_arguments(parser.parse_args([]))["engine_config"].warmup is False
+    assert llm_arguments(parser.parse_args([]))["engine_config"].warmup is None  # on CUDA only
+    assert llm_arguments(parser.parse_args(["--no-warmup"]))["engine_config"].warmup is False
     assert llm_arguments(parser.parse_args(["--warmup"]))["engine_config"].warmup is True
     assert "warm-up" in parser.format_help()
 

@@ -59,7 +59,7 @@ def test_no_kernel_compiles_after_the_warm_up(model, cuda_graphs):
         kv_dtype="fp8_e4m3", max_num_seqs=12, max_num_batched_tokens=96, max_model_len=2048,
         num_kv_tokens=24 * 1024, cuda_graphs=cuda_graphs, warmup=True,
     )  # fmt: skip
-    engine = Engine(model, None, config=config)  # the warm-up is opt-in (--warmup)
+    engine = Engine(model, None, config=config)  # warmup=True: also the eager (no graphs) case
     report = engine.warmup
     assert report is not None and report.steps > 10  # 19-27 for these limits (engine/warmup_plan.py)
     if report.compiles is None:

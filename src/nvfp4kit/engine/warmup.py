@@ -173,9 +173,9 @@ class WarmupReport:
 
 
 def warmup_wanted(warmup: bool | None, device: torch.device) -> bool:
-    """`EngineConfig.warmup`: None means off for now (opt-in until its start-up cost is measured on a GPU; it
-    would be on CUDA only, since on the CPU nothing is compiled but the steps cost)."""
-    return bool(warmup)
+    """`EngineConfig.warmup`: None means on CUDA only (on the CPU nothing is compiled, but the steps cost). On the
+    H200 the 26B-A4B plan (27 steps) took 20.5 s on a cold Triton cache and 2.9 s from the cache."""
+    return device.type == "cuda" if warmup is None else bool(warmup)
 
 
 @torch.inference_mode()
