@@ -28,19 +28,3 @@ for m in (1, 2, 4, 8, 16, 64):
     print(
         f"{m:3} {bf16_us:9.1f} {2 * n * k / bf16_us / 1e3:6.0f} {fp8_us:9.1f} {n * k / fp8_us / 1e3:6.0f} {err:18.1e}"
     )
-
-# batch-1 GEMV tiles (rows of the vocabulary, K columns a step): the shipped one first
-from nvfp4kit.kernels import w8a16_linear as w8  # noqa: E402
-
-x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-ref = x.float() @ fp8.dequantize().T
-shipped = (w8.GEMV_BLOCK_N, w8.GEMV_BLOCK_K)
-print(f"M=1 GEMV tiles (shipped {shipped}): us, GB/s, % of copy")
-for bn, bk in (shipped, (16, 512), (64, 128), (32, 512), (8, 1024), (64, 256)):
-    w8.GEMV_BLOCK_N, w8.GEMV_BLOCK_K = bn, bk
-    err = float((w8a16_linear(x, fp8).float() - ref).norm() / ref.norm())
-    us = time_graph(lambda i: w8a16_linear(x, fp8), sets=1, calls=10, repeats=7)
-    print(
-        f"  {bn:3} x {bk:5}: {us:7.1f} us {n * k / us / 1e3:6.0f} GB/s {100 * n * k / us / 1e3 / copy:5.1f}%  err {err:.1e}"
-    )
-w8.GEMV_BLOCK_N, w8.GEMV_BLOCK_K = shipped

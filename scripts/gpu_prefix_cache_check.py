@@ -54,11 +54,15 @@ def chat(
 off, _ = chat(False, None)
 replies = [[t for t, _ in turn] for turn in off]
 on, cached = chat(True, replies)
+off64, _ = chat(False, replies, chunk=64)
 print(
     f"{torch.cuda.get_device_name()} {args.dtype}: turn, cached tokens, first differing token, max |dlogprob| before"
 )
-for i, (a, b) in enumerate(zip(on, off)):
-    first = next((j for j, (x, y) in enumerate(zip(a, b)) if x[0] != y[0]), None)
-    upto = len(a) if first is None else first
-    diff = max((abs(x[1] - y[1]) for x, y in zip(a[:upto], b[:upto])), default=0.0)
-    print(f"turn {i}: cached {cached[i]:4}  first difference {first}  max dlogprob {diff:.2e}")
+for label, other in (("cache on vs off", on), ("no cache, chunks of 64 vs 128", off64)):
+    print(label)
+    for i, (a, b) in enumerate(zip(other, off)):
+        first = next((j for j, (x, y) in enumerate(zip(a, b)) if x[0] != y[0]), None)
+        upto = len(a) if first is None else first
+        diff = max((abs(x[1] - y[1]) for x, y in zip(a[:upto], b[:upto])), default=0.0)
+        hit = cached[i] if other is on else 0
+        print(f"  turn {i}: cached {hit:4}  first difference {first}  max dlogprob {diff:.2e}")

@@ -19,10 +19,11 @@ from nvfp4kit.kernels.configs import interpreting
 from nvfp4kit.kernels.kv_write import decode_e4m3
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
-GEMV_MAX_M = (
-    1  # batch-1 decode takes the CUDA-core GEMV (H100: 340 us vs 490-835 us at M=2-4; tiles win from M=2)
-)
-GEMV_BLOCK_N, GEMV_BLOCK_K = 32, 256  # rows of the vocabulary and K columns a GEMV program takes a step
+# Without hardware FP8 conversion batch-1 decode takes the CUDA-core GEMV (H100, integer decode: 340 us vs 490-835
+# us for tiles at M=2-4). With it the tiles win at M=1 too (H200: 189 us at M=2-16, 3.9 TB/s, vs 238-297 us for
+# the best GEMV tiles; BF16 cuBLAS 346 us), so the GEMV is only the SM80 path.
+GEMV_MAX_M = 1
+GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 128  # rows of the vocabulary and K columns a GEMV program takes a step
 
 
 @triton.jit
@@ -110,7 +111,7 @@ def w8a16_linear(x: torch.Tensor, weight: FP8RowTensor) -> torch.Tensor:
         return out.reshape(*x.shape[:-1], n)
     native = native_fp8_supported(x.device)
     data = weight.data.view(torch.uint8)
-    if m <= GEMV_MAX_M:
+    if m <= GEMV_MAX_M and not native:
         bm = triton.next_power_of_2(m)
         bn, bk = (GEMV_BLOCK_N, GEMV_BLOCK_K // bm) if not interpreting() else (16, 32)
         _w8a16_gemv_kernel[(triton.cdiv(n, bn),)](
