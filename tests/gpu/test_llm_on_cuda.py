@@ -58,7 +58,9 @@ def test_prefix_caching_changes_no_token(fp32_dense_checkpoint):
     results = {}
     for cache in (True, False):
         config = EngineConfig(prefix_caching=cache, max_num_batched_tokens=128)
-        with LLM(fp32_dense_checkpoint, device="cuda", engine_config=config, gpu_memory_utilization=0.3) as llm:
+        with LLM(
+            fp32_dense_checkpoint, device="cuda", engine_config=config, gpu_memory_utilization=0.3
+        ) as llm:
             assert llm.engine.graphs is not None
             results[cache] = conversation(llm)
     assert results[True][0] == results[False][0]

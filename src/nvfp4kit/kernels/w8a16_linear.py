@@ -1,9 +1,10 @@
 """W8A16 linear for the optional FP8 lm_head: y = x @ (W_fp8 * row_scale)^T, BF16/FP16 x, fp32 accumulation.
 
 Tensor-core tiles over the vocabulary for M > 1 (N = 262,144 gives thousands of programs, so no split-K), and a
-CUDA-core GEMV for batch-1 decode (M = 1), where a 16-row MMA tile would waste most of its work. On SM89+ the E4M3
-bytes are converted by the hardware (two per instruction); elsewhere they become fp16 through their bit pattern
-(value / 256, exact, integer ops only: runs on SM80), and the 256 is applied with the row scale, once per output.
+CUDA-core GEMV for batch-1 decode on cards without FP8 conversions (SM80), where a 16-row MMA tile would waste most
+of its work. On SM89+ the E4M3 bytes are converted by the hardware (two per instruction) and the tiles take M = 1
+too; on SM80 they become fp16 through their bit pattern (value / 256, exact, integer ops only), and the 256 is
+applied with the row scale, once per output.
 Reference: `FP8RowTensor.dequantize` + matmul.
 """
 
@@ -23,7 +24,6 @@ from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 # us for tiles at M=2-4). With it the tiles win at M=1 too (H200: 189 us at M=2-16, 3.9 TB/s, vs 238-297 us for
 # the best GEMV tiles; BF16 cuBLAS 346 us), so the GEMV is only the SM80 path.
 GEMV_MAX_M = 1
-GEMV_BLOCK_N, GEMV_BLOCK_K = 64, 128  # rows of the vocabulary and K columns a GEMV program takes a step
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def _w8a16_kernel(
 @triton.jit(do_not_specialize=["M"])
 def _w8a16_gemv_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NATIVE_FP8: tl.constexpr, PDL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
@@ -87,9 +87,9 @@ def _w8a16_gemv_kernel(
                     other=0.0).to(tl.float32)  # fmt: skip
         raw = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :],
                       mask=n_ok[:, None] & k_ok[None, :], other=0)  # fmt: skip
-        w = _expand_e4m3(raw, NATIVE_FP8).to(tl.float32)
+        w = decode_e4m3(raw.to(tl.uint16)).to(tl.float32)
         acc += w[None, :, :] * x[:, None, :]
-    scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0) * (1.0 if NATIVE_FP8 else 256.0)
+    scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0) * 256.0
     y = tl.sum(acc, axis=2) * scale[None, :]
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])  # fmt: skip
@@ -113,10 +113,10 @@ def w8a16_linear(x: torch.Tensor, weight: FP8RowTensor) -> torch.Tensor:
     data = weight.data.view(torch.uint8)
     if m <= GEMV_MAX_M and not native:
         bm = triton.next_power_of_2(m)
-        bn, bk = (GEMV_BLOCK_N, GEMV_BLOCK_K // bm) if not interpreting() else (16, 32)
+        bn, bk = (32, 256 // bm) if not interpreting() else (16, 32)
         _w8a16_gemv_kernel[(triton.cdiv(n, bn),)](
             flat, data, weight.scale, out, m, n, k, flat.stride(0), data.stride(0), out.stride(0),
-            BM=bm, BN=bn, BK=bk, NATIVE_FP8=native, num_warps=4, num_stages=3, **pdl_args(x.device),
+            BM=bm, BN=bn, BK=bk, num_warps=4, num_stages=3, **pdl_args(x.device),
         )  # fmt: skip
         return out.reshape(*x.shape[:-1], n)
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)

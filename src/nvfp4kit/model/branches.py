@@ -9,8 +9,8 @@ branches of the CUDA graph, so replays overlap too.
 The side stream forks from the current one (waits for everything before) and the current one waits for it
 before the tail: the memory of every tensor crossing the fork stays valid because its last use is ordered
 before the next fork. Kernels that keep per-device state must keep a second copy for the side stream
-(`kernels/split_k.py` asks `on_side_stream`). Prefill-sized steps stay on one stream: their linears share one scratch buffer
-per device (`kernels/dequant.py`) and are compute-bound, where overlap gains little.
+(`kernels/split_k.py` asks `on_side_stream`). Prefill-sized steps stay on one stream: their linears share one
+scratch buffer per device (`kernels/dequant.py`) and are compute-bound, where overlap gains little.
 
 `NVFP4KIT_BRANCH_STREAMS=0` (or `set_branch_streams(False)`) keeps everything on one stream.
 """
