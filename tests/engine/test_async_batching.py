@@ -76,3 +76,28 @@ def test_a_request_that_cannot_fit_fails_alone(parts):
         return ok
 
     assert len(asyncio.run(main())) == 3
+
+
+def test_metrics_count_the_engine_steps_by_kind(parts):
+    from nvfp4kit.serve.metrics import ServerMetrics
+
+    model, tok = parts
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = AsyncBatchingEngine(Engine(model, tok, config=EngineConfig(max_num_batched_tokens=16)))
+        await asyncio.gather(*(collect(engine, list(range(5, 5 + n)), params) for n in (20, 7)))
+        stats = engine.stats()
+        await engine.close()
+        return stats
+
+    stats = asyncio.run(main())
+    steps = {kind: (n, seconds) for kind, n, seconds in stats.steps}
+    # 27 prompt tokens in chunks of at most 16 take at least 2 prefill steps; 6 tokens each, the first sampled
+    # at the end of the prompt: 5 decode steps at least (on the CPU no graphs: eager)
+    assert steps["prefill"][0] >= 2 and steps["decode_eager"][0] >= 5 and steps["decode_graph"][0] == 0
+    assert all(seconds > 0 for n, seconds in steps.values() if n)
+    text = ServerMetrics(lambda: stats).render()
+    assert f'\nnvfp4kit_engine_steps_total{{kind="prefill"}} {steps["prefill"][0]}\n' in text
+    assert '\nnvfp4kit_engine_step_seconds_total{kind="decode_eager"} ' in text
+    assert "\nnvfp4kit_preemptions_total 0\n" in text

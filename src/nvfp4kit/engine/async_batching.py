@@ -40,6 +40,8 @@ class EngineStats:
     kv_global_usage: float = 0.0
     kv_sliding_usage: float = 0.0
     prefill_tokens: int = 0  # prompt tokens run through the model so far (prompt minus prefix-cache hits)
+    preemptions: int = 0  # requests pushed back to the queue because the KV pools ran short
+    steps: tuple[tuple[str, int, float], ...] = ()  # (kind, steps, wall seconds): engine/step_stats.py
 
 
 @dataclass
@@ -160,8 +162,9 @@ class AsyncBatchingEngine:
     def _refresh_stats(self) -> None:
         s = self.engine.stats()
         self._stats = EngineStats(
-            int(s["running"]), int(s["waiting"]), s["kv_global_usage"], s["kv_sliding_usage"]
-        )
+            int(s["running"]), int(s["waiting"]), s["kv_global_usage"], s["kv_sliding_usage"],
+            preemptions=int(s["preemptions"]), steps=self.engine.step_stats.snapshot(),
+        )  # fmt: skip
 
     def _apply(self, command: tuple) -> None:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,6 +31,7 @@ from nvfp4kit.engine.logits_processors import LogitsRow
 from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
+from nvfp4kit.engine.step_stats import StepStats
 from nvfp4kit.engine.warmup import WarmupReport, warm_up, warmup_wanted
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.sampling import SamplingParams
@@ -120,6 +122,8 @@ class Engine:
         self._in_flight: _Launched | None = None  # a decode step launched whose tokens the host has not read
         self.step_timer: StepTimer | None = None  # set by `bench engine`: device time of each decode step
         self.overlapped_steps = 0  # decode steps launched before the host read the tokens they take
+        self.step_stats = StepStats()  # steps and their wall time by kind (`/metrics`)
+        self._step_kind: str | None = None  # what the step under way launched
         self.graphs: DecodeGraphs | None = None
         if self.config.cuda_graphs and self.device.type == "cuda":
             sizes = self.config.graph_batch_sizes or default_batch_sizes(self.config.max_num_seqs)
@@ -203,8 +207,16 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
+        """Schedule and run one step; the tokens it finished (with the overlap scheduler: the step before's)."""
+        began, self._step_kind = time.perf_counter(), None
+        events = self._step()
+        if self._step_kind is not None:
+            self.step_stats.add(self._step_kind, time.perf_counter() - began)
+        return events
+
+    @torch.inference_mode()
+    def _step(self) -> list[TokenEvent]:
         if self._in_flight is not None:
             if any(r.status is Status.RUNNING for r in self._in_flight.requests):
                 return self._overlap_step()
@@ -234,6 +246,7 @@ class Engine:
                 self._in_flight = launched
                 return self._overlap_step()
             return self._emit(launched)
+        self._step_kind = "prefill"
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=self.config.attention_backend)
         override = images.override if images is not None else None
@@ -252,7 +265,9 @@ class Engine:
         `input_ids`: host ids, or the device tokens of the step before (overlap)."""
         if self.step_timer is not None:
             self.step_timer.start()
-        if self.graphs is not None and len(seqs) <= self.graphs.max_batch:
+        graph = self.graphs is not None and len(seqs) <= self.graphs.max_batch
+        self._step_kind = "decode_graph" if graph else "decode_eager"
+        if graph:
             logits = self.graphs.run(input_ids, seqs)
         else:
             if not isinstance(input_ids, torch.Tensor):

@@ -1,7 +1,8 @@
 """Server metrics in Prometheus' text format (`GET /metrics`), without a client library.
 
 Counters: requests by endpoint and outcome, prompt and generated tokens, Triton kernel compilations (all, and
-those after the start-up warm-up: each one stalled a serving step). Histograms: time to first token and
+those after the start-up warm-up: each one stalled a serving step), preemptions, and engine steps with their wall
+seconds by kind (where a load test's time went). Histograms: time to first token and
 inter-token latency. Gauges: requests running and waiting, read from the engine when scraped.
 """
 
@@ -112,6 +113,18 @@ class ServerMetrics:
         lines += _single("kernel_compiles_total", "counter", text, compiles)
         text = "Of those, the ones after the start-up warm-up: each stalled a serving step."
         lines += _single("kernel_compiles_after_warmup_total", "counter", text, after_warmup)
+        lines += _single(
+            "preemptions_total", "counter", "Requests pushed back to the queue: the KV pools ran short.",
+            stats.preemptions,
+        )  # fmt: skip
+        lines += _labelled(
+            "engine_steps_total", "counter", "Engine steps by kind (decode from a CUDA graph, eager decode, "
+            "steps with prefill chunks).", {kind: n for kind, n, _ in stats.steps},
+        )  # fmt: skip
+        lines += _labelled(
+            "engine_step_seconds_total", "counter", "Wall seconds the engine thread spent in steps, by kind.",
+            {kind: seconds for kind, _, seconds in stats.steps},
+        )  # fmt: skip
         lines += _single("num_requests_running", "gauge", "Requests generating now.", stats.running)
         lines += _single("num_requests_waiting", "gauge", "Requests queued for the engine.", stats.waiting)
         for pool in ("global", "sliding"):
@@ -121,6 +134,13 @@ class ServerMetrics:
                     f"kv_{pool}_usage", "gauge", f"Fraction of the {pool}-layer KV pool in use.", usage
                 )
         return "\n".join(lines) + "\n"
+
+
+def _labelled(name: str, kind: str, help_text: str, values: dict[str, float]) -> list[str]:
+    full = f"{PREFIX}_{name}"
+    return [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"] + [
+        f'{full}{{kind="{label}"}} {value}' for label, value in values.items()
+    ]
 
 
 def _single(name: str, kind: str, help_text: str, value: float) -> list[str]:
