@@ -79,7 +79,7 @@ stop_server() {
 }
 trap stop_server EXIT
 
-compiles() {  # the Triton compile counters of /metrics as JSON ({} when the server has none)
+compiles() {  # the Triton compile, preemption and engine-step counters of /metrics as JSON ({} when none)
   python3 - "$url/metrics" <<'PY'
 import json, sys, urllib.request
 try:
@@ -87,9 +87,9 @@ try:
 except OSError:
     text = ""
 found = {}
-for line in text.splitlines():
-    name, _, value = line.partition(" ")
-    if name.startswith("nvfp4kit_kernel_compiles"):
+for line in text.splitlines():  # compile counters, preemptions, engine steps and their seconds by kind
+    name, _, value = line.rpartition(" ")
+    if name.startswith(("nvfp4kit_kernel_compiles", "nvfp4kit_preemptions", "nvfp4kit_engine_step")):
         found[name.removeprefix("nvfp4kit_")] = float(value)
 print(json.dumps(found))
 PY
