@@ -18,13 +18,18 @@ from nvfp4kit.cli.engine_options import add_engine_arguments, llm_arguments
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.engine.kernel_compiles import CompileWatch
 from nvfp4kit.engine.warmup import engine_plan, warm_up, warmup_wanted
-from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, plan_steps, representatives, spec_class
+from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, plan_steps, representatives
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams
 
 from .helpers import generate_tokens, random_prompts
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+
+def spec_class(x: int) -> str:
+    """Triton's view of a specialised integer argument: 1, divisible by 16, or other."""
+    return "one" if x == 1 else "16" if x % 16 == 0 else "other"
 
 
 def test_spec_class_separates_what_triton_specialises_on():
@@ -229,12 +234,24 @@ def _record_variants(monkeypatch) -> set[tuple]:
     return keys
 
 
+def specialises(kernel, arg: str) -> bool:
+    """Whether the Triton kernel `kernel` (compiled or interpreted) specialises its argument `arg` (False when
+    it has none of that name)."""
+    params = list(inspect.signature(kernel.fn).parameters)
+    if arg not in params:
+        return False
+    skipped = getattr(kernel, "do_not_specialize", None)
+    if skipped is None:  # the interpreter keeps the decorator's arguments as given
+        skipped = getattr(kernel, "kwargs", {}).get("do_not_specialize")
+    skipped = skipped or ()
+    return arg not in skipped and params.index(arg) not in skipped
+
+
 def test_the_emulation_follows_do_not_specialize(monkeypatch):
     """The per-step counts of the attention kernels are unspecialised (no variant per step shape); the kernel
     still tells 1 from 16 from other for an argument that is not listed."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from nvfp4kit.engine.warmup import specialises
     from nvfp4kit.kernels import paged_attention
 
     kernel = paged_attention._paged_attention_kernel

@@ -9,8 +9,8 @@ what is left to vary is few: CUDA-graph capture covers the decode-only batches; 
 
 The plan (`engine/warmup_plan.py`) comes from the engine's limits and this model, card and attention backend:
 one token count per launch-configuration bucket (`select_linear_config` / `select_moe_config` of the model's
-NVFP4 shapes, the dequantize-then-cuBLAS and grouped-MoE thresholds, the tiles wrappers size by a count, and
-the token count's integer class while a linear kernel specialises on it), every sampled-row class, and every
+NVFP4 shapes, the dequantize-then-cuBLAS and grouped-MoE thresholds, the tiles wrappers size by a count), every
+sampled-row class, and every
 split variant of the decode attention (no split, or the merge kernel's chunk of 2, 4 or 8 splits) per layer
 kind. `warm_up` runs its steps through the engine's real forward
 (`BatchContext`, `hidden_states`, `logits`) on dummy tokens, so a kernel the plan does not name is still met.
@@ -23,7 +23,6 @@ Compilations after it are counted and logged by `engine/kernel_compiles.py`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Hashable
@@ -35,7 +34,7 @@ import torch
 from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.kernel_compiles import COMPILES
-from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, plan_steps, spec_class
+from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, plan_steps
 
 if TYPE_CHECKING:
     from nvfp4kit.config import Gemma4TextConfig
@@ -75,7 +74,6 @@ def model_plan(
     from nvfp4kit.kernels import configs
 
     thresholds = _path_thresholds()
-    token_class = _token_count_specialised()
 
     def bucket_of(t: int) -> Hashable:
         lin = tuple(configs.select_linear_config(t, n, k, device=device) for n, k in linears)
@@ -86,7 +84,7 @@ def model_plan(
         # moe_align's CHUNK (token-expert pairs, 64 to 1024)
         tiles = (min(_pow2(t), 64), min(max(_pow2(t * cfg.top_k_experts), 64), 1024) if experts else 0)
         paths = tuple(t >= m for m in thresholds)
-        return lin, moe, tiles, paths, spec_class(t) if token_class else None
+        return lin, moe, tiles, paths  # the token count itself reaches every kernel unspecialised
 
     if not triton_attention:  # the torch attention compiles nothing
         return plan_steps(limits, bucket_of=bucket_of)
@@ -103,33 +101,6 @@ def model_plan(
         )
 
     return plan_steps(limits, bucket_of=bucket_of, splits_of=splits_of)
-
-
-def _token_count_specialised() -> bool:
-    """Whether a linear kernel still takes the step's token count M as a specialised integer (1 / divisible by
-    16 / other are then variants too); False once every one lists M in `do_not_specialize`."""
-    try:
-        from nvfp4kit.kernels import w4a16_linear, w8a16_linear
-    except ModuleNotFoundError:  # no Triton: nothing is compiled
-        return False
-    kernels = [
-        value for module in (w4a16_linear, w8a16_linear) for name, value in vars(module).items()
-        if name.endswith("_kernel") and hasattr(value, "fn")
-    ]  # fmt: skip
-    return any(specialises(kernel, "M") for kernel in kernels)
-
-
-def specialises(kernel: Any, arg: str) -> bool:
-    """Whether the Triton kernel `kernel` (compiled or interpreted) specialises its argument `arg` (False when
-    it has none of that name)."""
-    params = list(inspect.signature(kernel.fn).parameters)
-    if arg not in params:
-        return False
-    skipped = getattr(kernel, "do_not_specialize", None)
-    if skipped is None:  # the interpreter keeps the decorator's arguments as given
-        skipped = getattr(kernel, "kwargs", {}).get("do_not_specialize")
-    skipped = skipped or ()
-    return arg not in skipped and params.index(arg) not in skipped
 
 
 def _quantized_shapes(model: torch.nn.Module) -> tuple[list[tuple[int, int]], list[tuple[int, int, int]]]:

@@ -3,9 +3,8 @@ variant a serving step can reach.
 
 Pure arithmetic over the engine's limits and two functions of the model, card and attention backend:
 `bucket_of(T)`, what a T-token step's kernels are compiled for (the linears' and the MoE's launch
-configurations, the power-of-two tile sizes some wrappers derive from counts, and the token count's integer
-class where a kernel still specialises on it), and `splits_of(d, keys)`, the decode attention's split variant
-per layer kind (split or not, and the merge kernel's chunk). Everything else that changes from step to step
+configurations, and the power-of-two tile sizes some wrappers derive from counts), and `splits_of(d, keys)`,
+the decode attention's split variant per layer kind (split or not, and the merge kernel's chunk). Everything else that changes from step to step
 (sequence and decode-row counts, block-table widths, prefill tile counts, split counts, the alignment of the
 metadata rows) reaches the kernels as unspecialised arguments (`do_not_specialize`), so it makes no variant.
 `tests/engine/test_warmup.py` checks, with Triton's specialisation emulated on the CPU, that random traffic meets
@@ -38,11 +37,6 @@ class StepLimits:
     max_len: int  # the longest context (positions)
     block_size: int
     eager_decode: bool  # decode-only steps run eagerly (no CUDA graphs), so they need warming too
-
-
-def spec_class(x: int) -> Hashable:
-    """Triton's view of a specialised integer argument: 1, divisible by 16, or other."""
-    return "one" if x == 1 else "16" if x % 16 == 0 else "other"
 
 
 def representatives(values: Iterable[int], key: Callable[[int], Hashable]) -> list[int]:
