@@ -73,6 +73,8 @@ def _same_with_and_without_overlap(parts, jobs, *, actions=None, **config) -> tu
     assert _run(engine, jobs, actions=actions) == expected
     assert sync.overlapped_steps == 0 and engine.overlapped_steps > 0
     assert _all_free(engine) and _all_free(sync)
+    # `/metrics` counts every decode launched, also a launch ahead that a finished request left unread
+    assert engine.step_stats.steps["decode_eager"] >= sync.step_stats.steps["decode_eager"] > 0
     return expected, engine
 
 

@@ -142,8 +142,8 @@ class AsyncBatchingEngine:
                     stream.push(exc)
                 self._streams.clear()
                 continue
+            self._refresh_stats()  # before the events: a client that saw its last token reads this step counted
             self._hand_out(events)
-            self._refresh_stats()
 
     def _hand_out(self, events: list[TokenEvent]) -> None:
         """A step's events to their streams, one call per event loop (not one per token)."""

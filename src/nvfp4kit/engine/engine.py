@@ -123,7 +123,7 @@ class Engine:
         self.step_timer: StepTimer | None = None  # set by `bench engine`: device time of each decode step
         self.overlapped_steps = 0  # decode steps launched before the host read the tokens they take
         self.step_stats = StepStats()  # steps and their wall time by kind (`/metrics`)
-        self._step_kind: str | None = None  # what the step under way launched
+        self._step_kinds: list[str] = []  # what the step under way launched (overlap: up to two decodes)
         self.graphs: DecodeGraphs | None = None
         if self.config.cuda_graphs and self.device.type == "cuda":
             sizes = self.config.graph_batch_sizes or default_batch_sizes(self.config.max_num_seqs)
@@ -209,10 +209,11 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         """Schedule and run one step; the tokens it finished (with the overlap scheduler: the step before's)."""
-        began, self._step_kind = time.perf_counter(), None
+        began, self._step_kinds = time.perf_counter(), []
         events = self._step()
-        if self._step_kind is not None:
-            self.step_stats.add(self._step_kind, time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        for kind in self._step_kinds:  # a host-scheduled decode and the one the overlap launches after it share
+            self.step_stats.add(kind, seconds / len(self._step_kinds))
         return events
 
     @torch.inference_mode()
@@ -246,7 +247,7 @@ class Engine:
                 self._in_flight = launched
                 return self._overlap_step()
             return self._emit(launched)
-        self._step_kind = "prefill"
+        self._step_kinds.append("prefill")
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=self.config.attention_backend)
         override = images.override if images is not None else None
@@ -266,7 +267,7 @@ class Engine:
         if self.step_timer is not None:
             self.step_timer.start()
         graph = self.graphs is not None and len(seqs) <= self.graphs.max_batch
-        self._step_kind = "decode_graph" if graph else "decode_eager"
+        self._step_kinds.append("decode_graph" if graph else "decode_eager")
         if graph:
             logits = self.graphs.run(input_ids, seqs)
         else:
