@@ -212,7 +212,9 @@ class Engine:
         began, self._step_kinds = time.perf_counter(), []
         events = self._step()
         seconds = time.perf_counter() - began
-        for kind in self._step_kinds:  # a host-scheduled decode and the one the overlap launches after it share
+        for (
+            kind
+        ) in self._step_kinds:  # a host-scheduled decode and the one the overlap launches after it share
             self.step_stats.add(kind, seconds / len(self._step_kinds))
         return events
 
