@@ -77,9 +77,9 @@ def test_too_small_a_budget_raises_with_the_numbers_before_loading():
     for part in ("weights 14.22 GiB", "runtime reserve", "minimum KV", "262,144-token request",
                  "--gpu-memory-budget 15.50 GiB", "--max-model-len", "--max-num-seqs"):  # fmt: skip
         assert part in message
-    # what the message suggests works: one sequence at 8K fits the same budget
-    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=8192)
-    assert size(MemoryOptions.parse(gpu_memory_budget="15.5GiB"), config=small).pool.max_context == 8192
+    # what the message suggests works: one sequence at 4K fits the same budget
+    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=4096)
+    assert size(MemoryOptions.parse(gpu_memory_budget="15.5GiB"), config=small).pool.max_context == 4096
 
 
 def test_utilization_is_a_fraction_of_the_total_and_the_budget_replaces_it():
@@ -238,9 +238,9 @@ def test_the_vision_tower_is_planned_unless_language_model_only(tiny_checkpoint,
 def test_a_plan_that_does_not_fit_names_the_vision_tower_and_the_way_out():
     raw = json.loads((PRESET_DIR / "gemma-4-26b-a4b.json").read_text())["config"]
     tower = vision_memory(raw)
-    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=8192)
+    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=4096)
     budget = MemoryOptions.parse(gpu_memory_budget="15.5GiB")
-    assert size(budget, config=small).pool.max_context == 8192  # text only it fits (as above) ...
+    assert size(budget, config=small).pool.max_context == 4096  # text only it fits (as above) ...
     with pytest.raises(InsufficientMemoryError) as err:  # ... the 1.21 GiB tower and encoder do not
         size(budget, config=small, vision=tower)
     assert "vision tower 1.21 GiB" in str(err.value) and "--language-model-only" in str(err.value)

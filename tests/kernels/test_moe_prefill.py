@@ -75,3 +75,15 @@ def test_empty_batch(experts):
     ids = torch.empty(0, 2, dtype=torch.int64, device=DEVICE)
     out = fused_moe(torch.empty(0, H, device=DEVICE), ids, ids.float(), *experts, prefill_min_tokens=1)
     assert out.shape == (0, H)
+
+
+def test_scratch_is_one_expert_block_as_the_memory_plan_reserves(experts):
+    """The planner reserves E x I x H activation-dtype values for this path (plan/pools.expansion_scratch_bytes):
+    gate, up and down reuse one block, so the scratch never holds all three."""
+    from nvfp4kit.kernels.dequant import release_scratch, scratch_bytes
+
+    ids, weights = _routing(9, 2, seed=9)
+    x = torch.randn(9, H, generator=torch.Generator().manual_seed(9)).to(DEVICE, torch.bfloat16)
+    release_scratch()
+    _run(x, ids, weights, *experts, 2 * BF16_BOUND)
+    assert scratch_bytes() == E * INTER * H * 2

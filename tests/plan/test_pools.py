@@ -17,7 +17,7 @@ def test_budget_is_free_minus_weights_minus_reserve():
     p = plan()
     assert p.kv_budget_bytes == p.free_bytes - WEIGHTS - p.reserve.total
     r = p.reserve
-    assert r.total == r.activations + r.logits + r.cuda_graphs + r.margin
+    assert r.total == r.activations + r.logits + r.cuda_graphs + r.margin + r.scratch
     assert 0.5 * GiB < r.total < 1.5 * GiB  # a 24 GB card: far less than SGLang's 9% (2.09 GiB)
 
 
@@ -85,3 +85,16 @@ def test_the_engines_kv_tensors_hold_what_the_plan_counts(preset, kv_dtype, once
     per_token, rings = pool_bytes(cfg, layout, kv_dtype)
     cache = KVCache(cfg, layout, kv_dtype=kv_dtype, device="meta")
     assert cache.nbytes() == per_token * 3 * 16 + rings
+
+
+def test_reserve_holds_the_weight_expansion_scratch_of_prefill_sized_chunks():
+    from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M, MOE_PREFILL_MIN_TOKENS
+    from nvfp4kit.plan.pools import expansion_scratch_bytes
+
+    assert expansion_scratch_bytes(CFG, DEQUANT_MIN_M - 1) == 0  # the Triton tiles read FP4 in place
+    # from DEQUANT_MIN_M tokens the widest linear is expanded: a global layer's q/k/v, 16 x 512 + 2 x 2 x 512 wide
+    assert expansion_scratch_bytes(CFG, DEQUANT_MIN_M) == 10_240 * 2_816 * 2
+    # from MOE_PREFILL_MIN_TOKENS all 128 experts' [I, H] blocks share the same buffer: 507 MiB
+    assert expansion_scratch_bytes(CFG, MOE_PREFILL_MIN_TOKENS) == 128 * 704 * 2_816 * 2
+    small, large = plan(prefill_chunk=2048).reserve, plan(prefill_chunk=4096).reserve
+    assert large.scratch - small.scratch == 128 * 704 * 2_816 * 2 - 10_240 * 2_816 * 2

@@ -1,7 +1,7 @@
 """How much memory the engine gives its KV cache, planned at start-up before any weight is loaded.
 
 The engine asks the planner (`nvfp4kit.plan`) what `nvfp4kit plan` shows: the weights (from the checkpoint's
-headers, at the dtype they load in), the runtime reserve (prefill activations, logits, CUDA graphs, a margin)
+headers, at the dtype they load in), the runtime reserve (prefill activations, logits, CUDA graphs, weight-expansion scratch, a margin)
 and the KV pools (a sliding ring per sequence, the rest global-layer tokens). What the engine may use comes
 from the card (total and free memory, measured at start) and three options, named as in vLLM:
 

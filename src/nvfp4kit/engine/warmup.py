@@ -35,6 +35,7 @@ from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.kernel_compiles import COMPILES
 from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, plan_steps
+from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M, MOE_PREFILL_MIN_TOKENS
 
 if TYPE_CHECKING:
     from nvfp4kit.config import Gemma4TextConfig
@@ -121,9 +122,7 @@ def _path_thresholds() -> tuple[int, ...]:
     grouped GEMMs, the router's two launches instead of the fused one, the FP8 lm_head's tiles instead of its
     GEMV (also the counts of sampled rows)."""
     try:
-        from nvfp4kit.kernels.moe_prefill import MOE_PREFILL_MIN_TOKENS
         from nvfp4kit.kernels.router import FUSED_ROUTE_MAX_TOKENS
-        from nvfp4kit.kernels.w4a16_linear import DEQUANT_MIN_M
         from nvfp4kit.kernels.w8a16_linear import GEMV_MAX_M
     except ModuleNotFoundError:  # no Triton: the torch backend has no such paths
         return ()

@@ -25,9 +25,10 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import MoEConfig, interpreting, select_moe_config
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
-from nvfp4kit.kernels.moe_prefill import MOE_PREFILL_MIN_TOKENS, grouped_mm_available, moe_prefill
+from nvfp4kit.kernels.moe_prefill import grouped_mm_available, moe_prefill
 from nvfp4kit.kernels.moe_split import fused_moe_split
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
+from nvfp4kit.kernels.thresholds import MOE_PREFILL_MIN_TOKENS
 
 
 @triton.jit

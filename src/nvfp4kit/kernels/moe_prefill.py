@@ -23,11 +23,6 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.dequant import dequantize_nvfp4, scratch
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
-# tokens from which `fused_moe` takes this path by default (where `grouped_mm_available`). H200, 26B-A4B MoE:
-# 1.93 ms vs 1.97 (the best Triton tiles) at 4096 tokens, 2.75 vs 3.51 at 8192, but 1.70 vs 1.11 at 2048: the
-# expansion of all 128 experts costs a fixed 0.72 ms
-MOE_PREFILL_MIN_TOKENS = 4096
-
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
     """True where `torch._grouped_mm` runs this dtype at speed: the CPU (tests), and BF16 on SM90+ CUDA."""

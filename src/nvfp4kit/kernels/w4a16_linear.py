@@ -25,10 +25,7 @@ from nvfp4kit.kernels.dequant import dequant_linear
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 from nvfp4kit.kernels.split_k import arrival_counters
-
-# tokens from which the default path expands the weight and calls cuBLAS (see the module doc): on the H200 at
-# M = 512 it beat the best Triton tile for all six 26B-A4B linears by 1.2-2.2x (docs/benchmarks.md)
-DEQUANT_MIN_M = 512
+from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M
 
 
 @triton.jit(do_not_specialize=["M"])  # the token count varies by step: no variant per class of it

@@ -4,7 +4,8 @@ Differences from the seed's SGLang pools (see sglang.py):
 - global (full-attention) layers with `attention_k_eq_v` store their shared K=V tensor once (half the bytes);
 - sliding layers get a per-request ring of `window + prefill_chunk` tokens instead of a shared pool split by a
   hand-tuned ratio, so a request never waits on, or is evicted from, sliding KV;
-- the runtime reserve (prefill activations, logits, CUDA graphs, a margin) is computed, not guessed with a
+- the runtime reserve (prefill activations, logits, CUDA graphs, the weight-expansion scratch of prefill-sized
+  GEMMs, a margin) is computed, not guessed with a
   memory fraction; whatever is left is the global-layer pool.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M, MOE_PREFILL_MIN_TOKENS
 from nvfp4kit.plan.kv import KVBytesPerToken, kv_bytes_per_token
 from nvfp4kit.plan.units import MiB
 from nvfp4kit.plan.vision import VisionMemory
@@ -38,10 +40,11 @@ class RuntimeReserve:
     logits: int
     cuda_graphs: int
     margin: int
+    scratch: int = 0  # BF16 expansion of NVFP4 weights for prefill-sized GEMMs (kernels/dequant.py)
 
     @property
     def total(self) -> int:
-        return self.activations + self.logits + self.cuda_graphs + self.margin
+        return self.activations + self.logits + self.cuda_graphs + self.margin + self.scratch
 
 
 def activation_bytes_per_token(cfg: Gemma4TextConfig) -> int:
@@ -59,6 +62,22 @@ def activation_bytes_per_token(cfg: Gemma4TextConfig) -> int:
     return widest * ACT_BYTES
 
 
+def expansion_scratch_bytes(cfg: Gemma4TextConfig, prefill_chunk: int) -> int:
+    """The one BF16 buffer that prefill-sized NVFP4 GEMMs expand weights into, shared by every layer and grown to
+    its largest user: the widest linear from `DEQUANT_MIN_M` tokens a chunk, every expert's [E, I, H] block from
+    `MOE_PREFILL_MIN_TOKENS` (507 MiB for 26B-A4B; on cards without grouped GEMMs that path does not run, so this
+    over-reserves there). An upper bound: counted as if every linear were NVFP4."""
+    h, widest = cfg.hidden_size, 0
+    if prefill_chunk >= DEQUANT_MIN_M:
+        for layer in range(cfg.num_hidden_layers):
+            hd, kvh = cfg.layer_head_dim(layer), cfg.layer_kv_heads(layer)
+            q = cfg.num_attention_heads * hd
+            widest = max(widest, (q + 2 * kvh * hd) * h, q * h, 2 * cfg.layer_intermediate_size(layer) * h)
+    if prefill_chunk >= MOE_PREFILL_MIN_TOKENS and cfg.enable_moe_block:
+        widest = max(widest, cfg.num_experts * cfg.moe_intermediate_size * h)
+    return widest * ACT_BYTES
+
+
 def runtime_reserve(
     cfg: Gemma4TextConfig, *, free_bytes: int, prefill_chunk: int, max_batch: int
 ) -> RuntimeReserve:
@@ -70,7 +89,8 @@ def runtime_reserve(
     # 174 MiB for batch sizes 1-8 of 26B-A4B, of which the lm_head's [B, vocab] tensors are most)
     graphs = GRAPH_POOL_BASE + max_batch * (per_token + GRAPH_LOGIT_BYTES * cfg.vocab_size)
     margin = max(MIN_MARGIN, int(MARGIN_FRACTION * free_bytes))
-    return RuntimeReserve(activations, logits, graphs, margin)
+    scratch = expansion_scratch_bytes(cfg, prefill_chunk)
+    return RuntimeReserve(activations, logits, graphs, margin, scratch)
 
 
 @dataclass(frozen=True)

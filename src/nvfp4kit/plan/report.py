@@ -109,6 +109,7 @@ def pool_summary(pool: PoolPlan) -> dict[str, Any]:
             "logits": pool.reserve.logits,
             "cuda_graphs": pool.reserve.cuda_graphs,
             "margin": pool.reserve.margin,
+            "scratch": pool.reserve.scratch,
             "total": pool.reserve.total,
         },
         "kv_budget_bytes": pool.kv_budget_bytes,

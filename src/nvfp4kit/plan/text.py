@@ -84,7 +84,8 @@ def _our_rows(us: dict[str, Any], *, limit: int, limit_note: str = "model limit"
     r = us["reserve"]
     reserve = (
         f"{_g(r['total'])} (act {_g(r['activations'])}, logits {_g(r['logits'])}, "
-        f"graphs {_g(r['cuda_graphs'])}, margin {_g(r['margin'])})"
+        f"graphs {_g(r['cuda_graphs'])}, margin {_g(r['margin'])}"
+        + (f", scratch {_g(r['scratch'])})" if r.get("scratch") else ")")
     )
     longest = f"{us['max_context']:,}" + (f" ({limit_note})" if us["max_context"] == limit else "")
     vision = us.get("vision")

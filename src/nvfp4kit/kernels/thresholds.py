@@ -1,0 +1,14 @@
+"""Token counts at which the NVFP4 GEMMs switch to expanding weights into a BF16 scratch (no Triton import).
+
+The kernels read these to pick their path; the memory planner (`nvfp4kit.plan.pools`) reads them to reserve the
+scratch those paths allocate, so `nvfp4kit plan` works on a machine without Triton.
+"""
+
+# tokens from which a linear's default path expands the weight and calls cuBLAS (kernels/w4a16_linear.py): on
+# the H200 at M = 512 it beat the best Triton tile for all six 26B-A4B linears by 1.2-2.2x (docs/benchmarks.md)
+DEQUANT_MIN_M = 512
+
+# tokens from which `fused_moe` expands all experts and runs grouped GEMMs (kernels/moe_prefill.py, where
+# `grouped_mm_available`). H200, 26B-A4B MoE: 1.93 ms vs 1.97 (the best Triton tiles) at 4096 tokens, 2.75 vs
+# 3.51 at 8192, but 1.70 vs 1.11 at 2048: the expansion of all 128 experts costs a fixed 0.72 ms
+MOE_PREFILL_MIN_TOKENS = 4096
