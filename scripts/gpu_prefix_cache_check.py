@@ -8,7 +8,8 @@ difference before it (noise is ~1e-6 in fp32; a bug shows as a large jump). The 
 without the cache that only chunk the prefill differently (the first of `--chunks` against each other one) tells
 the cache's share apart from what chunking alone changes. Session 6 on the H200 (dense, fp32): chunks of 64 and 128
 bitwise equal, the cache and chunks of 160 (starting off a 64-token boundary) 4e-3 off on the first token;
-`--highest-precision` (no TF32 in cuBLAS) and `--attention-backend torch` are the next two runs to name the cause.
+`--highest-precision` (no TF32 in cuBLAS) and `--attention-backend torch` are the next two runs to name the cause;
+`scripts/gpu_chunk_boundary_probe.py` runs both and names the first submodule whose output changes.
 """
 
 from __future__ import annotations

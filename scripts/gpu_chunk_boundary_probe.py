@@ -1,0 +1,128 @@
+"""Where a prefill split differently first changes the numbers: every submodule's output, position by position.
+
+Usage (repository root): PYTHONPATH=src python3 scripts/gpu_chunk_boundary_probe.py [--device cuda]
+    [--shape dense] [--dtype fp32] [--prompt 300] [--splits 300 160 128] [--variants triton torch highest]
+
+Session 6 found on the H200 (tiny dense fp32) that a prefill whose second chunk starts at 160 (off the 64-token
+tiles) gives other logprobs (4e-3 on the first token) than chunks of 64 or 128, which agree bitwise; on the CPU
+every variant agrees to 1e-6. This probe runs the same prompt once per chunk size (`--splits`: tokens a step) and
+hooks every submodule of every decoder layer (attention, its projections, the MLP, the router and experts). All
+steps of the one request are concatenated per module, so each module's output covers the whole prompt. Against
+the first split it prints, in execution order, the first module whose output differs beyond noise and the
+positions that differ; the module names the kernel. Variants: `triton` (default backends), `torch` (torch
+attention backend), `highest` (no TF32 anywhere in torch's fp32 matmuls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections import defaultdict
+
+import torch
+
+from nvfp4kit import LLM, SamplingParams
+from nvfp4kit.engine.engine import EngineConfig
+from nvfp4kit.testing.tiny import write_tiny_checkpoint
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--device", default="cuda")
+ap.add_argument("--shape", default="dense", choices=["moe", "dense"])
+ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+ap.add_argument("--prompt", type=int, default=300, help="prompt tokens")
+ap.add_argument(
+    "--splits", type=int, nargs="+", default=[300, 160, 128], help="prefill tokens a step; first = reference"
+)
+ap.add_argument("--variants", nargs="+", default=["triton", "torch", "highest"])
+ap.add_argument("--tolerance", type=float, default=1e-4, help="relative difference that counts as a change")
+ap.add_argument("--out", default=None, help="write the findings as JSON here")
+args = ap.parse_args()
+
+dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+folder = write_tiny_checkpoint(
+    tempfile.mkdtemp(), shape=args.shape, dtype=dtype, max_position_embeddings=4096
+)
+prompt = torch.randint(10, 300, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def run(chunk: int, backend: str | None) -> tuple[dict[str, torch.Tensor], list[str], float]:
+    """Every layer submodule's output over the whole prompt (steps concatenated), their first-call order, and
+    the first sampled token's logprob."""
+    config = EngineConfig(prefix_caching=False, max_num_batched_tokens=chunk, attention_backend=backend)
+    outputs: dict[str, list[torch.Tensor]] = defaultdict(list)
+    order: list[str] = []
+    with LLM(folder, device=args.device, engine_config=config, gpu_memory_utilization=0.3) as llm:
+
+        def hook(name):
+            def keep(module, inputs, output):
+                out = output[0] if isinstance(output, tuple) else output
+                if isinstance(out, torch.Tensor) and out.dim() >= 1:
+                    if name not in outputs:
+                        order.append(name)
+                    outputs[name].append(out.detach().float().reshape(out.shape[0], -1).cpu())
+
+            return keep
+
+        handles = [
+            module.register_forward_hook(hook(name))
+            for name, module in llm.engine.model.named_modules()
+            if name.startswith("layers.") and name.count(".") >= 1
+        ]
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=0)
+        llm.engine.add_request(list(prompt), params)
+        logprob = 0.0
+        while llm.engine.has_unfinished():
+            for event in llm.engine.step():
+                logprob = event.logprob
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(parts) for name, parts in outputs.items()}, order, logprob
+
+
+findings = []
+for variant in args.variants:
+    backend = "torch" if variant == "torch" else None
+    if variant == "highest":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    ref, order, ref_logprob = run(args.splits[0], backend)
+    for chunk in args.splits[1:]:
+        other, _, logprob = run(chunk, backend)
+        first = None
+        for name in order:
+            a, b = ref[name], other.get(name)
+            if b is None or a.shape != b.shape:
+                continue
+            scale = a.abs().max().clamp_min(1e-6)
+            per_row = (a - b).abs().amax(dim=1) / scale
+            rows = torch.nonzero(per_row > args.tolerance).flatten().tolist()
+            if rows:
+                first = {
+                    "module": name,
+                    "rel_diff": float(per_row.max()),
+                    "positions": rows[:12],
+                    "count": len(rows),
+                }
+                break
+        findings.append({"variant": variant, "split": chunk, "reference_split": args.splits[0],
+                         "dlogprob": abs(logprob - ref_logprob), "first_difference": first})  # fmt: skip
+
+name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device.startswith("cuda") else "cpu"
+print(
+    f"\n{name}, tiny {args.shape} {args.dtype}, prompt {args.prompt}: prefill split vs one of {args.splits[0]}"
+)
+print(f"{'variant':8} {'split':>5} {'|dlogprob|':>10}  first differing module (rel diff, positions)")
+for f in findings:
+    first = f["first_difference"]
+    where = (
+        "none"
+        if first is None
+        else f"{first['module']} ({first['rel_diff']:.1e}, {first['count']} rows: {first['positions']})"
+    )
+    print(f"{f['variant']:8} {f['split']:5} {f['dlogprob']:10.2e}  {where}")
+if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"card": name, "args": vars(args), "findings": findings}, fh, indent=1)
