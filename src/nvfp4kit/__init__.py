@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LLM": "nvfp4kit.llm",
-    "RequestOutput": "nvfp4kit.llm",
+    "RequestOutput": "nvfp4kit.engine.outputs",
+    "CompletionOutput": "nvfp4kit.engine.outputs",
     "Engine": "nvfp4kit.engine.engine",
     "EngineConfig": "nvfp4kit.engine.engine",
     "TokenEvent": "nvfp4kit.engine.request",
