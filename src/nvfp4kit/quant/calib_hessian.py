@@ -52,6 +52,9 @@ class HessianBackend(TorchBackend):
         self._pending: dict[int, tuple[str, torch.Tensor]] = {}
         self.stop_after: str | None = None
         self.targets: dict[str, torch.Tensor] = {}  # this chunk's full-precision inputs, by name (asymmetric)
+        # loss-aware token weights [all calibration tokens] by name (calib_guided), and this chunk's slice
+        self.guide: dict[str, torch.Tensor] = {}
+        self.window = slice(None)
 
     def clear(self) -> None:
         self.hessians = {}
@@ -74,8 +77,14 @@ class HessianBackend(TorchBackend):
     def watch_experts(self, gate_up: torch.Tensor, name: str) -> None:
         self.experts[gate_up.data_ptr()] = name
 
+    def _weights(self, name: str, outputs: torch.Tensor, group: int) -> torch.Tensor | None:
+        """c_t of the tokens of this chunk: loss-aware when guided, else norm-aware or none."""
+        guide = self.guide.get(name)
+        if guide is not None:
+            return guide[self.window]
+        return _token_weights(outputs, group) if self.norm_aware else None
+
     def _add(self, name: str, x: torch.Tensor, c: torch.Tensor | None) -> None:
-        c = c if self.norm_aware else None
         self._accumulate(name, _product(x, c))
         target = self.targets.get(name)
         if target is not None:
@@ -92,17 +101,22 @@ class HessianBackend(TorchBackend):
             return y
         if key in self.normed:
             name, group = self.normed[key]
-            self._add(name, x, _token_weights(y, group) if self.norm_aware else None)
+            self._add(name, x, self._weights(name, y, group))
             if name == self.stop_after:
                 raise StageDone(name)
         elif key in self.pair_first:
             name, second = self.pair_first[key]
             self._pending[second] = (name, x)
         elif key in self.pair_second:
-            c = _token_weights(y, y.shape[-1]) if self.norm_aware else None
             first_name, first_x = self._pending.pop(key)
-            self._add(first_name, first_x, c)
-            self._add(self.pair_second[key], x, c)
+            second_name = self.pair_second[key]
+            if first_name in self.guide:  # each linear by its own output's gradient
+                self._add(first_name, first_x, self._weights(first_name, y, y.shape[-1]))
+                self._add(second_name, x, self._weights(second_name, y, y.shape[-1]))
+            else:  # both by the normalised output of the pair
+                c = _token_weights(y, y.shape[-1]) if self.norm_aware else None
+                self._add(first_name, first_x, c)
+                self._add(second_name, x, c)
         return y
 
     def moe(self, x, topk_ids, topk_weights, gate_up, down):
@@ -129,7 +143,7 @@ class HessianBackend(TorchBackend):
             route = topk_weights[tokens, slot].float()
             out.index_add_(0, tokens, y.float() * route.unsqueeze(-1))
             routed.append((e, tokens, route, act))
-        c_all = _token_weights(out, out.shape[-1]) if self.norm_aware else None
+        c_all = self._weights(name, out, out.shape[-1])
         h_gate_up = self._expert_stats(f"{name}.gate_up", num_experts, x.shape[1], x.device)
         h_down = self._expert_stats(f"{name}.down", num_experts, down.shape[-1], x.device)
         full = self.targets.get(name)  # the full-precision stream's expert inputs (asymmetric)

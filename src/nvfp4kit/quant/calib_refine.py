@@ -34,6 +34,7 @@ from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.model.weight_sources import WeightSource
 from nvfp4kit.quant import calib_round
 from nvfp4kit.quant.calib_data import calibration_samples
+from nvfp4kit.quant.calib_guided import token_sensitivities
 from nvfp4kit.quant.calib_hessian import CaptureBackend, HessianBackend, StageDone
 from nvfp4kit.quant.calib_layer import LayerRefiner, watch_stage
 from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS, calibration_method
@@ -70,6 +71,7 @@ def refine_checkpoint(
     norm_aware: bool = True,
     asymmetric: bool | None = None,
     learned_rounding: bool | None = None,
+    loss_weights: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -80,7 +82,8 @@ def refine_checkpoint(
     after each linear amplifies their error (calib_hessian). `asymmetric`: also run the full-precision model
     beside the re-quantized one and fit each linear to its outputs (calib_asym; default: the method's
     choice, on for gptq). `learned_rounding`: then tune each layer's codes against the full-precision
-    layer's outputs (calib_round; default: the method's choice). Runs on `device` in fp32, one layer at a time.
+    layer's outputs (calib_round; default: the method's choice). `loss_weights` ("data" or "sampled"): weight
+    each token by the squared gradient of the loss at each linear's output instead (calib_guided). Runs on `device` in fp32, one layer at a time.
     """
     calib = calibration_method(method)
     if calib.quantize_group is None:
@@ -104,12 +107,15 @@ def refine_checkpoint(
     try:
         writer = ShardedWriter(stage, max_shard_bytes=parse_size(shard_size))
         lengths: list[int] = []
+        guide: dict[str, torch.Tensor] = {}
         hidden = ple = full_ple = None
         if calib.needs_data:
             samples = calibration_samples(
                 Tokenizer(src), calib_data, num_samples=num_samples, seq_len=seq_len
             )
             lengths = [len(s) for s in samples]
+            if loss_weights is not None:
+                guide = token_sensitivities(src, samples, device=device, labels=loss_weights)
             ids = torch.tensor([t for s in samples for t in s], device=device)
             hidden, ple, full_ple, refined = _model_inputs(
                 cfg, source, refiner, ids, norm_aware=norm_aware, full=asymmetric
@@ -129,6 +135,7 @@ def refine_checkpoint(
         )
         for i in bar:
             backend = HessianBackend(norm_aware=norm_aware)
+            backend.guide = guide
             layer = DecoderLayer(cfg, i, backend)
             fill_layer(layer, source, f"layers.{i}.")
             layer.to(device)
@@ -370,6 +377,8 @@ def _run_layer(
             except StageDone:
                 pass
             twin.backend.targets = twin.capture.captured
+        if record:
+            layer.backend.window = sl
         try:
             y = layer(hidden[sl], ctx, per_layer_input[sl] if per_layer_input is not None else None)
         except StageDone:

@@ -1,0 +1,124 @@
+"""Loss-aware token weights for the calibration statistics (GuidedQuant's idea, one weight per token).
+
+GPTQ minimises sum_t ||dW x_t||^2: an output error counts the same on every token. To second order, what the
+model's loss sees of an error e_t in a linear's output at token t is (g_t . e_t)^2, g_t the gradient of the
+loss with respect to that output. Averaging over output channels (error directions unknown in advance)
+leaves the weight ||g_t||^2 per token, so H = sum_t ||g_t||^2 x_t x_t^T. The gradients come from one
+backward pass per chunk of calibration windows through the full-precision model, with the next-token
+cross-entropy of the calibration text (`labels="data"`, the empirical Fisher) or of tokens drawn from the
+model's own distribution (`labels="sampled"`: the Fisher, whose quadratic form is the second-order KL).
+
+These weights replace the norm-aware ones (calib_hessian), which approximate one part of the same quantity
+(the norm's amplification) without the rest of the network. Experts use the gradient at the MoE block's
+output (calib_hessian multiplies in each routing weight squared), their gate/up the same as their down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nvfp4kit.config import load_config
+from nvfp4kit.model.loader import load_model
+from nvfp4kit.model.ops import TorchBackend
+from nvfp4kit.quant.calib_hessian import CLIP
+from nvfp4kit.quant.calib_layer import linear_groups
+from nvfp4kit.quant.calibrate import CalibrationContext, chunk_samples
+
+LABELS = ("data", "sampled")
+
+
+class GradientBackend(TorchBackend):
+    """Torch ops that keep sum_i g_{t,i}^2 of the output gradient of watched linears and MoE blocks."""
+
+    name = "gradient"
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+        self.squares: dict[str, torch.Tensor] = {}  # this chunk's ||g_t||^2 [T] by name
+
+    def watch(self, weight: torch.Tensor, name: str) -> None:
+        self.names[weight.data_ptr()] = name
+
+    def _keep(self, y: torch.Tensor, weight: object) -> torch.Tensor:
+        name = self.names.get(weight.data_ptr()) if isinstance(weight, torch.Tensor) else None
+        if name is not None and y.requires_grad:
+
+            def keep(grad: torch.Tensor, name: str = name) -> None:
+                self.squares[name] = grad.detach().float().pow(2).sum(-1)
+
+            y.register_hook(keep)
+        return y
+
+    def linear(self, x, weight):
+        return self._keep(super().linear(x, weight), weight)
+
+    def moe(self, x, topk_ids, topk_weights, gate_up, down):
+        return self._keep(super().moe(x, topk_ids, topk_weights, gate_up, down), gate_up)
+
+
+def token_sensitivities(
+    src: str | Path,
+    samples: list[list[int]],
+    *,
+    device: str | torch.device = "cpu",
+    labels: str = "data",
+    chunk_tokens: int = 8192,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Per-token weights [T] (T = all tokens of `samples` end to end) for every linear group the refine pass
+    collects statistics for, keyed as calib_hessian keys them; each normalised to mean 1 and clipped at
+    CLIP times its median (one token must not decide a layer's rounding)."""
+    if labels not in LABELS:
+        raise ValueError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
+    device = torch.device(device)
+    cfg = load_config(src)
+    backend = GradientBackend()
+    model = load_model(src, dtype=torch.float32, device=device, backend=backend)
+    model.requires_grad_(False)
+    names = []
+    for i, layer in enumerate(model.layers):
+        for _, modules, linear in linear_groups(layer, i):
+            backend.watch(linear.weight, modules[0])
+            names.append(modules[0])
+        if layer.moe:
+            backend.watch(layer.experts.gate_up, f"layers.{i}.experts")
+            names.append(f"layers.{i}.experts")
+    lengths = [len(s) for s in samples]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for c, (a, b) in enumerate(chunk_samples(lengths, max_tokens=chunk_tokens)):
+        ids = torch.tensor([t for s in samples[a:b] for t in s], device=device)
+        ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store={}, device=device)
+        backend.squares = {}
+        with torch.enable_grad():
+            hidden = model.embed(ids).requires_grad_(True)
+            ple = model.per_layer_inputs(ids, hidden) if cfg.hidden_size_per_layer_input else None
+            for i, layer in enumerate(model.layers):
+                hidden = layer(hidden, ctx, ple[:, i] if ple is not None else None)
+            logits = model.logits(model.norm(hidden))
+            target, predicts = _targets(ids, lengths[a:b], logits, labels, generator)
+            F.cross_entropy(logits[predicts], target, reduction="sum").backward()
+        for n in names:  # a linear no gradient reached (none in Gemma 4) weighs its tokens equally
+            parts[n].append(backend.squares.get(n, torch.ones(len(ids), device=device)))
+    return {n: _normalised(torch.cat(p)) for n, p in parts.items()}
+
+
+def _targets(
+    ids: torch.Tensor, lengths: list[int], logits: torch.Tensor, labels: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, positions that predict them): every position but each window's last."""
+    last = torch.tensor(lengths, device=ids.device).cumsum(0) - 1
+    predicts = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+    predicts[last] = False
+    if labels == "data":
+        return ids.roll(-1)[predicts], predicts
+    probs = torch.softmax(logits[predicts].detach(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), predicts
+
+
+def _normalised(weights: torch.Tensor) -> torch.Tensor:
+    w = weights / weights.mean().clamp_min(1e-30)
+    return w.clamp(max=CLIP * w.median().clamp_min(1e-12))

@@ -1,0 +1,76 @@
+"""Loss-aware token weights (calib_guided): gradients of the loss at each linear's output weight X^T X."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nvfp4kit.formats.safetensors_io import CheckpointReader
+from nvfp4kit.model.loader import load_model
+from nvfp4kit.quant.calib_data import calibration_samples
+from nvfp4kit.quant.calib_guided import token_sensitivities
+from nvfp4kit.quant.calib_hessian import HessianBackend
+from nvfp4kit.quant.calib_refine import refine_checkpoint
+from nvfp4kit.tokenizer import Tokenizer
+
+
+def test_guided_weights_replace_norm_aware_ones_on_the_chunk_window():
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(8, 16, generator=gen), torch.randn(10, 16, generator=gen)
+    guide = torch.rand(30, generator=gen)
+    backend = HessianBackend(norm_aware=True)
+    backend.guide = {"lin": guide}
+    backend.window = slice(20, 30)
+    backend.watch_normed(weight, "lin", group=8)
+    backend.linear(x, weight)
+    assert torch.allclose(backend.hessians["lin"], (x * guide[20:30, None]).T @ x)
+    backend.guide = {}  # without a guide: the norm-aware weights, which differ
+    backend.clear()
+    backend.watch_normed(weight, "lin", group=8)
+    backend.linear(x, weight)
+    assert not torch.allclose(backend.hessians["lin"], (x * guide[20:30, None]).T @ x)
+
+
+def test_last_layer_outputs_at_a_windows_last_token_do_not_touch_the_loss(bf16_checkpoint, calib_file):
+    """Causal attention: the last layer's output at a window's last position reaches only that position's
+    logits, which predict nothing, so its weight is exactly zero; every other token's is positive."""
+    src = bf16_checkpoint("moe")
+    samples = calibration_samples(Tokenizer(src), [calib_file], num_samples=3, seq_len=40)
+    weights = token_sensitivities(src, samples, labels="data", chunk_tokens=80)  # two chunks
+    cfg = load_model(src).config
+    last = cfg.num_hidden_layers - 1
+    assert f"layers.{last}.experts" in weights and "layers.0.self_attn.q_proj" in weights
+    ends = torch.tensor([len(s) for s in samples]).cumsum(0) - 1
+    for name in (f"layers.{last}.mlp.down_proj", f"layers.{last}.self_attn.o_proj"):
+        w = weights[name]
+        assert w.shape == (sum(len(s) for s in samples),)
+        assert torch.all(w[ends] == 0), name
+        others = torch.ones_like(w, dtype=torch.bool)
+        others[ends] = False
+        assert torch.all(w[others] > 0), name
+    sampled = token_sensitivities(src, samples, labels="sampled", chunk_tokens=80)
+    assert not torch.equal(sampled[f"layers.{last}.mlp.down_proj"], weights[f"layers.{last}.mlp.down_proj"])
+    with pytest.raises(ValueError, match="labels"):
+        token_sensitivities(src, samples, labels="kl")
+
+
+def test_tiny_checkpoint_loss_weighted_gptq_keeps_the_export_format(
+    bf16_checkpoint, quantized, calib_file, calib_shape, tmp_path
+):
+    num_samples, seq_len = calib_shape
+    src, base = bf16_checkpoint("moe"), quantized("moe")
+    args = dict(
+        method="gptq", calib_data=[calib_file], num_samples=num_samples, seq_len=seq_len, progress=False
+    )
+    plain = CheckpointReader(refine_checkpoint(src, base, tmp_path / "plain", **args))
+    guided = CheckpointReader(refine_checkpoint(src, base, tmp_path / "guided", loss_weights="data", **args))
+    export = CheckpointReader(base)
+    assert guided.names() == export.names()
+    for name in export.names():
+        a, b = export.get(name), guided.get(name)
+        assert (a.shape, a.dtype) == (b.shape, b.dtype), name
+    scales = [n for n in guided.names() if n.endswith(".weight_scale")]
+    assert (
+        sum(not torch.equal(plain.get(n).float(), guided.get(n).float()) for n in scales) > len(scales) // 2
+    )
+    load_model(tmp_path / "guided")
