@@ -283,3 +283,18 @@ def test_attention_argument_errors_name_the_problem():
         bad = torch.zeros(1, 4, 24, device=DEVICE)
         paged_attention(bad, v_store=pool[..., :24], k_store=pool[..., :24], batch=batch, items=items,
                         window=None, block_size=4)  # fmt: skip
+
+
+@pytest.mark.parametrize("window", [None, 8], ids=["paged", "ring"])
+def test_splits_past_the_keys_are_neither_stored_nor_merged(window, monkeypatch):
+    """Decode graphs are captured with the split count of the longest context: at a short one most splits hold no
+    keys. Those store nothing and the merge reads only the splits that held keys, so the partial buffers may start
+    as anything (NaN here) without reaching the output."""
+    import nvfp4kit.kernels.paged_attention as pa
+
+    real_empty = torch.empty
+    monkeypatch.setattr(pa.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    layout = dict(window=window) if window else GLOBAL
+    case = Case([(0, 1), (5, 1), (70, 1)], kv_dtype=torch.bfloat16, **layout)
+    out, ref = run_case(case, num_splits=16)  # 1 to 71 keys in up to 16 splits of >= one key tile each
+    assert not out.isnan().any() and rel_error(out, ref) < bound(case)

@@ -210,41 +210,52 @@ def _paged_attention_kernel(
             acc.to(out_ptr.dtype.element_ty),
             mask=store_ok[:, None],
         )
-    else:  # decode: one token per item, so a row is one query head
+    else:  # decode: one token per item, so a row is one query head; a split past the keys stores nothing
         part = (item * num_q_heads + head) * num_splits + split
         lse = tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf"))
+        store_ok = tl.where(hi > lo, store_ok, False)
         tl.store(part_lse_ptr + part, lse, mask=store_ok)
         tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["item_seq_ptr", "seq_len_ptr", "seq_offset_ptr", "num_rows", "num_splits"])
+@triton.jit(do_not_specialize=[*_STEP_POINTERS[:5], "num_rows", "num_splits"])
 def _merge_splits_kernel(
-    part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, seq_len_ptr, seq_offset_ptr,
-    stride_ot, stride_oh, num_q_heads, num_rows, num_splits,
-    CHUNK: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
+    part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, item_q0_ptr, seq_start_ptr, seq_len_ptr, seq_offset_ptr,
+    stride_ot, stride_oh, window, num_q_heads, num_rows, num_splits,
+    CHUNK: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     item = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(item_seq_ptr + item)
     qoff = tl.load(seq_offset_ptr + seq)
+    # the splits that held keys, as the attention kernel divided them: graphs are captured with the split count
+    # of the longest context, so at a short one most splits are empty (and stored nothing)
+    start = tl.load(seq_start_ptr + seq)
+    hi = start + tl.minimum(tl.load(seq_len_ptr + seq), 1)
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(start + tl.load(item_q0_ptr + item) - window + 1, 0)
+    keys = tl.maximum(hi - lo, 0)
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(keys, num_splits), BLOCK_N) * BLOCK_N, 1)
+    live = tl.cdiv(keys, chunk)
     base = (item * num_q_heads + head) * num_splits
     top = tl.full([CHUNK], float("-inf"), tl.float32)
-    for first in range(0, num_splits, CHUNK):  # the largest log-sum-exp (a maximum: exact in any order)
+    for first in range(0, live, CHUNK):  # the largest log-sum-exp (a maximum: exact in any order)
         idx = first + tl.arange(0, CHUNK)
-        top = tl.maximum(top, tl.load(part_lse_ptr + base + idx, mask=idx < num_splits, other=float("-inf")))
+        top = tl.maximum(top, tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf")))
     top = tl.max(top, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
     cols = tl.arange(0, D)
     out = tl.zeros([D], tl.float32)
     total = tl.zeros([CHUNK], tl.float32)
-    for first in range(0, num_splits, CHUNK):  # a few splits at a time keeps the tile small
+    for first in range(0, live, CHUNK):  # a few splits at a time keeps the tile small
         idx = first + tl.arange(0, CHUNK)
-        lse = tl.load(part_lse_ptr + base + idx, mask=idx < num_splits, other=float("-inf"))
+        lse = tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf"))
         weight = tl.exp(lse - top)
         acc = tl.load(
             part_acc_ptr + (base + idx)[:, None] * D + cols[None, :],
-            mask=(idx < num_splits)[:, None],
+            mask=(idx < live)[:, None],
             other=0.0,
         )
         out += tl.sum(acc * weight[:, None], 0)
@@ -313,9 +324,9 @@ def paged_attention(
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(len(items), q_heads)](
-            part_acc, part_lse, out, items.seq, batch.seq_len, batch.seq_offset,
-            out.stride(0), out.stride(1), q_heads, tokens, num_splits,
-            CHUNK=merge_chunk(num_splits), D=head_dim,
+            part_acc, part_lse, out, items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset,
+            out.stride(0), out.stride(1), window or 0, q_heads, tokens, num_splits,
+            CHUNK=merge_chunk(num_splits), D=head_dim, BLOCK_N=cfg.block_n, SLIDING=window is not None,
             num_warps=4, **pdl_args(q.device),
         )  # fmt: skip
     return out
