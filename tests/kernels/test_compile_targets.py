@@ -15,6 +15,7 @@ compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 
 from nvfp4kit.kernels.moe_align import _moe_align_kernel  # noqa: E402
+from nvfp4kit.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel  # noqa: E402
 from nvfp4kit.kernels.w4a16_linear import _w4a16_dot_kernel, _w4a16_gemv_kernel  # noqa: E402
 
 pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
@@ -26,6 +27,13 @@ LINEAR_PTRS = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "s2_ptr": "*fp3
 MOE_PTRS = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "s2_ptr": "*fp32", "act_ptr": "*bf16",
             "pair_ids_ptr": "*i32", "block_expert_ptr": "*i32", "topk_ids_ptr": "*i64", "topk_w_ptr": "*fp32",
             "out_ptr": "*bf16", "part_ptr": "*bf16", "ids_ptr": "*i64", "scratch_ptr": "*i32"}  # fmt: skip
+# decode attention over an FP8 e4m3 pool read as bytes (the integer decode every target has), K derived from V
+ATTN_PTRS = {"q_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32", "k_ptr": "*u8", "v_ptr": "*u8",
+             "k_factor": "fp32", "v_factor": "fp32", "knorm_ptr": "*bf16", "inv_freq_ptr": "*fp32",
+             "item_seq_ptr": "*i32", "item_q0_ptr": "*i32", "seq_start_ptr": "*i32", "seq_len_ptr": "*i32",
+             "seq_offset_ptr": "*i32", "block_table_ptr": "*i32", "ring_ptr": "*i32"}  # fmt: skip
+ATTN = dict(GROUP=8, GROUP_P2=8, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=16, D=512, ROT=128, RING=False, SLIDING=False,
+            DERIVE_K=True, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=1, SPLIT=True, PRECISION=None)  # fmt: skip
 COMMON = dict(EVEN_K=False, INTERPRET=False)
 KERNELS = {
     "dot_small_asm": (_w4a16_dot_kernel, 4, dict(BM=16, BN=64, BK=256, SPLIT_K=2, GROUP_M=8, SWAP_AB=False, ASM=True)),
@@ -38,13 +46,15 @@ KERNELS = {
     "down_token_asm": (moe._moe_down_token_kernel, 4, dict(TOP_K=8, BM=16, BN=32, BK=128, NVFP4=True, ASM=True)),
     "sum": (moe._moe_sum_kernel, 4, dict(TOP_K=8, BLOCK=1024)),
     "align": (_moe_align_kernel, 8, dict(E_PAD=128, BM=16, CHUNK=1024, BLOCK_CHUNK=64)),
+    "decode_attention_split": (_paged_attention_kernel, 4, ATTN),
+    "merge_splits_sliding": (_merge_splits_kernel, 4, dict(CHUNK=8, D=256, BLOCK_N=32, SLIDING=True)),
 }  # fmt: skip
 
 
 def _compile(fn, constants: dict, arch: int, warps: int):
     names = fn.arg_names
     constants = {**{k: v for k, v in COMMON.items() if k in names}, **constants}
-    ptrs = {**LINEAR_PTRS, **MOE_PTRS}
+    ptrs = {**LINEAR_PTRS, **MOE_PTRS, **ATTN_PTRS}
     if "NVFP4" in constants and not constants["NVFP4"]:
         ptrs = {**ptrs, "w_ptr": "*bf16", "s_ptr": "*bf16", "s2_ptr": "*bf16"}
     signature = {n: "constexpr" if n in constants else ptrs.get(n, "i32") for n in names}
