@@ -89,16 +89,32 @@ SPLIT_GATE_UP_TILES = ((32, 256, 4), (64, 256, 4), (32, 128, 4))  # (16, *) ran 
 SPLIT_DOWN_TILES = ((64, 128, 4), (128, 128, 4), (64, 64, 4))
 
 
+# pipeline depths of the split kernels: Nsight Compute on the H200 (session 6) found the batch-1 gate_up kernel
+# limited to 4 blocks an SM by shared memory and registers alike (25% theoretical occupancy, DRAM 17%): two
+# stages hold less shared memory, so more programs fit an SM to hide the weight loads' latency
+SPLIT_STAGES = (3, 2)
+
+
 def _split_mode(tokens, top_k, hidden, inter, sms, decode) -> list[MoEConfig]:
     out = []
-    for gu_bn, gu_bk, gu_warps in SPLIT_GATE_UP_TILES:
-        tiles = tokens * top_k * -(-inter // gu_bn)
-        fill = _splits(tiles, hidden, gu_bk, 2 * sms)
-        for split in sorted({*fill, 2 * fill[-1]}):
-            for dn_bn, dn_bk, dn_warps in SPLIT_DOWN_TILES:
-                gate_up = dict(gate_up_block_n=gu_bn, gate_up_block_k=gu_bk, gate_up_warps=gu_warps)
-                down = dict(down_block_n=dn_bn, down_block_k=dn_bk, down_warps=dn_warps)
-                out.append(MoEConfig(split=True, gate_up_split_k=split, decode=decode, **gate_up, **down))
+    for stages in SPLIT_STAGES:
+        for gu_bn, gu_bk, gu_warps in SPLIT_GATE_UP_TILES:
+            tiles = tokens * top_k * -(-inter // gu_bn)
+            fill = _splits(tiles, hidden, gu_bk, 2 * sms)
+            for split in sorted({*fill, 2 * fill[-1]}):
+                for dn_bn, dn_bk, dn_warps in SPLIT_DOWN_TILES:
+                    gate_up = dict(gate_up_block_n=gu_bn, gate_up_block_k=gu_bk, gate_up_warps=gu_warps)
+                    down = dict(down_block_n=dn_bn, down_block_k=dn_bk, down_warps=dn_warps)
+                    out.append(
+                        MoEConfig(
+                            split=True,
+                            gate_up_split_k=split,
+                            decode=decode,
+                            num_stages=stages,
+                            **gate_up,
+                            **down,
+                        )
+                    )
     return out
 
 
