@@ -7,7 +7,9 @@ import torch
 
 from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.model.loader import load_model
+from nvfp4kit.quant import calib_gptq, calib_guided
 from nvfp4kit.quant.calib_data import calibration_samples
+from nvfp4kit.quant.calib_gptq import gptq_quantize, gptq_quantize_group
 from nvfp4kit.quant.calib_guided import token_sensitivities
 from nvfp4kit.quant.calib_hessian import HessianBackend
 from nvfp4kit.quant.calib_refine import refine_checkpoint
@@ -31,6 +33,26 @@ def test_guided_weights_replace_norm_aware_ones_on_the_chunk_window():
     assert not torch.allclose(backend.hessians["lin"], (x * guide[20:30, None]).T @ x)
 
 
+def test_row_groups_are_each_swept_with_their_own_statistics():
+    gen = torch.Generator().manual_seed(1)
+    w = [torch.randn(8, 32, generator=gen), torch.randn(8, 32, generator=gen)]  # a fused pair, 16 rows
+    x = torch.randn(4, 200, 32, generator=gen)
+    hessians = torch.stack([(x[g] * (1 + g)).T @ x[g] for g in range(4)])  # 4 groups of 4 rows
+    grouped = gptq_quantize_group(w, hessians)
+    fused = torch.cat(w)
+    scale_2 = grouped[0].scale_2
+    for g in range(4):  # the rows of group g: GPTQ with H_g and the shared tensor scale
+        alone = gptq_quantize(fused[4 * g : 4 * g + 4], hessians[g], scale_2=scale_2)
+        member, rows = divmod(4 * g, 8)
+        assert torch.equal(grouped[member].packed[rows : rows + 4], alone.packed)
+        assert torch.equal(grouped[member].scale[rows : rows + 4].float(), alone.scale.float())
+    same = gptq_quantize_group(w, hessians[:1].expand(4, -1, -1).clone())  # equal groups: the plain solve
+    plain = gptq_quantize_group(w, hessians[0])
+    for a, b in zip(same, plain):
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.scale.float(), b.scale.float())
+        assert torch.equal(a.scale_2, b.scale_2)
+
+
 def test_last_layer_outputs_at_a_windows_last_token_do_not_touch_the_loss(bf16_checkpoint, calib_file):
     """Causal attention: the last layer's output at a window's last position reaches only that position's
     logits, which predict nothing, so its weight is exactly zero; every other token's is positive."""
@@ -50,13 +72,24 @@ def test_last_layer_outputs_at_a_windows_last_token_do_not_touch_the_loss(bf16_c
         assert torch.all(w[others] > 0), name
     sampled = token_sensitivities(src, samples, labels="sampled", chunk_tokens=80)
     assert not torch.equal(sampled[f"layers.{last}.mlp.down_proj"], weights[f"layers.{last}.mlp.down_proj"])
+    grouped = token_sensitivities(src, samples, labels="data", group_rows=16)
+    assert grouped[f"layers.{last}.mlp.down_proj"].shape == (sum(map(len, samples)), cfg.hidden_size // 16)
+    assert torch.all(grouped[f"layers.{last}.mlp.down_proj"][ends] == 0)
+    assert grouped[f"layers.{last}.experts"].dim() == 1  # experts: per token
     with pytest.raises(ValueError, match="labels"):
         token_sensitivities(src, samples, labels="kl")
 
 
+@pytest.mark.parametrize("group_rows", [0, 16])
 def test_tiny_checkpoint_loss_weighted_gptq_keeps_the_export_format(
-    bf16_checkpoint, quantized, calib_file, calib_shape, tmp_path
+    bf16_checkpoint, quantized, calib_file, calib_shape, tmp_path, monkeypatch, group_rows
 ):
+    monkeypatch.setattr(calib_guided, "GROUP_ROWS", group_rows)
+    solves = []
+    row_groups = calib_gptq._gptq_row_groups
+    monkeypatch.setattr(
+        calib_gptq, "_gptq_row_groups", lambda *a, **k: solves.append(1) or row_groups(*a, **k)
+    )
     num_samples, seq_len = calib_shape
     src, base = bf16_checkpoint("moe"), quantized("moe")
     args = dict(
@@ -74,3 +107,4 @@ def test_tiny_checkpoint_loss_weighted_gptq_keeps_the_export_format(
         sum(not torch.equal(plain.get(n).float(), guided.get(n).float()) for n in scales) > len(scales) // 2
     )
     load_model(tmp_path / "guided")
+    assert bool(solves) == bool(group_rows)  # grouped statistics reached GPTQ's row-group solve

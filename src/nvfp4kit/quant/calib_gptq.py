@@ -139,11 +139,36 @@ def gptq_quantize_group(
     weights: list[torch.Tensor], hessian: torch.Tensor, *, damping: float = DAMPING
 ) -> list[NVFP4Tensor]:
     """A fused group (same input, one shared tensor scale): searched tensor scale, then GPTQ on all rows.
-    Members [N_i, K] with `hessian` [K, K], or E groups at once: [E, N_i, K] with [E, K, K]."""
+    Members [N_i, K] with `hessian` [K, K], or E groups at once: [E, N_i, K] with [E, K, K]. Members [N_i, K]
+    with `hessian` [G, K, K]: one statistic per group of sum(N_i) / G consecutive rows of the fused weight
+    (calib_guided's loss-aware weights per output group); the rows of a group are swept with its own."""
+    if weights[0].dim() == 2 and hessian.dim() == 3:
+        return _gptq_row_groups(weights, hessian, damping=damping)
     scale_2, _ = search_group(weights, hblocks=hessian_blocks(hessian.float()))
     fused = gptq_quantize(
         torch.cat([w.float() for w in weights], dim=-2), hessian, scale_2=scale_2, damping=damping
     )
+    return _split(fused, weights)
+
+
+def _gptq_row_groups(
+    weights: list[torch.Tensor], hessian: torch.Tensor, *, damping: float
+) -> list[NVFP4Tensor]:
+    """GPTQ's rows are independent given H, so row groups go through the batched sweep like experts, all
+    with the one tensor scale searched on the mean statistics."""
+    h = hessian.float()
+    scale_2, _ = search_group(weights, hblocks=hessian_blocks(h.mean(0)))
+    fused = torch.cat([w.float() for w in weights])
+    groups, (n, k) = h.shape[0], fused.shape
+    q = gptq_quantize(
+        fused.reshape(groups, n // groups, k), h, scale_2=scale_2.expand(groups), damping=damping
+    )
+    whole = NVFP4Tensor(q.packed.reshape(n, -1), q.scale.reshape(n, -1), scale_2.reshape(()).clone())
+    return _split(whole, weights)
+
+
+def _split(fused: NVFP4Tensor, weights: list[torch.Tensor]) -> list[NVFP4Tensor]:
+    """The fused result cut back into the members' rows."""
     out, row = [], 0
     for w in weights:
         rows = slice(row, row + w.shape[-2])

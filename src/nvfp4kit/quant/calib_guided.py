@@ -8,6 +8,10 @@ backward pass per chunk of calibration windows through the full-precision model,
 cross-entropy of the calibration text (`labels="data"`, the empirical Fisher) or of tokens drawn from the
 model's own distribution (`labels="sampled"`: the Fisher, whose quadratic form is the second-order KL).
 
+`GROUP_ROWS` > 0 keeps one weight per token and group of that many consecutive output rows instead
+(GuidedQuant's grouping: H_G = sum_t (sum_{i in G} g_{t,i}^2) x_t x_t^T, the rows of group G solved with
+H_G); 64 rows is one head of q/k/v in the demo model. Experts stay per token.
+
 These weights replace the norm-aware ones (calib_hessian), which approximate one part of the same quantity
 (the norm's amplification) without the rest of the network. Experts use the gradient at the MoE block's
 output (calib_hessian multiplies in each routing weight squared), their gate/up the same as their down.
@@ -28,6 +32,7 @@ from nvfp4kit.quant.calib_layer import linear_groups
 from nvfp4kit.quant.calibrate import CalibrationContext, chunk_samples
 
 LABELS = ("data", "sampled")
+GROUP_ROWS = 0  # 0: one weight per token; n: per token and group of n output rows (dense linears)
 
 
 class GradientBackend(TorchBackend):
@@ -35,19 +40,27 @@ class GradientBackend(TorchBackend):
 
     name = "gradient"
 
-    def __init__(self) -> None:
+    def __init__(self, group_rows: int = 0) -> None:
+        self.group_rows = group_rows
         self.names: dict[int, str] = {}
         self.squares: dict[str, torch.Tensor] = {}  # this chunk's ||g_t||^2 [T] by name
 
     def watch(self, weight: torch.Tensor, name: str) -> None:
         self.names[weight.data_ptr()] = name
 
-    def _keep(self, y: torch.Tensor, weight: object) -> torch.Tensor:
+    def _keep(self, y: torch.Tensor, weight: object, *, grouped: bool = True) -> torch.Tensor:
         name = self.names.get(weight.data_ptr()) if isinstance(weight, torch.Tensor) else None
         if name is not None and y.requires_grad:
+            rows = (
+                self.group_rows if grouped and self.group_rows and y.shape[-1] % self.group_rows == 0 else 0
+            )
 
             def keep(grad: torch.Tensor, name: str = name) -> None:
-                self.squares[name] = grad.detach().float().pow(2).sum(-1)
+                square = grad.detach().float().pow(2)
+                if rows:  # [T, groups]
+                    self.squares[name] = square.reshape(len(square), -1, rows).sum(-1)
+                else:
+                    self.squares[name] = square.sum(-1)
 
             y.register_hook(keep)
         return y
@@ -56,7 +69,7 @@ class GradientBackend(TorchBackend):
         return self._keep(super().linear(x, weight), weight)
 
     def moe(self, x, topk_ids, topk_weights, gate_up, down):
-        return self._keep(super().moe(x, topk_ids, topk_weights, gate_up, down), gate_up)
+        return self._keep(super().moe(x, topk_ids, topk_weights, gate_up, down), gate_up, grouped=False)
 
 
 def token_sensitivities(
@@ -67,15 +80,17 @@ def token_sensitivities(
     labels: str = "data",
     chunk_tokens: int = 8192,
     seed: int = 0,
+    group_rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-token weights [T] (T = all tokens of `samples` end to end) for every linear group the refine pass
+    """Per-token weights [T] (T = all tokens of `samples` end to end; [T, groups] with `group_rows`,
+    default GROUP_ROWS) for every linear group the refine pass
     collects statistics for, keyed as calib_hessian keys them; each normalised to mean 1 and clipped at
     CLIP times its median (one token must not decide a layer's rounding)."""
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
     device = torch.device(device)
     cfg = load_config(src)
-    backend = GradientBackend()
+    backend = GradientBackend(GROUP_ROWS if group_rows is None else group_rows)
     model = load_model(src, dtype=torch.float32, device=device, backend=backend)
     model.requires_grad_(False)
     names = []

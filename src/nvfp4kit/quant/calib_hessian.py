@@ -170,9 +170,12 @@ class HessianBackend(TorchBackend):
 
 
 def _product(x: torch.Tensor, c: torch.Tensor | None, other: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_t c_t x_t other_t^T (other defaults to x)."""
+    """sum_t c_t x_t other_t^T (other defaults to x); c [T, G] (one weight per output-row group, calib_guided)
+    gives G of them [G, K, K']."""
     x = x.float()
     other = x if other is None else other.float()
+    if c is not None and c.dim() == 2:
+        return torch.stack([(x * c[:, g, None].to(x.device)).T @ other for g in range(c.shape[1])])
     return (x if c is None else x * c[:, None].to(x.device)).T @ other
 
 

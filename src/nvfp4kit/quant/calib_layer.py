@@ -83,7 +83,13 @@ class LayerRefiner:
         """Re-quantize one fused group (rows of `linear` split as `modules`) and set it back dequantized;
         given the asymmetric statistics `cross`, towards the full-precision stream's outputs (calib_asym)."""
         weight = linear.weight
-        target = weight if cross is None or hessian is None else corrected_weight(weight, hessian, cross)
+        target = weight
+        if cross is not None and hessian is not None:
+            if hessian.dim() == 3:  # statistics per group of output rows (calib_guided): fit each group
+                rows = weight.reshape(hessian.shape[0], -1, weight.shape[-1])
+                target = corrected_weight(rows, hessian, cross).reshape(weight.shape)
+            else:
+                target = corrected_weight(weight, hessian, cross)
         parts = list(torch.split(target, list(linear.splits), dim=0)) if len(modules) > 1 else [target]
         quantized = self.quantizer(parts, hessian)
         out: dict[str, torch.Tensor] = {}

@@ -41,6 +41,8 @@ def _weight_mse(weights: list[torch.Tensor], hessian: torch.Tensor | None) -> li
 
 
 def _output_mse(weights: list[torch.Tensor], hessian: torch.Tensor | None) -> list[NVFP4Tensor]:
+    if hessian is not None and weights[0].dim() == 2 and hessian.dim() == 3:  # per row group: their mean
+        hessian = hessian.mean(0)
     return quantize_group_searched(weights, hessian=hessian)
 
 
