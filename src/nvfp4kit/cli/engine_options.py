@@ -60,6 +60,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         help="tokens per engine step, prefill chunks included (default 512)",
     )  # fmt: skip
     g.add_argument(
+        "--sliding-chunk", type=_positive_int, default=None, metavar="N",
+        help="most tokens of a sequence one sliding-window attention pass takes; each running sequence keeps a "
+        "ring of window + N tokens per sliding layer, and longer prefill chunks attend those layers in passes "
+        "(default: --max-num-batched-tokens, at most 1024)",
+    )  # fmt: skip
+    g.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
         help="KV cache element type (default auto: the model's compute dtype; fp8_e5m2/fp8_e4m3 halve it)",
     )  # fmt: skip
@@ -134,6 +140,7 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         kv_dtype=args.kv_cache_dtype,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        sliding_chunk=getattr(args, "sliding_chunk", None),
         max_model_len=args.max_model_len,
         cuda_graphs=not args.enforce_eager,
         attention_backend=args.attention_backend,

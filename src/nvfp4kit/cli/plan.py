@@ -103,8 +103,9 @@ def register(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--prefill-chunk", metavar="N", type=_positive_int, default=DEFAULT_PREFILL_CHUNK,
-        help=f"nvfp4kit's chunked-prefill size: sets the sliding ring (window + chunk) and the activation "
-        f"reserve (default {DEFAULT_PREFILL_CHUNK})",
+        help=f"nvfp4kit's chunked-prefill size: sets the activation reserve and the sliding ring (window + "
+        f"chunk, the chunk counted up to 1,024: longer chunks attend sliding layers in passes) "
+        f"(default {DEFAULT_PREFILL_CHUNK})",
     )  # fmt: skip
     p.add_argument(
         "--preload-used", metavar="SIZE", type=_size, default=DEFAULT_PRELOAD_USED,

@@ -67,7 +67,16 @@ class TritonAttentionBackend:
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def attend(self, ctx, layer, q, k, v, *, window):
-        cfg, cache, meta = ctx.cfg, ctx.cache, ctx.metadata
+        sliding = ctx.cfg.is_sliding(layer)
+        out = torch.empty_like(q)
+        # sliding layers: a pass writes its tokens, then attends; a step with more tokens of one sequence than the
+        # ring leaves room for runs several passes, in order (BatchContext.sliding_metadata)
+        for meta in ctx.sliding_metadata() if sliding else [ctx.metadata]:
+            self._attend_pass(ctx, meta, layer, q, k, v, window=window, out=out)
+        return out
+
+    def _attend_pass(self, ctx, meta, layer, q, k, v, *, window, out):
+        cfg, cache = ctx.cfg, ctx.cache
         kernels = self._kernels
         src = cfg.kv_source_layer(layer)
         sliding = cfg.is_sliding(layer)
@@ -84,7 +93,6 @@ class TritonAttentionBackend:
             v_store=v_store, k_store=k_store, batch=meta.batch, window=window, v_scale=v_scale, k_scale=k_scale,
             derived_key=derived, **where,
         )  # fmt: skip
-        out = torch.empty_like(q)
         kv_heads, head_dim = v_store.shape[1], v_store.shape[2]
         decode = meta.decode_items()
         if decode is not None:
@@ -96,7 +104,6 @@ class TritonAttentionBackend:
         if prefill is not None:
             limit = meta.key_limit if sliding else None  # global layers stay causal for image tokens too
             self._prefill.prefill_attention(q, items=prefill, out=out, key_limit=limit, **common)
-        return out
 
     def _derived_key(self, attn: torch.nn.Module):
         """k_norm weight and RoPE frequencies of a k_eq_v layer; the count of rotated pairs is read once."""

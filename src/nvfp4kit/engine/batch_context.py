@@ -37,6 +37,34 @@ class SeqSlice:
     image_spans: tuple[tuple[int, int], ...] = ()
 
 
+def sliding_pieces(seq: SeqSlice, limit: int) -> list[SeqSlice]:
+    """`seq`'s tokens in pieces of at most `limit`, in order, for the sliding layers (each piece writes its K/V to
+    the ring, then attends). A cut never falls inside an image span (its tokens attend each other both ways)."""
+    if seq.length <= limit:
+        return [seq]
+    pieces, first, end = [], seq.start, seq.start + seq.length
+    while first < end:
+        cut = min(first + limit, end)
+        for a, b in seq.image_spans:
+            if a < cut < b:
+                cut = a  # the span starts the next piece
+        if cut <= first:
+            raise ValueError(f"an image of {limit}+ tokens does not fit one sliding pass of {limit} tokens")
+        offset = seq.offset + first - seq.start
+        pieces.append(SeqSlice(first, cut - first, offset, seq.block_table, seq.ring, seq.image_spans))
+        first = cut
+    return pieces
+
+
+def sliding_passes(seqs: list[SeqSlice], limit: int) -> list[list[SeqSlice]] | None:
+    """The step's sliding-layer passes: pass i holds the i-th piece of every sequence that has one. None when
+    one pass takes the whole step (no sequence has more than `limit` tokens)."""
+    if all(s.length <= limit for s in seqs):
+        return None
+    pieces = [sliding_pieces(s, limit) for s in seqs]
+    return [[p[i] for p in pieces if i < len(p)] for i in range(max(map(len, pieces)))]
+
+
 @dataclass
 class StepMetadata:
     """Device tensors of one step for the kernels (see the module docstring), plus host copies for launch sizes."""
@@ -81,25 +109,9 @@ class StepMetadata:
             raise ValueError(f"pad_to={pad_to} is smaller than the batch ({len(seqs)} sequences)")
         layout = cache.layout
         num_pad = (pad_to or len(seqs)) - len(seqs)
-        starts = [s.start for s in seqs] + [0] * num_pad
-        lengths = [s.length for s in seqs] + [0] * num_pad
+        per_seq, starts, lengths, rings = _per_seq_buffer(seqs, num_pad, max_blocks)
         tokens = sum(lengths)
-        offsets = [s.offset for s in seqs] + list(range(tokens, tokens + num_pad))
-        longest = max([1] + [len(s.block_table) for s in seqs])
-        if max_blocks is not None and longest > max_blocks:
-            raise ValueError(f"a block table of {longest} blocks exceeds max_blocks={max_blocks}")
-        max_blocks = max_blocks or longest
         num_seqs = len(starts)
-        rings = [s.ring if s.ring is not None else 0 for s in seqs] + [0] * num_pad
-        # one flat int32 buffer (four per-sequence rows, then the block table) and one int64 [3, T]: two copies.
-        # Built from Python lists in one tensor call each: per-sequence tensor ops cost ~0.1 ms apiece on the host.
-        flat = starts + lengths + offsets + rings
-        for s in seqs:
-            flat += s.block_table
-            flat += [0] * (max_blocks - len(s.block_table))
-        per_seq = torch.cat(
-            [torch.tensor(flat, dtype=torch.int32), torch.zeros(num_pad * max_blocks, dtype=torch.int32)]
-        )
         bs, ring_size = layout.block_size, layout.ring_size
         if all(n <= 1 for n in lengths):  # decode: one token per sequence, plain arithmetic is fastest
             pos = [s.start for s in seqs if s.length] + [0] * num_pad
@@ -120,6 +132,22 @@ class StepMetadata:
             per_token[1, :tokens] = table[:real].long()[seq_of, pos // bs] * bs + pos % bs
             per_token[2, :tokens] = scalars[3, :real].long()[seq_of] * ring_size + pos % ring_size
         return per_seq, per_token, starts, lengths
+
+    def sliding_pass(self, pieces: list[SeqSlice]) -> StepMetadata:
+        """This step's metadata restricted to one sliding pass: the pieces' own rows per sequence; per token the
+        step's positions, and ring slots only on the pieces' rows (the others write nothing in this pass)."""
+        per_seq, starts, lengths, _ = _per_seq_buffer(pieces, 0, self.batch.block_table.shape[1])
+        keep = torch.zeros(self.positions.shape[0], dtype=torch.bool)
+        for p in pieces:
+            keep[p.offset : p.offset + p.length] = True
+        keep = keep.to(self.device, non_blocking=True)
+        ring = torch.where(keep, self.ring_slots, torch.full_like(self.ring_slots, -1))
+        per_token = torch.stack([self.positions, self.global_slots, ring])
+        meta = StepMetadata.from_tensors(
+            per_seq.to(self.device, non_blocking=True), per_token, starts, lengths
+        )
+        meta.key_limit = self.key_limit
+        return meta
 
     @classmethod
     def from_tensors(
@@ -179,6 +207,33 @@ class StepMetadata:
         return max(min(e, window) if window else e for e in ends)
 
 
+def _per_seq_buffer(
+    seqs: list[SeqSlice], num_pad: int, max_blocks: int | None
+) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+    """The int32 per-sequence buffer (first positions, query lengths, row offsets, rings, then the block table
+    padded to `max_blocks` columns, default the longest table) and its host lists, with `num_pad` padding
+    sequences (no tokens, one row each after the real tokens)."""
+    starts = [s.start for s in seqs] + [0] * num_pad
+    lengths = [s.length for s in seqs] + [0] * num_pad
+    tokens = sum(lengths)
+    offsets = [s.offset for s in seqs] + list(range(tokens, tokens + num_pad))
+    longest = max([1] + [len(s.block_table) for s in seqs])
+    if max_blocks is not None and longest > max_blocks:
+        raise ValueError(f"a block table of {longest} blocks exceeds max_blocks={max_blocks}")
+    max_blocks = max_blocks or longest
+    rings = [s.ring if s.ring is not None else 0 for s in seqs] + [0] * num_pad
+    # one flat int32 buffer (four per-sequence rows, then the block table) and one int64 [3, T]: two copies.
+    # Built from Python lists in one tensor call each: per-sequence tensor ops cost ~0.1 ms apiece on the host.
+    flat = starts + lengths + offsets + rings
+    for s in seqs:
+        flat += s.block_table
+        flat += [0] * (max_blocks - len(s.block_table))
+    per_seq = torch.cat(
+        [torch.tensor(flat, dtype=torch.int32), torch.zeros(num_pad * max_blocks, dtype=torch.int32)]
+    )
+    return per_seq, starts, lengths, rings
+
+
 class BatchContext:
     def __init__(
         self,
@@ -199,6 +254,7 @@ class BatchContext:
             backend if hasattr(backend, "attend") else select_attention_backend(self.device, backend)
         )
         self._metadata = metadata
+        self._sliding: list[StepMetadata] | None = None
         if self.backend.needs_metadata:
             self.positions = self.metadata.positions
         else:
@@ -210,6 +266,15 @@ class BatchContext:
         if self._metadata is None:
             self._metadata = StepMetadata.build(self.seqs, self.cache, self.device)
         return self._metadata
+
+    def sliding_metadata(self) -> list[StepMetadata]:
+        """The metadata of each sliding-layer pass: the whole step's when no sequence has more tokens than a ring
+        leaves room for (`KVCache.sliding_chunk`), else one per pass, built once for all sliding layers."""
+        if self._sliding is None:
+            passes = sliding_passes(self.seqs, self.cache.sliding_chunk)
+            meta = self.metadata
+            self._sliding = [meta] if passes is None else [meta.sliding_pass(p) for p in passes]
+        return self._sliding
 
     def attend(
         self,
@@ -231,14 +296,16 @@ class BatchContext:
         *,
         window: int | None,
     ) -> torch.Tensor:
-        """The torch reference: per sequence, write its new K/V, gather its history, attend."""
+        """The torch reference: per sequence, write its new K/V, gather its history, attend (sliding layers: per
+        piece of at most `KVCache.sliding_chunk` tokens, as the ring only has room for that many new ones)."""
         cache, cfg = self.cache, self.cfg
         src = cfg.kv_source_layer(layer)
         sliding = cfg.is_sliding(layer)
         v_only = cache.keys[src] is None
         k_scale, v_scale = cache.scale(src, 0), cache.scale(src, 1)
         out = torch.empty_like(q)
-        for s in self.seqs:
+        limit = cache.sliding_chunk if sliding else None
+        for s in (p for seq in self.seqs for p in (sliding_pieces(seq, limit) if limit else [seq])):
             rows = slice(s.offset, s.offset + s.length)
             pos = self.positions[rows]
             end = s.start + s.length

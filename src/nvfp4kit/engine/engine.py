@@ -34,6 +34,7 @@ from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.engine.step_stats import StepStats
 from nvfp4kit.engine.warmup import WarmupReport, warm_up, warmup_wanted
 from nvfp4kit.model.gemma4 import Gemma4Model
+from nvfp4kit.plan.pools import sliding_chunk
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 from nvfp4kit.vision.inputs import ImageInputs, image_step
@@ -61,6 +62,9 @@ class EngineConfig:
     overlap_schedule: bool | None = None
     # before serving, run every kernel variant a step can reach (engine/warmup.py); None: on CUDA only
     warmup: bool | None = None
+    # most tokens of a sequence one sliding-layer attention pass takes (rings hold window + this); longer prefill
+    # chunks attend sliding layers in several passes. None: min(max_num_batched_tokens, 1024)
+    sliding_chunk: int | None = None
 
 
 def resolve_kv_dtype(kv_dtype: str, *, model_dtype: torch.dtype) -> str:
@@ -91,7 +95,7 @@ class Engine:
             block_size=self.config.block_size,
             num_blocks=1,
             max_seqs=self.config.max_num_seqs,
-            ring_size=cfg.sliding_window + chunk,
+            ring_size=cfg.sliding_window + sliding_chunk(chunk, self.config.sliding_chunk),
             k_eq_v_once=self.config.k_eq_v_once,
         )
         per_token, ring_bytes = pool_bytes(cfg, layout, kv_dtype)
@@ -188,7 +192,8 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if images is not None:
-            images.check_fits(self.scheduler.config.max_prefill_chunk)
+            # an image's soft tokens attend each other both ways: they share one chunk and one sliding pass
+            images.check_fits(min(self.scheduler.config.max_prefill_chunk, self.cache.sliding_chunk))
         params = params.with_defaults(self.generation_config)
         req = make_request(
             request_id, prompt_ids, params, tokenizer=self.tokenizer, eos_ids=self.model.config.eos_token_ids

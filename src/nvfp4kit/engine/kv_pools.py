@@ -1,7 +1,7 @@
 """The engine's KV storage for Gemma 4's two kinds of layers.
 
-- Sliding-window layers: each running request owns a ring of `window + chunk` slots per layer; token at
-  position p lives in slot p % ring. Out-of-window tokens are overwritten, never kept, and there is no
+- Sliding-window layers: each running request owns a ring of `window + sliding chunk` slots per layer (a
+  longer prefill chunk is attended in passes of the sliding chunk); token at position p lives in slot p % ring. Out-of-window tokens are overwritten, never kept, and there is no
   static SWA/full ratio to tune.
 - Global layers: fixed-size blocks from one shared pool, listed in each request's block table, growing with
   the context. For `attention_k_eq_v` layers the normalised shared tensor (which *is* V) is stored once and
@@ -36,7 +36,7 @@ class KVLayout:
     block_size: int
     num_blocks: int  # global pool
     max_seqs: int  # sliding rings (one per running request)
-    ring_size: int  # window + prefill chunk
+    ring_size: int  # window + sliding chunk (the most tokens of a sequence one sliding-layer pass writes)
     k_eq_v_once: bool
 
     def global_layers(self, cfg: Gemma4TextConfig) -> list[int]:
@@ -133,6 +133,12 @@ class KVCache:
         table = torch.tensor(block_table, dtype=torch.long, device=positions.device)
         bs = self.layout.block_size
         return table[positions // bs] * bs + positions % bs
+
+    @property
+    def sliding_chunk(self) -> int:
+        """Most tokens of one sequence a sliding-layer pass may write before it attends: a pass writes its
+        tokens first, so its first query's window and its last token must both fit the ring."""
+        return max(1, self.layout.ring_size - (self.cfg.sliding_window or 0))
 
     def ring_slots(self, ring: int, positions: torch.Tensor) -> torch.Tensor:
         return ring * self.layout.ring_size + positions % self.layout.ring_size

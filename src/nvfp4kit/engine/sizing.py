@@ -236,7 +236,8 @@ def plan_engine_memory(
     seqs, chunk = config.max_num_seqs, config.max_num_batched_tokens
     max_model_len = config.max_model_len or cfg.max_position_embeddings
     shape = plan_pools(cfg, free_bytes=0, weights_bytes=0, kv_dtype=kv_dtype, k_eq_v_once=config.k_eq_v_once,
-                       prefill_chunk=chunk, concurrency=seqs, max_batch=seqs)  # fmt: skip
+                       prefill_chunk=chunk, concurrency=seqs, max_batch=seqs,
+                       sliding_limit=config.sliding_chunk)  # fmt: skip
     explicit_kv, kv_source = options.kv_cache_memory, "planned"
     if explicit_kv is not None:
         kv_source = f"--kv-cache-memory {format_size(explicit_kv)}"
@@ -264,7 +265,8 @@ def plan_engine_memory(
     pools_free = usable if explicit_kv is None else weights_bytes + reserve.total + vision_bytes + explicit_kv
     pool = plan_pools(
         cfg, free_bytes=pools_free, weights_bytes=weights_bytes, kv_dtype=kv_dtype,
-        k_eq_v_once=config.k_eq_v_once, prefill_chunk=chunk, context=max_model_len, concurrency=seqs,
+        k_eq_v_once=config.k_eq_v_once, prefill_chunk=chunk, sliding_limit=config.sliding_chunk,
+        context=max_model_len, concurrency=seqs,
         max_batch=seqs, reserve=reserve, vision=vision,
     )  # fmt: skip
     plan = StartupPlan(

@@ -2,8 +2,8 @@
 
 Differences from the seed's SGLang pools (see sglang.py):
 - global (full-attention) layers with `attention_k_eq_v` store their shared K=V tensor once (half the bytes);
-- sliding layers get a per-request ring of `window + prefill_chunk` tokens instead of a shared pool split by a
-  hand-tuned ratio, so a request never waits on, or is evicted from, sliding KV;
+- sliding layers get a per-request ring of `window + sliding_chunk` tokens (the prefill chunk up to 1,024: longer
+  chunks attend sliding layers in passes) instead of a shared pool split by a hand-tuned ratio, so a request never waits on, or is evicted from, sliding KV;
 - the runtime reserve (prefill activations, logits, CUDA graphs, the weight-expansion scratch of prefill-sized
   GEMMs, a margin) is computed, not guessed with a
   memory fraction; whatever is left is the global-layer pool.
@@ -23,6 +23,10 @@ from nvfp4kit.plan.vision import VisionMemory
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 
 DEFAULT_PREFILL_CHUNK = 512  # the engine's default max_num_batched_tokens
+# most tokens of one sequence a sliding-layer attention pass takes; each sequence's ring holds window + this.
+# A step with longer prefill chunks attends its sliding layers in passes (engine/batch_context.py), so a large
+# --max-num-batched-tokens speeds prefill up without growing every sequence's ring with it
+DEFAULT_SLIDING_CHUNK = 1024
 DEFAULT_MAX_BATCH = 64
 GRAPH_POOL_BASE = 128 * MiB  # CUDA-graph private pool: per-layer temporaries, split-K workspaces, bookkeeping
 GRAPH_LOGIT_BYTES = (
@@ -60,6 +64,12 @@ def activation_bytes_per_token(cfg: Gemma4TextConfig) -> int:
         ple = 2 * cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
         widest = max(widest, 4 * h + attn + mlp + moe + ple)  # 4h: residual, normed input, two outputs
     return widest * ACT_BYTES
+
+
+def sliding_chunk(prefill_chunk: int, limit: int | None = None) -> int:
+    """Tokens of a sequence one sliding-layer pass takes: the prefill chunk, capped at `limit` (default
+    `DEFAULT_SLIDING_CHUNK`)."""
+    return min(prefill_chunk, limit or DEFAULT_SLIDING_CHUNK)
 
 
 def expansion_scratch_bytes(cfg: Gemma4TextConfig, prefill_chunk: int) -> int:
@@ -104,6 +114,7 @@ class PoolPlan:
     context: int
     concurrency: int
     vision: VisionMemory | None = None  # the vision tower and one image's encoder peak, when images are on
+    sliding_limit: int | None = None  # cap on a sliding-layer pass (`sliding_chunk`; None: the default)
 
     @property
     def vision_bytes(self) -> int:
@@ -119,8 +130,10 @@ class PoolPlan:
 
     @property
     def max_ring_tokens(self) -> int:
-        """Sliding-layer ring per request: the window plus one prefill chunk in flight."""
-        return self.kv.window + self.prefill_chunk if self.kv.sliding else 0
+        """Sliding-layer ring per request: the window plus one sliding-layer pass (`sliding_chunk`) in flight."""
+        return (
+            self.kv.window + sliding_chunk(self.prefill_chunk, self.sliding_limit) if self.kv.sliding else 0
+        )
 
     def ring_bytes(self, tokens: int) -> int:
         return tokens * self.kv.sliding
@@ -171,6 +184,7 @@ def plan_pools(
     max_batch: int = DEFAULT_MAX_BATCH,
     reserve: RuntimeReserve | None = None,
     vision: VisionMemory | None = None,
+    sliding_limit: int | None = None,
 ) -> PoolPlan:
     """Split `free_bytes` (measured before loading) into weights, runtime reserve, the vision tower (weights
     and one image's encoder activations, when `vision` is given) and KV pools."""
@@ -196,4 +210,5 @@ def plan_pools(
         context=context if context is not None else cfg.max_position_embeddings,
         concurrency=concurrency,
         vision=vision,
+        sliding_limit=sliding_limit,
     )
