@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from nvfp4kit.engine.engine import Engine, EngineConfig
+from nvfp4kit.engine.engine import Engine, EngineConfig, with_device_defaults
 from nvfp4kit.engine.outputs import RequestOutput
 from nvfp4kit.engine.request import TokenEvent
 from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
@@ -48,11 +48,13 @@ def check_device(device: torch.device) -> None:
 def memory_options(
     engine_config: EngineConfig,
     *,
+    device: torch.device,
     gpu_memory_utilization: float | None,
     gpu_memory_budget: int | str | None,
     kv_cache_memory: int | str | None,
 ) -> tuple[EngineConfig, MemoryOptions]:
-    """The memory flags parsed; a KV size given here wins over a token count in `engine_config`."""
+    """The memory flags parsed; a KV size given here wins over a token count in `engine_config`. What the config
+    leaves to the device is filled in for it (or for the budget's card size): the plan sizes for those values."""
     if kv_cache_memory is not None:
         engine_config = replace(engine_config, num_kv_tokens=None)
     options = MemoryOptions.parse(
@@ -60,6 +62,7 @@ def memory_options(
         gpu_memory_budget=gpu_memory_budget,
         kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else engine_config.kv_cache_memory,
     )
+    engine_config = with_device_defaults(engine_config, device, gpu_memory_budget=options.gpu_memory_budget)
     return engine_config, options
 
 
@@ -129,8 +132,8 @@ class LLM:
         if max_model_len is not None:
             engine_config = replace(engine_config, max_model_len=max_model_len)
         engine_config, options = memory_options(
-            engine_config, gpu_memory_utilization=gpu_memory_utilization, gpu_memory_budget=gpu_memory_budget,
-            kv_cache_memory=kv_cache_memory,
+            engine_config, device=self.device, gpu_memory_utilization=gpu_memory_utilization,
+            gpu_memory_budget=gpu_memory_budget, kv_cache_memory=kv_cache_memory,
         )  # fmt: skip
         model_dtype = resolve_dtype(dtype, self.device)
         if tensor_parallel_size > 1:  # rank 0 here, ranks 1.. in spawned processes (docs/parallel.md)

@@ -17,7 +17,7 @@ from nvfp4kit.engine.sizing import (
     weights_as_loaded,
 )
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
-from nvfp4kit.plan.pools import plan_pools
+from nvfp4kit.plan.pools import default_prefill_chunk, plan_pools
 from nvfp4kit.plan.report import build_plan, pool_summary
 from nvfp4kit.plan.units import GiB, MiB, parse_size
 from nvfp4kit.plan.vision import vision_memory
@@ -26,7 +26,7 @@ from nvfp4kit.plan.weights import weights_from_config
 CFG = load_preset("gemma-4-26b-a4b")
 WEIGHTS = weights_from_config(CFG, recipe="all-nvfp4").text_bytes  # 14.22 GiB
 H100 = DeviceMemory(total_bytes=int(79.19 * GiB), free_bytes=int(78.6 * GiB), name="H100")
-FP8 = EngineConfig(kv_dtype="fp8_e5m2")
+FP8 = EngineConfig(kv_dtype="fp8_e5m2", max_num_batched_tokens=512)
 
 
 def size(options=None, *, memory=H100, config=FP8, weights=WEIGHTS, cfg=CFG, vision=None):
@@ -52,7 +52,10 @@ def test_the_engine_plan_is_the_plan_commands_at_the_same_settings():
     """`nvfp4kit plan --gpu-memory 32GiB --concurrency 64` and an engine of 64 sequences on that card agree
     (the plan reserves logits and graph memory for a batch of 64 at least, so they agree from 64 up)."""
     card = DeviceMemory(total_bytes=32 * GiB, free_bytes=32 * GiB - CONTEXT_ALLOWANCE)  # as the plan assumes
-    engine = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=64)
+    # the plan command defaults to the tokens a step serve takes on a card of this size
+    engine = EngineConfig(
+        kv_dtype="fp8_e5m2", max_num_seqs=64, max_num_batched_tokens=default_prefill_chunk(32 * GiB)
+    )
     for vision in (False, True):  # text only (--no-vision / --language-model-only), and images on
         shown = build_plan("gemma-4-26b-a4b", gpu_memory=32 * GiB, kv_dtype="fp8_e5m2", concurrency=64,
                            context=CFG.max_position_embeddings, vision=vision)["nvfp4kit"]  # fmt: skip
@@ -78,7 +81,7 @@ def test_too_small_a_budget_raises_with_the_numbers_before_loading():
                  "--gpu-memory-budget 15.50 GiB", "--max-model-len", "--max-num-seqs"):  # fmt: skip
         assert part in message
     # what the message suggests works: one sequence at 4K fits the same budget
-    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=4096)
+    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=4096, max_num_batched_tokens=512)
     assert size(MemoryOptions.parse(gpu_memory_budget="15.5GiB"), config=small).pool.max_context == 4096
 
 
@@ -130,7 +133,7 @@ def test_enforce_eager_drops_the_graph_reserve_and_gives_it_to_kv():
     graphs = size(MemoryOptions.parse(gpu_memory_budget="24GiB"))
     eager = size(
         MemoryOptions.parse(gpu_memory_budget="24GiB"),
-        config=EngineConfig(kv_dtype="fp8_e5m2", cuda_graphs=False),
+        config=EngineConfig(kv_dtype="fp8_e5m2", cuda_graphs=False, max_num_batched_tokens=512),
     )
     assert graphs.pool.reserve.cuda_graphs > 0 and eager.pool.reserve.cuda_graphs == 0
     assert eager.kv_cache_memory - graphs.kv_cache_memory == graphs.pool.reserve.cuda_graphs
@@ -140,7 +143,10 @@ def test_on_the_cpu_only_an_explicit_kv_size_is_planned():
     assert size(memory=None) is None
     plan = size(MemoryOptions.parse(kv_cache_memory="4GiB"), memory=None)
     assert plan.kv_cache_memory == 4 * GiB and plan.limit_bytes is None and not plan.cuda_graphs
-    tokens = size(memory=None, config=EngineConfig(kv_dtype="fp8_e5m2", num_kv_tokens=300_000))
+    tokens = size(
+        memory=None,
+        config=EngineConfig(kv_dtype="fp8_e5m2", num_kv_tokens=300_000, max_num_batched_tokens=512),
+    )
     assert tokens.pool.global_tokens == 300_000
 
 
@@ -238,7 +244,7 @@ def test_the_vision_tower_is_planned_unless_language_model_only(tiny_checkpoint,
 def test_a_plan_that_does_not_fit_names_the_vision_tower_and_the_way_out():
     raw = json.loads((PRESET_DIR / "gemma-4-26b-a4b.json").read_text())["config"]
     tower = vision_memory(raw)
-    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=4096)
+    small = EngineConfig(kv_dtype="fp8_e5m2", max_num_seqs=1, max_model_len=4096, max_num_batched_tokens=512)
     budget = MemoryOptions.parse(gpu_memory_budget="15.5GiB")
     assert size(budget, config=small).pool.max_context == 4096  # text only it fits (as above) ...
     with pytest.raises(InsufficientMemoryError) as err:  # ... the 1.21 GiB tower and encoder do not

@@ -90,7 +90,7 @@ def test_triton_passes_equal_the_reference_passes(parts, monkeypatch):
     assert compare.max_cache_error == 0.0
 
 
-def test_the_default_caps_the_ring_at_window_plus_1024(parts):
+def test_the_default_caps_the_ring_at_window_plus_512(parts):
     model, tok = parts
-    assert Engine(model, tok, config=EngineConfig(max_num_batched_tokens=4096)).layout.ring_size == 8 + 1024
-    assert Engine(model, tok, config=EngineConfig(max_num_batched_tokens=512)).layout.ring_size == 8 + 512
+    assert Engine(model, tok, config=EngineConfig(max_num_batched_tokens=4096)).layout.ring_size == 8 + 512
+    assert Engine(model, tok, config=EngineConfig(max_num_batched_tokens=256)).layout.ring_size == 8 + 256

@@ -22,9 +22,12 @@ def test_budget_is_free_minus_weights_minus_reserve():
 
 
 def test_ring_is_window_plus_chunk_and_global_layers_store_k_once():
-    p = plan(prefill_chunk=1024)
-    assert p.max_ring_tokens == 1024 + 1024
-    assert p.ring_bytes(p.max_ring_tokens) == 2048 * 102_400
+    p = plan(prefill_chunk=384)
+    assert p.max_ring_tokens == 1024 + 384
+    assert p.ring_bytes(p.max_ring_tokens) == 1408 * 102_400
+    # a longer chunk attends the sliding layers in passes of 512 (engine/batch_context.py): the ring stays
+    assert plan(prefill_chunk=8192).max_ring_tokens == 1024 + 512
+    assert plan(prefill_chunk=8192, sliding_limit=2048).max_ring_tokens == 1024 + 2048
     assert p.kv.full == 5_120
     assert plan(k_eq_v_once=False).kv.full == 10_240
 

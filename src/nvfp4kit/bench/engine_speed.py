@@ -322,7 +322,7 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
         "--chunk",
         type=int,
         default=2048,
-        help="max tokens per step (chunked prefill; each sequence's sliding ring holds window + min(chunk, 1024))",
+        help="max tokens per step (chunked prefill; each sequence's sliding ring holds window + min(chunk, 512))",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")

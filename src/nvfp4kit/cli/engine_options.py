@@ -56,14 +56,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         help=f"requests batched together at most; each holds a sliding-window ring (default {max_num_seqs})",
     )  # fmt: skip
     g.add_argument(
-        "--max-num-batched-tokens", type=_positive_int, default=512, metavar="N",
-        help="tokens per engine step, prefill chunks included (default 512)",
+        "--max-num-batched-tokens", type=_positive_int, default=None, metavar="N",
+        help="tokens per engine step, prefill chunks included (default, as vLLM's server: 8192 on GPUs with "
+        "70+ GiB, 2048 on smaller GPUs, 512 on the CPU)",
     )  # fmt: skip
     g.add_argument(
         "--sliding-chunk", type=_positive_int, default=None, metavar="N",
         help="most tokens of a sequence one sliding-window attention pass takes; each running sequence keeps a "
         "ring of window + N tokens per sliding layer, and longer prefill chunks attend those layers in passes "
-        "(default: --max-num-batched-tokens, at most 1024)",
+        "(default: --max-num-batched-tokens, at most 512)",
     )  # fmt: skip
     g.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,

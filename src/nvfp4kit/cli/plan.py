@@ -8,7 +8,6 @@ import json
 from nvfp4kit.config import list_presets
 from nvfp4kit.plan.gpus import DEFAULT_PRELOAD_USED, GPUS
 from nvfp4kit.plan.kv import KV_DTYPE_BYTES
-from nvfp4kit.plan.pools import DEFAULT_PREFILL_CHUNK
 from nvfp4kit.plan.report import DEFAULT_CONTEXT, DEFAULT_GPU, build_plan
 from nvfp4kit.plan.sglang import SEED_MEM_FRACTION, SEED_SWA_RATIO
 from nvfp4kit.plan.text import format_plan
@@ -102,10 +101,10 @@ def register(p: argparse.ArgumentParser) -> None:
         "SGLang's own default is 0.8)",
     )  # fmt: skip
     p.add_argument(
-        "--prefill-chunk", metavar="N", type=_positive_int, default=DEFAULT_PREFILL_CHUNK,
-        help=f"nvfp4kit's chunked-prefill size: sets the activation reserve and the sliding ring (window + "
-        f"chunk, the chunk counted up to 1,024: longer chunks attend sliding layers in passes) "
-        f"(default {DEFAULT_PREFILL_CHUNK})",
+        "--prefill-chunk", metavar="N", type=_positive_int, default=None,
+        help="nvfp4kit's tokens a step (serve's --max-num-batched-tokens): sets the activation reserve and the "
+        "sliding ring (window + chunk, the chunk counted up to 512: longer chunks attend sliding layers in "
+        "passes) (default: as serve on that card, 8192 with 70+ GiB, 2048 below)",
     )  # fmt: skip
     p.add_argument(
         "--preload-used", metavar="SIZE", type=_size, default=DEFAULT_PRELOAD_USED,
@@ -159,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
         plan["tensor_parallel"] = parallel_plan(
             args.model, args.tensor_parallel_size, free_bytes=plan["gpu"]["free_bytes"], kv_dtype=args.kv_dtype,
-            recipe=args.recipe, prefill_chunk=args.prefill_chunk, context=args.context,
+            recipe=args.recipe, prefill_chunk=plan["nvfp4kit"]["prefill_chunk"], context=args.context,
         )  # fmt: skip
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     if args.tensor_parallel_size > 1 and not args.json:

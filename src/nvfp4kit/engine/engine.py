@@ -34,7 +34,7 @@ from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.engine.step_stats import StepStats
 from nvfp4kit.engine.warmup import WarmupReport, warm_up, warmup_wanted
 from nvfp4kit.model.gemma4 import Gemma4Model
-from nvfp4kit.plan.pools import sliding_chunk
+from nvfp4kit.plan.pools import default_prefill_chunk, sliding_chunk
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 from nvfp4kit.vision.inputs import ImageInputs, image_step
@@ -47,7 +47,7 @@ class EngineConfig:
     kv_dtype: str = "auto"  # bf16, fp8_e4m3, fp8_e5m2, float32; auto = the model's compute dtype
     block_size: int = 16
     max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int | None = None  # tokens a step, prefill chunks included; None: by device
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     num_kv_tokens: int | None = None  # global-pool capacity in tokens; default: from kv_cache_memory
     kv_cache_memory: int | None = (
@@ -63,8 +63,22 @@ class EngineConfig:
     # before serving, run every kernel variant a step can reach (engine/warmup.py); None: on CUDA only
     warmup: bool | None = None
     # most tokens of a sequence one sliding-layer attention pass takes (rings hold window + this); longer prefill
-    # chunks attend sliding layers in several passes. None: min(max_num_batched_tokens, 1024)
+    # chunks attend sliding layers in several passes. None: min(max_num_batched_tokens, 512)
     sliding_chunk: int | None = None
+
+
+def with_device_defaults(
+    config: EngineConfig, device: torch.device | str, *, gpu_memory_budget: int | None = None
+) -> EngineConfig:
+    """`config` with what it leaves to the device filled in: `max_num_batched_tokens` by the GPU's memory, or by
+    `gpu_memory_budget` when the engine acts as if the card had that much (`plan.pools.default_prefill_chunk`)."""
+    if config.max_num_batched_tokens is not None:
+        return config
+    device = torch.device(device)
+    memory = None
+    if device.type == "cuda":
+        memory = gpu_memory_budget or torch.cuda.get_device_properties(device).total_memory
+    return replace(config, max_num_batched_tokens=default_prefill_chunk(memory))
 
 
 def resolve_kv_dtype(kv_dtype: str, *, model_dtype: torch.dtype) -> str:
@@ -84,7 +98,7 @@ class Engine:
         generation_config: dict | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
-        self.config = config or EngineConfig()
+        self.config = with_device_defaults(config or EngineConfig(), model.device)
         self.generation_config = generation_config or {}
         cfg = model.config
         self.device = model.device

@@ -234,6 +234,10 @@ def plan_engine_memory(
     reserve + the smallest useful KV (every sliding ring and one max_model_len request) do not fit.
     """
     seqs, chunk = config.max_num_seqs, config.max_num_batched_tokens
+    if chunk is None:
+        raise ValueError(
+            "plan_engine_memory needs max_num_batched_tokens: apply engine.with_device_defaults first"
+        )
     max_model_len = config.max_model_len or cfg.max_position_embeddings
     shape = plan_pools(cfg, free_bytes=0, weights_bytes=0, kv_dtype=kv_dtype, k_eq_v_once=config.k_eq_v_once,
                        prefill_chunk=chunk, concurrency=seqs, max_batch=seqs,

@@ -2,7 +2,7 @@
 
 Differences from the seed's SGLang pools (see sglang.py):
 - global (full-attention) layers with `attention_k_eq_v` store their shared K=V tensor once (half the bytes);
-- sliding layers get a per-request ring of `window + sliding_chunk` tokens (the prefill chunk up to 1,024: longer
+- sliding layers get a per-request ring of `window + sliding_chunk` tokens (the prefill chunk up to 512: longer
   chunks attend sliding layers in passes) instead of a shared pool split by a hand-tuned ratio, so a request never waits on, or is evicted from, sliding KV;
 - the runtime reserve (prefill activations, logits, CUDA graphs, the weight-expansion scratch of prefill-sized
   GEMMs, a margin) is computed, not guessed with a
@@ -22,11 +22,12 @@ from nvfp4kit.plan.vision import VisionMemory
 # vLLM's default share of the card the engine may use (weights, graphs, activations and KV together).
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 
-DEFAULT_PREFILL_CHUNK = 512  # the engine's default max_num_batched_tokens
+DEFAULT_PREFILL_CHUNK = 512  # the engine's tokens a step on the CPU (GPUs: `default_prefill_chunk`)
+LARGE_GPU_BYTES = 70 * 2**30
 # most tokens of one sequence a sliding-layer attention pass takes; each sequence's ring holds window + this.
 # A step with longer prefill chunks attends its sliding layers in passes (engine/batch_context.py), so a large
 # --max-num-batched-tokens speeds prefill up without growing every sequence's ring with it
-DEFAULT_SLIDING_CHUNK = 1024
+DEFAULT_SLIDING_CHUNK = 512
 DEFAULT_MAX_BATCH = 64
 GRAPH_POOL_BASE = 128 * MiB  # CUDA-graph private pool: per-layer temporaries, split-K workspaces, bookkeeping
 GRAPH_LOGIT_BYTES = (
@@ -64,6 +65,15 @@ def activation_bytes_per_token(cfg: Gemma4TextConfig) -> int:
         ple = 2 * cfg.num_hidden_layers * cfg.hidden_size_per_layer_input
         widest = max(widest, 4 * h + attn + mlp + moe + ple)  # 4h: residual, normed input, two outputs
     return widest * ACT_BYTES
+
+
+def default_prefill_chunk(gpu_memory_bytes: int | None) -> int:
+    """The engine's tokens a step (`--max-num-batched-tokens`) when none are given, as vLLM's server: 8192 on
+    GPUs with 70+ GiB (a long prompt in few, large GEMMs), 2048 on smaller ones (a big chunk's activations would
+    take KV room), `DEFAULT_PREFILL_CHUNK` without a GPU (None)."""
+    if gpu_memory_bytes is None:
+        return DEFAULT_PREFILL_CHUNK
+    return 8192 if gpu_memory_bytes >= LARGE_GPU_BYTES else 2048
 
 
 def sliding_chunk(prefill_chunk: int, limit: int | None = None) -> int:

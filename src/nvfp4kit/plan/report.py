@@ -15,7 +15,7 @@ from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, list_presets, load_con
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.gpus import DEFAULT_PRELOAD_USED, GpuSpec, find_gpu
 from nvfp4kit.plan.kv import KV_DTYPE_BYTES, kv_bytes_per_token
-from nvfp4kit.plan.pools import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, PoolPlan, plan_pools
+from nvfp4kit.plan.pools import DEFAULT_MAX_BATCH, PoolPlan, default_prefill_chunk, plan_pools
 from nvfp4kit.plan.roofline import decode_step
 from nvfp4kit.plan.sglang import (
     SEED_MEM_FRACTION,
@@ -141,14 +141,15 @@ def build_plan(
     recipe: str = "all-nvfp4",
     mem_fraction_static: float = SEED_MEM_FRACTION,
     swa_full_tokens_ratio: float = SEED_SWA_RATIO,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefill_chunk: int | None = None,
     preload_used: int = DEFAULT_PRELOAD_USED,
     sglang_weights: int | None = None,
     k_eq_v_once: bool = True,
     vision: bool = True,
 ) -> dict[str, Any]:
     """Everything `nvfp4kit plan` shows, as a JSON-able dict. `vision=False`: plan text-only serving (the
-    vision tower neither loaded nor planned, as `--language-model-only`)."""
+    vision tower neither loaded nor planned, as `--language-model-only`). `prefill_chunk`: default, the
+    engine's tokens a step on a card of this memory (`default_prefill_chunk`)."""
     source = resolve_model(model)
     cfg = source.cfg
     spec = find_gpu(gpu) if gpu else (None if gpu_memory else find_gpu(DEFAULT_GPU))
@@ -158,6 +159,7 @@ def build_plan(
     if free <= 0:
         raise ValueError(f"GPU memory {memory} B is not more than the {preload_used} B in use before loading")
     context = min(context or DEFAULT_CONTEXT, cfg.max_position_embeddings)
+    prefill_chunk = prefill_chunk or default_prefill_chunk(memory)
 
     weights, checkpoint_bytes = _weights(source, recipe)
     engine_weights = weights.text_bytes

@@ -100,7 +100,7 @@ class RandomLLM(LLM):
         self.seed = seed
         self._request_counter = 0
         engine_config, options = memory_options(
-            engine_config or EngineConfig(), gpu_memory_utilization=gpu_memory_utilization,
+            engine_config or EngineConfig(), device=self.device, gpu_memory_utilization=gpu_memory_utilization,
             gpu_memory_budget=gpu_memory_budget, kv_cache_memory=kv_cache_memory,
         )  # fmt: skip
         model_dtype = resolve_dtype(dtype, self.device)

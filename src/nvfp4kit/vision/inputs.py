@@ -38,7 +38,8 @@ class ImageInputs:
         if self.bidirectional and self.longest > max_chunk:
             raise ValueError(
                 f"an image of {self.longest} soft tokens does not fit one prefill chunk of {max_chunk} tokens "
-                "(raise max_num_batched_tokens or lower the image's soft-token budget)"
+                "(raise max_num_batched_tokens and sliding_chunk, --max-num-batched-tokens / --sliding-chunk, "
+                "or lower the image's soft-token budget)"
             )
 
     def fit_chunk(self, start: int, n: int) -> int:
