@@ -25,6 +25,7 @@ import torch
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.batch_sampler import SampleRow, StepSamples, host_to_device, sample_step
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs, StepTimer, default_batch_sizes
+from nvfp4kit.engine.engine_config import EngineConfig, resolve_kv_dtype, with_device_defaults
 from nvfp4kit.engine.kernel_compiles import COMPILES
 from nvfp4kit.engine.kv_pools import KVCache, KVLayout, pool_bytes
 from nvfp4kit.engine.logits_processors import LogitsRow
@@ -34,58 +35,14 @@ from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.engine.step_stats import StepStats
 from nvfp4kit.engine.warmup import WarmupReport, warm_up, warmup_wanted
 from nvfp4kit.model.gemma4 import Gemma4Model
-from nvfp4kit.plan.pools import default_prefill_chunk, sliding_chunk
+from nvfp4kit.plan.pools import sliding_chunk
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 from nvfp4kit.vision.inputs import ImageInputs, image_step
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    kv_dtype: str = "auto"  # bf16, fp8_e4m3, fp8_e5m2, float32; auto = the model's compute dtype
-    block_size: int = 16
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int | None = None  # tokens a step, prefill chunks included; None: by device
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    num_kv_tokens: int | None = None  # global-pool capacity in tokens; default: from kv_cache_memory
-    kv_cache_memory: int | None = (
-        None  # bytes for both pools; default: enough for max_num_seqs * 4K tokens on CPU
-    )
-    k_eq_v_once: bool = True  # store the shared K=V tensor of k_eq_v layers once
-    attention_backend: str | None = None  # "triton" or "torch"; default: triton on CUDA, torch on CPU
-    cuda_graphs: bool = True  # replay captured decode steps on CUDA (False: eager, as --enforce-eager)
-    graph_batch_sizes: tuple[int, ...] | None = None  # decode batch sizes to capture; default 1,2,4,8,16,...
-    prefix_caching: bool = True  # reuse the KV of prompt beginnings computed before (engine/prefix_cache.py)
-    # launch decode step N+1 from step N's tokens on the device before the host reads them; None: on CUDA only
-    overlap_schedule: bool | None = None
-    # before serving, run every kernel variant a step can reach (engine/warmup.py); None: on CUDA only
-    warmup: bool | None = None
-    # most tokens of a sequence one sliding-layer attention pass takes (rings hold window + this); longer prefill
-    # chunks attend sliding layers in several passes. None: min(max_num_batched_tokens, 512)
-    sliding_chunk: int | None = None
-
-
-def with_device_defaults(
-    config: EngineConfig, device: torch.device | str, *, gpu_memory_budget: int | None = None
-) -> EngineConfig:
-    """`config` with what it leaves to the device filled in: `max_num_batched_tokens` by the GPU's memory, or by
-    `gpu_memory_budget` when the engine acts as if the card had that much (`plan.pools.default_prefill_chunk`)."""
-    if config.max_num_batched_tokens is not None:
-        return config
-    device = torch.device(device)
-    memory = None
-    if device.type == "cuda":
-        memory = gpu_memory_budget or torch.cuda.get_device_properties(device).total_memory
-    return replace(config, max_num_batched_tokens=default_prefill_chunk(memory))
-
-
-def resolve_kv_dtype(kv_dtype: str, *, model_dtype: torch.dtype) -> str:
-    """The cache dtype for `EngineConfig.kv_dtype` ("auto": float32 for float32 models, else bf16)."""
-    if kv_dtype != "auto":
-        return kv_dtype
-    return "float32" if model_dtype == torch.float32 else "bf16"
+__all__ = ["Engine", "EngineConfig", "resolve_kv_dtype", "with_device_defaults"]
 
 
 class Engine:

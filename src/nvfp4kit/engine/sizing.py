@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from nvfp4kit.config import Gemma4TextConfig, load_config
-from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
+from nvfp4kit.engine.engine_config import EngineConfig, resolve_kv_dtype
 from nvfp4kit.formats.components import SCALE_SUFFIXES, TOWER_COMPONENTS, component_of
 from nvfp4kit.formats.safetensors_io import DTYPE_BYTES, CheckpointReader
 from nvfp4kit.model.loader import NON_TEXT_PREFIXES
