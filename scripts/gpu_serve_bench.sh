@@ -11,7 +11,8 @@
 # Usage from the repository root (wheels for what the device lacks in .whl/, installed when present):
 #   bash scripts/gpu_serve_bench.sh OUT_DIR          # the GPU run
 #   bash scripts/gpu_serve_bench.sh OUT_DIR --smoke  # the same steps on the CPU demo model, tiny counts
-# Environment: C1_PROMPTS / C100_PROMPTS (default 32 / 600), SERVE_EXTRA (more serve options, e.g. --no-warmup).
+# Environment: C1_PROMPTS / C100_PROMPTS (default 32 / 600), CHUNK (--max-num-batched-tokens; default the card's),
+# SERVE_EXTRA (more serve options, e.g. --no-warmup).
 set -u -o pipefail
 out=${1:?out dir}
 mode=${2:-gpu}
@@ -34,8 +35,9 @@ if [ "$mode" = --smoke ]; then  # CPU: the demo model, counts that only prove ev
 else
   card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z ' 'a-z-')
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  serve=(--random-weights 26b-a4b --device cuda --kv-cache-dtype fp8_e4m3 --max-model-len 16384 --max-num-seqs 128
-         --max-num-batched-tokens 2048)
+  serve=(--random-weights 26b-a4b --device cuda --kv-cache-dtype fp8_e4m3 --max-model-len 16384 --max-num-seqs 128)
+  # sessions 4-6 ran with 2048 tokens a step; CHUNK=2048 repeats that, unset the card's default (8192 on an H200)
+  [ -n "${CHUNK:-}" ] && serve+=(--max-num-batched-tokens "$CHUNK")
   c1=(--input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts "${C1_PROMPTS:-32}"
       --warmup 4)
   c100=(--concurrency 100 --input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2
