@@ -94,3 +94,35 @@ def test_the_default_caps_the_ring_at_window_plus_512(parts):
     model, tok = parts
     assert Engine(model, tok, config=EngineConfig(max_num_batched_tokens=4096)).layout.ring_size == 8 + 512
     assert Engine(model, tok, config=EngineConfig(max_num_batched_tokens=256)).layout.ring_size == 8 + 256
+
+
+def test_prefix_cache_hits_with_rings_smaller_than_a_chunk(parts):
+    """A second request sharing a long beginning adopts the parked ring and blocks of the first; with rings of
+    window + 5 and chunks of 24 it still gives the tokens an engine without the cache gives. (A ring keeps the
+    last window + 5 positions: the first request stops within 5 tokens of the shared point, so its ring still
+    holds the window the second request continues from.)"""
+    model, tok = parts
+    shared = random_prompts([37], seed=6)[0]
+    jobs = [(shared + [7], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=0)),
+            (shared + [11, 12, 13, 14, 15], PARAMS)]  # fmt: skip
+    runs = {}
+    for caching in (False, True):
+        config = EngineConfig(
+            max_num_batched_tokens=24, block_size=4, sliding_chunk=5, prefix_caching=caching
+        )
+        engine = Engine(model, tok, config=config)
+        out, hits = [], []
+        for prompt, params in jobs:  # one after the other: the second finds the first's blocks
+            rid = engine.add_request(prompt, params)
+            got = []
+            while engine.has_unfinished():
+                for e in engine.step():
+                    if e.request_id == rid:
+                        got.append((e.token_id, e.logprob))
+                        hits.append(e.cached_tokens or 0)
+            out.append(got)
+        runs[caching] = (out, max(hits))
+    (plain, no_hits), (cached, most) = runs[False], runs[True]
+    assert no_hits == 0 and most >= 32  # the shared blocks were reused
+    assert [[t for t, _ in r] for r in cached] == [[t for t, _ in r] for r in plain]
+    assert max(abs(a[1] - b[1]) for x, y in zip(cached, plain) for a, b in zip(x, y)) < 1e-5
