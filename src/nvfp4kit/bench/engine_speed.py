@@ -159,7 +159,7 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
         _log(f"  decode batch {batch}, sampled (t=1, top-p 0.95, top-k 64): {result.tokens_per_s:.1f} tok/s")
     for length in args.prefill:
         result = runs.prefill_speed(engine, prompt_len=length)
-        rows.append({"scenario": "prefill", "batch": 1, "prompt_len": length,
+        rows.append({"scenario": "prefill", "batch": 1, "prompt_len": length, "chunk": engine.config.max_num_batched_tokens,
                      "tokens_per_s": round(result.tokens_per_s, 1)})  # fmt: skip
         rows.append({"scenario": "ttft", "batch": 1, "prompt_len": length, "ms": round(result.ttft_ms, 1)})
         _log(f"  prefill {length}: {result.tokens_per_s:.0f} tok/s, TTFT {result.ttft_ms:.0f} ms")
@@ -321,8 +321,9 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--chunk",
         type=int,
-        default=2048,
-        help="max tokens per step (chunked prefill; each sequence's sliding ring holds window + min(chunk, 512))",
+        default=None,
+        help="max tokens per step (default: the engine's for this card, 8192 with 70+ GiB, 2048 below; sessions "
+        "4-6 measured 2048). Each sequence's sliding ring holds window + min(chunk, 512)",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
