@@ -2,6 +2,8 @@
 
     python scripts/demo_accuracy.py --out docs/results/accuracy.json [--device cpu]
     python scripts/demo_accuracy.py --only all-nvfp4-gptq-round     # one export's row, printed only
+    python scripts/demo_accuracy.py --only all-nvfp4-gptq --calib-samples 256 --calib-records 320
+    python scripts/demo_accuracy.py --only all-nvfp4-gptq-guided --set calib_guided.GROUP_ROWS=64
 
 Makes each export with `nvfp4kit.quant.quantize` (max calibration: the seed's all-NVFP4 recipe and NVIDIA's
 attention-in-BF16 one) and `nvfp4kit.quant.calib_refine.refine_checkpoint` (better scales and rounding,
@@ -14,6 +16,7 @@ and synthetic chats from their own seed; never the held-out slice).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import random
 import sys
@@ -73,6 +76,7 @@ EXPORTS = (  # (name, recipe, calibration, calibration data: None = none needed,
     ("all-nvfp4-mse-output", "all-nvfp4", "mse-output", "domain"),
     ("all-nvfp4-gptq-builtin", "all-nvfp4", "gptq", "builtin"),
     ("all-nvfp4-gptq", "all-nvfp4", "gptq", "domain"),
+    ("all-nvfp4-gptq-guided", "all-nvfp4", "gptq-guided", "domain"),
     ("all-nvfp4-gptq-round", "all-nvfp4", "gptq-round", "domain"),
 )
 
@@ -136,9 +140,24 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument(
+        "--calib-records",
+        type=int,
+        default=160,
+        help="records of demo-domain text (about one 512-token window each)",
+    )
     parser.add_argument("--only", nargs="+", help="export names to measure (default: all of EXPORTS)")
     parser.add_argument("--refine-kwargs", default="{}", help="JSON of extra refine_checkpoint arguments")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="MODULE.NAME=JSON", help="e.g. calib_guided.GROUP_ROWS=64"
+    )
     args = parser.parse_args()
+    for (
+        item
+    ) in args.set:  # settings of nvfp4kit.quant modules (calib_round.STEPS, calib_guided.GROUP_ROWS, ...)
+        target, value = item.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        setattr(importlib.import_module(f"nvfp4kit.quant.{module}"), name, json.loads(value))
     exports = [e for e in EXPORTS if not args.only or e[0] in args.only]
     if args.only and not exports:
         parser.error(f"--only takes names of {', '.join(e[0] for e in EXPORTS)}")
@@ -151,7 +170,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="nvfp4kit-accuracy-") as tmp:
         tmp = Path(tmp)
-        data = {"builtin": [], "domain": [write_domain_calibration(tmp / "domain_calib.jsonl")]}
+        data = {
+            "builtin": [],
+            "domain": [write_domain_calibration(tmp / "domain_calib.jsonl", records=args.calib_records)],
+        }
         reference = ReferenceLogits(
             load_model(bf16, dtype=torch.float32, device=args.device), samples, folder=tmp
         )

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nvfp4kit.cli import main
+from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.formats.safetensors_io import CheckpointReader
+from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.quant import calib_gptq, calib_guided
 from nvfp4kit.quant.calib_data import calibration_samples
@@ -108,3 +111,52 @@ def test_tiny_checkpoint_loss_weighted_gptq_keeps_the_export_format(
     )
     load_model(tmp_path / "guided")
     assert bool(solves) == bool(group_rows)  # grouped statistics reached GPTQ's row-group solve
+
+
+def test_cli_gptq_guided_writes_the_max_layout_with_less_output_error(
+    bf16_checkpoint, quantized, calib_file, calib_shape, tmp_path
+):
+    """`--calibration gptq-guided`: ModelOpt's tensors (the max export's names, shapes and dtypes), loads, and
+    its layer-0 q/k/v (inputs the same in every stream) have less output error on the calibration
+    activations than max's."""
+    num_samples, seq_len = calib_shape
+    src, out = bf16_checkpoint("moe"), tmp_path / "guided"
+    args = ["quantize", str(src), str(out), "--calibration", "gptq-guided", "--calib-data", str(calib_file)]
+    args += ["--num-samples", str(num_samples), "--seq-len", str(seq_len), "--calib-dtype", "float32"]
+    assert main([*args, "--no-progress"]) == 0
+    reference = quantized("moe")
+    ours, theirs = CheckpointReader(out), CheckpointReader(reference)
+    assert ours.names() == theirs.names()
+    for name in theirs.names():
+        assert (ours.info(name).dtype, ours.info(name).shape) == (
+            theirs.info(name).dtype,
+            theirs.info(name).shape,
+        )
+    model = load_model(out, dtype=torch.float32)
+    assert model.config.num_hidden_layers > 1
+    bf16 = load_model(src, dtype=torch.float32)
+    backend = HessianBackend()
+    bf16.set_backend(backend)
+    backend.watch_normed(
+        bf16.layers[0].self_attn.qkv_proj.weight, "qkv", group=bf16.layers[0].self_attn.head_dim
+    )
+    with torch.no_grad():
+        for window in calibration_samples(
+            Tokenizer(src), [calib_file], num_samples=num_samples, seq_len=seq_len
+        ):
+            ids = torch.tensor(window)
+            bf16(ids, ContiguousKVCache(bf16.config).step(len(ids)))
+    h = backend.hessians["qkv"]
+    prefix = "model.layers.0.self_attn."
+    names = [p for p in ("q_proj", "k_proj", "v_proj") if f"{prefix}{p}.weight" in CheckpointReader(src)]
+    weight = torch.cat([CheckpointReader(src).get(f"{prefix}{p}.weight").float() for p in names])
+
+    def output_error(reader: CheckpointReader) -> float:
+        deq = torch.cat(
+            [NVFP4Tensor(*(reader.get(f"{prefix}{p}.{t}") for t in ("weight", "weight_scale", "weight_scale_2")))
+             .dequantize() for p in names]
+        )  # fmt: skip
+        diff = weight - deq
+        return float(torch.einsum("ni,ij,nj->", diff, h, diff))
+
+    assert output_error(ours) < 0.9 * output_error(theirs), (output_error(ours), output_error(theirs))

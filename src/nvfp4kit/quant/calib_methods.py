@@ -30,6 +30,7 @@ class CalibrationMethod:
     needs_data: bool  # whether the refine pass runs calibration tokens through the model
     asymmetric: bool = False  # fit each linear to the full-precision model's outputs (calib_asym)
     learned_rounding: bool = False  # then tune each layer's codes and norms against its outputs (calib_round)
+    loss_weights: str | None = None  # weight tokens by the loss's gradients at each output (calib_guided)
 
     @property
     def refines(self) -> bool:
@@ -79,6 +80,14 @@ CALIBRATION_METHODS: dict[str, CalibrationMethod] = {
             _gptq,
             needs_data=True,
             asymmetric=True,
+        ),
+        CalibrationMethod(
+            "gptq-guided",
+            "gptq with each token's statistics weighted by the model's KL sensitivity at the linear's outputs",
+            _gptq,
+            needs_data=True,
+            asymmetric=True,
+            loss_weights="sampled",
         ),
         CalibrationMethod(
             "gptq-round",

@@ -92,8 +92,9 @@ def refine_checkpoint(
     src, quantized, out, device = Path(src), Path(quantized), Path(out), torch.device(device)
     asymmetric = calib.asymmetric if asymmetric is None else asymmetric
     rounding = calib.learned_rounding if learned_rounding is None else learned_rounding
-    if rounding and not calib.needs_data:
-        raise ValueError(f"learned rounding needs calibration data; {method!r} uses none")
+    loss_weights = calib.loss_weights if loss_weights is None else loss_weights
+    if (rounding or loss_weights) and not calib.needs_data:
+        raise ValueError(f"learned rounding and loss weights need calibration data; {method!r} uses none")
     if not (quantized / HF_QUANT_CONFIG).is_file():
         raise ValueError(
             f"{quantized} has no {HF_QUANT_CONFIG}: refine needs an NVFP4 export made by quantize"
