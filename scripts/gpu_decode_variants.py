@@ -1,11 +1,12 @@
 """Decode launch variants on the card: speed and greedy tokens with PDL modes and the two-stream layer halves.
 
-One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B` (PDL mode P of
-kernels/launch.py, B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py) a fresh
+One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F]` (PDL mode P of
+kernels/launch.py, B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py, F = 0 to
+write K/V with their own launch instead of from qkv_norm_rope, engine/attention_backend.py; default 1) a fresh
 engine (its decode graphs captured under that variant), greedy tokens of two prompts (must be identical across
-variants: both change when a kernel starts, never what it computes) and decode tokens/s with GPU ms per step.
+variants: they change when or where a value is computed, never what) and decode tokens/s with GPU ms per step.
 Usage (GPU machine, repository root):
-  PYTHONPATH=src python3 scripts/gpu_decode_variants.py --out OUT [--variants 0:0 0:1 2:1] [--profile]
+  PYTHONPATH=src python3 scripts/gpu_decode_variants.py --out OUT [--variants 0:1:0 0:1:1 2:1] [--profile]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from nvfp4kit.bench import engine_runs as runs
 from nvfp4kit.bench.engine_speed import profile_decode_step
 from nvfp4kit.config import load_preset
+from nvfp4kit.engine.attention_backend import FUSED_KV_WRITE_VAR
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.kernels.launch import set_pdl_mode
 from nvfp4kit.model.branches import set_branch_streams
@@ -42,7 +45,12 @@ def greedy_tokens(engine: Engine, prompts: list[list[int]], n: int) -> list[list
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variants", nargs="+", default=["0:0", "0:1"], help="PDL mode:branch streams, e.g. 0:1")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["0:1:0", "0:1:1"],
+        help="PDL mode:branch streams[:fused KV write], e.g. 0:1:1",
+    )
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--profile", action="store_true", help="kernel table of one batch-1 step per variant")
@@ -55,9 +63,10 @@ def main() -> None:
     prompts = [runs.random_prompt(cfg, n, seed=s) for s, n in ((1, 37), (2, 700))]
     rows, tokens = [], {}
     for variant in args.variants:
-        mode, branches = (int(v) for v in variant.split(":"))
+        mode, branches, fused_kv = ([int(v) for v in variant.split(":")] + [1])[:3]
         set_pdl_mode(mode)
         set_branch_streams(bool(branches))
+        os.environ[FUSED_KV_WRITE_VAR] = str(fused_kv)  # read when the decode graphs are captured
         config = EngineConfig(
             kv_dtype="fp8_e5m2", max_num_seqs=max(args.batches), max_num_batched_tokens=2048,
             num_kv_tokens=max(args.batches) * 700 + 4096, prefix_caching=False,

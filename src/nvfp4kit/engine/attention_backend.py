@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from nvfp4kit.engine.batch_context import BatchContext
 
 ENV_VAR = "NVFP4KIT_ATTENTION_BACKEND"
+FUSED_KV_WRITE_VAR = "NVFP4KIT_FUSED_KV_WRITE"  # 0: K/V written by their own launch (for A/B timing)
+
+
+def fused_kv_write_enabled() -> bool:
+    return os.environ.get(FUSED_KV_WRITE_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 class AttentionBackend(Protocol):
@@ -65,6 +70,20 @@ class TritonAttentionBackend:
             raise RuntimeError(f"the triton attention backend needs Triton installed ({err})") from err
         self._write, self._kernels, self._prefill = kv_write, paged_attention, prefill_attention
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def kv_sink(self, ctx, layer: int):
+        """Where `layer`'s K/V rows go when the kernel computing them stores them too (`qkv_norm_rope`), or None
+        when `attend` must write them: a sliding layer attended in several passes writes pass by pass."""
+        if not fused_kv_write_enabled():
+            return None
+        cache, sliding = ctx.cache, ctx.cfg.is_sliding(layer)
+        if sliding and len(ctx.sliding_metadata()) > 1:
+            return None
+        meta = ctx.metadata
+        return self._write.KVSink(
+            slots=meta.ring_slots if sliding else meta.global_slots, v_store=cache.values[layer],
+            k_store=cache.keys[layer], v_scale=cache.scale(layer, 1), k_scale=cache.scale(layer, 0),
+        )  # fmt: skip
 
     def attend(self, ctx, layer, q, k, v, *, window):
         sliding = ctx.cfg.is_sliding(layer)

@@ -276,6 +276,12 @@ class BatchContext:
             self._sliding = [meta] if passes is None else [meta.sliding_pass(p) for p in passes]
         return self._sliding
 
+    def kv_sink(self, layer: int):
+        """Where `layer`'s K/V go when the kernel that computes them can store them (None: `attend` writes them);
+        the attention backend decides (`TritonAttentionBackend.kv_sink`)."""
+        sink = getattr(self.backend, "kv_sink", None)
+        return None if sink is None else sink(self, layer)
+
     def attend(
         self,
         layer: int,

@@ -50,6 +50,7 @@ class TritonBackend:
     ffn_inputs = staticmethod(norms.ffn_inputs)
     ffn_tail = staticmethod(norms.ffn_tail)
     qkv_norm_rope = staticmethod(qkv_norm_rope)
+    stores_kv = True  # qkv_norm_rope takes a `kv_sink` (kernels/kv_write.KVSink) and stores K/V itself
     geglu = staticmethod(geglu)
     route = staticmethod(route)
 

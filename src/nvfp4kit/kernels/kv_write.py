@@ -96,6 +96,34 @@ def encode_fp8(
 
 
 @triton.jit
+def encode_kv(
+    x, scale, FORMAT: tl.constexpr, MAN: tl.constexpr, BIAS: tl.constexpr, MAX_VALUE: tl.constexpr,
+    MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr, store_dtype,
+):  # fmt: skip
+    """Values (already rounded to the activation dtype) as a pool stores them: x / scale in its format."""
+    x = x.to(tl.float32) / scale
+    if FORMAT == 0:
+        return x.to(store_dtype)
+    elif FORMAT == 3:
+        return encode_bf16(x)
+    else:
+        return encode_fp8(x, MAN, BIAS, MAX_VALUE, MIN_NORMAL, SUB_SCALE)
+
+
+@dataclass(frozen=True)
+class KVSink:
+    """Where a layer's K/V rows go when the kernel that computes them also stores them (`qkv_norm_rope`):
+    pool rows `slots` [T] (negative: skip the token) of `v_store` (and `k_store`; None for a pool that keeps V
+    only), with their scales."""
+
+    slots: torch.Tensor
+    v_store: torch.Tensor
+    k_store: torch.Tensor | None
+    v_scale: float = 1.0
+    k_scale: float = 1.0
+
+
+@triton.jit
 def decode_e4m3(raw):
     """E4M3 bytes (as uint16) -> fp16 of value / 256, exact: the bits move into fp16's fields (bias 15 vs 7), so
     subnormals stay exact too and no FP8 hardware is needed (SM80). The caller applies the 256."""
@@ -136,23 +164,24 @@ def _kv_write_kernel(
     cols = tl.arange(0, D)
     keep = cols < tl.where(slot >= 0, D, 0)
     slot = tl.maximum(slot, 0)
-    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + cols).to(tl.float32) / v_scale
-    if FORMAT == 0:
-        v_out = v.to(v_store.dtype.element_ty)
-    elif FORMAT == 3:
-        v_out = encode_bf16(v)
-    else:
-        v_out = encode_fp8(v, MAN, BIAS, MAX_VALUE, MIN_NORMAL, SUB_SCALE)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + cols)
+    v_out = encode_kv(
+        v, v_scale, FORMAT, MAN, BIAS, MAX_VALUE, MIN_NORMAL, SUB_SCALE, v_store.dtype.element_ty
+    )
     tl.store(v_store + slot * stride_vs + h * stride_vh_store + cols, v_out, mask=keep)
     if HAS_K:
-        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + cols).to(tl.float32) / k_scale
-        if FORMAT == 0:
-            k_out = k.to(k_store.dtype.element_ty)
-        elif FORMAT == 3:
-            k_out = encode_bf16(k)
-        else:
-            k_out = encode_fp8(k, MAN, BIAS, MAX_VALUE, MIN_NORMAL, SUB_SCALE)
+        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + cols)
+        k_out = encode_kv(
+            k, k_scale, FORMAT, MAN, BIAS, MAX_VALUE, MIN_NORMAL, SUB_SCALE, k_store.dtype.element_ty
+        )
         tl.store(k_store + slot * stride_ks + h * stride_kh_store + cols, k_out, mask=keep)
+
+
+def format_constants(store: torch.Tensor) -> dict:
+    """The encode constants of a pool's format, as the kernels' constexpr keywords."""
+    fmt = kv_format(store)
+    return dict(FORMAT=fmt.code, MAN=fmt.mantissa_bits, BIAS=fmt.exponent_bias, MAX_VALUE=fmt.max_value,
+                MIN_NORMAL=fmt.min_normal, SUB_SCALE=fmt.subnormal_scale)  # fmt: skip
 
 
 def write_kv(
@@ -178,7 +207,6 @@ def write_kv(
         raise ValueError(f"slots has shape {tuple(slots.shape)}, expected ({tokens},)")
     if tokens == 0:
         return
-    fmt = kv_format(v_store)
     if k is not None and (k.shape != v.shape or k_store.dtype != v_store.dtype):
         raise ValueError("k and v (and their pools) must have the same shape and dtype")
     v = v if v.stride(-1) == 1 else v.contiguous()
@@ -189,6 +217,6 @@ def write_kv(
         k_arg, v, slots, ks, vs, float(k_scale), float(v_scale),
         k_arg.stride(0), k_arg.stride(1), v.stride(0), v.stride(1),
         ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1),
-        HAS_K=k is not None, D=head_dim, FORMAT=fmt.code, MAN=fmt.mantissa_bits, BIAS=fmt.exponent_bias,
-        MAX_VALUE=fmt.max_value, MIN_NORMAL=fmt.min_normal, SUB_SCALE=fmt.subnormal_scale, num_warps=1 if head_dim <= 256 else 2, **pdl_args(v.device),
+        HAS_K=k is not None, D=head_dim, **format_constants(v_store), num_warps=1 if head_dim <= 256 else 2,
+        **pdl_args(v.device),
     )  # fmt: skip

@@ -77,7 +77,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = regions(self.backend).qkv_norm_rope(
+        fused = regions(self.backend)
+        # where both sides can, the kernel that makes k and v also stores them in the KV cache (one launch less)
+        sink = None
+        if self.computes_kv and getattr(fused, "stores_kv", False) and hasattr(ctx, "kv_sink"):
+            sink = ctx.kv_sink(self.layer)
+        q, k, v = fused.qkv_norm_rope(
             self.qkv_proj(x),
             positions=ctx.positions,
             inv_freq=self.inv_freq,
@@ -88,7 +93,10 @@ class Attention(nn.Module):
             head_dim=self.head_dim,
             v_proj=self.has_v_proj,
             eps=self.eps,
+            **({} if sink is None else {"kv_sink": sink}),
         )
+        if sink is not None:
+            k = v = None  # stored: attend reads them from the cache
         out = ctx.attend(self.layer, q, k, v, window=self.window)
         return all_reduce(self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), self.parallel)
 
