@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from nvfp4kit.cli import main
+from nvfp4kit.eval import compare_checkpoints, load_samples
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.loader import load_model
-from nvfp4kit.quant import calib_gptq, calib_guided
+from nvfp4kit.quant import calib_gptq, calib_guided, quantize
 from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.quant.calib_gptq import gptq_quantize, gptq_quantize_group
 from nvfp4kit.quant.calib_guided import token_sensitivities
@@ -160,3 +161,17 @@ def test_cli_gptq_guided_writes_the_max_layout_with_less_output_error(
         return float(torch.einsum("ni,ij,nj->", diff, h, diff))
 
     assert output_error(ours) < 0.9 * output_error(theirs), (output_error(ours), output_error(theirs))
+
+
+def test_e2b_per_layer_inputs_and_shared_kv(bf16_checkpoint, calib_file, tmp_path):
+    """The gradient pass through per-layer inputs and layers that reuse earlier keys/values (E2B-like)."""
+    src = bf16_checkpoint("e2b", hidden_size_per_layer_input=16)
+    kwargs = dict(
+        calib_data=[calib_file], num_samples=6, seq_len=48, progress=False, calib_dtype=torch.float32
+    )
+    base = quantize(src, tmp_path / "max", **kwargs).output
+    guided = quantize(src, tmp_path / "guided", calibration="gptq-guided", **kwargs).output
+    assert CheckpointReader(guided).names() == CheckpointReader(base).names()
+    samples = load_samples([calib_file], Tokenizer(src), num_samples=4, seq_len=48)
+    kl = {f: compare_checkpoints(src, f, samples).agreement.kl_mean for f in (base, guided)}
+    assert kl[guided] < 0.95 * kl[base], kl
