@@ -94,7 +94,8 @@ def test_e2b_per_layer_inputs_and_shared_kv(bf16_checkpoint, calib_file, tmp_pat
 
 def test_refusals(bf16_checkpoint, quantized, tmp_path, monkeypatch, capsys):
     with pytest.raises(
-        RecipeError, match="unknown calibration 'awq'; choose from max, mse, mse-output, gptq, gptq-guided, gptq-round"
+        RecipeError,
+        match="unknown calibration 'awq'; choose from max, mse, mse-output, gptq, gptq-guided, gptq-round",
     ):
         quantize(bf16_checkpoint("moe"), tmp_path / "x", calibration="awq")
     with pytest.raises(
