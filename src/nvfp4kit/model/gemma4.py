@@ -32,7 +32,10 @@ from nvfp4kit.model.ops import (
 
 
 class AttentionContext(Protocol):
-    """Where a forward step's tokens sit and how attention reads and writes their keys/values."""
+    """Where a forward step's tokens sit and how attention reads and writes their keys/values.
+
+    A context may also offer `kv_sink(layer)`: where the op backend's `qkv_norm_rope` can store the layer's K/V
+    itself (an object its backend understands, or None); `attend` then gets k = v = None for that layer."""
 
     positions: torch.Tensor  # [T] absolute position of each token
 
