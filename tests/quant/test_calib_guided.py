@@ -175,3 +175,15 @@ def test_e2b_per_layer_inputs_and_shared_kv(bf16_checkpoint, calib_file, tmp_pat
     samples = load_samples([calib_file], Tokenizer(src), num_samples=4, seq_len=48)
     kl = {f: compare_checkpoints(src, f, samples).agreement.kl_mean for f in (base, guided)}
     assert kl[guided] < 0.95 * kl[base], kl
+
+
+def test_a_model_too_large_for_the_gradient_pass_is_refused_before_any_work(
+    bf16_checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(calib_guided, "free_memory", lambda device: 2**20)  # 1 MiB free
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"gptq-guided.*fp32.*--calibration gptq"):
+        quantize(
+            bf16_checkpoint("moe"), out, calibration="gptq-guided", num_samples=2, seq_len=16, progress=False
+        )
+    assert not out.exists() and not list(tmp_path.glob(".out.max-*"))  # refused before the max pass

@@ -19,6 +19,7 @@ output (calib_hessian multiplies in each routing weight squared), their gate/up 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,11 +28,15 @@ import torch.nn.functional as F
 from nvfp4kit.config import load_config
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.model.ops import TorchBackend
+from nvfp4kit.plan.weights import parameter_counts
 from nvfp4kit.quant.calib_hessian import CLIP
 from nvfp4kit.quant.calib_layer import linear_groups
 from nvfp4kit.quant.calibrate import CalibrationContext, chunk_samples
+from nvfp4kit.quant.layer_quant import QuantizeError
 
 LABELS = ("data", "sampled")
+# fp32 weights plus the autograd graph of one chunk: what the gradient pass needs, as a multiple of the weights
+GRADIENT_MEMORY_FACTOR = 1.5
 GROUP_ROWS = 0  # 0: one weight per token; n: per token and group of n output rows (dense linears)
 
 
@@ -72,6 +77,30 @@ class GradientBackend(TorchBackend):
         return self._keep(super().moe(x, topk_ids, topk_weights, gate_up, down), gate_up, grouped=False)
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for the gradient pass on `device` (None where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_gradient_memory(src: str | Path, device: str | torch.device) -> None:
+    """Refuse, before any work, a model whose loss-aware weights cannot be computed here: the gradient pass
+    holds the whole text model in fp32 (26B-A4B: 101 GB), not one layer at a time like the rest of quantize."""
+    device = torch.device(device)
+    need = int(4 * parameter_counts(load_config(src)).total * GRADIENT_MEMORY_FACTOR)
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise QuantizeError(
+            f"loss-aware calibration (gptq-guided) runs the whole model in fp32 for its gradients: about "
+            f"{need / 2**30:.1f} GiB, but {device} has {free / 2**30:.1f} GiB free. Use --calibration gptq "
+            "(layer by layer, no gradients), or a device with more memory"
+        )
+
+
 def token_sensitivities(
     src: str | Path,
     samples: list[list[int]],
@@ -89,6 +118,7 @@ def token_sensitivities(
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
     device = torch.device(device)
+    check_gradient_memory(src, device)
     cfg = load_config(src)
     backend = GradientBackend(GROUP_ROWS if group_rows is None else group_rows)
     model = load_model(src, dtype=torch.float32, device=device, backend=backend)

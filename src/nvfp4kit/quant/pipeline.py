@@ -40,6 +40,7 @@ from nvfp4kit.model.loader import NON_TEXT_PREFIXES, fill_layer, resolve_dtype
 from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.model.weight_sources import WeightSource
 from nvfp4kit.quant.calib_data import calibration_samples
+from nvfp4kit.quant.calib_guided import check_gradient_memory
 from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS
 from nvfp4kit.quant.calib_refine import refine_checkpoint
 from nvfp4kit.quant.calibrate import CalibrationContext, RecordingBackend, chunk_samples
@@ -103,6 +104,8 @@ def quantize(
     if not CALIBRATION_METHODS[calibration].refines:
         return _quantize_max(src, out, overwrite=overwrite, started=started, **max_pass)
     check_output(src, out, overwrite=overwrite)  # before the long first pass, not after it
+    if CALIBRATION_METHODS[calibration].loss_weights:
+        check_gradient_memory(src, device)
     base = out.parent / f".{out.name}.max-{os.getpid()}"
     try:
         report = _quantize_max(src, base, overwrite=True, started=started, **max_pass)
