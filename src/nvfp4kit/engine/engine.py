@@ -188,9 +188,8 @@ class Engine:
         began, self._step_kinds = time.perf_counter(), []
         events = self._step()
         seconds = time.perf_counter() - began
-        for (
-            kind
-        ) in self._step_kinds:  # a host-scheduled decode and the one the overlap launches after it share
+        # a host-scheduled decode and the one the overlap launches right after it share the step's wall time
+        for kind in self._step_kinds:
             self.step_stats.add(kind, seconds / len(self._step_kinds))
         return events
 

@@ -1,8 +1,8 @@
 """The engine's KV storage for Gemma 4's two kinds of layers.
 
 - Sliding-window layers: each running request owns a ring of `window + sliding chunk` slots per layer (a
-  longer prefill chunk is attended in passes of the sliding chunk); token at position p lives in slot p % ring. Out-of-window tokens are overwritten, never kept, and there is no
-  static SWA/full ratio to tune.
+  longer prefill chunk is attended in passes of the sliding chunk); token at position p lives in slot
+  p % ring. Out-of-window tokens are overwritten, never kept, and there is no static SWA/full ratio to tune.
 - Global layers: fixed-size blocks from one shared pool, listed in each request's block table, growing with
   the context. For `attention_k_eq_v` layers the normalised shared tensor (which *is* V) is stored once and
   K is derived from it at attention time (times k_norm's weight, then RoPE): half the global-layer KV.

@@ -3,7 +3,8 @@
 Differences from the seed's SGLang pools (see sglang.py):
 - global (full-attention) layers with `attention_k_eq_v` store their shared K=V tensor once (half the bytes);
 - sliding layers get a per-request ring of `window + sliding_chunk` tokens (the prefill chunk up to 512: longer
-  chunks attend sliding layers in passes) instead of a shared pool split by a hand-tuned ratio, so a request never waits on, or is evicted from, sliding KV;
+  chunks attend sliding layers in passes) instead of a shared pool split by a hand-tuned ratio, so a request
+  never waits on, or is evicted from, sliding KV;
 - the runtime reserve (prefill activations, logits, CUDA graphs, the weight-expansion scratch of prefill-sized
   GEMMs, a margin) is computed, not guessed with a
   memory fraction; whatever is left is the global-layer pool.
