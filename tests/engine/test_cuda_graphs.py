@@ -138,3 +138,16 @@ def test_rows_reused_by_shorter_sequences_read_only_their_own_blocks(tiny_checkp
     engine.graphs.capture()
     assert run(engine) == expected
     assert [len(t) for t in expected] == list(lengths)
+
+
+def test_graphs_refuse_an_attention_backend_that_reads_host_lists(tiny_checkpoint):
+    """The torch backend takes positions and slots from the step's host lists, which a replay cannot refill: a
+    captured graph would replay the capture's (empty) step. The engine runs such a backend eager instead."""
+    model = load_model(tiny_checkpoint("moe"))
+    engine = Engine(
+        model, None, config=EngineConfig(block_size=4, num_kv_tokens=64, attention_backend="torch")
+    )
+    with pytest.raises(ValueError, match="run eager"):
+        DecodeGraphs(
+            model, engine.cache, batch_sizes=(1,), max_model_len=64, attention_backend="torch", eager=True
+        )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice, StepMetadata
 from nvfp4kit.engine.kv_pools import KVCache
 from nvfp4kit.kernels.attention_metadata import WorkItems
@@ -70,6 +71,12 @@ class DecodeGraphs:
         layout = cache.layout
         self.max_blocks = min(layout.num_blocks, -(-max_model_len // layout.block_size))
         self.max_model_len = max_model_len
+        if not select_attention_backend(model.device, attention_backend).needs_metadata:
+            # such a backend reads positions and slots from the host's lists, which a replay cannot refill
+            raise ValueError(
+                f"CUDA graphs need an attention backend that reads the step from device buffers (triton), "
+                f"not {attention_backend or 'the default'}; run eager instead"
+            )
         self.attention_backend = attention_backend
         self._graphs: dict[int, _DecodeGraph] = {}
         self._pool = None

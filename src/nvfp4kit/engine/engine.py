@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.batch_sampler import SampleRow, StepSamples, host_to_device, sample_step
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs, StepTimer, default_batch_sizes
@@ -100,7 +101,12 @@ class Engine:
         self.step_stats = StepStats()  # steps and their wall time by kind (`/metrics`)
         self._step_kinds: list[str] = []  # what the step under way launched (overlap: up to two decodes)
         self.graphs: DecodeGraphs | None = None
-        if self.config.cuda_graphs and self.device.type == "cuda":
+        graphs = self.config.cuda_graphs and self.device.type == "cuda"
+        if graphs and not select_attention_backend(self.device, self.config.attention_backend).needs_metadata:
+            log.info("decode runs eager: the %s attention backend cannot be captured in CUDA graphs",
+                     self.config.attention_backend)  # fmt: skip
+            graphs = False
+        if graphs:
             sizes = self.config.graph_batch_sizes or default_batch_sizes(self.config.max_num_seqs)
             self.graphs = DecodeGraphs(
                 model, self.cache, batch_sizes=sizes, max_model_len=self.max_model_len,
