@@ -12,7 +12,8 @@
 #   bash scripts/gpu_serve_bench.sh OUT_DIR          # the GPU run
 #   bash scripts/gpu_serve_bench.sh OUT_DIR --smoke  # the same steps on the CPU demo model, tiny counts
 # Environment: C1_PROMPTS / C100_PROMPTS (default 32 / 600), CHUNK (--max-num-batched-tokens; default the card's),
-# SERVE_EXTRA (more serve options, e.g. --no-warmup).
+# SERVE_EXTRA (more serve options, e.g. --no-warmup), LEVELS (the levels to run, default
+# "turns_uncached turns_cached n4 c100 c1"; without turns_uncached no uncached server is started).
 set -u -o pipefail
 out=${1:?out dir}
 mode=${2:-gpu}
@@ -99,6 +100,7 @@ PY
 
 level() {  # $1: row name; the rest: bench serve options
   local name=$1; shift
+  case " ${LEVELS:-turns_uncached turns_cached n4 c100 c1} " in *" $name "*) ;; *) return 0 ;; esac
   if [ $(( $(date +%s) - began )) -gt "${budget_s:-540}" ]; then  # the device lends 10 minutes a command
     echo "skipping $name: $(( $(date +%s) - began )) s spent"; return 0
   fi
@@ -111,7 +113,7 @@ level() {  # $1: row name; the rest: bench serve options
 }
 
 # without the prefix cache first: the multi-turn baseline; its start compiles the kernels for the second one
-if start_server uncached --no-prefix-caching; then
+if [[ " ${LEVELS:-turns_uncached} " == *" turns_uncached "* ]] && start_server uncached --no-prefix-caching; then
   level turns_uncached --endpoint chat "${turns[@]}"
   stop_server
 fi
