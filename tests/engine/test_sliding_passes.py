@@ -91,6 +91,7 @@ def test_triton_passes_equal_the_reference_passes(parts, monkeypatch):
 
 
 def test_the_default_caps_the_ring_at_window_plus_512(parts):
+    """On the CPU (and GPUs under 70 GiB; `plan.pools.default_sliding_chunk`)."""
     model, tok = parts
     assert Engine(model, tok, config=EngineConfig(max_num_batched_tokens=4096)).layout.ring_size == 8 + 512
     assert Engine(model, tok, config=EngineConfig(max_num_batched_tokens=256)).layout.ring_size == 8 + 256

@@ -1,7 +1,8 @@
 import pytest
 
 from nvfp4kit.config import load_preset
-from nvfp4kit.plan.pools import plan_pools
+from nvfp4kit.plan.pools import default_sliding_chunk, plan_pools
+from nvfp4kit.plan.report import build_plan
 from nvfp4kit.plan.units import GiB
 from nvfp4kit.plan.weights import weights_from_config
 
@@ -101,3 +102,14 @@ def test_reserve_holds_the_weight_expansion_scratch_of_prefill_sized_chunks():
     assert expansion_scratch_bytes(CFG, MOE_PREFILL_MIN_TOKENS) == 128 * 704 * 2_816 * 2
     small, large = plan(prefill_chunk=2048).reserve, plan(prefill_chunk=4096).reserve
     assert large.scratch - small.scratch == 128 * 704 * 2_816 * 2 - 10_240 * 2_816 * 2
+
+
+def test_big_cards_attend_sliding_layers_in_passes_of_2048_small_ones_512():
+    """Passes cost launches (26 ms more on a 1.6K-token cached chat turn on the H200 in passes of 512); their ring
+    slots cost memory a 24 GB card needs for the global pool."""
+    assert default_sliding_chunk(None) == 512  # the CPU
+    assert default_sliding_chunk(24 * GiB) == 512
+    assert default_sliding_chunk(80 * GiB) == 2048
+    assert build_plan("gemma-4-26b-a4b", gpu="RTX 3090")["nvfp4kit"]["ring_tokens"] == 1024 + 512
+    assert build_plan("gemma-4-26b-a4b", gpu="H200")["nvfp4kit"]["ring_tokens"] == 1024 + 2048
+    assert build_plan("gemma-4-26b-a4b", gpu="H200", prefill_chunk=1024)["nvfp4kit"]["ring_tokens"] == 2048

@@ -323,7 +323,7 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="max tokens per step (default: the engine's for this card, 8192 with 70+ GiB, 2048 below; sessions "
-        "4-6 measured 2048). Each sequence's sliding ring holds window + min(chunk, 512)",
+        "4-6 measured 2048). Each sequence's sliding ring holds window + min(chunk, 512; 2048 with 70+ GiB)",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")

@@ -64,7 +64,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "--sliding-chunk", type=_positive_int, default=None, metavar="N",
         help="most tokens of a sequence one sliding-window attention pass takes; each running sequence keeps a "
         "ring of window + N tokens per sliding layer, and longer prefill chunks attend those layers in passes "
-        "(default: --max-num-batched-tokens, at most 512)",
+        "(default: --max-num-batched-tokens, at most 2048 on GPUs with 70+ GiB, 512 on smaller ones)",
     )  # fmt: skip
     g.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,

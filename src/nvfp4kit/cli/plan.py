@@ -103,8 +103,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefill-chunk", metavar="N", type=_positive_int, default=None,
         help="nvfp4kit's tokens a step (serve's --max-num-batched-tokens): sets the activation reserve and the "
-        "sliding ring (window + chunk, the chunk counted up to 512: longer chunks attend sliding layers in "
-        "passes) (default: as serve on that card, 8192 with 70+ GiB, 2048 below)",
+        "sliding ring (window + chunk, the chunk counted up to 512, or 2048 with 70+ GiB: longer chunks attend "
+        "sliding layers in passes) (default: as serve on that card, 8192 with 70+ GiB, 2048 below)",
     )  # fmt: skip
     p.add_argument(
         "--preload-used", metavar="SIZE", type=_size, default=DEFAULT_PRELOAD_USED,

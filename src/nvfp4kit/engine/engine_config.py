@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from nvfp4kit.plan.pools import default_prefill_chunk
+from nvfp4kit.plan.pools import default_prefill_chunk, default_sliding_chunk
 
 
 @dataclass(frozen=True)
@@ -30,22 +30,28 @@ class EngineConfig:
     # before serving, run every kernel variant a step can reach (engine/warmup.py); None: on CUDA only
     warmup: bool | None = None
     # most tokens of a sequence one sliding-layer attention pass takes (rings hold window + this); longer prefill
-    # chunks attend sliding layers in several passes. None: min(max_num_batched_tokens, 512)
+    # chunks attend sliding layers in several passes. None: by device, 2048 on 70+ GiB GPUs, else 512 (each capped
+    # at max_num_batched_tokens)
     sliding_chunk: int | None = None
 
 
 def with_device_defaults(
     config: EngineConfig, device: torch.device | str, *, gpu_memory_budget: int | None = None
 ) -> EngineConfig:
-    """`config` with what it leaves to the device filled in: `max_num_batched_tokens` by the GPU's memory, or by
-    `gpu_memory_budget` when the engine acts as if the card had that much (`plan.pools.default_prefill_chunk`)."""
-    if config.max_num_batched_tokens is not None:
+    """`config` with what it leaves to the device filled in, by the GPU's memory, or by `gpu_memory_budget` when
+    the engine acts as if the card had that much: `max_num_batched_tokens` (`plan.pools.default_prefill_chunk`) and
+    the cap on a sliding-layer pass (`plan.pools.default_sliding_chunk`)."""
+    if config.max_num_batched_tokens is not None and config.sliding_chunk is not None:
         return config
     device = torch.device(device)
     memory = None
     if device.type == "cuda":
         memory = gpu_memory_budget or torch.cuda.get_device_properties(device).total_memory
-    return replace(config, max_num_batched_tokens=default_prefill_chunk(memory))
+    return replace(
+        config,
+        max_num_batched_tokens=config.max_num_batched_tokens or default_prefill_chunk(memory),
+        sliding_chunk=config.sliding_chunk or default_sliding_chunk(memory),
+    )
 
 
 def resolve_kv_dtype(kv_dtype: str, *, model_dtype: torch.dtype) -> str:

@@ -29,6 +29,7 @@ LARGE_GPU_BYTES = 70 * 2**30
 # A step with longer prefill chunks attends its sliding layers in passes (engine/batch_context.py), so a large
 # --max-num-batched-tokens speeds prefill up without growing every sequence's ring with it
 DEFAULT_SLIDING_CHUNK = 512
+LARGE_GPU_SLIDING_CHUNK = 2048  # `default_sliding_chunk` on cards with LARGE_GPU_BYTES or more
 DEFAULT_MAX_BATCH = 64
 GRAPH_POOL_BASE = 128 * MiB  # CUDA-graph private pool: per-layer temporaries, split-K workspaces, bookkeeping
 GRAPH_LOGIT_BYTES = (
@@ -75,6 +76,16 @@ def default_prefill_chunk(gpu_memory_bytes: int | None) -> int:
     if gpu_memory_bytes is None:
         return DEFAULT_PREFILL_CHUNK
     return 8192 if gpu_memory_bytes >= LARGE_GPU_BYTES else 2048
+
+
+def default_sliding_chunk(gpu_memory_bytes: int | None) -> int:
+    """The cap on a sliding-layer pass when none is given: 2048 tokens on GPUs with 70+ GiB, `DEFAULT_SLIDING_CHUNK`
+    (512) on smaller ones and the CPU. Each pass costs launches and host time: on the H200 a cached chat turn of
+    ~1.6K new tokens took 26 ms more in passes of 512 (115 vs 89 ms TTFT); a ring of window + 2048 costs 157 MB
+    more per sequence slot for 26B-A4B (FP8), room a 24 GB card does not have."""
+    if gpu_memory_bytes is not None and gpu_memory_bytes >= LARGE_GPU_BYTES:
+        return LARGE_GPU_SLIDING_CHUNK
+    return DEFAULT_SLIDING_CHUNK
 
 
 def sliding_chunk(prefill_chunk: int, limit: int | None = None) -> int:

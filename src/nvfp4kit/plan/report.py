@@ -15,7 +15,13 @@ from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, list_presets, load_con
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.gpus import DEFAULT_PRELOAD_USED, GpuSpec, find_gpu
 from nvfp4kit.plan.kv import KV_DTYPE_BYTES, kv_bytes_per_token
-from nvfp4kit.plan.pools import DEFAULT_MAX_BATCH, PoolPlan, default_prefill_chunk, plan_pools
+from nvfp4kit.plan.pools import (
+    DEFAULT_MAX_BATCH,
+    PoolPlan,
+    default_prefill_chunk,
+    default_sliding_chunk,
+    plan_pools,
+)
 from nvfp4kit.plan.roofline import decode_step
 from nvfp4kit.plan.sglang import (
     SEED_MEM_FRACTION,
@@ -190,6 +196,7 @@ def build_plan(
         cfg, free_bytes=free, weights_bytes=engine_weights, kv_dtype=kv_dtype, k_eq_v_once=k_eq_v_once,
         prefill_chunk=prefill_chunk, context=context, concurrency=concurrency or 1,
         max_batch=max(DEFAULT_MAX_BATCH, concurrency or 1), vision=vision_plan,
+        sliding_limit=default_sliding_chunk(memory),
     )  # fmt: skip
 
     plan: dict[str, Any] = {
