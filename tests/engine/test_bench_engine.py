@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from nvfp4kit.bench import register_all
 from nvfp4kit.bench.engine_runs import decode_roofline, decode_speed, prefill_speed
+from nvfp4kit.bench.engine_speed import engine_config
 from nvfp4kit.bench.hf_baseline import hf_text_config
 from nvfp4kit.config import PRESET_DIR, load_preset
 from nvfp4kit.engine.engine import Engine, EngineConfig
@@ -21,6 +24,26 @@ def test_decode_and_prefill_runs_finish_their_requests(tiny_checkpoint):
     assert not engine.has_unfinished() and len(engine.cache.free_blocks) == engine.layout.num_blocks
     prefill = prefill_speed(engine, prompt_len=40)
     assert prefill.tokens_per_s > 0 and prefill.ttft_ms > 0 and not engine.has_unfinished()
+
+
+def test_a_decode_batch_larger_than_the_engine_runs_is_refused(tiny_checkpoint):
+    """Session 8 on the H200: `bench engine --decode-batches 1` (engine of one sequence) reported the batch-16 sampled
+    row at 4,643 tok/s: one sequence decoded, sixteen counted. The bench sizes the engine for every batch it runs."""
+    engine = Engine(load_model(tiny_checkpoint("moe")), None, config=EngineConfig(max_num_seqs=2))
+    with pytest.raises(ValueError, match="max_num_seqs=2"):
+        decode_speed(engine, batch=3, context=8, steps=2)
+    args = argparse.Namespace(
+        prefill=[64],
+        context=32,
+        steps=4,
+        decode_batches=[1],
+        sampled_batches=[16],
+        kv_dtype="bf16",
+        chunk=None,
+        max_model_len=None,
+        eager=True,
+    )
+    assert engine_config(args, None).max_num_seqs == 16
 
 
 def test_roofline_of_the_26b_shape_matches_the_issue_figure():

@@ -58,6 +58,10 @@ def decode_speed(
     """Aggregate tokens/s of `steps` decode steps of `batch` sequences whose prompts are `context` long
     (greedy, or with `sampling`'s temperature / top-p / top-k); `overlap`: the overlap scheduler on or off
     (None: the engine's setting)."""
+    if batch > engine.config.max_num_seqs:  # the rest would wait, and tokens/s would count them as decoded
+        raise ValueError(
+            f"decode batch {batch} exceeds the engine's max_num_seqs={engine.config.max_num_seqs}"
+        )
     if overlap is not None:
         engine.overlap = overlap
     cfg = engine.model.config

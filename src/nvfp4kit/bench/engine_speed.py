@@ -94,10 +94,11 @@ def random_shard(path, layout, rank: int, *, dtype, device, backend=None, quanti
 
 def engine_config(args: argparse.Namespace, cfg) -> EngineConfig:
     longest = max([*args.prefill, args.context + args.steps + 8])
-    tokens = max(max(args.decode_batches) * (args.context + args.steps + 8), longest) + 1024
+    most = max([*args.decode_batches, *(args.sampled_batches or [])])  # the sampled batches run in it too
+    tokens = max(most * (args.context + args.steps + 8), longest) + 1024
     return EngineConfig(
         kv_dtype=args.kv_dtype,
-        max_num_seqs=max(args.decode_batches),
+        max_num_seqs=most,
         max_num_batched_tokens=args.chunk,
         max_model_len=args.max_model_len,
         num_kv_tokens=tokens,
