@@ -9,7 +9,9 @@ every variant agrees to 1e-6. This probe runs the same prompt once per chunk siz
 hooks every submodule of every decoder layer (attention, its projections, the MLP, the router and experts). All
 steps of the one request are concatenated per module, so each module's output covers the whole prompt. Against
 the first split it prints, in execution order, the first module whose output differs beyond noise and the
-positions that differ; the module names the kernel. Variants: `triton` (default backends), `torch` (torch
+positions that differ; the module names the kernel. Attention is recorded beside the modules as
+`layers.N.attention.q` (after norm and RoPE), `.k_stored` / `.v_stored` (the step's rows as the KV pool holds
+them) and `.out`. Variants: `triton` (default backends), `torch` (torch
 attention backend), `highest` (no TF32 anywhere in torch's fp32 matmuls).
 """
 
@@ -24,6 +26,7 @@ from collections import defaultdict
 import torch
 
 from nvfp4kit import LLM, SamplingParams
+from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.engine import EngineConfig
 from nvfp4kit.testing.tiny import write_tiny_checkpoint
 
@@ -70,6 +73,23 @@ def run(chunk: int, backend: str | None) -> tuple[dict[str, torch.Tensor], list[
             for name, module in llm.engine.model.named_modules()
             if name.startswith("layers.") and name.count(".") >= 1
         ]
+        # what no module hook sees: attention's q (after norm + RoPE), the K/V rows the step stored, its output
+        attention = select_attention_backend(llm.engine.device, backend)
+        plain_attend = attention.attend
+
+        def attend(ctx, layer, q, k, v, *, window):
+            out = plain_attend(ctx, layer, q, k, v, window=window)
+            cache, meta = ctx.cache, ctx.metadata
+            slots = meta.ring_slots if ctx.cfg.is_sliding(layer) else meta.global_slots
+            src = ctx.cfg.kv_source_layer(layer)
+            parts = {"q": q, "v_stored": cache.values[src][slots], "out": out}
+            if cache.keys[src] is not None:
+                parts["k_stored"] = cache.keys[src][slots]
+            for kind, tensor in parts.items():
+                hook(f"layers.{layer}.attention.{kind}")(None, None, tensor)
+            return out
+
+        attention.attend = attend
         params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=0)
         llm.engine.add_request(list(prompt), params)
         logprob = 0.0
@@ -78,6 +98,7 @@ def run(chunk: int, backend: str | None) -> tuple[dict[str, torch.Tensor], list[
                 logprob = event.logprob
         for handle in handles:
             handle.remove()
+        del attention.attend  # the class's method again
     return {name: torch.cat(parts) for name, parts in outputs.items()}, order, logprob
 
 
