@@ -91,8 +91,7 @@ def test_random_weights_cut_per_rank_equal_the_whole_random_model(tmp_path):
     model (the path the GPU benchmark takes)."""
     import functools
 
-    from nvfp4kit.bench.engine_speed import random_shard
-    from nvfp4kit.testing.random_llm import write_random_folder
+    from nvfp4kit.testing.random_llm import random_shard, write_random_folder
     from nvfp4kit.testing.random_model import random_model
 
     cfg = write_random_folder("tiny-dense", tmp_path)
@@ -103,6 +102,21 @@ def test_random_weights_cut_per_rank_equal_the_whole_random_model(tmp_path):
     group.close()
     whole = random_model(cfg, quantized=True, dtype=torch.float32, device="cpu")
     assert got == generate_tokens(Engine(whole, None, config=CONFIG), prompts, GREEDY)
+
+
+def test_random_llm_over_two_ranks_generates_what_one_process_does():
+    """`serve --random-weights SHAPE --tensor-parallel-size 2` (RandomLLM): both ranks build the seeded model and
+    keep their cuts, so TP 2 decodes the tokens of TP 1 on the same weights."""
+    from nvfp4kit.testing.random_llm import RandomLLM
+
+    prompts = ["The quick brown fox", "one two"]
+    with RandomLLM(
+        "tiny-dense", dtype="float32", weights_seed=3, tensor_parallel_size=2, engine_config=CONFIG
+    ) as llm:
+        assert llm.parallel is not None and llm.parallel.layout.world == 2
+        got = [out.outputs[0].token_ids for out in llm.generate(prompts, GREEDY)]
+    with RandomLLM("tiny-dense", dtype="float32", weights_seed=3, engine_config=CONFIG) as llm:
+        assert got == [out.outputs[0].token_ids for out in llm.generate(prompts, GREEDY)]
 
 
 def test_eval_over_two_ranks_scores_as_one_process(split_checkpoint):

@@ -63,8 +63,7 @@ def test_a_rank_that_raises_on_nccl_ends_the_group(split_checkpoint):
 @pytest.mark.parametrize("moe", ["experts", "tensor"])
 def test_26b_a4b_random_greedy_over_two_gpus_matches_one(tmp_path, moe):
     """The issue's check: random NVFP4 weights of the 26B-A4B shape, greedy tokens at TP 2 against TP 1."""
-    from nvfp4kit.bench.engine_speed import random_shard
-    from nvfp4kit.testing.random_llm import write_random_folder
+    from nvfp4kit.testing.random_llm import random_shard, write_random_folder
     from nvfp4kit.testing.random_model import random_model
 
     cfg = write_random_folder("gemma-4-26b-a4b", tmp_path)

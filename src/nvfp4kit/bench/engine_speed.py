@@ -63,7 +63,7 @@ def parallel_model(args: argparse.Namespace):
         cfg, weights = load_config(args.model), weights_from_checkpoint(args.model)
         label = Path(args.model).name
     else:
-        from nvfp4kit.testing.random_llm import write_random_folder
+        from nvfp4kit.testing.random_llm import random_shard, write_random_folder
 
         quantized = args.weights == "nvfp4"
         folder = Path(tempfile.mkdtemp(prefix="nvfp4kit-bench-tp-"))
@@ -77,19 +77,6 @@ def parallel_model(args: argparse.Namespace):
         label = f"{args.preset} (random {args.weights})"
     args.parallel_group = group
     return group.model, cfg, weights, f"{label}, tensor parallel {n} (MoE split by {args.moe_parallel})"
-
-
-def random_shard(path, layout, rank: int, *, dtype, device, backend=None, quantized: bool = True):
-    """One rank's cut of the random model `random_model` builds (the same weights as at TP 1, seed 0)."""
-    from nvfp4kit.distributed.slicing import shard_model
-    from nvfp4kit.testing.random_model import random_model
-
-    full = random_model(layout.cfg, quantized=quantized, dtype=dtype, device=device)
-    shard = shard_model(full, layout, rank)
-    del full
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-    return shard
 
 
 def engine_config(args: argparse.Namespace, cfg) -> EngineConfig:

@@ -155,10 +155,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.tensor_parallel_size > 1:
         from nvfp4kit.plan.parallel import format_parallel, parallel_plan
+        from nvfp4kit.plan.pools import default_sliding_chunk
 
         plan["tensor_parallel"] = parallel_plan(
             args.model, args.tensor_parallel_size, free_bytes=plan["gpu"]["free_bytes"], kv_dtype=args.kv_dtype,
             recipe=args.recipe, prefill_chunk=plan["nvfp4kit"]["prefill_chunk"], context=args.context,
+            sliding_limit=default_sliding_chunk(plan["gpu"]["memory_bytes"]),
         )  # fmt: skip
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     if args.tensor_parallel_size > 1 and not args.json:

@@ -99,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--api-key (or $NVFP4KIT_API_KEY) is empty; give a key or leave it unset")
     if random_weights and args.model:
         raise ValueError("give a model folder or --random-weights SHAPE, not both")
-    if random_weights and getattr(args, "tensor_parallel_size", 1) > 1:
-        raise ValueError("--random-weights runs on one device; --tensor-parallel-size needs a model folder")
     folder, default_name = resolve_model(args.model)
     if not random_weights and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json there)\n{MODEL_HELP}")

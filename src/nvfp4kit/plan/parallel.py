@@ -274,9 +274,11 @@ def parallel_plan(
     recipe: str = "all-nvfp4",
     prefill_chunk: int | None = None,
     context: int | None = None,
+    sliding_limit: int | None = None,
 ) -> dict[str, Any]:
     """`plan --tensor-parallel-size N`: each GPU's weights, KV bytes per token and pools, with `free_bytes`
-    free on every GPU before loading (the vision tower is left out: images are not served under TP yet)."""
+    free on every GPU before loading (the vision tower is left out: images are not served under TP yet);
+    `sliding_limit`: the cap on a sliding-layer pass (`plan.pools.default_sliding_chunk` of the card)."""
     from nvfp4kit.plan.pools import DEFAULT_PREFILL_CHUNK, plan_pools
     from nvfp4kit.plan.report import resolve_model
     from nvfp4kit.plan.weights import weights_from_config
@@ -298,7 +300,7 @@ def parallel_plan(
     summary = parallel_summary(layout, weights_per_rank=per_rank, kv_dtype=kv_dtype)
     pools = plan_pools(
         layout.local_config(), free_bytes=free_bytes, weights_bytes=max(per_rank), kv_dtype=kv_dtype,
-        prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, context=context,
+        prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, context=context, sliding_limit=sliding_limit,
     )  # fmt: skip
     summary.update(
         free_bytes_per_gpu=free_bytes,

@@ -6,10 +6,13 @@
 and the text is nonsense. The folder the server reads (config, generation config, chat template, tokenizer) is
 written to a temporary directory: the tokenizer is the byte-level test tokenizer (Gemma 4's control tokens at
 their ids) padded with `<unusedN>` tokens to the model's vocabulary, so every sampled id decodes to text.
+With `tensor_parallel_size=N` every rank builds the same seeded model and keeps its cut (`random_shard`), so TP 1
+and TP N serve the same weights.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -23,8 +26,10 @@ import torch
 from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, config_from_dict, list_presets
 from nvfp4kit.engine.engine import Engine, EngineConfig, resolve_kv_dtype
 from nvfp4kit.engine.sizing import measure_device_memory, plan_engine_memory
+from nvfp4kit.engine.warmup import warmup_wanted
 from nvfp4kit.llm import LLM, check_device, memory_options
 from nvfp4kit.model.loader import resolve_dtype
+from nvfp4kit.plan.parallel import ParallelLayout
 from nvfp4kit.plan.weights import weights_from_config
 from nvfp4kit.testing.random_model import random_model
 from nvfp4kit.testing.tiny import write_tokenizer
@@ -72,8 +77,8 @@ def write_random_folder(name: str, folder: str | Path) -> Gemma4TextConfig:
 class RandomLLM(LLM):
     """`LLM` with random all-NVFP4 weights of `shape` (a preset name or `tiny-moe`, `tiny-dense`, `tiny-e2b`).
 
-    Takes `LLM`'s engine and memory keywords; on a GPU the KV cache is planned as for a checkpoint, from the
-    planner's weight bytes for the shape."""
+    Takes `LLM`'s engine and memory keywords and `tensor_parallel_size`; on a GPU the KV cache is planned as for a
+    checkpoint, from the planner's weight bytes for the shape (the busiest rank's under TP)."""
 
     def __init__(
         self,
@@ -89,11 +94,12 @@ class RandomLLM(LLM):
         tune: bool = False,
         seed: int | None = None,
         weights_seed: int = 0,
+        tensor_parallel_size: int = 1,
     ):
         self.shape, _, _ = random_shape_config(shape)
         self.path = Path(tempfile.mkdtemp(prefix=f"nvfp4kit-random-{self.shape}-"))
         self._remove_folder = weakref.finalize(self, shutil.rmtree, str(self.path), True)  # also at exit
-        self.engine = self.model = None  # close() works from here on
+        self.engine = self.model = self.parallel = None  # close() works from here on
         cfg = write_random_folder(self.shape, self.path)
         self.device = torch.device(device)
         check_device(self.device)
@@ -104,10 +110,19 @@ class RandomLLM(LLM):
             gpu_memory_budget=gpu_memory_budget, kv_cache_memory=kv_cache_memory,
         )  # fmt: skip
         model_dtype = resolve_dtype(dtype, self.device)
-        extra = cfg.vocab_size * (cfg.hidden_size + 4) if fp8_lm_head else 0
+        layout = None
+        weights = weights_from_config(cfg, recipe="all-nvfp4").text_bytes
+        vocab_rows = cfg.vocab_size
+        if tensor_parallel_size > 1:
+            layout = ParallelLayout(cfg, tensor_parallel_size).check(nvfp4=True)
+            local = weights_from_config(layout.local_config(), recipe="all-nvfp4")
+            weights = layout.busiest_rank_weights(weights_from_config(cfg, recipe="all-nvfp4"), local)
+            vocab_rows = len(layout.vocab_range(0))
+            engine_config = replace(engine_config, cuda_graphs=False)  # CUDA graphs across ranks: not yet
+        extra = vocab_rows * (cfg.hidden_size + 4) if fp8_lm_head else 0
         self.startup_plan = plan_engine_memory(
-            cfg,
-            weights_bytes=weights_from_config(cfg, recipe="all-nvfp4").text_bytes + extra,
+            layout.local_config() if layout else cfg,
+            weights_bytes=weights + extra,
             memory=measure_device_memory(self.device),
             options=options,
             config=engine_config,
@@ -122,17 +137,33 @@ class RandomLLM(LLM):
             _, cache = tune_model(cfg, missing_only=True, log=log.debug)
             log.info("kernel tuning cache: %s", cache)
         log.info("building random NVFP4 weights of %s on %s", self.shape, self.device)
-        self.model = random_model(
-            cfg, quantized=True, dtype=model_dtype, device=self.device, seed=weights_seed
-        )
+        if layout is not None:  # rank 0 here, ranks 1.. spawned; each builds the model and keeps its cut
+            from nvfp4kit.distributed.group import TensorParallelGroup
+
+            self.parallel = TensorParallelGroup.start(
+                self.path, tensor_parallel_size, dtype=model_dtype, device=self.device, quantized=True,
+                loader=functools.partial(random_shard, seed=weights_seed),
+            )  # fmt: skip
+            self.model = self.parallel.model
+        else:
+            self.model = random_model(
+                cfg, quantized=True, dtype=model_dtype, device=self.device, seed=weights_seed
+            )
         if fp8_lm_head:
             self.model.use_fp8_lm_head()
-        self.config = self.model.config
+        self.config = cfg
         self.tokenizer = Tokenizer(self.path)
         self.generation_config = json.loads((self.path / "generation_config.json").read_text())
+        warm_up = warmup_wanted(engine_config.warmup, self.device)
+        if self.parallel is not None:  # the warm-up's forwards run on every rank: after the workers' caches
+            engine_config = replace(engine_config, warmup=False)
         self.engine = Engine(
             self.model, self.tokenizer, config=engine_config, generation_config=self.generation_config
         )
+        if self.parallel is not None:
+            self.parallel.attach(self.engine)
+            if warm_up:
+                self.engine.warm_up()
         self.max_model_len = self.engine.max_model_len
 
     def close(self) -> None:
@@ -140,3 +171,27 @@ class RandomLLM(LLM):
         super().close()
         if "_remove_folder" in self.__dict__:
             self._remove_folder()
+
+
+def random_shard(
+    path,
+    layout: ParallelLayout,
+    rank: int,
+    *,
+    dtype,
+    device,
+    backend=None,
+    quantized: bool = True,
+    seed: int = 0,
+):
+    """One rank's cut of the random model `random_model` builds with `seed` (the same weights as at TP 1)."""
+    from nvfp4kit.distributed.slicing import shard_model
+
+    full = random_model(
+        layout.cfg, quantized=quantized, dtype=dtype, device=device, backend=backend, seed=seed
+    )
+    shard = shard_model(full, layout, rank)
+    del full
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return shard
