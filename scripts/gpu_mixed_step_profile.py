@@ -78,6 +78,26 @@ def kernel_table(engine: Engine, cfg, args) -> dict:
     }
 
 
+def host_profile(engine: Engine, cfg, args) -> list[dict]:
+    """The host's own time in one mixed step by function (cProfile; kernels run asynchronously meanwhile, so a
+    function that waits on the GPU shows the wait as its own time)."""
+    import cProfile
+    import pstats
+
+    add_arrivals(engine, cfg, 1, args.prompt, seed=95_000)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    profiler.disable()
+    rows = []
+    for (file, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
+        rows.append({"function": f"{Path(file).name}:{line}:{name}", "calls": calls,
+                     "own_ms": round(own * 1e3, 3), "cumulative_ms": round(cumulative * 1e3, 3)})  # fmt: skip
+    return sorted(rows, key=lambda r: -r["own_ms"])[: args.top]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="gemma-4-26b-a4b", help="a preset or tiny-moe / tiny-dense")
@@ -132,6 +152,7 @@ def main() -> None:
             samples.append(timed_step(engine))
         record(f"decode {args.decoding} + {count} prompt(s)", count * args.prompt, samples)
     table = kernel_table(engine, cfg, args)
+    host = host_profile(engine, cfg, args)
     for req in list(engine.requests.values()):  # the decoders go; prompts alone follow
         engine.abort(req.request_id)
     while engine.has_unfinished():
@@ -153,6 +174,11 @@ def main() -> None:
           f"kernels, {table['wall_ms_under_profiler']} ms wall")  # fmt: skip
     for t in table["top"]:
         print(f"  {t['ms']:8.3f} ms {t['calls']:5}x  {t['kernel']}")
+    print("host functions of one mixed step by own time (cProfile):")
+    for h in host:
+        print(
+            f"  {h['own_ms']:8.2f} ms own {h['cumulative_ms']:9.2f} ms cum {h['calls']:6}x  {h['function'][:80]}"
+        )
     print(f"{'scenario':34} {'new tokens':>10} {'wall ms':>9} {'event ms':>9}  kinds")
     for r in rows:
         print(
@@ -165,6 +191,7 @@ def main() -> None:
             "args": {k: str(v) for k, v in vars(args).items()},
             "rows": rows,
             "profile": table,
+            "host": host,
         }
         (args.out / "mixed_step.json").write_text(json.dumps(result, indent=1))
 
