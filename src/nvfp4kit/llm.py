@@ -139,7 +139,6 @@ class LLM:
         if tensor_parallel_size > 1:  # rank 0 here, ranks 1.. in spawned processes (docs/parallel.md)
             from nvfp4kit.distributed.memory import plan_parallel_memory
 
-            engine_config = replace(engine_config, cuda_graphs=False)  # CUDA graphs across ranks: not yet
             self.startup_plan = plan_parallel_memory(
                 self.path, tensor_parallel_size, device=self.device, model_dtype=model_dtype,
                 config=engine_config, options=options, fp8_lm_head=fp8_lm_head,
@@ -186,6 +185,7 @@ class LLM:
         )
         if self.parallel is not None:
             self.parallel.attach(self.engine)  # the workers' KV caches, laid out as this engine's
+            self.engine.capture_decode_graphs()  # every rank's, collectives inside (distributed/graphs.py)
             if warm_up:
                 self.engine.warm_up()
         self.max_model_len = self.engine.max_model_len

@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -84,6 +85,36 @@ def test_a_killed_rank_is_reported_by_the_watchdog(split_checkpoint):
     with pytest.raises(TensorParallelError, match="rank 1 was killed by signal 9"):
         generate_tokens(engine, random_prompts([6]), GREEDY)
     group.close()
+
+
+def test_decode_graphs_replay_on_every_rank_in_step(split_checkpoint):
+    """Decode graphs under TP (distributed/graphs.py): every rank captures its graphs over its shard, and each
+    replay is announced, so all ranks refill their fixed buffers from the same sequences and run the captured
+    step together. On the CPU the graphs are eager (same buffers, padding and launch shapes) over gloo: the
+    tokens are those of one process without graphs, and the decode steps go through the graphs."""
+    from nvfp4kit.distributed.graphs import ParallelDecodeGraphs
+    from nvfp4kit.model.loader import load_model
+
+    folder = split_checkpoint("moe", True)
+    config = replace(CONFIG, attention_backend="triton", graph_batch_sizes=(1, 2, 4))
+    group = TensorParallelGroup.start(
+        folder, 2, dtype=torch.float32, device=torch.device("cpu"), timeout_s=60
+    )
+    try:
+        engine = Engine(group.model, None, config=config)
+        group.attach(engine)
+        engine.capture_decode_graphs(eager=True)
+        assert isinstance(engine.graphs, ParallelDecodeGraphs)
+        replays = []
+        run = engine.graphs.run
+        engine.graphs.run = lambda ids, seqs: replays.append(len(seqs)) or run(ids, seqs)
+        prompts = random_prompts([9, 4, 13])
+        got = generate_tokens(engine, prompts, GREEDY)
+    finally:
+        group.close()
+    assert replays and max(replays) == 3  # three sequences decoding, padded to the graph of 4
+    one = Engine(load_model(folder, dtype=torch.float32), None, config=config)
+    assert got == generate_tokens(one, prompts, GREEDY)
 
 
 def test_random_weights_cut_per_rank_equal_the_whole_random_model(tmp_path):

@@ -44,6 +44,21 @@ def test_tiny_nvfp4_moe_over_two_gpus_matches_one(split_checkpoint):
     assert [t[:4] for t in got_tokens] == [t[:4] for t in want_tokens]
 
 
+def test_decode_graphs_with_nccl_inside_give_the_eager_tokens(split_checkpoint):
+    """Every rank captures its decode graphs with the NCCL all-reduces and the logits' all-gather inside
+    (distributed/graphs.py); replays must decode what the eager TP steps decode."""
+    folder = split_checkpoint("moe", True)
+    options = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_model_len=256, tensor_parallel_size=2)
+    prompts = random_prompts([5, 40, 130], seed=3)
+    with LLM(folder, enforce_eager=True, **options) as eager:
+        want = [r.token_ids for r in eager.generate(prompts, GREEDY, use_tqdm=False)]
+    with LLM(folder, **options) as graphs:
+        assert graphs.engine.graphs is not None
+        got = [r.token_ids for r in graphs.generate(prompts, GREEDY, use_tqdm=False)]
+    print(f"\nTP 2 decode graphs: tokens equal to eager: {got == want}")
+    assert [t[:8] for t in got] == [t[:8] for t in want]
+
+
 def test_a_rank_that_raises_on_nccl_ends_the_group(split_checkpoint):
     group = TensorParallelGroup.start(
         split_checkpoint("moe"), 2, dtype=torch.bfloat16, device=torch.device("cuda"), timeout_s=60,

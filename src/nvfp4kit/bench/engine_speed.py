@@ -89,7 +89,7 @@ def engine_config(args: argparse.Namespace, cfg) -> EngineConfig:
         max_num_batched_tokens=args.chunk,
         max_model_len=args.max_model_len,
         num_kv_tokens=tokens,
-        cuda_graphs=not args.eager and getattr(args, "tensor_parallel_size", 1) == 1,  # none across ranks yet
+        cuda_graphs=not args.eager,
         prefix_caching=False,  # the prefill rows reuse one seed: measure whole prefills, not cache hits
     )
 
@@ -102,6 +102,7 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
     engine = Engine(model, None, config=engine_config(args, cfg))
     if getattr(args, "parallel_group", None) is not None:
         args.parallel_group.attach(engine)  # the other ranks' KV caches
+        engine.capture_decode_graphs()  # every rank's
     spec = runs.card_spec()
     bandwidth = spec.bandwidth_bytes_per_s if spec else args.bandwidth_gbps * 1e9
     runs.decode_speed(engine, batch=1, context=64, steps=4)  # compile the eager kernels once
@@ -317,7 +318,7 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
-        help="split the model over N GPUs (one process each; no CUDA graphs across ranks yet)",
+        help="split the model over N GPUs (one process each; every rank captures its decode graphs)",
     )  # fmt: skip
     p.add_argument(
         "--moe-parallel", choices=("experts", "tensor"), default="experts",

@@ -99,6 +99,13 @@ class TensorParallelModel:
         hidden = hidden.contiguous()
         return self._group.call(("logits", hidden.shape[0]), [hidden], lambda: self._model.logits(hidden))
 
+    def decode_graphs(self, cache: Any, **options: Any) -> Any:
+        """Decode graphs that every rank captures and replays together (`Engine.capture_decode_graphs`)."""
+        from nvfp4kit.distributed.graphs import ParallelDecodeGraphs
+        from nvfp4kit.engine.cuda_graphs import DecodeGraphs
+
+        return ParallelDecodeGraphs(self._group, DecodeGraphs(self._model, cache, **options))
+
     def use_fp8_lm_head(self, enabled: bool = True) -> None:
         self._group.call(("fp8_lm_head", enabled), [], lambda: self._model.use_fp8_lm_head(enabled))
 

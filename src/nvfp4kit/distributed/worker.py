@@ -8,7 +8,9 @@ layout: rank 0's scheduler hands out blocks and rings, and the same ids index ev
 Messages (tuples, first item the kind): ("cache", KVLayout, kv dtype name); ("step", seqs, attention backend
 name) then a broadcast of the ids [T]; ("logits", rows) then a broadcast of hidden [rows, H];
 ("sequence", T) then a broadcast of the ids [T] (one whole sequence from an empty contiguous cache: eval); ("copy_ring",
-source, target); ("fp8_lm_head", enabled); ("stop",). A worker that raises sends ("error", rank, message,
+source, target); ("fp8_lm_head", enabled); ("graphs", batch sizes, max_model_len, attention backend, eager): capture
+decode graphs as rank 0 does; ("graph_step", seqs) then a broadcast of the ids [len(seqs)]: replay one
+(distributed/graphs.py); ("stop",). A worker that raises sends ("error", rank, message,
 traceback) and exits, which ends rank 0's pending collective at once (its sockets close).
 """
 
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from nvfp4kit.distributed.collectives import TorchCollectives, join_group, rank_device
 from nvfp4kit.distributed.loading import load_shard
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
+from nvfp4kit.engine.cuda_graphs import DecodeGraphs
 from nvfp4kit.engine.kv_pools import KV_DTYPES, KVCache
 from nvfp4kit.engine.prefix_cache import PrefixCache
 from nvfp4kit.model.contiguous_cache import ContiguousKVCache
@@ -94,6 +97,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn: Connection) -> None:
 def _serve(model: Gemma4Model, conn: Connection, device: torch.device) -> None:
     cache: KVCache | None = None
     rings: PrefixCache | None = None  # only its ring copy is used (the free lists are rank 0's business)
+    graphs: DecodeGraphs | None = None
     hidden_size = model.config.hidden_size
     group: Any = model.parallel
     while True:
@@ -121,6 +125,17 @@ def _serve(model: Gemma4Model, conn: Connection, device: torch.device) -> None:
             rings.copy_ring(message[1], message[2])
         elif kind == "fp8_lm_head":
             model.use_fp8_lm_head(message[1])
+        elif kind == "graphs":
+            _, sizes, max_model_len, attention_backend, eager = message
+            graphs = DecodeGraphs(
+                model, cache, batch_sizes=sizes, max_model_len=max_model_len,
+                attention_backend=attention_backend, eager=eager,
+            )  # fmt: skip
+            graphs.capture()
+        elif kind == "graph_step":
+            slices = [SeqSlice(*s) for s in message[1]]
+            ids = group.broadcast(torch.empty(len(slices), dtype=torch.long, device=device))
+            graphs.run(ids, slices)
         else:
             raise ValueError(f"unknown message {kind!r} from rank 0")
 

@@ -101,18 +101,10 @@ class Engine:
         self.step_stats = StepStats()  # steps and their wall time by kind (`/metrics`)
         self._step_kinds: list[str] = []  # what the step under way launched (overlap: up to two decodes)
         self.graphs: DecodeGraphs | None = None
-        graphs = self.config.cuda_graphs and self.device.type == "cuda"
-        if graphs and not select_attention_backend(self.device, self.config.attention_backend).needs_metadata:
-            log.info("decode runs eager: the %s attention backend cannot be captured in CUDA graphs",
-                     self.config.attention_backend)  # fmt: skip
-            graphs = False
-        if graphs:
-            sizes = self.config.graph_batch_sizes or default_batch_sizes(self.config.max_num_seqs)
-            self.graphs = DecodeGraphs(
-                model, self.cache, batch_sizes=sizes, max_model_len=self.max_model_len,
-                attention_backend=self.config.attention_backend,
-            )  # fmt: skip
-            self.graphs.capture()
+        if not hasattr(
+            model, "decode_graphs"
+        ):  # a tensor-parallel model captures after its ranks' caches exist
+            self.capture_decode_graphs()
         log.info(
             "KV cache: %d global-pool tokens (%.1f MiB), %d sliding rings of %d slots (%.1f MiB), dtype %s",
             num_blocks * layout.block_size, num_blocks * layout.block_size * per_token / 2**20,
@@ -124,6 +116,27 @@ class Engine:
         if self.device.type == "cuda":
             COMPILES.install()
         COMPILES.mark_ready()  # a compilation from here on stalls a serving step: counted and logged
+
+    def capture_decode_graphs(self, *, eager: bool = False) -> None:
+        """Capture the decode steps in CUDA graphs when the config asks for them on a CUDA device (`eager`: the
+        same fixed buffers and padding run without a graph, on any device: how the CPU tests check them). A
+        tensor-parallel model's ranks each capture theirs, collectives inside: call this after
+        `TensorParallelGroup.attach` (the `LLM` does)."""
+        if not eager and not (self.config.cuda_graphs and self.device.type == "cuda"):
+            return
+        if not select_attention_backend(self.device, self.config.attention_backend).needs_metadata:
+            log.info("decode runs eager: the %s attention backend cannot be captured in CUDA graphs",
+                     self.config.attention_backend)  # fmt: skip
+            return
+        options = dict(
+            batch_sizes=self.config.graph_batch_sizes or default_batch_sizes(self.config.max_num_seqs),
+            max_model_len=self.max_model_len, attention_backend=self.config.attention_backend, eager=eager,
+        )  # fmt: skip
+        if hasattr(self.model, "decode_graphs"):  # tensor parallel (distributed/graphs.py)
+            self.graphs = self.model.decode_graphs(self.cache, **options)
+        else:
+            self.graphs = DecodeGraphs(self.model, self.cache, **options)
+        self.graphs.capture()
 
     def warm_up(self) -> WarmupReport:
         """Compile every kernel variant a serving step can reach, on dummy tokens (`engine/warmup.py`); the KV

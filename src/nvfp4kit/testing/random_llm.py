@@ -118,7 +118,6 @@ class RandomLLM(LLM):
             local = weights_from_config(layout.local_config(), recipe="all-nvfp4")
             weights = layout.busiest_rank_weights(weights_from_config(cfg, recipe="all-nvfp4"), local)
             vocab_rows = len(layout.vocab_range(0))
-            engine_config = replace(engine_config, cuda_graphs=False)  # CUDA graphs across ranks: not yet
         extra = vocab_rows * (cfg.hidden_size + 4) if fp8_lm_head else 0
         self.startup_plan = plan_engine_memory(
             layout.local_config() if layout else cfg,
@@ -162,6 +161,7 @@ class RandomLLM(LLM):
         )
         if self.parallel is not None:
             self.parallel.attach(self.engine)
+            self.engine.capture_decode_graphs()
             if warm_up:
                 self.engine.warm_up()
         self.max_model_len = self.engine.max_model_len
