@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nvfp4kit.config import PRESET_DIR, load_preset
-from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
+from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype, with_device_defaults
 from nvfp4kit.engine.sizing import (
     CONTEXT_ALLOWANCE,
     DeviceMemory,
@@ -160,6 +160,19 @@ def test_sizes_read_as_users_write_them(text, value):
 def test_junk_sizes_are_refused_naming_the_option(junk):
     with pytest.raises(ValueError, match="--kv-cache-memory"):
         parse_size(junk, option="--kv-cache-memory")
+
+
+def test_tokens_a_step_and_sliding_passes_follow_the_card():
+    """vLLM-like defaults by card: 8192 tokens a step and sliding passes of 2048 on 70+ GiB (a budget counts as
+    the card's size), 2048 and 512 below, 512 and 512 on the CPU; what the user sets stays."""
+    big = with_device_defaults(EngineConfig(), "cuda", gpu_memory_budget=80 * GiB)
+    assert (big.max_num_batched_tokens, big.sliding_chunk) == (8192, 2048)
+    small = with_device_defaults(EngineConfig(), "cuda", gpu_memory_budget=24 * GiB)
+    assert (small.max_num_batched_tokens, small.sliding_chunk) == (2048, 512)
+    cpu = with_device_defaults(EngineConfig(), "cpu")
+    assert (cpu.max_num_batched_tokens, cpu.sliding_chunk) == (512, 512)
+    mine = with_device_defaults(EngineConfig(sliding_chunk=256), "cuda", gpu_memory_budget=80 * GiB)
+    assert (mine.max_num_batched_tokens, mine.sliding_chunk) == (8192, 256)
 
 
 def test_kv_dtype_auto_follows_the_engine():
