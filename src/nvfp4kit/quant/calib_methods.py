@@ -31,6 +31,7 @@ class CalibrationMethod:
     asymmetric: bool = False  # fit each linear to the full-precision model's outputs (calib_asym)
     learned_rounding: bool = False  # then tune each layer's codes and norms against its outputs (calib_round)
     loss_weights: str | None = None  # weight tokens by the loss's gradients at each output (calib_guided)
+    block_scales: bool = False  # last, tune each layer's block scales against its outputs (calib_block)
 
     @property
     def refines(self) -> bool:

@@ -33,6 +33,7 @@ from nvfp4kit.model.loader import fill_layer
 from nvfp4kit.model.ops import TorchBackend
 from nvfp4kit.model.weight_sources import WeightSource
 from nvfp4kit.quant import calib_round
+from nvfp4kit.quant.calib_block import tune_layer_scales
 from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.quant.calib_guided import token_sensitivities
 from nvfp4kit.quant.calib_hessian import CaptureBackend, HessianBackend, StageDone
@@ -55,6 +56,7 @@ from nvfp4kit.tokenizer import Tokenizer
 CHUNK_TOKENS = 8192
 PLE_PROJECTION = "per_layer_model_projection"
 KVStore = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+BLOCK_LOG: list[dict] | None = None  # a list here collects each layer's calib_block report (studies)
 
 
 def refine_checkpoint(
@@ -72,6 +74,7 @@ def refine_checkpoint(
     asymmetric: bool | None = None,
     learned_rounding: bool | None = None,
     loss_weights: str | None = None,
+    block_scales: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -83,7 +86,9 @@ def refine_checkpoint(
     beside the re-quantized one and fit each linear to its outputs (calib_asym; default: the method's
     choice, on for gptq). `learned_rounding`: then tune each layer's codes against the full-precision
     layer's outputs (calib_round; default: the method's choice). `loss_weights` ("data" or "sampled"): weight
-    each token by the squared gradient of the loss at each linear's output instead (calib_guided). Runs on `device` in fp32, one layer at a time.
+    each token by the squared gradient of the loss at each linear's output instead (calib_guided).
+    `block_scales`: last, tune the block scales of each whole layer against the full-precision layer's
+    outputs (calib_block). Runs on `device` in fp32, one layer at a time.
     """
     calib = calibration_method(method)
     if calib.quantize_group is None:
@@ -93,8 +98,11 @@ def refine_checkpoint(
     asymmetric = calib.asymmetric if asymmetric is None else asymmetric
     rounding = calib.learned_rounding if learned_rounding is None else learned_rounding
     loss_weights = calib.loss_weights if loss_weights is None else loss_weights
-    if (rounding or loss_weights) and not calib.needs_data:
-        raise ValueError(f"learned rounding and loss weights need calibration data; {method!r} uses none")
+    scales = calib.block_scales if block_scales is None else block_scales
+    if (rounding or loss_weights or scales) and not calib.needs_data:
+        raise ValueError(
+            f"rounding, scale tuning and loss weights need calibration data; {method!r} uses none"
+        )
     if not (quantized / HF_QUANT_CONFIG).is_file():
         raise ValueError(
             f"{quantized} has no {HF_QUANT_CONFIG}: refine needs an NVFP4 export made by quantize"
@@ -153,7 +161,7 @@ def refine_checkpoint(
                 refined = refiner.refine(layer, i, {})
             else:  # stage by stage, each on inputs through the re-quantized stages before it
                 refined = {}
-                originals = original_weights(layer, i) if rounding else {}
+                originals = original_weights(layer, i) if rounding or scales else {}
                 for step in refiner.active_stages(layer, i):
                     watch_stage(backend, layer, i, step)
                     if twin is not None:
@@ -171,12 +179,23 @@ def refine_checkpoint(
                     else:
                         full = _run_layer(twin.layer, full, twin.ple, lengths, cfg, kv_full, device)
                     del twin
-                if rounding:
+                if rounding or scales:
                     target = full if full is not None else _full_precision_outputs(
                         cfg, source, i, hidden, layer_ple, lengths, device
                     )  # fmt: skip
-                    refined.update(_round_layer(layer, i, refined, originals, hidden, target, layer_ple,
-                                                lengths, cfg, prefix=cfg.weight_prefix, bar=bar))  # fmt: skip
+                    if rounding:
+                        refined.update(_round_layer(layer, i, refined, originals, hidden, target, layer_ple,
+                                                    lengths, cfg, prefix=cfg.weight_prefix, bar=bar))  # fmt: skip
+                    if scales:
+                        tensors, report = tune_layer_scales(layer, i, refined, originals, hidden, target,
+                                                            layer_ple, lengths, cfg, prefix=cfg.weight_prefix)  # fmt: skip
+                        refined.update(tensors)
+                        if report is not None:
+                            bar.set_postfix_str(
+                                f"layer {i}: {report.loss_start:.3g} -> {report.loss_end:.3g}"
+                            )
+                            if BLOCK_LOG is not None:
+                                BLOCK_LOG.append({"layer": i, **vars(report)})
                     del originals, target
                 hidden = _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
                 assert hidden is not None
