@@ -12,7 +12,7 @@ import pytest
 
 from nvfp4kit.bench.serve_load import check_loopback, corpus_text, load_levels, parse_counters, sample_lengths
 from nvfp4kit.bench.serve_load_server import ServerOptions, serve_command, started_server
-from nvfp4kit.bench.serve_load_stats import RequestResult, percentile, summarize
+from nvfp4kit.bench.serve_load_stats import RequestResult, format_row, percentile, steps_by_kind, summarize
 from nvfp4kit.cli import main
 
 
@@ -75,6 +75,28 @@ def test_token_counters_from_metrics():
         'x_prefill_tokens_total{kind="a"} 3\nx_prefill_tokens_total{kind="b"} 4.5\nnvfp4kit_num_requests_running 2\n'
     )
     assert parse_counters(page) == {"nvfp4kit_prompt_tokens_total": 42.0, "x_prefill_tokens_total": 7.5}
+
+
+def test_step_counters_give_the_mean_step_time_by_kind():
+    """Session 8's finding, read from a level's counters: steps that prefill beside the decodes cost ~8x one
+    decode step (the H200's c100: 214 x 119 ms against 2,167 x 15 ms)."""
+    page = (
+        'nvfp4kit_engine_steps_total{kind="decode_graph"} 2167\nnvfp4kit_engine_steps_total{kind="prefill"} 214\n'
+        'nvfp4kit_engine_steps_total{kind="decode_eager"} 0\n'
+        'nvfp4kit_engine_step_seconds_total{kind="decode_graph"} 32.9\n'
+        'nvfp4kit_engine_step_seconds_total{kind="prefill"} 25.4\nnvfp4kit_prompt_tokens_total 9\n'
+    )
+    counters = parse_counters(page)
+    assert counters['nvfp4kit_engine_steps_total{kind="prefill"}'] == 214.0
+    assert counters["nvfp4kit_prompt_tokens_total"] == 9.0
+    steps = steps_by_kind(counters)
+    assert steps == {
+        "decode_graph": {"steps": 2167.0, "mean_ms": 15.18},
+        "prefill": {"steps": 214.0, "mean_ms": 118.69},
+    }
+    row = {"concurrency": 100, "request_rate": None, "completed": 1, "requests": 1, "request_throughput": 1.0,
+           "output_tokens_per_s": 1.0, "mean_input_tokens": 1, "mean_output_tokens": 1, "server_steps": steps}  # fmt: skip
+    assert "engine steps: decode_graph 2167 x 15.2 ms, prefill 214 x 118.7 ms" in format_row(row)
 
 
 def test_the_started_server_command():

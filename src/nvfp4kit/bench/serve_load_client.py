@@ -140,15 +140,26 @@ class Client:
         return result
 
 
+STEP_COUNTERS = (
+    "engine_steps_total",
+    "engine_step_seconds_total",
+)  # kept per label: steps and seconds by kind
+
+
 def parse_counters(text: str) -> dict[str, float]:
-    """`*_tokens_total` counters of a Prometheus text page (prompt, generation, prefill, cached tokens)."""
+    """`*_tokens_total` counters of a Prometheus text page (prompt, generation, prefill, cached tokens; labels
+    summed over), and the engine's steps and step seconds per kind (`STEP_COUNTERS`, label kept)."""
     counters: dict[str, float] = {}
     for line in text.splitlines():
-        if "{" in line and "}" in line:  # labels: summed over
+        if line.startswith("#"):
+            continue
+        if "{" in line and "}" in line:  # labels: summed over, but for the step counters
             name, value = line[: line.index("{")], line[line.rindex("}") + 1 :]
+            if name.endswith(STEP_COUNTERS):
+                name = line[: line.rindex("}") + 1]
         else:
             name, _, value = line.partition(" ")
-        if name.endswith("tokens_total") and not name.startswith("#"):
+        if name.endswith("tokens_total") or name.split("{")[0].endswith(STEP_COUNTERS):
             try:
                 counters[name] = counters.get(name, 0.0) + float(value.split()[0])
             except (ValueError, IndexError):

@@ -91,6 +91,19 @@ def _mean_ms(values: list[float]) -> float | None:
     return round(1e3 * sum(values) / len(values), 2) if values else None
 
 
+def steps_by_kind(counters: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{kind: {steps, mean_ms}} from the engine's step counters of a level (e.g. how long the steps that
+    prefilled a new prompt beside the decodes took against the decode steps)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, steps in counters.items():
+        if "engine_steps_total{" in name and steps > 0:
+            kind = name[name.index("{") :]
+            seconds = counters.get(name.replace("engine_steps_total", "engine_step_seconds_total"), 0.0)
+            label = kind.split('"')[1] if '"' in kind else kind
+            out[label] = {"steps": steps, "mean_ms": round(1e3 * seconds / steps, 2)}
+    return out
+
+
 def format_row(r: dict) -> str:
     def ms(name: str) -> str:
         values = [r.get(f"{name}_ms_{s}") for s in ("mean", "p50", "p99")]
@@ -103,6 +116,10 @@ def format_row(r: dict) -> str:
         f"in {r['mean_input_tokens'] or 0:.0f} out {r['mean_output_tokens'] or 0:.0f} tok/req | ms mean/p50/p99 "
         f"TTFT {ms('ttft')} TPOT {ms('tpot')} ITL {ms('itl')}"
     )
+    if r.get("server_steps"):
+        line += "\n    engine steps: " + ", ".join(
+            f"{kind} {v['steps']:.0f} x {v['mean_ms']:.1f} ms" for kind, v in r["server_steps"].items()
+        )
     if r.get("ttft_ms_mean_by_turn"):
         line += f"\n    TTFT ms by turn {r['ttft_ms_mean_by_turn']}"
         if r.get("cached_tokens_mean_by_turn"):
