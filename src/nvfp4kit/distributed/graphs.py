@@ -2,10 +2,10 @@
 
 Every rank captures the same decode graphs over its own shard and KV cache (`DecodeGraphs`), the model's
 collectives (all-reduces, the logits' all-gather) captured inside them, in the same order on every rank. A
-replay is announced like any step: rank 0 sends the step's sequences on the pipe and broadcasts the token ids,
-then every rank refills its graph's fixed buffers from the same sequences and replays; the captured collectives
-meet on the GPUs. Capturing runs in lockstep the same way (one announced call; each rank captures its sizes in
-the same order). On the CPU the graphs are `eager` (the fixed buffers and padding without a graph), which is how
+replay is announced like any step, with only the batch size on the pipe: rank 0 fills its graph's fixed buffers
+(token ids; per-sequence metadata with the block tables; positions and slots) and broadcasts them into the
+workers' buffers of the same graph, then every rank replays and the captured collectives meet on the GPUs.
+Capturing runs in lockstep the same way (one announced call; each rank captures its sizes in the same order). On the CPU the graphs are `eager` (the fixed buffers and padding without a graph), which is how
 the tests check the protocol over gloo.
 """
 
@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nvfp4kit.distributed.worker import seq_tuples
 from nvfp4kit.engine.batch_context import SeqSlice
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs
 
@@ -39,12 +38,11 @@ class ParallelDecodeGraphs:
         self.group.call(message, [], g.capture)
 
     def run(self, input_ids: list[int] | torch.Tensor, seqs: list[SeqSlice]) -> torch.Tensor:
-        ids = input_ids
-        if not isinstance(ids, torch.Tensor):
-            ids = torch.tensor(ids, dtype=torch.long, device=self.local.model.device)
-        return self.group.call(
-            ("graph_step", seq_tuples(seqs)), [ids], lambda: self.local.run(input_ids, seqs)
-        )
+        # rank 0 fills its graph's buffers; the workers receive the same buffers whole (a broadcast each, no
+        # per-step Python lists of block tables on the pipe) and replay the graph of that size
+        g = self.local.fill(input_ids, seqs)
+        buffers = [g.input_ids, g.per_seq, g.per_token]
+        return self.group.call(("graph_step", g.batch), buffers, lambda: self.local.replay(g))[: len(seqs)]
 
     def close(self) -> None:
         """Rank 0's graphs; the workers' end with their processes."""

@@ -9,8 +9,8 @@ Messages (tuples, first item the kind): ("cache", KVLayout, kv dtype name); ("st
 name) then a broadcast of the ids [T]; ("logits", rows) then a broadcast of hidden [rows, H];
 ("sequence", T) then a broadcast of the ids [T] (one whole sequence from an empty contiguous cache: eval); ("copy_ring",
 source, target); ("fp8_lm_head", enabled); ("graphs", batch sizes, max_model_len, attention backend, eager): capture
-decode graphs as rank 0 does; ("graph_step", seqs) then a broadcast of the ids [len(seqs)]: replay one
-(distributed/graphs.py); ("stop",). A worker that raises sends ("error", rank, message,
+decode graphs as rank 0 does; ("graph_step", batch) then broadcasts of that graph's buffers (ids, per-sequence and
+per-token metadata): replay it (distributed/graphs.py); ("stop",). A worker that raises sends ("error", rank, message,
 traceback) and exits, which ends rank 0's pending collective at once (its sockets close).
 """
 
@@ -132,10 +132,11 @@ def _serve(model: Gemma4Model, conn: Connection, device: torch.device) -> None:
                 attention_backend=attention_backend, eager=eager,
             )  # fmt: skip
             graphs.capture()
-        elif kind == "graph_step":
-            slices = [SeqSlice(*s) for s in message[1]]
-            ids = group.broadcast(torch.empty(len(slices), dtype=torch.long, device=device))
-            graphs.run(ids, slices)
+        elif kind == "graph_step":  # rank 0's filled buffers arrive in this rank's buffers of that graph
+            entry = graphs.entry(message[1])
+            for buffer in (entry.input_ids, entry.per_seq, entry.per_token):
+                group.broadcast(buffer)
+            graphs.replay(entry)
         else:
             raise ValueError(f"unknown message {kind!r} from rank 0")
 

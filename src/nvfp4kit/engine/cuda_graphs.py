@@ -163,6 +163,21 @@ class DecodeGraphs:
 
         `input_ids`: host ids, or a device tensor (the overlap scheduler's sampled tokens of the step before,
         copied device to device: the host never waits for them)."""
+        return self.replay(self.fill(input_ids, seqs))[: len(seqs)]
+
+    def entry(self, batch: int) -> _DecodeGraph:
+        """The captured graph of `batch` (a captured size) and its fixed buffers."""
+        return self._graphs[batch]
+
+    def replay(self, g: _DecodeGraph) -> torch.Tensor:
+        """Run a graph on what its buffers hold: logits [g.batch, vocab], padding rows included."""
+        if g.graph is None:
+            return g.forward()
+        g.graph.replay()
+        return g.logits
+
+    def fill(self, input_ids: list[int] | torch.Tensor, seqs: list[SeqSlice]) -> _DecodeGraph:
+        """Write one decode step (as `run` takes it) into the buffers of the smallest graph that holds it."""
         size = self.batch_size_for(len(seqs))
         if size is None:
             raise ValueError(f"{len(seqs)} sequences exceed the largest captured batch ({self.max_batch})")
@@ -185,10 +200,7 @@ class DecodeGraphs:
         table = g.per_seq[4 * size :].view(size, self.max_blocks)
         table[:, :width].copy_(per_seq[4 * size :].view(size, width), non_blocking=True)
         g.per_token.copy_(per_token, non_blocking=True)
-        if g.graph is None:
-            return g.forward()[: len(seqs)]
-        g.graph.replay()
-        return g.logits[: len(seqs)]
+        return g
 
 
 def _pinned(host: torch.Tensor) -> torch.Tensor:
