@@ -128,3 +128,15 @@ def test_tiny_checkpoint_block_scales_layout_and_error(
     samples = load_samples([calib_file], Tokenizer(src), num_samples=4, seq_len=seq_len)
     kl = compare_checkpoints(src, tuned, samples).agreement.kl_mean
     assert torch.isfinite(torch.tensor(kl)) and kl < compare_checkpoints(src, base, samples).agreement.kl_mean
+
+
+def test_normed_loss_lowers_the_error_it_measures(bf16_checkpoint, monkeypatch):
+    monkeypatch.setattr(calib_block, "LOSS", "normed")
+    layer, original, cfg, slots = _layer_with_slots(bf16_checkpoint, False)
+    lengths = [8] * 16
+    x = torch.randn(sum(lengths), cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        target = original(x, CalibrationContext(cfg, lengths, chunk=0, kv_store={}, device=x.device))
+    report = learn_block_scales(layer, slots, x, target, lengths, cfg, steps=40, lr=5e-3)
+    assert report.loss_end < 0.9 * report.loss_start and report.moved > 0, report
+    assert report.loss_start < 1.0  # relative to each token's own size

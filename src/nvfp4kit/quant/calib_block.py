@@ -39,6 +39,9 @@ BATCH_WINDOWS = 4  # calibration windows per step
 LR = 1e-3  # Adam's step on the log of each block scale (200 steps: at most about 20%, two E4M3 steps)
 CHECKS = 4  # how many times per run the kept-aside error is measured
 REROUND = False  # re-round the codes to the nearest under the new scale instead of keeping GPTQ's
+# "mse": the output's mean squared error; "normed": each token's error over its target's mean square, as the
+# next RMSNorm (every branch input and the final norm) sees the residual stream
+LOSS = "mse"
 
 
 @dataclass
@@ -148,7 +151,10 @@ def learn_block_scales(
         rows = torch.cat([torch.arange(offsets[w], offsets[w + 1], device=device) for w in windows])
         ctx = CalibrationContext(cfg, [lengths[w] for w in windows], chunk=0, kv_store={}, device=device)
         ple = per_layer_input[rows] if per_layer_input is not None else None
-        return F.mse_loss(layer(inputs[rows], ctx, ple).float(), targets[rows].float())
+        out, target = layer(inputs[rows], ctx, ple).float(), targets[rows].float()
+        if LOSS == "normed":
+            return ((out - target).pow(2).mean(-1) / target.pow(2).mean(-1).clamp_min(1e-12)).mean()
+        return F.mse_loss(out, target)
 
     judged = kept or train  # too few windows to keep some aside: the checkpoints are judged on all of them
 
