@@ -92,6 +92,27 @@ def test_conversation_turns_reuse_the_history(setup, chunk):
         history = prompt + tokens
 
 
+def test_a_turn_without_the_last_reply_finds_the_prompts_window(setup):
+    """A thinking chat: the template drops the reply's thought, so the next turn shares only the previous prompt.
+    A reply longer than the ring's spare slots has pushed that prompt's window out of the ring parked at release;
+    the ring copied at the prompt's end (`PrefixCache.snapshot`) still serves it, exactly."""
+    model, tok = setup
+    config = EngineConfig(max_num_batched_tokens=8, block_size=4)  # rings of window + 8
+    engine = Engine(model, tok, config=config)
+    long_reply = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    first, message = random_prompts([22, 7], seed=31)
+    run(engine, [first], long_reply)
+    ((tokens, cached),) = run(engine, [first + message], GREEDY, check=check_references)
+    assert cached == 20  # block-aligned, the last prompt token before the new message included
+    assert tokens == reference_greedy(model, first + message, GREEDY.max_tokens)
+    short = Engine(
+        model, tok, config=config
+    )  # a reply within the spare slots: no copy, the released ring serves
+    run(short, [first], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(short.cache.free_rings.parked) == 1
+    assert len(engine.cache.free_rings) == engine.layout.max_seqs
+
+
 def test_preemption_and_eviction_under_a_small_pool(setup):
     model, tok = setup
     base = random_prompts([20], seed=31)[0]

@@ -248,6 +248,13 @@ class Engine:
         ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=self.config.attention_backend)
         override = images.override if images is not None else None
         hidden = self.model.hidden_states(input_ids, ctx, embed_override=override)
+        prefix = self.scheduler.prefix
+        if (
+            prefix is not None
+        ):  # a prompt just computed whole: its window kept for a later turn (prefix_cache.py)
+            for req, _ in batch:
+                if req.num_computed == len(req.prompt_ids):
+                    prefix.snapshot(req)
         if prefill_logprobs:
             record_prompt_logprobs(self.model, hidden, prefill_logprobs)
         if not sampled:

@@ -203,6 +203,27 @@ class PrefixCache:
         for block in blocks:
             self.refs[block] = 1
 
+    def snapshot(self, req: Request) -> None:
+        """At the end of a request's prompt: park a copy of its ring, when its reply may outgrow what the ring
+        keeps beyond a window (then the ring it parks at release no longer holds the prompt's end). The next turn
+        of a chat whose template drops the reply's thinking, or the same prompt sent again, matches there. Costs
+        one ring copy and a parked ring slot (evicted LRU like any parked ring)."""
+        if not self.uses_rings or req.ring is None or req.images is not None or req.output_ids:
+            return
+        spare = self.ring_size - self.window  # positions a ring holds beyond one window
+        if req.params.max_tokens is not None and req.params.max_tokens < spare - self.block_size:
+            return  # the ring parked at release still serves the prompt's end
+        end = len(req.prompt_ids)
+        points = self._match_points(self.digests(req, end // self.block_size), end)
+        if not points or not len(self.free_rings):
+            return
+        ring = self.free_rings.pop()
+        self.copy_ring(req.ring, ring)
+        self.free_rings.parked[ring] = None
+        self.points_of[ring] = points
+        for digest in points:
+            self.ring_at[digest] = ring
+
     # ---- release -------------------------------------------------------------------------------------
     def release(self, req: Request) -> None:
         """A request lets go of its KV: its full computed blocks are cached, its ring parked."""
