@@ -5,8 +5,9 @@ collectives (all-reduces, the logits' all-gather) captured inside them, in the s
 replay is announced like any step, with only the batch size on the pipe: rank 0 fills its graph's fixed buffers
 (token ids; per-sequence metadata with the block tables; positions and slots) and broadcasts them into the
 workers' buffers of the same graph, then every rank replays and the captured collectives meet on the GPUs.
-Capturing runs in lockstep the same way (one announced call; each rank captures its sizes in the same order). On the CPU the graphs are `eager` (the fixed buffers and padding without a graph), which is how
-the tests check the protocol over gloo.
+Capturing runs in lockstep the same way (one announced call; each rank captures its sizes in the same order).
+On the CPU the graphs are `eager` (the fixed buffers and padding without a graph), which is how the tests check
+the protocol over gloo.
 """
 
 from __future__ import annotations

@@ -101,9 +101,8 @@ class Engine:
         self.step_stats = StepStats()  # steps and their wall time by kind (`/metrics`)
         self._step_kinds: list[str] = []  # what the step under way launched (overlap: up to two decodes)
         self.graphs: DecodeGraphs | None = None
-        if not hasattr(
-            model, "decode_graphs"
-        ):  # a tensor-parallel model captures after its ranks' caches exist
+        # a tensor-parallel model captures once its ranks' caches exist (after `TensorParallelGroup.attach`)
+        if not hasattr(model, "decode_graphs"):
             self.capture_decode_graphs()
         log.info(
             "KV cache: %d global-pool tokens (%.1f MiB), %d sliding rings of %d slots (%.1f MiB), dtype %s",
@@ -249,9 +248,7 @@ class Engine:
         override = images.override if images is not None else None
         hidden = self.model.hidden_states(input_ids, ctx, embed_override=override)
         prefix = self.scheduler.prefix
-        if (
-            prefix is not None
-        ):  # a prompt just computed whole: its window kept for a later turn (prefix_cache.py)
+        if prefix is not None:  # a prompt computed whole: its window kept for a later turn (prefix_cache.py)
             for req, _ in batch:
                 if req.num_computed == len(req.prompt_ids):
                     prefix.snapshot(req)
