@@ -36,7 +36,10 @@ from nvfp4kit.quant.calibrate import CalibrationContext
 
 STEPS = 200  # Adam steps per decoder layer
 BATCH_WINDOWS = 4  # calibration windows per step
-LR = 1e-3  # Adam's step on the log of each block scale (200 steps: at most about 20%, two E4M3 steps)
+# Adam's step on the log of each block scale. Demo model after gptq-guided (held-out KL 0.0509): 1e-3 (at most
+# about 20% in 200 steps, two E4M3 steps; 20-29% of the scales moved) 0.0547; 2e-4 (only scales near an E4M3
+# boundary move, 0.3-1.7%) 0.0505, within noise
+LR = 2e-4
 CHECKS = 4  # how many times per run the kept-aside error is measured
 REROUND = False  # re-round the codes to the nearest under the new scale instead of keeping GPTQ's
 # "mse": the output's mean squared error; "normed": each token's error over its target's mean square, as the
