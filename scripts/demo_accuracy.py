@@ -4,6 +4,7 @@
     python scripts/demo_accuracy.py --only all-nvfp4-gptq-round     # one export's row, printed only
     python scripts/demo_accuracy.py --only all-nvfp4-gptq --calib-samples 256 --calib-records 320
     python scripts/demo_accuracy.py --only all-nvfp4-gptq-guided --set calib_guided.GROUP_ROWS=64
+    python scripts/demo_accuracy.py --only all-nvfp4-gptq-guided --refine-kwargs '{"block_scales": true}'
 
 Makes each export with `nvfp4kit.quant.quantize` (max calibration: the seed's all-NVFP4 recipe and NVIDIA's
 attention-in-BF16 one) and `nvfp4kit.quant.calib_refine.refine_checkpoint` (better scales and rounding,
