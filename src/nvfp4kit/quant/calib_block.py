@@ -25,12 +25,12 @@ from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.formats.nvfp4 import BLOCK, E4M3_MAX, SCALE_MIN, e2m1_decode, e2m1_encode, pack_nibbles
 from nvfp4kit.model.gemma4 import DecoderLayer
 from nvfp4kit.quant.calib_round import (
-    HOLDOUT,
     Member,
     RoundingBackend,
     RoundingSlot,
     apply_rounding,
     layer_slots,
+    window_split,
 )
 from nvfp4kit.quant.calibrate import CalibrationContext
 
@@ -139,11 +139,7 @@ def learn_block_scales(
     steps = STEPS if steps is None else steps
     lr = LR if lr is None else lr
     device = inputs.device
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    kept = list(range(0, len(lengths), HOLDOUT)) if len(lengths) >= 2 * HOLDOUT else []
-    train = [i for i in range(len(lengths)) if i not in set(kept)] or list(range(len(lengths)))
+    offsets, kept, train = window_split(lengths)
     saved = {m: m.backend for m in layer.modules() if hasattr(m, "backend")}
     backend = RoundingBackend(slots)  # type: ignore[arg-type]  # any slot with weight() will do
     for module in saved:

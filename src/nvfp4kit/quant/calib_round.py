@@ -117,6 +117,17 @@ class RoundingSlot:
         return torch.where(moved, e2m1_encode(self.values + hard), self.codes)
 
 
+def window_split(lengths: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Row offsets of calibration windows of `lengths` (one more than windows), the windows kept aside to pick
+    the checkpoint (every `HOLDOUT`-th, when there are at least two `HOLDOUT`s of them) and the training ones."""
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    kept = list(range(0, len(lengths), HOLDOUT)) if len(lengths) >= 2 * HOLDOUT else []
+    train = [i for i in range(len(lengths)) if i not in set(kept)] or list(range(len(lengths)))
+    return offsets, kept, train
+
+
 def make_slot(
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -193,11 +204,7 @@ def learn_rounding(
     steps = STEPS if steps is None else steps
     batch_windows = BATCH_WINDOWS if batch_windows is None else batch_windows
     device = inputs.device
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    kept = list(range(0, len(lengths), HOLDOUT)) if len(lengths) >= 2 * HOLDOUT else []
-    train = [i for i in range(len(lengths)) if i not in set(kept)] or list(range(len(lengths)))
+    offsets, kept, train = window_split(lengths)
     saved = {m: m.backend for m in layer.modules() if hasattr(m, "backend")}
     backend = RoundingBackend(slots)
     for module in saved:
