@@ -177,15 +177,20 @@ class LLM:
         self.tokenizer = Tokenizer(self.path)
         gen_file = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        self._start_engine(engine_config)
+
+    def _start_engine(self, engine_config: EngineConfig) -> None:
+        """`self.engine` over `self.model`; under tensor parallel, the workers' KV caches, then every rank's decode
+        graphs (collectives inside, distributed/graphs.py), then the warm-up, whose forwards run on every rank."""
         warm_up = warmup_wanted(engine_config.warmup, self.device)
-        if self.parallel is not None:  # the warm-up's forwards run on every rank: after the workers' caches
+        if self.parallel is not None:
             engine_config = replace(engine_config, warmup=False)
         self.engine = Engine(
             self.model, self.tokenizer, config=engine_config, generation_config=self.generation_config
         )
         if self.parallel is not None:
             self.parallel.attach(self.engine)  # the workers' KV caches, laid out as this engine's
-            self.engine.capture_decode_graphs()  # every rank's, collectives inside (distributed/graphs.py)
+            self.engine.capture_decode_graphs()
             if warm_up:
                 self.engine.warm_up()
         self.max_model_len = self.engine.max_model_len

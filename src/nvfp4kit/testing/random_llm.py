@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, config_from_dict, list_presets
-from nvfp4kit.engine.engine import Engine, EngineConfig, resolve_kv_dtype
+from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
 from nvfp4kit.engine.sizing import measure_device_memory, plan_engine_memory
-from nvfp4kit.engine.warmup import warmup_wanted
 from nvfp4kit.llm import LLM, check_device, memory_options
 from nvfp4kit.model.loader import resolve_dtype
 from nvfp4kit.plan.parallel import ParallelLayout
@@ -153,18 +152,7 @@ class RandomLLM(LLM):
         self.config = cfg
         self.tokenizer = Tokenizer(self.path)
         self.generation_config = json.loads((self.path / "generation_config.json").read_text())
-        warm_up = warmup_wanted(engine_config.warmup, self.device)
-        if self.parallel is not None:  # the warm-up's forwards run on every rank: after the workers' caches
-            engine_config = replace(engine_config, warmup=False)
-        self.engine = Engine(
-            self.model, self.tokenizer, config=engine_config, generation_config=self.generation_config
-        )
-        if self.parallel is not None:
-            self.parallel.attach(self.engine)
-            self.engine.capture_decode_graphs()
-            if warm_up:
-                self.engine.warm_up()
-        self.max_model_len = self.engine.max_model_len
+        self._start_engine(engine_config)
 
     def close(self) -> None:
         """Release the engine and weights (as `LLM.close`) and delete the temporary folder."""
