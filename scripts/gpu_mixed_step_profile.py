@@ -91,11 +91,64 @@ def host_profile(engine: Engine, cfg, args) -> list[dict]:
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     profiler.disable()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(
+            args.out / "mixed_step.pstats"
+        )  # `python -m pstats` reads it: callers, cumulative
     rows = []
     for (file, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
         rows.append({"function": f"{Path(file).name}:{line}:{name}", "calls": calls,
                      "own_ms": round(own * 1e3, 3), "cumulative_ms": round(cumulative * 1e3, 3)})  # fmt: skip
     return sorted(rows, key=lambda r: -r["own_ms"])[: args.top]
+
+
+def host_split(engine: Engine, cfg, args) -> dict:
+    """Host time of one mixed step without a profiler: how long `hidden_states` takes to queue every layer (no
+    sync inside), per layer and in the embedding/metadata before layer 0, against the step's wall time. A step
+    whose queueing time is close to its wall time is bound by the host, not by its kernels."""
+    model = engine.model
+    marks: list[float] = []
+
+    def timed(step):
+        def run(*a, **k):
+            marks.append(time.perf_counter())
+            return step(*a, **k)
+
+        return run
+
+    for layer in model.layers:
+        layer.step = timed(layer.step)
+    plain = model.hidden_states
+    spans: dict[str, float] = {}
+
+    def hidden_states(*a, **k):
+        t0 = time.perf_counter()
+        out = plain(*a, **k)
+        spans["hidden_states"] = time.perf_counter() - t0
+        spans["before_layer0"] = (marks[0] - t0) if marks else 0.0
+        spans["layers"] = (time.perf_counter() - marks[0]) if marks else 0.0
+        return out
+
+    model.hidden_states = hidden_states
+    add_arrivals(engine, cfg, 1, args.prompt, seed=97_000)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    del model.hidden_states
+    for layer in model.layers:
+        del layer.step
+    gaps = [b - a for a, b in zip(marks, marks[1:])]
+    return {
+        "wall_ms": round(wall * 1e3, 2),
+        "queue_ms": round(spans.get("hidden_states", 0) * 1e3, 2),
+        "before_layer0_ms": round(spans.get("before_layer0", 0) * 1e3, 2),
+        "per_layer_host_ms": round(sum(gaps) / max(1, len(gaps)) * 1e3, 3),
+    }
 
 
 def main() -> None:
@@ -119,7 +172,7 @@ def main() -> None:
     config = EngineConfig(
         kv_dtype="fp8_e4m3" if args.device == "cuda" else "bf16", max_num_seqs=most,
         max_num_batched_tokens=args.chunk, num_kv_tokens=most * (args.context + args.prompt + 256) + 4096, max_model_len=args.context + 1024,
-        prefix_caching=False, overlap_schedule=False,  # one step's work per step() call
+        prefix_caching=False, overlap_schedule=False, admission_delay=0,  # one step's work per step() call
     )  # fmt: skip
     engine = Engine(model, None, config=config)
     add_arrivals(engine, cfg, 2, args.prompt, seed=50_000)  # compile the prefill kernels before timing
@@ -153,6 +206,7 @@ def main() -> None:
         record(f"decode {args.decoding} + {count} prompt(s)", count * args.prompt, samples)
     table = kernel_table(engine, cfg, args)
     host = host_profile(engine, cfg, args)
+    split = [host_split(engine, cfg, args) for _ in range(args.repeats)]
     for req in list(engine.requests.values()):  # the decoders go; prompts alone follow
         engine.abort(req.request_id)
     while engine.has_unfinished():
@@ -179,6 +233,11 @@ def main() -> None:
         print(
             f"  {h['own_ms']:8.2f} ms own {h['cumulative_ms']:9.2f} ms cum {h['calls']:6}x  {h['function'][:80]}"
         )
+    for sp in split:
+        print(
+            f"host split of a mixed step (1 prompt): wall {sp['wall_ms']} ms, hidden_states queued in "
+            f"{sp['queue_ms']} ms ({sp['before_layer0_ms']} before layer 0, {sp['per_layer_host_ms']} a layer)"
+        )
     print(f"{'scenario':34} {'new tokens':>10} {'wall ms':>9} {'event ms':>9}  kinds")
     for r in rows:
         print(
@@ -192,6 +251,7 @@ def main() -> None:
             "rows": rows,
             "profile": table,
             "host": host,
+            "host_split": split,
         }
         (args.out / "mixed_step.json").write_text(json.dumps(result, indent=1))
 

@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -65,6 +75,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         help="most tokens of a sequence one sliding-window attention pass takes; each running sequence keeps a "
         "ring of window + N tokens per sliding layer, and longer prefill chunks attend those layers in passes "
         "(default: --max-num-batched-tokens, at most 2048 on GPUs with 70+ GiB, 512 on smaller ones)",
+    )  # fmt: skip
+    g.add_argument(
+        "--admission-delay", type=_non_negative_int, default=None, metavar="STEPS",
+        help="steps a prompt that arrives while 32+ requests run may wait for more prompts to share its prefill "
+        "step (such a step costs about the same for one prompt or several); 0 admits at once (default 16 on "
+        "CUDA, 0 on the CPU)",
     )  # fmt: skip
     g.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
@@ -142,6 +158,7 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         sliding_chunk=getattr(args, "sliding_chunk", None),
+        admission_delay=getattr(args, "admission_delay", None),
         max_model_len=args.max_model_len,
         cuda_graphs=not args.enforce_eager,
         attention_backend=args.attention_backend,

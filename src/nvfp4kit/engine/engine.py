@@ -89,7 +89,14 @@ class Engine:
         )
         self.cache = KVCache(cfg, self.layout, kv_dtype=kv_dtype, device=self.device)
         self.scheduler = Scheduler(
-            SchedulerConfig(chunk, chunk), self.cache, prefix_caching=self.config.prefix_caching
+            SchedulerConfig(
+                chunk,
+                chunk,
+                admission_delay=self.config.admission_delay or 0,
+                admission_tokens=max(1, chunk // 2),
+            ),
+            self.cache,
+            prefix_caching=self.config.prefix_caching,
         )
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -303,7 +310,7 @@ class Engine:
         running = self.scheduler.running
         if not reqs or len(reqs) != len(running) or any(a is not b for a, b in zip(reqs, running)):
             return None
-        if self.scheduler.waiting and self.cache.free_rings:  # someone may be admitted: the host schedules
+        if self.cache.free_rings and self.scheduler.admission_due():  # someone joins: the host schedules
             return None
         if len(reqs) > self.scheduler.config.max_num_batched_tokens or not all(map(_overlappable, reqs)):
             return None
