@@ -10,6 +10,8 @@ still reads it. Nothing here reads a device value on the host.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -120,7 +122,12 @@ def dequantize_nvfp4(
 
 
 def _sm80(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return _capability(device.index)[0] >= 8
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:  # a per-launch query costs ~20 us of host time
+    return torch.cuda.get_device_capability(index)
 
 
 def scratch(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
