@@ -28,6 +28,7 @@ import torch
 from nvfp4kit import LLM, SamplingParams
 from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.engine import EngineConfig
+from nvfp4kit.model.layers import attention
 from nvfp4kit.testing.tiny import write_tiny_checkpoint
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,6 +49,32 @@ folder = write_tiny_checkpoint(
     tempfile.mkdtemp(), shape=args.shape, dtype=dtype, max_position_embeddings=4096
 )
 prompt = torch.randint(10, 300, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+exactness: dict[tuple[int, int], list[dict]] = defaultdict(list)
+
+
+def sliding_exactness(ctx, layer, q, k, v, out, window, plain_attend) -> dict:
+    """A sliding layer's kernel output against float64 attention over the keys the ring holds, and against a
+    second launch on the same inputs (a race shows as a difference between two launches)."""
+    cache, seq = ctx.cache, ctx.seqs[0]
+    src = ctx.cfg.kv_source_layer(layer)
+    positions = ctx.positions[: q.shape[0]]
+    hist = torch.arange(max(0, int(positions[0]) - window + 1), int(positions[-1]) + 1, device=q.device)
+    slots = cache.ring_slots(seq.ring, hist)
+    keys, values = cache.keys[src][slots].double(), cache.values[src][slots].double()
+    ref = attention(q.double(), keys, values, q_positions=positions, k_positions=hist, window=window)
+    again = plain_attend(ctx, layer, q, k, v, window=window)
+    scale = ref.abs().max().clamp_min(1e-12)
+    err = ((out.double() - ref).abs().amax(dim=(1, 2)) / scale).cpu()
+    worst = torch.topk(err, min(6, err.numel())).indices.tolist()
+    return {
+        "step_start": int(positions[0]),
+        "tokens": int(q.shape[0]),
+        "max_err_vs_float64": float(err.max()),
+        "worst_positions": [int(positions[i]) for i in worst],
+        "repeat_max_diff": float((again - out).abs().max()),
+    }
 
 
 def run(chunk: int, backend: str | None) -> tuple[dict[str, torch.Tensor], list[str], float]:
@@ -87,6 +114,10 @@ def run(chunk: int, backend: str | None) -> tuple[dict[str, torch.Tensor], list[
                 parts["k_stored"] = cache.keys[src][slots]
             for kind, tensor in parts.items():
                 hook(f"layers.{layer}.attention.{kind}")(None, None, tensor)
+            if ctx.cfg.is_sliding(layer) and cache.keys[src] is not None and len(ctx.seqs) == 1:
+                exactness[(chunk, layer)].append(
+                    sliding_exactness(ctx, layer, q, k, v, out, window, plain_attend)
+                )
             return out
 
         attention.attend = attend
@@ -143,7 +174,27 @@ for f in findings:
         else f"{first['module']} ({first['rel_diff']:.1e}, {first['count']} rows: {first['positions']})"
     )
     print(f"{f['variant']:8} {f['split']:5} {f['dlogprob']:10.2e}  {where}")
+print(
+    "\nsliding attention launches: error against float64 over the ring's keys, and a repeat launch's difference"
+)
+for (chunk, layer), rows in sorted(exactness.items()):
+    for r in rows:
+        print(
+            f"  split {chunk:4} layer {layer} step at {r['step_start']:4} ({r['tokens']:3} tokens): "
+            f"err {r['max_err_vs_float64']:.1e} at {r['worst_positions']}, repeat diff {r['repeat_max_diff']:.1e}"
+        )
 if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"card": name, "args": vars(args), "findings": findings}, fh, indent=1)
+        json.dump(
+            {
+                "card": name,
+                "args": vars(args),
+                "findings": findings,
+                "exactness": [
+                    {"split": c, "layer": n, **r} for (c, n), rows in sorted(exactness.items()) for r in rows
+                ],
+            },
+            fh,
+            indent=1,
+        )
