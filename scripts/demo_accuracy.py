@@ -5,6 +5,8 @@
     python scripts/demo_accuracy.py --only all-nvfp4-gptq --calib-samples 256 --calib-records 320
     python scripts/demo_accuracy.py --only all-nvfp4-gptq-guided --set calib_guided.GROUP_ROWS=64
     python scripts/demo_accuracy.py --only all-nvfp4-gptq-guided --refine-kwargs '{"block_scales": true}'
+    python scripts/demo_accuracy.py --only all-nvfp4-gptq-guided --log-layers \
+        --refine-kwargs '{"learned_rounding": true, "layer_fisher": true}'
 
 Makes each export with `nvfp4kit.quant.quantize` (max calibration: the seed's all-NVFP4 recipe and NVIDIA's
 attention-in-BF16 one) and `nvfp4kit.quant.calib_refine.refine_checkpoint` (better scales and rounding,
@@ -39,7 +41,7 @@ from nvfp4kit.eval import ReferenceLogits, checkpoint_bytes, load_samples  # noq
 from nvfp4kit.llm import LLM  # noqa: E402
 from nvfp4kit.model.loader import load_model  # noqa: E402
 from nvfp4kit.prompting.chat_template import load_chat_template  # noqa: E402
-from nvfp4kit.quant import quantize  # noqa: E402
+from nvfp4kit.quant import calib_refine, quantize  # noqa: E402
 from nvfp4kit.quant.calib_refine import refine_checkpoint  # noqa: E402
 from nvfp4kit.tokenizer import Tokenizer  # noqa: E402
 
@@ -150,6 +152,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="export names to measure (default: all of EXPORTS)")
     parser.add_argument("--refine-kwargs", default="{}", help="JSON of extra refine_checkpoint arguments")
     parser.add_argument(
+        "--log-layers", action="store_true", help="print each layer's learned-rounding / block-scale report"
+    )
+    parser.add_argument(
         "--set", nargs="*", default=[], metavar="MODULE.NAME=JSON", help="e.g. calib_guided.GROUP_ROWS=64"
     )
     args = parser.parse_args()
@@ -165,6 +170,8 @@ def main() -> None:
     if args.out is None and not args.only:
         args.out = str(REPO / "docs" / "results" / "accuracy.json")
     extra = json.loads(args.refine_kwargs)
+    if args.log_layers:  # the kept-aside calibration error of every layer (what picked its checkpoint)
+        calib_refine.ROUND_LOG, calib_refine.BLOCK_LOG = [], []
     started = time.time()
     bf16 = demo_model_path("bf16")
     samples = load_samples(None, Tokenizer(bf16), num_samples=args.num_samples, seq_len=args.seq_len)
@@ -202,6 +209,11 @@ def main() -> None:
                    "ppl": result.ppl_quant, "ppl_bf16": result.ppl_ref, "model_bytes": checkpoint_bytes(folder)}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), f"({time.time() - t0:.0f}s)", flush=True)
+            if args.log_layers:
+                print(
+                    json.dumps({"round": calib_refine.ROUND_LOG, "block": calib_refine.BLOCK_LOG}), flush=True
+                )
+                calib_refine.ROUND_LOG, calib_refine.BLOCK_LOG = [], []
     if args.out is None:  # --only: a partial table is not the results file
         return
     bf16_row = {"recipe": "bf16", "calibration": "none", "calibration_data": "none", "kl_mean": 0.0, "kl_p99": 0.0,

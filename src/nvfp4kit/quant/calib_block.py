@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.formats.nvfp4 import BLOCK, E4M3_MAX, SCALE_MIN, e2m1_decode, e2m1_encode, pack_nibbles
 from nvfp4kit.model.gemma4 import DecoderLayer
+from nvfp4kit.quant.calib_fisher import fisher_error
 from nvfp4kit.quant.calib_round import (
     Member,
     RoundingBackend,
@@ -133,9 +134,11 @@ def learn_block_scales(
     steps: int | None = None,
     lr: float | None = None,
     seed: int = 0,
+    gradients: torch.Tensor | None = None,
 ) -> ScaleReport:
     """Tune the slots' block scales on `inputs` [T, H] (whole windows of `lengths`) towards `targets` [T, H];
-    leaves each slot at the best checkpoint on the kept-aside windows."""
+    leaves each slot at the best checkpoint on the kept-aside windows. `gradients` [T, H]: the loss's
+    gradients at the layer's output, which weight the error instead of LOSS (calib_fisher)."""
     steps = STEPS if steps is None else steps
     lr = LR if lr is None else lr
     device = inputs.device
@@ -151,6 +154,8 @@ def learn_block_scales(
         ctx = CalibrationContext(cfg, [lengths[w] for w in windows], chunk=0, kv_store={}, device=device)
         ple = per_layer_input[rows] if per_layer_input is not None else None
         out, target = layer(inputs[rows], ctx, ple).float(), targets[rows].float()
+        if gradients is not None:
+            return fisher_error(out, target, gradients[rows])
         if LOSS == "normed":
             return ((out - target).pow(2).mean(-1) / target.pow(2).mean(-1).clamp_min(1e-12)).mean()
         return F.mse_loss(out, target)
@@ -204,6 +209,7 @@ def tune_layer_scales(
     cfg: Gemma4TextConfig,
     *,
     prefix: str,
+    gradients: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], ScaleReport | None]:
     """The refine pass's step: block scales of every NVFP4 weight the layer's `refined` tensors hold, tuned
     against `targets` (the full-precision layer's outputs); returns the new codes and scales as checkpoint
@@ -211,7 +217,9 @@ def tune_layer_scales(
     slots = scale_slots(layer_slots(layer, index, refined, originals, prefix))
     if not slots:
         return {}, None
-    report = learn_block_scales(layer, slots, inputs, targets, lengths, cfg, per_layer_input=per_layer_input)
+    report = learn_block_scales(
+        layer, slots, inputs, targets, lengths, cfg, per_layer_input=per_layer_input, gradients=gradients
+    )
     out: dict[str, torch.Tensor] = {}
     for slot in slots.values():
         out.update(slot.tensors(prefix))

@@ -110,11 +110,14 @@ def token_sensitivities(
     chunk_tokens: int = 8192,
     seed: int = 0,
     group_rows: int | None = None,
+    layer_gradients: list[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token weights [T] (T = all tokens of `samples` end to end; [T, groups] with `group_rows`,
     default GROUP_ROWS) for every linear group the refine pass
     collects statistics for, keyed as calib_hessian keys them; each normalised to mean 1 and clipped at
-    CLIP times its median (one token must not decide a layer's rounding)."""
+    CLIP times its median (one token must not decide a layer's rounding). `layer_gradients`: a list that
+    receives, from the same backward pass, the loss's gradient at every decoder layer's output [T, H]
+    (fp16, scaled to a mean square of 1 per layer; calib_fisher's layer objective)."""
     if labels not in LABELS:
         raise ValueError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
     device = torch.device(device)
@@ -134,6 +137,7 @@ def token_sensitivities(
     lengths = [len(s) for s in samples]
     generator = torch.Generator(device=device).manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    outputs: list[list[torch.Tensor]] = [[] for _ in model.layers]
     for c, (a, b) in enumerate(chunk_samples(lengths, max_tokens=chunk_tokens)):
         ids = torch.tensor([t for s in samples[a:b] for t in s], device=device)
         ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store={}, device=device)
@@ -143,11 +147,18 @@ def token_sensitivities(
             ple = model.per_layer_inputs(ids, hidden) if cfg.hidden_size_per_layer_input else None
             for i, layer in enumerate(model.layers):
                 hidden = layer(hidden, ctx, ple[:, i] if ple is not None else None)
+                if layer_gradients is not None:  # the whole dLoss/dh_i: every later layer's path included
+                    hidden.register_hook(lambda g, i=i: outputs[i].append(g.detach().float()))
             logits = model.logits(model.norm(hidden))
             target, predicts = _targets(ids, lengths[a:b], logits, labels, generator)
             F.cross_entropy(logits[predicts], target, reduction="sum").backward()
         for n in names:  # a linear no gradient reached (none in Gemma 4) weighs its tokens equally
             parts[n].append(backend.squares.get(n, torch.ones(len(ids), device=device)))
+    if layer_gradients is not None:
+        for chunks in outputs:
+            g = torch.cat(chunks)
+            layer_gradients.append((g / g.pow(2).mean().sqrt().clamp_min(1e-30)).half())
+            chunks.clear()
     return {n: _normalised(torch.cat(p)) for n, p in parts.items()}
 
 

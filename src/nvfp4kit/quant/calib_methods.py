@@ -32,6 +32,9 @@ class CalibrationMethod:
     learned_rounding: bool = False  # then tune each layer's codes and norms against its outputs (calib_round)
     loss_weights: str | None = None  # weight tokens by the loss's gradients at each output (calib_guided)
     block_scales: bool = False  # last, tune each layer's block scales against its outputs (calib_block)
+    layer_fisher: bool = (
+        False  # those two weigh the layer's output error by the loss's gradients (calib_fisher)
+    )
 
     @property
     def refines(self) -> bool:

@@ -57,6 +57,7 @@ CHUNK_TOKENS = 8192
 PLE_PROJECTION = "per_layer_model_projection"
 KVStore = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
 BLOCK_LOG: list[dict] | None = None  # a list here collects each layer's calib_block report (studies)
+ROUND_LOG: list[dict] | None = None  # and here each layer's calib_round report
 
 
 def refine_checkpoint(
@@ -75,6 +76,7 @@ def refine_checkpoint(
     learned_rounding: bool | None = None,
     loss_weights: str | None = None,
     block_scales: bool | None = None,
+    layer_fisher: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -88,7 +90,8 @@ def refine_checkpoint(
     layer's outputs (calib_round; default: the method's choice). `loss_weights` ("data" or "sampled"): weight
     each token by the squared gradient of the loss at each linear's output instead (calib_guided).
     `block_scales`: last, tune the block scales of each whole layer against the full-precision layer's
-    outputs (calib_block). Runs on `device` in fp32, one layer at a time.
+    outputs (calib_block). `layer_fisher`: those two weigh each output error by the loss's gradients at the
+    layer's output (calib_fisher). Runs on `device` in fp32, one layer at a time.
     """
     calib = calibration_method(method)
     if calib.quantize_group is None:
@@ -99,6 +102,9 @@ def refine_checkpoint(
     rounding = calib.learned_rounding if learned_rounding is None else learned_rounding
     loss_weights = calib.loss_weights if loss_weights is None else loss_weights
     scales = calib.block_scales if block_scales is None else block_scales
+    fisher = calib.layer_fisher if layer_fisher is None else layer_fisher
+    if fisher and not (rounding or scales):
+        raise ValueError("layer_fisher weighs learned rounding's or block scales' objective; neither is on")
     if (rounding or loss_weights or scales) and not calib.needs_data:
         raise ValueError(
             f"rounding, scale tuning and loss weights need calibration data; {method!r} uses none"
@@ -117,14 +123,17 @@ def refine_checkpoint(
         writer = ShardedWriter(stage, max_shard_bytes=parse_size(shard_size))
         lengths: list[int] = []
         guide: dict[str, torch.Tensor] = {}
+        gradients: list[torch.Tensor] = []  # per layer [T, H] (layer_fisher)
         hidden = ple = full_ple = None
         if calib.needs_data:
             samples = calibration_samples(
                 Tokenizer(src), calib_data, num_samples=num_samples, seq_len=seq_len
             )
             lengths = [len(s) for s in samples]
-            if loss_weights is not None:
-                guide = token_sensitivities(src, samples, device=device, labels=loss_weights)
+            if loss_weights is not None or fisher:  # one gradient pass for both
+                guide = token_sensitivities(src, samples, device=device, labels=loss_weights or "sampled",
+                                            layer_gradients=gradients if fisher else None)  # fmt: skip
+                guide = guide if loss_weights is not None else {}
             ids = torch.tensor([t for s in samples for t in s], device=device)
             hidden, ple, full_ple, refined = _model_inputs(
                 cfg, source, refiner, ids, norm_aware=norm_aware, full=asymmetric
@@ -183,12 +192,15 @@ def refine_checkpoint(
                     target = full if full is not None else _full_precision_outputs(
                         cfg, source, i, hidden, layer_ple, lengths, device
                     )  # fmt: skip
+                    grads = gradients[i].to(device) if fisher else None
                     if rounding:
                         refined.update(_round_layer(layer, i, refined, originals, hidden, target, layer_ple,
-                                                    lengths, cfg, prefix=cfg.weight_prefix, bar=bar))  # fmt: skip
+                                                    lengths, cfg, prefix=cfg.weight_prefix, bar=bar,
+                                                    gradients=grads))  # fmt: skip
                     if scales:
                         tensors, report = tune_layer_scales(layer, i, refined, originals, hidden, target,
-                                                            layer_ple, lengths, cfg, prefix=cfg.weight_prefix)  # fmt: skip
+                                                            layer_ple, lengths, cfg, prefix=cfg.weight_prefix,
+                                                            gradients=grads)  # fmt: skip
                         refined.update(tensors)
                         if report is not None:
                             bar.set_postfix_str(
@@ -196,7 +208,7 @@ def refine_checkpoint(
                             )
                             if BLOCK_LOG is not None:
                                 BLOCK_LOG.append({"layer": i, **vars(report)})
-                    del originals, target
+                    del originals, target, grads
                 hidden = _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
                 assert hidden is not None
             prefix = f"{layer_root}{i}."
@@ -235,15 +247,17 @@ def _round_layer(
     *,
     prefix: str,
     bar: tqdm,
+    gradients: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Learned rounding of the layer's GPTQ codes and norms (calib_round); returns their new checkpoint tensors."""
     slots = layer_slots(layer, index, refined, originals, prefix)
     if not slots:
         return {}
     norms = layer_norms(layer) if calib_round.TUNE_NORMS else {}
-    report = learn_rounding(
-        layer, slots, inputs, targets, lengths, cfg, per_layer_input=per_layer_input, norms=norms
-    )
+    report = learn_rounding(layer, slots, inputs, targets, lengths, cfg, per_layer_input=per_layer_input,
+                            norms=norms, gradients=gradients)  # fmt: skip
+    if ROUND_LOG is not None:
+        ROUND_LOG.append({"layer": index, **vars(report)})
     bar.set_postfix_str(
         f"layer {index}: output error {report.loss_start:.3g} -> {report.loss_end:.3g}, "
         f"{report.flipped / max(report.total, 1):.1%} codes moved"

@@ -37,6 +37,7 @@ from nvfp4kit.formats.nvfp4 import (
 )
 from nvfp4kit.model.gemma4 import DecoderLayer
 from nvfp4kit.model.ops import TorchBackend, dense
+from nvfp4kit.quant.calib_fisher import fisher_error
 from nvfp4kit.quant.calib_layer import linear_groups
 from nvfp4kit.quant.calibrate import CalibrationContext
 
@@ -196,10 +197,12 @@ def learn_rounding(
     steps: int | None = None,
     batch_windows: int | None = None,
     seed: int = 0,
+    gradients: torch.Tensor | None = None,
 ) -> RoundingReport:
     """Tune the slots' offsets on `inputs` [T, H] (whole windows of `lengths`) towards `targets` [T, H]; leaves
     in each slot the offsets of the best checkpoint on the kept-aside windows. `norms`: the layer's norm
-    weights (parameters, by name) tuned alongside, left at the best checkpoint rounded to BF16."""
+    weights (parameters, by name) tuned alongside, left at the best checkpoint rounded to BF16. `gradients`
+    [T, H]: the loss's gradients at the layer's output, which weight the error (calib_fisher)."""
     norms = norms or {}
     steps = STEPS if steps is None else steps
     batch_windows = BATCH_WINDOWS if batch_windows is None else batch_windows
@@ -225,7 +228,10 @@ def learn_rounding(
         rows = torch.cat([torch.arange(offsets[w], offsets[w + 1], device=device) for w in windows])
         ctx = CalibrationContext(cfg, [lengths[w] for w in windows], chunk=0, kv_store={}, device=device)
         ple = per_layer_input[rows] if per_layer_input is not None else None
-        return F.mse_loss(layer(inputs[rows], ctx, ple).float(), targets[rows].float())
+        out = layer(inputs[rows], ctx, ple).float()
+        if gradients is not None:
+            return fisher_error(out, targets[rows], gradients[rows])
+        return F.mse_loss(out, targets[rows].float())
 
     def kept_loss() -> float:
         if not kept:
