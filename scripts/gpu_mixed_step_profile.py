@@ -8,6 +8,7 @@ between CUDA events), the same prompts prefilled alone, and prints the kernels o
 profiler (count, GPU ms by kernel) so that host time (wall - kernel time) and each kernel's share show.
 
 Usage (GPU machine, repository root): PYTHONPATH=src python3 scripts/gpu_mixed_step_profile.py [--out OUT]
+    [--prefill-graphs 1024 2048] (steps of up to 2048 tokens replayed from CUDA graphs: compare with the eager rows)
 CPU smoke test: PYTHONPATH=src python3 scripts/gpu_mixed_step_profile.py --shape tiny-moe --device cpu --decoding 4
     --context 24 --prompt 20
 """
@@ -162,6 +163,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="tokens a step (--max-num-batched-tokens)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument(
+        "--prefill-graphs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="token counts of prefill CUDA graphs to capture",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON into this folder")
     args = ap.parse_args()
 
@@ -173,6 +181,7 @@ def main() -> None:
         kv_dtype="fp8_e4m3" if args.device == "cuda" else "bf16", max_num_seqs=most,
         max_num_batched_tokens=args.chunk, num_kv_tokens=most * (args.context + args.prompt + 256) + 4096, max_model_len=args.context + 1024,
         prefix_caching=False, overlap_schedule=False, admission_delay=0,  # one step's work per step() call
+        prefill_graphs=tuple(args.prefill_graphs),
     )  # fmt: skip
     engine = Engine(model, None, config=config)
     add_arrivals(engine, cfg, 2, args.prompt, seed=50_000)  # compile the prefill kernels before timing

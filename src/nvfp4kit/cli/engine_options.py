@@ -34,6 +34,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _token_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token counts like 512,1024,2048, got {text!r}") from None
+    if not counts or min(counts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive token counts like 512,1024,2048, got {text!r}")
+    return counts
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -81,6 +91,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         help="steps a prompt that arrives while 32+ requests run may wait for more prompts to share its prefill "
         "step (such a step costs about the same for one prompt or several); 0 admits at once (default 16 on "
         "CUDA, 0 on the CPU)",
+    )  # fmt: skip
+    g.add_argument(
+        "--prefill-graphs", type=_token_counts, default=(), metavar="N,N,...",
+        help="capture the steps that prefill in CUDA graphs for these token counts (e.g. 512,1024,2048): a step "
+        "of up to N tokens replays the smallest graph that holds it instead of launching ~700 kernels from Python "
+        "(about 90 ms of host time for a 26B-A4B step on an H200). Off by default: the graphs' memory is not in "
+        "the memory plan yet",
     )  # fmt: skip
     g.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
@@ -159,6 +176,7 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         sliding_chunk=getattr(args, "sliding_chunk", None),
         admission_delay=getattr(args, "admission_delay", None),
+        prefill_graphs=getattr(args, "prefill_graphs", ()),
         max_model_len=args.max_model_len,
         cuda_graphs=not args.enforce_eager,
         attention_backend=args.attention_backend,

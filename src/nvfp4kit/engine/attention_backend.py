@@ -87,7 +87,7 @@ class TritonAttentionBackend:
 
     def attend(self, ctx, layer, q, k, v, *, window):
         sliding = ctx.cfg.is_sliding(layer)
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q) if ctx.metadata.padded_rows else torch.empty_like(q)
         # sliding layers: a pass writes its tokens, then attends; a step with more tokens of one sequence than the
         # ring leaves room for runs several passes, in order (BatchContext.sliding_metadata)
         for meta in ctx.sliding_metadata() if sliding else [ctx.metadata]:

@@ -79,6 +79,8 @@ class StepMetadata:
     # [T] int32: the last key position each token sees on sliding layers (its own, or its image's last
     # token); None when no token of the step belongs to an image attending both ways
     key_limit: torch.Tensor | None = None
+    # rows past the step's tokens (a prefill graph's padding): attention writes them zeros, not stale memory
+    padded_rows: bool = False
 
     @classmethod
     def build(
@@ -109,7 +111,7 @@ class StepMetadata:
             raise ValueError(f"pad_to={pad_to} is smaller than the batch ({len(seqs)} sequences)")
         layout = cache.layout
         num_pad = (pad_to or len(seqs)) - len(seqs)
-        per_seq, starts, lengths, rings = _per_seq_buffer(seqs, num_pad, max_blocks)
+        per_seq, starts, lengths, rings = per_seq_buffer(seqs, num_pad, max_blocks)
         tokens = sum(lengths)
         num_seqs = len(starts)
         bs, ring_size = layout.block_size, layout.ring_size
@@ -136,7 +138,7 @@ class StepMetadata:
     def sliding_pass(self, pieces: list[SeqSlice]) -> StepMetadata:
         """This step's metadata restricted to one sliding pass: the pieces' own rows per sequence; per token the
         step's positions, and ring slots only on the pieces' rows (the others write nothing in this pass)."""
-        per_seq, starts, lengths, _ = _per_seq_buffer(pieces, 0, self.batch.block_table.shape[1])
+        per_seq, starts, lengths, _ = per_seq_buffer(pieces, 0, self.batch.block_table.shape[1])
         keep = torch.zeros(self.positions.shape[0], dtype=torch.bool)
         for p in pieces:
             keep[p.offset : p.offset + p.length] = True
@@ -177,10 +179,10 @@ class StepMetadata:
         """Tiles of `block_q` query tokens over the sequences with more than one token this step."""
         return self._work_items(block_q)
 
-    def set_decode_items(self, items: WorkItems) -> None:
-        """Use `items` as this step's decode items instead of building them (CUDA graphs keep theirs in fixed
-        device buffers, one per sequence slot)."""
-        self._items[1] = items
+    def set_items(self, items: WorkItems) -> None:
+        """Use `items` as this step's work items of `items.block_q` query tokens (1: decode items) instead of
+        building them (CUDA graphs keep theirs in fixed device buffers)."""
+        self._items[items.block_q] = items
 
     def _work_items(self, block_q: int) -> WorkItems | None:
         if block_q not in self._items:
@@ -207,7 +209,7 @@ class StepMetadata:
         return max(min(e, window) if window else e for e in ends)
 
 
-def _per_seq_buffer(
+def per_seq_buffer(
     seqs: list[SeqSlice], num_pad: int, max_blocks: int | None
 ) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
     """The int32 per-sequence buffer (first positions, query lengths, row offsets, rings, then the block table

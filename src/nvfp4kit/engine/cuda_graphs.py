@@ -128,7 +128,7 @@ class DecodeGraphs:
         items = torch.stack([torch.arange(batch), torch.zeros(batch, dtype=torch.long)]).to(
             device, torch.int32
         )
-        metadata.set_decode_items(WorkItems(items[0], items[1], 1))
+        metadata.set_items(WorkItems(items[0], items[1], 1))
         input_ids = torch.zeros(batch, dtype=torch.long, device=device)
 
         def forward() -> torch.Tensor:
@@ -194,8 +194,8 @@ class DecodeGraphs:
         else:
             ids = torch.zeros(size, dtype=torch.long)
             ids[: len(input_ids)] = torch.tensor(input_ids, dtype=torch.long)
-            g.input_ids.copy_(_pinned(ids), non_blocking=True)
-        per_seq, per_token = _pinned(per_seq), _pinned(per_token)
+            g.input_ids.copy_(pinned(ids), non_blocking=True)
+        per_seq, per_token = pinned(per_seq), pinned(per_token)
         g.per_seq[: 4 * size].copy_(per_seq[: 4 * size], non_blocking=True)
         table = g.per_seq[4 * size :].view(size, self.max_blocks)
         table[:, :width].copy_(per_seq[4 * size :].view(size, width), non_blocking=True)
@@ -203,7 +203,7 @@ class DecodeGraphs:
         return g
 
 
-def _pinned(host: torch.Tensor) -> torch.Tensor:
+def pinned(host: torch.Tensor) -> torch.Tensor:
     """`host` in page-locked memory when CUDA is up: a non-blocking copy from pageable memory may wait for the
     stream, which would hold the host behind the decode step in flight (the overlap scheduler's case)."""
     return host.pin_memory() if torch.cuda.is_available() else host

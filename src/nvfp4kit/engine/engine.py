@@ -30,6 +30,7 @@ from nvfp4kit.engine.engine_config import EngineConfig, resolve_kv_dtype, with_d
 from nvfp4kit.engine.kernel_compiles import COMPILES
 from nvfp4kit.engine.kv_pools import KVCache, KVLayout, pool_bytes
 from nvfp4kit.engine.logits_processors import LogitsRow
+from nvfp4kit.engine.prefill_graphs import PrefillGraphs, prefill_graphs_for
 from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
@@ -108,9 +109,11 @@ class Engine:
         self.step_stats = StepStats()  # steps and their wall time by kind (`/metrics`)
         self._step_kinds: list[str] = []  # what the step under way launched (overlap: up to two decodes)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         # a tensor-parallel model captures once its ranks' caches exist (after `TensorParallelGroup.attach`)
         if not hasattr(model, "decode_graphs"):
             self.capture_decode_graphs()
+            self.capture_prefill_graphs()
         log.info(
             "KV cache: %d global-pool tokens (%.1f MiB), %d sliding rings of %d slots (%.1f MiB), dtype %s",
             num_blocks * layout.block_size, num_blocks * layout.block_size * per_token / 2**20,
@@ -144,6 +147,13 @@ class Engine:
             self.graphs = DecodeGraphs(self.model, self.cache, **options)
         self.graphs.capture()
 
+    def capture_prefill_graphs(self, *, eager: bool = False) -> None:
+        """Capture the steps that prefill (`EngineConfig.prefill_graphs`; `eager`: the same buffers without a
+        graph, any device). Not under tensor parallelism."""
+        self.prefill_graphs = prefill_graphs_for(
+            self.model, self.cache, self.config, self.max_model_len, eager
+        )
+
     def warm_up(self) -> WarmupReport:
         """Compile every kernel variant a serving step can reach, on dummy tokens (`engine/warmup.py`); the KV
         pools and the prefix cache end as they were. The engine must be idle."""
@@ -153,9 +163,10 @@ class Engine:
     def close(self) -> None:
         """Drop the CUDA graphs, the KV cache and the model: their device memory is free once nothing else
         holds them (`LLM.close` then returns it to the driver)."""
-        if self.graphs is not None:
-            self.graphs.close()
-        self.graphs = None
+        for graphs in (self.graphs, self.prefill_graphs):
+            if graphs is not None:
+                graphs.close()
+        self.graphs = self.prefill_graphs = None
         self._in_flight = None
         self.requests.clear()
         self.scheduler = self.cache = self.model = None
@@ -249,21 +260,30 @@ class Engine:
                 self._in_flight = launched
                 return self._overlap_step()
             return self._emit(launched)
-        self._step_kinds.append("prefill")
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        ctx = BatchContext(self.model, self.cache, seqs, self.device, backend=self.config.attention_backend)
-        override = images.override if images is not None else None
-        hidden = self.model.hidden_states(input_ids, ctx, embed_override=override)
+        graphs = self.prefill_graphs
+        if graphs is not None and images is None and not prefill_logprobs and graphs.fits(seqs, len(ids)):
+            self._step_kinds.append("prefill_graph")
+            logits = graphs.run(ids, seqs, sample_rows)
+        else:
+            self._step_kinds.append("prefill")
+            input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+            ctx = BatchContext(
+                self.model, self.cache, seqs, self.device, backend=self.config.attention_backend
+            )
+            override = images.override if images is not None else None
+            hidden = self.model.hidden_states(input_ids, ctx, embed_override=override)
+            if prefill_logprobs:
+                record_prompt_logprobs(self.model, hidden, prefill_logprobs)
+            logits = (
+                self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)]) if sampled else None
+            )
         prefix = self.scheduler.prefix
         if prefix is not None:  # a prompt computed whole: its window kept for a later turn (prefix_cache.py)
             for req, _ in batch:
                 if req.num_computed == len(req.prompt_ids):
                     prefix.snapshot(req)
-        if prefill_logprobs:
-            record_prompt_logprobs(self.model, hidden, prefill_logprobs)
         if not sampled:
             return []
-        logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
         return self._emit(_Launched(sampled, self._sample_on_device(sampled, logits)))
 
     def _launch_decode(

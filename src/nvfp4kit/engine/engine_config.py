@@ -38,6 +38,8 @@ class EngineConfig:
     # steps a prompt arriving while 32+ requests run may wait for others to share its prefill step (an eager step
     # costs about the same for one prompt or four); None: by device, 16 on CUDA, 0 (admit at once) elsewhere
     admission_delay: int | None = None
+    # token counts of the steps that prefill to capture in CUDA graphs (engine/prefill_graphs.py); () = eager
+    prefill_graphs: tuple[int, ...] = ()
 
 
 def with_device_defaults(

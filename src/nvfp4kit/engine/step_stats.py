@@ -3,15 +3,16 @@
 A server's output rate is the decode step rate times the rows per step, less the steps that do something else.
 Counting the steps of each kind and the wall time `Engine.step` spent on them tells a load test's gap apart:
 decode steps replayed from a CUDA graph, decode steps run eagerly (a batch larger than the largest graph), and
-steps with prefill chunks (possibly with decode rows beside them), which always run eagerly. With the overlap
-scheduler a decode step's wall time includes reading the previous step's tokens, so it follows the device.
+steps with prefill chunks (possibly with decode rows beside them), run eagerly or, with `--prefill-graphs`,
+replayed from a graph. With the overlap scheduler a decode step's wall time includes reading the previous step's
+tokens, so it follows the device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-STEP_KINDS = ("decode_graph", "decode_eager", "prefill")
+STEP_KINDS = ("decode_graph", "decode_eager", "prefill", "prefill_graph")
 
 
 @dataclass
