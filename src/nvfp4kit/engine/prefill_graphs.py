@@ -96,6 +96,7 @@ class PrefillGraphs:
             }
         )
         self._graphs: dict[int, _PrefillGraph] = {}
+        self._kept: list[torch.Tensor] = []  # buffers the graphs write that others may replace (`capture`)
         self._pool = None
         self._logits: torch.Tensor | None = None
 
@@ -107,12 +108,14 @@ class PrefillGraphs:
         for entry in self._graphs.values():
             if entry.graph is not None:
                 entry.graph.reset()
-        self._graphs, self._pool, self._logits = {}, None, None
+        self._graphs, self._pool, self._logits, self._kept = {}, None, None, []
         self.model = self.cache = None
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every token count, the largest first so that the smaller ones reuse its memory pool."""
+        from nvfp4kit.kernels.dequant import scratch_buffers
+
         if self.eager:
             self._graphs = {t: self._capture_one(t) for t in self.token_counts}
             return
@@ -127,6 +130,9 @@ class PrefillGraphs:
         for tokens in reversed(self.token_counts):
             self._graphs[tokens] = self._capture_one(tokens, stream)
         torch.cuda.synchronize(device)
+        # the graphs hold views of the dequantized-weight scratch; an eager prefill of 4096+ tokens later swaps
+        # it for a larger one (moe_prefill), so keep the captured buffers alive with the graphs
+        self._kept = scratch_buffers()
         used = free_before - torch.cuda.mem_get_info(device)[0]
         log.info(
             "captured prefill CUDA graphs for %s tokens a step in %.1f s (%.0f MiB)",

@@ -151,6 +151,12 @@ def scratch_bytes() -> int:
     return sum(buf.numel() * buf.element_size() for buf in _scratch.values())
 
 
+def scratch_buffers() -> list[torch.Tensor]:
+    """The scratch buffers held now. A CUDA graph that captured views of them keeps these alive: a later, larger
+    `scratch` call replaces a buffer, and a replay must not write into memory the allocator gave to others."""
+    return list(_scratch.values())
+
+
 def release_scratch() -> None:
     """Drop the scratch buffers (the next prefill-sized call allocates again)."""
     _scratch.clear()
