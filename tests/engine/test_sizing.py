@@ -17,7 +17,7 @@ from nvfp4kit.engine.sizing import (
     weights_as_loaded,
 )
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
-from nvfp4kit.plan.pools import default_prefill_chunk, plan_pools
+from nvfp4kit.plan.pools import activation_bytes_per_token, default_prefill_chunk, plan_pools
 from nvfp4kit.plan.report import build_plan, pool_summary
 from nvfp4kit.plan.units import GiB, MiB, parse_size
 from nvfp4kit.plan.vision import vision_memory
@@ -137,6 +137,23 @@ def test_enforce_eager_drops_the_graph_reserve_and_gives_it_to_kv():
     )
     assert graphs.pool.reserve.cuda_graphs > 0 and eager.pool.reserve.cuda_graphs == 0
     assert eager.kv_cache_memory - graphs.kv_cache_memory == graphs.pool.reserve.cuda_graphs
+
+
+def test_prefill_graphs_reserve_their_pool_and_take_it_from_kv():
+    budget = MemoryOptions.parse(gpu_memory_budget="24GiB")
+    plain = size(budget, config=EngineConfig(kv_dtype="fp8_e5m2", max_num_batched_tokens=2048))
+    graphs = size(
+        budget,
+        config=EngineConfig(kv_dtype="fp8_e5m2", max_num_batched_tokens=2048, prefill_graphs=(512, 1024)),
+    )
+    grown = graphs.pool.reserve.cuda_graphs - plain.pool.reserve.cuda_graphs
+    assert grown > 1024 * activation_bytes_per_token(CFG)  # the largest graph's activations, and its logits
+    assert plain.kv_cache_memory - graphs.kv_cache_memory == grown
+    # a count past the step budget is never captured, so it reserves nothing
+    beyond = size(
+        budget, config=EngineConfig(kv_dtype="fp8_e5m2", max_num_batched_tokens=2048, prefill_graphs=(4096,))
+    )
+    assert beyond.pool.reserve.cuda_graphs == plain.pool.reserve.cuda_graphs
 
 
 def test_on_the_cpu_only_an_explicit_kv_size_is_planned():

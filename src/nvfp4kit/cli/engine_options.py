@@ -96,8 +96,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "--prefill-graphs", type=_token_counts, default=(), metavar="N,N,...",
         help="capture the steps that prefill in CUDA graphs for these token counts (e.g. 512,1024,2048): a step "
         "of up to N tokens replays the smallest graph that holds it instead of launching ~700 kernels from Python "
-        "(about 90 ms of host time for a 26B-A4B step on an H200). Off by default: the graphs' memory is not in "
-        "the memory plan yet",
+        "(about 90 ms of host time for a 26B-A4B step on an H200); the memory plan reserves their pool. Off by "
+        "default until measured on GPUs",
     )  # fmt: skip
     g.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,

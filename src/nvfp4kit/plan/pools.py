@@ -111,15 +111,23 @@ def expansion_scratch_bytes(cfg: Gemma4TextConfig, prefill_chunk: int) -> int:
 
 
 def runtime_reserve(
-    cfg: Gemma4TextConfig, *, free_bytes: int, prefill_chunk: int, max_batch: int
+    cfg: Gemma4TextConfig,
+    *,
+    free_bytes: int,
+    prefill_chunk: int,
+    max_batch: int,
+    prefill_graph_tokens: int = 0,
 ) -> RuntimeReserve:
-    """Memory the engine keeps outside weights and KV: sized from the model, the chunk and the batch."""
+    """Memory the engine keeps outside weights and KV: sized from the model, the chunk and the batch (and the
+    largest captured prefill graph's tokens, `--prefill-graphs`)."""
     per_token = activation_bytes_per_token(cfg)
     activations = prefill_chunk * per_token
     logits = max_batch * cfg.vocab_size * LOGIT_BYTES * 2  # logits + sampling probabilities
     # decode graphs share one pool and one logits buffer, sized by the largest batch (measured on the H100:
     # 174 MiB for batch sizes 1-8 of 26B-A4B, of which the lm_head's [B, vocab] tensors are most)
     graphs = GRAPH_POOL_BASE + max_batch * (per_token + GRAPH_LOGIT_BYTES * cfg.vocab_size)
+    if prefill_graph_tokens:  # their own pool: the largest step's activations, and logits for every slot
+        graphs += prefill_graph_tokens * per_token + (max_batch + 1) * GRAPH_LOGIT_BYTES * cfg.vocab_size
     margin = max(MIN_MARGIN, int(MARGIN_FRACTION * free_bytes))
     scratch = expansion_scratch_bytes(cfg, prefill_chunk)
     return RuntimeReserve(activations, logits, graphs, margin, scratch)
