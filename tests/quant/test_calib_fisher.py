@@ -97,3 +97,31 @@ def test_zero_gradients_leave_the_gptq_export_unchanged_and_the_layout_is_max(
     load_model(tmp_path / "tuned")
     with pytest.raises(ValueError, match="layer_fisher"):
         refine_checkpoint(src, base, tmp_path / "none", layer_fisher=True, **args)
+
+
+def test_two_layer_window_runs_the_next_full_precision_layer(bf16_checkpoint, monkeypatch):
+    """calib_window: `after` is layer i+1 of the BF16 model on whatever layer i outputs (windows as given), its
+    targets that layer's outputs on the full-precision stream; the last layer keeps the one-layer objective."""
+    from nvfp4kit.config import load_config
+    from nvfp4kit.formats.safetensors_io import CheckpointReader as Reader
+    from nvfp4kit.model.weight_sources import WeightSource
+    from nvfp4kit.quant import calib_window
+    from nvfp4kit.quant.calib_window import next_layer_window
+    from nvfp4kit.quant.calibrate import CalibrationContext
+
+    src = bf16_checkpoint("moe")
+    cfg = load_config(src)
+    source = WeightSource(Reader(src), cfg, dtype=torch.float32, device=torch.device("cpu"))
+    lengths = [8, 8, 8]
+    x = torch.randn(sum(lengths), cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    assert next_layer_window(cfg, source, 0, x, None, lengths, torch.device("cpu")) is None  # LAYERS = 1
+    monkeypatch.setattr(calib_window, "LAYERS", 2)
+    after, targets = next_layer_window(cfg, source, 0, x, None, lengths, torch.device("cpu"))
+    model = load_model(src, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model.layers[1](x, CalibrationContext(cfg, lengths, chunk=0, kv_store={}, device=x.device))
+        assert torch.allclose(targets, expected, atol=1e-5)
+        rows = torch.arange(8, 24)
+        assert torch.allclose(after(x[rows], [8, 8], rows), expected[rows], atol=1e-5)
+    last = cfg.num_hidden_layers - 1
+    assert next_layer_window(cfg, source, last, x, None, lengths, torch.device("cpu")) is None

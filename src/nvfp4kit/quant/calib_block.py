@@ -33,6 +33,7 @@ from nvfp4kit.quant.calib_round import (
     layer_slots,
     window_split,
 )
+from nvfp4kit.quant.calib_window import After
 from nvfp4kit.quant.calibrate import CalibrationContext
 
 STEPS = 200  # Adam steps per decoder layer
@@ -135,6 +136,7 @@ def learn_block_scales(
     lr: float | None = None,
     seed: int = 0,
     gradients: torch.Tensor | None = None,
+    after: After | None = None,
 ) -> ScaleReport:
     """Tune the slots' block scales on `inputs` [T, H] (whole windows of `lengths`) towards `targets` [T, H];
     leaves each slot at the best checkpoint on the kept-aside windows. `gradients` [T, H]: the loss's
@@ -153,7 +155,10 @@ def learn_block_scales(
         rows = torch.cat([torch.arange(offsets[w], offsets[w + 1], device=device) for w in windows])
         ctx = CalibrationContext(cfg, [lengths[w] for w in windows], chunk=0, kv_store={}, device=device)
         ple = per_layer_input[rows] if per_layer_input is not None else None
-        out, target = layer(inputs[rows], ctx, ple).float(), targets[rows].float()
+        out = layer(inputs[rows], ctx, ple)
+        if after is not None:  # calib_window: judged after the next layer
+            out = after(out, [lengths[w] for w in windows], rows)
+        out, target = out.float(), targets[rows].float()
         if gradients is not None:
             return fisher_error(out, target, gradients[rows])
         if LOSS == "normed":
@@ -210,6 +215,7 @@ def tune_layer_scales(
     *,
     prefix: str,
     gradients: torch.Tensor | None = None,
+    after: After | None = None,
 ) -> tuple[dict[str, torch.Tensor], ScaleReport | None]:
     """The refine pass's step: block scales of every NVFP4 weight the layer's `refined` tensors hold, tuned
     against `targets` (the full-precision layer's outputs); returns the new codes and scales as checkpoint
@@ -218,7 +224,15 @@ def tune_layer_scales(
     if not slots:
         return {}, None
     report = learn_block_scales(
-        layer, slots, inputs, targets, lengths, cfg, per_layer_input=per_layer_input, gradients=gradients
+        layer,
+        slots,
+        inputs,
+        targets,
+        lengths,
+        cfg,
+        per_layer_input=per_layer_input,
+        gradients=gradients,
+        after=after,
     )
     out: dict[str, torch.Tensor] = {}
     for slot in slots.values():

@@ -47,6 +47,7 @@ from nvfp4kit.quant.calib_round import (
     original_weights,
     slot_tensors,
 )
+from nvfp4kit.quant.calib_window import After, next_layer_window
 from nvfp4kit.quant.calibrate import CalibrationContext, chunk_samples
 from nvfp4kit.quant.heap import trim_heap
 from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
@@ -193,14 +194,19 @@ def refine_checkpoint(
                         cfg, source, i, hidden, layer_ple, lengths, device
                     )  # fmt: skip
                     grads = gradients[i].to(device) if fisher else None
+                    after = None
+                    window = next_layer_window(cfg, source, i, target, full_ple, lengths, device)
+                    if window is not None:  # judged after the next (full-precision) layer
+                        after, target = window
+                        grads = gradients[i + 1].to(device) if fisher else None
                     if rounding:
                         refined.update(_round_layer(layer, i, refined, originals, hidden, target, layer_ple,
                                                     lengths, cfg, prefix=cfg.weight_prefix, bar=bar,
-                                                    gradients=grads))  # fmt: skip
+                                                    gradients=grads, after=after))  # fmt: skip
                     if scales:
                         tensors, report = tune_layer_scales(layer, i, refined, originals, hidden, target,
                                                             layer_ple, lengths, cfg, prefix=cfg.weight_prefix,
-                                                            gradients=grads)  # fmt: skip
+                                                            gradients=grads, after=after)  # fmt: skip
                         refined.update(tensors)
                         if report is not None:
                             bar.set_postfix_str(
@@ -208,7 +214,7 @@ def refine_checkpoint(
                             )
                             if BLOCK_LOG is not None:
                                 BLOCK_LOG.append({"layer": i, **vars(report)})
-                    del originals, target, grads
+                    del originals, target, grads, after, window
                 hidden = _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
                 assert hidden is not None
             prefix = f"{layer_root}{i}."
@@ -248,6 +254,7 @@ def _round_layer(
     prefix: str,
     bar: tqdm,
     gradients: torch.Tensor | None = None,
+    after: After | None = None,
 ) -> dict[str, torch.Tensor]:
     """Learned rounding of the layer's GPTQ codes and norms (calib_round); returns their new checkpoint tensors."""
     slots = layer_slots(layer, index, refined, originals, prefix)
@@ -255,7 +262,7 @@ def _round_layer(
         return {}
     norms = layer_norms(layer) if calib_round.TUNE_NORMS else {}
     report = learn_rounding(layer, slots, inputs, targets, lengths, cfg, per_layer_input=per_layer_input,
-                            norms=norms, gradients=gradients)  # fmt: skip
+                            norms=norms, gradients=gradients, after=after)  # fmt: skip
     if ROUND_LOG is not None:
         ROUND_LOG.append({"layer": index, **vars(report)})
     bar.set_postfix_str(

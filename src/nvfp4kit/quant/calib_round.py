@@ -39,6 +39,7 @@ from nvfp4kit.model.gemma4 import DecoderLayer
 from nvfp4kit.model.ops import TorchBackend, dense
 from nvfp4kit.quant.calib_fisher import fisher_error
 from nvfp4kit.quant.calib_layer import linear_groups
+from nvfp4kit.quant.calib_window import After
 from nvfp4kit.quant.calibrate import CalibrationContext
 
 STEPS = 200  # signed-gradient steps per decoder layer
@@ -198,6 +199,7 @@ def learn_rounding(
     batch_windows: int | None = None,
     seed: int = 0,
     gradients: torch.Tensor | None = None,
+    after: After | None = None,
 ) -> RoundingReport:
     """Tune the slots' offsets on `inputs` [T, H] (whole windows of `lengths`) towards `targets` [T, H]; leaves
     in each slot the offsets of the best checkpoint on the kept-aside windows. `norms`: the layer's norm
@@ -228,7 +230,10 @@ def learn_rounding(
         rows = torch.cat([torch.arange(offsets[w], offsets[w + 1], device=device) for w in windows])
         ctx = CalibrationContext(cfg, [lengths[w] for w in windows], chunk=0, kv_store={}, device=device)
         ple = per_layer_input[rows] if per_layer_input is not None else None
-        out = layer(inputs[rows], ctx, ple).float()
+        out = layer(inputs[rows], ctx, ple)
+        if after is not None:  # calib_window: judged after the next layer
+            out = after(out, [lengths[w] for w in windows], rows)
+        out = out.float()
         if gradients is not None:
             return fisher_error(out, targets[rows], gradients[rows])
         return F.mse_loss(out, targets[rows].float())
