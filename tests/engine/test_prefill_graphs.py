@@ -86,7 +86,9 @@ def test_fill_pads_tokens_slots_and_items(model):
     assert not graphs.fits(seqs + [SeqSlice(0, 1, 12, [7], 2)] * 3, 15)  # more sequences than slots
 
 
-def test_prompts_joining_running_decodes_give_the_eager_tokens(model):
+@pytest.mark.parametrize("kind", ["moe", "e2b"])  # e2b: layers reading earlier layers' KV, per-layer inputs
+def test_prompts_joining_running_decodes_give_the_eager_tokens(tiny_checkpoint, kind):
+    model = load_model(tiny_checkpoint(kind))
     prompts = random_prompts([13, 5, 9, 20, 7], seed=8)
     arrivals = {2: 2, 3: 3, 4: 5}
     expected = _run(Engine(model, None, config=_config()), prompts, arrivals)
