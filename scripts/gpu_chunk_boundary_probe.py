@@ -13,6 +13,10 @@ positions that differ; the module names the kernel. Attention is recorded beside
 `layers.N.attention.q` (after norm and RoPE), `.k_stored` / `.v_stored` (the step's rows as the KV pool holds
 them) and `.out`. Variants: `triton` (default backends), `torch` (torch
 attention backend), `highest` (no TF32 anywhere in torch's fp32 matmuls).
+
+Session 9 found the cause: up to then the model was loaded without a dtype, and on CUDA that means bf16 whatever
+the checkpoint holds, so the "fp32" runs were bf16 runs (every sliding attention launch 2.5e-3 off float64, the
+size of bf16 rounding, landing on other tile boundaries per chunking). `--dtype` now reaches the model too.
 """
 
 from __future__ import annotations
@@ -83,7 +87,9 @@ def run(chunk: int, backend: str | None) -> tuple[dict[str, torch.Tensor], list[
     config = EngineConfig(prefix_caching=False, max_num_batched_tokens=chunk, attention_backend=backend)
     outputs: dict[str, list[torch.Tensor]] = defaultdict(list)
     order: list[str] = []
-    with LLM(folder, device=args.device, engine_config=config, gpu_memory_utilization=0.3) as llm:
+    with LLM(
+        folder, dtype=dtype, device=args.device, engine_config=config, gpu_memory_utilization=0.3
+    ) as llm:
 
         def hook(name):
             def keep(module, inputs, output):

@@ -50,7 +50,7 @@ def chat(
     gen = torch.Generator().manual_seed(0)
     history, turns, cached = [2], [], []
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
-    with LLM(folder, device="cuda", engine_config=config, gpu_memory_utilization=0.3) as llm:
+    with LLM(folder, dtype=dtype, device="cuda", engine_config=config, gpu_memory_utilization=0.3) as llm:
         for turn in range(args.turns):
             history += torch.randint(10, 300, (150,), generator=gen).tolist()
             rid = llm.engine.add_request(list(history), params)

@@ -23,7 +23,9 @@ def test_prefill_graphs_give_the_eager_tokens(tiny_checkpoint):
     results, kinds = [], []
     for graphs in ((), (32, 64)):
         config = EngineConfig(max_num_batched_tokens=64, prefill_graphs=graphs, prefix_caching=False)
-        with LLM(folder, device="cuda", engine_config=config, gpu_memory_utilization=0.3) as llm:
+        with LLM(
+            folder, dtype=torch.float32, device="cuda", engine_config=config, gpu_memory_utilization=0.3
+        ) as llm:
             assert (llm.engine.prefill_graphs is not None) == bool(graphs)
             results.append([out.token_ids for out in llm.generate([list(p) for p in prompts], params)])
             kinds.append(dict(llm.engine.step_stats.steps))
