@@ -113,7 +113,6 @@ class Engine:
         # a tensor-parallel model captures once its ranks' caches exist (after `TensorParallelGroup.attach`)
         if not hasattr(model, "decode_graphs"):
             self.capture_decode_graphs()
-            self.capture_prefill_graphs()
         log.info(
             "KV cache: %d global-pool tokens (%.1f MiB), %d sliding rings of %d slots (%.1f MiB), dtype %s",
             num_blocks * layout.block_size, num_blocks * layout.block_size * per_token / 2**20,
@@ -121,7 +120,9 @@ class Engine:
         )  # fmt: skip
         self.warmup: WarmupReport | None = None
         if warmup_wanted(self.config.warmup, self.device):
-            self.warm_up()
+            self.warm_up()  # eager steps: every variant the steps that fall back to eager can reach
+        if not hasattr(model, "decode_graphs"):
+            self.capture_prefill_graphs()
         if self.device.type == "cuda":
             COMPILES.install()
         COMPILES.mark_ready()  # a compilation from here on stalls a serving step: counted and logged
