@@ -28,7 +28,7 @@ from nvfp4kit.engine.batch_sampler import SampleRow, StepSamples, host_to_device
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs, StepTimer, default_batch_sizes
 from nvfp4kit.engine.engine_config import EngineConfig, resolve_kv_dtype, with_device_defaults
 from nvfp4kit.engine.kernel_compiles import COMPILES
-from nvfp4kit.engine.kv_pools import KVCache, KVLayout, pool_bytes
+from nvfp4kit.engine.kv_pools import KVCache, sized_layout
 from nvfp4kit.engine.logits_processors import LogitsRow
 from nvfp4kit.engine.prefill_graphs import PrefillGraphs, prefill_graphs_for
 from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
@@ -37,7 +37,6 @@ from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
 from nvfp4kit.engine.step_stats import StepStats
 from nvfp4kit.engine.warmup import WarmupReport, warm_up, warmup_wanted
 from nvfp4kit.model.gemma4 import Gemma4Model
-from nvfp4kit.plan.pools import sliding_chunk
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 from nvfp4kit.vision.inputs import ImageInputs, image_step
@@ -64,30 +63,8 @@ class Engine:
         self.max_model_len = self.config.max_model_len or cfg.max_position_embeddings
         kv_dtype = resolve_kv_dtype(self.config.kv_dtype, model_dtype=model.dtype)
         chunk = self.config.max_num_batched_tokens
-        layout = KVLayout(
-            block_size=self.config.block_size,
-            num_blocks=1,
-            max_seqs=self.config.max_num_seqs,
-            ring_size=cfg.sliding_window + sliding_chunk(chunk, self.config.sliding_chunk),
-            k_eq_v_once=self.config.k_eq_v_once,
-        )
-        per_token, ring_bytes = pool_bytes(cfg, layout, kv_dtype)
-        tokens = self.config.num_kv_tokens
-        if tokens is None:
-            budget = self.config.kv_cache_memory
-            if budget is None:
-                tokens = self.config.max_num_seqs * min(self.max_model_len, 4096)
-            else:
-                tokens = (budget - ring_bytes) // max(per_token, 1)
-        num_blocks = max(1, tokens // layout.block_size)
-        if self.config.kv_cache_memory is not None and tokens < layout.block_size:
-            raise ValueError(
-                f"kv_cache_memory={self.config.kv_cache_memory} B is too small: the sliding rings alone need "
-                f"{ring_bytes} B and one global block {per_token * layout.block_size} B"
-            )
-        self.layout = KVLayout(
-            layout.block_size, num_blocks, layout.max_seqs, layout.ring_size, layout.k_eq_v_once
-        )
+        self.layout, per_token, ring_bytes = sized_layout(cfg, self.config, self.max_model_len, kv_dtype)
+        layout, num_blocks = self.layout, self.layout.num_blocks
         self.cache = KVCache(cfg, self.layout, kv_dtype=kv_dtype, device=self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(

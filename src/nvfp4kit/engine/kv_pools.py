@@ -12,12 +12,14 @@ KV may be BF16 or FP8 (E4M3/E5M2) with a per-tensor scale: stored = x / scale, r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from nvfp4kit.config import Gemma4TextConfig
+from nvfp4kit.engine.engine_config import EngineConfig
 from nvfp4kit.plan.kv import kv_bytes_per_token
+from nvfp4kit.plan.pools import sliding_chunk
 
 KV_DTYPES = {
     "bf16": torch.bfloat16,
@@ -155,3 +157,30 @@ class KVCache:
 
     def scale(self, layer: int, which: int) -> float:
         return self.scales.get(layer, (1.0, 1.0))[which]
+
+
+def sized_layout(
+    cfg: Gemma4TextConfig, config: EngineConfig, max_model_len: int, kv_dtype: str
+) -> tuple[KVLayout, int, int]:
+    """The engine's KV layout for `config` (device defaults applied): rings of window + one sliding pass per
+    sequence slot, and global blocks for `num_kv_tokens`, else what `kv_cache_memory` leaves after the rings,
+    else max_num_seqs x min(max_model_len, 4096) tokens. Also (bytes per global token, bytes of all rings)."""
+    chunk = config.max_num_batched_tokens
+    layout = KVLayout(
+        block_size=config.block_size, num_blocks=1, max_seqs=config.max_num_seqs,
+        ring_size=cfg.sliding_window + sliding_chunk(chunk, config.sliding_chunk), k_eq_v_once=config.k_eq_v_once,
+    )  # fmt: skip
+    per_token, ring_bytes = pool_bytes(cfg, layout, kv_dtype)
+    tokens = config.num_kv_tokens
+    if tokens is None:
+        if config.kv_cache_memory is None:
+            tokens = config.max_num_seqs * min(max_model_len, 4096)
+        else:
+            tokens = (config.kv_cache_memory - ring_bytes) // max(per_token, 1)
+    if config.kv_cache_memory is not None and tokens < layout.block_size:
+        raise ValueError(
+            f"kv_cache_memory={config.kv_cache_memory} B is too small: the sliding rings alone need "
+            f"{ring_bytes} B and one global block {per_token * layout.block_size} B"
+        )
+    num_blocks = max(1, tokens // layout.block_size)
+    return replace(layout, num_blocks=num_blocks), per_token, ring_bytes
