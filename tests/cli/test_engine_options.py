@@ -27,3 +27,18 @@ def test_unknown_attention_backend_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse("--attention-backend", "flash")
     assert "invalid choice: 'flash'" in capsys.readouterr().err
+
+
+def test_serving_flags_reach_the_engine_config():
+    config = llm_arguments(parse("--admission-delay", "0", "--prefill-graphs", "512,1024"))["engine_config"]
+    assert config.admission_delay == 0 and config.prefill_graphs == (512, 1024)
+    default = llm_arguments(parse())["engine_config"]
+    assert default.admission_delay is None and default.prefill_graphs == ()  # by device / off
+
+
+@pytest.mark.parametrize(("flag", "junk"), [("--prefill-graphs", "512,x"), ("--prefill-graphs", "0"),
+                                            ("--admission-delay", "-1")])  # fmt: skip
+def test_junk_serving_flags_are_refused(capsys, flag, junk):
+    with pytest.raises(SystemExit):
+        parse(flag, junk)
+    assert flag in capsys.readouterr().err

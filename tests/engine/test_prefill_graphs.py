@@ -134,3 +134,12 @@ def test_prefill_graphs_need_a_metadata_backend(model):
         return
     with pytest.raises(ValueError, match="CUDA"):
         PrefillGraphs(model, engine.cache, token_counts=(16,), max_seqs=4, max_model_len=64)
+
+
+def test_counts_past_the_step_budget_are_not_captured(model):
+    engine = Engine(model, None, config=_config(prefill_graphs=(16, 64)))  # 32 tokens a step
+    engine.capture_prefill_graphs(eager=True)
+    assert engine.prefill_graphs.token_counts == (16,)
+    over = Engine(model, None, config=_config(prefill_graphs=(64,)))
+    over.capture_prefill_graphs(eager=True)
+    assert over.prefill_graphs is None
