@@ -143,3 +143,26 @@ def test_counts_past_the_step_budget_are_not_captured(model):
     over = Engine(model, None, config=_config(prefill_graphs=(64,)))
     over.capture_prefill_graphs(eager=True)
     assert over.prefill_graphs is None
+
+
+def test_a_turn_that_reuses_cached_blocks_gives_the_eager_tokens(model):
+    # the second turn starts after its cached beginning (a block table of cached blocks, a parked ring): the
+    # graph's sequence starts mid-prompt
+    first = random_prompts([26], seed=11)[0]
+    results = []
+    for graphs in ((), (32,)):
+        engine = Engine(model, None, config=_config(prefill_graphs=graphs))
+        engine.capture_prefill_graphs(eager=True)
+        turn1 = _run(engine, [first], {})["r0"]
+        second = first + turn1 + random_prompts([9], seed=12)[0]
+        rid = engine.add_request(second, GREEDY)
+        tokens, cached = [], 0
+        while engine.has_unfinished():
+            for event in engine.step():
+                tokens.append(event.token_id)
+                cached = max(cached, event.cached_tokens or 0)
+        assert cached > 0, "the second turn did not reuse the first's blocks"
+        results.append((turn1, tokens))
+        assert rid not in engine.requests
+        assert engine.step_stats.steps["prefill_graph"] == (2 if graphs else 0)  # both turns' prefills
+    assert results[0] == results[1]
