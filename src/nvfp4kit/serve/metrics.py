@@ -119,7 +119,7 @@ class ServerMetrics:
         )  # fmt: skip
         lines += _labelled(
             "engine_steps_total", "counter", "Engine steps by kind (decode from a CUDA graph, eager decode, "
-            "steps with prefill chunks).", {kind: n for kind, n, _ in stats.steps},
+            "steps with prefill chunks run eagerly or replayed from a prefill graph).", {kind: n for kind, n, _ in stats.steps},
         )  # fmt: skip
         lines += _labelled(
             "engine_step_seconds_total", "counter", "Wall seconds the engine thread spent in steps, by kind.",
