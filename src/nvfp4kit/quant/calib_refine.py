@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from nvfp4kit.quant import calib_round
 from nvfp4kit.quant.calib_block import tune_layer_scales
 from nvfp4kit.quant.calib_data import calibration_samples
 from nvfp4kit.quant.calib_guided import token_sensitivities
-from nvfp4kit.quant.calib_hessian import CaptureBackend, HessianBackend, StageDone
+from nvfp4kit.quant.calib_hessian import CaptureBackend, HessianBackend
 from nvfp4kit.quant.calib_layer import LayerRefiner, watch_stage
 from nvfp4kit.quant.calib_methods import CALIBRATION_METHODS, calibration_method
 from nvfp4kit.quant.calib_round import (
@@ -47,16 +46,15 @@ from nvfp4kit.quant.calib_round import (
     original_weights,
     slot_tensors,
 )
+from nvfp4kit.quant.calib_run import CHUNK_TOKENS, KVStore, Twin, run_layer
 from nvfp4kit.quant.calib_window import After, next_layer_window
-from nvfp4kit.quant.calibrate import CalibrationContext, chunk_samples
+from nvfp4kit.quant.calibrate import chunk_samples
 from nvfp4kit.quant.heap import trim_heap
 from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
 from nvfp4kit.quant.shard_writer import ShardedWriter, parse_size
 from nvfp4kit.tokenizer import Tokenizer
 
-CHUNK_TOKENS = 8192
 PLE_PROJECTION = "per_layer_model_projection"
-KVStore = dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
 BLOCK_LOG: list[dict] | None = None  # a list here collects each layer's calib_block report (studies)
 ROUND_LOG: list[dict] | None = None  # and here each layer's calib_round report
 
@@ -166,7 +164,7 @@ def refine_checkpoint(
                 fill_layer(twin_layer, source, f"layers.{i}.")
                 twin_layer.to(device)
                 twin_ple = full_ple[:, i] if full_ple is not None else None
-                twin = _Twin(twin_layer, capture, backend, full, twin_ple, kv_full)
+                twin = Twin(twin_layer, capture, backend, full, twin_ple, kv_full)
             if hidden is None:
                 refined = refiner.refine(layer, i, {})
             else:  # stage by stage, each on inputs through the re-quantized stages before it
@@ -176,7 +174,7 @@ def refine_checkpoint(
                     watch_stage(backend, layer, i, step)
                     if twin is not None:
                         watch_stage(twin.capture, twin.layer, i, step)
-                    _run_layer(
+                    run_layer(
                         layer, hidden, layer_ple, lengths, cfg, kv_store, device, record=True, twin=twin
                     )
                     refined.update(refiner.refine(layer, i, backend.hessians, stages=(step,)))
@@ -187,7 +185,7 @@ def refine_checkpoint(
                     if twin.out is not None and len(twin.finished) == _chunk_count(lengths):
                         full = twin.out
                     else:
-                        full = _run_layer(twin.layer, full, twin.ple, lengths, cfg, kv_full, device)
+                        full = run_layer(twin.layer, full, twin.ple, lengths, cfg, kv_full, device)
                     del twin
                 if rounding or scales:
                     target = full if full is not None else _full_precision_outputs(
@@ -215,7 +213,7 @@ def refine_checkpoint(
                             if BLOCK_LOG is not None:
                                 BLOCK_LOG.append({"layer": i, **vars(report)})
                     del originals, target, grads, after, window
-                hidden = _run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
+                hidden = run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
                 assert hidden is not None
             prefix = f"{layer_root}{i}."
             for name in quant.names():
@@ -290,7 +288,7 @@ def _full_precision_outputs(
     layer = DecoderLayer(cfg, index, TorchBackend())
     fill_layer(layer, source, f"layers.{index}.")
     layer.to(device)
-    out = _run_layer(layer, inputs, per_layer_input, lengths, cfg, {}, device)
+    out = run_layer(layer, inputs, per_layer_input, lengths, cfg, {}, device)
     assert out is not None
     return out
 
@@ -366,64 +364,3 @@ def _rows(source: WeightSource, name: str, rows: torch.Tensor) -> torch.Tensor:
 
 def _chunk_count(lengths: list[int]) -> int:
     return sum(1 for _ in chunk_samples(lengths, max_tokens=CHUNK_TOKENS))
-
-
-@dataclass
-class _Twin:
-    """The full-precision twin of the layer being refined (asymmetric statistics)."""
-
-    layer: DecoderLayer
-    capture: CaptureBackend
-    backend: HessianBackend  # the refined layer's, which takes the twin's inputs as targets
-    hidden: torch.Tensor
-    ple: torch.Tensor | None  # E2B/E4B: per-layer inputs through the unquantized projection
-    kv_store: KVStore
-    out: torch.Tensor | None = None  # its outputs, from a stage that ran the whole layer
-    finished: set[int] = field(default_factory=set)  # the chunks `out` holds
-
-
-@torch.no_grad()
-def _run_layer(
-    layer: DecoderLayer,
-    hidden: torch.Tensor,
-    per_layer_input: torch.Tensor | None,
-    lengths: list[int],
-    cfg: Gemma4TextConfig,
-    kv_store: KVStore,
-    device: torch.device,
-    *,
-    record: bool = False,
-    twin: _Twin | None = None,
-) -> torch.Tensor | None:
-    """The layer's outputs for all calibration tokens, a chunk of whole samples at a time. Keys/values that
-    later layers reuse land in `kv_store`; a layer's last run is the one they keep. `record`: only for the
-    statistics the backend collects; it may stop each chunk early (StageDone), and nothing is returned.
-    `twin`: first run each chunk through the full-precision twin and hand its inputs to the statistics."""
-    result = None if record else torch.empty_like(hidden)
-    offsets = [0]
-    for n in lengths:
-        offsets.append(offsets[-1] + n)
-    for c, (a, b) in enumerate(chunk_samples(lengths, max_tokens=CHUNK_TOKENS)):
-        sl = slice(offsets[a], offsets[b])
-        ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store=kv_store, device=device)
-        if twin is not None:
-            twin.capture.captured = {}
-            twin_ctx = CalibrationContext(cfg, lengths[a:b], chunk=c, kv_store=twin.kv_store, device=device)
-            try:
-                y_full = twin.layer(twin.hidden[sl], twin_ctx, twin.ple[sl] if twin.ple is not None else None)
-                if twin.out is None:  # a stage that runs the whole layer: the twin's output, kept
-                    twin.out = torch.empty_like(twin.hidden)
-                twin.out[sl] = y_full
-                twin.finished.add(c)
-            except StageDone:
-                pass
-            twin.backend.targets = twin.capture.captured
-        if record:
-            layer.backend.window = sl
-        try:
-            y = layer(hidden[sl], ctx, per_layer_input[sl] if per_layer_input is not None else None)
-        except StageDone:
-            continue
-        if result is not None:
-            result[sl] = y
-    return result
