@@ -67,7 +67,7 @@ start_server() {  # $1: a name for the log; the rest: more serve options
     if python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$url/health" \
       2>/dev/null; then
       step "server ready"
-      grep -h -E "warm-up:|captured decode CUDA graphs" "$log.$name" | sed 's/^/   /' | tee "$rows/server_$name.txt"
+      grep -h -E "warm-up:|captured (decode|prefill) CUDA graphs" "$log.$name" | sed 's/^/   /' | tee "$rows/server_$name.txt"
       return 0
     fi
     if ! kill -0 "$server_pid" 2>/dev/null; then break; fi
