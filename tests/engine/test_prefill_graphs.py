@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nvfp4kit.engine.batch_context import SeqSlice
+from nvfp4kit.engine.batch_context import SeqSlice, work_item_pairs
 from nvfp4kit.engine.engine import Engine, EngineConfig
-from nvfp4kit.engine.prefill_graphs import PrefillGraphs, work_items
+from nvfp4kit.engine.prefill_graphs import PrefillGraphs
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams
 
@@ -51,8 +51,9 @@ def _run(engine: Engine, prompts: list[list[int]], arrivals: dict[int, int]) -> 
 
 def test_work_items_cover_each_sequence_once():
     seqs = [SeqSlice(5, 1, 0, [1], 0), SeqSlice(0, 9, 1, [2, 3, 4], 1), SeqSlice(7, 1, 10, [5, 6], 2)]
-    assert work_items(seqs, 1) == [(0, 0), (2, 0)]
-    assert work_items(seqs, 4) == [(1, 0), (1, 4), (1, 8)]
+    lengths = [s.length for s in seqs]
+    assert work_item_pairs(lengths, 1) == [(0, 0), (2, 0)]
+    assert work_item_pairs(lengths, 4) == [(1, 0), (1, 4), (1, 8)]
 
 
 def test_fill_pads_tokens_slots_and_items(model):

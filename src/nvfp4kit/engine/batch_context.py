@@ -186,17 +186,12 @@ class StepMetadata:
 
     def _work_items(self, block_q: int) -> WorkItems | None:
         if block_q not in self._items:
-            seq_ids, q0s = [], []
-            for i, n in enumerate(self.lengths):
-                if block_q == 1 and n <= 1:
-                    seq_ids.append(i)
-                    q0s.append(0)
-                elif block_q > 1 and n > 1:
-                    seq_ids += [i] * -(-n // block_q)
-                    q0s += list(range(0, n, block_q))
+            pairs = work_item_pairs(self.lengths, block_q)
             items = None
-            if seq_ids:
-                packed = torch.tensor([seq_ids, q0s], dtype=torch.int32).to(self.device, non_blocking=True)
+            if pairs:
+                packed = (
+                    torch.tensor(pairs, dtype=torch.int32).T.contiguous().to(self.device, non_blocking=True)
+                )
                 items = WorkItems(packed[0], packed[1], block_q)
             self._items[block_q] = items
         return self._items[block_q]
@@ -207,6 +202,15 @@ class StepMetadata:
         if not ends:
             return 0
         return max(min(e, window) if window else e for e in ends)
+
+
+def work_item_pairs(lengths: list[int], block_q: int) -> list[tuple[int, int]]:
+    """(sequence, first query token) of each attention work item of a step whose sequences have `lengths` query
+    tokens: block_q 1, one per sequence with at most one token (decode rows, padding sequences); else the tiles
+    of `block_q` tokens of the sequences with more."""
+    if block_q == 1:
+        return [(i, 0) for i, n in enumerate(lengths) if n <= 1]
+    return [(i, q0) for i, n in enumerate(lengths) if n > 1 for q0 in range(0, n, block_q)]
 
 
 def per_seq_buffer(

@@ -31,7 +31,13 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4kit.engine.attention_backend import select_attention_backend
-from nvfp4kit.engine.batch_context import BatchContext, SeqSlice, StepMetadata, per_seq_buffer
+from nvfp4kit.engine.batch_context import (
+    BatchContext,
+    SeqSlice,
+    StepMetadata,
+    per_seq_buffer,
+    work_item_pairs,
+)
 from nvfp4kit.engine.cuda_graphs import pinned
 from nvfp4kit.engine.engine_config import EngineConfig
 from nvfp4kit.engine.kv_pools import KVCache
@@ -221,7 +227,7 @@ class PrefillGraphs:
         for block_q, buf in g.items.items():
             host = torch.zeros(buf.shape, dtype=torch.int32)
             host[0] = slots - 1
-            pairs = work_items(seqs, block_q)
+            pairs = work_item_pairs([s.length for s in seqs], block_q)
             if pairs:
                 host[:, : len(pairs)] = torch.tensor(pairs, dtype=torch.int32).T
             buf.copy_(pinned(host), non_blocking=True)
@@ -248,11 +254,3 @@ def prefill_graphs_for(
     )  # fmt: skip
     graphs.capture()
     return graphs
-
-
-def work_items(seqs: list[SeqSlice], block_q: int) -> list[tuple[int, int]]:
-    """(sequence slot, first query token) of each work item: block_q 1, one per sequence with a single token;
-    else the tiles of `block_q` tokens of the sequences with more (`StepMetadata.prefill_items` the same way)."""
-    if block_q == 1:
-        return [(i, 0) for i, s in enumerate(seqs) if s.length == 1]
-    return [(i, q0) for i, s in enumerate(seqs) if s.length > 1 for q0 in range(0, s.length, block_q)]

@@ -7,7 +7,6 @@ operations on SM80 and in the interpreter); the per-tensor scales multiply the s
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.configs import device_capability, interpreting
 from nvfp4kit.kernels.kv_write import decode_e4m3, kernel_view, kv_format
 from nvfp4kit.kernels.rope_angles import cos_sin
 
@@ -33,14 +32,9 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 def native_fp8_supported(device: torch.device) -> bool:
     """Hardware FP8 conversions (SM89+) that Triton accepts; elsewhere FP8 is decoded with integer ops."""
-    return device.type == "cuda" and not interpreting() and _capability(device) >= (8, 9)
+    return device.type == "cuda" and not interpreting() and device_capability(device) >= (8, 9)
 
 
 def dot_dtype_code(q_dtype: torch.dtype, kv_format_code: int) -> int:

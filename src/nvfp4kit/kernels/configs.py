@@ -76,6 +76,17 @@ class MoEConfig:
             raise ValueError("MoEConfig needs block_k >= 32 and block_m >= 16")
 
 
+def device_capability(device: torch.device | str) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, asked once per device: the query costs ~20 us of host time, too much for
+    a per-launch check."""
+    return _capability(torch.device(device).index)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU: TRITON_INTERPRET read as Triton reads it (1/true/on/y/yes)."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "y", "yes")
@@ -300,4 +311,4 @@ def _best_decode(device) -> str:
     """The PTX decoder on SM80+ CUDA devices (measured faster everywhere on the H100), else portable bits."""
     if interpreting() or device is None or torch.device(device).type != "cuda":
         return "bits"
-    return "asm" if torch.cuda.get_device_capability(device) >= (8, 0) else "bits"
+    return "asm" if device_capability(device) >= (8, 0) else "bits"

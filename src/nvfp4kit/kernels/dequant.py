@@ -10,14 +10,12 @@ still reads it. Nothing here reads a device value on the host.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.configs import device_capability, interpreting
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import expand_weight, fold_scale, load_weight_raw
 
@@ -122,12 +120,7 @@ def dequantize_nvfp4(
 
 
 def _sm80(device: torch.device) -> bool:
-    return _capability(device.index)[0] >= 8
-
-
-@functools.cache
-def _capability(index: int | None) -> tuple[int, int]:  # a per-launch query costs ~20 us of host time
-    return torch.cuda.get_device_capability(index)
+    return device_capability(device)[0] >= 8
 
 
 def scratch(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

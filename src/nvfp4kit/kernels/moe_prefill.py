@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+from nvfp4kit.kernels.configs import device_capability
 from nvfp4kit.kernels.dequant import dequantize_nvfp4, scratch
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
@@ -30,7 +31,7 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.bfloat16, torch.float32)
-    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.is_cuda and x.dtype == torch.bfloat16 and device_capability(x.device) >= (9, 0)
 
 
 @triton.jit
