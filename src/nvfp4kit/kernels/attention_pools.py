@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4kit.kernels.configs import device_capability, interpreting
+from nvfp4kit.kernels.configs import interpreting, kernel_capability
 from nvfp4kit.kernels.kv_write import decode_e4m3, kernel_view, kv_format
 from nvfp4kit.kernels.rope_angles import cos_sin
 
@@ -34,7 +34,8 @@ def next_pow2(n: int) -> int:
 
 def native_fp8_supported(device: torch.device) -> bool:
     """Hardware FP8 conversions (SM89+) that Triton accepts; elsewhere FP8 is decoded with integer ops."""
-    return device.type == "cuda" and not interpreting() and device_capability(device) >= (8, 9)
+    capability = kernel_capability(device)
+    return capability is not None and not interpreting() and capability >= (8, 9)
 
 
 def dot_dtype_code(q_dtype: torch.dtype, kv_format_code: int) -> int:
@@ -66,7 +67,7 @@ def check_attention_args(
         raise ValueError(f"{q_heads} query heads are not a multiple of {kv_heads} KV heads")
     if q.stride(-1) != 1:
         raise ValueError("q must be contiguous in its last dim")
-    if not q.is_cuda and not interpreting():
+    if kernel_capability(q.device) is None and not interpreting():
         raise RuntimeError(
             "the Triton attention kernels need a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)"
         )

@@ -87,6 +87,34 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@dataclass(frozen=True)
+class StandIn:
+    """A card that CPU tensors stand for while `tuning.cross_compile.compile_for` compiles kernels for it."""
+
+    capability: tuple[int, int]
+    sms: int
+
+
+_stand_in: StandIn | None = None
+
+
+def set_stand_in(card: StandIn | None) -> None:
+    global _stand_in
+    _stand_in = card
+    _select_linear_cached.cache_clear()
+    _select_moe_cached.cache_clear()
+
+
+def kernel_capability(device: torch.device | str | None) -> tuple[int, int] | None:
+    """The compute capability kernels launched on `device` are built for: a CUDA device's own, the stand-in
+    card's while one is set, None for the CPU."""
+    if _stand_in is not None:
+        return _stand_in.capability
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    return device_capability(device)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU: TRITON_INTERPRET read as Triton reads it (1/true/on/y/yes)."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "y", "yes")
@@ -104,6 +132,8 @@ def _sm_count(index: int) -> int:
 
 
 def sm_count(device: torch.device | str | None) -> int:
+    if _stand_in is not None:
+        return _stand_in.sms
     if interpreting() or device is None or torch.device(device).type != "cuda":
         return 4
     index = torch.device(device).index
@@ -309,6 +339,7 @@ def _select_moe_cached(tokens, num_experts, top_k, hidden, inter, key, _interpre
 
 def _best_decode(device) -> str:
     """The PTX decoder on SM80+ CUDA devices (measured faster everywhere on the H100), else portable bits."""
-    if interpreting() or device is None or torch.device(device).type != "cuda":
+    capability = kernel_capability(device)
+    if interpreting() or capability is None:
         return "bits"
-    return "asm" if device_capability(device) >= (8, 0) else "bits"
+    return "asm" if capability >= (8, 0) else "bits"

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels.configs import device_capability, interpreting
+from nvfp4kit.kernels.configs import interpreting, kernel_capability
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import expand_weight, fold_scale, load_weight_raw
 
@@ -107,7 +107,8 @@ def dequantize_nvfp4(
     if out.numel() == 0:
         return out
     interpret = interpreting()
-    asm = not interpret and packed.is_cuda and dtype != torch.float16 and _sm80(packed.device)
+    capability = kernel_capability(packed.device)
+    asm = not interpret and capability is not None and capability >= (8, 0) and dtype != torch.float16
     block_rows, block_k, warps = tile
     grid = (experts, triton.cdiv(count, block_rows), triton.cdiv(k, block_k))
     _dequant_kernel[grid](
@@ -117,10 +118,6 @@ def dequantize_nvfp4(
         ROUND_BF16=interpret and dtype == torch.bfloat16, num_warps=warps,
     )  # fmt: skip
     return out
-
-
-def _sm80(device: torch.device) -> bool:
-    return device_capability(device)[0] >= 8
 
 
 def scratch(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -41,7 +41,7 @@ from nvfp4kit.kernels.attention_pools import (
     pool_operands,
     rotated_key_scores,
 )
-from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.configs import interpreting, kernel_capability, sm_count
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
@@ -80,9 +80,9 @@ def prefill_block_q(head_dim: int, group: int) -> int:
 def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: torch.device) -> int:
     """Key splits per decode item: up to four programs per SM without starting a partial extra wave, each split at
     least 128 keys, at most 128 splits (256 and 512 were slower at 128K on H100)."""
-    if device.type != "cuda":
+    if kernel_capability(device) is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     per_split = max(1, num_items * kv_heads)
     return max(1, min(4 * sms // per_split, max_keys // 128, 128))
 

@@ -38,7 +38,7 @@ from nvfp4kit.kernels.attention_pools import (
     pool_operands,
     rotated_key_scores,
 )
-from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.configs import interpreting, kernel_capability
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
@@ -254,7 +254,14 @@ def prefill_attention(
         SLIDING=window is not None, DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=ops.native_fp8,
         COMPUTE=compute, PRECISION="ieee" if compute == 0 else None, BIDIR=key_limit is not None,
     )  # fmt: skip
-    shape_key = (str(q.device), head_dim, group, derived_key is not None, fmt.code)
+    shape_key = (
+        str(q.device),
+        kernel_capability(q.device),
+        head_dim,
+        group,
+        derived_key is not None,
+        fmt.code,
+    )
     fitting = [c for c in configs if (shape_key, c) not in _TOO_BIG] or configs[-1:]
     for cfg in fitting:
         try:
@@ -273,3 +280,8 @@ def prefill_attention(
 
 # (device, layer shape, tiles) that did not fit their card; skipped from then on
 _TOO_BIG: set[tuple] = set()
+
+
+def forget_oversized_tiles() -> None:
+    """Try every tile again from the first (`bench compile` checks each card as a fresh process would)."""
+    _TOO_BIG.clear()

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.kernels.attention_pools import native_fp8_supported
-from nvfp4kit.kernels.configs import interpreting
+from nvfp4kit.kernels.configs import interpreting, kernel_capability
 from nvfp4kit.kernels.kv_write import decode_e4m3
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
@@ -100,7 +100,7 @@ def w8a16_linear(x: torch.Tensor, weight: FP8RowTensor) -> torch.Tensor:
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
-    if not x.is_cuda and not interpreting():
+    if kernel_capability(x.device) is None and not interpreting():
         raise RuntimeError("the W8A16 kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
     flat = x.reshape(-1, k)
     if flat.stride(-1) != 1:

@@ -25,6 +25,7 @@ class GpuSpec:
     compute_capability: tuple[int, int]
     native_fp4: bool
     aliases: tuple[str, ...] = ()
+    sms: int = 0  # streaming multiprocessors (what kernel grids are sized against)
 
     @property
     def sm(self) -> str:
@@ -32,21 +33,23 @@ class GpuSpec:
         return f"sm_{major}{minor}"
 
 
-def _gpu(name: str, mib: int, gb_per_s: float, cc: tuple[int, int], fp4: bool, *aliases: str) -> GpuSpec:
-    return GpuSpec(name, mib * MiB, gb_per_s * GB, cc, fp4, aliases)
+def _gpu(
+    name: str, mib: int, gb_per_s: float, cc: tuple[int, int], fp4: bool, sms: int, *aliases: str
+) -> GpuSpec:
+    return GpuSpec(name, mib * MiB, gb_per_s * GB, cc, fp4, aliases, sms)
 
 
 GPUS: tuple[GpuSpec, ...] = (
-    _gpu("RTX 3090", 24576, 936, (8, 6), False, "3090", "rtx3090"),
-    _gpu("RTX 4090", 24564, 1008, (8, 9), False, "4090", "rtx4090"),
-    _gpu("RTX 5090", 32607, 1792, (12, 0), True, "5090", "rtx5090"),
-    _gpu("A100 40GB", 40960, 1555, (8, 0), False, "a100-40", "a100-40gb", "a100_40gb"),
-    _gpu("A100 80GB", 81920, 2039, (8, 0), False, "a100", "a100-80", "a100-80gb", "a100_80gb"),
-    _gpu("L4", 23034, 300, (8, 9), False),
-    _gpu("L40S", 46068, 864, (8, 9), False),
-    _gpu("H100 80GB", 81559, 3350, (9, 0), False, "h100", "h100-80gb", "h100-sxm", "h100_80gb"),
-    _gpu("H200", 143771, 4800, (9, 0), False, "h200-141gb"),
-    _gpu("B200", 183359, 8000, (10, 0), True, "b200-180gb"),
+    _gpu("RTX 3090", 24576, 936, (8, 6), False, 82, "3090", "rtx3090"),
+    _gpu("RTX 4090", 24564, 1008, (8, 9), False, 128, "4090", "rtx4090"),
+    _gpu("RTX 5090", 32607, 1792, (12, 0), True, 170, "5090", "rtx5090"),
+    _gpu("A100 40GB", 40960, 1555, (8, 0), False, 108, "a100-40", "a100-40gb", "a100_40gb"),
+    _gpu("A100 80GB", 81920, 2039, (8, 0), False, 108, "a100", "a100-80", "a100-80gb", "a100_80gb"),
+    _gpu("L4", 23034, 300, (8, 9), False, 58),
+    _gpu("L40S", 46068, 864, (8, 9), False, 142),
+    _gpu("H100 80GB", 81559, 3350, (9, 0), False, 132, "h100", "h100-80gb", "h100-sxm", "h100_80gb"),
+    _gpu("H200", 143771, 4800, (9, 0), False, 132, "h200-141gb"),
+    _gpu("B200", 183359, 8000, (10, 0), True, 148, "b200-180gb"),
 )
 
 
