@@ -132,9 +132,8 @@ def check_card(
     gpu: GpuSpec, cfg: Gemma4TextConfig, *, tokens=DEFAULT_TOKENS, kv_dtypes=("fp8", "bf16")
 ) -> list:
     """Rows for every kernel launch of the cases on `gpu`: what it asks and how many blocks fit an SM."""
-    from nvfp4kit.tuning.cross_compile import arch_limits, compile_for
-
     from nvfp4kit.kernels.prefill_attention import forget_oversized_tiles
+    from nvfp4kit.tuning.cross_compile import arch_limits, compile_for
 
     limits = arch_limits(gpu.compute_capability)
     forget_oversized_tiles()
