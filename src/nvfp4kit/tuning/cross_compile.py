@@ -138,10 +138,20 @@ def cubin_resources(cubin: bytes, name: str) -> tuple[int | None, int | None]:
     return int(fields["REG"]), int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))
 
 
+_resources: dict[str, tuple[int | None, int | None]] = {}  # compiled kernel hash -> cubin_resources
+
+
+@functools.cache
+def _constexpr_names(fn: JITFunction) -> frozenset[str]:
+    return frozenset(p.name for p in fn.params if p.is_constexpr)
+
+
 def _record(fn: JITFunction, kernel, kwargs: dict) -> Compiled:
     meta = kernel.metadata
-    registers, spills = cubin_resources(kernel.asm["cubin"], meta.name)
-    names = {p.name for p in fn.params if p.is_constexpr}
+    if meta.hash not in _resources:  # cuobjdump once per compiled kernel, not per launch
+        _resources[meta.hash] = cubin_resources(kernel.asm["cubin"], meta.name)
+    registers, spills = _resources[meta.hash]
+    names = _constexpr_names(fn)
     constants = tuple((k, v) for k, v in kwargs.items() if k in names)
     return Compiled(fn.__name__, meta.shared, meta.num_warps, meta.num_stages, registers, spills, constants)
 
