@@ -102,7 +102,7 @@ def test_tiles_too_big_for_the_card_fall_back_to_the_next(monkeypatch):
             return launch
 
     monkeypatch.setattr(pa, "_prefill_attention_kernel", TooBigForBlock8())
-    monkeypatch.setattr(pa, "prefill_configs", lambda head_dim, group: [big, small])
+    monkeypatch.setattr(pa, "prefill_configs", lambda head_dim, group, capability=None: [big, small])
     monkeypatch.setattr(pa, "_TOO_BIG", set())
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(6, 4, 16, generator=gen)

@@ -74,6 +74,7 @@ class LayerPool:
     def call(self, kernel: str, start: int, n: int, config=None):
         """A no-argument launch of `kernel` for the chunk of n queries at `start` (metadata built outside)."""
         from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
+        from nvfp4kit.kernels.configs import kernel_capability
         from nvfp4kit.kernels.paged_attention import paged_attention, prefill_block_q
         from nvfp4kit.kernels.prefill_attention import prefill_attention, prefill_config
 
@@ -81,7 +82,7 @@ class LayerPool:
         if kernel == "paged":
             block_q, fn, extra = prefill_block_q(self.head_dim, group), paged_attention, {}
         else:
-            config = config or prefill_config(self.head_dim, group)
+            config = config or prefill_config(self.head_dim, group, kernel_capability(self.device))
             block_q, fn, extra = config.block_q, prefill_attention, {"config": config}
         ints = torch.tensor([[start], [n], [0], [0]], dtype=torch.int32, device=self.device)
         batch = AttentionBatch(ints[0], ints[1], ints[2], self.table, ints[3])

@@ -61,23 +61,33 @@ def prefill_block_q(head_dim: int, group: int) -> int:
     return max(1, rows // next_pow2(group))
 
 
-def prefill_configs(head_dim: int, group: int) -> list[PrefillConfig]:
-    """Tiles to try in order, all of `prefill_block_q` tokens: the fastest of the H200 sweep first
-    (docs/benchmarks.md, "Prefill attention"; `nvfp4kit bench attention --sweep`), then smaller ones for cards
-    with less shared memory (a tile that does not fit is skipped from its first launch on)."""
+def prefill_configs(
+    head_dim: int, group: int, capability: tuple[int, int] | None = None
+) -> list[PrefillConfig]:
+    """Tiles to try in order, all of `prefill_block_q` tokens (a tile that does not fit the card's shared memory
+    is skipped from its first launch on). Hopper: the fastest of the H200 sweep first (docs/benchmarks.md,
+    "Prefill attention"; `nvfp4kit bench attention --sweep`), then tiles that fit a 99 KB block.
+
+    Before Hopper (`capability` < 9.0) the H200's first tiles spill registers (compiled for sm_80: 0.8 KB a
+    thread at head dim 256, 5.6 KB at 512) or do not fit (99 KB on sm_86/sm_89), so those cards start from the
+    tiles that spill least when compiled for them (`nvfp4kit bench compile`): 8 warps, 16-32 keys, 8-150 B at
+    head dim 256 and 32-890 B at 512, where 4 warps spill 0.6-5 KB. Untimed on those cards (none lent)."""
     block_q = prefill_block_q(head_dim, group)
     if interpreting():
         return [PrefillConfig(block_q, 16, 1, num_warps=4, num_stages=1)]
+    hopper = capability is None or capability >= (9, 0)
     if head_dim >= 512:  # H200 at 16K: 64 keys, one slice 71 TFLOP/s; 32 keys 58; two slices 43
-        tiles = [(64, 1, 8, 2), (32, 1, 8, 2), (32, 2, 8, 2), (16, 2, 4, 1), (16, 4, 4, 1)]
+        tiles = [(64, 1, 8, 2), (32, 1, 8, 2), (32, 2, 8, 2)] if hopper else []
+        tiles += [(16, 2, 8, 2), (16, 2, 8, 1), (16, 2, 4, 1), (16, 4, 4, 1)]
     else:  # H200, head dim 256: 64 keys 153 TFLOP/s, 128 keys 149, 32 keys 129
-        tiles = [(64, 1, 8, 2), (32, 1, 8, 2), (32, 1, 4, 1), (16, 1, 4, 1)]
+        tiles = [(64, 1, 8, 2), (32, 1, 8, 2)] if hopper else []
+        tiles += [(32, 1, 8, 1), (16, 1, 8, 2), (32, 1, 4, 1), (16, 1, 4, 1)]
     return [PrefillConfig(block_q, bn, dv, num_warps=w, num_stages=st) for bn, dv, w, st in tiles]
 
 
-def prefill_config(head_dim: int, group: int) -> PrefillConfig:
-    """The first-choice tiles for a layer shape (see `prefill_configs`)."""
-    return prefill_configs(head_dim, group)[0]
+def prefill_config(head_dim: int, group: int, capability: tuple[int, int] | None = None) -> PrefillConfig:
+    """The first-choice tiles for a layer shape on a card of `capability` (see `prefill_configs`)."""
+    return prefill_configs(head_dim, group, capability)[0]
 
 
 # per-step values are plain runtime arguments (no variant per step shape): the metadata rows (slices at 4 x count
@@ -224,7 +234,9 @@ def prefill_attention(
         q, v_store, k_store, derived_key, ring_size, block_size
     )
     group = q_heads // kv_heads
-    configs = [config] if config is not None else prefill_configs(head_dim, group)
+    configs = (
+        [config] if config is not None else prefill_configs(head_dim, group, kernel_capability(q.device))
+    )
     for cfg in configs:
         if items.block_q != cfg.block_q:
             raise ValueError(f"work items of {items.block_q} tokens, but the config tiles {cfg.block_q}")
