@@ -139,10 +139,10 @@ class StepMetadata:
         """This step's metadata restricted to one sliding pass: the pieces' own rows per sequence; per token the
         step's positions, and ring slots only on the pieces' rows (the others write nothing in this pass)."""
         per_seq, starts, lengths, _ = per_seq_buffer(pieces, 0, self.batch.block_table.shape[1])
-        keep = torch.zeros(self.positions.shape[0], dtype=torch.bool)
+        flags = [False] * self.positions.shape[0]  # a Python list: one tensor op, not three per sequence
         for p in pieces:
-            keep[p.offset : p.offset + p.length] = True
-        keep = keep.to(self.device, non_blocking=True)
+            flags[p.offset : p.offset + p.length] = [True] * p.length
+        keep = torch.tensor(flags, dtype=torch.bool).to(self.device, non_blocking=True)
         ring = torch.where(keep, self.ring_slots, torch.full_like(self.ring_slots, -1))
         per_token = torch.stack([self.positions, self.global_slots, ring])
         meta = StepMetadata.from_tensors(

@@ -57,6 +57,16 @@ class NVFP4Tensor:
     def nbytes(self) -> int:
         return self.packed.numel() + self.scale.numel() + 4
 
+    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(packed codes, scales as raw bytes, scale_2 as flat fp32): what the kernels take, made once per weight
+        (each view or cast costs a few microseconds of host time, and a prefill step launches hundreds). The
+        fields are never reassigned, so views of them stay valid."""
+        cached = self.__dict__.get("_operands")
+        if cached is None:
+            cached = (self.packed, self.scale.view(torch.uint8), self.scale_2.reshape(-1).to(torch.float32))
+            self.__dict__["_operands"] = cached
+        return cached
+
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 values (already divided by their scale) to 4-bit codes (uint8, 0..15)."""

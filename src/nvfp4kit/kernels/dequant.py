@@ -87,7 +87,7 @@ def dequantize_nvfp4(
     `rows=(start, count)` expands only rows [start, start+count) of each matrix (e.g. the gate half of a fused
     gate_up); `out`, if given, must be contiguous of the result's shape and dtype and is written in place;
     `tile` = (rows, columns, warps) per program (powers of two, columns >= 32; the default is the measured one)."""
-    packed, scale = weight.packed, weight.scale.view(torch.uint8)
+    packed, scale, s2 = weight.kernel_operands()
     stacked = packed.dim() == 3
     if not stacked:
         packed, scale = packed.unsqueeze(0), scale.unsqueeze(0)
@@ -96,7 +96,6 @@ def dequantize_nvfp4(
     start, count = rows if rows is not None else (0, n)
     if start < 0 or count < 0 or start + count > n:
         raise ValueError(f"rows {rows} outside the weight's {n} rows")
-    s2 = weight.scale_2.reshape(-1).to(torch.float32)
     if s2.numel() != experts:
         raise ValueError(f"{experts} matrices need {experts} scale_2 values, got {s2.numel()}")
     shape = (experts, count, k) if stacked else (count, k)

@@ -267,8 +267,7 @@ def _weight_args(weight: torch.Tensor | NVFP4Tensor, name: str) -> tuple:
     if isinstance(weight, NVFP4Tensor):
         if weight.packed.dim() != 3 or weight.scale_2.numel() != weight.packed.shape[0]:
             raise ValueError(f"{name}: expected NVFP4 [E, N, K] with scale_2 [E], got {weight.shape}")
-        packed, scale = weight.packed, weight.scale.view(torch.uint8)
-        s2 = weight.scale_2.reshape(-1).to(torch.float32)
+        packed, scale, s2 = weight.kernel_operands()
         return packed, scale, s2, packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), True
     if weight.dim() != 3:
         raise ValueError(f"{name}: expected a stacked [E, N, K] weight, got shape {tuple(weight.shape)}")

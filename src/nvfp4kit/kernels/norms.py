@@ -158,6 +158,8 @@ def _rows(x: torch.Tensor, n: int, name: str) -> torch.Tensor:
 def _vector(w: torch.Tensor, n: int, name: str) -> torch.Tensor:
     if w.numel() != n:
         raise ValueError(f"{name} has {w.numel()} entries, expected {n}")
+    if w.dim() == 1 and w.is_contiguous():  # the usual case: no op (each costs host time per launch)
+        return w
     return w.reshape(n) if w.is_contiguous() else w.contiguous().reshape(n)
 
 

@@ -224,8 +224,7 @@ def w4a16_linear(
     cfg = config or select_linear_config(m, n, k, device=x.device)
     interpret = interpreting()
     asm = cfg.decode == "asm" and not interpret and x.dtype != torch.float16  # PTX output is bf16-scaled
-    packed, scale = weight.packed, weight.scale.view(torch.uint8)
-    s2 = weight.scale_2.reshape(1).to(torch.float32)
+    packed, scale, s2 = weight.kernel_operands()
     even_k = k % cfg.block_k == 0
     split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
     if split > 1:
