@@ -166,30 +166,49 @@ def check_card(
     return rows
 
 
-def _print_table(rows: list, out=sys.stdout) -> None:
-    print(
-        "| card | case | M | kernel | smem KB | regs | spill B | warps | stages | blocks/SM | occupancy |",
-        file=out,
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+def _flag(r: dict) -> str:
+    if r.get("error"):
+        return f"**does not compile**: {r['error']}"
+    if r["fell_back"]:
+        return "too big: falls back"
+    return "**cannot launch**" if not r["blocks_per_sm"] else ""
+
+
+def _print_launches(rows: list, out=sys.stdout) -> None:
+    """Every launch: one row each."""
+    print("| card | case | M | kernel | smem KB | regs | spill B | warps | stages | blocks/SM | occupancy | note |",
+          file=out)  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
     for r in rows:
         if r.get("error"):
-            print(
-                f"| {r['gpu']} | {r['case']} | {r['m']} | **does not compile**: {r['error']} |||||||",
-                file=out,
-            )
+            print(f"| {r['gpu']} | {r['case']} | {r['m']} | | | | | | | 0 | | {_flag(r)} |", file=out)
             continue
-        flag = (
-            " (too big: falls back)"
-            if r["fell_back"]
-            else " **(cannot launch)**"
-            if not r["blocks_per_sm"]
-            else ""
-        )
         print(
             f"| {r['gpu']} | {r['case']} | {r['m'] or '-'} | {r['kernel']} | {r['shared'] / 1024:.1f} | "
             f"{r['registers'] if r['registers'] is not None else '?'} | {r['spills'] or 0} | {r['num_warps']} | "
-            f"{r['num_stages']} | {r['blocks_per_sm']}{flag} | {100 * r['occupancy']:.0f}% |",
+            f"{r['num_stages']} | {r['blocks_per_sm']} | {100 * r['occupancy']:.0f}% | {_flag(r)} |",
+            file=out,
+        )
+
+
+def _print_summary(rows: list, out=sys.stdout) -> None:
+    """One row per card and kernel: how many launches, the most shared memory and spill, the fewest blocks."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["gpu"], r.get("kernel") or "(error)"), []).append(r)
+    print(
+        "| card | kernel | launches | max smem KB | max spill B | min blocks/SM | failed launches |", file=out
+    )
+    print("|---|---|---|---|---|---|---|", file=out)
+    for (gpu, kernel), rs in groups.items():
+        ran = [r for r in rs if not r.get("error") and not r["fell_back"]]
+        failed = len(rs) - len(ran)
+        if not ran:
+            print(f"| {gpu} | {kernel} | {len(rs)} | | | 0 | {failed} |", file=out)
+            continue
+        print(
+            f"| {gpu} | {kernel} | {len(rs)} | {max(r['shared'] for r in ran) / 1024:.1f} | "
+            f"{max(r['spills'] or 0 for r in ran)} | {min(r['blocks_per_sm'] for r in ran)} | {failed} |",
             file=out,
         )
 
@@ -201,7 +220,7 @@ def run_compile_check(args: argparse.Namespace) -> int:
     for gpu in gpus:
         print(f"compiling for {gpu.name} ({gpu.sm}, {gpu.sms} SMs) ...", file=sys.stderr, flush=True)
         rows += check_card(gpu, cfg, tokens=args.tokens, kv_dtypes=args.kv_dtype)
-    _print_table(rows)
+    (_print_launches if args.verbose else _print_summary)(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1) + "\n")
     failing = [r for r in rows if r["blocks_per_sm"] == 0 and not r.get("fell_back")]
@@ -229,5 +248,6 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--kv-dtype", nargs="+", default=["fp8", "bf16"], choices=sorted(KV_DTYPES), help="KV pools"
     )
-    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--verbose", action="store_true", help="one table row per launch instead of per kernel")
+    p.add_argument("--json", help="write the rows here (every launch)")
     p.set_defaults(func=run_compile_check)
