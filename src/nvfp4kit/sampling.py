@@ -38,8 +38,16 @@ class SamplingParams:
     detokenize: bool = True  # False: events carry token ids only, no text or stop strings (as vLLM)
     prompt_logprobs: int | None = None  # logprob of each prompt token (+ this many alternatives)
     n: int = 1  # samples per prompt (LLM.generate; the server makes n requests)
+    allowed_token_ids: tuple[int, ...] | None = None  # only these ids may be sampled
+    bad_words: tuple[str, ...] = ()  # words whose tokens may not be generated (as vLLM)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] | None = (
+        None  # their token sequences; None: from bad_words
+    )
+    cache_salt: str | None = None  # mixed into the prefix-cache keys: only requests with the same salt share
     constraint: Constraint | None = field(default=None, compare=False)  # structured output (compiled grammar)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    # device masks built from allowed_token_ids / bad words, once per request (logits_processors fills it)
+    token_masks: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         floats = (
@@ -82,6 +90,23 @@ class SamplingParams:
             raise ValueError("logit_bias values must be finite numbers")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        self._check_token_lists()
+
+    def _check_token_lists(self) -> None:
+        """allowed_token_ids and bad words as tuples (hashable, immutable), and sane."""
+        if self.allowed_token_ids is not None:
+            allowed = tuple(int(t) for t in self.allowed_token_ids)
+            if not allowed or min(allowed) < 0:
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids >= 0")
+            object.__setattr__(self, "allowed_token_ids", allowed)
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        if self.bad_words_token_ids is not None:
+            sequences = tuple(tuple(int(t) for t in word) for word in self.bad_words_token_ids)
+            if any(not word or min(word) < 0 for word in sequences):
+                raise ValueError("bad_words_token_ids must be non-empty sequences of token ids >= 0")
+            object.__setattr__(self, "bad_words_token_ids", sequences)
 
     def with_defaults(self, generation_config: dict[str, Any]) -> SamplingParams:
         """Fill unset temperature/top_p/top_k from generation_config.json (Gemma 4: 1.0, 0.95, 64)."""

@@ -212,7 +212,7 @@ def sample_step(
     """Sample every row of one step without waiting for the device: plain greedy rows together, the others
     through the batched sampler. If that batch fails, its rows are sampled one by one: a row whose sampling
     fails is reported in `failed` (its request ends alone); the others go on."""
-    logits = process_logits(logits, logits_rows)
+    logits = process_logits(logits, logits_rows, [row.output_ids for row in rows])
     device = logits.device
     greedy = [i for i, row in enumerate(rows) if is_plain_greedy(row.params)]
     others = [i for i, row in enumerate(rows) if not is_plain_greedy(row.params)]

@@ -29,7 +29,7 @@ from nvfp4kit.engine.cuda_graphs import DecodeGraphs, StepTimer, default_batch_s
 from nvfp4kit.engine.engine_config import EngineConfig, resolve_kv_dtype, with_device_defaults
 from nvfp4kit.engine.kernel_compiles import COMPILES
 from nvfp4kit.engine.kv_pools import KVCache, sized_layout
-from nvfp4kit.engine.logits_processors import LogitsRow
+from nvfp4kit.engine.logits_processors import LogitsRow, needs_last_token
 from nvfp4kit.engine.prefill_graphs import PrefillGraphs, prefill_graphs_for
 from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
@@ -380,4 +380,4 @@ def _overlappable(req: Request) -> bool:
     (they count the output) nor a grammar (it must accept the last token first)."""
     p = req.params
     penalties = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-    return not penalties and req.constraint is None
+    return not penalties and req.constraint is None and not needs_last_token(p)  # multi-token bad words

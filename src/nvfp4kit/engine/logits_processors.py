@@ -1,5 +1,5 @@
-"""Per-row changes to a batch of logits before sampling: logit_bias, min_tokens, structured-output masks,
-and NaN/inf safety.
+"""Per-row changes to a batch of logits before sampling: logit_bias, min_tokens, allowed_token_ids, bad words,
+structured-output masks, and NaN/inf safety.
 
 `process_logits(logits [B, V], rows)` is meant to sit just before the sampler, on the same device as the
 logits, so the batched GPU sampler can call it unchanged: the work is a few indexed updates per row that
@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from nvfp4kit.engine.structured_output import ConstraintState, apply_constraint_masks
 from nvfp4kit.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from nvfp4kit.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -29,12 +33,72 @@ class LogitsRow:
     @property
     def needs_processing(self) -> bool:
         constrained = self.constraint is not None and self.constraint.active
-        return bool(self.params.logit_bias) or self.num_output_tokens < self.params.min_tokens or constrained
+        return (
+            bool(self.params.logit_bias)
+            or self.num_output_tokens < self.params.min_tokens
+            or constrained
+            or has_token_bans(self.params)
+        )
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[LogitsRow]) -> torch.Tensor:
-    """Logits with each row's bias added, its stop ids masked while below min_tokens and its grammar's forbidden
-    tokens masked (structured output); values made finite.
+def bad_word_token_ids(tokenizer: Tokenizer, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Token sequences of each bad word, as vLLM bans them: the word as written (left-stripped) and, when it
+    tokenizes differently, with a leading space (so it is banned mid-text too); duplicates dropped."""
+    sequences: list[tuple[int, ...]] = []
+    for word in words:
+        bare = word.lstrip()
+        for text in (bare, " " + bare):
+            ids = tuple(tokenizer.encode(text, add_bos=False))
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return tuple(sequences)
+
+
+def has_token_bans(params: SamplingParams) -> bool:
+    return params.allowed_token_ids is not None or bool(params.bad_words_token_ids)
+
+
+def needs_last_token(params: SamplingParams) -> bool:
+    """A multi-token bad word bans its last token after its other tokens: the row must know its last output."""
+    return any(len(word) > 1 for word in params.bad_words_token_ids or ())
+
+
+def banned_mask(params: SamplingParams, width: int, device: torch.device) -> torch.Tensor:
+    """bool [width]: tokens this request may never sample (outside allowed_token_ids, or single-token bad
+    words). Built once per request and device, kept on its params."""
+    key = (width, str(device))
+    mask = params.token_masks.get(key)
+    if mask is None:
+        if params.allowed_token_ids is None:
+            host = torch.zeros(width, dtype=torch.bool)
+        else:
+            host = torch.ones(width, dtype=torch.bool)
+            host[[t for t in params.allowed_token_ids if t < width]] = False
+        single = [word[0] for word in params.bad_words_token_ids or () if len(word) == 1 and word[0] < width]
+        host[single] = True
+        mask = params.token_masks[key] = host.to(device)
+    return mask
+
+
+def _suffix_bans(rows: Sequence[LogitsRow], todo: list[int], outputs: Sequence[Sequence[int]]) -> list[tuple]:
+    """(row, token) pairs that would complete a multi-token bad word: its other tokens end the row's output.
+    A loop over the words (not the vocabulary)."""
+    pairs = []
+    for i in todo:
+        output = outputs[i]
+        for word in rows[i].params.bad_words_token_ids or ():
+            head = len(word) - 1
+            if head and head <= len(output) and tuple(output[len(output) - head :]) == word[:-1]:
+                pairs.append((i, word[-1]))
+    return pairs
+
+
+def process_logits(
+    logits: torch.Tensor, rows: Sequence[LogitsRow], outputs: Sequence[Sequence[int]] | None = None
+) -> torch.Tensor:
+    """Logits with each row's bias added, its stop ids masked while below min_tokens, the tokens its
+    allowed_token_ids / bad words forbid masked (multi-token bad words need `outputs`, each row's generated ids)
+    and its grammar's forbidden tokens masked (structured output); values made finite.
 
     Returns `logits` itself when no row needs anything (the common case), else a modified copy.
     """
@@ -54,6 +118,16 @@ def process_logits(logits: torch.Tensor, rows: Sequence[LogitsRow]) -> torch.Ten
         if row.num_output_tokens < row.params.min_tokens and row.stop_ids:
             stop = [t for t in row.stop_ids if 0 <= t < vocab]
             logits[i, torch.tensor(stop, device=logits.device)] = float("-inf")
+    banning = [i for i in todo if has_token_bans(rows[i].params)]
+    if banning:  # one stacked mask for all such rows: no per-token work on the host
+        masks = torch.stack([banned_mask(rows[i].params, vocab, logits.device) for i in banning])
+        index = torch.tensor(banning, device=logits.device)
+        logits[index] = logits[index].masked_fill(masks, float("-inf"))
+        pairs = _suffix_bans(rows, banning, outputs) if outputs is not None else []
+        pairs = [(i, t) for i, t in pairs if t < vocab]
+        if pairs:
+            at = torch.tensor(pairs, device=logits.device)
+            logits[at[:, 0], at[:, 1]] = float("-inf")
     constrained = [(i, rows[i].constraint) for i in todo if rows[i].constraint is not None]
     if constrained:
         apply_constraint_masks(logits, constrained)

@@ -20,7 +20,8 @@ then share its full blocks and take a copy of its ring.
 Only full blocks are shared and a request writes only positions at or after its `num_computed`, so shared
 blocks are never written. Requests with images neither match nor register (equal placeholder ids, different
 images); `prompt_logprobs` requests do not match (they need every prompt position's logits). The match is
-capped at len(ids) - 1: the last token is computed for its logits.
+capped at len(ids) - 1: the last token is computed for its logits. A request's `cache_salt` seeds its digest
+chain, so requests with different salts (or one without) never share blocks, rings or a twin's prefill.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class PrefixCache:
         have = req.block_digests
         if len(have) < count:
             ids, bs = req.all_ids, self.block_size
-            parent = have[-1] if have else b""
+            parent = have[-1] if have else _salt_root(req.params.cache_salt)
             for i in range(len(have), count):
                 parent = hashlib.sha256(parent + array("q", ids[i * bs : (i + 1) * bs]).tobytes()).digest()
                 have.append(parent)
@@ -171,6 +172,8 @@ class PrefixCache:
         n, bs = len(req.prompt_ids), self.block_size
         for other in running:
             if len(other.prompt_ids) != n or other.images is not None or other.prompt_ids != req.prompt_ids:
+                continue
+            if other.params.cache_salt != req.params.cache_salt:
                 continue
             if other.num_computed < n:
                 return WAIT
@@ -258,3 +261,8 @@ class PrefixCache:
         return [
             d for i, d in enumerate(digests) if max(0, (i + 1) * bs - self.window + 1) >= end - self.ring_size
         ]
+
+
+def _salt_root(salt: str | None) -> bytes:
+    """The digest chain's start: empty without a salt (the keys stay as they were), else the salt's digest."""
+    return b"" if salt is None else hashlib.sha256(b"cache_salt:" + salt.encode()).digest()

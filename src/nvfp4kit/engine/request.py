@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 
+from nvfp4kit.engine.logits_processors import bad_word_token_ids
 from nvfp4kit.engine.structured_output import ConstraintState
 from nvfp4kit.engine.text_output import TextOutput
 from nvfp4kit.sampling import SamplingParams
@@ -118,6 +119,8 @@ def make_request(
         frozenset() if params.ignore_eos else frozenset(eos_ids)
     )
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    if params.bad_words and params.bad_words_token_ids is None and tokenizer is not None:  # LLM.generate
+        params = replace(params, bad_words_token_ids=bad_word_token_ids(tokenizer, params.bad_words))
     return Request(
         request_id,
         list(prompt_ids),
