@@ -121,6 +121,7 @@ class ChatHandler:
         if suffix:  # server markup (starts with a control token), so it tokenizes apart from the prompt
             prompt += suffix
             prompt_ids = prompt_ids + self.engine.tokenizer.encode(suffix, add_bos=False)
+        prompt, prompt_ids = self._vllm_prompt_fields(request, prompt, prompt_ids, has_images=bool(images))
         max_tokens = token_budget(len(prompt_ids), request.requested_max_tokens(), self.engine.max_model_len)
         thought_end = (
             self.engine.tokenizer.token_to_id(CHANNEL_CLOSE) if prompt_opens_reasoning(prompt) else None
@@ -135,6 +136,7 @@ class ChatHandler:
             named = None if choice == "required" else choice.function.name
             parallel = request.parallel_tool_calls and named is None
             constraint = tool_call_constraint(self.engine, tools, name=named, parallel=parallel)
+        engine_fields = request.engine_fields(self.engine.tokenizer)  # bad words tokenized once
         try:
             params = [
                 request.sampling_params(
@@ -143,6 +145,7 @@ class ChatHandler:
                     choice=i,
                     prompt_logprobs=request.prompt_logprobs,
                     constraint=constraint,
+                    engine_fields=engine_fields,
                 )
                 for i in range(request.n)
             ]
@@ -162,6 +165,19 @@ class ChatHandler:
             arrival=arrival,
             images=image_inputs,
         )
+
+    def _vllm_prompt_fields(
+        self, request: ChatCompletionRequest, prompt: str, ids: list[int], *, has_images: bool
+    ) -> tuple[str, list[int]]:
+        """`add_special_tokens` (default false: the template wrote the <bos>; true adds one more, as vLLM's
+        tokenizer would) and `truncate_prompt_tokens` (the last k tokens of the rendered prompt)."""
+        bos = self.engine.tokenizer.bos_id
+        if request.add_special_tokens and bos is not None:
+            prompt, ids = self.engine.tokenizer.bos_token + prompt, [bos, *ids]
+        kept = request.truncated(ids, self.engine.max_model_len, has_images=has_images)
+        if len(kept) < len(ids):
+            prompt, ids = self.engine.tokenizer.decode(kept), kept
+        return prompt, ids
 
     def _reopen_last_turn(self, prompt: str, prompt_ids: list[int]) -> tuple[str, list[int]]:
         """The prompt without the end of its last (assistant) turn, so the model continues that message."""
@@ -195,6 +211,8 @@ class ChatHandler:
         for parser in parsers:
             parser.feed(chat.prefill)
         logprobs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        token_ids: list[list[int]] = [[] for _ in range(n)]
+        as_id = chat.request.return_tokens_as_token_ids
         finish = ["length"] * n
         generated = 0
         cached = None
@@ -205,13 +223,15 @@ class ChatHandler:
                 if index == 0 and getattr(event, "cached_tokens", None) is not None:
                     cached = event.cached_tokens
                 prompt_entries = getattr(event, "prompt_logprobs", None) or prompt_entries
+                if is_token(event):
+                    token_ids[index].append(event.token_id)
                 parsers[index].feed(event.text)
                 if (
                     chat.request.logprobs
                     and is_token(event)
                     and not is_stop_token(self.engine, event, chat.params[index])
                 ):
-                    logprobs[index].append(chat_logprob(self.engine, event))
+                    logprobs[index].append(chat_logprob(self.engine, event, as_id=as_id))
                 if event.finish_reason:
                     finish[index] = event.finish_reason
         choices = []
@@ -223,10 +243,11 @@ class ChatHandler:
                     "message": self._visible(chat, parser.message()),
                     "logprobs": {"content": logprobs[index]} if chat.request.logprobs else None,
                     "finish_reason": _finish_reason(finish[index], parser),
+                    **({"token_ids": token_ids[index]} if chat.request.return_token_ids else {}),
                 }
             )
         response = {
-            "id": new_id("chatcmpl"),
+            "id": chat.request.response_id("chatcmpl", new_id("chatcmpl")),
             "object": "chat.completion",
             "created": int(time.time()),
             "model": chat.model,
@@ -236,26 +257,34 @@ class ChatHandler:
         self.metrics.add_cached_tokens(cached or 0)
         if chat.request.prompt_logprobs is not None:
             response["prompt_logprobs"] = vllm_prompt_logprobs(self.engine, prompt_entries)
+        if chat.request.return_token_ids:
+            response["prompt_token_ids"] = chat.prompt_ids
         return response
 
     async def stream(self, chat: PreparedChat) -> AsyncIterator[str]:
         """Server-sent events: role chunk, delta chunks, a finish chunk per choice, usage, [DONE]."""
         request = chat.request
-        response_id, created = new_id("chatcmpl"), int(time.time())
+        response_id, created = request.response_id("chatcmpl", new_id("chatcmpl")), int(time.time())
         usage_field = {"usage": None} if request.include_usage else {}
+        # return_token_ids: the first chunk carries the prompt's ids, each choice's chunks the ids since its last
+        pending: list[list[int]] | None = [[] for _ in range(request.n)] if request.return_token_ids else None
+        as_id = request.return_tokens_as_token_ids
 
         def chunk(index: int, delta: dict[str, Any], *, finish: str | None = None, logprobs=None) -> str:
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            return sse(
-                {
-                    "id": response_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": chat.model,
-                    "choices": [choice],
-                    **usage_field,
-                }
-            )
+            body = {
+                "id": response_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": chat.model,
+                "choices": [choice],
+                **usage_field,
+            }
+            if pending is not None:
+                choice["token_ids"], pending[index] = pending[index], []
+                if index == 0 and delta.get("role"):
+                    body["prompt_token_ids"] = chat.prompt_ids
+            return sse(body)
 
         parsers = [chat.new_parser() for _ in range(request.n)]
         for index, parser in enumerate(parsers):
@@ -270,6 +299,8 @@ class ChatHandler:
                 generated += is_token(event)
                 if index == 0 and getattr(event, "cached_tokens", None) is not None:
                     cached = event.cached_tokens
+                if pending is not None and is_token(event):
+                    pending[index].append(event.token_id)
                 parser = parsers[index]
                 delta = parser.feed(event.text)
                 if event.finish_reason:
@@ -280,7 +311,7 @@ class ChatHandler:
                     and is_token(event)
                     and not is_stop_token(self.engine, event, chat.params[index])
                 ):
-                    logprobs = {"content": [chat_logprob(self.engine, event)]}
+                    logprobs = {"content": [chat_logprob(self.engine, event, as_id=as_id)]}
                 if not delta.is_empty() or logprobs:
                     yield chunk(index, self._visible(chat, delta.as_openai_delta()), logprobs=logprobs)
                 if event.finish_reason:

@@ -17,6 +17,7 @@ from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.protocol import CompletionRequest, sampling_error
+from nvfp4kit.serve.request_fields import logprob_token
 from nvfp4kit.serve.streaming import (
     SSE_DONE,
     finite,
@@ -52,40 +53,44 @@ class PreparedCompletion:
 class _Logprobs:
     """The legacy completions logprobs object, built token by token."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, as_ids: bool = False) -> None:
+        self._as_ids = as_ids  # return_tokens_as_token_ids: tokens named "token_id:N"
         self.tokens: list[str] = []
         self.token_logprobs: list[float] = []
         self.top_logprobs: list[dict[str, float]] = []
         self.text_offset: list[int] = []
 
+    def _name(self, engine: AsyncEngine, token_id: int) -> str:
+        return logprob_token(engine.tokenizer, token_id, as_id=self._as_ids)
+
     def add(self, engine: AsyncEngine, event: TokenEvent, offset: int) -> None:
-        self.tokens.append(token_text(engine, event.token_id))
+        self.tokens.append(self._name(engine, event.token_id))
         self.token_logprobs.append(finite(event.logprob))
-        self.top_logprobs.append({token_text(engine, t): finite(lp) for t, lp in event.top_logprobs})
+        self.top_logprobs.append({self._name(engine, t): finite(lp) for t, lp in event.top_logprobs})
         self.text_offset.append(offset)
 
     def add_prompt(
         self, engine: AsyncEngine, prompt: PreparedPrompt, entries: list, echo_length: int
     ) -> None:
         """The prompt's tokens first (echo): the first has no logprob; offsets end where the echo text does."""
-        texts = [token_text(engine, t) for t in prompt.ids]
+        texts = [engine.tokenizer.decode([t]) for t in prompt.ids]
         shift = sum(map(len, texts)) - echo_length  # e.g. a "<bos>" the echoed text does not show
         offset = 0
-        for text, entry in zip(texts, entries):
-            self.tokens.append(text)
+        for token, text, entry in zip(prompt.ids, texts, entries):
+            self.tokens.append(self._name(engine, token))
             self.token_logprobs.append(None if entry is None else finite(entry.logprob))
             self.top_logprobs.append(
-                None if entry is None else {token_text(engine, t): finite(lp) for t, lp in entry.top}
+                None if entry is None else {self._name(engine, t): finite(lp) for t, lp in entry.top}
             )
             self.text_offset.append(max(0, offset - shift))
             offset += len(text)
 
     def extend(self, other: _Logprobs) -> None:
-        for name, values in vars(other).items():
-            getattr(self, name).extend(values)
+        for name, values in self.as_dict().items():
+            values.extend(getattr(other, name))
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
 def vllm_prompt_logprobs(engine: AsyncEngine, entries: list) -> list[dict[str, Any] | None]:
@@ -118,13 +123,15 @@ class CompletionHandler:
         request.check()
         request.check_token_ids(self.engine.tokenizer.vocab_size)
         constraint = request_constraint(self.engine, request)
+        engine_fields = request.engine_fields(self.engine.tokenizer)
+        add_bos = request.add_special_tokens is not False  # vLLM's default for completions: true
         prompts = []
         vocab = self.engine.tokenizer.vocab_size
         for p, prompt in enumerate(request.prompts()):
             if isinstance(prompt, str):
                 if not prompt:
                     raise APIError(f"prompt {p} is empty", param="prompt")
-                ids, text = self.engine.tokenizer.encode(prompt), prompt
+                ids, text = self.engine.tokenizer.encode(prompt, add_bos=add_bos), prompt
             else:
                 if not prompt:
                     raise APIError(f"prompt {p} is an empty token list", param="prompt")
@@ -135,6 +142,9 @@ class CompletionHandler:
                         param="prompt",
                     )
                 ids, text = list(prompt), self.engine.tokenizer.decode(prompt)
+            kept = request.truncated(ids, self.engine.max_model_len)
+            if len(kept) < len(ids):  # echo shows the prompt the model saw
+                ids, text = kept, self.engine.tokenizer.decode(kept)
             max_tokens = token_budget(
                 len(ids), request.max_tokens, self.engine.max_model_len, prompt_param="prompt"
             )
@@ -146,6 +156,7 @@ class CompletionHandler:
                         choice=j,
                         prompt_logprobs=request.prompt_logprob_count(),
                         constraint=constraint,
+                        engine_fields=engine_fields,
                     )
                     for j in range(request.n)
                 ]
@@ -171,7 +182,7 @@ class CompletionHandler:
         if not (job.request.echo and entries):
             return generated
         prompt = self._prompt_of(job, index)
-        combined = _Logprobs()
+        combined = _Logprobs(as_ids=job.request.return_tokens_as_token_ids)
         combined.add_prompt(self.engine, prompt, entries, len(prompt.text))
         combined.extend(generated)
         return combined
@@ -189,7 +200,9 @@ class CompletionHandler:
     async def complete(self, job: PreparedCompletion) -> dict[str, Any]:
         count = len(job.prompts) * job.request.n
         texts = [self._prompt_of(job, i).text if job.request.echo else "" for i in range(count)]
-        logprobs = [_Logprobs() for _ in range(count)]
+        as_ids = job.request.return_tokens_as_token_ids
+        logprobs = [_Logprobs(as_ids=as_ids) for _ in range(count)]
+        token_ids: list[list[int]] = [[] for _ in range(count)]
         prompt_entries: list[list | None] = [None] * count
         finish = ["length"] * count
         generated = 0
@@ -198,6 +211,8 @@ class CompletionHandler:
             async for index, event, params in events:
                 generated += is_token(event)
                 _note_cached(cached, job, index, event)
+                if is_token(event):
+                    token_ids[index].append(event.token_id)
                 if event.prompt_logprobs is not None:
                     prompt_entries[index] = event.prompt_logprobs
                 if self._reports_logprob(job, event, params):
@@ -218,9 +233,12 @@ class CompletionHandler:
                 choice["logprobs"] = self._echoed(job, i, prompt_entries[i], logprobs[i]).as_dict()
             if job.request.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = vllm_prompt_logprobs(self.engine, prompt_entries[i] or [])
+            if job.request.return_token_ids:
+                choice["prompt_token_ids"] = self._prompt_of(job, i).ids
+                choice["token_ids"] = token_ids[i]
             choices.append(choice)
         return {
-            "id": new_id("cmpl"),
+            "id": job.request.response_id("cmpl", new_id("cmpl")),
             "object": "text_completion",
             "created": int(time.time()),
             "model": job.model,
@@ -229,11 +247,19 @@ class CompletionHandler:
         }
 
     async def stream(self, job: PreparedCompletion) -> AsyncIterator[str]:
-        response_id, created = new_id("cmpl"), int(time.time())
+        response_id, created = job.request.response_id("cmpl", new_id("cmpl")), int(time.time())
         usage_field = {"usage": None} if job.request.include_usage else {}
+        count = len(job.prompts) * job.request.n
+        # return_token_ids: each choice's first chunk carries its prompt's ids, every chunk the ids since the last
+        pending: list[list[int]] | None = [[] for _ in range(count)] if job.request.return_token_ids else None
+        prompt_sent = [False] * count
 
         def chunk(index: int, text: str, *, finish: str | None = None, logprobs=None) -> str:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+            if pending is not None:
+                if not prompt_sent[index]:
+                    choice["prompt_token_ids"], prompt_sent[index] = self._prompt_of(job, index).ids, True
+                choice["token_ids"], pending[index] = pending[index], []
             return sse(
                 {
                     "id": response_id,
@@ -245,7 +271,8 @@ class CompletionHandler:
                 }
             )
 
-        offsets = [0] * (len(job.prompts) * job.request.n)
+        offsets = [0] * count
+        as_ids = job.request.return_tokens_as_token_ids
         echo_waits = job.request.echo and job.request.logprobs is not None  # for the prompt's logprobs
         if job.request.echo:
             for i in range(len(offsets)):
@@ -258,16 +285,22 @@ class CompletionHandler:
             async for index, event, params in events:
                 generated += is_token(event)
                 _note_cached(cached, job, index, event)
+                if pending is not None and is_token(event):
+                    pending[index].append(event.token_id)
                 if echo_waits and event.prompt_logprobs is not None:
-                    echoed = self._echoed(job, index, event.prompt_logprobs, _Logprobs())
+                    echoed = self._echoed(job, index, event.prompt_logprobs, _Logprobs(as_ids=as_ids))
                     yield chunk(index, self._prompt_of(job, index).text, logprobs=echoed.as_dict())
                 logprobs = None
                 if self._reports_logprob(job, event, params):
-                    entry = _Logprobs()
+                    entry = _Logprobs(as_ids=as_ids)
                     entry.add(self.engine, event, offsets[index])
                     logprobs = entry.as_dict()
                 offsets[index] += len(event.text)
-                if event.text or logprobs:
+                if (
+                    event.text
+                    or logprobs
+                    or (pending is not None and not event.finish_reason and is_token(event))
+                ):
                     yield chunk(index, event.text, logprobs=logprobs)
                 if event.finish_reason:
                     yield chunk(index, "", finish=event.finish_reason)

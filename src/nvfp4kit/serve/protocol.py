@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.serve.errors import APIError
+from nvfp4kit.serve.request_fields import VllmRequestFields
 
 if TYPE_CHECKING:
     from nvfp4kit.engine.structured_output import Constraint
@@ -43,8 +44,8 @@ class ResponseFormat(BaseModel):
     type: str
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by chat and text completions."""
+class _SamplingFields(VllmRequestFields):
+    """Fields shared by chat and text completions (vLLM's extra ones in `VllmRequestFields`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +119,7 @@ class _SamplingFields(BaseModel):
                 raise APIError(
                     f"{name} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}", param=name
                 )
+        self.check_ban_ids(vocab_size)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -179,6 +181,7 @@ class _SamplingFields(BaseModel):
         choice: int,
         prompt_logprobs: int | None = None,
         constraint: Constraint | None = None,
+        engine_fields: dict[str, Any] | None = None,
     ) -> SamplingParams:
         """Engine parameters for choice number `choice` (choices get seed, seed+1, ... so they differ)."""
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -202,6 +205,7 @@ class _SamplingFields(BaseModel):
             skip_special_tokens=bool(self.skip_special_tokens),
             prompt_logprobs=prompt_logprobs,
             constraint=constraint,
+            **(engine_fields or {}),
         )
 
     @property

@@ -59,11 +59,12 @@ def token_text(engine: AsyncEngine, token_id: int) -> str:
     return engine.tokenizer.decode([token_id])
 
 
-def chat_logprob(engine: AsyncEngine, event: TokenEvent) -> dict[str, Any]:
-    """One entry of `choices[].logprobs.content` for a chat completion."""
+def chat_logprob(engine: AsyncEngine, event: TokenEvent, *, as_id: bool = False) -> dict[str, Any]:
+    """One entry of `choices[].logprobs.content` for a chat completion; `as_id`: tokens named "token_id:N"
+    (return_tokens_as_token_ids; `bytes` then spell that name, as vLLM's do)."""
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = token_text(engine, token_id)
+        text = f"token_id:{token_id}" if as_id else token_text(engine, token_id)
         return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode())}
 
     return {
