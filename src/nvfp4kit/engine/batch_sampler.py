@@ -22,20 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nvfp4kit.engine.logits_processors import LogitsRow, process_logits
+from nvfp4kit.engine.logits_processors import LogitsRow, host_to_device, process_logits
 from nvfp4kit.sampling import SampleResult, SamplingParams, finite_logits, is_plain_greedy
 
 log = logging.getLogger(__name__)
 
 FULL_SORT_ABOVE = 4096  # a top-k larger than this (or none) sorts the whole row instead
-
-
-def host_to_device(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A small host tensor on `device` without waiting for the work queued there: a plain copy blocks until the
-    stream is idle, which would stall the host behind an in-flight decode step. On CUDA: pinned, non-blocking."""
-    if torch.device(device).type != "cuda":
-        return values.to(device)
-    return values.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

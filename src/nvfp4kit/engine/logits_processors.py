@@ -41,6 +41,14 @@ class LogitsRow:
         )
 
 
+def host_to_device(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the work queued there: a plain copy blocks until the
+    stream is idle, which would stall the host behind an in-flight decode step. On CUDA: pinned, non-blocking."""
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def bad_word_token_ids(tokenizer: Tokenizer, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
     """Token sequences of each bad word, as vLLM bans them: the word as written (left-stripped) and, when it
     tokenizes differently, with a leading space (so it is banned mid-text too); duplicates dropped."""
@@ -76,7 +84,7 @@ def banned_mask(params: SamplingParams, width: int, device: torch.device) -> tor
             host[[t for t in params.allowed_token_ids if t < width]] = False
         single = [word[0] for word in params.bad_words_token_ids or () if len(word) == 1 and word[0] < width]
         host[single] = True
-        mask = params.token_masks[key] = host.to(device)
+        mask = params.token_masks[key] = host_to_device(host, device)
     return mask
 
 
@@ -88,7 +96,9 @@ def _suffix_bans(rows: Sequence[LogitsRow], todo: list[int], outputs: Sequence[S
         output = outputs[i]
         for word in rows[i].params.bad_words_token_ids or ():
             head = len(word) - 1
-            if head and head <= len(output) and tuple(output[len(output) - head :]) == word[:-1]:
+            if not head or head > len(output) or output[-1] != word[-2]:  # most words end here, unsliced
+                continue
+            if tuple(output[len(output) - head :]) == word[:-1]:
                 pairs.append((i, word[-1]))
     return pairs
 
@@ -121,12 +131,12 @@ def process_logits(
     banning = [i for i in todo if has_token_bans(rows[i].params)]
     if banning:  # one stacked mask for all such rows: no per-token work on the host
         masks = torch.stack([banned_mask(rows[i].params, vocab, logits.device) for i in banning])
-        index = torch.tensor(banning, device=logits.device)
+        index = host_to_device(torch.tensor(banning), logits.device)
         logits[index] = logits[index].masked_fill(masks, float("-inf"))
         pairs = _suffix_bans(rows, banning, outputs) if outputs is not None else []
         pairs = [(i, t) for i, t in pairs if t < vocab]
         if pairs:
-            at = torch.tensor(pairs, device=logits.device)
+            at = host_to_device(torch.tensor(pairs), logits.device)
             logits[at[:, 0], at[:, 1]] = float("-inf")
     constrained = [(i, rows[i].constraint) for i in todo if rows[i].constraint is not None]
     if constrained:
