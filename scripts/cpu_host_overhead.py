@@ -3,8 +3,8 @@
 Inside `tuning.cross_compile.compile_for` each launch goes through Triton's whole dispatch (argument binding,
 specialisation, cache lookup) and stops before the driver call; the model has the 26B-A4B's structure (30
 layers, 5 sliding : 1 global, K=V global layers, 128 experts top-8, the dense MLP beside them) at tiny widths,
-so torch's ops cost their dispatch and almost no arithmetic (`torch.empty` is `torch.zeros` here: kernel outputs
-that torch indexes with, such as routing ids, must be valid). What is left of a step's wall time is what the
+so torch's ops cost their dispatch and almost no arithmetic (allocations are zero-filled: kernel outputs that
+torch indexes with, such as routing ids, must be valid). What is left of a step's wall time is what the
 host spends on it: our Python, Triton's dispatch and torch's. On the H200 that host time was what a step that
 prefills waited for (docs/benchmarks.md, session 9: 87-114 ms to queue a 706-token mixed step).
 
@@ -70,9 +70,7 @@ def main() -> None:
     args.out, args.top = None, args.profile
     major, minor = (int(x) for x in args.capability.split("."))
     torch.set_num_threads(1)
-    # kernels write nothing here: outputs that torch indexes with (routing ids) must hold valid values
-    torch.empty, torch.empty_like = torch.zeros, torch.zeros_like
-    with compile_for((major, minor), 132) as launched:
+    with compile_for((major, minor), 132, zero_allocations=True) as launched:
         engine, cfg = build_engine(args)
         add_arrivals(engine, cfg, 2, args.prompt, seed=50_000)  # compile every prefill kernel first
         while engine.has_unfinished():

@@ -3,7 +3,8 @@
 For each card (plan/gpus.py) the kernels a model's steps launch are compiled for its compute capability, with
 the launch configurations that card gets without a tuning table (the heuristics, sized by its SM count), at
 decode and prefill token counts: the W4A16 linears (GEMV and tensor-core kernels, the prefill dequantizer), the
-fused MoE in every mode, and prefill and decode attention of both layer kinds over FP8 and BF16 KV pools. Each
+fused MoE in every mode, and prefill and decode attention of both layer kinds over FP8 and BF16 KV pools; then a few engine steps of a model with the same
+structure at tiny widths, which reach every other kernel (norms, RoPE, routing, the FP8 lm_head). Each
 row gives the kernel's shared memory, registers, spills and resident blocks per SM; a kernel that needs more
 shared memory than a block may have there would fail at its first launch (0 blocks: the command exits 1).
 Runs on the CPU (Triton and its bundled ptxas compile for any target); nothing is timed.
@@ -128,8 +129,44 @@ def _decode_call(pool) -> Callable[[], object]:
     return launch
 
 
+def _engine_cases(kv_dtypes) -> Iterator[tuple[str, int, Callable[[], object]]]:
+    """A few engine steps (prefill, decode, FP8 lm_head) of a model with the 26B-A4B's structure at tiny widths:
+    every kernel the engine launches, chosen as the engine chooses, including the small fused ones."""
+
+    def steps(kv: str):
+        from nvfp4kit.config import config_from_dict
+        from nvfp4kit.engine.engine import Engine, EngineConfig
+        from nvfp4kit.kernels.backend import TritonBackend
+        from nvfp4kit.sampling import SamplingParams
+        from nvfp4kit.testing.random_model import random_model
+        from nvfp4kit.testing.tiny_config import tiny_text_config
+
+        text = tiny_text_config("moe", num_experts=16, top_k_experts=4, sliding_window=64)
+        model = random_model(config_from_dict(text), device="cpu", backend=TritonBackend())
+        model.use_fp8_lm_head()
+        config = EngineConfig(
+            kv_dtype="fp8_e4m3" if kv == "fp8" else "bf16", max_num_seqs=4, max_num_batched_tokens=128,
+            max_model_len=256, attention_backend="triton", prefix_caching=False, overlap_schedule=False,
+        )  # fmt: skip
+        engine = Engine(model, None, config=config)
+        for i in range(2):
+            engine.add_request(
+                [5 + (i * 7 + j) % 300 for j in range(40 + 30 * i)], SamplingParams(max_tokens=3)
+            )
+        while engine.has_unfinished():
+            engine.step()
+
+    for kv in kv_dtypes:
+        yield f"engine steps (tiny widths) {kv}", 0, lambda kv=kv: steps(kv)
+
+
 def check_card(
-    gpu: GpuSpec, cfg: Gemma4TextConfig, *, tokens=DEFAULT_TOKENS, kv_dtypes=("fp8", "bf16")
+    gpu: GpuSpec,
+    cfg: Gemma4TextConfig,
+    *,
+    tokens=DEFAULT_TOKENS,
+    kv_dtypes=("fp8", "bf16"),
+    engine_steps=True,
 ) -> list:
     """Rows for every kernel launch of the cases on `gpu`: what it asks and how many blocks fit an SM."""
     from nvfp4kit.kernels.prefill_attention import forget_oversized_tiles
@@ -138,9 +175,10 @@ def check_card(
     limits = arch_limits(gpu.compute_capability)
     forget_oversized_tiles()
     cases = [*_linear_cases(cfg, tokens), *_moe_cases(cfg, tokens), *_attention_cases(cfg, kv_dtypes)]
+    cases += list(_engine_cases(kv_dtypes)) if engine_steps else []
     rows = []
     for case, m, launch in cases:
-        with compile_for(gpu.compute_capability, gpu.sms) as launched:
+        with compile_for(gpu.compute_capability, gpu.sms, zero_allocations=True) as launched:
             try:
                 launch()
                 error = None

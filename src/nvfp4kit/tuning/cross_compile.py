@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
@@ -157,10 +158,15 @@ def _record(fn: JITFunction, kernel, kwargs: dict) -> Compiled:
 
 
 @contextlib.contextmanager
-def compile_for(capability: tuple[int, int], sms: int) -> Iterator[list[Compiled]]:
+def compile_for(
+    capability: tuple[int, int], sms: int, *, zero_allocations: bool = False
+) -> Iterator[list[Compiled]]:
     """Within this block every Triton launch compiles for a card of `capability` with `sms` SMs and does not run;
     CPU tensors stand for that card's (the kernels' choices of decoder, FP8 path and splits follow it). Yields the
-    list the launches are recorded into. Not thread-safe: Triton's driver is switched process-wide."""
+    list the launches are recorded into. Not thread-safe: Triton's driver is switched process-wide.
+
+    Kernel outputs are never written here; `zero_allocations` makes `torch.empty(_like)` zero-fill inside the
+    block, so host code that indexes with a kernel's output (routing ids, say) stays in bounds."""
     if interpreting():
         raise RuntimeError("compile_for needs TRITON_INTERPRET unset: the interpreter compiles nothing")
     try:
@@ -179,12 +185,16 @@ def compile_for(capability: tuple[int, int], sms: int) -> Iterator[list[Compiled
             raise OutOfResources(kernel.metadata.shared, limits.smem_per_block, "shared memory")
         return kernel
 
+    empty, empty_like = torch.empty, torch.empty_like
     driver.set_active(_TargetDriver(capability, real))
     JITFunction.run = compile_only
     set_stand_in(StandIn(capability, sms))
+    if zero_allocations:
+        torch.empty, torch.empty_like = torch.zeros, torch.zeros_like
     try:
         yield records
     finally:
+        torch.empty, torch.empty_like = empty, empty_like
         set_stand_in(None)
         JITFunction.run = original_run
         if real is None:
