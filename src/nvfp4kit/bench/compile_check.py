@@ -177,7 +177,9 @@ def check_card(
     cases = [*_linear_cases(cfg, tokens), *_moe_cases(cfg, tokens), *_attention_cases(cfg, kv_dtypes)]
     cases += list(_engine_cases(kv_dtypes)) if engine_steps else []
     rows = []
-    for case, m, launch in cases:
+    bar = tqdm(cases, desc=f"compiling for {gpu.name} ({gpu.sm})", unit="case", disable=not progress)
+    for case, m, launch in bar:
+        bar.set_postfix_str(f"{case} M={m}" if m else case)
         with compile_for(gpu.compute_capability, gpu.sms, zero_allocations=True) as launched:
             try:
                 launch()
