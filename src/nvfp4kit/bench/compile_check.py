@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from nvfp4kit.config import Gemma4TextConfig, load_config, load_preset
 from nvfp4kit.plan.gpus import GPUS, GpuSpec, find_gpu
@@ -167,6 +168,7 @@ def check_card(
     tokens=DEFAULT_TOKENS,
     kv_dtypes=("fp8", "bf16"),
     engine_steps=True,
+    progress: bool = False,
 ) -> list:
     """Rows for every kernel launch of the cases on `gpu`: what it asks and how many blocks fit an SM."""
     from nvfp4kit.kernels.prefill_attention import forget_oversized_tiles
@@ -258,8 +260,7 @@ def run_compile_check(args: argparse.Namespace) -> int:
     gpus = [find_gpu(name) for name in args.gpu] if args.gpu else [g for g in GPUS if not g.native_fp4]
     rows = []
     for gpu in gpus:
-        print(f"compiling for {gpu.name} ({gpu.sm}, {gpu.sms} SMs) ...", file=sys.stderr, flush=True)
-        rows += check_card(gpu, cfg, tokens=args.tokens, kv_dtypes=args.kv_dtype)
+        rows += check_card(gpu, cfg, tokens=args.tokens, kv_dtypes=args.kv_dtype, progress=True)
     (_print_launches if args.verbose else _print_summary)(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1) + "\n")
