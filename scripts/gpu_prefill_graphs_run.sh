@@ -26,4 +26,7 @@ timeout 240 python3 scripts/gpu_mixed_step_profile.py --arrivals 1 2 --repeats 3
 step "mixed step, prefill graphs 768 1024 2048"
 timeout 300 python3 scripts/gpu_mixed_step_profile.py --arrivals 1 2 --repeats 3 --prefill-graphs 768 1024 2048 \
   --out "$out/graphs" 2>&1 | grep -E "^(decode|[0-9]+ prompt|host split|scenario)|captured" | tee "$out/graphs.log"
+step "bench compile's static records against real launches on this card (session 10)"
+timeout 180 python3 scripts/gpu_compile_check_validate.py --json "$out/compile_validate.json" 2>&1 | tail -40 \
+  | tee "$out/compile_validate.log"
 step "done"

@@ -66,7 +66,7 @@ def _moe_cases(cfg: Gemma4TextConfig, tokens) -> Iterator[tuple[str, int, Callab
         x = torch.zeros(m, h, dtype=torch.bfloat16)
         ids, weights = random_routing(m, e, top_k, device="cpu")
 
-        def launch(x=x, ids=ids, weights=weights, m=m):
+        def launch(x=x, ids=ids, weights=weights, m=m, gate_up=gate_up, down=down):
             config = heuristic_moe(m, e, top_k, h, i, device=x.device)
             return fused_moe(x, ids, weights, gate_up, down, config=config)
 
