@@ -31,6 +31,7 @@ from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError, from_validation_error
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.protocol import ChatCompletionRequest, CompletionRequest
+from nvfp4kit.serve.responses import ResponsesHandler, ResponsesRequest
 from nvfp4kit.serve.shutdown import Drainer
 from nvfp4kit.serve.streaming import SSE_DONE, sse
 from nvfp4kit.serve.tokenizer_routes import add_tokenizer_routes, model_card
@@ -128,6 +129,7 @@ def create_app(
     metrics = ServerMetrics(engine.stats)
     chat = ChatHandler(engine, template, metrics)
     completions = CompletionHandler(engine, metrics)
+    responses = ResponsesHandler(chat)
     started = int(time.time())
     drainer = Drainer(drain_timeout=drain_timeout, abort_all=getattr(engine, "abort_all", lambda: None))
     # Template rendering and tokenizing hold the GIL, so a pool of two keeps a flood of huge prompts from
@@ -272,6 +274,10 @@ def create_app(
     @app.post("/v1/completions")
     async def text_completions(request: Request) -> Response:
         return await serve(request, CompletionRequest, completions, "completions")
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request) -> Response:
+        return await serve(request, ResponsesRequest, responses, "responses")
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
