@@ -282,3 +282,13 @@ def test_forced_function_call_with_the_real_model(server):
     )
     assert response.output[0].type == "function_call" and response.output[0].name == "lookup"
     assert response.tool_choice.name == "lookup"
+
+
+def test_json_schema_text_format_constrains_the_real_model(server):
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    text = {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}}
+    response = client(server, API_KEY).responses.create(
+        model="tiny", input="Yes or no?", text=text, max_output_tokens=16, temperature=0.0
+    )
+    assert response.status == "completed" and json.loads(response.output_text) in ("yes", "no")
+    assert response.text.format.type == "json_schema"

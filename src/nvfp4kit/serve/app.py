@@ -31,7 +31,8 @@ from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError, from_validation_error
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.protocol import ChatCompletionRequest, CompletionRequest
-from nvfp4kit.serve.responses import ResponsesHandler, ResponsesRequest
+from nvfp4kit.serve.responses import ResponsesHandler
+from nvfp4kit.serve.responses_input import ResponsesRequest
 from nvfp4kit.serve.shutdown import Drainer
 from nvfp4kit.serve.streaming import SSE_DONE, sse
 from nvfp4kit.serve.tokenizer_routes import add_tokenizer_routes, model_card
