@@ -4,6 +4,7 @@ calls, exact prompts) and the tiny random checkpoint (the real engine: budgets, 
 import json
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
@@ -240,6 +241,42 @@ def test_refused_requests_name_the_field(scripted_server, body, param, words):
     error = reply.json()["error"]
     assert error["param"] == param and words in error["message"], error
     assert engine.prompts == []
+
+
+def test_a_failing_request_ends_alone(scripted_server):
+    def model(prompt: str) -> str:
+        if "boom" in prompt:
+            raise RuntimeError("the engine broke on this prompt")
+        return HELLO
+
+    base_url, _ = scripted_server(model)
+    api = client(base_url)
+    with pytest.raises(openai.InternalServerError, match="the engine broke"):
+        api.responses.create(model="scripted", input="boom")
+    with pytest.raises(openai.APIError, match="the engine broke"):
+        list(api.responses.create(model="scripted", input="boom", stream=True))
+    assert api.responses.create(model="scripted", input="Hi").output_text == HELLO
+
+
+def test_sdk_stream_helper_with_a_function_call_and_echoed_settings(scripted_server):
+    base_url, _ = scripted_server(scripted_model)
+    request = dict(
+        model="scripted",
+        input="Weather?",
+        tools=[WEATHER_TOOL],
+        metadata={"trace": "t1"},
+        user="u1",
+        store=False,
+        parallel_tool_calls=False,
+    )
+    with client(base_url).responses.stream(**request) as stream:
+        argument_deltas = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        final = stream.get_final_response()
+    (call,) = final.output
+    assert call.type == "function_call" and call.arguments == "".join(argument_deltas)
+    assert call.parsed_arguments == {"city": "Paris"}  # strict tool: the SDK parses the arguments
+    assert final.metadata == {"trace": "t1"} and final.user == "u1" and final.store is False
+    assert final.parallel_tool_calls is False and final.tool_choice == "auto"
 
 
 # The tiny random checkpoint behind the real `nvfp4kit serve` process (shared with tests/serve/test_server.py).
