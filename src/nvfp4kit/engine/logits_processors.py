@@ -122,12 +122,12 @@ def process_logits(
         if row.params.logit_bias:
             ids = [t for t, _ in row.params.logit_bias if 0 <= t < vocab]
             bias = [b for t, b in row.params.logit_bias if 0 <= t < vocab]
-            if ids:
-                index = torch.tensor(ids, device=logits.device)
-                logits[i, index] += torch.tensor(bias, device=logits.device, dtype=logits.dtype)
+            if ids:  # host_to_device: a plain copy would wait for the step in flight (overlap scheduling)
+                index = host_to_device(torch.tensor(ids), logits.device)
+                logits[i, index] += host_to_device(torch.tensor(bias, dtype=logits.dtype), logits.device)
         if row.num_output_tokens < row.params.min_tokens and row.stop_ids:
             stop = [t for t in row.stop_ids if 0 <= t < vocab]
-            logits[i, torch.tensor(stop, device=logits.device)] = float("-inf")
+            logits[i, host_to_device(torch.tensor(stop), logits.device)] = float("-inf")
     banning = [i for i in todo if has_token_bans(rows[i].params)]
     if banning:  # one stacked mask for all such rows: no per-token work on the host
         masks = torch.stack([banned_mask(rows[i].params, vocab, logits.device) for i in banning])
