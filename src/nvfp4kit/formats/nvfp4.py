@@ -64,7 +64,9 @@ class NVFP4Tensor:
         cached = self.__dict__.get("_operands")
         if cached is None:
             cached = (self.packed, self.scale.view(torch.uint8), self.scale_2.reshape(-1).to(torch.float32))
-            self.__dict__["_operands"] = cached
+            # a cast made during CUDA-graph capture holds its values only after a replay: not kept for eager use
+            if not (self.packed.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self.__dict__["_operands"] = cached
         return cached
 
 
