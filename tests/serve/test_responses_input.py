@@ -154,3 +154,9 @@ def test_chat_errors_are_renamed_to_this_routes_fields():
         and error.param == "max_output_tokens"
     )
     assert renamed_error(APIError("bad", param="messages.0.content")).param == "input.0.content"
+
+
+def test_long_string_input_is_one_message_and_item_lists_are_bounded():
+    assert chat_messages(request(input="x" * 20_000)) == [{"role": "user", "content": "x" * 20_000}]
+    with pytest.raises(ValueError, match="at most 10000 items"):
+        request(input=[{"role": "user", "content": "x"}] * 10_001)

@@ -8,7 +8,7 @@ constrains the prompt exactly as it would a chat request. Errors name this route
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -43,7 +43,7 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    input: str | list[dict[str, Any]] = Field(max_length=MAX_MESSAGES)
+    input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]  # the bound is on items only
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
