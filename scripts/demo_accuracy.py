@@ -7,13 +7,17 @@
     python scripts/demo_accuracy.py --only all-nvfp4-gptq-guided --refine-kwargs '{"block_scales": true}'
     python scripts/demo_accuracy.py --only all-nvfp4-gptq-guided --log-layers \
         --refine-kwargs '{"learned_rounding": true, "layer_fisher": true}'
+    python scripts/demo_accuracy.py --only all-nvfp4-gptq-guided --cache /tmp/exports --distill '{"steps": 200}'
 
 Makes each export with `nvfp4kit.quant.quantize` (max calibration: the seed's all-NVFP4 recipe and NVIDIA's
 attention-in-BF16 one) and `nvfp4kit.quant.calib_refine.refine_checkpoint` (better scales and rounding,
 same format), then compares every export with the BF16 model on the held-out slice shipped with nvfp4kit
 (the reference logits are computed once). Calibration text for the data-driven methods: either the built-in
 corpus, or text from the demo model's own training distribution (standard-library files of the training split
-and synthetic chats from their own seed; never the held-out slice).
+and synthetic chats from their own seed; never the held-out slice). `--distill`: each export is then also
+distilled against the BF16 model on the same calibration text (calib_distill) and scored as a second row;
+`--cache DIR` keeps the exports there and reuses one already made (same name: same settings is the caller's
+promise).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from nvfp4kit.llm import LLM  # noqa: E402
 from nvfp4kit.model.loader import load_model  # noqa: E402
 from nvfp4kit.prompting.chat_template import load_chat_template  # noqa: E402
 from nvfp4kit.quant import calib_refine, quantize  # noqa: E402
+from nvfp4kit.quant.calib_distill import distill_checkpoint  # noqa: E402
 from nvfp4kit.quant.calib_refine import refine_checkpoint  # noqa: E402
 from nvfp4kit.tokenizer import Tokenizer  # noqa: E402
 
@@ -151,6 +156,8 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="+", help="export names to measure (default: all of EXPORTS)")
     parser.add_argument("--refine-kwargs", default="{}", help="JSON of extra refine_checkpoint arguments")
+    parser.add_argument("--distill", help="JSON of distill_checkpoint arguments: also distil each export")
+    parser.add_argument("--cache", help="keep the exports in this folder and reuse those already there")
     parser.add_argument(
         "--log-layers", action="store_true", help="print each layer's learned-rounding / block-scale report"
     )
@@ -185,9 +192,11 @@ def main() -> None:
         reference = ReferenceLogits(
             load_model(bf16, dtype=torch.float32, device=args.device), samples, folder=tmp
         )
+        store = Path(args.cache) if args.cache else tmp
+        store.mkdir(parents=True, exist_ok=True)
         for name, recipe, calibration, source in exports:
             t0 = time.time()
-            base = tmp / f"{recipe}-max"
+            base = store / f"{recipe}-max"
             if not base.exists():
                 quantize(
                     bf16,
@@ -198,17 +207,29 @@ def main() -> None:
                     progress=False,
                 )
             folder = base
-            if calibration != "max":
-                folder = tmp / name
+            if calibration != "max" and not (store / name).exists():
+                folder = store / name
                 refine_checkpoint(bf16, base, folder, method=calibration, calib_data=data[source or "builtin"],
                                   num_samples=args.calib_samples, device=args.device, progress=False,
                                   **extra)  # fmt: skip
-            result = reference.score(load_model(folder, dtype=torch.float32, device=args.device))
-            row = {"recipe": recipe, "calibration": calibration, "calibration_data": source or "none",
-                   "kl_mean": result.kl_mean, "kl_p99": result.kl_p99, "top1_agreement": result.top1_agreement,
-                   "ppl": result.ppl_quant, "ppl_bf16": result.ppl_ref, "model_bytes": checkpoint_bytes(folder)}  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), f"({time.time() - t0:.0f}s)", flush=True)
+            elif calibration != "max":
+                folder = store / name
+            candidates = [(folder, calibration)]
+            if args.distill is not None:
+                t1 = time.time()
+                distilled = tmp / f"{name}-distill"
+                report = distill_checkpoint(bf16, folder, distilled, calib_data=data[source or "builtin"],
+                                            num_samples=args.calib_samples, device=args.device, log=True,
+                                            **json.loads(args.distill))  # fmt: skip
+                print(json.dumps({"distill": vars(report)}), f"({time.time() - t1:.0f}s)", flush=True)
+                candidates.append((distilled, f"{calibration}+distill"))
+            for scored, label in candidates:
+                result = reference.score(load_model(scored, dtype=torch.float32, device=args.device))
+                row = {"recipe": recipe, "calibration": label, "calibration_data": source or "none",
+                       "kl_mean": result.kl_mean, "kl_p99": result.kl_p99, "top1_agreement": result.top1_agreement,
+                       "ppl": result.ppl_quant, "ppl_bf16": result.ppl_ref, "model_bytes": checkpoint_bytes(scored)}  # fmt: skip
+                rows.append(row)
+                print(json.dumps(row), f"({time.time() - t0:.0f}s)", flush=True)
             if args.log_layers:
                 print(
                     json.dumps({"round": calib_refine.ROUND_LOG, "block": calib_refine.BLOCK_LOG}), flush=True
