@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -171,6 +172,8 @@ class LLM:
             self.model = self.parallel.model  # rank 0's shard; its forwards run on every rank
         else:
             self.model = load_model(self.path, dtype=model_dtype, device=self.device, backend=backend)
+            if self.device.type == "cpu":
+                _keep_dense_on_cpu(self.model)
         if fp8_lm_head:
             self.model.use_fp8_lm_head()
         self.config = self.parallel.layout.cfg if self.parallel else self.model.config
@@ -381,3 +384,16 @@ def _engine_options(config: EngineConfig, **options: Any) -> EngineConfig:
     if options["enforce_eager"] is not None:
         changes["cuda_graphs"] = not options["enforce_eager"]
     return replace(config, **changes)
+
+
+def _keep_dense_on_cpu(model) -> None:
+    """On a CPU the torch backend would expand every NVFP4 weight on each call: keep expanded copies instead when
+    they take at most a quarter of the machine's memory (and 8 GiB)."""
+    from nvfp4kit.model.layers import keep_dense_weights
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): keep the small models' copies only
+        ram = 4 * 2**30
+    kept = keep_dense_weights(model, model.dtype, limit_bytes=min(8 * 2**30, ram // 4))
+    log.debug("CPU: %.1f MiB of expanded weights kept", kept / 2**20)

@@ -26,3 +26,30 @@ def test_random_model_runs_and_is_quantized_as_asked(quantized):
     with torch.no_grad():
         logits = model(torch.arange(2, 12), ContiguousKVCache(cfg).step(10))
     assert torch.isfinite(logits).all() and logits.std() > 0.01
+
+
+def test_kept_dense_weights_give_the_same_logits_and_follow_replaced_weights():
+    """CPU inference keeps expanded copies of the NVFP4 weights (`keep_dense_weights`): the logits must be the
+    per-call expansion's bit for bit; a weight stored again later is expanded per call, not served stale."""
+    from nvfp4kit.model.layers import keep_dense_weights, stored_weight
+
+    cfg = config_from_dict(tiny_text_config("moe"))
+    model = random_model(cfg, quantized=True, dtype=torch.float32, device="cpu")
+    ids = torch.arange(2, 14)
+
+    def run():
+        with torch.no_grad():
+            return model(ids, ContiguousKVCache(cfg).step(len(ids)))
+
+    expanded_per_call = run()
+    assert (
+        keep_dense_weights(model, torch.float32, limit_bytes=1) == 0
+    )  # too big for the budget: nothing kept
+    kept = keep_dense_weights(model, torch.float32, limit_bytes=2**30)
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert kept > 0 and "_dense" in stored_weight(qkv, "weight").__dict__
+    assert torch.equal(run(), expanded_per_call)
+    fresh = random_model(cfg, quantized=True, dtype=torch.float32, device="cpu", seed=1)
+    qkv.set_weight(stored_weight(fresh.layers[0].self_attn.qkv_proj, "weight"))
+    assert "_dense" not in stored_weight(qkv, "weight").__dict__
+    assert not torch.equal(run(), expanded_per_call)

@@ -57,16 +57,20 @@ class NVFP4Tensor:
     def nbytes(self) -> int:
         return self.packed.numel() + self.scale.numel() + 4
 
-    def kernel_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def kernel_operands(self, *, stacked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(packed codes, scales as raw bytes, scale_2 as flat fp32): what the kernels take, made once per weight
-        (each view or cast costs a few microseconds of host time, and a prefill step launches hundreds). The
-        fields are never reassigned, so views of them stay valid."""
-        cached = self.__dict__.get("_operands")
+        (each view or cast costs a few microseconds of host time, and a prefill step launches hundreds); `stacked`
+        gives a single matrix a leading expert dim of 1. The fields are never reassigned, so views stay valid."""
+        cache = self.__dict__.setdefault("_operands", {})
+        cached = cache.get(stacked)
         if cached is None:
-            cached = (self.packed, self.scale.view(torch.uint8), self.scale_2.reshape(-1).to(torch.float32))
+            packed, scale = self.packed, self.scale.view(torch.uint8)
+            if stacked and packed.dim() == 2:
+                packed, scale = packed.unsqueeze(0), scale.unsqueeze(0)
+            cached = (packed, scale, self.scale_2.reshape(-1).to(torch.float32))
             # a cast made during CUDA-graph capture holds its values only after a replay: not kept for eager use
             if not (self.packed.is_cuda and torch.cuda.is_current_stream_capturing()):
-                self.__dict__["_operands"] = cached
+                cache[stacked] = cached
         return cached
 
 

@@ -87,10 +87,8 @@ def dequantize_nvfp4(
     `rows=(start, count)` expands only rows [start, start+count) of each matrix (e.g. the gate half of a fused
     gate_up); `out`, if given, must be contiguous of the result's shape and dtype and is written in place;
     `tile` = (rows, columns, warps) per program (powers of two, columns >= 32; the default is the measured one)."""
-    packed, scale, s2 = weight.kernel_operands()
-    stacked = packed.dim() == 3
-    if not stacked:
-        packed, scale = packed.unsqueeze(0), scale.unsqueeze(0)
+    stacked = weight.packed.dim() == 3
+    packed, scale, s2 = weight.kernel_operands(stacked=True)  # a single matrix as a stack of one
     experts, n, half_k = packed.shape
     k = 2 * half_k
     start, count = rows if rows is not None else (0, n)

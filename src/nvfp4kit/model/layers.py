@@ -26,13 +26,44 @@ def store_weight(module: nn.Module, name: str, weight: Weight, *, shape: tuple[i
 
 
 def stored_weight(module: nn.Module, name: str) -> Weight:
+    """The weight `store_weight` kept. An NVFP4 weight is one object for as long as its buffers are the same
+    tensors (`module.to(...)` replaces them), so what it caches (`NVFP4Tensor.kernel_operands`) lasts."""
     packed = getattr(module, f"{name}_packed", None)
     if packed is not None:
-        return NVFP4Tensor(packed, getattr(module, f"{name}_scale"), getattr(module, f"{name}_scale_2"))
+        scale, scale_2 = getattr(module, f"{name}_scale"), getattr(module, f"{name}_scale_2")
+        views = module.__dict__.setdefault("_nvfp4_views", {})
+        have = views.get(name)
+        if (
+            have is None
+            or have.packed is not packed
+            or have.scale is not scale
+            or have.scale_2 is not scale_2
+        ):
+            have = views[name] = NVFP4Tensor(packed, scale, scale_2)
+        return have
     dense = getattr(module, name, None)
     if dense is None:
         raise RuntimeError(f"{type(module).__name__}.{name} has no weight loaded")
     return dense
+
+
+def keep_dense_weights(model: nn.Module, dtype: torch.dtype, *, limit_bytes: int) -> int:
+    """Expand every NVFP4 weight of `model` once and keep the copy, so the torch backend stops expanding them on
+    each call (on a CPU that is most of a decode step's time: the demo model decodes ~3x faster). Only when all
+    copies fit in `limit_bytes`; returns the bytes kept (0: nothing kept). The copies live on the weights that
+    `stored_weight` returns, so a weight replaced later (new buffers) is expanded per call again."""
+    weights = [
+        stored_weight(module, buffer[: -len("_packed")])
+        for module in model.modules()
+        for buffer, value in module.named_buffers(recurse=False)
+        if buffer.endswith("_packed") and value is not None
+    ]
+    total = sum(w.packed.numel() * 2 * dtype.itemsize for w in weights)
+    if not weights or total > limit_bytes:
+        return 0
+    for w in weights:
+        w.__dict__["_dense"] = w.dequantize(dtype)
+    return total
 
 
 class Linear(nn.Module):

@@ -151,8 +151,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def dense(weight: Weight, dtype: torch.dtype) -> torch.Tensor:
-    """A dense view of a weight in `dtype` (NVFP4 and FP8 are expanded on the fly, never stored)."""
+    """A dense view of a weight in `dtype`: NVFP4 and FP8 are expanded on each call, unless a copy was kept
+    (`model.layers.keep_dense_weights`, CPU inference)."""
     if isinstance(weight, (NVFP4Tensor, FP8RowTensor)):
+        kept = weight.__dict__.get("_dense")
+        if kept is not None and kept.dtype == dtype:
+            return kept
         return weight.dequantize(dtype)
     return weight if weight.dtype == dtype else weight.to(dtype)
 
@@ -271,6 +275,9 @@ class TorchBackend:
 
 def _expert(weight: Weight, e: int, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(weight, NVFP4Tensor):
+        kept = weight.__dict__.get("_dense")
+        if kept is not None and kept.dtype == dtype:
+            return kept[e]
         return weight.expert(e).dequantize(dtype)
     return weight[e].to(dtype)
 
