@@ -65,22 +65,28 @@ def prefill_configs(
     head_dim: int, group: int, capability: tuple[int, int] | None = None
 ) -> list[PrefillConfig]:
     """Tiles to try in order, all of `prefill_block_q` tokens (a tile that does not fit the card's shared memory
-    is skipped from its first launch on). Hopper: the fastest of the H200 sweep first (docs/benchmarks.md,
-    "Prefill attention"; `nvfp4kit bench attention --sweep`), then tiles that fit a 99 KB block.
+    is skipped from its first launch on). Data-center Hopper and Blackwell (sm_90, sm_100: 227 KB a block): the
+    fastest of the H200 sweep first (docs/benchmarks.md, "Prefill attention"; `nvfp4kit bench attention
+    --sweep`), then tiles that fit a 99 KB block.
 
-    Before Hopper (`capability` < 9.0) the H200's first tiles spill registers (compiled for sm_80: 0.8 KB a
-    thread at head dim 256, 5.6 KB at 512) or do not fit (99 KB on sm_86/sm_89), so those cards start from the
-    tiles that spill least when compiled for them (`nvfp4kit bench compile`): 8 warps, 16-32 keys, 8-150 B at
-    head dim 256 and 32-890 B at 512, where 4 warps spill 0.6-5 KB. Untimed on those cards (none lent)."""
+    Every other card starts from the tiles that spill least when compiled for it (`nvfp4kit bench compile`):
+    the H200's first tiles spill registers on the A100 (0.8 KB a thread at head dim 256, 5.6 KB at 512) and do
+    not fit the 99 KB of sm_86/89/120 (RTX 3090/4090/5090, L4, L40S); 8 warps, 16-32 keys spill 8-150 B at head
+    dim 256 and 32-890 B at 512 there, where 4 warps spill 0.6-5 KB. Untimed on those cards (none lent)."""
     block_q = prefill_block_q(head_dim, group)
     if interpreting():
         return [PrefillConfig(block_q, 16, 1, num_warps=4, num_stages=1)]
-    hopper = capability is None or capability >= (9, 0)
+    datacenter = capability is None or capability[0] in (9, 10)
     if head_dim >= 512:  # H200 at 16K: 64 keys, one slice 71 TFLOP/s; 32 keys 58; two slices 43
-        tiles = [(64, 1, 8, 2), (32, 1, 8, 2), (32, 2, 8, 2)] if hopper else []
-        tiles += [(16, 2, 8, 2), (16, 2, 8, 1), (16, 2, 4, 1), (16, 4, 4, 1)]
+        tiles = [(64, 1, 8, 2), (32, 1, 8, 2), (32, 2, 8, 2)] if datacenter else []
+        tiles += [
+            (16, 2, 8, 1),
+            (16, 2, 8, 2),
+            (16, 2, 4, 1),
+            (16, 4, 4, 1),
+        ]  # 1 stage: fits sm_89/120 FP8 too
     else:  # H200, head dim 256: 64 keys 153 TFLOP/s, 128 keys 149, 32 keys 129
-        tiles = [(64, 1, 8, 2), (32, 1, 8, 2)] if hopper else []
+        tiles = [(64, 1, 8, 2), (32, 1, 8, 2)] if datacenter else []
         tiles += [(32, 1, 8, 1), (16, 1, 8, 2), (32, 1, 4, 1), (16, 1, 4, 1)]
     return [PrefillConfig(block_q, bn, dv, num_warps=w, num_stages=st) for bn, dv, w, st in tiles]
 

@@ -49,7 +49,9 @@ ARCH_LIMITS: dict[tuple[int, int], ArchLimits] = {
     (8, 9): ArchLimits(99 * KB, 100 * KB, 1536, 24),
     (9, 0): ArchLimits(227 * KB, 228 * KB, 2048, 32),
     (10, 0): ArchLimits(227 * KB, 228 * KB, 2048, 32),
+    (10, 3): ArchLimits(227 * KB, 228 * KB, 2048, 32),
     (12, 0): ArchLimits(99 * KB, 100 * KB, 1536, 32),
+    (12, 1): ArchLimits(99 * KB, 100 * KB, 1536, 32),
 }
 
 
