@@ -256,6 +256,10 @@ def _print_summary(rows: list, out=sys.stdout) -> None:
 
 
 def run_compile_check(args: argparse.Namespace) -> int:
+    try:
+        import triton  # noqa: F401  (compiling needs it, and its ptxas; not in the README's CPU install)
+    except ImportError as err:
+        raise RuntimeError("bench compile needs Triton: pip install triton (no GPU needed)") from err
     cfg = load_config(args.preset) if Path(args.preset).is_dir() else load_preset(args.preset)
     gpus = [find_gpu(name) for name in args.gpu] if args.gpu else [g for g in GPUS if not g.native_fp4]
     rows = []
