@@ -115,6 +115,13 @@ def kernel_capability(device: torch.device | str | None) -> tuple[int, int] | No
     return device_capability(device)
 
 
+def timed_tiles_fit(capability: tuple[int, int] | None) -> bool:
+    """Whether a card is of the kind the attention tiles were timed on (H100/H200): data-center Hopper and
+    Blackwell, sm_90 and sm_100, 227 KB of shared memory a block. Others (sm_80, 86, 89, 120) get tiles chosen by
+    compiling for them (`nvfp4kit bench compile`). None (no card known) counts as one."""
+    return capability is None or capability[0] in (9, 10)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU: TRITON_INTERPRET read as Triton reads it (1/true/on/y/yes)."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "y", "yes")

@@ -41,7 +41,7 @@ from nvfp4kit.kernels.attention_pools import (
     pool_operands,
     rotated_key_scores,
 )
-from nvfp4kit.kernels.configs import interpreting, kernel_capability, sm_count
+from nvfp4kit.kernels.configs import interpreting, kernel_capability, sm_count, timed_tiles_fit
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
@@ -59,14 +59,19 @@ class AttentionConfig:
     num_stages: int
 
 
-def select_config(head_dim: int, group: int, *, decode: bool, fp8: bool = False) -> AttentionConfig:
+def select_config(
+    head_dim: int, group: int, *, decode: bool, fp8: bool = False, capability: tuple[int, int] | None = None
+) -> AttentionConfig:
     """Tile sizes by head size, mode and KV dtype: tiles that compile without register spills for sm_90 (ptxas -v)
-    at head_dim 256 and 512, the fastest of those timed on H100 (docs/benchmarks.md, "Attention kernels")."""
+    at head_dim 256 and 512, the fastest of those timed on H100 (docs/benchmarks.md, "Attention kernels").
+    Decode at head dim 512 on other cards (`capability`, see `timed_tiles_fit`) takes 8 warps: compiled for
+    sm_80/86 4 warps spill 400-660 B a thread there, 8 warps 32-56 B; on sm_89/120 8 warps double the resident
+    warps (one block fits an SM either way). Untimed on those cards."""
     min_rows = 1 if interpreting() else 16  # tensor-core dots need M >= 16
     rows = max(min_rows, next_pow2(group))
     if decode:
         if head_dim >= 512:
-            return AttentionConfig(rows, 16, num_warps=4, num_stages=2)
+            return AttentionConfig(rows, 16, num_warps=4 if timed_tiles_fit(capability) else 8, num_stages=2)
         return AttentionConfig(rows, 32, num_warps=4 if fp8 or head_dim < 256 else 8, num_stages=2)
     warps = 8 if head_dim >= 256 else 4
     return AttentionConfig(max(rows, 64 if head_dim <= 256 else 32), 32, num_warps=warps, num_stages=2)
@@ -297,7 +302,9 @@ def paged_attention(
     group = q_heads // kv_heads
     decode = items.block_q == 1
     fmt = kv_format(v_store)
-    cfg = config or select_config(head_dim, group, decode=decode, fp8=fmt.code in (1, 2))
+    cfg = config or select_config(
+        head_dim, group, decode=decode, fp8=fmt.code in (1, 2), capability=kernel_capability(q.device)
+    )
     if cfg.block_m < items.block_q * next_pow2(group):
         raise ValueError(f"block_m {cfg.block_m} cannot hold {items.block_q} tokens x {group} heads")
     ops = pool_operands(q, v_store, k_store, derived_key)

@@ -38,7 +38,7 @@ from nvfp4kit.kernels.attention_pools import (
     pool_operands,
     rotated_key_scores,
 )
-from nvfp4kit.kernels.configs import interpreting, kernel_capability
+from nvfp4kit.kernels.configs import interpreting, kernel_capability, timed_tiles_fit
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
@@ -76,7 +76,7 @@ def prefill_configs(
     block_q = prefill_block_q(head_dim, group)
     if interpreting():
         return [PrefillConfig(block_q, 16, 1, num_warps=4, num_stages=1)]
-    datacenter = capability is None or capability[0] in (9, 10)
+    datacenter = timed_tiles_fit(capability)
     if head_dim >= 512:  # H200 at 16K: 64 keys, one slice 71 TFLOP/s; 32 keys 58; two slices 43
         tiles = [(64, 1, 8, 2), (32, 1, 8, 2), (32, 2, 8, 2)] if datacenter else []
         tiles += [
