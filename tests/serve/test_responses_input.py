@@ -105,14 +105,15 @@ def test_tools_tool_choice_and_formats_map_to_the_chat_shapes():
 
 def test_chat_request_carries_the_sampling_settings():
     chat = chat_request(
-        request(input="Hi", max_output_tokens=7, temperature=0.3, top_p=0.9, reasoning={"effort": "minimal"})
+        request(input="Hi", max_output_tokens=7, temperature=0.3, top_p=0.9, reasoning={"effort": "low"})
     )
     assert chat.max_tokens == 7 and chat.temperature == 0.3 and chat.top_p == 0.9
-    assert chat.chat_template_kwargs == {"enable_thinking": True}  # any effort but none thinks
+    assert chat.chat_template_kwargs == {"enable_thinking": True}  # any effort but none / minimal thinks
     assert chat_request(request(input="Hi")).chat_template_kwargs == {"enable_thinking": False}
-    assert chat_request(request(input="Hi", reasoning={"effort": "none"})).chat_template_kwargs == {
-        "enable_thinking": False
-    }
+    for effort in ("none", "minimal"):  # as the chat route's reasoning_effort
+        assert chat_request(request(input="Hi", reasoning={"effort": effort})).chat_template_kwargs == {
+            "enable_thinking": False
+        }
 
 
 @pytest.mark.parametrize(

@@ -92,8 +92,9 @@ class ResponsesRequest(BaseModel):
 
     @property
     def thinking(self) -> bool:
-        """Any reasoning effort but 'none' turns Gemma 4 thinking on; no `reasoning` leaves it off."""
-        return self.reasoning is not None and self.reasoning.effort not in (None, "none")
+        """Any reasoning effort but 'none' and 'minimal' turns Gemma 4 thinking on (the chat route's rule for
+        `reasoning_effort`); no `reasoning` leaves it off."""
+        return self.reasoning is not None and self.reasoning.effort not in (None, "none", "minimal")
 
 
 def _text_of(parts: Any, where: str) -> str:
