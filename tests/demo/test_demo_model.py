@@ -98,6 +98,11 @@ def test_nvfp4_export_is_a_modelopt_checkpoint_that_still_chats():
     assert quant_config["quantization"]["quant_algo"] == "NVFP4"
     nvfp4 = LLM(folder)
     assert all(layer.self_attn.qkv_proj.quantized for layer in nvfp4.model.layers)
+    # on a CPU the expanded weights are kept (not re-expanded every step): the demo decodes ~3x faster
+    from nvfp4kit.model.layers import stored_weight
+
+    kept = stored_weight(nvfp4.model.layers[0].experts, "gate_up").__dict__.get("_dense")
+    assert kept is not None and kept.dtype == nvfp4.model.dtype
     out = chat(nvfp4, [{"role": "user", "content": "Hi"}], thinking=True)
     assert out.text.startswith("<|channel>thought\n") and "<channel|>Hello" in out.text
     assert out.finish_reason == "stop"
