@@ -3,9 +3,9 @@
 For each card (plan/gpus.py) the kernels a model's steps launch are compiled for its compute capability, with
 the launch configurations that card gets without a tuning table (the heuristics, sized by its SM count), at
 decode and prefill token counts: the W4A16 linears (GEMV and tensor-core kernels, the prefill dequantizer), the
-fused MoE in every mode, and prefill and decode attention of both layer kinds over FP8 and BF16 KV pools; then a few engine steps of a model with the same
-structure at tiny widths, which reach every other kernel (norms, RoPE, routing, the FP8 lm_head). Each
-row gives the kernel's shared memory, registers, spills and resident blocks per SM; a kernel that needs more
+fused MoE in every mode, and prefill and decode attention of both layer kinds over FP8 and BF16 KV pools; then a
+few engine steps of a model with the same structure at tiny widths, which reach every other kernel (norms, RoPE,
+routing, the FP8 lm_head). Each row gives the kernel's shared memory, registers, spills and resident blocks per SM; a kernel that needs more
 shared memory than a block may have there would fail at its first launch (0 blocks: the command exits 1).
 Runs on the CPU (Triton and its bundled ptxas compile for any target); nothing is timed.
 """
