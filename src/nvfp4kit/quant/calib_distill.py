@@ -57,7 +57,7 @@ from nvfp4kit.quant.calib_round import (
     window_split,
 )
 from nvfp4kit.quant.calibrate import CalibrationContext
-from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
+from nvfp4kit.quant.output_dir import check_output, staged_output
 from nvfp4kit.quant.shard_writer import ShardedWriter, parse_size
 from nvfp4kit.tokenizer import Tokenizer
 
@@ -287,28 +287,23 @@ def _write(
     start: Path, reader: CheckpointReader, out: Path, tensors: dict[str, torch.Tensor], shard_size: str | int
 ) -> None:
     """The start export with `tensors` in place of its own (same names; shapes and dtypes checked)."""
-    stage = staging_folder(out)
     try:
-        writer = ShardedWriter(stage, max_shard_bytes=parse_size(shard_size))
-        for name in reader.names():
-            old = reader.get(name)
-            new = tensors.get(name, old)
-            if new.shape != old.shape or new.dtype != old.dtype:
-                raise AssertionError(
-                    f"{name}: {tuple(new.shape)} {new.dtype}, export has {tuple(old.shape)} {old.dtype}"
-                )
-            writer.add(name, new)
-        unknown = set(tensors) - set(reader.names())
-        if unknown:
-            raise AssertionError(f"tensors not in {start}: {sorted(unknown)[:5]}")
-        writer.close()
-        for name in ("config.json", HF_QUANT_CONFIG):
-            shutil.copy2(start / name, stage / name)
-        copy_companions(start, stage)
-        publish(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        with staged_output(out, companions_from=start) as stage:
+            writer = ShardedWriter(stage, max_shard_bytes=parse_size(shard_size))
+            for name in reader.names():
+                old = reader.get(name)
+                new = tensors.get(name, old)
+                if new.shape != old.shape or new.dtype != old.dtype:
+                    raise AssertionError(
+                        f"{name}: {tuple(new.shape)} {new.dtype}, export has {tuple(old.shape)} {old.dtype}"
+                    )
+                writer.add(name, new)
+            unknown = set(tensors) - set(reader.names())
+            if unknown:
+                raise AssertionError(f"tensors not in {start}: {sorted(unknown)[:5]}")
+            writer.close()
+            for name in ("config.json", HF_QUANT_CONFIG):
+                shutil.copy2(start / name, stage / name)
     finally:
         reader.close()
     load_config(out)  # the copied config still reads

@@ -50,7 +50,7 @@ from nvfp4kit.quant.calib_run import CHUNK_TOKENS, KVStore, Twin, run_layer
 from nvfp4kit.quant.calib_window import After, next_layer_window
 from nvfp4kit.quant.calibrate import chunk_samples
 from nvfp4kit.quant.heap import trim_heap
-from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
+from nvfp4kit.quant.output_dir import check_output, staged_output
 from nvfp4kit.quant.shard_writer import ShardedWriter, parse_size
 from nvfp4kit.tokenizer import Tokenizer
 
@@ -117,121 +117,116 @@ def refine_checkpoint(
     bf16, quant = CheckpointReader(src), CheckpointReader(quantized)
     source = WeightSource(bf16, cfg, dtype=torch.float32, device=device)
     refiner = LayerRefiner(calib.quantize_group, quant, cfg.weight_prefix)
-    stage = staging_folder(out)
     try:
-        writer = ShardedWriter(stage, max_shard_bytes=parse_size(shard_size))
-        lengths: list[int] = []
-        guide: dict[str, torch.Tensor] = {}
-        gradients: list[torch.Tensor] = []  # per layer [T, H] (layer_fisher)
-        hidden = ple = full_ple = None
-        if calib.needs_data:
-            samples = calibration_samples(
-                Tokenizer(src), calib_data, num_samples=num_samples, seq_len=seq_len
-            )
-            lengths = [len(s) for s in samples]
-            if loss_weights is not None or fisher:  # one gradient pass for both
-                guide = token_sensitivities(src, samples, device=device, labels=loss_weights or "sampled",
-                                            layer_gradients=gradients if fisher else None)  # fmt: skip
-                guide = guide if loss_weights is not None else {}
-            ids = torch.tensor([t for s in samples for t in s], device=device)
-            hidden, ple, full_ple, refined = _model_inputs(
-                cfg, source, refiner, ids, norm_aware=norm_aware, full=asymmetric
-            )
-        else:
-            refined = _refine_ple_projection(cfg, source, refiner)
-        layer_root = f"{cfg.weight_prefix}layers."
-        for name in quant.names():
-            if not name.startswith(layer_root):
-                writer.add(name, refined[name] if name in refined else quant.get(name))
-        _check_known(refined, quant, cfg.weight_prefix, quantized)
-        kv_store: KVStore = {}
-        full = hidden.clone() if asymmetric and hidden is not None else None  # the full-precision stream
-        kv_full: KVStore = {}
-        bar = tqdm(
-            range(cfg.num_hidden_layers), desc=f"refine ({method})", unit="layer", disable=not progress
-        )
-        for i in bar:
-            backend = HessianBackend(norm_aware=norm_aware)
-            backend.guide = guide
-            layer = DecoderLayer(cfg, i, backend)
-            fill_layer(layer, source, f"layers.{i}.")
-            layer.to(device)
-            layer_ple = ple[:, i] if ple is not None else None
-            twin = None
-            if full is not None:  # the same layer unquantized, fed the full-precision stream
-                capture = CaptureBackend()
-                twin_layer = DecoderLayer(cfg, i, capture)
-                fill_layer(twin_layer, source, f"layers.{i}.")
-                twin_layer.to(device)
-                twin_ple = full_ple[:, i] if full_ple is not None else None
-                twin = Twin(twin_layer, capture, backend, full, twin_ple, kv_full)
-            if hidden is None:
-                refined = refiner.refine(layer, i, {})
-            else:  # stage by stage, each on inputs through the re-quantized stages before it
-                refined = {}
-                originals = original_weights(layer, i) if rounding or scales else {}
-                for step in refiner.active_stages(layer, i):
-                    watch_stage(backend, layer, i, step)
-                    if twin is not None:
-                        watch_stage(twin.capture, twin.layer, i, step)
-                    run_layer(
-                        layer, hidden, layer_ple, lengths, cfg, kv_store, device, record=True, twin=twin
-                    )
-                    refined.update(refiner.refine(layer, i, backend.hessians, stages=(step,)))
-                    backend.clear()
-                backend.recording = False
-                if twin is not None:  # the twin never changes: a complete stage run gave its outputs
-                    twin.capture.recording = False
-                    if twin.out is not None and len(twin.finished) == _chunk_count(lengths):
-                        full = twin.out
-                    else:
-                        full = run_layer(twin.layer, full, twin.ple, lengths, cfg, kv_full, device)
-                    del twin
-                if rounding or scales:
-                    target = full if full is not None else _full_precision_outputs(
-                        cfg, source, i, hidden, layer_ple, lengths, device
-                    )  # fmt: skip
-                    grads = gradients[i].to(device) if fisher else None
-                    after = None
-                    window = next_layer_window(cfg, source, i, target, full_ple, lengths, device)
-                    if window is not None:  # judged after the next (full-precision) layer
-                        after, target = window
-                        grads = gradients[i + 1].to(device) if fisher else None
-                    if rounding:
-                        refined.update(_round_layer(layer, i, refined, originals, hidden, target, layer_ple,
-                                                    lengths, cfg, prefix=cfg.weight_prefix, bar=bar,
-                                                    gradients=grads, after=after))  # fmt: skip
-                    if scales:
-                        tensors, report = tune_layer_scales(layer, i, refined, originals, hidden, target,
-                                                            layer_ple, lengths, cfg, prefix=cfg.weight_prefix,
-                                                            gradients=grads, after=after)  # fmt: skip
-                        refined.update(tensors)
-                        if report is not None:
-                            bar.set_postfix_str(
-                                f"layer {i}: {report.loss_start:.3g} -> {report.loss_end:.3g}"
-                            )
-                            if BLOCK_LOG is not None:
-                                BLOCK_LOG.append({"layer": i, **vars(report)})
-                    del originals, target, grads, after, window
-                hidden = run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
-                assert hidden is not None
-            prefix = f"{layer_root}{i}."
+        with staged_output(out, companions_from=quantized) as stage:
+            writer = ShardedWriter(stage, max_shard_bytes=parse_size(shard_size))
+            lengths: list[int] = []
+            guide: dict[str, torch.Tensor] = {}
+            gradients: list[torch.Tensor] = []  # per layer [T, H] (layer_fisher)
+            hidden = ple = full_ple = None
+            if calib.needs_data:
+                samples = calibration_samples(
+                    Tokenizer(src), calib_data, num_samples=num_samples, seq_len=seq_len
+                )
+                lengths = [len(s) for s in samples]
+                if loss_weights is not None or fisher:  # one gradient pass for both
+                    guide = token_sensitivities(src, samples, device=device, labels=loss_weights or "sampled",
+                                                layer_gradients=gradients if fisher else None)  # fmt: skip
+                    guide = guide if loss_weights is not None else {}
+                ids = torch.tensor([t for s in samples for t in s], device=device)
+                hidden, ple, full_ple, refined = _model_inputs(
+                    cfg, source, refiner, ids, norm_aware=norm_aware, full=asymmetric
+                )
+            else:
+                refined = _refine_ple_projection(cfg, source, refiner)
+            layer_root = f"{cfg.weight_prefix}layers."
             for name in quant.names():
-                if name.startswith(prefix):
+                if not name.startswith(layer_root):
                     writer.add(name, refined[name] if name in refined else quant.get(name))
-            _check_known(refined, quant, prefix, quantized)
-            del layer, refined
-            quant.close()  # unmap: pages of finished layers must not pile up in RSS
-            bf16.close()
-            trim_heap()
-        writer.close()
-        for name in ("config.json", HF_QUANT_CONFIG):
-            shutil.copy2(quantized / name, stage / name)
-        copy_companions(quantized, stage)
-        publish(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+            _check_known(refined, quant, cfg.weight_prefix, quantized)
+            kv_store: KVStore = {}
+            full = hidden.clone() if asymmetric and hidden is not None else None  # the full-precision stream
+            kv_full: KVStore = {}
+            bar = tqdm(
+                range(cfg.num_hidden_layers), desc=f"refine ({method})", unit="layer", disable=not progress
+            )
+            for i in bar:
+                backend = HessianBackend(norm_aware=norm_aware)
+                backend.guide = guide
+                layer = DecoderLayer(cfg, i, backend)
+                fill_layer(layer, source, f"layers.{i}.")
+                layer.to(device)
+                layer_ple = ple[:, i] if ple is not None else None
+                twin = None
+                if full is not None:  # the same layer unquantized, fed the full-precision stream
+                    capture = CaptureBackend()
+                    twin_layer = DecoderLayer(cfg, i, capture)
+                    fill_layer(twin_layer, source, f"layers.{i}.")
+                    twin_layer.to(device)
+                    twin_ple = full_ple[:, i] if full_ple is not None else None
+                    twin = Twin(twin_layer, capture, backend, full, twin_ple, kv_full)
+                if hidden is None:
+                    refined = refiner.refine(layer, i, {})
+                else:  # stage by stage, each on inputs through the re-quantized stages before it
+                    refined = {}
+                    originals = original_weights(layer, i) if rounding or scales else {}
+                    for step in refiner.active_stages(layer, i):
+                        watch_stage(backend, layer, i, step)
+                        if twin is not None:
+                            watch_stage(twin.capture, twin.layer, i, step)
+                        run_layer(
+                            layer, hidden, layer_ple, lengths, cfg, kv_store, device, record=True, twin=twin
+                        )
+                        refined.update(refiner.refine(layer, i, backend.hessians, stages=(step,)))
+                        backend.clear()
+                    backend.recording = False
+                    if twin is not None:  # the twin never changes: a complete stage run gave its outputs
+                        twin.capture.recording = False
+                        if twin.out is not None and len(twin.finished) == _chunk_count(lengths):
+                            full = twin.out
+                        else:
+                            full = run_layer(twin.layer, full, twin.ple, lengths, cfg, kv_full, device)
+                        del twin
+                    if rounding or scales:
+                        target = full if full is not None else _full_precision_outputs(
+                            cfg, source, i, hidden, layer_ple, lengths, device
+                        )  # fmt: skip
+                        grads = gradients[i].to(device) if fisher else None
+                        after = None
+                        window = next_layer_window(cfg, source, i, target, full_ple, lengths, device)
+                        if window is not None:  # judged after the next (full-precision) layer
+                            after, target = window
+                            grads = gradients[i + 1].to(device) if fisher else None
+                        if rounding:
+                            refined.update(_round_layer(layer, i, refined, originals, hidden, target, layer_ple,
+                                                        lengths, cfg, prefix=cfg.weight_prefix, bar=bar,
+                                                        gradients=grads, after=after))  # fmt: skip
+                        if scales:
+                            tensors, report = tune_layer_scales(layer, i, refined, originals, hidden, target,
+                                                                layer_ple, lengths, cfg, prefix=cfg.weight_prefix,
+                                                                gradients=grads, after=after)  # fmt: skip
+                            refined.update(tensors)
+                            if report is not None:
+                                bar.set_postfix_str(
+                                    f"layer {i}: {report.loss_start:.3g} -> {report.loss_end:.3g}"
+                                )
+                                if BLOCK_LOG is not None:
+                                    BLOCK_LOG.append({"layer": i, **vars(report)})
+                        del originals, target, grads, after, window
+                    hidden = run_layer(layer, hidden, layer_ple, lengths, cfg, kv_store, device)
+                    assert hidden is not None
+                prefix = f"{layer_root}{i}."
+                for name in quant.names():
+                    if name.startswith(prefix):
+                        writer.add(name, refined[name] if name in refined else quant.get(name))
+                _check_known(refined, quant, prefix, quantized)
+                del layer, refined
+                quant.close()  # unmap: pages of finished layers must not pile up in RSS
+                bf16.close()
+                trim_heap()
+            writer.close()
+            for name in ("config.json", HF_QUANT_CONFIG):
+                shutil.copy2(quantized / name, stage / name)
     finally:
         bf16.close()
         quant.close()

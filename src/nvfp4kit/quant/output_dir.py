@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -59,3 +61,18 @@ def publish(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         stage.rename(out)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, *, companions_from: Path) -> Iterator[Path]:
+    """Build `out` in a staging folder (yielded): when the block ends, the companion files of `companions_from`
+    are copied in and the folder replaces `out`; if the block fails, the staging folder is removed and an older
+    `out` stays as it was."""
+    stage = staging_folder(out)
+    try:
+        yield stage
+        copy_companions(companions_from, stage)
+        publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

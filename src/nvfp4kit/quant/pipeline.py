@@ -46,7 +46,7 @@ from nvfp4kit.quant.calib_refine import refine_checkpoint
 from nvfp4kit.quant.calibrate import CalibrationContext, RecordingBackend, chunk_samples
 from nvfp4kit.quant.heap import trim_heap
 from nvfp4kit.quant.layer_quant import QuantizeError, quantize_layer, watch_layer
-from nvfp4kit.quant.output_dir import check_output, copy_companions, publish, staging_folder
+from nvfp4kit.quant.output_dir import check_output, staged_output
 from nvfp4kit.quant.recipe import LayerPlan, QuantRecipe
 from nvfp4kit.quant.shard_writer import ShardedWriter, parse_size
 from nvfp4kit.tokenizer import Tokenizer
@@ -160,18 +160,15 @@ def _quantize_max(
     dtype = resolve_dtype(calib_dtype, device)
     samples = calibration_samples(Tokenizer(src), calib_data, num_samples=num_samples, seq_len=seq_len)
 
-    stage = staging_folder(out)
     try:
-        writer = ShardedWriter(stage, max_shard_bytes=max_shard)
-        quantized = _quantize_tensors(reader, cfg, plans, recipe, samples, writer, dtype, device, progress)
-        writer.close()
-        excluded = _exclude_modules(reader, cfg, plans, quantized)
-        write_quant_configs(stage, raw_config, hf_quant_config(excluded))
-        copy_companions(src, stage)
-        publish(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        with staged_output(out, companions_from=src) as stage:
+            writer = ShardedWriter(stage, max_shard_bytes=max_shard)
+            quantized = _quantize_tensors(
+                reader, cfg, plans, recipe, samples, writer, dtype, device, progress
+            )
+            writer.close()
+            excluded = _exclude_modules(reader, cfg, plans, quantized)
+            write_quant_configs(stage, raw_config, hf_quant_config(excluded))
     finally:
         reader.close()
     return QuantizeReport(
