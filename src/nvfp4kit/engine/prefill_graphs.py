@@ -16,9 +16,9 @@ kernels. A step of T tokens over n sequences replays the graph of the smallest c
 
 A step the graphs cannot take runs eagerly (`fits`): more tokens or sequences than captured, a sequence with more
 tokens than one sliding-window pass takes, images, prompt logprobs. Opt in with `EngineConfig.prefill_graphs`
-(`--prefill-graphs`); the memory plan reserves the graphs' own pool (`plan.pools.runtime_reserve`). Not yet
-measured on a GPU (session 9 had none after writing it): `tests/gpu/test_prefill_graphs_cuda.py` and
-`scripts/gpu_mixed_step_profile.py --prefill-graphs ...` are the checks to run first.
+(`--prefill-graphs`); the memory plan reserves the graphs' own pool (`plan.pools.runtime_reserve`). On the H200
+(session 10) `tests/gpu/test_prefill_graphs_cuda.py` passes and the 96-decode + 1-prompt step above takes 39.0 ms
+replayed against 48.7 eager (`scripts/gpu_mixed_step_profile.py --prefill-graphs 768 1024 2048`).
 """
 
 from __future__ import annotations
