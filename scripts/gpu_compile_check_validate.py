@@ -18,7 +18,7 @@ import sys
 import torch
 from triton.runtime.jit import JITFunction
 
-from nvfp4kit.bench.compile_check import _linear_cases, _moe_cases
+from nvfp4kit.bench.compile_check import linear_cases, moe_cases
 from nvfp4kit.config import load_preset
 from nvfp4kit.kernels.configs import sm_count
 from nvfp4kit.tuning.cross_compile import compile_for
@@ -51,7 +51,7 @@ def main() -> int:
     device = torch.device("cuda")
     capability, sms = torch.cuda.get_device_capability(), sm_count(device)
     tokens = (1, 64, 2048)
-    cases = [*_linear_cases(cfg, tokens), *_moe_cases(cfg, tokens)]
+    cases = [*linear_cases(cfg, tokens), *moe_cases(cfg, tokens)]
     rows, differ = [], 0
     for case, m, launch in cases:
         with compile_for(capability, sms, zero_allocations=True) as predicted:

@@ -29,7 +29,8 @@ DEFAULT_TOKENS = (1, 16, 64, 512, 2048)
 KV_DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
 
 
-def _linear_cases(cfg: Gemma4TextConfig, tokens) -> Iterator[tuple[str, int, Callable[[], object]]]:
+def linear_cases(cfg: Gemma4TextConfig, tokens) -> Iterator[tuple[str, int, Callable[[], object]]]:
+    """(case, M, launch) for every linear shape at each token count (heuristic config), and its dequantizer."""
     from nvfp4kit.kernels.dequant import dequantize_nvfp4
     from nvfp4kit.kernels.w4a16_linear import w4a16_linear
     from nvfp4kit.tuning.autotune import model_shapes
@@ -50,7 +51,8 @@ def _linear_config(x: torch.Tensor, weight):
     return heuristic_linear(x.shape[0], n, k, device=x.device)
 
 
-def _moe_cases(cfg: Gemma4TextConfig, tokens) -> Iterator[tuple[str, int, Callable[[], object]]]:
+def moe_cases(cfg: Gemma4TextConfig, tokens) -> Iterator[tuple[str, int, Callable[[], object]]]:
+    """(case, M, launch) of the fused MoE at each token count; its tensors are the launch's arguments."""
     from nvfp4kit.kernels.configs import heuristic_moe
     from nvfp4kit.kernels.fused_moe import fused_moe
     from nvfp4kit.tuning.autotune import model_shapes
@@ -73,7 +75,8 @@ def _moe_cases(cfg: Gemma4TextConfig, tokens) -> Iterator[tuple[str, int, Callab
         yield f"moe {e}x{top_k}x{h}x{i}", m, launch
 
 
-def _attention_cases(cfg: Gemma4TextConfig, kv_dtypes) -> Iterator[tuple[str, int, Callable[[], object]]]:
+def attention_cases(cfg: Gemma4TextConfig, kv_dtypes) -> Iterator[tuple[str, int, Callable[[], object]]]:
+    """(case, tokens, launch) of prefill and decode attention for each layer kind and KV dtype."""
     from nvfp4kit.bench.attention import LayerPool
 
     class Pool(LayerPool):
@@ -130,7 +133,7 @@ def _decode_call(pool) -> Callable[[], object]:
     return launch
 
 
-def _engine_cases(kv_dtypes) -> Iterator[tuple[str, int, Callable[[], object]]]:
+def engine_cases(kv_dtypes) -> Iterator[tuple[str, int, Callable[[], object]]]:
     """A few engine steps (prefill, decode, FP8 lm_head) of a model with the 26B-A4B's structure at tiny widths:
     every kernel the engine launches, chosen as the engine chooses, including the small fused ones."""
 
@@ -176,8 +179,8 @@ def check_card(
 
     limits = arch_limits(gpu.compute_capability)
     forget_oversized_tiles()
-    cases = [*_linear_cases(cfg, tokens), *_moe_cases(cfg, tokens), *_attention_cases(cfg, kv_dtypes)]
-    cases += list(_engine_cases(kv_dtypes)) if engine_steps else []
+    cases = [*linear_cases(cfg, tokens), *moe_cases(cfg, tokens), *attention_cases(cfg, kv_dtypes)]
+    cases += list(engine_cases(kv_dtypes)) if engine_steps else []
     rows = []
     bar = tqdm(cases, desc=f"compiling for {gpu.name} ({gpu.sm})", unit="case", disable=not progress)
     for case, m, launch in bar:
