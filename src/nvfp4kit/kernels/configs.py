@@ -303,16 +303,18 @@ def heuristic_moe_config(
     per_expert = tokens * top_k / num_experts
     if per_expert <= 24:
         return MoEConfig(block_m=16)
-    if per_expert <= 96:
-        return MoEConfig(block_m=32, gate_up_block_n=64, gate_up_block_k=64, down_block_n=64)
-    if per_expert >= 128:  # prefill: 128-row expert blocks, 8-15% faster than 64 at 2048-8192 tokens (H200)
+    if per_expert > 128:  # prefill: 128-row expert blocks, 8-15% faster than 64 at 4096-8192 tokens (H200)
         return MoEConfig(
             block_m=128, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128, down_block_k=64,
             down_warps=8, gate_up_warps=8,
         )  # fmt: skip
+    # mixed prefill + decode steps and prefill chunks: 64-row expert blocks, narrow 4-warp gate_up tiles. H200,
+    # 26B-A4B MoE (scripts/gpu_moe_midm_sweep.py, 120 tiles): 451 us at 706 tokens (the tiles this replaced:
+    # 696), 1,010 us at 2,048 (1,120)
     return MoEConfig(
-        block_m=64, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128, down_warps=8, gate_up_warps=8
-    )
+        block_m=64, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128, down_block_k=64,
+        gate_up_warps=4, down_warps=4 if per_expert <= 64 else 8,
+    )  # fmt: skip
 
 
 def heuristic_linear(m: int, n: int, k: int, *, device=None) -> LinearConfig:

@@ -6,9 +6,10 @@ uses only generic (SM80+) features; `decode="asm"` is PTX that also runs on SM80
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
-from nvfp4kit.kernels.configs import LinearConfig, MoEConfig, config_to_dict
+from nvfp4kit.kernels.configs import LinearConfig, MoEConfig, config_to_dict, heuristic_moe_config
 from nvfp4kit.tuning.timing import time_graph
 
 ERROR_BOUND = 1e-2  # relative L2 error vs fp32 math on the dequantized weights (bf16 output rounding ~1e-3)
@@ -171,6 +172,13 @@ def moe_candidates(
                                 decode=decode,
                             )
                         )
+        # what an untuned card runs is always a candidate, so a tuned entry is never slower than no entry
+        heuristic = dataclasses.replace(
+            heuristic_moe_config(tokens, num_experts, top_k, hidden=hidden, inter=inter, sms=sms),
+            decode=decode,
+        )
+        if heuristic not in out:
+            out.append(heuristic)
     return out
 
 
