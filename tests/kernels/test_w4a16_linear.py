@@ -150,3 +150,41 @@ def test_heuristic_configs_compute_the_product(m):
     x = torch.randn(m, 208, device=DEVICE)
     ref = x.double() @ weight.dequantize(torch.float64).T
     assert rel_error(w4a16_linear(x, weight, config=cfg), ref) < FP32_BOUND
+
+
+@pytest.mark.parametrize("name", ["gemv_split", "dot_split", "dot_swap", "dot_wide"])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_geglu_input_equals_geglu_then_linear(name, m):
+    """The dense MLP's down projection over [gate | up]: the same values as the GeGLU launch followed by the
+    linear (K a multiple of 16 only, split-K, both kernels), and the error bound against fp32 math."""
+    from nvfp4kit.kernels.geglu import geglu
+
+    config = CONFIGS[name]
+    if config.kernel == "gemv" and m > config.block_m:
+        pytest.skip("gemv handles M <= block_m")
+    n, k = SHAPES[1]
+    weight = random_weight(n, k, seed=10 + m)
+    gate_up = torch.randn(m, 2 * k, device=DEVICE)
+    act32 = geglu(gate_up)
+    assert rel_error(
+        w4a16_linear(gate_up, weight, config=config, geglu_input=True), _reference(act32, weight)
+    ) < (FP32_BOUND)
+    gate_up16 = gate_up.bfloat16()
+    fused = w4a16_linear(gate_up16, weight, config=config, geglu_input=True)
+    assert fused.dtype == torch.bfloat16 and fused.shape == (m, n)
+    unfused = w4a16_linear(geglu(gate_up16), weight, config=config)
+    assert (
+        rel_error(fused, unfused) < 1e-2
+    )  # same bf16 activations; only rounding of the fp32 GeGLU may differ
+    assert rel_error(fused, _reference(geglu(gate_up16), weight)) < BF16_BOUND
+
+
+def test_geglu_input_prefill_path_and_width_check():
+    from nvfp4kit.kernels.geglu import geglu
+
+    weight = random_weight(24, 208, seed=5)
+    gate_up = torch.randn(6, 416, device=DEVICE)
+    expect = w4a16_linear(geglu(gate_up), weight, dequant_min_m=4)
+    assert torch.equal(w4a16_linear(gate_up, weight, dequant_min_m=4, geglu_input=True), expect)
+    with pytest.raises(ValueError, match=r"\[gate \| up\] of 416"):
+        w4a16_linear(gate_up[:, :208], weight, geglu_input=True)
