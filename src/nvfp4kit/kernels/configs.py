@@ -308,9 +308,13 @@ def heuristic_moe_config(
             block_m=128, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128, down_block_k=64,
             down_warps=8, gate_up_warps=8,
         )  # fmt: skip
-    # mixed prefill + decode steps and prefill chunks: 64-row expert blocks, narrow 4-warp gate_up tiles. H200,
-    # 26B-A4B MoE (scripts/gpu_moe_midm_sweep.py, 120 tiles): 451 us at 706 tokens (the tiles this replaced:
-    # 696), 1,010 us at 2,048 (1,120)
+    # mixed prefill + decode steps and prefill chunks, 4-warp gate_up tiles. H200, 26B-A4B MoE
+    # (scripts/gpu_moe_midm_sweep.py, 47-120 tiles each): 360 us at 400 tokens with 32-row blocks (64 rows: 413),
+    # 451 us at 706 with 64 (the tiles this replaced: 696), 1,010 us at 2,048 (1,120)
+    if per_expert <= 32:
+        return MoEConfig(
+            block_m=32, gate_up_block_n=64, gate_up_block_k=128, down_block_n=128, down_block_k=64,
+        )  # fmt: skip
     return MoEConfig(
         block_m=64, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128, down_block_k=64,
         gate_up_warps=4, down_warps=4 if per_expert <= 64 else 8,
