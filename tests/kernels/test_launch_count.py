@@ -11,8 +11,6 @@ one `rms_norm` per step for the first layer's input. Before they were folded tog
 norm, post-attention add + norm, the FFN's input norms, tail) and the step one more (the final norm): the tiny
 MoE step went from 13 launches a layer + 1 to 11 + 1, the dense one from 10 + 1 to 8 + 1, E2B from 12 + 2 to
 10 + 2 (its per-layer-input block is a second tail launch, with the layer scalar and the next norm inside).
-The dense MLP's GeGLU is computed inside its down projection (`w4a16_linear(geglu_input=True)`): one launch
-fewer a layer (MoE 11 -> 10).
 """
 
 from collections import Counter
@@ -30,9 +28,9 @@ from nvfp4kit.testing.tiny import tiny_text_config
 from .helpers import DEVICE
 
 PER_LAYER = {  # launches per layer by kind; every layer of a tiny model has the same list
-    "moe": dict(linear=4, qkv_norm_rope=1, ffn_inputs=1, route=1, moe=2, ffn_tail=1),
-    "dense": dict(linear=4, qkv_norm_rope=1, ffn_inputs=1, ffn_tail=1),
-    "e2b": dict(linear=5, qkv_norm_rope=1, ffn_inputs=1, ffn_tail=2),  # + per_layer_input_gate
+    "moe": dict(linear=4, qkv_norm_rope=1, ffn_inputs=1, geglu=1, route=1, moe=2, ffn_tail=1),
+    "dense": dict(linear=4, qkv_norm_rope=1, ffn_inputs=1, geglu=1, ffn_tail=1),
+    "e2b": dict(linear=5, qkv_norm_rope=1, ffn_inputs=1, geglu=1, ffn_tail=2),  # + per_layer_input_gate
 }
 PER_STEP = {  # launches once per step
     "moe": dict(rms_norm=1),  # the first layer's input norm

@@ -32,12 +32,6 @@ class TritonBackend:
             return w8a16_linear(x, weight)
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
-    def geglu_linear(self, gate_up: torch.Tensor, weight: Weight) -> torch.Tensor:
-        """linear(geglu(gate_up), weight): for NVFP4 weights the GeGLU is computed inside the linear's launch."""
-        if isinstance(weight, NVFP4Tensor):
-            return w4a16_linear(gate_up, weight, geglu_input=True)
-        return self.linear(geglu(gate_up), weight)
-
     def moe(
         self,
         x: torch.Tensor,

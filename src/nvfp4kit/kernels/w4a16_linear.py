@@ -6,9 +6,6 @@ Two kernels, chosen by M (see `configs.py`):
     matrices over the whole GPU.
   * `dot` (everything else): tensor-core tiles (`tl.dot`), grouped program order for L2 reuse, optional
     split-K, optional swapped operands (W as the left operand so a 64-row weight tile feeds the MMA).
-With `geglu_input`, x is the dense MLP's gate_up output [M, 2K] and both kernels compute their activation tile
-as gelu_tanh(gate) * up on the fly, rounded to x's dtype as the separate GeGLU launch rounds it: the down
-projection takes the GeGLU's place in the launch chain (one launch fewer per layer at decode).
 At prefill sizes (M >= `DEQUANT_MIN_M`, no explicit config) neither kernel runs: the weight is expanded into a
 BF16 scratch copy and cuBLAS does the product (`dequant.py`; measured faster than the Triton mainloop).
 Split-K partials go to an fp32 workspace sized by (M, N, split); the last program to finish a tile (a
@@ -25,23 +22,10 @@ import triton.language as tl
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, interpreting, select_linear_config
 from nvfp4kit.kernels.dequant import dequant_linear
-from nvfp4kit.kernels.geglu import geglu, gelu_tanh
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
 from nvfp4kit.kernels.split_k import arrival_counters
 from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M
-
-
-@triton.jit
-def _act_tile(
-    x_ptr, rows, row_ok, k0, K, stride_xm, BK: tl.constexpr, EVEN_K: tl.constexpr, GEGLU: tl.constexpr
-):
-    """The activation tile; with GEGLU, x holds [gate | up] (K columns each) and the tile is their GeGLU."""
-    x = load_act_tile(x_ptr, rows, row_ok, k0, K, stride_xm, BK, EVEN_K)
-    if GEGLU:
-        up = load_act_tile(x_ptr + K, rows, row_ok, k0, K, stride_xm, BK, EVEN_K)
-        x = (gelu_tanh(x.to(tl.float32)) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
-    return x
 
 
 @triton.jit(do_not_specialize=["M"])  # the token count varies by step: no variant per class of it
@@ -68,7 +52,6 @@ def _w4a16_dot_kernel(
     SWAP_AB: tl.constexpr,
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
-    GEGLU: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -94,7 +77,7 @@ def _w4a16_dot_kernel(
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        x = _act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K, GEGLU)
+        x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K)
         w = load_weight_tile(
             w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, dtype
         )
@@ -144,7 +127,6 @@ def _w4a16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
-    GEGLU: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -156,7 +138,7 @@ def _w4a16_gemv_kernel(
     rn_load = rn % N
     acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
     for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        x = _act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K, GEGLU).to(tl.float32)
+        x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K).to(tl.float32)
         w = load_weight_tile(
             w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, tl.float32
         )
@@ -204,14 +186,12 @@ def _write_output(
             tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call (and graph replay)
 
 
-def _check_linear_args(x: torch.Tensor, weight: NVFP4Tensor, geglu_input: bool) -> tuple[int, int]:
+def _check_linear_args(x: torch.Tensor, weight: NVFP4Tensor) -> tuple[int, int]:
     if weight.packed.dim() != 2:
         raise ValueError(f"w4a16_linear takes a 2-D NVFP4 weight, got shape {weight.shape}")
     n, k = weight.shape
-    width = 2 * k if geglu_input else k
-    if x.shape[-1] != width:
-        what = f"[gate | up] of {width} features" if geglu_input else f"{k} features"
-        raise ValueError(f"activation has {x.shape[-1]} features, weight {(n, k)} expects {what}")
+    if x.shape[-1] != k:
+        raise ValueError(f"activation has {x.shape[-1]} features, weight expects {k} (weight shape {(n, k)})")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"w4a16_linear supports bf16/fp16/fp32 activations, got {x.dtype}")
     if weight.scale_2.numel() != 1:
@@ -225,21 +205,19 @@ def w4a16_linear(
     *,
     config: LinearConfig | None = None,
     dequant_min_m: int = DEQUANT_MIN_M,
-    geglu_input: bool = False,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(weight [N, K])^T -> [..., N] in x.dtype; with `geglu_input`, x is [..., 2K] =
-    [gate | up] and the product is geglu(x) @ dequant(weight)^T (`kernels/geglu.py`'s values, one launch).
+    """x [..., K] @ dequant(weight [N, K])^T -> [..., N] in x.dtype.
 
     Without a `config`, M >= `dequant_min_m` takes the dequantize-then-cuBLAS path; a config forces Triton."""
-    n, k = _check_linear_args(x, weight, geglu_input)
+    n, k = _check_linear_args(x, weight)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     # fp16 keeps the Triton path: a weight expanded with scale_2 folded in could flush to fp16 subnormals
     if config is None and m >= max(1, dequant_min_m) and x.dtype != torch.float16:
-        return dequant_linear(geglu(x2) if geglu_input else x2, weight).reshape(*lead, n)
+        return dequant_linear(x2, weight).reshape(*lead, n)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
@@ -283,7 +261,6 @@ def w4a16_linear(
             SPLIT_K=split,
             ASM=asm,
             EVEN_K=even_k,
-            GEGLU=geglu_input,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **pdl_args(x.device),
@@ -300,7 +277,6 @@ def w4a16_linear(
             SWAP_AB=cfg.swap_ab,
             ASM=asm,
             EVEN_K=even_k,
-            GEGLU=geglu_input,
             INTERPRET=interpret,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,

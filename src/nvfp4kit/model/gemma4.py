@@ -105,8 +105,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Dense GeGLU: down(gelu_tanh(gate(x)) * up(x)), gate and up fused in one launch; a backend with a
-    `geglu_linear` op computes the GeGLU inside the down projection (the triton backend: one launch fewer)."""
+    """Dense GeGLU: down(gelu_tanh(gate(x)) * up(x)), gate and up fused in one launch."""
 
     def __init__(self, hidden: int, intermediate: int, backend: OpBackend):
         super().__init__()
@@ -115,11 +114,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, (hidden,), backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        fused = getattr(self.backend, "geglu_linear", None)
-        if fused is not None:
-            return fused(gate_up, stored_weight(self.down_proj, "weight"))
-        return self.down_proj(regions(self.backend).geglu(gate_up))
+        return self.down_proj(regions(self.backend).geglu(self.gate_up_proj(x)))
 
 
 class Router(nn.Module):
