@@ -1,9 +1,8 @@
 """Decode launch variants on the card: speed and greedy tokens with PDL modes and the two-stream layer halves.
 
-One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F[:G]]` (PDL mode P
-of kernels/launch.py, B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py, F = 0 to
-write K/V with their own launch instead of from qkv_norm_rope, engine/attention_backend.py; G = 0 to run the dense
-MLP's GeGLU as its own launch instead of inside the down projection; F and G default to 1) a fresh
+One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F]` (PDL mode P of
+kernels/launch.py, B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py, F = 0 to
+write K/V with their own launch instead of from qkv_norm_rope, engine/attention_backend.py; default 1) a fresh
 engine (its decode graphs captured under that variant), greedy tokens of two prompts (must be identical across
 variants: they change when or where a value is computed, never what) and decode tokens/s with GPU ms per step.
 Usage (GPU machine, repository root):
@@ -26,14 +25,11 @@ from nvfp4kit.bench.engine_speed import profile_decode_step
 from nvfp4kit.config import load_preset
 from nvfp4kit.engine.attention_backend import FUSED_KV_WRITE_VAR
 from nvfp4kit.engine.engine import Engine, EngineConfig
-from nvfp4kit.kernels.backend import TritonBackend
 from nvfp4kit.kernels.launch import set_pdl_mode
 from nvfp4kit.model.branches import set_branch_streams
 from nvfp4kit.plan.weights import weights_from_config
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.testing.random_model import random_model
-
-fused_geglu_linear = TritonBackend.geglu_linear
 
 
 def greedy_tokens(engine: Engine, prompts: list[list[int]], n: int) -> list[list[int]]:
@@ -53,7 +49,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["0:1:0", "0:1:1"],
-        help="PDL mode:branch streams[:fused KV write[:GeGLU in the down projection]], e.g. 0:1:1:1",
+        help="PDL mode:branch streams[:fused KV write], e.g. 0:1:1",
     )
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--steps", type=int, default=48)
@@ -67,9 +63,7 @@ def main() -> None:
     prompts = [runs.random_prompt(cfg, n, seed=s) for s, n in ((1, 37), (2, 700))]
     rows, tokens = [], {}
     for variant in args.variants:
-        mode, branches, fused_kv, fused_geglu = ([int(v) for v in variant.split(":")] + [1, 1])[:4]
-        if not fused_geglu:  # the MLP asks the backend for `geglu_linear`; without it: geglu, then the linear
-            del TritonBackend.geglu_linear
+        mode, branches, fused_kv = ([int(v) for v in variant.split(":")] + [1])[:3]
         set_pdl_mode(mode)
         set_branch_streams(bool(branches))
         os.environ[FUSED_KV_WRITE_VAR] = str(fused_kv)  # read when the decode graphs are captured
@@ -94,7 +88,6 @@ def main() -> None:
                 f"--- variant {variant}\n{profile_decode_step(engine, top=40)}", file=sys.stderr, flush=True
             )
         engine.close()
-        TritonBackend.geglu_linear = fused_geglu_linear
         del engine
         gc.collect()
         torch.cuda.empty_cache()
