@@ -129,6 +129,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             kv_cache_dtype=kv_cache_dtype,
+            tensor_parallel_size=tensor_parallel_size,
         )
         if max_model_len is not None:
             engine_config = replace(engine_config, max_model_len=max_model_len)
@@ -383,6 +384,11 @@ def _engine_options(config: EngineConfig, **options: Any) -> EngineConfig:
         changes["kv_dtype"] = options["kv_cache_dtype"]
     if options["enforce_eager"] is not None:
         changes["cuda_graphs"] = not options["enforce_eager"]
+    if options["tensor_parallel_size"] > 1:
+        # ranks replay decode graphs in lockstep (distributed/graphs.py); prefill graphs have no such path
+        if config.prefill_graphs:
+            raise ValueError("prefill CUDA graphs are not supported with tensor_parallel_size > 1")
+        changes["prefill_graphs"] = ()
     return replace(config, **changes)
 
 

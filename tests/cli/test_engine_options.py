@@ -33,10 +33,12 @@ def test_serving_flags_reach_the_engine_config():
     config = llm_arguments(parse("--admission-delay", "0", "--prefill-graphs", "512,1024"))["engine_config"]
     assert config.admission_delay == 0 and config.prefill_graphs == (512, 1024)
     default = llm_arguments(parse())["engine_config"]
-    assert default.admission_delay is None and default.prefill_graphs == ()  # by device / off
+    assert default.admission_delay is None and default.prefill_graphs is None  # both by device
+    for off in ("none", "0"):
+        assert llm_arguments(parse("--prefill-graphs", off))["engine_config"].prefill_graphs == ()
 
 
-@pytest.mark.parametrize(("flag", "junk"), [("--prefill-graphs", "512,x"), ("--prefill-graphs", "0"),
+@pytest.mark.parametrize(("flag", "junk"), [("--prefill-graphs", "512,x"), ("--prefill-graphs", "512,-4"),
                                             ("--admission-delay", "-1")])  # fmt: skip
 def test_junk_serving_flags_are_refused(capsys, flag, junk):
     with pytest.raises(SystemExit):

@@ -192,6 +192,25 @@ def test_tokens_a_step_and_sliding_passes_follow_the_card():
     assert (mine.max_num_batched_tokens, mine.sliding_chunk) == (8192, 256)
 
 
+def test_prefill_graphs_by_card_and_never_with_tensor_parallelism():
+    """Captured prefill steps of 1024 and 2048 tokens on 70+ GiB cards (a budget counts as the card's size), none
+    on smaller ones or the CPU; what the user sets stays; tensor parallel ranks do not replay them."""
+    from nvfp4kit.llm import _engine_options
+
+    assert with_device_defaults(EngineConfig(), "cuda", gpu_memory_budget=80 * GiB).prefill_graphs == (
+        1024,
+        2048,
+    )
+    assert with_device_defaults(EngineConfig(), "cuda", gpu_memory_budget=24 * GiB).prefill_graphs == ()
+    assert with_device_defaults(EngineConfig(), "cpu").prefill_graphs == ()
+    off = EngineConfig(prefill_graphs=())
+    assert with_device_defaults(off, "cuda", gpu_memory_budget=80 * GiB).prefill_graphs == ()
+    flags = dict(enforce_eager=None, max_num_seqs=None, max_num_batched_tokens=None, kv_cache_dtype=None)
+    assert _engine_options(EngineConfig(), tensor_parallel_size=2, **flags).prefill_graphs == ()
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        _engine_options(EngineConfig(prefill_graphs=(512,)), tensor_parallel_size=2, **flags)
+
+
 def test_kv_dtype_auto_follows_the_engine():
     assert resolve_kv_dtype("auto", model_dtype=torch.float32) == "float32"
     assert resolve_kv_dtype("auto", model_dtype=torch.bfloat16) == "bf16"

@@ -35,6 +35,8 @@ def _non_negative_int(text: str) -> int:
 
 
 def _token_counts(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("0", "none", "off"):
+        return ()
     try:
         counts = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
@@ -93,11 +95,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "CUDA, 0 on the CPU)",
     )  # fmt: skip
     g.add_argument(
-        "--prefill-graphs", type=_token_counts, default=(), metavar="N,N,...",
+        "--prefill-graphs", type=_token_counts, default=None, metavar="N,N,...",
         help="capture the steps that prefill in CUDA graphs for these token counts (e.g. 512,1024,2048): a step "
         "of up to N tokens replays the smallest graph that holds it instead of launching ~700 kernels from Python "
-        "(about 90 ms of host time for a 26B-A4B step on an H200); the memory plan reserves their pool. Off by "
-        "default until measured on GPUs",
+        "(on an H200 a 600-token prompt's step: 26 ms replayed, 52 eager); the memory plan reserves their pool. "
+        "'none' turns them off (default: 1024,2048 on GPUs with 70+ GiB, none on smaller ones)",
     )  # fmt: skip
     g.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
@@ -176,7 +178,7 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         sliding_chunk=getattr(args, "sliding_chunk", None),
         admission_delay=getattr(args, "admission_delay", None),
-        prefill_graphs=getattr(args, "prefill_graphs", ()),
+        prefill_graphs=getattr(args, "prefill_graphs", None),
         max_model_len=args.max_model_len,
         cuda_graphs=not args.enforce_eager,
         attention_backend=args.attention_backend,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from nvfp4kit.plan.pools import default_prefill_chunk, default_sliding_chunk
+from nvfp4kit.plan.pools import default_prefill_chunk, default_prefill_graphs, default_sliding_chunk
 
 DEFAULT_ADMISSION_DELAY = 16  # CUDA: ~0.25 s at 100 running on an H200 (15 ms decode steps)
 
@@ -38,20 +38,22 @@ class EngineConfig:
     # steps a prompt arriving while 32+ requests run may wait for others to share its prefill step (an eager step
     # costs about the same for one prompt or four); None: by device, 16 on CUDA, 0 (admit at once) elsewhere
     admission_delay: int | None = None
-    # token counts of the steps that prefill to capture in CUDA graphs (engine/prefill_graphs.py); () = eager
-    prefill_graphs: tuple[int, ...] = ()
+    # token counts of the steps that prefill to capture in CUDA graphs (engine/prefill_graphs.py); () = eager.
+    # None: by device, 1024 and 2048 on 70+ GiB GPUs, none elsewhere (`plan.pools.default_prefill_graphs`)
+    prefill_graphs: tuple[int, ...] | None = None
 
 
 def with_device_defaults(
     config: EngineConfig, device: torch.device | str, *, gpu_memory_budget: int | None = None
 ) -> EngineConfig:
     """`config` with what it leaves to the device filled in, by the GPU's memory, or by `gpu_memory_budget` when
-    the engine acts as if the card had that much: `max_num_batched_tokens` (`plan.pools.default_prefill_chunk`) and
-    the cap on a sliding-layer pass (`plan.pools.default_sliding_chunk`), and the admission delay."""
+    the engine acts as if the card had that much: `max_num_batched_tokens` (`plan.pools.default_prefill_chunk`), the
+    cap on a sliding-layer pass (`plan.pools.default_sliding_chunk`), the prefill CUDA graphs
+    (`plan.pools.default_prefill_graphs`) and the admission delay."""
     device = torch.device(device)
     if config.admission_delay is None:
         config = replace(config, admission_delay=DEFAULT_ADMISSION_DELAY if device.type == "cuda" else 0)
-    if config.max_num_batched_tokens is not None and config.sliding_chunk is not None:
+    if None not in (config.max_num_batched_tokens, config.sliding_chunk, config.prefill_graphs):
         return config
     memory = None
     if device.type == "cuda":
@@ -60,6 +62,9 @@ def with_device_defaults(
         config,
         max_num_batched_tokens=config.max_num_batched_tokens or default_prefill_chunk(memory),
         sliding_chunk=config.sliding_chunk or default_sliding_chunk(memory),
+        prefill_graphs=default_prefill_graphs(memory)
+        if config.prefill_graphs is None
+        else config.prefill_graphs,
     )
 
 

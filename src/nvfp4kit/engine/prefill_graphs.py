@@ -15,10 +15,12 @@ kernels. A step of T tokens over n sequences replays the graph of the smallest c
 - only the rows to sample reach the LM head, through a fixed index buffer.
 
 A step the graphs cannot take runs eagerly (`fits`): more tokens or sequences than captured, a sequence with more
-tokens than one sliding-window pass takes, images, prompt logprobs. Opt in with `EngineConfig.prefill_graphs`
-(`--prefill-graphs`); the memory plan reserves the graphs' own pool (`plan.pools.runtime_reserve`). On the H200
-(session 10) `tests/gpu/test_prefill_graphs_cuda.py` passes and the 96-decode + 1-prompt step above takes 39.0 ms
-replayed against 48.7 eager (`scripts/gpu_mixed_step_profile.py --prefill-graphs 768 1024 2048`).
+tokens than one sliding-window pass takes, images, prompt logprobs. On by default for 1024 and 2048 tokens on
+70+ GiB GPUs without tensor parallelism (`EngineConfig.prefill_graphs`, `--prefill-graphs`; `none` turns them
+off); the memory plan reserves the graphs' own pool (`plan.pools.runtime_reserve`). On the H200
+`tests/gpu/test_prefill_graphs_cuda.py` passes, and the 96-decode + 1-prompt step above took 36.6 ms replayed
+against 101.8 eager in session 11 (a slower host than session 10's: 39.0 vs 48.7), one 602-token prompt alone
+26.5 vs 52.1 (`scripts/gpu_mixed_step_profile.py --prefill-graphs 768 1024`).
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ def prefill_graphs_for(
 ) -> PrefillGraphs | None:
     """The captured graphs `config.prefill_graphs` asks for (counts past the step budget dropped), or None: none
     asked for, no CUDA graphs on this device (unless `eager`), or an attention backend without device metadata."""
-    counts = tuple(t for t in config.prefill_graphs if t <= config.max_num_batched_tokens)
+    counts = tuple(t for t in config.prefill_graphs or () if t <= config.max_num_batched_tokens)
     if not counts or not (eager or (config.cuda_graphs and model.device.type == "cuda")):
         return None
     if not select_attention_backend(model.device, config.attention_backend).needs_metadata:
