@@ -128,7 +128,7 @@ class StepMetadata:
         per_token[0] = 0
         if tokens:
             real = len(seqs)
-            seq_of = torch.repeat_interleave(torch.arange(real), scalars[1, :real].long())
+            seq_of = torch.repeat_interleave(torch.arange(real), scalars[1, :real].long(), output_size=tokens)
             pos = torch.arange(tokens) + (scalars[0, :real] - scalars[2, :real]).long()[seq_of]
             per_token[0, :tokens] = pos
             per_token[1, :tokens] = table[:real].long()[seq_of, pos // bs] * bs + pos % bs
