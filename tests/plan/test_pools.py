@@ -113,3 +113,22 @@ def test_big_cards_attend_sliding_layers_in_passes_of_2048_small_ones_512():
     assert build_plan("gemma-4-26b-a4b", gpu="RTX 3090")["nvfp4kit"]["ring_tokens"] == 1024 + 512
     assert build_plan("gemma-4-26b-a4b", gpu="H200")["nvfp4kit"]["ring_tokens"] == 1024 + 2048
     assert build_plan("gemma-4-26b-a4b", gpu="H200", prefill_chunk=1024)["nvfp4kit"]["ring_tokens"] == 2048
+
+
+def test_the_plan_reserves_the_prefill_graphs_the_engine_captures_by_default():
+    """On 70+ GiB cards the engine captures prefill steps of up to 2048 tokens (`default_prefill_graphs`): their
+    pool comes out of the KV budget in the plan as at start-up; a 24 GB card has none."""
+    from nvfp4kit.plan.pools import DEFAULT_MAX_BATCH, default_prefill_graphs, runtime_reserve
+
+    assert default_prefill_graphs(80 * GiB) == (1024, 2048) and default_prefill_graphs(24 * GiB) == ()
+    cfg = load_preset("gemma-4-26b-a4b")
+    h200 = build_plan("gemma-4-26b-a4b", gpu="H200")["nvfp4kit"]
+    plain = runtime_reserve(
+        cfg, free_bytes=h200["free_bytes"], prefill_chunk=8192, max_batch=DEFAULT_MAX_BATCH
+    )
+    assert h200["reserve"]["cuda_graphs"] > plain.cuda_graphs
+    rtx = build_plan("gemma-4-26b-a4b", gpu="RTX 3090")["nvfp4kit"]
+    plain = runtime_reserve(
+        cfg, free_bytes=rtx["free_bytes"], prefill_chunk=2048, max_batch=DEFAULT_MAX_BATCH
+    )
+    assert rtx["reserve"]["cuda_graphs"] == plain.cuda_graphs

@@ -225,9 +225,11 @@ def plan_pools(
     reserve: RuntimeReserve | None = None,
     vision: VisionMemory | None = None,
     sliding_limit: int | None = None,
+    prefill_graph_tokens: int = 0,
 ) -> PoolPlan:
     """Split `free_bytes` (measured before loading) into weights, runtime reserve, the vision tower (weights
-    and one image's encoder activations, when `vision` is given) and KV pools."""
+    and one image's encoder activations, when `vision` is given) and KV pools. Without a `reserve`, it is sized
+    here (`runtime_reserve`, with the pool of captured prefill steps of up to `prefill_graph_tokens`)."""
     if prefill_chunk <= 0 or concurrency <= 0 or max_batch <= 0:
         raise ValueError(
             f"prefill_chunk, concurrency and max_batch must be positive "
@@ -238,8 +240,9 @@ def plan_pools(
     kv = kv_bytes_per_token(cfg, kv_dtype=kv_dtype, k_eq_v_once=k_eq_v_once)
     if reserve is None:
         reserve = runtime_reserve(
-            cfg, free_bytes=free_bytes, prefill_chunk=prefill_chunk, max_batch=max(max_batch, concurrency)
-        )
+            cfg, free_bytes=free_bytes, prefill_chunk=prefill_chunk, max_batch=max(max_batch, concurrency),
+            prefill_graph_tokens=prefill_graph_tokens,
+        )  # fmt: skip
     return PoolPlan(
         free_bytes=free_bytes,
         weights_bytes=weights_bytes,

@@ -19,6 +19,7 @@ from nvfp4kit.plan.pools import (
     DEFAULT_MAX_BATCH,
     PoolPlan,
     default_prefill_chunk,
+    default_prefill_graphs,
     default_sliding_chunk,
     plan_pools,
 )
@@ -197,6 +198,7 @@ def build_plan(
         prefill_chunk=prefill_chunk, context=context, concurrency=concurrency or 1,
         max_batch=max(DEFAULT_MAX_BATCH, concurrency or 1), vision=vision_plan,
         sliding_limit=default_sliding_chunk(memory),
+        prefill_graph_tokens=max((t for t in default_prefill_graphs(memory) if t <= prefill_chunk), default=0),
     )  # fmt: skip
 
     plan: dict[str, Any] = {
