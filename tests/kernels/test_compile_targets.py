@@ -34,7 +34,7 @@ ATTN_PTRS = {"q_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32",
              "seq_offset_ptr": "*i32", "block_table_ptr": "*i32", "ring_ptr": "*i32"}  # fmt: skip
 ATTN = dict(GROUP=8, GROUP_P2=8, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=16, D=512, ROT=128, RING=False, SLIDING=False,
             DERIVE_K=True, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=1, SPLIT=True, PRECISION=None)  # fmt: skip
-COMMON = dict(EVEN_K=False, INTERPRET=False)
+COMMON = dict(EVEN_K=False, INTERPRET=False, HALVES=False)
 KERNELS = {
     "dot_small_asm": (_w4a16_dot_kernel, 4, dict(BM=16, BN=64, BK=256, SPLIT_K=2, GROUP_M=8, SWAP_AB=False, ASM=True)),
     "dot_large_bits": (_w4a16_dot_kernel, 8, dict(BM=128, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, SWAP_AB=False, ASM=False)),
@@ -43,6 +43,8 @@ KERNELS = {
     "gate_up_pair_asm": (moe._moe_gate_up_kernel, 4, dict(TOP_K=8, BM=16, BN=32, BK=128, SORTED=False, NVFP4=True, ASM=True)),
     "gate_up_sorted_dense": (moe._moe_gate_up_kernel, 4, dict(TOP_K=8, BM=32, BN=64, BK=64, SORTED=True, NVFP4=False, ASM=False)),
     "down_sorted_asm": (moe._moe_down_kernel, 4, dict(BM=16, BN=64, BK=64, SORTED=True, NVFP4=True, ASM=True)),
+    "gate_up_sorted_halves_asm": (moe._moe_gate_up_kernel, 4, dict(TOP_K=8, BM=16, BN=64, BK=128, SORTED=True, NVFP4=True, ASM=True, HALVES=True)),
+    "down_sorted_halves_dense": (moe._moe_down_kernel, 4, dict(BM=16, BN=64, BK=64, SORTED=True, NVFP4=False, ASM=False, HALVES=True)),
     "down_token_asm": (moe._moe_down_token_kernel, 4, dict(TOP_K=8, BM=16, BN=32, BK=128, NVFP4=True, ASM=True)),
     "sum": (moe._moe_sum_kernel, 4, dict(TOP_K=8, BLOCK=1024)),
     "align": (_moe_align_kernel, 8, dict(E_PAD=128, BM=16, CHUNK=1024, BLOCK_CHUNK=64)),

@@ -20,6 +20,9 @@ MODES = {
     "pair_pair": MoEConfig(sorted=False, down_mode="pair", **TILES),
     "sorted_triton": MoEConfig(block_m=16, **TILES),
     "sorted_torch": MoEConfig(block_m=16, align="torch", **TILES),
+    # nibble halves (even / odd K columns, two MMAs): the same products in another order
+    "sorted_halves": MoEConfig(block_m=16, halves=True, **TILES),
+    "pair_halves": MoEConfig(sorted=False, down_mode="pair", halves=True, **TILES),
     # K splits that leave a ragged last tile (H = 80 = 2.5 x 32), CUDA-core and tensor-core products
     "split_k2": MoEConfig(split=True, gate_up_split_k=2, **{**TILES, "gate_up_block_k": 32}),
     "split_k3": MoEConfig(split=True, gate_up_split_k=3, **{**TILES, "gate_up_block_k": 32}),

@@ -62,6 +62,8 @@ class MoEConfig:
     align: str = "triton"  # "triton" (one program) or "torch" (a chain of torch ops)
     decode: str = "bits"
     gate_up_split_k: int = 1  # split mode: programs sharing one gate_up tile's K
+    # sorted/pair mode: FP4 low and high nibbles as even/odd K halves, two MMAs, no interleave (nvfp4_tile.py)
+    halves: bool = False
 
     def __post_init__(self) -> None:
         if self.gate_up_split_k < 1:

@@ -27,7 +27,14 @@ from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
 from nvfp4kit.kernels.moe_prefill import grouped_mm_available, moe_prefill
 from nvfp4kit.kernels.moe_split import fused_moe_split
-from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
+from nvfp4kit.kernels.nvfp4_tile import (
+    fold_scale,
+    load_act_halves,
+    load_act_tile,
+    load_weight_halves,
+    load_weight_tile,
+    mma,
+)
 from nvfp4kit.kernels.thresholds import MOE_PREFILL_MIN_TOKENS
 
 
@@ -77,6 +84,7 @@ def _moe_gate_up_kernel(
     NVFP4: tl.constexpr,
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
+    HALVES: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -97,27 +105,28 @@ def _moe_gate_up_kernel(
     acc_up = tl.zeros([BM, BN], dtype=tl.float32)
     k_end = tl.where(expert >= 0, hidden, 0)  # unused blocks skip the loop
     for k0 in range(0, k_end, BK):
-        x = load_act_tile(x_ptr, tokens, ok, k0, hidden, stride_xm, BK, EVEN_K)
-        wg = load_weight_tile(
-            w_base, s_base, rn_load, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
-        )
-        wu = load_weight_tile(
-            w_base,
-            s_base,
-            rn_load + inter,
-            k0,
-            hidden,
-            stride_wn,
-            stride_sn,
-            BN,
-            BK,
-            NVFP4,
-            ASM,
-            EVEN_K,
-            dtype,
-        )
-        acc_gate = mma(acc_gate, x, tl.trans(wg), INTERPRET)
-        acc_up = mma(acc_up, x, tl.trans(wu), INTERPRET)
+        if HALVES:  # even and odd K columns apart: two MMAs each, no nibble interleave (nvfp4_tile.py)
+            xe, xo = load_act_halves(x_ptr, tokens, ok, k0, hidden, stride_xm, BK, EVEN_K)
+            ge, go = load_weight_halves(
+                w_base, s_base, rn_load, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+            )
+            ue, uo = load_weight_halves(
+                w_base, s_base, rn_load + inter, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K,
+                dtype,
+            )  # fmt: skip
+            acc_gate = mma(mma(acc_gate, xe, tl.trans(ge), INTERPRET), xo, tl.trans(go), INTERPRET)
+            acc_up = mma(mma(acc_up, xe, tl.trans(ue), INTERPRET), xo, tl.trans(uo), INTERPRET)
+        else:
+            x = load_act_tile(x_ptr, tokens, ok, k0, hidden, stride_xm, BK, EVEN_K)
+            wg = load_weight_tile(
+                w_base, s_base, rn_load, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+            )
+            wu = load_weight_tile(
+                w_base, s_base, rn_load + inter, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K,
+                dtype,
+            )  # fmt: skip
+            acc_gate = mma(acc_gate, x, tl.trans(wg), INTERPRET)
+            acc_up = mma(acc_up, x, tl.trans(wu), INTERPRET)
     scale = fold_scale(s2_ptr, e, NVFP4, ASM)
     gate = acc_gate * scale
     up = acc_up * scale
@@ -154,6 +163,7 @@ def _moe_down_kernel(
     NVFP4: tl.constexpr,
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
+    HALVES: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -173,11 +183,18 @@ def _moe_down_kernel(
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_end = tl.where(expert >= 0, inter, 0)
     for k0 in range(0, k_end, BK):
-        a = load_act_tile(act_ptr, act_rows, ok, k0, inter, stride_am, BK, EVEN_K)
-        w = load_weight_tile(
-            w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
-        )
-        acc = mma(acc, a, tl.trans(w), INTERPRET)
+        if HALVES:
+            ae, ao = load_act_halves(act_ptr, act_rows, ok, k0, inter, stride_am, BK, EVEN_K)
+            we, wo = load_weight_halves(
+                w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+            )
+            acc = mma(mma(acc, ae, tl.trans(we), INTERPRET), ao, tl.trans(wo), INTERPRET)
+        else:
+            a = load_act_tile(act_ptr, act_rows, ok, k0, inter, stride_am, BK, EVEN_K)
+            w = load_weight_tile(
+                w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+            )
+            acc = mma(acc, a, tl.trans(w), INTERPRET)
     route = tl.load(topk_w_ptr + pairs, mask=ok, other=0.0).to(tl.float32)
     y = acc * fold_scale(s2_ptr, e, NVFP4, ASM) * route[:, None]
     mask = ok[:, None] & (rn[None, :] < hidden)
@@ -345,7 +362,8 @@ def fused_moe(
     _moe_gate_up_kernel[(row_blocks, triton.cdiv(inter, gu_bn))](
         x2, gu[0], gu[1], gu[2], act, pair_ids, block_expert, ids, pairs, inter, hidden, x2.stride(0),
         gu[3], gu[4], gu[5], gu[6], act.stride(0),
-        TOP_K=top_k, BM=bm, BN=gu_bn, BK=gu_bk, SORTED=cfg.sorted, EVEN_K=hidden % gu_bk == 0, **flags,
+        TOP_K=top_k, BM=bm, BN=gu_bn, BK=gu_bk, SORTED=cfg.sorted, EVEN_K=hidden % gu_bk == 0, HALVES=cfg.halves,
+        **flags,
         num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     if not cfg.sorted and cfg.down_mode == "token":
@@ -360,7 +378,7 @@ def fused_moe(
     _moe_down_kernel[(row_blocks, triton.cdiv(hidden, dn_bn))](
         act, dn[0], dn[1], dn[2], per_pair, pair_ids, block_expert, ids, route, pairs, hidden, inter,
         act.stride(0), dn[3], dn[4], dn[5], dn[6], per_pair.stride(0),
-        BM=bm, BN=dn_bn, BK=dn_bk, SORTED=cfg.sorted, EVEN_K=inter % dn_bk == 0, **flags,
+        BM=bm, BN=dn_bn, BK=dn_bk, SORTED=cfg.sorted, EVEN_K=inter % dn_bk == 0, HALVES=cfg.halves, **flags,
         num_warps=cfg.down_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     block = min(1024, triton.next_power_of_2(hidden))

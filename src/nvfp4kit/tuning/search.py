@@ -179,6 +179,8 @@ def moe_candidates(
         )
         if heuristic not in out:
             out.append(heuristic)
+    if tokens <= 128:  # the nibble halves: 4-5% faster at 16-64 tokens on the H200, 3% slower at 706
+        out += [dataclasses.replace(c, halves=True) for c in out if not c.split]
     return out
 
 
