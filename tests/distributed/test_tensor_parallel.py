@@ -34,8 +34,10 @@ def test_logits_and_greedy_tokens_equal_one_process(split_checkpoint, name, nvfp
     want = prefill_then_decode_logits(ref.engine, prompts)
     got = prefill_then_decode_logits(tp.engine, prompts)
     assert got.shape == want.shape
-    scale = want.abs().max().item()  # fp32: only the order of the sums differs
-    assert (got - want).abs().max().item() < 1e-5 * scale, (
+    # fp32: only the order of the sums differs (typically 1e-5 of the scale after a few layers; a sharding bug
+    # such as a wrong split or a flipped expert choice shows as errors of the scale's own size)
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() < 1e-4 * scale, (
         f"max error {(got - want).abs().max()} at scale {scale}"
     )
     # n=2 on a 40-token prompt: the second sample takes the first's full blocks and a copy of its sliding ring;
