@@ -89,7 +89,9 @@ def test_prompt_logits_equal_transformers(llm, hf_vision_model, hf_image_process
         ref = hf_vision_model.eval()(**hf_inputs(hf_image_processor, ids, IMAGES_2)).logits[0]
     ours = our_prompt_logits(llm, ids, images)
     err, scale = (ours - ref).abs().max().item(), ref.abs().max().item()
-    assert err < 1e-4 * max(scale, 1.0), f"max abs error {err} at logit scale {scale}"
+    # fp32 sum-order noise through the vision tower: 1e-5..1e-4 of the scale on most rows, a few image rows at
+    # 1.3e-4 with today's packages (e2b); a wrong mask or embedding shows at 1e-2 and more (the causal check below)
+    assert err < 3e-4 * max(scale, 1.0), f"max abs error {err} at logit scale {scale}"
     # the image tokens really attend both ways: with a causal-only mask the logits differ
     causal = our_prompt_logits(llm, ids, ImageInputs(images.spans, images.embeds, bidirectional=False))
     assert (causal - ref).abs().max().item() > 1e-2
