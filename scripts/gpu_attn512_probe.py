@@ -3,6 +3,7 @@
 One prompt chunk of 2,048 queries at the end of a long context (FP8 pool, 26B-A4B shapes), timed for:
   base    the kernel as the engine runs it,
   norot   the same without the rotated key columns' share of the scores (wrong numbers: the cost of the derivation),
+  prerot  the rotated key columns computed once beforehand (kernels/rotated_keys.py), that launch included,
 each at several tiles; the error of the right variants against the decode-shaped kernel on the same chunk.
 Run on the GPU from the repository root:
   PYTHONPATH=src python3 scripts/gpu_attn512_probe.py [--contexts 8192 32768] [--json OUT]
@@ -25,6 +26,7 @@ from nvfp4kit.bench.attention import LayerPool
 from nvfp4kit.config import load_preset
 from nvfp4kit.kernels import prefill_attention as pa
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
+from nvfp4kit.kernels.rotated_keys import rotate_derived_keys
 from nvfp4kit.tuning.timing import time_eager
 
 
@@ -40,7 +42,7 @@ def patched_module(name: str, old: str, new: str):
     return module
 
 
-def launch(module, pool: LayerPool, start: int, n: int, config):
+def launch(module, pool: LayerPool, start: int, n: int, config, prerotate: bool = False):
     ints = torch.tensor([[start], [n], [0], [0]], dtype=torch.int32, device="cuda")
     batch = AttentionBatch(ints[0], ints[1], ints[2], pool.table, ints[3])
     q0 = torch.arange(0, n, config.block_q, dtype=torch.int32, device="cuda")
@@ -52,6 +54,12 @@ def launch(module, pool: LayerPool, start: int, n: int, config):
                   derived_key=pool.derived, out=out, block_size=pool.block_size, config=config)  # fmt: skip
 
     def call():
+        if prerotate:
+            first = torch.zeros(1, dtype=torch.int32, device="cuda")
+            kwargs["rotated_keys"] = rotate_derived_keys(
+                q, pool.v_store, pool.derived, batch, block_size=pool.block_size, first_row=first,
+                total_rows=start + n, max_keys=start + n,
+            )  # fmt: skip
         return module.prefill_attention(q, **kwargs)
 
     return call
@@ -71,18 +79,22 @@ def main() -> None:
     )
     norot_cut = patched_module(
         "pa_norot_cut",
-        "            scores += rotated_key_scores(\n",
-        "            if False:\n                scores += rotated_key_scores(\n",
+        "                scores += rotated_key_scores(\n",
+        "                if False:\n                    scores += rotated_key_scores(\n",
     )
     P = pa.PrefillConfig
     default = pa.prefill_configs(512, pool.q_heads // pool.kv_heads, (9, 0))[0]
     if args.ncu:
         start = 32768 - args.chunk
         launch(pa, pool, start, args.chunk, default)()
+        launch(pa, pool, start, args.chunk, default, prerotate=True)()
         torch.cuda.synchronize()
         return
     variants = [("base", pa, c) for c in (default, P(8, 32, 1, 8, 2), P(8, 64, 1, 8, 3))]
     variants += [("norot", norot_cut, c) for c in (default, P(8, 64, 1, 8, 3), P(8, 128, 1, 8, 2))]
+    variants += [
+        ("prerot", pa, c) for c in (default, P(8, 64, 1, 8, 3), P(8, 128, 1, 8, 2), P(8, 32, 1, 8, 2))
+    ]
     rows = []
     for context in args.contexts:
         start = context - args.chunk
@@ -90,7 +102,7 @@ def main() -> None:
         ref = pool.call("paged", start, args.chunk)().float()
         for name, module, config in variants:
             try:
-                call = launch(module, pool, start, args.chunk, config)
+                call = launch(module, pool, start, args.chunk, config, prerotate=name == "prerot")
                 got = call().float()
                 err = float((got - ref).norm() / ref.norm())
                 us = time_eager(lambda _, call=call: call(), sets=1, calls=3, repeats=5)

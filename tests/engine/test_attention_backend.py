@@ -92,6 +92,33 @@ def test_triton_attention_equals_reference_in_every_layer_and_step(
     assert compare.max_cache_error == 0.0
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "fp8_e4m3"])
+def test_prerotated_keys_in_long_prefill_steps_equal_reference(tiny_checkpoint, kv_dtype, monkeypatch):
+    from nvfp4kit.kernels import rotated_keys
+
+    folder = tiny_checkpoint("moe")  # k_eq_v global layers: K derived from V
+    model, tok = load_model(folder), Tokenizer(folder)
+    compare = ComparingBackend()
+    register_attention_backend("compare", lambda: compare)
+    monkeypatch.setenv(ENV_VAR, "compare")
+    monkeypatch.setattr(rotated_keys, "PREROTATE_MIN_KEYS", 10)  # every prefill step past 10 keys
+    rotations = []
+    real = rotated_keys.rotate_derived_keys
+    monkeypatch.setattr(
+        rotated_keys,
+        "rotate_derived_keys",
+        lambda *a, **kw: rotations.append(kw["total_rows"]) or real(*a, **kw),
+    )
+    engine = Engine(
+        model, tok, config=EngineConfig(kv_dtype=kv_dtype, max_num_batched_tokens=6, block_size=4)
+    )
+    generate_tokens(
+        engine, random_prompts([17, 3], seed=1), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    )
+    assert rotations and min(rotations) >= 10  # chunks 2 and 3 of the long prompt, once per global layer
+    assert compare.max_out_error < 1e-4, compare.max_out_error
+
+
 def test_engine_greedy_tokens_equal_with_triton_attention(model_and_tokenizer, monkeypatch):
     model, tok = model_and_tokenizer
     reqs = random_prompts(

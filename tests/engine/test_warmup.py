@@ -82,6 +82,15 @@ def test_plan_splits_chunks_and_warms_eager_decodes_when_there_are_no_graphs():
     assert any(s.decodes and not s.prefills for s in steps)
 
 
+def test_plan_reaches_prerotated_keys_only_where_a_context_can_hold_them():
+    lim = _limits(prerotate_keys=300)
+    steps = plan_steps(lim)
+    _check_limits(steps, lim)
+    assert any(s + n == 300 for step in steps for s, n in step.prefills)
+    assert not any(s + n >= 300 for step in plan_steps(_limits()) for s, n in step.prefills)
+    assert steps == plan_steps(_limits(prerotate_keys=601)) + [steps[-1]]  # past max_len: nothing added
+
+
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     return load_model(tiny_checkpoint("moe"))
@@ -145,6 +154,19 @@ def test_triton_attention_warm_up_touches_only_its_scratch(model, monkeypatch):
     before = _state(engine)
     steps = [WarmupStep((9,), ((0, 5),)), WarmupStep((), ((8, 7),)), WarmupStep((3, 21), ((0, 2),))]
     warm_up(engine, steps)  # paged decode, prefill tiles and KV writes through the (interpreted) kernels
+    _assert_same(before, _state(engine))
+    # a context long enough for pre-rotated derived keys: the plan ends with it, and it writes only scratch
+    from nvfp4kit.kernels import rotated_keys
+
+    monkeypatch.setattr(rotated_keys, "PREROTATE_MIN_KEYS", 24)
+    assert engine_plan(engine)[-1] == WarmupStep((), ((22, 2),))
+    rotations = []
+    real = rotated_keys.rotate_derived_keys
+    monkeypatch.setattr(
+        rotated_keys, "rotate_derived_keys", lambda *a, **kw: rotations.append(1) or real(*a, **kw)
+    )
+    warm_up(engine, [WarmupStep((), ((22, 2),))])
+    assert rotations  # once per global layer
     _assert_same(before, _state(engine))
 
 

@@ -13,7 +13,15 @@ import triton
 compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 
-from nvfp4kit.kernels import geglu, norms, paged_attention, prefill_attention, qkv_rope, router  # noqa: E402
+from nvfp4kit.kernels import (  # noqa: E402
+    geglu,
+    norms,
+    paged_attention,
+    prefill_attention,
+    qkv_rope,
+    rotated_keys,
+    router,
+)
 
 ROWS = dict(n="i32", stride_x="i32", stride_res="i32", stride_out="i32", stride_h="i32", stride_mlp="i32",
             stride_experts="i32", eps="fp32", router_factor="fp32")  # fmt: skip
@@ -50,10 +58,20 @@ KERNELS = {  # name: (kernel, warps, pointer types (default *bf16), other types,
     # prefill attention at 26B-A4B's layer shapes and default tiles, FP8 KV read through integer bits (any SM)
     "prefill_attention_global": (prefill_attention._prefill_attention_kernel, 8, ATTN_PTRS, ATTN_SCALARS,
                                  dict(ATTN_COMMON, GROUP=8, GROUP_P2=8, BLOCK_Q=8, D=512, DV=512, DV_SPLITS=1, ROT=64,
-                                      RING=False, SLIDING=False, DERIVE_K=True, BIDIR=False)),
+                                      RING=False, SLIDING=False, DERIVE_K=True, PREROTATED=False, BIDIR=False)),
+    "prefill_attention_global_prerotated": (prefill_attention._prefill_attention_kernel, 8,
+                                            {**ATTN_PTRS, "rot_ptr": "*fp16", "rot_first_ptr": "*i32"}, ATTN_SCALARS,
+                                            dict(ATTN_COMMON, GROUP=8, GROUP_P2=8, BLOCK_Q=8, D=512, DV=512,
+                                                 DV_SPLITS=1, ROT=64, RING=False, SLIDING=False, DERIVE_K=True,
+                                                 PREROTATED=True, BIDIR=False)),
+    "rotate_keys": (rotated_keys._rotate_keys_kernel, 4,
+                    {"v_ptr": "*u8", "out_ptr": "*fp16", "inv_freq_ptr": "*fp32", "first_row_ptr": "*i32",
+                     "seq_start_ptr": "*i32", "seq_len_ptr": "*i32", "block_table_ptr": "*i32"},
+                    {s: "i32" for s in ("stride_vs", "stride_vh", "stride_os", "stride_oh", "stride_bt", "block_size")},
+                    dict(D=512, ROT=64, BLOCK_N=64, KV_FORMAT=1, NATIVE_FP8=False)),
     "prefill_attention_sliding_images": (prefill_attention._prefill_attention_kernel, 8, ATTN_PTRS, ATTN_SCALARS,
                                          dict(ATTN_COMMON, GROUP=2, GROUP_P2=2, BLOCK_Q=64, D=256, DV=256, DV_SPLITS=1, ROT=1,
-                                              RING=True, SLIDING=True, DERIVE_K=False, BIDIR=True)),
+                                              RING=True, SLIDING=True, DERIVE_K=False, PREROTATED=False, BIDIR=True)),
     "paged_attention_global_decode": (paged_attention._paged_attention_kernel, 4,
                                       {**ATTN_PTRS, "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32"}, ATTN_SCALARS,
                                       dict(ATTN_COMMON, BLOCK_N=16, GROUP=8, GROUP_P2=8, BLOCK_Q=1, BLOCK_M=16, D=512,

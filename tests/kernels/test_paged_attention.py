@@ -19,6 +19,7 @@ from nvfp4kit.kernels.kv_write import write_kv
 from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention, prefill_block_q
 from nvfp4kit.kernels.prefill_attention import prefill_attention
 from nvfp4kit.kernels.rope_angles import cos_sin
+from nvfp4kit.kernels.rotated_keys import prefill_key_rows, rotate_derived_keys
 from nvfp4kit.model.layers import apply_rope, attention, rope_cos_sin, rope_inv_freq
 
 from .helpers import rel_error  # inf when a row is left unwritten (the output starts as NaN)
@@ -52,9 +53,12 @@ def _slots(case, table, i, pos):
     return table[i][pos // case.block_size] * case.block_size + pos % case.block_size
 
 
-def run_case(case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False, prefill_config=None):
+def run_case(
+    case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False, prefill_config=None, prerotate=False
+):
     """Returns (kernel output, float64 reference). `prefill_config`: run the prefill kernel with these tiles
-    (every sequence must have more than one query token) instead of the paged kernel."""
+    (every sequence must have more than one query token) instead of the paged kernel; `prerotate`: with derived
+    keys computed beforehand (`rotated_keys.rotate_derived_keys`)."""
     gen = torch.Generator().manual_seed(case.seed)
     seqs = list(case.seqs) + ([(0, 0)] if extra_padding_seq else [])
     num = len(seqs)
@@ -138,6 +142,12 @@ def run_case(case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False
         else {"block_size": case.block_size}
     )
     kernel = dict(num_splits=num_splits) if prefill_config is None else dict(config=prefill_config)
+    if prerotate:
+        first, total, most = prefill_key_rows([s for s, _ in seqs], [n for _, n in seqs])
+        kernel["rotated_keys"] = rotate_derived_keys(
+            q.to(DEVICE), v_store.to(DEVICE), derived, batch, block_size=case.block_size, first_row=dev(first),
+            total_rows=total, max_keys=most,
+        )  # fmt: skip
     if case.spans:
         limit = [s + t for s, n in seqs for t in range(n)]
         for i, spans in case.spans.items():

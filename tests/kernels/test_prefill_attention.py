@@ -117,3 +117,52 @@ def test_tiles_too_big_for_the_card_fall_back_to_the_next(monkeypatch):
     monkeypatch.setattr(pa, "_prefill_attention_kernel", real)
     expected = pa.prefill_attention(q, config=small, **kwargs)
     assert torch.equal(first, expected) and torch.equal(again, expected)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, *FP8], ids=str)
+@pytest.mark.parametrize("rope", [PROPORTIONAL, DEFAULT_ROPE], ids=["proportional", "default"])
+def test_prerotated_keys_give_the_in_kernel_derivation(kv_dtype, rope):
+    # long prefill chunks read derived K's rotated columns from a scratch written once per step; a later chunk on
+    # history, a whole prompt and the shortest prefill, tiles out of step with blocks and chunks
+    case = Case([(13, 9), (0, 19), (40, 2)], rope=rope, kv_dtype=kv_dtype, scale=0.5, **GLOBAL)
+    config = tiles(block_q=2, block_n=8)
+    pre, ref = run_case(case, prefill_config=config, prerotate=True)
+    derived, _ = run_case(case, prefill_config=config)
+    assert rel_error(pre, ref) < bound(case)
+    assert rel_error(pre, derived) < 1e-6  # fp32 dots here: only the order of the sums differs
+
+
+def test_rotated_key_rows_skip_decode_sequences_and_hold_rope_of_v_times_w():
+    from nvfp4kit.kernels.attention_pools import pool_operands
+    from nvfp4kit.kernels.paged_attention import DerivedKey
+    from nvfp4kit.kernels.rotated_keys import prefill_key_rows, rotate_derived_keys
+    from nvfp4kit.model.layers import apply_rope, rope_cos_sin, rope_inv_freq
+
+    starts, lengths = [5, 30, 0], [6, 1, 3]  # the middle sequence decodes: no rows of its own
+    first, total, most = prefill_key_rows(starts, lengths)
+    assert (first, total, most) == ([0, -1, 11], 14, 11)
+    gen = torch.Generator().manual_seed(3)
+    head_dim, kv_heads, block_size = 32, 2, 4
+    table = torch.randperm(3 * 8, generator=gen).view(3, 8).int()
+    pool = torch.randn(3 * 8 * block_size, kv_heads, head_dim, generator=gen).to(torch.float8_e4m3fn)
+    inv_freq = rope_inv_freq(PROPORTIONAL, head_dim)
+    weight = torch.rand(head_dim, generator=gen) + 0.5
+    key = DerivedKey(weight, inv_freq, int((inv_freq != 0).sum()))
+    ints = [torch.tensor(x, dtype=torch.int32) for x in (starts, lengths, [0, 6, 7], [0, 1, 2])]
+    batch = AttentionBatch(ints[0], ints[1], ints[2], table, ints[3])
+    q = torch.zeros(10, 4, head_dim)
+    got = rotate_derived_keys(
+        q, pool, key, batch, block_size=block_size, first_row=torch.tensor(first, dtype=torch.int32),
+        total_rows=total, max_keys=most,
+    )  # fmt: skip
+    rot = got.values.shape[-1] // 2
+    unit = pool_operands(q, pool, None, key).unit  # E4M3 read through fp16 bit patterns: value / 256
+    assert got.values.shape == (14, kv_heads, 2 * rot) and got.values.dtype == torch.float32
+    for i in (0, 2):
+        pos = torch.arange(starts[i] + lengths[i])
+        slots = table[i, pos // block_size].long() * block_size + pos % block_size
+        cos, sin = rope_cos_sin(inv_freq.double(), pos, torch.float64)
+        keys = apply_rope(pool[slots].double() * weight.double(), cos, sin)
+        want = torch.cat([keys[..., :rot], keys[..., head_dim // 2 : head_dim // 2 + rot]], -1)
+        rows = got.values[first[i] : first[i] + len(pos)].double() * unit
+        assert (rows - want).abs().max() < 1e-4 * want.abs().max()

@@ -63,12 +63,13 @@ class TritonAttentionBackend:
 
     def __init__(self):
         try:
-            from nvfp4kit.kernels import kv_write, paged_attention, prefill_attention
+            from nvfp4kit.kernels import kv_write, paged_attention, prefill_attention, rotated_keys
         except ModuleNotFoundError as err:  # pragma: no cover - only where triton is missing
             if not missing_package(err, "triton"):
                 raise
             raise RuntimeError(f"the triton attention backend needs Triton installed ({err})") from err
         self._write, self._kernels, self._prefill = kv_write, paged_attention, prefill_attention
+        self._rotated = rotated_keys
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def kv_sink(self, ctx, layer: int):
@@ -122,7 +123,26 @@ class TritonAttentionBackend:
         prefill = meta.prefill_items(self._prefill.prefill_block_q(head_dim, q.shape[1] // kv_heads))
         if prefill is not None:
             limit = meta.key_limit if sliding else None  # global layers stay causal for image tokens too
-            self._prefill.prefill_attention(q, items=prefill, out=out, key_limit=limit, **common)
+            rotated = None
+            if derived is not None and not sliding:
+                rotated = self._prerotated_keys(meta, q, v_store, derived, cache.layout.block_size)
+            self._prefill.prefill_attention(
+                q, items=prefill, out=out, key_limit=limit, rotated_keys=rotated, **common
+            )
+
+    def _prerotated_keys(self, meta, q, v_store, derived, block_size):
+        """Derived K's rotated columns computed once for the step's prefill sequences, when they have enough keys
+        to repay it (`rotated_keys.worth_prerotating`); None keeps the in-kernel derivation, always inside a CUDA
+        graph capture (the scratch's size follows the step)."""
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        first_row, total, most = meta.prefill_key_rows()
+        if not self._rotated.worth_prerotating(q, v_store, derived, total):
+            return None
+        return self._rotated.rotate_derived_keys(
+            q, v_store, derived, meta.batch, block_size=block_size, first_row=first_row, total_rows=total,
+            max_keys=most,
+        )  # fmt: skip
 
     def _derived_key(self, attn: torch.nn.Module):
         """k_norm weight and RoPE frequencies of a k_eq_v layer; the count of rotated pairs is read once."""

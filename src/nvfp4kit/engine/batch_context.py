@@ -81,6 +81,7 @@ class StepMetadata:
     key_limit: torch.Tensor | None = None
     # rows past the step's tokens (a prefill graph's padding): attention writes them zeros, not stale memory
     padded_rows: bool = False
+    _key_rows: tuple[torch.Tensor, int, int] | None = None
 
     @classmethod
     def build(
@@ -195,6 +196,18 @@ class StepMetadata:
                 items = WorkItems(packed[0], packed[1], block_q)
             self._items[block_q] = items
         return self._items[block_q]
+
+    def prefill_key_rows(self) -> tuple[torch.Tensor, int, int]:
+        """Where each prefill sequence's keys go in a pre-rotated key scratch (`kernels.rotated_keys`): first row
+        per sequence (int32, on the device; -1 for decode sequences), total rows, most keys of one sequence.
+        Built once a step, shared by the global layers."""
+        if self._key_rows is None:
+            from nvfp4kit.kernels.rotated_keys import prefill_key_rows
+
+            first, total, most = prefill_key_rows(self.starts, self.lengths)
+            rows = torch.tensor(first, dtype=torch.int32).to(self.device, non_blocking=True)
+            self._key_rows = (rows, total, most)
+        return self._key_rows
 
     def max_decode_keys(self, window: int | None) -> int:
         """Most keys any single-token sequence attends over (for sizing the key splits)."""

@@ -23,6 +23,7 @@ Compilations after it are counted and logged by `engine/kernel_compiles.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Hashable
@@ -90,6 +91,10 @@ def model_plan(
     if not triton_attention:  # the torch attention compiles nothing
         return plan_steps(limits, bucket_of=bucket_of)
     from nvfp4kit.kernels.paged_attention import choose_num_splits, split_variant
+    from nvfp4kit.kernels.rotated_keys import PREROTATE_MIN_KEYS
+
+    if cfg.attention_k_eq_v:  # global layers derive K from V: long prefills take pre-rotated keys
+        limits = dataclasses.replace(limits, prerotate_keys=PREROTATE_MIN_KEYS)
 
     kinds = sorted({
         (cfg.sliding_window if cfg.is_sliding(layer) else None, cfg.layer_kv_heads(layer))

@@ -37,6 +37,9 @@ class StepLimits:
     max_len: int  # the longest context (positions)
     block_size: int
     eager_decode: bool  # decode-only steps run eagerly (no CUDA graphs), so they need warming too
+    # keys of a prefill step from which its global layers read pre-rotated derived keys (another prefill-attention
+    # variant and the rotation kernel, kernels/rotated_keys.py); 0: never
+    prerotate_keys: int = 0
 
 
 def representatives(values: Iterable[int], key: Callable[[int], Hashable]) -> list[int]:
@@ -99,6 +102,9 @@ def plan_steps(
     add((), min(lim.max_chunk, 2), start=min(lim.block_size, lim.max_len - 2))
     if lim.max_tokens >= 4 and lim.max_seqs >= 2:
         add_step((), ((0, 2), (0, 2)))
+    # a short chunk at the end of a context long enough for pre-rotated keys
+    if 2 <= lim.prerotate_keys <= lim.max_len:
+        add((), 2, start=lim.prerotate_keys - 2)
     return list(steps)
 
 

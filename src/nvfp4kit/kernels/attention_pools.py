@@ -150,11 +150,10 @@ def derived_key_queries(q, q_ptr, q_rows, row_ok, knorm_ptr, inv_freq_ptr, D: tl
 
 
 @triton.jit
-def rotated_key_scores(q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D: tl.constexpr, ROT: tl.constexpr,
-                       FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr,
-                       PRECISION: tl.constexpr):  # fmt: skip
-    """The rotated columns' share of the scores for a key tile whose K is derived from the stored V: two small
-    dots over rope(x * w) with the angles of the keys' positions."""
+def rotated_key_columns(v_rows, k_ok, k_pos, w_r1, w_r2, freq, D: tl.constexpr, ROT: tl.constexpr,
+                        FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr):  # fmt: skip
+    """The rotated columns of derived K for a key tile, fp32 in storage units: rope(x * w) at the keys'
+    positions, as two [keys, ROT] halves (the pairs' first and second members)."""
     HALF: tl.constexpr = D // 2
     rcols = tl.arange(0, ROT)
     x1 = load_kv_tile(v_rows[:, None] + rcols[None, :], k_ok[:, None], FORMAT, NATIVE_FP8, tl.float32)
@@ -162,5 +161,15 @@ def rotated_key_scores(q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D: tl.
     x1 = x1 * w_r1[None, :]
     x2 = x2 * w_r2[None, :]
     cos, sin = cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
-    scores = tl.dot(q_r1, tl.trans((x1 * cos - x2 * sin).to(CT)), input_precision=PRECISION)
-    return scores + tl.dot(q_r2, tl.trans((x2 * cos + x1 * sin).to(CT)), input_precision=PRECISION)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def rotated_key_scores(q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D: tl.constexpr, ROT: tl.constexpr,
+                       FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr,
+                       PRECISION: tl.constexpr):  # fmt: skip
+    """The rotated columns' share of the scores for a key tile whose K is derived from the stored V: two small
+    dots over rope(x * w) with the angles of the keys' positions."""
+    k1, k2 = rotated_key_columns(v_rows, k_ok, k_pos, w_r1, w_r2, freq, D, ROT, FORMAT, NATIVE_FP8)
+    scores = tl.dot(q_r1, tl.trans(k1.to(CT)), input_precision=PRECISION)
+    return scores + tl.dot(q_r2, tl.trans(k2.to(CT)), input_precision=PRECISION)

@@ -41,6 +41,7 @@ from nvfp4kit.kernels.attention_pools import (
 from nvfp4kit.kernels.configs import interpreting, kernel_capability, timed_tiles_fit
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+from nvfp4kit.kernels.rotated_keys import RotatedKeys
 
 _LOG2E = 1.4426950408889634
 
@@ -100,16 +101,17 @@ def prefill_config(head_dim: int, group: int, capability: tuple[int, int] | None
 # bytes; only scalars and a gather come from them), the block-table width and the number of query tiles
 @triton.jit(
     do_not_specialize=["limit_ptr", "item_seq_ptr", "item_q0_ptr", "seq_start_ptr", "seq_len_ptr", "seq_offset_ptr",
-                       "block_table_ptr", "ring_ptr", "stride_bt", "num_items"]
+                       "block_table_ptr", "ring_ptr", "rot_first_ptr", "stride_bt", "num_items"]
 )  # fmt: skip
 def _prefill_attention_kernel(
     q_ptr, out_ptr, k_ptr, v_ptr, k_factor, v_factor, knorm_ptr, inv_freq_ptr, limit_ptr,
-    item_seq_ptr, item_q0_ptr, seq_start_ptr, seq_len_ptr, seq_offset_ptr, block_table_ptr, ring_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh, stride_bt,
+    item_seq_ptr, item_q0_ptr, seq_start_ptr, seq_len_ptr, seq_offset_ptr, block_table_ptr, ring_ptr, rot_ptr,
+    rot_first_ptr, stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh,
+    stride_rs, stride_rh, stride_bt,
     window, ring_size, block_size, num_items, kv_heads,
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr, DV_SPLITS: tl.constexpr, ROT: tl.constexpr,
-    RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
+    RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, PREROTATED: tl.constexpr, KV_FORMAT: tl.constexpr,
     NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr, BIDIR: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
@@ -157,6 +159,13 @@ def _prefill_attention_kernel(
             q, q_ptr, q_rows, row_ok, knorm_ptr, inv_freq_ptr, D, ROT, ct
         )
         qk_scale = v_factor * 1.4426950408889634
+        if (
+            PREROTATED
+        ):  # the rotated columns of q (raw: w_k is in the scratch's K) beside the scratch's K tile
+            rc = tl.arange(0, 2 * ROT)
+            q_rc = tl.where(rc < ROT, rc, D // 2 - ROT + rc)
+            q_rot = tl.load(q_ptr + q_rows[:, None] + q_rc[None, :], mask=row_ok[:, None], other=0.0).to(ct)
+            rot_rows = rot_ptr + tl.load(rot_first_ptr + seq).to(tl.int64) * stride_rs + kv_head * stride_rh
     else:
         q = q.to(ct)
         qk_scale = k_factor * 1.4426950408889634
@@ -177,10 +186,16 @@ def _prefill_attention_kernel(
         v_rows = v_ptr + slot * stride_vs + kv_head * stride_vh
         if DERIVE_K:
             v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
-            scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
-            scores += rotated_key_scores(
-                q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D, ROT, KV_FORMAT, NATIVE_FP8, ct, PRECISION,
-            )  # fmt: skip
+            if PREROTATED:  # one accumulator through both dots
+                k_rot = tl.load(rot_rows + k_pos.to(tl.int64)[:, None] * stride_rs + rc[None, :], mask=k_ok[:, None],
+                                other=0.0)  # fmt: skip
+                scores = tl.dot(q_rot, tl.trans(k_rot), input_precision=PRECISION)
+                scores = tl.dot(q, tl.trans(v), scores, input_precision=PRECISION)
+            else:
+                scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
+                scores += rotated_key_scores(
+                    q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D, ROT, KV_FORMAT, NATIVE_FP8, ct, PRECISION,
+                )  # fmt: skip
             if DV_SPLITS > 1:
                 v = load_kv_tile(v_rows[:, None] + ocols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
         else:
@@ -226,6 +241,7 @@ def prefill_attention(
     k_scale: float = 1.0,
     derived_key: DerivedKey | None = None,
     key_limit: torch.Tensor | None = None,
+    rotated_keys: RotatedKeys | None = None,
     out: torch.Tensor | None = None,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
@@ -233,8 +249,10 @@ def prefill_attention(
 
     q [T, Hq, D]; the pool [rows, Hkv, D] is a sliding ring (`ring_size`) or paged (`block_size`); `k_store=None`
     needs `derived_key`. `key_limit` [T] int32: the last key position each query token sees (>= its own position;
-    image tokens see their whole image), default causal. `items.block_q` must equal `config.block_q` (default
-    `prefill_config(D, Hq // Hkv)`). Writes the rows of the items' tokens into `out` and returns it.
+    image tokens see their whole image), default causal. `rotated_keys`: derived K's rotated columns computed
+    beforehand for the items' sequences (`rotated_keys.rotate_derived_keys`, paged pools), instead of in every
+    program. `items.block_q` must equal `config.block_q` (default `prefill_config(D, Hq // Hkv)`). Writes the rows
+    of the items' tokens into `out` and returns it.
     """
     tokens, q_heads, kv_heads, head_dim = check_attention_args(
         q, v_store, k_store, derived_key, ring_size, block_size
@@ -252,6 +270,8 @@ def prefill_attention(
         raise ValueError(
             f"key_limit must be int32 of shape ({tokens},), got {key_limit.dtype} {tuple(key_limit.shape)}"
         )
+    if rotated_keys is not None and (derived_key is None or block_size is None):
+        raise ValueError("rotated_keys go with derived_key on a paged pool (block_size)")
     out = torch.empty_like(q) if out is None else out
     if len(items) == 0 or tokens == 0:
         return out
@@ -260,16 +280,20 @@ def prefill_attention(
     v_view, k_view, unit = ops.v_view, ops.k_view, ops.unit
     compute = dot_dtype_code(q.dtype, fmt.code)
     table = batch.block_table
+    rot = rotated_keys.values if rotated_keys is not None else q
+    rot_first = rotated_keys.first_row if rotated_keys is not None else items.seq
     args = (
         q, out, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, ops.knorm, ops.inv_freq,
         items.seq if key_limit is None else key_limit, items.seq, items.q0, batch.seq_start, batch.seq_len,
-        batch.seq_offset, table, batch.ring, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
+        batch.seq_offset, table, batch.ring, rot, rot_first, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), rot.stride(0), rot.stride(1),
+        table.stride(0),
         window or 0, ring_size or 1, block_size or 1, len(items), kv_heads,
     )  # fmt: skip
     constants = dict(
         GROUP=group, GROUP_P2=next_pow2(group), D=head_dim, ROT=ops.rot, RING=ring_size is not None,
-        SLIDING=window is not None, DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=ops.native_fp8,
+        SLIDING=window is not None, DERIVE_K=derived_key is not None, PREROTATED=rotated_keys is not None,
+        KV_FORMAT=fmt.code, NATIVE_FP8=ops.native_fp8,
         COMPUTE=compute, PRECISION="ieee" if compute == 0 else None, BIDIR=key_limit is not None,
     )  # fmt: skip
     shape_key = (
@@ -278,6 +302,7 @@ def prefill_attention(
         head_dim,
         group,
         derived_key is not None,
+        rotated_keys is not None,
         fmt.code,
     )
     fitting = [c for c in configs if (shape_key, c) not in _TOO_BIG] or configs[-1:]
