@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from nvfp4kit.kernels.backend import TritonBackend
+from nvfp4kit.model.ops import TorchBackend
+
 pytestmark = pytest.mark.cuda
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_fused_ops.py"
@@ -49,34 +52,42 @@ def test_chained_layers_match_torch_regions():
     Random weights give near-tied router scores, where a bf16-level difference can pick another expert; so the
     torch run takes the fused run's routing, and the routing itself is checked apart (the two choose mostly the
     same experts). Two layers' bf16 differences add up: 0.043 under the CPU interpreter and 0.059 on the H200 at
-    this shape, routing pinned, so the chain's bound is two layers' bounds."""
+    this shape, routing pinned, so the chain's bound is two layers' bounds. The routing comes out of each MoE
+    layer's `ffn_inputs_routed` region (one launch with the FFN inputs on the triton backend), so that is where
+    it is kept and replaced."""
     cfg = fused.layer_config(small=fused.DEVICE.type != "cuda")
     model = fused.random_model(
         cfg, quantized=True, dtype=fused.BF16, device=fused.DEVICE, backend=fused.TRITON, seed=1
     )
-    routers = [m for name, m in model.named_modules() if name.endswith("router")]
-    assert routers, "the chain has MoE layers"
+    assert any(layer.moe for layer in model.layers), "the chain has MoE layers"
     fused_routes: list = []
     own_routes: list = []
 
-    def keep(module, inputs, output):
-        fused_routes.append(output)
+    class KeepRoutes(TritonBackend):
+        def ffn_inputs_routed(self, *args, **kwargs):
+            out = super().ffn_inputs_routed(*args, **kwargs)
+            fused_routes.append(out[3:])
+            return out
 
-    def replace(module, inputs, output):
-        own_routes.append(output)
-        return fused_routes[len(own_routes) - 1]
+    class TorchRegionsFusedRoutes(TorchBackend):
+        """`fused.KernelsWithoutRegions` (the triton linears and MoE, torch regions), routed as the fused run."""
+
+        def __init__(self) -> None:
+            self.linear, self.moe = fused.TRITON.linear, fused.TRITON.moe
+
+        def ffn_inputs_routed(self, *args, **kwargs):
+            out = super().ffn_inputs_routed(*args, **kwargs)
+            own_routes.append(out[3:])
+            return (*out[:3], *fused_routes[len(own_routes) - 1])
 
     ids, outs = torch.tensor([5], device=fused.DEVICE), []
-    for backend, hook in ((fused.TRITON, keep), (fused.KernelsWithoutRegions(), replace)):
+    for backend in (KeepRoutes(), TorchRegionsFusedRoutes()):
         model.set_backend(backend)
-        handles = [r.register_forward_hook(hook) for r in routers]
         with torch.no_grad():
             outs.append(model.hidden_states(ids, fused.FixedHistory(cfg, 1)))
-        for handle in handles:
-            handle.remove()
     model.set_backend(fused.TRITON)
     assert fused.rel_error(*outs) < 2 * fused.LAYER_BOUND
-    assert len(own_routes) == len(fused_routes) == len(routers)
+    assert len(own_routes) == len(fused_routes) == sum(layer.moe for layer in model.layers)
     for (_, fused_ids), (_, own_ids) in zip(fused_routes, own_routes):
         shared = set(fused_ids.flatten().tolist()) & set(own_ids.flatten().tolist())
         assert len(shared) >= own_ids.numel() - 1, (fused_ids, own_ids)

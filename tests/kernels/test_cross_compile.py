@@ -32,7 +32,7 @@ def test_every_kernel_of_the_26b_shape_launches_on_an_rtx_3090(rtx3090_rows):
     assert {"prefill attention global d512 fp8", "decode attention sliding d256 fp8"} <= cases
     assert any(c.startswith("moe ") for c in cases) and any(c.startswith("linear ") for c in cases)
     # the engine's own steps (tiny widths) reach the small fused kernels and the FP8 lm_head too
-    assert {"_qkv_norm_rope_kernel", "_ffn_tail_kernel", "_fused_route_kernel", "_w8a16_kernel"} <= {
+    assert {"_qkv_norm_rope_kernel", "_ffn_tail_kernel", "_ffn_inputs_routed_kernel", "_w8a16_kernel"} <= {
         r["kernel"] for r in rows
     }
     assert all(r["registers"] and r["registers"] <= 255 for r in rows if r.get("kernel"))

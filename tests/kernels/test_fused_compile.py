@@ -14,6 +14,7 @@ compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 
 from nvfp4kit.kernels import (  # noqa: E402
+    ffn_router,
     geglu,
     norms,
     paged_attention,
@@ -54,6 +55,13 @@ KERNELS = {  # name: (kernel, warps, pointer types (default *bf16), other types,
                     dict(num_tokens="i32", num_experts="i32", hidden="i32", stride_z="i32", stride_w="i32"),
                     dict(TOP_K=8, BLOCK_T=1, EXPERTS_PER_PROGRAM=2, BLOCK_K=512, BLOCK_E=128, ROUND_BF16=True,
                          CAST_WEIGHT=False)),
+    # the FFN inputs and the router in one launch, at 26B-A4B's decode tile (4 tokens, one expert a program)
+    "ffn_inputs_routed": (ffn_router._ffn_inputs_routed_kernel, 8, {"scale_ptr": "*fp32", "logits_ptr": "*fp32",
+                                                                    "counter_ptr": "*i32", "weights_ptr": "*fp32",
+                                                                    "ids_ptr": "*i64"},
+                          dict(ROWS, num_tokens="i32", num_experts="i32", stride_w="i32"),
+                          dict(TOP_K=8, BLOCK_T=4, EXPERTS_PER_PROGRAM=1, BLOCK=4096, BLOCK_K=512, BLOCK_E=128,
+                               ROUND_BF16=True, CAST_WEIGHT=False)),
     "geglu": (geglu._geglu_kernel, 4, {}, dict(inter="i32", stride_in="i32"), dict(BLOCK=1024)),
     # prefill attention at 26B-A4B's layer shapes and default tiles, FP8 KV read through integer bits (any SM)
     "prefill_attention_global": (prefill_attention._prefill_attention_kernel, 8, ATTN_PTRS, ATTN_SCALARS,

@@ -11,6 +11,10 @@ one `rms_norm` per step for the first layer's input. Before they were folded tog
 norm, post-attention add + norm, the FFN's input norms, tail) and the step one more (the final norm): the tiny
 MoE step went from 13 launches a layer + 1 to 11 + 1, the dense one from 10 + 1 to 8 + 1, E2B from 12 + 2 to
 10 + 2 (its per-layer-input block is a second tail launch, with the layer scalar and the next norm inside).
+
+At decode sizes a MoE layer's `ffn_inputs` and its router (projection and top-k, already one launch) are one
+launch, `ffn_inputs_routed` (kernels/ffn_router.py): the tiny MoE step went from 11 launches a layer + 1 to
+10 + 1.
 """
 
 from collections import Counter
@@ -28,7 +32,7 @@ from nvfp4kit.testing.tiny import tiny_text_config
 from .helpers import DEVICE
 
 PER_LAYER = {  # launches per layer by kind; every layer of a tiny model has the same list
-    "moe": dict(linear=4, qkv_norm_rope=1, ffn_inputs=1, geglu=1, route=1, moe=2, ffn_tail=1),
+    "moe": dict(linear=4, qkv_norm_rope=1, ffn_inputs_routed=1, geglu=1, moe=2, ffn_tail=1),
     "dense": dict(linear=4, qkv_norm_rope=1, ffn_inputs=1, geglu=1, ffn_tail=1),
     "e2b": dict(linear=5, qkv_norm_rope=1, ffn_inputs=1, geglu=1, ffn_tail=2),  # + per_layer_input_gate
 }

@@ -1,7 +1,8 @@
 """The `triton` op backend: NVFP4 linears, the fused MoE and the fused element-wise regions as Triton kernels.
 
 Dense (BF16) linear weights, such as the tied lm_head, go to cuBLAS through `torch.nn.functional.linear`.
-Each region of `nvfp4kit.model.ops.FusedRegions` is one launch (norms.py, qkv_rope.py, geglu.py, router.py).
+Each region of `nvfp4kit.model.ops.FusedRegions` is one launch (norms.py, qkv_rope.py, geglu.py, router.py;
+at decode sizes a MoE layer's FFN inputs and router together, ffn_router.py).
 Everything here is free of host syncs, so a model built on this backend can be captured in a CUDA graph.
 """
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels import norms, router
+from nvfp4kit.kernels import ffn_router, norms, router
 from nvfp4kit.kernels.fused_moe import fused_moe
 from nvfp4kit.kernels.geglu import geglu
 from nvfp4kit.kernels.qkv_rope import qkv_norm_rope
@@ -60,3 +61,37 @@ class TritonBackend:
         if router.fuses(z, weight):  # decode sizes, dense weight: projection and top-k in one launch
             return router.fused_route(z, weight, per_expert_scale, top_k=top_k)
         return route(self.linear(z, weight), per_expert_scale, top_k=top_k)
+
+    def ffn_inputs_routed(
+        self,
+        residual: torch.Tensor,
+        attn_out: torch.Tensor,
+        *,
+        post_attn_norm: torch.Tensor,
+        mlp_norm: torch.Tensor,
+        experts_norm: torch.Tensor,
+        router_scale: torch.Tensor,
+        router_weight: Weight,
+        per_expert_scale: torch.Tensor,
+        top_k: int,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        norm_weights = dict(
+            post_attn_norm=post_attn_norm,
+            mlp_norm=mlp_norm,
+            experts_norm=experts_norm,
+            router_scale=router_scale,
+        )
+        if ffn_router.fuses(residual, router_weight):  # decode sizes, dense weight: one launch for both
+            return ffn_router.ffn_inputs_routed(
+                residual,
+                attn_out,
+                **norm_weights,
+                router_weight=router_weight,
+                per_expert_scale=per_expert_scale,
+                top_k=top_k,
+                eps=eps,
+            )
+        h, mlp_in, experts_in, router_in = norms.ffn_inputs(residual, attn_out, **norm_weights, eps=eps)
+        weights, ids = self.route_tokens(router_in, router_weight, per_expert_scale, top_k=top_k)
+        return h, mlp_in, experts_in, weights, ids

@@ -51,6 +51,37 @@ def _rms_norm_kernel(
 
 
 @triton.jit
+def _ffn_row(
+    res_ptr, x_ptr, w_attn_ptr, w_mlp_ptr, w_experts_ptr, router_scale_ptr, h_ptr, mlp_ptr, experts_ptr,
+    row, stored, n, stride_res, stride_x, eps, router_factor, HAS_EXPERTS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Row `row` of `ffn_inputs`: h and the MLP's (and experts') normed inputs, of which the first `stored`
+    columns are stored (n, or 0 for none); returns the router's input in the activation dtype (a dense layer:
+    h). kernels/ffn_router.py calls it too: both compute a row with the same operations in the same order."""
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    keep = cols < stored
+    dtype = h_ptr.dtype.element_ty
+    out = row * n + cols
+    attn = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    w_attn = tl.load(w_attn_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    h = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
+    h = (h + _normalised(attn, n, eps) * w_attn).to(dtype)
+    tl.store(h_ptr + out, h, mask=keep)
+    # the FFN reads the stored (rounded) residual, as it would after a separate launch
+    y = _normalised(h.to(tl.float32), n, eps)
+    w_mlp = tl.load(w_mlp_ptr + cols, mask=keep, other=0.0).to(tl.float32)
+    tl.store(mlp_ptr + out, (y * w_mlp).to(dtype), mask=keep)
+    z = h
+    if HAS_EXPERTS:
+        w_experts = tl.load(w_experts_ptr + cols, mask=keep, other=0.0).to(tl.float32)
+        tl.store(experts_ptr + out, (y * w_experts).to(dtype), mask=keep)
+        scale = tl.load(router_scale_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        z = (y * scale * router_factor).to(dtype)
+    return z
+
+
+@triton.jit
 def _ffn_inputs_kernel(
     res_ptr,
     x_ptr,
@@ -73,24 +104,13 @@ def _ffn_inputs_kernel(
 ):
     wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < n
-    dtype = h_ptr.dtype.element_ty
-    out = row * n + cols
-    attn = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    w_attn = tl.load(w_attn_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    h = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
-    h = (h + _normalised(attn, n, eps) * w_attn).to(dtype)
-    tl.store(h_ptr + out, h, mask=ok)
-    # the FFN reads the stored (rounded) residual, as it would after a separate launch
-    y = _normalised(h.to(tl.float32), n, eps)
-    w_mlp = tl.load(w_mlp_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(mlp_ptr + out, (y * w_mlp).to(dtype), mask=ok)
+    z = _ffn_row(
+        res_ptr, x_ptr, w_attn_ptr, w_mlp_ptr, w_experts_ptr, router_scale_ptr, h_ptr, mlp_ptr, experts_ptr,
+        row, n, n, stride_res, stride_x, eps, router_factor, HAS_EXPERTS, BLOCK,
+    )  # fmt: skip
     if HAS_EXPERTS:
-        w_experts = tl.load(w_experts_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(experts_ptr + out, (y * w_experts).to(dtype), mask=ok)
-        scale = tl.load(router_scale_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(router_ptr + out, (y * scale * router_factor).to(dtype), mask=ok)
+        cols = tl.arange(0, BLOCK)
+        tl.store(router_ptr + row * n + cols, z, mask=cols < n)
 
 
 @triton.jit

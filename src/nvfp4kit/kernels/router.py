@@ -98,6 +98,27 @@ def _round_to_activation(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
         return x.to(dtype).to(tl.float32)
 
 
+@triton.jit
+def _count_in_and_route(
+    logits, tile, tokens, t_ok, mine, mine_ok, num_experts, logits_ptr, counter_ptr, scale_ptr, weights_ptr,
+    ids_ptr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """A program's logits [tokens, mine] into the workspace, then counted in on the tile's counter; the last
+    program of the tile to arrive routes every token of it from the workspace and resets the counter."""
+    slots = logits_ptr + tokens.to(tl.int64)[:, None] * num_experts + mine[None, :]
+    tl.store(slots, logits, mask=t_ok[:, None] & mine_ok[None, :])
+    tl.debug_barrier()  # every thread's logits are issued before the arrival is counted
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+    if arrived == tl.num_programs(1) - 1:
+        experts = tl.arange(0, BLOCK_E)
+        e_ok = (experts < num_experts)[None, :]
+        every = logits_ptr + tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
+        x = tl.load(every, mask=t_ok[:, None] & e_ok, other=0.0, cache_modifier=".cg")
+        x = tl.where(e_ok, x, float("-inf"))
+        _top_k_rows(x, tokens, t_ok, experts, num_experts, scale_ptr, weights_ptr, ids_ptr, TOP_K, BLOCK_E)
+        tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call (and graph replay)
+
+
 @triton.jit(do_not_specialize=["num_tokens"])  # a per-step count: no variant per batch size
 def _fused_route_kernel(
     z_ptr, w_ptr, scale_ptr, logits_ptr, counter_ptr, weights_ptr, ids_ptr,
@@ -125,18 +146,10 @@ def _fused_route_kernel(
     logits = _round_to_activation(
         acc, z_ptr.dtype.element_ty, ROUND_BF16
     )  # as the unfused linear returns them
-    slots = logits_ptr + tokens.to(tl.int64)[:, None] * num_experts + mine[None, :]
-    tl.store(slots, logits, mask=t_ok[:, None] & mine_ok[None, :])
-    tl.debug_barrier()  # every thread's logits are issued before the arrival is counted
-    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-    if arrived == tl.num_programs(1) - 1:
-        experts = tl.arange(0, BLOCK_E)
-        e_ok = (experts < num_experts)[None, :]
-        every = logits_ptr + tokens.to(tl.int64)[:, None] * num_experts + experts[None, :]
-        x = tl.load(every, mask=t_ok[:, None] & e_ok, other=0.0, cache_modifier=".cg")
-        x = tl.where(e_ok, x, float("-inf"))
-        _top_k_rows(x, tokens, t_ok, experts, num_experts, scale_ptr, weights_ptr, ids_ptr, TOP_K, BLOCK_E)
-        tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call (and graph replay)
+    _count_in_and_route(
+        logits, tile, tokens, t_ok, mine, mine_ok, num_experts, logits_ptr, counter_ptr, scale_ptr, weights_ptr,
+        ids_ptr, TOP_K, BLOCK_E,
+    )  # fmt: skip
 
 
 def _check(e: int, top_k: int, per_expert_scale: torch.Tensor) -> None:
@@ -185,6 +198,16 @@ def fuses(z: torch.Tensor, weight: Weight) -> bool:
     return dense and z.dim() == 2 and z.shape[0] <= FUSED_ROUTE_MAX_TOKENS
 
 
+def route_tiles(t: int, hidden: int, experts_per_program: int | None = None) -> tuple[int, int, int]:
+    """`fused_route`'s (tokens per tile, experts per program, K step) for t tokens of `hidden` features (the
+    K step also sets the order its logits are summed in, which kernels/ffn_router.py follows)."""
+    block_t = min(triton.next_power_of_2(t), _TOKENS_PER_TILE)
+    per_program = experts_per_program or 1  # one expert a program: 2 and 4 were 5-80% slower on the H200
+    per_program = triton.next_power_of_2(per_program)
+    block_k = max(16, min(512, _PRODUCT_ELEMENTS // (block_t * per_program), triton.next_power_of_2(hidden)))
+    return block_t, per_program, block_k
+
+
 def fused_route(
     z: torch.Tensor,
     weight: torch.Tensor,
@@ -205,10 +228,7 @@ def fused_route(
     weights, ids = _outputs(t, top_k, z.device)
     if t == 0:
         return weights, ids
-    block_t = min(triton.next_power_of_2(t), _TOKENS_PER_TILE)
-    per_program = experts_per_program or 1  # one expert a program: 2 and 4 were 5-80% slower on the H200
-    per_program = triton.next_power_of_2(per_program)
-    block_k = max(16, min(512, _PRODUCT_ELEMENTS // (block_t * per_program), triton.next_power_of_2(hidden)))
+    block_t, per_program, block_k = route_tiles(t, hidden, experts_per_program)
     tiles = triton.cdiv(t, block_t)
     logits = torch.empty((t, e), dtype=torch.float32, device=z.device)
     _fused_route_kernel[(tiles, triton.cdiv(e, per_program))](

@@ -1,7 +1,8 @@
-"""Two independent halves of a layer on two CUDA streams: the dense MLP beside the router and experts.
+"""Two independent halves of a layer on two CUDA streams: the dense MLP beside the experts.
 
 A Gemma 4 MoE layer's dense MLP and its experts read different normed copies of the same residual and meet
-again only in the layer's tail, so they may run at the same time. At decode sizes each of their kernels is
+again only in the layer's tail, so they may run at the same time (the router runs before the fork, in the
+layer's `ffn_inputs_routed` region). At decode sizes each of their kernels is
 latency-bound (a few microseconds of ramp-up and tail for a few MB of weights), so running the two chains side
 by side fills SMs that one chain alone leaves idle. Stream capture records the fork and join as two parallel
 branches of the CUDA graph, so replays overlap too.

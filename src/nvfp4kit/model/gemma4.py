@@ -120,7 +120,9 @@ class MLP(nn.Module):
 class Router(nn.Module):
     """softmax over all experts of proj(z), top-k, renormalise, * per_expert_scale.
 
-    z = rmsnorm(h) * scale / sqrt(H) of the residual h comes from the layer's `ffn_inputs` region.
+    z = rmsnorm(h) * scale / sqrt(H) of the residual h. The layer runs the router inside its `ffn_inputs_routed`
+    region (which makes z and routes it, one launch at decode sizes) from the weights held here; `forward` is the
+    router alone, on a given z.
     """
 
     def __init__(self, cfg: Gemma4TextConfig, backend: OpBackend):
@@ -218,20 +220,21 @@ class DecoderLayer(nn.Module):
         if normed is None:
             normed = ops.rms_norm(x, self.input_layernorm.weight, eps=eps)
         attn = self.self_attn(normed, ctx)
-        h, mlp_in, experts_in, router_in = ops.ffn_inputs(
-            x,
-            attn,
-            post_attn_norm=self.post_attention_layernorm.weight,
-            mlp_norm=self.pre_feedforward_layernorm.weight,
-            experts_norm=self.pre_feedforward_layernorm_2.weight if self.moe else None,
-            router_scale=self.router.scale if self.moe else None,  # the router sees the residual, not mlp_in
-            eps=eps,
-        )
-        if self.moe:  # the dense MLP and the experts meet only in the tail: they may run side by side
+        post_attn, pre_ffn = self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight
+        norm_weights = dict(post_attn_norm=post_attn, mlp_norm=pre_ffn, eps=eps)
+        if self.moe:  # the router sees the residual, not mlp_in: its top-k comes out of the same region
+            router = self.router
+            h, mlp_in, experts_in, weights, ids = ops.ffn_inputs_routed(
+                x, attn, **norm_weights, experts_norm=self.pre_feedforward_layernorm_2.weight,
+                router_scale=router.scale, router_weight=stored_weight(router.proj, "weight"),
+                per_expert_scale=router.per_expert_scale, top_k=router.top_k,
+            )  # fmt: skip
+            # the dense MLP and the experts meet only in the tail: they may run side by side
             mlp_out, experts_out = side_by_side(
-                mlp_in, lambda: self.mlp(mlp_in), lambda: self.experts(experts_in, *self.router(router_in))
+                mlp_in, lambda: self.mlp(mlp_in), lambda: self.experts(experts_in, weights, ids)
             )
         else:
+            h, mlp_in, _, _ = ops.ffn_inputs(x, attn, **norm_weights, experts_norm=None, router_scale=None)
             mlp_out, experts_out = self.mlp(mlp_in), None
         # each has its own post-norm: both are summed over the ranks first, in one collective
         mlp_out, experts_out = all_reduce_parts((mlp_out, experts_out), self.parallel)

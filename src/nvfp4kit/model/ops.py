@@ -66,6 +66,24 @@ class FusedRegions(Protocol):
         normed input and, in a MoE layer (experts_norm and router_scale given), the experts' normed input and
         the router's rms_norm(h) * router_scale * H**-0.5; a dense layer gets None for the last two."""
 
+    def ffn_inputs_routed(
+        self,
+        residual: torch.Tensor,
+        attn_out: torch.Tensor,
+        *,
+        post_attn_norm: torch.Tensor,
+        mlp_norm: torch.Tensor,
+        experts_norm: torch.Tensor,
+        router_scale: torch.Tensor,
+        router_weight: Weight,
+        per_expert_scale: torch.Tensor,
+        top_k: int,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A MoE layer's `ffn_inputs` followed by `route_tokens` of its router input (which is not returned):
+        (h, mlp_in, experts_in, weights fp32 [T, top_k], expert ids int64 [T, top_k]), exactly as the two calls
+        give them; a backend may make it one launch (the router's programs recompute the normed rows)."""
+
     def ffn_tail(
         self,
         h: torch.Tensor,
@@ -225,6 +243,32 @@ class TorchBackend:
             return h, rms_norm(h, mlp_norm, eps), None, None
         router_in = rms_norm(h, None, eps) * router_scale * h.shape[-1] ** -0.5
         return h, rms_norm(h, mlp_norm, eps), rms_norm(h, experts_norm, eps), router_in
+
+    def ffn_inputs_routed(
+        self,
+        residual,
+        attn_out,
+        *,
+        post_attn_norm,
+        mlp_norm,
+        experts_norm,
+        router_scale,
+        router_weight,
+        per_expert_scale,
+        top_k,
+        eps,
+    ):
+        h, mlp_in, experts_in, router_in = self.ffn_inputs(
+            residual,
+            attn_out,
+            post_attn_norm=post_attn_norm,
+            mlp_norm=mlp_norm,
+            experts_norm=experts_norm,
+            router_scale=router_scale,
+            eps=eps,
+        )
+        weights, ids = self.route_tokens(router_in, router_weight, per_expert_scale, top_k=top_k)
+        return h, mlp_in, experts_in, weights, ids
 
     def ffn_tail(
         self,
