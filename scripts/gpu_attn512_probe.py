@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import inspect
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def patched_module(name: str, old: str, new: str):
     path.write_text(source.replace(old, new))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 

@@ -3,7 +3,8 @@
 
 Usage (GPU machine, repository root): PYTHONPATH=src python3 scripts/gpu_ffn_router_bench.py [--tokens 1 2 4]
 For each token count the fused results are first checked against the two launches on a few input sets (h, mlp_in,
-experts_in, expert ids and weights equal to the bit; the largest differences are printed where they are not),
+experts_in and expert ids equal to the bit, the weights within an fp32 ulp; the largest differences are printed
+where they are not),
 then every variant is timed in CUDA graphs of 20 calls (median of the replays, `tuning/timing.py`), the router
 weights rotated through copies larger than L2 as in the model (the activations stay in L2, as they would after
 the attention's output projection). Variants: the two launches, each of them alone, and the fused kernel with 1, 2
@@ -59,6 +60,8 @@ def differences(got, want) -> list[str]:
             continue
         if name == "ids":
             lines.append(f"ids: {int((a != b).any(dim=1).sum())} of {a.shape[0]} tokens pick other experts")
+        elif name == "weights" and (a - b).abs().max() <= 2e-7 * b.abs().max():
+            continue  # the top-k's normalising sum laid out for the kernel's warps: an fp32 ulp (H100, T >= 2)
         else:
             diff = (a.float() - b.float()).abs()
             lines.append(

@@ -124,14 +124,21 @@ def _quantized_shapes(model: torch.nn.Module) -> tuple[list[tuple[int, int]], li
 
 def _path_thresholds() -> tuple[int, ...]:
     """Token counts from which a step's kernels take another path: the linears' dequantize + cuBLAS, the MoE's
-    grouped GEMMs, the router's two launches instead of the fused one, the FP8 lm_head's tiles instead of its
+    grouped GEMMs, the router's two launches instead of the fused one (and beside the FFN inputs), the FP8 lm_head's tiles instead of its
     GEMV (also the counts of sampled rows)."""
     try:
+        from nvfp4kit.kernels.ffn_router import FUSED_MAX_TOKENS
         from nvfp4kit.kernels.router import FUSED_ROUTE_MAX_TOKENS
         from nvfp4kit.kernels.w8a16_linear import GEMV_MAX_M
     except ModuleNotFoundError:  # no Triton: the torch backend has no such paths
         return ()
-    return DEQUANT_MIN_M, MOE_PREFILL_MIN_TOKENS, FUSED_ROUTE_MAX_TOKENS + 1, GEMV_MAX_M + 1
+    return (
+        DEQUANT_MIN_M,
+        MOE_PREFILL_MIN_TOKENS,
+        FUSED_ROUTE_MAX_TOKENS + 1,
+        FUSED_MAX_TOKENS + 1,
+        GEMV_MAX_M + 1,
+    )
 
 
 def _pow2(x: int) -> int:
