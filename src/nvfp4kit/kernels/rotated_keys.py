@@ -11,7 +11,9 @@ plain [keys, 2 * rot] tile for one dot. The values are those the in-kernel path 
 
 Scratch rows: each prefill sequence's keys 0 .. start + length - 1 in a row range of its own (`first_row`), so
 one launch serves a mixed batch. The engine uses it for eager steps with enough keys (`worth_prerotating`);
-CUDA graphs and short chunks keep the in-kernel derivation.
+CUDA graphs and short chunks keep the in-kernel derivation. H100, 26B-A4B, 8K chunks, FP8 KV
+(scripts/gpu_prerotate_ab.py): TTFT 16.62 -> 11.30 s at 128K, 1.55 -> 1.22 s at 32K; the 8K threshold itself
+is a guess (no timing between 8K and 32K yet).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def worth_prerotating(
     if total_rows < PREROTATE_MIN_KEYS:
         return False
     rot = pool_operands(q, v_store, None, derived_key).rot
-    itemsize = torch.empty((), dtype=rotated_keys_dtype(q.dtype, v_store)).element_size()
+    itemsize = rotated_keys_dtype(q.dtype, v_store).itemsize
     return total_rows * v_store.shape[1] * 2 * rot * itemsize <= PREROTATE_MAX_BYTES
 
 
