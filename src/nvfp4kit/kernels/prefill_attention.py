@@ -15,7 +15,8 @@ What makes it faster than the decode-shaped kernel in `paged_attention.py` on lo
 - the tiles with the most keys (the chunk's last query tiles) start first, so the last wave is short.
 
 Scores and K derivation for k_eq_v layers follow `paged_attention.py` (K = rope(V * w_k), with k_norm's weight folded
-into q and two small dots over the rotated columns); FP8 pools are read as fp16 with the scales applied to scores
+into q and two small dots over the rotated columns), or, for long eager steps, read the rotated columns from a
+scratch written once a layer (`rotated_keys.py`); FP8 pools are read as fp16 with the scales applied to scores
 and output. Nothing here is Hopper-only.
 """
 
@@ -159,9 +160,8 @@ def _prefill_attention_kernel(
             q, q_ptr, q_rows, row_ok, knorm_ptr, inv_freq_ptr, D, ROT, ct
         )
         qk_scale = v_factor * 1.4426950408889634
-        if (
-            PREROTATED
-        ):  # the rotated columns of q (raw: w_k is in the scratch's K) beside the scratch's K tile
+        # pre-rotated keys: q's rotated columns (raw: w_k is in the scratch's K) meet the scratch's K tile
+        if PREROTATED:
             rc = tl.arange(0, 2 * ROT)
             q_rc = tl.where(rc < ROT, rc, D // 2 - ROT + rc)
             q_rot = tl.load(q_ptr + q_rows[:, None] + q_rc[None, :], mask=row_ok[:, None], other=0.0).to(ct)
