@@ -1,4 +1,4 @@
-"""A MoE layer's FFN inputs and router in one launch (kernels/ffn_router.py) against the two launches it replaces.
+"""A MoE layer's FFN inputs and router in one launch (kernels/ffn_router.py) against the two kernel_names it replaces.
 
 The unfused path is `norms.ffn_inputs` then `router.fused_route` on the router input it stored; the fused kernel
 must give the same h, normed inputs, expert ids and weights to the bit (its rows go through the same code, its
@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-import triton
 
 from nvfp4kit.config import config_from_dict
 from nvfp4kit.kernels import ffn_router, norms, router
@@ -28,20 +27,6 @@ from .helpers import DEVICE, FP32_BOUND, random_weight, rel_error
 
 TRITON, TORCH = TritonBackend(), TorchBackend()
 EPS = 1e-6
-
-
-@pytest.fixture
-def launches(monkeypatch) -> list[str]:
-    """Names of the Triton kernels launched while the test runs (every launch goes through `kernel[grid]`)."""
-    names: list[str] = []
-    launch = triton.runtime.jit.KernelInterface.__getitem__
-
-    def counted(kernel, grid):
-        names.append(kernel.fn.__name__)
-        return launch(kernel, grid)
-
-    monkeypatch.setattr(triton.runtime.jit.KernelInterface, "__getitem__", counted)
-    return names
 
 
 def _inputs(
@@ -143,22 +128,22 @@ def test_tied_logits_go_to_the_lower_expert(dtype):
         assert ties == sorted(ties)
 
 
-def test_backend_takes_one_launch_at_decode_sizes_and_leaves_its_counters_at_zero(launches):
+def test_backend_takes_one_launch_at_decode_sizes_and_leaves_its_counters_at_zero(kernel_names):
     residual, attn_out, norm_weights, weight, scale = _inputs(2, 72, 8, seed=3, dtype=torch.bfloat16)
     kwargs = dict(norm_weights, router_weight=weight, per_expert_scale=scale, top_k=2, eps=EPS)
     first = TRITON.ffn_inputs_routed(residual, attn_out, **kwargs)
     second = TRITON.ffn_inputs_routed(residual, attn_out, **kwargs)  # counters reset: the same answer again
-    assert launches == ["_ffn_inputs_routed_kernel"] * 2
+    assert kernel_names == ["_ffn_inputs_routed_kernel"] * 2
     _assert_equal(first, second)
     _assert_equal(first, _unfused(residual, attn_out, norm_weights, weight, scale, 2))
     assert not arrival_counters(residual.device, 1)[:8].any()
 
 
-def test_backend_keeps_the_two_step_path_for_larger_batches_and_quantized_weights(launches):
+def test_backend_keeps_the_two_step_path_for_larger_batches_and_quantized_weights(kernel_names):
     residual, attn_out, norm_weights, weight, scale = _inputs(5, 64, 8, seed=4, dtype=torch.float32)
     kwargs = dict(norm_weights, per_expert_scale=scale, top_k=2, eps=EPS)
     got = TRITON.ffn_inputs_routed(residual, attn_out, router_weight=weight, **kwargs)
-    assert launches == [
+    assert kernel_names == [
         "_ffn_inputs_kernel",
         "_route_kernel",
     ]  # the projection went to torch (cuBLAS on a GPU)
@@ -166,11 +151,11 @@ def test_backend_keeps_the_two_step_path_for_larger_batches_and_quantized_weight
     assert torch.equal(got[4], ref[4])
     assert all(rel_error(a, b) < FP32_BOUND for a, b in zip(got[:4], ref[:4]))
 
-    launches.clear()
+    kernel_names.clear()
     nvfp4 = random_weight(8, 64, seed=1)
     got = TRITON.ffn_inputs_routed(residual[:2], attn_out[:2], router_weight=nvfp4, **kwargs)
-    assert launches[0] == "_ffn_inputs_kernel" and launches[-1] == "_route_kernel"
-    assert "_ffn_inputs_routed_kernel" not in launches
+    assert kernel_names[0] == "_ffn_inputs_kernel" and kernel_names[-1] == "_route_kernel"
+    assert "_ffn_inputs_routed_kernel" not in kernel_names
     h, mlp_in, experts_in, router_in = norms.ffn_inputs(residual[:2], attn_out[:2], **norm_weights, eps=EPS)
     _assert_equal(got, (h, mlp_in, experts_in, *TRITON.route_tokens(router_in, nvfp4, scale, top_k=2)))
 
@@ -193,9 +178,9 @@ def test_empty_batch_and_bad_shapes():
         _fused(residual, attn_out[:1], norm_weights, weight, scale, 2)
 
 
-def test_tiny_moe_model_gives_the_same_logits_fused_and_unfused(monkeypatch, launches):
+def test_tiny_moe_model_gives_the_same_logits_fused_and_unfused(monkeypatch, kernel_names):
     """A tiny MoE model (a sliding and a global layer) in bf16 on the triton backend, a 2-token prompt chunk then
-    one token (both sizes the region fuses), with the region fused and as two launches: the same logits to the
+    one token (both sizes the region fuses), with the region fused and as two kernel_names: the same logits to the
     bit."""
     cfg = config_from_dict(tiny_text_config("moe", num_hidden_layers=2))
     model = random_model(
@@ -214,11 +199,11 @@ def test_tiny_moe_model_gives_the_same_logits_fused_and_unfused(monkeypatch, lau
         return torch.cat(rows)
 
     fused = logits()
-    assert launches.count("_ffn_inputs_routed_kernel") == 2 * cfg.num_hidden_layers
-    assert "_ffn_inputs_kernel" not in launches and "_fused_route_kernel" not in launches
-    launches.clear()
+    assert kernel_names.count("_ffn_inputs_routed_kernel") == 2 * cfg.num_hidden_layers
+    assert "_ffn_inputs_kernel" not in kernel_names and "_fused_route_kernel" not in kernel_names
+    kernel_names.clear()
     monkeypatch.setattr(ffn_router, "fuses", lambda residual, weight: False)
     unfused = logits()
-    assert "_ffn_inputs_routed_kernel" not in launches and "_fused_route_kernel" in launches
+    assert "_ffn_inputs_routed_kernel" not in kernel_names and "_fused_route_kernel" in kernel_names
     assert torch.isfinite(fused).all()
     assert torch.equal(fused, unfused)
