@@ -18,7 +18,7 @@ def test_budget_is_free_minus_weights_minus_reserve():
     p = plan()
     assert p.kv_budget_bytes == p.free_bytes - WEIGHTS - p.reserve.total
     r = p.reserve
-    assert r.total == r.activations + r.logits + r.cuda_graphs + r.margin + r.scratch
+    assert r.total == r.activations + r.logits + r.cuda_graphs + r.margin + r.scratch + r.rotated_keys
     assert 0.5 * GiB < r.total < 1.5 * GiB  # a 24 GB card: far less than SGLang's 9% (2.09 GiB)
 
 
@@ -132,3 +132,29 @@ def test_the_plan_reserves_the_prefill_graphs_the_engine_captures_by_default():
         cfg, free_bytes=rtx["free_bytes"], prefill_chunk=2048, max_batch=DEFAULT_MAX_BATCH
     )
     assert rtx["reserve"]["cuda_graphs"] == plain.cuda_graphs
+
+
+def test_the_plan_reserves_prerotated_keys_beyond_the_margins_share():
+    """Long prompts on k_eq_v models write derived keys' rotated columns to a scratch (kernels/rotated_keys.py):
+    2 KV heads x 128 columns x 2 bytes a key on 26B-A4B's global layers, 64 MiB at 128K keys, which the margin
+    holds; longer contexts get the rest reserved, so a 256K prompt keeps the fast path. No k_eq_v, no scratch."""
+    from nvfp4kit.engine.engine_config import EngineConfig
+    from nvfp4kit.engine.kv_pools import sized_layout
+    from nvfp4kit.plan.pools import rotated_keys_scratch_bytes, runtime_reserve
+
+    cfg = load_preset("gemma-4-26b-a4b")
+    assert rotated_keys_scratch_bytes(cfg, 131072) == 131072 * 2 * 128 * 2 == 64 * 2**20
+    assert rotated_keys_scratch_bytes(load_preset("gemma-4-31b"), 131072) == 128 * 2**20  # 4 global KV heads
+    assert rotated_keys_scratch_bytes(load_preset("gemma-4-e2b"), 131072) == 0  # K stored, not derived
+    assert rotated_keys_scratch_bytes(cfg, 4096) == 0  # below the path's threshold
+
+    def reserve(context):
+        return runtime_reserve(cfg, free_bytes=24 * GiB, prefill_chunk=2048, max_batch=8, context=context)
+
+    assert reserve(131072).rotated_keys == 0
+    assert reserve(262144).rotated_keys == 64 * 2**20
+    assert reserve(262144).total == reserve(131072).total + 64 * 2**20
+    assert build_plan("gemma-4-26b-a4b", gpu="RTX 3090")["nvfp4kit"]["reserve"]["rotated_keys"] == 64 * 2**20
+    config = EngineConfig(max_num_batched_tokens=2048, num_kv_tokens=4096)
+    assert sized_layout(cfg, config, 262144, "fp8_e5m2")[0].rotated_keys_budget == 128 * 2**20
+    assert sized_layout(cfg, config, 32768, "fp8_e5m2")[0].rotated_keys_budget == 64 * 2**20

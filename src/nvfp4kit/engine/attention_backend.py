@@ -125,22 +125,22 @@ class TritonAttentionBackend:
             limit = meta.key_limit if sliding else None  # global layers stay causal for image tokens too
             rotated = None
             if derived is not None and not sliding:
-                rotated = self._prerotated_keys(meta, q, v_store, derived, cache.layout.block_size)
+                rotated = self._prerotated_keys(meta, q, v_store, derived, cache.layout)
             self._prefill.prefill_attention(
                 q, items=prefill, out=out, key_limit=limit, rotated_keys=rotated, **common
             )
 
-    def _prerotated_keys(self, meta, q, v_store, derived, block_size):
+    def _prerotated_keys(self, meta, q, v_store, derived, layout):
         """Derived K's rotated columns computed once for the step's prefill sequences, when they have enough keys
-        to repay it (`rotated_keys.worth_prerotating`); None keeps the in-kernel derivation, always inside a CUDA
-        graph capture (the scratch's size follows the step)."""
+        to repay it and fit the layout's scratch budget (`rotated_keys.worth_prerotating`); None keeps the
+        in-kernel derivation, always inside a CUDA graph capture (the scratch's size follows the step)."""
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
         first_row, total, most = meta.prefill_key_rows()
-        if not self._rotated.worth_prerotating(q, v_store, derived, total):
+        if not self._rotated.worth_prerotating(q, v_store, derived, total, layout.rotated_keys_budget):
             return None
         return self._rotated.rotate_derived_keys(
-            q, v_store, derived, meta.batch, block_size=block_size, first_row=first_row, total_rows=total,
+            q, v_store, derived, meta.batch, block_size=layout.block_size, first_row=first_row, total_rows=total,
             max_keys=most,
         )  # fmt: skip
 

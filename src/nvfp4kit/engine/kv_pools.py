@@ -18,8 +18,9 @@ import torch
 
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.engine.engine_config import EngineConfig
+from nvfp4kit.kernels.thresholds import PREROTATE_MARGIN_BYTES
 from nvfp4kit.plan.kv import kv_bytes_per_token
-from nvfp4kit.plan.pools import sliding_chunk
+from nvfp4kit.plan.pools import rotated_keys_scratch_bytes, sliding_chunk
 
 KV_DTYPES = {
     "bf16": torch.bfloat16,
@@ -40,6 +41,9 @@ class KVLayout:
     max_seqs: int  # sliding rings (one per running request)
     ring_size: int  # window + sliding chunk (the most tokens of a sequence one sliding-layer pass writes)
     k_eq_v_once: bool
+    # bytes a step may use for pre-rotated derived keys (kernels/rotated_keys.py): the margin's share, or what
+    # the plan reserves for max_model_len keys (plan.pools.rotated_keys_scratch_bytes)
+    rotated_keys_budget: int = PREROTATE_MARGIN_BYTES
 
     def global_layers(self, cfg: Gemma4TextConfig) -> list[int]:
         return [
@@ -169,6 +173,7 @@ def sized_layout(
     layout = KVLayout(
         block_size=config.block_size, num_blocks=1, max_seqs=config.max_num_seqs,
         ring_size=cfg.sliding_window + sliding_chunk(chunk, config.sliding_chunk), k_eq_v_once=config.k_eq_v_once,
+        rotated_keys_budget=max(PREROTATE_MARGIN_BYTES, rotated_keys_scratch_bytes(cfg, max_model_len)),
     )  # fmt: skip
     per_token, ring_bytes = pool_bytes(cfg, layout, kv_dtype)
     tokens = config.num_kv_tokens

@@ -262,6 +262,7 @@ def plan_engine_memory(
     reserve = runtime_reserve(
         cfg, free_bytes=usable if usable is not None else weights_bytes + explicit_kv, prefill_chunk=chunk,
         max_batch=seqs, prefill_graph_tokens=max((t for t in config.prefill_graphs or () if t <= chunk), default=0),
+        context=max_model_len,
     )  # fmt: skip
     if not graphs:
         reserve = dataclasses.replace(reserve, cuda_graphs=0)

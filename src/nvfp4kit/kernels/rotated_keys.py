@@ -28,12 +28,11 @@ from nvfp4kit.kernels.attention_metadata import AttentionBatch
 from nvfp4kit.kernels.attention_pools import DerivedKey, dot_dtype_code, pool_operands, rotated_key_columns
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+from nvfp4kit.kernels.thresholds import PREROTATE_MARGIN_BYTES, PREROTATE_MIN_KEYS
 
-# Below this many keys in a step's prefill sequences, the in-kernel derivation is kept (the scratch's write
-# and the launch are not repaid); above PREROTATE_MAX_BYTES of scratch (the allocator's margin holds it,
-# plan.pools.MIN_MARGIN), too: 64 MiB is 128K keys of 26B-A4B's global layers (2 KV heads x 128 fp16 columns)
-PREROTATE_MIN_KEYS = 8192
-PREROTATE_MAX_BYTES = 64 * 2**20
+# Below PREROTATE_MIN_KEYS keys in a step's prefill sequences, the in-kernel derivation is kept (the scratch's
+# write and the launch are not repaid); past the engine's scratch budget, too (`KVLayout.rotated_keys_budget`:
+# the margin's PREROTATE_MARGIN_BYTES, 128K keys of 26B-A4B, or what the plan reserved for max_model_len keys)
 _BLOCK_KEYS = 64
 _DOT_DTYPES = {0: torch.float32, 1: torch.bfloat16, 2: torch.float16}
 
@@ -61,14 +60,19 @@ def prefill_key_rows(starts: list[int], lengths: list[int]) -> tuple[list[int], 
 
 
 def worth_prerotating(
-    q: torch.Tensor, v_store: torch.Tensor, derived_key: DerivedKey, total_rows: int
+    q: torch.Tensor,
+    v_store: torch.Tensor,
+    derived_key: DerivedKey,
+    total_rows: int,
+    budget_bytes: int = PREROTATE_MARGIN_BYTES,
 ) -> bool:
-    """Whether a step with `total_rows` prefill keys takes the pre-rotated path (see the constants above)."""
+    """Whether a step with `total_rows` prefill keys takes the pre-rotated path: enough keys to repay the
+    scratch (`PREROTATE_MIN_KEYS`, read at call time) and a scratch within `budget_bytes`."""
     if total_rows < PREROTATE_MIN_KEYS:
         return False
     rot = pool_operands(q, v_store, None, derived_key).rot
     itemsize = rotated_keys_dtype(q.dtype, v_store).itemsize
-    return total_rows * v_store.shape[1] * 2 * rot * itemsize <= PREROTATE_MAX_BYTES
+    return total_rows * v_store.shape[1] * 2 * rot * itemsize <= budget_bytes
 
 
 def rotated_keys_dtype(q_dtype: torch.dtype, v_store: torch.Tensor) -> torch.dtype:

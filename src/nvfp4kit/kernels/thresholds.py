@@ -1,4 +1,4 @@
-"""Token counts at which the NVFP4 GEMMs switch to expanding weights into a BF16 scratch (no Triton import).
+"""Sizes at which kernels switch to paths that allocate a scratch buffer (no Triton import).
 
 The kernels read these to pick their path; the memory planner (`nvfp4kit.plan.pools`) reads them to reserve the
 scratch those paths allocate, so `nvfp4kit plan` works on a machine without Triton.
@@ -12,3 +12,9 @@ DEQUANT_MIN_M = 512
 # `grouped_mm_available`). H200, 26B-A4B MoE: 1.93 ms vs 1.97 (the best Triton tiles) at 4096 tokens, 2.75 vs
 # 3.51 at 8192, but 1.70 vs 1.11 at 2048: the expansion of all 128 experts costs a fixed 0.72 ms
 MOE_PREFILL_MIN_TOKENS = 4096
+
+# keys (a step's prefill sequences together) from which derived K's rotated columns are written once per layer
+# and step into a scratch (kernels/rotated_keys.py); the allocator's margin (plan.pools.MIN_MARGIN) holds up to
+# PREROTATE_MARGIN_BYTES of it (128K keys of 26B-A4B), the plan reserves what longer contexts need beyond that
+PREROTATE_MIN_KEYS = 8192
+PREROTATE_MARGIN_BYTES = 64 * 2**20

@@ -15,7 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nvfp4kit.config import Gemma4TextConfig
-from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M, MOE_PREFILL_MIN_TOKENS
+from nvfp4kit.kernels.thresholds import (
+    DEQUANT_MIN_M,
+    MOE_PREFILL_MIN_TOKENS,
+    PREROTATE_MARGIN_BYTES,
+    PREROTATE_MIN_KEYS,
+)
 from nvfp4kit.plan.kv import KVBytesPerToken, kv_bytes_per_token
 from nvfp4kit.plan.units import MiB
 from nvfp4kit.plan.vision import VisionMemory
@@ -48,10 +53,13 @@ class RuntimeReserve:
     cuda_graphs: int
     margin: int
     scratch: int = 0  # BF16 expansion of NVFP4 weights for prefill-sized GEMMs (kernels/dequant.py)
+    rotated_keys: int = 0  # pre-rotated derived keys past the margin's share (`rotated_keys_scratch_bytes`)
 
     @property
     def total(self) -> int:
-        return self.activations + self.logits + self.cuda_graphs + self.margin + self.scratch
+        return (
+            self.activations + self.logits + self.cuda_graphs + self.margin + self.scratch + self.rotated_keys
+        )
 
 
 def activation_bytes_per_token(cfg: Gemma4TextConfig) -> int:
@@ -120,6 +128,23 @@ def expansion_scratch_bytes(cfg: Gemma4TextConfig, prefill_chunk: int) -> int:
     return widest * ACT_BYTES
 
 
+def rotated_keys_scratch_bytes(cfg: Gemma4TextConfig, keys: int) -> int:
+    """The scratch of derived keys' rotated columns (kernels/rotated_keys.py) for a step whose prefill
+    sequences hold `keys` keys: 0 when no layer derives K from V or the path would not run. Counted at 16-bit
+    (the dot dtype of BF16/FP16 models; an fp32 model's scratch takes half as many keys in the same bytes)."""
+    if not cfg.attention_k_eq_v or keys < PREROTATE_MIN_KEYS:
+        return 0
+    per_key = 0
+    for layer in range(cfg.num_hidden_layers):
+        if cfg.is_sliding(layer):
+            continue
+        head_dim = cfg.layer_head_dim(layer)
+        pairs = int(head_dim * cfg.layer_rope(layer).partial_rotary_factor) // 2
+        rot = min(head_dim // 2, max(16, 1 << max(pairs - 1, 0).bit_length()))  # as the kernels round it
+        per_key = max(per_key, cfg.layer_kv_heads(layer) * 2 * rot * ACT_BYTES)
+    return keys * per_key
+
+
 def runtime_reserve(
     cfg: Gemma4TextConfig,
     *,
@@ -127,9 +152,11 @@ def runtime_reserve(
     prefill_chunk: int,
     max_batch: int,
     prefill_graph_tokens: int = 0,
+    context: int = 0,
 ) -> RuntimeReserve:
     """Memory the engine keeps outside weights and KV: sized from the model, the chunk and the batch (and the
-    largest captured prefill graph's tokens, `--prefill-graphs`)."""
+    largest captured prefill graph's tokens, `--prefill-graphs`); `context` (the longest prompt) sizes the
+    pre-rotated keys' scratch beyond the margin's share."""
     per_token = activation_bytes_per_token(cfg)
     activations = prefill_chunk * per_token
     logits = max_batch * cfg.vocab_size * LOGIT_BYTES * 2  # logits + sampling probabilities
@@ -140,7 +167,8 @@ def runtime_reserve(
         graphs += prefill_graph_tokens * per_token + (max_batch + 1) * GRAPH_LOGIT_BYTES * cfg.vocab_size
     margin = max(MIN_MARGIN, int(MARGIN_FRACTION * free_bytes))
     scratch = expansion_scratch_bytes(cfg, prefill_chunk)
-    return RuntimeReserve(activations, logits, graphs, margin, scratch)
+    rotated = max(0, rotated_keys_scratch_bytes(cfg, context) - PREROTATE_MARGIN_BYTES)
+    return RuntimeReserve(activations, logits, graphs, margin, scratch, rotated)
 
 
 @dataclass(frozen=True)
@@ -242,6 +270,7 @@ def plan_pools(
         reserve = runtime_reserve(
             cfg, free_bytes=free_bytes, prefill_chunk=prefill_chunk, max_batch=max(max_batch, concurrency),
             prefill_graph_tokens=prefill_graph_tokens,
+            context=cfg.max_position_embeddings,  # the engine serves up to the model's limit by default
         )  # fmt: skip
     return PoolPlan(
         free_bytes=free_bytes,

@@ -117,6 +117,7 @@ def pool_summary(pool: PoolPlan) -> dict[str, Any]:
             "cuda_graphs": pool.reserve.cuda_graphs,
             "margin": pool.reserve.margin,
             "scratch": pool.reserve.scratch,
+            "rotated_keys": pool.reserve.rotated_keys,
             "total": pool.reserve.total,
         },
         "kv_budget_bytes": pool.kv_budget_bytes,

@@ -82,10 +82,11 @@ def _kv_lines(plan: dict[str, Any]) -> list[str]:
 def _our_rows(us: dict[str, Any], *, limit: int, limit_note: str = "model limit") -> list[tuple[str, str]]:
     """nvfp4kit's pool column, row by row (label, value): shared by `plan` and the engine's start-up log."""
     r = us["reserve"]
+    scratch = r.get("scratch", 0) + r.get("rotated_keys", 0)  # weight expansion + pre-rotated keys
     reserve = (
         f"{_g(r['total'])} (act {_g(r['activations'])}, logits {_g(r['logits'])}, "
         f"graphs {_g(r['cuda_graphs'])}, margin {_g(r['margin'])}"
-        + (f", scratch {_g(r['scratch'])})" if r.get("scratch") else ")")
+        + (f", scratch {_g(scratch)})" if scratch else ")")
     )
     longest = f"{us['max_context']:,}" + (f" ({limit_note})" if us["max_context"] == limit else "")
     vision = us.get("vision")
