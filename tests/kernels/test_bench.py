@@ -72,6 +72,8 @@ def test_candidates_are_valid(m):
     assert moe and (m > 8 or any(not c.sorted for c in moe))
     # few tokens: the split kernels are tried with a shallower pipeline too (more programs fit an SM)
     assert m > 16 or {c.num_stages for c in moe if c.split} == {2, 3}
+    # ... and with the down projection's K split among programs
+    assert m > 16 or {c.down_split_k for c in moe if c.split} == {1, 2, 3}
 
 
 def test_bench_cli_has_the_kernels_scenario():

@@ -27,6 +27,10 @@ MODES = {
     "split_k2": MoEConfig(split=True, gate_up_split_k=2, **{**TILES, "gate_up_block_k": 32}),
     "split_k3": MoEConfig(split=True, gate_up_split_k=3, **{**TILES, "gate_up_block_k": 32}),
     "split_whole_k": MoEConfig(split=True, **TILES),
+    # the down projection's K split too (INTER = 48 = 1.5 x 32: a ragged last tile), partials met per slot
+    "split_down2": MoEConfig(
+        split=True, gate_up_split_k=2, down_split_k=2, **{**TILES, "gate_up_block_k": 32}
+    ),
 }
 
 
@@ -72,6 +76,8 @@ def _check(x, ids, weights, gate_up, down, config, bound):
         ("split_k3", 2, 3),
         ("split_k3", 3, 1),
         ("split_whole_k", 4, 2),
+        ("split_down2", 1, 1),
+        ("split_down2", 3, 3),
     ],
 )
 def test_moe_modes_match_reference(experts, mode, tokens, top_k):

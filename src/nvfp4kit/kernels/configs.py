@@ -62,12 +62,15 @@ class MoEConfig:
     align: str = "triton"  # "triton" (one program) or "torch" (a chain of torch ops)
     decode: str = "bits"
     gate_up_split_k: int = 1  # split mode: programs sharing one gate_up tile's K
+    down_split_k: int = 1  # split mode: programs sharing one down tile's K (per top-k slot)
     # sorted/pair mode: FP4 low and high nibbles as even/odd K halves, two MMAs, no interleave (nvfp4_tile.py)
     halves: bool = False
 
     def __post_init__(self) -> None:
-        if self.gate_up_split_k < 1:
-            raise ValueError(f"MoEConfig.gate_up_split_k must be >= 1, got {self.gate_up_split_k}")
+        if self.gate_up_split_k < 1 or self.down_split_k < 1:
+            raise ValueError(
+                f"MoEConfig split counts must be >= 1, got {self.gate_up_split_k} and {self.down_split_k}"
+            )
         if self.down_mode not in ("token", "pair"):
             raise ValueError(f"MoEConfig.down_mode must be 'token' or 'pair', got {self.down_mode!r}")
         if self.align not in ("triton", "torch"):

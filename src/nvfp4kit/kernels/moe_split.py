@@ -5,8 +5,9 @@ At decode sizes the work is reading the routed experts' weights once; the sorted
   * gate_up: one program per (token-expert pair, BLOCK_N gate/up columns, K split), so one token of
     26B-A4B already makes 8 x 22 x split programs; the K-split partials meet in an fp32 workspace and the last
     program to arrive at a tile sums them (in split order), applies GeGLU and writes the activation row;
-  * down: one program per (token, BLOCK_N output columns, top-k slot); each slot's weighted row goes to the
-    workspace and the last slot to arrive sums the top-k rows (in slot order) into the output.
+  * down: one program per (token, BLOCK_N output columns, top-k slot, K split); each one's weighted partial row
+    goes to the workspace and the last to arrive sums the top-k x split rows (in slot, then split order) into
+    the output.
 Sums run in a fixed order whichever program arrives last, so results are deterministic (graph replay ==
 eager, bitwise). Counters are left at zero after every call: nothing syncs with the host.
 
@@ -96,13 +97,14 @@ def _moe_gate_up_split_kernel(
 def _moe_down_split_kernel(
     act_ptr, w_ptr, s_ptr, s2_ptr, out_ptr, ws_ptr, counter_ptr, topk_ids_ptr, topk_w_ptr,
     hidden, inter, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-    TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
     NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     token = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.program_id(2)
+    slot = tl.program_id(2) // SPLIT_K
+    pid_k = tl.program_id(2) % SPLIT_K
     pair = token * TOP_K + slot
     e = tl.load(topk_ids_ptr + pair).to(tl.int64)
     w_base = w_ptr + e * stride_we
@@ -112,7 +114,7 @@ def _moe_down_split_kernel(
     rn_load = rn % hidden
     dtype = act_ptr.dtype.element_ty
     acc = tl.zeros([16, BN], dtype=tl.float32)
-    for k0 in range(0, inter, BK):
+    for k0 in range(pid_k * BK, inter, BK * SPLIT_K):
         w = load_weight_tile(
             w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
         )
@@ -121,18 +123,20 @@ def _moe_down_split_kernel(
     y = tl.sum(acc, axis=0) * (fold_scale(s2_ptr, e, NVFP4, ASM) * route)
     ok = rn < hidden
     out_ptrs = out_ptr + token * stride_om + rn
-    if TOP_K == 1:
+    if TOP_K * SPLIT_K == 1:
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=ok)
     else:
-        tl.store(ws_ptr + pair * hidden + rn, y, mask=ok)  # workspace [pairs, hidden]
+        # workspace [tokens * TOP_K * SPLIT_K, hidden]: row (pair, split)
+        tl.store(ws_ptr + (pair * SPLIT_K + pid_k) * hidden + rn, y, mask=ok)
         tl.debug_barrier()
         tile = token * tl.num_programs(1) + pid_n
-        if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == TOP_K - 1:
+        if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == TOP_K * SPLIT_K - 1:
             total = tl.zeros([BN], dtype=tl.float32)
-            for other in tl.static_range(TOP_K):  # slot order, whoever arrived last
+            for other in tl.static_range(TOP_K * SPLIT_K):  # slot, then split order, whoever arrived last
                 total += tl.load(
-                    ws_ptr + (token * TOP_K + other) * hidden + rn, mask=ok, other=0.0, cache_modifier=".cg"
-                )
+                    ws_ptr + (token * TOP_K * SPLIT_K + other) * hidden + rn, mask=ok, other=0.0,
+                    cache_modifier=".cg",
+                )  # fmt: skip
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(counter_ptr + tile, 0)
 
@@ -158,20 +162,22 @@ def fused_moe_split(
     gu_bn, gu_bk, split = config.gate_up_block_n, config.gate_up_block_k, config.gate_up_split_k
     split = max(1, min(split, triton.cdiv(hidden, gu_bk)))
     dn_bn, dn_bk = config.down_block_n, config.down_block_k
+    dn_split = max(1, min(config.down_split_k, triton.cdiv(inter, dn_bk)))
     gu_tiles = pairs * triton.cdiv(inter, gu_bn)
     dn_tiles = tokens * triton.cdiv(hidden, dn_bn)
     counters = arrival_counters(x.device, max(gu_tiles, dn_tiles))
-    ws = torch.empty(max(split * pairs * 2 * inter, pairs * hidden), dtype=torch.float32, device=x.device)
+    ws_size = max(split * pairs * 2 * inter, dn_split * pairs * hidden)
+    ws = torch.empty(ws_size, dtype=torch.float32, device=x.device)
     _moe_gate_up_split_kernel[(pairs, triton.cdiv(inter, gu_bn), split)](
         x, gate_up[0], gate_up[1], gate_up[2], act, ws, counters, ids, pairs, inter, hidden, x.stride(0),
         gate_up[3], gate_up[4], gate_up[5], gate_up[6], act.stride(0),
         TOP_K=top_k, BN=gu_bn, BK=gu_bk, SPLIT_K=split, EVEN_K=hidden % gu_bk == 0, **flags,
         num_warps=config.gate_up_warps, num_stages=config.num_stages, **pdl_args(x.device),
     )  # fmt: skip
-    _moe_down_split_kernel[(tokens, triton.cdiv(hidden, dn_bn), top_k)](
+    _moe_down_split_kernel[(tokens, triton.cdiv(hidden, dn_bn), top_k * dn_split)](
         act, down[0], down[1], down[2], out, ws, counters, ids, route, hidden, inter, act.stride(0),
         down[3], down[4], down[5], down[6], out.stride(0),
-        TOP_K=top_k, BN=dn_bn, BK=dn_bk, EVEN_K=inter % dn_bk == 0, **flags,
+        TOP_K=top_k, BN=dn_bn, BK=dn_bk, SPLIT_K=dn_split, EVEN_K=inter % dn_bk == 0, **flags,
         num_warps=config.down_warps, num_stages=config.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     return out

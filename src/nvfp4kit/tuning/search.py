@@ -87,7 +87,8 @@ def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> 
 
 # split mode (few tokens): (block_n, block_k, warps) of gate_up and of down
 SPLIT_GATE_UP_TILES = ((32, 256, 4), (64, 256, 4), (32, 128, 4))  # (16, *) ran 2x slower on the H200
-SPLIT_DOWN_TILES = ((64, 128, 4), (128, 128, 4), (64, 64, 4))
+# (block_n, block_k, warps, K split) of down; the split gives each slot's 704-wide K to several programs
+SPLIT_DOWN_TILES = ((64, 128, 4, 1), (128, 128, 4, 1), (64, 64, 4, 1), (64, 128, 4, 2), (64, 64, 4, 3))
 
 
 # pipeline depths of the split kernels: Nsight Compute on the H200 (session 6) found the batch-1 gate_up kernel
@@ -103,9 +104,11 @@ def _split_mode(tokens, top_k, hidden, inter, sms, decode) -> list[MoEConfig]:
             tiles = tokens * top_k * -(-inter // gu_bn)
             fill = _splits(tiles, hidden, gu_bk, 2 * sms)
             for split in sorted({*fill, 2 * fill[-1]}):
-                for dn_bn, dn_bk, dn_warps in SPLIT_DOWN_TILES:
+                for dn_bn, dn_bk, dn_warps, dn_split in SPLIT_DOWN_TILES:
                     gate_up = dict(gate_up_block_n=gu_bn, gate_up_block_k=gu_bk, gate_up_warps=gu_warps)
-                    down = dict(down_block_n=dn_bn, down_block_k=dn_bk, down_warps=dn_warps)
+                    down = dict(
+                        down_block_n=dn_bn, down_block_k=dn_bk, down_warps=dn_warps, down_split_k=dn_split
+                    )
                     out.append(
                         MoEConfig(
                             split=True,
