@@ -24,11 +24,24 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from nvfp4kit.kernels.configs import select_linear_config
+from nvfp4kit.kernels.configs import LinearConfig, select_linear_config
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_raw, load_weight_tile
 from nvfp4kit.kernels.split_k import arrival_counters
 from nvfp4kit.kernels.w4a16_linear import _write_output, w4a16_linear
 from nvfp4kit.tuning.cases import DENSE_SHAPES, random_nvfp4
+
+# deeper pipelines and wider K tiles than the tuner's candidates (tuning/search.py stops at 3-4 stages): more weight
+# bytes in flight a program, the latency-bound batch-1 kernels' missing ingredient if `load` is far above `stream`
+SWEPT = ("dense_qkv_sliding", "dense_o_sliding", "dense_gate_up", "dense_down")
+DEEP_CANDIDATES = {
+    "gemv 8x512 s4 w4": LinearConfig("gemv", 1, 8, 512, 1, num_warps=4, num_stages=4, decode="asm"),
+    "gemv 8x512 s6 w4": LinearConfig("gemv", 1, 8, 512, 1, num_warps=4, num_stages=6, decode="asm"),
+    "gemv 16x512 s4 w4": LinearConfig("gemv", 1, 16, 512, 1, num_warps=4, num_stages=4, decode="asm"),
+    "gemv 4x1024 s3 w4": LinearConfig("gemv", 1, 4, 1024, 1, num_warps=4, num_stages=3, decode="asm"),
+    "dot 16x16x256 s5 w2": LinearConfig("dot", 16, 16, 256, 1, num_warps=2, num_stages=5, decode="asm"),
+    "dot 16x32x256 s5 w4": LinearConfig("dot", 16, 32, 256, 1, num_warps=4, num_stages=5, decode="asm"),
+    "dot 16x16x512 s4 w4": LinearConfig("dot", 16, 16, 512, 1, num_warps=4, num_stages=4, decode="asm"),
+}
 
 
 @triton.jit
@@ -145,8 +158,6 @@ def probe_calls(x, weights, cfg, n, k, *, asm: bool):
 
 def check_cpu() -> None:
     """Interpreter check on small shapes: the copied GEMV equals w4a16_linear, the load probe sums the bytes."""
-    from nvfp4kit.kernels.configs import LinearConfig
-
     for n, k, cfg in ((24, 96, LinearConfig("gemv", 1, 8, 32, 2)), (40, 64, LinearConfig("gemv", 1, 16, 64))):
         weights = [random_nvfp4(n, k, device="cpu", seed=s) for s in range(2)]
         x = torch.randn(1, k, dtype=torch.float32)
@@ -163,26 +174,43 @@ def check_cpu() -> None:
     print("cpu check: ok")
 
 
-def measure(op: str, n: int, k: int, *, l2_bytes: int) -> dict:
+def measure(op: str, n: int, k: int, *, l2_bytes: int, device: str = "cuda") -> dict:
     from nvfp4kit.tuning.timing import rotation_sets, time_graph
 
     nbytes = n * k * 9 // 16
     sets = rotation_sets(nbytes, l2_bytes=l2_bytes)
-    weights = [random_nvfp4(n, k, device="cuda", seed=s) for s in range(sets)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    cfg = select_linear_config(1, n, k, device="cuda")
+    weights = [random_nvfp4(n, k, device=device, seed=s) for s in range(sets)]
+    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    cfg = select_linear_config(1, n, k, device=device)
     row = {"op": op, "n": n, "k": k, "bytes": nbytes, "config": cfg.__dict__}
     row["tuned"] = time_graph(lambda i: w4a16_linear(x, weights[i % sets]), sets=sets)
     bf16_sets = rotation_sets(2 * n * k, l2_bytes=l2_bytes)
     bf16 = [weights[s % sets].dequantize(torch.bfloat16) for s in range(bf16_sets)]
     row["cublas"] = time_graph(lambda i: F.linear(x, bf16[i % bf16_sets]), sets=bf16_sets)
     bf16.clear()
+    calls = probe_calls(x, weights, cfg, n, k, asm=cfg.decode == "asm")
+    ref = w4a16_linear(x, weights[0])
     if cfg.kernel == "gemv":
-        calls = probe_calls(x, weights, cfg, n, k, asm=cfg.decode == "asm")
-        ref = w4a16_linear(x, weights[0])
         row["copy_max_abs_diff"] = (calls["copy"](0).float() - ref.float()).abs().max().item()
-        for name, call in calls.items():
-            row[name] = time_graph(call, sets=sets)
+    else:  # a tensor-core config: only the floors (same grid: BN rows x BK columns a program)
+        calls = {name: calls[name] for name in ("load", "stream", "empty")}
+    for name, call in calls.items():
+        row[name] = time_graph(call, sets=sets)
+    if op in SWEPT:
+        row["sweep"] = {}
+        exact = x.float() @ weights[0].dequantize(torch.float32).T
+        for name, candidate in DEEP_CANDIDATES.items():
+            try:
+                got = w4a16_linear(x, weights[0], config=candidate)
+                err = ((got.float() - exact).norm() / exact.norm()).item()
+                if err > 1e-2:
+                    row["sweep"][name] = f"error {err:.2e}"
+                    continue
+                row["sweep"][name] = time_graph(
+                    lambda i, c=candidate: w4a16_linear(x, weights[i % sets], config=c), sets=sets
+                )
+            except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is reported
+                row["sweep"][name] = f"failed: {str(exc).splitlines()[0][:80]}"
     return row
 
 
@@ -209,6 +237,13 @@ def main() -> None:
     for r in rows:
         cells = [f"{r[c]:.2f} ({r['bytes'] / r[c] / 1e3:.0f})" if c in r else "-" for c in names]
         print(f"| {r['op']} | {r['bytes'] / 1e6:.1f} | " + " | ".join(cells) + " |")
+    print("\ndeeper pipelines, us per call (tuned beside):")
+    for r in rows:
+        if "sweep" in r:
+            cells = ", ".join(
+                f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}" for k, v in r["sweep"].items()
+            )
+            print(f"  {r['op']} (tuned {r['tuned']:.2f}): {cells}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
