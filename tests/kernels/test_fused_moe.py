@@ -137,7 +137,7 @@ def test_moe_replays_in_cuda_graph(experts, mode):
 
 
 @pytest.mark.skipif(not ON_GPU or interpreting(), reason="PTX decode runs on a CUDA GPU only")
-@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "split_k3"])
+@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "sorted_halves", "split_k3", "split_down2"])
 def test_moe_asm_decode_matches_bits(experts, mode):
     ids, weights = _routing(12, 3, seed=5)
     x = torch.randn(12, H, device=DEVICE, dtype=torch.bfloat16)

@@ -57,6 +57,19 @@ class NVFP4Tensor:
     def nbytes(self) -> int:
         return self.packed.numel() + self.scale.numel() + 4
 
+    def normal_scales(self) -> bool:
+        """Whether every block scale is a normal E4M3 number (nonzero exponent: no zero or subnormal scale), which
+        lets the GPU kernels decode scales with two integer ops (kernels/nvfp4_tile.py). Asked of the device once
+        per weight and kept; inside a CUDA-graph capture a weight never asked counts as False (the exact general
+        path: the warm-up before capture has asked every weight the graphs use)."""
+        known = self.__dict__.get("_normal_scales")
+        if known is None:
+            if self.packed.is_cuda and torch.cuda.is_current_stream_capturing():
+                return False
+            known = bool(((self.scale.view(torch.uint8) & 0x78) != 0).all())
+            self.__dict__["_normal_scales"] = known
+        return known
+
     def kernel_operands(self, *, stacked: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(packed codes, scales as raw bytes, scale_2 as flat fp32): what the kernels take, made once per weight
         (each view or cast costs a few microseconds of host time, and a prefill step launches hundreds); `stacked`

@@ -105,7 +105,7 @@ def dequantize_nvfp4(
         return out
     interpret = interpreting()
     capability = kernel_capability(packed.device)
-    asm = not interpret and capability is not None and capability >= (8, 0) and dtype != torch.float16
+    asm = int(not interpret and capability is not None and capability >= (8, 0) and dtype != torch.float16)
     block_rows, block_k, warps = tile
     grid = (experts, triton.cdiv(count, block_rows), triton.cdiv(k, block_k))
     _dequant_kernel[grid](

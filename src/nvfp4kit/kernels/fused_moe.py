@@ -338,9 +338,11 @@ def fused_moe(
     gu = _weight_args(gate_up, "gate_up")
     dn = _weight_args(down, "down")
     nvfp4 = gu[-1]
-    asm = (
+    asm = 0  # the decoder: 0 bits, 1 PTX, 2 PTX with normal block scales in both weights (nvfp4_tile.py)
+    if (
         cfg.decode == "asm" and nvfp4 and not interpret and x.dtype != torch.float16
-    )  # PTX output is bf16-scaled
+    ):  # PTX output is bf16-scaled
+        asm = 2 if gate_up.normal_scales() and down.normal_scales() else 1
     flags = dict(NVFP4=nvfp4, ASM=asm, INTERPRET=interpret)
     if cfg.split:
         out = fused_moe_split(x2, ids, route, gu, dn, top_k=top_k, inter=inter, config=cfg, flags=flags)

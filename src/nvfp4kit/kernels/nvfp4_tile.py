@@ -6,7 +6,11 @@ e2m1 * scale * 2**-FOLD_EXP exactly (E2M1 x E4M3 has at most 6 significant bits,
 bf16); the kernels multiply the fp32 accumulator by `scale_2 * 2**FOLD_EXP` once, in the epilogue.
 
 Two decoders compute the same values: `bits` (portable Triton integer ops; the one the CPU interpreter runs)
-and `asm` (PTX: byte permutes, one LOP3 and one packed bf16 FMA per pair of weights; SM80+, GPU only).
+and `asm` (PTX: byte permutes, one LOP3 and one packed bf16 FMA per pair of weights; SM80+, GPU only). The
+kernels' `ASM` constexpr: 0 bits, 1 PTX, 2 PTX for a weight whose block scales are all normal E4M3 numbers
+(`NVFP4Tensor.normal_scales`): each scale is then two integer ops instead of seven with the subnormal case and
+float conversions (sm_90 SASS of the 26B-A4B MoE and linear main loops: 15-20% fewer instructions, which the
+mid-size MoE is bound by).
 
 `load_weight_halves` / `load_act_halves` give the same tiles as two halves, even and odd K columns: a packed
 byte's low and high nibbles stay apart (no interleave back into K order) and the activation tile, smaller at
@@ -60,6 +64,42 @@ fma.rn.bf16x2 $1, u, $5, nz;
 )
 
 
+# PTX for `_decode` (K order): the same bit trick as `_DECODE_PTX`, four packed bytes ($6) giving their eight weights
+# in K order, two a register ($0..$3: bytes 0, 1, 2, 3), so the MMA operand needs no interleave. Each PRMT puts a
+# byte's low nibble (from the word shifted left by 4) at bits 12..15 of lane 0 and its high nibble at bits 28..31
+# of lane 1; bytes 0-3 share one 16-weight block, so their scales are equal ($4, $5 hold it twice each). 2.6 integer
+# ops and half a packed FMA per weight, no byte permutes after it.
+_DECODE_K_ORDER_PTX = tl.constexpr(
+    """
+{
+.reg .b32 q4, t, u, r, sm;
+mov.b32 sm, 0x80008000;
+shl.b32 q4, $6, 4;
+prmt.b32 t, $6, q4, 0x0444;
+shr.b32 r, t, 6;
+and.b32 r, r, 0x01C001C0;
+lop3.b32 u, t, sm, r, 0xEA;
+fma.rn.bf16x2 $0, u, $4, sm;
+prmt.b32 t, $6, q4, 0x1555;
+shr.b32 r, t, 6;
+and.b32 r, r, 0x01C001C0;
+lop3.b32 u, t, sm, r, 0xEA;
+fma.rn.bf16x2 $1, u, $4, sm;
+prmt.b32 t, $6, q4, 0x2666;
+shr.b32 r, t, 6;
+and.b32 r, r, 0x01C001C0;
+lop3.b32 u, t, sm, r, 0xEA;
+fma.rn.bf16x2 $2, u, $5, sm;
+prmt.b32 t, $6, q4, 0x3777;
+shr.b32 r, t, 6;
+and.b32 r, r, 0x01C001C0;
+lop3.b32 u, t, sm, r, 0xEA;
+fma.rn.bf16x2 $3, u, $5, sm;
+}
+"""
+)
+
+
 @triton.jit
 def decode_scale_fp16(s):
     """E4M3 bytes -> fp16 value * 2**7, exact (subnormal scales included)."""
@@ -70,12 +110,23 @@ def decode_scale_fp16(s):
 
 
 @triton.jit
+def _scale_per_byte(s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
+    """The E4M3 block scales as bf16 * 2**64, one per packed byte, [BN, BK/2] (the PTX decoders' scale operand).
+    ASM == 2 (normal scales only): exponent and mantissa bits shift into bf16 places and the exponent field gains
+    184 = 127 - 7 + 64 (bf16 bias - E4M3 bias + the fold), exact for every nonzero exponent."""
+    if ASM == 2:
+        s_bf16 = (((s.to(tl.uint16) & 0x7F) << 4) + (184 << 7)).to(tl.bfloat16, bitcast=True)
+    else:
+        s_bf16 = (decode_scale_fp16(s).to(tl.float32) * 144115188075855872.0).to(tl.bfloat16)  # * 2**57
+    return tl.reshape(tl.broadcast_to(s_bf16[:, :, None], [BN, BK // 16, 8]), [BN, BK // 2])
+
+
+@triton.jit
 def _decode_halves(b, s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
     """A raw tile's weights as (low nibbles = even K, high nibbles = odd K), [BN, BK/2] each. Portable: fp16 bit
     tricks, nibble -> e2m1 * 2**-14 (0.5 becomes an fp16 subnormal), times scale * 2**7. ASM: `_DECODE_PTX`."""
     if ASM:
-        s_bf16 = (decode_scale_fp16(s).to(tl.float32) * 144115188075855872.0).to(tl.bfloat16)  # * 2**57
-        s_bytes = tl.reshape(tl.broadcast_to(s_bf16[:, :, None], [BN, BK // 16, 8]), [BN, BK // 2])
+        s_bytes = _scale_per_byte(s, BN, BK, ASM)
         lo, hi = tl.inline_asm_elementwise(
             _DECODE_PTX,
             "=r,=r,=r,=r,r,r,r",
@@ -96,7 +147,20 @@ def _decode_halves(b, s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _decode(b, s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
-    """The halves interleaved back into K order: [BN, BK]."""
+    """A raw tile's weights in K order: [BN, BK]. Portable: the halves interleaved. ASM: `_DECODE_K_ORDER_PTX`,
+    whose two outputs hold each group of four bytes' first and last four weights (w0-3 and w4-7 of 8 per group):
+    regrouped here without moving a 16-bit value between registers."""
+    if ASM:
+        first, last = tl.inline_asm_elementwise(
+            _DECODE_K_ORDER_PTX,
+            "=r,=r,=r,=r,r,r,r",
+            [_scale_per_byte(s, BN, BK, ASM), b],
+            dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=4,
+        )
+        groups = tl.join(tl.reshape(first, [BN, BK // 8, 4]), tl.reshape(last, [BN, BK // 8, 4]))
+        return tl.reshape(tl.permute(groups, (0, 1, 3, 2)), [BN, BK])
     lo, hi = _decode_halves(b, s, BN, BK, ASM)
     return tl.reshape(tl.join(lo, hi), [BN, BK])
 

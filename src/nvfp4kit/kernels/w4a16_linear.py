@@ -223,7 +223,9 @@ def w4a16_linear(
         return out.reshape(*lead, n)
     cfg = config or select_linear_config(m, n, k, device=x.device)
     interpret = interpreting()
-    asm = cfg.decode == "asm" and not interpret and x.dtype != torch.float16  # PTX output is bf16-scaled
+    asm = 0  # the decoder: 0 bits, 1 PTX, 2 PTX with normal block scales (nvfp4_tile.py)
+    if cfg.decode == "asm" and not interpret and x.dtype != torch.float16:  # PTX output is bf16-scaled
+        asm = 2 if weight.normal_scales() else 1
     packed, scale, s2 = weight.kernel_operands()
     even_k = k % cfg.block_k == 0
     split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
