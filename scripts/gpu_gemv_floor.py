@@ -17,6 +17,7 @@ On the CPU (`TRITON_INTERPRET=1`, tiny shapes, no timing) it checks the kernels'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -199,7 +200,10 @@ def measure(op: str, n: int, k: int, *, l2_bytes: int, device: str = "cuda") -> 
     if op in SWEPT:
         row["sweep"] = {}
         exact = x.float() @ weights[0].dequantize(torch.float32).T
-        for name, candidate in DEEP_CANDIDATES.items():
+        candidates = dict(DEEP_CANDIDATES)
+        if cfg.kernel == "dot":  # the tuned tile with the nibble halves (two MMAs, no interleave)
+            candidates["tuned + halves"] = dataclasses.replace(cfg, halves=True)
+        for name, candidate in candidates.items():
             try:
                 got = w4a16_linear(x, weights[0], config=candidate)
                 err = ((got.float() - exact).norm() / exact.norm()).item()

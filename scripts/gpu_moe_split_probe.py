@@ -1,10 +1,13 @@
-"""The decode MoE (split mode) with its down projection's K split too: `MoEConfig.down_split_k` against the tuned
-configuration, 26B-A4B's MoE layer at a few tokens.
+"""MoE variants against the tuned configuration, 26B-A4B's MoE layer at decode sizes: the down projection's K
+split (`MoEConfig.down_split_k`, split mode) and the nibble halves (`MoEConfig.halves`, every mode).
 
 At one token the down kernel has 44 column blocks x 8 slots = 352 programs, each walking K = 704 in 6 serial
-tiles; splitting K gives 2-3x the programs with 2-3 tiles each. Every candidate is checked against the fp32
-reference first, then timed in CUDA graphs (weights and routings rotated as `nvfp4kit bench kernels` does).
-Run on the GPU from the repository root:  PYTHONPATH=src python3 scripts/gpu_moe_split_probe.py [--json OUT]
+tiles; splitting K gives 2-3x the programs with 2-3 tiles each. Halves: on sm_90 the K-ordered decode leaves
+the MMA's activation operand in registers it must copy (IMAD.MOV, ~1 per weight in the split gate_up), the even/
+odd halves do not (16% fewer main-loop instructions in the sorted gate_up). Every candidate is checked against
+the fp32 reference first, then timed in CUDA graphs (weights and routings rotated as `nvfp4kit bench kernels`).
+Run on the GPU from the repository root:
+  PYTHONPATH=src python3 scripts/gpu_moe_split_probe.py [--m 1 2 16 64] [--json OUT]
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from nvfp4kit.kernels.configs import select_moe_config
 from nvfp4kit.tuning.cases import MOE_SHAPE, MoECase
 from nvfp4kit.tuning.timing import time_graph
 
-VARIANTS = {  # name -> fields replaced in the tuned configuration
+VARIANTS = {  # name -> fields replaced in the tuned configuration (split-only ones are skipped elsewhere)
     "tuned": {},
+    "halves": {"halves": True},
+    "halves_down_k2": {"halves": True, "down_split_k": 2},
     "down_k2": {"down_split_k": 2},
     "down_k2_bk64": {"down_split_k": 2, "down_block_k": 64},
     "down_k3_bk64": {"down_split_k": 3, "down_block_k": 64},
@@ -34,7 +39,7 @@ VARIANTS = {  # name -> fields replaced in the tuned configuration
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 16, 64])
     ap.add_argument("--json")
     args = ap.parse_args()
     e, k, h, i = (MOE_SHAPE[key] for key in ("experts", "top_k", "hidden", "inter"))
@@ -42,10 +47,9 @@ def main() -> None:
     for m in args.m:
         case = MoECase.build(m, weight_sets=2, route_sets=8, with_bf16=False)
         tuned = select_moe_config(m, e, k, h, i, device="cuda")
-        if not tuned.split:
-            print(f"M={m}: the selected config is not split mode, skipped")
-            continue
         for name, fields in VARIANTS.items():
+            if not tuned.split and set(fields) - {"halves"}:
+                continue
             cfg = dataclasses.replace(tuned, **fields)
             row = {"M": m, "variant": name, "config": cfg.__dict__}
             try:

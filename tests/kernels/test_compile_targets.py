@@ -21,12 +21,14 @@ from nvfp4kit.kernels.w4a16_linear import _w4a16_dot_kernel, _w4a16_gemv_kernel 
 pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
 
 moe = importlib.import_module("nvfp4kit.kernels.fused_moe")
+moe_split = importlib.import_module("nvfp4kit.kernels.moe_split")
 
 LINEAR_PTRS = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "s2_ptr": "*fp32", "out_ptr": "*bf16",
                "ws_ptr": "*fp32", "counter_ptr": "*i32"}  # fmt: skip
 MOE_PTRS = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "s2_ptr": "*fp32", "act_ptr": "*bf16",
             "pair_ids_ptr": "*i32", "block_expert_ptr": "*i32", "topk_ids_ptr": "*i64", "topk_w_ptr": "*fp32",
-            "out_ptr": "*bf16", "part_ptr": "*bf16", "ids_ptr": "*i64", "scratch_ptr": "*i32"}  # fmt: skip
+            "out_ptr": "*bf16", "part_ptr": "*bf16", "ids_ptr": "*i64", "scratch_ptr": "*i32", "ws_ptr": "*fp32",
+            "counter_ptr": "*i32"}  # fmt: skip
 # decode attention over an FP8 e4m3 pool read as bytes (the integer decode every target has), K derived from V
 ATTN_PTRS = {"q_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32", "k_ptr": "*u8", "v_ptr": "*u8",
              "k_factor": "fp32", "v_factor": "fp32", "knorm_ptr": "*bf16", "inv_freq_ptr": "*fp32",
@@ -39,6 +41,10 @@ KERNELS = {
     "dot_small_asm": (_w4a16_dot_kernel, 4, dict(BM=16, BN=64, BK=256, SPLIT_K=2, GROUP_M=8, SWAP_AB=False, ASM=True)),
     "dot_large_bits": (_w4a16_dot_kernel, 8, dict(BM=128, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, SWAP_AB=False, ASM=False)),
     "dot_swap_asm": (_w4a16_dot_kernel, 8, dict(BM=64, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, SWAP_AB=True, ASM=True)),
+    # the two-op scale decode (ASM=2) and the nibble halves
+    "dot_small_asm2_halves": (_w4a16_dot_kernel, 4, dict(BM=16, BN=64, BK=256, SPLIT_K=2, GROUP_M=8, SWAP_AB=False, ASM=2, HALVES=True)),
+    "gate_up_split_asm2": (moe_split._moe_gate_up_split_kernel, 4, dict(TOP_K=8, BN=32, BK=256, SPLIT_K=2, NVFP4=True, ASM=2)),
+    "down_split_asm2_halves": (moe_split._moe_down_split_kernel, 4, dict(TOP_K=8, BN=64, BK=128, SPLIT_K=2, NVFP4=True, ASM=2, HALVES=True)),
     "gemv_asm": (_w4a16_gemv_kernel, 4, dict(BM=2, BN=32, BK=256, SPLIT_K=2, ASM=True, EVEN_K=True)),
     "gate_up_pair_asm": (moe._moe_gate_up_kernel, 4, dict(TOP_K=8, BM=16, BN=32, BK=128, SORTED=False, NVFP4=True, ASM=True)),
     "gate_up_sorted_dense": (moe._moe_gate_up_kernel, 4, dict(TOP_K=8, BM=32, BN=64, BK=64, SORTED=True, NVFP4=False, ASM=False)),

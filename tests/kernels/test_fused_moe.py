@@ -31,6 +31,7 @@ MODES = {
     "split_down2": MoEConfig(
         split=True, gate_up_split_k=2, down_split_k=2, **{**TILES, "gate_up_block_k": 32}
     ),
+    "split_halves": MoEConfig(split=True, gate_up_split_k=2, halves=True, **{**TILES, "gate_up_block_k": 32}),
 }
 
 
@@ -78,6 +79,8 @@ def _check(x, ids, weights, gate_up, down, config, bound):
         ("split_whole_k", 4, 2),
         ("split_down2", 1, 1),
         ("split_down2", 3, 3),
+        ("split_halves", 1, 2),
+        ("split_halves", 4, 3),
     ],
 )
 def test_moe_modes_match_reference(experts, mode, tokens, top_k):
@@ -137,7 +140,9 @@ def test_moe_replays_in_cuda_graph(experts, mode):
 
 
 @pytest.mark.skipif(not ON_GPU or interpreting(), reason="PTX decode runs on a CUDA GPU only")
-@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "sorted_halves", "split_k3", "split_down2"])
+@pytest.mark.parametrize(
+    "mode", ["pair_token", "sorted_triton", "sorted_halves", "split_k3", "split_down2", "split_halves"]
+)
 def test_moe_asm_decode_matches_bits(experts, mode):
     ids, weights = _routing(12, 3, seed=5)
     x = torch.randn(12, H, device=DEVICE, dtype=torch.bfloat16)

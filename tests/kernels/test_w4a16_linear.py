@@ -18,6 +18,9 @@ CONFIGS = {
     "dot_split": LinearConfig("dot", block_m=16, block_n=32, block_k=32, split_k=2),
     "dot_swap": LinearConfig("dot", block_m=16, block_n=16, block_k=32, swap_ab=True, group_m=2),
     "dot_wide": LinearConfig("dot", block_m=32, block_n=32, block_k=128, group_m=1),
+    # nibble halves: even and odd K columns as two MMAs (a ragged last K tile: 208 = 6.5 x 32 in the asm test)
+    "dot_halves": LinearConfig("dot", block_m=16, block_n=32, block_k=32, split_k=2, halves=True),
+    "dot_swap_halves": LinearConfig("dot", block_m=16, block_n=16, block_k=64, swap_ab=True, halves=True),
 }
 
 

@@ -23,17 +23,35 @@ import triton.language as tl
 
 from nvfp4kit.kernels.configs import MoEConfig
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
-from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
+from nvfp4kit.kernels.nvfp4_tile import (
+    fold_scale,
+    load_act_halves,
+    load_act_tile,
+    load_weight_halves,
+    load_weight_tile,
+    mma,
+)
 from nvfp4kit.kernels.split_k import arrival_counters
 
 
 @triton.jit
-def _row_times_tile(
-    acc, x_ptr, row, w, k0, K, BK: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr
-):
-    """acc [16, BN] + x[row, k0:k0+BK] . w[BN, BK]^T on the tensor cores, the row in lane 0 of 16."""
+def _row_times_weights(
+    acc, x_ptr, row, w_base, s_base, rn, k0, K, stride_wn, stride_sn,
+    BN: tl.constexpr, BK: tl.constexpr, NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr,
+    HALVES: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """acc [16, BN] + x[row, k0:k0+BK] . W[rn, k0:k0+BK]^T on the tensor cores, the row in lane 0 of 16; HALVES:
+    even and odd K columns apart, two MMAs, no nibble interleave (nvfp4_tile.py)."""
     lanes = tl.arange(0, 16)
+    dtype = x_ptr.dtype.element_ty
+    if HALVES:
+        xe, xo = load_act_halves(x_ptr + row, lanes * 0, lanes == 0, k0, K, 0, BK, EVEN_K)
+        we, wo = load_weight_halves(
+            w_base, s_base, rn, k0, K, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+        )
+        return mma(mma(acc, xe, tl.trans(we), INTERPRET), xo, tl.trans(wo), INTERPRET)
     x = load_act_tile(x_ptr + row, lanes * 0, lanes == 0, k0, K, 0, BK, EVEN_K)
+    w = load_weight_tile(w_base, s_base, rn, k0, K, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype)
     return mma(acc, x, tl.trans(w), INTERPRET)
 
 
@@ -42,7 +60,8 @@ def _moe_gate_up_split_kernel(
     x_ptr, w_ptr, s_ptr, s2_ptr, act_ptr, ws_ptr, counter_ptr, topk_ids_ptr,
     num_pairs, inter, hidden, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_am,
     TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, HALVES: tl.constexpr, INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     pair = tl.program_id(0)
@@ -54,18 +73,17 @@ def _moe_gate_up_split_kernel(
     row = (pair // TOP_K).to(tl.int64) * stride_xm
     rn = pid_n * BN + tl.arange(0, BN)
     rn_load = rn % inter
-    dtype = x_ptr.dtype.element_ty
     acc_gate = tl.zeros([16, BN], dtype=tl.float32)
     acc_up = tl.zeros([16, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, hidden, BK * SPLIT_K):
-        wg = load_weight_tile(
-            w_base, s_base, rn_load, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
-        )
-        acc_gate = _row_times_tile(acc_gate, x_ptr, row, wg, k0, hidden, BK, EVEN_K, INTERPRET)
-        wu = load_weight_tile(
-            w_base, s_base, rn_load + inter, k0, hidden, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
+        acc_gate = _row_times_weights(
+            acc_gate, x_ptr, row, w_base, s_base, rn_load, k0, hidden, stride_wn, stride_sn,
+            BN, BK, NVFP4, ASM, EVEN_K, HALVES, INTERPRET,
         )  # fmt: skip
-        acc_up = _row_times_tile(acc_up, x_ptr, row, wu, k0, hidden, BK, EVEN_K, INTERPRET)
+        acc_up = _row_times_weights(
+            acc_up, x_ptr, row, w_base, s_base, rn_load + inter, k0, hidden, stride_wn, stride_sn,
+            BN, BK, NVFP4, ASM, EVEN_K, HALVES, INTERPRET,
+        )  # fmt: skip
     scale = fold_scale(s2_ptr, e, NVFP4, ASM)
     gate = tl.sum(acc_gate, axis=0) * scale  # rows other than 0 are zero
     up = tl.sum(acc_up, axis=0) * scale
@@ -98,7 +116,8 @@ def _moe_down_split_kernel(
     act_ptr, w_ptr, s_ptr, s2_ptr, out_ptr, ws_ptr, counter_ptr, topk_ids_ptr, topk_w_ptr,
     hidden, inter, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_om,
     TOP_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    NVFP4: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, HALVES: tl.constexpr, INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     token = tl.program_id(0)
@@ -112,13 +131,12 @@ def _moe_down_split_kernel(
     row = pair.to(tl.int64) * stride_am
     rn = pid_n * BN + tl.arange(0, BN)
     rn_load = rn % hidden
-    dtype = act_ptr.dtype.element_ty
     acc = tl.zeros([16, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, inter, BK * SPLIT_K):
-        w = load_weight_tile(
-            w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn, BN, BK, NVFP4, ASM, EVEN_K, dtype
-        )
-        acc = _row_times_tile(acc, act_ptr, row, w, k0, inter, BK, EVEN_K, INTERPRET)
+        acc = _row_times_weights(
+            acc, act_ptr, row, w_base, s_base, rn_load, k0, inter, stride_wn, stride_sn,
+            BN, BK, NVFP4, ASM, EVEN_K, HALVES, INTERPRET,
+        )  # fmt: skip
     route = tl.load(topk_w_ptr + pair).to(tl.float32)
     y = tl.sum(acc, axis=0) * (fold_scale(s2_ptr, e, NVFP4, ASM) * route)
     ok = rn < hidden
@@ -171,13 +189,14 @@ def fused_moe_split(
     _moe_gate_up_split_kernel[(pairs, triton.cdiv(inter, gu_bn), split)](
         x, gate_up[0], gate_up[1], gate_up[2], act, ws, counters, ids, pairs, inter, hidden, x.stride(0),
         gate_up[3], gate_up[4], gate_up[5], gate_up[6], act.stride(0),
-        TOP_K=top_k, BN=gu_bn, BK=gu_bk, SPLIT_K=split, EVEN_K=hidden % gu_bk == 0, **flags,
+        TOP_K=top_k, BN=gu_bn, BK=gu_bk, SPLIT_K=split, EVEN_K=hidden % gu_bk == 0, HALVES=config.halves, **flags,
         num_warps=config.gate_up_warps, num_stages=config.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     _moe_down_split_kernel[(tokens, triton.cdiv(hidden, dn_bn), top_k * dn_split)](
         act, down[0], down[1], down[2], out, ws, counters, ids, route, hidden, inter, act.stride(0),
         down[3], down[4], down[5], down[6], out.stride(0),
-        TOP_K=top_k, BN=dn_bn, BK=dn_bk, SPLIT_K=dn_split, EVEN_K=inter % dn_bk == 0, **flags,
+        TOP_K=top_k, BN=dn_bn, BK=dn_bk, SPLIT_K=dn_split, EVEN_K=inter % dn_bk == 0, HALVES=config.halves,
+        **flags,
         num_warps=config.down_warps, num_stages=config.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     return out

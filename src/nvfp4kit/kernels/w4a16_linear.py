@@ -23,7 +23,14 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, interpreting, select_linear_config
 from nvfp4kit.kernels.dequant import dequant_linear
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
-from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile, mma
+from nvfp4kit.kernels.nvfp4_tile import (
+    fold_scale,
+    load_act_halves,
+    load_act_tile,
+    load_weight_halves,
+    load_weight_tile,
+    mma,
+)
 from nvfp4kit.kernels.split_k import arrival_counters
 from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M
 
@@ -52,6 +59,7 @@ def _w4a16_dot_kernel(
     SWAP_AB: tl.constexpr,
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
+    HALVES: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -77,14 +85,24 @@ def _w4a16_dot_kernel(
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K)
-        w = load_weight_tile(
-            w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, dtype
-        )
-        if SWAP_AB:
-            acc = mma(acc, w, tl.trans(x), INTERPRET)
+        if HALVES:  # even and odd K columns apart: two MMAs, no nibble interleave (nvfp4_tile.py)
+            xe, xo = load_act_halves(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K)
+            we, wo = load_weight_halves(
+                w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, dtype
+            )
+            if SWAP_AB:
+                acc = mma(mma(acc, we, tl.trans(xe), INTERPRET), wo, tl.trans(xo), INTERPRET)
+            else:
+                acc = mma(mma(acc, xe, tl.trans(we), INTERPRET), xo, tl.trans(wo), INTERPRET)
         else:
-            acc = mma(acc, x, tl.trans(w), INTERPRET)
+            x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K)
+            w = load_weight_tile(
+                w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, dtype
+            )
+            if SWAP_AB:
+                acc = mma(acc, w, tl.trans(x), INTERPRET)
+            else:
+                acc = mma(acc, x, tl.trans(w), INTERPRET)
     if SWAP_AB:
         acc = tl.trans(acc)
     _write_output(
@@ -279,6 +297,7 @@ def w4a16_linear(
             SWAP_AB=cfg.swap_ab,
             ASM=asm,
             EVEN_K=even_k,
+            HALVES=cfg.halves,
             INTERPRET=interpret,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
