@@ -40,6 +40,7 @@ VARIANTS = {  # name -> fields replaced in the tuned configuration (split-only o
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 16, 64])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--json")
     args = ap.parse_args()
     e, k, h, i = (MOE_SHAPE[key] for key in ("experts", "top_k", "hidden", "inter"))
@@ -47,7 +48,8 @@ def main() -> None:
     for m in args.m:
         case = MoECase.build(m, weight_sets=2, route_sets=8, with_bf16=False)
         tuned = select_moe_config(m, e, k, h, i, device="cuda")
-        for name, fields in VARIANTS.items():
+        for name in ["tuned"] + [v for v in args.variants if v != "tuned"]:
+            fields = VARIANTS[name]
             if not tuned.split and set(fields) - {"halves"}:
                 continue
             cfg = dataclasses.replace(tuned, **fields)
