@@ -1,0 +1,133 @@
+"""Main-loop SASS instruction counts of the W4A16 and MoE kernels, compiled on the CPU for a card that is not here.
+
+The batch-16/64 MoE and the small-M linears issue about 5-6 instructions per FP4 weight on sm_90 (decode, scale,
+register moves, MMA), which at 26B-A4B's sizes costs more issue slots than the weights' bytes take to stream, so
+the main loop's instruction count is a figure worth optimising before any GPU time is spent. This compiles the
+26B-A4B shapes at a few token counts with `tuning.cross_compile.compile_for` (nothing runs), disassembles each
+cubin with the cuobjdump Triton ships, finds the largest backward-branch loop and prints its size, the weights
+each thread decodes per iteration and the most frequent opcodes.
+
+  python3 scripts/cpu_sass_counts.py [--arch 9.0] [--m 1 16 64] [--halves]
+(`--halves` forces `halves=True` on the tensor-core linears and the MoE: even/odd K halves, two MMAs.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import re
+import subprocess
+import tempfile
+
+import torch
+
+from nvfp4kit.kernels import fused_moe as fused_moe_module
+from nvfp4kit.kernels import w4a16_linear as linear_module
+from nvfp4kit.tuning import cross_compile
+from nvfp4kit.tuning.cases import DENSE_SHAPES, MOE_SHAPE, random_nvfp4, random_routing
+
+SKIP = ("align", "sum")  # bookkeeping kernels: no weight loop
+
+
+def main_loop(sass: str) -> tuple[int, collections.Counter]:
+    """(instructions, opcode counts) of the largest backward-branch loop of a `cuobjdump -sass` listing."""
+    code = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?);", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2).strip()))
+    loop = None
+    for address, text in code:
+        branch = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            start = int(branch.group(1), 16)
+            if loop is None or address - start > loop[1] - loop[0]:
+                loop = (start, address)
+    ops: collections.Counter = collections.Counter()
+    if loop is None:
+        return 0, ops
+    for address, text in code:
+        if loop[0] <= address <= loop[1]:
+            words = text.split()
+            ops[words[1] if words[0].startswith("@") else words[0]] += 1
+    return sum(ops.values()), ops
+
+
+def sass_of(cubin: bytes) -> str:
+    tool = cross_compile._cuobjdump()
+    if tool is None:
+        raise SystemExit("cuobjdump not found (Triton's bundled one or on PATH)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def weights_per_thread(name: str, constants: dict, warps: int) -> int | None:
+    """FP4 weights one thread decodes per main-loop iteration (None where the kernel is not a weight loop)."""
+    bn, bk = constants.get("BN"), constants.get("BK")
+    if bn is None or bk is None:
+        return None
+    mats = 2 if "gate_up" in name else 1
+    return mats * bn * bk // (32 * warps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="9.0", help="compute capability to compile for (default 9.0)")
+    ap.add_argument("--sms", type=int, default=132)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--halves", action="store_true")
+    args = ap.parse_args()
+    capability = tuple(int(v) for v in args.arch.split("."))
+    compiled = []
+    record = cross_compile._record
+
+    def keep(fn, kernel, kwargs):
+        compiled.append((fn.__name__, kernel.asm["cubin"], kernel.metadata.num_warps, dict(kwargs)))
+        return record(fn, kernel, kwargs)
+
+    cross_compile._record = keep
+    if args.halves:
+        pick_linear, pick_moe = linear_module.select_linear_config, fused_moe_module.select_moe_config
+        linear_module.select_linear_config = lambda *a, **k: (
+            lambda c: dataclasses.replace(c, halves=True) if c.kernel == "dot" else c
+        )(pick_linear(*a, **k))
+        fused_moe_module.select_moe_config = lambda *a, **k: dataclasses.replace(
+            pick_moe(*a, **k), halves=True
+        )
+    e, top_k, h, i = (MOE_SHAPE[key] for key in ("experts", "top_k", "hidden", "inter"))
+    gate_up = random_nvfp4(2 * i, h, experts=e, device="cpu")
+    down = random_nvfp4(h, i, experts=e, device="cpu")
+    linears = {
+        op: random_nvfp4(n, k, device="cpu") for op, (n, k) in DENSE_SHAPES.items() if "global" not in op
+    }
+    print(f"sm_{args.arch.replace('.', '')}, main loop: instructions / weights a thread decodes an iteration")
+    for m in args.m:
+        cases = {
+            op: (lambda w=w, m=m: linear_module.w4a16_linear(torch.randn(m, w.shape[1]).bfloat16(), w))
+            for op, w in linears.items()
+        }
+        ids, route = random_routing(m, e, top_k, device="cpu")
+        cases["moe"] = lambda m=m, ids=ids, route=route: fused_moe_module.fused_moe(
+            torch.randn(m, h).bfloat16(), ids, route, gate_up, down
+        )
+        for label, run in cases.items():
+            compiled.clear()
+            with cross_compile.compile_for(capability, args.sms, zero_allocations=True):
+                run()
+            for name, cubin, warps, constants in compiled:
+                if any(s in name for s in SKIP):
+                    continue
+                n, ops = main_loop(sass_of(cubin))
+                per = weights_per_thread(name, constants, warps)
+                ratio = f"{n / per:.2f}/weight" if per and n else ""
+                top = ", ".join(f"{k}:{v}" for k, v in ops.most_common(6))
+                print(
+                    f"M={m:<3d} {label:18s} {name:28s} {n:4d} / {per or '-':>3} {ratio:12s} {top}", flush=True
+                )
+
+
+if __name__ == "__main__":
+    main()
