@@ -42,6 +42,10 @@ DEEP_CANDIDATES = {
     "dot 16x16x256 s5 w2": LinearConfig("dot", 16, 16, 256, 1, num_warps=2, num_stages=5, decode="asm"),
     "dot 16x32x256 s5 w4": LinearConfig("dot", 16, 32, 256, 1, num_warps=4, num_stages=5, decode="asm"),
     "dot 16x16x512 s4 w4": LinearConfig("dot", 16, 16, 512, 1, num_warps=4, num_stages=4, decode="asm"),
+    # fewest main-loop instructions a weight on sm_90 (scripts/cpu_sass_counts.py style counts: 4.3-4.5 vs 5.8)
+    "dot 16x64x256 w4 halves": LinearConfig("dot", 16, 64, 256, 1, num_warps=4, decode="asm", halves=True),
+    "dot 16x32x256 w2 halves": LinearConfig("dot", 16, 32, 256, 1, num_warps=2, decode="asm", halves=True),
+    "swap 16x32x256 w2": LinearConfig("dot", 16, 32, 256, 1, swap_ab=True, num_warps=2, decode="asm"),
 }
 
 
