@@ -1,5 +1,7 @@
 """The K-ordered PTX decode reads its four packed bytes as four K-consecutive bytes of one row, in every kernel.
 
+(The decode is opt-in, NVFP4KIT_K_ORDER_DECODE=1; the compile runs in a subprocess with it set.)
+
 `nvfp4_tile._DECODE_K_ORDER_PTX` is not elementwise: one instance turns 4 packed bytes into 8 weights that the
 Triton code regroups in K order, which is right only if the 4 registers Triton hands an instance (`pack=4`) are
 columns 4g..4g+3 of one row. That depends on the layout the compiler picks for the byte tile, so this compiles
@@ -117,4 +119,7 @@ def test_k_ordered_decode_gets_k_consecutive_bytes(arch):
 
 
 if __name__ == "__main__":
+    import os
+
+    os.environ["NVFP4KIT_K_ORDER_DECODE"] = "1"  # read when nvfp4_tile is imported, inside _check_all
     print("\n".join(_check_all(int(sys.argv[1]))))

@@ -20,8 +20,16 @@ decode sizes, is split instead; two MMAs of BK/2 sum the same products (H200 pro
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# The K-ordered PTX decode (`_DECODE_K_ORDER_PTX`) is opt-in (NVFP4KIT_K_ORDER_DECODE=1, read at import) until it
+# has run on a GPU: unlike the elementwise decoders it relies on each instance getting four K-consecutive bytes
+# (tests/kernels/test_decode_layout.py checks the compiled layouts on the CPU; tests/kernels/test_nvfp4_tile.py
+# checks the values on a GPU)
+K_ORDER_DECODE = tl.constexpr(os.environ.get("NVFP4KIT_K_ORDER_DECODE", "0") == "1")
 
 # power-of-two factor each decoder leaves in the expanded weight (undone in the epilogue)
 BITS_FOLD_EXP = 7
@@ -150,7 +158,7 @@ def _decode(b, s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
     """A raw tile's weights in K order: [BN, BK]. Portable: the halves interleaved. ASM: `_DECODE_K_ORDER_PTX`,
     whose two outputs hold each group of four bytes' first and last four weights (w0-3 and w4-7 of 8 per group):
     regrouped here without moving a 16-bit value between registers."""
-    if ASM:
+    if ASM and K_ORDER_DECODE:
         first, last = tl.inline_asm_elementwise(
             _DECODE_K_ORDER_PTX,
             "=r,=r,=r,=r,r,r,r",
