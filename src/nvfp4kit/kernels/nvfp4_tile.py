@@ -8,9 +8,9 @@ bf16); the kernels multiply the fp32 accumulator by `scale_2 * 2**FOLD_EXP` once
 Two decoders compute the same values: `bits` (portable Triton integer ops; the one the CPU interpreter runs)
 and `asm` (PTX: byte permutes, one LOP3 and one packed bf16 FMA per pair of weights; SM80+, GPU only). The
 kernels' `ASM` constexpr: 0 bits, 1 PTX, 2 PTX for a weight whose block scales are all normal E4M3 numbers
-(`NVFP4Tensor.normal_scales`): each scale is then two integer ops instead of seven with the subnormal case and
-float conversions (sm_90 SASS of the 26B-A4B MoE and linear main loops: 15-20% fewer instructions, which the
-mid-size MoE is bound by).
+(`NVFP4Tensor.normal_scales`): each scale is then two integer ops instead of about seven with the subnormal case
+and float conversions (sm_90 SASS of the 26B-A4B MoE and linear main loops: 6-17% fewer instructions, which the
+mid-size MoE is bound by; scripts/cpu_sass_counts.py).
 
 `load_weight_halves` / `load_act_halves` give the same tiles as two halves, even and odd K columns: a packed
 byte's low and high nibbles stay apart (no interleave back into K order) and the activation tile, smaller at
@@ -155,9 +155,9 @@ def _decode_halves(b, s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _decode(b, s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
-    """A raw tile's weights in K order: [BN, BK]. Portable: the halves interleaved. ASM: `_DECODE_K_ORDER_PTX`,
-    whose two outputs hold each group of four bytes' first and last four weights (w0-3 and w4-7 of 8 per group):
-    regrouped here without moving a 16-bit value between registers."""
+    """A raw tile's weights in K order: [BN, BK]: the halves interleaved; with `K_ORDER_DECODE`, PTX's
+    `_DECODE_K_ORDER_PTX`, whose two outputs hold each group of four bytes' first and last four weights (w0-3 and
+    w4-7 of 8 a group), regrouped here without moving a 16-bit value between registers."""
     if ASM and K_ORDER_DECODE:
         first, last = tl.inline_asm_elementwise(
             _DECODE_K_ORDER_PTX,
