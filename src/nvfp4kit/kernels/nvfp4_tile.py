@@ -9,7 +9,7 @@ Two decoders compute the same values: `bits` (portable Triton integer ops; the o
 and `asm` (PTX: byte permutes, one LOP3 and one packed bf16 FMA per pair of weights; SM80+, GPU only). The
 kernels' `ASM` constexpr: 0 bits, 1 PTX, 2 PTX for a weight whose block scales are all normal E4M3 numbers
 (`NVFP4Tensor.normal_scales`): each scale is then two integer ops instead of about seven with the subnormal case
-and float conversions (sm_90 SASS of the 26B-A4B MoE and linear main loops: 6-17% fewer instructions, which the
+and float conversions (sm_90 SASS of the 26B-A4B MoE and linear main loops: 7-17% fewer instructions, which the
 mid-size MoE is bound by; scripts/cpu_sass_counts.py).
 
 `load_weight_halves` / `load_act_halves` give the same tiles as two halves, even and odd K columns: a packed
