@@ -23,6 +23,9 @@ SMALL_M_TILES = (
     (32, 128, 2, 4),
     (16, 256, 2, 3),
 )
+# (block_n, block_k, num_warps) of small-M tiles with the nibble halves: the fewest sm_90 main-loop instructions a
+# weight (4.3-4.5 against 5.8 for the default 16-column tile; scripts/cpu_sass_counts.py), fewer programs
+SMALL_M_HALVES_TILES = ((64, 256, 4), (32, 256, 2))
 # (block_n, block_k, num_warps, swap_ab) for 16 < M <= 128 (block_m 32 or 64)
 MID_M_TILES = (
     (64, 128, 4, False),
@@ -69,6 +72,11 @@ def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> 
                             "dot", 16, bn, bk, split, num_warps=warps, num_stages=stages, decode=decode
                         )
                     )
+            for bn, bk, warps in SMALL_M_HALVES_TILES:
+                for split in _splits(-(-n // bn), k, bk, sms):
+                    out.append(
+                        LinearConfig("dot", 16, bn, bk, split, num_warps=warps, decode=decode, halves=True)
+                    )
         elif m <= 128:
             bm = 32 if m <= 32 else 64
             for bn, bk, warps, swap in MID_M_TILES:
@@ -93,13 +101,14 @@ SPLIT_DOWN_TILES = ((64, 128, 4, 1), (128, 128, 4, 1), (64, 64, 4, 1), (64, 128,
 
 # pipeline depths of the split kernels: Nsight Compute on the H200 (session 6) found the batch-1 gate_up kernel
 # limited to 4 blocks an SM by shared memory and registers alike (25% theoretical occupancy, DRAM 17%): two
-# stages hold less shared memory, so more programs fit an SM to hide the weight loads' latency
-SPLIT_STAGES = (3, 2)
+# stages hold less shared memory, so more programs fit an SM to hide the weight loads' latency. With (3, True):
+# the nibble halves at three stages (no register copies of the activation operand, 17% fewer sm_90 instructions)
+SPLIT_VARIANTS = ((3, False), (2, False), (3, True))  # (num_stages, halves)
 
 
 def _split_mode(tokens, top_k, hidden, inter, sms, decode) -> list[MoEConfig]:
     out = []
-    for stages in SPLIT_STAGES:
+    for stages, halves in SPLIT_VARIANTS:
         for gu_bn, gu_bk, gu_warps in SPLIT_GATE_UP_TILES:
             tiles = tokens * top_k * -(-inter // gu_bn)
             fill = _splits(tiles, hidden, gu_bk, 2 * sms)
@@ -115,6 +124,7 @@ def _split_mode(tokens, top_k, hidden, inter, sms, decode) -> list[MoEConfig]:
                             gate_up_split_k=split,
                             decode=decode,
                             num_stages=stages,
+                            halves=halves,
                             **gate_up,
                             **down,
                         )
