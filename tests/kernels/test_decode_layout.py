@@ -36,7 +36,6 @@ def _check_all(arch: int) -> list[str]:
     import torch
 
     from nvfp4kit.kernels.configs import LinearConfig, MoEConfig
-    from nvfp4kit.kernels.dequant import dequant_linear
     from nvfp4kit.kernels.fused_moe import fused_moe
     from nvfp4kit.kernels.w4a16_linear import w4a16_linear
     from nvfp4kit.tuning import cross_compile
@@ -56,9 +55,11 @@ def _check_all(arch: int) -> list[str]:
         random_nvfp4(256, 96, experts=8, device="cpu"),
     )
     tiles = dict(gate_up_block_n=32, gate_up_block_k=128, down_block_n=64, down_block_k=32, decode="asm")
-    linears = {
-        "gemv": LinearConfig("gemv", 4, 8, 512, 1, decode="asm"),
+    linears = {  # the GEMV (fp32 products) keeps the elementwise decode: not checked
         "dot": LinearConfig("dot", 16, 16, 256, 1, num_warps=2, decode="asm"),
+        "dot_narrow_k": LinearConfig("dot", 16, 16, 64, 1, decode="asm"),
+        "dot_split_k32": LinearConfig("dot", 16, 32, 32, 2, decode="asm"),
+        "dot_swap_k32": LinearConfig("dot", 16, 16, 32, 1, swap_ab=True, group_m=2, decode="asm"),
         "dot_wide": LinearConfig("dot", 16, 64, 256, 2, decode="asm"),
         "dot_swap": LinearConfig("dot", 64, 128, 64, 1, swap_ab=True, num_warps=8, decode="asm"),
         "dot_large": LinearConfig("dot", 128, 128, 64, 1, num_warps=8, decode="asm"),
@@ -74,7 +75,6 @@ def _check_all(arch: int) -> list[str]:
         runs[name] = lambda c=cfg: fused_moe(
             torch.randn(4, 256).bfloat16(), ids, route, gate_up, down, config=c
         )
-    runs["dequant"] = lambda: dequant_linear(torch.randn(600, 512).bfloat16(), weight)
     lines = []
     for name, run in runs.items():
         irs.clear()
