@@ -8,6 +8,7 @@ engine (its decode graphs captured under that variant), greedy tokens of two pro
 variants: they change when or where a value is computed, never what) and decode tokens/s with GPU ms per step.
 Usage (GPU machine, repository root):
   PYTHONPATH=src python3 scripts/gpu_decode_variants.py --out OUT [--variants 0:1:0 0:1:1 2:1] [--profile]
+  [--expect-tokens EARLIER/decode_variants.json]
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--profile", action="store_true", help="kernel table of one batch-1 step per variant")
+    p.add_argument(
+        "--expect-tokens", type=Path, help="an earlier run's decode_variants.json whose greedy tokens must match "
+        "(to compare code paths chosen at import, e.g. NVFP4KIT_K_ORDER_DECODE=1, in two processes)",
+    )  # fmt: skip
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = load_preset("gemma-4-26b-a4b")
@@ -96,9 +101,13 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     same = all(tokens[v] == tokens[args.variants[0]] for v in args.variants)
+    if args.expect_tokens:
+        expected = json.loads(args.expect_tokens.read_text())["tokens"]
+        same = same and all(t == next(iter(expected.values())) for t in tokens.values())
+        print(f"greedy tokens equal to {args.expect_tokens}'s: {same}")
     card = torch.cuda.get_device_name()
     (args.out / "decode_variants.json").write_text(
-        json.dumps({"card": card, "rows": rows, "greedy_equal": same}, indent=1)
+        json.dumps({"card": card, "rows": rows, "greedy_equal": same, "tokens": tokens}, indent=1)
     )
     print(f"\n{card}: greedy tokens equal across variants: {same}")
     print("variant batch  tok/s   ms/step  gpu ms  %roof")

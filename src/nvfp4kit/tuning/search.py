@@ -52,12 +52,26 @@ def _splits(tiles: int, k: int, block_k: int, sms: int) -> list[int]:
     return sorted({best, max(1, best // 2)})
 
 
+def _deep_splits(tiles: int, k: int, block_k: int, sms: int) -> list[int]:
+    """Split-K factors for one-token tensor-core tiles: up to ~8 programs an SM (several waves), two K tiles a
+    split at least. `scripts/gpu_gemv_split_probe.py` (H100, session 15): the 64-column tile split 4 ways took the
+    global q/k projection from 16.0 to 14.0 us and split 8 ways the global o projection from 14.3 to 13.0 us,
+    where `_splits` stops at one or two waves."""
+    out = [1]
+    while tiles * out[-1] * 2 <= 8 * sms and k // (block_k * out[-1] * 2) >= 2:
+        out.append(out[-1] * 2)
+    return out
+
+
 def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> list[LinearConfig]:
     out: list[LinearConfig] = []
     for decode in decodes:
         if m <= 2:
             # narrow rows x wide K: few, long loads in flight per program (won at M=1 on the H100 for o/down)
-            for bn, bk, warps, stages in ((32, 256, 4, 3), (8, 1024, 4, 2), (8, 1024, 4, 3), (8, 1024, 8, 3)):
+            # 4 rows x 1024: the fastest local o projection on the H100 (8.4 vs 9.1 us, session 15)
+            for bn, bk, warps, stages in (
+                (32, 256, 4, 3), (8, 1024, 4, 2), (8, 1024, 4, 3), (8, 1024, 8, 3), (4, 1024, 4, 2),
+            ):  # fmt: skip
                 for split in _splits(-(-n // bn), k, bk, sms):
                     out.append(
                         LinearConfig(
@@ -65,8 +79,9 @@ def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> 
                         )
                     )
         if m <= 16:
+            splits = _deep_splits if m <= 2 else _splits
             for bn, bk, warps, stages in SMALL_M_TILES:
-                for split in _splits(-(-n // bn), k, bk, sms):
+                for split in splits(-(-n // bn), k, bk, sms):
                     out.append(
                         LinearConfig(
                             "dot", 16, bn, bk, split, num_warps=warps, num_stages=stages, decode=decode
