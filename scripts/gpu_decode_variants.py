@@ -1,9 +1,10 @@
 """Decode launch variants on the card: speed and greedy tokens with PDL modes and the two-stream layer halves.
 
-One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F[:R]]` (PDL mode P of
+One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F[:R[:G]]]` (PDL mode P of
 kernels/launch.py, B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py, F = 0 to
 write K/V with their own launch instead of from qkv_norm_rope, engine/attention_backend.py; R = 0 to run the MoE
-router as its own launch after ffn_inputs instead of inside it, kernels/ffn_router.py; F, R default 1) a fresh
+router as its own launch after ffn_inputs instead of inside it, kernels/ffn_router.py; G = 0 to run the dense
+MLP's one-token gate_up projection and its GeGLU as two launches, kernels/gate_up_geglu.py; F, R, G default 1) a fresh
 engine (its decode graphs captured under that variant), greedy tokens of two prompts (must be identical across
 variants: they change when or where a value is computed, never what) and decode tokens/s with GPU ms per step.
 Usage (GPU machine, repository root):
@@ -27,7 +28,7 @@ from nvfp4kit.bench.engine_speed import profile_decode_step
 from nvfp4kit.config import load_preset
 from nvfp4kit.engine.attention_backend import FUSED_KV_WRITE_VAR
 from nvfp4kit.engine.engine import Engine, EngineConfig
-from nvfp4kit.kernels import ffn_router
+from nvfp4kit.kernels import ffn_router, gate_up_geglu
 from nvfp4kit.kernels.launch import set_pdl_mode
 from nvfp4kit.model.branches import set_branch_streams
 from nvfp4kit.plan.weights import weights_from_config
@@ -52,7 +53,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["0:1:0", "0:1:1"],
-        help="PDL mode:branch streams[:fused KV write[:router in ffn_inputs]], e.g. 0:1:1:1",
+        help="PDL mode:branch streams[:fused KV write[:router in ffn_inputs[:gate_up + GeGLU]]], e.g. 0:1:1:1:0",
     )
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--steps", type=int, default=48)
@@ -71,8 +72,9 @@ def main() -> None:
     rows, tokens = [], {}
     real_fuses = ffn_router.fuses
     for variant in args.variants:
-        mode, branches, fused_kv, routed = ([int(v) for v in variant.split(":")] + [1, 1])[:4]
+        mode, branches, fused_kv, routed, geglu_fused = ([int(v) for v in variant.split(":")] + [1, 1, 1])[:5]
         ffn_router.fuses = real_fuses if routed else (lambda *_: False)
+        gate_up_geglu.FUSE = bool(geglu_fused)
         set_pdl_mode(mode)
         set_branch_streams(bool(branches))
         os.environ[FUSED_KV_WRITE_VAR] = str(fused_kv)  # read when the decode graphs are captured

@@ -2,7 +2,8 @@
 
 Dense (BF16) linear weights, such as the tied lm_head, go to cuBLAS through `torch.nn.functional.linear`.
 Each region of `nvfp4kit.model.ops.FusedRegions` is one launch (norms.py, qkv_rope.py, geglu.py, router.py;
-at decode sizes a MoE layer's FFN inputs and router together, ffn_router.py).
+at decode sizes a MoE layer's FFN inputs and router together, ffn_router.py; opt-in, for one token, the dense
+MLP's gate_up projection with its GeGLU, gate_up_geglu.py).
 Everything here is free of host syncs, so a model built on this backend can be captured in a CUDA graph.
 """
 
@@ -15,6 +16,7 @@ from nvfp4kit.formats.fp8_rows import FP8RowTensor
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels import ffn_router, norms, router
 from nvfp4kit.kernels.fused_moe import fused_moe
+from nvfp4kit.kernels.gate_up_geglu import gate_up_geglu
 from nvfp4kit.kernels.geglu import geglu
 from nvfp4kit.kernels.qkv_rope import qkv_norm_rope
 from nvfp4kit.kernels.router import route
@@ -54,6 +56,13 @@ class TritonBackend:
     stores_kv = True  # qkv_norm_rope takes a `kv_sink` (kernels/kv_write.KVSink) and stores K/V itself
     geglu = staticmethod(geglu)
     route = staticmethod(route)
+
+    def gate_up_geglu(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
+        if isinstance(
+            weight, NVFP4Tensor
+        ):  # one launch for a one-token GEMV where enabled (gate_up_geglu.py)
+            return gate_up_geglu(x, weight)
+        return geglu(self.linear(x, weight))
 
     def route_tokens(
         self, z: torch.Tensor, weight: Weight, per_expert_scale: torch.Tensor, *, top_k: int

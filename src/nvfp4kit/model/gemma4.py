@@ -114,6 +114,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, (hidden,), backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the kernel backend runs projection + GeGLU as one launch for a token; the calibration backends that
+        # quantize/ installs on a Linear must see the projection itself, so only the projection's own backend decides
+        fused = getattr(self.gate_up_proj.backend, "gate_up_geglu", None)
+        if fused is not None:
+            return self.down_proj(fused(x, stored_weight(self.gate_up_proj, "weight")))
         return self.down_proj(regions(self.backend).geglu(self.gate_up_proj(x)))
 
 
