@@ -58,9 +58,8 @@ class TritonBackend:
     route = staticmethod(route)
 
     def gate_up_geglu(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
-        if isinstance(
-            weight, NVFP4Tensor
-        ):  # one launch for a one-token GEMV where enabled (gate_up_geglu.py)
+        # one launch for a one-token GEMV where enabled (gate_up_geglu.py)
+        if isinstance(weight, NVFP4Tensor):
             return gate_up_geglu(x, weight)
         return geglu(self.linear(x, weight))
 

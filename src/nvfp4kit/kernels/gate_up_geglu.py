@@ -40,6 +40,7 @@ def _gate_up_geglu_gemv_kernel(
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     m_ok = rm < M
     gate_rows = rn % inter
+    up_rows = gate_rows + inter
     acc_gate = tl.zeros([BM, BN, BK], dtype=tl.float32)
     acc_up = tl.zeros([BM, BN, BK], dtype=tl.float32)
     for k0 in range(0, K, BK):  # the same products and sum order as `_w4a16_gemv_kernel`, twice
@@ -48,19 +49,7 @@ def _gate_up_geglu_gemv_kernel(
             w_ptr, s_ptr, gate_rows, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, tl.float32
         )
         up = load_weight_tile(
-            w_ptr,
-            s_ptr,
-            gate_rows + inter,
-            k0,
-            K,
-            stride_wn,
-            stride_sn,
-            BN,
-            BK,
-            True,
-            ASM,
-            EVEN_K,
-            tl.float32,
+            w_ptr, s_ptr, up_rows, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, tl.float32
         )
         acc_gate += gate[None, :, :] * x[:, None, :]
         acc_up += up[None, :, :] * x[:, None, :]
@@ -102,9 +91,8 @@ def gate_up_geglu(x: torch.Tensor, weight: NVFP4Tensor) -> torch.Tensor:
     if cfg.decode == "asm" and not interpreting():
         asm = 2 if weight.normal_scales() else 1
     packed, scale, s2 = weight.kernel_operands()
-    rows = max(
-        1, cfg.block_n // 2
-    )  # gate + up rows: the GEMV tile's bytes and registers a program (session 15)
+    # half the tile of gate rows and half of up rows: the GEMV program's bytes and registers (session 15)
+    rows = max(1, cfg.block_n // 2)
     _gate_up_geglu_gemv_kernel[(triton.cdiv(inter, rows),)](
         x, packed, scale, s2, out, m, inter, k, x.stride(0), packed.stride(0), scale.stride(0), out.stride(0),
         BM=cfg.block_m, BN=rows, BK=cfg.block_k, ASM=asm, EVEN_K=k % cfg.block_k == 0,
