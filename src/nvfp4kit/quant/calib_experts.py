@@ -10,8 +10,9 @@ Each expert's result is exactly what it gets alone (tests/quant/test_calib_exper
 Experts that saw few calibration tokens: with t routed tokens and K inputs, X^T X has rank at most t, and
 for t < K GPTQ would fit the error into directions the calibration never probed. Their statistics are shrunk
 towards the identity: H + (1 - t/K) mean(diag H) I, so the fewer the tokens the more the choice follows plain
-weight error; an expert no token reached (H = 0) is quantized on weight error alone (H = I), which is what
-`mse` does: searched block and tensor scales, round to nearest. Experts with t >= K are untouched.
+weight error; an expert no token reached (H = 0) is quantized on weight error alone (H = I): searched block and
+tensor scales (over the data-driven methods' block-scale range, `calib_search.BLOCK_GRID`), round to nearest.
+Experts with t >= K are untouched.
 """
 
 from __future__ import annotations
