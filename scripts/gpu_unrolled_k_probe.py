@@ -26,6 +26,7 @@ import json
 import torch
 import triton
 import triton.language as tl
+from gpu_gemv_floor import probe_calls  # the engine grid's load floor (this script's folder is on sys.path)
 
 from nvfp4kit.kernels.configs import interpreting, select_linear_config
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_raw, load_weight_tile, mma
@@ -78,22 +79,16 @@ def _unrolled_kernel(
 
 
 @triton.jit
-def _load_kernel(
-    w_ptr, s_ptr, out_ptr, N, K_RUNTIME, stride_wn, stride_sn,
-    K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr,
-):  # fmt: skip
-    pid_n = tl.program_id(0)
-    rn = pid_n * BN + tl.arange(0, BN)
+def _load_unrolled_kernel(
+    w_ptr, s_ptr, out_ptr, N, stride_wn, stride_sn, K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr
+):
+    """`gpu_gemv_floor._load_probe` (the engine grid only loading its bytes) with the K loop unrolled."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
     even_k: tl.constexpr = K % BK == 0
     acc = tl.zeros([BN], dtype=tl.int32)
-    if UNROLL:
-        for k0 in tl.static_range(0, K, BK):
-            b, s = load_weight_raw(w_ptr, s_ptr, rn % N, k0, K, stride_wn, stride_sn, BK, True, even_k)
-            acc += tl.sum(b.to(tl.int32), axis=1) + tl.sum(s.to(tl.int32), axis=1)
-    else:
-        for k0 in range(0, K_RUNTIME, BK):
-            b, s = load_weight_raw(w_ptr, s_ptr, rn % N, k0, K, stride_wn, stride_sn, BK, True, even_k)
-            acc += tl.sum(b.to(tl.int32), axis=1) + tl.sum(s.to(tl.int32), axis=1)
+    for k0 in tl.static_range(0, K, BK):
+        b, s = load_weight_raw(w_ptr, s_ptr, rn % N, k0, K, stride_wn, stride_sn, BK, True, even_k)
+        acc += tl.sum(b.to(tl.int32), axis=1) + tl.sum(s.to(tl.int32), axis=1)
     tl.store(out_ptr + rn, acc, mask=rn < N)
 
 
@@ -131,14 +126,12 @@ def unrolled_linear(x: torch.Tensor, weight, variant: str, *, asm: int) -> torch
     return out
 
 
-def load_only(
-    weight, out: torch.Tensor, bn: int, bk: int, warps: int, stages: int, unroll: bool
-) -> torch.Tensor:
+def load_unrolled(weight, out: torch.Tensor, bn: int, bk: int, warps: int, stages: int) -> torch.Tensor:
     n, k = weight.shape
     packed, scale, _ = weight.kernel_operands()
-    _load_kernel[(triton.cdiv(n, bn),)](
-        packed, scale, out, n, k, packed.stride(0), scale.stride(0),
-        K=k, BN=bn, BK=bk, UNROLL=unroll, num_warps=warps, num_stages=stages,
+    _load_unrolled_kernel[(triton.cdiv(n, bn),)](
+        packed, scale, out, n, packed.stride(0), scale.stride(0),
+        K=k, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
@@ -152,9 +145,7 @@ def check_cpu() -> None:
             got = unrolled_linear(x, weight, variant, asm=0)
             assert rel_error(got, ref) < 1e-5, (variant, rel_error(got, ref))
         sums = weight.packed.to(torch.int32).sum(1) + weight.scale.view(torch.uint8).to(torch.int32).sum(1)
-        for unroll in (False, True):
-            out = torch.empty(n, dtype=torch.int32)
-            assert torch.equal(load_only(weight, out, 8, 256, 4, 3, unroll), sums)
+        assert torch.equal(load_unrolled(weight, torch.empty(n, dtype=torch.int32), 8, 256, 4, 3), sums)
         assert torch.equal(load_rows(weight, torch.empty(n, dtype=torch.int32), 8, 4), sums)
     print("cpu check: ok")
 
@@ -171,13 +162,13 @@ def measure(op: str, n: int, k: int, *, l2: int) -> dict:
     row = {"op": op, "bytes": n * k * 9 // 16, "config": cfg.__dict__}
     row["tuned"] = time_graph(lambda i: w4a16_linear(x, weights[i % sets]), sets=sets)
     loads = torch.empty(n, dtype=torch.int32, device="cuda")
-    for unroll in (False, True):
-        row["load_unrolled" if unroll else "load"] = time_graph(
-            lambda i, u=unroll: load_only(
-                weights[i % sets], loads, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, u
-            ),
-            sets=sets,
-        )
+    row["load"] = time_graph(probe_calls(x, weights, cfg, n, k, asm=bool(asm))["load"], sets=sets)
+    row["load_unrolled"] = time_graph(
+        lambda i: load_unrolled(
+            weights[i % sets], loads, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages
+        ),
+        sets=sets,
+    )
     for bn, warps in ((4, 4), (8, 4), (16, 8)):
         row[f"load rows {bn}"] = time_graph(
             lambda i, b=bn, w=warps: load_rows(weights[i % sets], loads, b, w), sets=sets

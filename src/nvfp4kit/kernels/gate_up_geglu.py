@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels.configs import interpreting, select_linear_config
+from nvfp4kit.kernels.configs import LinearConfig, interpreting, select_linear_config
 from nvfp4kit.kernels.geglu import geglu, gelu_tanh
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile
@@ -61,22 +61,30 @@ def _gate_up_geglu_gemv_kernel(
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], (gelu_tanh(g) * u).to(dtype), mask=mask)
 
 
-def fuses(x: torch.Tensor, weight: object) -> bool:
-    """Whether `gate_up_geglu` runs one launch here: an NVFP4 weight whose linear would run the GEMV without a K
-    split (the tuned or heuristic tile for this M, in practice one token), bf16/fp32 activations."""
+def _fused_config(x: torch.Tensor, weight: object) -> LinearConfig | None:
+    """The GEMV tile the one-launch path runs with, or None where the two launches run: an NVFP4 weight whose
+    linear would run the GEMV without a K split (the tuned or heuristic tile for this M, in practice one token),
+    bf16/fp32 activations."""
     if not FUSE or not isinstance(weight, NVFP4Tensor) or x.dtype == torch.float16 or x.dim() != 2:
-        return False
+        return None
     n, k = weight.shape
     if n % 2 or weight.scale_2.numel() != 1:
-        return False
+        return None
     cfg = select_linear_config(x.shape[0], n, k, device=x.device)
-    return cfg.kernel == "gemv" and cfg.split_k == 1 and x.shape[0] <= cfg.block_m
+    fits = cfg.kernel == "gemv" and cfg.split_k == 1 and x.shape[0] <= cfg.block_m
+    return cfg if fits else None
+
+
+def fuses(x: torch.Tensor, weight: object) -> bool:
+    """Whether `gate_up_geglu` runs one launch here (`_fused_config`)."""
+    return _fused_config(x, weight) is not None
 
 
 def gate_up_geglu(x: torch.Tensor, weight: NVFP4Tensor) -> torch.Tensor:
     """gelu_tanh(x @ gate^T) * (x @ up^T) for the fused weight [gate | up] ([2I, K]): [T, I] in x.dtype. One
     launch where `fuses` says so, else the projection and the GeGLU as two."""
-    if not fuses(x, weight):
+    cfg = _fused_config(x, weight)
+    if cfg is None:
         return geglu(w4a16_linear(x, weight))
     n, k = weight.shape
     inter = n // 2
@@ -86,7 +94,6 @@ def gate_up_geglu(x: torch.Tensor, weight: NVFP4Tensor) -> torch.Tensor:
     out = torch.empty((m, inter), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg = select_linear_config(m, n, k, device=x.device)
     asm = 0  # the decoder, as w4a16_linear picks it: 0 bits, 1 PTX, 2 PTX with normal block scales
     if cfg.decode == "asm" and not interpreting():
         asm = 2 if weight.normal_scales() else 1
