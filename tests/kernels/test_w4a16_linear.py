@@ -14,6 +14,9 @@ SHAPES = [(40, 80), (24, 208)]  # (N, K): N not a power of two, K a multiple of 
 CONFIGS = {
     "gemv": LinearConfig("gemv", block_m=4, block_n=16, block_k=64),
     "gemv_split": LinearConfig("gemv", block_m=4, block_n=32, block_k=32, split_k=3),
+    "gemv_halves": LinearConfig("gemv", block_m=4, block_n=8, block_k=64, split_k=2, halves=True),
+    # whole rows: one K tile wider than K (masked), as the batch-1 candidates launch it
+    "gemv_rows": LinearConfig("gemv", block_m=4, block_n=4, block_k=256, halves=True),
     "dot": LinearConfig("dot", block_m=16, block_n=16, block_k=64),
     "dot_split": LinearConfig("dot", block_m=16, block_n=32, block_k=32, split_k=2),
     "dot_swap": LinearConfig("dot", block_m=16, block_n=16, block_k=32, swap_ab=True, group_m=2),

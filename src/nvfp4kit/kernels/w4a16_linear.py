@@ -145,6 +145,7 @@ def _w4a16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     ASM: tl.constexpr,
     EVEN_K: tl.constexpr,
+    HALVES: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -154,13 +155,25 @@ def _w4a16_gemv_kernel(
     rn = pid_n * BN + tl.arange(0, BN)
     m_ok = rm < M
     rn_load = rn % N
-    acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
-        x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K).to(tl.float32)
-        w = load_weight_tile(
-            w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, tl.float32
-        )
-        acc += w[None, :, :] * x[:, None, :]
+    if HALVES:  # low nibbles times even K, high nibbles times odd K: no interleave of the decoded weights
+        acc = tl.zeros([BM, BN, BK // 2], dtype=tl.float32)
+        for k0 in range(pid_k * BK, K, BK * SPLIT_K):
+            xe, xo = load_act_halves(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K)
+            we, wo = load_weight_halves(
+                w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, tl.float32
+            )
+            acc += (
+                we[None, :, :] * xe.to(tl.float32)[:, None, :]
+                + wo[None, :, :] * xo.to(tl.float32)[:, None, :]
+            )
+    else:
+        acc = tl.zeros([BM, BN, BK], dtype=tl.float32)
+        for k0 in range(pid_k * BK, K, BK * SPLIT_K):
+            x = load_act_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BK, EVEN_K).to(tl.float32)
+            w = load_weight_tile(
+                w_ptr, s_ptr, rn_load, k0, K, stride_wn, stride_sn, BN, BK, True, ASM, EVEN_K, tl.float32
+            )
+            acc += w[None, :, :] * x[:, None, :]
     y = tl.sum(acc, axis=2)
     _write_output(
         y, out_ptr, ws_ptr, counter_ptr, s2_ptr, rm, rn, M, N, stride_om, pid_n, pid_k, SPLIT_K, ASM
@@ -281,6 +294,7 @@ def w4a16_linear(
             SPLIT_K=split,
             ASM=asm,
             EVEN_K=even_k,
+            HALVES=cfg.halves,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **pdl_args(x.device),

@@ -78,6 +78,12 @@ def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> 
                             "gemv", m, bn, bk, split, num_warps=warps, num_stages=stages, decode=decode
                         )
                     )
+            # nibble halves (no interleave of the decoded weights): the fastest H200 down projection, 4 rows x
+            # 512 (6.52 vs 6.85 us tuned; scripts/gpu_gemv_split_probe.py --family halves, session 16)
+            for bn, bk in ((4, 512), (8, 1024)):
+                out.append(
+                    LinearConfig("gemv", m, bn, bk, 1, num_warps=4, num_stages=2, decode=decode, halves=True)
+                )
         if m <= 16:
             splits = _deep_splits if m <= 2 else _splits
             for bn, bk, warps, stages in SMALL_M_TILES:
