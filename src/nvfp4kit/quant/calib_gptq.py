@@ -27,6 +27,9 @@ DAMPING = (
     0.05  # fraction of mean(diag(H)) added to the diagonal (GPTQ uses 0.01; more generalises better here)
 )
 SWEEP = 128  # columns updated lazily together (a multiple of the block size)
+# Block-scale range of the search that picks the tensor scale (its block scales are then re-chosen in the sweep,
+# over BLOCK_GRID): a module attribute so scripts/demo_accuracy.py --set can try others.
+TENSOR_SCALE_GRID: tuple[float, ...] = BLOCK_GRID
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -144,7 +147,7 @@ def gptq_quantize_group(
     (calib_guided's loss-aware weights per output group); the rows of a group are swept with its own."""
     if weights[0].dim() == 2 and hessian.dim() == 3:
         return _gptq_row_groups(weights, hessian, damping=damping)
-    scale_2, _ = search_group(weights, hblocks=hessian_blocks(hessian.float()))
+    scale_2, _ = search_group(weights, hblocks=hessian_blocks(hessian.float()), block_grid=TENSOR_SCALE_GRID)
     fused = gptq_quantize(
         torch.cat([w.float() for w in weights], dim=-2), hessian, scale_2=scale_2, damping=damping
     )
@@ -157,7 +160,7 @@ def _gptq_row_groups(
     """GPTQ's rows are independent given H, so row groups go through the batched sweep like experts, all
     with the one tensor scale searched on the mean statistics."""
     h = hessian.float()
-    scale_2, _ = search_group(weights, hblocks=hessian_blocks(h.mean(0)))
+    scale_2, _ = search_group(weights, hblocks=hessian_blocks(h.mean(0)), block_grid=TENSOR_SCALE_GRID)
     fused = torch.cat([w.float() for w in weights])
     groups, (n, k) = h.shape[0], fused.shape
     q = gptq_quantize(
