@@ -12,7 +12,14 @@ import pytest
 
 from nvfp4kit.bench.serve_load import check_loopback, corpus_text, load_levels, parse_counters, sample_lengths
 from nvfp4kit.bench.serve_load_server import ServerOptions, serve_command, started_server
-from nvfp4kit.bench.serve_load_stats import RequestResult, format_row, percentile, steps_by_kind, summarize
+from nvfp4kit.bench.serve_load_stats import (
+    RequestResult,
+    format_row,
+    percentile,
+    steps_by_kind,
+    summarize,
+    ttft_parts,
+)
 from nvfp4kit.cli import main
 
 
@@ -97,6 +104,24 @@ def test_step_counters_give_the_mean_step_time_by_kind():
     row = {"concurrency": 100, "request_rate": None, "completed": 1, "requests": 1, "request_throughput": 1.0,
            "output_tokens_per_s": 1.0, "mean_input_tokens": 1, "mean_output_tokens": 1, "server_steps": steps}  # fmt: skip
     assert "engine steps: decode_graph 2167 x 15.2 ms, prefill 214 x 118.7 ms" in format_row(row)
+
+
+def test_server_ttft_parts_from_the_histograms():
+    """A level's mean server TTFT and its parts come from the histogram sums and counts the level added."""
+    page = (
+        'nvfp4kit_time_to_first_token_seconds_bucket{le="0.1"} 4\nnvfp4kit_time_to_first_token_seconds_sum 0.332\n'
+        "nvfp4kit_time_to_first_token_seconds_count 4\nnvfp4kit_request_preprocess_seconds_sum 0.012\n"
+        "nvfp4kit_request_preprocess_seconds_count 4\nnvfp4kit_request_engine_first_token_seconds_sum 0.3\n"
+        "nvfp4kit_request_engine_first_token_seconds_count 4\n"
+    )
+    counters = parse_counters(page)
+    assert "nvfp4kit_time_to_first_token_seconds_bucket" not in counters
+    parts = ttft_parts(counters)
+    assert parts == {"server": 83.0, "preprocess": 3.0, "engine": 75.0}
+    row = {"concurrency": 1, "request_rate": None, "completed": 4, "requests": 4, "request_throughput": 1.0,
+           "output_tokens_per_s": 1.0, "mean_input_tokens": 1, "mean_output_tokens": 1, "server_ttft_ms": parts}  # fmt: skip
+    assert "server TTFT ms mean: server 83.0, preprocess 3.0, engine 75.0" in format_row(row)
+    assert ttft_parts({}) == {}
 
 
 def test_the_started_server_command():

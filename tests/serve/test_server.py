@@ -45,11 +45,34 @@ def test_models_health_and_metrics(server, api):
         "prompt_tokens_cached_total",
         "generation_tokens_total",
         "time_to_first_token_seconds",
+        "request_preprocess_seconds",
+        "request_engine_first_token_seconds",
         "inter_token_latency_seconds",
         "num_requests_running",
         "num_requests_waiting",
     ):
         assert f"# TYPE nvfp4kit_{name}" in text
+
+
+def test_time_to_first_token_is_split_into_preprocessing_and_engine(server, api):
+    """Each first token's TTFT is the server's preprocessing (arrival to the engine) plus the engine's part."""
+
+    def read(name: str) -> float:
+        return metric(server, f"nvfp4kit_{name}")
+
+    before = {n: read(n) for n in ("time_to_first_token_seconds_count", "request_engine_first_token_seconds_count",
+                                   "time_to_first_token_seconds_sum", "request_engine_first_token_seconds_sum",
+                                   "request_preprocess_seconds_count")}  # fmt: skip
+    api.chat.completions.create(model="tiny", messages=HI, max_tokens=2, **GREEDY)
+    ttft = read("time_to_first_token_seconds_sum") - before["time_to_first_token_seconds_sum"]
+    engine = read("request_engine_first_token_seconds_sum") - before["request_engine_first_token_seconds_sum"]
+    assert read("time_to_first_token_seconds_count") - before["time_to_first_token_seconds_count"] == 1
+    assert (
+        read("request_engine_first_token_seconds_count") - before["request_engine_first_token_seconds_count"]
+        == 1
+    )
+    assert read("request_preprocess_seconds_count") - before["request_preprocess_seconds_count"] == 1
+    assert 0 < engine <= ttft
 
 
 def test_api_key_is_required_on_v1_routes(server):

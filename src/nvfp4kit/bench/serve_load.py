@@ -26,7 +26,7 @@ from pathlib import Path
 
 from nvfp4kit.bench.serve_load_client import Client, _log, check_loopback, parse_counters
 from nvfp4kit.bench.serve_load_server import ServerOptions, started_server
-from nvfp4kit.bench.serve_load_stats import RequestResult, format_row, steps_by_kind, summarize
+from nvfp4kit.bench.serve_load_stats import RequestResult, format_row, steps_by_kind, summarize, ttft_parts
 from nvfp4kit.bench.serve_load_workload import Session, corpus_text, make_sessions, sample_lengths
 
 __all__ = [
@@ -123,6 +123,7 @@ async def benchmark(base_url: str, args: argparse.Namespace) -> dict:
             if after:  # what the server counted during the level (e.g. prefill tokens with a prefix cache)
                 row["server_counters"] = {k: after[k] - before.get(k, 0.0) for k in sorted(after)}
                 row["server_steps"] = steps_by_kind(row["server_counters"])
+                row["server_ttft_ms"] = ttft_parts(row["server_counters"])
             rows.append(row)
             _log(format_row(row))
         return {"model": model, "rows": rows}

@@ -144,11 +144,18 @@ STEP_COUNTERS = (
     "engine_steps_total",
     "engine_step_seconds_total",
 )  # kept per label: steps and seconds by kind
+# the server's time to first token and its two parts (histogram sums and counts: means over a level)
+TTFT_PARTS = (
+    "time_to_first_token_seconds",
+    "request_preprocess_seconds",
+    "request_engine_first_token_seconds",
+)
 
 
 def parse_counters(text: str) -> dict[str, float]:
     """`*_tokens_total` counters of a Prometheus text page (prompt, generation, prefill, cached tokens; labels
-    summed over), and the engine's steps and step seconds per kind (`STEP_COUNTERS`, label kept)."""
+    summed over), the engine's steps and step seconds per kind (`STEP_COUNTERS`, label kept), and the sums and
+    counts of the server's TTFT histograms (`TTFT_PARTS`)."""
     counters: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("#"):
@@ -159,7 +166,8 @@ def parse_counters(text: str) -> dict[str, float]:
                 name = line[: line.rindex("}") + 1]
         else:
             name, _, value = line.partition(" ")
-        if name.endswith("tokens_total") or name.split("{")[0].endswith(STEP_COUNTERS):
+        histogram_total = name.endswith(("_sum", "_count")) and name.rsplit("_", 1)[0].endswith(TTFT_PARTS)
+        if name.endswith("tokens_total") or name.split("{")[0].endswith(STEP_COUNTERS) or histogram_total:
             try:
                 counters[name] = counters.get(name, 0.0) + float(value.split()[0])
             except (ValueError, IndexError):

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 LATENCIES = ("ttft", "tpot", "itl", "e2e")
+PREFIX = "nvfp4kit"  # the server's metric names (serve/metrics.py)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -104,6 +105,19 @@ def steps_by_kind(counters: dict[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
+def ttft_parts(counters: dict[str, float]) -> dict[str, float]:
+    """Mean ms of the server's time to first token and of its parts over a level, from its histograms' sums and
+    counts: `preprocess` (arrival to the prompt handed to the engine), `engine` (from there to the first token).
+    What the client's TTFT adds on top is HTTP and the event loop. {} with a server that has no such histograms."""
+    out = {}
+    for label, name in (("server", "time_to_first_token_seconds"), ("preprocess", "request_preprocess_seconds"),
+                        ("engine", "request_engine_first_token_seconds")):  # fmt: skip
+        count = counters.get(f"{PREFIX}_{name}_count", 0.0)
+        if count > 0:
+            out[label] = round(1e3 * counters.get(f"{PREFIX}_{name}_sum", 0.0) / count, 2)
+    return out
+
+
 def format_row(r: dict) -> str:
     def ms(name: str) -> str:
         values = [r.get(f"{name}_ms_{s}") for s in ("mean", "p50", "p99")]
@@ -120,6 +134,8 @@ def format_row(r: dict) -> str:
         line += "\n    engine steps: " + ", ".join(
             f"{kind} {v['steps']:.0f} x {v['mean_ms']:.1f} ms" for kind, v in r["server_steps"].items()
         )
+    if parts := r.get("server_ttft_ms"):
+        line += "\n    server TTFT ms mean: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
     if r.get("ttft_ms_mean_by_turn"):
         line += f"\n    TTFT ms by turn {r['ttft_ms_mean_by_turn']}"
         if r.get("cached_tokens_mean_by_turn"):

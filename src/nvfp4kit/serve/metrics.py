@@ -2,8 +2,9 @@
 
 Counters: requests by endpoint and outcome, prompt and generated tokens, Triton kernel compilations (all, and
 those after the start-up warm-up: each one stalled a serving step), preemptions, and engine steps with their wall
-seconds by kind (where a load test's time went). Histograms: time to first token and
-inter-token latency. Gauges: requests running and waiting, read from the engine when scraped.
+seconds by kind (where a load test's time went). Histograms: time to first token, split into the server's
+preprocessing (arrival to the prompt handed to the engine) and the engine's part (queueing, prefill, the first
+step), and inter-token latency. Gauges: requests running and waiting, read from the engine when scraped.
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ class ServerMetrics:
         self.itl = Histogram(
             "inter_token_latency_seconds", "Time between consecutive tokens of a request.", ITL_BUCKETS
         )
+        self.preprocess = Histogram(
+            "request_preprocess_seconds",
+            "Time from request arrival to its prompt handed to the engine (validation, chat template, tokenizing).",
+            TTFT_BUCKETS,
+        )
+        self.engine_first_token = Histogram(
+            "request_engine_first_token_seconds",
+            "Time from the prompt handed to the engine to its first token (queueing, prefill, the first step).",
+            TTFT_BUCKETS,
+        )
 
     def request_done(self, endpoint: str, outcome: str) -> None:
         with self._lock:
@@ -78,12 +89,26 @@ class ServerMetrics:
         with self._lock:
             self.cached_prompt_tokens += count
 
-    def token(self, *, since_previous: float | None, since_arrival: float | None) -> None:
-        """One generated token: the first of a request gives its TTFT, later ones an inter-token gap."""
+    def submitted(self, since_arrival: float) -> None:
+        """A prompt handed to the engine, `since_arrival` seconds after its HTTP request arrived."""
+        with self._lock:
+            self.preprocess.observe(since_arrival)
+
+    def token(
+        self,
+        *,
+        since_previous: float | None,
+        since_arrival: float | None,
+        since_submitted: float | None = None,
+    ) -> None:
+        """One generated token: the first of a request gives its TTFT (and the engine's part of it, from
+        `since_submitted`), later ones an inter-token gap."""
         with self._lock:
             self.generation_tokens += 1
             if since_arrival is not None:
                 self.ttft.observe(since_arrival)
+            if since_submitted is not None:
+                self.engine_first_token.observe(since_submitted)
             if since_previous is not None:
                 self.itl.observe(since_previous)
 
@@ -104,7 +129,8 @@ class ServerMetrics:
             lines += _single(
                 "generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens
             )
-            lines += self.ttft.lines() + self.itl.lines()
+            lines += self.ttft.lines() + self.preprocess.lines() + self.engine_first_token.lines()
+            lines += self.itl.lines()
         if (prefilled := getattr(stats, "prefill_tokens", None)) is not None:
             text = "Prompt tokens run through the model (prompt tokens minus prefix-cache hits)."
             lines += _single("prefill_tokens_total", "counter", text, prefilled)

@@ -129,12 +129,16 @@ async def stream_jobs(
         previous: float | None = None
         try:
             extra = {"images": images} if images is not None else {}  # engines without images work too
+            submitted = time.perf_counter()
+            metrics.submitted(submitted - arrival)
             async with contextlib.aclosing(engine.stream(prompt_ids, job_params, **extra)) as tokens:
                 async for event in tokens:
                     now = time.perf_counter()
+                    first = previous is None
                     metrics.token(
-                        since_previous=None if previous is None else now - previous,
-                        since_arrival=now - arrival if previous is None else None,
+                        since_previous=None if first else now - previous,
+                        since_arrival=now - arrival if first else None,
+                        since_submitted=now - submitted if first else None,
                     )
                     previous = now
                     merged.put_nowait((index, event))
