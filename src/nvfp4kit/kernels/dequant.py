@@ -19,10 +19,10 @@ from nvfp4kit.kernels.configs import interpreting, kernel_capability
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import expand_weight, fold_scale, load_weight_raw
 
-# rows x columns expanded per program (a 128-column tile reads 64 contiguous bytes per row); on the H200 this
-# moves ~1.8 TB/s, 45% of the copy rate: `scripts/gpu_prefill_gemm.py --expand-sweep` times other tiles
-_BLOCK_ROWS = 32
-_BLOCK_K = 128
+# (rows, columns, warps) expanded per program (a 128-column tile reads 64 contiguous bytes per row); on the H200
+# the 26B-A4B q/k/v weight expands in 20.8 us, 2.8 TB/s of the 4.1 TB/s copy rate (read + written):
+# `scripts/gpu_expand_tiles.py` times other tiles, alone and in front of cuBLAS
+EXPAND_TILE = (32, 128, 4)
 
 _scratch: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
 
@@ -80,13 +80,13 @@ def dequantize_nvfp4(
     dtype: torch.dtype = torch.bfloat16,
     rows: tuple[int, int] | None = None,
     out: torch.Tensor | None = None,
-    tile: tuple[int, int, int] = (_BLOCK_ROWS, _BLOCK_K, 4),
+    tile: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Expand a [N, K] or stacked [E, N, K] NVFP4 weight to `dtype` (each value rounded once from fp32).
 
     `rows=(start, count)` expands only rows [start, start+count) of each matrix (e.g. the gate half of a fused
     gate_up); `out`, if given, must be contiguous of the result's shape and dtype and is written in place;
-    `tile` = (rows, columns, warps) per program (powers of two, columns >= 32; the default is the measured one)."""
+    `tile` = (rows, columns, warps) per program (powers of two, columns >= 32; default `EXPAND_TILE`)."""
     stacked = weight.packed.dim() == 3
     packed, scale, s2 = weight.kernel_operands(stacked=True)  # a single matrix as a stack of one
     experts, n, half_k = packed.shape
@@ -106,7 +106,7 @@ def dequantize_nvfp4(
     interpret = interpreting()
     capability = kernel_capability(packed.device)
     asm = int(not interpret and capability is not None and capability >= (8, 0) and dtype != torch.float16)
-    block_rows, block_k, warps = tile
+    block_rows, block_k, warps = tile or EXPAND_TILE
     grid = (experts, triton.cdiv(count, block_rows), triton.cdiv(k, block_k))
     _dequant_kernel[grid](
         packed, scale, s2, out, start, count, k,
