@@ -34,7 +34,7 @@ class LinearConfig:
     num_warps: int = 4
     num_stages: int = 3
     decode: str = "bits"  # "bits" (portable Triton) or "asm" (PTX, SM80+)
-    halves: bool = False  # dot: FP4 low and high nibbles as even/odd K halves, two MMAs (nvfp4_tile.py)
+    halves: bool = False  # FP4 low and high nibbles as even/odd K halves (dot: two MMAs; gemv: no interleave)
 
     def __post_init__(self) -> None:
         if self.kernel not in ("dot", "gemv"):
