@@ -140,10 +140,16 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
             engine, batch=batch, context=args.context, steps=args.steps, sampling=runs.GEMMA_SAMPLING
         )
         greedy = next((r for r in rows if r["scenario"] == "decode" and r["batch"] == batch), None)
+        if greedy is None:  # a batch not among --decode-batches: its greedy speed for the comparison
+            greedy_tps = runs.decode_speed(
+                engine, batch=batch, context=args.context, steps=args.steps
+            ).tokens_per_s
+        else:
+            greedy_tps = greedy["tokens_per_s"]
         rows.append({
             "scenario": "decode_sampled", "batch": batch, "prompt_len": args.context,
             "tokens_per_s": round(result.tokens_per_s, 1), "ms_per_step": round(result.ms_per_step, 3),
-            "vs_greedy": round(result.tokens_per_s / greedy["tokens_per_s"], 3) if greedy else None,
+            "vs_greedy": round(result.tokens_per_s / greedy_tps, 3), "greedy_tokens_per_s": round(greedy_tps, 1),
         })  # fmt: skip
         _log(f"  decode batch {batch}, sampled (t=1, top-p 0.95, top-k 64): {result.tokens_per_s:.1f} tok/s")
     for length in args.prefill:
