@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.kernels.configs import select_linear_config
-from nvfp4kit.kernels.nvfp4_tile import _DECODE_PTX, decode_scale_fp16, fold_scale
+from nvfp4kit.kernels.nvfp4_tile import decode_bytes, fold_scale, scale_operand
 from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 from nvfp4kit.tuning.cases import DENSE_SHAPES, random_nvfp4, rel_error
 
@@ -52,21 +52,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, s2_ptr, out_ptr, N, K, stride_wn, stride_s
         else:
             xe = tl.load(x_ptr + 2 * kb[None, :] + 0 * rows[:, None], mask=ok, other=0.0).to(tl.float32)
             xo = tl.load(x_ptr + 2 * kb[None, :] + 1 + 0 * rows[:, None], mask=ok, other=0.0).to(tl.float32)
-        if ASM:  # normal scales: E4M3 bits into bf16 * 2**64, the PTX decoder's scale operand
-            sb = (((s.to(tl.uint16) & 0x7F) << 4) + (184 << 7)).to(tl.bfloat16, bitcast=True)
-            lo, hi = tl.inline_asm_elementwise(
-                _DECODE_PTX,
-                "=r,=r,=r,=r,r,r,r",
-                [sb, b],
-                dtype=(tl.bfloat16, tl.bfloat16),
-                is_pure=True,
-                pack=4,
-            )
-        else:
-            bu = b.to(tl.uint16)
-            sc = decode_scale_fp16(s)
-            lo = (((bu & 0x08) << 12) | ((bu & 0x07) << 9)).to(tl.float16, bitcast=True) * sc
-            hi = (((bu & 0x80) << 8) | ((bu & 0x70) << 5)).to(tl.float16, bitcast=True) * sc
+        lo, hi = decode_bytes(b, scale_operand(s, ASM), ASM)
         acc += lo.to(tl.float32) * xe + hi.to(tl.float32) * xo
     y = tl.sum(acc, axis=1) * fold_scale(s2_ptr, 0, True, ASM)
     tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)

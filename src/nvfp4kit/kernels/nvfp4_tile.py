@@ -36,7 +36,7 @@ K_ORDER_DECODE = tl.constexpr(os.environ.get("NVFP4KIT_K_ORDER_DECODE", "0") == 
 BITS_FOLD_EXP = 7
 ASM_FOLD_EXP = 62
 
-# PTX for `_decode_halves`: four packed bytes ($6) and their four bf16 scales ($4, $5) give the low nibbles'
+# PTX for `decode_bytes`: four packed bytes ($6) and their four bf16 scales ($4, $5) give the low nibbles'
 # weights ($0, $1) and the high nibbles' weights ($2, $3). PRMT puts two bytes at bits 8..15 of the two
 # 16-bit lanes; a nibble at bits 12..15 of a lane is the bf16 e2m1 * 2**-126 once its magnitude bits move to
 # 6..8 (shift, mask, LOP3); the scale, pre-multiplied by 2**64, lands it on e2m1 * scale * 2**-62 exactly
@@ -105,39 +105,51 @@ def decode_scale_fp16(s):
 
 
 @triton.jit
-def _scale_per_byte(s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
-    """The E4M3 block scales as bf16 * 2**64, one per packed byte, [BN, BK/2] (the PTX decoders' scale operand).
-    ASM == 2 (normal scales only): exponent and mantissa bits shift into bf16 places and the exponent field gains
-    184 = 127 - 7 + 64 (bf16 bias - E4M3 bias + the fold), exact for every nonzero exponent."""
+def scale_operand(s, ASM: tl.constexpr):
+    """E4M3 block-scale bytes -> what `decode_bytes` multiplies by, elementwise: ASM, bf16 * 2**64 (the PTX
+    decoders' scale operand); portable, fp16 * 2**7. ASM == 2 (normal scales only): exponent and mantissa bits
+    shift into bf16 places and the exponent field gains 184 = 127 - 7 + 64 (bf16 bias - E4M3 bias + the fold),
+    exact for every nonzero exponent."""
     if ASM == 2:
-        s_bf16 = (((s.to(tl.uint16) & 0x7F) << 4) + (184 << 7)).to(tl.bfloat16, bitcast=True)
+        scale = (((s.to(tl.uint16) & 0x7F) << 4) + (184 << 7)).to(tl.bfloat16, bitcast=True)
+    elif ASM:
+        scale = (decode_scale_fp16(s).to(tl.float32) * 144115188075855872.0).to(tl.bfloat16)  # * 2**57
     else:
-        s_bf16 = (decode_scale_fp16(s).to(tl.float32) * 144115188075855872.0).to(tl.bfloat16)  # * 2**57
-    return tl.reshape(tl.broadcast_to(s_bf16[:, :, None], [BN, BK // 16, 8]), [BN, BK // 2])
+        scale = decode_scale_fp16(s)
+    return scale
 
 
 @triton.jit
-def _decode_halves(b, s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
-    """A raw tile's weights as (low nibbles = even K, high nibbles = odd K), [BN, BK/2] each. Portable: fp16 bit
-    tricks, nibble -> e2m1 * 2**-14 (0.5 becomes an fp16 subnormal), times scale * 2**7. ASM: `_DECODE_PTX`."""
+def _scale_per_byte(s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
+    """`scale_operand` of the [BN, BK/16] block scales, one per packed byte: [BN, BK/2]."""
+    return tl.reshape(tl.broadcast_to(scale_operand(s, ASM)[:, :, None], [BN, BK // 16, 8]), [BN, BK // 2])
+
+
+@triton.jit
+def decode_bytes(b, scale, ASM: tl.constexpr):
+    """Packed bytes and their scales (`scale_operand`, one per byte, same shape) -> (low nibbles = even K, high
+    nibbles = odd K) weights. Portable: fp16 bit tricks, nibble -> e2m1 * 2**-14 (0.5 becomes an fp16
+    subnormal), times scale * 2**7. ASM: `_DECODE_PTX`."""
     if ASM:
-        s_bytes = _scale_per_byte(s, BN, BK, ASM)
         lo, hi = tl.inline_asm_elementwise(
             _DECODE_PTX,
             "=r,=r,=r,=r,r,r,r",
-            [s_bytes, b],
+            [scale, b],
             dtype=(tl.bfloat16, tl.bfloat16),
             is_pure=True,
             pack=4,
         )
     else:
         bu = b.to(tl.uint16)
-        scale = tl.reshape(
-            tl.broadcast_to(decode_scale_fp16(s)[:, :, None], [BN, BK // 16, 8]), [BN, BK // 2]
-        )
         lo = (((bu & 0x08) << 12) | ((bu & 0x07) << 9)).to(tl.float16, bitcast=True) * scale
         hi = (((bu & 0x80) << 8) | ((bu & 0x70) << 5)).to(tl.float16, bitcast=True) * scale
     return lo, hi
+
+
+@triton.jit
+def _decode_halves(b, s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
+    """A raw tile's weights as (low nibbles = even K, high nibbles = odd K), [BN, BK/2] each (`decode_bytes`)."""
+    return decode_bytes(b, _scale_per_byte(s, BN, BK, ASM), ASM)
 
 
 @triton.jit
