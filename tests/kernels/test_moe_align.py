@@ -1,8 +1,9 @@
-"""moe_align groups every (token, slot) pair under its expert in padded blocks; both methods agree."""
+"""moe_align groups every (token, slot) pair under its expert in padded blocks; all methods agree."""
 
 import pytest
 import torch
 
+from nvfp4kit.kernels import moe_align as align_module
 from nvfp4kit.kernels.moe_align import max_blocks, moe_align
 
 from .helpers import DEVICE
@@ -35,21 +36,24 @@ def _check_layout(
 
 
 @pytest.mark.parametrize(
-    "tokens,top_k,experts,bm", [(1, 8, 128, 16), (7, 2, 5, 4), (37, 3, 8, 16), (150, 8, 128, 16)]
+    "tokens,top_k,experts,bm",
+    [(1, 8, 128, 16), (7, 2, 5, 4), (37, 3, 8, 16), (150, 8, 128, 16), (300, 8, 128, 64)],
 )
-def test_align_methods_agree(tokens, top_k, experts, bm):
+def test_align_methods_agree(tokens, top_k, experts, bm, monkeypatch):
+    monkeypatch.setattr(align_module, "CHUNK_PAIRS", 64)  # several chunks, one partly filled, at small sizes
     gen = torch.Generator().manual_seed(tokens)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(DEVICE)
     ids[:, 0] = ids[:, 0] % max(1, experts // 2)  # skew: some experts busy, some idle
     blocks = {}
-    for method in ("triton", "torch"):
+    for method in ("triton", "chunked", "torch"):
         pair_ids, block_expert = moe_align(ids, num_experts=experts, block_m=bm, method=method)
         blocks[method] = (
             _check_layout(ids, pair_ids, block_expert, experts=experts, bm=bm),
             block_expert.cpu(),
         )
-    assert torch.equal(blocks["triton"][1], blocks["torch"][1])
-    assert blocks["triton"][0] == blocks["torch"][0]  # same pairs per expert (order inside may differ)
+    for method in ("triton", "chunked"):
+        assert torch.equal(blocks[method][1], blocks["torch"][1])
+        assert blocks[method][0] == blocks["torch"][0]  # same pairs per expert (order inside may differ)
 
 
 def test_align_empty_and_unknown_method():
