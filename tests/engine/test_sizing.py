@@ -193,14 +193,12 @@ def test_tokens_a_step_and_sliding_passes_follow_the_card():
 
 
 def test_prefill_graphs_by_card_and_never_with_tensor_parallelism():
-    """Captured prefill steps of 1024 and 2048 tokens on 70+ GiB cards (a budget counts as the card's size), none
+    """Captured prefill steps of 256, 512, ..., 2048 tokens on 70+ GiB cards (a budget counts as the card's size), none
     on smaller ones or the CPU; what the user sets stays; tensor parallel ranks do not replay them."""
     from nvfp4kit.llm import _engine_options
 
-    assert with_device_defaults(EngineConfig(), "cuda", gpu_memory_budget=80 * GiB).prefill_graphs == (
-        1024,
-        2048,
-    )
+    big = with_device_defaults(EngineConfig(), "cuda", gpu_memory_budget=80 * GiB).prefill_graphs
+    assert big == (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
     assert with_device_defaults(EngineConfig(), "cuda", gpu_memory_budget=24 * GiB).prefill_graphs == ()
     assert with_device_defaults(EngineConfig(), "cpu").prefill_graphs == ()
     off = EngineConfig(prefill_graphs=())

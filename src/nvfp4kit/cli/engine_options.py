@@ -99,7 +99,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         help="capture the steps that prefill in CUDA graphs for these token counts (e.g. 512,1024,2048): a step "
         "of up to N tokens replays the smallest graph that holds it instead of launching ~700 kernels from Python "
         "(on an H200 a 600-token prompt's step: 26 ms replayed, 52 eager); the memory plan reserves their pool. "
-        "'none' turns them off (default: 1024,2048 on GPUs with 70+ GiB, none on smaller ones)",
+        "'none' turns them off (default: every multiple of 256 up to 2048 on GPUs with 70+ GiB, none on smaller ones)",
     )  # fmt: skip
     g.add_argument(
         "--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,

@@ -39,7 +39,7 @@ class EngineConfig:
     # costs about the same for one prompt or four); None: by device, 16 on CUDA, 0 (admit at once) elsewhere
     admission_delay: int | None = None
     # token counts of the steps that prefill to capture in CUDA graphs (engine/prefill_graphs.py); () = eager.
-    # None: by device, 1024 and 2048 on 70+ GiB GPUs, none elsewhere (`plan.pools.default_prefill_graphs`)
+    # None: by device, 256, 512, ..., 2048 on 70+ GiB GPUs, none elsewhere (`plan.pools.default_prefill_graphs`)
     prefill_graphs: tuple[int, ...] | None = None
 
 

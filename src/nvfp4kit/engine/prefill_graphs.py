@@ -15,7 +15,7 @@ kernels. A step of T tokens over n sequences replays the graph of the smallest c
 - only the rows to sample reach the LM head, through a fixed index buffer.
 
 A step the graphs cannot take runs eagerly (`fits`): more tokens or sequences than captured, a sequence with more
-tokens than one sliding-window pass takes, images, prompt logprobs. On by default for 1024 and 2048 tokens on
+tokens than one sliding-window pass takes, images, prompt logprobs. On by default for every multiple of 256 tokens up to 2048 on
 70+ GiB GPUs without tensor parallelism (`EngineConfig.prefill_graphs`, `--prefill-graphs`; `none` turns them
 off); the memory plan reserves the graphs' own pool (`plan.pools.runtime_reserve`). On the H200
 `tests/gpu/test_prefill_graphs_cuda.py` passes, and the 96-decode + 1-prompt step above took 36.6 ms replayed
