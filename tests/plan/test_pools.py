@@ -120,7 +120,10 @@ def test_the_plan_reserves_the_prefill_graphs_the_engine_captures_by_default():
     pool comes out of the KV budget in the plan as at start-up; a 24 GB card has none."""
     from nvfp4kit.plan.pools import DEFAULT_MAX_BATCH, default_prefill_graphs, runtime_reserve
 
-    assert default_prefill_graphs(80 * GiB) == (256, 512, 768, 1024, 1280, 1536, 1792, 2048) and default_prefill_graphs(24 * GiB) == ()
+    assert (
+        default_prefill_graphs(80 * GiB) == (256, 512, 768, 1024, 1280, 1536, 1792, 2048)
+        and default_prefill_graphs(24 * GiB) == ()
+    )
     cfg = load_preset("gemma-4-26b-a4b")
     h200 = build_plan("gemma-4-26b-a4b", gpu="H200")["nvfp4kit"]
     plain = runtime_reserve(
