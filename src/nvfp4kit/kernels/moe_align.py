@@ -8,11 +8,11 @@ buffers are the same on every CUDA-graph replay):
 where max_blocks = ceil(P / B) + min(E, P) bounds the blocks any routing can need.
 
 Three implementations, all free of host syncs: one Triton program (atomics into a small scratch; decode-sized
-P), a two-kernel Triton counting sort over chunks of pairs (prefill-sized P: the one program's atomics on 128
-counters serialise: 104 us at 1,536 tokens on an H100, 16 us chunked) and a chain of torch ops (sort, scatter, cumsum,
-searchsorted). They give the same blocks; inside an expert's run the Triton ones may order pairs differently,
-which changes no result (rows of a tile are independent). `method="triton"` picks the one program up to
-ONE_PROGRAM_PAIRS pairs and the chunked sort above.
+P), a two-kernel Triton counting sort over chunks of pairs (prefill-sized P, where the one program's atomics on
+128 counters serialise: 104 us at 1,536 tokens on an H100, 16 us chunked) and a chain of torch ops (sort,
+scatter, cumsum, searchsorted). They give the same blocks; inside an expert's run the Triton ones may order
+pairs differently, which changes no result (rows of a tile are independent). `method="triton"` picks the one
+program up to ONE_PROGRAM_PAIRS pairs and the chunked sort above.
 """
 
 from __future__ import annotations
@@ -172,17 +172,8 @@ def _align_chunked(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, 
     fill = triton.cdiv(triton.cdiv(pair_ids.numel(), chunks), chunk) * chunk
     pdl = pdl_args(ids.device)
     _count_chunks_kernel[(chunks,)](
-        ids,
-        counts,
-        pair_ids,
-        ids.numel(),
-        pair_ids.numel(),
-        fill,
-        E_PAD=e_pad,
-        CHUNK=chunk,
-        num_warps=4,
-        **pdl,
-    )
+        ids, counts[0], pair_ids, ids.numel(), pair_ids.numel(), fill, E_PAD=e_pad, CHUNK=chunk, num_warps=4, **pdl
+    )  # fmt: skip
     _place_chunks_kernel[(chunks,)](
         ids, counts[0], counts[1], pair_ids, block_expert, ids.numel(), chunks, block_expert.numel(),
         E_PAD=e_pad, BM=block_m, CHUNK=chunk, ROWS=16, num_warps=4, **pdl,
