@@ -13,8 +13,6 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-_LONG_TEXT = 16_384  # characters
-
 
 class Tokenizer:
     def __init__(self, folder: str | Path):
@@ -41,11 +39,11 @@ class Tokenizer:
         return ids
 
     def _encode(self, text: str) -> list[int]:
-        """Token ids of `text`, added tokens matched. Long texts go through `encode_batch`, which lets other
-        threads run while it works (`encode` was seen holding the GIL for seconds on a 5 MB prompt)."""
-        if len(text) < _LONG_TEXT:
-            return self._tok.encode(text, add_special_tokens=False).ids
-        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
+        """Token ids of `text`, added tokens matched. The batch API lets other threads run while it works
+        (`encode` was seen holding the GIL for seconds on a 5 MB prompt), and its `_fast` form skips the
+        character offsets nobody reads: the same ids 25-30% sooner (0.77 -> 0.57 ms for 1,000 tokens, 8.2 -> 5.9
+        ms for 9,900: an 8-turn chat re-tokenizes its whole history every turn)."""
+        return self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
