@@ -44,6 +44,24 @@ def test_a_decode_batch_larger_than_the_engine_runs_is_refused(tiny_checkpoint):
         eager=True,
     )
     assert engine_config(args, None).max_num_seqs == 16
+    assert engine_config(args, None).prefill_graphs is None  # the card's default, as the server's
+
+
+def test_bench_engine_takes_the_servers_prefill_graph_counts():
+    """`bench engine --prefill-graphs 1024,1536` times the prefill steps with the graph set a server would use."""
+    from nvfp4kit.bench.engine_speed import register_scenario
+
+    parser = argparse.ArgumentParser()
+    register_scenario(parser.add_subparsers(dest="cmd"))
+    for flag, expected in (("1024,1536", (1024, 1536)), ("none", ())):
+        args = parser.parse_args(["engine", "--prefill-graphs", flag])
+        assert engine_config(args, None).prefill_graphs == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["engine", "--prefill-graphs", "0,x"])
+    parallel = parser.parse_args(["engine", "--tensor-parallel-size", "2"])
+    assert engine_config(parallel, None).prefill_graphs == ()  # the ranks replay no prefill graphs
+    with pytest.raises(SystemExit, match="tensor-parallel"):
+        engine_config(parser.parse_args(["engine", "-tp", "2", "--prefill-graphs", "1024"]), None)
 
 
 def test_roofline_of_the_26b_shape_matches_the_issue_figure():

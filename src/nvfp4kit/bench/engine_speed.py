@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from nvfp4kit.bench import engine_runs as runs
+from nvfp4kit.cli.engine_options import token_counts
 from nvfp4kit.config import PRESET_DIR, load_config, load_preset
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
@@ -83,6 +84,11 @@ def engine_config(args: argparse.Namespace, cfg) -> EngineConfig:
     longest = max([*args.prefill, args.context + args.steps + 8])
     most = max([*args.decode_batches, *(args.sampled_batches or [])])  # the sampled batches run in it too
     tokens = max(most * (args.context + args.steps + 8), longest) + 1024
+    prefill_graphs = getattr(args, "prefill_graphs", None)
+    if getattr(args, "tensor_parallel_size", 1) > 1:  # as the server: the ranks do not replay prefill graphs
+        if prefill_graphs:
+            raise SystemExit("error: --prefill-graphs is not supported with --tensor-parallel-size > 1")
+        prefill_graphs = ()
     return EngineConfig(
         kv_dtype=args.kv_dtype,
         max_num_seqs=most,
@@ -90,6 +96,7 @@ def engine_config(args: argparse.Namespace, cfg) -> EngineConfig:
         max_model_len=args.max_model_len,
         num_kv_tokens=tokens,
         cuda_graphs=not args.eager,
+        prefill_graphs=prefill_graphs,
         prefix_caching=False,  # the prefill rows reuse one seed: measure whole prefills, not cache hits
     )
 
@@ -322,6 +329,11 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument(
+        "--prefill-graphs", type=token_counts, default=None, metavar="N,N,...",
+        help="token counts of the prefill steps captured in CUDA graphs, as `serve --prefill-graphs` (default: the "
+        "card's; 'none': eager prefill steps)",
+    )  # fmt: skip
     p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
         help="split the model over N GPUs (one process each; every rank captures its decode graphs)",

@@ -34,7 +34,8 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _token_counts(text: str) -> tuple[int, ...]:
+def token_counts(text: str) -> tuple[int, ...]:
+    """argparse type of `--prefill-graphs`: `1024,2048` -> (1024, 2048); `none` -> ()."""
     if text.strip().lower() in ("0", "none", "off"):
         return ()
     try:
@@ -95,7 +96,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "CUDA, 0 on the CPU)",
     )  # fmt: skip
     g.add_argument(
-        "--prefill-graphs", type=_token_counts, default=None, metavar="N,N,...",
+        "--prefill-graphs", type=token_counts, default=None, metavar="N,N,...",
         help="capture the steps that prefill in CUDA graphs for these token counts (e.g. 512,1024,2048): a step "
         "of up to N tokens replays the smallest graph that holds it instead of launching ~700 kernels from Python "
         "(on an H200 a 600-token prompt's step: 26 ms replayed, 52 eager); the memory plan reserves their pool. "
