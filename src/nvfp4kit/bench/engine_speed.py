@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from nvfp4kit.bench import engine_runs as runs
-from nvfp4kit.cli.engine_options import token_counts
 from nvfp4kit.config import PRESET_DIR, load_config, load_preset
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
+from nvfp4kit.plan.units import token_counts
 from nvfp4kit.plan.weights import weights_from_config
 from nvfp4kit.sampling import SamplingParams
 

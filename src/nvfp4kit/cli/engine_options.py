@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nvfp4kit.plan.pools import DEFAULT_GPU_MEMORY_UTILIZATION
-from nvfp4kit.plan.units import parse_size
+from nvfp4kit.plan.units import parse_size, token_counts
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8_e4m3", "fp8_e5m2", "float32")
 ATTENTION_BACKENDS = ("triton", "torch")  # engine/attention_backend.py
@@ -32,19 +32,6 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
     return value
-
-
-def token_counts(text: str) -> tuple[int, ...]:
-    """argparse type of `--prefill-graphs`: `1024,2048` -> (1024, 2048); `none` -> ()."""
-    if text.strip().lower() in ("0", "none", "off"):
-        return ()
-    try:
-        counts = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected token counts like 512,1024,2048, got {text!r}") from None
-    if not counts or min(counts) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive token counts like 512,1024,2048, got {text!r}")
-    return counts
 
 
 def _fraction(text: str) -> float:

@@ -1,7 +1,8 @@
-"""Byte units: parse "24GiB" / "80GB" / "512MiB", and print sizes the way the plan tables do."""
+"""Byte units: parse "24GiB" / "80GB" / "512MiB", and print sizes the way the plan tables do; token-count lists."""
 
 from __future__ import annotations
 
+import argparse
 import re
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -56,3 +57,16 @@ def parse_size(value: int | float | str, *, option: str) -> int:
     if size <= 0:
         raise ValueError(f"{option}: must be a positive size, got {value!r}")
     return size
+
+
+def token_counts(text: str) -> tuple[int, ...]:
+    """argparse type of `--prefill-graphs` (serve, bench engine): `1024,2048` -> (1024, 2048); `none` -> ()."""
+    if text.strip().lower() in ("0", "none", "off"):
+        return ()
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token counts like 512,1024,2048, got {text!r}") from None
+    if not counts or min(counts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive token counts like 512,1024,2048, got {text!r}")
+    return counts
