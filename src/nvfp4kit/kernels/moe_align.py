@@ -31,6 +31,26 @@ def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
 
 
+@triton.jit
+def _fill_padding(pair_ids_ptr, start, stop, num_slots, num_pairs, CHUNK: tl.constexpr):
+    """Slots [start, stop) of `pair_ids` (clipped to num_slots) marked as padding (= num_pairs)."""
+    for s0 in range(start, stop, CHUNK):
+        slots = s0 + tl.arange(0, CHUNK)
+        tl.store(pair_ids_ptr + slots, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs, mask=slots < num_slots)
+
+
+@triton.jit
+def _store_block_experts(block_expert_ptr, ends, num_blocks, BM: tl.constexpr, BLOCK_CHUNK: tl.constexpr):
+    """block_expert[b]: the expert whose padded run holds row b * BM (`ends`: the runs' cumulative ends), -1 past
+    the last run."""
+    used = tl.max(ends, axis=0)
+    for b0 in range(0, num_blocks, BLOCK_CHUNK):
+        blocks = b0 + tl.arange(0, BLOCK_CHUNK)
+        first = blocks * BM
+        expert = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blocks, tl.where(first < used, expert, -1), mask=blocks < num_blocks)
+
+
 # the pair and block counts change with the step's tokens (num_slots, blocks x BM, is always a multiple of 16)
 @triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
 def _moe_align_kernel(
@@ -54,9 +74,7 @@ def _moe_align_kernel(
     start_ptr = scratch_ptr + 2 * E_PAD  # [E_PAD] first padded slot of each expert
     tl.store(counts_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32))
     tl.store(taken_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32))
-    for s0 in range(0, num_slots, CHUNK):
-        slots = s0 + tl.arange(0, CHUNK)
-        tl.store(pair_ids_ptr + slots, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs, mask=slots < num_slots)
+    _fill_padding(pair_ids_ptr, 0, num_slots, num_slots, num_pairs, CHUNK)
     tl.debug_barrier()
 
     for p0 in range(0, num_pairs, CHUNK):
@@ -70,13 +88,7 @@ def _moe_align_kernel(
     padded = (counts + BM - 1) // BM * BM
     ends = tl.cumsum(padded, axis=0)
     tl.store(start_ptr + experts, ends - padded)
-    total = tl.sum(padded, axis=0)
-    for b0 in range(0, num_blocks, BLOCK_CHUNK):
-        blocks = b0 + tl.arange(0, BLOCK_CHUNK)
-        first = blocks * BM
-        expert = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
-        expert = tl.where(first < total, expert, -1)
-        tl.store(block_expert_ptr + blocks, expert, mask=blocks < num_blocks)
+    _store_block_experts(block_expert_ptr, ends, num_blocks, BM, BLOCK_CHUNK)
     tl.debug_barrier()
 
     for p0 in range(0, num_pairs, CHUNK):
@@ -121,9 +133,7 @@ def _count_chunks_kernel(
     ok = pairs < num_pairs
     ids = tl.load(ids_ptr + pairs, mask=ok, other=0).to(tl.int32)
     tl.store(counts_ptr + c * E_PAD + tl.arange(0, E_PAD), tl.histogram(ids, E_PAD, mask=ok))
-    for s0 in range(c * fill, (c + 1) * fill, CHUNK):
-        slots = s0 + tl.arange(0, CHUNK)
-        tl.store(pair_ids_ptr + slots, tl.zeros([CHUNK], dtype=tl.int32) + num_pairs, mask=slots < num_slots)
+    _fill_padding(pair_ids_ptr, c * fill, (c + 1) * fill, num_slots, num_pairs, CHUNK)
 
 
 @triton.jit(do_not_specialize=["num_pairs", "num_chunks", "num_blocks"])
@@ -149,12 +159,7 @@ def _place_chunks_kernel(
     padded = (total + BM - 1) // BM * BM
     ends = tl.cumsum(padded, axis=0)
     if c == 0:
-        used = tl.sum(padded, axis=0)
-        for b0 in range(0, num_blocks, 64):
-            blocks = b0 + tl.arange(0, 64)
-            first = blocks * BM
-            expert = tl.sum((ends[None, :] <= first[:, None]).to(tl.int32), axis=1)
-            tl.store(block_expert_ptr + blocks, tl.where(first < used, expert, -1), mask=blocks < num_blocks)
+        _store_block_experts(block_expert_ptr, ends, num_blocks, BM, 64)
     tl.store(bases_ptr + c * E_PAD + experts, ends - padded + before)
     tl.debug_barrier()  # the whole row is stored before any thread's atomics read it
     pairs = c * CHUNK + tl.arange(0, CHUNK)
