@@ -166,7 +166,8 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
         rows.append({"scenario": "ttft", "batch": 1, "prompt_len": length, "ms": round(result.ttft_ms, 1)})
         _log(f"  prefill {length}: {result.tokens_per_s:.0f} tok/s, TTFT {result.ttft_ms:.0f} ms")
     if args.profile:
-        _log(profile_decode_step(engine))
+        for batch in args.decode_batches:
+            _log(profile_decode_step(engine, batch=batch, context=args.context))
     if args.fp8_lm_head:  # the same decode steps with logits from an FP8 copy of the output projection
         model.use_fp8_lm_head()
         if engine.graphs is not None:
@@ -203,9 +204,9 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def profile_decode_step(engine: Engine, top: int = 25) -> str:
-    """The kernels of one batch-1 decode step by total GPU time: a graph replay when the profiler sees into
-    graphs, else the same step run eagerly."""
+def profile_decode_step(engine: Engine, batch: int = 1, context: int = 256, top: int = 25) -> str:
+    """The kernels of one decode step of `batch` sequences with `context`-token prompts, by total GPU time: a
+    graph replay when the profiler sees into graphs, else the same step run eagerly."""
     from torch.profiler import ProfilerActivity, profile
 
     def one_step(graphs_on: bool):
@@ -213,9 +214,14 @@ def profile_decode_step(engine: Engine, top: int = 25) -> str:
         engine.graphs = graphs if graphs_on else None
         try:
             cfg = engine.model.config
-            params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-            engine.add_request(runs.random_prompt(cfg, 256, seed=7), params)
-            for _ in range(3):
+            params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+            ids = [
+                engine.add_request(runs.random_prompt(cfg, context, seed=7 + i), params) for i in range(batch)
+            ]
+            reqs = [engine.requests[i] for i in ids]
+            while (
+                min(len(r.output_ids) for r in reqs) < 3
+            ):  # every prompt prefilled, then whole-batch decodes
                 engine.step()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 engine.step()
@@ -232,7 +238,10 @@ def profile_decode_step(engine: Engine, top: int = 25) -> str:
         mode, events = "eager", one_step(False)
     total = sum(e.self_device_time_total for e in events)
     launches = sum(e.count for e in events)
-    lines = [f"one batch-1 decode step ({mode}): {launches} kernels, {total / 1e3:.2f} ms of GPU time"]
+    lines = [
+        f"one decode step, batch {batch}, {context}-token prompts ({mode}): {launches} kernels, "
+        f"{total / 1e3:.2f} ms of GPU time"
+    ]
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         lines.append(f"{e.self_device_time_total / 1e3:8.3f} ms {e.count:5}x  {e.key[:90]}")
     return "\n".join(lines)
@@ -349,7 +358,11 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
         "decode rows report GPU ms per step (CUDA events) and the host ms the GPU waits for (default %(default)s)",
     )  # fmt: skip
     p.add_argument("--fp8-lm-head", action="store_true", help="also time decode with the FP8 lm_head copy")
-    p.add_argument("--profile", action="store_true", help="print the kernels of one eager decode step")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the kernels of one decode step at each --decode-batches size",
+    )
     p.add_argument("--baseline", choices=("hf", "none"), default="hf", help="HF transformers BF16 baseline")
     p.add_argument(
         "--hf-batches", type=int, nargs="+", default=[1, 16], help="decode batches for the baseline"
