@@ -24,7 +24,7 @@ TUNED_DIR = Path(__file__).with_name("tuned")
 
 @dataclass(frozen=True)
 class LinearConfig:
-    kernel: str = "dot"  # "dot" (tensor cores) or "gemv" (CUDA cores, M <= block_m)
+    kernel: str = "dot"  # "dot" (tensor cores), "gemv" (CUDA cores, M <= block_m) or "frag" (gemv_mma.py)
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
@@ -35,10 +35,13 @@ class LinearConfig:
     num_stages: int = 3
     decode: str = "bits"  # "bits" (portable Triton) or "asm" (PTX, SM80+)
     halves: bool = False  # FP4 low and high nibbles as even/odd K halves (dot: two MMAs; gemv: no interleave)
+    unroll: int = 2  # frag: K steps a loop trip (num_warps: warps splitting K; 8 rows a program)
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("dot", "gemv"):
-            raise ValueError(f"LinearConfig.kernel must be 'dot' or 'gemv', got {self.kernel!r}")
+        if self.kernel not in ("dot", "gemv", "frag"):
+            raise ValueError(f"LinearConfig.kernel must be 'dot', 'gemv' or 'frag', got {self.kernel!r}")
+        if self.kernel == "frag" and self.block_m > 8:
+            raise ValueError(f"frag configs take at most 8 tokens, got block_m={self.block_m}")
         if self.decode not in ("bits", "asm"):
             raise ValueError(f"LinearConfig.decode must be 'bits' or 'asm', got {self.decode!r}")
         if self.block_k % 32 or self.block_k < 32:
@@ -126,6 +129,10 @@ def timed_tiles_fit(capability: tuple[int, int] | None) -> bool:
     Blackwell, sm_90 and sm_100, 227 KB of shared memory a block. Others (sm_80, 86, 89, 120) get tiles chosen by
     compiling for them (`nvfp4kit bench compile`). None (no card known) counts as one."""
     return capability is None or capability[0] in (9, 10)
+
+
+# the fragment GEMV (`gemv_mma.py`) for 1-8 tokens on SM80+ instead of the tuned table's entry
+FRAG_GEMV = os.environ.get("NVFP4KIT_FRAG_GEMV", "0") == "1"
 
 
 def interpreting() -> bool:
@@ -283,9 +290,22 @@ def select_linear_config(m: int, n: int, k: int, *, device=None) -> LinearConfig
     return _select_linear_cached(m, n, k, _device_key(device), interpreting())
 
 
+def frag_linear_config(m: int, n: int, k: int, *, sms: int) -> LinearConfig:
+    """The fragment GEMV (`gemv_mma.py`: 8 weight rows a program, warps splitting K) for up to 8 tokens: enough
+    warps for ~16 a SM, each still with at least two 64-byte K steps of every row."""
+    groups = -(-n // 8)
+    k_warps = 1
+    while k_warps < 8 and groups * k_warps < 16 * sms and k // (256 * k_warps * 2) >= 2:
+        k_warps *= 2
+    return LinearConfig("frag", 8, 8, 256, 1, num_warps=k_warps, decode="asm", unroll=2)
+
+
 @functools.lru_cache(maxsize=4096)
 def _select_linear_cached(m: int, n: int, k: int, key: tuple[str, int], _interpret: bool) -> LinearConfig:
     device = None if key[0] == "cpu" else torch.device(key[0], key[1])
+    capability = kernel_capability(device)
+    if FRAG_GEMV and m <= 8 and not _interpret and capability is not None and capability >= (8, 0):
+        return frag_linear_config(m, n, k, sms=sm_count(device))
     entry = _pick_bucket(_table_for(device).get("linear", {}).get(f"{n}x{k}", {}), m)
     if entry is not None:
         cfg = _from_dict(LinearConfig, entry)

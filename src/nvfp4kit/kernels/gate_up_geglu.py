@@ -21,6 +21,7 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, interpreting, select_linear_config
 from nvfp4kit.kernels.geglu import geglu, gelu_tanh
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+from nvfp4kit.kernels.moe_frag import frag_gate_up_geglu, frag_geglu_supported
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, load_act_tile, load_weight_tile
 from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 
@@ -83,6 +84,10 @@ def fuses(x: torch.Tensor, weight: object) -> bool:
 def gate_up_geglu(x: torch.Tensor, weight: NVFP4Tensor) -> torch.Tensor:
     """gelu_tanh(x @ gate^T) * (x @ up^T) for the fused weight [gate | up] ([2I, K]): [T, I] in x.dtype. One
     launch where `fuses` says so, else the projection and the GeGLU as two."""
+    if isinstance(weight, NVFP4Tensor) and frag_geglu_supported(x, weight):
+        frag = select_linear_config(x.shape[0], *weight.shape, device=x.device)
+        if frag.kernel == "frag":  # the fragment GEMV's one-launch form (moe_frag.py)
+            return frag_gate_up_geglu(x, weight, k_warps=frag.num_warps, unroll=frag.unroll)
     cfg = _fused_config(x, weight)
     if cfg is None:
         return geglu(w4a16_linear(x, weight))

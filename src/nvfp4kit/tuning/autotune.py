@@ -80,6 +80,7 @@ def tune_model(
     device = torch.device("cuda", torch.cuda.current_device())
     shapes = model_shapes(cfg)
     sms, l2 = sm_count(device), l2_cache_bytes()
+    frag = torch.cuda.get_device_capability(device) >= (8, 0)  # the fragment GEMV's MMA needs SM80+
     budget = Budget(budget_s)
     jobs = [("linear", shape, m) for shape in shapes.linear for m in tokens]
     jobs += [("moe", None, m) for m in tokens] if shapes.moe else []
@@ -94,7 +95,7 @@ def tune_model(
             n, k = shape
             sets = rotation_sets(n * k * 9 // 16 + 2 * m * k, l2_bytes=l2)
             case = DenseCase.build(f"{n}x{k}", n, k, m, sets=sets, bf16_sets=0)
-            cands = linear_candidates(m, n, k, sms=sms)
+            cands = linear_candidates(m, n, k, sms=sms, frag=frag)
         else:
             moe = shapes.moe
             sets = 16

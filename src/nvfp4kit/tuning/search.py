@@ -63,8 +63,15 @@ def _deep_splits(tiles: int, k: int, block_k: int, sms: int) -> list[int]:
     return out
 
 
-def linear_candidates(m: int, n: int, k: int, *, sms: int, decodes=("asm",)) -> list[LinearConfig]:
+def linear_candidates(
+    m: int, n: int, k: int, *, sms: int, decodes=("asm",), frag: bool = False
+) -> list[LinearConfig]:
+    """Configs to time for an [M, K] x [N, K]^T linear; `frag`: also the fragment GEMV (SM80+, up to 8 tokens)."""
     out: list[LinearConfig] = []
+    if frag and m <= 8 and k % 32 == 0:
+        for k_warps in (1, 2, 4, 8):
+            for unroll in (1, 2, 4):
+                out.append(LinearConfig("frag", 8, 8, 256, 1, num_warps=k_warps, decode="asm", unroll=unroll))
     for decode in decodes:
         if m <= 2:
             # narrow rows x wide K: few, long loads in flight per program (won at M=1 on the H100 for o/down)

@@ -1,0 +1,253 @@
+"""W4A16 GEMV for 1-8 tokens with the FP4 weights decoded straight into tensor-core fragments (SM80+, GPU only).
+
+At decode sizes a linear is a stream of packed weights; what limits our Triton kernels there is not the bytes but
+the instructions around them (docs/benchmarks.md, sessions 14-17: 6-7 a weight, layout conversions through shared
+memory every K step). Here every lane owns its data by construction, as in Marlin's inner loop:
+
+- a program is 8 weight rows and KW warps splitting K; its tensors are [32 x KW] (element i held by thread i,
+  `lane_ids`), and lane 4g + t holds row g of the 8 (and token g of the activations) and the t-th quarter of each
+  K chunk. That is the register layout of `mma.sync.m16n8k16`'s operands: B (the weights) has column n = g and K
+  pair t, A (the tokens) has row g and K pair t. (Multi-dimensional tensors would leave the lane order to the
+  compiler: Triton 3.6 and 3.9 order such a [warps, 8, 4] tensor's lanes differently.)
+- each lane loads 4 32-bit words of packed weights (8 FP4 values a word, 16-byte vector loads) and the
+  matching activation pairs, decodes a word into four bf16x2 registers (`nvfp4_tile._k_order_ptx`'s byte
+  permutes, one LOP3 and a packed FMA with the block scale per pair of weights) and feeds them to two MMAs in the
+  same PTX block: no shared memory, no layout conversion, ~2.8 instructions a weight.
+- The K order inside a chunk is permuted (lane t takes 16 consecutive bytes, not MMA K pairs 2t and 2t + 8): a
+  dot product does not care, as long as weights and activations are permuted alike. The four activation pairs of
+  a word are A's four registers as loaded: rows g and g + 8 then mix bytes, and each of the two MMAs keeps the one
+  row whose pairing is right (`_WORD_MMA_PTX`); lane 4g + t ends with token g's outputs for weight rows 2t and
+  2t + 1 of the program's eight.
+- Measured ~3.6 SASS instructions a weight in the main loop (sm_90, compiled on the CPU), against 6.25-7.25 for
+  the tensor-core tiles of `w4a16_linear` at one token.
+
+The warps' K partials are summed once at the end. Values: e2m1 * scale * 2**-62 exactly in bf16 (the PTX
+decoder's fold), fp32 accumulation, the tensor scale and 2**62 applied to the sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+from nvfp4kit.kernels.nvfp4_tile import fold_scale, scale_operand
+
+MAX_TOKENS = 8  # rows 0-7 of the MMA's A operand
+
+# Four packed weight bytes ($8) and their block scale ($9, bf16x2 * 2**64 in both halves) decoded in K order (byte j
+# -> bf16x2 b_j = its low and high nibble's weights), then two MMAs whose A is the bytes' four activation pairs as
+# loaded ($10..$13, one 16-byte load, no register moves): A rows g and g + 8 hold pairs (0, 2) and (1, 3). With B =
+# (b0, b2) row g is the right sum (pairs 0 and 2 meet bytes 0 and 2) and row g + 8 is cross terms; with B = (b1, b3)
+# it is the other way round. So the first MMA accumulates quad $14..$17 into $0..$3 (row g kept), the second
+# $18..$21 into $4..$7 (row g + 8 kept). (Outputs and inputs are separate operands; ptxas drops the copies.)
+_WORD_MMA_PTX = tl.constexpr(
+    """
+{
+.reg .b32 q4, t, u, r, sm, b0, b1, b2, b3;
+mov.b32 sm, 0x80008000;
+shl.b32 q4, $8, 4;
+"""
+    + "".join(
+        f"""prmt.b32 t, $8, q4, 0x{j}{j + 4}{j + 4}{j + 4};
+shr.b32 r, t, 6;
+and.b32 r, r, 0x01C001C0;
+lop3.b32 u, t, sm, r, 0xEA;
+fma.rn.bf16x2 b{j}, u, $9, sm;
+"""
+        for j in range(4)
+    )
+    + """mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$10, $11, $12, $13}, {b0, b2}, {$14, $15, $16, $17};
+mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$4, $5, $6, $7}, {$10, $11, $12, $13}, {b1, b3}, {$18, $19, $20, $21};
+}
+"""
+)
+
+
+@triton.jit
+def _word_mma(word, scale, x0, x1, x2, x3, acc):
+    return tl.inline_asm_elementwise(
+        _WORD_MMA_PTX,
+        "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f,f,f,f,f",
+        [word, scale, x0, x1, x2, x3, acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]],
+        dtype=(tl.float32,) * 8,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _quarters(v):
+    """[L, 4] -> its four [L] columns, in order (in-thread: the 4 are one lane's registers)."""
+    a, b = tl.split(tl.reshape(v, [v.shape[0], 2, 2]))
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, b0, a1, b1
+
+
+@triton.jit
+def _pair_scale(s, ASM: tl.constexpr):
+    """E4M3 block-scale bytes -> the PTX's scale operand (bf16 * 2**64) in both halves of an int32."""
+    sc = scale_operand(s, ASM).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return (sc | (sc << 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def lane_ids(L: tl.constexpr):
+    """[L] int32: `arange(L)` where element i is held by thread i (the 1-D layout of L = 32 x warps elements), and
+    a huge value where it is not. The MMA's operands are exchanged between lanes by position, so every kernel
+    here indexes with these: a compiler that placed elements differently makes the result NaN, never wrong."""
+    tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [tl.arange(0, L)], dtype=tl.int32,
+                                    is_pure=True, pack=1)  # fmt: skip
+    i = tl.arange(0, L)
+    return tl.where(tid == i, i, 1 << 30)
+
+
+@triton.jit
+def _word_step(x_rows, fw, w: tl.constexpr, word, scale, words, acc, MASKED: tl.constexpr):
+    """Word `w` of a lane's step: its four activation pairs (one 16-byte load) and two MMAs."""
+    pairs = 4 * (fw + w) + tl.arange(0, 4)[None, :]
+    if MASKED:
+        xp = tl.load(x_rows[:, None] + pairs, mask=pairs < 4 * words, other=0)
+    else:
+        xp = tl.load(x_rows[:, None] + pairs)
+    x0, x1, x2, x3 = _quarters(xp)
+    return _word_mma(word, scale, x0, x1, x2, x3, acc)
+
+
+@triton.jit
+def k_step(w_rows, x_rows, s_rows, first, words, acc, MASKED: tl.constexpr, ASM: tl.constexpr):
+    """One K step of each lane ([L] row pointers, `first` [L] its first word): 4 packed words (32 weights, one
+    16-byte load), their 16 activation pairs (four 16-byte loads) and 2 block scales, 8 MMAs. Loads are [L, 4]
+    with the 4 in one lane (a wider one may be spread over lanes). MASKED: K's tail."""
+    wv = tl.arange(0, 4)[None, :]
+    fw = first[:, None]
+    if MASKED:
+        packed = tl.load(w_rows[:, None] + fw + wv, mask=fw + wv < words, other=0)
+        s_lo = tl.load(s_rows + first // 2, mask=first < words, other=0)
+        s_hi = tl.load(s_rows + first // 2 + 1, mask=first + 2 < words, other=0)
+    else:
+        packed = tl.load(w_rows[:, None] + fw + wv)
+        s_lo = tl.load(s_rows + first // 2)  # words 0, 1 share the first block, words 2, 3 the second
+        s_hi = tl.load(s_rows + first // 2 + 1)
+    s_lo = _pair_scale(s_lo, ASM)
+    s_hi = _pair_scale(s_hi, ASM)
+    w0, w1, w2, w3 = _quarters(packed)
+    acc = _word_step(x_rows, fw, 0, w0, s_lo, words, acc, MASKED)
+    acc = _word_step(x_rows, fw, 1, w1, s_lo, words, acc, MASKED)
+    acc = _word_step(x_rows, fw, 2, w2, s_hi, words, acc, MASKED)
+    acc = _word_step(x_rows, fw, 3, w3, s_hi, words, acc, MASKED)
+    return acc
+
+
+@triton.jit
+def k_loop(w_rows, x_rows, s_rows, words, lane_word, acc, STEP: tl.constexpr, UNROLL: tl.constexpr,
+           ASM: tl.constexpr):  # fmt: skip
+    """`acc` plus the products of `words` packed words of each lane's row with its token's activations; lane_word
+    [L]: the lane's first word of a step, STEP words a step (16 a warp that takes its own steps), the tail masked."""
+    full = words // (STEP * UNROLL) * (STEP * UNROLL)
+    for w0 in range(0, full, STEP * UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc = k_step(w_rows, x_rows, s_rows, w0 + u * STEP + lane_word, words, acc, False, ASM)
+    for w0 in range(full, words, STEP):
+        acc = k_step(w_rows, x_rows, s_rows, w0 + lane_word, words, acc, True, ASM)
+    return acc
+
+
+@triton.jit
+def zero_acc(L: tl.constexpr):
+    z = tl.zeros([L], tl.float32)
+    return (z, z, z, z, z, z, z, z)  # the two MMA C quads of each lane
+
+
+@triton.jit
+def lane_sums(acc, WARPS: tl.constexpr):
+    """[32] x 2: each lane's sums over the warps, C row g of quad 0 plus row g + 8 of quad 1 (token g's sums for
+    B columns 2t and 2t + 1 of lane 4g + t)."""
+    c0 = tl.sum(tl.reshape(acc[0] + acc[6], [WARPS, 32]), axis=0)
+    c1 = tl.sum(tl.reshape(acc[1] + acc[7], [WARPS, 32]), axis=0)
+    return c0, c1
+
+
+@triton.jit
+def _gemv_mma_kernel(
+    x_ptr,  # activations viewed as int32 bf16 pairs [M, K/2]
+    w_ptr,  # packed weights viewed as int32 words [N, K/8]
+    s_ptr,  # E4M3 block scales [N, K/16]
+    s2_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,  # in pairs
+    stride_wn,  # in words
+    stride_sn,
+    stride_om,
+    KW: tl.constexpr,
+    UNROLL: tl.constexpr,
+    ASM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    wait_for_inputs(PDL)
+    # rows of 16-byte multiples (K % 32 == 0, checked by the caller): 16-byte loads at any K
+    stride_wn = tl.multiple_of(stride_wn, 4)
+    stride_xm = tl.multiple_of(stride_xm, 4)
+    i = lane_ids(32 * KW)
+    g = (i % 32) // 4  # the lane's B column (weight row of the program's 8) and A row (token)
+    # lanes past N or M read row N - 1 / token M - 1 (in bounds, no masks in the loop); their results are not stored
+    row = tl.minimum(tl.program_id(0) * 8 + g, N - 1)
+    token = tl.minimum(g, M - 1)
+    w_rows = w_ptr + row.to(tl.int64) * stride_wn
+    x_rows = x_ptr + token.to(tl.int64) * stride_xm
+    s_rows = s_ptr + row.to(tl.int64) * stride_sn
+    lane_word = (i // 32) * 16 + (i % 4) * 4  # warps take 16-word (64-byte) steps in turn
+    acc = k_loop(w_rows, x_rows, s_rows, K // 8, lane_word, zero_acc(32 * KW), 16 * KW, UNROLL, ASM)
+    total0, total1 = lane_sums(acc, KW)
+    scale = fold_scale(s2_ptr, 0, True, ASM)
+    j = tl.arange(0, 32)
+    out_tok = j // 4
+    out_row = tl.program_id(0) * 8 + 2 * (j % 4)  # C columns 2t and 2t + 1
+    ok = out_tok < M
+    base = out_ptr + out_tok.to(tl.int64) * stride_om + out_row
+    tl.store(base, (total0 * scale).to(out_ptr.dtype.element_ty), mask=ok & (out_row < N))
+    tl.store(base + 1, (total1 * scale).to(out_ptr.dtype.element_ty), mask=ok & (out_row + 1 < N))
+
+
+def gemv_mma_supported(x: torch.Tensor, weight: NVFP4Tensor) -> bool:
+    """bf16 activations of 1-8 tokens on an SM80+ GPU, a 2-D weight whose K is a multiple of 32."""
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or weight.packed.dim() != 2:
+        return False
+    m = x.numel() // x.shape[-1]
+    return (
+        1 <= m <= MAX_TOKENS
+        and x.shape[-1] % 32 == 0
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def gemv_mma(x: torch.Tensor, weight: NVFP4Tensor, *, k_warps: int = 4, unroll: int = 2) -> torch.Tensor:
+    """x [..., K] (bf16, 1-8 rows) @ dequant(weight [N, K])^T -> [..., N] bf16 (see the module docstring)."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"activation has {x.shape[-1]} features, the weight expects {k}")
+    if not gemv_mma_supported(x, weight):
+        raise ValueError("gemv_mma needs bf16 activations of 1-8 tokens on an SM80+ GPU and K % 32 == 0")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    packed, scale, s2 = weight.kernel_operands()
+    if packed.stride(-1) != 1 or packed.stride(0) % 4 or packed.data_ptr() % 16:
+        raise ValueError("gemv_mma needs packed weight rows aligned to 4 bytes")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    asm = 2 if weight.normal_scales() else 1
+    _gemv_mma_kernel[(triton.cdiv(n, 8),)](
+        x2.view(torch.int32), packed.view(torch.int32), scale, s2, out, m, n, k,
+        x2.stride(0) // 2, packed.stride(0) // 4, scale.stride(0), out.stride(0),
+        KW=k_warps, UNROLL=unroll, ASM=asm, num_warps=k_warps, num_stages=1,
+        **pdl_args(x.device),
+    )  # fmt: skip
+    return out.reshape(*lead, n)

@@ -1,0 +1,71 @@
+"""The fragment GEMV's point is a K loop without shared memory: its PTX takes MMA operands from the registers
+each lane loaded. Whether that holds depends on the layouts Triton picks for the loads (a load wider than 16
+bytes a lane is spread over lanes, and the operands then go through shared memory every step), so this compiles
+the kernel for sm_80 and sm_90 on the CPU (nothing runs; `tuning.cross_compile`) and reads its SASS: tensor-core
+MMAs in the loops, no barrier or shared-memory access inside any loop (only the final sum over warps)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nvfp4kit.tuning import cross_compile
+
+COMPILE = """
+import sys, torch, triton
+from nvfp4kit.kernels import gemv_mma as g
+from nvfp4kit.tuning import cross_compile
+from nvfp4kit.tuning.cases import random_nvfp4
+kept = []
+record = cross_compile._record
+cross_compile._record = lambda fn, kernel, kwargs: (kept.append(kernel), record(fn, kernel, kwargs))[1]
+arch, kw, unroll = (int(v) for v in sys.argv[1:4])
+w = random_nvfp4(256, 2112, device="cpu")
+x = torch.randn(1, 2112).bfloat16()
+packed, scale, s2 = w.kernel_operands()
+out = torch.empty(1, 256, dtype=torch.bfloat16)
+with cross_compile.compile_for((arch // 10, arch % 10), 132):
+    g._gemv_mma_kernel[(32,)](
+        x.view(torch.int32), packed.view(torch.int32), scale, s2, out, 1, 256, 2112, x.stride(0) // 2,
+        packed.stride(0) // 4, scale.stride(0), out.stride(0), KW=kw, UNROLL=unroll, ASM=2, PDL=0,
+        num_warps=kw, num_stages=1)
+sys.stdout.buffer.write(kept[-1].asm["cubin"])
+"""
+
+
+def loops_and_lines(sass: str) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
+    lines = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?);", line)
+        if m:
+            lines.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for address, text in lines:
+        branch = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            loops.append((int(branch.group(1), 16), address))
+    return loops, lines
+
+
+@pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("k_warps,unroll", [(4, 2), (1, 4)])
+def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE, str(arch), str(k_warps), str(unroll)], env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    cubin = tmp_path / "gemv.cubin"
+    cubin.write_bytes(done.stdout)
+    sass = subprocess.run(
+        [cross_compile._cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    loops, lines = loops_and_lines(sass)
+    assert loops, "no K loop found"
+    in_loops = [text for address, text in lines if any(lo <= address <= hi for lo, hi in loops)]
+    assert sum("HMMA.16816.F32.BF16" in text for text in in_loops) >= 8 * unroll
+    shared = [text for text in in_loops if re.search(r"\b(BAR|LDS|STS|LDSM)\b", text)]
+    assert not shared, shared[:5]
