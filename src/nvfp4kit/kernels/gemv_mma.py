@@ -96,13 +96,13 @@ def _pair_scale(s, ASM: tl.constexpr):
 
 @triton.jit
 def lane_ids(L: tl.constexpr):
-    """[L] int32: `arange(L)` where element i is held by thread i (the 1-D layout of L = 32 x warps elements), and
-    a huge value where it is not. The MMA's operands are exchanged between lanes by position, so every kernel
-    here indexes with these: a compiler that placed elements differently makes the result NaN, never wrong."""
+    """(`arange(L)`, 1.0 if element i of it is held by thread i, else NaN). The MMA's operands are exchanged between
+    lanes by position, so every kernel here indexes with these and multiplies its output by the second: a
+    compiler that placed the [L] elements (L = 32 x warps) differently makes the result NaN, never wrong."""
     tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [tl.arange(0, L)], dtype=tl.int32,
                                     is_pure=True, pack=1)  # fmt: skip
     i = tl.arange(0, L)
-    return tl.where(tid == i, i, 1 << 30)
+    return i, tl.where(tl.max(tl.abs(tid - i), 0) == 0, 1.0, float("nan"))
 
 
 @triton.jit
@@ -194,7 +194,7 @@ def _gemv_mma_kernel(
     # rows of 16-byte multiples (K % 32 == 0, checked by the caller): 16-byte loads at any K
     stride_wn = tl.multiple_of(stride_wn, 4)
     stride_xm = tl.multiple_of(stride_xm, 4)
-    i = lane_ids(32 * KW)
+    i, layout_ok = lane_ids(32 * KW)
     g = (i % 32) // 4  # the lane's B column (weight row of the program's 8) and A row (token)
     # lanes past N or M read row N - 1 / token M - 1 (in bounds, no masks in the loop); their results are not stored
     row = tl.minimum(tl.program_id(0) * 8 + g, N - 1)
@@ -205,7 +205,7 @@ def _gemv_mma_kernel(
     lane_word = (i // 32) * 16 + (i % 4) * 4  # warps take 16-word (64-byte) steps in turn
     acc = k_loop(w_rows, x_rows, s_rows, K // 8, lane_word, zero_acc(32 * KW), 16 * KW, UNROLL, ASM)
     total0, total1 = lane_sums(acc, KW)
-    scale = fold_scale(s2_ptr, 0, True, ASM)
+    scale = fold_scale(s2_ptr, 0, True, ASM) * layout_ok
     j = tl.arange(0, 32)
     out_tok = j // 4
     out_row = tl.program_id(0) * 8 + 2 * (j % 4)  # C columns 2t and 2t + 1

@@ -57,7 +57,7 @@ def _moe_frag_gate_up_kernel(
         e = tl.load(ids_ptr + pair).to(tl.int64)
     else:
         e = tl.full([], 0, tl.int64)
-    i = lane_ids(32 * KW)
+    i, layout_ok = lane_ids(32 * KW)
     g = (i % 32) // 4
     row = (
         tl.where(g % 2 == 0, 0, inter) + j0 + g // 2
@@ -69,10 +69,9 @@ def _moe_frag_gate_up_kernel(
     )  # every A row: the pair's token
     lane_word = (i // 32) * 16 + (i % 4) * 4
     acc = k_loop(w_rows, x_rows, s_rows, H // 8, lane_word, zero_acc(32 * KW), 16 * KW, UNROLL, ASM)
-    gate, up = lane_sums(
-        acc, KW
-    )  # [32]: lane 4g + t: C columns 2t (gate of j0 + t) and 2t + 1 (up of j0 + t), alike for every g
-    gate = gate * fold_scale(s2_ptr, e, True, ASM)
+    # [32]: lane 4g + t: C columns 2t (gate of j0 + t) and 2t + 1 (up of j0 + t), alike for every g
+    gate, up = lane_sums(acc, KW)
+    gate = gate * fold_scale(s2_ptr, e, True, ASM) * layout_ok
     up = up * fold_scale(s2_ptr, e, True, ASM)
     # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3))
     h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
@@ -106,7 +105,7 @@ def _moe_frag_down_kernel(
     stride_wn = tl.multiple_of(stride_wn, 4)
     stride_am = tl.multiple_of(stride_am, 4)
     token = tl.program_id(0)
-    i = lane_ids(32 * TOP_K)
+    i, layout_ok = lane_ids(32 * TOP_K)
     g = (i % 32) // 4
     pair = token * TOP_K + i // 32  # warp -> top-k slot
     e = tl.load(ids_ptr + pair).to(tl.int64)
@@ -119,6 +118,7 @@ def _moe_frag_down_kernel(
     total0, total1 = lane_sums(
         acc, TOP_K
     )  # [32]: output rows 2t, 2t + 1 of the program's 8, alike for every g
+    total0, total1 = total0 * layout_ok, total1 * layout_ok
     j = tl.arange(0, 32)
     out_row = tl.program_id(1) * 8 + 2 * (j % 4)
     base = out_ptr + token * stride_om + out_row
