@@ -33,7 +33,7 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
-from nvfp4kit.kernels.nvfp4_tile import fold_scale, scale_operand
+from nvfp4kit.kernels.nvfp4_tile import fold_scale, k_order_byte_ptx, scale_operand
 
 MAX_TOKENS = 8  # rows 0-7 of the MMA's A operand
 
@@ -50,15 +50,7 @@ _WORD_MMA_PTX = tl.constexpr(
 mov.b32 sm, 0x80008000;
 shl.b32 q4, $8, 4;
 """
-    + "".join(
-        f"""prmt.b32 t, $8, q4, 0x{j}{j + 4}{j + 4}{j + 4};
-shr.b32 r, t, 6;
-and.b32 r, r, 0x01C001C0;
-lop3.b32 u, t, sm, r, 0xEA;
-fma.rn.bf16x2 b{j}, u, $9, sm;
-"""
-        for j in range(4)
-    )
+    + "".join(k_order_byte_ptx(j, "$8", "$9", f"b{j}") + "\n" for j in range(4))
     + """mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$10, $11, $12, $13}, {b0, b2}, {$14, $15, $16, $17};
 mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$4, $5, $6, $7}, {$10, $11, $12, $13}, {b1, b3}, {$18, $19, $20, $21};
 }

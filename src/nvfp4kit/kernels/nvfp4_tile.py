@@ -78,17 +78,23 @@ fma.rn.bf16x2 $1, u, $5, nz;
 # byte's low nibble (from the word shifted left by 4) at bits 12..15 of lane 0 and its high nibble at bits 28..31
 # of lane 1; bytes 0-3 share one 16-weight block, so their scales are equal ($4, $5 hold it twice each). 2.6 integer
 # ops and half a packed FMA per weight, no byte permutes after it.
+def k_order_byte_ptx(byte: int, word: str, scale: str, out: str) -> str:
+    """PTX lines decoding byte `byte` of the packed `word` register into the bf16x2 register `out` (its low then
+    high nibble's weight, times `scale`, a bf16x2 * 2**64). Needs .b32 registers t, u, r, sm = 0x80008000 and
+    q4 = word << 4 declared and set. PRMT: this byte of the word into lane 1 and of q4 (selector byte + 4) into
+    lane 0."""
+    return "\n".join([
+        f"prmt.b32 t, {word}, q4, 0x{byte}{byte + 4}{byte + 4}{byte + 4};",
+        "shr.b32 r, t, 6;",
+        "and.b32 r, r, 0x01C001C0;",
+        "lop3.b32 u, t, sm, r, 0xEA;",
+        f"fma.rn.bf16x2 {out}, u, {scale}, sm;",
+    ])  # fmt: skip
+
+
 def _k_order_ptx() -> str:
     lines = [".reg .b32 q4, t, u, r, sm;", "mov.b32 sm, 0x80008000;", "shl.b32 q4, $6, 4;"]
-    # PRMT: this byte of the word into lane 1 and of the shifted word (selector byte + 4) into lane 0
-    for byte in range(4):
-        lines += [
-            f"prmt.b32 t, $6, q4, 0x{byte}{byte + 4}{byte + 4}{byte + 4};",
-            "shr.b32 r, t, 6;",
-            "and.b32 r, r, 0x01C001C0;",
-            "lop3.b32 u, t, sm, r, 0xEA;",
-            f"fma.rn.bf16x2 ${byte}, u, ${4 + byte // 2}, sm;",
-        ]
+    lines += [k_order_byte_ptx(byte, "$6", f"${4 + byte // 2}", f"${byte}") for byte in range(4)]
     return "\n{\n" + "\n".join(lines) + "\n}\n"
 
 
