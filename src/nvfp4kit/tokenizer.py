@@ -28,7 +28,9 @@ class Tokenizer:
         self.bos_token = _token_text(config.get("bos_token")) or "<bos>"
         self.bos_id = self._tok.token_to_id(self.bos_token)
         self.chat_template = _read_chat_template(folder, config)
-        self._segments = SegmentCache.for_tokenizer(self._tok, self.special_token_pattern)
+        self._segments = SegmentCache.for_tokenizer(
+            self._tok, self.special_token_pattern, self.special_tokens
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -128,11 +130,14 @@ class SegmentCache:
         self.hits = 0
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: _HFTokenizer, pattern: re.Pattern[str]) -> SegmentCache | None:
+    def for_tokenizer(
+        cls, tokenizer: _HFTokenizer, pattern: re.Pattern[str], ids: dict[str, int]
+    ) -> SegmentCache | None:
+        """The cache for `tokenizer` (`pattern` matches its added tokens, `ids` maps them), or None."""
         added = tokenizer.get_added_tokens_decoder().values()
         if not added or any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added):
             return None
-        cache = cls(tokenizer, pattern, {t.content: tokenizer.token_to_id(t.content) for t in added})
+        cache = cls(tokenizer, pattern, ids)
         marks = sorted(cache._added_ids, key=len)[:2] * 2
         probes = [
             f"def f(x):\n    return x{marks[0]}\n  indented  text{marks[1]} after, then{marks[0]}{marks[1]}b",

@@ -64,7 +64,9 @@ def test_a_growing_chat_reuses_its_earlier_turns(tokenizer):
 
 
 def test_the_cache_keeps_to_its_character_budget(tokenizer, monkeypatch):
-    cache = SegmentCache.for_tokenizer(tokenizer._tok, tokenizer.special_token_pattern)
+    cache = SegmentCache.for_tokenizer(
+        tokenizer._tok, tokenizer.special_token_pattern, tokenizer.special_tokens
+    )
     monkeypatch.setattr(SegmentCache, "MAX_CHARS", 20_000)
     rng = random.Random(2)
     for _ in range(20):

@@ -219,9 +219,8 @@ def profile_decode_step(engine: Engine, batch: int = 1, context: int = 256, top:
                 engine.add_request(runs.random_prompt(cfg, context, seed=7 + i), params) for i in range(batch)
             ]
             reqs = [engine.requests[i] for i in ids]
-            while (
-                min(len(r.output_ids) for r in reqs) < 3
-            ):  # every prompt prefilled, then whole-batch decodes
+            # every prompt prefilled, then decode steps of the whole batch
+            while min(len(r.output_ids) for r in reqs) < 3:
                 engine.step()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 engine.step()
