@@ -8,7 +8,7 @@ MLP's one-token gate_up projection and its GeGLU as two launches, kernels/gate_u
 engine (its decode graphs captured under that variant), greedy tokens of two prompts (must be identical across
 variants: they change when or where a value is computed, never what) and decode tokens/s with GPU ms per step.
 Usage (GPU machine, repository root):
-  PYTHONPATH=src python3 scripts/gpu_decode_variants.py --out OUT [--variants 0:1:0 0:1:1 2:1] [--profile]
+  PYTHONPATH=src python3 scripts/gpu_decode_variants.py --out OUT [--variants 0:1:0 0:1:1 2:1] [--profile [--profile-batches 1 8]]
   [--expect-tokens EARLIER/decode_variants.json]
 """
 
@@ -57,7 +57,8 @@ def main() -> None:
     )
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--steps", type=int, default=48)
-    p.add_argument("--profile", action="store_true", help="kernel table of one batch-1 step per variant")
+    p.add_argument("--profile", action="store_true", help="kernel table of one decode step per variant")
+    p.add_argument("--profile-batches", type=int, nargs="+", default=[1], help="batch sizes --profile covers")
     p.add_argument(
         "--expect-tokens", type=Path, help="an earlier run's decode_variants.json whose greedy tokens must match "
         "(to compare code paths chosen at import, e.g. NVFP4KIT_K_ORDER_DECODE=1, in two processes)",
@@ -94,10 +95,9 @@ def main() -> None:
                        gpu_ms_per_step=round(r.gpu_ms_per_step or 0, 3), pct_roofline=round(100 * r.tokens_per_s / roof, 1))  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if args.profile:
-            print(
-                f"--- variant {variant}\n{profile_decode_step(engine, top=40)}", file=sys.stderr, flush=True
-            )
+        for batch in args.profile_batches if args.profile else []:
+            table = profile_decode_step(engine, batch=batch, top=40)
+            print(f"--- variant {variant}\n{table}", file=sys.stderr, flush=True)
         engine.close()
         del engine
         gc.collect()

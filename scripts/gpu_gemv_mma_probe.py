@@ -1,11 +1,11 @@
 """`kernels/gemv_mma.py` (FP4 decoded into MMA fragments, no shared memory in the loop) against the engine's tuned
 W4A16 configs at decode sizes (issue 14).
 
-For every 26B-A4B dense linear and M = 1, 4, 8: the exact result (fp32 math on the dequantized weight) first, then
+For every 26B-A4B dense linear and M = 1, 4, 8, 16 (the MoE up to 8): the exact result (fp32 math on the dequantized weight) first, then
 the engine's `w4a16_linear` (the card's tuned table or heuristic) and each gemv_mma config (k_warps, unroll), timed
 in CUDA graphs with weights rotated past the L2; GB/s counts the packed weights and scales. Prints a table
 (best gemv_mma config, its speed-up) last. Run from the repository root on the GPU machine:
-  PYTHONPATH=src python3 scripts/gpu_gemv_mma_probe.py [--json OUT] [--m 1 4 8]
+  PYTHONPATH=src python3 scripts/gpu_gemv_mma_probe.py [--json OUT] [--m 1 4 8 16]
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def check_subnormal_scales() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
-    ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 8, 16])
     args = ap.parse_args()
     from nvfp4kit.tuning.timing import l2_cache_bytes
 
@@ -111,7 +111,7 @@ def main() -> None:
             best = f"{timed[0][0]} {timed[0][1]:.2f} us" if timed else "none"
             print(f"M={m} {op:18} tuned {r['tuned']:.2f} us | best {best} | " + "  ".join(
                 f"{key} {v:.2f}" for key, v in timed[1:5]) + (f" | {bad[:2]}" if bad else ""), flush=True)  # fmt: skip
-    for m in args.m:
+    for m in (m for m in args.m if m <= 8):
         rows.append(measure_moe(m))
         r = rows[-1]
         print(f"M={m} moe tuned {r['tuned']:.2f} us (err {r['tuned_error']:.1e}) | "

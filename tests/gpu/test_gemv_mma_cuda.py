@@ -1,5 +1,5 @@
 """The fragment GEMV (`kernels/gemv_mma.py`) on the card against fp32 math on the dequantized weight: every
-token count it takes, rows that do not fill its 8-row groups, K tails, both decoders (all-normal block scales
+token count it takes (1-8: one token per A row pair, 9-16: two), rows that do not fill its 8-row groups, K tails, both decoders (all-normal block scales
 and some subnormal ones), and strided activations."""
 
 import pytest
@@ -27,18 +27,19 @@ def test_subnormal_block_scales_and_strided_tokens():
     w = random_nvfp4(72, 1024, seed=5)
     w.scale.view(torch.uint8)[:, ::5] &= 0x07  # exponent bits zero: the decoder that handles subnormals
     assert not w.normal_scales()
-    wide = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
-    x = wide[:, 512:1536]  # row stride 2048, not K
-    got = gemv_mma(x, w)
-    assert rel_error(got, x.float() @ w.dequantize(torch.float32).T) < BOUND
+    for m in (3, 13):
+        wide = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+        x = wide[:, 512:1536]  # row stride 2048, not K
+        got = gemv_mma(x, w)
+        assert rel_error(got, x.float() @ w.dequantize(torch.float32).T) < BOUND
 
 
 def test_refuses_what_it_cannot_run():
     w = random_nvfp4(16, 64)
-    assert not gemv_mma_supported(torch.randn(9, 64, device="cuda", dtype=torch.bfloat16), w)
+    assert not gemv_mma_supported(torch.randn(MAX_TOKENS + 1, 64, device="cuda", dtype=torch.bfloat16), w)
     assert not gemv_mma_supported(torch.randn(1, 64, device="cuda", dtype=torch.float16), w)
     with pytest.raises(ValueError):
-        gemv_mma(torch.randn(9, 64, device="cuda", dtype=torch.bfloat16), w)
+        gemv_mma(torch.randn(MAX_TOKENS + 1, 64, device="cuda", dtype=torch.bfloat16), w)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 8])

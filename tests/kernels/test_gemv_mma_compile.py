@@ -2,7 +2,8 @@
 each lane loaded. Whether that holds depends on the layouts Triton picks for the loads (a load wider than 16
 bytes a lane is spread over lanes, and the operands then go through shared memory every step), so this compiles
 the kernel for sm_80 and sm_90 on the CPU (nothing runs; `tuning.cross_compile`) and reads its SASS: tensor-core
-MMAs in the loops, no barrier or shared-memory access inside any loop (only the final sum over warps)."""
+MMAs in the loops, no barrier or shared-memory access inside any loop (only the final sum over warps), for the
+1-8 token form and the 16-token one."""
 
 import os
 import re
@@ -21,15 +22,15 @@ from nvfp4kit.tuning.cases import random_nvfp4
 kept = []
 record = cross_compile._record
 cross_compile._record = lambda fn, kernel, kwargs: (kept.append(kernel), record(fn, kernel, kwargs))[1]
-arch, kw, unroll = (int(v) for v in sys.argv[1:4])
+arch, kw, unroll, m = (int(v) for v in sys.argv[1:5])
 w = random_nvfp4(256, 2112, device="cpu")
-x = torch.randn(1, 2112).bfloat16()
+x = torch.randn(m, 2112).bfloat16()
 packed, scale, s2 = w.kernel_operands()
-out = torch.empty(1, 256, dtype=torch.bfloat16)
+out = torch.empty(m, 256, dtype=torch.bfloat16)
 with cross_compile.compile_for((arch // 10, arch % 10), 132):
     g._gemv_mma_kernel[(32,)](
-        x.view(torch.int32), packed.view(torch.int32), scale, s2, out, 1, 256, 2112, x.stride(0) // 2,
-        packed.stride(0) // 4, scale.stride(0), out.stride(0), KW=kw, UNROLL=unroll, ASM=2, PDL=0,
+        x.view(torch.int32), packed.view(torch.int32), scale, s2, out, m, 256, 2112, x.stride(0) // 2,
+        packed.stride(0) // 4, scale.stride(0), out.stride(0), KW=kw, UNROLL=unroll, ASM=2, T16=m > 8, PDL=0,
         num_warps=kw, num_stages=1)
 sys.stdout.buffer.write(kept[-1].asm["cubin"])
 """
@@ -51,11 +52,13 @@ def loops_and_lines(sass: str) -> tuple[list[tuple[int, int]], list[tuple[int, s
 
 @pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("k_warps,unroll", [(4, 2), (1, 4)])
-def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, tmp_path):
+@pytest.mark.parametrize("k_warps,unroll,tokens", [(4, 2, 1), (1, 4, 1), (4, 2, 16)])
+def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, tokens, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", COMPILE, str(arch), str(k_warps), str(unroll)], env=env, capture_output=True
+        [sys.executable, "-c", COMPILE, str(arch), str(k_warps), str(unroll), str(tokens)],
+        env=env,
+        capture_output=True,
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     cubin = tmp_path / "gemv.cubin"

@@ -131,8 +131,26 @@ def timed_tiles_fit(capability: tuple[int, int] | None) -> bool:
     return capability is None or capability[0] in (9, 10)
 
 
-# the fragment GEMV (`gemv_mma.py`) for 1-8 tokens on SM80+ instead of the tuned table's entry
-FRAG_GEMV = os.environ.get("NVFP4KIT_FRAG_GEMV", "0") == "1"
+FRAG_MAX_TOKENS = 16  # gemv_mma.py: the MMA's 16 A rows
+# Up to this many tokens, NVFP4 linears, the dense MLP's gate_up + GeGLU and (up to 8) the MoE run the fragment
+# kernels (gemv_mma.py, moe_frag.py) on SM80+ GPUs: on the H100 (session 19) 1.04-1.5x faster than the tuned
+# tiles at 1-8 tokens, the batch-1 decode step 3.62 -> 2.88 ms, but the engine's batch-8 step 4% slower and
+# most linears at 16 tokens 0.66-0.95x. NVFP4KIT_FRAG_GEMV: 0 off, N (1-16) tokens, default 4.
+_FRAG_DEFAULT = 4
+
+
+def _frag_tokens(raw: str) -> int:
+    raw = raw.strip().lower()
+    if raw in ("off", "false", "no"):
+        return 0
+    if not raw.isdigit() or int(raw) > FRAG_MAX_TOKENS:
+        raise ValueError(
+            f"NVFP4KIT_FRAG_GEMV must be 0 (off) or a token count up to {FRAG_MAX_TOKENS}, got {raw!r}"
+        )
+    return int(raw)
+
+
+FRAG_TOKENS = _frag_tokens(os.environ.get("NVFP4KIT_FRAG_GEMV", str(_FRAG_DEFAULT)))
 
 
 def interpreting() -> bool:
@@ -291,11 +309,12 @@ def select_linear_config(m: int, n: int, k: int, *, device=None) -> LinearConfig
 
 
 def frag_linear_config(m: int, n: int, k: int, *, sms: int) -> LinearConfig:
-    """The fragment GEMV (`gemv_mma.py`: 8 weight rows a program, warps splitting K) for up to 8 tokens: enough
-    warps for ~16 a SM, each still with at least two 64-byte K steps of every row."""
+    """The fragment GEMV (`gemv_mma.py`: 8 weight rows a program, warps splitting K) for up to 16 tokens: warps
+    doubled up to 8 while the card holds fewer than ~24 a SM and each keeps at least two 128-weight K steps of
+    every row. On the H100 within 1.09x of the best of 8 configs for every 26B-A4B linear at 1-16 tokens."""
     groups = -(-n // 8)
     k_warps = 1
-    while k_warps < 8 and groups * k_warps < 16 * sms and k // (256 * k_warps * 2) >= 2:
+    while k_warps < 8 and groups * k_warps < 24 * sms and k >= 512 * k_warps:
         k_warps *= 2
     return LinearConfig("frag", 8, 8, 256, 1, num_warps=k_warps, decode="asm", unroll=2)
 
@@ -304,12 +323,15 @@ def frag_linear_config(m: int, n: int, k: int, *, sms: int) -> LinearConfig:
 def _select_linear_cached(m: int, n: int, k: int, key: tuple[str, int], _interpret: bool) -> LinearConfig:
     device = None if key[0] == "cpu" else torch.device(key[0], key[1])
     capability = kernel_capability(device)
-    if FRAG_GEMV and m <= 8 and not _interpret and capability is not None and capability >= (8, 0):
-        return frag_linear_config(m, n, k, sms=sm_count(device))
+    frag = m <= FRAG_TOKENS and not _interpret and capability is not None and capability >= (8, 0)
     entry = _pick_bucket(_table_for(device).get("linear", {}).get(f"{n}x{k}", {}), m)
-    if entry is not None:
-        cfg = _from_dict(LinearConfig, entry)
-        if cfg.kernel != "gemv" or m <= cfg.block_m:
+    cfg = None if entry is None else _from_dict(LinearConfig, entry)
+    if frag:  # the fragment GEMV: a tuned table's own fragment config where it has one for this size
+        tuned_frag = cfg is not None and cfg.kernel == "frag"
+        return cfg if tuned_frag else frag_linear_config(m, n, k, sms=sm_count(device))
+    if cfg is not None:
+        fits = {"dot": True, "gemv": m <= cfg.block_m, "frag": m <= FRAG_MAX_TOKENS}[cfg.kernel]
+        if fits:
             return cfg
     return heuristic_linear(m, n, k, device=device)
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels.configs import FRAG_GEMV, MoEConfig, interpreting, select_moe_config
+from nvfp4kit.kernels.configs import FRAG_TOKENS, MoEConfig, interpreting, select_moe_config
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
 from nvfp4kit.kernels.moe_frag import fused_moe_frag, moe_frag_supported
@@ -327,7 +327,7 @@ def fused_moe(
         raise ValueError(
             f"topk_ids {tuple(topk_ids.shape)} / weights {tuple(topk_weights.shape)} vs {tokens} tokens"
         )
-    if config is None and FRAG_GEMV and moe_frag_supported(x2, gate_up, down, top_k):
+    if config is None and tokens <= FRAG_TOKENS and moe_frag_supported(x2, gate_up, down, top_k):
         return fused_moe_frag(x2, ids, route, gate_up, down, top_k=top_k).reshape(*lead, hidden)
     prefill = config is None and tokens >= max(1, prefill_min_tokens) and isinstance(gate_up, NVFP4Tensor)
     if prefill and grouped_mm_available(x2):

@@ -35,7 +35,8 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, k_order_byte_ptx, scale_operand
 
-MAX_TOKENS = 8  # rows 0-7 of the MMA's A operand
+MAX_TOKENS = 16  # the MMA's 16 A rows (1-8 tokens: rows g + 8 mix the same token's pairs, see below)
+MOE_MAX_TOKENS = 8  # moe_frag.py's kernels take the 1-8 token form
 
 # Four packed weight bytes ($8) and their block scale ($9, bf16x2 * 2**64 in both halves) decoded in K order (byte j
 # -> bf16x2 b_j = its low and high nibble's weights), then two MMAs whose A is the bytes' four activation pairs as
@@ -57,6 +58,24 @@ mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$4, $5, $6, $7}, {$10, $11,
 """
 )
 
+# 9-16 tokens: A rows g and g + 8 are tokens g and g + 8, each register their pairs at the same K positions (token
+# g's pair j with token g + 8's pair j), so both MMAs of a word accumulate into one quad whose four values are all
+# wanted: lane 4g + t ends with tokens g and g + 8 for weight rows 2t and 2t + 1. Inputs: word $4, scale $5, token
+# g's pairs $6..$9, token g + 8's $10..$13, accumulator $14..$17.
+_WORD_MMA16_PTX = tl.constexpr(
+    """
+{
+.reg .b32 q4, t, u, r, sm, b0, b1, b2, b3;
+mov.b32 sm, 0x80008000;
+shl.b32 q4, $4, 4;
+"""
+    + "".join(k_order_byte_ptx(j, "$4", "$5", f"b{j}") + "\n" for j in range(4))
+    + """mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$6, $10, $8, $12}, {b0, b2}, {$14, $15, $16, $17};
+mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$7, $11, $9, $13}, {b1, b3}, {$0, $1, $2, $3};
+}
+"""
+)
+
 
 @triton.jit
 def _word_mma(word, scale, x0, x1, x2, x3, acc):
@@ -65,6 +84,18 @@ def _word_mma(word, scale, x0, x1, x2, x3, acc):
         "=f,=f,=f,=f,=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f,f,f,f,f",
         [word, scale, x0, x1, x2, x3, acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]],
         dtype=(tl.float32,) * 8,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def _word_mma16(word, scale, g0, g1, g2, g3, h0, h1, h2, h3, acc):
+    return tl.inline_asm_elementwise(
+        _WORD_MMA16_PTX,
+        "=f,=f,=f,=f,r,r,r,r,r,r,r,r,r,r,f,f,f,f",
+        [word, scale, g0, g1, g2, g3, h0, h1, h2, h3, acc[0], acc[1], acc[2], acc[3]],
+        dtype=(tl.float32,) * 4,
         is_pure=True,
         pack=1,
     )
@@ -98,22 +129,35 @@ def lane_ids(L: tl.constexpr):
 
 
 @triton.jit
-def _word_step(x_rows, fw, w: tl.constexpr, word, scale, words, acc, MASKED: tl.constexpr):
-    """Word `w` of a lane's step: its four activation pairs (one 16-byte load) and two MMAs."""
-    pairs = 4 * (fw + w) + tl.arange(0, 4)[None, :]
+def _pairs(x_rows, pairs, words, MASKED: tl.constexpr):
     if MASKED:
         xp = tl.load(x_rows[:, None] + pairs, mask=pairs < 4 * words, other=0)
     else:
         xp = tl.load(x_rows[:, None] + pairs)
-    x0, x1, x2, x3 = _quarters(xp)
-    return _word_mma(word, scale, x0, x1, x2, x3, acc)
+    return xp
 
 
 @triton.jit
-def k_step(w_rows, x_rows, s_rows, first, words, acc, MASKED: tl.constexpr, ASM: tl.constexpr):
+def _word_step(x_rows, x_hi, fw, w: tl.constexpr, word, scale, words, acc, MASKED: tl.constexpr,
+               T16: tl.constexpr):  # fmt: skip
+    """Word `w` of a lane's step: its four activation pairs (one 16-byte load; T16: also token g + 8's, from
+    `x_hi`) and two MMAs."""
+    pairs = 4 * (fw + w) + tl.arange(0, 4)[None, :]
+    x0, x1, x2, x3 = _quarters(_pairs(x_rows, pairs, words, MASKED))
+    if T16:
+        h0, h1, h2, h3 = _quarters(_pairs(x_hi, pairs, words, MASKED))
+        out = _word_mma16(word, scale, x0, x1, x2, x3, h0, h1, h2, h3, acc)
+    else:
+        out = _word_mma(word, scale, x0, x1, x2, x3, acc)
+    return out
+
+
+@triton.jit
+def k_step(w_rows, x_rows, x_hi, s_rows, first, words, acc, MASKED: tl.constexpr, ASM: tl.constexpr,
+           T16: tl.constexpr):  # fmt: skip
     """One K step of each lane ([L] row pointers, `first` [L] its first word): 4 packed words (32 weights, one
-    16-byte load), their 16 activation pairs (four 16-byte loads) and 2 block scales, 8 MMAs. Loads are [L, 4]
-    with the 4 in one lane (a wider one may be spread over lanes). MASKED: K's tail."""
+    16-byte load), their 16 activation pairs (four 16-byte loads, eight with T16) and 2 block scales, 8 MMAs.
+    Loads are [L, 4] with the 4 in one lane (a wider one may be spread over lanes). MASKED: K's tail."""
     wv = tl.arange(0, 4)[None, :]
     fw = first[:, None]
     if MASKED:
@@ -127,24 +171,25 @@ def k_step(w_rows, x_rows, s_rows, first, words, acc, MASKED: tl.constexpr, ASM:
     s_lo = _pair_scale(s_lo, ASM)
     s_hi = _pair_scale(s_hi, ASM)
     w0, w1, w2, w3 = _quarters(packed)
-    acc = _word_step(x_rows, fw, 0, w0, s_lo, words, acc, MASKED)
-    acc = _word_step(x_rows, fw, 1, w1, s_lo, words, acc, MASKED)
-    acc = _word_step(x_rows, fw, 2, w2, s_hi, words, acc, MASKED)
-    acc = _word_step(x_rows, fw, 3, w3, s_hi, words, acc, MASKED)
+    acc = _word_step(x_rows, x_hi, fw, 0, w0, s_lo, words, acc, MASKED, T16)
+    acc = _word_step(x_rows, x_hi, fw, 1, w1, s_lo, words, acc, MASKED, T16)
+    acc = _word_step(x_rows, x_hi, fw, 2, w2, s_hi, words, acc, MASKED, T16)
+    acc = _word_step(x_rows, x_hi, fw, 3, w3, s_hi, words, acc, MASKED, T16)
     return acc
 
 
 @triton.jit
-def k_loop(w_rows, x_rows, s_rows, words, lane_word, acc, STEP: tl.constexpr, UNROLL: tl.constexpr,
-           ASM: tl.constexpr):  # fmt: skip
-    """`acc` plus the products of `words` packed words of each lane's row with its token's activations; lane_word
-    [L]: the lane's first word of a step, STEP words a step (16 a warp that takes its own steps), the tail masked."""
+def k_loop(w_rows, x_rows, x_hi, s_rows, words, lane_word, acc, STEP: tl.constexpr, UNROLL: tl.constexpr,
+           ASM: tl.constexpr, T16: tl.constexpr):  # fmt: skip
+    """`acc` plus the products of `words` packed words of each lane's row with its token's activations (T16: and
+    token g + 8's, rows `x_hi`); lane_word [L]: the lane's first word of a step, STEP words a step (16 a warp that
+    takes its own steps), the tail masked."""
     full = words // (STEP * UNROLL) * (STEP * UNROLL)
     for w0 in range(0, full, STEP * UNROLL):
         for u in tl.static_range(UNROLL):
-            acc = k_step(w_rows, x_rows, s_rows, w0 + u * STEP + lane_word, words, acc, False, ASM)
+            acc = k_step(w_rows, x_rows, x_hi, s_rows, w0 + u * STEP + lane_word, words, acc, False, ASM, T16)
     for w0 in range(full, words, STEP):
-        acc = k_step(w_rows, x_rows, s_rows, w0 + lane_word, words, acc, True, ASM)
+        acc = k_step(w_rows, x_rows, x_hi, s_rows, w0 + lane_word, words, acc, True, ASM, T16)
     return acc
 
 
@@ -155,12 +200,23 @@ def zero_acc(L: tl.constexpr):
 
 
 @triton.jit
+def zero_acc16(L: tl.constexpr):
+    z = tl.zeros([L], tl.float32)
+    return (z, z, z, z)  # one C quad: tokens g and g + 8
+
+
+@triton.jit
 def lane_sums(acc, WARPS: tl.constexpr):
     """[32] x 2: each lane's sums over the warps, C row g of quad 0 plus row g + 8 of quad 1 (token g's sums for
     B columns 2t and 2t + 1 of lane 4g + t)."""
     c0 = tl.sum(tl.reshape(acc[0] + acc[6], [WARPS, 32]), axis=0)
     c1 = tl.sum(tl.reshape(acc[1] + acc[7], [WARPS, 32]), axis=0)
     return c0, c1
+
+
+@triton.jit
+def _warp_sum(v, WARPS: tl.constexpr):
+    return tl.sum(tl.reshape(v, [WARPS, 32]), axis=0)
 
 
 @triton.jit
@@ -180,6 +236,7 @@ def _gemv_mma_kernel(
     KW: tl.constexpr,
     UNROLL: tl.constexpr,
     ASM: tl.constexpr,
+    T16: tl.constexpr,  # 9-16 tokens: A rows g + 8 carry tokens 8-15 (`_WORD_MMA16_PTX`)
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -195,16 +252,29 @@ def _gemv_mma_kernel(
     x_rows = x_ptr + token.to(tl.int64) * stride_xm
     s_rows = s_ptr + row.to(tl.int64) * stride_sn
     lane_word = (i // 32) * 16 + (i % 4) * 4  # warps take 16-word (64-byte) steps in turn
-    acc = k_loop(w_rows, x_rows, s_rows, K // 8, lane_word, zero_acc(32 * KW), 16 * KW, UNROLL, ASM)
-    total0, total1 = lane_sums(acc, KW)
     scale = fold_scale(s2_ptr, 0, True, ASM) * layout_ok
     j = tl.arange(0, 32)
     out_tok = j // 4
     out_row = tl.program_id(0) * 8 + 2 * (j % 4)  # C columns 2t and 2t + 1
-    ok = out_tok < M
     base = out_ptr + out_tok.to(tl.int64) * stride_om + out_row
-    tl.store(base, (total0 * scale).to(out_ptr.dtype.element_ty), mask=ok & (out_row < N))
-    tl.store(base + 1, (total1 * scale).to(out_ptr.dtype.element_ty), mask=ok & (out_row + 1 < N))
+    dtype = out_ptr.dtype.element_ty
+    if T16:
+        x_hi = x_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_xm
+        acc = k_loop(w_rows, x_rows, x_hi, s_rows, K // 8, lane_word, zero_acc16(32 * KW), 16 * KW, UNROLL, ASM,
+                     True)  # fmt: skip
+        hi = base + 8 * stride_om
+        hi_ok = out_tok + 8 < M
+        tl.store(base, (_warp_sum(acc[0], KW) * scale).to(dtype), mask=out_row < N)
+        tl.store(base + 1, (_warp_sum(acc[1], KW) * scale).to(dtype), mask=out_row + 1 < N)
+        tl.store(hi, (_warp_sum(acc[2], KW) * scale).to(dtype), mask=hi_ok & (out_row < N))
+        tl.store(hi + 1, (_warp_sum(acc[3], KW) * scale).to(dtype), mask=hi_ok & (out_row + 1 < N))
+    else:
+        acc = k_loop(w_rows, x_rows, x_rows, s_rows, K // 8, lane_word, zero_acc(32 * KW), 16 * KW, UNROLL, ASM,
+                     False)  # fmt: skip
+        total0, total1 = lane_sums(acc, KW)
+        ok = out_tok < M
+        tl.store(base, (total0 * scale).to(dtype), mask=ok & (out_row < N))
+        tl.store(base + 1, (total1 * scale).to(dtype), mask=ok & (out_row + 1 < N))
 
 
 def gemv_mma_supported(x: torch.Tensor, weight: NVFP4Tensor) -> bool:
@@ -239,7 +309,7 @@ def gemv_mma(x: torch.Tensor, weight: NVFP4Tensor, *, k_warps: int = 4, unroll: 
     _gemv_mma_kernel[(triton.cdiv(n, 8),)](
         x2.view(torch.int32), packed.view(torch.int32), scale, s2, out, m, n, k,
         x2.stride(0) // 2, packed.stride(0) // 4, scale.stride(0), out.stride(0),
-        KW=k_warps, UNROLL=unroll, ASM=asm, num_warps=k_warps, num_stages=1,
+        KW=k_warps, UNROLL=unroll, ASM=asm, T16=m > 8, num_warps=k_warps, num_stages=1,
         **pdl_args(x.device),
     )  # fmt: skip
     return out.reshape(*lead, n)

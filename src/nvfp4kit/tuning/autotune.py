@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.kernels.configs import (
-    FRAG_GEMV,
+    FRAG_TOKENS,
     cache_path,
     card_slug,
     config_to_dict,
@@ -81,8 +81,8 @@ def tune_model(
     device = torch.device("cuda", torch.cuda.current_device())
     shapes = model_shapes(cfg)
     sms, l2 = sm_count(device), l2_cache_bytes()
-    # the fragment GEMV (SM80+) is a candidate only with its opt-in switch until a GPU run has verified it
-    frag = FRAG_GEMV and torch.cuda.get_device_capability(device) >= (8, 0)
+    # the fragment GEMV (SM80+) is a candidate unless NVFP4KIT_FRAG_GEMV=0 turned it off
+    frag = FRAG_TOKENS > 0 and torch.cuda.get_device_capability(device) >= (8, 0)
     budget = Budget(budget_s)
     jobs = [("linear", shape, m) for shape in shapes.linear for m in tokens]
     jobs += [("moe", None, m) for m in tokens] if shapes.moe else []

@@ -9,7 +9,13 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from nvfp4kit.kernels.configs import LinearConfig, MoEConfig, config_to_dict, heuristic_moe_config
+from nvfp4kit.kernels.configs import (
+    FRAG_MAX_TOKENS,
+    LinearConfig,
+    MoEConfig,
+    config_to_dict,
+    heuristic_moe_config,
+)
 from nvfp4kit.tuning.timing import time_graph
 
 ERROR_BOUND = 1e-2  # relative L2 error vs fp32 math on the dequantized weights (bf16 output rounding ~1e-3)
@@ -66,9 +72,9 @@ def _deep_splits(tiles: int, k: int, block_k: int, sms: int) -> list[int]:
 def linear_candidates(
     m: int, n: int, k: int, *, sms: int, decodes=("asm",), frag: bool = False
 ) -> list[LinearConfig]:
-    """Configs to time for an [M, K] x [N, K]^T linear; `frag`: also the fragment GEMV (SM80+, up to 8 tokens)."""
+    """Configs to time for an [M, K] x [N, K]^T linear; `frag`: also the fragment GEMV (SM80+, up to 16 tokens)."""
     out: list[LinearConfig] = []
-    if frag and m <= 8 and k % 32 == 0:
+    if frag and m <= FRAG_MAX_TOKENS and k % 32 == 0:
         for k_warps in (1, 2, 4, 8):
             for unroll in (1, 2, 4):
                 out.append(LinearConfig("frag", 8, 8, 256, 1, num_warps=k_warps, decode="asm", unroll=unroll))
