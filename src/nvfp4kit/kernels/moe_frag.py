@@ -8,7 +8,8 @@ Two launches, each program 8 weight rows of one expert (the MMA's B columns) aga
   * down: one program per (token, 8 output rows), one warp per top-k slot over that slot's expert (704 K), the
     warps' sums added at the end: the token's output row, no workspace and no second pass.
 Warps of gate_up split K (2816) as in `gemv_mma`. Rows of the MMA other than the pair's token repeat it.
-`frag_gate_up_geglu` runs the same gate_up kernel for a dense MLP (one "expert", no routing).
+`frag_gate_up_geglu` runs the same gate_up kernel for a dense MLP (one "expert", no routing) with A row g holding
+token g, so that one program serves every token and the weight is read once.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def _moe_frag_gate_up_kernel(
     act_ptr,  # [P, I] out
     H,
     inter,
+    tokens,  # ROUTED=False: the tokens, one per A row
     stride_xm,
     stride_we,
     stride_wn,
@@ -44,7 +46,9 @@ def _moe_frag_gate_up_kernel(
     TOP_K: tl.constexpr,
     KW: tl.constexpr,
     UNROLL: tl.constexpr,
-    ROUTED: tl.constexpr,  # False: one dense gate_up (a dense MLP), no routing weight or down scale folded in
+    # False: one dense gate_up (a dense MLP) for all tokens at once (A row g: token g), no routing weight or down
+    # scale folded in; True: a program per (token, slot) pair, every A row the pair's token
+    ROUTED: tl.constexpr,
     ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -64,14 +68,16 @@ def _moe_frag_gate_up_kernel(
     )  # B column g: gate (even) or up (odd) of column j0 + g/2
     w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
     s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
-    x_rows = (
-        x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm + i.to(tl.int64) * 0
-    )  # every A row: the pair's token
+    if ROUTED:
+        token = pair // TOP_K + i * 0
+    else:
+        token = tl.minimum(g, tokens - 1)
+    x_rows = x_ptr + token.to(tl.int64) * stride_xm
     lane_word = (i // 32) * 16 + (i % 4) * 4
     acc = k_loop(
         w_rows, x_rows, x_rows, s_rows, H // 8, lane_word, zero_acc(32 * KW), 16 * KW, UNROLL, ASM, False
     )
-    # [32]: lane 4g + t: C columns 2t (gate of j0 + t) and 2t + 1 (up of j0 + t), alike for every g
+    # [32]: lane 4g + t: C row g (the pair's token, or token g), columns 2t (gate of j0 + t) and 2t + 1 (up of it)
     gate, up = lane_sums(acc, KW)
     gate = gate * fold_scale(s2_ptr, e, True, ASM) * layout_ok
     up = up * fold_scale(s2_ptr, e, True, ASM)
@@ -81,7 +87,13 @@ def _moe_frag_gate_up_kernel(
         h = h * (tl.load(route_ptr + pair).to(tl.float32) * fold_scale(down_s2_ptr, e, True, ASM))
     j = tl.arange(0, 32)
     col = j0 + j % 4
-    tl.store(act_ptr + pair * stride_am + col, h.to(act_ptr.dtype.element_ty), mask=(j < 4) & (col < inter))
+    if ROUTED:
+        tl.store(
+            act_ptr + pair * stride_am + col, h.to(act_ptr.dtype.element_ty), mask=(j < 4) & (col < inter)
+        )
+    else:
+        out = act_ptr + (j // 4).to(tl.int64) * stride_am + col
+        tl.store(out, h.to(act_ptr.dtype.element_ty), mask=(j // 4 < tokens) & (col < inter))
 
 
 @triton.jit
@@ -172,7 +184,7 @@ def fused_moe_frag(
     act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
     _moe_frag_gate_up_kernel[(pairs, inter // 4)](
         x.view(torch.int32), gu_packed.view(torch.int32), gu_scale, gu_s2, dn_s2, route, ids, act, hidden, inter,
-        x.stride(0) // 2, gu_packed.stride(0) // 4, gu_packed.stride(1) // 4, gu_scale.stride(0),
+        tokens, x.stride(0) // 2, gu_packed.stride(0) // 4, gu_packed.stride(1) // 4, gu_scale.stride(0),
         gu_scale.stride(1), act.stride(0),
         TOP_K=top_k, KW=k_warps, UNROLL=unroll, ROUTED=True, ASM=asm, num_warps=k_warps, num_stages=1, **pdl_args(x.device),
     )  # fmt: skip
@@ -213,8 +225,8 @@ def frag_gate_up_geglu(
     packed, scale, s2 = weight.kernel_operands(stacked=True)
     asm = 2 if weight.normal_scales() else 1
     out = torch.empty((tokens, inter), dtype=x.dtype, device=x.device)
-    _moe_frag_gate_up_kernel[(tokens, inter // 4)](
-        x.view(torch.int32), packed.view(torch.int32), scale, s2, s2, s2, s2, out, hidden, inter,
+    _moe_frag_gate_up_kernel[(1, inter // 4)](  # every token in one program's A rows: the weight read once
+        x.view(torch.int32), packed.view(torch.int32), scale, s2, s2, s2, s2, out, hidden, inter, tokens,
         x.stride(0) // 2, packed.stride(0) // 4, packed.stride(1) // 4, scale.stride(0), scale.stride(1),
         out.stride(0),
         TOP_K=1, KW=k_warps, UNROLL=unroll, ROUTED=False, ASM=asm, num_warps=k_warps, num_stages=1,
