@@ -19,7 +19,9 @@ from nvfp4kit.kernels.gemv_mma import gemv_mma
 from nvfp4kit.kernels.w4a16_linear import w4a16_linear
 from nvfp4kit.tuning.cases import DENSE_SHAPES, random_nvfp4, rel_error
 
-CONFIGS = [(kw, un) for kw in (1, 2, 4, 8) for un in (1, 2)]
+# (warps splitting K, unroll, row groups of 8 a program)
+CONFIGS = [(kw, un, 1) for kw in (1, 2, 4, 8) for un in (1, 2)]
+CONFIGS += [(1, 1, 4), (2, 1, 2), (2, 1, 4), (1, 2, 4), (1, 1, 8), (2, 2, 4), (4, 1, 2), (4, 1, 4)]
 
 
 def measure(op: str, n: int, k: int, m: int, l2: int) -> dict:
@@ -33,16 +35,19 @@ def measure(op: str, n: int, k: int, m: int, l2: int) -> dict:
     row: dict = {"op": op, "n": n, "k": k, "m": m, "bytes": nbytes}
     row["tuned_error"] = rel_error(w4a16_linear(x, weights[0]), exact)
     row["tuned"] = time_graph(lambda i: w4a16_linear(x, weights[i % sets]), sets=sets)
-    for kw, un in CONFIGS:
-        name = f"kw{kw} u{un}"
+    for kw, un, nw in CONFIGS:
+        name = f"kw{kw} u{un}" + (f" nw{nw}" if nw > 1 else "")
         try:
-            err = rel_error(gemv_mma(x, weights[0], k_warps=kw, unroll=un), exact)
+            err = rel_error(gemv_mma(x, weights[0], k_warps=kw, unroll=un, row_groups=nw), exact)
             if not err < 1e-2:
                 row[name] = f"error {err:.2e}"
                 continue
             # a second weight set with subnormal block scales takes the other decoder (ASM=1): checked too
             row[name] = time_graph(
-                lambda i, kw=kw, un=un: gemv_mma(x, weights[i % sets], k_warps=kw, unroll=un), sets=sets
+                lambda i, kw=kw, un=un, nw=nw: gemv_mma(
+                    x, weights[i % sets], k_warps=kw, unroll=un, row_groups=nw
+                ),
+                sets=sets,
             )
         except Exception as exc:  # noqa: BLE001 - a config that does not compile is reported
             row[name] = f"failed: {str(exc).splitlines()[0][:100]}"

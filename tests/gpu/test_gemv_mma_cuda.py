@@ -14,11 +14,11 @@ BOUND = 1e-2  # bf16 output of fp32 sums of exact bf16 products
 
 @pytest.mark.parametrize("m", range(1, MAX_TOKENS + 1))
 @pytest.mark.parametrize("n,k", [(8, 32), (40, 2816), (2816, 2112), (100, 544), (1000, 96)])
-@pytest.mark.parametrize("k_warps,unroll", [(1, 1), (4, 2), (8, 4)])
-def test_matches_fp32_math(m, n, k, k_warps, unroll):
+@pytest.mark.parametrize("k_warps,unroll,row_groups", [(1, 1, 1), (4, 2, 1), (8, 4, 1), (2, 1, 4), (1, 2, 8)])
+def test_matches_fp32_math(m, n, k, k_warps, unroll, row_groups):
     w = random_nvfp4(n, k, seed=m + n)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    got = gemv_mma(x, w, k_warps=k_warps, unroll=unroll)
+    got = gemv_mma(x, w, k_warps=k_warps, unroll=unroll, row_groups=row_groups)
     assert got.shape == (m, n)
     assert rel_error(got, x.float() @ w.dequantize(torch.float32).T) < BOUND
 
@@ -72,3 +72,25 @@ def test_dense_gate_up_geglu_in_one_launch(m):
     gate, up = (x.float() @ w.dequantize(torch.float32).T).chunk(2, dim=-1)
     ref = torch.nn.functional.gelu(gate, approximate="tanh") * up
     assert rel_error(frag_gate_up_geglu(x, w), ref) < 2 * BOUND
+
+
+@pytest.mark.parametrize("tokens,experts", [(1, 64), (9, 16), (40, 128), (100, 16)])
+@pytest.mark.parametrize("gate_up_warps,down_warps", [((2, 2), (1, 4)), ((1, 1), (2, 1)), ((1, 4), (1, 8))])
+def test_grouped_moe_matches_the_torch_reference(tokens, experts, gate_up_warps, down_warps):
+    """Pairs sorted into blocks of 8 by expert: experts with no pairs, one, and several blocks (100 tokens x top-8
+    over 16 experts: ~50 pairs each), column and row groups that do not divide the widths."""
+    from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped, moe_grouped_supported
+    from nvfp4kit.model.ops import TorchBackend
+
+    hidden, inter, top_k = 512, 96, 8
+    gate_up = random_nvfp4(2 * inter, hidden, experts=experts, seed=3)
+    down = random_nvfp4(hidden, inter, experts=experts, seed=4)
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    weights, ids = torch.topk(torch.randn(tokens, experts, device="cuda", generator=gen).softmax(-1), top_k)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+    assert moe_grouped_supported(x, gate_up, down)
+    out = fused_moe_grouped(
+        x, ids.int(), weights, gate_up, down, gate_up_warps=gate_up_warps, down_warps=down_warps
+    )
+    ref = TorchBackend().moe(x.float(), ids, weights, gate_up, down)
+    assert rel_error(out, ref) < 2 * BOUND

@@ -15,6 +15,7 @@ compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 
 from nvfp4kit.kernels.moe_align import _moe_align_kernel  # noqa: E402
+from nvfp4kit.kernels.moe_sum import _moe_sum_kernel  # noqa: E402
 from nvfp4kit.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel  # noqa: E402
 from nvfp4kit.kernels.w4a16_linear import _w4a16_dot_kernel, _w4a16_gemv_kernel  # noqa: E402
 
@@ -52,7 +53,7 @@ KERNELS = {
     "gate_up_sorted_halves_asm": (moe._moe_gate_up_kernel, 4, dict(TOP_K=8, BM=16, BN=64, BK=128, SORTED=True, NVFP4=True, ASM=True, HALVES=True)),
     "down_sorted_halves_dense": (moe._moe_down_kernel, 4, dict(BM=16, BN=64, BK=64, SORTED=True, NVFP4=False, ASM=False, HALVES=True)),
     "down_token_asm": (moe._moe_down_token_kernel, 4, dict(TOP_K=8, BM=16, BN=32, BK=128, NVFP4=True, ASM=True)),
-    "sum": (moe._moe_sum_kernel, 4, dict(TOP_K=8, BLOCK=1024)),
+    "sum": (_moe_sum_kernel, 4, dict(TOP_K=8, BLOCK=1024)),
     "align": (_moe_align_kernel, 8, dict(E_PAD=128, BM=16, CHUNK=1024, BLOCK_CHUNK=64)),
     "decode_attention_split": (_paged_attention_kernel, 4, ATTN),
     "merge_splits_sliding": (_merge_splits_kernel, 4, dict(CHUNK=8, D=256, BLOCK_N=32, SLIDING=True)),

@@ -22,7 +22,7 @@ from nvfp4kit.tuning.cases import random_nvfp4
 kept = []
 record = cross_compile._record
 cross_compile._record = lambda fn, kernel, kwargs: (kept.append(kernel), record(fn, kernel, kwargs))[1]
-arch, kw, unroll, m = (int(v) for v in sys.argv[1:5])
+arch, kw, unroll, m, nw = (int(v) for v in sys.argv[1:6])
 w = random_nvfp4(256, 2112, device="cpu")
 x = torch.randn(m, 2112).bfloat16()
 packed, scale, s2 = w.kernel_operands()
@@ -30,8 +30,8 @@ out = torch.empty(m, 256, dtype=torch.bfloat16)
 with cross_compile.compile_for((arch // 10, arch % 10), 132):
     g._gemv_mma_kernel[(32,)](
         x.view(torch.int32), packed.view(torch.int32), scale, s2, out, m, 256, 2112, x.stride(0) // 2,
-        packed.stride(0) // 4, scale.stride(0), out.stride(0), KW=kw, UNROLL=unroll, ASM=2, T16=m > 8, PDL=0,
-        num_warps=kw, num_stages=1)
+        packed.stride(0) // 4, scale.stride(0), out.stride(0), KW=kw, NW=nw, UNROLL=unroll, ASM=2, T16=m > 8, PDL=0,
+        num_warps=kw * nw, num_stages=1)
 sys.stdout.buffer.write(kept[-1].asm["cubin"])
 """
 
@@ -52,11 +52,13 @@ def loops_and_lines(sass: str) -> tuple[list[tuple[int, int]], list[tuple[int, s
 
 @pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
 @pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("k_warps,unroll,tokens", [(4, 2, 1), (1, 4, 1), (4, 2, 16)])
-def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, tokens, tmp_path):
+@pytest.mark.parametrize(
+    "k_warps,unroll,tokens,row_groups", [(4, 2, 1, 1), (1, 4, 1, 1), (4, 2, 16, 1), (2, 2, 4, 4)]
+)
+def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, tokens, row_groups, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", COMPILE, str(arch), str(k_warps), str(unroll), str(tokens)],
+        [sys.executable, "-c", COMPILE, str(arch), str(k_warps), str(unroll), str(tokens), str(row_groups)],
         env=env,
         capture_output=True,
     )

@@ -35,13 +35,15 @@ class LinearConfig:
     num_stages: int = 3
     decode: str = "bits"  # "bits" (portable Triton) or "asm" (PTX, SM80+)
     halves: bool = False  # FP4 low and high nibbles as even/odd K halves (dot: two MMAs; gemv: no interleave)
-    unroll: int = 2  # frag: K steps a loop trip (num_warps: warps splitting K; 8 rows a program)
+    unroll: int = (
+        2  # frag: K steps a loop trip (num_warps: warps splitting K; block_n: rows a program, 8 per group)
+    )
 
     def __post_init__(self) -> None:
         if self.kernel not in ("dot", "gemv", "frag"):
             raise ValueError(f"LinearConfig.kernel must be 'dot', 'gemv' or 'frag', got {self.kernel!r}")
-        if self.kernel == "frag" and self.block_m > 8:
-            raise ValueError(f"frag configs take at most 8 tokens, got block_m={self.block_m}")
+        if self.kernel == "frag" and (self.block_m > 8 or self.block_n % 8 or not 8 <= self.block_n <= 64):
+            raise ValueError(f"frag configs have block_m 8 and 8-64 rows in groups of 8, got {self}")
         if self.decode not in ("bits", "asm"):
             raise ValueError(f"LinearConfig.decode must be 'bits' or 'asm', got {self.decode!r}")
         if self.block_k % 32 or self.block_k < 32:
@@ -151,6 +153,9 @@ def _frag_tokens(raw: str) -> int:
 
 
 FRAG_TOKENS = _frag_tokens(os.environ.get("NVFP4KIT_FRAG_GEMV", str(_FRAG_DEFAULT)))
+# Above FRAG_TOKENS and up to this many tokens the MoE runs expert-grouped fragment kernels
+# (kernels/moe_frag_grouped.py); 0 (the default until a GPU run measures it) keeps the tuned tiles.
+MOE_GROUPED_TOKENS = int(os.environ.get("NVFP4KIT_MOE_GROUPED_TOKENS", "0"))
 
 
 def interpreting() -> bool:

@@ -22,12 +22,20 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels.configs import FRAG_TOKENS, MoEConfig, interpreting, select_moe_config
+from nvfp4kit.kernels.configs import (
+    FRAG_TOKENS,
+    MOE_GROUPED_TOKENS,
+    MoEConfig,
+    interpreting,
+    select_moe_config,
+)
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
 from nvfp4kit.kernels.moe_frag import fused_moe_frag, moe_frag_supported
+from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped, moe_grouped_supported
 from nvfp4kit.kernels.moe_prefill import grouped_mm_available, moe_prefill
 from nvfp4kit.kernels.moe_split import fused_moe_split
+from nvfp4kit.kernels.moe_sum import sum_top_k
 from nvfp4kit.kernels.nvfp4_tile import (
     fold_scale,
     load_act_halves,
@@ -168,7 +176,7 @@ def _moe_down_kernel(
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Each pair's weighted down-projection row -> out[pair] (summed over top-k by `_moe_sum_kernel`)."""
+    """Each pair's weighted down-projection row -> out[pair] (summed over top-k by `moe_sum.sum_top_k`)."""
     wait_for_inputs(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -257,29 +265,6 @@ def _moe_down_token_kernel(
     tl.store(out_ptr + token * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=rn < hidden)
 
 
-@triton.jit
-def _moe_sum_kernel(
-    part_ptr,
-    out_ptr,
-    hidden,
-    stride_pm,
-    stride_om,
-    TOP_K: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    wait_for_inputs(PDL)
-    token = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < hidden
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for slot in tl.static_range(TOP_K):
-        acc += tl.load(part_ptr + (token * TOP_K + slot) * stride_pm + cols, mask=ok, other=0.0).to(
-            tl.float32
-        )
-    tl.store(out_ptr + token * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-
 def _weight_args(weight: torch.Tensor | NVFP4Tensor, name: str) -> tuple:
     """(values, scales, scale_2, stride_e, stride_n, stride_se, stride_sn, is_nvfp4) for a stacked weight."""
     if isinstance(weight, NVFP4Tensor):
@@ -329,6 +314,8 @@ def fused_moe(
         )
     if config is None and tokens <= FRAG_TOKENS and moe_frag_supported(x2, gate_up, down, top_k):
         return fused_moe_frag(x2, ids, route, gate_up, down, top_k=top_k).reshape(*lead, hidden)
+    if config is None and tokens <= MOE_GROUPED_TOKENS and moe_grouped_supported(x2, gate_up, down):
+        return fused_moe_grouped(x2, topk_ids, topk_weights, gate_up, down).reshape(*lead, hidden)
     prefill = config is None and tokens >= max(1, prefill_min_tokens) and isinstance(gate_up, NVFP4Tensor)
     if prefill and grouped_mm_available(x2):
         out = moe_prefill(x2, ids, route, gate_up, down, top_k=top_k)
@@ -386,15 +373,4 @@ def fused_moe(
         BM=bm, BN=dn_bn, BK=dn_bk, SORTED=cfg.sorted, EVEN_K=inter % dn_bk == 0, HALVES=cfg.halves, **flags,
         num_warps=cfg.down_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
-    block = min(1024, triton.next_power_of_2(hidden))
-    _moe_sum_kernel[(tokens, triton.cdiv(hidden, block))](
-        per_pair,
-        out,
-        hidden,
-        per_pair.stride(0),
-        out.stride(0),
-        TOP_K=top_k,
-        BLOCK=block,
-        **pdl_args(x.device),
-    )
-    return out.reshape(*lead, hidden)
+    return sum_top_k(per_pair, out, top_k).reshape(*lead, hidden)

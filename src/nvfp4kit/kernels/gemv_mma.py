@@ -215,8 +215,9 @@ def lane_sums(acc, WARPS: tl.constexpr):
 
 
 @triton.jit
-def _warp_sum(v, WARPS: tl.constexpr):
-    return tl.sum(tl.reshape(v, [WARPS, 32]), axis=0)
+def group_sum(v, KW: tl.constexpr, NW: tl.constexpr):
+    """[32 x KW x NW] lanes -> [32 x NW]: the sums over the KW warps that split K, per row group of 8."""
+    return tl.reshape(tl.sum(tl.reshape(v, [NW, KW, 32]), axis=1), [NW * 32])
 
 
 @triton.jit
@@ -233,7 +234,8 @@ def _gemv_mma_kernel(
     stride_wn,  # in words
     stride_sn,
     stride_om,
-    KW: tl.constexpr,
+    KW: tl.constexpr,  # warps splitting K
+    NW: tl.constexpr,  # row groups of 8 a program (warps sharing the tokens' activations through L1)
     UNROLL: tl.constexpr,
     ASM: tl.constexpr,
     T16: tl.constexpr,  # 9-16 tokens: A rows g + 8 carry tokens 8-15 (`_WORD_MMA16_PTX`)
@@ -243,35 +245,40 @@ def _gemv_mma_kernel(
     # rows of 16-byte multiples (K % 32 == 0, checked by the caller): 16-byte loads at any K
     stride_wn = tl.multiple_of(stride_wn, 4)
     stride_xm = tl.multiple_of(stride_xm, 4)
-    i, layout_ok = lane_ids(32 * KW)
-    g = (i % 32) // 4  # the lane's B column (weight row of the program's 8) and A row (token)
+    i, layout_ok = lane_ids(32 * KW * NW)
+    g = (i % 32) // 4  # the lane's B column (weight row of its group's 8) and A row (token)
+    warp = i // 32
+    first_row = tl.program_id(0) * 8 * NW
     # lanes past N or M read row N - 1 / token M - 1 (in bounds, no masks in the loop); their results are not stored
-    row = tl.minimum(tl.program_id(0) * 8 + g, N - 1)
+    row = tl.minimum(first_row + (warp // KW) * 8 + g, N - 1)
     token = tl.minimum(g, M - 1)
     w_rows = w_ptr + row.to(tl.int64) * stride_wn
     x_rows = x_ptr + token.to(tl.int64) * stride_xm
     s_rows = s_ptr + row.to(tl.int64) * stride_sn
-    lane_word = (i // 32) * 16 + (i % 4) * 4  # warps take 16-word (64-byte) steps in turn
+    lane_word = (warp % KW) * 16 + (
+        i % 4
+    ) * 4  # the KW warps of a row group take 16-word (64-byte) steps in turn
     scale = fold_scale(s2_ptr, 0, True, ASM) * layout_ok
-    j = tl.arange(0, 32)
-    out_tok = j // 4
-    out_row = tl.program_id(0) * 8 + 2 * (j % 4)  # C columns 2t and 2t + 1
+    j = tl.arange(0, 32 * NW)
+    out_tok = (j % 32) // 4
+    out_row = first_row + (j // 32) * 8 + 2 * (j % 4)  # C columns 2t and 2t + 1 of each row group
     base = out_ptr + out_tok.to(tl.int64) * stride_om + out_row
     dtype = out_ptr.dtype.element_ty
     if T16:
         x_hi = x_ptr + tl.minimum(g + 8, M - 1).to(tl.int64) * stride_xm
-        acc = k_loop(w_rows, x_rows, x_hi, s_rows, K // 8, lane_word, zero_acc16(32 * KW), 16 * KW, UNROLL, ASM,
-                     True)  # fmt: skip
+        acc = k_loop(w_rows, x_rows, x_hi, s_rows, K // 8, lane_word, zero_acc16(32 * KW * NW), 16 * KW, UNROLL,
+                     ASM, True)  # fmt: skip
         hi = base + 8 * stride_om
         hi_ok = out_tok + 8 < M
-        tl.store(base, (_warp_sum(acc[0], KW) * scale).to(dtype), mask=out_row < N)
-        tl.store(base + 1, (_warp_sum(acc[1], KW) * scale).to(dtype), mask=out_row + 1 < N)
-        tl.store(hi, (_warp_sum(acc[2], KW) * scale).to(dtype), mask=hi_ok & (out_row < N))
-        tl.store(hi + 1, (_warp_sum(acc[3], KW) * scale).to(dtype), mask=hi_ok & (out_row + 1 < N))
+        tl.store(base, (group_sum(acc[0], KW, NW) * scale).to(dtype), mask=out_row < N)
+        tl.store(base + 1, (group_sum(acc[1], KW, NW) * scale).to(dtype), mask=out_row + 1 < N)
+        tl.store(hi, (group_sum(acc[2], KW, NW) * scale).to(dtype), mask=hi_ok & (out_row < N))
+        tl.store(hi + 1, (group_sum(acc[3], KW, NW) * scale).to(dtype), mask=hi_ok & (out_row + 1 < N))
     else:
-        acc = k_loop(w_rows, x_rows, x_rows, s_rows, K // 8, lane_word, zero_acc(32 * KW), 16 * KW, UNROLL, ASM,
-                     False)  # fmt: skip
-        total0, total1 = lane_sums(acc, KW)
+        acc = k_loop(w_rows, x_rows, x_rows, s_rows, K // 8, lane_word, zero_acc(32 * KW * NW), 16 * KW, UNROLL,
+                     ASM, False)  # fmt: skip
+        total0 = group_sum(acc[0] + acc[6], KW, NW)  # C row g of quad 0 plus row g + 8 of quad 1
+        total1 = group_sum(acc[1] + acc[7], KW, NW)
         ok = out_tok < M
         tl.store(base, (total0 * scale).to(dtype), mask=ok & (out_row < N))
         tl.store(base + 1, (total1 * scale).to(dtype), mask=ok & (out_row + 1 < N))
@@ -289,7 +296,9 @@ def gemv_mma_supported(x: torch.Tensor, weight: NVFP4Tensor) -> bool:
     )
 
 
-def gemv_mma(x: torch.Tensor, weight: NVFP4Tensor, *, k_warps: int = 4, unroll: int = 2) -> torch.Tensor:
+def gemv_mma(
+    x: torch.Tensor, weight: NVFP4Tensor, *, k_warps: int = 4, unroll: int = 2, row_groups: int = 1
+) -> torch.Tensor:
     """x [..., K] (bf16, 1-8 rows) @ dequant(weight [N, K])^T -> [..., N] bf16 (see the module docstring)."""
     n, k = weight.shape
     if x.shape[-1] != k:
@@ -306,10 +315,10 @@ def gemv_mma(x: torch.Tensor, weight: NVFP4Tensor, *, k_warps: int = 4, unroll: 
         raise ValueError("gemv_mma needs packed weight rows aligned to 4 bytes")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     asm = 2 if weight.normal_scales() else 1
-    _gemv_mma_kernel[(triton.cdiv(n, 8),)](
+    _gemv_mma_kernel[(triton.cdiv(n, 8 * row_groups),)](
         x2.view(torch.int32), packed.view(torch.int32), scale, s2, out, m, n, k,
         x2.stride(0) // 2, packed.stride(0) // 4, scale.stride(0), out.stride(0),
-        KW=k_warps, UNROLL=unroll, ASM=asm, T16=m > 8, num_warps=k_warps, num_stages=1,
+        KW=k_warps, NW=row_groups, UNROLL=unroll, ASM=asm, T16=m > 8, num_warps=k_warps * row_groups, num_stages=1,
         **pdl_args(x.device),
     )  # fmt: skip
     return out.reshape(*lead, n)

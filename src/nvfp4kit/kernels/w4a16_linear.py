@@ -256,7 +256,8 @@ def w4a16_linear(
     cfg = config or select_linear_config(m, n, k, device=x.device)
     if cfg.kernel == "frag":
         if gemv_mma_supported(x2, weight):
-            return gemv_mma(x2, weight, k_warps=cfg.num_warps, unroll=cfg.unroll).reshape(*lead, n)
+            out = gemv_mma(x2, weight, k_warps=cfg.num_warps, unroll=cfg.unroll, row_groups=cfg.block_n // 8)
+            return out.reshape(*lead, n)
         cfg = heuristic_linear(m, n, k, device=x.device)  # fp16, or a weight the fragment GEMV does not take
     interpret = interpreting()
     asm = 0  # the decoder: 0 bits, 1 PTX, 2 PTX with normal block scales (nvfp4_tile.py)

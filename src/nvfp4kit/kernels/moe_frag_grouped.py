@@ -1,0 +1,232 @@
+"""Fused GELU-tanh MoE for batches of ~8-128 tokens with the fragment MMA of `gemv_mma.py` (SM80+, bf16, GPU only).
+
+At these sizes nearly every expert is touched (64 tokens x top-8 = 512 pairs over 128 experts) and a layer is a
+stream of all its expert weights (429 MB for 26B-A4B), so each expert must be read once a step, whatever the
+number of its tokens. `moe_frag.py` reads an expert once per (token, slot) pair; here the pairs are sorted by
+expert into blocks of 8 (`moe_align`, block_m=8), and a block's 8 pairs are the 8 A rows of the MMA:
+
+  * gate_up: a program per (block, 4 x NW intermediate columns); row group r (KW warps splitting K) has gate and
+    up rows of 4 columns as its 8 B columns, so lane 4g + t ends with gate and up of pair g's column: GeGLU, the
+    routing weight and down's scale_2 applied in registers, act[pair, column] written in bf16;
+  * down: a program per (block, 8 x NW output rows) over act's rows of the block's pairs, written to a
+    [pairs, H] fp32 buffer; then `moe_sum.sum_top_k` adds each token's top-k rows.
+
+NW row groups in a program share the block's activation rows through L1 (the tokens' activations are read from
+L2 once per program, not once per 8 weight rows). Blocks past the routing's last are skipped by their programs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+from nvfp4kit.kernels.gemv_mma import group_sum, k_loop, lane_ids, zero_acc
+from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
+from nvfp4kit.kernels.moe_align import moe_align
+from nvfp4kit.kernels.moe_sum import sum_top_k
+from nvfp4kit.kernels.nvfp4_tile import fold_scale
+
+BLOCK = 8  # pairs a block: the MMA's A rows (rows g + 8 repeat them, as in gemv_mma's 1-8 token form)
+
+
+@triton.jit
+def _block_pairs(pair_ids_ptr, b, g, num_pairs):
+    """(pair of A row g of block b, whether it is one: padding slots hold num_pairs)."""
+    pair = tl.load(pair_ids_ptr + b * 8 + g)
+    return pair, pair < num_pairs
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _grouped_gate_up_kernel(
+    x_ptr,  # [T, H] as int32 bf16 pairs
+    w_ptr,  # [E, 2I, H/8] int32 words
+    s_ptr,  # [E, 2I, H/16] E4M3 bytes
+    s2_ptr,  # gate_up's scale_2 [E]
+    down_s2_ptr,  # down's scale_2 [E], folded into the activation
+    route_ptr,  # [P] routing weights
+    pair_ids_ptr,  # [blocks * 8] pairs in expert order (moe_align)
+    block_expert_ptr,  # [blocks] expert of each block, -1 past the last
+    act_ptr,  # [P, I] out
+    H,
+    inter,
+    num_pairs,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_am,
+    TOP_K: tl.constexpr,
+    KW: tl.constexpr,
+    NW: tl.constexpr,
+    UNROLL: tl.constexpr,
+    ASM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    wait_for_inputs(PDL)
+    stride_wn = tl.multiple_of(stride_wn, 4)
+    stride_xm = tl.multiple_of(stride_xm, 4)
+    b = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + b)
+    if expert >= 0:
+        e = expert.to(tl.int64)
+        i, layout_ok = lane_ids(32 * KW * NW)
+        g = (i % 32) // 4
+        warp = i // 32
+        first_col = tl.program_id(1) * 4 * NW
+        col = tl.minimum(first_col + (warp // KW) * 4 + g // 2, inter - 1)
+        row = tl.where(g % 2 == 0, 0, inter) + col  # B column g: gate (even) or up (odd) of col
+        pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs)
+        token = tl.where(ok, pair // TOP_K, 0)
+        x_rows = x_ptr + token.to(tl.int64) * stride_xm
+        w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
+        s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
+        lane_word = (warp % KW) * 16 + (i % 4) * 4
+        acc = k_loop(
+            w_rows,
+            x_rows,
+            x_rows,
+            s_rows,
+            H // 8,
+            lane_word,
+            zero_acc(32 * KW * NW),
+            16 * KW,
+            UNROLL,
+            ASM,
+            False,
+        )
+        # [32 x NW]: lane j of row group j // 32 holds pair (j % 32) // 4's gate and up of column j % 4 of the group
+        scale = fold_scale(s2_ptr, e, True, ASM)
+        gate = group_sum(acc[0] + acc[6], KW, NW) * scale * layout_ok
+        up = group_sum(acc[1] + acc[7], KW, NW) * scale
+        h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+        j = tl.arange(0, 32 * NW)
+        out_pair, out_ok = _block_pairs(pair_ids_ptr, b, (j % 32) // 4, num_pairs)
+        route = tl.load(route_ptr + out_pair, mask=out_ok, other=0).to(tl.float32)
+        h = h * (route * fold_scale(down_s2_ptr, e, True, ASM))
+        out_col = first_col + (j // 32) * 4 + j % 4
+        out = act_ptr + out_pair.to(tl.int64) * stride_am + out_col
+        tl.store(out, h.to(act_ptr.dtype.element_ty), mask=out_ok & (out_col < inter))
+
+
+@triton.jit(do_not_specialize=["num_pairs"])
+def _grouped_down_kernel(
+    act_ptr,  # [P, I] as int32 bf16 pairs (weighted and scaled)
+    w_ptr,  # [E, H, I/8] int32 words
+    s_ptr,  # [E, H, I/16]
+    pair_ids_ptr,
+    block_expert_ptr,
+    part_ptr,  # [P, H] fp32 out
+    H,
+    inter,
+    num_pairs,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_pm,
+    KW: tl.constexpr,
+    NW: tl.constexpr,
+    ASM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    wait_for_inputs(PDL)
+    stride_wn = tl.multiple_of(stride_wn, 4)
+    stride_am = tl.multiple_of(stride_am, 4)
+    b = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + b)
+    if expert >= 0:
+        e = expert.to(tl.int64)
+        i, layout_ok = lane_ids(32 * KW * NW)
+        g = (i % 32) // 4
+        warp = i // 32
+        first_row = tl.program_id(1) * 8 * NW
+        row = tl.minimum(first_row + (warp // KW) * 8 + g, H - 1)
+        pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs)
+        x_rows = act_ptr + tl.where(ok, pair, 0).to(tl.int64) * stride_am
+        w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
+        s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
+        lane_word = (warp % KW) * 16 + (i % 4) * 4
+        acc = k_loop(
+            w_rows,
+            x_rows,
+            x_rows,
+            s_rows,
+            inter // 8,
+            lane_word,
+            zero_acc(32 * KW * NW),
+            16 * KW,
+            1,
+            ASM,
+            False,
+        )
+        total0 = group_sum(acc[0] + acc[6], KW, NW) * layout_ok  # the scale is already in act
+        total1 = group_sum(acc[1] + acc[7], KW, NW) * layout_ok
+        j = tl.arange(0, 32 * NW)
+        out_pair, out_ok = _block_pairs(pair_ids_ptr, b, (j % 32) // 4, num_pairs)
+        out_row = first_row + (j // 32) * 8 + 2 * (j % 4)
+        base = part_ptr + out_pair.to(tl.int64) * stride_pm + out_row
+        tl.store(base, total0, mask=out_ok & (out_row < H))
+        tl.store(base + 1, total1, mask=out_ok & (out_row + 1 < H))
+
+
+def moe_grouped_supported(x: torch.Tensor, gate_up: object, down: object) -> bool:
+    """bf16 tokens on an SM80+ GPU, stacked NVFP4 experts whose widths are multiples of 32."""
+    if not (isinstance(gate_up, NVFP4Tensor) and isinstance(down, NVFP4Tensor)):
+        return False
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or gate_up.packed.dim() != 3:
+        return False
+    _, two_inter, hidden = gate_up.shape
+    return (
+        hidden % 32 == 0
+        and (two_inter // 2) % 32 == 0
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def fused_moe_grouped(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: NVFP4Tensor,
+    down: NVFP4Tensor,
+    *,
+    gate_up_warps: tuple[int, int] = (2, 2),
+    down_warps: tuple[int, int] = (1, 4),
+    unroll: int = 1,
+) -> torch.Tensor:
+    """x [T, H] bf16, topk_ids / topk_weights [T, top_k] -> [T, H]; `*_warps` = (warps splitting K, row groups a
+    program) of each projection (see the module docstring; `moe_grouped_supported` first)."""
+    tokens, hidden = x.shape
+    experts, two_inter, _ = gate_up.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[-1]
+    if x.stride(-1) != 1 or x.stride(0) % 8:
+        x = x.contiguous()
+    pairs = tokens * top_k
+    pair_ids, block_expert = moe_align(topk_ids, num_experts=experts, block_m=BLOCK)
+    route = topk_weights.reshape(-1).contiguous()
+    gu_packed, gu_scale, gu_s2 = gate_up.kernel_operands()
+    dn_packed, dn_scale, dn_s2 = down.kernel_operands()
+    asm = 2 if gate_up.normal_scales() and down.normal_scales() else 1
+    blocks = block_expert.numel()
+    act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
+    kw, nw = gate_up_warps
+    _grouped_gate_up_kernel[(blocks, triton.cdiv(inter, 4 * nw))](
+        x.view(torch.int32), gu_packed.view(torch.int32), gu_scale, gu_s2, dn_s2, route, pair_ids, block_expert,
+        act, hidden, inter, pairs, x.stride(0) // 2, gu_packed.stride(0) // 4, gu_packed.stride(1) // 4,
+        gu_scale.stride(0), gu_scale.stride(1), act.stride(0),
+        TOP_K=top_k, KW=kw, NW=nw, UNROLL=unroll, ASM=asm, num_warps=kw * nw, num_stages=1, **pdl_args(x.device),
+    )  # fmt: skip
+    part = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
+    kw, nw = down_warps
+    _grouped_down_kernel[(blocks, triton.cdiv(hidden, 8 * nw))](
+        act.view(torch.int32), dn_packed.view(torch.int32), dn_scale, pair_ids, block_expert, part, hidden, inter,
+        pairs, act.stride(0) // 2, dn_packed.stride(0) // 4, dn_packed.stride(1) // 4, dn_scale.stride(0),
+        dn_scale.stride(1), part.stride(0),
+        KW=kw, NW=nw, ASM=asm, num_warps=kw * nw, num_stages=1, **pdl_args(x.device),
+    )  # fmt: skip
+    return sum_top_k(part, torch.empty((tokens, hidden), dtype=x.dtype, device=x.device), top_k)
