@@ -1,5 +1,6 @@
-"""How the fragment GEMV (kernels/gemv_mma.py) is chosen: the NVFP4KIT_FRAG_GEMV token limit users set, and the
-warp count rule that stood in for tuning on the H100 (within 1.09x of the best of 8 configs at 1-16 tokens)."""
+"""How the fragment GEMV (kernels/gemv_mma.py) is chosen: the token limits users set (NVFP4KIT_FRAG_GEMV,
+NVFP4KIT_MOE_GROUPED_TOKENS), and the warp count rule that stood in for tuning on the H100 (within 1.09x of the
+best of 8 configs at 1-16 tokens)."""
 
 import pytest
 
@@ -9,13 +10,13 @@ from nvfp4kit.tuning.cases import DENSE_SHAPES
 
 @pytest.mark.parametrize("raw,tokens", [("0", 0), ("off", 0), ("4", 4), (" 16 ", 16), ("1", 1)])
 def test_token_limit_from_the_environment(raw, tokens):
-    assert configs._frag_tokens(raw) == tokens
+    assert configs.token_limit("NVFP4KIT_FRAG_GEMV", raw, 16) == tokens
 
 
 @pytest.mark.parametrize("raw", ["17", "on", "-1", "auto"])
 def test_a_bad_token_limit_is_refused_with_the_variable_named(raw):
     with pytest.raises(ValueError, match="NVFP4KIT_FRAG_GEMV"):
-        configs._frag_tokens(raw)
+        configs.token_limit("NVFP4KIT_FRAG_GEMV", raw, 16)
 
 
 # the fastest k_warps of the H100 probe (session 19, scripts/gpu_gemv_mma_probe.py) at one token

@@ -134,28 +134,29 @@ def timed_tiles_fit(capability: tuple[int, int] | None) -> bool:
 
 
 FRAG_MAX_TOKENS = 16  # gemv_mma.py: the MMA's 16 A rows
-# Up to this many tokens, NVFP4 linears, the dense MLP's gate_up + GeGLU and (up to 8) the MoE run the fragment
-# kernels (gemv_mma.py, moe_frag.py) on SM80+ GPUs: on the H100 (session 19) 1.04-1.5x faster than the tuned
-# tiles at 1-8 tokens, the batch-1 decode step 3.62 -> 2.88 ms, but the engine's batch-8 step 4% slower and
-# most linears at 16 tokens 0.66-0.95x. NVFP4KIT_FRAG_GEMV: 0 off, N (1-16) tokens, default 4.
-_FRAG_DEFAULT = 4
 
 
-def _frag_tokens(raw: str) -> int:
+def token_limit(variable: str, raw: str, maximum: int) -> int:
+    """A token-count switch from the environment: 0 / off, or a count up to `maximum`."""
     raw = raw.strip().lower()
     if raw in ("off", "false", "no"):
         return 0
-    if not raw.isdigit() or int(raw) > FRAG_MAX_TOKENS:
-        raise ValueError(
-            f"NVFP4KIT_FRAG_GEMV must be 0 (off) or a token count up to {FRAG_MAX_TOKENS}, got {raw!r}"
-        )
+    if not raw.isdigit() or int(raw) > maximum:
+        raise ValueError(f"{variable} must be 0 (off) or a token count up to {maximum}, got {raw!r}")
     return int(raw)
 
 
-FRAG_TOKENS = _frag_tokens(os.environ.get("NVFP4KIT_FRAG_GEMV", str(_FRAG_DEFAULT)))
-# Above FRAG_TOKENS and up to this many tokens the MoE runs expert-grouped fragment kernels
-# (kernels/moe_frag_grouped.py); 0 (the default until a GPU run measures it) keeps the tuned tiles.
-MOE_GROUPED_TOKENS = int(os.environ.get("NVFP4KIT_MOE_GROUPED_TOKENS", "0"))
+# Up to this many tokens, NVFP4 linears, the dense MLP's gate_up + GeGLU and (up to 8) the MoE run the fragment
+# kernels (gemv_mma.py, moe_frag.py) on SM80+ GPUs. On the H100 (session 19, docs/benchmarks.md): 1.04-1.5x
+# faster than the tuned tiles at 1-8 tokens a linear, the engine's batch-1 / batch-4 decode +22% / +8%, batch 8
+# even, most linears at 16 tokens 0.66-0.95x. NVFP4KIT_FRAG_GEMV: 0 turns every fragment kernel off.
+FRAG_TOKENS = token_limit("NVFP4KIT_FRAG_GEMV", os.environ.get("NVFP4KIT_FRAG_GEMV", "4"), FRAG_MAX_TOKENS)
+# Above FRAG_TOKENS and up to this many, the MoE runs expert-grouped fragment kernels (moe_frag_grouped.py). On
+# the H100: the MoE layer 1.16 / 1.09 / 1.05x faster at 8 / 16 / 32 tokens, 0.96x at 64, 0.70x at 128; the
+# engine's decode +7% at batch 8, +4% at 16 and 24, +3% at 32, -4% at 48 (with the limit at 64).
+MOE_GROUPED_TOKENS = token_limit(
+    "NVFP4KIT_MOE_GROUPED_TOKENS", os.environ.get("NVFP4KIT_MOE_GROUPED_TOKENS", "32"), 1024
+)
 
 
 def interpreting() -> bool:

@@ -314,7 +314,8 @@ def fused_moe(
         )
     if config is None and tokens <= FRAG_TOKENS and moe_frag_supported(x2, gate_up, down, top_k):
         return fused_moe_frag(x2, ids, route, gate_up, down, top_k=top_k).reshape(*lead, hidden)
-    if config is None and tokens <= MOE_GROUPED_TOKENS and moe_grouped_supported(x2, gate_up, down):
+    grouped = FRAG_TOKENS > 0 and tokens <= MOE_GROUPED_TOKENS  # NVFP4KIT_FRAG_GEMV=0: no fragment kernel
+    if config is None and grouped and moe_grouped_supported(x2, gate_up, down):
         return fused_moe_grouped(x2, topk_ids, topk_weights, gate_up, down).reshape(*lead, hidden)
     prefill = config is None and tokens >= max(1, prefill_min_tokens) and isinstance(gate_up, NVFP4Tensor)
     if prefill and grouped_mm_available(x2):
