@@ -79,7 +79,8 @@ def test_dense_gate_up_geglu_in_one_launch(m):
 def test_grouped_moe_matches_the_torch_reference(tokens, experts, gate_up_warps, down_warps):
     """Pairs sorted into blocks of 8 by expert: experts with no pairs, one, and several blocks (100 tokens x top-8
     over 16 experts: ~50 pairs each), column and row groups that do not divide the widths."""
-    from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped, moe_grouped_supported
+    from nvfp4kit.kernels.moe_frag import frag_experts_supported
+    from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped
     from nvfp4kit.model.ops import TorchBackend
 
     hidden, inter, top_k = 512, 96, 8
@@ -88,7 +89,7 @@ def test_grouped_moe_matches_the_torch_reference(tokens, experts, gate_up_warps,
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     weights, ids = torch.topk(torch.randn(tokens, experts, device="cuda", generator=gen).softmax(-1), top_k)
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
-    assert moe_grouped_supported(x, gate_up, down)
+    assert frag_experts_supported(x, gate_up, down)
     out = fused_moe_grouped(
         x, ids.int(), weights, gate_up, down, gate_up_warps=gate_up_warps, down_warps=down_warps
     )

@@ -3,7 +3,7 @@ each lane loaded. Whether that holds depends on the layouts Triton picks for the
 bytes a lane is spread over lanes, and the operands then go through shared memory every step), so this compiles
 the kernel for sm_80 and sm_90 on the CPU (nothing runs; `tuning.cross_compile`) and reads its SASS: tensor-core
 MMAs in the loops, no barrier or shared-memory access inside any loop (only the final sum over warps), for the
-1-8 token form and the 16-token one."""
+1-8 token form, the 16-token one and the expert-grouped MoE's two kernels."""
 
 import os
 import re
@@ -32,6 +32,36 @@ with cross_compile.compile_for((arch // 10, arch % 10), 132):
         x.view(torch.int32), packed.view(torch.int32), scale, s2, out, m, 256, 2112, x.stride(0) // 2,
         packed.stride(0) // 4, scale.stride(0), out.stride(0), KW=kw, NW=nw, UNROLL=unroll, ASM=2, T16=m > 8, PDL=0,
         num_warps=kw * nw, num_stages=1)
+sys.stdout.buffer.write(kept[-1].asm["cubin"])
+"""
+
+
+GROUPED_MOE = """
+import sys, torch
+from nvfp4kit.kernels import moe_frag_grouped as mg
+from nvfp4kit.tuning import cross_compile
+from nvfp4kit.tuning.cases import random_nvfp4
+kept = []
+record = cross_compile._record
+cross_compile._record = lambda fn, kernel, kwargs: (kept.append(kernel), record(fn, kernel, kwargs))[1]
+arch, which = int(sys.argv[1]), sys.argv[2]
+T, H, I, K = 16, 2816, 704, 8
+gu, dn = random_nvfp4(2 * I, H, experts=2, device="cpu"), random_nvfp4(H, I, experts=2, device="cpu")
+x = torch.randn(T, H).bfloat16()
+(gp, gs, g2), (dp, ds, d2) = gu.kernel_operands(), dn.kernel_operands()
+pair_ids, blocks, route = torch.zeros(64, dtype=torch.int32), torch.zeros(8, dtype=torch.int32), torch.ones(T * K)
+act, part = torch.empty(T * K, I, dtype=torch.bfloat16), torch.empty(T * K, H)
+with cross_compile.compile_for((arch // 10, arch % 10), 132):
+    if which == "gate_up":
+        mg._grouped_gate_up_kernel[(8, 44)](
+            x.view(torch.int32), gp.view(torch.int32), gs, g2, d2, route, pair_ids, blocks, act, H, I, T * K,
+            x.stride(0) // 2, gp.stride(0) // 4, gp.stride(1) // 4, gs.stride(0), gs.stride(1), act.stride(0),
+            TOP_K=K, KW=2, NW=2, UNROLL=1, ASM=2, PDL=0, num_warps=4, num_stages=1)
+    else:
+        mg._grouped_down_kernel[(8, 88)](
+            act.view(torch.int32), dp.view(torch.int32), ds, pair_ids, blocks, part, H, I, T * K,
+            act.stride(0) // 2, dp.stride(0) // 4, dp.stride(1) // 4, ds.stride(0), ds.stride(1), part.stride(0),
+            KW=1, NW=4, ASM=2, PDL=0, num_warps=4, num_stages=1)
 sys.stdout.buffer.write(kept[-1].asm["cubin"])
 """
 
@@ -74,3 +104,21 @@ def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, token
     assert sum("HMMA.16816.F32.BF16" in text for text in in_loops) >= 8 * unroll
     shared = [text for text in in_loops if re.search(r"\b(BAR|LDS|STS|LDSM)\b", text)]
     assert not shared, shared[:5]
+
+
+@pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("which", ["gate_up", "down"])
+def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", GROUPED_MOE, str(arch), which], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    cubin = tmp_path / "moe.cubin"
+    cubin.write_bytes(done.stdout)
+    sass = subprocess.run(
+        [cross_compile._cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    loops, lines = loops_and_lines(sass)
+    in_loops = [text for address, text in lines if any(lo <= address <= hi for lo, hi in loops)]
+    assert sum("HMMA.16816.F32.BF16" in text for text in in_loops) >= 8
+    assert not [text for text in in_loops if re.search(r"\b(BAR|LDS|STS|LDSM)\b", text)]

@@ -31,8 +31,8 @@ from nvfp4kit.kernels.configs import (
 )
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
-from nvfp4kit.kernels.moe_frag import fused_moe_frag, moe_frag_supported
-from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped, moe_grouped_supported
+from nvfp4kit.kernels.moe_frag import frag_experts_supported, fused_moe_frag, moe_frag_supported
+from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped
 from nvfp4kit.kernels.moe_prefill import grouped_mm_available, moe_prefill
 from nvfp4kit.kernels.moe_split import fused_moe_split
 from nvfp4kit.kernels.moe_sum import sum_top_k
@@ -315,7 +315,7 @@ def fused_moe(
     if config is None and tokens <= FRAG_TOKENS and moe_frag_supported(x2, gate_up, down, top_k):
         return fused_moe_frag(x2, ids, route, gate_up, down, top_k=top_k).reshape(*lead, hidden)
     grouped = FRAG_TOKENS > 0 and tokens <= MOE_GROUPED_TOKENS  # NVFP4KIT_FRAG_GEMV=0: no fragment kernel
-    if config is None and grouped and moe_grouped_supported(x2, gate_up, down):
+    if config is None and grouped and frag_experts_supported(x2, gate_up, down):
         return fused_moe_grouped(x2, topk_ids, topk_weights, gate_up, down).reshape(*lead, hidden)
     prefill = config is None and tokens >= max(1, prefill_min_tokens) and isinstance(gate_up, NVFP4Tensor)
     if prefill and grouped_mm_available(x2):

@@ -143,21 +143,29 @@ def _moe_frag_down_kernel(
     tl.store(base + 1, total1.to(dtype), mask=(j < 4) & (out_row + 1 < H))
 
 
-def moe_frag_supported(x: torch.Tensor, gate_up: object, down: object, top_k: int) -> bool:
-    """bf16 tokens (1-8) on an SM80+ GPU, NVFP4 experts, widths the kernels tile, top-k a power of two up to 16
-    (one warp a slot in the down projection)."""
+def frag_experts_supported(x: torch.Tensor, gate_up: object, down: object) -> bool:
+    """bf16 tokens on an SM80+ GPU and stacked NVFP4 experts whose widths are multiples of 32: what the fragment
+    MoE kernels (here and in `moe_frag_grouped.py`) take."""
     if not (isinstance(gate_up, NVFP4Tensor) and isinstance(down, NVFP4Tensor)):
         return False
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or gate_up.packed.dim() != 3:
         return False
     _, two_inter, hidden = gate_up.shape
+    return (
+        hidden % 32 == 0
+        and (two_inter // 2) % 32 == 0
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    )
+
+
+def moe_frag_supported(x: torch.Tensor, gate_up: object, down: object, top_k: int) -> bool:
+    """`frag_experts_supported`, 1-8 tokens, top-k a power of two up to 16 (one warp a slot in the down
+    projection)."""
     tokens = x.numel() // x.shape[-1]
     return (
         1 <= tokens <= MOE_MAX_TOKENS
         and top_k in (1, 2, 4, 8, 16)
-        and hidden % 32 == 0
-        and (two_inter // 2) % 32 == 0
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and frag_experts_supported(x, gate_up, down)
     )
 
 

@@ -38,6 +38,16 @@ def _block_pairs(pair_ids_ptr, b, g, num_pairs):
     return pair, pair < num_pairs
 
 
+@triton.jit
+def _block_lanes(pair_ids_ptr, b, num_pairs, LANES: tl.constexpr):
+    """A block's program: (lane ids, layout check, each lane's A row g and warp, the pair of row g and whether it
+    is one)."""
+    i, layout_ok = lane_ids(LANES)
+    g = (i % 32) // 4
+    pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs)
+    return i, layout_ok, g, i // 32, pair, ok
+
+
 @triton.jit(do_not_specialize=["num_pairs"])
 def _grouped_gate_up_kernel(
     x_ptr,  # [T, H] as int32 bf16 pairs
@@ -72,13 +82,10 @@ def _grouped_gate_up_kernel(
     expert = tl.load(block_expert_ptr + b)
     if expert >= 0:
         e = expert.to(tl.int64)
-        i, layout_ok = lane_ids(32 * KW * NW)
-        g = (i % 32) // 4
-        warp = i // 32
+        i, layout_ok, g, warp, pair, ok = _block_lanes(pair_ids_ptr, b, num_pairs, 32 * KW * NW)
         first_col = tl.program_id(1) * 4 * NW
         col = tl.minimum(first_col + (warp // KW) * 4 + g // 2, inter - 1)
         row = tl.where(g % 2 == 0, 0, inter) + col  # B column g: gate (even) or up (odd) of col
-        pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs)
         token = tl.where(ok, pair // TOP_K, 0)
         x_rows = x_ptr + token.to(tl.int64) * stride_xm
         w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
@@ -140,12 +147,9 @@ def _grouped_down_kernel(
     expert = tl.load(block_expert_ptr + b)
     if expert >= 0:
         e = expert.to(tl.int64)
-        i, layout_ok = lane_ids(32 * KW * NW)
-        g = (i % 32) // 4
-        warp = i // 32
+        i, layout_ok, g, warp, pair, ok = _block_lanes(pair_ids_ptr, b, num_pairs, 32 * KW * NW)
         first_row = tl.program_id(1) * 8 * NW
         row = tl.minimum(first_row + (warp // KW) * 8 + g, H - 1)
-        pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs)
         x_rows = act_ptr + tl.where(ok, pair, 0).to(tl.int64) * stride_am
         w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
         s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
@@ -173,20 +177,6 @@ def _grouped_down_kernel(
         tl.store(base + 1, total1, mask=out_ok & (out_row + 1 < H))
 
 
-def moe_grouped_supported(x: torch.Tensor, gate_up: object, down: object) -> bool:
-    """bf16 tokens on an SM80+ GPU, stacked NVFP4 experts whose widths are multiples of 32."""
-    if not (isinstance(gate_up, NVFP4Tensor) and isinstance(down, NVFP4Tensor)):
-        return False
-    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or gate_up.packed.dim() != 3:
-        return False
-    _, two_inter, hidden = gate_up.shape
-    return (
-        hidden % 32 == 0
-        and (two_inter // 2) % 32 == 0
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    )
-
-
 def fused_moe_grouped(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -199,7 +189,7 @@ def fused_moe_grouped(
     unroll: int = 1,
 ) -> torch.Tensor:
     """x [T, H] bf16, topk_ids / topk_weights [T, top_k] -> [T, H]; `*_warps` = (warps splitting K, row groups a
-    program) of each projection (see the module docstring; `moe_grouped_supported` first)."""
+    program) of each projection (see the module docstring; `moe_frag.frag_experts_supported` first)."""
     tokens, hidden = x.shape
     experts, two_inter, _ = gate_up.shape
     inter = two_inter // 2
