@@ -44,7 +44,7 @@ from nvfp4kit.tuning.cases import random_nvfp4
 kept = []
 record = cross_compile._record
 cross_compile._record = lambda fn, kernel, kwargs: (kept.append(kernel), record(fn, kernel, kwargs))[1]
-arch, which = int(sys.argv[1]), sys.argv[2]
+arch, which, block = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 T, H, I, K = 16, 2816, 704, 8
 gu, dn = random_nvfp4(2 * I, H, experts=2, device="cpu"), random_nvfp4(H, I, experts=2, device="cpu")
 x = torch.randn(T, H).bfloat16()
@@ -56,12 +56,12 @@ with cross_compile.compile_for((arch // 10, arch % 10), 132):
         mg._grouped_gate_up_kernel[(8, 44)](
             x.view(torch.int32), gp.view(torch.int32), gs, g2, d2, route, pair_ids, blocks, act, H, I, T * K,
             x.stride(0) // 2, gp.stride(0) // 4, gp.stride(1) // 4, gs.stride(0), gs.stride(1), act.stride(0),
-            TOP_K=K, KW=2, NW=2, UNROLL=1, ASM=2, PDL=0, num_warps=4, num_stages=1)
+            TOP_K=K, KW=2, NW=2, UNROLL=1, ASM=2, BLOCK=block, PDL=0, num_warps=4, num_stages=1)
     else:
         mg._grouped_down_kernel[(8, 88)](
             act.view(torch.int32), dp.view(torch.int32), ds, pair_ids, blocks, part, H, I, T * K,
             act.stride(0) // 2, dp.stride(0) // 4, dp.stride(1) // 4, ds.stride(0), ds.stride(1), part.stride(0),
-            KW=1, NW=4, ASM=2, PDL=0, num_warps=4, num_stages=1)
+            KW=1, NW=4, ASM=2, BLOCK=block, PDL=0, num_warps=4, num_stages=1)
 sys.stdout.buffer.write(kept[-1].asm["cubin"])
 """
 
@@ -109,9 +109,11 @@ def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, token
 @pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("which", ["gate_up", "down"])
-def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, tmp_path):
+@pytest.mark.parametrize("block", [8, 16])
+def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, block, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", GROUPED_MOE, str(arch), which], env=env, capture_output=True)
+    args = [sys.executable, "-c", GROUPED_MOE, str(arch), which, str(block)]
+    done = subprocess.run(args, env=env, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     cubin = tmp_path / "moe.cubin"
     cubin.write_bytes(done.stdout)

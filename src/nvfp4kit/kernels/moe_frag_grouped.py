@@ -11,6 +11,8 @@ expert into blocks of 8 (`moe_align`, block_m=8), and a block's 8 pairs are the 
   * down: a program per (block, 8 x NW output rows) over act's rows of the block's pairs, written to a
     [pairs, H] fp32 buffer; then `moe_sum.sum_top_k` adds each token's top-k rows.
 
+Blocks of 16 pairs (`block=16`) use the 16-row MMA form (A rows g + 8 are pairs 8-15): for batches where experts
+hold more than 8 pairs (~48 tokens and up), so that an expert is not read again for its second block of 8.
 NW row groups in a program share the block's activation rows through L1 (the tokens' activations are read from
 L2 once per program, not once per 8 weight rows). Blocks past the routing's last are skipped by their programs.
 """
@@ -22,30 +24,69 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels.gemv_mma import group_sum, k_loop, lane_ids, zero_acc
+from nvfp4kit.kernels.gemv_mma import group_sum, k_loop, lane_ids, zero_acc, zero_acc16
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
 from nvfp4kit.kernels.moe_sum import sum_top_k
 from nvfp4kit.kernels.nvfp4_tile import fold_scale
 
-BLOCK = 8  # pairs a block: the MMA's A rows (rows g + 8 repeat them, as in gemv_mma's 1-8 token form)
+BLOCK = (
+    8  # default pairs a block: the MMA's A rows 0-7 (rows g + 8 repeat them, as in gemv_mma's 1-8 token form)
+)
 
 
 @triton.jit
-def _block_pairs(pair_ids_ptr, b, g, num_pairs):
-    """(pair of A row g of block b, whether it is one: padding slots hold num_pairs)."""
-    pair = tl.load(pair_ids_ptr + b * 8 + g)
+def _block_pairs(pair_ids_ptr, b, row, num_pairs, BLOCK: tl.constexpr):
+    """(pair of A row `row` of block b, whether it is one: padding slots hold num_pairs)."""
+    pair = tl.load(pair_ids_ptr + b * BLOCK + row)
     return pair, pair < num_pairs
 
 
 @triton.jit
-def _block_lanes(pair_ids_ptr, b, num_pairs, LANES: tl.constexpr):
-    """A block's program: (lane ids, layout check, each lane's A row g and warp, the pair of row g and whether it
-    is one)."""
-    i, layout_ok = lane_ids(LANES)
-    g = (i % 32) // 4
-    pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs)
-    return i, layout_ok, g, i // 32, pair, ok
+def _block_loop(w_rows, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, s_rows, words, lane_word,
+                LANES: tl.constexpr, STEP: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    """The K loop of a block's program: A row g (and g + 8 with BLOCK 16) is the activation row of that row's
+    pair (x row pair // TOP_K; TOP_K 1 for act, whose rows are pairs). Padding rows read row 0."""
+    pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs, BLOCK)
+    x_rows = x_ptr + tl.where(ok, pair // TOP_K, 0).to(tl.int64) * stride_xm
+    if BLOCK == 16:
+        pair_hi, ok_hi = _block_pairs(pair_ids_ptr, b, g + 8, num_pairs, BLOCK)
+        x_hi = x_ptr + tl.where(ok_hi, pair_hi // TOP_K, 0).to(tl.int64) * stride_xm
+        acc = k_loop(
+            w_rows, x_rows, x_hi, s_rows, words, lane_word, zero_acc16(LANES), STEP, UNROLL, ASM, True
+        )
+    else:
+        acc = k_loop(
+            w_rows, x_rows, x_rows, s_rows, words, lane_word, zero_acc(LANES), STEP, UNROLL, ASM, False
+        )
+    return acc
+
+
+@triton.jit
+def _row_sums(acc, half: tl.constexpr, KW: tl.constexpr, NW: tl.constexpr, BLOCK: tl.constexpr):
+    """[32 x NW] x 2: each lane's two C columns (2t, 2t + 1) for A row g (half 0) or g + 8 (half 1, BLOCK 16), summed
+    over the warps splitting K. The 8-row form keeps row g of quad 0 and row g + 8 of quad 1 (gemv_mma.py)."""
+    if BLOCK == 16:
+        c0, c1 = group_sum(acc[2 * half], KW, NW), group_sum(acc[2 * half + 1], KW, NW)
+    else:
+        c0, c1 = group_sum(acc[0] + acc[6], KW, NW), group_sum(acc[1] + acc[7], KW, NW)
+    return c0, c1
+
+
+@triton.jit
+def _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, row0, num_pairs, gate, up, e, down_s2_ptr,
+               first_col, inter, NW: tl.constexpr, ASM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """GeGLU of [32 x NW] lanes (lane j: A row row0 + (j % 32) // 4, column j % 4 of row group j // 32), times the
+    pair's routing weight and down's scale_2, stored to act[pair, column]."""
+    h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+    j = tl.arange(0, 32 * NW)
+    out_pair, out_ok = _block_pairs(pair_ids_ptr, b, row0 + (j % 32) // 4, num_pairs, BLOCK)
+    route = tl.load(route_ptr + out_pair, mask=out_ok, other=0).to(tl.float32)
+    h = h * (route * fold_scale(down_s2_ptr, e, True, ASM))
+    out_col = first_col + (j // 32) * 4 + j % 4
+    out = act_ptr + out_pair.to(tl.int64) * stride_am + out_col
+    tl.store(out, h.to(act_ptr.dtype.element_ty), mask=out_ok & (out_col < inter))
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -56,7 +97,7 @@ def _grouped_gate_up_kernel(
     s2_ptr,  # gate_up's scale_2 [E]
     down_s2_ptr,  # down's scale_2 [E], folded into the activation
     route_ptr,  # [P] routing weights
-    pair_ids_ptr,  # [blocks * 8] pairs in expert order (moe_align)
+    pair_ids_ptr,  # [blocks * BLOCK] pairs in expert order (moe_align)
     block_expert_ptr,  # [blocks] expert of each block, -1 past the last
     act_ptr,  # [P, I] out
     H,
@@ -73,6 +114,7 @@ def _grouped_gate_up_kernel(
     NW: tl.constexpr,
     UNROLL: tl.constexpr,
     ASM: tl.constexpr,
+    BLOCK: tl.constexpr,  # 8 or 16 pairs a block (16: A rows g + 8 are pairs 8-15)
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -82,40 +124,34 @@ def _grouped_gate_up_kernel(
     expert = tl.load(block_expert_ptr + b)
     if expert >= 0:
         e = expert.to(tl.int64)
-        i, layout_ok, g, warp, pair, ok = _block_lanes(pair_ids_ptr, b, num_pairs, 32 * KW * NW)
+        i, layout_ok = lane_ids(32 * KW * NW)
+        g = (i % 32) // 4
+        warp = i // 32
         first_col = tl.program_id(1) * 4 * NW
         col = tl.minimum(first_col + (warp // KW) * 4 + g // 2, inter - 1)
         row = tl.where(g % 2 == 0, 0, inter) + col  # B column g: gate (even) or up (odd) of col
-        token = tl.where(ok, pair // TOP_K, 0)
-        x_rows = x_ptr + token.to(tl.int64) * stride_xm
         w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
         s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
         lane_word = (warp % KW) * 16 + (i % 4) * 4
-        acc = k_loop(
-            w_rows,
-            x_rows,
-            x_rows,
-            s_rows,
-            H // 8,
-            lane_word,
-            zero_acc(32 * KW * NW),
-            16 * KW,
-            UNROLL,
-            ASM,
-            False,
-        )
-        # [32 x NW]: lane j of row group j // 32 holds pair (j % 32) // 4's gate and up of column j % 4 of the group
-        scale = fold_scale(s2_ptr, e, True, ASM)
-        gate = group_sum(acc[0] + acc[6], KW, NW) * scale * layout_ok
-        up = group_sum(acc[1] + acc[7], KW, NW) * scale
-        h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
-        j = tl.arange(0, 32 * NW)
-        out_pair, out_ok = _block_pairs(pair_ids_ptr, b, (j % 32) // 4, num_pairs)
-        route = tl.load(route_ptr + out_pair, mask=out_ok, other=0).to(tl.float32)
-        h = h * (route * fold_scale(down_s2_ptr, e, True, ASM))
-        out_col = first_col + (j // 32) * 4 + j % 4
-        out = act_ptr + out_pair.to(tl.int64) * stride_am + out_col
-        tl.store(out, h.to(act_ptr.dtype.element_ty), mask=out_ok & (out_col < inter))
+        acc = _block_loop(w_rows, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, s_rows, H // 8, lane_word,
+                          32 * KW * NW, 16 * KW, UNROLL, ASM, BLOCK)  # fmt: skip
+        # [32 x NW]: lane j of row group j // 32 holds gate and up of column j % 4 of the group for A row (j % 32) // 4
+        scale = fold_scale(s2_ptr, e, True, ASM) * layout_ok
+        for half in tl.static_range(BLOCK // 8):
+            gate, up = _row_sums(acc, half, KW, NW, BLOCK)
+            _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, 8 * half, num_pairs, gate * scale, up * scale,
+                       e, down_s2_ptr, first_col, inter, NW, ASM, BLOCK)  # fmt: skip
+
+
+@triton.jit
+def _store_part(part_ptr, stride_pm, pair_ids_ptr, b, row0, num_pairs, total0, total1, first_row, H,
+                NW: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    j = tl.arange(0, 32 * NW)
+    out_pair, out_ok = _block_pairs(pair_ids_ptr, b, row0 + (j % 32) // 4, num_pairs, BLOCK)
+    out_row = first_row + (j // 32) * 8 + 2 * (j % 4)
+    base = part_ptr + out_pair.to(tl.int64) * stride_pm + out_row
+    tl.store(base, total0, mask=out_ok & (out_row < H))
+    tl.store(base + 1, total1, mask=out_ok & (out_row + 1 < H))
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -138,6 +174,7 @@ def _grouped_down_kernel(
     KW: tl.constexpr,
     NW: tl.constexpr,
     ASM: tl.constexpr,
+    BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -147,34 +184,20 @@ def _grouped_down_kernel(
     expert = tl.load(block_expert_ptr + b)
     if expert >= 0:
         e = expert.to(tl.int64)
-        i, layout_ok, g, warp, pair, ok = _block_lanes(pair_ids_ptr, b, num_pairs, 32 * KW * NW)
+        i, layout_ok = lane_ids(32 * KW * NW)
+        g = (i % 32) // 4
+        warp = i // 32
         first_row = tl.program_id(1) * 8 * NW
         row = tl.minimum(first_row + (warp // KW) * 8 + g, H - 1)
-        x_rows = act_ptr + tl.where(ok, pair, 0).to(tl.int64) * stride_am
         w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
         s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
         lane_word = (warp % KW) * 16 + (i % 4) * 4
-        acc = k_loop(
-            w_rows,
-            x_rows,
-            x_rows,
-            s_rows,
-            inter // 8,
-            lane_word,
-            zero_acc(32 * KW * NW),
-            16 * KW,
-            1,
-            ASM,
-            False,
-        )
-        total0 = group_sum(acc[0] + acc[6], KW, NW) * layout_ok  # the scale is already in act
-        total1 = group_sum(acc[1] + acc[7], KW, NW) * layout_ok
-        j = tl.arange(0, 32 * NW)
-        out_pair, out_ok = _block_pairs(pair_ids_ptr, b, (j % 32) // 4, num_pairs)
-        out_row = first_row + (j // 32) * 8 + 2 * (j % 4)
-        base = part_ptr + out_pair.to(tl.int64) * stride_pm + out_row
-        tl.store(base, total0, mask=out_ok & (out_row < H))
-        tl.store(base + 1, total1, mask=out_ok & (out_row + 1 < H))
+        acc = _block_loop(w_rows, act_ptr, stride_am, pair_ids_ptr, b, g, num_pairs, 1, s_rows, inter // 8, lane_word,
+                          32 * KW * NW, 16 * KW, 1, ASM, BLOCK)  # fmt: skip
+        for half in tl.static_range(BLOCK // 8):  # the scale is already in act
+            t0, t1 = _row_sums(acc, half, KW, NW, BLOCK)
+            _store_part(part_ptr, stride_pm, pair_ids_ptr, b, 8 * half, num_pairs, t0 * layout_ok, t1 * layout_ok,
+                        first_row, H, NW, BLOCK)  # fmt: skip
 
 
 def fused_moe_grouped(
@@ -187,9 +210,13 @@ def fused_moe_grouped(
     gate_up_warps: tuple[int, int] = (2, 2),
     down_warps: tuple[int, int] = (1, 4),
     unroll: int = 1,
+    block: int = BLOCK,
 ) -> torch.Tensor:
     """x [T, H] bf16, topk_ids / topk_weights [T, top_k] -> [T, H]; `*_warps` = (warps splitting K, row groups a
-    program) of each projection (see the module docstring; `moe_frag.frag_experts_supported` first)."""
+    program) of each projection, `block` 8 or 16 pairs an expert block (see the module docstring;
+    `moe_frag.frag_experts_supported` first)."""
+    if block not in (8, 16):
+        raise ValueError(f"fused_moe_grouped takes blocks of 8 or 16 pairs, got {block}")
     tokens, hidden = x.shape
     experts, two_inter, _ = gate_up.shape
     inter = two_inter // 2
@@ -197,7 +224,7 @@ def fused_moe_grouped(
     if x.stride(-1) != 1 or x.stride(0) % 8:
         x = x.contiguous()
     pairs = tokens * top_k
-    pair_ids, block_expert = moe_align(topk_ids, num_experts=experts, block_m=BLOCK)
+    pair_ids, block_expert = moe_align(topk_ids, num_experts=experts, block_m=block)
     route = topk_weights.reshape(-1).contiguous()
     gu_packed, gu_scale, gu_s2 = gate_up.kernel_operands()
     dn_packed, dn_scale, dn_s2 = down.kernel_operands()
@@ -209,7 +236,7 @@ def fused_moe_grouped(
         x.view(torch.int32), gu_packed.view(torch.int32), gu_scale, gu_s2, dn_s2, route, pair_ids, block_expert,
         act, hidden, inter, pairs, x.stride(0) // 2, gu_packed.stride(0) // 4, gu_packed.stride(1) // 4,
         gu_scale.stride(0), gu_scale.stride(1), act.stride(0),
-        TOP_K=top_k, KW=kw, NW=nw, UNROLL=unroll, ASM=asm, num_warps=kw * nw, num_stages=1, **pdl_args(x.device),
+        TOP_K=top_k, KW=kw, NW=nw, UNROLL=unroll, ASM=asm, BLOCK=block, num_warps=kw * nw, num_stages=1, **pdl_args(x.device),
     )  # fmt: skip
     part = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
     kw, nw = down_warps
@@ -217,6 +244,6 @@ def fused_moe_grouped(
         act.view(torch.int32), dn_packed.view(torch.int32), dn_scale, pair_ids, block_expert, part, hidden, inter,
         pairs, act.stride(0) // 2, dn_packed.stride(0) // 4, dn_packed.stride(1) // 4, dn_scale.stride(0),
         dn_scale.stride(1), part.stride(0),
-        KW=kw, NW=nw, ASM=asm, num_warps=kw * nw, num_stages=1, **pdl_args(x.device),
+        KW=kw, NW=nw, ASM=asm, BLOCK=block, num_warps=kw * nw, num_stages=1, **pdl_args(x.device),
     )  # fmt: skip
     return sum_top_k(part, torch.empty((tokens, hidden), dtype=x.dtype, device=x.device), top_k)
