@@ -74,7 +74,8 @@ def loops_and_lines(sass: str) -> tuple[list[tuple[int, int]], list[tuple[int, s
             lines.append((int(m.group(1), 16), m.group(2)))
     loops = []
     for address, text in lines:
-        branch = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        # "BRA 0x..", "BRA `(.L_x_3) 0x..", and sm_120's "BRA.U !UP0, 0x.."
+        branch = re.search(r"BRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < address:
             loops.append((int(branch.group(1), 16), address))
     return loops, lines
@@ -120,6 +121,31 @@ def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, blo
     sass = subprocess.run(
         [cross_compile._cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True
     ).stdout
+    loops, lines = loops_and_lines(sass)
+    in_loops = [text for address, text in lines if any(lo <= address <= hi for lo, hi in loops)]
+    assert sum("HMMA.16816.F32.BF16" in text for text in in_loops) >= 8
+    assert not [text for text in in_loops if re.search(r"\b(BAR|LDS|STS|LDSM)\b", text)]
+
+
+def _sass_of(script: str, args: list[str], tmp_path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(done.stdout)
+    return subprocess.run(
+        [cross_compile._cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+
+
+@pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
+@pytest.mark.parametrize("arch", [86, 89, 120])  # RTX 3090, RTX 4090 / L40S, RTX 50xx: cards we never ran
+@pytest.mark.parametrize("kernel", ["gemv", "grouped_gate_up", "grouped_down"])
+def test_the_default_fragment_kernels_build_for_consumer_cards(arch, kernel, tmp_path):
+    if kernel == "gemv":
+        sass = _sass_of(COMPILE, [str(arch), "4", "2", "1", "1"], tmp_path)
+    else:
+        sass = _sass_of(GROUPED_MOE, [str(arch), kernel.removeprefix("grouped_"), "8"], tmp_path)
     loops, lines = loops_and_lines(sass)
     in_loops = [text for address, text in lines if any(lo <= address <= hi for lo, hi in loops)]
     assert sum("HMMA.16816.F32.BF16" in text for text in in_loops) >= 8
