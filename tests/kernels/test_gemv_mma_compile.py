@@ -81,53 +81,8 @@ def loops_and_lines(sass: str) -> tuple[list[tuple[int, int]], list[tuple[int, s
     return loops, lines
 
 
-@pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize(
-    "k_warps,unroll,tokens,row_groups", [(4, 2, 1, 1), (1, 4, 1, 1), (4, 2, 16, 1), (2, 2, 4, 4)]
-)
-def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, tokens, row_groups, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", COMPILE, str(arch), str(k_warps), str(unroll), str(tokens), str(row_groups)],
-        env=env,
-        capture_output=True,
-    )
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    cubin = tmp_path / "gemv.cubin"
-    cubin.write_bytes(done.stdout)
-    sass = subprocess.run(
-        [cross_compile._cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True
-    ).stdout
-    loops, lines = loops_and_lines(sass)
-    assert loops, "no K loop found"
-    in_loops = [text for address, text in lines if any(lo <= address <= hi for lo, hi in loops)]
-    assert sum("HMMA.16816.F32.BF16" in text for text in in_loops) >= 8 * unroll
-    shared = [text for text in in_loops if re.search(r"\b(BAR|LDS|STS|LDSM)\b", text)]
-    assert not shared, shared[:5]
-
-
-@pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("which", ["gate_up", "down"])
-@pytest.mark.parametrize("block", [8, 16])
-def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, block, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-c", GROUPED_MOE, str(arch), which, str(block)]
-    done = subprocess.run(args, env=env, capture_output=True)
-    assert done.returncode == 0, done.stderr.decode()[-3000:]
-    cubin = tmp_path / "moe.cubin"
-    cubin.write_bytes(done.stdout)
-    sass = subprocess.run(
-        [cross_compile._cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True, check=True
-    ).stdout
-    loops, lines = loops_and_lines(sass)
-    in_loops = [text for address, text in lines if any(lo <= address <= hi for lo, hi in loops)]
-    assert sum("HMMA.16816.F32.BF16" in text for text in in_loops) >= 8
-    assert not [text for text in in_loops if re.search(r"\b(BAR|LDS|STS|LDSM)\b", text)]
-
-
 def _sass_of(script: str, args: list[str], tmp_path) -> str:
+    """Compile with `script` (a cross-compile program that writes a cubin) on the CPU; its SASS."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
@@ -138,6 +93,34 @@ def _sass_of(script: str, args: list[str], tmp_path) -> str:
     ).stdout
 
 
+def assert_registers_only_loops(sass: str, min_mmas: int) -> None:
+    """MMAs inside the K loops, and no barrier or shared-memory access there."""
+    loops, lines = loops_and_lines(sass)
+    assert loops, "no K loop found"
+    in_loops = [text for address, text in lines if any(lo <= address <= hi for lo, hi in loops)]
+    assert sum("HMMA.16816.F32.BF16" in text for text in in_loops) >= min_mmas
+    shared = [text for text in in_loops if re.search(r"\b(BAR|LDS|STS|LDSM)\b", text)]
+    assert not shared, shared[:5]
+
+
+@pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize(
+    "k_warps,unroll,tokens,row_groups", [(4, 2, 1, 1), (1, 4, 1, 1), (4, 2, 16, 1), (2, 2, 4, 4)]
+)
+def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, tokens, row_groups, tmp_path):
+    args = [str(v) for v in (arch, k_warps, unroll, tokens, row_groups)]
+    assert_registers_only_loops(_sass_of(COMPILE, args, tmp_path), 8 * unroll)
+
+
+@pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("which", ["gate_up", "down"])
+@pytest.mark.parametrize("block", [8, 16])
+def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, block, tmp_path):
+    assert_registers_only_loops(_sass_of(GROUPED_MOE, [str(arch), which, str(block)], tmp_path), 8)
+
+
 @pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
 @pytest.mark.parametrize("arch", [86, 89, 120])  # RTX 3090, RTX 4090 / L40S, RTX 50xx: cards we never ran
 @pytest.mark.parametrize("kernel", ["gemv", "grouped_gate_up", "grouped_down"])
@@ -146,7 +129,4 @@ def test_the_default_fragment_kernels_build_for_consumer_cards(arch, kernel, tmp
         sass = _sass_of(COMPILE, [str(arch), "4", "2", "1", "1"], tmp_path)
     else:
         sass = _sass_of(GROUPED_MOE, [str(arch), kernel.removeprefix("grouped_"), "8"], tmp_path)
-    loops, lines = loops_and_lines(sass)
-    in_loops = [text for address, text in lines if any(lo <= address <= hi for lo, hi in loops)]
-    assert sum("HMMA.16816.F32.BF16" in text for text in in_loops) >= 8
-    assert not [text for text in in_loops if re.search(r"\b(BAR|LDS|STS|LDSM)\b", text)]
+    assert_registers_only_loops(sass, 8)
