@@ -35,9 +35,8 @@ class LinearConfig:
     num_stages: int = 3
     decode: str = "bits"  # "bits" (portable Triton) or "asm" (PTX, SM80+)
     halves: bool = False  # FP4 low and high nibbles as even/odd K halves (dot: two MMAs; gemv: no interleave)
-    unroll: int = (
-        2  # frag: K steps a loop trip (num_warps: warps splitting K; block_n: rows a program, 8 per group)
-    )
+    # frag: unroll = K steps a loop trip, num_warps = warps splitting K, block_n = rows a program (groups of 8)
+    unroll: int = 2
 
     def __post_init__(self) -> None:
         if self.kernel not in ("dot", "gemv", "frag"):

@@ -1,4 +1,4 @@
-"""W4A16 GEMV for 1-8 tokens with the FP4 weights decoded straight into tensor-core fragments (SM80+, GPU only).
+"""W4A16 GEMV for 1-16 tokens with the FP4 weights decoded straight into tensor-core fragments (SM80+, GPU only).
 
 At decode sizes a linear is a stream of packed weights; what limits our Triton kernels there is not the bytes but
 the instructions around them (docs/benchmarks.md, sessions 14-17: 6-7 a weight, layout conversions through shared
@@ -18,8 +18,13 @@ memory every K step). Here every lane owns its data by construction, as in Marli
   a word are A's four registers as loaded: rows g and g + 8 then mix bytes, and each of the two MMAs keeps the one
   row whose pairing is right (`_WORD_MMA_PTX`); lane 4g + t ends with token g's outputs for weight rows 2t and
   2t + 1 of the program's eight.
+- 9-16 tokens (T16): A rows g + 8 carry tokens 8-15 at the same K pairs, both MMAs of a word add into one quad
+  (`_WORD_MMA16_PTX`), at twice the activation loads a weight word.
+- NW row groups: a program's warps may also take different groups of 8 rows (KW x NW warps), sharing the tokens'
+  activations through L1.
 - Measured ~3.6 SASS instructions a weight in the main loop (sm_90, compiled on the CPU), against 6.25-7.25 for
-  the tensor-core tiles of `w4a16_linear` at one token.
+  the tensor-core tiles of `w4a16_linear` at one token; on the H100 1.04-1.5x faster than those tiles at 1-8
+  tokens (docs/benchmarks.md, "Session 19").
 
 The warps' K partials are summed once at the end. Values: e2m1 * scale * 2**-62 exactly in bf16 (the PTX
 decoder's fold), fp32 accumulation, the tensor scale and 2**62 applied to the sum.
