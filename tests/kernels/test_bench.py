@@ -55,6 +55,7 @@ def test_row_and_table():
     assert row["pct_copy_bw"] == pytest.approx(100 * case.bytes / 2.0 / 1e3 / 1000.0, abs=0.05)
     table = format_table([row])
     assert "dense_down" in table and len(table.splitlines()) == 2
+    assert format_table([dict(row, path="frag")], header=False).split()[-1] == "frag"  # which kernels ran
 
 
 def test_rotation_covers_l2():

@@ -149,3 +149,31 @@ def test_moe_asm_decode_matches_bits(experts, mode):
     bits = fused_moe(x, ids, weights, *experts, config=MODES[mode])
     asm = fused_moe(x, ids, weights, *experts, config=MoEConfig(**{**MODES[mode].__dict__, "decode": "asm"}))
     assert torch.equal(bits, asm)
+
+
+def test_moe_path_by_batch_size_and_card():
+    """Without a config: the fragment kernels only for bf16 on SM80+ GPUs and widths of multiples of 32 (per pair
+    up to FRAG_TOKENS tokens, grouped up to MOE_GROUPED_TOKENS), grouped GEMMs from `prefill_min_tokens`, else tiles."""
+    from nvfp4kit.kernels.configs import FRAG_TOKENS, MOE_GROUPED_TOKENS
+    from nvfp4kit.kernels.fused_moe import moe_path
+    from nvfp4kit.kernels.moe_prefill import grouped_mm_available
+
+    gate_up, down = random_experts(4, 2 * 64, 96, seed=3), random_experts(4, 96, 64, seed=4)
+    frag_card = ON_GPU and torch.cuda.get_device_capability() >= (8, 0)
+    for tokens in sorted({1, FRAG_TOKENS, FRAG_TOKENS + 1, MOE_GROUPED_TOKENS, MOE_GROUPED_TOKENS + 1} - {0}):
+        x = torch.randn(tokens, 96, device=DEVICE, dtype=torch.bfloat16)
+        path = moe_path(x, 2, gate_up, down, prefill_min_tokens=10**6)
+        if frag_card and tokens <= FRAG_TOKENS:
+            assert path == "frag"
+        elif frag_card and FRAG_TOKENS > 0 and tokens <= MOE_GROUPED_TOKENS:
+            assert path == "grouped"
+        else:
+            assert path == "tiles"
+        if not frag_card and grouped_mm_available(x):
+            assert moe_path(x, 2, gate_up, down, prefill_min_tokens=1) == "prefill"
+    odd = (
+        random_experts(4, 2 * 48, 80, seed=5),
+        random_experts(4, 80, 48, seed=6),
+    )  # H = 80: no fragment kernel
+    x = torch.randn(1, 80, device=DEVICE, dtype=torch.bfloat16)
+    assert moe_path(x, 2, *odd, prefill_min_tokens=10**6) == "tiles"

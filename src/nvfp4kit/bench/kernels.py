@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 
 from nvfp4kit.bench.report import format_table, row_for
-from nvfp4kit.kernels.configs import config_to_dict, heuristic_linear, heuristic_moe, sm_count
+from nvfp4kit.kernels.configs import (
+    config_to_dict,
+    heuristic_linear,
+    heuristic_moe,
+    select_linear_config,
+    sm_count,
+)
+from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M
 from nvfp4kit.tuning.cases import DENSE_SHAPES, LM_HEAD_SHAPE, MOE_SHAPE, DenseCase, MoECase
 from nvfp4kit.tuning.search import Budget, linear_candidates, moe_candidates, tune_case
 from nvfp4kit.tuning.timing import copy_bandwidth_gbps, l2_cache_bytes, rotation_sets, time_call, time_graph
@@ -28,6 +35,20 @@ DEFAULT_MS = (1, 2, 4, 8, 16, 32, 64, 128, 512, 4096)
 # grouped GEMMs (the MoE), and a row's heuristic_us is the Triton tensor-core kernel at its heuristic config
 PREFILL_MS = (512, 2048, 4096, 8192)
 OPS = (*DENSE_SHAPES, "moe", "lm_head_bf16")
+
+
+def _linear_path(m: int, n: int, k: int) -> str:
+    """What `w4a16_linear` runs by default for bf16 tokens: "dequant" (expand, then cuBLAS) or the kernel of its
+    config ("frag", "dot", "gemv")."""
+    return (
+        "dequant" if m >= DEQUANT_MIN_M else select_linear_config(m, n, k, device=torch.device("cuda")).kernel
+    )
+
+
+def _moe_path(case: MoECase, top_k: int) -> str:
+    from nvfp4kit.kernels.fused_moe import moe_path
+
+    return moe_path(case.xs[0], top_k, case.gate_up[0], case.down[0])
 
 
 def _bench_dense(op, ms, args, ctx, rows, tuned, log) -> None:
@@ -50,6 +71,7 @@ def _bench_dense(op, ms, args, ctx, rows, tuned, log) -> None:
         timing = time_call(case.call(cfg), sets=sets, calls=calls)
         base = time_call(case.bf16_call(), sets=bf16_sets, calls=calls)
         rows.append(row_for(op, f"{n}x{k}", m, timing, base, case, ctx["copy_gbps"], case.error(cfg), cfg))
+        rows[-1]["path"] = "tuned" if cfg is not None else _linear_path(m, n, k)
         heuristic = heuristic_linear(m, n, k, device=torch.device("cuda"))
         rows[-1]["heuristic_us"] = round(time_graph(case.call(heuristic), sets=sets, calls=calls), 2)
         log(f"  {format_table(rows[-1:], header=False)}")
@@ -74,6 +96,7 @@ def _bench_moe(ms, args, ctx, rows, tuned, log) -> None:
         base = time_call(case.bf16_call(), sets=16, calls=calls)
         shape = f"E{e} top{top_k} H{h} I{i}"
         rows.append(row_for("moe", shape, m, timing, base, case, ctx["copy_gbps"], case.error(cfg), cfg))
+        rows[-1]["path"] = "tuned" if cfg is not None else _moe_path(case, top_k)
         heuristic = heuristic_moe(m, e, top_k, h, i, device=torch.device("cuda"))
         rows[-1]["heuristic_us"] = round(time_graph(case.call(heuristic), sets=16, calls=calls), 2)
         log(f"  {format_table(rows[-1:], header=False)}")

@@ -16,6 +16,7 @@ COLUMNS = (
     ("bf16_us", "{:>9.1f}"),
     ("speedup", "{:>7.2f}"),
     ("heuristic_us", "{:>9.1f}"),
+    ("path", "{:>8}"),  # what ran by default: frag, grouped, dot, gemv, dequant, prefill, tiles, or tuned
 )
 
 
@@ -49,6 +50,8 @@ def format_table(rows: list[dict], *, header: bool = True) -> str:
             )
         )
     for row in rows:
-        values = dict(row, speedup=row["bf16_us"] / row["us"] if row.get("us") else 0.0)
+        values = dict(
+            row, speedup=row["bf16_us"] / row["us"] if row.get("us") else 0.0, path=row.get("path", "-")
+        )
         lines.append(" ".join(fmt.format(values.get(name, 0)) for name, fmt in COLUMNS))
     return "\n".join(lines)

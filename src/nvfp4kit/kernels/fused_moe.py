@@ -277,6 +277,28 @@ def _weight_args(weight: torch.Tensor | NVFP4Tensor, name: str) -> tuple:
     return weight, weight, weight, weight.stride(0), weight.stride(1), 0, 0, False
 
 
+def moe_path(
+    x2: torch.Tensor,
+    top_k: int,
+    gate_up: torch.Tensor | NVFP4Tensor,
+    down: torch.Tensor | NVFP4Tensor,
+    prefill_min_tokens: int = MOE_PREFILL_MIN_TOKENS,
+) -> str:
+    """Which kernels `fused_moe` runs for tokens x2 [T, H] without a config: "frag" (moe_frag.py, a program per
+    token-expert pair), "grouped" (moe_frag_grouped.py, experts read once for their tokens), "prefill" (grouped
+    GEMMs, moe_prefill.py) or "tiles" (the tuned or heuristic Triton tiles below)."""
+    tokens = x2.shape[0]
+    if tokens <= FRAG_TOKENS and moe_frag_supported(x2, gate_up, down, top_k):
+        return "frag"
+    # NVFP4KIT_FRAG_GEMV=0 turns the grouped form off too
+    if 0 < FRAG_TOKENS and tokens <= MOE_GROUPED_TOKENS and frag_experts_supported(x2, gate_up, down):
+        return "grouped"
+    nvfp4 = isinstance(gate_up, NVFP4Tensor)
+    if nvfp4 and tokens >= max(1, prefill_min_tokens) and grouped_mm_available(x2):
+        return "prefill"
+    return "tiles"
+
+
 def fused_moe(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -312,15 +334,13 @@ def fused_moe(
         raise ValueError(
             f"topk_ids {tuple(topk_ids.shape)} / weights {tuple(topk_weights.shape)} vs {tokens} tokens"
         )
-    if config is None and tokens <= FRAG_TOKENS and moe_frag_supported(x2, gate_up, down, top_k):
+    path = "tiles" if config is not None else moe_path(x2, top_k, gate_up, down, prefill_min_tokens)
+    if path == "frag":
         return fused_moe_frag(x2, ids, route, gate_up, down, top_k=top_k).reshape(*lead, hidden)
-    grouped = FRAG_TOKENS > 0 and tokens <= MOE_GROUPED_TOKENS  # NVFP4KIT_FRAG_GEMV=0: no fragment kernel
-    if config is None and grouped and frag_experts_supported(x2, gate_up, down):
+    if path == "grouped":
         return fused_moe_grouped(x2, topk_ids, topk_weights, gate_up, down).reshape(*lead, hidden)
-    prefill = config is None and tokens >= max(1, prefill_min_tokens) and isinstance(gate_up, NVFP4Tensor)
-    if prefill and grouped_mm_available(x2):
-        out = moe_prefill(x2, ids, route, gate_up, down, top_k=top_k)
-        return out.reshape(*lead, hidden)
+    if path == "prefill":
+        return moe_prefill(x2, ids, route, gate_up, down, top_k=top_k).reshape(*lead, hidden)
     out = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
     if tokens == 0:
         return out.reshape(*lead, hidden)
