@@ -29,6 +29,7 @@ from nvfp4kit.kernels.configs import (
     interpreting,
     select_moe_config,
 )
+from nvfp4kit.kernels.geglu import geglu_sigmoid
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
 from nvfp4kit.kernels.moe_frag import frag_experts_supported, fused_moe_frag, moe_frag_supported
@@ -139,8 +140,7 @@ def _moe_gate_up_kernel(
     scale = fold_scale(s2_ptr, e, NVFP4, ASM)
     gate = acc_gate * scale
     up = acc_up * scale
-    # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3))
-    h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+    h = geglu_sigmoid(gate, up)
     mask = ok[:, None] & (rn[None, :] < inter)
     tl.store(act_ptr + act_rows[:, None] * stride_am + rn[None, :], h.to(dtype), mask=mask)
 

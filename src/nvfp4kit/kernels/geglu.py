@@ -14,6 +14,12 @@ from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
 
 @triton.jit
+def geglu_sigmoid(gate, up):
+    """gelu_tanh(gate) * up as g * sigmoid(2u) (u = sqrt(2/pi) (g + 0.044715 g^3)): the MoE kernels' epilogue."""
+    return gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+
+
+@triton.jit
 def gelu_tanh(g):
     """g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3): 0.5 g (1 + tanh(u)), with exp only of -|2u|."""
     u = 0.7978845608028654 * (g + 0.044715 * g * g * g)

@@ -211,18 +211,16 @@ def zero_acc16(L: tl.constexpr):
 
 
 @triton.jit
-def lane_sums(acc, WARPS: tl.constexpr):
-    """[32] x 2: each lane's sums over the warps, C row g of quad 0 plus row g + 8 of quad 1 (token g's sums for
-    B columns 2t and 2t + 1 of lane 4g + t)."""
-    c0 = tl.sum(tl.reshape(acc[0] + acc[6], [WARPS, 32]), axis=0)
-    c1 = tl.sum(tl.reshape(acc[1] + acc[7], [WARPS, 32]), axis=0)
-    return c0, c1
-
-
-@triton.jit
 def group_sum(v, KW: tl.constexpr, NW: tl.constexpr):
     """[32 x KW x NW] lanes -> [32 x NW]: the sums over the KW warps that split K, per row group of 8."""
     return tl.reshape(tl.sum(tl.reshape(v, [NW, KW, 32]), axis=1), [NW * 32])
+
+
+@triton.jit
+def lane_sums(acc, KW: tl.constexpr, NW: tl.constexpr = 1):
+    """[32 x NW] x 2 of the 1-8 token form: C row g of quad 0 plus row g + 8 of quad 1 (token g's sums for B columns
+    2t and 2t + 1 of lane 4g + t in each row group), summed over the KW warps that split K."""
+    return group_sum(acc[0] + acc[6], KW, NW), group_sum(acc[1] + acc[7], KW, NW)
 
 
 @triton.jit
@@ -282,8 +280,7 @@ def _gemv_mma_kernel(
     else:
         acc = k_loop(w_rows, x_rows, x_rows, s_rows, K // 8, lane_word, zero_acc(32 * KW * NW), 16 * KW, UNROLL,
                      ASM, False)  # fmt: skip
-        total0 = group_sum(acc[0] + acc[6], KW, NW)  # C row g of quad 0 plus row g + 8 of quad 1
-        total1 = group_sum(acc[1] + acc[7], KW, NW)
+        total0, total1 = lane_sums(acc, KW, NW)
         ok = out_tok < M
         tl.store(base, (total0 * scale).to(dtype), mask=ok & (out_row < N))
         tl.store(base + 1, (total1 * scale).to(dtype), mask=ok & (out_row + 1 < N))

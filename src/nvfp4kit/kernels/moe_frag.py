@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+from nvfp4kit.kernels.geglu import geglu_sigmoid
 from nvfp4kit.kernels.gemv_mma import MOE_MAX_TOKENS, k_loop, lane_ids, lane_sums, zero_acc
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale
@@ -81,8 +82,7 @@ def _moe_frag_gate_up_kernel(
     gate, up = lane_sums(acc, KW)
     gate = gate * fold_scale(s2_ptr, e, True, ASM) * layout_ok
     up = up * fold_scale(s2_ptr, e, True, ASM)
-    # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3))
-    h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+    h = geglu_sigmoid(gate, up)
     if ROUTED:
         h = h * (tl.load(route_ptr + pair).to(tl.float32) * fold_scale(down_s2_ptr, e, True, ASM))
     j = tl.arange(0, 32)

@@ -24,15 +24,15 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels.gemv_mma import group_sum, k_loop, lane_ids, zero_acc, zero_acc16
+from nvfp4kit.kernels.geglu import geglu_sigmoid
+from nvfp4kit.kernels.gemv_mma import group_sum, k_loop, lane_ids, lane_sums, zero_acc, zero_acc16
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
 from nvfp4kit.kernels.moe_sum import sum_top_k
 from nvfp4kit.kernels.nvfp4_tile import fold_scale
 
-BLOCK = (
-    8  # default pairs a block: the MMA's A rows 0-7 (rows g + 8 repeat them, as in gemv_mma's 1-8 token form)
-)
+# default pairs a block: the MMA's A rows 0-7 (rows g + 8 repeat them, as in gemv_mma's 1-8 token form)
+BLOCK = 8
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _row_sums(acc, half: tl.constexpr, KW: tl.constexpr, NW: tl.constexpr, BLOCK
     if BLOCK == 16:
         c0, c1 = group_sum(acc[2 * half], KW, NW), group_sum(acc[2 * half + 1], KW, NW)
     else:
-        c0, c1 = group_sum(acc[0] + acc[6], KW, NW), group_sum(acc[1] + acc[7], KW, NW)
+        c0, c1 = lane_sums(acc, KW, NW)
     return c0, c1
 
 
@@ -79,7 +79,7 @@ def _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, row0, num_pairs, 
                first_col, inter, NW: tl.constexpr, ASM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """GeGLU of [32 x NW] lanes (lane j: A row row0 + (j % 32) // 4, column j % 4 of row group j // 32), times the
     pair's routing weight and down's scale_2, stored to act[pair, column]."""
-    h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+    h = geglu_sigmoid(gate, up)
     j = tl.arange(0, 32 * NW)
     out_pair, out_ok = _block_pairs(pair_ids_ptr, b, row0 + (j % 32) // 4, num_pairs, BLOCK)
     route = tl.load(route_ptr + out_pair, mask=out_ok, other=0).to(tl.float32)

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.kernels.configs import MoEConfig
+from nvfp4kit.kernels.geglu import geglu_sigmoid
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import (
     fold_scale,
@@ -90,7 +91,7 @@ def _moe_gate_up_split_kernel(
     ok = rn < inter
     out_ptrs = act_ptr + pair * stride_am + rn
     if SPLIT_K == 1:
-        h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+        h = geglu_sigmoid(gate, up)
         tl.store(out_ptrs, h.to(act_ptr.dtype.element_ty), mask=ok)
     else:
         # workspace [SPLIT_K, pairs, 2, inter]: this split's gate and up partials
@@ -106,7 +107,7 @@ def _moe_gate_up_split_kernel(
                 other = ws_ptr + (split * num_pairs + pair) * 2 * inter + rn
                 gate += tl.load(other, mask=ok, other=0.0, cache_modifier=".cg")
                 up += tl.load(other + inter, mask=ok, other=0.0, cache_modifier=".cg")
-            h = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate)) * up
+            h = geglu_sigmoid(gate, up)
             tl.store(out_ptrs, h.to(act_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call (and graph replay)
 
