@@ -92,18 +92,20 @@ def test_step_counters_give_the_mean_step_time_by_kind():
         'nvfp4kit_engine_steps_total{kind="decode_eager"} 0\n'
         'nvfp4kit_engine_step_seconds_total{kind="decode_graph"} 32.9\n'
         'nvfp4kit_engine_step_seconds_total{kind="prefill"} 25.4\nnvfp4kit_prompt_tokens_total 9\n'
+        'nvfp4kit_engine_step_device_seconds_total{kind="decode_graph"} 28.1\n'
+        'nvfp4kit_engine_step_device_seconds_total{kind="decode_eager"} 0.0\n'
     )
     counters = parse_counters(page)
     assert counters['nvfp4kit_engine_steps_total{kind="prefill"}'] == 214.0
     assert counters["nvfp4kit_prompt_tokens_total"] == 9.0
     steps = steps_by_kind(counters)
     assert steps == {
-        "decode_graph": {"steps": 2167.0, "mean_ms": 15.18},
+        "decode_graph": {"steps": 2167.0, "mean_ms": 15.18, "device_ms": 12.97},
         "prefill": {"steps": 214.0, "mean_ms": 118.69},
     }
     row = {"concurrency": 100, "request_rate": None, "completed": 1, "requests": 1, "request_throughput": 1.0,
            "output_tokens_per_s": 1.0, "mean_input_tokens": 1, "mean_output_tokens": 1, "server_steps": steps}  # fmt: skip
-    assert "engine steps: decode_graph 2167 x 15.2 ms, prefill 214 x 118.7 ms" in format_row(row)
+    assert "engine steps: decode_graph 2167 x 15.2 ms (GPU 13.0), prefill 214 x 118.7 ms" in format_row(row)
 
 
 def test_server_ttft_parts_from_the_histograms():

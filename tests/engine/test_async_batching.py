@@ -92,7 +92,7 @@ def test_metrics_count_the_engine_steps_by_kind(parts):
         return stats
 
     stats = asyncio.run(main())
-    steps = {kind: (n, seconds) for kind, n, seconds in stats.steps}
+    steps = {kind: (n, seconds) for kind, n, seconds, _ in stats.steps}
     # 27 prompt tokens in chunks of at most 16 take at least 2 prefill steps; 6 tokens each, the first sampled
     # at the end of the prompt: 5 decode steps at least (on the CPU no graphs: eager)
     assert steps["prefill"][0] >= 2 and steps["decode_eager"][0] >= 5 and steps["decode_graph"][0] == 0
@@ -100,4 +100,6 @@ def test_metrics_count_the_engine_steps_by_kind(parts):
     text = ServerMetrics(lambda: stats).render()
     assert f'\nnvfp4kit_engine_steps_total{{kind="prefill"}} {steps["prefill"][0]}\n' in text
     assert '\nnvfp4kit_engine_step_seconds_total{kind="decode_eager"} ' in text
+    # no CUDA events on the CPU: the decode steps' GPU seconds stay 0 (the GPU test checks them on a card)
+    assert '\nnvfp4kit_engine_step_device_seconds_total{kind="decode_eager"} 0.0\n' in text
     assert "\nnvfp4kit_preemptions_total 0\n" in text

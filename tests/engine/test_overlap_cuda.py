@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nvfp4kit.engine.cuda_graphs import StepTimer
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams
@@ -64,10 +63,12 @@ def test_eager_decode_steps_on_cuda(cuda_parts):
 
 
 def test_step_timer_measures_device_time_per_decode_step(cuda_parts):
+    """Every decode step launched is device-timed into step_stats, each below the wall time its steps took."""
     engine = _engine(cuda_parts, True)
     engine.add_request(random_prompts([20])[0], _greedy(12))
-    engine.step()
-    engine.step_timer = timer = StepTimer(engine.device)
     while engine.has_unfinished():
         engine.step()
-    assert timer.ms_per_step() > 0
+    engine.collect_step_times(wait=True)
+    stats = engine.step_stats
+    assert stats.device_steps["decode_graph"] == stats.steps["decode_graph"] >= 10
+    assert 0 < stats.device_seconds["decode_graph"] < stats.seconds["decode_graph"]

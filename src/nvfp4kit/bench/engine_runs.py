@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from nvfp4kit.config import Gemma4TextConfig
-from nvfp4kit.engine.cuda_graphs import StepTimer
 from nvfp4kit.engine.engine import Engine
 from nvfp4kit.plan.gpus import GPUS, GpuSpec
 from nvfp4kit.plan.kv import kv_bytes_per_token
@@ -74,19 +73,28 @@ def decode_speed(
         engine.step()  # prefill, and the first token of each
     engine.step()  # one decode step untimed: every request is now decoding
     _sync(engine)
-    engine.step_timer = timer = StepTimer(engine.device)
+    engine.collect_step_times(wait=True)
+    device_before = _device_totals(engine)
     ahead = engine.overlapped_steps
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     _sync(engine)
     seconds = time.perf_counter() - t0
-    engine.step_timer = None
+    engine.collect_step_times(wait=True)
+    device_steps, device_seconds = (a - b for a, b in zip(_device_totals(engine), device_before))
     ahead = engine.overlapped_steps - ahead
     while engine.has_unfinished():
         engine.step()
     result = DecodeResult(batch, context, batch * steps / seconds, 1e3 * seconds / steps)
-    return replace(result, gpu_ms_per_step=timer.ms_per_step(), overlapped_steps=ahead)
+    gpu_ms = 1e3 * device_seconds / device_steps if device_steps else None
+    return replace(result, gpu_ms_per_step=gpu_ms, overlapped_steps=ahead)
+
+
+def _device_totals(engine: Engine) -> tuple[int, float]:
+    """Decode steps the engine has device-timed so far, and their device seconds (StepStats)."""
+    stats = engine.step_stats
+    return sum(stats.device_steps.values()), sum(stats.device_seconds.values())
 
 
 @dataclass(frozen=True)

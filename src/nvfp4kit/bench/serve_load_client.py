@@ -143,6 +143,7 @@ class Client:
 STEP_COUNTERS = (
     "engine_steps_total",
     "engine_step_seconds_total",
+    "engine_step_device_seconds_total",
 )  # kept per label: steps and seconds by kind
 # the server's time to first token and its two parts (histogram sums and counts: means over a level)
 TTFT_PARTS = (

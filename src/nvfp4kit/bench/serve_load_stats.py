@@ -93,8 +93,9 @@ def _mean_ms(values: list[float]) -> float | None:
 
 
 def steps_by_kind(counters: dict[str, float]) -> dict[str, dict[str, float]]:
-    """{kind: {steps, mean_ms}} from the engine's step counters of a level (e.g. how long the steps that
-    prefilled a new prompt beside the decodes took against the decode steps)."""
+    """{kind: {steps, mean_ms[, device_ms]}} from the engine's step counters of a level (e.g. how long the steps
+    that prefilled a new prompt beside the decodes took against the decode steps; device_ms: the GPU's part of a
+    decode step on CUDA, so that mean_ms - device_ms is the GPU waiting for the host)."""
     out: dict[str, dict[str, float]] = {}
     for name, steps in counters.items():
         if "engine_steps_total{" in name and steps > 0:
@@ -102,6 +103,9 @@ def steps_by_kind(counters: dict[str, float]) -> dict[str, dict[str, float]]:
             seconds = counters.get(name.replace("engine_steps_total", "engine_step_seconds_total"), 0.0)
             label = kind.split('"')[1] if '"' in kind else kind
             out[label] = {"steps": steps, "mean_ms": round(1e3 * seconds / steps, 2)}
+            device = counters.get(name.replace("engine_steps_total", "engine_step_device_seconds_total"))
+            if device:  # decode steps on CUDA: the GPU's share of the wall time
+                out[label]["device_ms"] = round(1e3 * device / steps, 2)
     return out
 
 
@@ -132,7 +136,9 @@ def format_row(r: dict) -> str:
     )
     if r.get("server_steps"):
         line += "\n    engine steps: " + ", ".join(
-            f"{kind} {v['steps']:.0f} x {v['mean_ms']:.1f} ms" for kind, v in r["server_steps"].items()
+            f"{kind} {v['steps']:.0f} x {v['mean_ms']:.1f} ms"
+            + (f" (GPU {v['device_ms']:.1f})" if v.get("device_ms") else "")
+            for kind, v in r["server_steps"].items()
         )
     if parts := r.get("server_ttft_ms"):
         line += "\n    server TTFT ms mean: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items())

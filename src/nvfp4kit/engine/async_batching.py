@@ -41,7 +41,9 @@ class EngineStats:
     kv_sliding_usage: float = 0.0
     prefill_tokens: int = 0  # prompt tokens run through the model so far (prompt minus prefix-cache hits)
     preemptions: int = 0  # requests pushed back to the queue because the KV pools ran short
-    steps: tuple[tuple[str, int, float], ...] = ()  # (kind, steps, wall seconds): engine/step_stats.py
+    steps: tuple[
+        tuple[str, int, float, float], ...
+    ] = ()  # (kind, steps, wall s, device s): engine/step_stats.py
 
 
 @dataclass

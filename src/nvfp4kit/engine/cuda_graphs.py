@@ -207,32 +207,3 @@ def pinned(host: torch.Tensor) -> torch.Tensor:
     """`host` in page-locked memory when CUDA is up: a non-blocking copy from pageable memory may wait for the
     stream, which would hold the host behind the decode step in flight (the overlap scheduler's case)."""
     return host.pin_memory() if torch.cuda.is_available() else host
-
-
-class StepTimer:
-    """CUDA events around each decode step's device work (forward and sampling), for `bench engine`: the wall
-    time per step minus this is the time the GPU waits for the host. Records nothing off CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.enabled = device.type == "cuda"
-        self._pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._start: torch.cuda.Event | None = None
-
-    def start(self) -> None:
-        if self.enabled:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
-
-    def stop(self) -> None:
-        if self.enabled and self._start is not None:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._pairs.append((self._start, end))
-            self._start = None
-
-    def ms_per_step(self) -> float | None:
-        """Mean device milliseconds of the steps timed (None: nothing timed); waits for the device."""
-        if not self._pairs:
-            return None
-        self._pairs[-1][1].synchronize()
-        return sum(a.elapsed_time(b) for a, b in self._pairs) / len(self._pairs)

@@ -25,7 +25,7 @@ import torch
 from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.batch_sampler import SampleRow, StepSamples, host_to_device, sample_step
-from nvfp4kit.engine.cuda_graphs import DecodeGraphs, StepTimer, default_batch_sizes
+from nvfp4kit.engine.cuda_graphs import DecodeGraphs, default_batch_sizes
 from nvfp4kit.engine.engine_config import EngineConfig, resolve_kv_dtype, with_device_defaults
 from nvfp4kit.engine.kernel_compiles import COMPILES
 from nvfp4kit.engine.kv_pools import KVCache, sized_layout
@@ -34,7 +34,7 @@ from nvfp4kit.engine.prefill_graphs import PrefillGraphs, prefill_graphs_for
 from nvfp4kit.engine.prompt_logprobs import PrefillSlice, record_prompt_logprobs
 from nvfp4kit.engine.request import Request, Status, TokenEvent, make_request
 from nvfp4kit.engine.scheduler import Scheduler, SchedulerConfig
-from nvfp4kit.engine.step_stats import StepStats
+from nvfp4kit.engine.step_stats import StepStats, StepTimer
 from nvfp4kit.engine.warmup import WarmupReport, warm_up, warmup_wanted
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.sampling import SamplingParams
@@ -81,9 +81,9 @@ class Engine:
         overlap = self.config.overlap_schedule
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._in_flight: _Launched | None = None  # a decode step launched whose tokens the host has not read
-        self.step_timer: StepTimer | None = None  # set by `bench engine`: device time of each decode step
+        self.step_timer = StepTimer(self.device)  # device time of each decode step, into step_stats (CUDA)
         self.overlapped_steps = 0  # decode steps launched before the host read the tokens they take
-        self.step_stats = StepStats()  # steps and their wall time by kind (`/metrics`)
+        self.step_stats = StepStats()  # steps, their wall and device time by kind (`/metrics`)
         self._step_kinds: list[str] = []  # what the step under way launched (overlap: up to two decodes)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
@@ -205,7 +205,13 @@ class Engine:
         # a host-scheduled decode and the one the overlap launches right after it share the step's wall time
         for kind in self._step_kinds:
             self.step_stats.add(kind, seconds / len(self._step_kinds))
+        self.collect_step_times()
         return events
+
+    def collect_step_times(self, wait: bool = False) -> None:
+        """Add the device time of the decode steps the GPU has finished (`wait`: of all) to `step_stats`."""
+        for kind, seconds in self.step_timer.drain(wait):
+            self.step_stats.add_device(kind, seconds)
 
     @torch.inference_mode()
     def _step(self) -> list[TokenEvent]:
@@ -269,10 +275,10 @@ class Engine:
     ) -> _Launched:
         """Queue one decode step and its sampling on the device; nothing here waits for the device.
         `input_ids`: host ids, or the device tokens of the step before (overlap)."""
-        if self.step_timer is not None:
-            self.step_timer.start()
+        self.step_timer.start()
         graph = self.graphs is not None and len(seqs) <= self.graphs.max_batch
-        self._step_kinds.append("decode_graph" if graph else "decode_eager")
+        kind = "decode_graph" if graph else "decode_eager"
+        self._step_kinds.append(kind)
         if graph:
             logits = self.graphs.run(input_ids, seqs)
         else:
@@ -283,8 +289,7 @@ class Engine:
             )
             logits = self.model.logits(self.model.hidden_states(input_ids, ctx))
         launched = _Launched(reqs, self._sample_on_device(reqs, logits))
-        if self.step_timer is not None:
-            self.step_timer.stop()
+        self.step_timer.stop(kind)
         return launched
 
     def _overlap_step(self) -> list[TokenEvent]:

@@ -2,7 +2,7 @@
 
 Counters: requests by endpoint and outcome, prompt and generated tokens, Triton kernel compilations (all, and
 those after the start-up warm-up: each one stalled a serving step), preemptions, and engine steps with their wall
-seconds by kind (where a load test's time went). Histograms: time to first token, split into the server's
+seconds by kind (where a load test's time went) and, for decode steps on CUDA, their GPU seconds. Histograms: time to first token, split into the server's
 preprocessing (arrival to the prompt handed to the engine) and the engine's part (queueing, prefill, the first
 step), and inter-token latency. Gauges: requests running and waiting, read from the engine when scraped.
 """
@@ -145,11 +145,16 @@ class ServerMetrics:
         )  # fmt: skip
         lines += _labelled(
             "engine_steps_total", "counter", "Engine steps by kind (decode from a CUDA graph, eager decode, "
-            "steps with prefill chunks run eagerly or replayed from a prefill graph).", {kind: n for kind, n, _ in stats.steps},
+            "steps with prefill chunks run eagerly or replayed from a prefill graph).", {kind: n for kind, n, *_ in stats.steps},
         )  # fmt: skip
         lines += _labelled(
             "engine_step_seconds_total", "counter", "Wall seconds the engine thread spent in steps, by kind.",
-            {kind: seconds for kind, _, seconds in stats.steps},
+            {kind: seconds for kind, _, seconds, _ in stats.steps},
+        )  # fmt: skip
+        lines += _labelled(
+            "engine_step_device_seconds_total", "counter", "GPU seconds of the decode steps (CUDA events around "
+            "each step's forward and sampling), by kind: wall seconds above them are the GPU waiting for the host.",
+            {kind: device for kind, _, _, device in stats.steps if kind.startswith("decode")},
         )  # fmt: skip
         lines += _single("num_requests_running", "gauge", "Requests generating now.", stats.running)
         lines += _single("num_requests_waiting", "gauge", "Requests queued for the engine.", stats.waiting)
