@@ -77,6 +77,30 @@ def test_candidates_are_valid(m):
     assert m > 16 or {c.down_split_k for c in moe if c.split} == {1, 2, 3}
 
 
+@pytest.mark.parametrize("m", [1, 8, 9, 64, 128, 129])
+def test_moe_candidates_name_their_path(m):
+    """Every tiles candidate names its path (a table entry overrides the token limits); with `frag` the per-pair
+    fragment MoE is a candidate up to 8 tokens and the expert-grouped one from 2 to 128."""
+    plain = moe_candidates(m, 128, 8)
+    assert {c.path for c in plain} == {"tiles"}
+    paths = [c.path for c in moe_candidates(m, 128, 8, frag=True)]
+    assert paths.count("frag") == (m <= 8) and paths.count("grouped") == (2 <= m <= 128)
+    assert len(paths) == len(plain) + (m <= 8) + (2 <= m <= 128)
+
+
+def test_moe_case_runs_only_the_paths_its_operands_take(monkeypatch):
+    """The tuner skips a fragment candidate whose kernels would fall back to the tiles (CPU, or unsupported
+    widths): it would time the fallback under the fragment's name."""
+    monkeypatch.setattr(cases, "MOE_SHAPE", {"experts": 4, "top_k": 2, "hidden": 64, "inter": 32})
+    case = cases.MoECase.build(3, weight_sets=1, route_sets=1, device=DEVICE)
+    assert case.runs(MoEConfig(path="tiles")) and case.runs(MoEConfig())
+    on_fragment_card = DEVICE == "cuda" and torch.cuda.get_device_capability() >= (8, 0)
+    assert case.runs(MoEConfig(path="grouped")) == on_fragment_card
+    assert case.runs(MoEConfig(path="frag")) == on_fragment_card
+    with pytest.raises(ValueError, match="path"):
+        MoEConfig(path="fast")
+
+
 def test_bench_cli_has_the_kernels_scenario():
     parser = argparse.ArgumentParser()
     register_all(parser.add_subparsers(dest="scenario"))

@@ -1,5 +1,6 @@
 """Fused GELU-tanh MoE against the torch reference backend: every launch mode, idle experts, dense weights."""
 
+import functools
 import warnings
 
 import pytest
@@ -155,7 +156,7 @@ def test_moe_path_by_batch_size_and_card():
     """Without a config: the fragment kernels only for bf16 on SM80+ GPUs and widths of multiples of 32 (per pair
     up to FRAG_TOKENS tokens, grouped up to MOE_GROUPED_TOKENS), grouped GEMMs from `prefill_min_tokens`, else tiles."""
     from nvfp4kit.kernels.configs import FRAG_TOKENS, MOE_GROUPED_TOKENS
-    from nvfp4kit.kernels.fused_moe import moe_path
+    from nvfp4kit.kernels.moe_dispatch import moe_path
     from nvfp4kit.kernels.moe_prefill import grouped_mm_available
 
     gate_up, down = random_experts(4, 2 * 64, 96, seed=3), random_experts(4, 96, 64, seed=4)
@@ -177,3 +178,60 @@ def test_moe_path_by_batch_size_and_card():
     )  # H = 80: no fragment kernel
     x = torch.randn(1, 80, device=DEVICE, dtype=torch.bfloat16)
     assert moe_path(x, 2, *odd, prefill_min_tokens=10**6) == "tiles"
+
+
+def test_moe_path_follows_the_tuned_table(monkeypatch):
+    """A table entry naming a path wins over the token limits below the prefill size, where its kernels run;
+    NVFP4KIT_FRAG_GEMV=0 (FRAG_TOKENS 0) keeps the fragment kernels off whatever the table says."""
+    from nvfp4kit.kernels import moe_dispatch
+
+    gate_up, down = random_experts(4, 2 * 64, 96, seed=3), random_experts(4, 96, 64, seed=4)
+    x = torch.randn(3, 96, device=DEVICE, dtype=torch.bfloat16)
+    table = {}
+    monkeypatch.setattr(
+        moe_dispatch, "select_moe_config", lambda tokens, *a, **k: table.get(tokens, MoEConfig())
+    )
+    monkeypatch.setattr(moe_dispatch, "moe_frag_supported", lambda *a: True)  # as on an SM80+ card
+    monkeypatch.setattr(moe_dispatch, "frag_experts_supported", lambda *a: True)
+    monkeypatch.setattr(moe_dispatch, "FRAG_TOKENS", 4)
+    monkeypatch.setattr(moe_dispatch, "MOE_GROUPED_TOKENS", 32)
+    path = functools.partial(moe_dispatch.moe_path, x, 2, gate_up, down, prefill_min_tokens=10**6)
+    assert path() == "frag"  # no path in the entry: the limits
+    table[3] = MoEConfig(path="tiles")
+    assert path() == "tiles"
+    table[3] = MoEConfig(path="grouped")
+    assert path() == "grouped"
+    assert moe_dispatch.moe_path(x, 2, gate_up, down, prefill_min_tokens=2) != "grouped"  # prefill size
+    monkeypatch.setattr(moe_dispatch, "FRAG_TOKENS", 0)
+    assert path() == "tiles"
+    assert path(config=MoEConfig(path="frag")) == "tiles"  # an explicit config, its kernels switched off
+
+
+def test_a_fragment_config_falls_back_to_the_tiles_where_it_cannot_run(experts):
+    """fused_moe with a fragment config on operands its kernels do not take (the CPU, fp32) runs the tiles and
+    gives their result, no error."""
+    ids, weights = _routing(5, 3, seed=8)
+    x = torch.randn(5, H, device=DEVICE, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore", RuntimeWarning
+        )  # the interpreter's exp overflows for very negative gates
+        out = fused_moe(x, ids, weights, *experts, config=MoEConfig(path="frag"))
+    assert rel_error(out, TorchBackend().moe(x, ids, weights, *experts)) < FP32_BOUND
+
+
+@pytest.mark.skipif(not ON_GPU or interpreting(), reason="the fragment kernels run on SM80+ GPUs only")
+def test_fragment_configs_run_the_fragment_kernels():
+    """A tuned entry's path runs exactly the kernels it names (what `nvfp4kit tune` timed)."""
+    from nvfp4kit.kernels.moe_frag import fused_moe_frag
+    from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the fragment kernels need SM80+")
+    gate_up, down = random_experts(4, 2 * 64, 96, seed=3), random_experts(4, 96, 64, seed=4)
+    x = torch.randn(3, 96, device=DEVICE, dtype=torch.bfloat16)
+    weights, ids = torch.topk(torch.randn(3, 4, device=DEVICE).softmax(-1), 2)
+    frag = fused_moe(x, ids, weights, gate_up, down, config=MoEConfig(path="frag"))
+    assert torch.equal(frag, fused_moe_frag(x, ids.reshape(-1), weights.reshape(-1), gate_up, down, top_k=2))
+    grouped = fused_moe(x, ids, weights, gate_up, down, config=MoEConfig(path="grouped"))
+    assert torch.equal(grouped, fused_moe_grouped(x, ids, weights, gate_up, down))

@@ -19,6 +19,7 @@ import torch
 
 from nvfp4kit.bench.report import format_table, row_for
 from nvfp4kit.kernels.configs import (
+    FRAG_TOKENS,
     config_to_dict,
     heuristic_linear,
     heuristic_moe,
@@ -45,10 +46,10 @@ def _linear_path(m: int, n: int, k: int) -> str:
     )
 
 
-def _moe_path(case: MoECase, top_k: int) -> str:
-    from nvfp4kit.kernels.fused_moe import moe_path
+def _moe_path(case: MoECase, top_k: int, config=None) -> str:
+    from nvfp4kit.kernels.moe_dispatch import moe_path
 
-    return moe_path(case.xs[0], top_k, case.gate_up[0], case.down[0])
+    return moe_path(case.xs[0], top_k, case.gate_up[0], case.down[0], config=config)
 
 
 def _bench_dense(op, ms, args, ctx, rows, tuned, log) -> None:
@@ -61,7 +62,7 @@ def _bench_dense(op, ms, args, ctx, rows, tuned, log) -> None:
         calls = 20 if m <= 512 else 6
         cfg, tuned_us = None, None
         if args.tune:
-            cands = linear_candidates(m, n, k, sms=ctx["sms"], decodes=tuple(args.decodes))
+            cands = linear_candidates(m, n, k, sms=ctx["sms"], decodes=tuple(args.decodes), frag=ctx["frag"])
             cfg, tuned_us, tried = tune_case(
                 case, cands, sets=sets, calls=calls, budget=ctx["budget"], log=log
             )
@@ -87,7 +88,7 @@ def _bench_moe(ms, args, ctx, rows, tuned, log) -> None:
         calls = 16 if m <= 128 else (8 if m <= 512 else 4)
         cfg, tuned_us = None, None
         if args.tune:
-            cands = moe_candidates(m, e, top_k, decodes=tuple(args.decodes))
+            cands = moe_candidates(m, e, top_k, decodes=tuple(args.decodes), frag=ctx["frag"])
             cfg, tuned_us, tried = tune_case(case, cands, sets=16, calls=calls, budget=ctx["budget"], log=log)
             if cfg is not None:
                 tuned.setdefault("moe", {}).setdefault(key, {})[str(m)] = config_to_dict(cfg)
@@ -96,7 +97,7 @@ def _bench_moe(ms, args, ctx, rows, tuned, log) -> None:
         base = time_call(case.bf16_call(), sets=16, calls=calls)
         shape = f"E{e} top{top_k} H{h} I{i}"
         rows.append(row_for("moe", shape, m, timing, base, case, ctx["copy_gbps"], case.error(cfg), cfg))
-        rows[-1]["path"] = "tuned" if cfg is not None else _moe_path(case, top_k)
+        rows[-1]["path"] = _moe_path(case, top_k, cfg) + (" (tuned)" if cfg is not None else "")
         heuristic = heuristic_moe(m, e, top_k, h, i, device=torch.device("cuda"))
         rows[-1]["heuristic_us"] = round(time_graph(case.call(heuristic), sets=16, calls=calls), 2)
         log(f"  {format_table(rows[-1:], header=False)}")
@@ -144,6 +145,8 @@ def run_kernels_benchmark(args: argparse.Namespace) -> int:
         "copy_gbps": copy_bandwidth_gbps(),
         "l2": l2_cache_bytes(),
         "sms": sm_count(torch.device("cuda")),
+        # the fragment kernels are --tune candidates where they run (SM80+, unless NVFP4KIT_FRAG_GEMV=0)
+        "frag": FRAG_TOKENS > 0 and torch.cuda.get_device_capability() >= (8, 0),
         "budget": Budget(args.tune_budget_s),
     }
     log(

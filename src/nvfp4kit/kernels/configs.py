@@ -51,6 +51,9 @@ class LinearConfig:
             raise ValueError(f"dot tiles need block_m, block_n >= 16, got {self.block_m}x{self.block_n}")
 
 
+MOE_PATHS = (None, "tiles", "frag", "grouped")  # MoEConfig.path
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     split: bool = False  # True: the few-token kernels of moe_split.py (the fields below that say so)
@@ -70,6 +73,10 @@ class MoEConfig:
     down_split_k: int = 1  # split mode: programs sharing one down tile's K (per top-k slot)
     # sorted/pair mode: FP4 low and high nibbles as even/odd K halves, two MMAs, no interleave (nvfp4_tile.py)
     halves: bool = False
+    # which kernels run (`moe_dispatch.moe_path`): None lets the token limits choose (NVFP4KIT_FRAG_GEMV,
+    # NVFP4KIT_MOE_GROUPED_TOKENS); "tiles" the tiles above; "frag" (moe_frag.py, 1-8 tokens) or "grouped"
+    # (moe_frag_grouped.py) where they run. `nvfp4kit tune` writes the path of the winner it timed
+    path: str | None = None
 
     def __post_init__(self) -> None:
         if self.gate_up_split_k < 1 or self.down_split_k < 1:
@@ -82,6 +89,8 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.align must be 'triton' or 'torch', got {self.align!r}")
         if self.decode not in ("bits", "asm"):
             raise ValueError(f"MoEConfig.decode must be 'bits' or 'asm', got {self.decode!r}")
+        if self.path not in MOE_PATHS:
+            raise ValueError(f"MoEConfig.path must be one of {MOE_PATHS}, got {self.path!r}")
         if min(self.gate_up_block_k, self.down_block_k) < 32 or self.block_m < 16:
             raise ValueError("MoEConfig needs block_k >= 32 and block_m >= 16")
 
@@ -133,6 +142,7 @@ def timed_tiles_fit(capability: tuple[int, int] | None) -> bool:
 
 
 FRAG_MAX_TOKENS = 16  # gemv_mma.py: the MMA's 16 A rows
+MOE_FRAG_MAX_TOKENS = 8  # moe_frag.py's kernels: the 1-8 token form
 
 
 def token_limit(variable: str, raw: str, maximum: int) -> int:

@@ -23,18 +23,18 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import (
-    FRAG_TOKENS,
-    MOE_GROUPED_TOKENS,
     MoEConfig,
+    heuristic_moe,
     interpreting,
     select_moe_config,
 )
 from nvfp4kit.kernels.geglu import geglu_sigmoid
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
-from nvfp4kit.kernels.moe_frag import frag_experts_supported, fused_moe_frag, moe_frag_supported
+from nvfp4kit.kernels.moe_dispatch import moe_path
+from nvfp4kit.kernels.moe_frag import fused_moe_frag
 from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped
-from nvfp4kit.kernels.moe_prefill import grouped_mm_available, moe_prefill
+from nvfp4kit.kernels.moe_prefill import moe_prefill
 from nvfp4kit.kernels.moe_split import fused_moe_split
 from nvfp4kit.kernels.moe_sum import sum_top_k
 from nvfp4kit.kernels.nvfp4_tile import (
@@ -277,28 +277,6 @@ def _weight_args(weight: torch.Tensor | NVFP4Tensor, name: str) -> tuple:
     return weight, weight, weight, weight.stride(0), weight.stride(1), 0, 0, False
 
 
-def moe_path(
-    x2: torch.Tensor,
-    top_k: int,
-    gate_up: torch.Tensor | NVFP4Tensor,
-    down: torch.Tensor | NVFP4Tensor,
-    prefill_min_tokens: int = MOE_PREFILL_MIN_TOKENS,
-) -> str:
-    """Which kernels `fused_moe` runs for tokens x2 [T, H] without a config: "frag" (moe_frag.py, a program per
-    token-expert pair), "grouped" (moe_frag_grouped.py, experts read once for their tokens), "prefill" (grouped
-    GEMMs, moe_prefill.py) or "tiles" (the tuned or heuristic Triton tiles below)."""
-    tokens = x2.shape[0]
-    if tokens <= FRAG_TOKENS and moe_frag_supported(x2, gate_up, down, top_k):
-        return "frag"
-    # NVFP4KIT_FRAG_GEMV=0 turns the grouped form off too
-    if 0 < FRAG_TOKENS and tokens <= MOE_GROUPED_TOKENS and frag_experts_supported(x2, gate_up, down):
-        return "grouped"
-    nvfp4 = isinstance(gate_up, NVFP4Tensor)
-    if nvfp4 and tokens >= max(1, prefill_min_tokens) and grouped_mm_available(x2):
-        return "prefill"
-    return "tiles"
-
-
 def fused_moe(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -334,7 +312,7 @@ def fused_moe(
         raise ValueError(
             f"topk_ids {tuple(topk_ids.shape)} / weights {tuple(topk_weights.shape)} vs {tokens} tokens"
         )
-    path = "tiles" if config is not None else moe_path(x2, top_k, gate_up, down, prefill_min_tokens)
+    path = moe_path(x2, top_k, gate_up, down, prefill_min_tokens, config)
     if path == "frag":
         return fused_moe_frag(x2, ids, route, gate_up, down, top_k=top_k).reshape(*lead, hidden)
     if path == "grouped":
@@ -345,6 +323,8 @@ def fused_moe(
     if tokens == 0:
         return out.reshape(*lead, hidden)
     cfg = config or select_moe_config(tokens, num_experts, top_k, hidden, inter, device=x.device)
+    if cfg.path not in (None, "tiles"):  # a fragment entry whose kernels cannot take these operands
+        cfg = heuristic_moe(tokens, num_experts, top_k, hidden, inter, device=x.device)
     interpret = interpreting()
     gu = _weight_args(gate_up, "gate_up")
     dn = _weight_args(down, "down")

@@ -37,11 +37,12 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+from nvfp4kit.kernels.configs import MOE_FRAG_MAX_TOKENS
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, k_order_byte_ptx, scale_operand
 
 MAX_TOKENS = 16  # the MMA's 16 A rows (1-8 tokens: rows g + 8 mix the same token's pairs, see below)
-MOE_MAX_TOKENS = 8  # moe_frag.py's kernels take the 1-8 token form
+MOE_MAX_TOKENS = MOE_FRAG_MAX_TOKENS  # moe_frag.py's kernels take the 1-8 token form
 
 # Four packed weight bytes ($8) and their block scale ($9, bf16x2 * 2**64 in both halves) decoded in K order (byte j
 # -> bf16x2 b_j = its low and high nibble's weights), then two MMAs whose A is the bytes' four activation pairs as

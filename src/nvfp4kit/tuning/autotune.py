@@ -103,7 +103,7 @@ def tune_model(
             sets = 16
             case = MoECase.build(m, weight_sets=2, route_sets=8, shape=moe, with_bf16=False)
             cands = moe_candidates(
-                m, moe["experts"], moe["top_k"], hidden=moe["hidden"], inter=moe["inter"], sms=sms
+                m, moe["experts"], moe["top_k"], hidden=moe["hidden"], inter=moe["inter"], sms=sms, frag=frag
             )
         key = _key((kind, shape, m), shapes)
         best, us, tried = tune_case(

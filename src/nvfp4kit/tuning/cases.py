@@ -69,6 +69,10 @@ class DenseCase:
         xs = [torch.randn(m, k, device=device, dtype=torch.bfloat16) for _ in range(max(sets, bf16_sets))]
         return cls(op, n, k, m, weights, bf16, xs)
 
+    def runs(self, config: LinearConfig) -> bool:
+        """Every linear config runs as named (`w4a16_linear` takes any of them)."""
+        return True
+
     def call(self, config: LinearConfig | None):
         from nvfp4kit.kernels.w4a16_linear import w4a16_linear  # triton: imported when a GPU case runs
 
@@ -138,6 +142,16 @@ class MoECase:
             case.bf16_gate_up = gate_up[0].dequantize(torch.bfloat16)
             case.bf16_down = down[0].dequantize(torch.bfloat16)
         return case
+
+    def runs(self, config: MoEConfig) -> bool:
+        """Whether `config`'s path runs here as named (a fragment path falls back to the tiles where its kernels
+        do not take the operands: timing it would time the fallback)."""
+        from nvfp4kit.kernels.moe_dispatch import moe_path
+
+        top_k = self.routes[0][0].shape[-1]
+        return moe_path(self.xs[0], top_k, self.gate_up[0], self.down[0], config=config) == (
+            config.path or "tiles"
+        )
 
     def call(self, config: MoEConfig | None):
         from nvfp4kit.kernels.fused_moe import fused_moe  # triton: imported when a GPU case runs

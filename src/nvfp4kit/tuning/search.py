@@ -11,6 +11,7 @@ import time
 
 from nvfp4kit.kernels.configs import (
     FRAG_MAX_TOKENS,
+    MOE_FRAG_MAX_TOKENS,
     LinearConfig,
     MoEConfig,
     config_to_dict,
@@ -175,7 +176,10 @@ def moe_candidates(
     hidden: int = 2816,
     inter: int = 704,
     sms: int = 132,
+    frag: bool = False,
 ) -> list[MoEConfig]:
+    """Configs to time for the MoE layer at `tokens`; `frag`: also the fragment kernels (SM80+ bf16; per pair up
+    to 8 tokens, expert-grouped up to 128), so that the table records which path wins on this card."""
     out: list[MoEConfig] = []
     per_expert = tokens * top_k / num_experts
     for decode in decodes:
@@ -228,7 +232,12 @@ def moe_candidates(
             out.append(heuristic)
     if tokens <= 128:  # the nibble halves: 4-5% faster at 16-64 tokens on the H200, 3% slower at 706
         out += [dataclasses.replace(c, halves=True) for c in out if not c.split]
-    return out
+    # the fragment paths first (the defaults at these sizes: timed before a --budget-s runs out); every tiles
+    # candidate names its path, so that a table entry is an explicit choice over the token limits
+    first = [MoEConfig(path="frag")] if frag and tokens <= MOE_FRAG_MAX_TOKENS else []
+    if frag and 2 <= tokens <= 128:  # H100: 1.05-1.16x the tiles at 8-32 tokens, 0.96x at 64, 0.70x at 128
+        first.append(MoEConfig(path="grouped"))
+    return first + [dataclasses.replace(c, path="tiles") for c in out]
 
 
 class Budget:
@@ -248,6 +257,9 @@ def tune_case(case, candidates, *, sets: int, calls: int, budget: Budget, log) -
         if not budget.left():
             break
         try:
+            if not case.runs(cfg):  # e.g. a fragment path these operands do not take
+                log(f"    skip {cfg}: its kernels do not take this case")
+                continue
             err = case.error(cfg)
             if err > ERROR_BOUND:
                 log(f"    reject {cfg}: error {err:.2e}")
