@@ -79,11 +79,13 @@ def test_candidates_are_valid(m):
 
 @pytest.mark.parametrize("m", [1, 8, 9, 64, 128, 129])
 def test_moe_candidates_name_their_path(m):
-    """Every tiles candidate names its path (a table entry overrides the token limits); with `frag` the per-pair
-    fragment MoE is a candidate up to 8 tokens and the expert-grouped one from 2 to 128."""
+    """With `frag` the per-pair fragment MoE is a candidate up to 8 tokens and the expert-grouped one from 2 to
+    128, and every tiles candidate names its path (a table entry then overrides the token limits); without it
+    none names a path, so a table tuned with the fragment kernels off leaves the limits to choose."""
     plain = moe_candidates(m, 128, 8)
-    assert {c.path for c in plain} == {"tiles"}
+    assert {c.path for c in plain} == {None}
     paths = [c.path for c in moe_candidates(m, 128, 8, frag=True)]
+    assert set(paths) - {"frag", "grouped"} == {"tiles"}
     assert paths.count("frag") == (m <= 8) and paths.count("grouped") == (2 <= m <= 128)
     assert len(paths) == len(plain) + (m <= 8) + (2 <= m <= 128)
 

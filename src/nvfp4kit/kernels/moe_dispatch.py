@@ -23,7 +23,7 @@ def moe_path(
 ) -> str:
     """Which kernels `fused_moe` runs for tokens x2 [T, H]: "frag" (moe_frag.py, a program per token-expert
     pair), "grouped" (moe_frag_grouped.py, experts read once for their tokens), "prefill" (grouped GEMMs,
-    moe_prefill.py) or "tiles" (the tuned or heuristic Triton tiles below).
+    moe_prefill.py) or "tiles" (the tuned or heuristic Triton tiles of fused_moe.py).
 
     An explicit `config` runs its own path (tiles where that one cannot run). Without one, below
     `prefill_min_tokens` the card's tuned table decides where its entry names a path (`nvfp4kit tune` timed the

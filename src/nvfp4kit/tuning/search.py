@@ -232,10 +232,14 @@ def moe_candidates(
             out.append(heuristic)
     if tokens <= 128:  # the nibble halves: 4-5% faster at 16-64 tokens on the H200, 3% slower at 706
         out += [dataclasses.replace(c, halves=True) for c in out if not c.split]
-    # the fragment paths first (the defaults at these sizes: timed before a --budget-s runs out); every tiles
+    if (
+        not frag
+    ):  # no path named: the token limits keep choosing (a table tuned with the fragment kernels off)
+        return out
+    # the fragment paths first (the defaults at these sizes: timed before a --budget-s runs out); each tiles
     # candidate names its path, so that a table entry is an explicit choice over the token limits
-    first = [MoEConfig(path="frag")] if frag and tokens <= MOE_FRAG_MAX_TOKENS else []
-    if frag and 2 <= tokens <= 128:  # H100: 1.05-1.16x the tiles at 8-32 tokens, 0.96x at 64, 0.70x at 128
+    first = [MoEConfig(path="frag")] if tokens <= MOE_FRAG_MAX_TOKENS else []
+    if 2 <= tokens <= 128:  # H100: 1.05-1.16x the tiles at 8-32 tokens, 0.96x at 64, 0.70x at 128
         first.append(MoEConfig(path="grouped"))
     return first + [dataclasses.replace(c, path="tiles") for c in out]
 
