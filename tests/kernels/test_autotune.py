@@ -33,3 +33,13 @@ def test_tuning_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
         tune_model(load_preset("gemma-4-e2b"))
     assert main(["tune", "gemma-4-e2b"]) == 1
     assert "CUDA GPU" in capsys.readouterr().err
+
+
+def test_tune_takes_a_kernel_choice(monkeypatch, capsys):
+    """`--kernels moe` parses (and still needs a GPU); a kernel family that does not exist is a usage error."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["tune", "gemma-4-e2b", "--kernels", "moe"]) == 1
+    assert "CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tune", "gemma-4-e2b", "--kernels", "attention"])
+    assert exit_info.value.code == 2

@@ -25,6 +25,10 @@ def register(p: argparse.ArgumentParser) -> None:
         "--tokens", type=int, nargs="+", default=None, metavar="M",
         help="token counts to tune (default: 1 2 4 8 16 32 64 128 512 2048)",
     )  # fmt: skip
+    p.add_argument(
+        "--kernels", nargs="+", choices=("linear", "moe"), default=["linear", "moe"],
+        help="which kernels to tune (default: both); e.g. --kernels moe after a change to the MoE kernels",
+    )  # fmt: skip
     p.add_argument("--budget-s", type=float, default=None, help="stop tuning after this many seconds")
     p.add_argument("--log", action="store_true", help="print every candidate's time")
     p.add_argument(
@@ -45,7 +49,13 @@ def run_tune(args: argparse.Namespace) -> int:
 
     cfg = resolve_model(args.model).cfg
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.log else (lambda msg: None)
-    table, path = tune_model(cfg, tokens=args.tokens or DEFAULT_TOKENS, budget_s=args.budget_s, log=log)
+    table, path = tune_model(
+        cfg,
+        tokens=args.tokens or DEFAULT_TOKENS,
+        budget_s=args.budget_s,
+        log=log,
+        kernels=tuple(args.kernels),
+    )
     tuned = sum(len(entries) for shapes in table.values() for entries in shapes.values())
     print(f"tuned {tuned} (shape, M) entries; written to {path}")
     return 0

@@ -71,9 +71,11 @@ def tune_model(
     log: Callable[[str], None] = lambda msg: None,
     progress: bool = True,
     missing_only: bool = False,
+    kernels: Sequence[str] = ("linear", "moe"),
 ) -> tuple[dict, str]:
     """Tune every shape of `cfg` on the current CUDA device; merge the winners into the tuning cache.
-    `missing_only`: skip (shape, M) entries the card's tables (cache or shipped) already have.
+    `missing_only`: skip (shape, M) entries the card's tables (cache or shipped) already have; `kernels`: which
+    of "linear" and "moe" to tune.
 
     Returns (the table of winners, the cache file written)."""
     if not torch.cuda.is_available():
@@ -84,8 +86,8 @@ def tune_model(
     # the fragment GEMV (SM80+) is a candidate unless NVFP4KIT_FRAG_GEMV=0 turned it off
     frag = FRAG_TOKENS > 0 and torch.cuda.get_device_capability(device) >= (8, 0)
     budget = Budget(budget_s)
-    jobs = [("linear", shape, m) for shape in shapes.linear for m in tokens]
-    jobs += [("moe", None, m) for m in tokens] if shapes.moe else []
+    jobs = [("linear", shape, m) for shape in shapes.linear for m in tokens] if "linear" in kernels else []
+    jobs += [("moe", None, m) for m in tokens] if shapes.moe and "moe" in kernels else []
     if missing_only:
         have = tables_for(card_slug(device), triton_version())
         jobs = [job for job in jobs if str(job[2]) not in have.get(job[0], {}).get(_key(job, shapes), {})]
