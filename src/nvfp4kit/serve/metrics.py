@@ -2,9 +2,10 @@
 
 Counters: requests by endpoint and outcome, prompt and generated tokens, Triton kernel compilations (all, and
 those after the start-up warm-up: each one stalled a serving step), preemptions, and engine steps with their wall
-seconds by kind (where a load test's time went) and, for decode steps on CUDA, their GPU seconds. Histograms: time to first token, split into the server's
-preprocessing (arrival to the prompt handed to the engine) and the engine's part (queueing, prefill, the first
-step), and inter-token latency. Gauges: requests running and waiting, read from the engine when scraped.
+seconds by kind (where a load test's time went) and, for decode steps on CUDA, their GPU seconds. Histograms: time
+to first token, split into the server's preprocessing (arrival to the prompt handed to the engine) and the
+engine's part (queueing, prefill, the first step), and inter-token latency. Gauges: requests running and waiting,
+read from the engine when scraped.
 """
 
 from __future__ import annotations
