@@ -220,14 +220,15 @@ def test_a_fragment_config_falls_back_to_the_tiles_where_it_cannot_run(experts):
     assert rel_error(out, TorchBackend().moe(x, ids, weights, *experts)) < FP32_BOUND
 
 
-@pytest.mark.skipif(not ON_GPU or interpreting(), reason="the fragment kernels run on SM80+ GPUs only")
+@pytest.mark.skipif(
+    not ON_GPU or interpreting() or torch.cuda.get_device_capability() < (8, 0),
+    reason="the fragment kernels run on SM80+ GPUs only",
+)
 def test_fragment_configs_run_the_fragment_kernels():
     """A tuned entry's path runs exactly the kernels it names (what `nvfp4kit tune` timed)."""
     from nvfp4kit.kernels.moe_frag import fused_moe_frag
     from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped
 
-    if torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("the fragment kernels need SM80+")
     gate_up, down = random_experts(4, 2 * 64, 96, seed=3), random_experts(4, 96, 64, seed=4)
     x = torch.randn(3, 96, device=DEVICE, dtype=torch.bfloat16)
     weights, ids = torch.topk(torch.randn(3, 4, device=DEVICE).softmax(-1), 2)
