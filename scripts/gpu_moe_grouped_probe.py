@@ -23,8 +23,15 @@ from nvfp4kit.tuning.timing import time_graph
 
 # ((gate_up warps splitting K, row groups), (down warps splitting K, row groups), pairs a block); session 19 on the
 # H100: (2, 2), (1, 4), 8 (the default) the best at 8, 16 and 64 tokens
-CONFIGS = [((2, 2), (1, 4), 8), ((1, 4), (1, 4), 8), ((2, 4), (1, 8), 8), ((1, 8), (2, 4), 8)]
-CONFIGS += [((2, 2), (1, 4), 16), ((1, 4), (1, 4), 16), ((2, 4), (1, 8), 16), ((1, 2), (1, 2), 16)]  # fmt: skip
+# MMA tiles a row group of (gate_up, down) (2: each activation load serves two 8-column tiles)
+CONFIGS = [
+    ((2, 2), (1, 4), 8, (1, 1)),
+    ((2, 2), (1, 4), 8, (2, 2)),
+    ((1, 4), (1, 4), 8, (2, 2)),
+    ((2, 2), (1, 2), 8, (2, 2)),
+]
+CONFIGS += [((1, 2), (1, 2), 8, (2, 2)), ((2, 1), (1, 2), 8, (2, 2)), ((1, 4), (1, 8), 8, (2, 1))]
+CONFIGS += [((2, 2), (1, 4), 16, (1, 1)), ((2, 2), (1, 4), 16, (2, 2)), ((1, 2), (1, 2), 16, (2, 2))]  # fmt: skip
 EXPERT_BYTES = (2 * 704 * 2816 + 2816 * 704) * 9 // 16
 
 
@@ -37,13 +44,15 @@ def measure(m: int) -> dict:
     row: dict = {"m": m, "experts_touched": touched, "mb": touched * EXPERT_BYTES / 1e6}
     row["engine_error"] = rel_error(case.call(None)(0), ref)
     row["engine"] = time_graph(case.call(None), sets=16)
-    for gw, dw, block in CONFIGS:
-        name = f"g{gw[0]}x{gw[1]} d{dw[0]}x{dw[1]} b{block}"
+    for gw, dw, block, tiles in CONFIGS:
+        name = f"g{gw[0]}x{gw[1]} d{dw[0]}x{dw[1]} b{block} t{tiles[0]}{tiles[1]}"
 
-        def run(i, gw=gw, dw=dw, block=block):
+        def run(i, gw=gw, dw=dw, block=block, tiles=tiles):
             ids, weights = case.routes[i % 16]
             x = case.xs[i % 16]
-            return fused_moe_grouped(x, ids, weights, gu, dn, gate_up_warps=gw, down_warps=dw, block=block)
+            return fused_moe_grouped(
+                x, ids, weights, gu, dn, gate_up_warps=gw, down_warps=dw, block=block, tiles=tiles
+            )
 
         try:
             err = rel_error(run(0), ref)

@@ -77,9 +77,11 @@ def test_dense_gate_up_geglu_in_one_launch(m):
 @pytest.mark.parametrize("tokens,experts", [(1, 64), (9, 16), (40, 128), (100, 16)])
 @pytest.mark.parametrize("gate_up_warps,down_warps", [((2, 2), (1, 4)), ((1, 1), (2, 1)), ((1, 4), (1, 8))])
 @pytest.mark.parametrize("block", [8, 16])
-def test_grouped_moe_matches_the_torch_reference(tokens, experts, gate_up_warps, down_warps, block):
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 2), (2, 1)])
+def test_grouped_moe_matches_the_torch_reference(tokens, experts, gate_up_warps, down_warps, block, tiles):
     """Pairs sorted into blocks of 8 or 16 by expert: experts with no pairs, one, and several blocks (100 tokens x top-8
-    over 16 experts: ~50 pairs each), column and row groups that do not divide the widths."""
+    over 16 experts: ~50 pairs each), column and row groups that do not divide the widths, one or two MMA tiles a
+    row group."""
     from nvfp4kit.kernels.moe_frag import frag_experts_supported
     from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped
     from nvfp4kit.model.ops import TorchBackend
@@ -92,7 +94,15 @@ def test_grouped_moe_matches_the_torch_reference(tokens, experts, gate_up_warps,
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
     assert frag_experts_supported(x, gate_up, down)
     out = fused_moe_grouped(
-        x, ids.int(), weights, gate_up, down, gate_up_warps=gate_up_warps, down_warps=down_warps, block=block
+        x,
+        ids.int(),
+        weights,
+        gate_up,
+        down,
+        gate_up_warps=gate_up_warps,
+        down_warps=down_warps,
+        block=block,
+        tiles=tiles,
     )
     ref = TorchBackend().moe(x.float(), ids, weights, gate_up, down)
     assert rel_error(out, ref) < 2 * BOUND

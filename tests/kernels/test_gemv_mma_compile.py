@@ -44,7 +44,7 @@ from nvfp4kit.tuning.cases import random_nvfp4
 kept = []
 record = cross_compile._record
 cross_compile._record = lambda fn, kernel, kwargs: (kept.append(kernel), record(fn, kernel, kwargs))[1]
-arch, which, block = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+arch, which, block, nt = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 T, H, I, K = 16, 2816, 704, 8
 gu, dn = random_nvfp4(2 * I, H, experts=2, device="cpu"), random_nvfp4(H, I, experts=2, device="cpu")
 x = torch.randn(T, H).bfloat16()
@@ -56,12 +56,12 @@ with cross_compile.compile_for((arch // 10, arch % 10), 132):
         mg._grouped_gate_up_kernel[(8, 44)](
             x.view(torch.int32), gp.view(torch.int32), gs, g2, d2, route, pair_ids, blocks, act, H, I, T * K,
             x.stride(0) // 2, gp.stride(0) // 4, gp.stride(1) // 4, gs.stride(0), gs.stride(1), act.stride(0),
-            TOP_K=K, KW=2, NW=2, UNROLL=1, ASM=2, BLOCK=block, PDL=0, num_warps=4, num_stages=1)
+            TOP_K=K, KW=2, NW=2, UNROLL=1, ASM=2, BLOCK=block, NT=nt, PDL=0, num_warps=4, num_stages=1)
     else:
         mg._grouped_down_kernel[(8, 88)](
             act.view(torch.int32), dp.view(torch.int32), ds, pair_ids, blocks, part, H, I, T * K,
             act.stride(0) // 2, dp.stride(0) // 4, dp.stride(1) // 4, ds.stride(0), ds.stride(1), part.stride(0),
-            KW=1, NW=4, ASM=2, BLOCK=block, PDL=0, num_warps=4, num_stages=1)
+            KW=1, NW=4, ASM=2, BLOCK=block, NT=nt, PDL=0, num_warps=4, num_stages=1)
 sys.stdout.buffer.write(kept[-1].asm["cubin"])
 """
 
@@ -116,9 +116,11 @@ def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, token
 @pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("which", ["gate_up", "down"])
-@pytest.mark.parametrize("block", [8, 16])
-def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, block, tmp_path):
-    assert_registers_only_loops(_sass_of(GROUPED_MOE, [str(arch), which, str(block)], tmp_path), 8)
+@pytest.mark.parametrize("block,tiles", [(8, 1), (16, 1), (8, 2)])
+def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, block, tiles, tmp_path):
+    """Both block sizes, and two MMA tiles a row group (`k_loop2`: twice the MMAs on the same activations)."""
+    args = [str(arch), which, str(block), str(tiles)]
+    assert_registers_only_loops(_sass_of(GROUPED_MOE, args, tmp_path), 8 * tiles)
 
 
 @pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
@@ -128,5 +130,5 @@ def test_the_default_fragment_kernels_build_for_consumer_cards(arch, kernel, tmp
     if kernel == "gemv":
         sass = _sass_of(COMPILE, [str(arch), "4", "2", "1", "1"], tmp_path)
     else:
-        sass = _sass_of(GROUPED_MOE, [str(arch), kernel.removeprefix("grouped_"), "8"], tmp_path)
+        sass = _sass_of(GROUPED_MOE, [str(arch), kernel.removeprefix("grouped_"), "8", "1"], tmp_path)
     assert_registers_only_loops(sass, 8)

@@ -14,7 +14,11 @@ expert into blocks of 8 (`moe_align`, block_m=8), and a block's 8 pairs are the 
 Blocks of 16 pairs (`block=16`) use the 16-row MMA form (A rows g + 8 are pairs 8-15): for batches where experts
 hold more than 8 pairs (~48 tokens and up), so that an expert is not read again for its second block of 8.
 NW row groups in a program share the block's activation rows through L1 (the tokens' activations are read from
-L2 once per program, not once per 8 weight rows). Blocks past the routing's last are skipped by their programs.
+L2 once per program, not once per 8 weight rows). With NT = 2 tiles a row group each lane also takes a second
+weight row (gate_up: 4 more columns; down: 8 more rows) against the activation pairs it already loaded
+(`gemv_mma.k_loop2`): these kernels are bound by L1 throughput, mostly activation loads (ncu, H100, 64 tokens:
+L1 93-96% busy, DRAM 36-43%), which NT = 2 halves per weight. Blocks past the routing's last are skipped by
+their programs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.geglu import geglu_sigmoid
-from nvfp4kit.kernels.gemv_mma import group_sum, k_loop, lane_ids, lane_sums, zero_acc, zero_acc16
+from nvfp4kit.kernels.gemv_mma import group_sum, k_loop, k_loop2, lane_ids, lane_sums, zero_acc, zero_acc16
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
 from nvfp4kit.kernels.moe_sum import sum_top_k
@@ -43,24 +47,35 @@ def _block_pairs(pair_ids_ptr, b, row, num_pairs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _block_loop(w_rows, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, s_rows, words, lane_word,
-                LANES: tl.constexpr, STEP: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr,
-                BLOCK: tl.constexpr):  # fmt: skip
+def _zero(LANES: tl.constexpr, BLOCK: tl.constexpr):
+    if BLOCK == 16:
+        acc = zero_acc16(LANES)
+    else:
+        acc = zero_acc(LANES)
+    return acc
+
+
+@triton.jit
+def _block_loop(w_rows, w_rows2, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, s_rows, s_rows2, words,
+                lane_word, LANES: tl.constexpr, STEP: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr,
+                BLOCK: tl.constexpr, NT: tl.constexpr):  # fmt: skip
     """The K loop of a block's program: A row g (and g + 8 with BLOCK 16) is the activation row of that row's
-    pair (x row pair // TOP_K; TOP_K 1 for act, whose rows are pairs). Padding rows read row 0."""
+    pair (x row pair // TOP_K; TOP_K 1 for act, whose rows are pairs). Padding rows read row 0. NT = 2: a second
+    weight row a lane (`w_rows2`, a second 8-column MMA tile) against the same activation pairs: (acc, acc2)."""
     pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs, BLOCK)
     x_rows = x_ptr + tl.where(ok, pair // TOP_K, 0).to(tl.int64) * stride_xm
+    x_hi = x_rows
     if BLOCK == 16:
         pair_hi, ok_hi = _block_pairs(pair_ids_ptr, b, g + 8, num_pairs, BLOCK)
         x_hi = x_ptr + tl.where(ok_hi, pair_hi // TOP_K, 0).to(tl.int64) * stride_xm
-        acc = k_loop(
-            w_rows, x_rows, x_hi, s_rows, words, lane_word, zero_acc16(LANES), STEP, UNROLL, ASM, True
-        )
+    if NT == 2:
+        acc, acc2 = k_loop2(w_rows, w_rows2, x_rows, x_hi, s_rows, s_rows2, words, lane_word, _zero(LANES, BLOCK),
+                            _zero(LANES, BLOCK), STEP, UNROLL, ASM, BLOCK == 16)  # fmt: skip
     else:
-        acc = k_loop(
-            w_rows, x_rows, x_rows, s_rows, words, lane_word, zero_acc(LANES), STEP, UNROLL, ASM, False
-        )
-    return acc
+        acc = k_loop(w_rows, x_rows, x_hi, s_rows, words, lane_word, _zero(LANES, BLOCK), STEP, UNROLL, ASM,
+                     BLOCK == 16)  # fmt: skip
+        acc2 = acc
+    return acc, acc2
 
 
 @triton.jit
@@ -76,15 +91,16 @@ def _row_sums(acc, half: tl.constexpr, KW: tl.constexpr, NW: tl.constexpr, BLOCK
 
 @triton.jit
 def _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, row0, num_pairs, gate, up, e, down_s2_ptr,
-               first_col, inter, NW: tl.constexpr, ASM: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """GeGLU of [32 x NW] lanes (lane j: A row row0 + (j % 32) // 4, column j % 4 of row group j // 32), times the
-    pair's routing weight and down's scale_2, stored to act[pair, column]."""
+               first_col, inter, NW: tl.constexpr, ASM: tl.constexpr, BLOCK: tl.constexpr,
+               GROUP: tl.constexpr):  # fmt: skip
+    """GeGLU of [32 x NW] lanes (lane j: A row row0 + (j % 32) // 4, column j % 4 of row group j // 32, whose
+    columns start GROUP apart), times the pair's routing weight and down's scale_2, stored to act[pair, column]."""
     h = geglu_sigmoid(gate, up)
     j = tl.arange(0, 32 * NW)
     out_pair, out_ok = _block_pairs(pair_ids_ptr, b, row0 + (j % 32) // 4, num_pairs, BLOCK)
     route = tl.load(route_ptr + out_pair, mask=out_ok, other=0).to(tl.float32)
     h = h * (route * fold_scale(down_s2_ptr, e, True, ASM))
-    out_col = first_col + (j // 32) * 4 + j % 4
+    out_col = first_col + (j // 32) * GROUP + j % 4
     out = act_ptr + out_pair.to(tl.int64) * stride_am + out_col
     tl.store(out, h.to(act_ptr.dtype.element_ty), mask=out_ok & (out_col < inter))
 
@@ -115,6 +131,7 @@ def _grouped_gate_up_kernel(
     UNROLL: tl.constexpr,
     ASM: tl.constexpr,
     BLOCK: tl.constexpr,  # 8 or 16 pairs a block (16: A rows g + 8 are pairs 8-15)
+    NT: tl.constexpr,  # 8-column MMA tiles a row group (2: 8 columns of gate and up, `k_loop2`)
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -127,28 +144,39 @@ def _grouped_gate_up_kernel(
         i, layout_ok = lane_ids(32 * KW * NW)
         g = (i % 32) // 4
         warp = i // 32
-        first_col = tl.program_id(1) * 4 * NW
-        col = tl.minimum(first_col + (warp // KW) * 4 + g // 2, inter - 1)
+        first_col = tl.program_id(1) * 4 * NW * NT
+        col = tl.minimum(first_col + (warp // KW) * 4 * NT + g // 2, inter - 1)
+        col2 = tl.minimum(first_col + (warp // KW) * 4 * NT + 4 + g // 2, inter - 1)  # tile 2 (NT = 2)
         row = tl.where(g % 2 == 0, 0, inter) + col  # B column g: gate (even) or up (odd) of col
+        row2 = tl.where(g % 2 == 0, 0, inter) + col2
         w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
         s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
+        w_rows2 = w_ptr + e * stride_we + row2.to(tl.int64) * stride_wn
+        s_rows2 = s_ptr + e * stride_se + row2.to(tl.int64) * stride_sn
         lane_word = (warp % KW) * 16 + (i % 4) * 4
-        acc = _block_loop(w_rows, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, s_rows, H // 8, lane_word,
-                          32 * KW * NW, 16 * KW, UNROLL, ASM, BLOCK)  # fmt: skip
-        # [32 x NW]: lane j of row group j // 32 holds gate and up of column j % 4 of the group for A row (j % 32) // 4
+        acc, acc2 = _block_loop(w_rows, w_rows2, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, s_rows,
+                                s_rows2, H // 8, lane_word, 32 * KW * NW, 16 * KW, UNROLL, ASM, BLOCK, NT)  # fmt: skip
+        # [32 x NW]: lane j of row group j // 32 holds gate and up of column j % 4 of the group's tile for A row
+        # (j % 32) // 4
         scale = fold_scale(s2_ptr, e, True, ASM) * layout_ok
         for half in tl.static_range(BLOCK // 8):
             gate, up = _row_sums(acc, half, KW, NW, BLOCK)
             _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, 8 * half, num_pairs, gate * scale, up * scale,
-                       e, down_s2_ptr, first_col, inter, NW, ASM, BLOCK)  # fmt: skip
+                       e, down_s2_ptr, first_col, inter, NW, ASM, BLOCK, 4 * NT)  # fmt: skip
+            if NT == 2:
+                gate, up = _row_sums(acc2, half, KW, NW, BLOCK)
+                _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, 8 * half, num_pairs, gate * scale,
+                           up * scale, e, down_s2_ptr, first_col + 4, inter, NW, ASM, BLOCK, 8)  # fmt: skip
 
 
 @triton.jit
 def _store_part(part_ptr, stride_pm, pair_ids_ptr, b, row0, num_pairs, total0, total1, first_row, H,
-                NW: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                NW: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):  # fmt: skip
+    """Lane j's two output rows (C columns 2t, 2t + 1 of row group j // 32, whose rows start GROUP apart) for A row
+    row0 + (j % 32) // 4 to part[pair, row]."""
     j = tl.arange(0, 32 * NW)
     out_pair, out_ok = _block_pairs(pair_ids_ptr, b, row0 + (j % 32) // 4, num_pairs, BLOCK)
-    out_row = first_row + (j // 32) * 8 + 2 * (j % 4)
+    out_row = first_row + (j // 32) * GROUP + 2 * (j % 4)
     base = part_ptr + out_pair.to(tl.int64) * stride_pm + out_row
     tl.store(base, total0, mask=out_ok & (out_row < H))
     tl.store(base + 1, total1, mask=out_ok & (out_row + 1 < H))
@@ -175,6 +203,7 @@ def _grouped_down_kernel(
     NW: tl.constexpr,
     ASM: tl.constexpr,
     BLOCK: tl.constexpr,
+    NT: tl.constexpr,  # 8-row MMA tiles a row group
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -187,17 +216,31 @@ def _grouped_down_kernel(
         i, layout_ok = lane_ids(32 * KW * NW)
         g = (i % 32) // 4
         warp = i // 32
-        first_row = tl.program_id(1) * 8 * NW
-        row = tl.minimum(first_row + (warp // KW) * 8 + g, H - 1)
+        first_row = tl.program_id(1) * 8 * NW * NT
+        row = tl.minimum(first_row + (warp // KW) * 8 * NT + g, H - 1)
+        row2 = tl.minimum(first_row + (warp // KW) * 8 * NT + 8 + g, H - 1)  # tile 2 (NT = 2)
         w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
         s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
+        w_rows2 = w_ptr + e * stride_we + row2.to(tl.int64) * stride_wn
+        s_rows2 = s_ptr + e * stride_se + row2.to(tl.int64) * stride_sn
         lane_word = (warp % KW) * 16 + (i % 4) * 4
-        acc = _block_loop(w_rows, act_ptr, stride_am, pair_ids_ptr, b, g, num_pairs, 1, s_rows, inter // 8, lane_word,
-                          32 * KW * NW, 16 * KW, 1, ASM, BLOCK)  # fmt: skip
+        acc, acc2 = _block_loop(w_rows, w_rows2, act_ptr, stride_am, pair_ids_ptr, b, g, num_pairs, 1, s_rows, s_rows2,
+                                inter // 8, lane_word, 32 * KW * NW, 16 * KW, 1, ASM, BLOCK, NT)  # fmt: skip
         for half in tl.static_range(BLOCK // 8):  # the scale is already in act
             t0, t1 = _row_sums(acc, half, KW, NW, BLOCK)
             _store_part(part_ptr, stride_pm, pair_ids_ptr, b, 8 * half, num_pairs, t0 * layout_ok, t1 * layout_ok,
-                        first_row, H, NW, BLOCK)  # fmt: skip
+                        first_row, H, NW, BLOCK, 8 * NT)  # fmt: skip
+            if NT == 2:
+                t0, t1 = _row_sums(acc2, half, KW, NW, BLOCK)
+                _store_part(part_ptr, stride_pm, pair_ids_ptr, b, 8 * half, num_pairs, t0 * layout_ok,
+                            t1 * layout_ok, first_row + 8, H, NW, BLOCK, 16)  # fmt: skip
+
+
+def default_tiles(tokens: int) -> tuple[int, int]:
+    """MMA tiles a row group (gate_up, down) for `tokens`: two above 16 tokens. H100, 26B-A4B MoE layer (session 21,
+    scripts/gpu_moe_grouped_probe.py): two tiles take 0.96 / 0.90 / 0.83 / 0.79x the time of one at 32 / 64 / 96 /
+    128 tokens, 0.99-1.00x at 16 and 24, 1.04x at 8 (fewer, longer programs for few experts' pairs)."""
+    return (2, 2) if tokens > 16 else (1, 1)
 
 
 def fused_moe_grouped(
@@ -211,12 +254,17 @@ def fused_moe_grouped(
     down_warps: tuple[int, int] = (1, 4),
     unroll: int = 1,
     block: int = BLOCK,
+    tiles: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """x [T, H] bf16, topk_ids / topk_weights [T, top_k] -> [T, H]; `*_warps` = (warps splitting K, row groups a
-    program) of each projection, `block` 8 or 16 pairs an expert block (see the module docstring;
+    program) of each projection, `block` 8 or 16 pairs an expert block, `tiles` the MMA tiles a row group of each
+    projection, 1 or 2 (None: `default_tiles`) (see the module docstring;
     `moe_frag.frag_experts_supported` first)."""
     if block not in (8, 16):
         raise ValueError(f"fused_moe_grouped takes blocks of 8 or 16 pairs, got {block}")
+    tiles = default_tiles(x.shape[0]) if tiles is None else tiles
+    if any(t not in (1, 2) for t in tiles):
+        raise ValueError(f"fused_moe_grouped takes 1 or 2 MMA tiles a row group, got {tiles}")
     tokens, hidden = x.shape
     experts, two_inter, _ = gate_up.shape
     inter = two_inter // 2
@@ -232,18 +280,19 @@ def fused_moe_grouped(
     blocks = block_expert.numel()
     act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
     kw, nw = gate_up_warps
-    _grouped_gate_up_kernel[(blocks, triton.cdiv(inter, 4 * nw))](
+    _grouped_gate_up_kernel[(blocks, triton.cdiv(inter, 4 * nw * tiles[0]))](
         x.view(torch.int32), gu_packed.view(torch.int32), gu_scale, gu_s2, dn_s2, route, pair_ids, block_expert,
         act, hidden, inter, pairs, x.stride(0) // 2, gu_packed.stride(0) // 4, gu_packed.stride(1) // 4,
         gu_scale.stride(0), gu_scale.stride(1), act.stride(0),
-        TOP_K=top_k, KW=kw, NW=nw, UNROLL=unroll, ASM=asm, BLOCK=block, num_warps=kw * nw, num_stages=1, **pdl_args(x.device),
+        TOP_K=top_k, KW=kw, NW=nw, UNROLL=unroll, ASM=asm, BLOCK=block, NT=tiles[0], num_warps=kw * nw, num_stages=1,
+        **pdl_args(x.device),
     )  # fmt: skip
     part = torch.empty((pairs, hidden), dtype=torch.float32, device=x.device)
     kw, nw = down_warps
-    _grouped_down_kernel[(blocks, triton.cdiv(hidden, 8 * nw))](
+    _grouped_down_kernel[(blocks, triton.cdiv(hidden, 8 * nw * tiles[1]))](
         act.view(torch.int32), dn_packed.view(torch.int32), dn_scale, pair_ids, block_expert, part, hidden, inter,
         pairs, act.stride(0) // 2, dn_packed.stride(0) // 4, dn_packed.stride(1) // 4, dn_scale.stride(0),
         dn_scale.stride(1), part.stride(0),
-        KW=kw, NW=nw, ASM=asm, BLOCK=block, num_warps=kw * nw, num_stages=1, **pdl_args(x.device),
+        KW=kw, NW=nw, ASM=asm, BLOCK=block, NT=tiles[1], num_warps=kw * nw, num_stages=1, **pdl_args(x.device),
     )  # fmt: skip
     return sum_top_k(part, torch.empty((tokens, hidden), dtype=x.dtype, device=x.device), top_k)
