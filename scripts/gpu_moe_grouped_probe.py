@@ -23,15 +23,11 @@ from nvfp4kit.tuning.timing import time_graph
 
 # ((gate_up warps splitting K, row groups), (down warps splitting K, row groups), pairs a block); session 19 on the
 # H100: (2, 2), (1, 4), 8 (the default) the best at 8, 16 and 64 tokens
-# MMA tiles a row group of (gate_up, down) (2: each activation load serves two 8-column tiles)
-CONFIGS = [
-    ((2, 2), (1, 4), 8, (1, 1)),
-    ((2, 2), (1, 4), 8, (2, 2)),
-    ((1, 4), (1, 4), 8, (2, 2)),
-    ((2, 2), (1, 2), 8, (2, 2)),
-]
-CONFIGS += [((1, 2), (1, 2), 8, (2, 2)), ((2, 1), (1, 2), 8, (2, 2)), ((1, 4), (1, 8), 8, (2, 1))]
-CONFIGS += [((2, 2), (1, 4), 16, (1, 1)), ((2, 2), (1, 4), 16, (2, 2)), ((1, 2), (1, 2), 16, (2, 2))]  # fmt: skip
+# MMA tiles a row group of (gate_up, down) (NT: each activation load serves NT 8-column tiles); session 21 on the
+# H100: (2, 2), (1, 4), 8, (2, 2) the best at 32-128 tokens of the one- and two-tile configs
+CONFIGS = [((2, 2), (1, 4), 8, (1, 1)), ((2, 2), (1, 4), 8, (2, 2)), ((2, 2), (1, 4), 8, (4, 4))]
+CONFIGS += [((2, 2), (1, 4), 8, (4, 2)), ((2, 2), (1, 4), 8, (2, 4)), ((2, 1), (1, 2), 8, (4, 4))]
+CONFIGS += [((1, 2), (1, 2), 8, (4, 4)), ((2, 2), (1, 4), 16, (2, 2)), ((2, 2), (1, 4), 16, (4, 4))]  # fmt: skip
 EXPERT_BYTES = (2 * 704 * 2816 + 2816 * 704) * 9 // 16
 
 

@@ -77,7 +77,7 @@ def test_dense_gate_up_geglu_in_one_launch(m):
 @pytest.mark.parametrize("tokens,experts", [(1, 64), (9, 16), (40, 128), (100, 16)])
 @pytest.mark.parametrize("gate_up_warps,down_warps", [((2, 2), (1, 4)), ((1, 1), (2, 1)), ((1, 4), (1, 8))])
 @pytest.mark.parametrize("block", [8, 16])
-@pytest.mark.parametrize("tiles", [(1, 1), (2, 2), (2, 1)])
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 2), (2, 1), (4, 4), (1, 4)])
 def test_grouped_moe_matches_the_torch_reference(tokens, experts, gate_up_warps, down_warps, block, tiles):
     """Pairs sorted into blocks of 8 or 16 by expert: experts with no pairs, one, and several blocks (100 tokens x top-8
     over 16 experts: ~50 pairs each), column and row groups that do not divide the widths, one or two MMA tiles a

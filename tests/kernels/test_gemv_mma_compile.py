@@ -116,9 +116,9 @@ def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, token
 @pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("which", ["gate_up", "down"])
-@pytest.mark.parametrize("block,tiles", [(8, 1), (16, 1), (8, 2)])
+@pytest.mark.parametrize("block,tiles", [(8, 1), (16, 1), (8, 2), (16, 4)])
 def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, block, tiles, tmp_path):
-    """Both block sizes, and two MMA tiles a row group (`k_loop2`: twice the MMAs on the same activations)."""
+    """Both block sizes, and 2 or 4 MMA tiles a row group (`_tiles_loop`: NT times the MMAs on the same activations)."""
     args = [str(arch), which, str(block), str(tiles)]
     assert_registers_only_loops(_sass_of(GROUPED_MOE, args, tmp_path), 8 * tiles)
 

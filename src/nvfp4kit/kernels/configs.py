@@ -163,8 +163,8 @@ FRAG_TOKENS = token_limit("NVFP4KIT_FRAG_GEMV", os.environ.get("NVFP4KIT_FRAG_GE
 # Above FRAG_TOKENS and up to this many, the MoE runs expert-grouped fragment kernels (moe_frag_grouped.py). On
 # the H100: the MoE layer 1.16 / 1.09 / 1.05x faster at 8 / 16 / 32 tokens, 0.96x at 64, 0.70x at 128; the
 # engine's decode +7% at batch 8, +4% at 16 and 24, +3% at 32, -4% at 48 (with the limit at 64). Session 21, with
-# two MMA tiles a row group above 16 tokens: the layer alone 1.06x at 64 tokens, 0.90x at 96, yet the engine's
-# decode with the limit at 64 -2% at batch 48 and -3% at 64 (the align and sum launches around it), so 32 stays.
+# two MMA tiles a row group above 16 tokens: the layer alone 1.06-1.12x at 64 tokens, 0.90-0.97x at 96, yet the
+# engine's decode with the limit at 64 is 0.7-3% slower at batch 48 and 64 (two runs), so 32 stays.
 MOE_GROUPED_TOKENS = token_limit(
     "NVFP4KIT_MOE_GROUPED_TOKENS", os.environ.get("NVFP4KIT_MOE_GROUPED_TOKENS", "32"), 1024
 )

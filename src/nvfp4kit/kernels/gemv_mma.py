@@ -144,7 +144,7 @@ def _pairs(x_rows, pairs, words, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _word_acts(x_rows, x_hi, fw, w: tl.constexpr, words, MASKED: tl.constexpr, T16: tl.constexpr):
+def word_acts(x_rows, x_hi, fw, w: tl.constexpr, words, MASKED: tl.constexpr, T16: tl.constexpr):
     """Word `w`'s four activation pairs of the lane's token (one 16-byte load) and, with T16, of token g + 8."""
     pairs = 4 * (fw + w) + tl.arange(0, 4)[None, :]
     xp = _pairs(x_rows, pairs, words, MASKED)
@@ -156,7 +156,7 @@ def _word_acts(x_rows, x_hi, fw, w: tl.constexpr, words, MASKED: tl.constexpr, T
 
 
 @triton.jit
-def _word_mma_any(word, scale, xp, hp, acc, T16: tl.constexpr):
+def word_mma(word, scale, xp, hp, acc, T16: tl.constexpr):
     """A packed word's two MMAs against its activation pairs (`_word_mma`; T16 `_word_mma16`)."""
     x0, x1, x2, x3 = _quarters(xp)
     if T16:
@@ -168,7 +168,7 @@ def _word_mma_any(word, scale, xp, hp, acc, T16: tl.constexpr):
 
 
 @triton.jit
-def _step_weights(w_rows, s_rows, first, words, MASKED: tl.constexpr, ASM: tl.constexpr):
+def step_weights(w_rows, s_rows, first, words, MASKED: tl.constexpr, ASM: tl.constexpr):
     """A lane's 4 packed words of a step (one 16-byte load) and their two block scales as MMA scale operands."""
     wv = tl.arange(0, 4)[None, :]
     fw = first[:, None]
@@ -190,41 +190,17 @@ def k_step(w_rows, x_rows, x_hi, s_rows, first, words, acc, MASKED: tl.constexpr
     """One K step of each lane ([L] row pointers, `first` [L] its first word): 4 packed words (32 weights, one
     16-byte load), their 16 activation pairs (four 16-byte loads, eight with T16) and 2 block scales, 8 MMAs.
     Loads are [L, 4] with the 4 in one lane (a wider one may be spread over lanes). MASKED: K's tail."""
-    w0, w1, w2, w3, s_lo, s_hi = _step_weights(w_rows, s_rows, first, words, MASKED, ASM)
+    w0, w1, w2, w3, s_lo, s_hi = step_weights(w_rows, s_rows, first, words, MASKED, ASM)
     fw = first[:, None]
-    xp, hp = _word_acts(x_rows, x_hi, fw, 0, words, MASKED, T16)
-    acc = _word_mma_any(w0, s_lo, xp, hp, acc, T16)
-    xp, hp = _word_acts(x_rows, x_hi, fw, 1, words, MASKED, T16)
-    acc = _word_mma_any(w1, s_lo, xp, hp, acc, T16)
-    xp, hp = _word_acts(x_rows, x_hi, fw, 2, words, MASKED, T16)
-    acc = _word_mma_any(w2, s_hi, xp, hp, acc, T16)
-    xp, hp = _word_acts(x_rows, x_hi, fw, 3, words, MASKED, T16)
-    acc = _word_mma_any(w3, s_hi, xp, hp, acc, T16)
+    xp, hp = word_acts(x_rows, x_hi, fw, 0, words, MASKED, T16)
+    acc = word_mma(w0, s_lo, xp, hp, acc, T16)
+    xp, hp = word_acts(x_rows, x_hi, fw, 1, words, MASKED, T16)
+    acc = word_mma(w1, s_lo, xp, hp, acc, T16)
+    xp, hp = word_acts(x_rows, x_hi, fw, 2, words, MASKED, T16)
+    acc = word_mma(w2, s_hi, xp, hp, acc, T16)
+    xp, hp = word_acts(x_rows, x_hi, fw, 3, words, MASKED, T16)
+    acc = word_mma(w3, s_hi, xp, hp, acc, T16)
     return acc
-
-
-@triton.jit
-def k_step2(w_rows, w_rows2, x_rows, x_hi, s_rows, s_rows2, first, words, acc, acc2, MASKED: tl.constexpr,
-            ASM: tl.constexpr, T16: tl.constexpr):  # fmt: skip
-    """`k_step` for two weight rows a lane (two 8-column MMA tiles) against the same activation pairs: each
-    activation load serves twice the weights (the expert-grouped MoE is bound by L1 throughput, most of it
-    activation loads: ncu on the H100 at 64 tokens, L1 93-96% busy, DRAM 36-43%)."""
-    w0, w1, w2, w3, s_lo, s_hi = _step_weights(w_rows, s_rows, first, words, MASKED, ASM)
-    v0, v1, v2, v3, t_lo, t_hi = _step_weights(w_rows2, s_rows2, first, words, MASKED, ASM)
-    fw = first[:, None]
-    xp, hp = _word_acts(x_rows, x_hi, fw, 0, words, MASKED, T16)
-    acc = _word_mma_any(w0, s_lo, xp, hp, acc, T16)
-    acc2 = _word_mma_any(v0, t_lo, xp, hp, acc2, T16)
-    xp, hp = _word_acts(x_rows, x_hi, fw, 1, words, MASKED, T16)
-    acc = _word_mma_any(w1, s_lo, xp, hp, acc, T16)
-    acc2 = _word_mma_any(v1, t_lo, xp, hp, acc2, T16)
-    xp, hp = _word_acts(x_rows, x_hi, fw, 2, words, MASKED, T16)
-    acc = _word_mma_any(w2, s_hi, xp, hp, acc, T16)
-    acc2 = _word_mma_any(v2, t_hi, xp, hp, acc2, T16)
-    xp, hp = _word_acts(x_rows, x_hi, fw, 3, words, MASKED, T16)
-    acc = _word_mma_any(w3, s_hi, xp, hp, acc, T16)
-    acc2 = _word_mma_any(v3, t_hi, xp, hp, acc2, T16)
-    return acc, acc2
 
 
 @triton.jit
@@ -240,21 +216,6 @@ def k_loop(w_rows, x_rows, x_hi, s_rows, words, lane_word, acc, STEP: tl.constex
     for w0 in range(full, words, STEP):
         acc = k_step(w_rows, x_rows, x_hi, s_rows, w0 + lane_word, words, acc, True, ASM, T16)
     return acc
-
-
-@triton.jit
-def k_loop2(w_rows, w_rows2, x_rows, x_hi, s_rows, s_rows2, words, lane_word, acc, acc2, STEP: tl.constexpr,
-            UNROLL: tl.constexpr, ASM: tl.constexpr, T16: tl.constexpr):  # fmt: skip
-    """`k_loop` with two weight rows a lane (`k_step2`): (acc, acc2)."""
-    full = words // (STEP * UNROLL) * (STEP * UNROLL)
-    for w0 in range(0, full, STEP * UNROLL):
-        for u in tl.static_range(UNROLL):
-            acc, acc2 = k_step2(w_rows, w_rows2, x_rows, x_hi, s_rows, s_rows2, w0 + u * STEP + lane_word, words,
-                                acc, acc2, False, ASM, T16)  # fmt: skip
-    for w0 in range(full, words, STEP):
-        acc, acc2 = k_step2(w_rows, w_rows2, x_rows, x_hi, s_rows, s_rows2, w0 + lane_word, words, acc, acc2, True,
-                            ASM, T16)  # fmt: skip
-    return acc, acc2
 
 
 @triton.jit

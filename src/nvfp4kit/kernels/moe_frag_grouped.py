@@ -14,11 +14,11 @@ expert into blocks of 8 (`moe_align`, block_m=8), and a block's 8 pairs are the 
 Blocks of 16 pairs (`block=16`) use the 16-row MMA form (A rows g + 8 are pairs 8-15): for batches where experts
 hold more than 8 pairs (~48 tokens and up), so that an expert is not read again for its second block of 8.
 NW row groups in a program share the block's activation rows through L1 (the tokens' activations are read from
-L2 once per program, not once per 8 weight rows). With NT = 2 tiles a row group each lane also takes a second
-weight row (gate_up: 4 more columns; down: 8 more rows) against the activation pairs it already loaded
-(`gemv_mma.k_loop2`): these kernels are bound by L1 throughput, mostly activation loads (ncu, H100, 64 tokens:
-L1 93-96% busy, DRAM 36-43%), which NT = 2 halves per weight. Blocks past the routing's last are skipped by
-their programs.
+L2 once per program, not once per 8 weight rows). With NT = 2 or 4 tiles a row group each lane also takes NT - 1
+more weight rows (gate_up: 4 more columns a tile; down: 8 more rows) against the activation pairs it already
+loaded (`_tiles_loop`): these kernels are bound by L1 throughput, mostly activation loads (ncu, H100, 64 tokens,
+one tile: L1 93-96% busy, DRAM 36-43%), which NT tiles cut NT-fold per weight. Blocks past the routing's last are
+skipped by their programs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,17 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.geglu import geglu_sigmoid
-from nvfp4kit.kernels.gemv_mma import group_sum, k_loop, k_loop2, lane_ids, lane_sums, zero_acc, zero_acc16
+from nvfp4kit.kernels.gemv_mma import (
+    group_sum,
+    k_loop,
+    lane_ids,
+    lane_sums,
+    step_weights,
+    word_acts,
+    word_mma,
+    zero_acc,
+    zero_acc16,
+)
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.moe_align import moe_align
 from nvfp4kit.kernels.moe_sum import sum_top_k
@@ -47,6 +57,52 @@ def _block_pairs(pair_ids_ptr, b, row, num_pairs, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _word_tiles(xp, hp, w, acc, acc2, acc3, acc4, word: tl.constexpr, T16: tl.constexpr, NT: tl.constexpr):
+    """Word `word` of a step of each of the NT (2 or 4) tiles' weights `w` (`step_weights` of each tile) against
+    the same activation pairs: the tiles' MMAs."""
+    scale: tl.constexpr = 4 + word // 2
+    acc = word_mma(w[0][word], w[0][scale], xp, hp, acc, T16)
+    acc2 = word_mma(w[1][word], w[1][scale], xp, hp, acc2, T16)
+    if NT == 4:
+        acc3 = word_mma(w[2][word], w[2][scale], xp, hp, acc3, T16)
+        acc4 = word_mma(w[3][word], w[3][scale], xp, hp, acc4, T16)
+    return acc, acc2, acc3, acc4
+
+
+@triton.jit
+def _tiles_step(w_rows, s_rows, x_rows, x_hi, first, words, acc, acc2, acc3, acc4, MASKED: tl.constexpr,
+                ASM: tl.constexpr, T16: tl.constexpr, NT: tl.constexpr):  # fmt: skip
+    """`gemv_mma.k_step` for NT weight rows a lane (`w_rows` / `s_rows`: a tuple of NT row pointers, NT tiles of
+    8 MMA columns) against the same activation pairs: each activation load serves NT times the weights."""
+    w = (step_weights(w_rows[0], s_rows[0], first, words, MASKED, ASM),
+         step_weights(w_rows[1], s_rows[1], first, words, MASKED, ASM))  # fmt: skip
+    if NT == 4:
+        w = w + (step_weights(w_rows[2], s_rows[2], first, words, MASKED, ASM),
+                 step_weights(w_rows[3], s_rows[3], first, words, MASKED, ASM))  # fmt: skip
+    fw = first[:, None]
+    for word in tl.static_range(4):
+        xp, hp = word_acts(x_rows, x_hi, fw, word, words, MASKED, T16)
+        acc, acc2, acc3, acc4 = _word_tiles(xp, hp, w, acc, acc2, acc3, acc4, word, T16, NT)
+    return acc, acc2, acc3, acc4
+
+
+@triton.jit
+def _tiles_loop(w_rows, s_rows, x_rows, x_hi, words, lane_word, acc, STEP: tl.constexpr, UNROLL: tl.constexpr,
+                ASM: tl.constexpr, T16: tl.constexpr, NT: tl.constexpr):  # fmt: skip
+    """`gemv_mma.k_loop` with NT (2 or 4) weight rows a lane (`_tiles_step`): the NT tiles' accumulators."""
+    acc2, acc3, acc4 = acc, acc, acc
+    full = words // (STEP * UNROLL) * (STEP * UNROLL)
+    for w0 in range(0, full, STEP * UNROLL):
+        for u in tl.static_range(UNROLL):
+            acc, acc2, acc3, acc4 = _tiles_step(w_rows, s_rows, x_rows, x_hi, w0 + u * STEP + lane_word, words, acc,
+                                                acc2, acc3, acc4, False, ASM, T16, NT)  # fmt: skip
+    for w0 in range(full, words, STEP):
+        acc, acc2, acc3, acc4 = _tiles_step(w_rows, s_rows, x_rows, x_hi, w0 + lane_word, words, acc, acc2, acc3,
+                                            acc4, True, ASM, T16, NT)  # fmt: skip
+    return acc, acc2, acc3, acc4
+
+
+@triton.jit
 def _zero(LANES: tl.constexpr, BLOCK: tl.constexpr):
     if BLOCK == 16:
         acc = zero_acc16(LANES)
@@ -56,26 +112,42 @@ def _zero(LANES: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _block_loop(w_rows, w_rows2, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, s_rows, s_rows2, words,
-                lane_word, LANES: tl.constexpr, STEP: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr,
+def _tile_rows(
+    w_base, s_base, first_row, tile_rows: tl.constexpr, last_row, stride_wn, stride_sn, NT: tl.constexpr
+):
+    """Row pointers (weights, scales) of a lane's NT tiles, as tuples: rows first_row + t * tile_rows (clamped to
+    last_row) for t < NT."""
+    r = tl.minimum(first_row, last_row).to(tl.int64)
+    w_rows = (w_base + r * stride_wn,)
+    s_rows = (s_base + r * stride_sn,)
+    for t in tl.static_range(1, NT):
+        r = tl.minimum(first_row + t * tile_rows, last_row).to(tl.int64)
+        w_rows = w_rows + (w_base + r * stride_wn,)
+        s_rows = s_rows + (s_base + r * stride_sn,)
+    return w_rows, s_rows
+
+
+@triton.jit
+def _block_loop(w_rows, s_rows, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, words, lane_word,
+                LANES: tl.constexpr, STEP: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr,
                 BLOCK: tl.constexpr, NT: tl.constexpr):  # fmt: skip
     """The K loop of a block's program: A row g (and g + 8 with BLOCK 16) is the activation row of that row's
-    pair (x row pair // TOP_K; TOP_K 1 for act, whose rows are pairs). Padding rows read row 0. NT = 2: a second
-    weight row a lane (`w_rows2`, a second 8-column MMA tile) against the same activation pairs: (acc, acc2)."""
+    pair (x row pair // TOP_K; TOP_K 1 for act, whose rows are pairs). Padding rows read row 0. `w_rows` /
+    `s_rows`: the lane's NT tiles' rows (`_tile_rows`); returns four accumulators, the first NT of them used."""
     pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs, BLOCK)
     x_rows = x_ptr + tl.where(ok, pair // TOP_K, 0).to(tl.int64) * stride_xm
     x_hi = x_rows
     if BLOCK == 16:
         pair_hi, ok_hi = _block_pairs(pair_ids_ptr, b, g + 8, num_pairs, BLOCK)
         x_hi = x_ptr + tl.where(ok_hi, pair_hi // TOP_K, 0).to(tl.int64) * stride_xm
-    if NT == 2:
-        acc, acc2 = k_loop2(w_rows, w_rows2, x_rows, x_hi, s_rows, s_rows2, words, lane_word, _zero(LANES, BLOCK),
-                            _zero(LANES, BLOCK), STEP, UNROLL, ASM, BLOCK == 16)  # fmt: skip
-    else:
-        acc = k_loop(w_rows, x_rows, x_hi, s_rows, words, lane_word, _zero(LANES, BLOCK), STEP, UNROLL, ASM,
+    if NT == 1:
+        acc = k_loop(w_rows[0], x_rows, x_hi, s_rows[0], words, lane_word, _zero(LANES, BLOCK), STEP, UNROLL, ASM,
                      BLOCK == 16)  # fmt: skip
-        acc2 = acc
-    return acc, acc2
+        accs = (acc, acc, acc, acc)
+    else:
+        accs = _tiles_loop(w_rows, s_rows, x_rows, x_hi, words, lane_word, _zero(LANES, BLOCK), STEP, UNROLL, ASM,
+                           BLOCK == 16, NT)  # fmt: skip
+    return accs
 
 
 @triton.jit
@@ -131,7 +203,7 @@ def _grouped_gate_up_kernel(
     UNROLL: tl.constexpr,
     ASM: tl.constexpr,
     BLOCK: tl.constexpr,  # 8 or 16 pairs a block (16: A rows g + 8 are pairs 8-15)
-    NT: tl.constexpr,  # 8-column MMA tiles a row group (2: 8 columns of gate and up, `k_loop2`)
+    NT: tl.constexpr,  # 8-column MMA tiles a row group (1, 2 or 4; each 4 columns of gate and up)
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -145,28 +217,23 @@ def _grouped_gate_up_kernel(
         g = (i % 32) // 4
         warp = i // 32
         first_col = tl.program_id(1) * 4 * NW * NT
-        col = tl.minimum(first_col + (warp // KW) * 4 * NT + g // 2, inter - 1)
-        col2 = tl.minimum(first_col + (warp // KW) * 4 * NT + 4 + g // 2, inter - 1)  # tile 2 (NT = 2)
-        row = tl.where(g % 2 == 0, 0, inter) + col  # B column g: gate (even) or up (odd) of col
-        row2 = tl.where(g % 2 == 0, 0, inter) + col2
-        w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
-        s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
-        w_rows2 = w_ptr + e * stride_we + row2.to(tl.int64) * stride_wn
-        s_rows2 = s_ptr + e * stride_se + row2.to(tl.int64) * stride_sn
+        # B column g: gate (even g) or up (odd) of column col + 4t of tile t
+        col = first_col + (warp // KW) * 4 * NT + g // 2
+        gate_or_up = tl.where(g % 2 == 0, 0, inter).to(tl.int64)
+        w_rows, s_rows = _tile_rows(w_ptr + e * stride_we + gate_or_up * stride_wn,
+                                    s_ptr + e * stride_se + gate_or_up * stride_sn, col, 4, inter - 1, stride_wn,
+                                    stride_sn, NT)  # fmt: skip
         lane_word = (warp % KW) * 16 + (i % 4) * 4
-        acc, acc2 = _block_loop(w_rows, w_rows2, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, s_rows,
-                                s_rows2, H // 8, lane_word, 32 * KW * NW, 16 * KW, UNROLL, ASM, BLOCK, NT)  # fmt: skip
-        # [32 x NW]: lane j of row group j // 32 holds gate and up of column j % 4 of the group's tile for A row
+        accs = _block_loop(w_rows, s_rows, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, H // 8, lane_word,
+                           32 * KW * NW, 16 * KW, UNROLL, ASM, BLOCK, NT)  # fmt: skip
+        # [32 x NW] a tile: lane j of row group j // 32 holds gate and up of column j % 4 of the tile for A row
         # (j % 32) // 4
         scale = fold_scale(s2_ptr, e, True, ASM) * layout_ok
-        for half in tl.static_range(BLOCK // 8):
-            gate, up = _row_sums(acc, half, KW, NW, BLOCK)
-            _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, 8 * half, num_pairs, gate * scale, up * scale,
-                       e, down_s2_ptr, first_col, inter, NW, ASM, BLOCK, 4 * NT)  # fmt: skip
-            if NT == 2:
-                gate, up = _row_sums(acc2, half, KW, NW, BLOCK)
+        for t in tl.static_range(NT):
+            for half in tl.static_range(BLOCK // 8):
+                gate, up = _row_sums(accs[t], half, KW, NW, BLOCK)
                 _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, 8 * half, num_pairs, gate * scale,
-                           up * scale, e, down_s2_ptr, first_col + 4, inter, NW, ASM, BLOCK, 8)  # fmt: skip
+                           up * scale, e, down_s2_ptr, first_col + 4 * t, inter, NW, ASM, BLOCK, 4 * NT)  # fmt: skip
 
 
 @triton.jit
@@ -203,7 +270,7 @@ def _grouped_down_kernel(
     NW: tl.constexpr,
     ASM: tl.constexpr,
     BLOCK: tl.constexpr,
-    NT: tl.constexpr,  # 8-row MMA tiles a row group
+    NT: tl.constexpr,  # 8-row MMA tiles a row group (1, 2 or 4)
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -217,29 +284,24 @@ def _grouped_down_kernel(
         g = (i % 32) // 4
         warp = i // 32
         first_row = tl.program_id(1) * 8 * NW * NT
-        row = tl.minimum(first_row + (warp // KW) * 8 * NT + g, H - 1)
-        row2 = tl.minimum(first_row + (warp // KW) * 8 * NT + 8 + g, H - 1)  # tile 2 (NT = 2)
-        w_rows = w_ptr + e * stride_we + row.to(tl.int64) * stride_wn
-        s_rows = s_ptr + e * stride_se + row.to(tl.int64) * stride_sn
-        w_rows2 = w_ptr + e * stride_we + row2.to(tl.int64) * stride_wn
-        s_rows2 = s_ptr + e * stride_se + row2.to(tl.int64) * stride_sn
+        w_rows, s_rows = _tile_rows(w_ptr + e * stride_we, s_ptr + e * stride_se,
+                                    first_row + (warp // KW) * 8 * NT + g, 8, H - 1, stride_wn, stride_sn,
+                                    NT)  # fmt: skip
         lane_word = (warp % KW) * 16 + (i % 4) * 4
-        acc, acc2 = _block_loop(w_rows, w_rows2, act_ptr, stride_am, pair_ids_ptr, b, g, num_pairs, 1, s_rows, s_rows2,
-                                inter // 8, lane_word, 32 * KW * NW, 16 * KW, 1, ASM, BLOCK, NT)  # fmt: skip
-        for half in tl.static_range(BLOCK // 8):  # the scale is already in act
-            t0, t1 = _row_sums(acc, half, KW, NW, BLOCK)
-            _store_part(part_ptr, stride_pm, pair_ids_ptr, b, 8 * half, num_pairs, t0 * layout_ok, t1 * layout_ok,
-                        first_row, H, NW, BLOCK, 8 * NT)  # fmt: skip
-            if NT == 2:
-                t0, t1 = _row_sums(acc2, half, KW, NW, BLOCK)
+        accs = _block_loop(w_rows, s_rows, act_ptr, stride_am, pair_ids_ptr, b, g, num_pairs, 1, inter // 8,
+                           lane_word, 32 * KW * NW, 16 * KW, 1, ASM, BLOCK, NT)  # fmt: skip
+        for t in tl.static_range(NT):
+            for half in tl.static_range(BLOCK // 8):  # the scale is already in act
+                t0, t1 = _row_sums(accs[t], half, KW, NW, BLOCK)
                 _store_part(part_ptr, stride_pm, pair_ids_ptr, b, 8 * half, num_pairs, t0 * layout_ok,
-                            t1 * layout_ok, first_row + 8, H, NW, BLOCK, 16)  # fmt: skip
+                            t1 * layout_ok, first_row + 8 * t, H, NW, BLOCK, 8 * NT)  # fmt: skip
 
 
 def default_tiles(tokens: int) -> tuple[int, int]:
     """MMA tiles a row group (gate_up, down) for `tokens`: two above 16 tokens. H100, 26B-A4B MoE layer (session 21,
     scripts/gpu_moe_grouped_probe.py): two tiles take 0.96 / 0.90 / 0.83 / 0.79x the time of one at 32 / 64 / 96 /
-    128 tokens, 0.99-1.00x at 16 and 24, 1.04x at 8 (fewer, longer programs for few experts' pairs)."""
+    128 tokens, 0.99-1.00x at 16 and 24, 1.04x at 8 (fewer, longer programs for few experts' pairs). Four tiles
+    (126 registers a thread in gate_up: a quarter of the warps resident) are 2-4% slower than two at 32-96 tokens."""
     return (2, 2) if tokens > 16 else (1, 1)
 
 
@@ -263,8 +325,8 @@ def fused_moe_grouped(
     if block not in (8, 16):
         raise ValueError(f"fused_moe_grouped takes blocks of 8 or 16 pairs, got {block}")
     tiles = default_tiles(x.shape[0]) if tiles is None else tiles
-    if any(t not in (1, 2) for t in tiles):
-        raise ValueError(f"fused_moe_grouped takes 1 or 2 MMA tiles a row group, got {tiles}")
+    if any(t not in (1, 2, 4) for t in tiles):
+        raise ValueError(f"fused_moe_grouped takes 1, 2 or 4 MMA tiles a row group, got {tiles}")
     tokens, hidden = x.shape
     experts, two_inter, _ = gate_up.shape
     inter = two_inter // 2
