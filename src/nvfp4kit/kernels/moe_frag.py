@@ -20,7 +20,7 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.geglu import geglu_sigmoid
-from nvfp4kit.kernels.gemv_mma import MOE_MAX_TOKENS, k_loop, lane_ids, lane_sums, zero_acc
+from nvfp4kit.kernels.gemv_mma import MOE_MAX_TOKENS, aligned4, k_loop, lane_ids, lane_sums, zero_acc
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale
 
@@ -54,8 +54,8 @@ def _moe_frag_gate_up_kernel(
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
-    stride_wn = tl.multiple_of(stride_wn, 4)
-    stride_xm = tl.multiple_of(stride_xm, 4)
+    stride_wn = aligned4(stride_wn)
+    stride_xm = aligned4(stride_xm)
     pair = tl.program_id(0)
     j0 = tl.program_id(1) * 4
     if ROUTED:
@@ -116,8 +116,8 @@ def _moe_frag_down_kernel(
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
-    stride_wn = tl.multiple_of(stride_wn, 4)
-    stride_am = tl.multiple_of(stride_am, 4)
+    stride_wn = aligned4(stride_wn)
+    stride_am = aligned4(stride_am)
     token = tl.program_id(0)
     i, layout_ok = lane_ids(32 * TOP_K)
     g = (i % 32) // 4
