@@ -133,6 +133,19 @@ def aligned4(stride):
 
 
 @triton.jit
+def _pair_scales(s_pair, ASM: tl.constexpr):
+    """Two E4M3 block-scale bytes loaded as one little-endian uint16 (the first block's in the low byte) -> their
+    `_pair_scale` operands. ASM == 2 (normal scales): `nvfp4_tile.scale_operand`'s bit placement on both bytes at
+    once, and x 0x10001 copies each 16-bit operand into both halves."""
+    if ASM == 2:
+        v = s_pair.to(tl.uint32)
+        lo = ((v & 0x7F) << 4) + (184 << 7)
+        hi = ((v >> 4) & 0x7F0) + (184 << 7)
+        return (lo * 0x10001).to(tl.int32, bitcast=True), (hi * 0x10001).to(tl.int32, bitcast=True)
+    return _pair_scale((s_pair & 0xFF).to(tl.uint8), ASM), _pair_scale((s_pair >> 8).to(tl.uint8), ASM)
+
+
+@triton.jit
 def lane_ids(L: tl.constexpr):
     """(`arange(L)`, 1.0 if element i of it is held by thread i, else NaN). The MMA's operands are exchanged between
     lanes by position, so every kernel here indexes with these and multiplies its output by the second: a
@@ -195,16 +208,18 @@ def step_weights(w_rows, s_rows, first, words, MASKED: tl.constexpr, ASM: tl.con
     """A lane's 4 packed words of a step (one 16-byte load) and their two block scales as MMA scale operands."""
     wv = tl.arange(0, 4)[None, :]
     fw = first[:, None]
-    if MASKED:
+    # words 0, 1 share the first block scale, words 2, 3 the second: the two bytes at first / 2 (even: `first` is a
+    # multiple of 4 and scale rows hold K / 16 bytes, K % 32 == 0) in one 16-bit load
+    pair_ptr = (s_rows + first // 2).to(tl.pointer_type(tl.uint16))
+    if MASKED:  # `words` is a multiple of 4 too: a lane's 4 words are all in or all out
         packed = tl.load(w_rows[:, None] + fw + wv, mask=fw + wv < words, other=0)
-        s_lo = tl.load(s_rows + first // 2, mask=first < words, other=0)
-        s_hi = tl.load(s_rows + first // 2 + 1, mask=first + 2 < words, other=0)
+        s_pair = tl.load(pair_ptr, mask=first < words, other=0)
     else:
         packed = tl.load(w_rows[:, None] + fw + wv)
-        s_lo = tl.load(s_rows + first // 2)  # words 0, 1 share the first block, words 2, 3 the second
-        s_hi = tl.load(s_rows + first // 2 + 1)
+        s_pair = tl.load(pair_ptr)
     w0, w1, w2, w3 = _quarters(packed)
-    return w0, w1, w2, w3, _pair_scale(s_lo, ASM), _pair_scale(s_hi, ASM)
+    s_lo, s_hi = _pair_scales(s_pair, ASM)
+    return w0, w1, w2, w3, s_lo, s_hi
 
 
 @triton.jit
