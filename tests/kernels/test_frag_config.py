@@ -45,3 +45,21 @@ def test_short_rows_keep_two_k_steps_a_warp():
 
 def test_cpu_never_takes_the_fragment_kernel():
     assert configs.select_linear_config(1, 2816, 2112).kernel != "frag"
+
+
+def test_fragment_kernels_take_only_the_row_layout_they_assume():
+    """The fragment kernels round a row's word stride to a multiple of 4 and load a step's two scale bytes as one
+    16-bit value: weights whose rows break that (a column slice, a scale view at an odd byte) must go to the
+    tiles, not be read at wrong addresses."""
+    from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+    from nvfp4kit.kernels.gemv_mma import fragment_layout_ok
+    from nvfp4kit.tuning.cases import random_nvfp4
+
+    w = random_nvfp4(16, 2112, device="cpu")  # 2,112 / 2 = 1,056-byte rows: 16-byte multiples
+    experts = random_nvfp4(32, 704, experts=4, device="cpu")
+    assert fragment_layout_ok(w) and fragment_layout_ok(experts)
+    wide = random_nvfp4(16, 2112 + 16, device="cpu")  # rows of 1,064 packed bytes and 133 scale bytes
+    assert not fragment_layout_ok(NVFP4Tensor(wide.packed[:, :1056], w.scale, w.scale_2))
+    assert not fragment_layout_ok(NVFP4Tensor(w.packed, wide.scale[:, :132], w.scale_2))
+    odd = NVFP4Tensor(w.packed, wide.scale.view(-1)[1 : 1 + 16 * 132].view(16, 132), w.scale_2)
+    assert odd.scale.data_ptr() % 2 == 1 and not fragment_layout_ok(odd)

@@ -347,14 +347,30 @@ def _gemv_mma_kernel(
         tl.store(base + 1, (total1 * scale).to(dtype), mask=ok & (out_row + 1 < N))
 
 
+def fragment_layout_ok(weight: NVFP4Tensor) -> bool:
+    """The row layout the fragment kernels assume of a (stacked) NVFP4 weight: packed rows of 16-byte multiples
+    (`aligned4` turns the word stride into a multiple of 4) and scale rows of even length from an even address (a
+    step's two scale bytes are one 16-bit load). Contiguous weights with K % 32 == 0 always qualify."""
+    packed, scale = weight.packed, weight.scale
+    return (
+        packed.stride(-1) == 1
+        and scale.stride(-1) == 1
+        and all(st % 16 == 0 for st in packed.stride()[:-1])
+        and all(st % 2 == 0 for st in scale.stride()[:-1])
+        and scale.data_ptr() % 2 == 0
+    )
+
+
 def gemv_mma_supported(x: torch.Tensor, weight: NVFP4Tensor) -> bool:
-    """bf16 activations of 1-8 tokens on an SM80+ GPU, a 2-D weight whose K is a multiple of 32."""
+    """bf16 activations of 1-8 tokens on an SM80+ GPU, a 2-D weight whose K is a multiple of 32
+    (`fragment_layout_ok`)."""
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or weight.packed.dim() != 2:
         return False
     m = x.numel() // x.shape[-1]
     return (
         1 <= m <= MAX_TOKENS
         and x.shape[-1] % 32 == 0
+        and fragment_layout_ok(weight)
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
     )
 

@@ -20,7 +20,15 @@ import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.geglu import geglu_sigmoid
-from nvfp4kit.kernels.gemv_mma import MOE_MAX_TOKENS, aligned4, k_loop, lane_ids, lane_sums, zero_acc
+from nvfp4kit.kernels.gemv_mma import (
+    MOE_MAX_TOKENS,
+    aligned4,
+    fragment_layout_ok,
+    k_loop,
+    lane_ids,
+    lane_sums,
+    zero_acc,
+)
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale
 
@@ -144,8 +152,8 @@ def _moe_frag_down_kernel(
 
 
 def frag_experts_supported(x: torch.Tensor, gate_up: object, down: object) -> bool:
-    """bf16 tokens on an SM80+ GPU and stacked NVFP4 experts whose widths are multiples of 32: what the fragment
-    MoE kernels (here and in `moe_frag_grouped.py`) take."""
+    """bf16 tokens on an SM80+ GPU and stacked NVFP4 experts whose widths are multiples of 32, in the row layout
+    `gemv_mma.fragment_layout_ok` checks: what the fragment MoE kernels (here and in `moe_frag_grouped.py`) take."""
     if not (isinstance(gate_up, NVFP4Tensor) and isinstance(down, NVFP4Tensor)):
         return False
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or gate_up.packed.dim() != 3:
@@ -154,6 +162,8 @@ def frag_experts_supported(x: torch.Tensor, gate_up: object, down: object) -> bo
     return (
         hidden % 32 == 0
         and (two_inter // 2) % 32 == 0
+        and fragment_layout_ok(gate_up)
+        and fragment_layout_ok(down)
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
     )
 
@@ -217,6 +227,7 @@ def frag_geglu_supported(x: torch.Tensor, weight: object) -> bool:
         and 1 <= x.shape[0] <= MOE_MAX_TOKENS
         and x.shape[1] % 32 == 0
         and weight.shape[0] % 8 == 0
+        and fragment_layout_ok(weight)
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
     )
 
