@@ -383,15 +383,18 @@ def gemv_mma(
     if x.shape[-1] != k:
         raise ValueError(f"activation has {x.shape[-1]} features, the weight expects {k}")
     if not gemv_mma_supported(x, weight):
-        raise ValueError("gemv_mma needs bf16 activations of 1-8 tokens on an SM80+ GPU and K % 32 == 0")
+        raise ValueError(
+            "gemv_mma needs bf16 activations of 1-16 tokens on an SM80+ GPU, K % 32 == 0 and weight rows laid out "
+            "as fragment_layout_ok checks"
+        )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or x2.stride(0) % 8:
         x2 = x2.contiguous()
     m = x2.shape[0]
     packed, scale, s2 = weight.kernel_operands()
-    if packed.stride(-1) != 1 or packed.stride(0) % 4 or packed.data_ptr() % 16:
-        raise ValueError("gemv_mma needs packed weight rows aligned to 4 bytes")
+    if packed.data_ptr() % 16:  # the rows' layout is `fragment_layout_ok`'s (gemv_mma_supported)
+        raise ValueError("gemv_mma needs packed weights that start on a 16-byte boundary")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     asm = 2 if weight.normal_scales() else 1
     _gemv_mma_kernel[(triton.cdiv(n, 8 * row_groups),)](
