@@ -27,6 +27,7 @@ from nvfp4kit.model.layers import stored_weight
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.testing.random_model import random_model
 from nvfp4kit.testing.tiny_config import tiny_text_config
+from nvfp4kit.tuning.cases import random_routing
 
 GROUPED = {"grouped b8 t11": (8, (1, 1), False), "grouped b8 t22": (8, (2, 2), False),
            "grouped b16 t22": (16, (2, 2), False), "grouped b8 t22 perm": (8, (2, 2), True)}  # fmt: skip
@@ -64,13 +65,6 @@ def spread(ids: torch.Tensor, experts: int) -> dict:
         "blocks_of_8": int(((counts + 7) // 8).sum()),
         "blocks_of_16": int(((counts + 15) // 16).sum()),
     }
-
-
-def uniform_like(ids: torch.Tensor, experts: int, seed: int) -> torch.Tensor:
-    """Top-k ids of the same shape with every token's k experts drawn uniformly (distinct), as the probes route."""
-    gen = torch.Generator(device=ids.device).manual_seed(seed)
-    scores = torch.rand(ids.shape[0], experts, device=ids.device, generator=gen)
-    return scores.topk(ids.shape[1], dim=-1).indices.to(ids.dtype)
 
 
 def time_paths(records: list[dict], uniform: list[torch.Tensor]) -> dict:
@@ -126,7 +120,13 @@ def main() -> None:
     records = record_moe_inputs(engine, args.batch, args.context)
     engine.close()
     experts = cfg.num_experts
-    uniform = [uniform_like(r["ids"], experts, seed=i) for i, r in enumerate(records)]
+    # the probes' routing (`tuning.cases.random_routing`: every token's k experts uniformly at random, distinct)
+    uniform = [
+        random_routing(r["ids"].shape[0], experts, r["ids"].shape[1], device=device, seed=i)[0].to(
+            r["ids"].dtype
+        )
+        for i, r in enumerate(records)
+    ]
     rows = [{"layer": i, "engine": spread(r["ids"], experts), "uniform": spread(u, experts)}
             for i, (r, u) in enumerate(zip(records, uniform))]  # fmt: skip
     print(
