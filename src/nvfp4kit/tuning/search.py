@@ -232,9 +232,8 @@ def moe_candidates(
             out.append(heuristic)
     if tokens <= 128:  # the nibble halves: 4-5% faster at 16-64 tokens on the H200, 3% slower at 706
         out += [dataclasses.replace(c, halves=True) for c in out if not c.split]
-    if (
-        not frag
-    ):  # no path named: the token limits keep choosing (a table tuned with the fragment kernels off)
+    # without the fragment kernels no path is named: the token limits keep choosing
+    if not frag:
         return out
     # the fragment paths first (the defaults at these sizes: timed before a --budget-s runs out); each tiles
     # candidate names its path, so that a table entry is an explicit choice over the token limits
