@@ -35,7 +35,8 @@ GROUPED = {"grouped b8 t11": (8, (1, 1), False), "grouped b8 t22": (8, (2, 2), F
 
 def record_moe_inputs(engine: Engine, batch: int, context: int) -> list[dict]:
     """Every MoE layer's (x, ids, weights, gate_up, down) in one eager decode step of `batch` sequences."""
-    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    # no sequence may finish while the others prefill: the recorded step must decode all `batch` of them
+    params = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
     for b in range(batch):
         engine.add_request(runs.random_prompt(engine.model.config, context, seed=b), params)
     while any(r.num_computed < len(r.prompt_ids) for r in engine.requests.values()):
@@ -115,6 +116,7 @@ def main() -> None:
     config = EngineConfig(
         kv_dtype="fp8_e5m2" if cuda else "auto", max_num_seqs=args.batch, max_num_batched_tokens=2048,
         num_kv_tokens=args.batch * (args.context + 8) + 4096, prefix_caching=False, cuda_graphs=False,
+        prefill_graphs=(),  # eager: a captured step would never call Experts.forward
     )  # fmt: skip
     engine = Engine(model, None, config=config)
     records = record_moe_inputs(engine, args.batch, args.context)
