@@ -236,3 +236,26 @@ def test_fragment_configs_run_the_fragment_kernels():
     assert torch.equal(frag, fused_moe_frag(x, ids.reshape(-1), weights.reshape(-1), gate_up, down, top_k=2))
     grouped = fused_moe(x, ids, weights, gate_up, down, config=MoEConfig(path="grouped"))
     assert torch.equal(grouped, fused_moe_grouped(x, ids, weights, gate_up, down))
+
+
+def test_the_dense_mlp_runs_beside_the_moe_unless_grouped_kernels_fill_the_card(monkeypatch):
+    """Above GROUPED_ALONE_TOKENS the expert-grouped kernels take every SM: the dense MLP then waits for them
+    instead of running on a second stream (slower for both, session 22); every other path leaves room."""
+    from nvfp4kit.kernels import moe_dispatch
+    from nvfp4kit.kernels.configs import GROUPED_ALONE_TOKENS
+
+    gate_up, down = random_experts(4, 2 * 64, 96, seed=3), random_experts(4, 96, 64, seed=4)
+    paths = {"now": "grouped"}
+    monkeypatch.setattr(moe_dispatch, "moe_path", lambda *a, **k: paths["now"])
+    for tokens, shares in (
+        (1, True),
+        (GROUPED_ALONE_TOKENS, True),
+        (GROUPED_ALONE_TOKENS + 1, False),
+        (64, False),
+    ):
+        x = torch.randn(tokens, 96, device=DEVICE, dtype=torch.bfloat16)
+        assert moe_dispatch.moe_shares_gpu(x, 2, gate_up, down) is shares, tokens
+    paths["now"] = "tiles"
+    assert moe_dispatch.moe_shares_gpu(
+        torch.randn(64, 96, device=DEVICE, dtype=torch.bfloat16), 2, gate_up, down
+    )

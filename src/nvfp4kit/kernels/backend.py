@@ -19,6 +19,7 @@ from nvfp4kit.kernels.fused_moe import fused_moe
 from nvfp4kit.kernels.gate_up_geglu import gate_up_geglu
 from nvfp4kit.kernels.geglu import geglu
 from nvfp4kit.kernels.l2_prefetch import prefetch_l2
+from nvfp4kit.kernels.moe_dispatch import moe_shares_gpu
 from nvfp4kit.kernels.qkv_rope import qkv_norm_rope
 from nvfp4kit.kernels.router import route
 from nvfp4kit.kernels.w4a16_linear import w4a16_linear
@@ -47,6 +48,11 @@ class TritonBackend:
         if not isinstance(gate_up, NVFP4Tensor) and gate_up.dtype != x.dtype:
             gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
         return fused_moe(x, topk_ids, topk_weights, gate_up, down)
+
+    @staticmethod
+    def moe_shares_gpu(x: torch.Tensor, topk_ids: torch.Tensor, gate_up: Weight, down: Weight) -> bool:
+        """Whether the dense MLP may run beside this MoE on a second stream (model/branches.py)."""
+        return moe_shares_gpu(x.reshape(-1, x.shape[-1]), topk_ids.shape[-1], gate_up, down)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, *, eps: float) -> torch.Tensor:
         return norms.rms_norm(x, weight, eps=eps)

@@ -164,10 +164,16 @@ FRAG_TOKENS = token_limit("NVFP4KIT_FRAG_GEMV", os.environ.get("NVFP4KIT_FRAG_GE
 # the H100: the MoE layer 1.16 / 1.09 / 1.05x faster at 8 / 16 / 32 tokens, 0.96x at 64, 0.70x at 128; the
 # engine's decode +7% at batch 8, +4% at 16 and 24, +3% at 32, -4% at 48 (with the limit at 64). Session 21, with
 # two MMA tiles a row group above 16 tokens: the layer alone 1.06-1.12x at 64 tokens, 0.90-0.97x at 96, yet the
-# engine's decode with the limit at 64 is 0.7-3% slower at batch 48 and 64 (two runs), so 32 stays.
+# engine's decode with the limit at 64 was 0.7-3% slower at batch 48 and 64. Session 22 found why: above 32
+# tokens the grouped kernels fill the card, and the dense MLP beside them on a second stream (model/branches.py)
+# slows both; with the MLP after the experts (GROUPED_ALONE_TOKENS) the limit at 64 gives 4,329 / 5,326-5,330 tok/s
+# at batch 48 / 64 against 4,143-4,194 / 5,122-5,230 with 32 (H100, several runs); 96 tokens stay on the tiles.
 MOE_GROUPED_TOKENS = token_limit(
-    "NVFP4KIT_MOE_GROUPED_TOKENS", os.environ.get("NVFP4KIT_MOE_GROUPED_TOKENS", "32"), 1024
+    "NVFP4KIT_MOE_GROUPED_TOKENS", os.environ.get("NVFP4KIT_MOE_GROUPED_TOKENS", "64"), 1024
 )
+# above this many tokens the grouped MoE runs alone: no dense MLP beside it (at 32 tokens the overlap still wins,
+# 3,311-3,321 tok/s against 3,209 at batch 32 on the H100)
+GROUPED_ALONE_TOKENS = 32
 
 
 def interpreting() -> bool:

@@ -171,6 +171,11 @@ class Experts(nn.Module):
         store_weight(self, "gate_up", gate_up, shape=self.gate_up_shape)
         store_weight(self, "down", down, shape=self.down_shape)
 
+    def shares_gpu(self, x: torch.Tensor, ids: torch.Tensor) -> bool:
+        """Whether the backend's MoE for these tokens leaves room for the dense MLP beside it (default yes)."""
+        ask = getattr(self.backend, "moe_shares_gpu", None)
+        return ask is None or ask(x, ids, stored_weight(self, "gate_up"), stored_weight(self, "down"))
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.count != self.total:
             local = ids - self.first
@@ -246,7 +251,10 @@ class DecoderLayer(nn.Module):
             prefetch("qkv", x, self.backend, next_qkv)  # the next layer's, while the MLP and the experts run
             # the dense MLP and the experts meet only in the tail: they may run side by side
             mlp_out, experts_out = side_by_side(
-                mlp_in, lambda: self.mlp(mlp_in), lambda: self.experts(experts_in, weights, ids)
+                mlp_in,
+                lambda: self.mlp(mlp_in),
+                lambda: self.experts(experts_in, weights, ids),
+                overlap=self.experts.shares_gpu(experts_in, ids),
             )
         else:
             h, mlp_in, _, _ = ops.ffn_inputs(x, attn, **norm_weights, experts_norm=None, router_scale=None)
