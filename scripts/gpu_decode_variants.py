@@ -4,8 +4,7 @@ One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each 
 kernels/launch.py, B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py, F = 0 to
 write K/V with their own launch instead of from qkv_norm_rope, engine/attention_backend.py; R = 0 to run the MoE
 router as its own launch after ffn_inputs instead of inside it, kernels/ffn_router.py; G = 0 to run the dense
-MLP's one-token gate_up projection and its GeGLU as two launches, kernels/gate_up_geglu.py; F, R, G default 1; L:
-the L2 prefetch points of model/prefetch.py joined by "+", "all" or "none", default NVFP4KIT_L2_PREFETCH) a fresh
+MLP's one-token gate_up projection and its GeGLU as two launches, kernels/gate_up_geglu.py; F, R, G default 1) a fresh
 engine (its decode graphs captured under that variant), greedy tokens of two prompts (must be identical across
 variants: they change when or where a value is computed, never what; a first difference at a step whose top-2
 logprobs were within TIE_GAP is reported as a near-tie, the sum order flipping it) and decode tokens/s with GPU ms
@@ -34,7 +33,6 @@ from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.kernels import ffn_router, gate_up_geglu
 from nvfp4kit.kernels.launch import set_pdl_mode
 from nvfp4kit.model.branches import set_branch_streams
-from nvfp4kit.model.prefetch import POINTS, set_prefetch_points
 from nvfp4kit.plan.weights import weights_from_config
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.testing.random_model import random_model
@@ -78,7 +76,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=["0:1:0", "0:1:1"],
-        help="PDL mode:branch streams[:fused KV write[:router in ffn_inputs[:gate_up + GeGLU[:prefetch]]]], e.g. 0:1:1:1:1:o+mlp",
+        help="PDL mode:branch streams[:fused KV write[:router in ffn_inputs[:gate_up + GeGLU]]], e.g. 0:1:1:1:0",
     )
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--steps", type=int, default=48)
@@ -98,12 +96,7 @@ def main() -> None:
     rows, tokens, gaps = [], {}, {}
     real_fuses = ffn_router.fuses
     for variant in args.variants:
-        parts = variant.split(":")
-        mode, branches, fused_kv, routed, geglu_fused = ([int(v) for v in parts[:5]] + [1, 1, 1])[:5]
-        points = parts[5] if len(parts) > 5 else None  # L2 prefetch points joined by "+", "all" or "none"
-        set_prefetch_points(
-            None if points is None else frozenset(POINTS if points == "all" else points.split("+")) - {"none"}
-        )
+        mode, branches, fused_kv, routed, geglu_fused = ([int(v) for v in variant.split(":")] + [1, 1, 1])[:5]
         ffn_router.fuses = real_fuses if routed else (lambda *_: False)
         gate_up_geglu.FUSE = bool(geglu_fused)
         set_pdl_mode(mode)

@@ -18,7 +18,6 @@ from nvfp4kit.kernels import ffn_router, norms, router
 from nvfp4kit.kernels.fused_moe import fused_moe
 from nvfp4kit.kernels.gate_up_geglu import gate_up_geglu
 from nvfp4kit.kernels.geglu import geglu
-from nvfp4kit.kernels.l2_prefetch import prefetch_l2
 from nvfp4kit.kernels.moe_dispatch import moe_shares_gpu
 from nvfp4kit.kernels.qkv_rope import qkv_norm_rope
 from nvfp4kit.kernels.router import route
@@ -63,9 +62,6 @@ class TritonBackend:
     stores_kv = True  # qkv_norm_rope takes a `kv_sink` (kernels/kv_write.KVSink) and stores K/V itself
     geglu = staticmethod(geglu)
     route = staticmethod(route)
-    prefetch_l2 = staticmethod(
-        prefetch_l2
-    )  # model/prefetch.py: an optional hint, absent from the torch backend
 
     def gate_up_geglu(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
         # one launch for a one-token GEMV where enabled (gate_up_geglu.py)

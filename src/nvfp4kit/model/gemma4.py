@@ -29,7 +29,6 @@ from nvfp4kit.model.ops import (
     gelu_tanh,
     regions,
 )
-from nvfp4kit.model.prefetch import join_prefetches, prefetch
 
 
 class AttentionContext(Protocol):
@@ -86,10 +85,8 @@ class Attention(nn.Module):
         sink = None
         if self.computes_kv and getattr(fused, "stores_kv", False) and hasattr(ctx, "kv_sink"):
             sink = ctx.kv_sink(self.layer)
-        qkv = self.qkv_proj(x)
-        prefetch("o", x, self.backend, self.o_proj)  # while RoPE and attention run
         q, k, v = fused.qkv_norm_rope(
-            qkv,
+            self.qkv_proj(x),
             positions=ctx.positions,
             inv_freq=self.inv_freq,
             q_norm=self.q_norm.weight,
@@ -215,9 +212,7 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, ctx: AttentionContext, per_layer_input: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The layer on its own: residual stream in, residual stream out."""
-        out = self.step(x, None, ctx, per_layer_input)[0]
-        join_prefetches(out)
-        return out
+        return self.step(x, None, ctx, per_layer_input)[0]
 
     def step(
         self,
@@ -227,18 +222,14 @@ class DecoderLayer(nn.Module):
         per_layer_input: torch.Tensor | None = None,
         *,
         next_norm: torch.Tensor | None = None,
-        next_qkv: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(residual out, next_norm(residual out)) from the residual x and its input-normed copy `normed` (None:
         normed here). The model chains layers through it so that each layer's last launch also makes the next
-        layer's normed input (or, with the final norm as `next_norm`, the model's normed output). `next_qkv`: the
-        next layer's q/k/v projection, for `model/prefetch.py`."""
+        layer's normed input (or, with the final norm as `next_norm`, the model's normed output)."""
         ops, eps = regions(self.backend), self.eps
         if normed is None:
             normed = ops.rms_norm(x, self.input_layernorm.weight, eps=eps)
         attn = self.self_attn(normed, ctx)
-        # the dense MLP's weights, while the router's region runs
-        prefetch("mlp", x, self.backend, self.mlp.gate_up_proj, self.mlp.down_proj)
         post_attn, pre_ffn = self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight
         norm_weights = dict(post_attn_norm=post_attn, mlp_norm=pre_ffn, eps=eps)
         if self.moe:  # the router sees the residual, not mlp_in: its top-k comes out of the same region
@@ -248,7 +239,6 @@ class DecoderLayer(nn.Module):
                 router_scale=router.scale, router_weight=stored_weight(router.proj, "weight"),
                 per_expert_scale=router.per_expert_scale, top_k=router.top_k,
             )  # fmt: skip
-            prefetch("qkv", x, self.backend, next_qkv)  # the next layer's, while the MLP and the experts run
             # the dense MLP and the experts meet only in the tail: they may run side by side
             mlp_out, experts_out = side_by_side(
                 mlp_in,
@@ -258,7 +248,6 @@ class DecoderLayer(nn.Module):
             )
         else:
             h, mlp_in, _, _ = ops.ffn_inputs(x, attn, **norm_weights, experts_norm=None, router_scale=None)
-            prefetch("qkv", x, self.backend, next_qkv)
             mlp_out, experts_out = self.mlp(mlp_in), None
         # each has its own post-norm: both are summed over the ranks first, in one collective
         mlp_out, experts_out = all_reduce_parts((mlp_out, experts_out), self.parallel)
@@ -373,12 +362,8 @@ class Gemma4Model(nn.Module):
         # each layer's last launch also norms the next layer's input (the last layer's: the final norm)
         next_norms = [layer.input_layernorm.weight for layer in self.layers[1:]] + [self.norm.weight]
         normed = None  # the first layer norms its own input
-        next_qkvs = [layer.self_attn.qkv_proj for layer in self.layers[1:]] + [None]
-        for i, (layer, next_norm, next_qkv) in enumerate(zip(self.layers, next_norms, next_qkvs)):
-            h, normed = layer.step(
-                h, normed, ctx, None if ple is None else ple[:, i], next_norm=next_norm, next_qkv=next_qkv
-            )
-        join_prefetches(h)
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+            h, normed = layer.step(h, normed, ctx, None if ple is None else ple[:, i], next_norm=next_norm)
         assert normed is not None, "a model has at least one layer"
         return normed
 
