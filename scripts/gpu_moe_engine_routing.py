@@ -6,8 +6,11 @@ batch-64 decode 0.7-3% slower. One suspect is the routing: an expert with more t
 further block of 8. This runs one eager decode step of the random 26B-A4B engine at `--batch` sequences, records
 every MoE layer's inputs (tokens, top-k ids and weights), prints how the pairs spread over experts (most pairs on
 one expert, blocks of 8 and 16 that the sort makes, against uniform routing of the same size) and, on a GPU, times
-the engine's `fused_moe` and the grouped kernels (blocks of 8 / 16, one / two tiles, permuted activations) on
+the engine's `fused_moe` and the grouped kernels (blocks of 8 / 16, one / two tiles) on
 those exact inputs and on uniform routing, each layer's own experts, rotated over the recorded layers.
+Session 22 (H100, batch 64): the engine's routing spreads like uniform routing (at most 9-11 pairs on an expert,
+124-126 experts touched) and the grouped kernels win on it as on uniform routing (227.6 us against the tiles'
+256.6): the engine's loss came from the dense MLP running beside them (configs.GROUPED_ALONE_TOKENS).
   PYTHONPATH=src python3 scripts/gpu_moe_engine_routing.py [--batch 64] [--layers 6] [--json OUT]
   (on a CPU: `--tiny` runs the tiny test model and prints the spread only)
 """
@@ -29,8 +32,7 @@ from nvfp4kit.testing.random_model import random_model
 from nvfp4kit.testing.tiny_config import tiny_text_config
 from nvfp4kit.tuning.cases import random_routing
 
-GROUPED = {"grouped b8 t11": (8, (1, 1), False), "grouped b8 t22": (8, (2, 2), False),
-           "grouped b16 t22": (16, (2, 2), False), "grouped b8 t22 perm": (8, (2, 2), True)}  # fmt: skip
+GROUPED = {"grouped b8 t11": (8, (1, 1)), "grouped b8 t22": (8, (2, 2)), "grouped b16 t22": (16, (2, 2))}
 
 
 def record_moe_inputs(engine: Engine, batch: int, context: int) -> list[dict]:
@@ -85,10 +87,8 @@ def time_paths(records: list[dict], uniform: list[torch.Tensor]) -> dict:
             ids = id_sets[i % n]
             if path == "fused_moe (engine)":
                 return fused_moe(r["x"], ids, r["weights"], gu, dn)
-            block, tiles, perm = GROUPED[path]
-            return fused_moe_grouped(
-                r["x"], ids, r["weights"], gu, dn, block=block, tiles=tiles, permute_act=perm
-            )
+            block, tiles = GROUPED[path]
+            return fused_moe_grouped(r["x"], ids, r["weights"], gu, dn, block=block, tiles=tiles)
 
         ref = TorchBackend().moe(
             records[0]["x"].float(), id_sets[0], records[0]["weights"].float(), *weights[0]

@@ -78,10 +78,7 @@ def test_dense_gate_up_geglu_in_one_launch(m):
 @pytest.mark.parametrize("gate_up_warps,down_warps", [((2, 2), (1, 4)), ((1, 1), (2, 1)), ((1, 4), (1, 8))])
 @pytest.mark.parametrize("block", [8, 16])
 @pytest.mark.parametrize("tiles", [(1, 1), (2, 2), (2, 1), (4, 4), (1, 4)])
-@pytest.mark.parametrize("permute_act", [False, True])
-def test_grouped_moe_matches_the_torch_reference(
-    tokens, experts, gate_up_warps, down_warps, block, tiles, permute_act
-):
+def test_grouped_moe_matches_the_torch_reference(tokens, experts, gate_up_warps, down_warps, block, tiles):
     """Pairs sorted into blocks of 8 or 16 by expert: experts with no pairs, one, and several blocks (100 tokens x top-8
     over 16 experts: ~50 pairs each), column and row groups that do not divide the widths, 1, 2 or 4 MMA tiles a
     row group."""
@@ -106,7 +103,6 @@ def test_grouped_moe_matches_the_torch_reference(
         down_warps=down_warps,
         block=block,
         tiles=tiles,
-        permute_act=permute_act,
     )
     ref = TorchBackend().moe(x.float(), ids, weights, gate_up, down)
     assert rel_error(out, ref) < 2 * BOUND
@@ -114,9 +110,9 @@ def test_grouped_moe_matches_the_torch_reference(
 
 @pytest.mark.parametrize("down_warps", [(1, 4), (2, 2)])
 @pytest.mark.parametrize("tiles", [(1, 1), (2, 2)])
-def test_grouped_moe_with_permuted_activations(down_warps, tiles):
-    """`permute_act`: gate_up writes the GeGLU activations in the down kernel's load order. inter 288 = 36 words:
-    two full 16-word steps and a 4-word tail with one warp splitting K, one full 32-word step and a tail with two."""
+def test_grouped_moe_down_with_a_k_tail(down_warps, tiles):
+    """inter 288 = 36 words: the down kernel's K loop takes two full 16-word steps and a 4-word tail with one
+    warp splitting K, one full 32-word step and a tail with two."""
     from nvfp4kit.kernels.moe_frag_grouped import fused_moe_grouped
     from nvfp4kit.model.ops import TorchBackend
 
@@ -130,6 +126,5 @@ def test_grouped_moe_with_permuted_activations(down_warps, tiles):
         )
         x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
         ref = TorchBackend().moe(x.float(), ids, weights, gate_up, down)
-        out = fused_moe_grouped(x, ids.int(), weights, gate_up, down, down_warps=down_warps, tiles=tiles,
-                                permute_act=True)  # fmt: skip
+        out = fused_moe_grouped(x, ids.int(), weights, gate_up, down, down_warps=down_warps, tiles=tiles)
         assert rel_error(out, ref) < 2 * BOUND

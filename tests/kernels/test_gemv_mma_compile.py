@@ -44,7 +44,7 @@ from nvfp4kit.tuning.cases import random_nvfp4
 kept = []
 record = cross_compile._record
 cross_compile._record = lambda fn, kernel, kwargs: (kept.append(kernel), record(fn, kernel, kwargs))[1]
-arch, which, block, nt, perm = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+arch, which, block, nt = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 T, H, I, K = 16, 2816, 704, 8
 gu, dn = random_nvfp4(2 * I, H, experts=2, device="cpu"), random_nvfp4(H, I, experts=2, device="cpu")
 x = torch.randn(T, H).bfloat16()
@@ -55,13 +55,13 @@ with cross_compile.compile_for((arch // 10, arch % 10), 132):
     if which == "gate_up":
         mg._grouped_gate_up_kernel[(8, 44)](
             x.view(torch.int32), gp.view(torch.int32), gs, g2, d2, route, pair_ids, blocks, act, H, I, T * K,
-            640 if perm else 0, x.stride(0) // 2, gp.stride(0) // 4, gp.stride(1) // 4, gs.stride(0), gs.stride(1), act.stride(0),
-            TOP_K=K, KW=2, NW=2, UNROLL=1, ASM=2, BLOCK=block, NT=nt, PERM=perm, PDL=0, num_warps=4, num_stages=1)
+            x.stride(0) // 2, gp.stride(0) // 4, gp.stride(1) // 4, gs.stride(0), gs.stride(1), act.stride(0),
+            TOP_K=K, KW=2, NW=2, UNROLL=1, ASM=2, BLOCK=block, NT=nt, PDL=0, num_warps=4, num_stages=1)
     else:
         mg._grouped_down_kernel[(8, 88)](
             act.view(torch.int32), dp.view(torch.int32), ds, pair_ids, blocks, part, H, I, T * K,
             act.stride(0) // 2, dp.stride(0) // 4, dp.stride(1) // 4, ds.stride(0), ds.stride(1), part.stride(0),
-            KW=1, NW=4, ASM=2, BLOCK=block, NT=nt, PERM=perm, PDL=0, num_warps=4, num_stages=1)
+            KW=1, NW=4, ASM=2, BLOCK=block, NT=nt, PDL=0, num_warps=4, num_stages=1)
 sys.stdout.buffer.write(kept[-1].asm["cubin"])
 """
 
@@ -120,11 +120,10 @@ def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, token
 @pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("which", ["gate_up", "down"])
-@pytest.mark.parametrize("block,tiles,perm", [(8, 1, 0), (16, 1, 0), (8, 2, 1), (16, 4, 0)])
-def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, block, tiles, perm, tmp_path):
-    """Both block sizes, 2 or 4 MMA tiles a row group (`_tiles_loop`: NT times the MMAs on the same activations),
-    and the permuted activation order."""
-    args = [str(arch), which, str(block), str(tiles), str(perm)]
+@pytest.mark.parametrize("block,tiles", [(8, 1), (16, 1), (8, 2), (16, 4)])
+def test_the_grouped_moe_loops_keep_their_operands_in_registers(arch, which, block, tiles, tmp_path):
+    """Both block sizes, 2 or 4 MMA tiles a row group (`_tiles_loop`: NT times the MMAs on the same activations)."""
+    args = [str(arch), which, str(block), str(tiles)]
     assert_registers_only_loops(_sass_of(GROUPED_MOE, args, tmp_path), 8 * tiles)
 
 
@@ -135,5 +134,5 @@ def test_the_default_fragment_kernels_build_for_consumer_cards(arch, kernel, tmp
     if kernel == "gemv":
         sass = _sass_of(COMPILE, [str(arch), "4", "2", "1", "1"], tmp_path)
     else:
-        sass = _sass_of(GROUPED_MOE, [str(arch), kernel.removeprefix("grouped_"), "8", "1", "0"], tmp_path)
+        sass = _sass_of(GROUPED_MOE, [str(arch), kernel.removeprefix("grouped_"), "8", "1"], tmp_path)
     assert_registers_only_loops(sass, 8)

@@ -166,23 +166,9 @@ def _pairs(x_rows, pairs, words, MASKED: tl.constexpr):
 
 
 @triton.jit
-def permuted_word(u):
-    """Where word u of an activation row is stored in the permuted layout: within each group of 16 words, word
-    4t + j at 4j + t. The K loop's lane t reads words 4t..4t+3 of a group, one a load; stored so, load j of the
-    4 lanes of a row reads 64 contiguous bytes instead of 4 pieces 64 bytes apart (half the L1 lines)."""
-    local = u % 16
-    return u - local + (local % 4) * 4 + local // 4
-
-
-@triton.jit
-def word_acts(x_rows, x_hi, fw, w: tl.constexpr, words, MASKED: tl.constexpr, T16: tl.constexpr,
-              PERM: tl.constexpr = False):  # fmt: skip
-    """Word `w`'s four activation pairs of the lane's token (one 16-byte load) and, with T16, of token g + 8.
-    PERM: the rows are stored in `permuted_word` order (full steps only)."""
-    u = fw + w
-    if PERM:
-        u = permuted_word(u)
-    pairs = 4 * u + tl.arange(0, 4)[None, :]
+def word_acts(x_rows, x_hi, fw, w: tl.constexpr, words, MASKED: tl.constexpr, T16: tl.constexpr):
+    """Word `w`'s four activation pairs of the lane's token (one 16-byte load) and, with T16, of token g + 8."""
+    pairs = 4 * (fw + w) + tl.arange(0, 4)[None, :]
     xp = _pairs(x_rows, pairs, words, MASKED)
     if T16:
         hp = _pairs(x_hi, pairs, words, MASKED)
@@ -224,36 +210,33 @@ def step_weights(w_rows, s_rows, first, words, MASKED: tl.constexpr, ASM: tl.con
 
 @triton.jit
 def k_step(w_rows, x_rows, x_hi, s_rows, first, words, acc, MASKED: tl.constexpr, ASM: tl.constexpr,
-           T16: tl.constexpr, PERM: tl.constexpr = False):  # fmt: skip
+           T16: tl.constexpr):  # fmt: skip
     """One K step of each lane ([L] row pointers, `first` [L] its first word): 4 packed words (32 weights, one
     16-byte load), their 16 activation pairs (four 16-byte loads, eight with T16) and 2 block scales, 8 MMAs.
-    Loads are [L, 4] with the 4 in one lane (a wider one may be spread over lanes). MASKED: K's tail. PERM: the
-    activations are stored in `permuted_word` order."""
+    Loads are [L, 4] with the 4 in one lane (a wider one may be spread over lanes). MASKED: K's tail."""
     w0, w1, w2, w3, s_lo, s_hi = step_weights(w_rows, s_rows, first, words, MASKED, ASM)
     fw = first[:, None]
-    xp, hp = word_acts(x_rows, x_hi, fw, 0, words, MASKED, T16, PERM)
+    xp, hp = word_acts(x_rows, x_hi, fw, 0, words, MASKED, T16)
     acc = word_mma(w0, s_lo, xp, hp, acc, T16)
-    xp, hp = word_acts(x_rows, x_hi, fw, 1, words, MASKED, T16, PERM)
+    xp, hp = word_acts(x_rows, x_hi, fw, 1, words, MASKED, T16)
     acc = word_mma(w1, s_lo, xp, hp, acc, T16)
-    xp, hp = word_acts(x_rows, x_hi, fw, 2, words, MASKED, T16, PERM)
+    xp, hp = word_acts(x_rows, x_hi, fw, 2, words, MASKED, T16)
     acc = word_mma(w2, s_hi, xp, hp, acc, T16)
-    xp, hp = word_acts(x_rows, x_hi, fw, 3, words, MASKED, T16, PERM)
+    xp, hp = word_acts(x_rows, x_hi, fw, 3, words, MASKED, T16)
     acc = word_mma(w3, s_hi, xp, hp, acc, T16)
     return acc
 
 
 @triton.jit
 def k_loop(w_rows, x_rows, x_hi, s_rows, words, lane_word, acc, STEP: tl.constexpr, UNROLL: tl.constexpr,
-           ASM: tl.constexpr, T16: tl.constexpr, PERM: tl.constexpr = False):  # fmt: skip
+           ASM: tl.constexpr, T16: tl.constexpr):  # fmt: skip
     """`acc` plus the products of `words` packed words of each lane's row with its token's activations (T16: and
     token g + 8's, rows `x_hi`); lane_word [L]: the lane's first word of a step, STEP words a step (16 a warp that
-    takes its own steps), the tail masked. PERM: activation words of the full steps stored in `permuted_word`
-    order (the tail's in K order)."""
+    takes its own steps), the tail masked."""
     full = words // (STEP * UNROLL) * (STEP * UNROLL)
     for w0 in range(0, full, STEP * UNROLL):
         for u in tl.static_range(UNROLL):
-            acc = k_step(w_rows, x_rows, x_hi, s_rows, w0 + u * STEP + lane_word, words, acc, False, ASM, T16,
-                         PERM)  # fmt: skip
+            acc = k_step(w_rows, x_rows, x_hi, s_rows, w0 + u * STEP + lane_word, words, acc, False, ASM, T16)
     for w0 in range(full, words, STEP):
         acc = k_step(w_rows, x_rows, x_hi, s_rows, w0 + lane_word, words, acc, True, ASM, T16)
     return acc

@@ -23,8 +23,6 @@ skipped by their programs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -37,7 +35,6 @@ from nvfp4kit.kernels.gemv_mma import (
     k_loop,
     lane_ids,
     lane_sums,
-    permuted_word,
     step_weights,
     word_acts,
     word_mma,
@@ -51,10 +48,6 @@ from nvfp4kit.kernels.nvfp4_tile import fold_scale
 
 # default pairs a block: the MMA's A rows 0-7 (rows g + 8 repeat them, as in gemv_mma's 1-8 token form)
 BLOCK = 8
-# The GeGLU activations written by gate_up in the order the down kernel's lanes read them (`gemv_mma.permuted_word`:
-# each activation load of a row's 4 lanes then takes 64 contiguous bytes, half the L1 lines). Opt-in
-# (NVFP4KIT_MOE_PERMUTED_ACT=1, read at import) until measured on a GPU: written in session 21 without one.
-PERMUTED_ACT = os.environ.get("NVFP4KIT_MOE_PERMUTED_ACT", "0") == "1"
 
 
 @triton.jit
@@ -79,7 +72,7 @@ def _word_tiles(xp, hp, w, acc, acc2, acc3, acc4, word: tl.constexpr, T16: tl.co
 
 @triton.jit
 def _tiles_step(w_rows, s_rows, x_rows, x_hi, first, words, acc, acc2, acc3, acc4, MASKED: tl.constexpr,
-                ASM: tl.constexpr, T16: tl.constexpr, NT: tl.constexpr, PERM: tl.constexpr):  # fmt: skip
+                ASM: tl.constexpr, T16: tl.constexpr, NT: tl.constexpr):  # fmt: skip
     """`gemv_mma.k_step` for NT weight rows a lane (`w_rows` / `s_rows`: a tuple of NT row pointers, NT tiles of
     8 MMA columns) against the same activation pairs: each activation load serves NT times the weights."""
     w = (step_weights(w_rows[0], s_rows[0], first, words, MASKED, ASM),
@@ -89,24 +82,24 @@ def _tiles_step(w_rows, s_rows, x_rows, x_hi, first, words, acc, acc2, acc3, acc
                  step_weights(w_rows[3], s_rows[3], first, words, MASKED, ASM))  # fmt: skip
     fw = first[:, None]
     for word in tl.static_range(4):
-        xp, hp = word_acts(x_rows, x_hi, fw, word, words, MASKED, T16, PERM)
+        xp, hp = word_acts(x_rows, x_hi, fw, word, words, MASKED, T16)
         acc, acc2, acc3, acc4 = _word_tiles(xp, hp, w, acc, acc2, acc3, acc4, word, T16, NT)
     return acc, acc2, acc3, acc4
 
 
 @triton.jit
 def _tiles_loop(w_rows, s_rows, x_rows, x_hi, words, lane_word, acc, STEP: tl.constexpr, UNROLL: tl.constexpr,
-                ASM: tl.constexpr, T16: tl.constexpr, NT: tl.constexpr, PERM: tl.constexpr):  # fmt: skip
+                ASM: tl.constexpr, T16: tl.constexpr, NT: tl.constexpr):  # fmt: skip
     """`gemv_mma.k_loop` with NT (2 or 4) weight rows a lane (`_tiles_step`): the NT tiles' accumulators."""
     acc2, acc3, acc4 = acc, acc, acc
     full = words // (STEP * UNROLL) * (STEP * UNROLL)
     for w0 in range(0, full, STEP * UNROLL):
         for u in tl.static_range(UNROLL):
             acc, acc2, acc3, acc4 = _tiles_step(w_rows, s_rows, x_rows, x_hi, w0 + u * STEP + lane_word, words, acc,
-                                                acc2, acc3, acc4, False, ASM, T16, NT, PERM)  # fmt: skip
+                                                acc2, acc3, acc4, False, ASM, T16, NT)  # fmt: skip
     for w0 in range(full, words, STEP):
         acc, acc2, acc3, acc4 = _tiles_step(w_rows, s_rows, x_rows, x_hi, w0 + lane_word, words, acc, acc2, acc3,
-                                            acc4, True, ASM, T16, NT, False)  # fmt: skip
+                                            acc4, True, ASM, T16, NT)  # fmt: skip
     return acc, acc2, acc3, acc4
 
 
@@ -138,11 +131,10 @@ def _tile_rows(
 @triton.jit
 def _block_loop(w_rows, s_rows, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, words, lane_word,
                 LANES: tl.constexpr, STEP: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr,
-                BLOCK: tl.constexpr, NT: tl.constexpr, PERM: tl.constexpr):  # fmt: skip
+                BLOCK: tl.constexpr, NT: tl.constexpr):  # fmt: skip
     """The K loop of a block's program: A row g (and g + 8 with BLOCK 16) is the activation row of that row's
     pair (x row pair // TOP_K; TOP_K 1 for act, whose rows are pairs). Padding rows read row 0. `w_rows` /
-    `s_rows`: the lane's NT tiles' rows (`_tile_rows`); returns four accumulators, the first NT of them used.
-    PERM: the activation rows are stored in `gemv_mma.permuted_word` order over the full K steps."""
+    `s_rows`: the lane's NT tiles' rows (`_tile_rows`); returns four accumulators, the first NT of them used."""
     pair, ok = _block_pairs(pair_ids_ptr, b, g, num_pairs, BLOCK)
     x_rows = x_ptr + tl.where(ok, pair // TOP_K, 0).to(tl.int64) * stride_xm
     x_hi = x_rows
@@ -151,11 +143,11 @@ def _block_loop(w_rows, s_rows, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs,
         x_hi = x_ptr + tl.where(ok_hi, pair_hi // TOP_K, 0).to(tl.int64) * stride_xm
     if NT == 1:
         acc = k_loop(w_rows[0], x_rows, x_hi, s_rows[0], words, lane_word, _zero(LANES, BLOCK), STEP, UNROLL, ASM,
-                     BLOCK == 16, PERM)  # fmt: skip
+                     BLOCK == 16)  # fmt: skip
         accs = (acc, acc, acc, acc)
     else:
         accs = _tiles_loop(w_rows, s_rows, x_rows, x_hi, words, lane_word, _zero(LANES, BLOCK), STEP, UNROLL, ASM,
-                           BLOCK == 16, NT, PERM)  # fmt: skip
+                           BLOCK == 16, NT)  # fmt: skip
     return accs
 
 
@@ -172,21 +164,17 @@ def _row_sums(acc, half: tl.constexpr, KW: tl.constexpr, NW: tl.constexpr, BLOCK
 
 @triton.jit
 def _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, row0, num_pairs, gate, up, e, down_s2_ptr,
-               first_col, inter, perm_cols, NW: tl.constexpr, ASM: tl.constexpr, BLOCK: tl.constexpr,
-               GROUP: tl.constexpr, PERM: tl.constexpr):  # fmt: skip
+               first_col, inter, NW: tl.constexpr, ASM: tl.constexpr, BLOCK: tl.constexpr,
+               GROUP: tl.constexpr):  # fmt: skip
     """GeGLU of [32 x NW] lanes (lane j: A row row0 + (j % 32) // 4, column j % 4 of row group j // 32, whose
-    columns start GROUP apart), times the pair's routing weight and down's scale_2, stored to act[pair, column]
-    (PERM: columns below perm_cols at their `permuted_word` places, what the down kernel's full K steps read)."""
+    columns start GROUP apart), times the pair's routing weight and down's scale_2, stored to act[pair, column]."""
     h = geglu_sigmoid(gate, up)
     j = tl.arange(0, 32 * NW)
     out_pair, out_ok = _block_pairs(pair_ids_ptr, b, row0 + (j % 32) // 4, num_pairs, BLOCK)
     route = tl.load(route_ptr + out_pair, mask=out_ok, other=0).to(tl.float32)
     h = h * (route * fold_scale(down_s2_ptr, e, True, ASM))
     out_col = first_col + (j // 32) * GROUP + j % 4
-    at_col = out_col
-    if PERM:
-        at_col = tl.where(out_col < perm_cols, permuted_word(out_col // 8) * 8 + out_col % 8, out_col)
-    out = act_ptr + out_pair.to(tl.int64) * stride_am + at_col
+    out = act_ptr + out_pair.to(tl.int64) * stride_am + out_col
     tl.store(out, h.to(act_ptr.dtype.element_ty), mask=out_ok & (out_col < inter))
 
 
@@ -204,7 +192,6 @@ def _grouped_gate_up_kernel(
     H,
     inter,
     num_pairs,
-    perm_cols,  # PERM: act columns stored in the down kernel's permuted order (its full K steps)
     stride_xm,
     stride_we,
     stride_wn,
@@ -218,7 +205,6 @@ def _grouped_gate_up_kernel(
     ASM: tl.constexpr,
     BLOCK: tl.constexpr,  # 8 or 16 pairs a block (16: A rows g + 8 are pairs 8-15)
     NT: tl.constexpr,  # 8-column MMA tiles a row group (1, 2 or 4; each 4 columns of gate and up)
-    PERM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -240,7 +226,7 @@ def _grouped_gate_up_kernel(
                                     stride_sn, NT)  # fmt: skip
         lane_word = (warp % KW) * 16 + (i % 4) * 4
         accs = _block_loop(w_rows, s_rows, x_ptr, stride_xm, pair_ids_ptr, b, g, num_pairs, TOP_K, H // 8, lane_word,
-                           32 * KW * NW, 16 * KW, UNROLL, ASM, BLOCK, NT, False)  # fmt: skip
+                           32 * KW * NW, 16 * KW, UNROLL, ASM, BLOCK, NT)  # fmt: skip
         # [32 x NW] a tile: lane j of row group j // 32 holds gate and up of column j % 4 of the tile for A row
         # (j % 32) // 4
         scale = fold_scale(s2_ptr, e, True, ASM) * layout_ok
@@ -248,8 +234,7 @@ def _grouped_gate_up_kernel(
             for half in tl.static_range(BLOCK // 8):
                 gate, up = _row_sums(accs[t], half, KW, NW, BLOCK)
                 _store_act(act_ptr, stride_am, pair_ids_ptr, route_ptr, b, 8 * half, num_pairs, gate * scale,
-                           up * scale, e, down_s2_ptr, first_col + 4 * t, inter, perm_cols, NW, ASM, BLOCK, 4 * NT,
-                           PERM)  # fmt: skip
+                           up * scale, e, down_s2_ptr, first_col + 4 * t, inter, NW, ASM, BLOCK, 4 * NT)  # fmt: skip
 
 
 @triton.jit
@@ -287,7 +272,6 @@ def _grouped_down_kernel(
     ASM: tl.constexpr,
     BLOCK: tl.constexpr,
     NT: tl.constexpr,  # 8-row MMA tiles a row group (1, 2 or 4)
-    PERM: tl.constexpr,  # act stored in `permuted_word` order over the full K steps
     PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
@@ -306,7 +290,7 @@ def _grouped_down_kernel(
                                     NT)  # fmt: skip
         lane_word = (warp % KW) * 16 + (i % 4) * 4
         accs = _block_loop(w_rows, s_rows, act_ptr, stride_am, pair_ids_ptr, b, g, num_pairs, 1, inter // 8,
-                           lane_word, 32 * KW * NW, 16 * KW, 1, ASM, BLOCK, NT, PERM)  # fmt: skip
+                           lane_word, 32 * KW * NW, 16 * KW, 1, ASM, BLOCK, NT)  # fmt: skip
         for t in tl.static_range(NT):
             for half in tl.static_range(BLOCK // 8):  # the scale is already in act
                 t0, t1 = _row_sums(accs[t], half, KW, NW, BLOCK)
@@ -334,13 +318,11 @@ def fused_moe_grouped(
     unroll: int = 1,
     block: int = BLOCK,
     tiles: tuple[int, int] | None = None,
-    permute_act: bool = PERMUTED_ACT,
 ) -> torch.Tensor:
     """x [T, H] bf16, topk_ids / topk_weights [T, top_k] -> [T, H]; `*_warps` = (warps splitting K, row groups a
     program) of each projection, `block` 8 or 16 pairs an expert block, `tiles` the MMA tiles a row group of each
-    projection, 1, 2 or 4 (None: `default_tiles`), `permute_act` the GeGLU activations stored in the down
-    kernel's permuted order (`PERMUTED_ACT`) (see the module docstring;
-    `moe_frag.frag_experts_supported` first)."""
+    projection, 1, 2 or 4 (None: `default_tiles`) (see the module docstring; `moe_frag.frag_experts_supported`
+    first)."""
     if block not in (8, 16):
         raise ValueError(f"fused_moe_grouped takes blocks of 8 or 16 pairs, got {block}")
     tiles = default_tiles(x.shape[0]) if tiles is None else tiles
@@ -360,15 +342,12 @@ def fused_moe_grouped(
     asm = 2 if gate_up.normal_scales() and down.normal_scales() else 1
     blocks = block_expert.numel()
     act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
-    # the down kernel's full K steps (16 words a warp splitting K) read act in permuted order
-    down_step = 16 * down_warps[0]
-    perm_cols = (inter // 8) // down_step * down_step * 8 if permute_act else 0
     kw, nw = gate_up_warps
     _grouped_gate_up_kernel[(blocks, triton.cdiv(inter, 4 * nw * tiles[0]))](
         x.view(torch.int32), gu_packed.view(torch.int32), gu_scale, gu_s2, dn_s2, route, pair_ids, block_expert,
-        act, hidden, inter, pairs, perm_cols, x.stride(0) // 2, gu_packed.stride(0) // 4, gu_packed.stride(1) // 4,
+        act, hidden, inter, pairs, x.stride(0) // 2, gu_packed.stride(0) // 4, gu_packed.stride(1) // 4,
         gu_scale.stride(0), gu_scale.stride(1), act.stride(0),
-        TOP_K=top_k, KW=kw, NW=nw, UNROLL=unroll, ASM=asm, BLOCK=block, NT=tiles[0], PERM=permute_act, num_warps=kw * nw,
+        TOP_K=top_k, KW=kw, NW=nw, UNROLL=unroll, ASM=asm, BLOCK=block, NT=tiles[0], num_warps=kw * nw,
         num_stages=1,
         **pdl_args(x.device),
     )  # fmt: skip
@@ -378,7 +357,7 @@ def fused_moe_grouped(
         act.view(torch.int32), dn_packed.view(torch.int32), dn_scale, pair_ids, block_expert, part, hidden, inter,
         pairs, act.stride(0) // 2, dn_packed.stride(0) // 4, dn_packed.stride(1) // 4, dn_scale.stride(0),
         dn_scale.stride(1), part.stride(0),
-        KW=kw, NW=nw, ASM=asm, BLOCK=block, NT=tiles[1], PERM=permute_act, num_warps=kw * nw, num_stages=1,
+        KW=kw, NW=nw, ASM=asm, BLOCK=block, NT=tiles[1], num_warps=kw * nw, num_stages=1,
         **pdl_args(x.device),
     )  # fmt: skip
     return sum_top_k(part, torch.empty((tokens, hidden), dtype=x.dtype, device=x.device), top_k)
