@@ -10,7 +10,7 @@ the engine's `fused_moe` and the grouped kernels (blocks of 8 / 16, one / two ti
 those exact inputs and on uniform routing, each layer's own experts, rotated over the recorded layers.
 Session 22 (H100, batch 64): the engine's routing spreads like uniform routing (at most 9-11 pairs on an expert,
 124-126 experts touched) and the grouped kernels win on it as on uniform routing (227.6 us against the tiles'
-256.6): the engine's loss came from the dense MLP running beside them (configs.GROUPED_ALONE_TOKENS).
+256.6): the engine's loss came from the dense MLP running beside them (path_limits.GROUPED_ALONE_TOKENS).
   PYTHONPATH=src python3 scripts/gpu_moe_engine_routing.py [--batch 64] [--layers 6] [--json OUT]
   (on a CPU: `--tiny` runs the tiny test model and prints the spread only)
 """

@@ -4,19 +4,19 @@ best of 8 configs at 1-16 tokens)."""
 
 import pytest
 
-from nvfp4kit.kernels import configs
+from nvfp4kit.kernels import configs, path_limits
 from nvfp4kit.tuning.cases import DENSE_SHAPES
 
 
 @pytest.mark.parametrize("raw,tokens", [("0", 0), ("off", 0), ("4", 4), (" 16 ", 16), ("1", 1)])
 def test_token_limit_from_the_environment(raw, tokens):
-    assert configs.token_limit("NVFP4KIT_FRAG_GEMV", raw, 16) == tokens
+    assert path_limits.token_limit("NVFP4KIT_FRAG_GEMV", raw, 16) == tokens
 
 
 @pytest.mark.parametrize("raw", ["17", "on", "-1", "auto"])
 def test_a_bad_token_limit_is_refused_with_the_variable_named(raw):
     with pytest.raises(ValueError, match="NVFP4KIT_FRAG_GEMV"):
-        configs.token_limit("NVFP4KIT_FRAG_GEMV", raw, 16)
+        path_limits.token_limit("NVFP4KIT_FRAG_GEMV", raw, 16)
 
 
 # the fastest k_warps of the H100 probe (session 19, scripts/gpu_gemv_mma_probe.py) at one token

@@ -155,9 +155,9 @@ def test_moe_asm_decode_matches_bits(experts, mode):
 def test_moe_path_by_batch_size_and_card():
     """Without a config: the fragment kernels only for bf16 on SM80+ GPUs and widths of multiples of 32 (per pair
     up to FRAG_TOKENS tokens, grouped up to MOE_GROUPED_TOKENS), grouped GEMMs from `prefill_min_tokens`, else tiles."""
-    from nvfp4kit.kernels.configs import FRAG_TOKENS, MOE_GROUPED_TOKENS
     from nvfp4kit.kernels.moe_dispatch import moe_path
     from nvfp4kit.kernels.moe_prefill import grouped_mm_available
+    from nvfp4kit.kernels.path_limits import FRAG_TOKENS, MOE_GROUPED_TOKENS
 
     gate_up, down = random_experts(4, 2 * 64, 96, seed=3), random_experts(4, 96, 64, seed=4)
     frag_card = ON_GPU and torch.cuda.get_device_capability() >= (8, 0)
@@ -242,7 +242,7 @@ def test_the_dense_mlp_runs_beside_the_moe_unless_grouped_kernels_fill_the_card(
     """Above GROUPED_ALONE_TOKENS the expert-grouped kernels take every SM: the dense MLP then waits for them
     instead of running on a second stream (slower for both, session 22); every other path leaves room."""
     from nvfp4kit.kernels import moe_dispatch
-    from nvfp4kit.kernels.configs import GROUPED_ALONE_TOKENS
+    from nvfp4kit.kernels.path_limits import GROUPED_ALONE_TOKENS
 
     gate_up, down = random_experts(4, 2 * 64, 96, seed=3), random_experts(4, 96, 64, seed=4)
     paths = {"now": "grouped"}

@@ -19,13 +19,13 @@ import torch
 
 from nvfp4kit.bench.report import format_table, row_for
 from nvfp4kit.kernels.configs import (
-    FRAG_TOKENS,
     config_to_dict,
     heuristic_linear,
     heuristic_moe,
     select_linear_config,
     sm_count,
 )
+from nvfp4kit.kernels.path_limits import FRAG_TOKENS
 from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M
 from nvfp4kit.tuning.cases import DENSE_SHAPES, LM_HEAD_SHAPE, MOE_SHAPE, DenseCase, MoECase
 from nvfp4kit.tuning.search import Budget, linear_candidates, moe_candidates, tune_case

@@ -37,9 +37,9 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels.configs import MOE_FRAG_MAX_TOKENS
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, k_order_byte_ptx, scale_operand
+from nvfp4kit.kernels.path_limits import MOE_FRAG_MAX_TOKENS
 
 MAX_TOKENS = 16  # the MMA's 16 A rows (1-8 tokens: rows g + 8 mix the same token's pairs, see below)
 MOE_MAX_TOKENS = MOE_FRAG_MAX_TOKENS  # moe_frag.py's kernels take the 1-8 token form

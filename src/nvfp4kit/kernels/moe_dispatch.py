@@ -7,15 +7,10 @@ from __future__ import annotations
 import torch
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
-from nvfp4kit.kernels.configs import (
-    FRAG_TOKENS,
-    GROUPED_ALONE_TOKENS,
-    MOE_GROUPED_TOKENS,
-    MoEConfig,
-    select_moe_config,
-)
+from nvfp4kit.kernels.configs import MoEConfig, select_moe_config
 from nvfp4kit.kernels.moe_frag import frag_experts_supported, moe_frag_supported
 from nvfp4kit.kernels.moe_prefill import grouped_mm_available
+from nvfp4kit.kernels.path_limits import FRAG_TOKENS, GROUPED_ALONE_TOKENS, MOE_GROUPED_TOKENS
 from nvfp4kit.kernels.thresholds import MOE_PREFILL_MIN_TOKENS
 
 
@@ -67,5 +62,5 @@ def _runnable(path: str | None, x2: torch.Tensor, top_k: int, gate_up: object, d
 
 def moe_shares_gpu(x2: torch.Tensor, top_k: int, gate_up: object, down: object) -> bool:
     """Whether the MoE of these tokens leaves room for the dense MLP on a second stream: not the expert-grouped
-    kernels above `GROUPED_ALONE_TOKENS` tokens, whose programs fill the card (session 22, configs.py)."""
+    kernels above `GROUPED_ALONE_TOKENS` tokens, whose programs fill the card (session 22, path_limits.py)."""
     return x2.shape[0] <= GROUPED_ALONE_TOKENS or moe_path(x2, top_k, gate_up, down) != "grouped"

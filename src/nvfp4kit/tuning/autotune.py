@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.kernels.configs import (
-    FRAG_TOKENS,
     cache_path,
     card_slug,
     config_to_dict,
@@ -26,6 +25,7 @@ from nvfp4kit.kernels.configs import (
     tables_for,
     triton_version,
 )
+from nvfp4kit.kernels.path_limits import FRAG_TOKENS
 from nvfp4kit.tuning.cases import DenseCase, MoECase
 from nvfp4kit.tuning.search import Budget, linear_candidates, moe_candidates, tune_case
 from nvfp4kit.tuning.timing import l2_cache_bytes, rotation_sets

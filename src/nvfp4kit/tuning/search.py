@@ -9,14 +9,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from nvfp4kit.kernels.configs import (
-    FRAG_MAX_TOKENS,
-    MOE_FRAG_MAX_TOKENS,
-    LinearConfig,
-    MoEConfig,
-    config_to_dict,
-    heuristic_moe_config,
-)
+from nvfp4kit.kernels.configs import LinearConfig, MoEConfig, config_to_dict, heuristic_moe_config
+from nvfp4kit.kernels.path_limits import FRAG_MAX_TOKENS, MOE_FRAG_MAX_TOKENS
 from nvfp4kit.tuning.timing import time_graph
 
 ERROR_BOUND = 1e-2  # relative L2 error vs fp32 math on the dequantized weights (bf16 output rounding ~1e-3)
