@@ -34,8 +34,8 @@ FRAG_TOKENS = token_limit("NVFP4KIT_FRAG_GEMV", os.environ.get("NVFP4KIT_FRAG_GE
 # tokens the grouped kernels fill the card, and the dense MLP beside them on a second stream (model/branches.py)
 # slows both; with the MLP after the experts (GROUPED_ALONE_TOKENS) the limit at 64 gives 4,329 / 5,326-5,330 tok/s
 # at batch 48 / 64 against 4,143-4,194 / 5,122-5,230 with 32 (H100, several runs); 96 tokens stay on the tiles.
-# The shipped H200 table names the tiles for 33-64 tokens: there the grouped kernels (one tile, session 20) took
-# 1.09-1.15x the tiles' time, and the card's extra bandwidth helps the tiles, not the L1-bound grouped kernels.
+# On the H200 too (session 22, one run, greedy tokens equal): 4,657 / 5,699 tok/s at batch 48 / 64 against
+# 4,558 / 5,608 with the tiles and the MLP beside them.
 MOE_GROUPED_TOKENS = token_limit(
     "NVFP4KIT_MOE_GROUPED_TOKENS", os.environ.get("NVFP4KIT_MOE_GROUPED_TOKENS", "64"), 1024
 )
