@@ -47,12 +47,12 @@ def branch_streams_enabled() -> bool:
     return os.environ.get("NVFP4KIT_BRANCH_STREAMS", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def indexed_device(device: torch.device) -> torch.device:
+def _indexed(device: torch.device) -> torch.device:
     return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    device = indexed_device(device)
+    device = _indexed(device)
     stream = _side_streams.get(device)
     if stream is None:
         stream = _side_streams[device] = torch.cuda.Stream(device)
@@ -62,7 +62,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 def on_side_stream(device: torch.device) -> bool:
     """Whether kernels launched now on `device` go to the side stream (state they share must not be the main
     stream's). Keyed by role, not by stream: graph capture runs the main half on a capture stream of its own."""
-    side = _side_streams.get(indexed_device(device))
+    side = _side_streams.get(_indexed(device))
     return side is not None and torch.cuda.current_stream(device).cuda_stream == side.cuda_stream
 
 
