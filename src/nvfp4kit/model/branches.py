@@ -6,7 +6,7 @@ layer's `ffn_inputs_routed` region). At decode sizes each of their kernels is
 latency-bound (a few microseconds of ramp-up and tail for a few MB of weights), so running the two chains side
 by side fills SMs that one chain alone leaves idle. Stream capture records the fork and join as two parallel
 branches of the CUDA graph, so replays overlap too. A MoE whose kernels fill the card (the expert-grouped ones
-above 32 tokens) slows down with the MLP beside it: the layer passes `overlap=False` then (`Experts.shares_gpu`).
+above 32 tokens) slows down with the MLP beside it: the layer's `overlap` check says so then (`Experts.shares_gpu`).
 
 The side stream forks from the current one (waits for everything before) and the current one waits for it
 before the tail: the memory of every tensor crossing the fork stays valid because its last use is ordered
@@ -67,12 +67,17 @@ def on_side_stream(device: torch.device) -> bool:
 
 
 def side_by_side(
-    x: torch.Tensor, side: Callable[[], A], main: Callable[[], B], *, overlap: bool = True
+    x: torch.Tensor,
+    side: Callable[[], A],
+    main: Callable[[], B],
+    *,
+    overlap: Callable[[], bool] | None = None,
 ) -> tuple[A, B]:
     """(side(), main()): on CUDA with few tokens `side` runs on a second stream while `main` runs on this one;
-    otherwise (or with `overlap` False: `main` fills the card) one after the other. `x` is a tensor both read
-    (it names the device and the token count)."""
-    if not (overlap and x.is_cuda and x.shape[0] <= MAX_OVERLAP_TOKENS and branch_streams_enabled()):
+    otherwise (or when `overlap()`, asked only then, says no: `main` fills the card) one after the other. `x` is a
+    tensor both read (it names the device and the token count)."""
+    fits = x.is_cuda and x.shape[0] <= MAX_OVERLAP_TOKENS and branch_streams_enabled()
+    if not (fits and (overlap is None or overlap())):
         return side(), main()
     current = torch.cuda.current_stream(x.device)
     stream = _side_stream(x.device)

@@ -244,7 +244,7 @@ class DecoderLayer(nn.Module):
                 mlp_in,
                 lambda: self.mlp(mlp_in),
                 lambda: self.experts(experts_in, weights, ids),
-                overlap=self.experts.shares_gpu(experts_in, ids),
+                overlap=lambda: self.experts.shares_gpu(experts_in, ids),
             )
         else:
             h, mlp_in, _, _ = ops.ffn_inputs(x, attn, **norm_weights, experts_norm=None, router_scale=None)
