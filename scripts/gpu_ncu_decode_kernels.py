@@ -4,8 +4,10 @@ Usage (GPU machine, repository root), e.g. with Nsight Compute:
   ncu --launch-skip 3 --launch-count 1 -k regex:moe_gate_up_split --section SpeedOfLight --section Occupancy \
       --section WarpStateStats python3 scripts/gpu_ncu_decode_kernels.py [--tokens 1]
 Launches, in order, 4 times each: the MoE layer at --tokens tokens (at 1 token split mode: gate_up, down; at
-prefill sizes the sorted kernels: align, gate_up, down, sum), then, at one token, the dense qkv linear of a
-sliding layer and the o linear; all with the configurations the engine would pick on this card. `--grouped`: the
+prefill sizes the sorted kernels: align, gate_up, down, sum), then, at --linear-tokens tokens (default 1), the
+dense qkv linear of a sliding layer and the o linear; all with the configurations the engine would pick on this
+card (at 64 tokens the linears are `_w4a16_dot_kernel`'s tiles: 2.4 ms of a batch-64 step at ~11% of the
+bandwidth on the H100, session 22). `--grouped`: the
 MoE launches are `moe_frag_grouped`'s (align, gate_up, down, sum) instead.
 """
 
@@ -21,6 +23,7 @@ from nvfp4kit.tuning.cases import DENSE_SHAPES, MoECase, random_nvfp4
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokens", type=int, default=1, help="tokens of the MoE launches")
 ap.add_argument("--no-linears", action="store_true", help="only the MoE layer")
+ap.add_argument("--linear-tokens", type=int, default=1, help="tokens of the dense linears' launches")
 ap.add_argument(
     "--grouped", action="store_true", help="the expert-grouped fragment MoE instead of the engine's"
 )
@@ -40,7 +43,7 @@ for _ in range(4):
 if not args.no_linears:
     for op in ("dense_qkv_sliding", "dense_o_sliding"):
         w = random_nvfp4(*DENSE_SHAPES[op])
-        x = torch.randn(1, w.shape[1], device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(args.linear_tokens, w.shape[1], device="cuda", dtype=torch.bfloat16)
         for _ in range(4):
             w4a16_linear(x, w)
 torch.cuda.synchronize()
