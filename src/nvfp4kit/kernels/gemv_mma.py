@@ -39,9 +39,10 @@ import triton.language as tl
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import fold_scale, k_order_byte_ptx, scale_operand
-from nvfp4kit.kernels.path_limits import MOE_FRAG_MAX_TOKENS
+from nvfp4kit.kernels.path_limits import FRAG_MAX_TOKENS, MOE_FRAG_MAX_TOKENS
 
-MAX_TOKENS = 16  # the MMA's 16 A rows (1-8 tokens: rows g + 8 mix the same token's pairs, see below)
+# the MMA's 16 A rows (1-8 tokens: rows g + 8 mix the same token's pairs, see below)
+MAX_TOKENS = FRAG_MAX_TOKENS
 MOE_MAX_TOKENS = MOE_FRAG_MAX_TOKENS  # moe_frag.py's kernels take the 1-8 token form
 
 # Four packed weight bytes ($8) and their block scale ($9, bf16x2 * 2**64 in both halves) decoded in K order (byte j
@@ -345,7 +346,7 @@ def fragment_layout_ok(weight: NVFP4Tensor) -> bool:
 
 
 def gemv_mma_supported(x: torch.Tensor, weight: NVFP4Tensor) -> bool:
-    """bf16 activations of 1-8 tokens on an SM80+ GPU, a 2-D weight whose K is a multiple of 32
+    """bf16 activations of 1-16 tokens on an SM80+ GPU, a 2-D weight whose K is a multiple of 32
     (`fragment_layout_ok`)."""
     if x.device.type != "cuda" or x.dtype != torch.bfloat16 or weight.packed.dim() != 2:
         return False
