@@ -5,7 +5,9 @@ dequantized weights, median microseconds (triton.testing.do_bench), a compact ta
 `--chunks C ...` also times the expansion in C row chunks, each expanded into one small reused scratch and
 multiplied by cuBLAS straight into its columns of the output: the chunk's BF16 copy may then stay in L2 instead of
 making a round trip through DRAM (at M = 1,024 the whole-weight expansion is what separates the linears from
-BF16 cuBLAS, 0.77-0.81x on the H200; not yet run on a GPU).
+BF16 cuBLAS, 0.77-0.81x on the H200); `overlap{C}` the same with each chunk's expansion on a second stream into
+one of two buffers, beside the previous chunk's GEMM. Session 23 (H100): both lose at 1,024 and 2,048 tokens,
+1.0-10x the whole-weight expansion's time, the more chunks the slower (docs/benchmarks.md).
 Usage: PYTHONPATH=src python3 scripts/gpu_prefill_gemm.py --out DIR [--ms 512 4096] [--skip-moe] [--expand-sweep]
   [--chunks 2 4 8]
 """
@@ -72,6 +74,29 @@ def chunked_linear(x: torch.Tensor, w, chunks: int, buf: torch.Tensor, out: torc
     return out
 
 
+def overlapped_linear(x, w, chunks: int, bufs, out: torch.Tensor, side: torch.cuda.Stream) -> torch.Tensor:
+    """`chunked_linear` with each chunk's expansion on `side`, into one of two buffers, while the main stream
+    multiplies the chunk before it: the expansion hides behind the GEMMs except the first chunk's."""
+    n, k = w.shape
+    rows = triton.cdiv(n, chunks)
+    main = torch.cuda.current_stream()
+    side.wait_stream(main)
+    expanded, multiplied = [], []
+    for i, start in enumerate(range(0, n, rows)):
+        count = min(rows, n - start)
+        with torch.cuda.stream(side):
+            if i >= 2:
+                side.wait_event(multiplied[i - 2])
+            dense = dequantize_nvfp4(w, rows=(start, count), out=bufs[i % 2][: count * k].view(count, k))
+            expanded.append(torch.cuda.Event())
+            expanded[-1].record(side)
+        main.wait_event(expanded[-1])
+        torch.mm(x, dense.t(), out=out[:, start : start + count])
+        multiplied.append(torch.cuda.Event())
+        multiplied[-1].record(main)
+    return out
+
+
 def dense(ms, rows, save, chunk_counts=()) -> None:
     for op, (n, k) in DENSE_SHAPES.items():
         w = random_nvfp4(n, k, seed=1)
@@ -97,6 +122,10 @@ def dense(ms, rows, save, chunk_counts=()) -> None:
                 out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
                 row[f"chunks{c}_us"] = bench_us(lambda: chunked_linear(x, w, c, buf, out))
                 row[f"chunks{c}_err"] = rel_error(chunked_linear(x, w, c, buf, out), ref)
+                bufs = (buf, torch.empty_like(buf))
+                side = torch.cuda.Stream()
+                row[f"overlap{c}_us"] = bench_us(lambda: overlapped_linear(x, w, c, bufs, out, side))
+                row[f"overlap{c}_err"] = rel_error(overlapped_linear(x, w, c, bufs, out, side), ref)
             for name, cfg in TRITON_CONFIGS.items():
                 try:
                     row[name + "_us"] = bench_us(lambda cfg=cfg: w4a16_linear(x, w, config=cfg))

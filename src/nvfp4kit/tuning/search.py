@@ -27,13 +27,17 @@ SMALL_M_TILES = (
 # (block_n, block_k, num_warps) of small-M tiles with the nibble halves: the fewest sm_90 main-loop instructions a
 # weight (4.3-4.5 against 5.8 for the default 16-column tile; scripts/cpu_sass_counts.py), fewer programs
 SMALL_M_HALVES_TILES = ((64, 256, 4), (32, 256, 2))
-# (block_n, block_k, num_warps, swap_ab) for 16 < M <= 128 (block_m 32 or 64)
+# (block_n, block_k, num_warps, num_stages, swap_ab, halves) for 16 < M <= 128 (block_m 32 or 64), each with split-K
+# up to ~8 waves. Session 23 (H100, `scripts/gpu_linear_tune_check.sh`): of 11 tiles (shallower pipelines, 256-wide
+# K, the nibble halves) only these won anywhere: the dense down at 64 / 128 tokens took the halves tile (15.6 ->
+# 14.4 us), the local o projection at 32 a split of 8 (12.9 -> 11.2 us); more tiles cost tuning minutes, not time
 MID_M_TILES = (
-    (64, 128, 4, False),
-    (128, 64, 4, False),
-    (128, 128, 8, False),
-    (64, 128, 4, True),
-    (128, 128, 4, True),
+    (64, 128, 4, 4, False, False),
+    (128, 64, 4, 4, False, False),
+    (128, 128, 8, 4, False, False),
+    (64, 128, 4, 4, True, False),
+    (128, 128, 4, 4, True, False),
+    (64, 256, 4, 3, False, True),
 )
 # (block_m, block_n, block_k, num_warps, num_stages, swap_ab) for large M
 LARGE_M_TILES = (
@@ -108,14 +112,15 @@ def linear_candidates(
                     )
         elif m <= 128:
             bm = 32 if m <= 32 else 64
-            for bn, bk, warps, swap in MID_M_TILES:
+            for bn, bk, warps, stages, swap, halves in MID_M_TILES:
                 tiles = -(-m // bm) * -(-n // bn)
-                for split in _splits(tiles, k, bk, sms):
+                for split in _deep_splits(tiles, k, bk, sms):
                     out.append(
                         LinearConfig(
-                            "dot", bm, bn, bk, split, swap, num_warps=warps, num_stages=4, decode=decode
+                            "dot", bm, bn, bk, split, swap, num_warps=warps, num_stages=stages, decode=decode,
+                            halves=halves,
                         )
-                    )
+                    )  # fmt: skip
         else:
             for bm, bn, bk, warps, stages, swap in LARGE_M_TILES:
                 out.append(LinearConfig("dot", bm, bn, bk, 1, swap, 8, warps, stages, decode))
