@@ -36,29 +36,6 @@ sys.stdout.buffer.write(kept[-1].asm["cubin"])
 """
 
 
-WIDE = """
-import sys, torch, triton
-from nvfp4kit.kernels import gemv_mma_wide as g
-from nvfp4kit.tuning import cross_compile
-from nvfp4kit.tuning.cases import random_nvfp4
-kept = []
-record = cross_compile._record
-cross_compile._record = lambda fn, kernel, kwargs: (kept.append(kernel), record(fn, kernel, kwargs))[1]
-arch, kw, unroll, groups, nw, rpw = (int(v) for v in sys.argv[1:7])
-m = 16 * groups
-w = random_nvfp4(256, 2112, device="cpu")
-x = torch.randn(m, 2112).bfloat16()
-packed, scale, s2 = w.kernel_operands()
-out = torch.empty(m, 256, dtype=torch.bfloat16)
-with cross_compile.compile_for((arch // 10, arch % 10), 132):
-    g._gemv_mma_wide_kernel[(32, 1)](
-        x.view(torch.int32), packed.view(torch.int32), scale, s2, out, m, 256, 2112, x.stride(0) // 2,
-        packed.stride(0) // 4, scale.stride(0), out.stride(0), KW=kw, NW=nw, RPW=rpw, UNROLL=unroll, ASM=2, GROUPS=groups,
-        PDL=0, num_warps=kw * nw, num_stages=1)
-sys.stdout.buffer.write(kept[-1].asm["cubin"])
-"""
-
-
 GROUPED_MOE = """
 import sys, torch
 from nvfp4kit.kernels import moe_frag_grouped as mg
@@ -138,29 +115,6 @@ def assert_registers_only_loops(sass: str, min_mmas: int) -> None:
 def test_the_k_loop_keeps_its_operands_in_registers(arch, k_warps, unroll, tokens, row_groups, tmp_path):
     args = [str(v) for v in (arch, k_warps, unroll, tokens, row_groups)]
     assert_registers_only_loops(_sass_of(COMPILE, args, tmp_path), 8 * unroll)
-
-
-@pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize(
-    "k_warps,unroll,groups,row_groups,rpw",
-    [(2, 1, 2, 1, 1), (1, 1, 4, 2, 1), (2, 2, 4, 1, 1), (2, 1, 2, 1, 2)],
-)
-def test_the_wide_k_loop_decodes_once_for_every_token_group(
-    arch, k_warps, unroll, groups, row_groups, rpw, tmp_path
-):
-    """gemv_mma_wide.py: 8 MMAs a K step for each 16-token group and each of a warp's rpw row groups, registers
-    only; a word is decoded once (4 byte permutes), not once a group."""
-    sass = _sass_of(WIDE, [str(v) for v in (arch, k_warps, unroll, groups, row_groups, rpw)], tmp_path)
-    mmas = 8 * unroll * groups * rpw
-    assert_registers_only_loops(sass, mmas)
-    loops, lines = loops_and_lines(sass)
-    main = max(loops, key=lambda lo_hi: sum("HMMA" in t for a, t in lines if lo_hi[0] <= a <= lo_hi[1]))
-    in_main = [t for a, t in lines if main[0] <= a <= main[1]]
-    assert sum("HMMA" in t for t in in_main) == mmas
-    assert (
-        sum(t.startswith("PRMT") for t in in_main) <= 16 * unroll * rpw + 4
-    )  # 4 words a step, 4 bytes a word
 
 
 @pytest.mark.skipif(cross_compile._cuobjdump() is None, reason="needs Triton's bundled cuobjdump")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from nvfp4kit.kernels.path_limits import FRAG_MAX_TOKENS, FRAG_TOKENS, FRAG_WIDE_MAX_TOKENS
+from nvfp4kit.kernels.path_limits import FRAG_MAX_TOKENS, FRAG_TOKENS
 
 TUNED_DIR = Path(__file__).with_name("tuned")
 
@@ -37,25 +37,14 @@ class LinearConfig:
     num_stages: int = 3
     decode: str = "bits"  # "bits" (portable Triton) or "asm" (PTX, SM80+)
     halves: bool = False  # FP4 low and high nibbles as even/odd K halves (dot: two MMAs; gemv: no interleave)
-    # frag: unroll = K steps a loop trip, num_warps = warps splitting K, block_n = rows a program (groups of 8);
-    # block_m 8: gemv_mma.py (1-16 tokens), 16-64: gemv_mma_wide.py (17-128 tokens, block_m / 16 token groups,
-    # rows_per_warp 8 or 16 weight rows a warp)
+    # frag: unroll = K steps a loop trip, num_warps = warps splitting K, block_n = rows a program (groups of 8)
     unroll: int = 2
-    rows_per_warp: int = 8
 
     def __post_init__(self) -> None:
         if self.kernel not in ("dot", "gemv", "frag"):
             raise ValueError(f"LinearConfig.kernel must be 'dot', 'gemv' or 'frag', got {self.kernel!r}")
-        frag_m = self.block_m <= 8 or (self.block_m % 16 == 0 and self.block_m <= 64)
-        rows_ok = (
-            self.rows_per_warp in (8, 16)
-            and self.block_n % self.rows_per_warp == 0
-            and 8 <= self.block_n <= 64
-        )
-        if self.kernel == "frag" and not (frag_m and rows_ok):
-            raise ValueError(
-                f"frag configs: block_m 8 or 16-64, 8-64 rows a program in warps of 8 or 16, got {self}"
-            )
+        if self.kernel == "frag" and (self.block_m > 8 or self.block_n % 8 or not 8 <= self.block_n <= 64):
+            raise ValueError(f"frag configs have block_m 8 and 8-64 rows in groups of 8, got {self}")
         if self.decode not in ("bits", "asm"):
             raise ValueError(f"LinearConfig.decode must be 'bits' or 'asm', got {self.decode!r}")
         if self.block_k % 32 or self.block_k < 32:
@@ -331,8 +320,7 @@ def _select_linear_cached(m: int, n: int, k: int, key: tuple[str, int], _interpr
         tuned_frag = cfg is not None and cfg.kernel == "frag"
         return cfg if tuned_frag else frag_linear_config(m, n, k, sms=sm_count(device))
     if cfg is not None:
-        frag_fits = m <= FRAG_MAX_TOKENS if cfg.block_m <= 8 else FRAG_MAX_TOKENS < m <= FRAG_WIDE_MAX_TOKENS
-        fits = {"dot": True, "gemv": m <= cfg.block_m, "frag": frag_fits}[cfg.kernel]
+        fits = {"dot": True, "gemv": m <= cfg.block_m, "frag": m <= FRAG_MAX_TOKENS}[cfg.kernel]
         if fits:
             return cfg
     return heuristic_linear(m, n, k, device=device)

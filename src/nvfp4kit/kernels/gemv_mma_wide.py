@@ -9,15 +9,7 @@ g + 8 are tokens 16j + g and 16j + g + 8 of group j): a word's four bf16x2 weigh
 (`_DECODE_WORD_PTX`) and fed to two MMAs a group (`_MMA16_PTX`), so the decode costs the same at 64 tokens as at
 16; the activations are loaded per group (two 16-byte loads a word), shared by a program's row groups through L1.
 A program takes up to 64 tokens (GROUPS x 16); more tokens add programs along the grid's second axis, each
-reading the weights again (from L2 when the programs run close together). With rows_per_warp 16 each activation
-load feeds two rows' MMAs.
-
-Measured on the H100 (session 23, scripts/gpu_gemv_wide_probe.py; 363 CUDA tests pass): the time grows with the
-activation loads a weight (t ~ a + b x groups / row sets: qkv 30.9 / 57.2 us at 32 / 64 tokens with 8 rows a
-warp, 20.9 / 33.7 with 16), against the shipped tiles' 15.3 / 19.1: faster only for the dense down at 64-96 tokens
-(1.11-1.14x) and the global q/k at 32 (1.05x), and the engine's decode at batch 32 / 64 / 96 within noise
-(+0.6 / +0.2 / +0.1%). Each lane loads its tokens' rows itself (16 bytes from 8 rows a warp instruction); staging
-the activations in shared memory (ldmatrix) and more rows a warp would be the next step. Removed after measuring.
+reading the weights again (from L2 when the programs run close together).
 """
 
 from __future__ import annotations
@@ -69,38 +61,16 @@ def _decode_word(word, scale):
 
 
 @triton.jit
-def _acts(x_rows, x_hi, fw, w: tl.constexpr, words, MASKED: tl.constexpr):
-    """Word `w`'s activation pairs of one token group: tokens g (`x_rows`) and g + 8 (`x_hi`), a 16-byte load each."""
+def _group_mma(b, x_rows, x_hi, fw, w: tl.constexpr, words, acc, MASKED: tl.constexpr):
+    """Word `w`'s MMAs (decoded weights `b`) against one token group's activation pairs: rows `x_rows` (tokens g)
+    and `x_hi` (tokens g + 8), one 16-byte load each."""
     pairs = 4 * (fw + w) + tl.arange(0, 4)[None, :]
     x0, x1, x2, x3 = _quarters(_pairs(x_rows, pairs, words, MASKED))
     h0, h1, h2, h3 = _quarters(_pairs(x_hi, pairs, words, MASKED))
-    return x0, x1, x2, x3, h0, h1, h2, h3
-
-
-@triton.jit
-def _mma16(b, a, acc):
-    """Decoded weights `b` times one token group's activation pairs `a` (`_acts`), added into the quad `acc`."""
     return tl.inline_asm_elementwise(
         _MMA16_PTX,
         "=f,=f,=f,=f,r,r,r,r,r,r,r,r,r,r,r,r,f,f,f,f",
-        [
-            b[0],
-            b[1],
-            b[2],
-            b[3],
-            a[0],
-            a[1],
-            a[2],
-            a[3],
-            a[4],
-            a[5],
-            a[6],
-            a[7],
-            acc[0],
-            acc[1],
-            acc[2],
-            acc[3],
-        ],
+        [b[0], b[1], b[2], b[3], x0, x1, x2, x3, h0, h1, h2, h3, acc[0], acc[1], acc[2], acc[3]],
         dtype=(tl.float32,) * 4,
         is_pure=True,
         pack=1,
@@ -108,57 +78,33 @@ def _mma16(b, a, acc):
 
 
 @triton.jit
-def _group(
-    b, c, xs, j: tl.constexpr, fw, w: tl.constexpr, words, accs, MASKED: tl.constexpr, RPW: tl.constexpr
-):
-    """Token group j: its activations loaded once, multiplied by the lane's first row set's weights `b` (quad j)
-    and with RPW = 2 its second's `c` (quad 4 + j)."""
-    a = _acts(xs[2 * j], xs[2 * j + 1], fw, w, words, MASKED)
-    first = _mma16(b, a, accs[j])
-    second = accs[4 + j]
-    if RPW > 1:
-        second = _mma16(c, a, accs[4 + j])
-    return first, second
-
-
-@triton.jit
-def _word(words_, scales, xs, fw, w: tl.constexpr, words, accs, MASKED: tl.constexpr, GROUPS: tl.constexpr,
-          RPW: tl.constexpr):  # fmt: skip
-    """Decode word `w` of each row set once and add its products into every token group's accumulators (quads
-    0-3: the first row set's groups, 4-7: the second's)."""
-    b = _decode_word(words_[w], scales[w // 2])
-    c = b
-    if RPW > 1:
-        c = _decode_word(words_[4 + w], scales[2 + w // 2])
-    a0, e0 = _group(b, c, xs, 0, fw, w, words, accs, MASKED, RPW)
-    a1, e1 = accs[1], accs[5]
-    a2, e2 = accs[2], accs[6]
-    a3, e3 = accs[3], accs[7]
+def _word(word, scale, xs, fw, w: tl.constexpr, words, accs, MASKED: tl.constexpr, GROUPS: tl.constexpr):
+    """Decode word `w` once and add its products into each of the GROUPS token groups' accumulators."""
+    b = _decode_word(word, scale)
+    a0 = _group_mma(b, xs[0], xs[1], fw, w, words, accs[0], MASKED)
+    a1 = accs[1]
+    a2 = accs[2]
+    a3 = accs[3]
     if GROUPS > 1:
-        a1, e1 = _group(b, c, xs, 1, fw, w, words, accs, MASKED, RPW)
+        a1 = _group_mma(b, xs[2], xs[3], fw, w, words, accs[1], MASKED)
     if GROUPS > 2:
-        a2, e2 = _group(b, c, xs, 2, fw, w, words, accs, MASKED, RPW)
+        a2 = _group_mma(b, xs[4], xs[5], fw, w, words, accs[2], MASKED)
     if GROUPS > 3:
-        a3, e3 = _group(b, c, xs, 3, fw, w, words, accs, MASKED, RPW)
-    return a0, a1, a2, a3, e0, e1, e2, e3
+        a3 = _group_mma(b, xs[6], xs[7], fw, w, words, accs[3], MASKED)
+    return a0, a1, a2, a3
 
 
 @triton.jit
-def _k_step(w_rows, s_rows, w_rows2, s_rows2, xs, first, words, accs, MASKED: tl.constexpr, ASM: tl.constexpr,
-            GROUPS: tl.constexpr, RPW: tl.constexpr):  # fmt: skip
-    """One K step of each lane: 4 packed words of each of its RPW rows (a 16-byte load each) and their 2 block
-    scales, per token group 8 MMAs a row."""
-    w0, w1, w2, w3, s0, s1 = step_weights(w_rows, s_rows, first, words, MASKED, ASM)
-    v0, v1, v2, v3, t0, t1 = w0, w1, w2, w3, s0, s1
-    if RPW > 1:
-        v0, v1, v2, v3, t0, t1 = step_weights(w_rows2, s_rows2, first, words, MASKED, ASM)
-    words_ = (w0, w1, w2, w3, v0, v1, v2, v3)
-    scales = (s0, s1, t0, t1)
+def _k_step(
+    w_rows, xs, s_rows, first, words, accs, MASKED: tl.constexpr, ASM: tl.constexpr, GROUPS: tl.constexpr
+):
+    """One K step of each lane: 4 packed words (one 16-byte load), 2 block scales, per group 8 MMAs."""
+    w0, w1, w2, w3, s_lo, s_hi = step_weights(w_rows, s_rows, first, words, MASKED, ASM)
     fw = first[:, None]
-    accs = _word(words_, scales, xs, fw, 0, words, accs, MASKED, GROUPS, RPW)
-    accs = _word(words_, scales, xs, fw, 1, words, accs, MASKED, GROUPS, RPW)
-    accs = _word(words_, scales, xs, fw, 2, words, accs, MASKED, GROUPS, RPW)
-    accs = _word(words_, scales, xs, fw, 3, words, accs, MASKED, GROUPS, RPW)
+    accs = _word(w0, s_lo, xs, fw, 0, words, accs, MASKED, GROUPS)
+    accs = _word(w1, s_lo, xs, fw, 1, words, accs, MASKED, GROUPS)
+    accs = _word(w2, s_hi, xs, fw, 2, words, accs, MASKED, GROUPS)
+    accs = _word(w3, s_hi, xs, fw, 3, words, accs, MASKED, GROUPS)
     return accs
 
 
@@ -190,8 +136,7 @@ def _gemv_mma_wide_kernel(
     stride_sn,
     stride_om,
     KW: tl.constexpr,  # warps splitting K
-    NW: tl.constexpr,  # warps along the rows (each RPW groups of 8 rows)
-    RPW: tl.constexpr,  # row groups of 8 a warp (1 or 2): each activation load feeds RPW MMA pairs
+    NW: tl.constexpr,  # row groups of 8 a program
     UNROLL: tl.constexpr,
     ASM: tl.constexpr,
     GROUPS: tl.constexpr,  # 16-token groups a program (1-4)
@@ -203,14 +148,12 @@ def _gemv_mma_wide_kernel(
     i, layout_ok = lane_ids(32 * KW * NW)
     g = (i % 32) // 4
     warp = i // 32
-    first_row = tl.program_id(0) * 8 * RPW * NW
+    first_row = tl.program_id(0) * 8 * NW
     first_tok = tl.program_id(1) * 16 * GROUPS
     # lanes past N or M read row N - 1 / token M - 1 (in bounds, no masks in the loop); their results are not stored
-    row = first_row + (warp // KW) * 8 * RPW + g
-    w_rows = w_ptr + tl.minimum(row, N - 1).to(tl.int64) * stride_wn
-    s_rows = s_ptr + tl.minimum(row, N - 1).to(tl.int64) * stride_sn
-    w_rows2 = w_ptr + tl.minimum(row + 8, N - 1).to(tl.int64) * stride_wn
-    s_rows2 = s_ptr + tl.minimum(row + 8, N - 1).to(tl.int64) * stride_sn
+    row = tl.minimum(first_row + (warp // KW) * 8 + g, N - 1)
+    w_rows = w_ptr + row.to(tl.int64) * stride_wn
+    s_rows = s_ptr + row.to(tl.int64) * stride_sn
     xs = (
         x_ptr + tl.minimum(first_tok + g, M - 1).to(tl.int64) * stride_xm,
         x_ptr + tl.minimum(first_tok + g + 8, M - 1).to(tl.int64) * stride_xm,
@@ -223,39 +166,28 @@ def _gemv_mma_wide_kernel(
     )
     lane_word = (warp % KW) * 16 + (i % 4) * 4  # the KW warps of a row group take 16-word steps in turn
     z = tl.zeros([32 * KW * NW], tl.float32)
-    q = (z, z, z, z)
-    accs = (q, q, q, q, q, q, q, q)
+    accs = ((z, z, z, z), (z, z, z, z), (z, z, z, z), (z, z, z, z))
     words = K // 8
     step = 16 * KW
     full = words // (step * UNROLL) * (step * UNROLL)
     for w0 in range(0, full, step * UNROLL):
         for u in tl.static_range(UNROLL):
-            accs = _k_step(w_rows, s_rows, w_rows2, s_rows2, xs, w0 + u * step + lane_word, words, accs, False, ASM,
-                           GROUPS, RPW)  # fmt: skip
+            accs = _k_step(w_rows, xs, s_rows, w0 + u * step + lane_word, words, accs, False, ASM, GROUPS)
     for w0 in range(full, words, step):
-        accs = _k_step(
-            w_rows, s_rows, w_rows2, s_rows2, xs, w0 + lane_word, words, accs, True, ASM, GROUPS, RPW
-        )
+        accs = _k_step(w_rows, xs, s_rows, w0 + lane_word, words, accs, True, ASM, GROUPS)
 
     scale = fold_scale(s2_ptr, 0, True, ASM) * layout_ok
     j = tl.arange(0, 32 * NW)
     out_tok = first_tok + (j % 32) // 4
-    for r in tl.static_range(RPW):
-        out_row = first_row + (j // 32) * 8 * RPW + 8 * r + 2 * (j % 4)  # C columns 2t and 2t + 1
-        base = out_ptr + out_tok.to(tl.int64) * stride_om + out_row
-        _store_group(accs[4 * r], base, stride_om, out_tok, out_row, M, N, scale, KW, NW)
-        if GROUPS > 1:
-            _store_group(
-                accs[4 * r + 1], base + 16 * stride_om, stride_om, out_tok + 16, out_row, M, N, scale, KW, NW
-            )
-        if GROUPS > 2:
-            _store_group(
-                accs[4 * r + 2], base + 32 * stride_om, stride_om, out_tok + 32, out_row, M, N, scale, KW, NW
-            )
-        if GROUPS > 3:
-            _store_group(
-                accs[4 * r + 3], base + 48 * stride_om, stride_om, out_tok + 48, out_row, M, N, scale, KW, NW
-            )
+    out_row = first_row + (j // 32) * 8 + 2 * (j % 4)  # C columns 2t and 2t + 1 of each row group
+    base = out_ptr + out_tok.to(tl.int64) * stride_om + out_row
+    _store_group(accs[0], base, stride_om, out_tok, out_row, M, N, scale, KW, NW)
+    if GROUPS > 1:
+        _store_group(accs[1], base + 16 * stride_om, stride_om, out_tok + 16, out_row, M, N, scale, KW, NW)
+    if GROUPS > 2:
+        _store_group(accs[2], base + 32 * stride_om, stride_om, out_tok + 32, out_row, M, N, scale, KW, NW)
+    if GROUPS > 3:
+        _store_group(accs[3], base + 48 * stride_om, stride_om, out_tok + 48, out_row, M, N, scale, KW, NW)
 
 
 def gemv_mma_wide_supported(x: torch.Tensor, weight: NVFP4Tensor) -> bool:
@@ -286,18 +218,14 @@ def gemv_mma_wide(
     unroll: int = 1,
     row_groups: int = 1,
     groups: int = MAX_GROUPS,
-    rows_per_warp: int = 8,
 ) -> torch.Tensor:
     """x [..., K] (bf16, 17-128 rows) @ dequant(weight [N, K])^T -> [..., N] bf16 (see the module docstring);
-    `groups`: at most this many 16-token groups a program (1-4); `rows_per_warp`: 8 or 16 weight rows a warp
-    (16: each activation load feeds two rows' MMAs); `row_groups`: warps along the rows."""
+    `groups`: at most this many 16-token groups a program (1-4)."""
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"activation has {x.shape[-1]} features, the weight expects {k}")
     if not 1 <= groups <= MAX_GROUPS:
         raise ValueError(f"groups must be 1-{MAX_GROUPS}, got {groups}")
-    if rows_per_warp not in (8, 16):
-        raise ValueError(f"rows_per_warp must be 8 or 16, got {rows_per_warp}")
     if not gemv_mma_wide_supported(x, weight):
         raise ValueError(
             f"gemv_mma_wide needs bf16 activations of {MIN_TOKENS}-{MAX_TOKENS} tokens on an SM80+ GPU, K % 32 == 0 "
@@ -313,11 +241,11 @@ def gemv_mma_wide(
         raise ValueError("gemv_mma_wide needs packed weights that start on a 16-byte boundary")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     per_program = token_groups(m, groups)
-    grid = (triton.cdiv(n, rows_per_warp * row_groups), triton.cdiv(m, 16 * per_program))
+    grid = (triton.cdiv(n, 8 * row_groups), triton.cdiv(m, 16 * per_program))
     _gemv_mma_wide_kernel[grid](
         x2.view(torch.int32), packed.view(torch.int32), scale, s2, out, m, n, k,
         x2.stride(0) // 2, packed.stride(0) // 4, scale.stride(0), out.stride(0),
-        KW=k_warps, NW=row_groups, RPW=rows_per_warp // 8, UNROLL=unroll, ASM=2 if weight.normal_scales() else 1, GROUPS=per_program,
+        KW=k_warps, NW=row_groups, UNROLL=unroll, ASM=2 if weight.normal_scales() else 1, GROUPS=per_program,
         num_warps=k_warps * row_groups, num_stages=1, **pdl_args(x.device),
     )  # fmt: skip
     return out.reshape(*lead, n)

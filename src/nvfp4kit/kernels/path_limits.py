@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 
 FRAG_MAX_TOKENS = 16  # gemv_mma.py: the MMA's 16 A rows
-FRAG_WIDE_MAX_TOKENS = 128  # gemv_mma_wide.py: FRAG_MAX_TOKENS + 1 up to this many, 16-token groups
 MOE_FRAG_MAX_TOKENS = 8  # moe_frag.py's kernels: the 1-8 token form
 
 

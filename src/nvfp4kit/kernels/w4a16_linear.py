@@ -23,7 +23,6 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import LinearConfig, heuristic_linear, interpreting, select_linear_config
 from nvfp4kit.kernels.dequant import dequant_linear
 from nvfp4kit.kernels.gemv_mma import gemv_mma, gemv_mma_supported
-from nvfp4kit.kernels.gemv_mma_wide import gemv_mma_wide, gemv_mma_wide_supported
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 from nvfp4kit.kernels.nvfp4_tile import (
     fold_scale,
@@ -256,13 +255,10 @@ def w4a16_linear(
         return out.reshape(*lead, n)
     cfg = config or select_linear_config(m, n, k, device=x.device)
     if cfg.kernel == "frag":
-        frag_args = dict(k_warps=cfg.num_warps, unroll=cfg.unroll, row_groups=cfg.block_n // 8)
-        if cfg.block_m <= 8 and gemv_mma_supported(x2, weight):
-            return gemv_mma(x2, weight, **frag_args).reshape(*lead, n)
-        if cfg.block_m > 8 and gemv_mma_wide_supported(x2, weight):
-            frag_args.update(row_groups=cfg.block_n // cfg.rows_per_warp, rows_per_warp=cfg.rows_per_warp)
-            return gemv_mma_wide(x2, weight, groups=cfg.block_m // 16, **frag_args).reshape(*lead, n)
-        cfg = heuristic_linear(m, n, k, device=x.device)  # fp16, or a weight the fragment GEMVs do not take
+        if gemv_mma_supported(x2, weight):
+            out = gemv_mma(x2, weight, k_warps=cfg.num_warps, unroll=cfg.unroll, row_groups=cfg.block_n // 8)
+            return out.reshape(*lead, n)
+        cfg = heuristic_linear(m, n, k, device=x.device)  # fp16, or a weight the fragment GEMV does not take
     interpret = interpreting()
     asm = 0  # the decoder: 0 bits, 1 PTX, 2 PTX with normal block scales (nvfp4_tile.py)
     if cfg.decode == "asm" and not interpret and x.dtype != torch.float16:  # PTX output is bf16-scaled

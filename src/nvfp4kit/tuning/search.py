@@ -10,7 +10,7 @@ import dataclasses
 import time
 
 from nvfp4kit.kernels.configs import LinearConfig, MoEConfig, config_to_dict, heuristic_moe_config
-from nvfp4kit.kernels.path_limits import FRAG_MAX_TOKENS, FRAG_WIDE_MAX_TOKENS, MOE_FRAG_MAX_TOKENS
+from nvfp4kit.kernels.path_limits import FRAG_MAX_TOKENS, MOE_FRAG_MAX_TOKENS
 from nvfp4kit.tuning.timing import time_graph
 
 ERROR_BOUND = 1e-2  # relative L2 error vs fp32 math on the dequantized weights (bf16 output rounding ~1e-3)
@@ -77,18 +77,6 @@ def linear_candidates(
         for k_warps in (1, 2, 4, 8):
             for unroll in (1, 2, 4):
                 out.append(LinearConfig("frag", 8, 8, 256, 1, num_warps=k_warps, decode="asm", unroll=unroll))
-    elif frag and m <= FRAG_WIDE_MAX_TOKENS and k % 32 == 0:
-        # gemv_mma_wide.py: 16-token groups a program (one program's worth of tokens, or 64), rows a program
-        # rows_per_warp 16: each activation load feeds two rows' MMAs
-        for block_m in sorted({16 * min(4, -(-m // 16)), 32}):
-            for k_warps, row_groups, unroll, rpw in (
-                (1, 1, 1, 8), (2, 1, 1, 8), (4, 1, 1, 8), (2, 1, 2, 8),
-                (1, 1, 1, 16), (2, 1, 1, 16), (4, 1, 1, 16), (1, 2, 1, 16), (2, 1, 2, 16),
-            ):  # fmt: skip
-                out.append(
-                    LinearConfig("frag", block_m, rpw * row_groups, 256, 1, num_warps=k_warps, decode="asm",
-                                 unroll=unroll, rows_per_warp=rpw)
-                )  # fmt: skip
     for decode in decodes:
         if m <= 2:
             # narrow rows x wide K: few, long loads in flight per program (won at M=1 on the H100 for o/down)
