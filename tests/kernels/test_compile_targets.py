@@ -16,7 +16,7 @@ GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 
 from nvfp4kit.kernels.moe_align import _moe_align_kernel  # noqa: E402
 from nvfp4kit.kernels.moe_sum import _moe_sum_kernel  # noqa: E402
-from nvfp4kit.kernels.paged_attention import _paged_attention_kernel  # noqa: E402
+from nvfp4kit.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel  # noqa: E402
 from nvfp4kit.kernels.w4a16_linear import _w4a16_dot_kernel, _w4a16_gemv_kernel  # noqa: E402
 
 pytestmark = pytest.mark.cuda(also_cpu=True)  # natively on a GPU with -m cuda, interpreted on the CPU
@@ -32,7 +32,6 @@ MOE_PTRS = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "s2_ptr": "*fp32",
             "counter_ptr": "*i32"}  # fmt: skip
 # decode attention over an FP8 e4m3 pool read as bytes (the integer decode every target has), K derived from V
 ATTN_PTRS = {"q_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32", "k_ptr": "*u8", "v_ptr": "*u8",
-             "counter_ptr": "*i32",
              "k_factor": "fp32", "v_factor": "fp32", "knorm_ptr": "*bf16", "inv_freq_ptr": "*fp32",
              "item_seq_ptr": "*i32", "item_q0_ptr": "*i32", "seq_start_ptr": "*i32", "seq_len_ptr": "*i32",
              "seq_offset_ptr": "*i32", "block_table_ptr": "*i32", "ring_ptr": "*i32"}  # fmt: skip
@@ -57,6 +56,7 @@ KERNELS = {
     "sum": (_moe_sum_kernel, 4, dict(TOP_K=8, BLOCK=1024)),
     "align": (_moe_align_kernel, 8, dict(E_PAD=128, BM=16, CHUNK=1024, BLOCK_CHUNK=64)),
     "decode_attention_split": (_paged_attention_kernel, 4, ATTN),
+    "merge_splits_sliding": (_merge_splits_kernel, 4, dict(CHUNK=8, D=256, BLOCK_N=32, SLIDING=True)),
 }  # fmt: skip
 
 

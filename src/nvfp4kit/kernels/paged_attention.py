@@ -8,9 +8,8 @@ paged: block_table[p // block_size] * block_size + p % block_size). Scale is 1.0
 RMS-normalised). Masks: causal, plus p_q - window < p_k for sliding layers.
 
 Decode (one query token per item) can split each sequence's keys over `num_splits` programs (flash-decoding):
-each writes a normalised partial output and its log-sum-exp, and the last of an item's splits to finish (an
-arrival counter per item and KV head, `split_k.py`) merges them, in split order: no merge launch. The split count
-is a runtime argument (only split / not split is compile-time), so a new count costs no compile.
+each writes a normalised partial output and its log-sum-exp, and a small kernel merges them. The split count is
+a runtime argument (only split / not split is compile-time), so a new count costs no compile.
 
 k_eq_v layers that store only V (= the normalised shared projection) derive K in registers: K = rope(V * w_k)
 with the layer's inverse frequencies. RoPE pairs are (i, i + D/2); only the first `rotary_pairs` frequencies are
@@ -45,7 +44,6 @@ from nvfp4kit.kernels.attention_pools import (
 from nvfp4kit.kernels.configs import interpreting, kernel_capability, sm_count, timed_tiles_fit
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
-from nvfp4kit.kernels.split_k import arrival_counters
 
 # the per-step metadata rows of both attention kernels: slices of one buffer at 4 x count bytes, so their 16-byte
 # alignment changes with the step's sequence and item counts (only scalars are loaded from them: nothing to lose)
@@ -94,16 +92,21 @@ def choose_num_splits(num_items: int, kv_heads: int, max_keys: int, *, device: t
     return max(1, min(4 * sms // per_split, max_keys // 128, 128))
 
 
+def merge_chunk(num_splits: int) -> int:
+    """Splits the merge kernel sums at a time (its one compile-time size: 2, 4 or 8, so three variants)."""
+    return min(8, next_pow2(num_splits))
+
+
 def split_variant(num_splits: int) -> int:
-    """What of a split count the decode kernel is compiled for: 0 (no split) or 1."""
-    return int(num_splits > 1)
+    """What of a split count the decode kernels are compiled for: 0 (no split) or the merge's chunk."""
+    return 0 if num_splits <= 1 else merge_chunk(num_splits)
 
 
 # per-step values (metadata rows sliced at 4 x count bytes, the block-table width, the token and split counts)
 # are plain runtime arguments: specialising them on == 1 / % 16 / alignment would compile a variant per step shape
 @triton.jit(do_not_specialize=[*_STEP_POINTERS, "stride_bt", "num_rows", "num_splits"])
 def _paged_attention_kernel(
-    q_ptr, out_ptr, part_acc_ptr, part_lse_ptr, counter_ptr,
+    q_ptr, out_ptr, part_acc_ptr, part_lse_ptr,
     k_ptr, v_ptr, k_factor, v_factor,
     knorm_ptr, inv_freq_ptr,
     item_seq_ptr, item_q0_ptr,
@@ -147,7 +150,6 @@ def _paged_attention_kernel(
         lo = tl.maximum(start + q0 - window + 1, 0)
     if SPLIT:
         chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
-        live = tl.cdiv(tl.maximum(hi - lo, 0), tl.maximum(chunk, 1))  # the splits that hold keys
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
 
@@ -214,43 +216,58 @@ def _paged_attention_kernel(
             mask=store_ok[:, None],
         )
     else:  # decode: one token per item, so a row is one query head; a split past the keys stores nothing
-        first = (item * num_q_heads + head) * num_splits
+        part = (item * num_q_heads + head) * num_splits + split
         lse = tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf"))
-        split_ok = tl.where(hi > lo, store_ok, False)
-        tl.store(part_lse_ptr + first + split, lse, mask=split_ok)
-        tl.store(part_acc_ptr + (first + split)[:, None] * D + cols[None, :], acc, mask=split_ok[:, None])
-        tl.debug_barrier()  # every thread's partial is issued before the arrival is counted
-        tile = item * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel") == num_splits - 1:
-            out_rows = (qoff + tok).to(tl.int64) * stride_ot + head * stride_oh
-            merged = _merge_splits(part_acc_ptr, part_lse_ptr, first, live, row_ok, cols, BLOCK_M, D)
-            tl.store(out_ptr + out_rows[:, None] + cols[None, :], merged.to(out_ptr.dtype.element_ty),
-                     mask=store_ok[:, None])  # fmt: skip
-            tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call (and graph replay)
+        store_ok = tl.where(hi > lo, store_ok, False)
+        tl.store(part_lse_ptr + part, lse, mask=store_ok)
+        tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
 
 
-@triton.jit
-def _merge_splits(
-    part_acc_ptr, part_lse_ptr, first, live, row_ok, cols, BLOCK_M: tl.constexpr, D: tl.constexpr
-):
-    """[BLOCK_M, D]: each row's `live` partial outputs (rows `first` + split of the workspaces) weighted by their
-    softmax mass, in split order whoever arrived last (deterministic sums); a row with no keys gets zeros. Loads
-    bypass L1 (`.cg`): the partials come from other programs."""
-    top = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for split in range(0, live):  # the largest log-sum-exp (a maximum: exact in any order)
-        lse = tl.load(part_lse_ptr + first + split, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        top = tl.maximum(top, lse)
+@triton.jit(do_not_specialize=[*_STEP_POINTERS[:5], "num_rows", "num_splits"])
+def _merge_splits_kernel(
+    part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, item_q0_ptr, seq_start_ptr, seq_len_ptr, seq_offset_ptr,
+    stride_ot, stride_oh, window, num_q_heads, num_rows, num_splits,
+    CHUNK: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    wait_for_inputs(PDL)
+    item = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(item_seq_ptr + item)
+    qoff = tl.load(seq_offset_ptr + seq)
+    # the splits that held keys, as the attention kernel divided them: graphs are captured with the split count
+    # of the longest context, so at a short one most splits are empty (and stored nothing)
+    start = tl.load(seq_start_ptr + seq)
+    hi = start + tl.minimum(tl.load(seq_len_ptr + seq), 1)
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(start + tl.load(item_q0_ptr + item) - window + 1, 0)
+    keys = tl.maximum(hi - lo, 0)
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(keys, num_splits), BLOCK_N) * BLOCK_N, 1)
+    live = tl.cdiv(keys, chunk)
+    base = (item * num_q_heads + head) * num_splits
+    top = tl.full([CHUNK], float("-inf"), tl.float32)
+    for first in range(0, live, CHUNK):  # the largest log-sum-exp (a maximum: exact in any order)
+        idx = first + tl.arange(0, CHUNK)
+        top = tl.maximum(top, tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf")))
+    top = tl.max(top, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    out = tl.zeros([BLOCK_M, D], tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    for split in range(0, live):
-        lse = tl.load(part_lse_ptr + first + split, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+    cols = tl.arange(0, D)
+    out = tl.zeros([D], tl.float32)
+    total = tl.zeros([CHUNK], tl.float32)
+    for first in range(0, live, CHUNK):  # a few splits at a time keeps the tile small
+        idx = first + tl.arange(0, CHUNK)
+        lse = tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf"))
         weight = tl.exp(lse - top)
-        acc = tl.load(part_acc_ptr + (first + split)[:, None] * D + cols[None, :], mask=row_ok[:, None], other=0.0,
-                      cache_modifier=".cg")  # fmt: skip
-        out += acc * weight[:, None]
+        acc = tl.load(
+            part_acc_ptr + (base + idx)[:, None] * D + cols[None, :],
+            mask=(idx < live)[:, None],
+            other=0.0,
+        )
+        out += tl.sum(acc * weight[:, None], 0)
         total += weight
-    return out / tl.maximum(total, 1e-30)[:, None]
+    out = out / tl.maximum(tl.sum(total, 0), 1e-30)
+    dst = out_ptr + qoff.to(tl.int64) * stride_ot + head * stride_oh + cols
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=cols < tl.where(qoff < num_rows, D, 0))  # padding: 0
 
 
 def paged_attention(
@@ -293,16 +310,14 @@ def paged_attention(
     ops = pool_operands(q, v_store, k_store, derived_key)
     v_view, k_view, unit, native_fp8 = ops.v_view, ops.k_view, ops.unit, ops.native_fp8
     part_acc = part_lse = out
-    counters = batch.seq_start  # unused without splits
     if num_splits > 1:
         part_acc = torch.empty(
             len(items), q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         part_lse = torch.empty(len(items), q_heads, num_splits, dtype=torch.float32, device=q.device)
-        counters = arrival_counters(q.device, len(items) * kv_heads)
     table = batch.block_table
     _paged_attention_kernel[(len(items), kv_heads, num_splits)](
-        q, out, part_acc, part_lse, counters, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, ops.knorm, ops.inv_freq,
+        q, out, part_acc, part_lse, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, ops.knorm, ops.inv_freq,
         items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
@@ -314,4 +329,11 @@ def paged_attention(
         PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
     )  # fmt: skip
+    if num_splits > 1:
+        _merge_splits_kernel[(len(items), q_heads)](
+            part_acc, part_lse, out, items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset,
+            out.stride(0), out.stride(1), window or 0, q_heads, tokens, num_splits,
+            CHUNK=merge_chunk(num_splits), D=head_dim, BLOCK_N=cfg.block_n, SLIDING=window is not None,
+            num_warps=4, **pdl_args(q.device),
+        )  # fmt: skip
     return out
