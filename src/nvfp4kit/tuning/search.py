@@ -28,9 +28,10 @@ SMALL_M_TILES = (
 # weight (4.3-4.5 against 5.8 for the default 16-column tile; scripts/cpu_sass_counts.py), fewer programs
 SMALL_M_HALVES_TILES = ((64, 256, 4), (32, 256, 2))
 # (block_n, block_k, num_warps, num_stages, swap_ab, halves) for 16 < M <= 128 (block_m 32 or 64), each with split-K
-# up to ~8 waves. Session 23 (H100, `scripts/gpu_linear_tune_check.sh`): of 11 tiles (shallower pipelines, 256-wide
-# K, the nibble halves) only these won anywhere: the dense down at 64 / 128 tokens took the halves tile (15.6 ->
-# 14.4 us), the local o projection at 32 a split of 8 (12.9 -> 11.2 us); more tiles cost tuning minutes, not time
+# up to ~8 waves. Session 23 (H100, `scripts/gpu_linear_tune_check.sh`): of six more tiles tried (shallower
+# pipelines, 256-wide K, the nibble halves) only the last one here won anywhere (the dense down at 64 / 128 tokens,
+# 15.6 -> 14.4 us), and a deeper split the local o projection at 32 tokens (split 8: 12.9 -> 11.2 us); the others
+# only lengthened `tune`
 MID_M_TILES = (
     (64, 128, 4, 4, False, False),
     (128, 64, 4, 4, False, False),
