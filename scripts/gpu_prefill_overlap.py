@@ -1,0 +1,267 @@
+"""Can a prefill layer hide its weight expansions behind its GEMMs (issue 15)? Session 23 found a prefill linear =
+BF16 cuBLAS + the expansion of its NVFP4 weight (1.31-1.33x cuBLAS at 1,024 tokens). Here the expansion of the next
+weight runs on a second stream while cuBLAS multiplies by the current one (two scratch buffers), over a layer's
+dense linears in order (qkv, o, gate_up, down of a sliding and of a global layer), in CUDA graphs over weight sets
+rotated past the L2. Rows per token count, us per layer pair:
+  bf16     cuBLAS on BF16 copies (the floor)
+  serial   expand, multiply, expand, multiply ... on one stream (the engine's path today)
+  overlap  the next weight expanded on a side stream during this multiply (side stream at normal priority)
+  hiprio   the same, side stream at high priority (its blocks dispatched first when the GEMM's blocks retire)
+  *_cC_pP  with cuBLAS told to leave C SMs free (torch's experimental SM carveout) and the expansion capped at P
+           programs (`dequantize_nvfp4(programs=)`), so the two can share the card
+and the MoE's all-expert expansion (the grouped prefill path's, 128 experts) beside the attention-side GEMMs
+(qkv + o of a global layer), and the expansion of the MoE's up projection beside the gate projection's grouped GEMM
+(`torch._grouped_mm`, uniform routing): each alone, and both at once ("hidden": the share of the expansion's time
+the overlap saved).
+Usage (GPU machine, repository root): PYTHONPATH=src python3 scripts/gpu_prefill_overlap.py [--ms 1024 2048 8192]
+"""
+
+# ruff: noqa: B023  (every lambda here is timed inside its loop iteration)
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from nvfp4kit.kernels.dequant import dequantize_nvfp4
+from nvfp4kit.tuning.cases import DENSE_SHAPES, MOE_SHAPE, random_nvfp4
+from nvfp4kit.tuning.timing import l2_cache_bytes, rotation_sets, time_graph
+
+LAYER = [
+    "dense_qkv_sliding", "dense_o_sliding", "dense_gate_up", "dense_down",
+    "dense_qk_global", "dense_o_global", "dense_gate_up", "dense_down",
+]  # fmt: skip
+
+
+def run_chain(ws, xs, bufs, side: torch.cuda.Stream | None, programs: int | None = None) -> None:
+    """Each weight expanded then multiplied, in order; with `side`, weight j+1 expands there during multiply j."""
+    if side is None:
+        for w, x in zip(ws, xs):
+            n, k = w.shape
+            F.linear(x, dequantize_nvfp4(w, out=bufs[0][: n * k].view(n, k)))
+        return
+    main = torch.cuda.current_stream()
+    views = [bufs[j % 2][: w.shape[0] * w.shape[1]].view(*w.shape) for j, w in enumerate(ws)]
+    ready = [torch.cuda.Event() for _ in ws]
+    done = [torch.cuda.Event() for _ in ws]
+    side.wait_stream(main)  # fork: the buffers' earlier readers are done
+    with torch.cuda.stream(side):
+        dequantize_nvfp4(ws[0], out=views[0], programs=programs)
+        ready[0].record(side)
+    for j, x in enumerate(xs):
+        if j + 1 < len(ws):
+            with torch.cuda.stream(side):
+                if j >= 1:
+                    side.wait_event(done[j - 1])  # weight j+1 takes the buffer multiply j-1 read
+                dequantize_nvfp4(ws[j + 1], out=views[j + 1], programs=programs)
+                ready[j + 1].record(side)
+        main.wait_event(ready[j])
+        F.linear(x, views[j])
+        done[j].record(main)
+    main.wait_stream(side)  # join
+
+
+def _grouped_table(rows) -> None:
+    print("\nMoE grouped GEMM (gate, 128 experts, M x 8 rows) beside the next projection's expansion, us")
+    print(f"{'M':>5} {'grouped':>8} {'expand':>8} {'both':>8} {'hiprio':>8}  hidden")
+    for m, t in rows:
+        both = min(t["both"], t["both_hiprio"])
+        hidden = (t["grouped"] + t["expand"] - both) / t["expand"]
+        print(f"{m:5d} " + " ".join(f"{t[k]:8.1f}" for k in ("grouped", "expand", "both", "both_hiprio"))
+              + f"  {100 * hidden:5.0f}%")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", type=int, nargs="+", default=[1024, 2048, 8192])
+    ap.add_argument(
+        "--combos", nargs="*", default=["16:32", "16:64", "32:64", "32:128"],
+        help="C:P, cuBLAS leaving C SMs free and the expansion capped at P programs",
+    )  # fmt: skip
+    args = ap.parse_args()
+    combos = [tuple(int(v) for v in c.split(":")) for c in args.combos]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    l2 = l2_cache_bytes()
+    shapes = [DENSE_SHAPES[name] for name in LAYER]
+    layer_bytes = sum(2 * n * k for n, k in shapes)
+    sets = rotation_sets(layer_bytes, l2_bytes=l2, cap=3)
+    ws = [[random_nvfp4(n, k, seed=10 * s + j) for j, (n, k) in enumerate(shapes)] for s in range(sets)]
+    dense = [[w.dequantize(torch.bfloat16) for w in layer] for layer in ws]
+    biggest = max(n * k for n, k in shapes)
+    bufs = [torch.empty(biggest, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    side = torch.cuda.Stream()
+    high = torch.cuda.Stream(priority=-1)
+    rows = []
+    print(
+        f"{torch.cuda.get_device_name()}: {sets} weight sets of {layer_bytes / 2**20:.0f} MiB (BF16)",
+        flush=True,
+    )
+    for m in args.ms:
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
+        t = {
+            "bf16": time_graph(lambda i: [F.linear(x, w) for x, w in zip(xs, dense[i])], sets=sets, calls=4),
+            "expand": time_graph(
+                lambda i: [
+                    dequantize_nvfp4(w, out=bufs[0][: w.shape[0] * w.shape[1]].view(*w.shape)) for w in ws[i]
+                ],
+                sets=sets,
+                calls=4,
+            ),  # fmt: skip
+            "serial": time_graph(lambda i: run_chain(ws[i], xs, bufs, None), sets=sets, calls=4),
+            "overlap": time_graph(lambda i: run_chain(ws[i], xs, bufs, side), sets=sets, calls=4),
+            "hiprio": time_graph(lambda i: run_chain(ws[i], xs, bufs, high), sets=sets, calls=4),
+        }
+        # cuBLAS leaves `carve` SMs free; the expansion runs `programs` programs
+        for carve, programs in combos:
+            t[f"expand_p{programs}"] = time_graph(
+                lambda i: [dequantize_nvfp4(w, out=bufs[0][: w.shape[0] * w.shape[1]].view(*w.shape),
+                                            programs=programs) for w in ws[i]], sets=sets, calls=4)  # fmt: skip
+            torch._C._set_sm_carveout_experimental(carve)
+            try:
+                t[f"bf16_c{carve}"] = time_graph(
+                    lambda i: [F.linear(x, w) for x, w in zip(xs, dense[i])], sets=sets, calls=4
+                )
+                t[f"overlap_c{carve}_p{programs}"] = time_graph(
+                    lambda i: run_chain(ws[i], xs, bufs, side, programs), sets=sets, calls=4
+                )
+            finally:
+                torch._C._set_sm_carveout_experimental(None)
+        rows.append((m, t))
+        print(f"M={m}: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
+        del xs
+    # the MoE's all-expert expansion beside a global layer's qkv + o GEMMs
+    e, h, inter = MOE_SHAPE["experts"], MOE_SHAPE["hidden"], MOE_SHAPE["inter"]
+    gu = random_nvfp4(2 * inter, h, experts=e, seed=99)
+    moe_out = torch.empty(e, 2 * inter, h, dtype=torch.bfloat16, device="cuda")
+    attn = [dense[0][4], dense[0][5]]
+    moe_rows = []
+    for m in args.ms:
+        xs = [torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16) for w in attn]
+
+        def both(_i, stream=side):
+            main = torch.cuda.current_stream()
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                dequantize_nvfp4(gu, out=moe_out)
+            for x, w in zip(xs, attn):
+                F.linear(x, w)
+            main.wait_stream(stream)
+
+        t = {
+            "gemms": time_graph(lambda i: [F.linear(x, w) for x, w in zip(xs, attn)], sets=1, calls=4),
+            "moe_expand": time_graph(lambda i: dequantize_nvfp4(gu, out=moe_out), sets=1, calls=4),
+            "both": time_graph(both, sets=1, calls=4),
+            "both_hiprio": time_graph(lambda i: both(i, high), sets=1, calls=4),
+        }
+        moe_rows.append((m, t))
+        print(f"M={m} moe: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
+    # the MoE's own grouped GEMM (gate rows of all experts) beside the expansion of the next projection (up)
+    grouped_rows = []
+    blocks = [torch.empty(e, inter, h, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    dequantize_nvfp4(gu, out=blocks[0], rows=(0, inter))
+    for m in args.ms:
+        pairs = m * MOE_SHAPE["top_k"]
+        offs = torch.arange(1, e + 1, device="cuda", dtype=torch.int32) * (pairs // e)
+        a = torch.randn(int(offs[-1]), h, device="cuda", dtype=torch.bfloat16)
+
+        def grouped(_i):
+            torch._grouped_mm(a, blocks[0].transpose(1, 2), offs=offs)
+
+        def expand_up(_i):
+            dequantize_nvfp4(gu, out=blocks[1], rows=(inter, inter))
+
+        def together(_i, stream=side):
+            main = torch.cuda.current_stream()
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                expand_up(_i)
+            grouped(_i)
+            main.wait_stream(stream)
+
+        t = {
+            "grouped": time_graph(grouped, sets=1, calls=4),
+            "expand": time_graph(expand_up, sets=1, calls=4),
+            "both": time_graph(together, sets=1, calls=4),
+            "both_hiprio": time_graph(lambda i: together(i, high), sets=1, calls=4),
+        }
+        for carve, programs in combos:
+            torch._C._set_sm_carveout_experimental(carve)
+            try:
+                t[f"grouped_c{carve}"] = time_graph(grouped, sets=1, calls=4)
+
+                def capped(_i, programs=programs):
+                    main = torch.cuda.current_stream()
+                    side.wait_stream(main)
+                    with torch.cuda.stream(side):
+                        dequantize_nvfp4(gu, out=blocks[1], rows=(inter, inter), programs=programs)
+                    grouped(_i)
+                    main.wait_stream(side)
+
+                t[f"both_c{carve}_p{programs}"] = time_graph(capped, sets=1, calls=4)
+            finally:
+                torch._C._set_sm_carveout_experimental(None)
+        grouped_rows.append((m, t))
+        print(f"M={m} grouped: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
+    # the engine's MoE prefill path (kernels/moe_prefill.py) with its up / down expansions beside the grouped GEMMs
+    from nvfp4kit.kernels import moe_prefill
+    from nvfp4kit.kernels.fused_moe import fused_moe
+
+    dn = random_nvfp4(h, inter, experts=e, seed=98)
+    layer_rows = []
+    for m in [m for m in args.ms if m >= 4096] or [4096]:
+        x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+        logits = torch.randn(m, e, device="cuda")
+        weights, ids = torch.topk(logits.softmax(-1), MOE_SHAPE["top_k"])
+
+        def layer(_i):
+            return fused_moe(x, ids, weights, gu, dn)
+
+        t, outs = {}, {}
+        for name, beside, carve, programs in [("serial", False, 0, 0)] + [
+            (f"beside_c{c}_p{p}", True, c, p) for c, p in combos if c > 0
+        ]:
+            moe_prefill.EXPAND_BESIDE, moe_prefill.BESIDE_CARVEOUT_SMS = beside, carve
+            moe_prefill.BESIDE_PROGRAMS = programs
+            outs[name] = layer(0).float()
+            t[name] = time_graph(layer, sets=1, calls=4)
+        ref = outs["serial"]
+        errs = {k: ((v - ref).norm() / ref.norm()).item() for k, v in outs.items()}
+        layer_rows.append((m, t, errs))
+        print(
+            f"M={m} moe layer: " + ", ".join(f"{k} {v:.1f} (err {errs[k]:.1e})" for k, v in t.items()),
+            flush=True,
+        )
+    print(f"\n{torch.cuda.get_device_name()}, us per sliding + global layer's dense linears")
+    print(
+        f"{'M':>5} {'bf16':>8} {'expand':>8} {'serial':>8} {'overlap':>8} {'hiprio':>8}  serial/bf16 overlap/bf16"
+    )
+    for m, t in rows:
+        best = min(t["overlap"], t["hiprio"])
+        print(f"{m:5d} " + " ".join(f"{t[k]:8.1f}" for k in ("bf16", "expand", "serial", "overlap", "hiprio"))
+              + f"  {t['serial'] / t['bf16']:11.2f} {best / t['bf16']:11.2f}")  # fmt: skip
+    for carve, programs in combos:
+        print(f"cuBLAS leaving {carve} SMs free, expansion on {programs} programs: M, bf16, expand alone, overlap,"
+              " overlap / full-card bf16")  # fmt: skip
+        for m, t in rows:
+            keys = (f"bf16_c{carve}", f"expand_p{programs}", f"overlap_c{carve}_p{programs}")
+            print(f"{m:5d} " + " ".join(f"{t[k]:8.1f}" for k in keys) + f"  {t[keys[2]] / t['bf16']:5.2f}")
+    print("\nMoE gate_up expansion (128 experts) beside a global layer's qkv + o GEMMs, us")
+    print(f"{'M':>5} {'gemms':>8} {'expand':>8} {'both':>8} {'hiprio':>8}  hidden")
+    for m, t in moe_rows:
+        both = min(t["both"], t["both_hiprio"])
+        hidden = (t["gemms"] + t["moe_expand"] - both) / t["moe_expand"]
+        print(f"{m:5d} " + " ".join(f"{t[k]:8.1f}" for k in ("gemms", "moe_expand", "both", "both_hiprio"))
+              + f"  {100 * hidden:5.0f}%")  # fmt: skip
+    _grouped_table(grouped_rows)
+    print(
+        "\nMoE prefill layer (fused_moe, 128 experts, top-8), serial against expansions beside the GEMMs, us"
+    )
+    for m, t, errs in layer_rows:
+        best = min((v, k) for k, v in t.items() if k != "serial")
+        print(f"{m:5d} serial {t['serial']:8.1f}  best {best[1]} {best[0]:8.1f}  ({t['serial'] / best[0]:.2f}x)"
+              f"  max rel err {max(errs.values()):.1e}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
