@@ -203,35 +203,6 @@ def main() -> None:
                 torch._C._set_sm_carveout_experimental(None)
         grouped_rows.append((m, t))
         print(f"M={m} grouped: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
-    # the engine's MoE prefill path (kernels/moe_prefill.py) with its up / down expansions beside the grouped GEMMs
-    from nvfp4kit.kernels import moe_prefill
-    from nvfp4kit.kernels.fused_moe import fused_moe
-
-    dn = random_nvfp4(h, inter, experts=e, seed=98)
-    layer_rows = []
-    for m in [m for m in args.ms if m >= 4096] or [4096]:
-        x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-        logits = torch.randn(m, e, device="cuda")
-        weights, ids = torch.topk(logits.softmax(-1), MOE_SHAPE["top_k"])
-
-        def layer(_i):
-            return fused_moe(x, ids, weights, gu, dn)
-
-        t, outs = {}, {}
-        for name, beside, carve, programs in [("serial", False, 0, 0)] + [
-            (f"beside_c{c}_p{p}", True, c, p) for c, p in combos if c > 0
-        ]:
-            moe_prefill.EXPAND_BESIDE, moe_prefill.BESIDE_CARVEOUT_SMS = beside, carve
-            moe_prefill.BESIDE_PROGRAMS = programs
-            outs[name] = layer(0).float()
-            t[name] = time_graph(layer, sets=1, calls=4)
-        ref = outs["serial"]
-        errs = {k: ((v - ref).norm() / ref.norm()).item() for k, v in outs.items()}
-        layer_rows.append((m, t, errs))
-        print(
-            f"M={m} moe layer: " + ", ".join(f"{k} {v:.1f} (err {errs[k]:.1e})" for k, v in t.items()),
-            flush=True,
-        )
     print(f"\n{torch.cuda.get_device_name()}, us per sliding + global layer's dense linears")
     print(
         f"{'M':>5} {'bf16':>8} {'expand':>8} {'serial':>8} {'overlap':>8} {'hiprio':>8}  serial/bf16 overlap/bf16"
@@ -254,13 +225,6 @@ def main() -> None:
         print(f"{m:5d} " + " ".join(f"{t[k]:8.1f}" for k in ("gemms", "moe_expand", "both", "both_hiprio"))
               + f"  {100 * hidden:5.0f}%")  # fmt: skip
     _grouped_table(grouped_rows)
-    print(
-        "\nMoE prefill layer (fused_moe, 128 experts, top-8), serial against expansions beside the GEMMs, us"
-    )
-    for m, t, errs in layer_rows:
-        best = min((v, k) for k, v in t.items() if k != "serial")
-        print(f"{m:5d} serial {t['serial']:8.1f}  best {best[1]} {best[0]:8.1f}  ({t['serial'] / best[0]:.2f}x)"
-              f"  max rel err {max(errs.values()):.1e}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nvfp4kit.kernels.fused_moe import fused_moe
-from nvfp4kit.kernels.moe_prefill import expands_beside, grouped_mm_available
+from nvfp4kit.kernels.moe_prefill import grouped_mm_available
 from nvfp4kit.model.ops import TorchBackend
 
 from .helpers import BF16_BOUND, DEVICE, FP32_BOUND, random_experts, rel_error
@@ -86,23 +86,4 @@ def test_scratch_is_one_expert_block_as_the_memory_plan_reserves(experts):
     x = torch.randn(9, H, generator=torch.Generator().manual_seed(9)).to(DEVICE, torch.bfloat16)
     release_scratch()
     _run(x, ids, weights, *experts, 2 * BF16_BOUND)
-    assert scratch_bytes() == (2 if expands_beside(x) else 1) * E * INTER * H * 2  # opt-in: a second block
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream and the SM carveout are CUDA's")
-def test_expanding_beside_the_grouped_gemm_gives_the_serial_result(experts, monkeypatch):
-    """The up and down experts expanded on a side stream into a second block (CUDA) compute what one stream
-    computes: same expanded values, the GEMMs at most in another reduction order."""
-    from nvfp4kit.kernels import moe_prefill
-
-    gate_up, down = experts
-    x = torch.randn(64, H, device=DEVICE, dtype=torch.bfloat16)
-    ids, weights = _routing(64, 2, seed=9, idle=(1,))
-    ids, weights = ids.to(DEVICE), weights.to(DEVICE)
-    runs = {}
-    for beside in (False, True):
-        monkeypatch.setattr(moe_prefill, "EXPAND_BESIDE", beside)
-        runs[beside] = fused_moe(x, ids, weights, gate_up, down, prefill_min_tokens=1)
-        torch.cuda.synchronize()
-        assert moe_prefill.expands_beside(x) == beside
-    assert rel_error(runs[True], runs[False].float()) < BF16_BOUND
+    assert scratch_bytes() == E * INTER * H * 2

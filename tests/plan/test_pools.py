@@ -92,19 +92,16 @@ def test_the_engines_kv_tensors_hold_what_the_plan_counts(preset, kv_dtype, once
 
 
 def test_reserve_holds_the_weight_expansion_scratch_of_prefill_sized_chunks():
-    from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M, MOE_EXPAND_BESIDE, MOE_PREFILL_MIN_TOKENS
+    from nvfp4kit.kernels.thresholds import DEQUANT_MIN_M, MOE_PREFILL_MIN_TOKENS
     from nvfp4kit.plan.pools import expansion_scratch_bytes
 
     assert expansion_scratch_bytes(CFG, DEQUANT_MIN_M - 1) == 0  # the Triton tiles read FP4 in place
     # from DEQUANT_MIN_M tokens the widest linear is expanded: a global layer's q/k/v, 16 x 512 + 2 x 2 x 512 wide
     assert expansion_scratch_bytes(CFG, DEQUANT_MIN_M) == 10_240 * 2_816 * 2
-    # from MOE_PREFILL_MIN_TOKENS all 128 experts' [I, H] blocks share the same buffer: 507 MiB, and a second one
-    # takes the next projection expanded beside the grouped GEMM
-    block = 128 * 704 * 2_816 * 2
-    blocks = 2 if MOE_EXPAND_BESIDE else 1
-    assert expansion_scratch_bytes(CFG, MOE_PREFILL_MIN_TOKENS) == blocks * block
+    # from MOE_PREFILL_MIN_TOKENS all 128 experts' [I, H] blocks share the same buffer: 507 MiB
+    assert expansion_scratch_bytes(CFG, MOE_PREFILL_MIN_TOKENS) == 128 * 704 * 2_816 * 2
     small, large = plan(prefill_chunk=2048).reserve, plan(prefill_chunk=4096).reserve
-    assert large.scratch - small.scratch == blocks * block - 10_240 * 2_816 * 2
+    assert large.scratch - small.scratch == 128 * 704 * 2_816 * 2 - 10_240 * 2_816 * 2
 
 
 def test_big_cards_attend_sliding_layers_in_passes_of_2048_small_ones_512():

@@ -25,7 +25,7 @@ from nvfp4kit.kernels.nvfp4_tile import expand_weight, fold_scale, load_weight_r
 # the earlier 32 x 128
 EXPAND_TILE = (16, 512, 4)
 
-_scratch: dict[tuple[str, int, torch.dtype, int], torch.Tensor] = {}
+_scratch: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
 
 
 @triton.jit
@@ -66,7 +66,8 @@ def _dequant_kernel(
     PERSISTENT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One tile a program (grid: matrices x row blocks x column blocks), or, PERSISTENT, a fixed number of
-    programs striding over all tiles (to leave most SMs to a GEMM running beside it on another stream)."""
+    programs striding over all tiles, meant to leave SMs to a GEMM on another stream. Measured on the H100
+    (session 24, scripts/gpu_prefill_overlap.py): the two still ran one after the other, so no path uses it."""
     wait_for_inputs(PDL)
     if PERSISTENT:
         for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
@@ -131,18 +132,15 @@ def dequantize_nvfp4(
     return out
 
 
-def scratch(
-    device: torch.device, dtype: torch.dtype, shape: tuple[int, ...], *, slot: int = 0
-) -> torch.Tensor:
+def scratch(device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A contiguous view of `shape` on the reused per-device buffer (grown when a larger view is asked for).
 
-    Every view of a slot aliases the same memory: a caller must be done with one view (in stream order) before
-    the next `scratch` call's user writes it. Slot 1 is a second buffer, for an expansion that runs beside a GEMM
-    reading slot 0 (moe_prefill.py)."""
+    Every view aliases the same memory: a caller must be done with one view (in stream order) before the
+    next `scratch` call's user writes it."""
     numel = 1
     for size in shape:
         numel *= size
-    key = (device.type, -1 if device.index is None else device.index, dtype, slot)
+    key = (device.type, -1 if device.index is None else device.index, dtype)
     buf = _scratch.get(key)
     if buf is None or buf.numel() < numel:
         _scratch.pop(key, None)  # let the allocator reuse the old block for the new one

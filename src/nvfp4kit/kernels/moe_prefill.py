@@ -14,8 +14,6 @@ Triton grouped kernels of `fused_moe.py` run at every size.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -25,15 +23,6 @@ from nvfp4kit.formats.nvfp4 import NVFP4Tensor
 from nvfp4kit.kernels.configs import device_capability
 from nvfp4kit.kernels.dequant import dequantize_nvfp4, scratch
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
-from nvfp4kit.kernels.thresholds import MOE_EXPAND_BESIDE
-
-# The up and down projections' expansions beside the previous grouped GEMM (CUDA): the GEMM leaves
-# BESIDE_CARVEOUT_SMS SMs free and the expansion runs BESIDE_PROGRAMS programs, else the GEMM's blocks fill every SM
-# and the two run one after the other (scripts/gpu_prefill_overlap.py). Costs a second [E, I, H] block of scratch.
-EXPAND_BESIDE = MOE_EXPAND_BESIDE
-BESIDE_CARVEOUT_SMS = 16
-BESIDE_PROGRAMS = 64
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -77,56 +66,6 @@ def _grouped(a: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torc
     return torch._grouped_mm(a, weights.transpose(1, 2), offs=offs)
 
 
-def expands_beside(x2: torch.Tensor) -> bool:
-    """Whether the up and down projections' experts expand on a side stream beside the previous grouped GEMM."""
-    return EXPAND_BESIDE and x2.is_cuda and hasattr(torch._C, "_set_sm_carveout_experimental")
-
-
-@contextmanager
-def _sm_carveout(sms: int):
-    """cuBLAS / CUTLASS GEMMs launched inside leave `sms` SMs free (torch's experimental knob; read at launch)."""
-    torch._C._set_sm_carveout_experimental(sms)
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(None)
-
-
-def _projections_beside(
-    rows: torch.Tensor, offs: torch.Tensor, gate_up: NVFP4Tensor, down: NVFP4Tensor
-) -> torch.Tensor:
-    """down(gelu(gate(rows)) * up(rows)) over expert-sorted rows, the up and down weights expanded on a side
-    stream (into a second scratch block) while the previous grouped GEMM runs on SMs it leaves free."""
-    num_experts, two_inter, hidden = gate_up.shape
-    inter, dtype, device = two_inter // 2, rows.dtype, rows.device
-    first = scratch(device, dtype, (num_experts, inter, hidden))
-    second = scratch(device, dtype, (num_experts, inter, hidden), slot=1)
-    main = torch.cuda.current_stream(device)
-    side = _side_streams.setdefault(device, torch.cuda.Stream(device))
-    up_ready, gate_done, down_ready = torch.cuda.Event(), torch.cuda.Event(), torch.cuda.Event()
-    dequantize_nvfp4(gate_up, dtype=dtype, rows=(0, inter), out=first)  # nothing to hide this one behind
-    side.wait_stream(main)  # fork: the blocks' earlier readers are done
-    with torch.cuda.stream(side):
-        dequantize_nvfp4(gate_up, dtype=dtype, rows=(inter, inter), out=second, programs=BESIDE_PROGRAMS)
-        up_ready.record(side)
-    with _sm_carveout(BESIDE_CARVEOUT_SMS):
-        gate = _grouped(rows, first, offs)
-        gate_done.record(main)
-        with torch.cuda.stream(side):
-            side.wait_event(gate_done)  # the down weights take the block the gate GEMM read
-            dense_down = first.view(num_experts, hidden, inter)
-            dequantize_nvfp4(down, dtype=dtype, out=dense_down, programs=BESIDE_PROGRAMS)
-            down_ready.record(side)
-        main.wait_event(up_ready)
-        up = _grouped(rows, second, offs)
-        act = F.gelu(gate, approximate="tanh").mul_(up)
-        del gate, up
-        main.wait_event(down_ready)
-        y = _grouped(act, dense_down, offs)
-    main.wait_stream(side)  # join (a capture must end with every forked stream joined)
-    return y
-
-
 def moe_prefill(
     x2: torch.Tensor,
     ids: torch.Tensor,
@@ -149,17 +88,14 @@ def moe_prefill(
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     rows = x2.index_select(0, order // top_k)
-    if expands_beside(x2):
-        y = _projections_beside(rows, offs, gate_up, down)
-    else:
-        buf = scratch(x2.device, x2.dtype, (num_experts, inter, hidden))
-        gate = _grouped(rows, dequantize_nvfp4(gate_up, dtype=x2.dtype, rows=(0, inter), out=buf), offs)
-        up = _grouped(rows, dequantize_nvfp4(gate_up, dtype=x2.dtype, rows=(inter, inter), out=buf), offs)
-        del rows
-        act = F.gelu(gate, approximate="tanh").mul_(up)
-        del gate, up
-        dense_down = dequantize_nvfp4(down, dtype=x2.dtype, out=buf.view(num_experts, hidden, inter))
-        y = _grouped(act, dense_down, offs)
+    buf = scratch(x2.device, x2.dtype, (num_experts, inter, hidden))
+    gate = _grouped(rows, dequantize_nvfp4(gate_up, dtype=x2.dtype, rows=(0, inter), out=buf), offs)
+    up = _grouped(rows, dequantize_nvfp4(gate_up, dtype=x2.dtype, rows=(inter, inter), out=buf), offs)
+    del rows
+    act = F.gelu(gate, approximate="tanh").mul_(up)
+    del gate, up
+    dense_down = dequantize_nvfp4(down, dtype=x2.dtype, out=buf.view(num_experts, hidden, inter))
+    y = _grouped(act, dense_down, offs)
     pos = torch.empty_like(order)
     pos.scatter_(0, order, torch.arange(order.numel(), device=x2.device))
     block = min(1024, triton.next_power_of_2(hidden))

@@ -4,8 +4,6 @@ The kernels read these to pick their path; the memory planner (`nvfp4kit.plan.po
 scratch those paths allocate, so `nvfp4kit plan` works on a machine without Triton.
 """
 
-import os
-
 # tokens from which a linear's default path expands the weight and calls cuBLAS (kernels/w4a16_linear.py): on
 # the H200 at M = 512 it beat the best Triton tile for all six 26B-A4B linears by 1.2-2.2x (docs/benchmarks.md)
 DEQUANT_MIN_M = 512
@@ -14,10 +12,6 @@ DEQUANT_MIN_M = 512
 # `grouped_mm_available`). H200, 26B-A4B MoE: 1.93 ms vs 1.97 (the best Triton tiles) at 4096 tokens, 2.75 vs
 # 3.51 at 8192, but 1.70 vs 1.11 at 2048: the expansion of all 128 experts costs a fixed 0.72 ms
 MOE_PREFILL_MIN_TOKENS = 4096
-# opt-in (NVFP4KIT_MOE_EXPAND_BESIDE=1): that path expands the up and down projections' experts on a side stream
-# beside the previous grouped GEMM (moe_prefill.py), into a second [E, I, H] block of scratch. H100, session 24:
-# the MoE layer at 8,192 tokens 3,556 us against 2,950 serial, engine prefill 8K 35,637 against 41,460 tok/s
-MOE_EXPAND_BESIDE = os.environ.get("NVFP4KIT_MOE_EXPAND_BESIDE", "0") == "1"
 
 # keys (a step's prefill sequences together) from which derived K's rotated columns are written once per layer
 # and step into a scratch (kernels/rotated_keys.py); the allocator's margin (plan.pools.MIN_MARGIN) holds up to

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.kernels.thresholds import (
     DEQUANT_MIN_M,
-    MOE_EXPAND_BESIDE,
     MOE_PREFILL_MIN_TOKENS,
     PREROTATE_MARGIN_BYTES,
     PREROTATE_MIN_KEYS,
@@ -120,19 +119,16 @@ def expansion_scratch_bytes(cfg: Gemma4TextConfig, prefill_chunk: int) -> int:
     """The one BF16 buffer that prefill-sized NVFP4 GEMMs expand weights into, shared by every layer and grown to
     its largest user: the widest linear from `DEQUANT_MIN_M` tokens a chunk, every expert's [E, I, H] block from
     `MOE_PREFILL_MIN_TOKENS` (507 MiB for 26B-A4B; on cards without grouped GEMMs that path does not run, so this
-    over-reserves there), plus a second such block where the next projection expands beside a grouped GEMM. An
-    upper bound: counted as if every linear were NVFP4."""
+    over-reserves there). An upper bound: counted as if every linear were NVFP4."""
     h, widest = cfg.hidden_size, 0
     if prefill_chunk >= DEQUANT_MIN_M:
         for layer in range(cfg.num_hidden_layers):
             hd, kvh = cfg.layer_head_dim(layer), cfg.layer_kv_heads(layer)
             q = cfg.num_attention_heads * hd
             widest = max(widest, (q + 2 * kvh * hd) * h, q * h, 2 * cfg.layer_intermediate_size(layer) * h)
-    second = 0  # the block the next projection expands into beside a grouped GEMM (`MOE_EXPAND_BESIDE`)
     if prefill_chunk >= MOE_PREFILL_MIN_TOKENS and cfg.enable_moe_block:
-        block = cfg.num_experts * cfg.moe_intermediate_size * h
-        widest, second = max(widest, block), block if MOE_EXPAND_BESIDE else 0
-    return (widest + second) * ACT_BYTES
+        widest = max(widest, cfg.num_experts * cfg.moe_intermediate_size * h)
+    return widest * ACT_BYTES
 
 
 def rotated_keys_scratch_bytes(cfg: Gemma4TextConfig, keys: int) -> int:
