@@ -34,3 +34,31 @@ def test_bad_env_value_and_bad_mode_say_what_is_allowed(monkeypatch):
         launch._env_mode()
     with pytest.raises(ValueError, match="0, 1 or 2"):
         launch.set_pdl_mode(3)
+
+
+def test_every_kernel_waits_for_its_inputs_first():
+    """PDL's ordering holds only if every kernel launched with it starts with `wait_for_inputs(PDL)` (launch.py):
+    a kernel that read memory before it would race the kernel before it in modes 1 and 2. Checked on the source,
+    so it covers kernels no CPU test launches."""
+    import ast
+    from pathlib import Path
+
+    kernels = Path(launch.__file__).parent
+    checked, wrong = 0, []
+    for path in sorted(kernels.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef) or node.name == "wait_for_inputs":
+                continue
+            if not any(ast.unparse(d).startswith("triton.jit") for d in node.decorator_list):
+                continue
+            if "PDL" not in [a.arg for a in node.args.args]:
+                if node.name.endswith("_kernel"):
+                    wrong.append(f"{path.name}:{node.name} has no PDL argument")
+                continue
+            body = node.body[1:] if isinstance(node.body[0], ast.Expr) and isinstance(
+                node.body[0].value, ast.Constant
+            ) else node.body  # fmt: skip
+            checked += 1
+            if ast.unparse(body[0]) != "wait_for_inputs(PDL)":
+                wrong.append(f"{path.name}:{node.name} starts with {ast.unparse(body[0])[:60]!r}")
+    assert checked >= 30 and not wrong, wrong
