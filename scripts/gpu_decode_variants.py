@@ -4,7 +4,8 @@ One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each 
 kernels/launch.py, B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py, F = 0 to
 write K/V with their own launch instead of from qkv_norm_rope, engine/attention_backend.py; R = 0 to run the MoE
 router as its own launch after ffn_inputs instead of inside it, kernels/ffn_router.py; G = 0 to run the dense
-MLP's one-token gate_up projection and its GeGLU as two launches, kernels/gate_up_geglu.py; F, R, G default 1) a fresh
+MLP's one-token gate_up projection and its GeGLU as two launches, kernels/gate_up_geglu.py; an omitted F, R or G is
+the engine's own setting in this process: F and R 1, G 1 only with NVFP4KIT_FUSED_GEGLU=1) a fresh
 engine (its decode graphs captured under that variant), greedy tokens of two prompts (must be identical across
 variants: they change when or where a value is computed, never what; a first difference at a step whose top-2
 logprobs were within TIE_GAP is reported as a near-tie, the sum order flipping it) and decode tokens/s with GPU ms
@@ -28,7 +29,7 @@ import torch
 from nvfp4kit.bench import engine_runs as runs
 from nvfp4kit.bench.engine_speed import profile_decode_step
 from nvfp4kit.config import load_preset
-from nvfp4kit.engine.attention_backend import FUSED_KV_WRITE_VAR
+from nvfp4kit.engine.attention_backend import FUSED_KV_WRITE_VAR, fused_kv_write_enabled
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.kernels import ffn_router, gate_up_geglu
 from nvfp4kit.kernels.launch import set_pdl_mode
@@ -95,8 +96,10 @@ def main() -> None:
     prompts = [runs.random_prompt(cfg, n, seed=s) for s, n in ((1, 37), (2, 700))]
     rows, tokens, gaps = [], {}, {}
     real_fuses = ffn_router.fuses
+    defaults = [int(fused_kv_write_enabled()), 1, int(gate_up_geglu.FUSE)]  # F, R, G as the engine runs them
     for variant in args.variants:
-        mode, branches, fused_kv, routed, geglu_fused = ([int(v) for v in variant.split(":")] + [1, 1, 1])[:5]
+        fields = [int(v) for v in variant.split(":")]
+        mode, branches, fused_kv, routed, geglu_fused = (fields + defaults[max(0, len(fields) - 2) :])[:5]
         ffn_router.fuses = real_fuses if routed else (lambda *_: False)
         gate_up_geglu.FUSE = bool(geglu_fused)
         set_pdl_mode(mode)
