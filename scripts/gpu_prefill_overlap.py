@@ -7,13 +7,14 @@ rotated past the L2. Rows per token count, us per layer pair:
   serial   expand, multiply, expand, multiply ... on one stream (the engine's path today)
   overlap  the next weight expanded on a side stream during this multiply (side stream at normal priority)
   hiprio   the same, side stream at high priority (its blocks dispatched first when the GEMM's blocks retire)
-  *_cC_pP  with cuBLAS told to leave C SMs free (torch's experimental SM carveout) and the expansion capped at P
-           programs (`dequantize_nvfp4(programs=)`), so the two can share the card
 and the MoE's all-expert expansion (the grouped prefill path's, 128 experts) beside the attention-side GEMMs
 (qkv + o of a global layer), and the expansion of the MoE's up projection beside the gate projection's grouped GEMM
 (`torch._grouped_mm`, uniform routing): each alone, and both at once ("hidden": the share of the expansion's time
 the overlap saved).
 Usage (GPU machine, repository root): PYTHONPATH=src python3 scripts/gpu_prefill_overlap.py [--ms 1024 2048 8192]
+Session 24 also ran cuBLAS with SMs left free (torch's experimental SM carveout) beside an expansion capped at a few
+programs, and the MoE layer with its expansions beside the grouped GEMMs: that version of this script and the
+kernels it needs are in commit 629704a (docs/benchmarks.md, "Session 24").
 """
 
 # ruff: noqa: B023  (every lambda here is timed inside its loop iteration)
@@ -34,7 +35,7 @@ LAYER = [
 ]  # fmt: skip
 
 
-def run_chain(ws, xs, bufs, side: torch.cuda.Stream | None, programs: int | None = None) -> None:
+def run_chain(ws, xs, bufs, side: torch.cuda.Stream | None) -> None:
     """Each weight expanded then multiplied, in order; with `side`, weight j+1 expands there during multiply j."""
     if side is None:
         for w, x in zip(ws, xs):
@@ -47,14 +48,14 @@ def run_chain(ws, xs, bufs, side: torch.cuda.Stream | None, programs: int | None
     done = [torch.cuda.Event() for _ in ws]
     side.wait_stream(main)  # fork: the buffers' earlier readers are done
     with torch.cuda.stream(side):
-        dequantize_nvfp4(ws[0], out=views[0], programs=programs)
+        dequantize_nvfp4(ws[0], out=views[0])
         ready[0].record(side)
     for j, x in enumerate(xs):
         if j + 1 < len(ws):
             with torch.cuda.stream(side):
                 if j >= 1:
                     side.wait_event(done[j - 1])  # weight j+1 takes the buffer multiply j-1 read
-                dequantize_nvfp4(ws[j + 1], out=views[j + 1], programs=programs)
+                dequantize_nvfp4(ws[j + 1], out=views[j + 1])
                 ready[j + 1].record(side)
         main.wait_event(ready[j])
         F.linear(x, views[j])
@@ -76,12 +77,7 @@ def _hidden_table(title: str, rows, gemm: str, expand: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", default=[1024, 2048, 8192])
-    ap.add_argument(
-        "--combos", nargs="*", default=["16:32", "16:64", "32:64", "32:128"],
-        help="C:P, cuBLAS leaving C SMs free and the expansion capped at P programs",
-    )  # fmt: skip
     args = ap.parse_args()
-    combos = [tuple(int(v) for v in c.split(":")) for c in args.combos]
     torch.backends.cuda.matmul.allow_tf32 = False
     l2 = l2_cache_bytes()
     shapes = [DENSE_SHAPES[name] for name in LAYER]
@@ -113,21 +109,6 @@ def main() -> None:
             "overlap": time_graph(lambda i: run_chain(ws[i], xs, bufs, side), sets=sets, calls=4),
             "hiprio": time_graph(lambda i: run_chain(ws[i], xs, bufs, high), sets=sets, calls=4),
         }
-        # cuBLAS leaves `carve` SMs free; the expansion runs `programs` programs
-        for carve, programs in combos:
-            t[f"expand_p{programs}"] = time_graph(
-                lambda i: [dequantize_nvfp4(w, out=bufs[0][: w.shape[0] * w.shape[1]].view(*w.shape),
-                                            programs=programs) for w in ws[i]], sets=sets, calls=4)  # fmt: skip
-            torch._C._set_sm_carveout_experimental(carve)
-            try:
-                t[f"bf16_c{carve}"] = time_graph(
-                    lambda i: [F.linear(x, w) for x, w in zip(xs, dense[i])], sets=sets, calls=4
-                )
-                t[f"overlap_c{carve}_p{programs}"] = time_graph(
-                    lambda i: run_chain(ws[i], xs, bufs, side, programs), sets=sets, calls=4
-                )
-            finally:
-                torch._C._set_sm_carveout_experimental(None)
         rows.append((m, t))
         print(f"M={m}: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
         del xs
@@ -186,22 +167,6 @@ def main() -> None:
             "both": time_graph(together, sets=1, calls=4),
             "both_hiprio": time_graph(lambda i: together(i, high), sets=1, calls=4),
         }
-        for carve, programs in combos:
-            torch._C._set_sm_carveout_experimental(carve)
-            try:
-                t[f"grouped_c{carve}"] = time_graph(grouped, sets=1, calls=4)
-
-                def capped(_i, programs=programs):
-                    main = torch.cuda.current_stream()
-                    side.wait_stream(main)
-                    with torch.cuda.stream(side):
-                        dequantize_nvfp4(gu, out=blocks[1], rows=(inter, inter), programs=programs)
-                    grouped(_i)
-                    main.wait_stream(side)
-
-                t[f"both_c{carve}_p{programs}"] = time_graph(capped, sets=1, calls=4)
-            finally:
-                torch._C._set_sm_carveout_experimental(None)
         grouped_rows.append((m, t))
         print(f"M={m} grouped: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), flush=True)
     print(f"\n{torch.cuda.get_device_name()}, us per sliding + global layer's dense linears")
@@ -212,12 +177,6 @@ def main() -> None:
         best = min(t["overlap"], t["hiprio"])
         print(f"{m:5d} " + " ".join(f"{t[k]:8.1f}" for k in ("bf16", "expand", "serial", "overlap", "hiprio"))
               + f"  {t['serial'] / t['bf16']:11.2f} {best / t['bf16']:11.2f}")  # fmt: skip
-    for carve, programs in combos:
-        print(f"cuBLAS leaving {carve} SMs free, expansion on {programs} programs: M, bf16, expand alone, overlap,"
-              " overlap / full-card bf16")  # fmt: skip
-        for m, t in rows:
-            keys = (f"bf16_c{carve}", f"expand_p{programs}", f"overlap_c{carve}_p{programs}")
-            print(f"{m:5d} " + " ".join(f"{t[k]:8.1f}" for k in keys) + f"  {t[keys[2]] / t['bf16']:5.2f}")
     _hidden_table("MoE gate_up expansion (128 experts) beside a global layer's qkv + o GEMMs", moe_rows,
                   "gemms", "moe_expand")  # fmt: skip
     _hidden_table("MoE grouped GEMM (gate, 128 experts, M x 8 rows) beside the next projection's expansion",

@@ -83,15 +83,3 @@ def test_expansion_tiles_give_the_same_values(tile):
     weight = random_weight(264, 48, seed=5)  # K = 48: one partial column tile whatever its width
     ref = weight.dequantize(torch.bfloat16)
     assert torch.equal(dequantize_nvfp4(weight, tile=tile), ref)
-
-
-@pytest.mark.parametrize("programs", [1, 5])
-def test_a_capped_number_of_programs_expands_every_tile(programs):
-    """`programs` caps the launch (each program strides over the tiles, so the expansion can share the card with
-    a GEMM beside it): every matrix, row block and column block is still written, and only the asked rows."""
-    experts = stack_experts([random_weight(40, 80, seed=s) for s in range(3)])
-    ref = experts.dequantize(torch.bfloat16)
-    tile = (16, 32, 2)  # 3 experts x 2 row blocks (7 rows: one partial) x 3 column blocks (one partial)
-    out = dequantize_nvfp4(experts, rows=(33, 7), tile=tile, programs=programs)
-    assert torch.equal(out, ref[:, 33:])
-    assert torch.equal(dequantize_nvfp4(experts, tile=tile, programs=programs), ref)

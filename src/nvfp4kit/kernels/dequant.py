@@ -37,14 +37,31 @@ def _round_to_bf16_grid(w):
 
 
 @triton.jit
-def _dequant_tile(
-    w_ptr, s_ptr, s2_ptr, out_ptr, e, rb, kb, row0, rows, K,
-    stride_we, stride_wn, stride_se, stride_sn, stride_oe, stride_on,
-    BR: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr,
-):  # fmt: skip
-    """Expand rows [rb * BR, +BR) x columns [kb * BK, +BK) of matrix `e` into `out`."""
-    r = rb * BR + tl.arange(0, BR)
-    k0 = kb * BK
+def _dequant_kernel(
+    w_ptr,
+    s_ptr,
+    s2_ptr,
+    out_ptr,
+    row0,
+    rows,
+    K,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_oe,
+    stride_on,
+    BR: tl.constexpr,
+    BK: tl.constexpr,
+    ASM: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    wait_for_inputs(PDL)
+    e = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    k0 = tl.program_id(2) * BK
     src_rows = row0 + tl.minimum(r, rows - 1)  # clamped: tail rows load a valid row and are not stored
     b, s = load_weight_raw(
         w_ptr + e * stride_we, s_ptr + e * stride_se, src_rows, k0, K, stride_wn, stride_sn, BK, True, EVEN_K
@@ -58,33 +75,6 @@ def _dequant_tile(
     tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _dequant_kernel(
-    w_ptr, s_ptr, s2_ptr, out_ptr, row0, rows, K,
-    stride_we, stride_wn, stride_se, stride_sn, stride_oe, stride_on, row_blocks, k_blocks, tiles,
-    BR: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr,
-    PERSISTENT: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    """One tile a program (grid: matrices x row blocks x column blocks), or, PERSISTENT, a fixed number of
-    programs striding over all tiles, meant to leave SMs to a GEMM on another stream. Measured on the H100
-    (session 24, scripts/gpu_prefill_overlap.py): the two still ran one after the other, so no path uses it."""
-    wait_for_inputs(PDL)
-    if PERSISTENT:
-        for t in range(tl.program_id(0), tiles, tl.num_programs(0)):
-            e = (t // (row_blocks * k_blocks)).to(tl.int64)
-            rest = t % (row_blocks * k_blocks)
-            _dequant_tile(
-                w_ptr, s_ptr, s2_ptr, out_ptr, e, rest // k_blocks, rest % k_blocks, row0, rows, K,
-                stride_we, stride_wn, stride_se, stride_sn, stride_oe, stride_on, BR, BK, ASM, EVEN_K, ROUND_BF16,
-            )  # fmt: skip
-    else:
-        _dequant_tile(
-            w_ptr, s_ptr, s2_ptr, out_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2),
-            row0, rows, K, stride_we, stride_wn, stride_se, stride_sn, stride_oe, stride_on,
-            BR, BK, ASM, EVEN_K, ROUND_BF16,
-        )  # fmt: skip
-
-
 def dequantize_nvfp4(
     weight: NVFP4Tensor,
     *,
@@ -92,14 +82,12 @@ def dequantize_nvfp4(
     rows: tuple[int, int] | None = None,
     out: torch.Tensor | None = None,
     tile: tuple[int, int, int] | None = None,
-    programs: int | None = None,
 ) -> torch.Tensor:
     """Expand a [N, K] or stacked [E, N, K] NVFP4 weight to `dtype` (each value rounded once from fp32).
 
     `rows=(start, count)` expands only rows [start, start+count) of each matrix (e.g. the gate half of a fused
     gate_up); `out`, if given, must be contiguous of the result's shape and dtype and is written in place;
-    `tile` = (rows, columns, warps) per program (powers of two, columns >= 32; default `EXPAND_TILE`);
-    `programs` caps the launch at that many programs, each looping over tiles (default: one program a tile)."""
+    `tile` = (rows, columns, warps) per program (powers of two, columns >= 32; default `EXPAND_TILE`)."""
     stacked = weight.packed.dim() == 3
     packed, scale, s2 = weight.kernel_operands(stacked=True)  # a single matrix as a stack of one
     experts, n, half_k = packed.shape
@@ -121,13 +109,11 @@ def dequantize_nvfp4(
     asm = int(not interpret and capability is not None and capability >= (8, 0) and dtype != torch.float16)
     block_rows, block_k, warps = tile or EXPAND_TILE
     grid = (experts, triton.cdiv(count, block_rows), triton.cdiv(k, block_k))
-    tiles = grid[0] * grid[1] * grid[2]
-    persistent = programs is not None and programs < tiles
-    _dequant_kernel[(programs,) if persistent else grid](
+    _dequant_kernel[grid](
         packed, scale, s2, out, start, count, k,
-        packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), count * k, k, grid[1], grid[2], tiles,
-        BR=block_rows, BK=block_k, ASM=asm, EVEN_K=k % block_k == 0, PERSISTENT=persistent,
-        ROUND_BF16=interpret and dtype == torch.bfloat16, num_warps=warps, **pdl_args(packed.device),
+        packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), count * k, k,
+        BR=block_rows, BK=block_k, ASM=asm, EVEN_K=k % block_k == 0, **pdl_args(packed.device),
+        ROUND_BF16=interpret and dtype == torch.bfloat16, num_warps=warps,
     )  # fmt: skip
     return out
 
