@@ -7,8 +7,12 @@ the main loop's instruction count is a figure worth optimising before any GPU ti
 cubin with the cuobjdump Triton ships, finds the largest backward-branch loop and prints its size, the weights
 each thread decodes per iteration and the most frequent opcodes.
 
-  python3 scripts/cpu_sass_counts.py [--arch 9.0] [--m 1 16 64] [--halves]
-(`--halves` forces `halves=True` on the tensor-core linears and the MoE: even/odd K halves, two MMAs.)
+  python3 scripts/cpu_sass_counts.py [--arch 9.0] [--m 1 16 64] [--halves] [--tile 128x128x64:8:3[:swap]]
+(`--halves` forces `halves=True` on the tensor-core linears and the MoE: even/odd K halves, two MMAs; `--tile`
+forces that tensor-core tile, warps and stages on the dense linears, e.g. at prefill sizes `--m 4096`, where they
+otherwise expand and call cuBLAS.) Each row also counts the loop's Hopper MMAs and its waits for all of them
+(`wgmma` = HGMMA, `sync` = WARPGROUP.DEPBAR.LE gsb0, 0x0): a wait after every MMA batch means the FP4 decode
+of the next K step never overlaps the tensor cores (session 24, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from nvfp4kit.tuning.cases import DENSE_SHAPES, MOE_SHAPE, random_nvfp4, random_
 SKIP = ("align", "sum")  # bookkeeping kernels: no weight loop
 
 
-def main_loop(sass: str) -> tuple[int, collections.Counter]:
-    """(instructions, opcode counts) of the largest backward-branch loop of a `cuobjdump -sass` listing."""
+def loop_code(sass: str) -> list[str]:
+    """The instructions of the largest backward-branch loop of a `cuobjdump -sass` listing."""
     code = []
     for line in sass.splitlines():
         m = re.match(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?);", line)
@@ -44,14 +48,21 @@ def main_loop(sass: str) -> tuple[int, collections.Counter]:
             start = int(branch.group(1), 16)
             if loop is None or address - start > loop[1] - loop[0]:
                 loop = (start, address)
+    return [] if loop is None else [text for address, text in code if loop[0] <= address <= loop[1]]
+
+
+def main_loop(sass: str) -> tuple[int, collections.Counter]:
+    """(instructions, opcode counts) of the largest backward-branch loop of a `cuobjdump -sass` listing."""
     ops: collections.Counter = collections.Counter()
-    if loop is None:
-        return 0, ops
-    for address, text in code:
-        if loop[0] <= address <= loop[1]:
-            words = text.split()
-            ops[words[1] if words[0].startswith("@") else words[0]] += 1
+    for text in loop_code(sass):
+        words = text.split()
+        ops[words[1] if words[0].startswith("@") else words[0]] += 1
     return sum(ops.values()), ops
+
+
+def mma_waits(sass: str) -> int:
+    """Waits for every outstanding Hopper MMA (`wgmma.wait_group 0`) in the main loop."""
+    return sum(1 for text in loop_code(sass) if re.match(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0$", text))
 
 
 def sass_of(cubin: bytes) -> str:
@@ -79,6 +90,7 @@ def main() -> None:
     ap.add_argument("--sms", type=int, default=132)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--halves", action="store_true")
+    ap.add_argument("--tile", help="BMxBNxBK:warps:stages[:swap], forced on the dense linears")
     args = ap.parse_args()
     capability = tuple(int(v) for v in args.arch.split("."))
     compiled = []
@@ -104,9 +116,14 @@ def main() -> None:
         op: random_nvfp4(n, k, device="cpu") for op, (n, k) in DENSE_SHAPES.items() if "global" not in op
     }
     print(f"sm_{args.arch.replace('.', '')}, main loop: instructions / weights a thread decodes an iteration")
+    forced = _forced_tile(args.tile)
     for m in args.m:
         cases = {
-            op: (lambda w=w, m=m: linear_module.w4a16_linear(torch.randn(m, w.shape[1]).bfloat16(), w))
+            op: (
+                lambda w=w, m=m, forced=forced: linear_module.w4a16_linear(
+                    torch.randn(m, w.shape[1]).bfloat16(), w, config=forced
+                )
+            )
             for op, w in linears.items()
         }
         ids, route = random_routing(m, e, top_k, device="cpu")
@@ -120,13 +137,38 @@ def main() -> None:
             for name, cubin, warps, constants in compiled:
                 if any(s in name for s in SKIP):
                     continue
-                n, ops = main_loop(sass_of(cubin))
+                sass = sass_of(cubin)
+                n, ops = main_loop(sass)
+                waits = mma_waits(sass)
                 per = weights_per_thread(name, constants, warps)
                 ratio = f"{n / per:.2f}/weight" if per and n else ""
                 top = ", ".join(f"{k}:{v}" for k, v in ops.most_common(6))
+                mma = sum(v for k, v in ops.items() if k.startswith("HGMMA"))
+                sync = f" wgmma:{mma} sync:{waits}" if mma else ""
                 print(
-                    f"M={m:<3d} {label:18s} {name:28s} {n:4d} / {per or '-':>3} {ratio:12s} {top}", flush=True
+                    f"M={m:<3d} {label:18s} {name:28s} {n:4d} / {per or '-':>3} {ratio:12s} {top}{sync}",
+                    flush=True,
                 )
+
+
+def _forced_tile(spec: str | None):
+    """`--tile BMxBNxBK:warps:stages[:swap]` as a LinearConfig (PTX decoder), or None."""
+    if spec is None:
+        return None
+    from nvfp4kit.kernels.configs import LinearConfig
+
+    fields = spec.split(":")
+    bm, bn, bk = (int(v) for v in fields[0].split("x"))
+    return LinearConfig(
+        "dot",
+        bm,
+        bn,
+        bk,
+        swap_ab=fields[3:] == ["swap"],
+        num_warps=int(fields[1]),
+        num_stages=int(fields[2]),
+        decode="asm",
+    )
 
 
 if __name__ == "__main__":

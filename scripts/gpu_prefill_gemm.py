@@ -43,6 +43,18 @@ TRITON_CONFIGS = {
     "t128x128x128s3w8": LinearConfig(
         block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3, decode="asm"
     ),
+    # weights as the register operand (swap_ab): the only tiles whose wgmma Triton 3.6 / 3.9 keep asynchronous
+    # (at most 3 / 1 groups in flight) for qkv / o / gate_up, so the next K step's decode can overlap the tensor
+    # cores; at K = 2,112 (dense down) they wait for every MMA too (session 24, sm_90 SASS on the CPU)
+    "s128x128x64s3w8": LinearConfig(
+        block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, decode="asm", swap_ab=True
+    ),
+    "s128x128x64s4w8": LinearConfig(
+        block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, decode="asm", swap_ab=True
+    ),
+    "s256x128x64s3w8": LinearConfig(
+        block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3, decode="asm", swap_ab=True
+    ),
 }
 MOE_CONFIGS = {
     "moe64x128": MoEConfig(block_m=64, gate_up_block_n=64, gate_up_block_k=64, down_block_n=128,
