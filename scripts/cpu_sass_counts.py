@@ -28,6 +28,7 @@ import torch
 
 from nvfp4kit.kernels import fused_moe as fused_moe_module
 from nvfp4kit.kernels import w4a16_linear as linear_module
+from nvfp4kit.kernels.configs import LinearConfig
 from nvfp4kit.tuning import cross_compile
 from nvfp4kit.tuning.cases import DENSE_SHAPES, MOE_SHAPE, random_nvfp4, random_routing
 
@@ -151,12 +152,10 @@ def main() -> None:
                 )
 
 
-def _forced_tile(spec: str | None):
+def _forced_tile(spec: str | None) -> LinearConfig | None:
     """`--tile BMxBNxBK:warps:stages[:swap]` as a LinearConfig (PTX decoder), or None."""
     if spec is None:
         return None
-    from nvfp4kit.kernels.configs import LinearConfig
-
     fields = spec.split(":")
     bm, bn, bk = (int(v) for v in fields[0].split("x"))
     return LinearConfig(
