@@ -52,18 +52,23 @@ def loop_code(sass: str) -> list[str]:
     return [] if loop is None else [text for address, text in code if loop[0] <= address <= loop[1]]
 
 
-def main_loop(sass: str) -> tuple[int, collections.Counter]:
-    """(instructions, opcode counts) of the largest backward-branch loop of a `cuobjdump -sass` listing."""
+def opcode_counts(code: list[str]) -> tuple[int, collections.Counter]:
+    """(instructions, opcode counts) of a list of SASS instructions."""
     ops: collections.Counter = collections.Counter()
-    for text in loop_code(sass):
+    for text in code:
         words = text.split()
         ops[words[1] if words[0].startswith("@") else words[0]] += 1
     return sum(ops.values()), ops
 
 
-def mma_waits(sass: str) -> int:
-    """Waits for every outstanding Hopper MMA (`wgmma.wait_group 0`) in the main loop."""
-    return sum(1 for text in loop_code(sass) if re.match(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0$", text))
+def main_loop(sass: str) -> tuple[int, collections.Counter]:
+    """(instructions, opcode counts) of the largest backward-branch loop of a `cuobjdump -sass` listing."""
+    return opcode_counts(loop_code(sass))
+
+
+def mma_waits(code: list[str]) -> int:
+    """Waits for every outstanding Hopper MMA (`wgmma.wait_group 0`) among a loop's instructions."""
+    return sum(1 for text in code if re.match(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0$", text))
 
 
 def sass_of(cubin: bytes) -> str:
@@ -138,9 +143,9 @@ def main() -> None:
             for name, cubin, warps, constants in compiled:
                 if any(s in name for s in SKIP):
                     continue
-                sass = sass_of(cubin)
-                n, ops = main_loop(sass)
-                waits = mma_waits(sass)
+                code = loop_code(sass_of(cubin))  # parsed once for both counts
+                n, ops = opcode_counts(code)
+                waits = mma_waits(code)
                 per = weights_per_thread(name, constants, warps)
                 ratio = f"{n / per:.2f}/weight" if per and n else ""
                 top = ", ".join(f"{k}:{v}" for k, v in ops.most_common(6))
