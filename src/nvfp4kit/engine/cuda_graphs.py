@@ -139,16 +139,19 @@ class DecodeGraphs:
 
         if self.eager:
             return _DecodeGraph(batch, None, forward, input_ids, per_seq, per_token, None)
+        from nvfp4kit.kernels.launch import decode_graph_pdl  # triton: not on the CLI's import path
+
         stream = stream or torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile every kernel and fill lazy caches outside the capture
-                forward()
-        torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         logits = self._logits[:batch]
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits.copy_(forward())  # the forward's own output is a temporary the next capture reuses
+        with decode_graph_pdl(batch):  # the launch mode the warm-up compiles for is the one captured
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile every kernel and fill lazy caches outside the capture
+                    forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits.copy_(forward())  # the forward's own output is a temporary the next capture reuses
         return _DecodeGraph(batch, graph, forward, input_ids, per_seq, per_token, logits)
 
     def batch_size_for(self, num_seqs: int) -> int | None:

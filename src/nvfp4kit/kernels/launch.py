@@ -10,13 +10,16 @@ launch latency overlaps. CUDA graphs keep the dependency (stream capture records
 
 Modes (`NVFP4KIT_PDL`, read once per process; `set_pdl_mode` for experiments): 0 off (default), 1 wait first
 (SM90+), 2 wait first and signal dependents right away (the next kernel's programs may then take free SM slots
-while this one's last programs still run).
+while this one's last programs still run). With `NVFP4KIT_PDL` unset, the decode graphs of the smallest batches
+are captured with mode 1 (`decode_graph_pdl`): there the step is a chain of latency-bound launches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -29,6 +32,11 @@ from nvfp4kit.kernels.configs import interpreting
 # and the greedy tokens of modes 0 and 2 differed in one run (not yet explained): opt in to experiment
 _DEFAULT_MODE = 0
 _mode_override: int | None = None
+# decode graphs of at most this many sequences are captured with mode 1 unless NVFP4KIT_PDL says otherwise. H100,
+# session 25 (scripts/gpu_decode_variants.py, mode 0 timed before and after in the same process, greedy tokens
+# equal), tok/s: batch 1 337.8 / 336.2 off -> 354.5 (+5.2%), 2 593.9 / 591.6 -> 616.6 (+4.0%), 4 938.2 -> 964.1
+# (+2.8%), 8 1,371.0 / 1,365.1 -> 1,405.1 (+2.7%); but batch 16 2,054 -> 1,854 (-10%; mode 2 1,772), 64 even
+PDL_DECODE_MAX_BATCH = 8
 
 
 def set_pdl_mode(mode: int | None) -> None:
@@ -59,6 +67,21 @@ def _launch_args(device_type: str, index: int | None) -> dict:
     if mode and torch.cuda.get_device_capability(index)[0] < 9:
         mode = 0  # griddepcontrol needs SM90+
     return {"PDL": mode, "launch_pdl": mode > 0}
+
+
+@contextlib.contextmanager
+def decode_graph_pdl(batch: int) -> Iterator[None]:
+    """Around the warm-up and capture of the decode graph of `batch` sequences: PDL mode 1 for the smallest
+    batches (`PDL_DECODE_MAX_BATCH`) when neither `NVFP4KIT_PDL` nor `set_pdl_mode` chose a mode; cards before
+    SM90 stay at 0 (`pdl_args`)."""
+    if batch > PDL_DECODE_MAX_BATCH or _mode_override is not None or "NVFP4KIT_PDL" in os.environ:
+        yield
+        return
+    set_pdl_mode(1)
+    try:
+        yield
+    finally:
+        set_pdl_mode(None)
 
 
 def pdl_args(device: torch.device) -> dict:
