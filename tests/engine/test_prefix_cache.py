@@ -185,3 +185,24 @@ def test_identical_prompts_together_are_prefilled_once(setup, length, chunk):
             assert len(engine.cache.free_blocks) == engine.layout.num_blocks
     assert outputs[True] == outputs[False]
     assert outputs[True][3] == reference_greedy(model, prompt, 8)
+
+
+@pytest.mark.parametrize("length,chunk", [(30, 16), (30, 64), (9, 5)])
+def test_a_prompt_that_extends_a_running_one_shares_its_prefill(setup, length, chunk):
+    """A chat's next turn sent while the server still warms the history it extends (serve/history_warmup.py):
+    it waits for that prefill and takes its full blocks instead of computing them alongside it."""
+    model, tok = setup
+    base, tail = random_prompts([length, 9], seed=61)
+    engine = Engine(model, tok, config=EngineConfig(max_num_batched_tokens=chunk, block_size=4))
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    first, second = engine.add_request(base, params), engine.add_request(base + tail, params)
+    out, cached = {first: [], second: []}, {}
+    while engine.has_unfinished():
+        for event in engine.step():
+            out[event.request_id].append(event.token_id)
+            cached.setdefault(event.request_id, event.cached_tokens)
+        check_references(engine)
+    assert out[first] == reference_greedy(model, base, 6)
+    assert out[second] == reference_greedy(model, base + tail, 6)
+    assert cached == {first: 0, second: length // 4 * 4}
+    assert len(engine.cache.free_blocks) == engine.layout.num_blocks

@@ -81,6 +81,13 @@ def register(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="prefill every prompt whole (by default a request reuses the KV of a beginning computed before)",
     )
+    p.add_argument(
+        "--no-warm-history",
+        dest="warm_history",
+        action="store_false",
+        help="do not prefill a chat's history with its last reply when the engine is idle (by default the "
+        "next turn then finds the reply's KV cached; nvfp4kit.serve.history_warmup)",
+    )
     p.set_defaults(func=run)
 
 
@@ -127,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     limits = {"max_body_bytes": args.max_body_size} if args.max_body_size else {}
     app = create_app(
         engine_for(llm), template=template, model_names=names, api_key=args.api_key,
-        drain_timeout=args.graceful_timeout, public_metrics=args.public_metrics, **limits,
+        drain_timeout=args.graceful_timeout, public_metrics=args.public_metrics,
+        warm_history=args.warm_history and getattr(args, "prefix_caching", True), **limits,
     )  # fmt: skip
     log.info(
         "serving %s as %s on http://%s:%d (chat template: %s)",

@@ -15,7 +15,9 @@ are kept:
   written by its prefill before any query reads them). Parked rings count as free and are evicted LRU.
 
 Identical prompts in flight together (`n > 1`) are prefilled once (`twin`): the others wait for the first,
-then share its full blocks and take a copy of its ring.
+then share its full blocks and take a copy of its ring. So does a prompt that extends a running request's whole
+prompt (the next turn of a chat while the server warms its history, `serve/history_warmup.py`): it shares the
+full blocks of that prompt.
 
 Only full blocks are shared and a request writes only positions at or after its `num_computed`, so shared
 blocks are never written. Requests with images neither match nor register (equal placeholder ids, different
@@ -166,18 +168,23 @@ class PrefixCache:
     def twin(self, req: Request, running: list[Request]) -> Hit | str | None:
         """Identical prompts (`n > 1`, or the same prompt sent twice at once) are prefilled once: `WAIT` while a
         running twin is still prefilling the prompt, then a hit sharing the twin's full blocks and a copy of its
-        ring (the request recomputes the last, partial block); None without a twin."""
+        ring (the request recomputes the last, partial block); None without a twin. A running request whose
+        whole prompt (a full block at least) begins this one's counts as a twin too: its prompt's full blocks
+        are shared (the twin writes only positions past its prompt, so never into them)."""
         if req.images is not None or req.prompt_logprobs is not None or req.output_ids:
             return None
         n, bs = len(req.prompt_ids), self.block_size
         for other in running:
-            if len(other.prompt_ids) != n or other.images is not None or other.prompt_ids != req.prompt_ids:
+            k = len(other.prompt_ids)
+            if k > n or (k < n and k < bs) or other.images is not None or not _begins(other.prompt_ids, req):
                 continue
             if other.params.cache_salt != req.params.cache_salt:
                 continue
-            if other.num_computed < n:
+            if other.num_computed < k:
                 return WAIT
-            m = (n - 1) // bs * bs
+            m = (
+                (n - 1) // bs * bs if k == n else k // bs * bs
+            )  # an equal prompt computes its last token itself
             window_kept = max(0, m - self.window + 1) >= other.num_computed - self.ring_size
             if m and other.ring is not None and (window_kept or not self.uses_rings):
                 ring = other.ring if self.uses_rings else None
@@ -261,6 +268,12 @@ class PrefixCache:
         return [
             d for i, d in enumerate(digests) if max(0, (i + 1) * bs - self.window + 1) >= end - self.ring_size
         ]
+
+
+def _begins(prefix: list[int], req: Request) -> bool:
+    """Whether `prefix` is the beginning of the request's prompt (the cheap ends compared first)."""
+    ids, k = req.prompt_ids, len(prefix)
+    return k <= len(ids) and prefix[-1:] == ids[k - 1 : k] and prefix[:1] == ids[:1] and ids[:k] == prefix
 
 
 def _salt_root(salt: str | None) -> bytes:

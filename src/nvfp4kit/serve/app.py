@@ -29,6 +29,7 @@ from nvfp4kit.serve.chat import ChatHandler
 from nvfp4kit.serve.completions import CompletionHandler
 from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError, from_validation_error
+from nvfp4kit.serve.history_warmup import HistoryWarmup
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.protocol import ChatCompletionRequest, CompletionRequest
 from nvfp4kit.serve.responses import ResponsesHandler
@@ -114,11 +115,13 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     drain_timeout: float = 30.0,
     public_metrics: bool = False,
+    warm_history: bool = False,
 ) -> FastAPI:
     """The server application around `engine`; `model_names[0]` is the main name, the rest aliases.
 
     `api_key` (if given) guards every route but `/health` (and `/metrics` with `public_metrics`);
     `drain_timeout` is how long running requests may go on after SIGTERM (`serve --graceful-timeout`).
+    `warm_history`: prefill a finished chat's history at idle for its next turn (`serve/history_warmup.py`).
     """
     if not model_names:
         raise ValueError("model_names must name the served model at least once")
@@ -128,14 +131,19 @@ def create_app(
         )
     log.info("API key authentication is %s", "on" if api_key else "off (anyone who can connect may use it)")
     metrics = ServerMetrics(engine.stats)
-    chat = ChatHandler(engine, template, metrics)
+    # Template rendering and tokenizing hold the GIL, so a pool of two keeps a flood of huge prompts from
+    # starving the engine thread and the event loop; they queue here instead.
+    preparers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nvfp4kit-prepare")
+    warmup = None
+    if warm_history:
+        warmup = HistoryWarmup(
+            engine, template, render_in=lambda fn: asyncio.get_running_loop().run_in_executor(preparers, fn)
+        )
+    chat = ChatHandler(engine, template, metrics, warmup=warmup)
     completions = CompletionHandler(engine, metrics)
     responses = ResponsesHandler(chat)
     started = int(time.time())
     drainer = Drainer(drain_timeout=drain_timeout, abort_all=getattr(engine, "abort_all", lambda: None))
-    # Template rendering and tokenizing hold the GIL, so a pool of two keeps a flood of huge prompts from
-    # starving the engine thread and the event loop; they queue here instead.
-    preparers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nvfp4kit-prepare")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -21,6 +21,7 @@ from nvfp4kit.serve.chat_output import ChatOutputParser
 from nvfp4kit.serve.completions import vllm_prompt_logprobs
 from nvfp4kit.serve.engine_protocol import AsyncEngine
 from nvfp4kit.serve.errors import APIError
+from nvfp4kit.serve.history_warmup import HistoryWarmup
 from nvfp4kit.serve.metrics import ServerMetrics
 from nvfp4kit.serve.protocol import ChatCompletionRequest, sampling_error
 from nvfp4kit.serve.reasoning import CHANNEL_CLOSE, prompt_opens_reasoning
@@ -65,10 +66,18 @@ class PreparedChat:
 
 
 class ChatHandler:
-    def __init__(self, engine: AsyncEngine, template: ChatTemplate, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        template: ChatTemplate,
+        metrics: ServerMetrics,
+        *,
+        warmup: HistoryWarmup | None = None,
+    ) -> None:
         self.engine = engine
         self.template = template
         self.metrics = metrics
+        self.warmup = warmup  # prefills a finished chat's history for its next turn (serve/history_warmup.py)
 
     def prepare(self, request: ChatCompletionRequest, *, model: str) -> PreparedChat:
         """Validate and render; raises APIError (4xx) for anything the client must fix."""
@@ -255,6 +264,8 @@ class ChatHandler:
             "usage": usage(len(chat.prompt_ids), generated, cached),
         }
         self.metrics.add_cached_tokens(cached or 0)
+        if self.warmup is not None:
+            self.warmup.after_reply(chat, choices[0]["message"], finish[0])
         if chat.request.prompt_logprobs is not None:
             response["prompt_logprobs"] = vllm_prompt_logprobs(self.engine, prompt_entries)
         if chat.request.return_token_ids:
@@ -294,11 +305,13 @@ class ChatHandler:
                 yield chunk(index, self._visible(chat, first.as_openai_delta()))
         generated = 0
         cached = None
+        finish = None
         async with contextlib.aclosing(self._events(chat)) as events:
             async for index, event in events:
                 generated += is_token(event)
                 if index == 0 and getattr(event, "cached_tokens", None) is not None:
                     cached = event.cached_tokens
+                finish = event.finish_reason or finish
                 if pending is not None and is_token(event):
                     pending[index].append(event.token_id)
                 parser = parsers[index]
@@ -317,6 +330,8 @@ class ChatHandler:
                 if event.finish_reason:
                     yield chunk(index, {}, finish=_finish_reason(event.finish_reason, parser))
         self.metrics.add_cached_tokens(cached or 0)
+        if self.warmup is not None and finish is not None:
+            self.warmup.after_reply(chat, self._visible(chat, parsers[0].message()), finish)
         if request.include_usage:
             yield sse(
                 {

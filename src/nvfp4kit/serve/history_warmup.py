@@ -1,0 +1,109 @@
+"""Warm a chat's next turn: once a reply is out, prefill the conversation as the next request will send it.
+
+Chat clients send the whole history with every turn, the last reply included. The KV computed while the reply
+was generated does not serve that turn: Gemma 4's template renders a finished model turn without the thought
+channel the generation prompt opened (`<|turn>model\\n<|channel>thought\\n<channel|>` when thinking is off), so
+the next prompt parts from this one right after `<|turn>model\\n` and would prefill the whole reply again. So the
+server renders the messages plus the reply as history (no generation prompt, the reply as the client gets it)
+and runs that as a one-token request while the client reads the answer: the prefix cache keeps its KV for the
+next turn, and a next turn that arrives while it still runs waits for it and shares it (`PrefixCache.twin`).
+
+It costs a prefill of about the reply's length per turn, so it only runs when the engine has no request waiting
+and at most `MAX_RUNNING` running (under load it would take throughput from other requests), for one choice
+(n = 1) that ended by a stop or the token budget without a tool call, and for prompts rendered the plain way (no
+images, forced tool call, truncation, reopened last turn or extra BOS). `serve --no-warm-history` turns it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from nvfp4kit.prompting.chat_template import ChatTemplate
+from nvfp4kit.prompting.prompt_tokens import render_chat_prompt
+from nvfp4kit.sampling import SamplingParams
+from nvfp4kit.serve.engine_protocol import AsyncEngine
+
+if TYPE_CHECKING:
+    from nvfp4kit.serve.chat import PreparedChat
+
+log = logging.getLogger(__name__)
+
+MAX_RUNNING = (
+    4  # requests the engine may be running (the finished one may still count) for a warm-up to start
+)
+
+
+class HistoryWarmup:
+    def __init__(
+        self, engine: AsyncEngine, template: ChatTemplate, render_in: Callable | None = None
+    ) -> None:
+        """`render_in(fn)`: an awaitable running fn off the event loop (default: a thread of asyncio's)."""
+        self.engine, self.template = engine, template
+        self.render_in = render_in or asyncio.to_thread
+        self.tasks: set[asyncio.Task] = set()  # kept referenced until done
+        self.started = 0
+
+    def after_reply(self, chat: PreparedChat, message: dict[str, Any], finish_reason: str) -> None:
+        """Called with the reply's `message` (as the client gets it) when a chat completion has finished."""
+        if not _eligible(chat, message, finish_reason):
+            return
+        stats = self.engine.stats()
+        if stats.waiting or stats.running > MAX_RUNNING:
+            return
+        self.started += 1
+        task = asyncio.get_running_loop().create_task(self._run(chat, message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, chat: PreparedChat, message: dict[str, Any]) -> None:
+        try:
+            ids = await self.render_in(lambda: self._history_ids(chat, message))
+            if len(ids) >= self.engine.max_model_len:
+                return
+            params = SamplingParams(
+                max_tokens=1, temperature=0, detokenize=False, cache_salt=chat.params[0].cache_salt
+            )
+            async with contextlib.aclosing(self.engine.stream(ids, params)) as events:
+                async for _ in events:
+                    pass
+        except Exception:  # an optimisation only: it never fails a client's request
+            log.debug("warming a chat's next turn failed", exc_info=True)
+
+    def _history_ids(self, chat: PreparedChat, message: dict[str, Any]) -> list[int]:
+        request = chat.request
+        messages = [{k: v for k, v in m.model_dump().items() if v is not None} for m in request.messages]
+        messages.append({"role": "assistant", "content": message.get("content") or ""})
+        tools = request.tools if request.tools and request.tool_choice != "none" else None
+        rendered = render_chat_prompt(
+            self.template,
+            self.engine.tokenizer,
+            messages,
+            tools=tools,
+            add_generation_prompt=False,
+            template_kwargs=request.template_kwargs(),
+        )
+        return rendered.ids
+
+
+def _eligible(chat: PreparedChat, message: dict[str, Any], finish_reason: str) -> bool:
+    request = chat.request
+    plain = (
+        request.n == 1
+        and request.add_generation_prompt
+        and not request.continue_final_message
+        and not request.add_special_tokens
+        and request.truncate_prompt_tokens is None
+        and request.prompt_logprobs is None
+    )
+    return (
+        plain
+        and chat.images is None
+        and not chat.prefill
+        and finish_reason in ("stop", "length")
+        and not message.get("tool_calls")
+        and isinstance(message.get("content"), str)
+    )
