@@ -8,6 +8,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from nvfp4kit.tokenizer import Tokenizer
+
 from .conftest import API_KEY
 
 
@@ -21,23 +23,22 @@ def cached_tokens(usage) -> int:
     return (details.cached_tokens if details else 0) or 0
 
 
-def wait_for_idle_after(base_url: str, prefilled_before: float, limit: float = 30.0) -> None:
-    """Until the warm-up request has prefilled and finished (the engine's prefill counter moved, none running)."""
+def wait_for_prefill_past(base_url: str, prefilled: float, limit: float = 30.0) -> None:
+    """Until the engine has prefilled more than `prefilled` tokens in all and runs nothing."""
     deadline = time.monotonic() + limit
     while not (
-        metric(base_url, "nvfp4kit_prefill_tokens_total") > prefilled_before
+        metric(base_url, "nvfp4kit_prefill_tokens_total") > prefilled
         and metric(base_url, "nvfp4kit_num_requests_running") == 0
     ):
         assert time.monotonic() < deadline, "the history was never warmed"
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_the_next_turn_finds_the_reply_cached(server, stream):
-    api = OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-    messages = [{"role": "user", "content": f"Tell me a long story about warm caches, take {int(stream)}."}]
-    prefilled = metric(server, "nvfp4kit_prefill_tokens_total")
-    args = dict(model="tiny", messages=messages, max_tokens=40, temperature=0)
+def chat(api: OpenAI, messages: list[dict], stream: bool, max_tokens: int, letters: list[int]):
+    """(reply, prompt tokens, cached prompt tokens) of one chat completion written in `letters` (the random model
+    would write reasoning or tool-call markup too, and a reply with a tool call is not warmed)."""
+    args = dict(model="tiny", messages=messages, max_tokens=max_tokens, temperature=0)
+    args["extra_body"] = {"allowed_token_ids": letters}
     if stream:
         chunks = list(
             api.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
@@ -45,12 +46,23 @@ def test_the_next_turn_finds_the_reply_cached(server, stream):
         reply = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         usage = chunks[-1].usage
     else:
-        first = api.chat.completions.create(**args)
-        reply, usage = first.choices[0].message.content, first.usage
-    first_prompt, first_cached = usage.prompt_tokens, cached_tokens(usage)
-    wait_for_idle_after(server, prefilled + first_prompt - first_cached)  # past the first turn's own prefill
+        response = api.chat.completions.create(**args)
+        reply, usage = response.choices[0].message.content, response.usage
+    return reply, usage.prompt_tokens, cached_tokens(usage)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_next_turn_finds_the_reply_cached(server, tiny_checkpoint, stream):
+    """From a conversation's second turn on (the first may be a one-shot request: no warm-up for it)."""
+    api = OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    letters = Tokenizer(tiny_checkpoint).encode("abcdefghijklmnopqrstuvwxyz ", add_bos=False)
+    messages = [{"role": "user", "content": f"Tell me a long story about warm caches, take {int(stream)}."}]
+    reply, _, _ = chat(api, messages, stream, 8, letters)
+    messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Go on, at length."}]
+    prefilled = metric(server, "nvfp4kit_prefill_tokens_total")
+    reply, prompt_tokens, cached = chat(api, messages, stream, 40, letters)
+    wait_for_prefill_past(server, prefilled + prompt_tokens - cached)  # past the turn's own prefill
     messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
-    second = api.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
-    # the history up to the reply's end is cached (full blocks), far past where the first prompt parts from it
-    cached = cached_tokens(second.usage)
-    assert cached >= first_prompt + 16
+    _, _, cached = chat(api, messages, False, 2, letters)
+    # the history up to the reply's end is cached (full blocks), far past where the turn's prompt parts from it
+    assert cached >= prompt_tokens + 16

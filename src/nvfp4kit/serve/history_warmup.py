@@ -8,10 +8,12 @@ server renders the messages plus the reply as history (no generation prompt, the
 and runs that as a one-token request while the client reads the answer: the prefix cache keeps its KV for the
 next turn, and a next turn that arrives while it still runs waits for it and shares it (`PrefixCache.twin`).
 
-It costs a prefill of about the reply's length per turn, so it only runs when the engine has no request waiting
-and at most `MAX_RUNNING` running (under load it would take throughput from other requests), for one choice
-(n = 1) that ended by a stop or the token budget without a tool call, and for prompts rendered the plain way (no
-images, forced tool call, truncation, reopened last turn or extra BOS). `serve --no-warm-history` turns it off.
+It costs a prefill of about the reply's length per turn, so it only runs for conversations that already have a
+model turn (a one-shot request would pay it for nothing, and its prefill would share a step with the next
+client's), when the engine has no request waiting and at most `MAX_RUNNING` running (under load it would take
+throughput from other requests), for one choice (n = 1) that ended by a stop or the token budget without a tool
+call, and for prompts rendered the plain way (no images, forced tool call, truncation, reopened last turn or extra
+BOS). `serve --no-warm-history` turns it off.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def _eligible(chat: PreparedChat, message: dict[str, Any], finish_reason: str) -
     request = chat.request
     plain = (
         request.n == 1
+        and any(m.role == "assistant" for m in request.messages)
         and request.add_generation_prompt
         and not request.continue_final_message
         and not request.add_special_tokens
