@@ -182,9 +182,8 @@ class PrefixCache:
                 continue
             if other.num_computed < k:
                 return WAIT
-            m = (
-                (n - 1) // bs * bs if k == n else k // bs * bs
-            )  # an equal prompt computes its last token itself
+            # full blocks of the shared prompt; an equal one leaves its last token to compute (its logits)
+            m = (n - 1) // bs * bs if k == n else k // bs * bs
             window_kept = max(0, m - self.window + 1) >= other.num_computed - self.ring_size
             if m and other.ring is not None and (window_kept or not self.uses_rings):
                 ring = other.ring if self.uses_rings else None
