@@ -56,6 +56,10 @@ class PreparedChat:
     params: list[SamplingParams]
     arrival: float
     images: ImageInputs | None = None  # image soft tokens of the prompt (image_url content parts)
+    messages: list[dict[str, Any]] | None = None  # as rendered (image parts replaced), with `tools`:
+    tools: list[dict[str, Any]] | None = (
+        None  # what a warmed next turn renders again (serve/history_warmup.py)
+    )
 
     def new_parser(self) -> ChatOutputParser:
         return ChatOutputParser(
@@ -98,11 +102,12 @@ class ChatHandler:
                     )
             messages = [{k: v for k, v in m.model_dump().items() if v is not None} for m in request.messages]
             messages, images = extract_images(messages)  # image parts -> {"type": "image"} + their bytes
+            prompt_tools = tools if tools and choice != "none" else None
             rendered = render_chat_prompt(
                 self.template,
                 self.engine.tokenizer,
                 messages,
-                tools=tools if tools and choice != "none" else None,
+                tools=prompt_tools,
                 add_generation_prompt=request.add_generation_prompt,
                 template_kwargs=request.template_kwargs(),
             )
@@ -173,6 +178,8 @@ class ChatHandler:
             params=params,
             arrival=arrival,
             images=image_inputs,
+            messages=messages,
+            tools=prompt_tools,
         )
 
     def _vllm_prompt_fields(

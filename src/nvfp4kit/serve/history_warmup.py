@@ -76,17 +76,14 @@ class HistoryWarmup:
             log.debug("warming a chat's next turn failed", exc_info=True)
 
     def _history_ids(self, chat: PreparedChat, message: dict[str, Any]) -> list[int]:
-        request = chat.request
-        messages = [{k: v for k, v in m.model_dump().items() if v is not None} for m in request.messages]
-        messages.append({"role": "assistant", "content": message.get("content") or ""})
-        tools = request.tools if request.tools and request.tool_choice != "none" else None
+        history = [*chat.messages, {"role": "assistant", "content": message.get("content") or ""}]
         rendered = render_chat_prompt(
             self.template,
             self.engine.tokenizer,
-            messages,
-            tools=tools,
+            history,
+            tools=chat.tools,
             add_generation_prompt=False,
-            template_kwargs=request.template_kwargs(),
+            template_kwargs=chat.request.template_kwargs(),
         )
         return rendered.ids
 
@@ -105,6 +102,7 @@ def _eligible(chat: PreparedChat, message: dict[str, Any], finish_reason: str) -
     return (
         plain
         and chat.images is None
+        and chat.messages is not None
         and not chat.prefill
         and finish_reason in ("stop", "length")
         and not message.get("tool_calls")
