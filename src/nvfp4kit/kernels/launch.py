@@ -28,8 +28,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from nvfp4kit.kernels.configs import interpreting
 
-# off by default: on the H200 (26B-A4B decode, session 5) mode 2 gained 0.4% at batch 1 and lost 3-4% at 16/64,
-# and the greedy tokens of modes 0 and 2 differed in one run (not yet explained): opt in to experiment
+# off by default for eager launches and large decode graphs: on the H200 (26B-A4B decode, session 5) mode 2 gained
+# 0.4% at batch 1 and lost 3-4% at 16/64 (session 25, H100: the same shape of result, see PDL_DECODE_MAX_BATCH;
+# the greedy tokens of modes 0 and 2 differed in one session-5 run, equal in every session-25 run)
 _DEFAULT_MODE = 0
 _mode_override: int | None = None
 # decode graphs of at most this many sequences are captured with mode 1 unless NVFP4KIT_PDL says otherwise. H100,
