@@ -7,6 +7,8 @@ the next prompt parts from this one right after `<|turn>model\\n` and would pref
 server renders the messages plus the reply as history (no generation prompt, the reply as the client gets it)
 and runs that as a one-token request while the client reads the answer: the prefix cache keeps its KV for the
 next turn, and a next turn that arrives while it still runs waits for it and shares it (`PrefixCache.twin`).
+That shortens the next turn's time to first token by the reply's prefill when the user answers later than the
+warm-up takes (people do); a client that answers at once mostly waits for it instead.
 
 It costs a prefill of about the reply's length per turn, so it only runs for conversations that already have a
 model turn (a one-shot request would pay it for nothing, and its prefill would share a step with the next
