@@ -167,8 +167,10 @@ def test_concurrency_sweep_on_the_demo(demo_server, tmp_path):
 
 def test_multi_turn_chat_history_grows(demo_server, tmp_path):
     result = bench(tmp_path, "--base-url", demo_server, "--turns", "3", "--concurrency", "2", "--num-prompts",
-                   "2", "--input-len", "12", "--output-len", "3")  # fmt: skip
+                   "2", "--input-len", "12", "--output-len", "3", "--think-time", "0.3")  # fmt: skip
+    assert result["workload"]["think_time"] == 0.3
     (row,) = result["rows"]
+    assert row["duration_s"] >= 2 * 0.3  # each conversation paused before its second and third turns
     assert row["scenario"] == "serve_multiturn" and row["endpoint"] == "chat"
     assert (row["requests"], row["completed"]) == (6, 6)
     by_turn = row["input_tokens_mean_by_turn"]

@@ -43,6 +43,8 @@ async def run_session(client: Client, session: Session, results: list, bar) -> N
     """A session's turns in order; a chat turn sends the history, its user message and, later, the reply."""
     history: list[dict] = []
     for turn, (prompt, out_len) in enumerate(zip(session.prompts, session.output_lens)):
+        if turn and getattr(client.args, "think_time", 0):  # the user reads the reply before answering
+            await asyncio.sleep(client.args.think_time)
         if client.args.endpoint == "chat":
             history.append({"role": "user", "content": prompt})
             result = await client.stream(list(history), out_len, turn)
@@ -131,8 +133,8 @@ async def benchmark(base_url: str, args: argparse.Namespace) -> dict:
         await client.close()
 
 
-WORKLOAD_FIELDS = ("input_len", "input_range", "output_len", "output_range", "turns", "n", "temperature",
-                   "ignore_eos", "seed", "warmup", "endpoint")  # fmt: skip
+WORKLOAD_FIELDS = ("input_len", "input_range", "output_len", "output_range", "turns", "think_time", "n",
+                   "temperature", "ignore_eos", "seed", "warmup", "endpoint")  # fmt: skip
 
 
 def run_serve_benchmark(args: argparse.Namespace) -> int:
@@ -197,6 +199,9 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     w.add_argument("--output-len", type=int, default=128, help="mean output tokens (max_tokens)")
     w.add_argument("--output-range", type=float, default=0.0, help="as --input-range for outputs")
     w.add_argument("--turns", type=int, default=1, help="turns per conversation (> 1: multi-turn chat)")
+    w.add_argument("--think-time", type=float, default=0.0, metavar="S",
+                   help="seconds a conversation waits after a reply before its next turn (a user reading it; "
+                   "default 0: at once)")  # fmt: skip
     w.add_argument("--num-prompts", type=int, default=None,
                    help="requests (conversations) per level (default 10 x concurrency, at least 10)")  # fmt: skip
     w.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels of requests in flight")
