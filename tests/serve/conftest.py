@@ -76,7 +76,8 @@ def stop_server(process: subprocess.Popen) -> int:
 
 @pytest.fixture(scope="session")  # one process for every module: each start costs ~8 s on 2 cores
 def server(tiny_checkpoint) -> str:
-    """Base URL of `nvfp4kit serve` on the tiny checkpoint, with an API key and a 512-token context."""
+    """Base URL of `nvfp4kit serve` on the tiny checkpoint, with an API key, a 512-token context and the chat
+    history warm-up on (its requests then run beside every test's)."""
     process, base_url = start_server(
         tiny_checkpoint,
         "--api-key",
@@ -88,6 +89,7 @@ def server(tiny_checkpoint) -> str:
         str(MAX_MODEL_LEN),
         "--dtype",
         "float32",
+        "--warm-history",
     )
     yield base_url
     stop_server(process)

@@ -82,11 +82,11 @@ def register(p: argparse.ArgumentParser) -> None:
         help="prefill every prompt whole (by default a request reuses the KV of a beginning computed before)",
     )
     p.add_argument(
-        "--no-warm-history",
-        dest="warm_history",
-        action="store_false",
-        help="do not prefill a chat's history with its last reply when the engine is idle (by default the "
-        "next turn then finds the reply's KV cached; nvfp4kit.serve.history_warmup)",
+        "--warm-history",
+        action="store_true",
+        help="after a chat reply (from a conversation's second turn on), prefill the history with it while the "
+        "engine is idle, so that the next turn finds the reply's KV cached (off by default: a request arriving "
+        "during that prefill shares its step; nvfp4kit.serve.history_warmup)",
     )
     p.set_defaults(func=run)
 
