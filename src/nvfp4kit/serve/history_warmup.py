@@ -39,9 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_RUNNING = (
-    4  # requests the engine may be running (the finished one may still count) for a warm-up to start
-)
+# requests the engine may be running (the finished one may still count) for a warm-up to start
+MAX_RUNNING = 4
 
 
 class HistoryWarmup:
@@ -52,7 +51,6 @@ class HistoryWarmup:
         self.engine, self.template = engine, template
         self.render_in = render_in or asyncio.to_thread
         self.tasks: set[asyncio.Task] = set()  # kept referenced until done
-        self.started = 0
 
     def after_reply(self, chat: PreparedChat, message: dict[str, Any], finish_reason: str) -> None:
         """Called with the reply's `message` (as the client gets it) when a chat completion has finished."""
@@ -61,7 +59,6 @@ class HistoryWarmup:
         stats = self.engine.stats()
         if stats.waiting or stats.running > MAX_RUNNING:
             return
-        self.started += 1
         task = asyncio.get_running_loop().create_task(self._run(chat, message))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
