@@ -206,3 +206,23 @@ def test_a_prompt_that_extends_a_running_one_shares_its_prefill(setup, length, c
     assert out[second] == reference_greedy(model, base + tail, 6)
     assert cached == {first: 0, second: length // 4 * 4}
     assert len(engine.cache.free_blocks) == engine.layout.num_blocks
+
+
+def test_requests_behind_a_waiting_twin_are_admitted(setup):
+    """A request that waits for its twin's prefill does not hold back the unrelated requests queued after it."""
+    model, tok = setup
+    base, tail, other = random_prompts([30, 9, 9], seed=71)
+    engine = Engine(model, tok, config=EngineConfig(max_num_batched_tokens=64, block_size=4))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in (base, base + tail, other)]
+    first_step, out, step = {}, {rid: [] for rid in ids}, 0
+    while engine.has_unfinished():
+        step += 1
+        for event in engine.step():
+            out[event.request_id].append(event.token_id)
+            first_step.setdefault(event.request_id, step)
+        check_references(engine)
+    assert [out[rid] for rid in ids] == [reference_greedy(model, p, 4) for p in (base, base + tail, other)]
+    assert (
+        first_step[ids[2]] == first_step[ids[0]] < first_step[ids[1]]
+    )  # the unrelated one went with the first

@@ -63,13 +63,15 @@ class Scheduler:
             batch.append((req, n))
             budget -= n
         admitted_before = len(batch)
+        deferred: list[Request] = []  # waiting for a twin's prefill: the requests behind them go first
         while self.waiting and budget > 0 and self.cache.free_rings and self.admission_due():
             req = self.waiting[0]
             hit = None
             if self.prefix is not None:
                 hit = self.prefix.twin(req, self.running)
                 if hit == WAIT:  # its twin's prefill is under way: share it instead of repeating it
-                    break
+                    deferred.append(self.waiting.popleft())
+                    continue
                 hit = hit or self.prefix.match(req)
             req.num_computed = hit.tokens if hit else 0  # the KV of a cached beginning is there already
             n = self._fit(req, min(req.remaining, budget, self.config.max_prefill_chunk))
@@ -92,6 +94,7 @@ class Scheduler:
             self.running.append(req)
             batch.append((req, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))  # back at the front, in their order
         if not self.waiting:
             self._waited = 0
         elif len(batch) > admitted_before:  # the budget ran out mid-queue: the rest joins the next step
