@@ -6,7 +6,9 @@ a free sliding ring and enough global blocks for their first chunk allow. When t
 the newest running request is preempted (its KV freed) and later recomputed from its prompt plus the tokens
 it already produced, so its output is unchanged. Prompts that arrive while many requests decode may wait a few
 steps to be prefilled together (`admission_due`). With prefix caching (`prefix_cache.py`), an admitted request
-starts after the longest cached beginning of its tokens (global blocks and a parked sliding ring reused).
+starts after the longest cached beginning of its tokens (global blocks and a parked sliding ring reused); one
+whose twin (a running request with its prompt, or with the beginning of it) is still prefilling waits for that
+prefill, set aside while the requests behind it are admitted.
 """
 
 from __future__ import annotations
