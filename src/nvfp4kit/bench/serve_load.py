@@ -43,7 +43,7 @@ async def run_session(client: Client, session: Session, results: list, bar) -> N
     """A session's turns in order; a chat turn sends the history, its user message and, later, the reply."""
     history: list[dict] = []
     for turn, (prompt, out_len) in enumerate(zip(session.prompts, session.output_lens)):
-        if turn and getattr(client.args, "think_time", 0):  # the user reads the reply before answering
+        if turn and client.args.think_time:  # the user reads the reply before answering
             await asyncio.sleep(client.args.think_time)
         if client.args.endpoint == "chat":
             history.append({"role": "user", "content": prompt})

@@ -56,10 +56,9 @@ class PreparedChat:
     params: list[SamplingParams]
     arrival: float
     images: ImageInputs | None = None  # image soft tokens of the prompt (image_url content parts)
-    messages: list[dict[str, Any]] | None = None  # as rendered (image parts replaced), with `tools`:
-    tools: list[dict[str, Any]] | None = (
-        None  # what a warmed next turn renders again (serve/history_warmup.py)
-    )
+    # the messages (image parts replaced) and tools as rendered: what a warmed next turn renders again
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
 
     def new_parser(self) -> ChatOutputParser:
         return ChatOutputParser(
