@@ -41,6 +41,7 @@ class EngineStats:
     kv_sliding_usage: float = 0.0
     prefill_tokens: int = 0  # prompt tokens run through the model so far (prompt minus prefix-cache hits)
     preemptions: int = 0  # requests pushed back to the queue because the KV pools ran short
+    background: int = 0  # background requests (history warm-ups) running or waiting: not in the two above
     steps: tuple[
         tuple[str, int, float, float], ...
     ] = ()  # (kind, steps, wall s, device s): engine/step_stats.py
@@ -87,15 +88,21 @@ class AsyncBatchingEngine:
         return replace(self._stats, prefill_tokens=self._prefill_tokens)
 
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, images: ImageInputs | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        images: ImageInputs | None = None,
+        *,
+        background: bool = False,
     ) -> AsyncIterator[TokenEvent]:
+        """`background`: the server's own work, which yields to the clients' requests (`engine/scheduler.py`)."""
         if self._closed:
             raise RuntimeError("the engine is shut down")
         request_id = f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         detokenize = self.tokenizer is not None and params.detokenize
         text = TextOutput(self.tokenizer, prompt_ids, params) if detokenize else None
-        self._commands.put(("add", request_id, list(prompt_ids), params, stream, images))
+        self._commands.put(("add", request_id, list(prompt_ids), params, stream, images, background))
         finished = False  # by the engine: else the engine still holds the request, and closing aborts it
         try:
             while True:
@@ -165,7 +172,8 @@ class AsyncBatchingEngine:
         s = self.engine.stats()
         self._stats = EngineStats(
             int(s["running"]), int(s["waiting"]), s["kv_global_usage"], s["kv_sliding_usage"],
-            preemptions=int(s["preemptions"]), steps=self.engine.step_stats.snapshot(),
+            preemptions=int(s["preemptions"]), background=int(s["background"]),
+            steps=self.engine.step_stats.snapshot(),
         )  # fmt: skip
 
     def _apply(self, command: tuple) -> None:
@@ -176,11 +184,13 @@ class AsyncBatchingEngine:
 
     def _apply_one(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt_ids, params, stream, images = command
+            _, request_id, prompt_ids, params, stream, images, background = command
             try:
                 # ids only: the stream detokenizes and checks stop strings on the event loop
                 ids_only = replace(params, detokenize=False)
-                self.engine.add_request(prompt_ids, ids_only, request_id=request_id, images=images)
+                self.engine.add_request(
+                    prompt_ids, ids_only, request_id=request_id, images=images, background=background
+                )
             except ValueError as exc:
                 stream.push(exc)
                 return

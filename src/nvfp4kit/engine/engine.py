@@ -160,8 +160,10 @@ class Engine:
         *,
         request_id: str | None = None,
         images: ImageInputs | None = None,
+        background: bool = False,
     ) -> str:
-        """Queue a prompt; `images`: its image soft tokens (placeholders expanded, see `nvfp4kit.vision`)."""
+        """Queue a prompt; `images`: its image soft tokens (placeholders expanded, see `nvfp4kit.vision`);
+        `background`: the server's own work, run with what the other requests leave (`scheduler.py`)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         limit = min(self.max_model_len, self.pool_tokens)
@@ -183,7 +185,7 @@ class Engine:
         req = make_request(
             request_id, prompt_ids, params, tokenizer=self.tokenizer, eos_ids=self.model.config.eos_token_ids
         )
-        req.images = images
+        req.images, req.background = images, background
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -313,7 +315,7 @@ class Engine:
         running = self.scheduler.running
         if not reqs or len(reqs) != len(running) or any(a is not b for a, b in zip(reqs, running)):
             return None
-        if self.cache.free_rings and self.scheduler.admission_due():  # someone joins: the host schedules
+        if self.scheduler.joins_next():  # someone joins: the host schedules
             return None
         if len(reqs) > self.scheduler.config.max_num_batched_tokens or not all(map(_overlappable, reqs)):
             return None
@@ -362,10 +364,14 @@ class Engine:
         self.scheduler.finish(req)
 
     def stats(self) -> dict[str, float]:
+        """Running and waiting count the clients' requests; `background` the background ones, either way."""
         usage = self.cache.usage
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        background_running, background_waiting = (sum(r.background for r in q) for q in (running, waiting))
         return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
+            "running": len(running) - background_running,
+            "waiting": len(waiting) - background_waiting,
+            "background": background_running + background_waiting,
             "kv_global_usage": usage["global"],
             "kv_sliding_usage": usage["sliding"],
             "preemptions": self.scheduler.num_preemptions,

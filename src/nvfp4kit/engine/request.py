@@ -59,6 +59,8 @@ class Request:
     constraint: ConstraintState | None = None  # structured output: where the request is in its grammar
     num_cached: int = 0  # prompt tokens reused from the prefix cache at the last admission
     block_digests: list[bytes] = field(default_factory=list)  # prefix-cache keys of its full blocks
+    # the server's own work (a chat history warm-up): scheduled with what clients' requests leave (scheduler.py)
+    background: bool = False
 
     @property
     def all_ids(self) -> list[int]:
