@@ -111,7 +111,8 @@ class ScriptedEngine:
     """An AsyncEngine whose reply to a prompt is `reply(prompt_text)`, tokenized with the tiny tokenizer.
 
     The reply ends with `<turn|>`, or with `<|tool_response>` when it contains a tool call (as Gemma 4
-    stops), unless max_tokens cuts it first. Every prompt it was asked for is kept in `prompts`.
+    stops), unless max_tokens cuts it first. Every prompt it was asked for is kept in `prompts`, and whether
+    it came as a background request (the server's history warm-up) in `background`.
     """
 
     def __init__(self, checkpoint: Path, reply: Callable[[str], str]) -> None:
@@ -121,6 +122,7 @@ class ScriptedEngine:
         self.reply = reply
         self.prompts: list[str] = []
         self.prompt_ids: list[list[int]] = []
+        self.background: list[bool] = []
         self.token_delay = 0.0  # seconds between tokens (to keep streams open in shutdown tests)
         self._running = 0
         self._aborted = False
@@ -134,10 +136,13 @@ class ScriptedEngine:
     def abort_all(self) -> None:
         self._aborted = True
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[ScriptedToken]:
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, *, background: bool = False
+    ) -> AsyncIterator[ScriptedToken]:
         prompt = self.tokenizer.decode(prompt_ids)
         self.prompts.append(prompt)
         self.prompt_ids.append(list(prompt_ids))
+        self.background.append(background)
         text = self.reply(prompt)
         ids = self.tokenizer.encode(text, add_bos=False)
         ids.append(TOOL_RESPONSE if "<|tool_call>" in text else TURN_END)

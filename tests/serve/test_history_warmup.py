@@ -24,11 +24,12 @@ def cached_tokens(usage) -> int:
 
 
 def wait_for_prefill_past(base_url: str, prefilled: float, limit: float = 30.0) -> None:
-    """Until the engine has prefilled more than `prefilled` tokens in all and runs nothing."""
+    """Until the engine has prefilled more than `prefilled` tokens in all and runs nothing (warm-ups included)."""
     deadline = time.monotonic() + limit
     while not (
         metric(base_url, "nvfp4kit_prefill_tokens_total") > prefilled
         and metric(base_url, "nvfp4kit_num_requests_running") == 0
+        and metric(base_url, "nvfp4kit_num_requests_background") == 0
     ):
         assert time.monotonic() < deadline, "the history was never warmed"
         time.sleep(0.02)
@@ -66,3 +67,23 @@ def test_the_next_turn_finds_the_reply_cached(server, tiny_checkpoint, stream):
     _, _, cached = chat(api, messages, False, 2, letters)
     # the history up to the reply's end is cached (full blocks), far past where the turn's prompt parts from it
     assert cached >= prompt_tokens + 16
+
+
+def test_the_warm_up_is_a_background_request(scripted_server):
+    """The warm-up yields to the clients' requests in the engine (engine/scheduler.py): the history goes to the
+    engine as a background request, the client's turn as a foreground one."""
+    base_url, engine = scripted_server(lambda prompt: "Sure, here it is.", warm_history=True)
+    api = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Tell me more."},
+    ]
+    reply = api.chat.completions.create(model="scripted", messages=messages, max_tokens=20)
+    deadline = time.monotonic() + 30
+    while len(engine.background) < 2:
+        assert time.monotonic() < deadline, "the history was never warmed"
+        time.sleep(0.02)
+    assert engine.background == [False, True]
+    assert engine.prompts[1].startswith(engine.prompts[0].split("Tell me more.")[0] + "Tell me more.")
+    assert reply.choices[0].message.content in engine.prompts[1].split("Tell me more.")[1]

@@ -50,6 +50,7 @@ def test_models_health_and_metrics(server, api):
         "inter_token_latency_seconds",
         "num_requests_running",
         "num_requests_waiting",
+        "num_requests_background",
     ):
         assert f"# TYPE nvfp4kit_{name}" in text
 

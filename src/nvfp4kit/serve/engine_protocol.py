@@ -1,9 +1,10 @@
 """The engine seam of the server: what the HTTP layer needs from an engine, and how to build one.
 
 The server only uses `AsyncEngine`: a tokenizer, the context length, the stop ids, `stream(prompt_ids,
-params)` yielding token events (closing the stream early aborts the request), `stats()` with the
-running and waiting request counts, and `close()`; optionally `abort_all()` (end every stream with a last
-event of finish_reason "abort", no token: id -1), which the shutdown drain calls when its time is up.
+params)` yielding token events (closing the stream early aborts the request; `background=True`: the server's
+own work, which yields to the clients' requests), `stats()` with the clients' running and waiting request
+counts, and `close()`; optionally `abort_all()` (end every stream with a last event of finish_reason "abort",
+no token: id -1), which the shutdown drain calls when its time is up.
 `nvfp4kit.engine.async_batching.AsyncBatchingEngine` (continuous batching on a worker thread) provides it;
 tests plug in scripted engines the same way. A request that fails alone in the engine raises
 `RequestFailed` from its own stream only.
@@ -27,8 +28,11 @@ class AsyncEngine(Protocol):
     max_model_len: int
     stop_token_ids: frozenset[int]
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
-        """Tokens of one request; closing the iterator early aborts the request."""
+    def stream(
+        self, prompt_ids: list[int], params: SamplingParams, *, background: bool = False
+    ) -> AsyncIterator[TokenEvent]:
+        """Tokens of one request; closing the iterator early aborts the request. `background`: the server's
+        own work (a history warm-up), scheduled with what the clients' requests leave."""
         ...
 
     def stats(self) -> EngineStats: ...

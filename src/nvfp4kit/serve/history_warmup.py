@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# requests the engine may be running (the finished one may still count) for a warm-up to start
+# clients' requests running plus warm-ups in flight the engine may have for a warm-up to start
 MAX_RUNNING = 4
 
 
@@ -57,7 +57,7 @@ class HistoryWarmup:
         if not _eligible(chat, message, finish_reason):
             return
         stats = self.engine.stats()
-        if stats.waiting or stats.running > MAX_RUNNING:
+        if stats.waiting or stats.running + stats.background > MAX_RUNNING:
             return
         task = asyncio.get_running_loop().create_task(self._run(chat, message))
         self.tasks.add(task)
@@ -71,7 +71,7 @@ class HistoryWarmup:
             params = SamplingParams(
                 max_tokens=1, temperature=0, detokenize=False, cache_salt=chat.params[0].cache_salt
             )
-            async with contextlib.aclosing(self.engine.stream(ids, params)) as events:
+            async with contextlib.aclosing(self.engine.stream(ids, params, background=True)) as events:
                 async for _ in events:
                     pass
         except Exception:  # an optimisation only: it never fails a client's request

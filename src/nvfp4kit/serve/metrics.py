@@ -4,8 +4,9 @@ Counters: requests by endpoint and outcome, prompt and generated tokens, Triton 
 those after the start-up warm-up: each one stalled a serving step), preemptions, and engine steps with their wall
 seconds by kind (where a load test's time went) and, for decode steps on CUDA, their GPU seconds. Histograms: time
 to first token, split into the server's preprocessing (arrival to the prompt handed to the engine) and the
-engine's part (queueing, prefill, the first step), and inter-token latency. Gauges: requests running and waiting,
-read from the engine when scraped.
+engine's part (queueing, prefill, the first step), and inter-token latency. Gauges: clients' requests running and
+waiting, and the server's background requests (history warm-ups, not counted in those two), read from the engine
+when scraped.
 """
 
 from __future__ import annotations
@@ -157,8 +158,12 @@ class ServerMetrics:
             "each step's forward and sampling), by kind: wall seconds above them are the GPU waiting for the host.",
             {kind: device for kind, _, _, device in stats.steps if kind.startswith("decode")},
         )  # fmt: skip
-        lines += _single("num_requests_running", "gauge", "Requests generating now.", stats.running)
-        lines += _single("num_requests_waiting", "gauge", "Requests queued for the engine.", stats.waiting)
+        lines += _single("num_requests_running", "gauge", "Clients' requests generating now.", stats.running)
+        lines += _single(
+            "num_requests_waiting", "gauge", "Clients' requests queued for the engine.", stats.waiting
+        )
+        text = "The server's own background requests (chat history warm-ups), running or queued."
+        lines += _single("num_requests_background", "gauge", text, stats.background)
         for pool in ("global", "sliding"):
             usage = getattr(stats, f"kv_{pool}_usage", None)
             if usage is not None:
