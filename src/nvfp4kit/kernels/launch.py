@@ -36,7 +36,11 @@ _mode_override: int | None = None
 # decode graphs of at most this many sequences are captured with mode 1 unless NVFP4KIT_PDL says otherwise. H100,
 # session 25 (scripts/gpu_decode_variants.py, mode 0 timed before and after in the same process, greedy tokens
 # equal), tok/s: batch 1 337.8 / 336.2 off -> 354.5 (+5.2%), 2 593.9 / 591.6 -> 616.6 (+4.0%), 4 938.2 -> 964.1
-# (+2.8%), 8 1,371.0 / 1,365.1 -> 1,405.1 (+2.7%); but batch 16 2,054 -> 1,854 (-10%; mode 2 1,772), 64 even
+# (+2.8%), 8 1,371.0 / 1,365.1 -> 1,405.1 (+2.7%); but batch 16 2,054 -> 1,854 (-10%; mode 2 1,772), 64 even.
+# The loss at 16 comes from PDL together with the dense MLP on its second stream (model/branches.py, used from 16
+# to 32 sequences). Session 26, H100, tok/s at batch 16 / 64 (PDL:streams): 0:1 2,061.5 / 5,060.2, 1:1 1,858.0 /
+# 5,086.4, 0:0 1,970.8 / 5,043.3, 1:0 1,986.9 / 5,064.3; the profile of 1:1 has the grouped MoE gate_up at 4.00 ms
+# a step against 2.94 ms in 0:1. So batch 16 keeps two streams without PDL, and 64 (one stream) gains within noise.
 PDL_DECODE_MAX_BATCH = 8
 
 
