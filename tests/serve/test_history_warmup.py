@@ -8,6 +8,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from nvfp4kit.serve.history_warmup import START_DELAY
 from nvfp4kit.tokenizer import Tokenizer
 
 from .conftest import API_KEY
@@ -21,6 +22,18 @@ def metric(base_url: str, name: str) -> float:
 def cached_tokens(usage) -> int:
     details = usage.prompt_tokens_details
     return (details.cached_tokens if details else 0) or 0
+
+
+def settle(base_url: str, limit: float = 30.0) -> None:
+    """Until the warm-ups of the replies so far (on this session's server: other tests' too) have started, each
+    `START_DELAY` after its reply, and finished."""
+    time.sleep(START_DELAY + 0.5)
+    deadline = time.monotonic() + limit
+    while metric(base_url, "nvfp4kit_num_requests_background") or metric(
+        base_url, "nvfp4kit_num_requests_running"
+    ):
+        assert time.monotonic() < deadline, "the engine never went idle"
+        time.sleep(0.02)
 
 
 def wait_for_prefill_past(base_url: str, prefilled: float, limit: float = 30.0) -> None:
@@ -60,6 +73,7 @@ def test_the_next_turn_finds_the_reply_cached(server, tiny_checkpoint, stream):
     messages = [{"role": "user", "content": f"Tell me a long story about warm caches, take {int(stream)}."}]
     reply, _, _ = chat(api, messages, stream, 8, letters)
     messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Go on, at length."}]
+    settle(server)  # no earlier reply's warm-up counted in the prefill below
     prefilled = metric(server, "nvfp4kit_prefill_tokens_total")
     reply, prompt_tokens, cached = chat(api, messages, stream, 40, letters)
     wait_for_prefill_past(server, prefilled + prompt_tokens - cached)  # past the turn's own prefill
@@ -69,9 +83,10 @@ def test_the_next_turn_finds_the_reply_cached(server, tiny_checkpoint, stream):
     assert cached >= prompt_tokens + 16
 
 
-def test_the_warm_up_is_a_background_request(scripted_server):
+def test_the_warm_up_is_a_background_request_after_a_pause(scripted_server):
     """The warm-up yields to the clients' requests in the engine (engine/scheduler.py): the history goes to the
-    engine as a background request, the client's turn as a foreground one."""
+    engine as a background request, and only after `START_DELAY`, so that a client's request sent right after
+    the reply (here a new conversation) gets to the engine first."""
     base_url, engine = scripted_server(lambda prompt: "Sure, here it is.", warm_history=True)
     api = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=60)
     messages = [
@@ -80,10 +95,11 @@ def test_the_warm_up_is_a_background_request(scripted_server):
         {"role": "user", "content": "Tell me more."},
     ]
     reply = api.chat.completions.create(model="scripted", messages=messages, max_tokens=20)
+    api.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "New"}], max_tokens=5)
     deadline = time.monotonic() + 30
-    while len(engine.background) < 2:
+    while len(engine.background) < 3:
         assert time.monotonic() < deadline, "the history was never warmed"
         time.sleep(0.02)
-    assert engine.background == [False, True]
-    assert engine.prompts[1].startswith(engine.prompts[0].split("Tell me more.")[0] + "Tell me more.")
-    assert reply.choices[0].message.content in engine.prompts[1].split("Tell me more.")[1]
+    assert engine.background == [False, False, True]
+    assert engine.prompts[2].startswith(engine.prompts[0].split("Tell me more.")[0] + "Tell me more.")
+    assert reply.choices[0].message.content in engine.prompts[2].split("Tell me more.")[1]

@@ -84,9 +84,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--warm-history",
         action="store_true",
-        help="after a chat reply (from a conversation's second turn on), prefill the history with it while the "
-        "engine is idle, so that the next turn finds the reply's KV cached (off by default: a request arriving "
-        "during that prefill shares its step; nvfp4kit.serve.history_warmup)",
+        help="after a chat reply (from a conversation's second turn on), prefill the history with it as a "
+        "background request that yields to the clients' requests, so that the next turn finds the reply's KV "
+        "cached (off by default; nvfp4kit.serve.history_warmup)",
     )
     p.set_defaults(func=run)
 

@@ -8,17 +8,31 @@ server renders the messages plus the reply as history (no generation prompt, the
 and runs that as a one-token request while the client reads the answer: the prefix cache keeps its KV for the
 next turn, and a next turn that arrives while it still runs waits for it and shares it (`PrefixCache.twin`).
 That shortens the next turn's time to first token by the reply's prefill when the user answers later than the
-warm-up takes (people do); a client that answers at once mostly waits for it instead.
+warm-up takes (people do); a client that answers at once gains nothing (it prefills the reply itself, or waits
+for the warm-up's prefill).
 
 It costs a prefill of about the reply's length per turn, so it only runs for conversations that already have a
-model turn (a one-shot request would pay it for nothing, and its prefill would share a step with the next
-client's), when the engine has no request waiting and at most `MAX_RUNNING` running (under load it would take
-throughput from other requests), for one choice (n = 1) that ended by a stop or the token budget without a tool
-call, and for prompts rendered the plain way (no images, forced tool call, truncation, reopened last turn or extra
-BOS). Opt-in (`serve --warm-history`): on the CPU demo (session 25, `bench serve --turns 4 --input-len 256
---output-len 96 --think-time 2`) turns 3-4 came 28% / 12% sooner, but a new conversation's first turn that
-arrived during the previous conversation's warm-up took twice as long (they shared a step). Making warm-ups
-yield to waiting requests in the scheduler would remove that cost.
+model turn (a one-shot request would pay it for nothing), when no client's request waits and the clients' running
+requests plus the warm-ups in flight are at most `MAX_RUNNING` (under load it would take throughput from them),
+for one choice (n = 1) that ended by a stop or the token budget without a tool call, and for prompts rendered the
+plain way (no images, forced tool call, truncation, reopened last turn or extra BOS).
+
+It yields to the clients' requests in the engine: it is a background request (`stream(..., background=True)`,
+`engine/scheduler.py`), which takes a prefill chunk only in a step that computes no client's prompt (beside their
+decodes, with the budget they leave), is admitted only while no client's request waits for room, is preempted
+first when the KV runs short, and becomes a client's request when the next turn arrives and waits for it. A step
+cannot be interrupted, though: a request that arrives while a warm-up's step runs waits for that step. So the
+warm-up starts `START_DELAY` after the reply (checking the load again), when a client that sends its next request
+at once (a new conversation, a follow-up call) is served already.
+
+Opt-in (`serve --warm-history`). On the CPU demo (`bench serve --turns 4 --input-len 256 --output-len 96
+--think-time 2`, `--concurrency 1 --num-prompts 3` and `--concurrency 2 --num-prompts 6`, two runs each, with and
+without `--serve-args=--warm-history`), TTFT by turn: at concurrency 1, 140 / 214 / 173 / 172 ms against 147 / 220
+/ 215 / 224 without (cached tokens 0 / 256 / 773 / 1,168 against 0 / 256 / 656 / 1,040); at concurrency 2, 229 /
+286 / 233 / 256 against 218 / 294 / 284 / 298. The first turn of a new conversation no longer pays for the previous
+one's warm-up: at concurrency 1 it took 244 ms when warm-ups were ordinary requests, and 222 ms as background
+requests started at once (they met the warm-up's step under way). The cost left: the client's decode step that a
+warm-up chunk joins is longer (ITL p99 89 against 57 ms at concurrency 1).
 """
 
 from __future__ import annotations
@@ -41,6 +55,9 @@ log = logging.getLogger(__name__)
 
 # clients' requests running plus warm-ups in flight the engine may have for a warm-up to start
 MAX_RUNNING = 4
+# seconds between a reply and its warm-up: a client's next request often follows its reply at once (a new
+# conversation, a follow-up call), and one that finds a warm-up's step under way waits for it
+START_DELAY = 0.25
 
 
 class HistoryWarmup:
@@ -54,17 +71,22 @@ class HistoryWarmup:
 
     def after_reply(self, chat: PreparedChat, message: dict[str, Any], finish_reason: str) -> None:
         """Called with the reply's `message` (as the client gets it) when a chat completion has finished."""
-        if not _eligible(chat, message, finish_reason):
-            return
-        stats = self.engine.stats()
-        if stats.waiting or stats.running + stats.background > MAX_RUNNING:
+        if not _eligible(chat, message, finish_reason) or self._busy():
             return
         task = asyncio.get_running_loop().create_task(self._run(chat, message))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def _busy(self) -> bool:
+        """Clients' requests wait, or too many requests run (a warm-up would take their throughput)."""
+        stats = self.engine.stats()
+        return bool(stats.waiting) or stats.running + stats.background > MAX_RUNNING
+
     async def _run(self, chat: PreparedChat, message: dict[str, Any]) -> None:
         try:
+            await asyncio.sleep(START_DELAY)
+            if self._busy():
+                return
             ids = await self.render_in(lambda: self._history_ids(chat, message))
             if len(ids) >= self.engine.max_model_len:
                 return
