@@ -299,11 +299,14 @@ def _grouped_down_kernel(
 
 
 def default_tiles(tokens: int) -> tuple[int, int]:
-    """MMA tiles a row group (gate_up, down) for `tokens`: two above 16 tokens. H100, 26B-A4B MoE layer (session 21,
+    """MMA tiles a row group (gate_up, down) for `tokens`: two above 8 tokens. H100, 26B-A4B MoE layer (session 21,
     scripts/gpu_moe_grouped_probe.py): two tiles take 0.96 / 0.90 / 0.83 / 0.79x the time of one at 32 / 64 / 96 /
-    128 tokens, 0.99-1.00x at 16 and 24, 1.04x at 8 (fewer, longer programs for few experts' pairs). Four tiles
-    (126 registers a thread in gate_up: a quarter of the warps resident) are 2-4% slower than two at 32-96 tokens."""
-    return (2, 2) if tokens > 16 else (1, 1)
+    128 tokens, 0.99-1.00x at 16 and 24, 1.04x at 8 (fewer, longer programs for few experts' pairs); session 26:
+    0.965x at 16 (152.6 against 158.1 us), and in the engine's 16-sequence decode graph (scripts/gpu_decode_variants.py,
+    two alternations, greedy tokens equal) batch 12 1,648.1 / 1,651.9 -> 1,694.7 / 1,696.3 tok/s, 16 2,043.4 /
+    2,039.3 -> 2,092.3 / 2,096.0 (+2.5%), batch 8 equal. Four tiles (126 registers a thread in gate_up: a quarter of
+    the warps resident) are 2-4% slower than two at 32-96 tokens."""
+    return (2, 2) if tokens > 8 else (1, 1)
 
 
 def fused_moe_grouped(
