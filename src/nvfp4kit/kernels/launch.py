@@ -10,8 +10,9 @@ launch latency overlaps. CUDA graphs keep the dependency (stream capture records
 
 Modes (`NVFP4KIT_PDL`, read once per process; `set_pdl_mode` for experiments): 0 off (default), 1 wait first
 (SM90+), 2 wait first and signal dependents right away (the next kernel's programs may then take free SM slots
-while this one's last programs still run). With `NVFP4KIT_PDL` unset, the decode graphs of the smallest batches
-are captured with mode 1 (`decode_graph_pdl`): there the step is a chain of latency-bound launches.
+while this one's last programs still run). With `NVFP4KIT_PDL` unset, decode graphs are captured with mode 1
+(`decode_graph_pdl`): a decode step is a chain of short launches, and overlapping each one's launch with the tail
+of the one before measured faster at every graph size but one (`PDL_DECODE_OFF_BATCHES`).
 """
 
 from __future__ import annotations
@@ -28,20 +29,20 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from nvfp4kit.kernels.configs import interpreting
 
-# off by default for eager launches and large decode graphs: on the H200 (26B-A4B decode, session 5) mode 2 gained
-# 0.4% at batch 1 and lost 3-4% at 16/64 (session 25, H100: the same shape of result, see PDL_DECODE_MAX_BATCH;
-# the greedy tokens of modes 0 and 2 differed in one session-5 run, equal in every session-25 run)
+# off by default for eager launches: on the H200 (26B-A4B decode, session 5) mode 2 gained 0.4% at batch 1 and lost
+# 3-4% at 16/64 (the greedy tokens of modes 0 and 2 differed in one session-5 run, equal in every later one)
 _DEFAULT_MODE = 0
 _mode_override: int | None = None
-# decode graphs of at most this many sequences are captured with mode 1 unless NVFP4KIT_PDL says otherwise. H100,
-# session 25 (scripts/gpu_decode_variants.py, mode 0 timed before and after in the same process, greedy tokens
-# equal), tok/s: batch 1 337.8 / 336.2 off -> 354.5 (+5.2%), 2 593.9 / 591.6 -> 616.6 (+4.0%), 4 938.2 -> 964.1
-# (+2.8%), 8 1,371.0 / 1,365.1 -> 1,405.1 (+2.7%); but batch 16 2,054 -> 1,854 (-10%; mode 2 1,772), 64 even.
-# The loss at 16 comes from PDL together with the dense MLP on its second stream (model/branches.py, used from 16
-# to 32 sequences). Session 26, H100, tok/s at batch 16 / 64 (PDL:streams): 0:1 2,061.5 / 5,060.2, 1:1 1,858.0 /
-# 5,086.4, 0:0 1,970.8 / 5,043.3, 1:0 1,986.9 / 5,064.3; the profile of 1:1 has the grouped MoE gate_up at 4.00 ms
-# a step against 2.94 ms in 0:1. So batch 16 keeps two streams without PDL, and 64 (one stream) gains within noise.
-PDL_DECODE_MAX_BATCH = 8
+# Decode graphs are captured with mode 1 unless NVFP4KIT_PDL says otherwise, except those of 9-16 sequences (the
+# 16-sequence graph: default_batch_sizes captures 8 then 16). H100, scripts/gpu_decode_variants.py, mode 0 against
+# mode 1 in one process, greedy tokens equal, tok/s. Session 25: batch 1 337.8 / 336.2 -> 354.5 (+5.2%), 2 593.9 /
+# 591.6 -> 616.6 (+4.0%), 4 938.2 -> 964.1 (+2.8%), 8 1,371.0 / 1,365.1 -> 1,405.1 (+2.7%). Session 26 (two
+# alternations each): 24 2,669.1 / 2,676.1 -> 2,721.7 / 2,730.2 (+2.0%), 32 3,219.7 / 3,226.0 -> 3,273.4 / 3,272.7
+# (+1.6%), 48 +0.3%, 64 +0.3%, 96 6,995.9 / 7,017.9 -> 7,090.1 / 7,088.3 (+1.2%), 128 +0.9%; but the 16 graph
+# loses 9-10% (batch 12: 1,694.7 -> 1,520.5; 16: 2,092.3 -> 1,875.0). Not explained: in its profile the grouped MoE
+# gate_up takes 4.00 ms a step against 2.94 ms; with the dense MLP on one stream PDL gains 0.8% there (1,970.8 ->
+# 1,986.9, below two streams without PDL), and launching the side stream's kernels without PDL did not help.
+PDL_DECODE_OFF_BATCHES = range(9, 17)
 
 
 def set_pdl_mode(mode: int | None) -> None:
@@ -76,10 +77,10 @@ def _launch_args(device_type: str, index: int | None) -> dict:
 
 @contextlib.contextmanager
 def decode_graph_pdl(batch: int) -> Iterator[None]:
-    """Around the warm-up and capture of the decode graph of `batch` sequences: PDL mode 1 for the smallest
-    batches (`PDL_DECODE_MAX_BATCH`) when neither `NVFP4KIT_PDL` nor `set_pdl_mode` chose a mode; cards before
-    SM90 stay at 0 (`pdl_args`)."""
-    if batch > PDL_DECODE_MAX_BATCH or _mode_override is not None or "NVFP4KIT_PDL" in os.environ:
+    """Around the warm-up and capture of the decode graph of `batch` sequences: PDL mode 1 outside
+    `PDL_DECODE_OFF_BATCHES` when neither `NVFP4KIT_PDL` nor `set_pdl_mode` chose a mode; cards before SM90 stay
+    at 0 (`pdl_args`)."""
+    if batch in PDL_DECODE_OFF_BATCHES or _mode_override is not None or "NVFP4KIT_PDL" in os.environ:
         yield
         return
     set_pdl_mode(1)
