@@ -6,7 +6,7 @@ The 26B-A4B MoE layer (128 experts of 704, top-8, hidden 2,816) at M tokens: `fu
 (gate_up warps, down warps) config, both checked against fp32 math, timed in CUDA graphs over 16 routings (the
 layer's 429 MB of experts do not fit the L2). GB/s counts the packed bytes of the experts the routing touches.
 Prints a table last. Run from the repository root on the GPU machine:
-  PYTHONPATH=src python3 scripts/gpu_moe_grouped_probe.py [--m 8 16 32 64 96 128] [--json OUT]
+  PYTHONPATH=src python3 scripts/gpu_moe_grouped_probe.py [--m 8 16 32 64 96 128] [--configs g2x2:d1x4:b8:t11:u2 ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,16 +27,23 @@ from nvfp4kit.tuning.timing import time_graph
 # 21 on the H100: (2, 2), (1, 4), 8, (2, 2) the best at 32-128 tokens, four tiles 2-4% slower than two. Session 22
 # (H100, 16 / 32 / 64 tokens): the GeGLU activations stored in the down kernel's load order (removed since) took
 # 154.7 / 199.5 / 227.9 us against 151.4 / 198.6 / 226.3 in K order; blocks of 16 170-254 us
-CONFIGS = [
-    ((2, 2), (1, 4), 8, (1, 1)),
-    ((2, 2), (1, 4), 8, (2, 2)),
-    ((2, 2), (2, 2), 8, (2, 2)),
-    ((2, 2), (1, 4), 16, (2, 2)),
-]
+CONFIGS = ["g2x2:d1x4:b8:t11", "g2x2:d1x4:b8:t22", "g2x2:d2x2:b8:t22", "g2x2:d1x4:b16:t22"]
+BLOCK_DEFAULT = 8
 EXPERT_BYTES = (2 * 704 * 2816 + 2816 * 704) * 9 // 16
 
 
-def measure(m: int) -> dict:
+def parse_config(text: str) -> dict:
+    """ "g2x2:d1x4:b8:t11:u2" -> `fused_moe_grouped`'s keyword arguments: gate_up warps (K x row groups), down
+    warps, pairs a block, MMA tiles of (gate_up, down), gate_up's K-loop unroll."""
+    fields = dict((f[0], f[1:]) for f in text.split(":"))
+    gw, dw = (tuple(int(v) for v in fields[k].split("x")) for k in "gd")
+    return dict(
+        gate_up_warps=gw, down_warps=dw, block=int(fields.get("b", BLOCK_DEFAULT)),
+        tiles=tuple(int(v) for v in fields.get("t", "11")), unroll=int(fields.get("u", 1)),
+    )  # fmt: skip
+
+
+def measure(m: int, configs: list[str]) -> dict:
     case = MoECase.build(m, weight_sets=1, route_sets=16, with_bf16=False)
     gu, dn = case.gate_up[0], case.down[0]
     ids, weights = case.routes[0]
@@ -45,23 +52,12 @@ def measure(m: int) -> dict:
     row: dict = {"m": m, "experts_touched": touched, "mb": touched * EXPERT_BYTES / 1e6}
     row["engine_error"] = rel_error(case.call(None)(0), ref)
     row["engine"] = time_graph(case.call(None), sets=16)
-    for gw, dw, block, tiles in CONFIGS:
-        name = f"g{gw[0]}x{gw[1]} d{dw[0]}x{dw[1]} b{block} t{tiles[0]}{tiles[1]}"
+    for name in configs:
+        kwargs = parse_config(name)
 
-        def run(i, gw=gw, dw=dw, block=block, tiles=tiles):
+        def run(i, kwargs=kwargs):
             ids, weights = case.routes[i % 16]
-            x = case.xs[i % 16]
-            return fused_moe_grouped(
-                x,
-                ids,
-                weights,
-                gu,
-                dn,
-                gate_up_warps=gw,
-                down_warps=dw,
-                block=block,
-                tiles=tiles,
-            )
+            return fused_moe_grouped(case.xs[i % 16], ids, weights, gu, dn, **kwargs)
 
         try:
             err = rel_error(run(0), ref)
@@ -75,11 +71,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, nargs="+", default=[8, 16, 32, 64, 96, 128])
     ap.add_argument("--json")
+    ap.add_argument(
+        "--configs", nargs="+", default=CONFIGS,
+        help="g<K warps>x<row groups>:d<K warps>x<row groups>[:b<pairs a block>][:t<gate_up tiles><down tiles>][:u<gate_up unroll>]",
+    )  # fmt: skip
     args = ap.parse_args()
     print(f"card: {torch.cuda.get_device_name()}")
     rows = []
     for m in args.m:
-        r = measure(m)
+        r = measure(m, args.configs)
         rows.append(r)
         print(f"M={m} engine {r['engine']:.1f} us (err {r['engine_error']:.1e}) | " + "  ".join(
             f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k[0] == "g"), flush=True)  # fmt: skip
