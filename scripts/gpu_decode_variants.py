@@ -1,7 +1,7 @@
 """Decode launch variants on the card: speed and greedy tokens with PDL modes and the two-stream layer halves.
 
 One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F[:R[:G]]]` (PDL mode P of
-kernels/launch.py, B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py, F = 0 to
+kernels/launch.py for every launch, or `d` for the engine's own choice by graph size; B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py, F = 0 to
 write K/V with their own launch instead of from qkv_norm_rope, engine/attention_backend.py; R = 0 to run the MoE
 router as its own launch after ffn_inputs instead of inside it, kernels/ffn_router.py; G = 0 to run the dense
 MLP's one-token gate_up projection and its GeGLU as two launches, kernels/gate_up_geglu.py; an omitted F, R or G is
@@ -98,11 +98,12 @@ def main() -> None:
     real_fuses = ffn_router.fuses
     defaults = [int(fused_kv_write_enabled()), 1, int(gate_up_geglu.FUSE)]  # F, R, G as the engine runs them
     for variant in args.variants:
-        fields = [int(v) for v in variant.split(":")]
+        # P = "d": no forced mode, the engine's own choice per graph (kernels/launch.decode_graph_pdl)
+        fields = [-1 if v == "d" else int(v) for v in variant.split(":")]
         mode, branches, fused_kv, routed, geglu_fused = (fields + defaults[max(0, len(fields) - 2) :])[:5]
         ffn_router.fuses = real_fuses if routed else (lambda *_: False)
         gate_up_geglu.FUSE = bool(geglu_fused)
-        set_pdl_mode(mode)
+        set_pdl_mode(None if mode < 0 else mode)
         set_branch_streams(bool(branches))
         os.environ[FUSED_KV_WRITE_VAR] = str(fused_kv)  # read when the decode graphs are captured
         config = EngineConfig(
