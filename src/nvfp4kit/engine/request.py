@@ -39,7 +39,7 @@ class TokenEvent:
     cached_tokens: int | None = None  # on the first event: prompt tokens whose KV came from the prefix cache
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: membership tests compare identity, never every field
 class Request:
     request_id: str
     prompt_ids: list[int]
