@@ -1,15 +1,15 @@
 """Decode launch variants on the card: speed and greedy tokens with PDL modes and the two-stream layer halves.
 
-One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F[:R[:G]]]` (PDL mode P of
-kernels/launch.py for every launch, or `d` for the engine's own choice by graph size; B = 1 to run the dense MLP beside the experts on a second stream, model/branches.py, F = 0 to
-write K/V with their own launch instead of from qkv_norm_rope, engine/attention_backend.py; R = 0 to run the MoE
-router as its own launch after ffn_inputs instead of inside it, kernels/ffn_router.py; G = 0 to run the dense
-MLP's one-token gate_up projection and its GeGLU as two launches, kernels/gate_up_geglu.py; an omitted F, R or G is
-the engine's own setting in this process: F and R 1, G 1 only with NVFP4KIT_FUSED_GEGLU=1) a fresh
-engine (its decode graphs captured under that variant), greedy tokens of two prompts (must be identical across
-variants: they change when or where a value is computed, never what; a first difference at a step whose top-2
-logprobs were within TIE_GAP is reported as a near-tie, the sum order flipping it) and decode tokens/s with GPU ms
-per step.
+One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F[:R[:G]]]` (PDL mode P
+of kernels/launch.py for every launch, or `d` for the engine's own choice by graph size; B = 1 to run the dense MLP
+beside the experts on a second stream, model/branches.py, F = 0 to write K/V with their own launch instead of from
+qkv_norm_rope, engine/attention_backend.py; R = 0 to run the MoE router as its own launch after ffn_inputs instead of
+inside it, kernels/ffn_router.py; G = 0 to run the dense MLP's one-token gate_up projection and its GeGLU as two
+launches, kernels/gate_up_geglu.py; an omitted F, R or G is the engine's own setting in this process: F and R 1, G 1
+only with NVFP4KIT_FUSED_GEGLU=1) a fresh engine (its decode graphs captured under that variant), greedy tokens of two
+prompts (must be identical across variants: they change when or where a value is computed, never what; a first
+difference at a step whose top-2 logprobs were within TIE_GAP is reported as a near-tie, the sum order flipping it)
+and decode tokens/s with GPU ms per step.
 Usage (GPU machine, repository root):
   PYTHONPATH=src python3 scripts/gpu_decode_variants.py --out OUT [--variants 0:1:0 0:1:1 2:1] [--profile [--profile-batches 1 8]]
   [--expect-tokens EARLIER/decode_variants.json]
