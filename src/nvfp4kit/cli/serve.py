@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(
         engine_for(llm), template=template, model_names=names, api_key=args.api_key,
         drain_timeout=args.graceful_timeout, public_metrics=args.public_metrics,
-        warm_history=args.warm_history and getattr(args, "prefix_caching", True), **limits,
+        warm_history=args.warm_history and engine_args["engine_config"].prefix_caching, **limits,
     )  # fmt: skip
     log.info(
         "serving %s as %s on http://%s:%d (chat template: %s)",
