@@ -3,6 +3,8 @@ prompt is never computed in a step beside a background prefill chunk, is admitte
 queued ahead of it, never waits for a background request it does not need, and is never preempted for one. The
 greedy tokens of every request stay those computed alone."""
 
+import dataclasses
+
 import pytest
 
 from nvfp4kit.engine.engine import Engine, EngineConfig
@@ -69,6 +71,33 @@ def test_a_clients_prompt_does_not_share_its_steps_with_a_background_prefill(set
     assert run.first[client] == 1 + 2  # from the step after it arrived
     assert run.first[warm] == run.first[client] + 2  # the rest of the warm-up, beside the client's decodes
     assert run.out[client] == reference_greedy(model, prompt, GREEDY.max_tokens)
+    assert run.out[warm] == reference_greedy(model, warm_prompt, 1)
+
+
+def test_beside_clients_decodes_a_background_chunk_keeps_the_step_short(setup):
+    """The clients' next tokens wait for the whole step: a background prefill chunk beside their decodes fills the
+    step only up to `background_step_tokens`; alone it takes the full budget."""
+    model, tok = setup
+    prompt, warm_prompt = random_prompts([6, 60], seed=86)
+    engine = Engine(model, tok, config=EngineConfig(max_num_batched_tokens=16, block_size=4))
+    engine.scheduler.config = dataclasses.replace(engine.scheduler.config, background_step_tokens=6)
+    run = Run(engine)
+    decoding = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    client = engine.add_request(prompt, decoding)
+    run.step()  # the client's prompt
+    warm = engine.add_request(warm_prompt, WARM, background=True)
+    reqs = {rid: engine.requests[rid] for rid in (warm, client)}
+    steps = []
+
+    def record(before):
+        steps.append({rid: req.num_computed - before[rid] for rid, req in reqs.items() if rid in before})
+
+    run.finish(record)
+    beside = [s[warm] for s in steps if s.get(client, 0) == 1 and s.get(warm, 0) > 0]
+    alone = [s[warm] for s in steps if not s.get(client) and s.get(warm, 0) > 1]
+    assert beside == [5] * 7  # the client's 7 decodes, each beside 5 of the warm-up's tokens
+    assert alone == [16, 9]  # then the other 25 at the full budget
+    assert run.out[client] == reference_greedy(model, prompt, 8)
     assert run.out[warm] == reference_greedy(model, warm_prompt, 1)
 
 

@@ -13,12 +13,13 @@ prefill, set aside while the requests behind it are admitted.
 Background requests (`Request.background`: the server's chat history warm-ups) take only what clients' requests
 leave. The running clients' requests go first, then the waiting ones are admitted, then the running background
 ones: a prefill chunk only in a step in which no client's prompt is computed (their first token would wait for
-it), a decode token any time. A background request is admitted only in such a step and while no client's request
-waits for room (one waiting for its twin does not count). `running` keeps the background requests last, so they
-are the first preempted when blocks run short; a client's request that finds no ring or blocks preempts them too
-(with prefix caching their computed full blocks stay cached, so little is lost). A background request still
-prefilling the prompt a waiting client's request extends (a chat's next turn meeting its history's warm-up)
-becomes a client's request: that client waits for it.
+it), and a step with clients' decodes grows only up to `background_step_tokens` (their next token waits for the
+whole step). A background request is admitted only in such a step and while no client's request waits for room
+(one waiting for its twin does not count). `running` keeps the background requests last, so they are the first
+preempted when blocks run short; a client's request that finds no ring or blocks preempts them too (with prefix
+caching their computed full blocks stay cached, so little is lost). A background request still prefilling the
+prompt a waiting client's request extends (a chat's next turn meeting its history's warm-up) becomes a client's
+request: that client waits for it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class SchedulerConfig:
     admission_delay: int = 0
     admission_min_running: int = 32
     admission_tokens: int = 4096
+    # a background prefill chunk that joins clients' requests keeps the step within this many tokens: their next
+    # token waits for the whole step (one prefill graph's size on a GPU, `prefill_graphs.py`)
+    background_step_tokens: int = 256
 
 
 class Scheduler:
@@ -70,6 +74,9 @@ class Scheduler:
         budget, stalled = self._admit(batch, budget, background=False) if due else (budget, True)
         admitted = len(batch) > continued
         quiet = not any(_prefills(req) for req, _ in batch)  # no client's prompt is computed in this step
+        if batch:  # the clients' next tokens wait for this step: background chunks keep it short
+            used = self.config.max_num_batched_tokens - budget
+            budget = min(budget, max(0, self.config.background_step_tokens - used))
         budget = self._continue(batch, budget, self.running[self._foreground_end() :], prefill=quiet)
         if quiet and due and not stalled:  # no client's request waits for room: a background one may start
             self._admit(batch, budget, background=True)
