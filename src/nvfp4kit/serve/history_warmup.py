@@ -32,7 +32,8 @@ without `--serve-args=--warm-history`), TTFT by turn: at concurrency 1, 140 / 21
 286 / 233 / 256 against 218 / 294 / 284 / 298. The first turn of a new conversation no longer pays for the previous
 one's warm-up: at concurrency 1 it took 244 ms when warm-ups were ordinary requests, and 222 ms as background
 requests started at once (they met the warm-up's step under way). The cost left: the client's decode step that a
-warm-up chunk joins is longer (ITL p99 89 against 57 ms at concurrency 1).
+warm-up chunk joins is longer (ITL p99 89 against 57 ms at concurrency 1; the scheduler keeps such a step within
+`background_step_tokens`, 256, above the demo's ~100-token chunks but well below a GPU's 8K-token budget).
 """
 
 from __future__ import annotations
