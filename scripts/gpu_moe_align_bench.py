@@ -16,7 +16,12 @@ from nvfp4kit.kernels import moe_align as align
 from nvfp4kit.tuning.cases import random_routing
 from nvfp4kit.tuning.timing import time_graph
 
-METHODS = {"one_program": align._align_triton, "chunked": align._align_chunked, "torch": align._align_torch}
+METHODS = {
+    "one_program": align._align_triton,
+    "rank": align._align_rank,
+    "chunked": align._align_chunked,
+    "torch": align._align_torch,
+}
 
 
 def blocks_of(ids: torch.Tensor, method, experts: int, bm: int) -> tuple[torch.Tensor, dict[int, list[int]]]:

@@ -170,6 +170,8 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
             _log(profile_decode_step(engine, batch=batch, context=args.context))
     if args.fp8_lm_head:  # the same decode steps with logits from an FP8 copy of the output projection
         model.use_fp8_lm_head()
+        if engine.warmup is not None:  # the FP8 head's kernels at every step size, as `serve --fp8-lm-head`
+            engine.warm_up()  # compiles them at start (else the prompts' prefill steps below compile them)
         if engine.graphs is not None:
             engine.graphs.capture()  # the graphs hold the kernels of the BF16 head: capture again
         for batch in args.decode_batches:
