@@ -16,7 +16,7 @@ up to ONE_PROGRAM_PAIRS pairs and the chunked sort above. `method="rank"` (up to
 candidate for the one program without global atomics: the counts from a histogram inside the program, a pair's
 place from the number of earlier pairs on its expert (the one program takes 10-14 us at 512-1,024 pairs on an
 H100, a step's decode layers pay it once each); correct on the CPU interpreter and compiled for sm_80/89/90,
-not yet timed (`scripts/gpu_moe_align_bench.py` times both).
+not yet timed (`scripts/gpu_moe_align_bench.py` times both alone, `scripts/gpu_align_ab.py` in the engine).
 """
 
 from __future__ import annotations
