@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from nvfp4kit.demo import demo_model_path
 from nvfp4kit.engine.async_batching import AsyncBatchingEngine
 from nvfp4kit.engine.request import make_request
+from nvfp4kit.engine.step_stats import StepStats
 from nvfp4kit.quant.calib_data import builtin_corpus_path
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
@@ -37,8 +38,9 @@ class ScriptedStepEngine:
         self.requests: dict = {}
         self.steps = 0
         self.step_cpu_s = 0.0  # CPU time inside step() apart from the sleep: token bookkeeping (+ detok)
+        self.step_stats = StepStats()  # what the async worker reads for /metrics
 
-    def add_request(self, prompt_ids, params, *, request_id, images=None) -> str:
+    def add_request(self, prompt_ids, params, *, request_id, images=None, background=False) -> str:
         self.requests[request_id] = make_request(
             request_id, prompt_ids, params, tokenizer=self.tokenizer, eos_ids=(1,)
         )
@@ -52,6 +54,10 @@ class ScriptedStepEngine:
 
     def step(self) -> list:
         time.sleep(self.model_s)
+        return self.append_tokens()
+
+    def append_tokens(self) -> list:
+        """One scripted token for every running request, through the real `Request.append_token`."""
         start = time.thread_time()
         events = []
         for request_id, req in list(self.requests.items()):
@@ -66,7 +72,8 @@ class ScriptedStepEngine:
         return events
 
     def stats(self) -> dict:
-        return {"running": len(self.requests), "waiting": 0, "kv_global_usage": 0.0, "kv_sliding_usage": 0.0}
+        return {"running": len(self.requests), "waiting": 0, "kv_global_usage": 0.0, "kv_sliding_usage": 0.0,
+                "preemptions": 0, "background": 0}  # fmt: skip
 
 
 async def run(args: argparse.Namespace) -> dict:

@@ -24,42 +24,26 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 from nvfp4kit.demo import demo_model_path
 from nvfp4kit.engine.async_batching import AsyncBatchingEngine
-from nvfp4kit.engine.request import make_request
-from nvfp4kit.engine.step_stats import StepStats
 from nvfp4kit.prompting.chat_template import load_chat_template
 from nvfp4kit.quant.calib_data import builtin_corpus_path
 from nvfp4kit.tokenizer import Tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_engine_thread_bench import ScriptedStepEngine  # noqa: E402
 
-class PacedEngine:
-    """The part of `Engine` the async worker uses, with an emulated device timeline of `gpu_s` a step."""
+
+class PacedEngine(ScriptedStepEngine):
+    """`ScriptedStepEngine` with an emulated device timeline of `gpu_s` a step (the overlap scheduler's)."""
 
     def __init__(self, tokenizer: Tokenizer, script: list[int], gpu_s: float) -> None:
-        self.tokenizer, self.script, self.gpu_s = tokenizer, script, gpu_s
-        self.max_model_len = 1 << 16
-        self.model = SimpleNamespace(config=SimpleNamespace(eos_token_ids=(1,)))
-        self.requests: dict = {}
-        self.step_stats = StepStats()
-        self.steps = self.tokens = 0
+        super().__init__(tokenizer, script, gpu_s)
+        self.tokens = 0
         self.gpu_end = 0.0  # when the step in flight ends on the emulated device
         self.idle_s = 0.0  # device time spent waiting for the host to launch
         self.first = self.last = 0.0
-
-    def add_request(self, prompt_ids, params, *, request_id, images=None, background=False) -> str:
-        self.requests[request_id] = make_request(
-            request_id, prompt_ids, params, tokenizer=self.tokenizer, eos_ids=(1,)
-        )
-        return request_id
-
-    def abort(self, request_id: str) -> None:
-        self.requests.pop(request_id, None)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
 
     def step(self) -> list:
         now = time.perf_counter()
@@ -68,27 +52,15 @@ class PacedEngine:
         in_flight_end = self.gpu_end
         start = max(in_flight_end, now)  # the next step is launched now; it runs after the one in flight
         self.idle_s += start - in_flight_end
-        self.gpu_end = start + self.gpu_s
+        self.gpu_end = start + self.model_s
         wait = in_flight_end - time.perf_counter()
         if wait > 0:
             time.sleep(wait)  # reading the tokens of the step in flight (a sync releases the GIL)
-        events = []
-        for request_id, req in list(self.requests.items()):
-            offset = 7 * int(request_id.rsplit("-", 1)[-1])  # each stream its own stretch of text
-            token = self.script[(offset + len(req.output_ids)) % len(self.script)]
-            event = req.append_token(token, -0.25, [])
-            events.append(event)
-            if event.finish_reason:
-                del self.requests[request_id]
-        self.steps += 1
+        events = self.append_tokens()
         self.tokens += len(events)
         self.last = time.perf_counter()
-        self.step_stats.add("decode_graph", self.gpu_s)
+        self.step_stats.add("decode_graph", self.model_s)
         return events
-
-    def stats(self) -> dict:
-        return {"running": len(self.requests), "waiting": 0, "kv_global_usage": 0.0, "kv_sliding_usage": 0.0,
-                "preemptions": 0, "background": 0}  # fmt: skip
 
 
 def free_port() -> int:
