@@ -18,7 +18,6 @@ from nvfp4kit.tuning.timing import time_graph
 
 METHODS = {
     "one_program": align._align_triton,
-    "rank": align._align_rank,
     "chunked": align._align_chunked,
     "torch": align._align_torch,
 }

@@ -14,7 +14,7 @@ import triton
 compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 
-from nvfp4kit.kernels.moe_align import _moe_align_kernel, _moe_align_rank_kernel  # noqa: E402
+from nvfp4kit.kernels.moe_align import _moe_align_kernel  # noqa: E402
 from nvfp4kit.kernels.moe_sum import _moe_sum_kernel  # noqa: E402
 from nvfp4kit.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel  # noqa: E402
 from nvfp4kit.kernels.w4a16_linear import _w4a16_dot_kernel, _w4a16_gemv_kernel  # noqa: E402
@@ -55,7 +55,6 @@ KERNELS = {
     "down_token_asm": (moe._moe_down_token_kernel, 4, dict(TOP_K=8, BM=16, BN=32, BK=128, NVFP4=True, ASM=True)),
     "sum": (_moe_sum_kernel, 4, dict(TOP_K=8, BLOCK=1024)),
     "align": (_moe_align_kernel, 8, dict(E_PAD=128, BM=16, CHUNK=1024, BLOCK_CHUNK=64)),
-    "align_rank": (_moe_align_rank_kernel, 8, dict(E_PAD=128, BM=8, P_PAD=1024, TILE=128)),
     "decode_attention_split": (_paged_attention_kernel, 4, ATTN),
     "merge_splits_sliding": (_merge_splits_kernel, 4, dict(CHUNK=8, D=256, BLOCK_N=32, SLIDING=True)),
 }  # fmt: skip

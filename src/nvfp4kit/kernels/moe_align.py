@@ -12,11 +12,11 @@ two-kernel Triton counting sort over chunks of pairs (prefill-sized P, where the
 counters serialise: 104 us at 1,536 tokens on an H100, 16 us chunked) and a chain of torch ops (sort, scatter,
 cumsum, searchsorted). They give the same blocks; inside an expert's run the Triton ones may order pairs
 differently, which changes no result (rows of a tile are independent). `method="triton"` picks the one program
-up to ONE_PROGRAM_PAIRS pairs and the chunked sort above. `method="rank"` (up to ONE_PROGRAM_PAIRS pairs) is a
-candidate for the one program without global atomics: the counts from a histogram inside the program, a pair's
-place from the number of earlier pairs on its expert (the one program takes 10-14 us at 512-1,024 pairs on an
-H100, a step's decode layers pay it once each); correct on the CPU interpreter and compiled for sm_80/89/90,
-not yet timed (`scripts/gpu_moe_align_bench.py` times both alone, `scripts/gpu_align_ab.py` in the engine).
+up to ONE_PROGRAM_PAIRS pairs and the chunked sort above. A one program without global atomics (counts from
+`tl.histogram`, a pair's place = earlier pairs on its expert, counted tile against tile) was measured and
+removed: H100 (session 28, `scripts/gpu_moe_align_bench.py`), 4.0 / 11.6 / 54 / 105 / 137 us at 1 / 16 / 64 /
+96 / 112 tokens against 4.6 / 7.4 / 9.1 / 12.5 / 14.1 us with atomics; engine decode 6,348 against 7,659 tok/s
+at batch 112.
 """
 
 from __future__ import annotations
@@ -102,59 +102,6 @@ def _moe_align_kernel(
         rank = tl.atomic_add(taken_ptr + ids, tl.full([CHUNK], 1, tl.int32), mask=ok)
         start = tl.load(start_ptr + ids, mask=ok, other=0, cache_modifier=".cg")
         tl.store(pair_ids_ptr + start + rank, pairs, mask=ok)
-
-
-# the pair and block counts change with the step's tokens
-@triton.jit(do_not_specialize=["num_pairs", "num_slots", "num_blocks"])
-def _moe_align_rank_kernel(
-    ids_ptr,
-    pair_ids_ptr,
-    block_expert_ptr,
-    scratch_ptr,
-    num_pairs,
-    num_slots,
-    num_blocks,
-    E_PAD: tl.constexpr,
-    BM: tl.constexpr,
-    P_PAD: tl.constexpr,  # num_pairs rounded up to a power of two (at most ONE_PROGRAM_PAIRS)
-    TILE: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """One program, no global atomics: the counts are a histogram in the program, and a pair's place in its
-    expert's run is the number of earlier pairs routed to the same expert, counted tile against tile."""
-    wait_for_inputs(PDL)
-    experts = tl.arange(0, E_PAD)
-    every = tl.arange(0, P_PAD)
-    ids = tl.load(ids_ptr + every, mask=every < num_pairs, other=0).to(tl.int32)
-    counts = tl.histogram(ids, E_PAD, mask=every < num_pairs)
-    padded = (counts + BM - 1) // BM * BM
-    ends = tl.cumsum(padded, axis=0)
-    tl.store(scratch_ptr + experts, ends - padded)  # each expert's first padded slot
-    _store_block_experts(block_expert_ptr, ends, num_blocks, BM, 64)
-    _fill_padding(pair_ids_ptr, 0, num_slots, num_slots, num_pairs, 1024)
-    tl.debug_barrier()
-
-    for i0 in range(0, num_pairs, TILE):
-        i = i0 + tl.arange(0, TILE)
-        mine = tl.load(ids_ptr + i, mask=i < num_pairs, other=-1).to(tl.int32)
-        rank = tl.zeros([TILE], dtype=tl.int32)
-        for j0 in range(0, i0 + TILE, TILE):  # the tiles up to this one: pairs j < i
-            j = j0 + tl.arange(0, TILE)
-            theirs = tl.load(ids_ptr + j, mask=j < num_pairs, other=-2).to(tl.int32)
-            same = (theirs[None, :] == mine[:, None]) & (j[None, :] < i[:, None])
-            rank += tl.sum(same.to(tl.int32), axis=1)
-        start = tl.load(scratch_ptr + mine, mask=i < num_pairs, other=0, cache_modifier=".cg")
-        tl.store(pair_ids_ptr + start + rank, i, mask=i < num_pairs)
-
-
-def _align_rank(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, block_expert) -> None:
-    e_pad = triton.next_power_of_2(num_experts)
-    scratch = torch.empty(e_pad, dtype=torch.int32, device=ids.device)
-    p_pad = max(64, triton.next_power_of_2(ids.numel()))
-    _moe_align_rank_kernel[(1,)](
-        ids, pair_ids, block_expert, scratch, ids.numel(), pair_ids.numel(), block_expert.numel(),
-        E_PAD=e_pad, BM=block_m, P_PAD=p_pad, TILE=min(p_pad, 128), num_warps=8, **pdl_args(ids.device),
-    )  # fmt: skip
 
 
 def _align_triton(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, block_expert) -> None:
@@ -276,15 +223,12 @@ def moe_align(
         return pair_ids, block_expert
     if method == "triton" and ids.numel() <= ONE_PROGRAM_PAIRS:
         _align_triton(ids, num_experts, block_m, pair_ids, block_expert)
-    elif method == "rank" and ids.numel() <= ONE_PROGRAM_PAIRS:
-        _align_rank(ids, num_experts, block_m, pair_ids, block_expert)
     elif method in ("triton", "chunked"):
         _align_chunked(ids, num_experts, block_m, pair_ids, block_expert)
     elif method == "torch":
         _align_torch(ids, num_experts, block_m, pair_ids, block_expert)
     else:
         raise ValueError(
-            f"unknown MoE align method {method!r} for {ids.numel()} pairs; use 'triton', 'chunked', 'torch' or"
-            f" 'rank' (at most {ONE_PROGRAM_PAIRS} pairs)"
+            f"unknown MoE align method {method!r} for {ids.numel()} pairs; use 'triton', 'chunked' or 'torch'"
         )
     return pair_ids, block_expert
