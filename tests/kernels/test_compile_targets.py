@@ -14,6 +14,7 @@ import triton
 compiler = pytest.importorskip("triton.compiler")
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 
+from nvfp4kit.kernels.logits import _greedy_merge_kernel, _greedy_split_kernel, _softcap_kernel  # noqa: E402
 from nvfp4kit.kernels.moe_align import _moe_align_kernel  # noqa: E402
 from nvfp4kit.kernels.moe_sum import _moe_sum_kernel  # noqa: E402
 from nvfp4kit.kernels.paged_attention import _merge_splits_kernel, _paged_attention_kernel  # noqa: E402
@@ -37,6 +38,9 @@ ATTN_PTRS = {"q_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32",
              "seq_offset_ptr": "*i32", "block_table_ptr": "*i32", "ring_ptr": "*i32"}  # fmt: skip
 ATTN = dict(GROUP=8, GROUP_P2=8, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=16, D=512, ROT=128, RING=False, SLIDING=False,
             DERIVE_K=True, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=1, SPLIT=True, PRECISION=None)  # fmt: skip
+# the vocabulary-wide kernels after the lm_head (kernels/logits.py)
+LOGITS_PTRS = {"in_ptr": "*bf16", "out_ptr": "*fp32", "cap": "fp32", "logits_ptr": "*fp32", "part_ptr": "*fp32",
+               "index_ptr": "*i32", "table_ptr": "*fp64"}  # fmt: skip
 COMMON = dict(EVEN_K=False, INTERPRET=False, HALVES=False)
 KERNELS = {
     "dot_small_asm": (_w4a16_dot_kernel, 4, dict(BM=16, BN=64, BK=256, SPLIT_K=2, GROUP_M=8, SWAP_AB=False, ASM=True)),
@@ -57,13 +61,17 @@ KERNELS = {
     "align": (_moe_align_kernel, 8, dict(E_PAD=128, BM=16, CHUNK=1024, BLOCK_CHUNK=64)),
     "decode_attention_split": (_paged_attention_kernel, 4, ATTN),
     "merge_splits_sliding": (_merge_splits_kernel, 4, dict(CHUNK=8, D=256, BLOCK_N=32, SLIDING=True)),
+    "softcap": (_softcap_kernel, 8, dict(CAPPED=True, BLOCK=2048)),
+    "greedy_split": (_greedy_split_kernel, 4, dict(SPLITS=32, BLOCK=1024)),
+    "greedy_merge": (_greedy_merge_kernel, 1, dict(SPLITS=32)),
 }  # fmt: skip
+LOGITS_KERNELS = {_softcap_kernel, _greedy_split_kernel, _greedy_merge_kernel}
 
 
 def _compile(fn, constants: dict, arch: int, warps: int):
     names = fn.arg_names
     constants = {**{k: v for k, v in COMMON.items() if k in names}, **constants}
-    ptrs = {**LINEAR_PTRS, **MOE_PTRS, **ATTN_PTRS}
+    ptrs = {**LINEAR_PTRS, **MOE_PTRS, **ATTN_PTRS, **(LOGITS_PTRS if fn in LOGITS_KERNELS else {})}
     if "NVFP4" in constants and not constants["NVFP4"]:
         ptrs = {**ptrs, "w_ptr": "*bf16", "s_ptr": "*bf16", "s2_ptr": "*bf16"}
     signature = {n: "constexpr" if n in constants else ptrs.get(n, "i32") for n in names}

@@ -36,10 +36,10 @@ PER_LAYER = {  # launches per layer by kind; every layer of a tiny model has the
     "dense": dict(linear=4, qkv_norm_rope=1, ffn_inputs=1, geglu=1, ffn_tail=1),
     "e2b": dict(linear=5, qkv_norm_rope=1, ffn_inputs=1, geglu=1, ffn_tail=2),  # + per_layer_input_gate
 }
-PER_STEP = {  # launches once per step
-    "moe": dict(rms_norm=1),  # the first layer's input norm
-    "dense": dict(rms_norm=1),
-    "e2b": dict(rms_norm=1, linear=1),  # + per_layer_model_projection
+PER_STEP = {  # launches once per step: the first layer's input norm, the logits' softcap (after the lm_head)
+    "moe": dict(rms_norm=1, softcap=1),
+    "dense": dict(rms_norm=1, softcap=1),
+    "e2b": dict(rms_norm=1, linear=1, softcap=1),  # + per_layer_model_projection
 }
 
 

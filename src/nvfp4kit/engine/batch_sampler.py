@@ -16,6 +16,7 @@ the next step before the host has seen it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,8 +146,29 @@ def sample_table(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tenso
     return torch.stack(columns, dim=1)
 
 
+@functools.cache
+def _fused_greedy():
+    """kernels.logits.greedy_table where Triton is installed (imported on first use: not on the CLI's path)."""
+    try:
+        from nvfp4kit.kernels.logits import greedy_table
+    except ModuleNotFoundError:
+        return None
+    return greedy_table
+
+
 def greedy_table(logits: torch.Tensor) -> torch.Tensor:
-    """Argmax and its logprob per row of logits [B, V], as `sample_table` lays them out (float64 [B, 2])."""
+    """Argmax and its logprob per row of logits [B, V], as `sample_table` lays them out (float64 [B, 2]).
+
+    On a GPU two Triton launches (kernels/logits.py) instead of torch's four passes over the vocabulary."""
+    if logits.is_cuda and logits.dtype == torch.float32:
+        fused = _fused_greedy()
+        if fused is not None:
+            return fused(logits)
+    return greedy_table_torch(logits)
+
+
+def greedy_table_torch(logits: torch.Tensor) -> torch.Tensor:
+    """`greedy_table` in torch ops (the reference of the fused kernels)."""
     logits = logits.float()
     tokens = torch.argmax(logits, dim=-1)
     logprobs = logits.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)

@@ -131,11 +131,11 @@ class DecodeGraphs:
         metadata.set_items(WorkItems(items[0], items[1], 1))
         input_ids = torch.zeros(batch, dtype=torch.long, device=device)
 
-        def forward() -> torch.Tensor:
+        def forward(out: torch.Tensor | None = None) -> torch.Tensor:
             ctx = BatchContext(
                 self.model, self.cache, [], device, backend=self.attention_backend, metadata=metadata
             )
-            return self.model.logits(self.model.hidden_states(input_ids, ctx))
+            return self.model.logits(self.model.hidden_states(input_ids, ctx), out=out)
 
         if self.eager:
             return _DecodeGraph(batch, None, forward, input_ids, per_seq, per_token, None)
@@ -151,7 +151,7 @@ class DecodeGraphs:
                     forward()
             torch.cuda.current_stream(device).wait_stream(stream)
             with torch.cuda.graph(graph, pool=self._pool):
-                logits.copy_(forward())  # the forward's own output is a temporary the next capture reuses
+                forward(out=logits)  # into the buffer shared by every graph (no temporary and copy)
         return _DecodeGraph(batch, graph, forward, input_ids, per_seq, per_token, logits)
 
     def batch_size_for(self, num_seqs: int) -> int | None:

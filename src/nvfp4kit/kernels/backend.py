@@ -18,6 +18,7 @@ from nvfp4kit.kernels import ffn_router, norms, router
 from nvfp4kit.kernels.fused_moe import fused_moe
 from nvfp4kit.kernels.gate_up_geglu import gate_up_geglu
 from nvfp4kit.kernels.geglu import geglu
+from nvfp4kit.kernels.logits import softcap_logits
 from nvfp4kit.kernels.moe_dispatch import moe_shares_gpu
 from nvfp4kit.kernels.qkv_rope import qkv_norm_rope
 from nvfp4kit.kernels.router import route
@@ -61,6 +62,7 @@ class TritonBackend:
     qkv_norm_rope = staticmethod(qkv_norm_rope)
     stores_kv = True  # qkv_norm_rope takes a `kv_sink` (kernels/kv_write.KVSink) and stores K/V itself
     geglu = staticmethod(geglu)
+    softcap_logits = staticmethod(softcap_logits)  # one pass over the vocabulary (logits.py)
     route = staticmethod(route)
 
     def gate_up_geglu(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:

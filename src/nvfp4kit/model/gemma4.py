@@ -376,14 +376,19 @@ class Gemma4Model(nn.Module):
         fp8 = quantize_fp8_rows(self.lm_head if self.lm_head is not None else self.embed_tokens)
         self.lm_head_fp8, self.lm_head_fp8_scale = fp8.data, fp8.scale
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 softcapped logits [T, vocab] of the final hidden states, into `out` when given."""
         head = self.lm_head if self.lm_head is not None else self.embed_tokens
         if self.lm_head_fp8 is not None:
             head = FP8RowTensor(self.lm_head_fp8, self.lm_head_fp8_scale)
-        logits = self.backend.linear(hidden, head).float()
+        logits = self.backend.linear(hidden, head)
         cap = self.config.final_logit_softcapping
-        logits = torch.tanh(logits / cap) * cap if cap else logits
-        return logits if self.parallel is None else self.parallel.gather_vocab(logits, self.config.vocab_size)
+        if self.parallel is None:
+            return regions(self.backend).softcap_logits(logits, cap, out=out)
+        logits = self.parallel.gather_vocab(
+            regions(self.backend).softcap_logits(logits, cap), self.config.vocab_size
+        )
+        return logits if out is None else out.copy_(logits)
 
     def forward(
         self,

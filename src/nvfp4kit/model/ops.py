@@ -122,6 +122,12 @@ class FusedRegions(Protocol):
     def geglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gelu_tanh(gate) * up for gate_up = [gate | up] along the last dim."""
 
+    def softcap_logits(
+        self, logits: torch.Tensor, cap: float | None, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """fp32 cap * tanh(logits / cap) of the lm_head's [B, V] output (no cap: the fp32 copy), into `out`
+        (fp32 [B, V]) when given."""
+
     def route(
         self, logits: torch.Tensor, per_expert_scale: torch.Tensor, *, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,6 +312,11 @@ class TorchBackend:
     def geglu(self, gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
         return gelu_tanh(gate.contiguous()) * up  # contiguous: the same rounding as transformers
+
+    def softcap_logits(self, logits, cap, *, out=None):
+        logits = logits.float()
+        logits = torch.tanh(logits / cap) * cap if cap else logits
+        return logits if out is None else out.copy_(logits)
 
     def route(self, logits, per_expert_scale, *, top_k):
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
