@@ -112,16 +112,17 @@ def linear_candidates(
                         LinearConfig("dot", 16, bn, bk, split, num_warps=warps, decode=decode, halves=True)
                     )
         elif m <= 128:
-            bm = 32 if m <= 32 else 64
-            for bn, bk, warps, stages, swap, halves in MID_M_TILES:
-                tiles = -(-m // bm) * -(-n // bn)
-                for split in _deep_splits(tiles, k, bk, sms):
-                    out.append(
-                        LinearConfig(
-                            "dot", bm, bn, bk, split, swap, num_warps=warps, num_stages=stages, decode=decode,
-                            halves=halves,
-                        )
-                    )  # fmt: skip
+            # above 64 tokens also one 128-row block: each weight tile decoded once, not once per 64 rows
+            for bm in (32,) if m <= 32 else (64,) if m <= 64 else (64, 128):
+                for bn, bk, warps, stages, swap, halves in MID_M_TILES:
+                    tiles = -(-m // bm) * -(-n // bn)
+                    for split in _deep_splits(tiles, k, bk, sms):
+                        out.append(
+                            LinearConfig(
+                                "dot", bm, bn, bk, split, swap, num_warps=warps, num_stages=stages, decode=decode,
+                                halves=halves,
+                            )
+                        )  # fmt: skip
         else:
             for bm, bn, bk, warps, stages, swap in LARGE_M_TILES:
                 out.append(LinearConfig("dot", bm, bn, bk, 1, swap, 8, warps, stages, decode))
