@@ -91,15 +91,24 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 96])
     p.add_argument("--context", type=int, default=816)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument(
+        "--padded",
+        type=int,
+        nargs="*",
+        default=[100],
+        help="also time these batches in each captured graph that holds them (the padding's cost)",
+    )
+    p.add_argument("--extra-graphs", type=int, nargs="*", default=[104, 112])
     p.add_argument("--json", default=None)
     args = p.parse_args()
     cfg = load_preset("gemma-4-26b-a4b")
     model = random_model(cfg, quantized=True, device="cuda")
-    top = max(args.batches)
+    sizes = sorted({*args.batches, *args.padded, *args.extra_graphs})
+    top = max(sizes)
     config = EngineConfig(
         kv_dtype="fp8_e4m3", max_num_seqs=top, max_num_batched_tokens=2048,
         num_kv_tokens=top * (args.context + 64) + 4096, prefix_caching=False, warmup=True,
-        prefill_graphs=(), graph_batch_sizes=tuple(sorted(args.batches)),
+        prefill_graphs=(), graph_batch_sizes=tuple(sizes),
     )  # fmt: skip
     engine = Engine(model, None, config=config)
     rows = []
@@ -118,9 +127,17 @@ def main() -> None:
         print("  idle between:")
         for pair, us in row["idle_pairs"]:
             print(f"    {us:9.1f} us  {pair}")
+    padded = []
+    for batch in args.padded:  # the same rows in every graph that holds them: what padding rows cost
+        for size in [s for s in sizes if s >= batch]:
+            engine.graphs.batch_sizes = (size,)
+            timed = runs.decode_speed(engine, batch=batch, context=args.context, steps=args.steps)
+            padded.append({"batch": batch, "graph": size, "gpu_ms": timed.gpu_ms_per_step})
+            print(f"batch {batch} in the {size}-row graph: {timed.gpu_ms_per_step:.3f} ms a step (GPU)")
+        engine.graphs.batch_sizes = tuple(sizes)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "padded": padded}, f, indent=1)
     print("\n| batch | events ms | span ms | busy ms | kernels' sum ms | idle ms | gaps | p50 gap us |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
