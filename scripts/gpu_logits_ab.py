@@ -27,7 +27,7 @@ from nvfp4kit.testing.random_model import random_model
 from nvfp4kit.tuning.timing import time_graph
 
 VOCAB = 262_144
-FUSED_SOFTCAP = TritonBackend.softcap_logits
+FUSED_SOFTCAP = TritonBackend.__dict__["softcap_logits"]  # the staticmethod itself, to put back
 FUSED_GREEDY = batch_sampler._fused_greedy
 
 
