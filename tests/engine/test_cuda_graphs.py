@@ -24,7 +24,8 @@ def test_default_batch_sizes_cover_every_batch_up_to_the_limit():
     assert default_batch_sizes(16) == (1, 2, 4, 8, 16)
     assert default_batch_sizes(20) == (1, 2, 4, 8, 16, 20)
     assert default_batch_sizes(64)[-3:] == (48, 56, 64)
-    assert default_batch_sizes(100)[-3:] == (80, 96, 100)
+    assert default_batch_sizes(100)[-3:] == (88, 96, 100)
+    assert default_batch_sizes(160)[-5:] == (112, 120, 128, 144, 160)
 
 
 def test_host_tensors_pad_sequences_and_block_tables(tiny_checkpoint):
