@@ -14,11 +14,11 @@ import argparse
 import json
 
 import torch
+from gpu_step_timeline import decode_engine  # scripts/ on the path: the same engine as the timeline's
 
 from nvfp4kit.bench import engine_runs as runs
 from nvfp4kit.config import load_preset
 from nvfp4kit.engine import batch_sampler
-from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.kernels import logits as kernels
 from nvfp4kit.kernels.backend import TritonBackend
 from nvfp4kit.model.ops import TorchBackend
@@ -73,13 +73,7 @@ def ops_alone(batches: list[int]) -> list[dict]:
 def engine_ab(variants: list[str], batches: list[int], context: int, steps: int) -> list[dict]:
     cfg = load_preset("gemma-4-26b-a4b")
     model = random_model(cfg, quantized=True, device="cuda")
-    top = max(batches)
-    config = EngineConfig(
-        kv_dtype="fp8_e4m3", max_num_seqs=top, max_num_batched_tokens=2048,
-        num_kv_tokens=top * (context + 64) + 4096, prefix_caching=False, warmup=True,
-        prefill_graphs=(), graph_batch_sizes=tuple(sorted(batches)),
-    )  # fmt: skip
-    engine = Engine(model, None, config=config)
+    engine = decode_engine(model, batches, context)
     prompts = [runs.random_prompt(cfg, n, seed=s) for s, n in ((1, 37), (2, 700), (3, 300))]
     rows, tokens = [], []
     for variant in variants:

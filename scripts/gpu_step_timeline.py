@@ -1,7 +1,7 @@
 """Where a decode step's GPU time goes between kernels: one graph-replayed step on the profiler's timeline.
 
-`bench engine --profile` sums kernel durations; on the H100 at batch 96 (816-token prompts) that sum was 13.0 ms
-while CUDA events put the step at 15.9 ms. This script looks at the timeline instead: for one decode step of
+`bench engine --profile` sums kernel durations, which overlap across the two streams and say nothing of the time
+between kernels (session 28, H100: 0.2 us at the median inside a batch-96 graph). For one decode step of
 each batch size it reports the span (first kernel start to last kernel end), the busy time (the union of kernel
 intervals over all streams), the idle time between kernels and which kernels the longest idle stretches come
 before, and how much the second stream's kernels overlap the first's. Random all-NVFP4 weights of the 26B-A4B
@@ -44,6 +44,17 @@ def step_kernels(engine: Engine, batch: int, context: int) -> list[tuple[str, in
         if ev.device_type().name == "CUDA" and ev.duration_ns() > 0:
             out.append((ev.name(), ev.start_ns(), ev.start_ns() + ev.duration_ns(), ev.device_resource_id()))
     return sorted(out, key=lambda k: k[1])
+
+
+def decode_engine(model, graph_sizes: list[int], context: int, chunk: int = 2048) -> Engine:
+    """An engine for decode timing: FP8 KV, CUDA graphs of `graph_sizes` only, room for the largest at `context`."""
+    top = max(graph_sizes)
+    config = EngineConfig(
+        kv_dtype="fp8_e4m3", max_num_seqs=top, max_num_batched_tokens=chunk,
+        num_kv_tokens=top * (context + 64) + 4096, prefix_caching=False, warmup=True,
+        prefill_graphs=(), graph_batch_sizes=tuple(sorted(graph_sizes)),
+    )  # fmt: skip
+    return Engine(model, None, config=config)
 
 
 def analyse(kernels: list[tuple[str, int, int, int]]) -> dict:
@@ -104,13 +115,7 @@ def main() -> None:
     cfg = load_preset("gemma-4-26b-a4b")
     model = random_model(cfg, quantized=True, device="cuda")
     sizes = sorted({*args.batches, *args.padded, *args.extra_graphs})
-    top = max(sizes)
-    config = EngineConfig(
-        kv_dtype="fp8_e4m3", max_num_seqs=top, max_num_batched_tokens=2048,
-        num_kv_tokens=top * (args.context + 64) + 4096, prefix_caching=False, warmup=True,
-        prefill_graphs=(), graph_batch_sizes=tuple(sizes),
-    )  # fmt: skip
-    engine = Engine(model, None, config=config)
+    engine = decode_engine(model, sizes, args.context)
     rows = []
     for batch in args.batches:
         timed = runs.decode_speed(engine, batch=batch, context=args.context, steps=args.steps)

@@ -135,7 +135,7 @@ def greedy_table(logits: torch.Tensor) -> torch.Tensor:
     rows, vocab = logits.shape
     table = torch.empty((rows, 2), dtype=torch.float64, device=logits.device)
     if rows == 0 or vocab == 0:
-        return table.fill_(float("nan")) if rows else table
+        return table.fill_(float("nan"))
     span = triton.cdiv(triton.cdiv(vocab, SPLITS), PICK_BLOCK) * PICK_BLOCK
     part = torch.empty((rows, SPLITS, 2), dtype=torch.float32, device=logits.device)
     index = torch.empty((rows, SPLITS), dtype=torch.int32, device=logits.device)

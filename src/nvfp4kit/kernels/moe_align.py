@@ -7,7 +7,7 @@ buffers are the same on every CUDA-graph replay):
   * `block_expert` int32 [max_blocks]: the expert of each block of B rows, -1 for unused blocks;
 where max_blocks = ceil(P / B) + min(E, P) bounds the blocks any routing can need.
 
-Implementations, all free of host syncs: one Triton program (atomics into a small scratch; decode-sized P), a
+Three implementations, all free of host syncs: one Triton program (atomics into a small scratch; decode-sized P), a
 two-kernel Triton counting sort over chunks of pairs (prefill-sized P, where the one program's atomics on 128
 counters serialise: 104 us at 1,536 tokens on an H100, 16 us chunked) and a chain of torch ops (sort, scatter,
 cumsum, searchsorted). They give the same blocks; inside an expert's run the Triton ones may order pairs
@@ -228,7 +228,5 @@ def moe_align(
     elif method == "torch":
         _align_torch(ids, num_experts, block_m, pair_ids, block_expert)
     else:
-        raise ValueError(
-            f"unknown MoE align method {method!r} for {ids.numel()} pairs; use 'triton', 'chunked' or 'torch'"
-        )
+        raise ValueError(f"unknown MoE align method {method!r}; use 'triton', 'chunked' or 'torch'")
     return pair_ids, block_expert
