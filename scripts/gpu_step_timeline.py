@@ -21,24 +21,18 @@ from torch.profiler import ProfilerActivity, profile
 from nvfp4kit.bench import engine_runs as runs
 from nvfp4kit.config import load_preset
 from nvfp4kit.engine.engine import Engine, EngineConfig
-from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.testing.random_model import random_model
 
 
 def step_kernels(engine: Engine, batch: int, context: int) -> list[tuple[str, int, int, int]]:
     """(name, start ns, end ns, stream) of the GPU kernels and copies of one decode step of `batch` sequences."""
-    cfg = engine.model.config
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    ids = [engine.add_request(runs.random_prompt(cfg, context, seed=7 + i), params) for i in range(batch)]
-    reqs = [engine.requests[i] for i in ids]
-    while min(len(r.output_ids) for r in reqs) < 3:
-        engine.step()
+    reqs = runs.start_batch(engine, batch=batch, context=context, seed=7)
+    engine.step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.step()
         torch.cuda.synchronize()
-    while engine.has_unfinished():
-        engine.step()
+    runs.end_batch(engine, reqs)
     out = []
     for ev in prof.profiler.kineto_results.events():
         if ev.device_type().name == "CUDA" and ev.duration_ns() > 0:
@@ -51,7 +45,7 @@ def decode_engine(model, graph_sizes: list[int], context: int, chunk: int = 2048
     top = max(graph_sizes)
     config = EngineConfig(
         kv_dtype="fp8_e4m3", max_num_seqs=top, max_num_batched_tokens=chunk,
-        num_kv_tokens=top * (context + 64) + 4096, prefix_caching=False, warmup=True,
+        num_kv_tokens=top * (context + 64 + -(-top * context // chunk)) + 4096,  # + decodes during prefill prefix_caching=False, warmup=True,
         prefill_graphs=(), graph_batch_sizes=tuple(sorted(graph_sizes)),
     )  # fmt: skip
     return Engine(model, None, config=config)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from nvfp4kit.bench import register_all
-from nvfp4kit.bench.engine_runs import decode_roofline, decode_speed, prefill_speed
+from nvfp4kit.bench.engine_runs import decode_roofline, decode_speed, end_batch, prefill_speed, start_batch
 from nvfp4kit.bench.engine_speed import engine_config
 from nvfp4kit.bench.hf_baseline import hf_text_config
 from nvfp4kit.config import PRESET_DIR, load_preset
@@ -24,6 +24,25 @@ def test_decode_and_prefill_runs_finish_their_requests(tiny_checkpoint):
     assert not engine.has_unfinished() and len(engine.cache.free_blocks) == engine.layout.num_blocks
     prefill = prefill_speed(engine, prompt_len=40)
     assert prefill.tokens_per_s > 0 and prefill.ttft_ms > 0 and not engine.has_unfinished()
+
+
+def test_a_timed_decode_batch_stays_whole_when_prefill_takes_many_steps(tiny_checkpoint):
+    """Session 29: with a small step budget the first prompts decode while the later ones prefill; requests capped
+    at the timed step count then ended early, and "batch 96" steps ran ~70 rows. Every step after `start_batch`
+    decodes every request, for longer than the prefill took."""
+    engine = Engine(
+        load_model(tiny_checkpoint("moe")),
+        None,
+        config=EngineConfig(max_num_seqs=6, max_num_batched_tokens=64),
+    )
+    reqs = start_batch(engine, batch=6, context=40)
+    assert max(len(r.output_ids) for r in reqs) >= 4  # the first prompts decoded through the later prefills
+    for _ in range(6):
+        assert {e.request_id for e in engine.step()} == {r.request_id for r in reqs}
+    end_batch(engine, reqs)
+    assert not engine.has_unfinished() and len(engine.cache.free_blocks) == engine.layout.num_blocks
+    result = decode_speed(engine, batch=6, context=40, steps=5)  # checks the whole batch decoded each step
+    assert result.batch == 6 and len(engine.cache.free_blocks) == engine.layout.num_blocks
 
 
 def test_a_decode_batch_larger_than_the_engine_runs_is_refused(tiny_checkpoint):

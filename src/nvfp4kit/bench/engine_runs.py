@@ -9,6 +9,7 @@ import torch
 
 from nvfp4kit.config import Gemma4TextConfig
 from nvfp4kit.engine.engine import Engine
+from nvfp4kit.engine.request import Request
 from nvfp4kit.plan.gpus import GPUS, GpuSpec
 from nvfp4kit.plan.kv import kv_bytes_per_token
 from nvfp4kit.plan.roofline import decode_step
@@ -45,6 +46,47 @@ class DecodeResult:
 GEMMA_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95, top_k=64)
 
 
+def start_batch(
+    engine: Engine, *, batch: int, context: int, sampling: SamplingParams | None = None, seed: int = 0
+) -> list[Request]:
+    """`batch` requests of random `context`-token prompts, prefilled, each with at least one decode step run
+    behind it: from here every `engine.step()` decodes all of them, until `end_batch`.
+
+    The requests have no token limit: while later prompts prefill, the first ones already decode, for as many
+    steps as the prefill takes (more with a small step budget), and a limit counted from the timed steps would
+    end those early and shrink the batch under the timer (session 29: a batch-96 "decode" step in an engine of
+    2,048-token steps ran about 70 rows, so a faster step)."""
+    params = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
+    if sampling is not None:
+        params = replace(sampling, max_tokens=None, ignore_eos=True)
+    cfg = engine.model.config
+    ids = [engine.add_request(random_prompt(cfg, context, seed=seed + b), params) for b in range(batch)]
+    reqs = [engine.requests[i] for i in ids]
+    while any(r.num_computed < len(r.prompt_ids) for r in reqs):
+        engine.step()  # prefill, and the first token of each
+    engine.step()  # one decode step more: every request is now decoding
+    return reqs
+
+
+def end_batch(engine: Engine, reqs: list[Request]) -> None:
+    """Abort what `start_batch` began and run the engine dry (a step in flight drops their tokens)."""
+    for req in reqs:
+        engine.abort(req.request_id)
+    while engine.has_unfinished():
+        engine.step()
+
+
+def check_whole_batch(reqs: list[Request], before: list[int], steps: int) -> None:
+    """Raise unless every request decoded in each of the `steps` steps: a step of fewer rows is a faster step."""
+    grown = {len(r.output_ids) - n for r, n in zip(reqs, before)}
+    if grown != {steps} or any(r.preemptions or r.finish_reason for r in reqs):
+        raise RuntimeError(
+            f"the timed decode steps did not all run the whole batch of {len(reqs)} (tokens per request: "
+            f"{sorted(grown)}, expected {steps}; preempted: {sum(1 for r in reqs if r.preemptions)}): "
+            "give the engine more KV room (num_kv_tokens)"
+        )
+
+
 def decode_speed(
     engine: Engine,
     *,
@@ -56,26 +98,19 @@ def decode_speed(
 ) -> DecodeResult:
     """Aggregate tokens/s of `steps` decode steps of `batch` sequences whose prompts are `context` long
     (greedy, or with `sampling`'s temperature / top-p / top-k); `overlap`: the overlap scheduler on or off
-    (None: the engine's setting)."""
+    (None: the engine's setting). Every timed step decodes all `batch` sequences (checked)."""
     if batch > engine.config.max_num_seqs:  # the rest would wait, and tokens/s would count them as decoded
         raise ValueError(
             f"decode batch {batch} exceeds the engine's max_num_seqs={engine.config.max_num_seqs}"
         )
     if overlap is not None:
         engine.overlap = overlap
-    cfg = engine.model.config
-    params = SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True)
-    if sampling is not None:
-        params = replace(sampling, max_tokens=steps + 2, ignore_eos=True)
-    for b in range(batch):
-        engine.add_request(random_prompt(cfg, context, seed=b), params)
-    while any(r.num_computed < len(r.prompt_ids) for r in engine.requests.values()):
-        engine.step()  # prefill, and the first token of each
-    engine.step()  # one decode step untimed: every request is now decoding
+    reqs = start_batch(engine, batch=batch, context=context, sampling=sampling)
     _sync(engine)
     engine.collect_step_times(wait=True)
     device_before = _device_totals(engine)
     ahead = engine.overlapped_steps
+    tokens_before = [len(r.output_ids) for r in reqs]
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
@@ -84,8 +119,8 @@ def decode_speed(
     engine.collect_step_times(wait=True)
     device_steps, device_seconds = (a - b for a, b in zip(_device_totals(engine), device_before))
     ahead = engine.overlapped_steps - ahead
-    while engine.has_unfinished():
-        engine.step()
+    check_whole_batch(reqs, tokens_before, steps)
+    end_batch(engine, reqs)
     result = DecodeResult(batch, context, batch * steps / seconds, 1e3 * seconds / steps)
     gpu_ms = 1e3 * device_seconds / device_steps if device_steps else None
     return replace(result, gpu_ms_per_step=gpu_ms, overlapped_steps=ahead)

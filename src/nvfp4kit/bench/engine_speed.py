@@ -26,7 +26,6 @@ from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.units import token_counts
 from nvfp4kit.plan.weights import weights_from_config
-from nvfp4kit.sampling import SamplingParams
 
 
 def _log(msg: str) -> None:
@@ -83,7 +82,9 @@ def parallel_model(args: argparse.Namespace):
 def engine_config(args: argparse.Namespace, cfg) -> EngineConfig:
     longest = max([*args.prefill, args.context + args.steps + 8])
     most = max([*args.decode_batches, *(args.sampled_batches or [])])  # the sampled batches run in it too
-    tokens = max(most * (args.context + args.steps + 8), longest) + 1024
+    # the first prompts decode while the later ones prefill (runs.start_batch): a step each, at the smallest budget
+    during_prefill = -(-most * args.context // (args.chunk or 512))
+    tokens = max(most * (args.context + args.steps + 8 + during_prefill), longest) + 1024
     prefill_graphs = getattr(args, "prefill_graphs", None)
     if getattr(args, "tensor_parallel_size", 1) > 1:  # as the server: the ranks do not replay prefill graphs
         if prefill_graphs:
@@ -215,20 +216,13 @@ def profile_decode_step(engine: Engine, batch: int = 1, context: int = 256, top:
         graphs = engine.graphs
         engine.graphs = graphs if graphs_on else None
         try:
-            cfg = engine.model.config
-            params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-            ids = [
-                engine.add_request(runs.random_prompt(cfg, context, seed=7 + i), params) for i in range(batch)
-            ]
-            reqs = [engine.requests[i] for i in ids]
-            # every prompt prefilled, then decode steps of the whole batch
-            while min(len(r.output_ids) for r in reqs) < 3:
-                engine.step()
+            reqs = runs.start_batch(engine, batch=batch, context=context, seed=7)
+            engine.step()
+            torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 engine.step()
                 torch.cuda.synchronize()
-            while engine.has_unfinished():
-                engine.step()
+            runs.end_batch(engine, reqs)
         finally:
             engine.graphs = graphs
         return [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
