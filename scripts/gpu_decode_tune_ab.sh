@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Does tuning the dense linears at serving's batch sizes pay in the engine? One device call: `nvfp4kit tune
 # --kernels linear` at TOKENS into a fresh cache (the mid-size tiles of tuning/search.py, 128-row blocks included),
-# then `bench engine` decode at BATCHES (816-token contexts: the c100 workload's middle, FP8 KV, CUDA graphs) with
-# the shipped table and with that cache, and the tuned configs beside the shipped ones. About 6-8 minutes.
+# then `bench engine` decode at BATCHES (816-token contexts: the c100 workload's middle, FP8 KV, CUDA graphs; the
+# first run also profiles one step of each) with the shipped table and with that cache. About 7-9 minutes.
 # Usage on the GPU machine from the repository root:
 #   bash scripts/gpu_decode_tune_ab.sh OUT_DIR ["TOKENS" ["BATCHES"]]
 set -u -o pipefail
@@ -13,13 +13,14 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 mkdir -p "$out/tuned" "$out/shipped"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 step() { echo "== $1 ($(date +%T))"; }
-bench() {  # $1: cache folder, $2: json name
-  NVFP4KIT_CACHE_DIR="$1" timeout 200 python3 -m nvfp4kit bench engine --decode-batches $batches --context 816 \
-    --kv-dtype fp8_e4m3 --max-model-len 16384 --prefill 1024 --baseline none --json "$out/$2.json" 2>&1 |
-    grep -E "decode batch|prefill" | cut -c1-160
+bench() {  # $1: cache folder, $2: json name, then more options
+  local cache=$1 name=$2; shift 2
+  NVFP4KIT_CACHE_DIR="$cache" timeout 230 python3 -m nvfp4kit bench engine --decode-batches $batches --context 816 \
+    --kv-dtype fp8_e4m3 --max-model-len 16384 --prefill 1024 --baseline none --json "$out/$name.json" "$@" 2>&1 |
+    grep -E "decode batch|prefill|one decode step| ms +[0-9]+x" | cut -c1-150
 }
-step "bench engine, shipped table"
-bench "$out/shipped" engine_shipped
+step "bench engine, shipped table (and the kernels of one step at each batch)"
+bench "$out/shipped" engine_shipped --profile
 step "tune --kernels linear --tokens $tokens"
 timeout 200 python3 -m nvfp4kit tune --kernels linear --tokens $tokens --cache-dir "$out/tuned" --budget-s 170 \
   --log 2>"$out/tune.log" | tail -1
