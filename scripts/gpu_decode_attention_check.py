@@ -1,0 +1,92 @@
+"""Decode attention alone at serving's batch sizes (64-112 sequences of ~816 tokens, FP8 KV): time, unique KV
+bytes a step reads and GB/s against a device copy, with the default tiles and a few others, for a sliding and a
+global layer of 26B-A4B. Each launch set is a CUDA graph timed by `triton.testing.do_bench` (L2 flushed), as in
+`gpu_attention_bench.py`; every variant's output is compared with the default's. What the engine's profile
+attributes to `_paged_attention_kernel` (with PDL it also counts the wait for the kernel before) can be set
+against these. Usage (GPU machine, repository root):
+  PYTHONPATH=src python3 scripts/gpu_decode_attention_check.py [--batches 64 96 112] [--context 816] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_attention_bench import graph_time_us, kv_read_bytes  # noqa: E402
+from gpu_attention_common import DEVICE, GLOBAL, KV_DTYPES, SLIDING, Pool, random_queries  # noqa: E402
+
+from nvfp4kit.kernels.paged_attention import AttentionConfig, choose_num_splits, select_config  # noqa: E402
+from nvfp4kit.tuning.timing import copy_bandwidth_gbps  # noqa: E402
+
+# (block_m, block_n, num_warps, num_stages), None: the default; sliding and global layers
+VARIANTS = {
+    SLIDING: [None, (16, 64, 4, 2), (16, 32, 4, 3), (16, 32, 8, 2), (16, 64, 8, 3), (16, 16, 4, 2)],
+    GLOBAL: [None, (16, 32, 4, 2), (16, 16, 4, 3), (16, 16, 8, 2)],
+}
+
+
+def run(shape, batch: int, context: int, tiles, splits: int | None, copy_bw: float, ref=None) -> dict:
+    pool = Pool(shape, KV_DTYPES["fp8"], [context] * batch, seed=batch)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q = random_queries(shape, batch, gen)
+    meta, items = pool.metadata([context - 1] * batch, [1] * batch)
+    out = torch.empty_like(q)
+    keys = min(context, shape.window) if shape.window else context
+    splits = splits or choose_num_splits(batch, shape.kv_heads, keys, device=DEVICE)
+    config = AttentionConfig(*tiles[:2], num_warps=tiles[2], num_stages=tiles[3]) if tiles else None
+    us = graph_time_us(lambda: pool.attend(q, meta, items, num_splits=splits, config=config, out=out))
+    nbytes = kv_read_bytes(shape, batch, context, 1)
+    default = select_config(shape.head_dim, shape.q_heads // shape.kv_heads, decode=True, fp8=True)
+    return {
+        "layer": shape.name, "batch": batch, "context": context, "splits": splits,
+        "tiles": list(tiles) if tiles else ["default", *default.__dict__.values()],
+        "us": us, "kv_mb": nbytes / 1e6, "gbps": nbytes / us / 1e3, "of_copy": nbytes / (us * 1e-6) / copy_bw,
+        "max_diff": 0.0 if ref is None else (out.float() - ref.float()).abs().max().item(), "out": out,
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 96, 112])
+    p.add_argument("--context", type=int, default=816)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    copy_bw = copy_bandwidth_gbps() * 1e9
+    print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    rows = []
+    for shape, variants in VARIANTS.items():
+        for batch in args.batches:
+            ref = None
+            for tiles in variants:
+                row = run(shape, batch, args.context, tiles, None, copy_bw, ref)
+                ref = row["out"] if ref is None else ref
+                rows.append(row)
+            if shape is GLOBAL:  # split counts around the engine's choice
+                auto = rows[-len(variants)]["splits"]
+                for splits in sorted({1, max(1, auto // 2), auto * 2, auto * 4} - {auto}):
+                    rows.append(run(shape, batch, args.context, None, splits, copy_bw, ref))
+            torch.cuda.empty_cache()
+    for r in rows:
+        r.pop("out")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "copy_gbps": copy_bw / 1e9, "rows": rows},
+                f,
+                indent=1,
+            )
+    print("| layer | batch | tiles (m, n, warps, stages) | splits | us | KV MB | GB/s | of copy | max diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layer']} | {r['batch']} | {r['tiles']} | {r['splits']} | {r['us']:.1f} | {r['kv_mb']:.0f} |"
+              f" {r['gbps']:.0f} | {r['of_copy']:.0%} | {r['max_diff']:.1e} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
