@@ -67,10 +67,9 @@ def main() -> None:
                 row = run(shape, batch, args.context, tiles, None, copy_bw, ref)
                 ref = row["out"] if ref is None else ref
                 rows.append(row)
-            if shape is GLOBAL:  # split counts around the engine's choice
-                auto = rows[-len(variants)]["splits"]
-                for splits in sorted({1, max(1, auto // 2), auto * 2, auto * 4} - {auto}):
-                    rows.append(run(shape, batch, args.context, None, splits, copy_bw, ref))
+            auto = rows[-len(variants)]["splits"]  # split counts around the engine's choice
+            for splits in sorted({1, max(1, auto // 2), auto * 2, auto * 4} - {auto}):
+                rows.append(run(shape, batch, args.context, None, splits, copy_bw, ref))
             torch.cuda.empty_cache()
     for r in rows:
         r.pop("out")
