@@ -41,7 +41,7 @@ ATTN = dict(GROUP=8, GROUP_P2=8, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=16, D=512, ROT=1
 # the vocabulary-wide kernels after the lm_head (kernels/logits.py)
 LOGITS_PTRS = {"in_ptr": "*bf16", "out_ptr": "*fp32", "cap": "fp32", "logits_ptr": "*fp32", "part_ptr": "*fp32",
                "index_ptr": "*i32", "table_ptr": "*fp64"}  # fmt: skip
-COMMON = dict(EVEN_K=False, INTERPRET=False, HALVES=False)
+COMMON = dict(EVEN_K=False, INTERPRET=False, HALVES=False, PREFETCH=False)
 KERNELS = {
     "dot_small_asm": (_w4a16_dot_kernel, 4, dict(BM=16, BN=64, BK=256, SPLIT_K=2, GROUP_M=8, SWAP_AB=False, ASM=True)),
     "dot_large_bits": (_w4a16_dot_kernel, 8, dict(BM=128, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, SWAP_AB=False, ASM=False)),
@@ -60,6 +60,10 @@ KERNELS = {
     "sum": (_moe_sum_kernel, 4, dict(TOP_K=8, BLOCK=1024)),
     "align": (_moe_align_kernel, 8, dict(E_PAD=128, BM=16, CHUNK=1024, BLOCK_CHUNK=64)),
     "decode_attention_split": (_paged_attention_kernel, 4, ATTN),
+    # a sliding layer's decode over a native FP8 ring, the next tile prefetched (SM89+: hardware FP8 conversion)
+    "decode_attention_ring_prefetch_sm89": (_paged_attention_kernel, 8, {**ATTN, "GROUP": 2, "GROUP_P2": 2, "D": 256,
+        "RING": True, "SLIDING": True, "DERIVE_K": False, "NATIVE_FP8": True, "COMPUTE": 2, "SPLIT": False,
+        "PREFETCH": True}),
     "merge_splits_sliding": (_merge_splits_kernel, 4, dict(CHUNK=8, D=256, BLOCK_N=32, SLIDING=True)),
     "softcap": (_softcap_kernel, 8, dict(CAPPED=True, BLOCK=2048)),
     "greedy_split": (_greedy_split_kernel, 4, dict(SPLITS=32, BLOCK=1024)),
@@ -72,6 +76,8 @@ def _compile(fn, constants: dict, arch: int, warps: int):
     names = fn.arg_names
     constants = {**{k: v for k, v in COMMON.items() if k in names}, **constants}
     ptrs = {**LINEAR_PTRS, **MOE_PTRS, **ATTN_PTRS, **(LOGITS_PTRS if fn in LOGITS_KERNELS else {})}
+    if constants.get("NATIVE_FP8"):
+        ptrs = {**ptrs, "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"}
     if "NVFP4" in constants and not constants["NVFP4"]:
         ptrs = {**ptrs, "w_ptr": "*bf16", "s_ptr": "*bf16", "s2_ptr": "*bf16"}
     signature = {n: "constexpr" if n in constants else ptrs.get(n, "i32") for n in names}
@@ -85,6 +91,9 @@ def _check_all(arch: int) -> list[str]:
     lines = []
     pdl = 2 if arch >= 90 else 0  # programmatic dependent launch (kernels/launch.py) exists from SM90
     for name, (fn, warps, constants) in sorted(KERNELS.items()):
+        if name.endswith("_sm89") and arch < 89:
+            lines.append(f"ok {name} sm_{arch} (not built below sm_89)")
+            continue
         ptx = _compile(fn, {**constants, "PDL": pdl}, arch, warps).asm["ptx"]
         hopper_only = [op for op in ("wgmma", "setmaxnreg", "cp.async.bulk", "griddepcontrol") if op in ptx]
         ok = f".target sm_{arch}" in ptx and (arch >= 90 or not hopper_only)

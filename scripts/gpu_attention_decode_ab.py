@@ -1,0 +1,55 @@
+"""`nvfp4kit bench engine` with other decode-attention tiles for the layers that store K (the sliding layers of
+26B-A4B): the bench's own arguments after `--`, one bench run per tile set in one process (each builds its model;
+`--json F` writes F.0.json, F.1.json, ...). Usage (GPU machine, repository root):
+  PYTHONPATH=src python3 scripts/gpu_attention_decode_ab.py --tiles default 16,16,8,2,1 default -- \\
+      --decode-batches 64 96 112 --context 816 --kv-dtype fp8_e4m3 --max-model-len 16384 --baseline none
+A tile set is block_m,block_n,num_warps,num_stages,prefetch (0/1), or `default` (`select_config`'s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from nvfp4kit.cli import main as cli_main
+from nvfp4kit.kernels import paged_attention
+from nvfp4kit.kernels.paged_attention import AttentionConfig
+
+ORIGINAL_SELECT = paged_attention.select_config
+
+
+def patched_select(tiles: AttentionConfig | None):
+    """`select_config` with `tiles` for decode over pools that store K (head dim < 512 in 26B-A4B)."""
+
+    def select(head_dim, group, *, decode, fp8=False, capability=None):
+        cfg = ORIGINAL_SELECT(head_dim, group, decode=decode, fp8=fp8, capability=capability)
+        return cfg if tiles is None or not decode or head_dim >= 512 else replace(tiles)
+
+    return select
+
+
+def parse_tiles(text: str) -> AttentionConfig | None:
+    if text == "default":
+        return None
+    m, n, warps, stages, prefetch = (int(v) for v in text.split(","))
+    return AttentionConfig(m, n, num_warps=warps, num_stages=stages, prefetch=bool(prefetch))
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiles", nargs="+", default=["default", "16,16,8,2,1"])
+    args = p.parse_args(argv[:split])
+    bench = argv[split + 1 :]
+    for i, text in enumerate(args.tiles):
+        paged_attention.select_config = patched_select(parse_tiles(text))
+        print(f"== decode attention tiles: {text}", flush=True)
+        extra = ["--json", f"{bench[bench.index('--json') + 1]}.{i}.json"] if "--json" in bench else []
+        rest = [a for j, a in enumerate(bench) if a != "--json" and (j == 0 or bench[j - 1] != "--json")]
+        cli_main(["bench", "engine", *rest, *extra])
+
+
+if __name__ == "__main__":
+    main()
