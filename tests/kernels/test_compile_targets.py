@@ -37,11 +37,12 @@ ATTN_PTRS = {"q_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32",
              "item_seq_ptr": "*i32", "item_q0_ptr": "*i32", "seq_start_ptr": "*i32", "seq_len_ptr": "*i32",
              "seq_offset_ptr": "*i32", "block_table_ptr": "*i32", "ring_ptr": "*i32"}  # fmt: skip
 ATTN = dict(GROUP=8, GROUP_P2=8, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=16, D=512, ROT=128, RING=False, SLIDING=False,
-            DERIVE_K=True, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=1, SPLIT=True, PRECISION=None)  # fmt: skip
+            DERIVE_K=True, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=1, SPLIT=True, PRECISION=None,
+            PREFETCH=False)  # fmt: skip
 # the vocabulary-wide kernels after the lm_head (kernels/logits.py)
 LOGITS_PTRS = {"in_ptr": "*bf16", "out_ptr": "*fp32", "cap": "fp32", "logits_ptr": "*fp32", "part_ptr": "*fp32",
                "index_ptr": "*i32", "table_ptr": "*fp64"}  # fmt: skip
-COMMON = dict(EVEN_K=False, INTERPRET=False, HALVES=False, PREFETCH=False)
+COMMON = dict(EVEN_K=False, INTERPRET=False, HALVES=False)
 KERNELS = {
     "dot_small_asm": (_w4a16_dot_kernel, 4, dict(BM=16, BN=64, BK=256, SPLIT_K=2, GROUP_M=8, SWAP_AB=False, ASM=True)),
     "dot_large_bits": (_w4a16_dot_kernel, 8, dict(BM=128, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, SWAP_AB=False, ASM=False)),

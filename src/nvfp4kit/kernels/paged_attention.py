@@ -122,8 +122,8 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     item = tl.program_id(0)
