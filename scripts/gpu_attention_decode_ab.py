@@ -1,9 +1,9 @@
 """`nvfp4kit bench engine` with other decode-attention tiles for the layers that store K (the sliding layers of
 26B-A4B): the bench's own arguments after `--`, one bench run per tile set in one process (each builds its model;
 `--json F` writes F.0.json, F.1.json, ...). Usage (GPU machine, repository root):
-  PYTHONPATH=src python3 scripts/gpu_attention_decode_ab.py --tiles default 16,16,8,2,1 default -- \\
+  PYTHONPATH=src python3 scripts/gpu_attention_decode_ab.py --tiles default 16,16,4,2 default -- \\
       --decode-batches 64 96 112 --context 816 --kv-dtype fp8_e4m3 --max-model-len 16384 --baseline none
-A tile set is block_m,block_n,num_warps,num_stages,prefetch (0/1), or `default` (`select_config`'s).
+A tile set is block_m,block_n,num_warps,num_stages, or `default` (`select_config`'s).
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ def patched_select(tiles: AttentionConfig | None):
 def parse_tiles(text: str) -> AttentionConfig | None:
     if text == "default":
         return None
-    m, n, warps, stages, prefetch = (int(v) for v in text.split(","))
-    return AttentionConfig(m, n, num_warps=warps, num_stages=stages, prefetch=bool(prefetch))
+    m, n, warps, stages = (int(v) for v in text.split(","))
+    return AttentionConfig(m, n, num_warps=warps, num_stages=stages)
 
 
 def main() -> None:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiles", nargs="+", default=["default", "16,16,8,2,1"])
+    p.add_argument("--tiles", nargs="+", default=["default", "16,16,4,2"])
     args = p.parse_args(argv[:split])
     bench = argv[split + 1 :]
     for i, text in enumerate(args.tiles):

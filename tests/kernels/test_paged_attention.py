@@ -6,7 +6,7 @@ paged blocks in shuffled order), runs the kernel on a poisoned output and compar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ import triton.language as tl
 from nvfp4kit.config import RopeConfig
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.kv_write import write_kv
-from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention, prefill_block_q, select_config
+from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention, prefill_block_q
 from nvfp4kit.kernels.prefill_attention import prefill_attention
 from nvfp4kit.kernels.rope_angles import cos_sin
 from nvfp4kit.kernels.rotated_keys import prefill_key_rows, rotate_derived_keys
@@ -54,13 +54,7 @@ def _slots(case, table, i, pos):
 
 
 def run_case(
-    case: Case,
-    *,
-    num_splits: int = 1,
-    extra_padding_seq: bool = False,
-    prefill_config=None,
-    prerotate=False,
-    decode_config=None,
+    case: Case, *, num_splits: int = 1, extra_padding_seq: bool = False, prefill_config=None, prerotate=False
 ):
     """Returns (kernel output, float64 reference). `prefill_config`: run the prefill kernel with these tiles
     (every sequence must have more than one query token) instead of the paged kernel; `prerotate`: with derived
@@ -148,8 +142,6 @@ def run_case(
         else {"block_size": case.block_size}
     )
     kernel = dict(num_splits=num_splits) if prefill_config is None else dict(config=prefill_config)
-    if decode_config is not None:
-        kernel["config"] = decode_config
     if prerotate:
         first, total, most = prefill_key_rows([s for s, _ in seqs], [n for _, n in seqs])
         kernel["rotated_keys"] = rotate_derived_keys(
@@ -194,27 +186,6 @@ def test_decode_over_ring_longer_than_window(num_splits):
     case = Case([(2, 1), (9, 1), (70, 1)], window=8, kv_dtype=torch.bfloat16)
     out, ref = run_case(case, num_splits=num_splits)
     assert rel_error(out, ref) < bound(case)
-
-
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=str)
-@pytest.mark.parametrize("num_splits", [1, 2])
-@pytest.mark.parametrize("sliding", [True, False], ids=["ring", "paged"])
-def test_decode_with_the_next_tile_prefetched(kv_dtype, num_splits, sliding):
-    """`AttentionConfig.prefetch` loads a tile ahead: contexts shorter than, equal to and past a tile, a ring
-    wrapped past its window, and splits whose last tile is partial all give the reference's output."""
-    layout = dict(window=8, chunk=8) if sliding else GLOBAL
-    case = Case([(0, 1), (5, 1), (15, 1), (40, 1)], kv_dtype=kv_dtype, scale=0.5, **layout)
-    group = case.q_heads // case.kv_heads
-    config = replace(select_config(case.head_dim, group, decode=True), block_n=4, prefetch=True)
-    out, ref = run_case(case, num_splits=num_splits, decode_config=config)
-    assert rel_error(out, ref) < bound(case)
-
-
-def test_prefetch_refuses_derived_keys():
-    case = Case([(3, 1)], rope=PROPORTIONAL, **GLOBAL)
-    config = replace(select_config(case.head_dim, 4, decode=True), prefetch=True)
-    with pytest.raises(ValueError, match="prefetch"):
-        run_case(case, decode_config=config)
 
 
 @pytest.mark.parametrize("sliding", [True, False], ids=["ring", "paged"])

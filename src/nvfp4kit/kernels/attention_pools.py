@@ -110,22 +110,10 @@ def pool_operands(
 def load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
     """A K/V tile in the dot dtype CT, in storage units: FP8 E4M3 through its fp16 bit pattern is value / 256
     (the factor is applied to the scores and the output, never per element)."""
-    return convert_kv_tile(load_kv_raw(ptrs, mask, NATIVE_FP8), mask, FORMAT, NATIVE_FP8, CT)
-
-
-@triton.jit
-def load_kv_raw(ptrs, mask, NATIVE_FP8: tl.constexpr):
-    """A K/V tile as stored (`convert_kv_tile` turns it into dot operands): a load to issue a tile ahead."""
     if NATIVE_FP8:  # an fp8 load cannot take an integer fill value: zero masked rows after converting
         raw = tl.load(ptrs, mask=mask)
     else:
         raw = tl.load(ptrs, mask=mask, other=0)
-    return raw  # one return: Triton's compiler goes on past a return inside a compile-time `if`
-
-
-@triton.jit
-def convert_kv_tile(raw, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
-    """`load_kv_raw`'s tile in the dot dtype CT, in storage units (see `load_kv_tile`)."""
     if FORMAT == 3:
         x = raw.to(tl.bfloat16, bitcast=True)
     elif FORMAT == 1:

@@ -34,10 +34,8 @@ from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.attention_pools import (
     DerivedKey,
     check_attention_args,
-    convert_kv_tile,
     derived_key_queries,
     dot_dtype_code,
-    load_kv_raw,
     load_kv_tile,
     next_pow2,
     pool_operands,
@@ -59,9 +57,6 @@ class AttentionConfig:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
-    # decode without derived keys: load the next K/V tile into registers before this one's math (Triton does not
-    # multi-buffer loads that are converted before the dot, so each tile's load latency was exposed)
-    prefetch: bool = False
 
 
 def select_config(
@@ -122,8 +117,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     item = tl.program_id(0)
@@ -169,45 +163,30 @@ def _paged_attention_kernel(
     else:
         q = q.to(ct)
         score_factor = k_factor
-    ring_base = 0
     if RING:
         ring_base = tl.load(ring_ptr + seq).to(tl.int64) * ring_size
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if PREFETCH:  # the first tile's bytes in flight before the loop
-        first = lo + tl.arange(0, BLOCK_N)
-        slot = _key_slots(first, hi, seq, block_table_ptr, stride_bt, block_size, ring_base, ring_size, RING)
-        k_raw, v_raw = _load_raw_kv(k_ptr, v_ptr, slot, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, cols,
-                                    first < hi, NATIVE_FP8)  # fmt: skip
     for n0 in range(lo, hi, BLOCK_N):
         k_pos = n0 + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
-        if PREFETCH:  # this tile's operands, then the next tile's loads, issued before this tile's math
-            kt = convert_kv_tile(k_raw, k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
-            v = convert_kv_tile(v_raw, k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
-            ahead = k_pos + BLOCK_N
-            slot = _key_slots(
-                ahead, hi, seq, block_table_ptr, stride_bt, block_size, ring_base, ring_size, RING
-            )
-            k_raw, v_raw = _load_raw_kv(k_ptr, v_ptr, slot, kv_head, stride_ks, stride_kh, stride_vs, stride_vh,
-                                        cols, ahead < hi, NATIVE_FP8)  # fmt: skip
+        if RING:
+            slot = ring_base + k_pos % ring_size
         else:
-            slot = _key_slots(
-                k_pos, hi, seq, block_table_ptr, stride_bt, block_size, ring_base, ring_size, RING
-            )
-            v_rows = v_ptr + slot * stride_vs + kv_head * stride_vh
-            v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
-            if not DERIVE_K:
-                k_rows = k_ptr + slot * stride_ks + kv_head * stride_kh
-                kt = load_kv_tile(k_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+            blk = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0)
+            slot = blk.to(tl.int64) * block_size + k_pos % block_size
+        v_rows = v_ptr + slot * stride_vs + kv_head * stride_vh
+        v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
         if DERIVE_K:
             scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
             scores += rotated_key_scores(
                 q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D, ROT, KV_FORMAT, NATIVE_FP8, ct, PRECISION,
             )  # fmt: skip
         else:
+            k_rows = k_ptr + slot * stride_ks + kv_head * stride_kh
+            kt = load_kv_tile(k_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
             scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
         scores = scores * score_factor
         keep = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
@@ -242,33 +221,6 @@ def _paged_attention_kernel(
         store_ok = tl.where(hi > lo, store_ok, False)
         tl.store(part_lse_ptr + part, lse, mask=store_ok)
         tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
-
-
-@triton.jit
-def _key_slots(
-    k_pos, hi, seq, block_table_ptr, stride_bt, block_size, ring_base, ring_size, RING: tl.constexpr
-):
-    """Pool rows of key positions `k_pos`: ring * ring_size + p % ring_size, or through the block table (positions
-    at or past `hi` map to block 0: their loads are masked)."""
-    if RING:
-        slot = ring_base + k_pos % ring_size
-    else:
-        blk = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_pos < hi, other=0)
-        slot = blk.to(tl.int64) * block_size + k_pos % block_size
-    return slot
-
-
-@triton.jit
-def _load_raw_kv(k_ptr, v_ptr, slot, kv_head, stride_ks, stride_kh, stride_vs, stride_vh, cols, ok,
-                 NATIVE_FP8: tl.constexpr):  # fmt: skip
-    """The stored K and V tiles of pool rows `slot` (rows where `ok` is false are not read)."""
-    k_raw = load_kv_raw(
-        k_ptr + (slot * stride_ks + kv_head * stride_kh)[:, None] + cols[None, :], ok[:, None], NATIVE_FP8
-    )
-    v_raw = load_kv_raw(
-        v_ptr + (slot * stride_vs + kv_head * stride_vh)[:, None] + cols[None, :], ok[:, None], NATIVE_FP8
-    )
-    return k_raw, v_raw
 
 
 @triton.jit(do_not_specialize=[*_STEP_POINTERS[:5], "num_rows", "num_splits"])
@@ -353,8 +305,6 @@ def paged_attention(
     cfg = config or select_config(
         head_dim, group, decode=decode, fp8=fmt.code in (1, 2), capability=kernel_capability(q.device)
     )
-    if cfg.prefetch and derived_key is not None:
-        raise ValueError("prefetch is for pools that store K (derived keys read more of V per tile)")
     if cfg.block_m < items.block_q * next_pow2(group):
         raise ValueError(f"block_m {cfg.block_m} cannot hold {items.block_q} tokens x {group} heads")
     ops = pool_operands(q, v_store, k_store, derived_key)
@@ -375,7 +325,7 @@ def paged_attention(
         GROUP=group, GROUP_P2=next_pow2(group), BLOCK_Q=items.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=head_dim, ROT=ops.rot, RING=ring_size is not None, SLIDING=window is not None,
         DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
-        COMPUTE=dot_dtype_code(q.dtype, fmt.code), SPLIT=num_splits > 1, PREFETCH=cfg.prefetch,
+        COMPUTE=dot_dtype_code(q.dtype, fmt.code), SPLIT=num_splits > 1,
         PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
     )  # fmt: skip
