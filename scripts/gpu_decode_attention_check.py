@@ -58,12 +58,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[64, 96, 112])
     p.add_argument("--context", type=int, default=816)
+    p.add_argument("--defaults-only", action="store_true", help="only the default tiles and split count")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     copy_bw = copy_bandwidth_gbps() * 1e9
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e9:.0f} GB/s (read + write)")
     rows = []
     for shape, variants in VARIANTS.items():
+        variants = [None] if args.defaults_only else variants
         for batch in args.batches:
             ref = None
             for tiles in variants:
@@ -71,7 +73,8 @@ def main() -> None:
                 ref = row["out"] if ref is None else ref
                 rows.append(row)
             auto = rows[-len(variants)]["splits"]  # split counts around the engine's choice
-            for splits in sorted({1, max(1, auto // 2), auto * 2, auto * 4} - {auto}):
+            others = set() if args.defaults_only else {1, max(1, auto // 2), auto * 2, auto * 4} - {auto}
+            for splits in sorted(others):
                 rows.append(run(shape, batch, args.context, None, splits, copy_bw, ref))
             torch.cuda.empty_cache()
     for r in rows:

@@ -45,6 +45,7 @@ class Case:
     chunk: int = 16  # ring = window + chunk
     seed: int = 0
     spans: dict[int, tuple[tuple[int, int], ...]] | None = None  # per sequence: image spans seen both ways
+    stale_nan: bool = False  # slots no key of this step lives in hold NaN (else random values)
 
 
 def _slots(case, table, i, pos):
@@ -74,6 +75,10 @@ def run_case(
     shape = (rows, case.kv_heads, case.head_dim)
     v_store = torch.randn(shape, generator=gen).to(case.kv_dtype)  # stale data everywhere else
     k_store = None if case.rope else torch.randn(shape, generator=gen).to(case.kv_dtype)
+    if case.stale_nan:
+        v_store.fill_(float("nan"))
+        if k_store is not None:
+            k_store.fill_(float("nan"))
     for i, end in enumerate(ends):  # history in position order: rings keep only the newest positions
         pos = torch.arange(end)
         v_store[_slots(case, table, i, pos)] = (torch.randn(end, *shape[1:], generator=gen) / case.scale).to(
@@ -186,6 +191,18 @@ def test_decode_over_ring_longer_than_window(num_splits):
     case = Case([(2, 1), (9, 1), (70, 1)], window=8, kv_dtype=torch.bfloat16)
     out, ref = run_case(case, num_splits=num_splits)
     assert rel_error(out, ref) < bound(case)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize("sliding", [True, False], ids=["ring", "paged"])
+def test_decode_ignores_non_finite_stale_slots(kv_dtype, sliding):
+    """The last key tile of a sequence also covers slots past its keys (another request's history, or garbage):
+    K there is read without a mask (`load_key_tile`), V with one. NaN in every such slot must not reach the output."""
+    layout = dict(window=8, chunk=8) if sliding else GLOBAL
+    case = Case([(0, 1), (5, 1), (15, 1), (40, 1)], kv_dtype=kv_dtype, stale_nan=True, **layout)
+    for splits in (1, 2):
+        out, ref = run_case(case, num_splits=splits)
+        assert torch.isfinite(out).all() and rel_error(out, ref) < bound(case)
 
 
 @pytest.mark.parametrize("sliding", [True, False], ids=["ring", "paged"])

@@ -111,24 +111,38 @@ def load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT:
     """A K/V tile in the dot dtype CT, in storage units: FP8 E4M3 through its fp16 bit pattern is value / 256
     (the factor is applied to the scores and the output, never per element)."""
     if NATIVE_FP8:  # an fp8 load cannot take an integer fill value: zero masked rows after converting
-        raw = tl.load(ptrs, mask=mask)
+        x = tl.where(mask, _stored_to_float(tl.load(ptrs, mask=mask), FORMAT, NATIVE_FP8), 0.0)
     else:
-        raw = tl.load(ptrs, mask=mask, other=0)
+        x = _stored_to_float(tl.load(ptrs, mask=mask, other=0), FORMAT, NATIVE_FP8)
+    return x.to(CT)
+
+
+@triton.jit
+def load_key_tile(ptrs, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
+    """`load_kv_tile` for a K tile whose every address is inside the pool (rows past the keys point at ring or
+    block slots that exist), unmasked: whatever those rows hold, their scores become -inf after the dot, so the
+    select that zeroes masked rows is not needed (sm_90 decode over FP8: the loop 864 -> 681 instructions)."""
+    return _stored_to_float(tl.load(ptrs), FORMAT, NATIVE_FP8).to(CT)
+
+
+@triton.jit
+def _stored_to_float(raw, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    """Stored K/V values as a float tensor (fp16 for FP8 pools, in storage units; bf16 / fp32 pools as stored)."""
     if FORMAT == 3:
         x = raw.to(tl.bfloat16, bitcast=True)
     elif FORMAT == 1:
         if NATIVE_FP8:
-            x = tl.where(mask, raw.to(tl.float16), 0.0)
+            x = raw.to(tl.float16)
         else:
             x = decode_e4m3(raw.to(tl.uint16))
     elif FORMAT == 2:
         if NATIVE_FP8:
-            x = tl.where(mask, raw.to(tl.float16), 0.0)
+            x = raw.to(tl.float16)
         else:
             x = (raw.to(tl.uint16) << 8).to(tl.float16, bitcast=True)
     else:
         x = raw
-    return x.to(CT)
+    return x
 
 
 @triton.jit

@@ -36,6 +36,7 @@ from nvfp4kit.kernels.attention_pools import (
     check_attention_args,
     derived_key_queries,
     dot_dtype_code,
+    load_key_tile,
     load_kv_tile,
     next_pow2,
     pool_operands,
@@ -173,7 +174,9 @@ def _paged_attention_kernel(
         k_pos = n0 + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
         if RING:
-            slot = ring_base + k_pos % ring_size
+            # one scalar modulo a tile, not one a key: a tile of keys wraps the ring at most once
+            wrap = n0 % ring_size + tl.arange(0, BLOCK_N)
+            slot = ring_base + tl.where(wrap >= ring_size, wrap - ring_size, wrap)
         else:
             blk = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0)
             slot = blk.to(tl.int64) * block_size + k_pos % block_size
@@ -186,7 +189,7 @@ def _paged_attention_kernel(
             )  # fmt: skip
         else:
             k_rows = k_ptr + slot * stride_ks + kv_head * stride_kh
-            kt = load_kv_tile(k_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+            kt = load_key_tile(k_rows[:, None] + cols[None, :], KV_FORMAT, NATIVE_FP8, ct)
             scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
         scores = scores * score_factor
         keep = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
