@@ -55,7 +55,7 @@ def start_batch(
     The requests have no token limit: while later prompts prefill, the first ones already decode, for as many
     steps as the prefill takes (more with a small step budget), and a limit counted from the timed steps would
     end those early and shrink the batch under the timer (session 29: a batch-96 "decode" step in an engine of
-    2,048-token steps ran about 70 rows, so a faster step)."""
+    2,048-token steps ran 21 rows on average, so a faster step)."""
     params = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
     if sampling is not None:
         params = replace(sampling, max_tokens=None, ignore_eos=True)

@@ -174,9 +174,11 @@ def _paged_attention_kernel(
         k_pos = n0 + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
         if RING:
-            # one scalar modulo a tile, not one a key: a tile of keys wraps the ring at most once
+            # one scalar modulo a tile, not one a key: the keys of a tile wrap the ring at most once (a window is
+            # shorter than the ring); the minimum keeps positions past the keys inside this ring, since K tiles
+            # are read unmasked (`load_key_tile`) and a tile may be longer than a small ring
             wrap = n0 % ring_size + tl.arange(0, BLOCK_N)
-            slot = ring_base + tl.where(wrap >= ring_size, wrap - ring_size, wrap)
+            slot = ring_base + tl.minimum(tl.where(wrap >= ring_size, wrap - ring_size, wrap), ring_size - 1)
         else:
             blk = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0)
             slot = blk.to(tl.int64) * block_size + k_pos % block_size
