@@ -1,7 +1,7 @@
 """`nvfp4kit bench engine` with other decode-attention tiles for the layers that store K (the sliding layers of
 26B-A4B): the bench's own arguments after `--`, one bench run per tile set in one process (each builds its model;
 `--json F` writes F.0.json, F.1.json, ...). Usage (GPU machine, repository root):
-  PYTHONPATH=src python3 scripts/gpu_attention_decode_ab.py --tiles default 16,16,4,2 default -- \\
+  PYTHONPATH=src python3 scripts/gpu_attention_decode_ab.py --tiles default 16,16,4,2 default --json OUT/ab -- \\
       --decode-batches 64 96 112 --context 816 --kv-dtype fp8_e4m3 --max-model-len 16384 --baseline none
 A tile set is block_m,block_n,num_warps,num_stages, or `default` (`select_config`'s).
 """
@@ -41,14 +41,13 @@ def main() -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiles", nargs="+", default=["default", "16,16,4,2"])
+    p.add_argument("--json", help="write each run's rows to JSON.<i>.json")
     args = p.parse_args(argv[:split])
     bench = argv[split + 1 :]
     for i, text in enumerate(args.tiles):
         paged_attention.select_config = patched_select(parse_tiles(text))
         print(f"== decode attention tiles: {text}", flush=True)
-        extra = ["--json", f"{bench[bench.index('--json') + 1]}.{i}.json"] if "--json" in bench else []
-        rest = [a for j, a in enumerate(bench) if a != "--json" and (j == 0 or bench[j - 1] != "--json")]
-        cli_main(["bench", "engine", *rest, *extra])
+        cli_main(["bench", "engine", *bench, *(["--json", f"{args.json}.{i}.json"] if args.json else [])])
 
 
 if __name__ == "__main__":

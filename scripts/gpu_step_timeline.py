@@ -45,7 +45,8 @@ def decode_engine(model, graph_sizes: list[int], context: int, chunk: int = 2048
     top = max(graph_sizes)
     config = EngineConfig(
         kv_dtype="fp8_e4m3", max_num_seqs=top, max_num_batched_tokens=chunk,
-        num_kv_tokens=top * (context + 64 + -(-top * context // chunk)) + 4096,  # + decodes during prefill prefix_caching=False, warmup=True,
+        num_kv_tokens=top * (context + 64 + -(-top * context // chunk)) + 4096,  # decodes during prefill too
+        prefix_caching=False, warmup=True,
         prefill_graphs=(), graph_batch_sizes=tuple(sorted(graph_sizes)),
     )  # fmt: skip
     return Engine(model, None, config=config)

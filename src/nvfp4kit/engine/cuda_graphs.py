@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def default_batch_sizes(max_num_seqs: int) -> tuple[int, ...]:
-    """1, 2, 4, then every 8 up to 128, then every 16. Padding rows cost: H100, 26B-A4B, 100 sequences at 816
-    tokens ran 13.18 ms a step in a 100-row graph and 13.55 in the 112-row one (session 28), and serving at
-    concurrency 100 runs 97-100 rows, which graphs every 16 put in the 112-row one."""
+    """1, 2, 4, then every 8 up to 128, then every 16. Padding rows cost: H100, 26B-A4B, the same decode batch ran
+    13.18 ms a step in a 100-row graph and 13.55 in the 112-row one (session 28; fewer than 100 of its rows were
+    live, as session 29 found, so this compares graph sizes, not 100 sequences), and serving at concurrency 100
+    runs 97-100 rows, which graphs every 16 put in the 112-row one."""
     sizes = [1, 2, 4] + list(range(8, 129, 8)) + list(range(144, max(max_num_seqs, 1) + 16, 16))
     capped = sorted({min(s, max_num_seqs) for s in sizes if s <= max_num_seqs} | {max_num_seqs})
     return tuple(capped)
