@@ -60,7 +60,21 @@ def main() -> None:
     p.add_argument("--context", type=int, default=816)
     p.add_argument("--defaults-only", action="store_true", help="only the default tiles and split count")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--profile-once",
+        action="store_true",
+        help="launch each layer's default decode once at the first batch size, untimed, for a profiler: "
+        "ncu -k regex:_paged_attention --section SpeedOfLight --section WarpStateStats ...",
+    )
     args = p.parse_args()
+    if args.profile_once:
+        for shape in VARIANTS:
+            pool = Pool(shape, KV_DTYPES["fp8"], [args.context] * args.batches[0], seed=0)
+            q = random_queries(shape, args.batches[0], torch.Generator(device=DEVICE).manual_seed(0))
+            meta, items = pool.metadata([args.context - 1] * args.batches[0], [1] * args.batches[0])
+            pool.attend(q, meta, items)
+        torch.cuda.synchronize()
+        return
     copy_bw = copy_bandwidth_gbps() * 1e9
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e9:.0f} GB/s (read + write)")
     rows = []
