@@ -119,9 +119,9 @@ def load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT:
 
 @triton.jit
 def load_key_tile(ptrs, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
-    """`load_kv_tile` for a K tile whose every address is inside the pool (rows past the keys point at ring or
-    block slots that exist), unmasked: whatever those rows hold, their scores become -inf after the dot, so the
-    select that zeroes masked rows is not needed (sm_90 decode over FP8: the loop 864 -> 681 instructions)."""
+    """`load_kv_tile` unmasked, for a K or V tile whose rows past the keys repeat the last key's slot: those rows
+    are finite (this sequence's own values) and their scores become -inf, so neither the load's mask nor the
+    select that zeroes masked rows is needed (sm_90 sliding decode over FP8: the loop 864 -> 629 instructions)."""
     return _stored_to_float(tl.load(ptrs), FORMAT, NATIVE_FP8).to(CT)
 
 
@@ -165,16 +165,16 @@ def derived_key_queries(q, q_ptr, q_rows, row_ok, knorm_ptr, inv_freq_ptr, D: tl
 
 @triton.jit
 def rotated_key_columns(v_rows, k_ok, k_pos, w_r1, w_r2, freq, D: tl.constexpr, ROT: tl.constexpr,
-                        FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr):  # fmt: skip
+                        FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, PRECISE: tl.constexpr):  # fmt: skip
     """The rotated columns of derived K for a key tile, fp32 in storage units: rope(x * w) at the keys'
-    positions, as two [keys, ROT] halves (the pairs' first and second members)."""
+    positions, as two [keys, ROT] halves (the pairs' first and second members). PRECISE: for fp32 dots."""
     HALF: tl.constexpr = D // 2
     rcols = tl.arange(0, ROT)
     x1 = load_kv_tile(v_rows[:, None] + rcols[None, :], k_ok[:, None], FORMAT, NATIVE_FP8, tl.float32)
     x2 = load_kv_tile(v_rows[:, None] + HALF + rcols[None, :], k_ok[:, None], FORMAT, NATIVE_FP8, tl.float32)
     x1 = x1 * w_r1[None, :]
     x2 = x2 * w_r2[None, :]
-    cos, sin = cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :])
+    cos, sin = cos_sin(k_pos.to(tl.float32)[:, None] * freq[None, :], PRECISE)
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
@@ -184,6 +184,8 @@ def rotated_key_scores(q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D: tl.
                        PRECISION: tl.constexpr):  # fmt: skip
     """The rotated columns' share of the scores for a key tile whose K is derived from the stored V: two small
     dots over rope(x * w) with the angles of the keys' positions."""
-    k1, k2 = rotated_key_columns(v_rows, k_ok, k_pos, w_r1, w_r2, freq, D, ROT, FORMAT, NATIVE_FP8)
+    k1, k2 = rotated_key_columns(
+        v_rows, k_ok, k_pos, w_r1, w_r2, freq, D, ROT, FORMAT, NATIVE_FP8, CT == tl.float32
+    )
     scores = tl.dot(q_r1, tl.trans(k1.to(CT)), input_precision=PRECISION)
     return scores + tl.dot(q_r2, tl.trans(k2.to(CT)), input_precision=PRECISION)

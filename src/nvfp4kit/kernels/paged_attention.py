@@ -173,17 +173,27 @@ def _paged_attention_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         k_pos = n0 + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
+        # with stored K, rows past the keys read the last key's slot: every row a K/V tile loads is then one of
+        # this sequence's keys, finite whatever other slots hold, so both tiles load unmasked (those rows' scores
+        # become -inf); sliding decode at batch 96, H100: 160 -> 144 us. Derived K keeps the masked V tile (its
+        # loop is longer and spent the registers: slower unmasked)
+        rows_n = tl.arange(0, BLOCK_N)
+        if not DERIVE_K:
+            rows_n = tl.minimum(rows_n, hi - 1 - n0)
         if RING:
             # one scalar modulo a tile, not one a key: the keys of a tile wrap the ring at most once (a window is
-            # shorter than the ring); the minimum keeps positions past the keys inside this ring, since K tiles
-            # are read unmasked (`load_key_tile`) and a tile may be longer than a small ring
-            wrap = n0 % ring_size + tl.arange(0, BLOCK_N)
+            # shorter than the ring); the minimum keeps derived K's rows past the keys inside this ring
+            wrap = n0 % ring_size + rows_n
             slot = ring_base + tl.minimum(tl.where(wrap >= ring_size, wrap - ring_size, wrap), ring_size - 1)
         else:
-            blk = tl.load(block_table_ptr + seq * stride_bt + k_pos // block_size, mask=k_ok, other=0)
-            slot = blk.to(tl.int64) * block_size + k_pos % block_size
+            pos = n0 + rows_n  # a clamped row is a key: its block is this sequence's
+            blk = tl.load(block_table_ptr + seq * stride_bt + pos // block_size, mask=pos < hi, other=0)
+            slot = blk.to(tl.int64) * block_size + pos % block_size
         v_rows = v_ptr + slot * stride_vs + kv_head * stride_vh
-        v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+        if DERIVE_K:
+            v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
+        else:
+            v = load_key_tile(v_rows[:, None] + cols[None, :], KV_FORMAT, NATIVE_FP8, ct)
         if DERIVE_K:
             scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
             scores += rotated_key_scores(

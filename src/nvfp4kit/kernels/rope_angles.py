@@ -25,13 +25,14 @@ _HARDWARE_TRIG = tl.constexpr(not interpreting())
 
 
 @triton.jit
-def cos_sin(angle):
-    """(cos, sin) of fp32 angles up to ~1e6 rad."""
+def cos_sin(angle, PRECISE: tl.constexpr = False):
+    """(cos, sin) of fp32 angles up to ~1e6 rad; PRECISE (for fp32 outputs, e.g. fp32 models) takes libdevice's
+    sinf/cosf after the reduction, whose error is below fp32's rounding of the angle."""
     k = tl.floor(angle * 0.15915494309189535 + 0.5)
     r = angle - k * _TWO_PI_HI
     r = r - k * _TWO_PI_MID
     r = r - k * _TWO_PI_LO
-    if _HARDWARE_TRIG:
+    if _HARDWARE_TRIG and not PRECISE:
         cos, sin = libdevice.fast_cosf(r), libdevice.fast_sinf(r)
     else:
         cos, sin = tl.cos(r), tl.sin(r)

@@ -106,7 +106,10 @@ def _rotate_keys_kernel(
         w_r1 = tl.load(knorm_ptr + rcols).to(tl.float32)
         w_r2 = tl.load(knorm_ptr + half + rcols).to(tl.float32)
         freq = tl.load(inv_freq_ptr + rcols).to(tl.float32)
-        k1, k2 = rotated_key_columns(v_rows, k_ok, k_pos, w_r1, w_r2, freq, D, ROT, KV_FORMAT, NATIVE_FP8)
+        k1, k2 = rotated_key_columns(
+            v_rows, k_ok, k_pos, w_r1, w_r2, freq, D, ROT, KV_FORMAT, NATIVE_FP8,
+            out_ptr.dtype.element_ty == tl.float32,
+        )  # fmt: skip
         dst = (
             out_ptr
             + ((first + k_pos).to(tl.int64) * stride_os + kv_head * stride_oh)[:, None]
