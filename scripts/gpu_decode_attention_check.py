@@ -24,13 +24,16 @@ from gpu_attention_common import DEVICE, GLOBAL, KV_DTYPES, SLIDING, Pool, rando
 from nvfp4kit.kernels.paged_attention import AttentionConfig, choose_num_splits, select_config  # noqa: E402
 from nvfp4kit.tuning.timing import copy_bandwidth_gbps  # noqa: E402
 
-# (block_m, block_n, num_warps, num_stages), None: the default; sliding and global layers. Session 29 (H100, batch
-# 96 at 816 tokens, us a sliding / global layer): the defaults 196.8 / 151.6 (55% / 18% of the copy rate); 16x16
-# tiles 255.6 (4 warps) and 616.8 (8), 16x32 with 8 warps 393.7; a register prefetch of the next K/V tile (since
-# removed) 216.5-216.9 at 4 warps; 2 or 4 key splits 201; global 16x32 211.6, 4 / 8 splits 154.9 / 172.4
+# (block_m, block_n, num_warps, num_stages, max_registers), None: the default; sliding and global layers. Session
+# 29 (H100, batch 96 at 816 tokens, us a sliding / global layer): the defaults 196.8 / 151.6 (55% / 18% of the copy
+# rate); 16x16 tiles 255.6 (4 warps) and 616.8 (8), 16x32 with 8 warps 393.7; a register prefetch of the next K/V
+# tile (since removed) 216.5-216.9 at 4 warps; 2 or 4 key splits 201; global 16x32 211.6, 4 / 8 splits 154.9 /
+# 172.4. Session 30: uncapped 144.0 / 188.6 (the sliding tile at 167 registers, the global at 177: two blocks an
+# SM, two waves at batch 96); the defaults since cap both at 168 (`paged_attention._DECODE_REGISTERS`), untimed
 VARIANTS = {
-    SLIDING: [None, (16, 32, 4, 1), (16, 32, 4, 3), (16, 64, 8, 2), (16, 16, 4, 2)],
-    GLOBAL: [None, (16, 32, 4, 2), (16, 16, 8, 2)],
+    SLIDING: [None, (16, 32, 4, 2, None), (16, 32, 4, 1, None), (16, 32, 4, 3, None), (16, 64, 8, 2, None),
+              (16, 16, 4, 2, None)],
+    GLOBAL: [None, (16, 16, 4, 2, None), (16, 32, 4, 2, None), (16, 16, 8, 2, None)],
 }  # fmt: skip
 
 
@@ -42,7 +45,9 @@ def run(shape, batch: int, context: int, tiles, splits: int | None, copy_bw: flo
     out = torch.empty_like(q)
     keys = min(context, shape.window) if shape.window else context
     splits = splits or choose_num_splits(batch, shape.kv_heads, keys, device=DEVICE)
-    config = AttentionConfig(*tiles[:2], num_warps=tiles[2], num_stages=tiles[3]) if tiles else None
+    config = None
+    if tiles:
+        config = AttentionConfig(*tiles[:2], num_warps=tiles[2], num_stages=tiles[3], max_registers=tiles[4])
     us = graph_time_us(lambda: pool.attend(q, meta, items, num_splits=splits, config=config, out=out))
     nbytes = kv_read_bytes(shape, batch, context, 1)
     # the first and last sequences against the fp32 truth over the stored values (bf16 output: ~1e-2 at most)

@@ -72,3 +72,31 @@ def test_compile_for_restores_the_process():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_decode_attention_keeps_three_blocks_an_sm_on_hopper_and_ampere():
+    """26B-A4B's 4-warp decode tiles are capped at 168 registers: three blocks an SM. Uncapped, the global layer's
+    took 177 (two blocks), and batch 96's programs ran in two waves instead of one (session 30, H100)."""
+    code = (
+        "import json\n"
+        "from nvfp4kit.bench.compile_check import check_card\n"
+        "from nvfp4kit.config import load_preset\n"
+        "from nvfp4kit.plan.gpus import find_gpu\n"
+        "rows = []\n"
+        "for card in ('h100', 'a100'):\n"
+        "    rows += check_card(find_gpu(card), load_preset('gemma-4-26b-a4b'), tokens=(), kv_dtypes=('fp8',),\n"
+        "                       engine_steps=False)\n"
+        "print(json.dumps([r for r in rows if r['case'].startswith('decode attention')]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("no ptxas bundled with this triton build")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    tiles = [r for r in rows if r["kernel"] == "_paged_attention_kernel"]
+    four_warps = [
+        (r["gpu"], r["case"], r["registers"], r["blocks_per_sm"]) for r in tiles if r["num_warps"] == 4
+    ]
+    assert len(four_warps) >= 3, tiles  # both layers on the H100, the sliding one on the A100
+    assert all(registers <= 168 and blocks >= 3 for *_, registers, blocks in four_warps), four_warps

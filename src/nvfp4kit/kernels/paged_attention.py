@@ -58,6 +58,16 @@ class AttentionConfig:
     block_n: int  # keys per tile
     num_warps: int
     num_stages: int
+    max_registers: int | None = None  # a cap a thread (Triton's `maxnreg`): resident blocks an SM follow it
+
+
+# Registers a thread of a 4-warp decode tile may use: 65,536 / (3 blocks x 128 threads), rounded down to a multiple
+# of 8, so three blocks fit an SM whatever the Triton version allocates. Uncapped, the global tile took 177 on sm_90
+# (two blocks), and batch 96's 384 programs (2 key splits) ran in two waves of 264 where they fit one of 396: 149 ->
+# 178 us a layer in session 30 (H100) while batch 112, two waves either way, went 251 -> 180. The sliding tile takes
+# 167 with Triton 3.6 (the timed 144 us) and 174 with 3.9. Triton 3.6 compiles both capped tiles without spills
+# (3.9: 8 / 24 B). The cap on the global tile is untimed.
+_DECODE_REGISTERS = 168
 
 
 def select_config(
@@ -67,13 +77,15 @@ def select_config(
     at head_dim 256 and 512, the fastest of those timed on H100 (docs/benchmarks.md, "Attention kernels").
     Decode at head dim 512 on other cards (`capability`, see `timed_tiles_fit`) takes 8 warps: compiled for
     sm_80/86 4 warps spill 400-660 B a thread there, 8 warps 32-56 B; on sm_89/120 8 warps double the resident
-    warps (one block fits an SM either way). Untimed on those cards."""
+    warps (one block fits an SM either way). Untimed on those cards. 4-warp decode tiles cap their registers so
+    three blocks fit an SM (`_DECODE_REGISTERS`)."""
     min_rows = 1 if interpreting() else 16  # tensor-core dots need M >= 16
     rows = max(min_rows, next_pow2(group))
     if decode:
-        if head_dim >= 512:
-            return AttentionConfig(rows, 16, num_warps=4 if timed_tiles_fit(capability) else 8, num_stages=2)
-        return AttentionConfig(rows, 32, num_warps=4 if fp8 or head_dim < 256 else 8, num_stages=2)
+        wide = head_dim >= 512
+        warps = (4 if timed_tiles_fit(capability) else 8) if wide else (4 if fp8 or head_dim < 256 else 8)
+        cap = _DECODE_REGISTERS if warps == 4 else None
+        return AttentionConfig(rows, 16 if wide else 32, num_warps=warps, num_stages=2, max_registers=cap)
     warps = 8 if head_dim >= 256 else 4
     return AttentionConfig(max(rows, 64 if head_dim <= 256 else 32), 32, num_warps=warps, num_stages=2)
 
@@ -343,6 +355,7 @@ def paged_attention(
         COMPUTE=dot_dtype_code(q.dtype, fmt.code), SPLIT=num_splits > 1,
         PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(len(items), q_heads)](
