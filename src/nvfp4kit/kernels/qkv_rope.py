@@ -43,7 +43,7 @@ def _norm_rope_head(
         x2 *= tl.load(w_ptr + HALF + cols, mask=ok, other=0.0).to(tl.float32)
     if ROPE:
         freq = tl.load(freq_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        cos, sin = cos_sin(pos * freq, dst_ptr.dtype.element_ty == tl.float32)
+        cos, sin = cos_sin(pos * freq, True)  # libdevice's: a few per head, and q / stored K as before
         x1, x2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     dtype = dst_ptr.dtype.element_ty
     x1, x2 = x1.to(dtype), x2.to(dtype)

@@ -26,8 +26,9 @@ _HARDWARE_TRIG = tl.constexpr(not interpreting())
 
 @triton.jit
 def cos_sin(angle, PRECISE: tl.constexpr = False):
-    """(cos, sin) of fp32 angles up to ~1e6 rad; PRECISE (for fp32 outputs, e.g. fp32 models) takes libdevice's
-    sinf/cosf after the reduction, whose error is below fp32's rounding of the angle."""
+    """(cos, sin) of fp32 angles up to ~1e6 rad. PRECISE takes libdevice's sinf/cosf after the reduction (error
+    below fp32's rounding of the angle): for fp32 outputs (fp32 models) and where a few angles a head are all
+    there is (the q / stored-K RoPE of `qkv_rope`), so only the attention kernels' derived keys use MUFU."""
     k = tl.floor(angle * 0.15915494309189535 + 0.5)
     r = angle - k * _TWO_PI_HI
     r = r - k * _TWO_PI_MID
