@@ -64,6 +64,14 @@ def run(shape, batch: int, context: int, tiles, splits: int | None, copy_bw: flo
     }  # fmt: skip
 
 
+def wave_model_splits(programs: int, keys: int, slots: int, overhead: int = 16, most: int = 8) -> int:
+    """The split count a wave model picks, `slots` programs running at once (three 4-warp blocks an SM since the
+    register cap): the least waves x (keys a split walks + `overhead`, a program's fixed cost in keys: its q
+    load and partial store, fit to session 29's global 2 / 4 / 8-split timings). An untested guide."""
+    cost = {s: -(-programs * s // slots) * (-(-keys // s) + overhead) for s in range(1, most + 1)}
+    return min(cost, key=lambda s: (cost[s], s))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[64, 96, 112])
@@ -96,8 +104,15 @@ def main() -> None:
                 row = run(shape, batch, args.context, tiles, None, copy_bw, ref)
                 ref = row["out"] if ref is None else ref
                 rows.append(row)
-            auto = rows[-len(variants)]["splits"]  # split counts around the engine's choice
-            others = set() if args.defaults_only else {1, max(1, auto // 2), auto * 2, auto * 4} - {auto}
+            auto = rows[-len(variants)][
+                "splits"
+            ]  # split counts around the engine's choice, and the wave model's
+            keys = min(args.context, shape.window) if shape.window else args.context
+            model = wave_model_splits(
+                batch * shape.kv_heads, keys, 3 * torch.cuda.get_device_properties(0).multi_processor_count
+            )
+            others = {1, max(1, auto // 2), auto + 1, auto * 2, auto * 4, model} - {auto}
+            others = set() if args.defaults_only else others
             for splits in sorted(others):
                 rows.append(run(shape, batch, args.context, None, splits, copy_bw, ref))
             torch.cuda.empty_cache()
