@@ -29,10 +29,12 @@ from nvfp4kit.tuning.timing import copy_bandwidth_gbps  # noqa: E402
 # rate); 16x16 tiles 255.6 (4 warps) and 616.8 (8), 16x32 with 8 warps 393.7; a register prefetch of the next K/V
 # tile (since removed) 216.5-216.9 at 4 warps; 2 or 4 key splits 201; global 16x32 211.6, 4 / 8 splits 154.9 /
 # 172.4. Session 30: uncapped 144.0 / 188.6 (the sliding tile at 167 registers, the global at 177: two blocks an
-# SM, two waves at batch 96); the defaults since cap both at 168 (`paged_attention._DECODE_REGISTERS`), untimed
+# SM, two waves at batch 96); the defaults since cap both at 168 (`paged_attention._DECODE_REGISTERS`), untimed.
+# The sliding tile at 128 / 96 registers: four / five blocks an SM (Triton 3.6 for sm_90: 0 / 56 B of spills; ncu
+# found the sliding layer latency-bound at three)
 VARIANTS = {
-    SLIDING: [None, (16, 32, 4, 2, None), (16, 32, 4, 1, None), (16, 32, 4, 3, None), (16, 64, 8, 2, None),
-              (16, 16, 4, 2, None)],
+    SLIDING: [None, (16, 32, 4, 2, None), (16, 32, 4, 2, 128), (16, 32, 4, 2, 96), (16, 32, 4, 1, None),
+              (16, 32, 4, 3, None), (16, 64, 8, 2, None), (16, 16, 4, 2, None)],
     GLOBAL: [None, (16, 16, 4, 2, None), (16, 32, 4, 2, None), (16, 16, 8, 2, None)],
 }  # fmt: skip
 
