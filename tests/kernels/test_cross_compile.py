@@ -12,15 +12,20 @@ import sys
 import pytest
 
 
+def run_compiling(*args: str) -> subprocess.CompletedProcess:
+    """`python args...` in a fresh process that compiles (TRITON_INTERPRET unset); skips without a ptxas."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
+        pytest.skip("no ptxas bundled with this triton build")
+    return done
+
+
 @pytest.fixture(scope="module")
 def rtx3090_rows(tmp_path_factory) -> tuple[int, list[dict], str]:
     out = tmp_path_factory.mktemp("compile") / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "nvfp4kit", "bench", "compile", "--gpu", "rtx3090", "--tokens", "1", "64",
-           "--kv-dtype", "fp8", "--json", str(out)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
-        pytest.skip("no ptxas bundled with this triton build")
+    done = run_compiling("-m", "nvfp4kit", "bench", "compile", "--gpu", "rtx3090", "--tokens", "1", "64",
+                         "--kv-dtype", "fp8", "--json", str(out))  # fmt: skip
     assert out.exists(), done.stderr[-3000:]
     return done.returncode, json.loads(out.read_text())["rows"], done.stdout
 
@@ -69,8 +74,7 @@ def test_compile_for_restores_the_process():
         "assert JITFunction.run is run and configs.kernel_capability('cpu') is None\n"
         "print('ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    done = run_compiling("-c", code)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
@@ -88,10 +92,7 @@ def test_decode_attention_keeps_three_blocks_an_sm_on_hopper_and_ampere():
         "                       engine_steps=False)\n"
         "print(json.dumps([r for r in rows if r['case'].startswith('decode attention')]))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
-        pytest.skip("no ptxas bundled with this triton build")
+    done = run_compiling("-c", code)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     tiles = [r for r in rows if r["kernel"] == "_paged_attention_kernel"]
