@@ -2,7 +2,10 @@
 # Session 30's untimed attention changes, measured in one device call (~6-8 minutes on an H100): the attention
 # kernels' CUDA tests (fp32 prefill with libdevice sin/cos, the MUFU probe), decode attention alone with the
 # register-capped defaults beside the uncapped tiles and other split counts, `bench engine` decode against an older
-# tree in the same run, and the greedy tokens of the two trees (derived keys now rotate with MUFU sin/cos).
+# tree in the same run, and the greedy tokens of the two trees (derived keys now rotate with MUFU sin/cos). Batch 1
+# is in the attention rows for its split counts: `choose_num_splits` keeps 128 keys a split, so a batch-1 global
+# layer at 816 tokens runs 12 programs of eight or nine 16-key tiles each (decode attention was 0.3 ms of a 2.98 ms
+# batch-1 step in session 19).
 # Usage on the GPU machine from the repository root, OLD_SRC an older tree's src folder (e.g. from
 # `git archive 00260f8 src | tar -x -C old`):
 #   bash scripts/gpu_attention_followup.sh OUT_DIR OLD_SRC ["BATCHES"]
@@ -19,7 +22,7 @@ step "attention CUDA tests"
 TRITON_INTERPRET=0 PYTHONPATH=$new timeout 150 python3 -m pytest tests/kernels/test_paged_attention.py \
   tests/kernels/test_prefill_attention.py -q -p no:cacheprovider 2>&1 | tail -3
 step "decode attention alone, variants"
-PYTHONPATH=$new timeout 200 python3 scripts/gpu_decode_attention_check.py --batches 64 96 112 \
+PYTHONPATH=$new timeout 200 python3 scripts/gpu_decode_attention_check.py --batches 1 64 96 112 \
   --json "$out/attention.json" 2>&1 | grep "^|"
 for tree in new old; do
   src=$new; [ "$tree" = old ] && src=$old
