@@ -75,9 +75,10 @@ def select_config(
 ) -> AttentionConfig:
     """Tile sizes by head size, mode and KV dtype: tiles that compile without register spills for sm_90 (ptxas -v)
     at head_dim 256 and 512, the fastest of those timed on H100 (docs/benchmarks.md, "Attention kernels").
-    Decode at head dim 512 on other cards (`capability`, see `timed_tiles_fit`) takes 8 warps: compiled for
-    sm_80/86 4 warps spill 400-660 B a thread there, 8 warps 32-56 B; on sm_89/120 8 warps double the resident
-    warps (one block fits an SM either way). Untimed on those cards. 4-warp decode tiles cap their registers so
+    Decode at head dim 512 on other cards (`capability`, see `timed_tiles_fit`) takes 8 warps: on sm_80/86 4 warps
+    spilled 400-660 B a thread with libdevice's sin/cos (since session 30, Triton 3.6: 255 registers unspilled, 8
+    warps 245-248; eight resident warps an SM either way); on sm_89/120 8 warps double the resident warps (one
+    block fits an SM either way). Untimed on those cards. 4-warp decode tiles cap their registers so
     three blocks fit an SM (`_DECODE_REGISTERS`)."""
     min_rows = 1 if interpreting() else 16  # tensor-core dots need M >= 16
     rows = max(min_rows, next_pow2(group))
