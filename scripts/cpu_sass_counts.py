@@ -8,6 +8,10 @@ cubin with the cuobjdump Triton ships, finds the largest backward-branch loop an
 each thread decodes per iteration and the most frequent opcodes.
 
   python3 scripts/cpu_sass_counts.py [--arch 9.0] [--m 1 16 64] [--halves] [--tile 128x128x64:8:3[:swap]]
+  python3 scripts/cpu_sass_counts.py --attention [--arch 9.0]
+(`--attention`: the decode and prefill attention kernels of both layer kinds over FP8 KV instead, as `nvfp4kit
+bench compile` launches them: registers, spills and the key loop's size; session 30 found libdevice's sin/cos
+half of the global layers' loop this way.)
 (`--halves` forces `halves=True` on the tensor-core linears and the MoE: even/odd K halves, two MMAs; `--tile`
 forces that tensor-core tile, warps and stages on the dense linears, e.g. at prefill sizes `--m 4096`, where they
 otherwise expand and call cuBLAS.) Each row also counts the loop's Hopper MMAs and its waits for all of them
@@ -97,8 +101,12 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--halves", action="store_true")
     ap.add_argument("--tile", help="BMxBNxBK:warps:stages[:swap], forced on the dense linears")
+    ap.add_argument("--attention", action="store_true", help="the attention kernels instead (see above)")
     args = ap.parse_args()
     capability = tuple(int(v) for v in args.arch.split("."))
+    if args.attention:
+        attention_loops(capability, args.sms)
+        return
     compiled = []
     record = cross_compile._record
 
@@ -155,6 +163,30 @@ def main() -> None:
                     f"M={m:<3d} {label:18s} {name:28s} {n:4d} / {per or '-':>3} {ratio:12s} {top}{sync}",
                     flush=True,
                 )
+
+
+def attention_loops(capability: tuple[int, int], sms: int) -> None:
+    """Registers, spills and key-loop instructions of 26B-A4B's attention launches (FP8 KV) on a card."""
+    from nvfp4kit.bench.compile_check import attention_cases
+    from nvfp4kit.config import load_preset
+
+    compiled = []
+    record = cross_compile._record
+
+    def keep(fn, kernel, kwargs):
+        compiled.append(kernel.asm["cubin"])
+        return record(fn, kernel, kwargs)
+
+    cross_compile._record = keep
+    for case, _, launch in attention_cases(load_preset("gemma-4-26b-a4b"), ("fp8",)):
+        compiled.clear()
+        with cross_compile.compile_for(capability, sms, zero_allocations=True) as launched:
+            launch()
+        for cubin, kernel in zip(compiled, launched):
+            n, ops = main_loop(sass_of(cubin))
+            top = ", ".join(f"{k}:{v}" for k, v in ops.most_common(6))
+            print(f"{case:36s} {kernel.kernel:28s} warps {kernel.num_warps} regs {kernel.registers} "
+                  f"spills {kernel.spills} loop {n:5d}  {top}", flush=True)  # fmt: skip
 
 
 def _forced_tile(spec: str | None) -> LinearConfig | None:
