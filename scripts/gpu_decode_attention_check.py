@@ -39,14 +39,22 @@ VARIANTS = {
 }  # fmt: skip
 
 
+def decode_inputs(shape, batch: int, context: int, seed: int):
+    """(pool, queries, metadata, work items) of one decode step: `batch` sequences of `context` keys each."""
+    pool = Pool(shape, KV_DTYPES["fp8"], [context] * batch, seed=seed)
+    q = random_queries(shape, batch, torch.Generator(device=DEVICE).manual_seed(0))
+    return pool, q, *pool.metadata([context - 1] * batch, [1] * batch)
+
+
+def keys_read(shape, context: int) -> int:
+    """Keys a decode token attends to: the window on sliding layers."""
+    return min(context, shape.window) if shape.window else context
+
+
 def run(shape, batch: int, context: int, tiles, splits: int | None, copy_bw: float, ref=None) -> dict:
-    pool = Pool(shape, KV_DTYPES["fp8"], [context] * batch, seed=batch)
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    q = random_queries(shape, batch, gen)
-    meta, items = pool.metadata([context - 1] * batch, [1] * batch)
+    pool, q, meta, items = decode_inputs(shape, batch, context, seed=batch)
     out = torch.empty_like(q)
-    keys = min(context, shape.window) if shape.window else context
-    splits = splits or choose_num_splits(batch, shape.kv_heads, keys, device=DEVICE)
+    splits = splits or choose_num_splits(batch, shape.kv_heads, keys_read(shape, context), device=DEVICE)
     config = None
     if tiles:
         config = AttentionConfig(*tiles[:2], num_warps=tiles[2], num_stages=tiles[3], max_registers=tiles[4])
@@ -89,9 +97,7 @@ def main() -> None:
     args = p.parse_args()
     if args.profile_once:
         for shape in VARIANTS:
-            pool = Pool(shape, KV_DTYPES["fp8"], [args.context] * args.batches[0], seed=0)
-            q = random_queries(shape, args.batches[0], torch.Generator(device=DEVICE).manual_seed(0))
-            meta, items = pool.metadata([args.context - 1] * args.batches[0], [1] * args.batches[0])
+            pool, q, meta, items = decode_inputs(shape, args.batches[0], args.context, seed=0)
             pool.attend(q, meta, items)
         torch.cuda.synchronize()
         return
@@ -106,13 +112,10 @@ def main() -> None:
                 row = run(shape, batch, args.context, tiles, None, copy_bw, ref)
                 ref = row["out"] if ref is None else ref
                 rows.append(row)
-            auto = rows[-len(variants)][
-                "splits"
-            ]  # split counts around the engine's choice, and the wave model's
-            keys = min(args.context, shape.window) if shape.window else args.context
-            model = wave_model_splits(
-                batch * shape.kv_heads, keys, 3 * torch.cuda.get_device_properties(0).multi_processor_count
-            )
+            # split counts around the engine's choice, and the wave model's
+            auto = rows[-len(variants)]["splits"]
+            slots = 3 * torch.cuda.get_device_properties(0).multi_processor_count
+            model = wave_model_splits(batch * shape.kv_heads, keys_read(shape, args.context), slots)
             others = {1, max(1, auto // 2), auto + 1, auto * 2, auto * 4, model} - {auto}
             others = set() if args.defaults_only else others
             for splits in sorted(others):

@@ -197,7 +197,7 @@ def test_decode_over_ring_longer_than_window(num_splits):
 @pytest.mark.parametrize("sliding", [True, False], ids=["ring", "paged"])
 def test_decode_ignores_non_finite_stale_slots(kv_dtype, sliding):
     """The last key tile of a sequence also covers slots past its keys (another request's history, or garbage):
-    with stored K those rows read the last key's slot and both tiles load unmasked (`load_key_tile`), derived K
+    with stored K those rows read the last key's slot and both tiles load unmasked (`load_kv_tile_unmasked`), derived K
     masks its V tile. NaN in every such slot must not reach the output."""
     layout = dict(window=8, chunk=8) if sliding else GLOBAL
     case = Case([(0, 1), (5, 1), (15, 1), (40, 1)], kv_dtype=kv_dtype, stale_nan=True, **layout)

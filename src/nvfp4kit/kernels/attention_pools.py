@@ -118,7 +118,7 @@ def load_kv_tile(ptrs, mask, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT:
 
 
 @triton.jit
-def load_key_tile(ptrs, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
+def load_kv_tile_unmasked(ptrs, FORMAT: tl.constexpr, NATIVE_FP8: tl.constexpr, CT: tl.constexpr):
     """`load_kv_tile` unmasked, for a K or V tile whose rows past the keys repeat the last key's slot: those rows
     are finite (this sequence's own values) and their scores become -inf, so neither the load's mask nor the
     select that zeroes masked rows is needed (sm_90 sliding decode over FP8: the loop 864 -> 629 instructions)."""

@@ -36,8 +36,8 @@ from nvfp4kit.kernels.attention_pools import (
     check_attention_args,
     derived_key_queries,
     dot_dtype_code,
-    load_key_tile,
     load_kv_tile,
+    load_kv_tile_unmasked,
     next_pow2,
     pool_operands,
     rotated_key_scores,
@@ -205,16 +205,14 @@ def _paged_attention_kernel(
         v_rows = v_ptr + slot * stride_vs + kv_head * stride_vh
         if DERIVE_K:
             v = load_kv_tile(v_rows[:, None] + cols[None, :], k_ok[:, None], KV_FORMAT, NATIVE_FP8, ct)
-        else:
-            v = load_key_tile(v_rows[:, None] + cols[None, :], KV_FORMAT, NATIVE_FP8, ct)
-        if DERIVE_K:
             scores = tl.dot(q, tl.trans(v), input_precision=PRECISION)
             scores += rotated_key_scores(
                 q_r1, q_r2, w_r1, w_r2, freq, v_rows, k_ok, k_pos, D, ROT, KV_FORMAT, NATIVE_FP8, ct, PRECISION,
             )  # fmt: skip
         else:
+            v = load_kv_tile_unmasked(v_rows[:, None] + cols[None, :], KV_FORMAT, NATIVE_FP8, ct)
             k_rows = k_ptr + slot * stride_ks + kv_head * stride_kh
-            kt = load_key_tile(k_rows[:, None] + cols[None, :], KV_FORMAT, NATIVE_FP8, ct)
+            kt = load_kv_tile_unmasked(k_rows[:, None] + cols[None, :], KV_FORMAT, NATIVE_FP8, ct)
             scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
         scores = scores * score_factor
         keep = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
