@@ -30,10 +30,11 @@ from gpu_attention_common import (  # noqa: E402
     KV_DTYPES,
     SLIDING,
     Pool,
+    decode_splits,
     random_queries,
 )
 
-from nvfp4kit.kernels.paged_attention import AttentionConfig, choose_num_splits, select_config  # noqa: E402
+from nvfp4kit.kernels.paged_attention import AttentionConfig, select_config  # noqa: E402
 from nvfp4kit.tuning.timing import copy_bandwidth_gbps  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def decode_case(shape, kv_name, batch, context, copy_bw, *, num_splits=None, con
     meta, items = pool.metadata([context - 1] * batch, [1] * batch)
     out = torch.empty_like(q)
     keys = context if shape.window is None else min(context, shape.window)
-    splits = num_splits or choose_num_splits(batch, shape.kv_heads, keys, device=DEVICE)
+    splits = num_splits or decode_splits(shape, batch, keys, KV_DTYPES[kv_name])
     us = graph_time_us(lambda: pool.attend(q, meta, items, num_splits=splits, config=config, out=out))
     nbytes = kv_read_bytes(shape, batch, context, pool.v_store.element_size())
     return {
@@ -121,7 +122,7 @@ def sweep(copy_bw) -> list[dict]:
                 rows.append(decode_case(shape, kv, batch, 32768, copy_bw, config=cfg))
     for kv in ("bf16", "fp8"):
         for batch, context in ((1, 131072), (16, 32768)):
-            auto = choose_num_splits(batch, GLOBAL.kv_heads, context, device=DEVICE)
+            auto = decode_splits(GLOBAL, batch, context, KV_DTYPES[kv])
             for splits in sorted({max(1, auto // 2), auto, auto * 2}):
                 rows.append(decode_case(GLOBAL, kv, batch, context, copy_bw, num_splits=splits))
     prefill_tiles = {

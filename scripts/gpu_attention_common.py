@@ -41,6 +41,14 @@ SLIDING = LayerShape("sliding", 16, 8, 256, 1024, False, RopeConfig("default", 1
 GLOBAL = LayerShape("global", 16, 2, 512, None, True, RopeConfig("proportional", 1_000_000.0, 0.25))
 
 
+def decode_splits(shape: LayerShape, batch: int, keys: int, kv_dtype: torch.dtype) -> int:
+    """The engine's key-split count for `batch` decode rows of a layer of this shape reading `keys` keys."""
+    return choose_num_splits(
+        batch, shape.kv_heads, keys, device=DEVICE, head_dim=shape.head_dim,
+        group=shape.q_heads // shape.kv_heads, fp8=kv_dtype.itemsize == 1,
+    )  # fmt: skip
+
+
 class Pool:
     """KV storage of one layer for a set of sequences: sliding rings (window + chunk) or a paged pool."""
 
@@ -127,7 +135,7 @@ class Pool:
             num_splits = 1
             if items.block_q == 1:
                 keys = max(self.contexts) if self.shape.window is None else self.shape.window
-                num_splits = choose_num_splits(len(items), self.shape.kv_heads, keys, device=DEVICE)
+                num_splits = decode_splits(self.shape, len(items), keys, self.dtype)
         where = {"ring_size": self.ring_size} if self.ring_size else {"block_size": self.block_size}
         return paged_attention(
             q, v_store=self.v_store, k_store=self.k_store, batch=batch, items=items, window=self.shape.window,

@@ -19,23 +19,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_attention_bench import graph_time_us, kv_read_bytes  # noqa: E402
-from gpu_attention_common import DEVICE, GLOBAL, KV_DTYPES, SLIDING, Pool, random_queries  # noqa: E402
+from gpu_attention_common import DEVICE, GLOBAL, KV_DTYPES, SLIDING, Pool, decode_splits, random_queries  # noqa: E402
 
-from nvfp4kit.kernels.paged_attention import AttentionConfig, choose_num_splits, select_config  # noqa: E402
+from nvfp4kit.kernels.paged_attention import AttentionConfig, decode_blocks_per_sm, select_config, wave_splits  # noqa: E402
 from nvfp4kit.tuning.timing import copy_bandwidth_gbps  # noqa: E402
 
 # (block_m, block_n, num_warps, num_stages, max_registers), None: the default; sliding and global layers. Session
 # 29 (H100, batch 96 at 816 tokens, us a sliding / global layer): the defaults 196.8 / 151.6 (55% / 18% of the copy
-# rate); 16x16 tiles 255.6 (4 warps) and 616.8 (8), 16x32 with 8 warps 393.7; a register prefetch of the next K/V
-# tile (since removed) 216.5-216.9 at 4 warps; 2 or 4 key splits 201; global 16x32 211.6, 4 / 8 splits 154.9 /
-# 172.4. Session 30: uncapped 144.0 / 188.6 (the sliding tile at 167 registers, the global at 177: two blocks an
-# SM, two waves at batch 96); the defaults since cap both at 168 (`paged_attention._DECODE_REGISTERS`), untimed.
-# The sliding tile at 128 / 96 registers: four / five blocks an SM (Triton 3.6 for sm_90: 0 / 56 B of spills; ncu
-# found the sliding layer latency-bound at three)
+# rate); 16x16 tiles 255.6 (4 warps) and 616.8 (8), 16x32 with 8 warps 393.7; 2 or 4 key splits 201; global 16x32
+# 211.6. Session 30: uncapped 144.0 / 188.6 (two global blocks an SM). Session 31: capped at 168 registers (three
+# blocks an SM) 146.0 / 121.5; the sliding tile at three stages 129.9, at 128 registers (four blocks) 164.3 at
+# batch 96 but 97.3 against 133.6 at batch 64. Non-default tiles run at the split count of their own residency.
 VARIANTS = {
-    SLIDING: [None, (16, 32, 4, 2, None), (16, 32, 4, 2, 128), (16, 32, 4, 2, 96), (16, 32, 4, 1, None),
-              (16, 32, 4, 3, None), (16, 64, 8, 2, None), (16, 16, 4, 2, None)],
-    GLOBAL: [None, (16, 16, 4, 2, None), (16, 32, 4, 2, None), (16, 16, 8, 2, None)],
+    SLIDING: [None, (16, 32, 4, 2, 168), (16, 32, 4, 3, 128), (16, 32, 4, 2, 128)],
+    GLOBAL: [None, (16, 32, 4, 2, 168), (16, 16, 4, 3, 168), (16, 16, 4, 2, 128)],
 }  # fmt: skip
 
 
@@ -54,10 +51,15 @@ def keys_read(shape, context: int) -> int:
 def run(shape, batch: int, context: int, tiles, splits: int | None, copy_bw: float, ref=None) -> dict:
     pool, q, meta, items = decode_inputs(shape, batch, context, seed=batch)
     out = torch.empty_like(q)
-    splits = splits or choose_num_splits(batch, shape.kv_heads, keys_read(shape, context), device=DEVICE)
+    splits = splits or decode_splits(shape, batch, keys_read(shape, context), KV_DTYPES["fp8"])
     config = None
     if tiles:
         config = AttentionConfig(*tiles[:2], num_warps=tiles[2], num_stages=tiles[3], max_registers=tiles[4])
+        slots = torch.cuda.get_device_properties(0).multi_processor_count * decode_blocks_per_sm(
+            config, torch.cuda.get_device_capability()
+        )
+        group = shape.q_heads // shape.kv_heads
+        splits = wave_splits(batch * shape.kv_heads, slots, keys_read(shape, context), group=group, fp8=True)
     us = graph_time_us(lambda: pool.attend(q, meta, items, num_splits=splits, config=config, out=out))
     nbytes = kv_read_bytes(shape, batch, context, 1)
     # the first and last sequences against the fp32 truth over the stored values (bf16 output: ~1e-2 at most)
@@ -65,21 +67,16 @@ def run(shape, batch: int, context: int, tiles, splits: int | None, copy_bw: flo
         (out[i].float() - pool.reference(i, q[i : i + 1], context - 1, torch.float32)[0]).abs().max().item()
         for i in (0, batch - 1)
     )
-    default = select_config(shape.head_dim, shape.q_heads // shape.kv_heads, decode=True, fp8=True)
+    default = select_config(
+        shape.head_dim, shape.q_heads // shape.kv_heads, decode=True, fp8=True,
+        capability=torch.cuda.get_device_capability(),
+    )  # fmt: skip
     return {
         "layer": shape.name, "batch": batch, "context": context, "splits": splits,
         "tiles": list(tiles) if tiles else ["default", *default.__dict__.values()],
         "us": us, "kv_mb": nbytes / 1e6, "gbps": nbytes / us / 1e3, "of_copy": nbytes / (us * 1e-6) / copy_bw,
         "truth_err": truth_err, "max_diff": 0.0 if ref is None else (out.float() - ref.float()).abs().max().item(), "out": out,
     }  # fmt: skip
-
-
-def wave_model_splits(programs: int, keys: int, slots: int, overhead: int = 16, most: int = 8) -> int:
-    """The split count a wave model picks, `slots` programs running at once (three 4-warp blocks an SM since the
-    register cap): the least waves x (keys a split walks + `overhead`, a program's fixed cost in keys: its q
-    load and partial store, fit to session 29's global 2 / 4 / 8-split timings). An untested guide."""
-    cost = {s: -(-programs * s // slots) * (-(-keys // s) + overhead) for s in range(1, most + 1)}
-    return min(cost, key=lambda s: (cost[s], s))
 
 
 def main() -> None:
@@ -112,11 +109,9 @@ def main() -> None:
                 row = run(shape, batch, args.context, tiles, None, copy_bw, ref)
                 ref = row["out"] if ref is None else ref
                 rows.append(row)
-            # split counts around the engine's choice, and the wave model's
+            # split counts around the engine's choice
             auto = rows[-len(variants)]["splits"]
-            slots = 3 * torch.cuda.get_device_properties(0).multi_processor_count
-            model = wave_model_splits(batch * shape.kv_heads, keys_read(shape, args.context), slots)
-            others = {1, max(1, auto // 2), auto + 1, auto * 2, auto * 4, model} - {auto}
+            others = {1, max(1, auto - 1), auto + 1, auto * 2} - {auto}
             others = set() if args.defaults_only else others
             for splits in sorted(others):
                 rows.append(run(shape, batch, args.context, None, splits, copy_bw, ref))

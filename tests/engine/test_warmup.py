@@ -304,7 +304,7 @@ def test_random_traffic_meets_no_variant_the_warm_up_missed(monkeypatch):
             "the kernels are compiled here (no TRITON_INTERPRET): tests/gpu/test_warmup_cuda.py counts"
         )
     keys = _record_variants(monkeypatch)
-    h200 = lambda items, kv_heads, max_keys, *, device: max(
+    h200 = lambda items, kv_heads, max_keys, *, device, **shape: max(
         1, min(528 // (items * kv_heads), max_keys // 128, 128)
     )  # noqa: E731
     monkeypatch.setattr(paged_attention, "choose_num_splits", h200)

@@ -124,7 +124,10 @@ def _decode_call(pool) -> Callable[[], object]:
     where = {"ring_size": pool.ring_size} if pool.sliding else {"block_size": pool.block_size}
 
     def launch():
-        splits = choose_num_splits(1, pool.kv_heads, length, device=q.device)
+        splits = choose_num_splits(
+            1, pool.kv_heads, length, device=q.device, head_dim=pool.head_dim,
+            group=pool.q_heads // pool.kv_heads, fp8=pool.v_store.element_size() == 1,
+        )  # fmt: skip
         return paged_attention(
             q, v_store=pool.v_store, k_store=pool.k_store, batch=batch, items=items, window=pool.window,
             derived_key=pool.derived, num_splits=splits, **where,
@@ -174,8 +177,9 @@ def check_card(
     progress: bool = False,
 ) -> list:
     """Rows for every kernel launch of the cases on `gpu`: what it asks and how many blocks fit an SM."""
+    from nvfp4kit.kernels.arch_limits import arch_limits
     from nvfp4kit.kernels.prefill_attention import forget_oversized_tiles
-    from nvfp4kit.tuning.cross_compile import arch_limits, compile_for
+    from nvfp4kit.tuning.cross_compile import compile_for
 
     limits = arch_limits(gpu.compute_capability)
     forget_oversized_tiles()

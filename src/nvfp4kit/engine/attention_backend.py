@@ -117,8 +117,9 @@ class TritonAttentionBackend:
         decode = meta.decode_items()
         if decode is not None:
             splits = kernels.choose_num_splits(
-                len(decode), kv_heads, meta.max_decode_keys(window), device=q.device
-            )
+                len(decode), kv_heads, meta.max_decode_keys(window), device=q.device, head_dim=head_dim,
+                group=q.shape[1] // kv_heads, fp8=v_store.element_size() == 1,
+            )  # fmt: skip
             kernels.paged_attention(q, items=decode, num_splits=splits, out=out, **common)
         prefill = meta.prefill_items(self._prefill.prefill_block_q(head_dim, q.shape[1] // kv_heads))
         if prefill is not None:

@@ -58,7 +58,7 @@ def engine_plan(engine: Engine) -> list[WarmupStep]:
     linears, experts = _quantized_shapes(engine.model)
     return model_plan(
         engine.model.config, limits, linears=linears, experts=experts, device=engine.device,
-        triton_attention=backend.name == "triton",
+        triton_attention=backend.name == "triton", kv_fp8=engine.cache.kv_dtype.itemsize == 1,
     )  # fmt: skip
 
 
@@ -70,6 +70,7 @@ def model_plan(
     experts: list[tuple[int, int, int]],
     device: torch.device,
     triton_attention: bool,
+    kv_fp8: bool,
 ) -> list[WarmupStep]:
     """`plan_steps` for a model of this config with these NVFP4 shapes ((N, K) of the linears, (experts,
     hidden, intermediate) of the expert stacks) on `device`: no weights needed, so a plan can be sized anywhere."""
@@ -97,14 +98,18 @@ def model_plan(
         limits = dataclasses.replace(limits, prerotate_keys=PREROTATE_MIN_KEYS)
 
     kinds = sorted({
-        (cfg.sliding_window if cfg.is_sliding(layer) else None, cfg.layer_kv_heads(layer))
+        (cfg.sliding_window if cfg.is_sliding(layer) else None, cfg.layer_kv_heads(layer), cfg.layer_head_dim(layer))
         for layer in range(cfg.num_hidden_layers)
     }, key=str)  # fmt: skip
 
     def splits_of(d: int, keys: int) -> Hashable:
         return tuple(
-            split_variant(choose_num_splits(d, kvh, min(keys, w or keys), device=device)) for w, kvh in kinds
-        )
+            split_variant(choose_num_splits(
+                d, kvh, min(keys, w or keys), device=device, head_dim=hd, group=cfg.num_attention_heads // kvh,
+                fp8=kv_fp8,
+            ))
+            for w, kvh, hd in kinds
+        )  # fmt: skip
 
     return plan_steps(limits, bucket_of=bucket_of, splits_of=splits_of)
 

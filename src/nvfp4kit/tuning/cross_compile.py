@@ -5,8 +5,7 @@ every Triton launch compiles for that target instead of running (a fake driver a
 questions) and leaves a `Compiled` record; the launch's outputs stay unwritten. A kernel that asks a block
 for more shared memory than the card allows compiles fine and fails at its first launch there: here too it
 raises `OutOfResources`, so code that falls back to smaller tiles does so as it would on the card. This is how
-we know, on a CPU, that the configurations a card gets launch there and how many of their programs fit an SM. Limits per compute capability: the CUDA C++ Programming Guide's table of technical
-specifications (shared memory a block may opt into, per SM, 64K registers, resident threads and blocks).
+we know, on a CPU, that the configurations a card gets launch there and how many of their programs fit an SM. Limits per compute capability: `kernels/arch_limits.py`.
 """
 
 from __future__ import annotations
@@ -27,41 +26,8 @@ from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
 from triton.runtime.jit import JITFunction
 
+from nvfp4kit.kernels.arch_limits import ArchLimits, arch_limits
 from nvfp4kit.kernels.configs import StandIn, interpreting, set_stand_in
-
-KB = 1024
-
-
-@dataclass(frozen=True)
-class ArchLimits:
-    smem_per_block: int  # the most a block may opt into (bytes)
-    smem_per_sm: int
-    threads_per_sm: int
-    blocks_per_sm: int
-    regs_per_sm: int = 65536
-    smem_reserved_per_block: int = 1 * KB  # the driver keeps 1 KB of each resident block's shared memory
-
-
-ARCH_LIMITS: dict[tuple[int, int], ArchLimits] = {
-    (8, 0): ArchLimits(163 * KB, 164 * KB, 2048, 32),
-    (8, 6): ArchLimits(99 * KB, 100 * KB, 1536, 16),
-    (8, 7): ArchLimits(163 * KB, 164 * KB, 1536, 16),
-    (8, 9): ArchLimits(99 * KB, 100 * KB, 1536, 24),
-    (9, 0): ArchLimits(227 * KB, 228 * KB, 2048, 32),
-    (10, 0): ArchLimits(227 * KB, 228 * KB, 2048, 32),
-    (10, 3): ArchLimits(227 * KB, 228 * KB, 2048, 32),
-    (12, 0): ArchLimits(99 * KB, 100 * KB, 1536, 32),
-    (12, 1): ArchLimits(99 * KB, 100 * KB, 1536, 32),
-}
-
-
-def arch_limits(capability: tuple[int, int]) -> ArchLimits:
-    if capability not in ARCH_LIMITS:
-        known = ", ".join(f"{a}.{b}" for a, b in ARCH_LIMITS)
-        raise ValueError(
-            f"no limits known for compute capability {capability[0]}.{capability[1]} (known: {known})"
-        )
-    return ARCH_LIMITS[capability]
 
 
 @dataclass(frozen=True)
@@ -79,16 +45,7 @@ class Compiled:
     def blocks_per_sm(self, limits: ArchLimits) -> int:
         """Resident blocks of this kernel on one SM, the least of the shared-memory, register, thread and
         block limits (0: it cannot launch)."""
-        if self.shared > limits.smem_per_block:
-            return 0
-        threads = 32 * self.num_warps
-        bounds = [limits.threads_per_sm // threads, limits.blocks_per_sm]
-        if self.shared:
-            bounds.append(limits.smem_per_sm // (self.shared + limits.smem_reserved_per_block))
-        if self.registers:
-            per_warp = -(-self.registers * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
-            bounds.append(limits.regs_per_sm // (per_warp * self.num_warps))
-        return max(0, min(bounds))
+        return limits.resident_blocks(num_warps=self.num_warps, registers=self.registers, shared=self.shared)
 
     def occupancy(self, limits: ArchLimits) -> float:
         """Resident warps over the SM's maximum."""
