@@ -23,7 +23,7 @@ from nvfp4kit.model.ops import FusedRegions, TorchBackend
 from nvfp4kit.testing.random_model import random_model
 from nvfp4kit.testing.tiny import tiny_text_config
 
-from .helpers import DEVICE, FP32_BOUND, random_weight, rel_error
+from .helpers import DEVICE, FP32_BOUND, ON_GPU, random_weight, rel_error
 
 TRITON, TORCH = TritonBackend(), TorchBackend()
 EPS = 1e-6
@@ -64,7 +64,16 @@ def _assert_equal(got, want) -> None:
     names = ("h", "mlp_in", "experts_in", "weights", "ids")
     for name, a, b in zip(names, got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert torch.equal(a, b), f"{name} differs from the unfused path: {a} vs {b}"
+        if name == "weights" and ON_GPU:
+            close(a, b)
+        else:
+            assert torch.equal(a, b), f"{name} differs from the unfused path: {a} vs {b}"
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Routing weights: equal in the interpreter; on a GPU each kernel lays out the top-k's normalising sum and its
+    division its own way: fp32 weights 3.3e-7 apart at most on the H100 (session 31; bf16 inputs were equal)."""
+    torch.testing.assert_close(a, b, rtol=5e-7, atol=0.0)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +126,7 @@ def test_tied_logits_go_to_the_lower_expert(dtype):
     got = _fused(*args, 5)
     _assert_equal(got, _unfused(*args, 5))
     assert got[4][1].tolist() == [0, 1, 2, 3, 4]
-    assert torch.equal(got[3][1], torch.full((5,), 0.2, device=DEVICE))
+    close(got[3][1], torch.full((5,), 0.2, device=DEVICE))
     # the rest in the order of a stable sort of the probabilities of the (rounded) logits
     z = norms.ffn_inputs(residual, attn_out, **norm_weights, eps=EPS)[3]
     logits = (z.float() @ weight.float().T).to(dtype).float()

@@ -13,12 +13,18 @@ import torch
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.prefill_attention import PrefillConfig, prefill_attention, prefill_config
 
-from .helpers import rel_error
+from .helpers import DEVICE, ON_GPU, rel_error
 from .test_paged_attention import DEFAULT_ROPE, FP8, GLOBAL, PROPORTIONAL, Case, bound, run_case
+
+# tensor-core dots need 16 keys a tile on a GPU; the interpreter takes the small tiles that put window and chunk
+# edges mid-tile
+MIN_BLOCK_N = 16 if ON_GPU else 1
 
 
 def tiles(block_q: int = 4, block_n: int = 8, dv_splits: int = 1) -> PrefillConfig:
-    return PrefillConfig(block_q=block_q, block_n=block_n, dv_splits=dv_splits, num_warps=4, num_stages=1)
+    return PrefillConfig(
+        block_q=block_q, block_n=max(block_n, MIN_BLOCK_N), dv_splits=dv_splits, num_warps=4, num_stages=1
+    )
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, *FP8], ids=str)
@@ -59,9 +65,9 @@ def test_the_default_tiles_on_this_machine():
 
 
 def test_bad_arguments_name_the_problem():
-    q = torch.zeros(4, 4, 16)
-    pool = torch.zeros(8, 2, 16)
-    one = torch.zeros(1, dtype=torch.int32)
+    q = torch.zeros(4, 4, 16, device=DEVICE)
+    pool = torch.zeros(8, 2, 16, device=DEVICE)
+    one = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="work items of"):  # items built for 4-token tiles, the kernel told 2
         batch = AttentionBatch(one, one + 4, one, one.view(1, 1), one)
         prefill_attention(
@@ -87,33 +93,38 @@ def test_tiles_too_big_for_the_card_fall_back_to_the_next(monkeypatch):
 
     from nvfp4kit.kernels import prefill_attention as pa
 
-    big, small = tiles(block_q=4, block_n=8), tiles(block_q=4, block_n=4)
+    small = tiles(block_q=4, block_n=4)
+    big = tiles(block_q=4, block_n=2 * small.block_n)
     launches = []
     real = pa._prefill_attention_kernel
 
-    class TooBigForBlock8:
+    class TooBigForTheLargerTile:
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 launches.append(kw["BLOCK_N"])
-                if kw["BLOCK_N"] == 8:
+                if kw["BLOCK_N"] == big.block_n:
                     raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
                 return real[grid](*args, **kw)
 
             return launch
 
-    monkeypatch.setattr(pa, "_prefill_attention_kernel", TooBigForBlock8())
+    monkeypatch.setattr(pa, "_prefill_attention_kernel", TooBigForTheLargerTile())
     monkeypatch.setattr(pa, "prefill_configs", lambda head_dim, group, capability=None: [big, small])
     monkeypatch.setattr(pa, "_TOO_BIG", set())
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(6, 4, 16, generator=gen)
-    pool = torch.randn(8, 2, 16, generator=gen)
-    one = torch.zeros(1, dtype=torch.int32)
-    batch = AttentionBatch(one, one + 6, one, torch.tensor([[0, 1]], dtype=torch.int32), one)
-    items = WorkItems(torch.zeros(2, dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32), 4)
+    q = torch.randn(6, 4, 16, generator=gen).to(DEVICE)
+    pool = torch.randn(8, 2, 16, generator=gen).to(DEVICE)
+    one = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    batch = AttentionBatch(one, one + 6, one, torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE), one)
+    items = WorkItems(
+        torch.zeros(2, dtype=torch.int32, device=DEVICE),
+        torch.tensor([0, 4], dtype=torch.int32, device=DEVICE),
+        4,
+    )
     kwargs = dict(v_store=pool, k_store=pool, batch=batch, items=items, window=None, block_size=4)
     first = pa.prefill_attention(q, **kwargs)
     again = pa.prefill_attention(q, **kwargs)
-    assert launches == [8, 4, 4]  # the big tile failed once, then was skipped
+    assert launches == [big.block_n, small.block_n, small.block_n]  # the big tile failed once, then skipped
     monkeypatch.setattr(pa, "_prefill_attention_kernel", real)
     expected = pa.prefill_attention(q, config=small, **kwargs)
     assert torch.equal(first, expected) and torch.equal(again, expected)
@@ -148,15 +159,20 @@ def test_rotated_key_rows_skip_decode_sequences_and_hold_rope_of_v_times_w():
     inv_freq = rope_inv_freq(PROPORTIONAL, head_dim)
     weight = torch.rand(head_dim, generator=gen) + 0.5
     key = DerivedKey(weight, inv_freq, int((inv_freq != 0).sum()))
-    ints = [torch.tensor(x, dtype=torch.int32) for x in (starts, lengths, [0, 6, 7], [0, 1, 2])]
-    batch = AttentionBatch(ints[0], ints[1], ints[2], table, ints[3])
-    q = torch.zeros(10, 4, head_dim)
+    ints = [
+        torch.tensor(x, dtype=torch.int32, device=DEVICE) for x in (starts, lengths, [0, 6, 7], [0, 1, 2])
+    ]
+    batch = AttentionBatch(ints[0], ints[1], ints[2], table.to(DEVICE), ints[3])
+    q = torch.zeros(10, 4, head_dim, device=DEVICE)
+    on_device = DerivedKey(weight.to(DEVICE), inv_freq.to(DEVICE), key.rotary_pairs)
     got = rotate_derived_keys(
-        q, pool, key, batch, block_size=block_size, first_row=torch.tensor(first, dtype=torch.int32),
-        total_rows=total, max_keys=most,
+        q, pool.to(DEVICE), on_device, batch, block_size=block_size,
+        first_row=torch.tensor(first, dtype=torch.int32, device=DEVICE), total_rows=total, max_keys=most,
     )  # fmt: skip
     rot = got.values.shape[-1] // 2
-    unit = pool_operands(q, pool, None, key).unit  # E4M3 read through fp16 bit patterns: value / 256
+    unit = pool_operands(
+        q, pool.to(DEVICE), None, on_device
+    ).unit  # 256 where E4M3 is read as fp16 bits (value / 256)
     assert got.values.shape == (14, kv_heads, 2 * rot) and got.values.dtype == torch.float32
     for i in (0, 2):
         pos = torch.arange(starts[i] + lengths[i])
@@ -164,5 +180,5 @@ def test_rotated_key_rows_skip_decode_sequences_and_hold_rope_of_v_times_w():
         cos, sin = rope_cos_sin(inv_freq.double(), pos, torch.float64)
         keys = apply_rope(pool[slots].double() * weight.double(), cos, sin)
         want = torch.cat([keys[..., :rot], keys[..., head_dim // 2 : head_dim // 2 + rot]], -1)
-        rows = got.values[first[i] : first[i] + len(pos)].double() * unit
+        rows = got.values[first[i] : first[i] + len(pos)].double().cpu() * unit
         assert (rows - want).abs().max() < 1e-4 * want.abs().max()
