@@ -34,7 +34,7 @@ from gpu_attention_common import (  # noqa: E402
     random_queries,
 )
 
-from nvfp4kit.kernels.paged_attention import AttentionConfig, select_config  # noqa: E402
+from nvfp4kit.kernels.attention_launch import AttentionConfig, select_config  # noqa: E402
 from nvfp4kit.tuning.timing import copy_bandwidth_gbps  # noqa: E402
 
 

@@ -12,14 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from nvfp4kit.config import RopeConfig
+from nvfp4kit.kernels.attention_launch import choose_num_splits, paged_prefill_block_q
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.kv_write import write_kv
-from nvfp4kit.kernels.paged_attention import (
-    DerivedKey,
-    choose_num_splits,
-    paged_attention,
-    prefill_block_q,
-)
+from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention
 from nvfp4kit.model.layers import apply_rope, attention, rope_cos_sin, rope_inv_freq
 
 DEVICE = torch.device("cuda")
@@ -120,7 +116,9 @@ class Pool:
         shape = self.shape
         if block_q is None:
             block_q = (
-                1 if max(lengths) == 1 else prefill_block_q(shape.head_dim, shape.q_heads // shape.kv_heads)
+                1
+                if max(lengths) == 1
+                else paged_prefill_block_q(shape.head_dim, shape.q_heads // shape.kv_heads)
             )
         seq, q0 = [], []
         for i, n in enumerate(lengths):

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from nvfp4kit.cli import main as cli_main
 from nvfp4kit.kernels import paged_attention
-from nvfp4kit.kernels.paged_attention import AttentionConfig
+from nvfp4kit.kernels.attention_launch import AttentionConfig
 
 ORIGINAL_SELECT = paged_attention.select_config
 

@@ -21,7 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_attention_bench import graph_time_us, kv_read_bytes  # noqa: E402
 from gpu_attention_common import DEVICE, GLOBAL, KV_DTYPES, SLIDING, Pool, decode_splits, random_queries  # noqa: E402
 
-from nvfp4kit.kernels.paged_attention import AttentionConfig, decode_blocks_per_sm, select_config, wave_splits  # noqa: E402
+from nvfp4kit.kernels.attention_launch import (
+    AttentionConfig,
+    decode_blocks_per_sm,
+    select_config,
+    wave_splits,
+)  # noqa: E402
 from nvfp4kit.tuning.timing import copy_bandwidth_gbps  # noqa: E402
 
 # (block_m, block_n, num_warps, num_stages, max_registers), None: the default; sliding and global layers. Session

@@ -294,7 +294,7 @@ def test_random_traffic_meets_no_variant_the_warm_up_missed(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
     from nvfp4kit.config import config_from_dict
-    from nvfp4kit.kernels import paged_attention
+    from nvfp4kit.kernels import attention_launch, paged_attention
     from nvfp4kit.kernels.backend import TritonBackend
     from nvfp4kit.testing.random_model import random_model
     from nvfp4kit.testing.tiny_config import tiny_text_config
@@ -307,7 +307,7 @@ def test_random_traffic_meets_no_variant_the_warm_up_missed(monkeypatch):
     h200 = lambda items, kv_heads, max_keys, *, device, **shape: max(
         1, min(528 // (items * kv_heads), max_keys // 128, 128)
     )  # noqa: E731
-    monkeypatch.setattr(paged_attention, "choose_num_splits", h200)
+    monkeypatch.setattr(attention_launch, "choose_num_splits", h200)
     cfg = config_from_dict(tiny_text_config("moe"))
     model = random_model(cfg, quantized=True, dtype=torch.bfloat16, device="cpu", backend=TritonBackend())
     config = EngineConfig(kv_dtype="fp8_e4m3", max_num_seqs=10, max_num_batched_tokens=64, max_model_len=1024,

@@ -4,8 +4,8 @@ waves of resident programs (a stand-in card answers the capability and SM-count 
 import pytest
 import torch
 
+from nvfp4kit.kernels.attention_launch import choose_num_splits, decode_blocks_per_sm, select_config
 from nvfp4kit.kernels.configs import StandIn, set_stand_in
-from nvfp4kit.kernels.paged_attention import choose_num_splits, decode_blocks_per_sm, select_config
 
 CPU = torch.device("cpu")
 SLIDING = dict(head_dim=256, group=2, fp8=True)  # 26B-A4B: 16 query heads over 8 KV heads

@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from nvfp4kit.config import RopeConfig
+from nvfp4kit.kernels.attention_launch import paged_prefill_block_q
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.kv_write import write_kv
-from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention, prefill_block_q
+from nvfp4kit.kernels.paged_attention import DerivedKey, paged_attention
 from nvfp4kit.kernels.prefill_attention import prefill_attention
 from nvfp4kit.kernels.rope_angles import cos_sin
 from nvfp4kit.kernels.rotated_keys import prefill_key_rows, rotate_derived_keys
@@ -127,7 +128,7 @@ def run_case(
         dev(list(range(num))),
     )  # fmt: skip
     decode = all(n <= 1 for _, n in seqs)
-    block_q = 1 if decode else prefill_block_q(case.head_dim, case.q_heads // case.kv_heads)
+    block_q = 1 if decode else paged_prefill_block_q(case.head_dim, case.q_heads // case.kv_heads)
     if prefill_config is not None:
         block_q = prefill_config.block_q
     item_seq, item_q0 = [], []

@@ -73,14 +73,15 @@ class LayerPool:
 
     def call(self, kernel: str, start: int, n: int, config=None):
         """A no-argument launch of `kernel` for the chunk of n queries at `start` (metadata built outside)."""
+        from nvfp4kit.kernels.attention_launch import paged_prefill_block_q
         from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
         from nvfp4kit.kernels.configs import kernel_capability
-        from nvfp4kit.kernels.paged_attention import paged_attention, prefill_block_q
+        from nvfp4kit.kernels.paged_attention import paged_attention
         from nvfp4kit.kernels.prefill_attention import prefill_attention, prefill_config
 
         group = self.q_heads // self.kv_heads
         if kernel == "paged":
-            block_q, fn, extra = prefill_block_q(self.head_dim, group), paged_attention, {}
+            block_q, fn, extra = paged_prefill_block_q(self.head_dim, group), paged_attention, {}
         else:
             config = config or prefill_config(self.head_dim, group, kernel_capability(self.device))
             block_q, fn, extra = config.block_q, prefill_attention, {"config": config}

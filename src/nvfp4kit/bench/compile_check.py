@@ -113,8 +113,9 @@ def _prefill_call(pool, start: int, n: int) -> Callable[[], object]:
 
 def _decode_call(pool) -> Callable[[], object]:
     """One decode token at the end of the pool's sequence, keys split as the engine splits them."""
+    from nvfp4kit.kernels.attention_launch import choose_num_splits
     from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
-    from nvfp4kit.kernels.paged_attention import choose_num_splits, paged_attention
+    from nvfp4kit.kernels.paged_attention import paged_attention
 
     length = pool.table.shape[1] * pool.block_size if not pool.sliding else pool.ring_size
     ints = torch.tensor([[length - 1], [1], [0], [0]], dtype=torch.int32)

@@ -63,13 +63,19 @@ class TritonAttentionBackend:
 
     def __init__(self):
         try:
-            from nvfp4kit.kernels import kv_write, paged_attention, prefill_attention, rotated_keys
+            from nvfp4kit.kernels import (
+                attention_launch,
+                kv_write,
+                paged_attention,
+                prefill_attention,
+                rotated_keys,
+            )
         except ModuleNotFoundError as err:  # pragma: no cover - only where triton is missing
             if not missing_package(err, "triton"):
                 raise
             raise RuntimeError(f"the triton attention backend needs Triton installed ({err})") from err
         self._write, self._kernels, self._prefill = kv_write, paged_attention, prefill_attention
-        self._rotated = rotated_keys
+        self._rotated, self._launch = rotated_keys, attention_launch
         self._derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def kv_sink(self, ctx, layer: int):
@@ -116,7 +122,7 @@ class TritonAttentionBackend:
         kv_heads, head_dim = v_store.shape[1], v_store.shape[2]
         decode = meta.decode_items()
         if decode is not None:
-            splits = kernels.choose_num_splits(
+            splits = self._launch.choose_num_splits(
                 len(decode), kv_heads, meta.max_decode_keys(window), device=q.device, head_dim=head_dim,
                 group=q.shape[1] // kv_heads, fp8=v_store.element_size() == 1,
             )  # fmt: skip

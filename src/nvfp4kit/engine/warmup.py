@@ -91,7 +91,7 @@ def model_plan(
 
     if not triton_attention:  # the torch attention compiles nothing
         return plan_steps(limits, bucket_of=bucket_of)
-    from nvfp4kit.kernels.paged_attention import choose_num_splits, split_variant
+    from nvfp4kit.kernels.attention_launch import choose_num_splits, split_variant
     from nvfp4kit.kernels.rotated_keys import PREROTATE_MIN_KEYS
 
     if cfg.attention_k_eq_v:  # global layers derive K from V: long prefills take pre-rotated keys

@@ -7,13 +7,13 @@ operations on SM80 and in the interpreter); the per-tensor scales multiply the s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from nvfp4kit.kernels.attention_launch import next_pow2
 from nvfp4kit.kernels.configs import interpreting, kernel_capability
 from nvfp4kit.kernels.kv_write import decode_e4m3, kernel_view, kv_format
 from nvfp4kit.kernels.rope_angles import cos_sin
@@ -26,10 +26,6 @@ class DerivedKey:
     k_norm_weight: torch.Tensor  # [D]
     inv_freq: torch.Tensor  # [D/2] fp32
     rotary_pairs: int
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
 def native_fp8_supported(device: torch.device) -> bool:

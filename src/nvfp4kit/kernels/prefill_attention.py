@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nvfp4kit.kernels.attention_launch import next_pow2
 from nvfp4kit.kernels.attention_metadata import AttentionBatch, WorkItems
 from nvfp4kit.kernels.attention_pools import (
     DerivedKey,
@@ -35,7 +36,6 @@ from nvfp4kit.kernels.attention_pools import (
     derived_key_queries,
     dot_dtype_code,
     load_kv_tile,
-    next_pow2,
     pool_operands,
     rotated_key_scores,
 )
