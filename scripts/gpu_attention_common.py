@@ -128,7 +128,9 @@ class Pool:
         items = torch.tensor([seq, q0], dtype=torch.int32, device=DEVICE)
         return batch, WorkItems(items[0], items[1], block_q)
 
-    def attend(self, q, batch, items, *, num_splits=None, config=None, out=None) -> torch.Tensor:
+    def attend(
+        self, q, batch, items, *, num_splits=None, config=None, out=None, merge_in_kernel=None
+    ) -> torch.Tensor:
         if num_splits is None:
             num_splits = 1
             if items.block_q == 1:
@@ -137,7 +139,8 @@ class Pool:
         where = {"ring_size": self.ring_size} if self.ring_size else {"block_size": self.block_size}
         return paged_attention(
             q, v_store=self.v_store, k_store=self.k_store, batch=batch, items=items, window=self.shape.window,
-            derived_key=self.derived, num_splits=num_splits, config=config, out=out, **where,
+            derived_key=self.derived, num_splits=num_splits, config=config, out=out,
+            merge_in_kernel=merge_in_kernel, **where,
         )  # fmt: skip
 
     def reference(self, i: int, q: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
