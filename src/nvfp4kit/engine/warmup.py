@@ -73,7 +73,8 @@ def model_plan(
     kv_fp8: bool,
 ) -> list[WarmupStep]:
     """`plan_steps` for a model of this config with these NVFP4 shapes ((N, K) of the linears, (experts,
-    hidden, intermediate) of the expert stacks) on `device`: no weights needed, so a plan can be sized anywhere."""
+    hidden, intermediate) of the expert stacks) on `device`: no weights needed, so a plan can be sized anywhere.
+    `kv_fp8`: FP8 KV pools, whose decode attention tiles (and so key split counts) differ from BF16 ones."""
     from nvfp4kit.kernels import configs
 
     thresholds = _path_thresholds()
