@@ -189,17 +189,13 @@ def _paged_attention_kernel(
         store_ok = tl.where(hi > lo, store_ok, False)
         tl.store(part_lse_ptr + part, lse, mask=store_ok)
         tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
-        if (
-            MERGE
-        ):  # the last split of this item and KV head to arrive merges its GROUP heads: no second launch
+        # the last split of this item and KV head to arrive merges its GROUP heads: no second launch
+        if MERGE:
             tl.debug_barrier()  # every thread's partials are issued before the arrival is counted
             tile = item * tl.num_programs(1) + kv_head
             arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
             if arrived == num_splits - 1:
-                first_key = 0
-                if SLIDING:
-                    first_key = tl.maximum(start + q0 - window + 1, 0)
-                live = _live_splits(start + tl.minimum(qlen, q0 + 1) - first_key, num_splits, BLOCK_N)
+                live = _live_splits(start, qlen, q0, window, num_splits, BLOCK_N, SLIDING)
                 for h in tl.static_range(GROUP):
                     _merge_head(
                         part_acc_ptr, part_lse_ptr, out_ptr, item, kv_head * GROUP + h, qoff, live, stride_ot,
@@ -209,10 +205,14 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _live_splits(keys, num_splits, BLOCK_N: tl.constexpr):
-    """The splits that held keys, as the attention kernel divided `keys` among `num_splits`: graphs are captured
-    with the split count of the longest context, so at a short one most splits are empty (and stored nothing)."""
-    keys = tl.maximum(keys, 0)
+def _live_splits(start, qlen, q0, window, num_splits, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+    """The splits of a decode item that held keys, as the attention kernel divided its keys among `num_splits`:
+    graphs are captured with the split count of the longest context, so at a short one most splits are empty (and
+    stored nothing)."""
+    first_key = 0
+    if SLIDING:
+        first_key = tl.maximum(start + q0 - window + 1, 0)
+    keys = tl.maximum(start + tl.minimum(qlen, q0 + 1) - first_key, 0)
     chunk = tl.maximum(tl.cdiv(tl.cdiv(keys, num_splits), BLOCK_N) * BLOCK_N, 1)
     return tl.cdiv(keys, chunk)
 
@@ -222,8 +222,9 @@ def _merge_head(
     part_acc_ptr, part_lse_ptr, out_ptr, item, head, qoff, live, stride_ot, stride_oh, num_q_heads, num_rows,
     num_splits, CHUNK: tl.constexpr, D: tl.constexpr, CACHE: tl.constexpr,
 ):  # fmt: skip
-    """One query head's output from its `live` partials (weights exp(lse - max)); a padding row stores zeros.
-    CACHE ".cg" where other programs of the same launch wrote the partials (read past L1)."""
+    """One query head's output from its `live` partials (weights exp(lse - max)); a padding item (its row at or
+    past num_rows) stores nothing. CACHE ".cg" where other programs of the same launch wrote the partials (read
+    past L1)."""
     base = (item * num_q_heads + head) * num_splits
     top = tl.full([CHUNK], float("-inf"), tl.float32)
     for first in range(0, live, CHUNK):  # the largest log-sum-exp (a maximum: exact in any order)
@@ -262,11 +263,8 @@ def _merge_splits_kernel(
     item = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(item_seq_ptr + item)
-    start = tl.load(seq_start_ptr + seq)
-    first_key = 0
-    if SLIDING:
-        first_key = tl.maximum(start + tl.load(item_q0_ptr + item) - window + 1, 0)
-    live = _live_splits(start + tl.minimum(tl.load(seq_len_ptr + seq), 1) - first_key, num_splits, BLOCK_N)
+    start, qlen, q0 = tl.load(seq_start_ptr + seq), tl.load(seq_len_ptr + seq), tl.load(item_q0_ptr + item)
+    live = _live_splits(start, qlen, q0, window, num_splits, BLOCK_N, SLIDING)
     _merge_head(
         part_acc_ptr, part_lse_ptr, out_ptr, item, head, tl.load(seq_offset_ptr + seq), live, stride_ot, stride_oh,
         num_q_heads, num_rows, num_splits, CHUNK, D, "",

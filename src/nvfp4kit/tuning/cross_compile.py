@@ -5,7 +5,8 @@ every Triton launch compiles for that target instead of running (a fake driver a
 questions) and leaves a `Compiled` record; the launch's outputs stay unwritten. A kernel that asks a block
 for more shared memory than the card allows compiles fine and fails at its first launch there: here too it
 raises `OutOfResources`, so code that falls back to smaller tiles does so as it would on the card. This is how
-we know, on a CPU, that the configurations a card gets launch there and how many of their programs fit an SM. Limits per compute capability: `kernels/arch_limits.py`.
+we know, on a CPU, that the configurations a card gets launch there and how many of their programs fit an SM.
+Limits per compute capability: `kernels/arch_limits.py`.
 """
 
 from __future__ import annotations
