@@ -21,6 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from nvfp4kit.engine.engine import Engine, EngineConfig, with_device_defaults
+from nvfp4kit.engine.linear_copies import (
+    copy_bytes_from_checkpoint,
+    keep_linear_copies,
+    resolve_linear_copies,
+)
 from nvfp4kit.engine.outputs import RequestOutput
 from nvfp4kit.engine.request import TokenEvent
 from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
@@ -75,7 +80,8 @@ class LLM:
     utilization) or `kv_cache_memory` (the KV bytes themselves). On a GPU the KV cache is planned from these
     before any weight is loaded, and a model that cannot fit raises `InsufficientMemoryError` at once.
     `fp8_lm_head`: compute logits from an FP8 copy of the output projection (faster decode, slightly
-    different logits; see docs/benchmarks.md).
+    different logits; see docs/benchmarks.md). `linear_copies` ("auto", "on", "off"): BF16 copies of the
+    attention and dense-MLP weights for steps of many tokens (`engine.linear_copies`; auto: on large cards).
 
     vLLM-shaped too: `LLM()` loads the built-in demo; `enforce_eager`, `max_num_seqs`, `max_num_batched_tokens`,
     `kv_cache_dtype` set the engine, `seed` makes requests without their own seed reproducible;
@@ -108,6 +114,7 @@ class LLM:
         language_model_only: bool = False,
         kernel_cache_dir: str | Path | None = None,
         tensor_parallel_size: int = 1,
+        linear_copies: str | bool = "auto",
     ):
         if model is None:  # as the CLI: the built-in NVFP4 demo model
             from nvfp4kit.demo import demo_model_path
@@ -138,6 +145,13 @@ class LLM:
             gpu_memory_budget=gpu_memory_budget, kv_cache_memory=kv_cache_memory,
         )  # fmt: skip
         model_dtype = resolve_dtype(dtype, self.device)
+        copies_bytes = copy_bytes_from_checkpoint(self.path) if model_dtype == torch.bfloat16 else 0
+        self.linear_copies = resolve_linear_copies(
+            linear_copies,
+            device=self.device,
+            copy_bytes=copies_bytes,
+            tensor_parallel_size=tensor_parallel_size,
+        )
         if tensor_parallel_size > 1:  # rank 0 here, ranks 1.. in spawned processes (docs/parallel.md)
             from nvfp4kit.distributed.memory import plan_parallel_memory
 
@@ -149,6 +163,7 @@ class LLM:
             self.startup_plan = plan_checkpoint_memory(
                 self.path, device=self.device, model_dtype=model_dtype, config=engine_config, options=options,
                 fp8_lm_head=fp8_lm_head, vision=not language_model_only,
+                copies_bytes=copies_bytes if self.linear_copies else 0,
             )  # fmt: skip
         if self.startup_plan is not None:
             log.info("%s", self.startup_plan.format())
@@ -175,6 +190,8 @@ class LLM:
             self.model = load_model(self.path, dtype=model_dtype, device=self.device, backend=backend)
             if self.device.type == "cpu":
                 _keep_dense_on_cpu(self.model)
+            elif self.linear_copies:
+                keep_linear_copies(self.model)
         if fp8_lm_head:
             self.model.use_fp8_lm_head()
         self.config = self.parallel.layout.cfg if self.parallel else self.model.config

@@ -156,3 +156,23 @@ def test_heuristic_configs_compute_the_product(m):
     x = torch.randn(m, 208, device=DEVICE)
     ref = x.double() @ weight.dequantize(torch.float64).T
     assert rel_error(w4a16_linear(x, weight, config=cfg), ref) < FP32_BOUND
+
+
+@pytest.mark.parametrize("m", [1, 31, 32, 40])
+def test_kept_bf16_copy_serves_steps_of_many_tokens(m, monkeypatch):
+    """A weight with a kept BF16 copy (`--linear-copies`) is read through cuBLAS from LINEAR_COPY_MIN_M tokens
+    on and left to the W4A16 kernels below it (they win there); a stand-in copy shows which path ran."""
+    from nvfp4kit.kernels import thresholds
+
+    monkeypatch.setattr(thresholds, "LINEAR_COPY_MIN_M", 32)
+    weight = random_weight(48, 96, seed=3)
+    x = torch.randn(m, 96, device=DEVICE, dtype=torch.bfloat16)
+    expected = _reference(x, weight)
+    weight.__dict__["_dense"] = weight.dequantize(torch.bfloat16)
+    assert rel_error(w4a16_linear(x, weight), expected) < BF16_BOUND
+    weight.__dict__["_dense"] = torch.zeros(48, 96, device=DEVICE, dtype=torch.bfloat16)
+    copy_read = bool((w4a16_linear(x, weight) == 0).all())
+    assert copy_read == (m >= 32)
+    assert (
+        rel_error(w4a16_linear(x, weight, config=CONFIGS["dot"]), expected) < BF16_BOUND
+    )  # a config: Triton

@@ -53,3 +53,21 @@ def test_kept_dense_weights_give_the_same_logits_and_follow_replaced_weights():
     qkv.set_weight(stored_weight(fresh.layers[0].self_attn.qkv_proj, "weight"))
     assert "_dense" not in stored_weight(qkv, "weight").__dict__
     assert not torch.equal(run(), expanded_per_call)
+
+
+def test_linear_copies_leave_the_experts_packed():
+    """`--linear-copies` keeps BF16 copies of the attention and dense-MLP weights only: the experts (most of the
+    bytes) stay NVFP4, and the bytes returned are the copies' (2 bytes a weight)."""
+    from nvfp4kit.model.layers import Linear, keep_dense_weights, stored_weight
+
+    cfg = config_from_dict(tiny_text_config("moe"))
+    model = random_model(cfg, quantized=True, dtype=torch.bfloat16, device="cpu")
+    kept = keep_dense_weights(model, torch.bfloat16, limit_bytes=2**30, linears_only=True)
+    layer = model.layers[0]
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.quantized]
+    assert layer.self_attn.qkv_proj in linears and layer.self_attn.o_proj in linears
+    assert all("_dense" in stored_weight(m, "weight").__dict__ for m in linears)
+    assert kept == sum(2 * m.out_features * m.in_features for m in linears)
+    experts = layer.experts
+    assert "_dense" not in stored_weight(experts, "gate_up").__dict__
+    assert "_dense" not in stored_weight(experts, "down").__dict__

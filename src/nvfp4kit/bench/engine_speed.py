@@ -23,6 +23,7 @@ import torch
 from nvfp4kit.bench import engine_runs as runs
 from nvfp4kit.config import PRESET_DIR, load_config, load_preset
 from nvfp4kit.engine.engine import Engine, EngineConfig
+from nvfp4kit.model.layers import keep_dense_weights
 from nvfp4kit.plan.checkpoint import weights_from_checkpoint
 from nvfp4kit.plan.units import token_counts
 from nvfp4kit.plan.weights import weights_from_config
@@ -107,6 +108,10 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
     model, cfg, weights, label = build_model(args)
     weights_gib = torch.cuda.memory_allocated() / 2**30
     _log(f"{label}: {weights_gib:.3f} GiB on the GPU (planner: {weights.text_bytes / 2**30:.3f} GiB)")
+    copies = 0
+    if getattr(args, "linear_copies", False):  # before the graphs: steps of many tokens read the copies
+        copies = keep_dense_weights(model, torch.bfloat16, limit_bytes=2**62, linears_only=True)
+        _log(f"BF16 copies of the attention and dense-MLP weights: {copies / 2**30:.3f} GiB")
     engine = Engine(model, None, config=engine_config(args, cfg))
     if getattr(args, "parallel_group", None) is not None:
         args.parallel_group.attach(engine)  # the other ranks' KV caches
@@ -191,6 +196,7 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
         "model": label,
         "weights_gib": round(weights_gib, 3),
         "planner_weights_gib": round(weights.text_bytes / 2**30, 3),
+        "linear_copies_gib": round(copies / 2**30, 3),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "kv_pool_tokens": engine.pool_tokens,
         "bandwidth_gbps": round(bandwidth / 1e9),
@@ -353,6 +359,11 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
         "decode rows report GPU ms per step (CUDA events) and the host ms the GPU waits for (default %(default)s)",
     )  # fmt: skip
     p.add_argument("--fp8-lm-head", action="store_true", help="also time decode with the FP8 lm_head copy")
+    p.add_argument(
+        "--linear-copies", action="store_true",
+        help="keep BF16 copies of the attention and dense-MLP weights, read by cuBLAS at steps of 32+ tokens (as "
+        "`serve --linear-copies`)",
+    )  # fmt: skip
     p.add_argument(
         "--profile",
         action="store_true",

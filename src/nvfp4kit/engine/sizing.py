@@ -338,13 +338,15 @@ def plan_checkpoint_memory(
     options: MemoryOptions,
     fp8_lm_head: bool = False,
     vision: bool = True,
+    copies_bytes: int = 0,
 ) -> StartupPlan | None:
     """`plan_engine_memory` for a checkpoint folder on a device: headers and memory read, nothing loaded.
     `fp8_lm_head`: count the FP8 copy of the output projection (see `Gemma4Model.use_fp8_lm_head`);
-    `vision`: images on (the checkpoint's vision tower, if it has one, is planned)."""
+    `vision`: images on (the checkpoint's vision tower, if it has one, is planned); `copies_bytes`: weight
+    copies kept beside the checkpoint's (`engine.linear_copies`)."""
     cfg = load_config(folder)
     float_bytes = torch.empty((), dtype=model_dtype).element_size()
-    extra = cfg.vocab_size * (cfg.hidden_size + 4) if fp8_lm_head else 0
+    extra = copies_bytes + (cfg.vocab_size * (cfg.hidden_size + 4) if fp8_lm_head else 0)
     return plan_engine_memory(
         cfg,
         weights_bytes=weights_as_loaded(folder, float_bytes=float_bytes) + extra,

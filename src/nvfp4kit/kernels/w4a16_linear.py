@@ -16,10 +16,12 @@ left at zero after every call, and nothing syncs with the host, so the op replay
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from nvfp4kit.formats.nvfp4 import NVFP4Tensor
+from nvfp4kit.kernels import thresholds
 from nvfp4kit.kernels.configs import LinearConfig, heuristic_linear, interpreting, select_linear_config
 from nvfp4kit.kernels.dequant import dequant_linear
 from nvfp4kit.kernels.gemv_mma import gemv_mma, gemv_mma_supported
@@ -240,13 +242,18 @@ def w4a16_linear(
 ) -> torch.Tensor:
     """x [..., K] @ dequant(weight [N, K])^T -> [..., N] in x.dtype.
 
-    Without a `config`, M >= `dequant_min_m` takes the dequantize-then-cuBLAS path; a config forces Triton."""
+    Without a `config`, M >= `thresholds.LINEAR_COPY_MIN_M` reads the weight's kept BF16 copy where it has one
+    (bf16 activations), M >= `dequant_min_m` takes the dequantize-then-cuBLAS path; a config forces Triton."""
     n, k = _check_linear_args(x, weight)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    kept = weight.__dict__.get("_dense")  # a BF16 copy kept for many-token steps (thresholds.py)
+    if config is None and kept is not None and kept.dtype == x.dtype == torch.bfloat16:
+        if m >= thresholds.LINEAR_COPY_MIN_M:  # read at call time: benchmarks move it
+            return F.linear(x2, kept).reshape(*lead, n)
     # fp16 keeps the Triton path: a weight expanded with scale_2 folded in could flush to fp16 subnormals
     if config is None and m >= max(1, dequant_min_m) and x.dtype != torch.float16:
         return dequant_linear(x2, weight).reshape(*lead, n)

@@ -47,14 +47,20 @@ def stored_weight(module: nn.Module, name: str) -> Weight:
     return dense
 
 
-def keep_dense_weights(model: nn.Module, dtype: torch.dtype, *, limit_bytes: int) -> int:
+def keep_dense_weights(
+    model: nn.Module, dtype: torch.dtype, *, limit_bytes: int, linears_only: bool = False
+) -> int:
     """Expand every NVFP4 weight of `model` once and keep the copy, so the torch backend stops expanding them on
     each call (on a CPU that is most of a decode step's time: the demo model decodes ~3x faster). Only when all
     copies fit in `limit_bytes`; returns the bytes kept (0: nothing kept). The copies live on the weights that
-    `stored_weight` returns, so a weight replaced later (new buffers) is expanded per call again."""
+    `stored_weight` returns, so a weight replaced later (new buffers) is expanded per call again.
+
+    `linears_only`: the `Linear` modules' weights (attention, dense MLP), not the experts: on a GPU, copies
+    that cuBLAS reads for steps of many tokens (`kernels.w4a16_linear`, `linear_copy_bytes`)."""
     weights = [
         stored_weight(module, buffer[: -len("_packed")])
         for module in model.modules()
+        if isinstance(module, Linear) or not linears_only
         for buffer, value in module.named_buffers(recurse=False)
         if buffer.endswith("_packed") and value is not None
     ]

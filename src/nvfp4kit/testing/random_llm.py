@@ -25,6 +25,7 @@ import torch
 
 from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, config_from_dict, list_presets
 from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
+from nvfp4kit.engine.linear_copies import copy_bytes_from_config, keep_linear_copies, resolve_linear_copies
 from nvfp4kit.engine.sizing import measure_device_memory, plan_engine_memory
 from nvfp4kit.llm import LLM, check_device, memory_options
 from nvfp4kit.model.loader import resolve_dtype
@@ -94,6 +95,7 @@ class RandomLLM(LLM):
         seed: int | None = None,
         weights_seed: int = 0,
         tensor_parallel_size: int = 1,
+        linear_copies: str | bool = "auto",
     ):
         self.shape, _, _ = random_shape_config(shape)
         self.path = Path(tempfile.mkdtemp(prefix=f"nvfp4kit-random-{self.shape}-"))
@@ -118,6 +120,14 @@ class RandomLLM(LLM):
             weights = layout.busiest_rank_weights(weights_from_config(cfg, recipe="all-nvfp4"), local)
             vocab_rows = len(layout.vocab_range(0))
         extra = vocab_rows * (cfg.hidden_size + 4) if fp8_lm_head else 0
+        copies_bytes = copy_bytes_from_config(cfg) if model_dtype == torch.bfloat16 else 0
+        self.linear_copies = resolve_linear_copies(
+            linear_copies,
+            device=self.device,
+            copy_bytes=copies_bytes,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        extra += copies_bytes if self.linear_copies else 0
         self.startup_plan = plan_engine_memory(
             layout.local_config() if layout else cfg,
             weights_bytes=weights + extra,
@@ -147,6 +157,8 @@ class RandomLLM(LLM):
             self.model = random_model(
                 cfg, quantized=True, dtype=model_dtype, device=self.device, seed=weights_seed
             )
+        if self.linear_copies:
+            keep_linear_copies(self.model)
         if fp8_lm_head:
             self.model.use_fp8_lm_head()
         self.config = cfg
