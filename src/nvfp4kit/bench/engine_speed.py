@@ -361,7 +361,7 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     p.add_argument("--fp8-lm-head", action="store_true", help="also time decode with the FP8 lm_head copy")
     p.add_argument(
         "--linear-copies", action="store_true",
-        help="keep BF16 copies of the attention and dense-MLP weights, read by cuBLAS at steps of 32+ tokens (as "
+        help="keep BF16 copies of the attention and dense-MLP weights, read by cuBLAS at steps of 48+ tokens (as "
         "`serve --linear-copies`)",
     )  # fmt: skip
     p.add_argument(

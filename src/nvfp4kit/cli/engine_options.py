@@ -137,7 +137,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
     g.add_argument(
         "--linear-copies", choices=("auto", "on", "off"), default="auto",
         help="BF16 copies of the attention and dense-MLP weights (not the experts), read by cuBLAS at steps of "
-        "32+ tokens where it beats the 4-bit kernels: faster large-batch decode and prefill for 3.3 GB on "
+        "48+ tokens where it beats the 4-bit kernels: faster large-batch decode and prefill for 3.3 GB on "
         "26B-A4B, taken from the KV cache. auto (default): on where the copies take <= 5%% of the card "
         "(80 GB cards), off on 24-48 GB cards, under tensor parallelism and on the CPU",
     )  # fmt: skip

@@ -1,11 +1,11 @@
 """`--linear-copies`: BF16 copies of the NVFP4 linears outside the experts (attention, dense MLP, per-layer
 projections), which cuBLAS reads at steps of many tokens (`kernels.thresholds.LINEAR_COPY_MIN_M` and up).
 
-Why: from ~32 tokens a step the W4A16 Triton tiles fall behind BF16 cuBLAS on these shapes (0.45-0.81x at 64
-tokens on an H200, 0.42-0.80x at 128 on an H100) while the experts, most of the bytes, are served well by the
+Why: from ~48 tokens a step the W4A16 Triton tiles fall behind BF16 cuBLAS on these shapes (0.45-0.81x at 64
+tokens on an H200, 0.41-0.78x at 96 on an H100) while the experts, most of the bytes, are served well by the
 grouped MoE kernels. Decode at large batches and prefill chunks therefore gain from copies of the small part of
-the model that is not experts (2.7 GB on the 26B-A4B shape, 19% of its weights). One and two tokens a step keep
-reading the 4-bit weights (the fragment GEMV beats cuBLAS there).
+the model that is not experts (3.3 GB on the 26B-A4B shape, 22% of its weights). Smaller steps keep reading
+the 4-bit weights (the fragment GEMV and small tiles match or beat cuBLAS there).
 
 `auto`, the default, keeps them where they cost little: a CUDA card on which they take at most
 `AUTO_MAX_SHARE` of the memory (80 GB and larger cards for 26B-A4B; never a 24 GB card, whose memory the KV

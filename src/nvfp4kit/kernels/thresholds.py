@@ -8,11 +8,11 @@ scratch those paths allocate, so `nvfp4kit plan` works on a machine without Trit
 # the H200 at M = 512 it beat the best Triton tile for all six 26B-A4B linears by 1.2-2.2x (docs/benchmarks.md)
 DEQUANT_MIN_M = 512
 
-# tokens from which a linear whose weight has a kept BF16 copy (`model.layers.keep_dense_weights(...,
-# linears_only=True)`, `--linear-copies`) reads that copy through cuBLAS instead of running a W4A16 kernel: the
-# Triton tiles fall behind BF16 cuBLAS from ~32 tokens (H200 at 64: 0.45-0.81x; H100 at 128: 0.42-0.80x), the
-# fragment GEMV beats it below (1.03-1.6x at 1-16 tokens)
-LINEAR_COPY_MIN_M = 32
+# tokens from which a linear whose weight has a kept BF16 copy (`engine.linear_copies`, `--linear-copies`) reads
+# that copy through cuBLAS instead of running a W4A16 kernel. H100, session 32 (`bench kernels`): at 32 tokens the
+# four linears of a sliding layer take 50.5 us either way and `bench engine` batch 32 lost 3% with the copies; at
+# 48 cuBLAS takes 51.7 us against 65.2, at 96 61.3 against 87.6 (batch 96 +5.7%)
+LINEAR_COPY_MIN_M = 48
 
 # tokens from which `fused_moe` expands all experts and runs grouped GEMMs (kernels/moe_prefill.py, where
 # `grouped_mm_available`). H200, 26B-A4B MoE: 1.93 ms vs 1.97 (the best Triton tiles) at 4096 tokens, 2.75 vs
