@@ -21,16 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from nvfp4kit.engine.engine import Engine, EngineConfig, with_device_defaults
-from nvfp4kit.engine.linear_copies import (
-    copy_bytes_from_checkpoint,
-    keep_linear_copies,
-    resolve_linear_copies,
-)
+from nvfp4kit.engine.linear_copies import keep_linear_copies, resolve_linear_copies
 from nvfp4kit.engine.outputs import RequestOutput
 from nvfp4kit.engine.request import TokenEvent
 from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
 from nvfp4kit.engine.warmup import warmup_wanted
 from nvfp4kit.model.loader import load_model, resolve_dtype
+from nvfp4kit.plan.checkpoint import linear_copy_bytes_from_checkpoint
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
 from nvfp4kit.vision.openai_parts import extract_images
@@ -145,7 +142,7 @@ class LLM:
             gpu_memory_budget=gpu_memory_budget, kv_cache_memory=kv_cache_memory,
         )  # fmt: skip
         model_dtype = resolve_dtype(dtype, self.device)
-        copies_bytes = copy_bytes_from_checkpoint(self.path) if model_dtype == torch.bfloat16 else 0
+        copies_bytes = linear_copy_bytes_from_checkpoint(self.path) if model_dtype == torch.bfloat16 else 0
         self.linear_copies = resolve_linear_copies(
             linear_copies,
             device=self.device,

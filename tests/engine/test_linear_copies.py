@@ -10,6 +10,8 @@ from nvfp4kit.demo import demo_model_path
 from nvfp4kit.engine import linear_copies as lc
 from nvfp4kit.model.layers import Linear
 from nvfp4kit.model.loader import load_model
+from nvfp4kit.plan.checkpoint import linear_copy_bytes_from_checkpoint
+from nvfp4kit.plan.weights import linear_copy_bytes
 
 
 def test_copy_bytes_from_headers_and_config_match_the_loaded_linears():
@@ -18,16 +20,16 @@ def test_copy_bytes_from_headers_and_config_match_the_loaded_linears():
     quantized = [m for m in model.modules() if isinstance(m, Linear) and m.quantized]
     expected = sum(2 * m.out_features * m.in_features for m in quantized)
     assert expected > 0
-    assert lc.copy_bytes_from_checkpoint(folder) == expected
-    assert lc.copy_bytes_from_config(load_config(folder)) == expected
+    assert linear_copy_bytes_from_checkpoint(folder) == expected
+    assert linear_copy_bytes(load_config(folder)) == expected
 
 
 def test_copy_bytes_skip_linears_already_in_bf16():
     cfg = load_preset("gemma-4-26b-a4b")
-    all_nvfp4 = lc.copy_bytes_from_config(cfg)
+    all_nvfp4 = linear_copy_bytes(cfg)
     assert 3.0 * 2**30 < all_nvfp4 < 3.2 * 2**30  # the 26B-A4B figure the --help quotes (3.3 GB)
-    assert lc.copy_bytes_from_config(cfg, recipe="attention-bf16") < all_nvfp4 / 2  # attention is most of it
-    assert lc.copy_bytes_from_config(cfg, recipe="experts-only") == 0
+    assert linear_copy_bytes(cfg, recipe="attention-bf16") < all_nvfp4 / 2  # attention is most of it
+    assert linear_copy_bytes(cfg, recipe="experts-only") == 0
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ def card(monkeypatch):
 
 
 def test_auto_keeps_copies_on_large_cards_only(card):
-    copies = lc.copy_bytes_from_config(load_preset("gemma-4-26b-a4b"))
+    copies = linear_copy_bytes(load_preset("gemma-4-26b-a4b"))
     card(79.2)  # an H100 80GB
     assert lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies)
     assert not lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies, tensor_parallel_size=2)
@@ -80,7 +82,20 @@ def test_the_memory_plan_counts_the_copies_before_loading(monkeypatch):
             copies_bytes=copies,
         )  # fmt: skip
 
-    copies = lc.copy_bytes_from_checkpoint(folder)
+    copies = linear_copy_bytes_from_checkpoint(folder)
     without, with_copies = plan(0), plan(copies)
     assert with_copies.pool.weights_bytes - without.pool.weights_bytes == copies
     assert without.kv_cache_memory - with_copies.kv_cache_memory == copies
+
+
+def test_nvfp4kit_plan_holds_the_copies_where_the_engine_would_keep_them():
+    from nvfp4kit.plan.report import build_plan
+
+    h100 = {mode: build_plan("gemma-4-26b-a4b", gpu="h100", linear_copies=mode) for mode in ("auto", "off")}
+    copies = h100["auto"]["weights"]["linear_copies_bytes"]
+    assert copies == linear_copy_bytes(load_preset("gemma-4-26b-a4b"))
+    assert h100["off"]["weights"]["linear_copies_bytes"] == 0
+    kv = {mode: plan["nvfp4kit"]["kv_budget_bytes"] for mode, plan in h100.items()}
+    assert kv["off"] - kv["auto"] == copies
+    rtx = build_plan("gemma-4-26b-a4b", gpu="RTX 3090")  # the seed card's: its memory goes to the KV cache
+    assert rtx["weights"]["linear_copies_bytes"] == 0

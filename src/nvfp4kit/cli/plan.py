@@ -131,6 +131,11 @@ def register(p: argparse.ArgumentParser) -> None:
         help="also plan each of N GPUs of this kind serving the model together: weights, KV bytes per token "
         "and pools per GPU (plan/parallel.py; docs/parallel.md)",
     )  # fmt: skip
+    p.add_argument(
+        "--linear-copies", choices=("auto", "on", "off"), default="auto",
+        help="the engine's BF16 copies of the attention and dense-MLP weights, held from the KV cache (as `serve "
+        "--linear-copies`; auto: on where they take <= 5%% of the card)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the same numbers as JSON")
     p.set_defaults(func=run)
 
@@ -152,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         sglang_weights=args.sglang_weights,
         k_eq_v_once=not args.k_and_v,
         vision=not args.no_vision,
+        linear_copies="off" if args.tensor_parallel_size > 1 else args.linear_copies,
     )
     if args.tensor_parallel_size > 1:
         from nvfp4kit.plan.parallel import format_parallel, parallel_plan

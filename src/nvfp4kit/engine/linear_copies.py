@@ -8,7 +8,7 @@ the model that is not experts (3.3 GB on the 26B-A4B shape, 22% of its weights).
 the 4-bit weights (the fragment GEMV and small tiles match or beat cuBLAS there).
 
 `auto`, the default, keeps them where they cost little: a CUDA card on which they take at most
-`AUTO_MAX_SHARE` of the memory (80 GB and larger cards for 26B-A4B; never a 24 GB card, whose memory the KV
+`plan.weights.LINEAR_COPIES_MAX_SHARE` of the memory (80 GB and larger cards for 26B-A4B; never a 24 GB card, whose memory the KV
 cache needs), one process (no tensor parallelism). A CPU keeps full copies of every weight anyway
 (`llm._keep_dense_on_cpu`).
 """
@@ -16,49 +16,24 @@ cache needs), one process (no tensor parallelism). A CPU keeps full copies of ev
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from nvfp4kit.config import Gemma4TextConfig
-from nvfp4kit.formats.components import component_of
-from nvfp4kit.formats.safetensors_io import CheckpointReader
 from nvfp4kit.model.layers import keep_dense_weights
-from nvfp4kit.model.loader import NON_TEXT_PREFIXES
-from nvfp4kit.plan.weights import check_recipe, linear_groups
+from nvfp4kit.plan.weights import linear_copies_auto
 
 log = logging.getLogger(__name__)
 
 SETTINGS = ("auto", "on", "off")
-AUTO_MAX_SHARE = 0.05  # of the card's total memory
-COPIED_COMPONENTS = frozenset({"attention", "dense_mlp", "per_layer_projections"})
-BF16_BYTES = 2
-
-
-def copy_bytes_from_config(cfg: Gemma4TextConfig, *, recipe: str = "all-nvfp4") -> int:
-    """Bytes the copies take for a model quantized by `recipe` (a linear already in BF16 needs none)."""
-    nvfp4 = check_recipe(recipe)
-    return sum(BF16_BYTES * g.params for g in linear_groups(cfg) if g.component in COPIED_COMPONENTS & nvfp4)
-
-
-def copy_bytes_from_checkpoint(folder: str | Path) -> int:
-    """Bytes the copies take for a checkpoint, from its headers: each packed NVFP4 weight (two values a byte)
-    of the copied components becomes 2 bytes a value."""
-    total = 0
-    for info in CheckpointReader(folder).tensors.values():
-        if info.name.startswith(NON_TEXT_PREFIXES) or component_of(info.name) not in COPIED_COMPONENTS:
-            continue
-        if info.dtype == "U8" and info.name.endswith(".weight"):  # ModelOpt's packed FP4 pairs
-            total += info.nbytes * 2 * BF16_BYTES
-    return total
 
 
 def resolve_linear_copies(
     setting: str | bool, *, device: torch.device | str, copy_bytes: int, tensor_parallel_size: int = 1
 ) -> bool:
     """Whether to keep the copies: `on` / `off` as given (`on` needs one CUDA process), `auto` by the rule in
-    the module's docstring."""
+    the module's docstring. `copy_bytes`: `plan.weights.linear_copy_bytes` or `plan.checkpoint.
+    linear_copy_bytes_from_checkpoint`."""
     setting = {True: "on", False: "off"}.get(setting, setting)  # type: ignore[arg-type]
     if setting not in SETTINGS:
         raise ValueError(f"linear_copies must be one of {', '.join(SETTINGS)}, got {setting!r}")
@@ -71,10 +46,9 @@ def resolve_linear_copies(
         if tensor_parallel_size > 1:
             raise ValueError("--linear-copies on is not supported with tensor parallelism")
         return copy_bytes > 0
-    if setting == "off" or device.type != "cuda" or tensor_parallel_size > 1 or copy_bytes == 0:
+    if setting == "off" or device.type != "cuda" or tensor_parallel_size > 1:
         return False
-    total = torch.cuda.get_device_properties(device).total_memory
-    return copy_bytes <= AUTO_MAX_SHARE * total
+    return linear_copies_auto(copy_bytes, torch.cuda.get_device_properties(device).total_memory)
 
 
 def keep_linear_copies(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nvfp4kit.formats.components import COMPONENTS, component_of, component_sizes
 from nvfp4kit.formats.safetensors_io import CheckpointReader, TensorInfo
-from nvfp4kit.plan.weights import WeightBreakdown
+from nvfp4kit.plan.weights import BF16_BYTES, LINEAR_COPY_COMPONENTS, WeightBreakdown
 
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 
@@ -33,3 +33,14 @@ def weights_from_checkpoint(folder: str | Path) -> WeightBreakdown:
     nbytes = {c: sizes.bytes[c] for c in order}
     params = {c: sizes.params[c] for c in order}
     return WeightBreakdown("as stored", "checkpoint headers", nbytes, params, formats)
+
+
+def linear_copy_bytes_from_checkpoint(folder: str | Path) -> int:
+    """Bytes of `--linear-copies` for a checkpoint, from its headers: each packed NVFP4 weight (two values a
+    byte) of the copied components becomes 2 bytes a value."""
+    total = 0
+    for info in CheckpointReader(folder).tensors.values():
+        if info.dtype == "U8" and info.name.endswith(".weight"):  # ModelOpt's packed FP4 pairs
+            if component_of(info.name) in LINEAR_COPY_COMPONENTS:
+                total += info.nbytes * 2 * BF16_BYTES
+    return total

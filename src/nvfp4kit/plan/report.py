@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, list_presets, load_config, load_preset
-from nvfp4kit.plan.checkpoint import weights_from_checkpoint
+from nvfp4kit.plan.checkpoint import linear_copy_bytes_from_checkpoint, weights_from_checkpoint
 from nvfp4kit.plan.gpus import DEFAULT_PRELOAD_USED, GpuSpec, find_gpu
 from nvfp4kit.plan.kv import KV_DTYPE_BYTES, kv_bytes_per_token
 from nvfp4kit.plan.pools import (
@@ -35,6 +35,8 @@ from nvfp4kit.plan.weights import (
     BF16_BYTES,
     TOWER_COMPONENTS,
     WeightBreakdown,
+    linear_copies_auto,
+    linear_copy_bytes,
     parameter_counts,
     weights_from_config,
 )
@@ -154,10 +156,12 @@ def build_plan(
     sglang_weights: int | None = None,
     k_eq_v_once: bool = True,
     vision: bool = True,
+    linear_copies: str = "auto",
 ) -> dict[str, Any]:
     """Everything `nvfp4kit plan` shows, as a JSON-able dict. `vision=False`: plan text-only serving (the
     vision tower neither loaded nor planned, as `--language-model-only`). `prefill_chunk`: default, the
-    engine's tokens a step on a card of this memory (`default_prefill_chunk`)."""
+    engine's tokens a step on a card of this memory (`default_prefill_chunk`). `linear_copies` ("auto", "on",
+    "off"): the engine's BF16 copies of the non-expert linears (`engine.linear_copies`), held from the KV."""
     source = resolve_model(model)
     cfg = source.cfg
     spec = find_gpu(gpu) if gpu else (None if gpu_memory else find_gpu(DEFAULT_GPU))
@@ -170,6 +174,14 @@ def build_plan(
     prefill_chunk = prefill_chunk or default_prefill_chunk(memory)
 
     weights, checkpoint_bytes = _weights(source, recipe)
+    if source.checkpoint is not None:
+        copies = linear_copy_bytes_from_checkpoint(source.checkpoint)
+    else:
+        copies = linear_copy_bytes(cfg, recipe=recipe)
+    if linear_copies not in ("auto", "on", "off"):
+        raise ValueError(f"linear_copies must be auto, on or off, got {linear_copies!r}")
+    if linear_copies == "off" or (linear_copies == "auto" and not linear_copies_auto(copies, memory)):
+        copies = 0
     engine_weights = weights.text_bytes
     params = parameter_counts(cfg)
     towers = dict(source.tower_params)
@@ -195,7 +207,7 @@ def build_plan(
     )  # fmt: skip
     vision_plan = plan_vision(source, weights) if vision else None
     ours = plan_pools(
-        cfg, free_bytes=free, weights_bytes=engine_weights, kv_dtype=kv_dtype, k_eq_v_once=k_eq_v_once,
+        cfg, free_bytes=free, weights_bytes=engine_weights + copies, kv_dtype=kv_dtype, k_eq_v_once=k_eq_v_once,
         prefill_chunk=prefill_chunk, context=context, concurrency=concurrency or 1,
         max_batch=max(DEFAULT_MAX_BATCH, concurrency or 1), vision=vision_plan,
         sliding_limit=default_sliding_chunk(memory),
@@ -230,6 +242,7 @@ def build_plan(
                 for c, b in weights.bytes_by_component.items()
             },
             "engine_bytes": engine_weights,
+            "linear_copies_bytes": copies,
             "vision_planned": vision_plan is not None,
             "checkpoint_bytes": checkpoint_bytes,
         },  # fmt: skip

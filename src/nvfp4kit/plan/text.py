@@ -60,6 +60,9 @@ def _weight_lines(plan: dict[str, Any]) -> list[str]:
         label = _LABELS.get(comp, comp.replace("_", " "))
         lines.append(f"  {label:<32}{info['format']:<8}{_b(info['params']):>10}{_g(info['bytes'], 3):>10}")
     lines.append(f"  {'text tower (what the engine loads first)':<50}{_g(w['engine_bytes'], 3):>10}")
+    if w.get("linear_copies_bytes"):
+        label = "BF16 linear copies (--linear-copies)"
+        lines.append(f"  {label:<50}{_g(w['linear_copies_bytes'], 3):>10}")
     lines.append(f"  {'checkpoint incl. towers (SGLang)':<50}{_g(w['checkpoint_bytes'], 3):>10}")
     return lines
 

@@ -181,3 +181,20 @@ def expert_bytes(cfg: Gemma4TextConfig, weights: WeightBreakdown) -> int:
     if not cfg.enable_moe_block:
         return 0
     return weights.get("experts") // (cfg.num_hidden_layers * cfg.num_experts)
+
+
+# `--linear-copies` (engine/linear_copies.py): BF16 copies of the NVFP4 linears outside the experts, which cuBLAS
+# reads at steps of many tokens; `auto` keeps them where they take at most this share of the card's memory
+LINEAR_COPY_COMPONENTS = frozenset({"attention", "dense_mlp", "per_layer_projections"})
+LINEAR_COPIES_MAX_SHARE = 0.05
+
+
+def linear_copy_bytes(cfg: Gemma4TextConfig, *, recipe: str = "all-nvfp4") -> int:
+    """Bytes the copies take for a model quantized by `recipe` (a linear already in BF16 needs none)."""
+    nvfp4 = check_recipe(recipe) & LINEAR_COPY_COMPONENTS
+    return sum(BF16_BYTES * g.params for g in linear_groups(cfg) if g.component in nvfp4)
+
+
+def linear_copies_auto(copy_bytes: int, memory_bytes: int) -> bool:
+    """What `--linear-copies auto` picks on a card of `memory_bytes` (one process)."""
+    return 0 < copy_bytes <= LINEAR_COPIES_MAX_SHARE * memory_bytes

@@ -25,12 +25,12 @@ import torch
 
 from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, config_from_dict, list_presets
 from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
-from nvfp4kit.engine.linear_copies import copy_bytes_from_config, keep_linear_copies, resolve_linear_copies
+from nvfp4kit.engine.linear_copies import keep_linear_copies, resolve_linear_copies
 from nvfp4kit.engine.sizing import measure_device_memory, plan_engine_memory
 from nvfp4kit.llm import LLM, check_device, memory_options
 from nvfp4kit.model.loader import resolve_dtype
 from nvfp4kit.plan.parallel import ParallelLayout
-from nvfp4kit.plan.weights import weights_from_config
+from nvfp4kit.plan.weights import linear_copy_bytes, weights_from_config
 from nvfp4kit.testing.random_model import random_model
 from nvfp4kit.testing.tiny import write_tokenizer
 from nvfp4kit.testing.tiny_config import SHAPES, tiny_text_config
@@ -120,7 +120,7 @@ class RandomLLM(LLM):
             weights = layout.busiest_rank_weights(weights_from_config(cfg, recipe="all-nvfp4"), local)
             vocab_rows = len(layout.vocab_range(0))
         extra = vocab_rows * (cfg.hidden_size + 4) if fp8_lm_head else 0
-        copies_bytes = copy_bytes_from_config(cfg) if model_dtype == torch.bfloat16 else 0
+        copies_bytes = linear_copy_bytes(cfg) if model_dtype == torch.bfloat16 else 0
         self.linear_copies = resolve_linear_copies(
             linear_copies,
             device=self.device,
