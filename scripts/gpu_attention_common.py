@@ -128,9 +128,7 @@ class Pool:
         items = torch.tensor([seq, q0], dtype=torch.int32, device=DEVICE)
         return batch, WorkItems(items[0], items[1], block_q)
 
-    def attend(
-        self, q, batch, items, *, num_splits=None, config=None, out=None, merge_in_kernel=None
-    ) -> torch.Tensor:
+    def attend(self, q, batch, items, *, num_splits=None, config=None, out=None) -> torch.Tensor:
         if num_splits is None:
             num_splits = 1
             if items.block_q == 1:
@@ -140,7 +138,7 @@ class Pool:
         return paged_attention(
             q, v_store=self.v_store, k_store=self.k_store, batch=batch, items=items, window=self.shape.window,
             derived_key=self.derived, num_splits=num_splits, config=config, out=out,
-            merge_in_kernel=merge_in_kernel, **where,
+            **where,
         )  # fmt: skip
 
     def reference(self, i: int, q: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:

@@ -53,9 +53,7 @@ def keys_read(shape, context: int) -> int:
     return min(context, shape.window) if shape.window else context
 
 
-def run(
-    shape, batch: int, context: int, tiles, splits: int | None, copy_bw: float, ref=None, merge=None
-) -> dict:
+def run(shape, batch: int, context: int, tiles, splits: int | None, copy_bw: float, ref=None) -> dict:
     pool, q, meta, items = decode_inputs(shape, batch, context, seed=batch)
     out = torch.empty_like(q)
     splits = splits or decode_splits(shape, batch, keys_read(shape, context), KV_DTYPES["fp8"])
@@ -67,9 +65,7 @@ def run(
         )
         group = shape.q_heads // shape.kv_heads
         splits = wave_splits(batch * shape.kv_heads, slots, keys_read(shape, context), group=group, fp8=True)
-    us = graph_time_us(
-        lambda: pool.attend(q, meta, items, num_splits=splits, config=config, out=out, merge_in_kernel=merge)
-    )
+    us = graph_time_us(lambda: pool.attend(q, meta, items, num_splits=splits, config=config, out=out))
     nbytes = kv_read_bytes(shape, batch, context, 1)
     # the first and last sequences against the fp32 truth over the stored values (bf16 output: ~1e-2 at most)
     truth_err = max(
@@ -81,7 +77,7 @@ def run(
         capability=torch.cuda.get_device_capability(),
     )  # fmt: skip
     return {
-        "layer": shape.name, "batch": batch, "context": context, "splits": splits, "merge_in_kernel": merge,
+        "layer": shape.name, "batch": batch, "context": context, "splits": splits,
         "tiles": list(tiles) if tiles else ["default", *default.__dict__.values()],
         "us": us, "kv_mb": nbytes / 1e6, "gbps": nbytes / us / 1e3, "of_copy": nbytes / (us * 1e-6) / copy_bw,
         "truth_err": truth_err, "max_diff": 0.0 if ref is None else (out.float() - ref.float()).abs().max().item(), "out": out,
@@ -94,11 +90,6 @@ def main() -> None:
     p.add_argument("--context", type=int, default=816)
     p.add_argument("--defaults-only", action="store_true", help="only the default tiles and split count")
     p.add_argument("--json", default=None)
-    p.add_argument(
-        "--merge",
-        action="store_true",
-        help="also time the default tiles with the split merge in the attention kernel and as its own launch",
-    )
     p.add_argument(
         "--profile-once",
         action="store_true",
@@ -125,8 +116,6 @@ def main() -> None:
                 rows.append(row)
             # split counts around the engine's choice
             auto = rows[-len(variants)]["splits"]
-            for merge in (True, False) if args.merge else ():
-                rows.append(run(shape, batch, args.context, None, None, copy_bw, ref, merge=merge))
             others = {1, max(1, auto - 1), auto + 1, auto * 2} - {auto}
             others = set() if args.defaults_only else others
             for splits in sorted(others):
@@ -146,8 +135,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        merge = "" if r["merge_in_kernel"] is None else f" merge in kernel: {r['merge_in_kernel']}"
-        print(f"| {r['layer']} | {r['batch']} | {r['tiles']}{merge} | {r['splits']} | {r['us']:.1f} | {r['kv_mb']:.0f} |"
+        print(f"| {r['layer']} | {r['batch']} | {r['tiles']} | {r['splits']} | {r['us']:.1f} | {r['kv_mb']:.0f} |"
               f" {r['gbps']:.0f} | {r['of_copy']:.0%} | {r['truth_err']:.1e} | {r['max_diff']:.1e} |")  # fmt: skip
 
 

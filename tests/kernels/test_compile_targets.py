@@ -37,8 +37,7 @@ ATTN_PTRS = {"q_ptr": "*bf16", "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32",
              "item_seq_ptr": "*i32", "item_q0_ptr": "*i32", "seq_start_ptr": "*i32", "seq_len_ptr": "*i32",
              "seq_offset_ptr": "*i32", "block_table_ptr": "*i32", "ring_ptr": "*i32"}  # fmt: skip
 ATTN = dict(GROUP=8, GROUP_P2=8, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=16, D=512, ROT=128, RING=False, SLIDING=False,
-            DERIVE_K=True, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=1, SPLIT=True, MERGE=False, MERGE_CHUNK=8,
-            PRECISION=None)  # fmt: skip
+            DERIVE_K=True, KV_FORMAT=1, NATIVE_FP8=False, COMPUTE=1, SPLIT=True, PRECISION=None)  # fmt: skip
 # the vocabulary-wide kernels after the lm_head (kernels/logits.py)
 LOGITS_PTRS = {"in_ptr": "*bf16", "out_ptr": "*fp32", "cap": "fp32", "logits_ptr": "*fp32", "part_ptr": "*fp32",
                "index_ptr": "*i32", "table_ptr": "*fp64"}  # fmt: skip
@@ -61,8 +60,6 @@ KERNELS = {
     "sum": (_moe_sum_kernel, 4, dict(TOP_K=8, BLOCK=1024)),
     "align": (_moe_align_kernel, 8, dict(E_PAD=128, BM=16, CHUNK=1024, BLOCK_CHUNK=64)),
     "decode_attention_split": (_paged_attention_kernel, 4, ATTN),
-    # the last split merges in the kernel (an arrival counter, acquire-release atomics)
-    "decode_attention_split_merged": (_paged_attention_kernel, 4, {**ATTN, "MERGE": True}),
     # a sliding layer's decode over a native FP8 ring (SM89+: hardware FP8 conversion), as 26B-A4B serves it
     "decode_attention_ring_fp8_sm89": (_paged_attention_kernel, 4, {**ATTN, "GROUP": 2, "GROUP_P2": 2, "D": 256,
         "BLOCK_N": 32, "RING": True, "SLIDING": True, "DERIVE_K": False, "NATIVE_FP8": True, "COMPUTE": 2,

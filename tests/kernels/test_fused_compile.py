@@ -81,10 +81,9 @@ KERNELS = {  # name: (kernel, warps, pointer types (default *bf16), other types,
                                          dict(ATTN_COMMON, GROUP=2, GROUP_P2=2, BLOCK_Q=64, D=256, DV=256, DV_SPLITS=1, ROT=1,
                                               RING=True, SLIDING=True, DERIVE_K=False, PREROTATED=False, BIDIR=True)),
     "paged_attention_global_decode": (paged_attention._paged_attention_kernel, 4,
-                                      {**ATTN_PTRS, "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32", "counter_ptr": "*i32"}, ATTN_SCALARS,
+                                      {**ATTN_PTRS, "part_acc_ptr": "*fp32", "part_lse_ptr": "*fp32"}, ATTN_SCALARS,
                                       dict(ATTN_COMMON, BLOCK_N=16, GROUP=8, GROUP_P2=8, BLOCK_Q=1, BLOCK_M=16, D=512,
-                                           ROT=64, RING=False, SLIDING=False, DERIVE_K=True, SPLIT=True, MERGE=True,
-                                           MERGE_CHUNK=8)),
+                                           ROT=64, RING=False, SLIDING=False, DERIVE_K=True, SPLIT=True)),
 }  # fmt: skip
 ATTENTION_KERNELS = (prefill_attention._prefill_attention_kernel, paged_attention._paged_attention_kernel)
 

@@ -62,7 +62,6 @@ def run_case(
     extra_padding_seq: bool = False,
     prefill_config=None,
     prerotate=False,
-    merge_in_kernel: bool | None = None,
 ):
     """Returns (kernel output, float64 reference). `prefill_config`: run the prefill kernel with these tiles
     (every sequence must have more than one query token) instead of the paged kernel; `prerotate`: with derived
@@ -153,7 +152,7 @@ def run_case(
         if case.window is not None
         else {"block_size": case.block_size}
     )
-    kernel = dict(num_splits=num_splits, merge_in_kernel=merge_in_kernel)
+    kernel = dict(num_splits=num_splits)
     kernel = kernel if prefill_config is None else dict(config=prefill_config)
     if prerotate:
         first, total, most = prefill_key_rows([s for s, _ in seqs], [n for _, n in seqs])
@@ -319,24 +318,6 @@ def test_attention_argument_errors_name_the_problem():
         bad = torch.zeros(1, 4, 24, device=DEVICE)
         paged_attention(bad, v_store=pool[..., :24], k_store=pool[..., :24], batch=batch, items=items,
                         window=None, block_size=4)  # fmt: skip
-
-
-@pytest.mark.parametrize(
-    "layout", [dict(GLOBAL, rope=PROPORTIONAL), dict(window=8)], ids=["derived-k", "ring"]
-)
-def test_the_last_split_to_finish_merges_as_the_merge_launch_does(layout):
-    """`merge_in_kernel`: the last split of each item and KV head merges its heads' partials (an arrival counter)
-    with the merge launch's code, so the output is the same to the bit; the counters are left at zero for the next
-    launch (and CUDA graph replays). A padding item and splits past the keys count in too."""
-    from nvfp4kit.kernels.split_k import arrival_counters
-
-    case = Case([(0, 1), (5, 1), (37, 1), (70, 1)], kv_dtype=torch.float8_e4m3fn, scale=0.5, **layout)
-    launched, ref = run_case(case, num_splits=5, merge_in_kernel=False, extra_padding_seq=True)
-    merged, _ = run_case(case, num_splits=5, merge_in_kernel=True, extra_padding_seq=True)
-    assert torch.equal(merged, launched) and rel_error(merged, ref) < bound(case)
-    assert not arrival_counters(DEVICE, 64)[:64].any()
-    again, _ = run_case(case, num_splits=5, merge_in_kernel=True, extra_padding_seq=True)
-    assert torch.equal(again, merged)
 
 
 @pytest.mark.parametrize("window", [None, 8], ids=["paged", "ring"])

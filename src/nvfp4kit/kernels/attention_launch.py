@@ -144,13 +144,6 @@ def _fewest_waves(programs: int, slots: int, limit: int, partial: float) -> int:
     return best
 
 
-# Decode with key splits: the last split of each item and KV head to finish merges the partials in the attention
-# kernel (an arrival counter, kernels/split_k.py) instead of a second launch. At batch 1 the merge launch took 5.5 us
-# a layer for a few KB (0.16 ms of the H100's 2.7 ms step, session 31), but the in-kernel merge puts a global
-# layer's 8 heads x splits on one program. Off until timed (`scripts/gpu_decode_attention_check.py --merge`).
-MERGE_IN_KERNEL = False
-
-
 def merge_chunk(num_splits: int) -> int:
     """Splits the merge kernel sums at a time (its one compile-time size: 2, 4 or 8, so three variants)."""
     return min(8, next_pow2(num_splits))

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nvfp4kit.kernels import attention_launch
 from nvfp4kit.kernels.attention_launch import (
     AttentionConfig,
     merge_chunk,
@@ -49,7 +48,6 @@ from nvfp4kit.kernels.attention_pools import (
 from nvfp4kit.kernels.configs import kernel_capability
 from nvfp4kit.kernels.kv_write import kv_format
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
-from nvfp4kit.kernels.split_k import arrival_counters
 
 # the per-step metadata rows of both attention kernels: slices of one buffer at 4 x count bytes, so their 16-byte
 # alignment changes with the step's sequence and item counts (only scalars are loaded from them: nothing to lose)
@@ -61,7 +59,7 @@ _STEP_POINTERS = ("item_seq_ptr", "item_q0_ptr", "seq_start_ptr", "seq_len_ptr",
 # are plain runtime arguments: specialising them on == 1 / % 16 / alignment would compile a variant per step shape
 @triton.jit(do_not_specialize=[*_STEP_POINTERS, "stride_bt", "num_rows", "num_splits"])
 def _paged_attention_kernel(
-    q_ptr, out_ptr, part_acc_ptr, part_lse_ptr, counter_ptr,
+    q_ptr, out_ptr, part_acc_ptr, part_lse_ptr,
     k_ptr, v_ptr, k_factor, v_factor,
     knorm_ptr, inv_freq_ptr,
     item_seq_ptr, item_q0_ptr,
@@ -72,8 +70,8 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
     RING: tl.constexpr, SLIDING: tl.constexpr, DERIVE_K: tl.constexpr, KV_FORMAT: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, COMPUTE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_inputs(PDL)
     item = tl.program_id(0)
@@ -189,19 +187,6 @@ def _paged_attention_kernel(
         store_ok = tl.where(hi > lo, store_ok, False)
         tl.store(part_lse_ptr + part, lse, mask=store_ok)
         tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
-        # the last split of this item and KV head to arrive merges its GROUP heads: no second launch
-        if MERGE:
-            tl.debug_barrier()  # every thread's partials are issued before the arrival is counted
-            tile = item * tl.num_programs(1) + kv_head
-            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-            if arrived == num_splits - 1:
-                live = _live_splits(start, qlen, q0, window, num_splits, BLOCK_N, SLIDING)
-                for h in tl.static_range(GROUP):
-                    _merge_head(
-                        part_acc_ptr, part_lse_ptr, out_ptr, item, kv_head * GROUP + h, qoff, live, stride_ot,
-                        stride_oh, num_q_heads, num_rows, num_splits, MERGE_CHUNK, D, ".cg",
-                    )  # fmt: skip
-                tl.atomic_xchg(counter_ptr + tile, 0)  # ready for the next call (and graph replay)
 
 
 @triton.jit
@@ -220,16 +205,15 @@ def _live_splits(start, qlen, q0, window, num_splits, BLOCK_N: tl.constexpr, SLI
 @triton.jit
 def _merge_head(
     part_acc_ptr, part_lse_ptr, out_ptr, item, head, qoff, live, stride_ot, stride_oh, num_q_heads, num_rows,
-    num_splits, CHUNK: tl.constexpr, D: tl.constexpr, CACHE: tl.constexpr,
+    num_splits, CHUNK: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     """One query head's output from its `live` partials (weights exp(lse - max)); a padding item (its row at or
-    past num_rows) stores nothing. CACHE ".cg" where other programs of the same launch wrote the partials (read
-    past L1)."""
+    past num_rows) stores nothing."""
     base = (item * num_q_heads + head) * num_splits
     top = tl.full([CHUNK], float("-inf"), tl.float32)
     for first in range(0, live, CHUNK):  # the largest log-sum-exp (a maximum: exact in any order)
         idx = first + tl.arange(0, CHUNK)
-        lse = tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf"), cache_modifier=CACHE)
+        lse = tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf"))
         top = tl.maximum(top, lse)
     top = tl.max(top, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
@@ -238,13 +222,12 @@ def _merge_head(
     total = tl.zeros([CHUNK], tl.float32)
     for first in range(0, live, CHUNK):  # a few splits at a time keeps the tile small
         idx = first + tl.arange(0, CHUNK)
-        lse = tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf"), cache_modifier=CACHE)
+        lse = tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf"))
         weight = tl.exp(lse - top)
         acc = tl.load(
             part_acc_ptr + (base + idx)[:, None] * D + cols[None, :],
             mask=(idx < live)[:, None],
             other=0.0,
-            cache_modifier=CACHE,
         )
         out += tl.sum(acc * weight[:, None], 0)
         total += weight
@@ -267,7 +250,7 @@ def _merge_splits_kernel(
     live = _live_splits(start, qlen, q0, window, num_splits, BLOCK_N, SLIDING)
     _merge_head(
         part_acc_ptr, part_lse_ptr, out_ptr, item, head, tl.load(seq_offset_ptr + seq), live, stride_ot, stride_oh,
-        num_q_heads, num_rows, num_splits, CHUNK, D, "",
+        num_q_heads, num_rows, num_splits, CHUNK, D,
     )  # fmt: skip
 
 
@@ -287,13 +270,12 @@ def paged_attention(
     num_splits: int = 1,
     out: torch.Tensor | None = None,
     config: AttentionConfig | None = None,
-    merge_in_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Attention of q [T, Hq, D] over a pool [rows, Hkv, D] for the query rows `items` covers; writes `out`.
 
     Give `ring_size` (sliding rings) or `block_size` (paged global pool). `k_store=None` needs `derived_key`.
-    With key splits, `merge_in_kernel` (default `attention_launch.MERGE_IN_KERNEL`) has the last split of each
-    item and KV head merge the partials instead of a second launch.
+    With key splits, a second launch merges the partials (merging in the attention kernel's last split, behind
+    an arrival counter, was slower on the H100: batch 1 -5.5%, sessions 24 and 32).
     """
     tokens, q_heads, kv_heads, head_dim = check_attention_args(
         q, v_store, k_store, derived_key, ring_size, block_size
@@ -319,13 +301,9 @@ def paged_attention(
             len(items), q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         part_lse = torch.empty(len(items), q_heads, num_splits, dtype=torch.float32, device=q.device)
-    merge = num_splits > 1 and (
-        attention_launch.MERGE_IN_KERNEL if merge_in_kernel is None else merge_in_kernel
-    )
-    counters = arrival_counters(q.device, len(items) * kv_heads) if merge else part_lse
     table = batch.block_table
     _paged_attention_kernel[(len(items), kv_heads, num_splits)](
-        q, out, part_acc, part_lse, counters, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, ops.knorm, ops.inv_freq,
+        q, out, part_acc, part_lse, k_view, v_view, float(k_scale) * unit, float(v_scale) * unit, ops.knorm, ops.inv_freq,
         items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset, table, batch.ring,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_view.stride(0), k_view.stride(1), v_view.stride(0), v_view.stride(1), table.stride(0),
@@ -333,12 +311,12 @@ def paged_attention(
         GROUP=group, GROUP_P2=next_pow2(group), BLOCK_Q=items.block_q, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         D=head_dim, ROT=ops.rot, RING=ring_size is not None, SLIDING=window is not None,
         DERIVE_K=derived_key is not None, KV_FORMAT=fmt.code, NATIVE_FP8=native_fp8,
-        COMPUTE=dot_dtype_code(q.dtype, fmt.code), SPLIT=num_splits > 1, MERGE=merge,
-        MERGE_CHUNK=merge_chunk(num_splits), PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,
+        COMPUTE=dot_dtype_code(q.dtype, fmt.code), SPLIT=num_splits > 1,
+        PRECISION="ieee" if dot_dtype_code(q.dtype, fmt.code) == 0 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
         **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )  # fmt: skip
-    if num_splits > 1 and not merge:
+    if num_splits > 1:
         _merge_splits_kernel[(len(items), q_heads)](
             part_acc, part_lse, out, items.seq, items.q0, batch.seq_start, batch.seq_len, batch.seq_offset,
             out.stride(0), out.stride(1), window or 0, q_heads, tokens, num_splits,
