@@ -29,6 +29,6 @@ sys.exit(main(sys.argv[1:]))" bench engine --decode-batches $batches --context 8
     --max-model-len 16384 --prefill ${PREFILL:-1024 8192} --baseline none --json "$out/engine_$name.json" "$@" 2>&1 |
     grep -E "decode batch|prefill|copies|compiled" | cut -c1-150
 }
-engine w4a16 48
-engine copies48 48 --linear-copies
-for m in ${COPY_MIN:-}; do engine "copies$m" "$m" --linear-copies; done
+engine w4a16 48 --linear-copies off
+engine copies48 48 --linear-copies on
+for m in ${COPY_MIN:-}; do engine "copies$m" "$m" --linear-copies on; done

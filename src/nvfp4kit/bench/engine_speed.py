@@ -23,10 +23,10 @@ import torch
 from nvfp4kit.bench import engine_runs as runs
 from nvfp4kit.config import PRESET_DIR, load_config, load_preset
 from nvfp4kit.engine.engine import Engine, EngineConfig
-from nvfp4kit.model.layers import keep_dense_weights
-from nvfp4kit.plan.checkpoint import weights_from_checkpoint
+from nvfp4kit.engine.linear_copies import keep_linear_copies, resolve_linear_copies
+from nvfp4kit.plan.checkpoint import linear_copy_bytes_from_checkpoint, weights_from_checkpoint
 from nvfp4kit.plan.units import token_counts
-from nvfp4kit.plan.weights import weights_from_config
+from nvfp4kit.plan.weights import linear_copy_bytes, weights_from_config
 
 
 def _log(msg: str) -> None:
@@ -109,8 +109,14 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
     weights_gib = torch.cuda.memory_allocated() / 2**30
     _log(f"{label}: {weights_gib:.3f} GiB on the GPU (planner: {weights.text_bytes / 2**30:.3f} GiB)")
     copies = 0
-    if getattr(args, "linear_copies", False):  # before the graphs: steps of many tokens read the copies
-        copies = keep_dense_weights(model, torch.bfloat16, limit_bytes=2**62, linears_only=True)
+    tp = getattr(args, "tensor_parallel_size", 1)
+    setting = getattr(args, "linear_copies", "auto")
+    if args.model:
+        copy_bytes = linear_copy_bytes_from_checkpoint(args.model)
+    else:
+        copy_bytes = linear_copy_bytes(cfg) if args.weights == "nvfp4" else 0
+    if tp == 1 and resolve_linear_copies(setting, device="cuda", copy_bytes=copy_bytes):
+        copies = keep_linear_copies(model)  # before the graphs, as serve does
         _log(f"BF16 copies of the attention and dense-MLP weights: {copies / 2**30:.3f} GiB")
     engine = Engine(model, None, config=engine_config(args, cfg))
     if getattr(args, "parallel_group", None) is not None:
@@ -360,9 +366,9 @@ def register_scenario(scenarios: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--fp8-lm-head", action="store_true", help="also time decode with the FP8 lm_head copy")
     p.add_argument(
-        "--linear-copies", action="store_true",
-        help="keep BF16 copies of the attention and dense-MLP weights, read by cuBLAS at steps of 48+ tokens (as "
-        "`serve --linear-copies`)",
+        "--linear-copies", choices=("auto", "on", "off"), default="auto",
+        help="BF16 copies of the attention and dense-MLP weights, read by cuBLAS at steps of 48+ tokens, as `serve "
+        "--linear-copies` (auto: on where they take <= 5%% of the card; off: the 4-bit kernels at every size)",
     )  # fmt: skip
     p.add_argument(
         "--profile",
