@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nvfp4kit.engine.engine import Engine, EngineConfig, with_device_defaults
-from nvfp4kit.engine.linear_copies import keep_linear_copies, resolve_linear_copies
+from nvfp4kit.engine.linear_copies import keep_cpu_copies, keep_linear_copies, resolve_linear_copies
 from nvfp4kit.engine.outputs import RequestOutput
 from nvfp4kit.engine.request import TokenEvent
 from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
@@ -186,7 +185,7 @@ class LLM:
         else:
             self.model = load_model(self.path, dtype=model_dtype, device=self.device, backend=backend)
             if self.device.type == "cpu":
-                _keep_dense_on_cpu(self.model)
+                keep_cpu_copies(self.model)
             elif self.linear_copies:
                 keep_linear_copies(self.model)
         if fp8_lm_head:
@@ -404,16 +403,3 @@ def _engine_options(config: EngineConfig, **options: Any) -> EngineConfig:
             raise ValueError("prefill CUDA graphs are not supported with tensor_parallel_size > 1")
         changes["prefill_graphs"] = ()
     return replace(config, **changes)
-
-
-def _keep_dense_on_cpu(model) -> None:
-    """On a CPU the torch backend would expand every NVFP4 weight on each call: keep expanded copies instead when
-    they take at most a quarter of the machine's memory (and 8 GiB)."""
-    from nvfp4kit.model.layers import keep_dense_weights
-
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): keep the small models' copies only
-        ram = 4 * 2**30
-    kept = keep_dense_weights(model, model.dtype, limit_bytes=min(8 * 2**30, ram // 4))
-    log.debug("CPU: %.1f MiB of expanded weights kept", kept / 2**20)

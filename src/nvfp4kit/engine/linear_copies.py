@@ -4,18 +4,20 @@ projections), which cuBLAS reads at steps of many tokens (`kernels.thresholds.LI
 Why: from ~48 tokens a step the W4A16 Triton tiles fall behind BF16 cuBLAS on these shapes (0.45-0.81x at 64
 tokens on an H200, 0.41-0.78x at 96 on an H100) while the experts, most of the bytes, are served well by the
 grouped MoE kernels. Decode at large batches and prefill chunks therefore gain from copies of the small part of
-the model that is not experts (3.3 GB on the 26B-A4B shape, 22% of its weights). Smaller steps keep reading
-the 4-bit weights (the fragment GEMV and small tiles match or beat cuBLAS there).
+the model that is not experts (3.1 GiB on the 26B-A4B shape, 22% of its weights; H100, session 32: batch 96
++5.9%, served concurrency 100 +4.6%). Smaller steps keep reading the 4-bit weights (the fragment GEMV and small
+tiles match or beat cuBLAS there).
 
 `auto`, the default, keeps them where they cost little: a CUDA card on which they take at most
-`plan.weights.LINEAR_COPIES_MAX_SHARE` of the memory (80 GB and larger cards for 26B-A4B; never a 24 GB card, whose memory the KV
-cache needs), one process (no tensor parallelism). A CPU keeps full copies of every weight anyway
-(`llm._keep_dense_on_cpu`).
+`plan.weights.LINEAR_COPIES_MAX_SHARE` of the memory (80 GB and larger cards for 26B-A4B; never a 24 GB card,
+whose memory the KV cache needs), one process (no tensor parallelism). A CPU keeps expanded copies of every
+weight instead (`keep_cpu_copies`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -58,4 +60,16 @@ def keep_linear_copies(model: nn.Module) -> int:
         return 0
     kept = keep_dense_weights(model, torch.bfloat16, limit_bytes=2**62, linears_only=True)
     log.info("BF16 copies of the attention and dense-MLP weights: %.2f GiB (--linear-copies)", kept / 2**30)
+    return kept
+
+
+def keep_cpu_copies(model: nn.Module) -> int:
+    """On a CPU the torch backend would expand every NVFP4 weight on each call: keep expanded copies of all of
+    them instead when they take at most a quarter of the machine's memory (and 8 GiB); the bytes kept."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): keep the small models' copies only
+        ram = 4 * 2**30
+    kept = keep_dense_weights(model, model.dtype, limit_bytes=min(8 * 2**30, ram // 4))
+    log.debug("CPU: %.1f MiB of expanded weights kept", kept / 2**20)
     return kept
