@@ -99,3 +99,13 @@ def test_nvfp4kit_plan_holds_the_copies_where_the_engine_would_keep_them():
     assert kv["off"] - kv["auto"] == copies
     rtx = build_plan("gemma-4-26b-a4b", gpu="RTX 3090")  # the seed card's: its memory goes to the KV cache
     assert rtx["weights"]["linear_copies_bytes"] == 0
+
+
+def test_llm_refuses_copies_on_the_cpu_before_loading(tiny_checkpoint):
+    from nvfp4kit import LLM
+
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        LLM(tiny_checkpoint("moe"), linear_copies="on")
+    llm = LLM(tiny_checkpoint("moe"))  # auto: the CPU keeps its own expanded copies, not these
+    assert llm.linear_copies is False
+    llm.close()
