@@ -7,7 +7,7 @@ the main loop's instruction count is a figure worth optimising before any GPU ti
 cubin with the cuobjdump Triton ships, finds the largest backward-branch loop and prints its size, the weights
 each thread decodes per iteration and the most frequent opcodes.
 
-  python3 scripts/cpu_sass_counts.py [--arch 9.0] [--m 1 16 64] [--halves] [--tile 128x128x64:8:3[:swap]]
+  python3 scripts/cpu_sass_counts.py [--arch 9.0] [--m 1 16 64] [--halves] [--tile 128x128x64:8:3[:swap]] [--moe F=V,..]
   python3 scripts/cpu_sass_counts.py --attention [--arch 9.0]
 (`--attention`: the decode and prefill attention kernels of both layer kinds over FP8 KV instead, as `nvfp4kit
 bench compile` launches them: registers, spills and the key loop's size; session 30 found libdevice's sin/cos
@@ -17,6 +17,7 @@ forces that tensor-core tile, warps and stages on the dense linears, e.g. at pre
 otherwise expand and call cuBLAS.) Each row also counts the loop's Hopper MMAs and its waits for all of them
 (`wgmma` = HGMMA, `sync` = WARPGROUP.DEPBAR.LE gsb0, 0x0): a wait after every MMA batch means the FP4 decode
 of the next K step never overlaps the tensor cores (session 24, docs/benchmarks.md).
+(`--moe` forces MoEConfig fields on the MoE tiles, e.g. `--moe gate_up_block_n=64,halves=1`.)
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--halves", action="store_true")
     ap.add_argument("--tile", help="BMxBNxBK:warps:stages[:swap], forced on the dense linears")
+    ap.add_argument(
+        "--moe", help="fields forced on the MoE tiles, e.g. swap_ab=1,gate_up_block_n=64,down_block_n=64"
+    )
     ap.add_argument("--attention", action="store_true", help="the attention kernels instead (see above)")
     args = ap.parse_args()
     capability = tuple(int(v) for v in args.arch.split("."))
@@ -123,6 +127,10 @@ def main() -> None:
         fused_moe_module.select_moe_config = lambda *a, **k: dataclasses.replace(
             pick_moe(*a, **k), halves=True
         )
+    if args.moe:
+        moe_fields = {k: int(v) for k, v in (item.split("=") for item in args.moe.split(","))}
+        pick = fused_moe_module.select_moe_config
+        fused_moe_module.select_moe_config = lambda *a, **k: dataclasses.replace(pick(*a, **k), **moe_fields)
     e, top_k, h, i = (MOE_SHAPE[key] for key in ("experts", "top_k", "hidden", "inter"))
     gate_up = random_nvfp4(2 * i, h, experts=e, device="cpu")
     down = random_nvfp4(h, i, experts=e, device="cpu")
