@@ -147,6 +147,7 @@ class LLM:
             device=self.device,
             copy_bytes=copies_bytes,
             tensor_parallel_size=tensor_parallel_size,
+            card_bytes=options.gpu_memory_budget,
         )
         if tensor_parallel_size > 1:  # rank 0 here, ranks 1.. in spawned processes (docs/parallel.md)
             from nvfp4kit.distributed.memory import plan_parallel_memory

@@ -53,6 +53,9 @@ def test_auto_keeps_copies_on_large_cards_only(card):
     assert not lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies)
     assert lc.resolve_linear_copies("on", device="cuda", copy_bytes=copies)  # asked for: kept anyway
     assert lc.resolve_linear_copies(True, device="cuda", copy_bytes=copies)
+    card(141.0)  # an H200 running as a 24 GB card (--gpu-memory-budget 24GiB): sized as that card
+    assert lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies)
+    assert not lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies, card_bytes=24 * 2**30)
 
 
 def test_cpu_and_bad_settings():

@@ -31,11 +31,17 @@ SETTINGS = ("auto", "on", "off")
 
 
 def resolve_linear_copies(
-    setting: str | bool, *, device: torch.device | str, copy_bytes: int, tensor_parallel_size: int = 1
+    setting: str | bool,
+    *,
+    device: torch.device | str,
+    copy_bytes: int,
+    tensor_parallel_size: int = 1,
+    card_bytes: int | None = None,
 ) -> bool:
     """Whether to keep the copies: `on` / `off` as given (`on` needs one CUDA process), `auto` by the rule in
     the module's docstring. `copy_bytes`: `plan.weights.linear_copy_bytes` or `plan.checkpoint.
-    linear_copy_bytes_from_checkpoint`."""
+    linear_copy_bytes_from_checkpoint`; `card_bytes`: the card `auto` sizes for (`--gpu-memory-budget`, which
+    emulates a smaller card), else the device's own memory."""
     setting = {True: "on", False: "off"}.get(setting, setting)  # type: ignore[arg-type]
     if setting not in SETTINGS:
         raise ValueError(f"linear_copies must be one of {', '.join(SETTINGS)}, got {setting!r}")
@@ -50,7 +56,9 @@ def resolve_linear_copies(
         return copy_bytes > 0
     if setting == "off" or device.type != "cuda" or tensor_parallel_size > 1:
         return False
-    return linear_copies_auto(copy_bytes, torch.cuda.get_device_properties(device).total_memory)
+    if card_bytes is None:
+        card_bytes = torch.cuda.get_device_properties(device).total_memory
+    return linear_copies_auto(copy_bytes, card_bytes)
 
 
 def keep_linear_copies(model: nn.Module) -> int:

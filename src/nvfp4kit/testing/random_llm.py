@@ -126,6 +126,7 @@ class RandomLLM(LLM):
             device=self.device,
             copy_bytes=copies_bytes,
             tensor_parallel_size=tensor_parallel_size,
+            card_bytes=options.gpu_memory_budget,
         )
         extra += copies_bytes if self.linear_copies else 0
         self.startup_plan = plan_engine_memory(
