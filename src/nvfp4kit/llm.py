@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nvfp4kit.engine.engine import Engine, EngineConfig, with_device_defaults
-from nvfp4kit.engine.linear_copies import keep_cpu_copies, keep_linear_copies, resolve_linear_copies
+from nvfp4kit.engine.linear_copies import keep_cpu_copies, keep_linear_copies, linear_copies_to_keep
 from nvfp4kit.engine.outputs import RequestOutput
 from nvfp4kit.engine.request import TokenEvent
 from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
@@ -141,14 +141,11 @@ class LLM:
             gpu_memory_budget=gpu_memory_budget, kv_cache_memory=kv_cache_memory,
         )  # fmt: skip
         model_dtype = resolve_dtype(dtype, self.device)
-        copies_bytes = linear_copy_bytes_from_checkpoint(self.path) if model_dtype == torch.bfloat16 else 0
-        self.linear_copies = resolve_linear_copies(
-            linear_copies,
-            device=self.device,
-            copy_bytes=copies_bytes,
-            tensor_parallel_size=tensor_parallel_size,
-            card_bytes=options.gpu_memory_budget,
-        )
+        copies = linear_copies_to_keep(
+            linear_copies, device=self.device, copy_bytes=linear_copy_bytes_from_checkpoint(self.path),
+            model_dtype=model_dtype, tensor_parallel_size=tensor_parallel_size, card_bytes=options.gpu_memory_budget,
+        )  # fmt: skip
+        self.linear_copies = copies > 0
         if tensor_parallel_size > 1:  # rank 0 here, ranks 1.. in spawned processes (docs/parallel.md)
             from nvfp4kit.distributed.memory import plan_parallel_memory
 
@@ -160,7 +157,7 @@ class LLM:
             self.startup_plan = plan_checkpoint_memory(
                 self.path, device=self.device, model_dtype=model_dtype, config=engine_config, options=options,
                 fp8_lm_head=fp8_lm_head, vision=not language_model_only,
-                copies_bytes=copies_bytes if self.linear_copies else 0,
+                copies_bytes=copies,
             )  # fmt: skip
         if self.startup_plan is not None:
             log.info("%s", self.startup_plan.format())

@@ -46,26 +46,26 @@ def card(monkeypatch):
 def test_auto_keeps_copies_on_large_cards_only(card):
     copies = linear_copy_bytes(load_preset("gemma-4-26b-a4b"))
     card(79.2)  # an H100 80GB
-    assert lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies)
-    assert not lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies, tensor_parallel_size=2)
-    assert not lc.resolve_linear_copies("off", device="cuda", copy_bytes=copies)
+    assert lc.linear_copies_to_keep("auto", device="cuda", copy_bytes=copies)
+    assert not lc.linear_copies_to_keep("auto", device="cuda", copy_bytes=copies, tensor_parallel_size=2)
+    assert not lc.linear_copies_to_keep("off", device="cuda", copy_bytes=copies)
     card(23.6)  # an RTX 3090 / 4090: the KV cache needs the memory
-    assert not lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies)
-    assert lc.resolve_linear_copies("on", device="cuda", copy_bytes=copies)  # asked for: kept anyway
-    assert lc.resolve_linear_copies(True, device="cuda", copy_bytes=copies)
+    assert not lc.linear_copies_to_keep("auto", device="cuda", copy_bytes=copies)
+    assert lc.linear_copies_to_keep("on", device="cuda", copy_bytes=copies)  # asked for: kept anyway
+    assert lc.linear_copies_to_keep(True, device="cuda", copy_bytes=copies)
     card(141.0)  # an H200 running as a 24 GB card (--gpu-memory-budget 24GiB): sized as that card
-    assert lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies)
-    assert not lc.resolve_linear_copies("auto", device="cuda", copy_bytes=copies, card_bytes=24 * 2**30)
+    assert lc.linear_copies_to_keep("auto", device="cuda", copy_bytes=copies)
+    assert not lc.linear_copies_to_keep("auto", device="cuda", copy_bytes=copies, card_bytes=24 * 2**30)
 
 
 def test_cpu_and_bad_settings():
-    assert not lc.resolve_linear_copies("auto", device="cpu", copy_bytes=10)
+    assert not lc.linear_copies_to_keep("auto", device="cpu", copy_bytes=10)
     with pytest.raises(ValueError, match="CUDA"):
-        lc.resolve_linear_copies("on", device="cpu", copy_bytes=10)
+        lc.linear_copies_to_keep("on", device="cpu", copy_bytes=10)
     with pytest.raises(ValueError, match="tensor parallel"):
-        lc.resolve_linear_copies("on", device="cuda", copy_bytes=10, tensor_parallel_size=2)
+        lc.linear_copies_to_keep("on", device="cuda", copy_bytes=10, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="one of"):
-        lc.resolve_linear_copies("sometimes", device="cpu", copy_bytes=10)
+        lc.linear_copies_to_keep("sometimes", device="cpu", copy_bytes=10)
 
 
 def test_the_memory_plan_counts_the_copies_before_loading(monkeypatch):
@@ -112,3 +112,11 @@ def test_llm_refuses_copies_on_the_cpu_before_loading(tiny_checkpoint):
     llm = LLM(tiny_checkpoint("moe"))  # auto: the CPU keeps its own expanded copies, not these
     assert llm.linear_copies is False
     llm.close()
+
+
+def test_only_a_bf16_model_keeps_copies(card):
+    card(79.2)
+    copies = linear_copy_bytes(load_preset("gemma-4-26b-a4b"))
+    keep = lc.linear_copies_to_keep("auto", device="cuda", copy_bytes=copies, model_dtype=torch.bfloat16)
+    assert keep == copies
+    assert lc.linear_copies_to_keep("on", device="cuda", copy_bytes=copies, model_dtype=torch.float16) == 0

@@ -23,7 +23,7 @@ import torch
 from nvfp4kit.bench import engine_runs as runs
 from nvfp4kit.config import PRESET_DIR, load_config, load_preset
 from nvfp4kit.engine.engine import Engine, EngineConfig
-from nvfp4kit.engine.linear_copies import keep_linear_copies, resolve_linear_copies
+from nvfp4kit.engine.linear_copies import keep_linear_copies, linear_copies_to_keep
 from nvfp4kit.plan.checkpoint import linear_copy_bytes_from_checkpoint, weights_from_checkpoint
 from nvfp4kit.plan.units import token_counts
 from nvfp4kit.plan.weights import linear_copy_bytes, weights_from_config
@@ -109,13 +109,14 @@ def measure_engine(args: argparse.Namespace, rows: list[dict]) -> dict:
     weights_gib = torch.cuda.memory_allocated() / 2**30
     _log(f"{label}: {weights_gib:.3f} GiB on the GPU (planner: {weights.text_bytes / 2**30:.3f} GiB)")
     copies = 0
-    tp = getattr(args, "tensor_parallel_size", 1)
-    setting = getattr(args, "linear_copies", "auto")
     if args.model:
         copy_bytes = linear_copy_bytes_from_checkpoint(args.model)
     else:
         copy_bytes = linear_copy_bytes(cfg) if args.weights == "nvfp4" else 0
-    if tp == 1 and resolve_linear_copies(setting, device="cuda", copy_bytes=copy_bytes):
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if linear_copies_to_keep(
+        args.linear_copies, device="cuda", copy_bytes=copy_bytes, tensor_parallel_size=tp
+    ):
         copies = keep_linear_copies(model)  # before the graphs, as serve does
         _log(f"BF16 copies of the attention and dense-MLP weights: {copies / 2**30:.3f} GiB")
     engine = Engine(model, None, config=engine_config(args, cfg))

@@ -30,22 +30,26 @@ log = logging.getLogger(__name__)
 SETTINGS = ("auto", "on", "off")
 
 
-def resolve_linear_copies(
+def linear_copies_to_keep(
     setting: str | bool,
     *,
     device: torch.device | str,
     copy_bytes: int,
+    model_dtype: torch.dtype = torch.bfloat16,
     tensor_parallel_size: int = 1,
     card_bytes: int | None = None,
-) -> bool:
-    """Whether to keep the copies: `on` / `off` as given (`on` needs one CUDA process), `auto` by the rule in
-    the module's docstring. `copy_bytes`: `plan.weights.linear_copy_bytes` or `plan.checkpoint.
-    linear_copy_bytes_from_checkpoint`; `card_bytes`: the card `auto` sizes for (`--gpu-memory-budget`, which
-    emulates a smaller card), else the device's own memory."""
+) -> int:
+    """The bytes of copies to keep and hold from the KV cache (0: none). `on` / `off` as given (`on` needs one
+    CUDA process), `auto` by the rule in the module's docstring. `copy_bytes`: `plan.weights.linear_copy_bytes`
+    or `plan.checkpoint.linear_copy_bytes_from_checkpoint`; a model loading in another dtype than bf16 keeps
+    none (the W4A16 path reads bf16 copies only); `card_bytes`: the card `auto` sizes for
+    (`--gpu-memory-budget`, which emulates a smaller card), else the device's own memory."""
     setting = {True: "on", False: "off"}.get(setting, setting)  # type: ignore[arg-type]
     if setting not in SETTINGS:
         raise ValueError(f"linear_copies must be one of {', '.join(SETTINGS)}, got {setting!r}")
     device = torch.device(device)
+    if model_dtype != torch.bfloat16:
+        copy_bytes = 0
     if setting == "on":
         if device.type != "cuda":
             raise ValueError(
@@ -53,12 +57,12 @@ def resolve_linear_copies(
             )
         if tensor_parallel_size > 1:
             raise ValueError("--linear-copies on is not supported with tensor parallelism")
-        return copy_bytes > 0
+        return copy_bytes
     if setting == "off" or device.type != "cuda" or tensor_parallel_size > 1:
-        return False
+        return 0
     if card_bytes is None:
         card_bytes = torch.cuda.get_device_properties(device).total_memory
-    return linear_copies_auto(copy_bytes, card_bytes)
+    return copy_bytes if linear_copies_auto(copy_bytes, card_bytes) else 0
 
 
 def keep_linear_copies(model: nn.Module) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, config_from_dict, list_presets
 from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
-from nvfp4kit.engine.linear_copies import keep_linear_copies, resolve_linear_copies
+from nvfp4kit.engine.linear_copies import keep_linear_copies, linear_copies_to_keep
 from nvfp4kit.engine.sizing import measure_device_memory, plan_engine_memory
 from nvfp4kit.llm import LLM, check_device, memory_options
 from nvfp4kit.model.loader import resolve_dtype
@@ -120,15 +120,12 @@ class RandomLLM(LLM):
             weights = layout.busiest_rank_weights(weights_from_config(cfg, recipe="all-nvfp4"), local)
             vocab_rows = len(layout.vocab_range(0))
         extra = vocab_rows * (cfg.hidden_size + 4) if fp8_lm_head else 0
-        copies_bytes = linear_copy_bytes(cfg) if model_dtype == torch.bfloat16 else 0
-        self.linear_copies = resolve_linear_copies(
-            linear_copies,
-            device=self.device,
-            copy_bytes=copies_bytes,
-            tensor_parallel_size=tensor_parallel_size,
-            card_bytes=options.gpu_memory_budget,
-        )
-        extra += copies_bytes if self.linear_copies else 0
+        copies = linear_copies_to_keep(
+            linear_copies, device=self.device, copy_bytes=linear_copy_bytes(cfg), model_dtype=model_dtype,
+            tensor_parallel_size=tensor_parallel_size, card_bytes=options.gpu_memory_budget,
+        )  # fmt: skip
+        self.linear_copies = copies > 0
+        extra += copies
         self.startup_plan = plan_engine_memory(
             layout.local_config() if layout else cfg,
             weights_bytes=weights + extra,
