@@ -66,10 +66,8 @@ def linear_copies_to_keep(
 
 
 def keep_linear_copies(model: nn.Module) -> int:
-    """Expand the model's non-expert NVFP4 linears into BF16 copies (before CUDA graphs are captured); the
-    bytes kept (none for a model in another dtype: the W4A16 path reads bf16 copies only)."""
-    if getattr(model, "dtype", torch.bfloat16) != torch.bfloat16:
-        return 0
+    """Expand the model's non-expert NVFP4 linears into BF16 copies (before CUDA graphs are captured; the caller
+    decides with `linear_copies_to_keep`); the bytes kept."""
     kept = keep_dense_weights(model, torch.bfloat16, limit_bytes=2**62, linears_only=True)
     log.info("BF16 copies of the attention and dense-MLP weights: %.2f GiB (--linear-copies)", kept / 2**30)
     return kept

@@ -68,11 +68,11 @@ def select_config(
         block_n = 16 if wide else 32
         stages = 2
         if fp8 and not wide and warps == 4:
-            limits = limits_or_nearest(capability or (9, 0))
             tiles = _DECODE_STAGES * 2 * block_n * head_dim  # K and V bytes a block buffers (an upper bound)
-            stages = (
-                _DECODE_STAGES if 3 * (tiles + limits.smem_reserved_per_block) <= limits.smem_per_sm else 2
+            fit = limits_or_nearest(capability or (9, 0)).resident_blocks(
+                num_warps=4, registers=cap, shared=tiles
             )
+            stages = _DECODE_STAGES if fit >= 3 else 2
         return AttentionConfig(rows, block_n, num_warps=warps, num_stages=stages, max_registers=cap)
     warps = 8 if head_dim >= 256 else 4
     return AttentionConfig(max(rows, 64 if head_dim <= 256 else 32), 32, num_warps=warps, num_stages=2)

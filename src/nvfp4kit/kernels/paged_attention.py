@@ -189,32 +189,33 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + part[:, None] * D + cols[None, :], acc, mask=store_ok[:, None])
 
 
-@triton.jit
-def _live_splits(start, qlen, q0, window, num_splits, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
-    """The splits of a decode item that held keys, as the attention kernel divided its keys among `num_splits`:
-    graphs are captured with the split count of the longest context, so at a short one most splits are empty (and
-    stored nothing)."""
+@triton.jit(do_not_specialize=[*_STEP_POINTERS[:5], "num_rows", "num_splits"])
+def _merge_splits_kernel(
+    part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, item_q0_ptr, seq_start_ptr, seq_len_ptr, seq_offset_ptr,
+    stride_ot, stride_oh, window, num_q_heads, num_rows, num_splits,
+    CHUNK: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """One query head's output from its item's partials (weights exp(lse - max)); a padding item (its row at or
+    past num_rows) stores nothing."""
+    wait_for_inputs(PDL)
+    item = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(item_seq_ptr + item)
+    qoff = tl.load(seq_offset_ptr + seq)
+    # the splits that held keys, as the attention kernel divided them: graphs are captured with the split count
+    # of the longest context, so at a short one most splits are empty (and stored nothing)
+    start, qlen, q0 = tl.load(seq_start_ptr + seq), tl.load(seq_len_ptr + seq), tl.load(item_q0_ptr + item)
     first_key = 0
     if SLIDING:
         first_key = tl.maximum(start + q0 - window + 1, 0)
     keys = tl.maximum(start + tl.minimum(qlen, q0 + 1) - first_key, 0)
     chunk = tl.maximum(tl.cdiv(tl.cdiv(keys, num_splits), BLOCK_N) * BLOCK_N, 1)
-    return tl.cdiv(keys, chunk)
-
-
-@triton.jit
-def _merge_head(
-    part_acc_ptr, part_lse_ptr, out_ptr, item, head, qoff, live, stride_ot, stride_oh, num_q_heads, num_rows,
-    num_splits, CHUNK: tl.constexpr, D: tl.constexpr,
-):  # fmt: skip
-    """One query head's output from its `live` partials (weights exp(lse - max)); a padding item (its row at or
-    past num_rows) stores nothing."""
+    live = tl.cdiv(keys, chunk)
     base = (item * num_q_heads + head) * num_splits
     top = tl.full([CHUNK], float("-inf"), tl.float32)
     for first in range(0, live, CHUNK):  # the largest log-sum-exp (a maximum: exact in any order)
         idx = first + tl.arange(0, CHUNK)
-        lse = tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf"))
-        top = tl.maximum(top, lse)
+        top = tl.maximum(top, tl.load(part_lse_ptr + base + idx, mask=idx < live, other=float("-inf")))
     top = tl.max(top, 0)
     top = tl.where(top == float("-inf"), 0.0, top)
     cols = tl.arange(0, D)
@@ -234,24 +235,6 @@ def _merge_head(
     out = out / tl.maximum(tl.sum(total, 0), 1e-30)
     dst = out_ptr + qoff.to(tl.int64) * stride_ot + head * stride_oh + cols
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=cols < tl.where(qoff < num_rows, D, 0))  # padding: 0
-
-
-@triton.jit(do_not_specialize=[*_STEP_POINTERS[:5], "num_rows", "num_splits"])
-def _merge_splits_kernel(
-    part_acc_ptr, part_lse_ptr, out_ptr, item_seq_ptr, item_q0_ptr, seq_start_ptr, seq_len_ptr, seq_offset_ptr,
-    stride_ot, stride_oh, window, num_q_heads, num_rows, num_splits,
-    CHUNK: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, PDL: tl.constexpr,
-):  # fmt: skip
-    wait_for_inputs(PDL)
-    item = tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.load(item_seq_ptr + item)
-    start, qlen, q0 = tl.load(seq_start_ptr + seq), tl.load(seq_len_ptr + seq), tl.load(item_q0_ptr + item)
-    live = _live_splits(start, qlen, q0, window, num_splits, BLOCK_N, SLIDING)
-    _merge_head(
-        part_acc_ptr, part_lse_ptr, out_ptr, item, head, tl.load(seq_offset_ptr + seq), live, stride_ot, stride_oh,
-        num_q_heads, num_rows, num_splits, CHUNK, D,
-    )  # fmt: skip
 
 
 def paged_attention(
