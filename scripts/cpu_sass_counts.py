@@ -33,6 +33,7 @@ import torch
 
 from nvfp4kit.kernels import fused_moe as fused_moe_module
 from nvfp4kit.kernels import w4a16_linear as linear_module
+from nvfp4kit.kernels.arch_limits import arch_limits
 from nvfp4kit.kernels.configs import LinearConfig
 from nvfp4kit.tuning import cross_compile
 from nvfp4kit.tuning.cases import DENSE_SHAPES, MOE_SHAPE, random_nvfp4, random_routing
@@ -115,8 +116,9 @@ def main() -> None:
     record = cross_compile._record
 
     def keep(fn, kernel, kwargs):
-        compiled.append((fn.__name__, kernel.asm["cubin"], kernel.metadata.num_warps, dict(kwargs)))
-        return record(fn, kernel, kwargs)
+        rec = record(fn, kernel, kwargs)
+        compiled.append((fn.__name__, kernel.asm["cubin"], kernel.metadata.num_warps, dict(kwargs), rec))
+        return rec
 
     cross_compile._record = keep
     if args.halves:
@@ -156,7 +158,7 @@ def main() -> None:
             compiled.clear()
             with cross_compile.compile_for(capability, args.sms, zero_allocations=True):
                 run()
-            for name, cubin, warps, constants in compiled:
+            for name, cubin, warps, constants, rec in compiled:
                 if any(s in name for s in SKIP):
                     continue
                 code = loop_code(sass_of(cubin))  # parsed once for both counts
@@ -167,8 +169,12 @@ def main() -> None:
                 top = ", ".join(f"{k}:{v}" for k, v in ops.most_common(6))
                 mma = sum(v for k, v in ops.items() if k.startswith("HGMMA"))
                 sync = f" wgmma:{mma} sync:{waits}" if mma else ""
+                regs = (
+                    f" regs {rec.registers} spills {rec.spills} smem {rec.shared // 1024} KiB"
+                    f" {rec.blocks_per_sm(arch_limits(capability))} blocks/SM"
+                )
                 print(
-                    f"M={m:<3d} {label:18s} {name:28s} {n:4d} / {per or '-':>3} {ratio:12s} {top}{sync}",
+                    f"M={m:<3d} {label:18s} {name:28s} {n:4d} / {per or '-':>3} {ratio:12s} {top}{sync}{regs}",
                     flush=True,
                 )
 
