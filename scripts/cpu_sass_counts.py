@@ -5,7 +5,8 @@ register moves, MMA), which at 26B-A4B's sizes costs more issue slots than the w
 the main loop's instruction count is a figure worth optimising before any GPU time is spent. This compiles the
 26B-A4B shapes at a few token counts with `tuning.cross_compile.compile_for` (nothing runs), disassembles each
 cubin with the cuobjdump Triton ships, finds the largest backward-branch loop and prints its size, the weights
-each thread decodes per iteration and the most frequent opcodes.
+each thread decodes per iteration, the most frequent opcodes, and the kernel's registers, spills, shared memory and
+resident programs an SM.
 
   python3 scripts/cpu_sass_counts.py [--arch 9.0] [--m 1 16 64] [--halves] [--tile 128x128x64:8:3[:swap]] [--moe F=V,..]
   python3 scripts/cpu_sass_counts.py --attention [--arch 9.0]

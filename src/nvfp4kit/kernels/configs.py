@@ -79,15 +79,8 @@ class MoEConfig:
     # NVFP4KIT_MOE_GROUPED_TOKENS); "tiles" the tiles above; "frag" (moe_frag.py, 1-8 tokens) or "grouped"
     # (moe_frag_grouped.py) where they run. `nvfp4kit tune` writes the path of the winner it timed
     path: str | None = None
-    # sorted/pair mode: register caps per thread (Triton's maxnreg) for more resident programs an SM; None
-    # leaves ptxas free (gate_up's 16 x 32 x 256 tile takes 125: four programs of 4 warps an SM)
-    gate_up_max_registers: int | None = None
-    down_max_registers: int | None = None
 
     def __post_init__(self) -> None:
-        for cap in (self.gate_up_max_registers, self.down_max_registers):
-            if cap is not None and not 24 <= cap <= 255:
-                raise ValueError(f"MoEConfig register caps must be in [24, 255], got {cap}")
         if self.gate_up_split_k < 1 or self.down_split_k < 1:
             raise ValueError(
                 f"MoEConfig split counts must be >= 1, got {self.gate_up_split_k} and {self.down_split_k}"

@@ -352,21 +352,19 @@ def fused_moe(
         row_blocks = pairs
         act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
     bm = cfg.block_m if cfg.sorted else 16
-    gu_cap = {"maxnreg": cfg.gate_up_max_registers} if cfg.gate_up_max_registers and not interpret else {}
-    dn_cap = {"maxnreg": cfg.down_max_registers} if cfg.down_max_registers and not interpret else {}
     _moe_gate_up_kernel[(row_blocks, triton.cdiv(inter, gu_bn))](
         x2, gu[0], gu[1], gu[2], act, pair_ids, block_expert, ids, pairs, inter, hidden, x2.stride(0),
         gu[3], gu[4], gu[5], gu[6], act.stride(0),
         TOP_K=top_k, BM=bm, BN=gu_bn, BK=gu_bk, SORTED=cfg.sorted, EVEN_K=hidden % gu_bk == 0, HALVES=cfg.halves,
         **flags,
-        num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages, **gu_cap, **pdl_args(x.device),
+        num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     if not cfg.sorted and cfg.down_mode == "token":
         _moe_down_token_kernel[(tokens, triton.cdiv(hidden, dn_bn))](
             act, dn[0], dn[1], dn[2], out, ids, route, hidden, inter, act.stride(0),
             dn[3], dn[4], dn[5], dn[6], out.stride(0),
             TOP_K=top_k, BM=16, BN=dn_bn, BK=dn_bk, EVEN_K=inter % dn_bk == 0, **flags,
-            num_warps=cfg.down_warps, num_stages=cfg.num_stages, **dn_cap, **pdl_args(x.device),
+            num_warps=cfg.down_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
         )  # fmt: skip
         return out.reshape(*lead, hidden)
     per_pair = torch.empty((pairs, hidden), dtype=x.dtype, device=x.device)
@@ -374,6 +372,6 @@ def fused_moe(
         act, dn[0], dn[1], dn[2], per_pair, pair_ids, block_expert, ids, route, pairs, hidden, inter,
         act.stride(0), dn[3], dn[4], dn[5], dn[6], per_pair.stride(0),
         BM=bm, BN=dn_bn, BK=dn_bk, SORTED=cfg.sorted, EVEN_K=inter % dn_bk == 0, HALVES=cfg.halves, **flags,
-        num_warps=cfg.down_warps, num_stages=cfg.num_stages, **dn_cap, **pdl_args(x.device),
+        num_warps=cfg.down_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     return sum_top_k(per_pair, out, top_k).reshape(*lead, hidden)
