@@ -11,7 +11,8 @@
 # Usage from the repository root (wheels for what the device lacks in .whl/, installed when present):
 #   bash scripts/gpu_serve_bench.sh OUT_DIR          # the GPU run
 #   bash scripts/gpu_serve_bench.sh OUT_DIR --smoke  # the same steps on the CPU demo model, tiny counts
-# Environment: C1_PROMPTS / C100_PROMPTS (default 32 / 600), CHUNK (--max-num-batched-tokens; default the card's),
+# Environment: C1_PROMPTS / C100_PROMPTS (default 32 / 1000: SGLang's cookbook anchor ran 1,000 prompts at concurrency
+# 100; fewer weigh the ramp and the tail of the last requests more), CHUNK (--max-num-batched-tokens; default the card's),
 # SERVE_EXTRA (more serve options, e.g. --no-warmup), LEVELS (the levels to run, default
 # "turns_uncached turns_cached n4 c100 c1"; without turns_uncached no uncached server is started).
 set -u -o pipefail
@@ -42,7 +43,7 @@ else
   c1=(--input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2 --num-prompts "${C1_PROMPTS:-32}"
       --warmup 4)
   c100=(--concurrency 100 --input-len 610 --input-range 0.2 --output-len 422 --output-range 0.2
-        --num-prompts "${C100_PROMPTS:-600}" --warmup 16)
+        --num-prompts "${C100_PROMPTS:-1000}" --warmup 16)
   nfour=(--input-len 4096 --output-len 32 --num-prompts 4)
   # logprobs: a chunk per token even when a random model's reply is markup the chat parsers hold back
   turns=(--turns 8 --input-len 1024 --output-len 48 --num-prompts 3 --warmup 1 --extra-body '{"logprobs": true}')
