@@ -99,6 +99,9 @@ def table(runs: dict[str, dict]) -> list[str]:
                 f"{row['mean_output_tokens'] or 0:.0f} | {_ms(row, 'ttft')} | {_server_ttft(row)} | {_ms(row, 'tpot')} | "
                 f"{row.get('itl_ms_p50') or 0:.1f}/{row.get('itl_ms_p99') or 0:.1f} | {level_compiles(run)} |"
             )
+    for name in ("c1", "c100"):
+        if name in runs:
+            lines += [line for row in runs[name]["rows"] if (line := engine_time(name, row))]
     n4 = runs.get("n4")
     if n4 and n4["rows"][0].get("server_counters"):
         row = n4["rows"][0]
@@ -134,6 +137,28 @@ def table(runs: dict[str, dict]) -> list[str]:
         elif not uncached:
             lines.append("no run without the prefix cache: the multi-turn comparison is missing")
     return lines
+
+
+def engine_time(name: str, row: dict) -> str | None:
+    """Where a throughput level's wall time went in the engine: its decode steps (rows on average: how full the
+    batch ran, ramp and tail included) and the steps that prefilled (a level's prompts cost these in full)."""
+    steps, counters = row.get("server_steps") or {}, row.get("server_counters") or {}
+    decode = [v for k, v in steps.items() if k.startswith("decode")]
+    prefill = [v for k, v in steps.items() if k.startswith("prefill")]
+    if not decode or not row.get("duration_s"):
+        return None
+    n_decode = sum(v["steps"] for v in decode)
+    decode_s = sum(v["steps"] * v["mean_ms"] for v in decode) / 1e3
+    prefill_s = sum(v["steps"] * v["mean_ms"] for v in prefill) / 1e3
+    # every request's first token comes from the step that prefilled it; the rest from decode steps
+    rows = (counters.get("nvfp4kit_generation_tokens_total", 0.0) - row["completed"]) / n_decode
+    prompt = counters.get("nvfp4kit_prefill_tokens_total", 0.0)
+    rate = f", {prompt / prefill_s:,.0f} prompt tokens a second" if prefill_s and prompt else ""
+    return (
+        f"{name}: {row['duration_s']:.1f} s; decode {n_decode:.0f} steps x {decode_s / n_decode * 1e3:.2f} ms at "
+        f"{rows:.1f} rows on average ({decode_s:.1f} s); steps that prefilled "
+        f"{sum(v['steps'] for v in prefill):.0f} ({prefill_s:.1f} s{rate})"
+    )
 
 
 def _at(values: list, index: int, spec: str = ".0f") -> str:
