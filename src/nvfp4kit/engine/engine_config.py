@@ -8,8 +8,8 @@ import torch
 
 from nvfp4kit.plan.pools import default_prefill_chunk, default_prefill_graphs, default_sliding_chunk
 
-# CUDA: at most ~0.7 s at 100 running (14 ms decode steps on an H100); in practice the engine's admission_tokens
-# (half a step's tokens) admits first. H100, 26B-A4B, 1,000 prompts at concurrency 100 (session 33): 16 -> 48
+# CUDA: at most ~0.7 s at 100 running (14 ms decode steps on an H100), less where half a step's tokens wait
+# (the engine's admission_tokens admits them at once). H100, 26B-A4B, 1,000 prompts at concurrency 100 (session 33): 16 -> 48
 # steps took the steps that prefill from ~3.3K to ~4.8K tokens, 31.5K -> 37.0K prompt tokens a second, output
 # 4,957 -> 5,131 tok/s, TTFT mean 382 -> 412 ms (p99 1,458 -> 1,418 ms)
 DEFAULT_ADMISSION_DELAY = 48

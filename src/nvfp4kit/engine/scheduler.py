@@ -204,8 +204,8 @@ class Scheduler:
         falls as it grows (H100, 26B-A4B, ~95 decoding at concurrency 100: prefill steps of ~3.3K tokens ran at
         31.5K prompt tokens a second, of ~4.8K at 37.0K). So while `admission_min_running` or more requests run,
         a prompt waits up to `admission_delay` steps for others to share that step, unless `admission_tokens`
-        prompt tokens wait already. Once due it stays due
-        until the queue is empty. Background requests wait for no company (and count none)."""
+        prompt tokens wait already. Once due it stays due until the queue is empty. Background requests wait for
+        no company (and count none)."""
         if not self.waiting:
             self._waited = 0
             return False
