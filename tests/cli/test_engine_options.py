@@ -30,10 +30,13 @@ def test_unknown_attention_backend_is_refused(capsys):
 
 
 def test_serving_flags_reach_the_engine_config():
-    config = llm_arguments(parse("--admission-delay", "0", "--prefill-graphs", "512,1024"))["engine_config"]
+    flags = ("--admission-delay", "0", "--admission-tokens", "8192", "--prefill-graphs", "512,1024")
+    config = llm_arguments(parse(*flags))["engine_config"]
     assert config.admission_delay == 0 and config.prefill_graphs == (512, 1024)
+    assert config.admission_tokens == 8192
     default = llm_arguments(parse())["engine_config"]
     assert default.admission_delay is None and default.prefill_graphs is None  # both by device
+    assert default.admission_tokens is None  # half a step's tokens
     for off in ("none", "0"):
         assert llm_arguments(parse("--prefill-graphs", off))["engine_config"].prefill_graphs == ()
 

@@ -83,6 +83,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "wait; 0 admits at once (default 48 on CUDA, 0 on the CPU)",
     )  # fmt: skip
     g.add_argument(
+        "--admission-tokens", type=_positive_int, default=None, metavar="N",
+        help="prompt tokens waiting that end --admission-delay's wait at once (default half of "
+        "--max-num-batched-tokens)",
+    )  # fmt: skip
+    g.add_argument(
         "--prefill-graphs", type=token_counts, default=None, metavar="N,N,...",
         help="capture the steps that prefill in CUDA graphs for these token counts (e.g. 512,1024,2048): a step "
         "of up to N tokens replays the smallest graph that holds it instead of launching ~700 kernels from Python "
@@ -173,6 +178,7 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         sliding_chunk=getattr(args, "sliding_chunk", None),
         admission_delay=getattr(args, "admission_delay", None),
+        admission_tokens=getattr(args, "admission_tokens", None),
         prefill_graphs=getattr(args, "prefill_graphs", None),
         max_model_len=args.max_model_len,
         cuda_graphs=not args.enforce_eager,

@@ -40,8 +40,11 @@ class EngineConfig:
     # at max_num_batched_tokens)
     sliding_chunk: int | None = None
     # steps a prompt arriving while 32+ requests run may wait for others to share its prefill step (an eager step
-    # costs about the same for one prompt or four); None: by device, 16 on CUDA, 0 (admit at once) elsewhere
+    # costs about the same for one prompt or four); None: by device, DEFAULT_ADMISSION_DELAY on CUDA, 0 (admit at
+    # once) elsewhere
     admission_delay: int | None = None
+    # prompt tokens waiting that end that wait at once; None: half of max_num_batched_tokens
+    admission_tokens: int | None = None
     # token counts of the steps that prefill to capture in CUDA graphs (engine/prefill_graphs.py); () = eager.
     # None: by device, 256, 512, ..., 2048 on 70+ GiB GPUs, none elsewhere (`plan.pools.default_prefill_graphs`)
     prefill_graphs: tuple[int, ...] | None = None
