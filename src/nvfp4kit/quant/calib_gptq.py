@@ -27,9 +27,6 @@ DAMPING = (
     0.05  # fraction of mean(diag(H)) added to the diagonal (GPTQ uses 0.01; more generalises better here)
 )
 SWEEP = 128  # columns updated lazily together (a multiple of the block size)
-# Sweep the 16-column blocks in decreasing order of their inputs' energy (H's diagonal summed over the block):
-# GPTQ's act-order, kept at block granularity so every scale still covers one block.
-ACT_ORDER = False
 # Block-scale range of the search that picks the tensor scale (its block scales are then re-chosen in the sweep,
 # over BLOCK_GRID): a module attribute so scripts/demo_accuracy.py --set can try others.
 TENSOR_SCALE_GRID: tuple[float, ...] = BLOCK_GRID
@@ -116,13 +113,6 @@ def gptq_quantize(
     diag = h.diagonal(dim1=-2, dim2=-1)
     diag[diag == 0] = 1.0  # inputs calibration never saw: quantize them plainly, no feedback
     s2 = scale_2.float().reshape(e)
-    order = None
-    if ACT_ORDER:
-        energy = diag.reshape(e, k // BLOCK, BLOCK).sum(-1)  # [E, K/16]
-        blocks = torch.sort(energy, dim=-1, descending=True, stable=True).indices
-        order = (blocks[..., None] * BLOCK + torch.arange(BLOCK, device=w.device)).reshape(e, k)
-        w = w.gather(2, order[:, None, :].expand(e, n, k))
-        h = h.gather(1, order[:, :, None].expand(e, k, k)).gather(2, order[:, None, :].expand(e, k, k))
     u = _inverse_cholesky(h, damping)
     del h
     codes = torch.empty(e, n, k, dtype=torch.uint8, device=w.device)
@@ -142,12 +132,6 @@ def gptq_quantize(
                 window[..., rest] -= err @ u_win[:, sub, rest]
         if end < k:
             w[..., end:] -= errors @ u[:, start:end, end:]
-    if order is not None:  # back to the weight's own column order
-        inverse = order.argsort(-1)
-        codes = codes.gather(2, inverse[:, None, :].expand(e, n, k))
-        block_inverse = inverse[:, ::BLOCK] // BLOCK
-        scales = scales.view(torch.uint8).gather(2, block_inverse[:, None, :].expand(e, n, k // BLOCK))
-        scales = scales.view(torch.float8_e4m3fn)
     packed, s2 = pack_nibbles(codes), s2.clone()
     if not batched:
         return NVFP4Tensor(packed[0], scales[0], s2.reshape(()))
