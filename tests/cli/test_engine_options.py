@@ -36,7 +36,7 @@ def test_serving_flags_reach_the_engine_config():
     assert config.admission_tokens == 8192
     default = llm_arguments(parse())["engine_config"]
     assert default.admission_delay is None and default.prefill_graphs is None  # both by device
-    assert default.admission_tokens is None  # half a step's tokens
+    assert default.admission_tokens is None  # a whole step's tokens
     for off in ("none", "0"):
         assert llm_arguments(parse("--prefill-graphs", off))["engine_config"].prefill_graphs == ()
 

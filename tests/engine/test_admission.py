@@ -115,10 +115,8 @@ def test_admission_batching_changes_no_token(model):
     assert all(len(t) == LONG.max_tokens for t in results[1].values())
 
 
-def test_admission_tokens_default_to_half_a_step_and_follow_the_config(model):
-    assert (
-        Engine(model, None, config=EngineConfig(max_num_batched_tokens=64)).scheduler.config.admission_tokens
-        == 32
-    )
+def test_admission_tokens_default_to_a_whole_step_and_follow_the_config(model):
+    default = Engine(model, None, config=EngineConfig(max_num_batched_tokens=64))
+    assert default.scheduler.config.admission_tokens == 64
     chosen = Engine(model, None, config=EngineConfig(max_num_batched_tokens=64, admission_tokens=12))
     assert chosen.scheduler.config.admission_tokens == 12

@@ -181,6 +181,23 @@ def test_config_switch_runs_it_on_the_cpu(model):
     assert engine.cache.usage == {"global": 0.0, "sliding": 0.0}
 
 
+def test_warm_up_runs_the_samplers_greedy_argmax_on_every_step(model, monkeypatch):
+    """Serving steps sample eagerly after the forward: on a GPU `greedy_table`'s two Triton kernels, which a
+    warm-up that stopped at the logits left to compile on the first request (seen on the H100, session 34)."""
+    from nvfp4kit.engine import batch_sampler
+
+    seen = []
+    real = batch_sampler.greedy_table
+    monkeypatch.setattr(
+        batch_sampler, "greedy_table", lambda logits: seen.append(logits.shape) or real(logits)
+    )
+    config = EngineConfig(
+        block_size=4, num_kv_tokens=64, max_num_seqs=2, max_num_batched_tokens=8, warmup=True
+    )
+    engine = Engine(model, None, config=config)
+    assert len(seen) == engine.warmup.steps and {shape[1] for shape in seen} == {model.config.vocab_size}
+
+
 def test_warmup_flag_reaches_the_engine_config():
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)

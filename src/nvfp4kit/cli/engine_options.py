@@ -79,13 +79,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
     g.add_argument(
         "--admission-delay", type=_non_negative_int, default=None, metavar="STEPS",
         help="steps a prompt that arrives while 32+ requests run may wait for more prompts to share its prefill "
-        "step (such a step costs about the same for one prompt or several), unless half a step's tokens already "
+        "step (such a step costs about the same for one prompt or several), unless --admission-tokens already "
         "wait; 0 admits at once (default 48 on CUDA, 0 on the CPU)",
     )  # fmt: skip
     g.add_argument(
         "--admission-tokens", type=_positive_int, default=None, metavar="N",
-        help="prompt tokens waiting that end --admission-delay's wait at once (default half of "
-        "--max-num-batched-tokens)",
+        help="prompt tokens waiting that end --admission-delay's wait at once (default "
+        "--max-num-batched-tokens: a full prefill step)",
     )  # fmt: skip
     g.add_argument(
         "--prefill-graphs", type=token_counts, default=None, metavar="N,N,...",

@@ -71,7 +71,7 @@ class Engine:
                 chunk,
                 chunk,
                 admission_delay=self.config.admission_delay or 0,
-                admission_tokens=self.config.admission_tokens or max(1, chunk // 2),
+                admission_tokens=self.config.admission_tokens or chunk,
             ),
             self.cache,
             prefix_caching=self.config.prefix_caching,

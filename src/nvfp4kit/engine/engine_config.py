@@ -8,10 +8,10 @@ import torch
 
 from nvfp4kit.plan.pools import default_prefill_chunk, default_prefill_graphs, default_sliding_chunk
 
-# CUDA: at most ~0.7 s at 100 running (14 ms decode steps on an H100), less where half a step's tokens wait
-# (the engine's admission_tokens admits them at once). H100, 26B-A4B, 1,000 prompts at concurrency 100 (session 33): 16 -> 48
+# CUDA: at most ~0.7 s at 100 running (14 ms decode steps on an H100), less where a whole step's tokens wait
+# (admission_tokens admits them at once). H100, 26B-A4B, 1,000 prompts at concurrency 100 (session 33): 16 -> 48
 # steps took the steps that prefill from ~3.3K to ~4.8K tokens, 31.5K -> 37.0K prompt tokens a second, output
-# 4,957 -> 5,131 tok/s, TTFT mean 382 -> 412 ms (p99 1,458 -> 1,418 ms)
+# 4,957 -> 5,131 tok/s, TTFT mean 382 -> 412 ms (p99 1,458 -> 1,418 ms). 96 steps: +0.5% (session 34, noise)
 DEFAULT_ADMISSION_DELAY = 48
 
 
@@ -43,7 +43,9 @@ class EngineConfig:
     # costs about the same for one prompt or four); None: by device, DEFAULT_ADMISSION_DELAY on CUDA, 0 (admit at
     # once) elsewhere
     admission_delay: int | None = None
-    # prompt tokens waiting that end that wait at once; None: half of max_num_batched_tokens
+    # prompt tokens waiting that end that wait at once; None: max_num_batched_tokens (a full prefill step). H100,
+    # 26B-A4B, 1,000 prompts at concurrency 100 (session 34): half a step (the old default) 5,147 output tok/s
+    # (TTFT mean 487 ms), a whole step 5,265 / 5,288 (567-598 ms): prefill steps at 39.7K prompt tokens a second
     admission_tokens: int | None = None
     # token counts of the steps that prefill to capture in CUDA graphs (engine/prefill_graphs.py); () = eager.
     # None: by device, 256, 512, ..., 2048 on 70+ GiB GPUs, none elsewhere (`plan.pools.default_prefill_graphs`)

@@ -40,7 +40,7 @@ class SchedulerConfig:
     # requests run wait up to `admission_delay` steps for more prompts, unless `admission_tokens` are waiting
     admission_delay: int = 0
     admission_min_running: int = 32
-    admission_tokens: int = 4096
+    admission_tokens: int = 8192
     # a background prefill chunk that joins clients' requests keeps the step within this many tokens: their next
     # token waits for the whole step (one prefill graph's size on a GPU, `prefill_graphs.py`)
     background_step_tokens: int = 256

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nvfp4kit.engine import batch_sampler
 from nvfp4kit.engine.attention_backend import select_attention_backend
 from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.kernel_compiles import COMPILES
@@ -216,7 +217,8 @@ def _run_step(engine: Engine, step: WarmupStep, block: int, ring: int, gen: torc
     ids = torch.randint(0, model.config.vocab_size, (offset,), generator=gen).to(device)
     ctx = BatchContext(model, engine.cache, seqs, device, backend=engine.config.attention_backend)
     hidden = model.hidden_states(ids, ctx)
-    model.logits(hidden[torch.tensor(sampled, device=device)])
+    # the sampler's greedy argmax (two Triton launches on a GPU), which every serving step runs eagerly
+    batch_sampler.greedy_table(model.logits(hidden[torch.tensor(sampled, device=device)]))
 
 
 class _ScratchKV:
