@@ -6,7 +6,6 @@ compilations after the warm-up) is tests/gpu/test_warmup_cuda.py."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import random
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ from nvfp4kit.engine.warmup_plan import StepLimits, WarmupStep, plan_steps, repr
 from nvfp4kit.model.loader import load_model
 from nvfp4kit.sampling import SamplingParams
 
+from ..triton_variants import arg_class, record_variants, specialises
 from .helpers import generate_tokens, random_prompts
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
@@ -237,55 +237,6 @@ def test_metrics_export_the_compile_counters():
     assert "\nnvfp4kit_kernel_compiles_after_warmup_total " in text
 
 
-def _arg_class(value: object, specialise: bool) -> tuple:
-    """What Triton specialises a launch argument on: integers 1 / divisible by 16 / other (and 64-bit), a
-    tensor's dtype and 16-byte alignment; an argument in `do_not_specialize` only by its type."""
-    if isinstance(value, bool) or value is None:
-        return ("value", value)
-    if isinstance(value, int):
-        kind = "1" if value == 1 else "16" if value % 16 == 0 else "other"
-        return ("int", kind if specialise else None, abs(value) >= 2**31)
-    if isinstance(value, float):
-        return ("float",)
-    if isinstance(value, torch.Tensor):
-        return ("tensor", str(value.dtype), value.data_ptr() % 16 == 0 if specialise else None)
-    return ("other", repr(value)[:60])
-
-
-def _record_variants(monkeypatch) -> set[tuple]:
-    """Emulate Triton's variant key of every kernel launch (constexpr values, argument classes, launch options)
-    and skip running it: the CPU then walks the engine's real launch sequence in milliseconds a step."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    keys: set[tuple] = set()
-
-    def record(self, *args, grid, warmup, **kwargs):
-        key = [self.fn.__qualname__]
-        skipped = self.kwargs.get("do_not_specialize") or ()
-        for i, (param, value) in enumerate(zip(inspect.signature(self.fn).parameters.values(), args)):
-            const = param.annotation in (tl.constexpr, "tl.constexpr")
-            specialise = param.name not in skipped and i not in skipped
-            key.append((param.name, repr(value) if const else _arg_class(value, specialise)))
-        keys.add((*key, tuple(sorted((k, repr(v)) for k, v in kwargs.items()))))
-
-    monkeypatch.setattr(InterpretedFunction, "run", record)
-    return keys
-
-
-def specialises(kernel, arg: str) -> bool:
-    """Whether the Triton kernel `kernel` (compiled or interpreted) specialises its argument `arg` (False when
-    it has none of that name)."""
-    params = list(inspect.signature(kernel.fn).parameters)
-    if arg not in params:
-        return False
-    skipped = getattr(kernel, "do_not_specialize", None)
-    if skipped is None:  # the interpreter keeps the decorator's arguments as given
-        skipped = getattr(kernel, "kwargs", {}).get("do_not_specialize")
-    skipped = skipped or ()
-    return arg not in skipped and params.index(arg) not in skipped
-
-
 def test_the_emulation_follows_do_not_specialize(monkeypatch):
     """The per-step counts of the attention kernels are unspecialised (no variant per step shape); the kernel
     still tells 1 from 16 from other for an argument that is not listed."""
@@ -298,10 +249,10 @@ def test_the_emulation_follows_do_not_specialize(monkeypatch):
         pytest.skip("the kernels are compiled here (no TRITON_INTERPRET)")
     assert not specialises(kernel, "num_rows") and not specialises(kernel, "stride_bt")
     assert specialises(kernel, "stride_qt") and not specialises(kernel, "no_such_argument")
-    assert _arg_class(17, False) == _arg_class(32, False) == _arg_class(1, False)
-    assert len({_arg_class(x, True) for x in (1, 17, 32)}) == 3
+    assert arg_class(17, False) == arg_class(32, False) == arg_class(1, False)
+    assert len({arg_class(x, True) for x in (1, 17, 32)}) == 3
     t = torch.zeros(8, dtype=torch.int32)
-    assert _arg_class(t[1:], False) == _arg_class(t, False) != _arg_class(t[1:], True)
+    assert arg_class(t[1:], False) == arg_class(t, False) != arg_class(t[1:], True)
 
 
 def test_random_traffic_meets_no_variant_the_warm_up_missed(monkeypatch):
@@ -320,7 +271,7 @@ def test_random_traffic_meets_no_variant_the_warm_up_missed(monkeypatch):
         pytest.skip(
             "the kernels are compiled here (no TRITON_INTERPRET): tests/gpu/test_warmup_cuda.py counts"
         )
-    keys = _record_variants(monkeypatch)
+    keys = record_variants(monkeypatch)
     h200 = lambda items, kv_heads, max_keys, *, device, **shape: max(
         1, min(528 // (items * kv_heads), max_keys // 128, 128)
     )  # noqa: E731

@@ -64,3 +64,24 @@ def test_align_empty_and_unknown_method():
         moe_align(
             torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), num_experts=4, block_m=16, method="cub"
         )
+
+
+def test_one_compiled_variant_serves_every_step_size(monkeypatch):
+    """Counts that change with the step's tokens reach the align kernel unspecialised, so the warm-up's one step
+    per tile class compiles what serving meets (the H100 compiled a second variant mid-serving when a step's
+    slot count, blocks x 8, was not a multiple of 16: tests/gpu/test_warmup_cuda.py)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ..triton_variants import record_variants
+
+    if not isinstance(align_module._moe_align_kernel, InterpretedFunction):
+        pytest.skip(
+            "the kernels are compiled here (no TRITON_INTERPRET): tests/gpu/test_warmup_cuda.py counts"
+        )
+    keys = record_variants(monkeypatch)
+    for tokens in range(1, 33):  # 2-64 pairs: one CHUNK class (64)
+        for bm in (8, 16):  # the expert-grouped fragment MoE's blocks
+            ids = torch.randint(0, 8, (tokens, 2), dtype=torch.int32)
+            moe_align(ids, num_experts=8, block_m=bm)
+    per_block = {dict(key[-1])["BM"] for key in keys}  # constexprs come as keywords
+    assert len(keys) == len(per_block) == 2, sorted(keys, key=str)

@@ -55,8 +55,9 @@ def _store_block_experts(block_expert_ptr, ends, num_blocks, BM: tl.constexpr, B
         tl.store(block_expert_ptr + blocks, tl.where(first < used, expert, -1), mask=blocks < num_blocks)
 
 
-# the pair and block counts change with the step's tokens (num_slots, blocks x BM, is always a multiple of 16)
-@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
+# the pair, slot and block counts change with the step's tokens: unspecialised, so one compiled variant serves every
+# step (slots = blocks x BM is not always a multiple of 16: with BM 8, an odd block count compiled a second one)
+@triton.jit(do_not_specialize=["num_pairs", "num_slots", "num_blocks"])
 def _moe_align_kernel(
     ids_ptr,
     pair_ids_ptr,
