@@ -18,6 +18,7 @@ from nvfp4kit.tuning.timing import time_graph
 
 METHODS = {
     "one_program": align._align_triton,
+    "experts": align._align_experts,
     "chunked": align._align_chunked,
     "torch": align._align_torch,
 }

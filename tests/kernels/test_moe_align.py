@@ -45,15 +45,19 @@ def test_align_methods_agree(tokens, top_k, experts, bm, monkeypatch):
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(DEVICE)
     ids[:, 0] = ids[:, 0] % max(1, experts // 2)  # skew: some experts busy, some idle
     blocks = {}
-    for method in ("triton", "chunked", "torch"):
+    for method in ("triton", "experts", "chunked", "torch"):
         pair_ids, block_expert = moe_align(ids, num_experts=experts, block_m=bm, method=method)
         blocks[method] = (
             _check_layout(ids, pair_ids, block_expert, experts=experts, bm=bm),
             block_expert.cpu(),
+            pair_ids.cpu(),
         )
-    for method in ("triton", "chunked"):
+    for method in ("triton", "experts", "chunked"):
         assert torch.equal(blocks[method][1], blocks["torch"][1])
         assert blocks[method][0] == blocks["torch"][0]  # same pairs per expert (order inside may differ)
+    assert torch.equal(
+        blocks["experts"][2], blocks["torch"][2]
+    )  # no atomics: pairs in order, as a stable sort
 
 
 def test_align_empty_and_unknown_method():
@@ -82,6 +86,7 @@ def test_one_compiled_variant_serves_every_step_size(monkeypatch):
     for tokens in range(1, 33):  # 2-64 pairs: one CHUNK class (64)
         for bm in (8, 16):  # the expert-grouped fragment MoE's blocks
             ids = torch.randint(0, 8, (tokens, 2), dtype=torch.int32)
-            moe_align(ids, num_experts=8, block_m=bm)
-    per_block = {dict(key[-1])["BM"] for key in keys}  # constexprs come as keywords
-    assert len(keys) == len(per_block) == 2, sorted(keys, key=str)
+            for method in ("triton", "experts"):
+                moe_align(ids, num_experts=8, block_m=bm, method=method)
+    kernels = {(key[0], dict(key[-1])["BM"]) for key in keys}  # constexprs come as keywords
+    assert len(keys) == len(kernels) == 4, sorted(keys, key=str)

@@ -16,7 +16,10 @@ up to ONE_PROGRAM_PAIRS pairs and the chunked sort above. A one program without 
 `tl.histogram`, a pair's place = earlier pairs on its expert, counted tile against tile) was measured and
 removed: H100 (session 28, `scripts/gpu_moe_align_bench.py`), 4.0 / 11.6 / 54 / 105 / 137 us at 1 / 16 / 64 /
 96 / 112 tokens against 4.6 / 7.4 / 9.1 / 12.5 / 14.1 us with atomics; engine decode 6,348 against 7,659 tok/s
-at batch 112.
+at batch 112. `method="experts"` is a fourth, not yet timed on a GPU: one program per expert, each counting all
+pairs itself (histograms, O(P) a program, no atomics) and writing its own run in pair order, as the torch chain
+does; the one program's 12-14 us at 96-112 tokens are ~3% of an H100 decode step at batch 96 (session 34).
+`scripts/gpu_moe_align_bench.py` times them side by side.
 """
 
 from __future__ import annotations
@@ -126,6 +129,55 @@ def _align_triton(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, b
     )
 
 
+@triton.jit(do_not_specialize=["num_pairs", "num_slots", "num_blocks"])
+def _align_expert_kernel(
+    ids_ptr, pair_ids_ptr, block_expert_ptr, num_pairs, num_slots, num_blocks,
+    E_PAD: tl.constexpr, BM: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Program e: expert e's run of `pair_ids` (its pairs in pair order, then padding) and its blocks, from all the
+    pairs' counts, which every program takes itself (histograms of CHUNK ids: no atomics, no second launch);
+    program e also clears its share of the slots and blocks past the last run."""
+    wait_for_inputs(PDL)
+    e = tl.program_id(0)
+    programs = tl.num_programs(0)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for p0 in range(0, num_pairs, CHUNK):
+        pairs = p0 + tl.arange(0, CHUNK)
+        ok = pairs < num_pairs
+        counts += tl.histogram(tl.load(ids_ptr + pairs, mask=ok, other=0).to(tl.int32), E_PAD, mask=ok)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    used = tl.max(ends, axis=0)
+    start = tl.sum(tl.where(tl.arange(0, E_PAD) == e, ends - padded, 0), axis=0)
+    count = 0
+    for p0 in range(0, num_pairs, CHUNK):
+        pairs = p0 + tl.arange(0, CHUNK)
+        mine = (pairs < num_pairs) & (tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=0) == e)
+        tl.store(pair_ids_ptr + start + count + tl.cumsum(mine.to(tl.int32), axis=0) - 1, pairs, mask=mine)
+        count += tl.sum(mine.to(tl.int32), axis=0)
+    run_end = start + (count + BM - 1) // BM * BM
+    pad = start + count + tl.arange(0, BM)
+    tl.store(pair_ids_ptr + pad, tl.zeros([BM], dtype=tl.int32) + num_pairs, mask=pad < run_end)
+    for b0 in range(start // BM, run_end // BM, 64):
+        blocks = b0 + tl.arange(0, 64)
+        tl.store(block_expert_ptr + blocks, tl.zeros([64], dtype=tl.int32) + e, mask=blocks < run_end // BM)
+    share = (num_slots - used + programs - 1) // programs  # the tail: padding slots and unused blocks
+    _fill_padding(pair_ids_ptr, used + e * share, used + (e + 1) * share, num_slots, num_pairs, 64)
+    share = (num_blocks - used // BM + programs - 1) // programs
+    for b0 in range(used // BM + e * share, used // BM + (e + 1) * share, 64):
+        blocks = b0 + tl.arange(0, 64)
+        tl.store(block_expert_ptr + blocks, tl.full([64], -1, tl.int32), mask=blocks < num_blocks)
+
+
+def _align_experts(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, block_expert) -> None:
+    _align_expert_kernel[(num_experts,)](
+        ids, pair_ids, block_expert, ids.numel(), pair_ids.numel(), block_expert.numel(),
+        E_PAD=triton.next_power_of_2(num_experts), BM=block_m,
+        CHUNK=min(ONE_PROGRAM_PAIRS, max(64, triton.next_power_of_2(ids.numel()))), num_warps=4,
+        **pdl_args(ids.device),
+    )  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_slots", "fill"])
 def _count_chunks_kernel(
     ids_ptr, counts_ptr, pair_ids_ptr, num_pairs, num_slots, fill,
@@ -224,10 +276,14 @@ def moe_align(
         return pair_ids, block_expert
     if method == "triton" and ids.numel() <= ONE_PROGRAM_PAIRS:
         _align_triton(ids, num_experts, block_m, pair_ids, block_expert)
+    elif method == "experts":
+        _align_experts(ids, num_experts, block_m, pair_ids, block_expert)
     elif method in ("triton", "chunked"):
         _align_chunked(ids, num_experts, block_m, pair_ids, block_expert)
     elif method == "torch":
         _align_torch(ids, num_experts, block_m, pair_ids, block_expert)
     else:
-        raise ValueError(f"unknown MoE align method {method!r}; use 'triton', 'chunked' or 'torch'")
+        raise ValueError(
+            f"unknown MoE align method {method!r}; use 'triton', 'experts', 'chunked' or 'torch'"
+        )
     return pair_ids, block_expert
