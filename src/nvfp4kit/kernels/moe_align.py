@@ -24,12 +24,17 @@ does; the one program's 12-14 us at 96-112 tokens are ~3% of an H100 decode step
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
+METHODS = ("triton", "experts", "chunked", "torch")
+# the engine's method (read once, at import): NVFP4KIT_MOE_ALIGN=experts A/Bs the per-expert programs in a process
+DEFAULT_METHOD = os.environ.get("NVFP4KIT_MOE_ALIGN", "triton")
 ONE_PROGRAM_PAIRS = 1024  # H100: one program 13.7 us at 1,024 pairs (chunked 14.7), 21.7 at 2,048 (14.3)
 CHUNK_PAIRS = 1024  # pairs a program of the chunked sort counts and places
 
@@ -261,9 +266,13 @@ def _align_torch(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, bl
 
 
 def moe_align(
-    topk_ids: torch.Tensor, *, num_experts: int, block_m: int, method: str = "triton"
+    topk_ids: torch.Tensor, *, num_experts: int, block_m: int, method: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pair_ids, block_expert) for `topk_ids` [tokens, top_k] (any int dtype); see the module doc."""
+    """(pair_ids, block_expert) for `topk_ids` [tokens, top_k] (any int dtype); see the module doc. `method`:
+    one of METHODS (default DEFAULT_METHOD)."""
+    method = method or DEFAULT_METHOD
+    if method not in METHODS:
+        raise ValueError(f"unknown MoE align method {method!r}; use one of {', '.join(METHODS)}")
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
@@ -280,10 +289,6 @@ def moe_align(
         _align_experts(ids, num_experts, block_m, pair_ids, block_expert)
     elif method in ("triton", "chunked"):
         _align_chunked(ids, num_experts, block_m, pair_ids, block_expert)
-    elif method == "torch":
-        _align_torch(ids, num_experts, block_m, pair_ids, block_expert)
     else:
-        raise ValueError(
-            f"unknown MoE align method {method!r}; use 'triton', 'experts', 'chunked' or 'torch'"
-        )
+        _align_torch(ids, num_experts, block_m, pair_ids, block_expert)
     return pair_ids, block_expert
