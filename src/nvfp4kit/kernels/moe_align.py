@@ -7,19 +7,20 @@ buffers are the same on every CUDA-graph replay):
   * `block_expert` int32 [max_blocks]: the expert of each block of B rows, -1 for unused blocks;
 where max_blocks = ceil(P / B) + min(E, P) bounds the blocks any routing can need.
 
-Three implementations, all free of host syncs: one Triton program (atomics into a small scratch; decode-sized P), a
-two-kernel Triton counting sort over chunks of pairs (prefill-sized P, where the one program's atomics on 128
-counters serialise: 104 us at 1,536 tokens on an H100, 16 us chunked) and a chain of torch ops (sort, scatter,
-cumsum, searchsorted). They give the same blocks; inside an expert's run the Triton ones may order pairs
-differently, which changes no result (rows of a tile are independent). `method="triton"` picks the one program
-up to ONE_PROGRAM_PAIRS pairs and the chunked sort above. A one program without global atomics (counts from
-`tl.histogram`, a pair's place = earlier pairs on its expert, counted tile against tile) was measured and
-removed: H100 (session 28, `scripts/gpu_moe_align_bench.py`), 4.0 / 11.6 / 54 / 105 / 137 us at 1 / 16 / 64 /
-96 / 112 tokens against 4.6 / 7.4 / 9.1 / 12.5 / 14.1 us with atomics; engine decode 6,348 against 7,659 tok/s
-at batch 112. `method="experts"` is a fourth, not yet timed on a GPU: one program per expert, each counting all
-pairs itself (histograms, O(P) a program, no atomics) and writing its own run in pair order, as the torch chain
-does; the one program's 12-14 us at 96-112 tokens are ~3% of an H100 decode step at batch 96 (session 34).
-`scripts/gpu_moe_align_bench.py` times them side by side.
+Four methods (`METHODS`), all free of host syncs:
+  * "triton": one Triton program with atomics into a small scratch for decode-sized P (up to ONE_PROGRAM_PAIRS),
+    above that a two-kernel counting sort over chunks of pairs (the one program's atomics on 128 counters
+    serialise: 104 us at 1,536 tokens on an H100, 16 us chunked); "chunked" is the latter at every size;
+  * "experts": one program per expert, each counting all pairs itself (histograms, O(P) a program, no atomics)
+    and writing its own run in pair order. Not yet timed on a GPU (`NVFP4KIT_MOE_ALIGN=experts` makes it the
+    engine's): the one program's 12-14 us at 96-112 tokens are ~3% of an H100 decode step at batch 96 (session 34);
+  * "torch": a chain of torch ops (sort, scatter, cumsum, searchsorted), the reference.
+They give the same blocks; inside an expert's run the atomics may order pairs differently, which changes no result
+(rows of a tile are independent); "experts" and "torch" give the same layout exactly. A one program without
+global atomics (a pair's place = earlier pairs on its expert, counted tile against tile) was measured and
+removed: H100 (session 28, `scripts/gpu_moe_align_bench.py`, which times the methods side by side), 4.0 / 11.6 /
+54 / 105 / 137 us at 1 / 16 / 64 / 96 / 112 tokens against 4.6 / 7.4 / 9.1 / 12.5 / 14.1 us with atomics; engine
+decode 6,348 against 7,659 tok/s at batch 112.
 """
 
 from __future__ import annotations
