@@ -21,6 +21,7 @@ MODES = {
     "pair_pair": MoEConfig(sorted=False, down_mode="pair", **TILES),
     "sorted_triton": MoEConfig(block_m=16, **TILES),
     "sorted_torch": MoEConfig(block_m=16, align="torch", **TILES),
+    "sorted_experts": MoEConfig(block_m=16, align="experts", **TILES),  # the align without atomics
     # nibble halves (even / odd K columns, two MMAs): the same products in another order
     "sorted_halves": MoEConfig(block_m=16, halves=True, **TILES),
     "pair_halves": MoEConfig(sorted=False, down_mode="pair", halves=True, **TILES),
@@ -73,6 +74,7 @@ def _check(x, ids, weights, gate_up, down, config, bound):
         ("sorted_triton", 7, 2),
         ("sorted_triton", 33, 3),
         ("sorted_torch", 16, 2),
+        ("sorted_experts", 21, 3),
         ("split_k2", 1, 3),
         ("split_k2", 5, 2),
         ("split_k3", 2, 3),

@@ -92,14 +92,15 @@ def test_one_compiled_variant_serves_every_step_size(monkeypatch):
     assert len(keys) == len(kernels) == 4, sorted(keys, key=str)
 
 
-def test_the_engines_method_is_the_modules_default(monkeypatch):
-    """`NVFP4KIT_MOE_ALIGN` (read at import into DEFAULT_METHOD) picks what callers that name no method get."""
+def test_the_environment_overrides_every_callers_method(monkeypatch):
+    """`NVFP4KIT_MOE_ALIGN` (read at import into OVERRIDE) wins over the method a caller or a MoE config names."""
     ids = torch.tensor([[0, 1], [1, 2], [3, 0]], device=DEVICE)
     calls = []
-    monkeypatch.setattr(align_module, "DEFAULT_METHOD", "experts")
+    monkeypatch.setattr(align_module, "OVERRIDE", "experts")
     monkeypatch.setattr(align_module, "_align_experts", lambda flat, *rest: calls.append(flat.numel()))
     moe_align(ids, num_experts=4, block_m=4)
-    assert calls == [6]
-    monkeypatch.setattr(align_module, "DEFAULT_METHOD", "bitonic")
+    moe_align(ids, num_experts=4, block_m=4, method="torch")
+    assert calls == [6, 6]
+    monkeypatch.setattr(align_module, "OVERRIDE", "bitonic")
     with pytest.raises(ValueError, match="align method 'bitonic'"):
         moe_align(ids, num_experts=4, block_m=4)

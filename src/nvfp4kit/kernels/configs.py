@@ -69,7 +69,7 @@ class MoEConfig:
     down_warps: int = 4
     num_stages: int = 3
     down_mode: str = "token"  # pair mode only: "token" (sum in registers) or "pair" (+ a sum kernel)
-    align: str = "triton"  # "triton" (one program) or "torch" (a chain of torch ops)
+    align: str = "triton"  # moe_align's method: "triton" (one program), "experts" (one a expert) or "torch"
     decode: str = "bits"
     gate_up_split_k: int = 1  # split mode: programs sharing one gate_up tile's K
     down_split_k: int = 1  # split mode: programs sharing one down tile's K (per top-k slot)
@@ -87,8 +87,8 @@ class MoEConfig:
             )
         if self.down_mode not in ("token", "pair"):
             raise ValueError(f"MoEConfig.down_mode must be 'token' or 'pair', got {self.down_mode!r}")
-        if self.align not in ("triton", "torch"):
-            raise ValueError(f"MoEConfig.align must be 'triton' or 'torch', got {self.align!r}")
+        if self.align not in ("triton", "experts", "torch"):
+            raise ValueError(f"MoEConfig.align must be 'triton', 'experts' or 'torch', got {self.align!r}")
         if self.decode not in ("bits", "asm"):
             raise ValueError(f"MoEConfig.decode must be 'bits' or 'asm', got {self.decode!r}")
         if self.path not in MOE_PATHS:

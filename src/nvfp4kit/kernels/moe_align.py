@@ -12,8 +12,8 @@ Four methods (`METHODS`), all free of host syncs:
     above that a two-kernel counting sort over chunks of pairs (the one program's atomics on 128 counters
     serialise: 104 us at 1,536 tokens on an H100, 16 us chunked); "chunked" is the latter at every size;
   * "experts": one program per expert, each counting all pairs itself (histograms, O(P) a program, no atomics)
-    and writing its own run in pair order. Not yet timed on a GPU (`NVFP4KIT_MOE_ALIGN=experts` makes it the
-    engine's): the one program's 12-14 us at 96-112 tokens are ~3% of an H100 decode step at batch 96 (session 34);
+    and writing its own run in pair order. Not yet timed on a GPU (`NVFP4KIT_MOE_ALIGN=experts` makes it every
+    caller's; MoE configs may name it, so `nvfp4kit tune` times it): the one program's 12-14 us at 96-112 tokens are ~3% of an H100 decode step at batch 96 (session 34);
   * "torch": a chain of torch ops (sort, scatter, cumsum, searchsorted), the reference.
 They give the same blocks; inside an expert's run the atomics may order pairs differently, which changes no result
 (rows of a tile are independent); "experts" and "torch" give the same layout exactly. A one program without
@@ -34,8 +34,9 @@ import triton.language as tl
 from nvfp4kit.kernels.launch import pdl_args, wait_for_inputs
 
 METHODS = ("triton", "experts", "chunked", "torch")
-# the engine's method (read once, at import): NVFP4KIT_MOE_ALIGN=experts A/Bs the per-expert programs in a process
-DEFAULT_METHOD = os.environ.get("NVFP4KIT_MOE_ALIGN", "triton")
+# NVFP4KIT_MOE_ALIGN (read once, at import) overrides every caller's method, a MoE config's included: an A/B of
+# the methods in the engine, one process each
+OVERRIDE = os.environ.get("NVFP4KIT_MOE_ALIGN") or None
 ONE_PROGRAM_PAIRS = 1024  # H100: one program 13.7 us at 1,024 pairs (chunked 14.7), 21.7 at 2,048 (14.3)
 CHUNK_PAIRS = 1024  # pairs a program of the chunked sort counts and places
 
@@ -267,11 +268,11 @@ def _align_torch(ids: torch.Tensor, num_experts: int, block_m: int, pair_ids, bl
 
 
 def moe_align(
-    topk_ids: torch.Tensor, *, num_experts: int, block_m: int, method: str | None = None
+    topk_ids: torch.Tensor, *, num_experts: int, block_m: int, method: str = "triton"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pair_ids, block_expert) for `topk_ids` [tokens, top_k] (any int dtype); see the module doc. `method`:
-    one of METHODS (default DEFAULT_METHOD)."""
-    method = method or DEFAULT_METHOD
+    one of METHODS, unless OVERRIDE names another."""
+    method = OVERRIDE or method
     if method not in METHODS:
         raise ValueError(f"unknown MoE align method {method!r}; use one of {', '.join(METHODS)}")
     ids = topk_ids.reshape(-1)

@@ -209,7 +209,9 @@ def moe_candidates(
             for bm in block_ms:
                 warps = 4 if bm <= 32 else 8
                 for gu_bn, gu_bk, dn_bn, dn_bk in ((32, 128, 64, 64), (64, 128, 128, 64), (128, 64, 128, 64)):
-                    aligns = ("triton", "torch") if bm == block_ms[0] and gu_bn == 32 else ("triton",)
+                    aligns = (
+                        ("triton", "experts", "torch") if bm == block_ms[0] and gu_bn == 32 else ("triton",)
+                    )
                     for align in aligns:
                         out.append(
                             MoEConfig(
