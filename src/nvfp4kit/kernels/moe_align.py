@@ -13,7 +13,8 @@ Four methods (`METHODS`), all free of host syncs:
     serialise: 104 us at 1,536 tokens on an H100, 16 us chunked); "chunked" is the latter at every size;
   * "experts": one program per expert, each counting all pairs itself (histograms, O(P) a program, no atomics)
     and writing its own run in pair order. Not yet timed on a GPU (`NVFP4KIT_MOE_ALIGN=experts` makes it every
-    caller's; MoE configs may name it, so `nvfp4kit tune` times it): the one program's 12-14 us at 96-112 tokens are ~3% of an H100 decode step at batch 96 (session 34);
+    caller's; MoE configs may name it, so `nvfp4kit tune` times it): the one program's 12-14 us at 96-112 tokens
+    are ~3% of an H100 decode step at batch 96 (session 34);
   * "torch": a chain of torch ops (sort, scatter, cumsum, searchsorted), the reference.
 They give the same blocks; inside an expert's run the atomics may order pairs differently, which changes no result
 (rows of a tile are independent); "experts" and "torch" give the same layout exactly. A one program without
