@@ -47,3 +47,8 @@ def test_junk_serving_flags_are_refused(capsys, flag, junk):
     with pytest.raises(SystemExit):
         parse(flag, junk)
     assert flag in capsys.readouterr().err
+
+
+def test_kernel_cache_dir_flag_reaches_the_llm(tmp_path):
+    assert llm_arguments(parse("--kernel-cache-dir", str(tmp_path)))["kernel_cache_dir"] == tmp_path
+    assert llm_arguments(parse())["kernel_cache_dir"] is None  # $NVFP4KIT_CACHE_DIR, else ~/.cache

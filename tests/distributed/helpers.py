@@ -50,3 +50,12 @@ def failing_loader(path, layout, rank, **options):
 
         mlp.forward = forward
     return model
+
+
+def cache_dir_loader(path, layout, rank, **options):
+    """Rank 1 fails at once, naming the folder it reads the kernels' tuning tables from."""
+    if rank == 1:
+        from nvfp4kit.kernels.configs import cache_dir
+
+        raise RuntimeError(f"tables in {cache_dir()}")
+    return load_shard(path, layout, rank, **options)

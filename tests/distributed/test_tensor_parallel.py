@@ -12,7 +12,7 @@ from nvfp4kit import LLM, SamplingParams
 from nvfp4kit.distributed.group import TensorParallelError, TensorParallelGroup
 from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.plan.parallel import ShardingError
-from tests.distributed.helpers import failing_loader, prefill_then_decode_logits
+from tests.distributed.helpers import cache_dir_loader, failing_loader, prefill_then_decode_logits
 from tests.engine.helpers import generate_tokens, random_prompts
 
 OPTIONS = dict(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=128)
@@ -77,6 +77,20 @@ def test_a_rank_that_raises_ends_the_group_with_its_error(split_checkpoint):
     assert not any(p.is_alive() for p in workers)
     with pytest.raises(TensorParallelError, match="group has ended: rank 1 failed"):
         generate_tokens(engine, random_prompts([6]), GREEDY)
+
+
+def test_every_rank_reads_the_tuning_tables_of_rank_0(split_checkpoint, tmp_path, monkeypatch):
+    """`LLM(kernel_cache_dir=)` / `serve --kernel-cache-dir` set the folder in rank 0's process only; the spawned
+    ranks read the same one, not $NVFP4KIT_CACHE_DIR's."""
+    from nvfp4kit.kernels import configs
+
+    monkeypatch.setenv("NVFP4KIT_CACHE_DIR", str(tmp_path / "from-env"))
+    configs.set_cache_dir(tmp_path / "given")
+    try:
+        with pytest.raises(TensorParallelError, match=f"tables in {tmp_path / 'given'}"):
+            start(split_checkpoint("moe"), loader=cache_dir_loader)
+    finally:
+        configs.set_cache_dir(None)
 
 
 def test_a_killed_rank_is_reported_by_the_watchdog(split_checkpoint):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from nvfp4kit.plan.pools import DEFAULT_GPU_MEMORY_UTILIZATION
@@ -162,6 +163,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_num_seqs: int =
         "cache has no entry yet (a few minutes once per card; see `nvfp4kit tune`)",
     )  # fmt: skip
     g.add_argument(
+        "--kernel-cache-dir", type=Path, default=None, metavar="DIR",
+        help="where the kernels' tuning tables are read (and `--tune` writes them): the folder given to "
+        "`nvfp4kit tune --cache-dir` (default: $NVFP4KIT_CACHE_DIR, else ~/.cache/nvfp4kit/kernels)",
+    )  # fmt: skip
+    g.add_argument(
         "--language-model-only", "--no-vision", dest="language_model_only", action="store_true",
         help="text only: a multimodal checkpoint's vision tower is neither loaded nor counted in the memory "
         "plan (about 1.2 GiB more KV cache for 26B-A4B); image requests are refused",
@@ -198,4 +204,5 @@ def llm_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "fp8_lm_head": args.fp8_lm_head,
         "linear_copies": getattr(args, "linear_copies", "auto"),
         "tune": args.tune,
+        "kernel_cache_dir": getattr(args, "kernel_cache_dir", None),
     }

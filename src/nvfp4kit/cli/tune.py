@@ -34,7 +34,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dir", type=Path, default=None, metavar="DIR",
         help="keep the tables under DIR (default: $NVFP4KIT_CACHE_DIR, else ~/.cache/nvfp4kit/kernels); "
-        "pass the same folder to LLM(kernel_cache_dir=) or set the variable for serve and generate",
+        "pass the same folder to serve / generate --kernel-cache-dir or LLM(kernel_cache_dir=)",
     )  # fmt: skip
     p.set_defaults(func=run_tune)
 

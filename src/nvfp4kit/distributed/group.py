@@ -32,6 +32,7 @@ from nvfp4kit.config import load_config
 from nvfp4kit.distributed.collectives import DEFAULT_TIMEOUT_S, join_group, master_store, rank_device
 from nvfp4kit.distributed.loading import is_quantized, load_shard
 from nvfp4kit.distributed.worker import WorkerSpec, kv_dtype_name, make_collectives, seq_tuples, worker_main
+from nvfp4kit.kernels.configs import cache_dir
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.plan.parallel import ParallelLayout
 
@@ -152,7 +153,17 @@ class TensorParallelGroup:
             )
         group = cls(layout, device, timeout_s)
         store = master_store(world_size=world_size, timeout_s=timeout_s)
-        spec = WorkerSpec(path, layout, store.port, str(device), dtype, backend, timeout_s, loader)
+        spec = WorkerSpec(
+            path,
+            layout,
+            store.port,
+            str(device),
+            dtype,
+            backend,
+            timeout_s,
+            loader,
+            kernel_cache_dir=cache_dir(),
+        )  # every rank reads the tuning tables rank 0 reads
         if device.type == "cuda":  # a fresh interpreter: no CUDA state inherited
             context = mp.get_context("spawn")
         else:  # forked from a server that imported the worker once: no torch import per rank

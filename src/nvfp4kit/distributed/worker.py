@@ -33,6 +33,7 @@ from nvfp4kit.engine.batch_context import BatchContext, SeqSlice
 from nvfp4kit.engine.cuda_graphs import DecodeGraphs
 from nvfp4kit.engine.kv_pools import KV_DTYPES, KVCache
 from nvfp4kit.engine.prefix_cache import PrefixCache
+from nvfp4kit.kernels.configs import set_cache_dir
 from nvfp4kit.model.contiguous_cache import ContiguousKVCache
 from nvfp4kit.model.gemma4 import Gemma4Model
 from nvfp4kit.plan.parallel import ParallelLayout
@@ -53,6 +54,9 @@ class WorkerSpec:
     backend: str | None  # op backend name
     timeout_s: float
     loader: Callable[..., Gemma4Model] = load_shard  # (path, layout, rank, dtype=, device=, backend=)
+    kernel_cache_dir: Path | None = (
+        None  # rank 0's tuning-table folder (`LLM(kernel_cache_dir=)`), read here too
+    )
 
 
 def seq_tuples(seqs: list[SeqSlice]) -> list[SeqTuple]:
@@ -69,6 +73,8 @@ def make_collectives(layout: ParallelLayout, rank: int) -> TorchCollectives:
 def worker_main(rank: int, spec: WorkerSpec, conn: Connection) -> None:
     """The spawned process's entry point."""
     try:
+        if spec.kernel_cache_dir is not None:
+            set_cache_dir(spec.kernel_cache_dir)
         device = rank_device(torch.device(spec.device), rank)
         join_group(
             rank=rank, world_size=spec.layout.world, port=spec.port, device=device, timeout_s=spec.timeout_s
