@@ -6,6 +6,10 @@ against fp32 math and timed in CUDA graphs over 8 routings. Prints us and the sp
 lent GPU from the repository root:
 
     PYTHONPATH=src python3 scripts/gpu_moe_config_ab.py --m 64 96 128 706 --variant halves=1 --json OUT.json
+
+`--write-table DIR`: each M's fastest config (a variant that beat the selected one by over 2%, else the selected
+one) goes into a tuning-cache table under DIR, as `nvfp4kit tune --cache-dir DIR` would write it, for
+an engine A/B: `bench engine` with NVFP4KIT_CACHE_DIR=DIR, `serve --kernel-cache-dir DIR`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def main() -> None:
         "--variant", action="append", default=[], help="fields to replace, e.g. halves=1,num_stages=4"
     )
     ap.add_argument("--json")
+    ap.add_argument("--write-table", metavar="DIR", help="a tuning-cache table of each M's fastest config")
     args = ap.parse_args()
     variants = {v: parse_variant(v) for v in args.variant}
     e, k, h, i = (MOE_SHAPE[key] for key in ("experts", "top_k", "hidden", "inter"))
@@ -79,6 +84,28 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    if args.write_table:
+        write_table(args.write_table, rows, variants, f"{e}x{k}x{h}x{i}")
+
+
+def write_table(folder: str, rows: list[dict], variants: dict[str, dict], shape: str) -> None:
+    """Each M's winner as a `tune`-style cache entry; its path stays the selected one's (None: the token limits
+    still choose the fragment kernels where they run, the entry sets the tiles)."""
+    from nvfp4kit.kernels.configs import cache_path, card_slug, set_cache_dir, triton_version
+
+    entries = {}
+    for r in rows:
+        timed = {name: r[name] for name in variants if isinstance(r[name], float)}
+        best = min(timed, key=timed.get, default=None)
+        if best is None or timed[best] >= r["selected_us"] / 1.02:
+            best = None
+        entries[str(r["m"])] = {**r["selected"], **(variants[best] if best else {})}
+        print(f"table M={r['m']}: {best or 'selected'}")
+    set_cache_dir(folder)
+    target = cache_path(card_slug(), triton_version())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"moe": {shape: entries}}, indent=1))
+    print(f"wrote {target}")
 
 
 if __name__ == "__main__":
