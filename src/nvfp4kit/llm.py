@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from nvfp4kit.engine.engine import Engine, EngineConfig, with_device_defaults
+from nvfp4kit.engine.engine import Engine, EngineConfig
 from nvfp4kit.engine.linear_copies import keep_cpu_copies, keep_linear_copies, linear_copies_to_keep
 from nvfp4kit.engine.outputs import RequestOutput
 from nvfp4kit.engine.request import TokenEvent
-from nvfp4kit.engine.sizing import MemoryOptions, plan_checkpoint_memory
+from nvfp4kit.engine.sizing import plan_checkpoint_memory
+from nvfp4kit.engine.startup import check_device, memory_options, prepare_kernel_tables
 from nvfp4kit.engine.warmup import warmup_wanted
 from nvfp4kit.model.loader import load_model, resolve_dtype
 from nvfp4kit.plan.checkpoint import linear_copy_bytes_from_checkpoint
@@ -36,36 +37,6 @@ if TYPE_CHECKING:
     from nvfp4kit.prompting.chat_template import ChatTemplate
 
 log = logging.getLogger(__name__)
-
-
-def check_device(device: torch.device) -> None:
-    """One clear line instead of torch's assertion when CUDA is asked for on a machine without it."""
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device {device} asked for, but this torch ({torch.__version__}) sees no CUDA GPU: install "
-            "the CUDA build of torch on a GPU machine, or use --device cpu"
-        )
-
-
-def memory_options(
-    engine_config: EngineConfig,
-    *,
-    device: torch.device,
-    gpu_memory_utilization: float | None,
-    gpu_memory_budget: int | str | None,
-    kv_cache_memory: int | str | None,
-) -> tuple[EngineConfig, MemoryOptions]:
-    """The memory flags parsed; a KV size given here wins over a token count in `engine_config`. What the config
-    leaves to the device is filled in for it (or for the budget's card size): the plan sizes for those values."""
-    if kv_cache_memory is not None:
-        engine_config = replace(engine_config, num_kv_tokens=None)
-    options = MemoryOptions.parse(
-        gpu_memory_utilization=gpu_memory_utilization,
-        gpu_memory_budget=gpu_memory_budget,
-        kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else engine_config.kv_cache_memory,
-    )
-    engine_config = with_device_defaults(engine_config, device, gpu_memory_budget=options.gpu_memory_budget)
-    return engine_config, options
 
 
 class LLM:
@@ -162,16 +133,11 @@ class LLM:
         if self.startup_plan is not None:
             log.info("%s", self.startup_plan.format())
             engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
-        if kernel_cache_dir is not None:  # for the whole process, as $NVFP4KIT_CACHE_DIR
-            from nvfp4kit.kernels.configs import set_cache_dir
+        from nvfp4kit.config import load_config
 
-            set_cache_dir(kernel_cache_dir)
-        if tune and self.device.type == "cuda":  # before the weights load: the tuner needs room for copies
-            from nvfp4kit.config import load_config
-            from nvfp4kit.tuning.autotune import tune_model
-
-            _, cache = tune_model(load_config(self.path), missing_only=True, log=log.debug)
-            log.info("kernel tuning cache: %s", cache)
+        prepare_kernel_tables(
+            lambda: load_config(self.path), kernel_cache_dir=kernel_cache_dir, tune=tune, device=self.device
+        )
         self.parallel = None  # the tensor-parallel group (nvfp4kit.distributed.group), when there is one
         if tensor_parallel_size > 1:
             from nvfp4kit.distributed.group import TensorParallelGroup

@@ -52,3 +52,21 @@ def test_serve_flags_for_random_weights_and_prefix_caching():
     args = parser.parse_args(["serve", "--random-weights", "26b-a4b", "--no-prefix-caching"])
     assert args.random_weights == "26b-a4b" and args.prefix_caching is False
     assert parser.parse_args(["serve"]).prefix_caching is True
+
+
+def test_random_llm_takes_every_engine_flag(tmp_path):
+    """`serve --random-weights` hands RandomLLM the keywords every engine flag makes (as `LLM` gets them)."""
+    import inspect
+
+    from nvfp4kit.cli import build_parser
+    from nvfp4kit.cli.engine_options import llm_arguments
+    from nvfp4kit.kernels import configs
+
+    argv = ["serve", "--random-weights", "tiny-moe", "--kernel-cache-dir", str(tmp_path), "--tune"]
+    keywords = llm_arguments(build_parser(["serve"]).parse_args(argv))
+    inspect.signature(RandomLLM).bind("tiny-moe", **keywords)  # raises on a keyword it lacks
+    try:
+        RandomLLM("tiny-moe", kernel_cache_dir=tmp_path).close()
+        assert configs.cache_dir() == tmp_path
+    finally:
+        configs.set_cache_dir(None)

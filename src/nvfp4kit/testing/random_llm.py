@@ -27,7 +27,8 @@ from nvfp4kit.config import PRESET_DIR, Gemma4TextConfig, config_from_dict, list
 from nvfp4kit.engine.engine import EngineConfig, resolve_kv_dtype
 from nvfp4kit.engine.linear_copies import keep_linear_copies, linear_copies_to_keep
 from nvfp4kit.engine.sizing import measure_device_memory, plan_engine_memory
-from nvfp4kit.llm import LLM, check_device, memory_options
+from nvfp4kit.engine.startup import check_device, memory_options, prepare_kernel_tables
+from nvfp4kit.llm import LLM
 from nvfp4kit.model.loader import resolve_dtype
 from nvfp4kit.plan.parallel import ParallelLayout
 from nvfp4kit.plan.weights import linear_copy_bytes, weights_from_config
@@ -77,8 +78,8 @@ def write_random_folder(name: str, folder: str | Path) -> Gemma4TextConfig:
 class RandomLLM(LLM):
     """`LLM` with random all-NVFP4 weights of `shape` (a preset name or `tiny-moe`, `tiny-dense`, `tiny-e2b`).
 
-    Takes `LLM`'s engine and memory keywords and `tensor_parallel_size`; on a GPU the KV cache is planned as for a
-    checkpoint, from the planner's weight bytes for the shape (the busiest rank's under TP)."""
+    Takes `LLM`'s engine, memory and kernel-table keywords and `tensor_parallel_size`; on a GPU the KV cache is
+    planned as for a checkpoint, from the planner's weight bytes for the shape (the busiest rank's under TP)."""
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class RandomLLM(LLM):
         weights_seed: int = 0,
         tensor_parallel_size: int = 1,
         linear_copies: str | bool = "auto",
+        kernel_cache_dir: str | Path | None = None,
     ):
         self.shape, _, _ = random_shape_config(shape)
         self.path = Path(tempfile.mkdtemp(prefix=f"nvfp4kit-random-{self.shape}-"))
@@ -137,11 +139,7 @@ class RandomLLM(LLM):
         if self.startup_plan is not None:
             log.info("%s", self.startup_plan.format())
             engine_config = replace(engine_config, kv_cache_memory=self.startup_plan.kv_cache_memory)
-        if tune and self.device.type == "cuda":
-            from nvfp4kit.tuning.autotune import tune_model
-
-            _, cache = tune_model(cfg, missing_only=True, log=log.debug)
-            log.info("kernel tuning cache: %s", cache)
+        prepare_kernel_tables(lambda: cfg, kernel_cache_dir=kernel_cache_dir, tune=tune, device=self.device)
         log.info("building random NVFP4 weights of %s on %s", self.shape, self.device)
         if layout is not None:  # rank 0 here, ranks 1.. spawned; each builds the model and keeps its cut
             from nvfp4kit.distributed.group import TensorParallelGroup
