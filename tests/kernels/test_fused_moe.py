@@ -240,6 +240,34 @@ def test_fragment_configs_run_the_fragment_kernels():
     assert torch.equal(grouped, fused_moe_grouped(x, ids, weights, gate_up, down))
 
 
+class _Sorted(Exception):
+    """Stops the grouped MoE once it has sorted (its kernels need an SM80+ GPU)."""
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_the_grouped_moe_sorts_per_expert_only_when_it_runs_alone(monkeypatch, beside):
+    """The per-expert sort's 128 programs slowed the grouped gate_up 40% beside the dense MLP's second stream
+    (H100 batch 16, session 35) and sped batch 64 up where the grouped kernels run alone."""
+    from nvfp4kit.kernels import moe_frag_grouped
+    from nvfp4kit.kernels.path_limits import GROUPED_ALONE_TOKENS
+
+    methods = []
+
+    def record(topk_ids, *, num_experts, block_m, method):
+        methods.append(method)
+        raise _Sorted
+
+    monkeypatch.setattr(moe_frag_grouped, "moe_align", record)
+    tokens = GROUPED_ALONE_TOKENS + (0 if beside else 1)
+    gate_up, down = random_experts(4, 2 * 64, 96, seed=3), random_experts(4, 96, 64, seed=4)
+    weights, ids = torch.topk(torch.randn(tokens, 4).softmax(-1), 2)
+    with pytest.raises(_Sorted):
+        moe_frag_grouped.fused_moe_grouped(
+            torch.randn(tokens, 96, dtype=torch.bfloat16), ids, weights, gate_up, down
+        )
+    assert methods == ["triton" if beside else "experts"]
+
+
 def test_the_dense_mlp_runs_beside_the_moe_unless_grouped_kernels_fill_the_card(monkeypatch):
     """Above GROUPED_ALONE_TOKENS the expert-grouped kernels take every SM: the dense MLP then waits for them
     instead of running on a second stream (slower for both, session 22); every other path leaves room."""

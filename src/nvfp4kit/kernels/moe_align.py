@@ -12,9 +12,10 @@ Four methods (`METHODS`), all free of host syncs:
     above that a two-kernel counting sort over chunks of pairs (the one program's atomics on 128 counters
     serialise: 104 us at 1,536 tokens on an H100, 16 us chunked); "chunked" is the latter at every size;
   * "experts": one program per expert, each counting all pairs itself (histograms, O(P) a program, no atomics)
-    and writing its own run in pair order. Not yet timed on a GPU (`NVFP4KIT_MOE_ALIGN=experts` makes it every
-    caller's; MoE configs may name it, so `nvfp4kit tune` times it): the one program's 12-14 us at 96-112 tokens
-    are ~3% of an H100 decode step at batch 96 (session 34);
+    and writing its own run in pair order, up to EXPERTS_PAIRS (the chunked sort above). H100 (session 35):
+    2.4 / 2.8 / 3.1 / 3.8 / 3.9 us at 1 / 16 / 64 / 96 / 128 tokens against the one program's 4.7 / 7.3 / 9.4 /
+    12.0 / 13.5; the MoE tiles' default, and the grouped fragment MoE's where it runs alone
+    (`NVFP4KIT_MOE_ALIGN` makes one method every caller's);
   * "torch": a chain of torch ops (sort, scatter, cumsum, searchsorted), the reference.
 They give the same blocks; inside an expert's run the atomics may order pairs differently, which changes no result
 (rows of a tile are independent); "experts" and "torch" give the same layout exactly. A one program without
@@ -40,6 +41,9 @@ METHODS = ("triton", "experts", "chunked", "torch")
 OVERRIDE = os.environ.get("NVFP4KIT_MOE_ALIGN") or None
 ONE_PROGRAM_PAIRS = 1024  # H100: one program 13.7 us at 1,024 pairs (chunked 14.7), 21.7 at 2,048 (14.3)
 CHUNK_PAIRS = 1024  # pairs a program of the chunked sort counts and places
+# each of the per-expert programs reads every pair: timed up to 1,024 (H100: 3.9 us against the one program's
+# 13.5 at 128 tokens); more go to the chunked sort
+EXPERTS_PAIRS = 1024
 
 
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -288,9 +292,9 @@ def moe_align(
         return pair_ids, block_expert
     if method == "triton" and ids.numel() <= ONE_PROGRAM_PAIRS:
         _align_triton(ids, num_experts, block_m, pair_ids, block_expert)
-    elif method == "experts":
+    elif method == "experts" and ids.numel() <= EXPERTS_PAIRS:
         _align_experts(ids, num_experts, block_m, pair_ids, block_expert)
-    elif method in ("triton", "chunked"):
+    elif method in ("triton", "experts", "chunked"):
         _align_chunked(ids, num_experts, block_m, pair_ids, block_expert)
     else:
         _align_torch(ids, num_experts, block_m, pair_ids, block_expert)

@@ -210,7 +210,7 @@ def moe_candidates(
                 warps = 4 if bm <= 32 else 8
                 for gu_bn, gu_bk, dn_bn, dn_bk in ((32, 128, 64, 64), (64, 128, 128, 64), (128, 64, 128, 64)):
                     aligns = (
-                        ("triton", "experts", "torch") if bm == block_ms[0] and gu_bn == 32 else ("triton",)
+                        ("experts", "triton", "torch") if bm == block_ms[0] and gu_bn == 32 else ("experts",)
                     )
                     for align in aligns:
                         out.append(
