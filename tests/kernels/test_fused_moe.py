@@ -19,9 +19,9 @@ TILES = dict(gate_up_block_n=32, gate_up_block_k=64, down_block_n=32, down_block
 MODES = {
     "pair_token": MoEConfig(sorted=False, **TILES),
     "pair_pair": MoEConfig(sorted=False, down_mode="pair", **TILES),
-    "sorted_triton": MoEConfig(block_m=16, **TILES),
+    "sorted_experts": MoEConfig(block_m=16, **TILES),  # the default align: a program an expert, no atomics
+    "sorted_triton": MoEConfig(block_m=16, align="triton", **TILES),  # one program with atomics
     "sorted_torch": MoEConfig(block_m=16, align="torch", **TILES),
-    "sorted_experts": MoEConfig(block_m=16, align="experts", **TILES),  # the align without atomics
     # nibble halves (even / odd K columns, two MMAs): the same products in another order
     "sorted_halves": MoEConfig(block_m=16, halves=True, **TILES),
     "pair_halves": MoEConfig(sorted=False, down_mode="pair", halves=True, **TILES),
@@ -72,7 +72,7 @@ def _check(x, ids, weights, gate_up, down, config, bound):
         ("pair_token", 3, 3),
         ("pair_pair", 2, 1),
         ("sorted_triton", 7, 2),
-        ("sorted_triton", 33, 3),
+        ("sorted_experts", 33, 3),
         ("sorted_torch", 16, 2),
         ("sorted_experts", 21, 3),
         ("split_k2", 1, 3),
@@ -93,7 +93,7 @@ def test_moe_modes_match_reference(experts, mode, tokens, top_k):
     _check(x.bfloat16(), ids, weights, *experts, MODES[mode], MOE_BF16_BOUND)
 
 
-@pytest.mark.parametrize("mode", ["pair_token", "sorted_triton", "split_k2"])
+@pytest.mark.parametrize("mode", ["pair_token", "sorted_experts", "split_k2"])
 def test_moe_dense_expert_weights(experts, mode):
     gate_up = experts[0].dequantize(torch.float32)
     down = experts[1].dequantize(torch.float32)
@@ -144,7 +144,7 @@ def test_moe_replays_in_cuda_graph(experts, mode):
 
 @pytest.mark.skipif(not ON_GPU or interpreting(), reason="PTX decode runs on a CUDA GPU only")
 @pytest.mark.parametrize(
-    "mode", ["pair_token", "sorted_triton", "sorted_halves", "split_k3", "split_down2", "split_halves"]
+    "mode", ["pair_token", "sorted_experts", "sorted_halves", "split_k3", "split_down2", "split_halves"]
 )
 def test_moe_asm_decode_matches_bits(experts, mode):
     ids, weights = _routing(12, 3, seed=5)
