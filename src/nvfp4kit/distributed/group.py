@@ -153,17 +153,10 @@ class TensorParallelGroup:
             )
         group = cls(layout, device, timeout_s)
         store = master_store(world_size=world_size, timeout_s=timeout_s)
+        # every rank reads the kernel tuning tables rank 0 reads
         spec = WorkerSpec(
-            path,
-            layout,
-            store.port,
-            str(device),
-            dtype,
-            backend,
-            timeout_s,
-            loader,
-            kernel_cache_dir=cache_dir(),
-        )  # every rank reads the tuning tables rank 0 reads
+            path, layout, store.port, str(device), dtype, backend, timeout_s, loader, cache_dir()
+        )
         if device.type == "cuda":  # a fresh interpreter: no CUDA state inherited
             context = mp.get_context("spawn")
         else:  # forked from a server that imported the worker once: no torch import per rank

@@ -54,9 +54,8 @@ class WorkerSpec:
     backend: str | None  # op backend name
     timeout_s: float
     loader: Callable[..., Gemma4Model] = load_shard  # (path, layout, rank, dtype=, device=, backend=)
-    kernel_cache_dir: Path | None = (
-        None  # rank 0's tuning-table folder (`LLM(kernel_cache_dir=)`), read here too
-    )
+    # rank 0's folder of kernel tuning tables (`LLM(kernel_cache_dir=)` sets it there only), read here too
+    kernel_cache_dir: Path | None = None
 
 
 def seq_tuples(seqs: list[SeqSlice]) -> list[SeqTuple]:
