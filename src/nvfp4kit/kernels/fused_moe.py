@@ -44,6 +44,7 @@ from nvfp4kit.kernels.nvfp4_tile import (
     load_weight_halves,
     load_weight_tile,
     mma,
+    scale_load_mode,
 )
 from nvfp4kit.kernels.thresholds import MOE_PREFILL_MIN_TOKENS
 
@@ -352,11 +353,16 @@ def fused_moe(
         row_blocks = pairs
         act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
     bm = cfg.block_m if cfg.sorted else 16
+    if nvfp4:  # block scales as bytes or as words, per weight (nvfp4_tile.scale_load_mode)
+        gu_flags = {**flags, "NVFP4": scale_load_mode(gu[1], hidden, gu_bk)}
+        flags = {**flags, "NVFP4": scale_load_mode(dn[1], inter, dn_bk)}
+    else:
+        gu_flags = flags
     _moe_gate_up_kernel[(row_blocks, triton.cdiv(inter, gu_bn))](
         x2, gu[0], gu[1], gu[2], act, pair_ids, block_expert, ids, pairs, inter, hidden, x2.stride(0),
         gu[3], gu[4], gu[5], gu[6], act.stride(0),
         TOP_K=top_k, BM=bm, BN=gu_bn, BK=gu_bk, SORTED=cfg.sorted, EVEN_K=hidden % gu_bk == 0, HALVES=cfg.halves,
-        **flags,
+        **gu_flags,
         num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     if not cfg.sorted and cfg.down_mode == "token":
