@@ -228,14 +228,14 @@ def load_weight_raw(
         kb = k0 // 2 + tl.arange(0, BK // 2)
         ks = k0 // 16 + tl.arange(0, BK // 16)
         b_ptrs = w_ptr + rows[:, None] * stride_wn + kb[None, :]
-        s_ptrs = s_ptr + rows[:, None] * stride_sn + ks[None, :]
         if EVEN_K:
             b = tl.load(b_ptrs)
         else:
             b = tl.load(b_ptrs, mask=kb[None, :] < K // 2, other=0)
         if NVFP4 == 2:
-            s = _load_scale_words(s_ptr, rows, k0, K, stride_sn, BK, EVEN_K)
-        elif EVEN_K:
+            return b, _load_scale_words(s_ptr, rows, k0, K, stride_sn, BK, EVEN_K)
+        s_ptrs = s_ptr + rows[:, None] * stride_sn + ks[None, :]
+        if EVEN_K:
             s = tl.load(s_ptrs)
         else:
             s = tl.load(s_ptrs, mask=ks[None, :] < K // 16, other=0)
