@@ -9,6 +9,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# `pytest -n N` (pytest-xdist): N worker processes share the cores; torch's default of a thread per core in each
+# would oversubscribe them (most of the suite is the single-threaded Triton interpreter anyway).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 def pytest_collection_modifyitems(config, items):
     """`cuda` tests need a GPU: without one they are skipped, with the reason, unless marked `also_cpu`
