@@ -28,7 +28,7 @@ CHAT_CASES = [
     (chat(messages="hi"), 400, "messages"),
     (chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages.0.role"),
     (chat(frobnicate=1), 400, "frobnicate"),
-    ({"messages": HI}, 400, "model: Field required"),
+    (chat(model=7), 400, "model: Input should be a valid string"),
     (chat(model="gpt-9"), 404, "model 'gpt-9' does not exist; this server serves 'tiny', 'tiny-alias'"),
     (chat(messages=[]), 400, "messages is empty"),
     (chat(messages=[{"role": "user", "content": "x" * (2 * MAX_MODEL_LEN)}]), 400, "shorten the prompt"),
@@ -120,6 +120,21 @@ def test_bad_completion_request(server, body, words):
     assert response.status_code == 400
     assert words in response.json()["error"]["message"]
     good_request(server)
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/chat/completions", {"messages": HI, "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
+    ],
+)
+def test_a_request_without_a_model_is_served_by_the_first_name(server, route, body):
+    """vLLM, SGLang and llama.cpp answer a body with no `model` (curl one-liners, some clients omit it)."""
+    response = httpx.post(server + route, json=body, headers=HEADERS, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "tiny"
 
 
 def test_unknown_route_and_method_use_the_error_shape(server):

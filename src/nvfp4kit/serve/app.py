@@ -188,7 +188,9 @@ def create_app(
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(APIError(str(exc.detail), status=exc.status_code, type=kind))
 
-    def resolve_model(name: str) -> str:
+    def resolve_model(name: str | None) -> str:
+        if name is None:  # the answers name the model that served them
+            return model_names[0]
         if name not in model_names:
             raise APIError(
                 f"model {name!r} does not exist; this server serves {', '.join(map(repr, model_names))}",

@@ -49,7 +49,7 @@ class _SamplingFields(VllmRequestFields):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str | None = None  # like vLLM, SGLang and llama.cpp: none means the served model
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)

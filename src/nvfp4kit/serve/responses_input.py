@@ -42,7 +42,7 @@ class TextOptions(BaseModel):
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str | None = None  # none: the served model
     input: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]  # the bound is on items only
     instructions: str | None = None
     tools: list[dict[str, Any]] | None = None
