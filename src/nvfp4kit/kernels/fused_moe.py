@@ -44,7 +44,6 @@ from nvfp4kit.kernels.nvfp4_tile import (
     load_weight_halves,
     load_weight_tile,
     mma,
-    scale_load_mode,
 )
 from nvfp4kit.kernels.thresholds import MOE_PREFILL_MIN_TOKENS
 
@@ -353,21 +352,18 @@ def fused_moe(
         row_blocks = pairs
         act = torch.empty((pairs, inter), dtype=x.dtype, device=x.device)
     bm = cfg.block_m if cfg.sorted else 16
-    # NVFP4 block scales as bytes or as words, per weight (nvfp4_tile.scale_load_mode)
-    gu_flags = {**flags, "NVFP4": scale_load_mode(gu[1], hidden, gu_bk)} if nvfp4 else flags
-    dn_flags = {**flags, "NVFP4": scale_load_mode(dn[1], inter, dn_bk)} if nvfp4 else flags
     _moe_gate_up_kernel[(row_blocks, triton.cdiv(inter, gu_bn))](
         x2, gu[0], gu[1], gu[2], act, pair_ids, block_expert, ids, pairs, inter, hidden, x2.stride(0),
         gu[3], gu[4], gu[5], gu[6], act.stride(0),
         TOP_K=top_k, BM=bm, BN=gu_bn, BK=gu_bk, SORTED=cfg.sorted, EVEN_K=hidden % gu_bk == 0, HALVES=cfg.halves,
-        **gu_flags,
+        **flags,
         num_warps=cfg.gate_up_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     if not cfg.sorted and cfg.down_mode == "token":
         _moe_down_token_kernel[(tokens, triton.cdiv(hidden, dn_bn))](
             act, dn[0], dn[1], dn[2], out, ids, route, hidden, inter, act.stride(0),
             dn[3], dn[4], dn[5], dn[6], out.stride(0),
-            TOP_K=top_k, BM=16, BN=dn_bn, BK=dn_bk, EVEN_K=inter % dn_bk == 0, **dn_flags,
+            TOP_K=top_k, BM=16, BN=dn_bn, BK=dn_bk, EVEN_K=inter % dn_bk == 0, **flags,
             num_warps=cfg.down_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
         )  # fmt: skip
         return out.reshape(*lead, hidden)
@@ -375,7 +371,7 @@ def fused_moe(
     _moe_down_kernel[(row_blocks, triton.cdiv(hidden, dn_bn))](
         act, dn[0], dn[1], dn[2], per_pair, pair_ids, block_expert, ids, route, pairs, hidden, inter,
         act.stride(0), dn[3], dn[4], dn[5], dn[6], per_pair.stride(0),
-        BM=bm, BN=dn_bn, BK=dn_bk, SORTED=cfg.sorted, EVEN_K=inter % dn_bk == 0, HALVES=cfg.halves, **dn_flags,
+        BM=bm, BN=dn_bn, BK=dn_bk, SORTED=cfg.sorted, EVEN_K=inter % dn_bk == 0, HALVES=cfg.halves, **flags,
         num_warps=cfg.down_warps, num_stages=cfg.num_stages, **pdl_args(x.device),
     )  # fmt: skip
     return sum_top_k(per_pair, out, top_k).reshape(*lead, hidden)

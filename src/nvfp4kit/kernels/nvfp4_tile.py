@@ -32,12 +32,6 @@ import triton.language as tl
 # the fp32 GEMV tile (now excluded, `expand_weight`); on by default once a whole engine has run with it
 K_ORDER_DECODE = tl.constexpr(os.environ.get("NVFP4KIT_K_ORDER_DECODE", "0") == "1")
 
-# Block scales read as 32-bit words, four a load (NVFP4 == 2 in the kernels' constexpr), opt-in
-# (NVFP4KIT_WORD_SCALES=1, read at import) until a GPU run times it: sm_90 SASS of the MoE tiles (Triton 3.6)
-# shows the byte-wide scale loads as plain LDG.E.U8 in the K loop while the codes come through cp.async stages;
-# a byte is below cp.async's 4-byte minimum, so each step may wait on a global load the pipeliner cannot stage.
-WORD_SCALES = os.environ.get("NVFP4KIT_WORD_SCALES", "0") == "1"
-
 # power-of-two factor each decoder leaves in the expanded weight (undone in the epilogue)
 BITS_FOLD_EXP = 7
 ASM_FOLD_EXP = 62
@@ -184,30 +178,6 @@ def _decode(b, s, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, K_ORDER
     return tl.reshape(tl.join(lo, hi), [BN, BK])
 
 
-def scale_load_mode(scale, k: int, bk: int) -> int:
-    """The kernels' NVFP4 constexpr for a weight of K columns read BK at a time: 2 (block scales as 32-bit words,
-    `WORD_SCALES`) where each row's and each expert's scales start on a 4-byte boundary and a K step holds whole
-    words, else 1 (bytes)."""
-    words = WORD_SCALES and k % 64 == 0 and bk % 64 == 0 and scale.data_ptr() % 4 == 0
-    return 2 if words and all(st % 4 == 0 for st in scale.stride()[:-1]) else 1
-
-
-@triton.jit
-def _load_scale_words(s_ptr, rows, k0, K, stride_sn, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    """The block-scale bytes of rows x [k0, k0+BK), read as 32-bit words (little endian: byte j of word w is
-    scale 4w + j) and split back into bytes, [rows, BK/16] uint8."""
-    words_ptr = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    kw = k0 // 64 + tl.arange(0, BK // 64)
-    ptrs = words_ptr + rows[:, None] * (stride_sn // 4) + kw[None, :]
-    if EVEN_K:
-        w = tl.load(ptrs)
-    else:
-        w = tl.load(ptrs, mask=kw[None, :] < K // 64, other=0)
-    shifts = tl.arange(0, 4) * 8
-    b = (w[:, :, None] >> shifts[None, None, :]) & 0xFF
-    return tl.reshape(b, [rows.shape[0], BK // 16]).to(tl.uint8)
-
-
 @triton.jit
 def load_weight_raw(
     w_ptr,
@@ -221,23 +191,18 @@ def load_weight_raw(
     NVFP4: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """The stored bytes of rows `rows` (clamped in range) x columns [k0, k0+BK): (codes, scales) for NVFP4
-    (NVFP4 == 2: the scales read as words, `scale_load_mode`), (values, values) for a dense weight. (Triton's
-    software pipeliner overlaps these loads with the math.)"""
+    """The stored bytes of rows `rows` (clamped in range) x columns [k0, k0+BK): (codes, scales) for NVFP4,
+    (values, values) for a dense weight. (Triton's software pipeliner overlaps these loads with the math.)"""
     if NVFP4:
         kb = k0 // 2 + tl.arange(0, BK // 2)
         ks = k0 // 16 + tl.arange(0, BK // 16)
         b_ptrs = w_ptr + rows[:, None] * stride_wn + kb[None, :]
-        if EVEN_K:
-            b = tl.load(b_ptrs)
-        else:
-            b = tl.load(b_ptrs, mask=kb[None, :] < K // 2, other=0)
-        if NVFP4 == 2:
-            return b, _load_scale_words(s_ptr, rows, k0, K, stride_sn, BK, EVEN_K)
         s_ptrs = s_ptr + rows[:, None] * stride_sn + ks[None, :]
         if EVEN_K:
+            b = tl.load(b_ptrs)
             s = tl.load(s_ptrs)
         else:
+            b = tl.load(b_ptrs, mask=kb[None, :] < K // 2, other=0)
             s = tl.load(s_ptrs, mask=ks[None, :] < K // 16, other=0)
         return b, s
     else:
