@@ -30,7 +30,7 @@ from nvfp4kit.model.loader import load_model, resolve_dtype
 from nvfp4kit.plan.checkpoint import linear_copy_bytes_from_checkpoint
 from nvfp4kit.sampling import SamplingParams
 from nvfp4kit.tokenizer import Tokenizer
-from nvfp4kit.vision.openai_parts import extract_images
+from nvfp4kit.vision.openai_parts import ImagePartError, extract_images
 from nvfp4kit.vision.prompts import ImagePrompts, encode_prompt
 
 if TYPE_CHECKING:
@@ -224,6 +224,11 @@ class LLM:
         self._check_open()
         if self.language_model_only:
             return None
+        if self.parallel is not None:  # the ranks' forward takes no image embeddings: refuse before any step
+            raise ImagePartError(
+                "images are not served with tensor_parallel_size > 1 yet; serve on one GPU to send images",
+                "messages",
+            )
         return ImagePrompts.from_checkpoint(
             self.path, dtype=self.model.dtype, device=self.device, backend=self.model.backend
         )
@@ -252,22 +257,29 @@ class LLM:
             )
         outputs: list[RequestOutput] = []
         owners: dict[str, tuple[RequestOutput, int, bool]] = {}
-        for prompt, prompt_params in zip(prompts, per_prompt):
-            prompt_params = prompt_params or SamplingParams()
-            ids, images = encode_prompt(prompt, self.tokenizer, lambda: self.image_prompts)
-            output = RequestOutput(ids, prompt=_prompt_text(prompt))
-            outputs.append(output)
-            for index in range(prompt_params.n):
-                request_id = self.engine.add_request(
-                    ids, self._sample_params(prompt_params, index), images=images
-                )
-                owners[request_id] = (output, index, prompt_params.logprobs is not None)
-        with tqdm(total=len(owners), desc="generating", disable=not use_tqdm or len(owners) < 2) as bar:
-            while self.engine.has_unfinished():
-                for event in self.engine.step():
-                    output, index, want_logprobs = owners[event.request_id]
-                    output.add(event, index, want_logprobs=want_logprobs)
-                    bar.update(1 if event.finish_reason else 0)
+        try:
+            for prompt, prompt_params in zip(prompts, per_prompt):
+                prompt_params = prompt_params or SamplingParams()
+                ids, images = encode_prompt(prompt, self.tokenizer, lambda: self.image_prompts)
+                output = RequestOutput(ids, prompt=_prompt_text(prompt))
+                outputs.append(output)
+                for index in range(prompt_params.n):
+                    request_id = self.engine.add_request(
+                        ids, self._sample_params(prompt_params, index), images=images
+                    )
+                    owners[request_id] = (output, index, prompt_params.logprobs is not None)
+            with tqdm(total=len(owners), desc="generating", disable=not use_tqdm or len(owners) < 2) as bar:
+                while self.engine.has_unfinished():
+                    for event in self.engine.step():
+                        output, index, want_logprobs = owners[event.request_id]
+                        output.add(event, index, want_logprobs=want_logprobs)
+                        bar.update(1 if event.finish_reason else 0)
+        except (
+            BaseException
+        ):  # a bad prompt, a failed step or Ctrl-C: the next call starts from an empty engine
+            for request_id in owners:
+                self.engine.abort(request_id)
+            raise
         return outputs
 
     def _sample_params(self, params: SamplingParams, index: int) -> SamplingParams:

@@ -39,6 +39,19 @@ def test_dict_prompts_and_max_tokens_none(llm):
     assert len(full.prompt_token_ids) + len(full.token_ids) == 64
 
 
+def test_a_failed_generate_leaves_no_request_behind(llm):
+    """A bad prompt after a good one (images for a text-only model) raises; the good one does not linger in the
+    engine to break the next call."""
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    [alone] = llm.generate("Hi there", greedy, use_tqdm=False)
+    image_prompt = {"prompt": "What is <|image|>?", "multi_modal_data": {"image": b"not read"}}
+    with pytest.raises(ValueError, match="text only"):
+        llm.generate(["Hi there", image_prompt], greedy, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    [again] = llm.generate("Hi there", greedy, use_tqdm=False)
+    assert again.token_ids == alone.token_ids
+
+
 def test_prompt_logprobs_through_the_api(llm):
     [out] = llm.generate("Count to three", SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(out.prompt_token_ids)

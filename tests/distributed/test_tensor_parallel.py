@@ -69,6 +69,21 @@ def start(folder, ranks=2, **options):
     return group, engine
 
 
+def test_images_over_two_ranks_are_refused_before_any_step(tiny_checkpoint):
+    """The ranks' forward takes no image embeddings: an image prompt gets a clear error up front (a 400 in the
+    server) instead of failing an engine step and every request in it; text keeps working."""
+    from tests.vision.conftest import random_image
+
+    folder = tiny_checkpoint("dense", multimodal=True, vision=True)
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    with LLM(folder, tensor_parallel_size=2, **OPTIONS) as llm:
+        image_prompt = {"prompt": "What is <|image|>?", "multi_modal_data": {"image": random_image(32, 32)}}
+        with pytest.raises(ValueError, match="tensor_parallel_size > 1"):
+            llm.generate(["Hi", image_prompt], greedy, use_tqdm=False)
+        [out] = llm.generate("Hi", greedy, use_tqdm=False)
+        assert len(out.token_ids) == 3
+
+
 def test_a_rank_that_raises_ends_the_group_with_its_error(split_checkpoint):
     group, engine = start(split_checkpoint("moe"), loader=failing_loader)
     workers = [w.process for w in group.workers]
