@@ -274,9 +274,8 @@ class LLM:
                         output, index, want_logprobs = owners[event.request_id]
                         output.add(event, index, want_logprobs=want_logprobs)
                         bar.update(1 if event.finish_reason else 0)
-        except (
-            BaseException
-        ):  # a bad prompt, a failed step or Ctrl-C: the next call starts from an empty engine
+        except BaseException:
+            # a bad prompt, a failed step or Ctrl-C: no request of this call stays to break the next one
             for request_id in owners:
                 self.engine.abort(request_id)
             raise
