@@ -31,7 +31,11 @@ CHAT_CASES = [
     (chat(model=7), 400, "model: Input should be a valid string"),
     (chat(model="gpt-9"), 404, "model 'gpt-9' does not exist; this server serves 'tiny', 'tiny-alias'"),
     (chat(messages=[]), 400, "messages is empty"),
-    (chat(messages=[{"role": "user", "content": "x" * (2 * MAX_MODEL_LEN)}]), 400, "shorten the prompt"),
+    (
+        chat(messages=[{"role": "user", "content": "x" * (2 * MAX_MODEL_LEN)}]),
+        400,
+        "shorten the prompt (messages)",
+    ),
     (chat(max_tokens=10 * MAX_MODEL_LEN), 400, "lower max_tokens"),
     (chat(tools=[{"type": "function", "function": {"name": "has space"}}]), 400, "tools[0].function.name"),
     (

@@ -33,9 +33,10 @@ def token_budget(
     """max_tokens for a request: what was asked if it fits, else a 400 that says what fits."""
     room = max_model_len - prompt_tokens
     if room < 1:
+        what = "prompt" if prompt_param == "prompt" else f"prompt ({prompt_param})"
         raise APIError(
             f"the prompt is {prompt_tokens} tokens but the model's context is {max_model_len} tokens "
-            f"(room is needed for at least one generated token); shorten the prompt or {prompt_param}",
+            f"(room is needed for at least one generated token); shorten the {what}",
             param=prompt_param,
             code="context_length_exceeded",
         )
