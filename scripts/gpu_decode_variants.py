@@ -1,12 +1,12 @@
 """Decode launch variants on the card: speed and greedy tokens with PDL modes and the two-stream layer halves.
 
-One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F[:R[:G]]]` (PDL mode P
+One random all-NVFP4 model of the 26B-A4B shape (FP8 KV, CUDA graphs); for each variant `P:B[:F[:R]]` (PDL mode P
 of kernels/launch.py for every launch, or `d` for the engine's own choice by graph size; B = 1 to run the dense MLP
 beside the experts on a second stream, model/branches.py, F = 0 to write K/V with their own launch instead of from
 qkv_norm_rope, engine/attention_backend.py; R = 0 to run the MoE router as its own launch after ffn_inputs instead of
-inside it, kernels/ffn_router.py; G = 0 to run the dense MLP's one-token gate_up projection and its GeGLU as two
-launches, kernels/gate_up_geglu.py; an omitted F, R or G is the engine's own setting in this process: F and R 1, G 1
-only with NVFP4KIT_FUSED_GEGLU=1) a fresh engine (its decode graphs captured under that variant), greedy tokens of two
+inside it, kernels/ffn_router.py; an omitted F or R is the engine's own setting in this process, 1; a fifth field,
+G, chose session 15's GEMV-tile gate_up + GeGLU launch, removed in session 37) a fresh engine (its decode graphs
+captured under that variant), greedy tokens of two
 prompts (must be identical across variants: they change when or where a value is computed, never what; a first
 difference at a step whose top-2 logprobs were within TIE_GAP is reported as a near-tie, the sum order flipping it)
 and decode tokens/s with GPU ms per step.
@@ -31,7 +31,7 @@ from nvfp4kit.bench.engine_speed import profile_decode_step
 from nvfp4kit.config import load_preset
 from nvfp4kit.engine.attention_backend import FUSED_KV_WRITE_VAR, fused_kv_write_enabled
 from nvfp4kit.engine.engine import Engine, EngineConfig
-from nvfp4kit.kernels import ffn_router, gate_up_geglu
+from nvfp4kit.kernels import ffn_router
 from nvfp4kit.kernels.launch import set_pdl_mode
 from nvfp4kit.model.branches import set_branch_streams
 from nvfp4kit.plan.weights import weights_from_config
@@ -96,13 +96,14 @@ def main() -> None:
     prompts = [runs.random_prompt(cfg, n, seed=s) for s, n in ((1, 37), (2, 700))]
     rows, tokens, gaps = [], {}, {}
     real_fuses = ffn_router.fuses
-    defaults = [int(fused_kv_write_enabled()), 1, int(gate_up_geglu.FUSE)]  # F, R, G as the engine runs them
+    defaults = [int(fused_kv_write_enabled()), 1]  # F, R as the engine runs them
     for variant in args.variants:
         # P = "d": no forced mode, the engine's own choice per graph (kernels/launch.decode_graph_pdl)
         fields = [-1 if v == "d" else int(v) for v in variant.split(":")]
-        mode, branches, fused_kv, routed, geglu_fused = (fields + defaults[max(0, len(fields) - 2) :])[:5]
+        if not 2 <= len(fields) <= 4:
+            p.error(f"variant {variant!r}: P:B[:F[:R]] (the fifth field, G, was removed in session 37)")
+        mode, branches, fused_kv, routed = (fields + defaults[max(0, len(fields) - 2) :])[:4]
         ffn_router.fuses = real_fuses if routed else (lambda *_: False)
-        gate_up_geglu.FUSE = bool(geglu_fused)
         set_pdl_mode(None if mode < 0 else mode)
         set_branch_streams(bool(branches))
         os.environ[FUSED_KV_WRITE_VAR] = str(fused_kv)  # read when the decode graphs are captured

@@ -2,8 +2,8 @@
 
 Dense (BF16) linear weights, such as the tied lm_head, go to cuBLAS through `torch.nn.functional.linear`.
 Each region of `nvfp4kit.model.ops.FusedRegions` is one launch (norms.py, qkv_rope.py, geglu.py, router.py;
-at decode sizes a MoE layer's FFN inputs and router together, ffn_router.py; opt-in, for one token, the dense
-MLP's gate_up projection with its GeGLU, gate_up_geglu.py).
+at decode sizes a MoE layer's FFN inputs and router together, ffn_router.py; where the fragment GEMV runs, the
+dense MLP's gate_up projection with its GeGLU, gate_up_geglu.py).
 Everything here is free of host syncs, so a model built on this backend can be captured in a CUDA graph.
 """
 
@@ -66,7 +66,7 @@ class TritonBackend:
     route = staticmethod(route)
 
     def gate_up_geglu(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
-        # one launch for a one-token GEMV where enabled (gate_up_geglu.py)
+        # one launch where the fragment GEMV takes this size (gate_up_geglu.py)
         if isinstance(weight, NVFP4Tensor):
             return gate_up_geglu(x, weight)
         return geglu(self.linear(x, weight))
