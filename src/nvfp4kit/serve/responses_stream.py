@@ -59,10 +59,6 @@ class OutputBuilder:
         self._close(events, status=status)
         return events
 
-    @property
-    def has_calls(self) -> bool:
-        return any(item["type"] == "function_call" for item in self.items)
-
     def _kind(self) -> str | None:
         return None if self._open is None else self._open["type"]
 
