@@ -4,7 +4,8 @@
 # lm_head rows; issue 15: prefill 8K and 32K), the MoE layer at 1 and 16 tokens (`bench kernels`, issue 14), then
 # `scripts/gpu_serve_bench.sh` at concurrency 100 (1,000 prompts) and 1 (issue 17). Writes bench-<card>.json,
 # kernels-<card>.json and serve/serve-<card>.json under OUT_DIR and prints each stage's table.
-# Usage on the GPU machine from the repository root (carry .whl: the serve wheels the image lacks):
+# Usage on the GPU machine from the repository root (carry .whl: the serve wheels the image lacks, fetched here by
+# `bash scripts/fetch_serve_wheels.sh`):
 #   bash scripts/gpu_targets.sh OUT_DIR
 set -u -o pipefail
 out=${1:?out dir}
